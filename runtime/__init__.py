@@ -1,0 +1,26 @@
+"""adactl.runtime: a batched, lossless speculative-decoding engine on Hugging Face models.
+
+The engine (`Engine`) runs one step at a time from a `StepPlan` and reports plain data
+(`DraftBatch`, `StepOutcome`); `kv` is the only module that touches KV caches; `verify`
+holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs.
+"""
+
+from .engine import Engine, EngineConfig, run_to_completion
+from .kv import BatchKV, KVConfig
+from .models import LoadedModel, check_same_vocabulary, load_model, tiny_llama
+from .types import (
+    DraftBatch,
+    RequestError,
+    RequestResult,
+    RequestView,
+    SamplingParams,
+    StepOutcome,
+    StepPlan,
+)
+from .verify import VerifyResult, process_logits, verify_chains
+
+__all__ = [
+    "BatchKV", "DraftBatch", "Engine", "EngineConfig", "KVConfig", "LoadedModel", "RequestError",
+    "RequestResult", "RequestView", "SamplingParams", "StepOutcome", "StepPlan", "VerifyResult",
+    "check_same_vocabulary", "load_model", "process_logits", "run_to_completion", "tiny_llama", "verify_chains",
+]

@@ -1,0 +1,599 @@
+"""A batched, lossless speculative-decoding engine on Hugging Face causal LMs.
+
+Contract:
+- The caller drives it. `add_request` at any time; each `step(plan)` runs one iteration:
+  chunked prefill (a prompt-token budget from the plan), draft (each running request drafts
+  its own number of tokens, 0 = plain decoding), verify (one batched target forward for all
+  rows, optionally on a shorter prefix of each draft chosen by the caller), emit. `step` is
+  `draft(plan)` followed by `verify(cut)`; a caller that wants to see the drafts before
+  choosing what to verify calls the two halves itself.
+- Output is lossless (see `adactl.runtime.verify`): greedy equals the target's greedy
+  decoding; sampling follows the target's distribution.
+- Everything reported is plain data (`adactl.runtime.types`).
+
+Non-goals: no threads, no tokenizer logic beyond turning a prompt into ids, no scheduling
+policy (the plan says what runs), no knowledge of controllers.
+
+Row order: the decode batch is ordered [drafting rows, longest draft first | running rows
+that do not draft | deferred rows], so every forward runs on a prefix of the rows and rows
+that do not take part cost nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .kv import BatchKV, KVConfig
+from .types import (
+    DraftBatch,
+    RequestError,
+    RequestResult,
+    RequestView,
+    SamplingParams,
+    StepOutcome,
+    StepPlan,
+)
+from .verify import Verifier, process_logits, sample, verify_chains
+
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine-wide settings (everything per request lives in `SamplingParams`)."""
+
+    max_batch_size: int = 256
+    """Requests running or prefilling at once, at most (vLLM's max_num_seqs)."""
+    seed: int = 0
+    """Seed of the engine's sampling generator."""
+    kv: KVConfig = field(default_factory=KVConfig)
+    """KV cache growth and compaction policy."""
+
+
+@dataclass
+class _Request:
+    """Engine-internal state of one request."""
+
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    output: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    first_token_time: float | None = None
+    target_pending: list[int] = field(default_factory=list)  # emitted, not yet in the target cache
+    draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
+    prefill_target: BatchKV | None = None  # private caches while prefilling
+    prefill_draft: BatchKV | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+@dataclass
+class _Inflight:
+    """State kept between `draft()` and `verify()`."""
+
+    rows: int  # decode rows (a prefix of the batch)
+    drafting: int  # rows that drafted (a prefix of the decode rows)
+    draft_len: torch.Tensor  # [rows] long
+    tokens: torch.Tensor  # [rows, K] long, -1 padded
+    probs: torch.Tensor  # [rows, K, V] float32
+    emitted: dict[str, list[int]]
+    finished: dict[str, str]
+    joining: list[_Request]
+    prefill_tokens: int
+    prefill_s: float
+    draft_s: float
+
+
+class Engine:
+    """Continuous batching with per-row speculation. See the module docstring."""
+
+    def __init__(
+        self,
+        target: torch.nn.Module,
+        draft: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        config: EngineConfig | None = None,
+        verifier: Verifier = verify_chains,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.target = target.eval()
+        self.draft = draft.eval() if draft is not None else None
+        self.tokenizer = tokenizer
+        self.verifier = verifier
+        self.device = next(target.parameters()).device
+        self.vocab_size = _vocab_size(target)
+        if self.draft is not None and _vocab_size(self.draft) != self.vocab_size:
+            raise ValueError(
+                f"the draft has {_vocab_size(self.draft)} output logits but the target has {self.vocab_size}: "
+                "a draft must share the target's tokenizer"
+            )
+        text_config = target.config.get_text_config()
+        self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
+        self.eos_ids = _eos_ids(target, tokenizer)
+        self._target_kv = BatchKV(text_config.num_hidden_layers, self.device, self.config.kv)
+        self._draft_kv = (
+            BatchKV(self.draft.config.get_text_config().num_hidden_layers, self.device, self.config.kv)
+            if self.draft is not None
+            else None
+        )
+        self._rows: list[_Request] = []  # running requests, in cache row order
+        self._waiting: dict[str, _Request] = {}  # arrival order
+        self._finished: dict[str, RequestResult] = {}
+        self._inflight: _Inflight | None = None
+        self._next_id = 0
+        # sampling runs on the CPU (one [B, V] row per token), so one CPU generator serves any device
+        self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises `RequestError` (nothing queued) on bad input.
+
+        prompt: token ids, a string (tokenized with the tokenizer's special tokens), or chat
+        messages `[{"role": ..., "content": ...}]` (the tokenizer's chat template, with the
+        generation prompt added).
+        """
+        sampling = sampling if sampling is not None else SamplingParams()
+        sampling.validate()
+        ids = self._prompt_ids(prompt)
+        if not ids:
+            raise RequestError("prompt is empty: give at least one token")
+        if len(ids) >= self.max_context:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens but the model's context holds {self.max_context}, "
+                "leaving no room to generate: shorten the prompt"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self._waiting or request_id in self._finished or any(r.request_id == request_id for r in self._rows):
+            raise RequestError(f"request id {request_id!r} is already in use")
+        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        self._waiting[request_id] = _Request(request_id, ids, sampling, arrival)
+        return request_id
+
+    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, torch.Tensor):
+            if prompt.dim() != 1:
+                raise RequestError(f"a prompt tensor must be 1-D token ids, got shape {tuple(prompt.shape)}")
+            return [int(t) for t in prompt.tolist()]
+        if isinstance(prompt, str):
+            return list(self._need_tokenizer("a text prompt")(prompt)["input_ids"])
+        items = list(prompt)
+        if items and all(isinstance(m, Mapping) for m in items):
+            for m in items:
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise RequestError(f"each chat message needs string 'role' and 'content', got {m!r}")
+            tok = self._need_tokenizer("chat messages")
+            encoded = tok.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
+            ids = encoded["input_ids"] if isinstance(encoded, Mapping) or hasattr(encoded, "keys") else encoded
+            return [int(t) for t in ids]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            raise RequestError("a prompt must be a string, chat messages, or a sequence of integer token ids")
+        return [int(t) for t in items]
+
+    def _need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise RequestError(f"{what} needs a tokenizer, but this engine has none: pass token ids")
+        return self.tokenizer
+
+    @torch.inference_mode()
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request now (or at the end of the step in flight); frees its KV cache.
+
+        Returns False if no unfinished request has that id.
+        """
+        if request_id in self._waiting:
+            req = self._waiting.pop(request_id)
+            self._finish(req, "cancelled")
+            return True
+        for i, req in enumerate(self._rows):
+            if req.request_id == request_id:
+                if self._inflight is not None:
+                    req.cancelled = True
+                else:
+                    self._finish(req, "cancelled")
+                    self._drop_rows({i})
+                return True
+        return False
+
+    def requests(self) -> list[RequestView]:
+        """Unfinished requests: waiting or prefilling (arrival order), then running (row order)."""
+        views = []
+        for req in list(self._waiting.values()) + self._rows:
+            status = "running" if req.first_token_time is not None else ("prefilling" if req.prefilled else "waiting")
+            views.append(
+                RequestView(
+                    req.request_id, status, len(req.prompt), req.prefilled, len(req.output),
+                    req.context_len, req.arrival_time, req.first_token_time, req.sampling,
+                )
+            )
+        return views
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._rows)
+
+    def pop_finished(self) -> list[RequestResult]:
+        """Finished requests since the last call (each is returned once)."""
+        done = list(self._finished.values())
+        self._finished.clear()
+        return done
+
+    def output(self, request_id: str) -> list[int]:
+        """Tokens generated so far by an unfinished request."""
+        for req in list(self._waiting.values()) + self._rows:
+            if req.request_id == request_id:
+                return list(req.output)
+        raise KeyError(f"no unfinished request {request_id!r}")
+
+    def kv_bytes(self) -> int:
+        """Bytes held by all KV caches (batch caches and private prefill caches)."""
+        total = self._target_kv.nbytes() + (self._draft_kv.nbytes() if self._draft_kv else 0)
+        for req in self._waiting.values():
+            for kv in (req.prefill_target, req.prefill_draft):
+                total += kv.nbytes() if kv is not None else 0
+        return total
+
+    def cached_tokens(self) -> int:
+        """Real tokens held in the target's batch cache."""
+        return self._target_kv.cached_tokens()
+
+    # -------------------------------------------------------------------- step
+    def step(
+        self, plan: StepPlan | None = None, choose_verify: Callable[[DraftBatch], Sequence[int]] | None = None
+    ) -> StepOutcome:
+        """One engine iteration: `draft(plan)`, then `verify(choose_verify(drafts))`."""
+        drafts = self.draft_step(plan)
+        return self.verify(choose_verify(drafts) if choose_verify is not None else None)
+
+    @torch.inference_mode()
+    def draft_step(self, plan: StepPlan | None = None) -> DraftBatch:
+        """First half of a step: prefill within the budget, then draft. Call `verify` next."""
+        if self._inflight is not None:
+            raise RuntimeError("the previous step's drafts are not verified yet: call verify() first")
+        plan = plan if plan is not None else StepPlan()
+        run_ids, admit = self._check_plan(plan)
+        t0 = self._now()
+        emitted: dict[str, list[int]] = {}
+        finished: dict[str, str] = {}
+        joining, prefill_tokens = self._prefill(plan.prefill_budget, admit, emitted, finished)
+        t1 = self._now()
+
+        lens = {r.request_id: self._draft_len(r, plan.draft_len) for r in self._rows if r.request_id in run_ids}
+        drafting = sorted((r for r in self._rows if lens.get(r.request_id, 0) > 0), key=lambda r: -lens[r.request_id])
+        plain = [r for r in self._rows if r.request_id in run_ids and lens[r.request_id] == 0]
+        deferred = [r for r in self._rows if r.request_id not in run_ids]
+        self._reorder(drafting + plain + deferred)
+        n_rows, n_draft = len(drafting) + len(plain), len(drafting)
+        draft_len = torch.tensor([lens[r.request_id] for r in self._rows[:n_rows]], dtype=torch.long)
+        tokens, probs = self._draft(n_draft, draft_len[:n_draft])
+        k = tokens.shape[1]
+        tokens = torch.cat([tokens, tokens.new_full((n_rows - n_draft, k), -1)])
+        probs = torch.cat([probs, probs.new_zeros(n_rows - n_draft, k, probs.shape[2])])
+        t2 = self._now()
+        self._inflight = _Inflight(
+            n_rows, n_draft, draft_len, tokens, probs, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1
+        )
+        rows = self._rows[:n_rows]
+        return DraftBatch(
+            request_ids=tuple(r.request_id for r in rows),
+            tokens=tokens,
+            draft_len=draft_len,
+            probs=probs,
+            context_len=torch.tensor([r.context_len for r in rows], dtype=torch.long),
+            greedy=torch.tensor([r.sampling.temperature <= 0 for r in rows], dtype=torch.bool),
+        )
+
+    @torch.inference_mode()
+    def verify(self, verify_len: Sequence[int] | torch.Tensor | None = None) -> StepOutcome:
+        """Second half of a step: verify a prefix of each draft (default: all of it), emit.
+
+        verify_len: [B] per decode row (the order of `DraftBatch.request_ids`), each in
+        [0, draft_len]. An invalid cut raises `RequestError` and leaves the step pending.
+        """
+        fl = self._inflight
+        if fl is None:
+            raise RuntimeError("no drafts to verify: call draft_step() (or step()) first")
+        cut = self._check_cut(verify_len, fl)
+        t0 = self._now()
+        rows = self._rows[: fl.rows]
+        accepted = torch.zeros(fl.rows, dtype=torch.long)
+        if fl.rows:
+            accepted, next_tokens = self._verify(rows, fl, cut)
+            self._emit(rows, fl, accepted, next_tokens)
+        done = {i for i, r in enumerate(self._rows) if r.finish_reason is not None or r.cancelled}
+        for i in sorted(done):
+            req = self._rows[i]
+            reason = req.finish_reason or "cancelled"
+            self._finish(req, reason)
+            fl.finished[req.request_id] = reason
+        self._drop_rows(done)
+        self._join(fl.joining)
+        self._inflight = None
+        verify_s = self._now() - t0
+        return StepOutcome(
+            request_ids=tuple(r.request_id for r in rows),
+            drafted=fl.draft_len,
+            verified=cut,
+            accepted=accepted,
+            emitted=fl.emitted,
+            finished=fl.finished,
+            prefill_tokens=fl.prefill_tokens,
+            prefill_s=fl.prefill_s,
+            draft_s=fl.draft_s,
+            verify_s=verify_s,
+            total_s=fl.prefill_s + fl.draft_s + verify_s,
+        )
+
+    # ----------------------------------------------------------------- phases
+    def _check_plan(self, plan: StepPlan) -> tuple[set[str], list[_Request]]:
+        if not isinstance(plan.prefill_budget, int) or plan.prefill_budget < 0:
+            raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
+        lens = plan.draft_len.values() if isinstance(plan.draft_len, Mapping) else [plan.draft_len]
+        if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in lens):
+            raise RequestError(f"draft lengths must be integers >= 0, got {plan.draft_len!r}")
+        running = {r.request_id for r in self._rows}
+        run_ids = running if plan.run is None else set(plan.run)
+        if not run_ids <= running:
+            raise RequestError(f"plan.run names requests that are not running: {sorted(run_ids - running)[:5]}")
+        if plan.admit is None:
+            return run_ids, list(self._waiting.values())
+        unknown = [r for r in plan.admit if r not in self._waiting]
+        if unknown:
+            raise RequestError(f"plan.admit names requests that are not waiting: {unknown[:5]}")
+        return run_ids, [self._waiting[r] for r in plan.admit]
+
+    def _draft_len(self, req: _Request, spec: int | Mapping[str, int]) -> int:
+        if self.draft is None:
+            return 0
+        k = spec.get(req.request_id, 0) if isinstance(spec, Mapping) else spec
+        room = min(req.sampling.max_new_tokens - len(req.output), self.max_context - req.context_len)
+        return max(0, min(k, room - 1))  # a step emits at most k + 1 tokens
+
+    def _prefill(
+        self, budget: int, admit: list[_Request], emitted: dict[str, list[int]], finished: dict[str, str]
+    ) -> tuple[list[_Request], int]:
+        """Compute up to `budget` prompt tokens; requests whose prompt completes emit their first token."""
+        joining: list[_Request] = []
+        used = 0
+        active = len(self._rows) + sum(1 for r in self._waiting.values() if r.prefilled)
+        for req in admit:
+            if used >= budget:
+                break
+            if req.prefilled == 0:
+                if active >= self.config.max_batch_size:
+                    continue
+                active += 1
+            chunk = req.prompt[req.prefilled : req.prefilled + budget - used]
+            logits = self._prefill_chunk(req, chunk)
+            used += len(chunk)
+            if req.prefilled < len(req.prompt):
+                continue
+            del self._waiting[req.request_id]
+            greedy = torch.tensor([req.sampling.temperature <= 0])
+            temp, top_p = torch.tensor([req.sampling.temperature]), torch.tensor([req.sampling.top_p])
+            probs = process_logits(logits.cpu(), temp, top_p)
+            token = int(sample(probs, greedy, self._generator)[0])
+            req.first_token_time = self._now()
+            kept = self._append_output(req, [token])
+            emitted[req.request_id] = kept
+            if req.finish_reason is not None:
+                finished[req.request_id] = req.finish_reason
+                self._finish(req, req.finish_reason)
+            else:
+                req.target_pending = [token]
+                req.draft_pending = [token]
+                joining.append(req)
+        return joining, used
+
+    def _prefill_chunk(self, req: _Request, chunk: list[int]) -> torch.Tensor:
+        """Run one prompt chunk through the target (and the draft); returns the last logits [1, V]."""
+        ids = torch.tensor([chunk], device=self.device)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if req.prefill_target is None:
+            req.prefill_target = BatchKV(len(self._target_kv.layers), self.device, self.config.kv)
+            req.prefill_target.new_rows(1)
+            if self._draft_kv is not None:
+                req.prefill_draft = BatchKV(len(self._draft_kv.layers), self.device, self.config.kv)
+                req.prefill_draft.new_rows(1)
+        out = req.prefill_target.forward(self.target, ids, valid, logits_to_keep=1)
+        if req.prefill_draft is not None:
+            req.prefill_draft.forward(self.draft, ids, valid, logits_to_keep=1)
+        req.prefilled += len(chunk)
+        return out.logits[:, -1]
+
+    def _draft(self, n: int, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft `lens[i]` tokens for each of the first n rows (sorted by length, longest first).
+
+        Returns tokens [n, K] (-1 padded) and the processed draft distributions [n, K, V].
+        """
+        k = int(lens.max()) if n else 0
+        tokens = torch.full((n, k), -1, dtype=torch.long)
+        probs = torch.zeros(n, k, self.vocab_size)
+        if n == 0:
+            return tokens, probs
+        assert self.draft is not None and self._draft_kv is not None
+        rows = self._rows[:n]
+        temp, top_p, greedy = self._sampling_tensors(rows)
+        # the first forward feeds every token the draft cache has not seen (one, or two after
+        # a fully accepted draft, more after steps without speculation)
+        pending = [r.draft_pending for r in rows]
+        width = max(len(p) for p in pending)
+        ids = torch.tensor([p + [0] * (width - len(p)) for p in pending], device=self.device)
+        valid = torch.arange(width)[None, :] < torch.tensor([len(p) for p in pending])[:, None]
+        logits = self._draft_kv.forward(self.draft, ids, valid.to(self.device)).logits
+        last = logits[torch.arange(n), torch.tensor([len(p) - 1 for p in pending])]  # [n, V]
+        for r in rows:
+            r.draft_pending = []
+        for j in range(k):
+            m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
+            if j > 0:
+                ids = tokens[:m, j - 1 : j].to(self.device)
+                last = self._draft_kv.forward(self.draft, ids, torch.ones_like(ids, dtype=torch.bool)).logits[:, -1]
+            q = process_logits(last[:m], temp[:m], top_p[:m]).cpu()
+            tokens[:m, j] = sample(q, greedy[:m], self._generator).cpu()
+            probs[:m, j] = q
+        return tokens, probs
+
+    def _verify(self, rows: list[_Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One target forward over [last token, verified drafts] per row; roll caches back."""
+        n = fl.rows
+        t = int(cut.max()) + 1
+        ids = torch.zeros(n, t, dtype=torch.long)
+        ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows])
+        if t > 1:
+            ids[:, 1:] = fl.tokens[:, : t - 1].clamp(min=0)
+        valid = torch.arange(t)[None, :] <= cut[:, None]
+        logits = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device)).logits
+        temp, top_p, _ = self._sampling_tensors(rows)
+        result = self.verifier(
+            logits.float().cpu(), fl.probs, fl.tokens, cut, temp, top_p, self._generator
+        )
+        accepted, next_tokens = result.accepted.cpu(), result.next_token.cpu()
+        self._target_kv.keep_last((torch.arange(t)[None, :] <= accepted[:, None]).to(self.device))
+        k = fl.tokens.shape[1]
+        if fl.drafting and k > 1 and self._draft_kv is not None:
+            # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted ones
+            keep = torch.arange(1, k)[None, :] <= accepted[: fl.drafting, None]
+            self._draft_kv.keep_last(keep.to(self.device))
+        return accepted, next_tokens
+
+    def _emit(self, rows: list[_Request], fl: _Inflight, accepted: torch.Tensor, next_tokens: torch.Tensor) -> None:
+        for i, req in enumerate(rows):
+            a, k, y = int(accepted[i]), int(fl.draft_len[i]), int(next_tokens[i])
+            new = [int(t) for t in fl.tokens[i, :a]] + [y]
+            fl.emitted[req.request_id] = self._append_output(req, new)
+            req.target_pending = [y]
+            if self.draft is None:
+                continue
+            if i < fl.drafting:
+                req.draft_pending = [int(fl.tokens[i, k - 1]), y] if a == k else [y]
+            else:
+                req.draft_pending.append(y)
+
+    def _append_output(self, req: _Request, tokens: list[int]) -> list[int]:
+        """Append tokens up to a stop condition; returns those actually emitted."""
+        kept = []
+        for tok in tokens:
+            req.output.append(tok)
+            kept.append(tok)
+            if req.sampling.stop_on_eos and tok in self.eos_ids:
+                req.finish_reason = "eos"
+            elif len(req.output) >= req.sampling.max_new_tokens:
+                req.finish_reason = "length"
+            elif req.context_len >= self.max_context:
+                req.finish_reason = "context"
+            if req.finish_reason is not None:
+                break
+        return kept
+
+    # ------------------------------------------------------------ bookkeeping
+    def _reorder(self, order: list[_Request]) -> None:
+        index = {id(r): i for i, r in enumerate(self._rows)}
+        perm = [index[id(r)] for r in order]
+        if perm != list(range(len(perm))):
+            self._permute(perm)
+
+    def _drop_rows(self, drop: set[int]) -> None:
+        if drop:
+            self._permute([i for i in range(len(self._rows)) if i not in drop])
+        else:
+            self._target_kv.maybe_compact()
+            if self._draft_kv is not None:
+                self._draft_kv.maybe_compact()
+
+    def _permute(self, perm: list[int]) -> None:
+        self._target_kv.permute(perm)
+        if self._draft_kv is not None:
+            self._draft_kv.permute(perm)
+        self._rows = [self._rows[i] for i in perm]
+
+    def _join(self, joining: list[_Request]) -> None:
+        for req in joining:
+            assert req.prefill_target is not None
+            self._target_kv.add_row(req.prefill_target)
+            if self._draft_kv is not None and req.prefill_draft is not None:
+                self._draft_kv.add_row(req.prefill_draft)
+            req.prefill_target = req.prefill_draft = None
+            self._rows.append(req)
+
+    def _finish(self, req: _Request, reason: str) -> None:
+        req.finish_reason = reason
+        req.prefill_target = req.prefill_draft = None
+        self._finished[req.request_id] = RequestResult(
+            req.request_id, req.prompt, req.output, reason, req.arrival_time, req.first_token_time, self._now()
+        )
+
+    def _check_cut(self, verify_len: Sequence[int] | torch.Tensor | None, fl: _Inflight) -> torch.Tensor:
+        if verify_len is None:
+            return fl.draft_len.clone()
+        cut = torch.as_tensor(verify_len).to(torch.long).flatten().cpu()
+        if cut.shape[0] != fl.rows:
+            raise RequestError(f"verify_len has {cut.shape[0]} entries but {fl.rows} rows decode this step")
+        bad = (cut < 0) | (cut > fl.draft_len)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise RequestError(
+                f"verify_len[{i}] = {int(cut[i])} is outside [0, {int(fl.draft_len[i])}] (the row's draft length)"
+            )
+        return cut
+
+    def _sampling_tensors(self, rows: list[_Request]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        temp = torch.tensor([r.sampling.temperature for r in rows], dtype=torch.float32)
+        top_p = torch.tensor([r.sampling.top_p for r in rows], dtype=torch.float32)
+        return temp, top_p, temp <= 0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+def run_to_completion(
+    engine: Engine, plan: StepPlan | None = None, max_steps: int = 1_000_000
+) -> dict[str, RequestResult]:
+    """Step until every queued request has finished; returns results by request id."""
+    results: dict[str, RequestResult] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            break
+        engine.step(plan)
+        results.update({r.request_id: r for r in engine.pop_finished()})
+    results.update({r.request_id: r for r in engine.pop_finished()})
+    return results
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

@@ -1,0 +1,357 @@
+"""The one place where adactl touches a model's KV cache.
+
+`BatchKV` keeps one rectangular cache for a batch of rows (one row per request) and hands
+Hugging Face models a `transformers.Cache` whose layers write into preallocated buffers in
+place (no `torch.cat` of the whole cache every step, as `DynamicCache` does).
+
+How rows stay independent in one rectangle:
+- every forward appends the same number of columns T to all participating rows;
+- a per-row boolean `valid [rows, cols]` says which columns hold a real token of that row;
+  padding slots and rejected draft tokens are *holes* (valid = False), never attended to;
+- positions come from `lengths [rows]` (the number of real tokens a row has cached), never
+  from the column index, and the attention mask is an explicit 4-D boolean mask built here,
+  so column order inside a row does not matter (keys are stored already rotated);
+- the rows that take part in a forward are always the first `n` rows (a prefix), so a
+  caller that orders its rows (drafting first, deferred last) pays nothing for the others.
+
+Compaction packs each row's real tokens to the left when holes waste too much; finished
+rows are dropped by moving the last rows into their place; capacity shrinks back to zero
+when the batch empties, so KV memory returns to its starting level.
+
+Not here: what the tokens are, sampling, or which rows run (that is the engine's job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """Growth and compaction policy of a `BatchKV`."""
+
+    col_headroom: float = 0.125
+    """Extra column capacity, as a fraction of what is needed, allocated on growth."""
+    min_col_growth: int = 32
+    """Columns added at least when the buffers grow."""
+    row_headroom: float = 0.25
+    """Extra row capacity, as a fraction of what is needed, allocated on growth."""
+    compact_waste: float = 0.25
+    """Compact when more than this fraction of the used columns can be dropped."""
+    min_compact_cols: int = 32
+    """Never compact a cache narrower than this many columns (not worth the copy)."""
+
+
+class _BufferLayer(DynamicLayer):
+    """One attention layer's keys and values in buffers `[rows_cap, H_kv, cols_cap, D]`.
+
+    `update` writes the new states at column `store.n_cols` of the first `n` rows and returns
+    views `[n, H_kv, n_cols + T, D]` of the buffers, so nothing is copied but the new states.
+    """
+
+    def __init__(self, store: BatchKV) -> None:
+        super().__init__()
+        self._store = store
+        self.k_buf: torch.Tensor | None = None  # [rows_cap, H_kv, cols_cap, D]
+        self.v_buf: torch.Tensor | None = None  # [rows_cap, H_kv, cols_cap, D]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        rows, cols = self._store.capacity
+        # zeros, not empty: a hole is masked out, but NaN garbage would still poison P @ V
+        self.k_buf = key_states.new_zeros(rows, key_states.shape[1], cols, key_states.shape[3])
+        self.v_buf = value_states.new_zeros(rows, value_states.shape[1], cols, value_states.shape[3])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        assert self.k_buf is not None and self.v_buf is not None
+        n, t = key_states.shape[0], key_states.shape[2]
+        c = self._store.n_cols
+        self.k_buf[:n, :, c : c + t] = key_states
+        self.v_buf[:n, :, c : c + t] = value_states
+        self.keys = self.k_buf[:n, :, : c + t]
+        self.values = self.v_buf[:n, :, : c + t]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._store.n_cols
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._store.n_cols + query_length, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("BatchKV layers are edited through BatchKV, not crop()")
+
+    def resize(self, rows: int, cols: int, n_rows: int, n_cols: int) -> None:
+        """Reallocate to `[rows, H, cols, D]`, keeping the used block `[:n_rows, :, :n_cols]`."""
+        if not self.is_initialized:
+            return
+        assert self.k_buf is not None and self.v_buf is not None
+        for name in ("k_buf", "v_buf"):
+            old: torch.Tensor = getattr(self, name)
+            new = old.new_zeros(rows, old.shape[1], cols, old.shape[3])
+            new[:n_rows, :, :n_cols] = old[:n_rows, :, :n_cols]
+            setattr(self, name, new)
+        self.keys = self.values = None
+
+    def release(self) -> None:
+        self.k_buf = self.v_buf = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def nbytes(self) -> int:
+        if self.k_buf is None or self.v_buf is None:
+            return 0
+        return self.k_buf.numel() * self.k_buf.element_size() * 2
+
+
+class BatchKV:
+    """A batch of per-request KV caches for one model, in one rectangle with holes.
+
+    Invariants (`n = n_rows`, `S = n_cols`):
+    - `valid[:n, :S]` marks real tokens; `lengths[:n] == valid[:n, :S].sum(1)`;
+    - rows `>= n` and columns `>= S` hold nothing anyone reads.
+    """
+
+    def __init__(self, num_layers: int, device: torch.device | str = "cpu", config: KVConfig | None = None):
+        self.config = config or KVConfig()
+        self.device = torch.device(device)
+        self.layers = [_BufferLayer(self) for _ in range(num_layers)]
+        self.cache = Cache(layers=list(self.layers))  # what the model sees
+        self.n_rows = 0
+        self.n_cols = 0
+        self.capacity = (0, 0)  # (rows, cols) allocated
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows_cap, cols_cap]
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
+        self._appended = 0  # columns appended by forwards since the last compaction
+
+    # ------------------------------------------------------------------ sizes
+    def nbytes(self) -> int:
+        """Bytes allocated for keys and values (all layers, including headroom and holes)."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def cached_tokens(self) -> int:
+        """Real tokens held, summed over rows."""
+        return int(self.lengths[: self.n_rows].sum())
+
+    def row_lengths(self) -> torch.Tensor:
+        """`[n_rows]` real tokens cached per row (= position id of the row's next token)."""
+        return self.lengths[: self.n_rows]
+
+    def _ensure(self, rows: int, cols: int) -> None:
+        cap_rows, cap_cols = self.capacity
+        if rows <= cap_rows and cols <= cap_cols:
+            return
+        cfg = self.config
+        if rows > cap_rows:
+            cap_rows = rows + max(4, int(rows * cfg.row_headroom))
+        if cols > cap_cols:
+            cap_cols = cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom))
+        self._reallocate(cap_rows, cap_cols)
+
+    def _reallocate(self, rows: int, cols: int) -> None:
+        n, s = self.n_rows, self.n_cols
+        for layer in self.layers:
+            layer.resize(rows, cols, n, s)
+        valid = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
+        valid[:n, :s] = self.valid[:n, :s]
+        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        lengths[:n] = self.lengths[:n]
+        self.valid, self.lengths, self.capacity = valid, lengths, (rows, cols)
+
+    def _release(self) -> None:
+        for layer in self.layers:
+            layer.release()
+        self.n_rows = self.n_cols = self._appended = 0
+        self.capacity = (0, 0)
+        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
+        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        new_valid: torch.Tensor,
+        parents: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run `model` on new tokens for the first `n` rows and cache their keys and values.
+
+        input_ids: [n, T] token ids; padding slots may hold any id.
+        new_valid: [n, T] bool, True for a real token; False slots become holes.
+        parents:   [n, T] long or None. None = each row's real tokens form a chain after its
+                   context (right-padded). Otherwise a token tree: parent index of each slot
+                   within the row (-1 = attached to the row's context), parents[i] < i.
+        Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`).
+        """
+        n, t = input_ids.shape
+        if n > self.n_rows:
+            raise ValueError(f"forward on {n} rows but the cache holds {self.n_rows}")
+        self._ensure(self.n_rows, self.n_cols + t)
+        ancestors, depth = _tree_structure(new_valid, parents)
+        positions = self.lengths[:n, None] + depth  # [n, T]
+        context = self.valid[:n, None, : self.n_cols].expand(n, t, self.n_cols)  # [n, T, S]
+        mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, S + T]
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            logits_to_keep=logits_to_keep,
+            **model_kwargs,
+        )
+        c = self.n_cols
+        self.valid[:n, c : c + t] = new_valid
+        self.valid[n : self.n_rows, c : c + t] = False
+        self.lengths[:n] += new_valid.sum(1)
+        self.n_cols = c + t
+        self._appended += t
+        return out
+
+    def keep_last(self, keep: torch.Tensor) -> None:
+        """Keep only `keep [n, W]` of the last W columns of the first n rows (rollback).
+
+        A rejected draft token becomes a hole; nothing is copied. W may span several forwards
+        (a draft chain), as long as no compaction ran in between.
+        """
+        n, w = keep.shape
+        if w > self._appended:
+            raise ValueError(f"keep_last got {w} columns but only {self._appended} were appended since compaction")
+        c = self.n_cols - w
+        block = self.valid[:n, c : self.n_cols]
+        self.lengths[:n] -= (block & ~keep).sum(1)
+        block &= keep
+
+    def new_rows(self, count: int) -> None:
+        """Append `count` empty rows (e.g. a request about to be prefilled)."""
+        self._ensure(self.n_rows + count, self.n_cols)
+        self.valid[self.n_rows : self.n_rows + count] = False
+        self.lengths[self.n_rows : self.n_rows + count] = 0
+        self.n_rows += count
+
+    # ------------------------------------------------------------------- rows
+    def add_row(self, src: BatchKV, row: int = 0) -> int:
+        """Append row `row` of another cache (e.g. a finished prefill) as the last row here."""
+        if len(src.layers) != len(self.layers):
+            raise ValueError("caches of different models cannot be merged")
+        length = int(src.lengths[row])
+        src_cols = src.valid[row, : src.n_cols].nonzero().squeeze(1)  # [length]
+        dst = self.n_rows
+        self._ensure(dst + 1, max(self.n_cols, length))
+        for mine, theirs in zip(self.layers, src.layers):
+            if not theirs.is_initialized:
+                continue
+            assert theirs.k_buf is not None and theirs.v_buf is not None
+            if not mine.is_initialized:
+                mine.lazy_initialization(theirs.k_buf, theirs.v_buf)
+            assert mine.k_buf is not None and mine.v_buf is not None
+            mine.k_buf[dst, :, :length] = theirs.k_buf[row, :, src_cols]
+            mine.v_buf[dst, :, :length] = theirs.v_buf[row, :, src_cols]
+        if length > self.n_cols:
+            self.n_cols = length
+            self._appended = 0  # the last columns are no longer what the last forwards appended
+        self.valid[dst, : self.n_cols] = False
+        self.valid[dst, :length] = True
+        self.lengths[dst] = length
+        self.n_rows = dst + 1
+        return dst
+
+    def permute(self, order: list[int]) -> None:
+        """Keep rows `order` (old indices), in that order; rows not listed are dropped.
+
+        Only rows that change place are copied, so dropping a row moves one row.
+        """
+        if sorted(set(order)) != sorted(order) or any(not 0 <= i < self.n_rows for i in order):
+            raise ValueError(f"bad row order {order} for {self.n_rows} rows")
+        moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
+        if moves:
+            src_idx = torch.tensor([m[0] for m in moves], device=self.device)
+            dst_idx = torch.tensor([m[1] for m in moves], device=self.device)
+            s = self.n_cols
+            for layer in self.layers:
+                if layer.k_buf is None or layer.v_buf is None:
+                    continue
+                layer.k_buf[dst_idx, :, :s] = layer.k_buf[src_idx, :, :s]
+                layer.v_buf[dst_idx, :, :s] = layer.v_buf[src_idx, :, :s]
+            self.valid[dst_idx, :s] = self.valid[src_idx, :s]
+            self.lengths[dst_idx] = self.lengths[src_idx]
+        self.n_rows = len(order)
+        if self.n_rows == 0:
+            self._release()
+        else:
+            self.maybe_compact()
+
+    # ------------------------------------------------------------- compaction
+    def maybe_compact(self) -> bool:
+        """Pack rows left and shrink capacity when holes or spare capacity waste too much."""
+        cfg = self.config
+        n = self.n_rows
+        if n == 0:
+            return False
+        width = int(self.lengths[:n].max())
+        compacted = False
+        if self.n_cols >= cfg.min_compact_cols and self.n_cols - width > cfg.compact_waste * self.n_cols:
+            self._compact(width)
+            compacted = True
+        rows_cap, cols_cap = self.capacity
+        too_many_rows = rows_cap > 2 * n + 4
+        too_many_cols = cols_cap > 2 * self.n_cols + 2 * cfg.min_col_growth
+        if too_many_rows or too_many_cols:
+            rows = n + int(n * cfg.row_headroom) if too_many_rows else rows_cap
+            cols = self.n_cols + cfg.min_col_growth if too_many_cols else cols_cap
+            self._reallocate(rows, cols)
+        return compacted
+
+    def _compact(self, width: int) -> None:
+        n, s = self.n_rows, self.n_cols
+        valid = self.valid[:n, :s]
+        # stable sort puts each row's real columns first, in their order: [n, S]
+        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        for layer in self.layers:
+            if layer.k_buf is None or layer.v_buf is None:
+                continue
+            h, d = layer.k_buf.shape[1], layer.k_buf.shape[3]
+            index = order[:, None, :, None].expand(n, h, width, d)
+            layer.k_buf[:n, :, :width] = torch.gather(layer.k_buf[:n, :, :s], 2, index)
+            layer.v_buf[:n, :, :width] = torch.gather(layer.v_buf[:n, :, :s], 2, index)
+        cols = torch.arange(s, device=self.device)
+        self.valid[:n, :s] = cols[None, :] < self.lengths[:n, None]
+        self.n_cols = width
+        self._appended = 0
+
+
+def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestor mask `[n, T, T]` (query i may attend to new slot j) and depth `[n, T]`.
+
+    Every slot attends to itself, so padding slots stay finite; real slots attend to their
+    real ancestors only.
+    """
+    n, t = new_valid.shape
+    eye = torch.eye(t, dtype=torch.bool, device=new_valid.device)
+    if parents is None:
+        tril = torch.ones(t, t, dtype=torch.bool, device=new_valid.device).tril()
+        ancestors = (tril[None] & new_valid[:, None, :]) | eye[None]
+        depth = (new_valid.cumsum(1) - 1).clamp(min=0)
+        return ancestors, depth
+    ancestors = eye[None].repeat(n, 1, 1)
+    depth = torch.zeros(n, t, dtype=torch.long, device=new_valid.device)
+    rows = torch.arange(n, device=new_valid.device)
+    for i in range(t):
+        parent = parents[:, i]
+        has_parent = (parent >= 0) & new_valid[:, i]
+        p = parent.clamp(min=0)
+        inherited = ancestors[rows, p] & has_parent[:, None] & new_valid
+        ancestors[:, i] |= inherited
+        depth[:, i] = torch.where(has_parent, depth[rows, p] + 1, 0)
+    return ancestors, depth

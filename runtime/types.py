@@ -1,0 +1,124 @@
+"""Plain data the engine takes and reports: what a controller or a custom server sees.
+
+Nothing here refers to engine internals (caches, row order), so a server that is not our
+runtime can build the same objects and drive the same controllers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class RequestError(ValueError):
+    """A request (or a plan entry) was invalid; raised for that call alone, nothing else changes."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded."""
+
+    max_new_tokens: int = 256
+    """Tokens to generate at most (the request ends earlier on EOS)."""
+    temperature: float = 0.0
+    """0 = greedy decoding; > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 keeps the whole distribution."""
+    stop_on_eos: bool = True
+    """End the request when the model emits an end-of-sequence token."""
+
+    def validate(self) -> None:
+        """Raise `RequestError` saying what is wrong."""
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise RequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """One unfinished request, as a controller sees it."""
+
+    request_id: str
+    status: str  # "waiting" (no prompt token computed) | "prefilling" | "running"
+    prompt_len: int
+    prefilled: int  # prompt tokens computed so far
+    num_generated: int  # tokens emitted so far
+    context_len: int  # prompt_len + num_generated
+    arrival_time: float  # time.perf_counter() clock
+    first_token_time: float | None
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The schedule decision for one engine step (DESIGN.md section 2)."""
+
+    draft_len: int | Mapping[str, int] = 0
+    """Tokens each running request drafts this step: one number for all, or per request id
+    (missing ids draft 0). 0 = plain decoding. Clipped to what a request can still emit."""
+    prefill_budget: int = 512
+    """Prompt tokens computed at most this step (chunked prefill), over all waiting requests."""
+    admit: Sequence[str] | None = None
+    """Waiting requests allowed to start or continue prefill, in order; None = all, first come
+    first served."""
+    run: Sequence[str] | None = None
+    """Running requests that decode this step; None = all. The others are deferred and keep
+    their KV cache."""
+
+
+@dataclass(frozen=True)
+class DraftBatch:
+    """The drafts of one step, at the verify decision point."""
+
+    request_ids: tuple[str, ...]  # [B] running requests that decode this step, in row order
+    tokens: torch.Tensor  # [B, K] long draft tokens, -1 past a row's draft_len
+    draft_len: torch.Tensor  # [B] long tokens drafted per row (0 = no speculation)
+    probs: torch.Tensor  # [B, K, V] float32 processed draft distribution each token was drawn from
+    context_len: torch.Tensor  # [B] long tokens in each row's context before this step
+    greedy: torch.Tensor  # [B] bool rows decoded greedily (temperature 0)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one engine step did. Per-row fields follow `request_ids` (the decode rows)."""
+
+    request_ids: tuple[str, ...]  # [B] requests that decoded this step
+    drafted: torch.Tensor  # [B] long draft tokens proposed
+    verified: torch.Tensor  # [B] long draft tokens sent to the target (a prefix of the draft)
+    accepted: torch.Tensor  # [B] long draft tokens accepted
+    emitted: dict[str, list[int]]  # tokens emitted this step, per request (decode and first tokens)
+    finished: dict[str, str]  # request id -> reason: "eos" | "length" | "context"
+    prefill_tokens: int  # prompt tokens computed this step
+    prefill_s: float  # wall seconds in prefill forwards
+    draft_s: float  # wall seconds drafting
+    verify_s: float  # wall seconds verifying, emitting and cache bookkeeping
+    total_s: float = field(default=0.0)  # wall seconds of the whole step
+
+    @property
+    def tokens_emitted(self) -> int:
+        return sum(len(t) for t in self.emitted.values())
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    """A finished request."""
+
+    request_id: str
+    prompt_ids: list[int]
+    output_ids: list[int]
+    finish_reason: str  # "eos" | "length" | "context" | "cancelled"
+    arrival_time: float
+    first_token_time: float | None
+    finish_time: float
