@@ -1,0 +1,135 @@
+"""Continuous batching: requests join and leave mid-batch without changing anyone's tokens."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import psutil
+import torch
+
+from adactl.runtime import SamplingParams, StepPlan, run_to_completion
+
+from .helpers import greedy_reference, make_engine, prompts
+
+
+def test_join_and_leave_mid_batch_match_running_alone(target, draft):
+    rng = random.Random(0)
+    ps = prompts(10, seed=21)
+    lengths = [rng.randint(3, 30) for _ in ps]  # different lengths: requests leave at different steps
+    alone = [greedy_reference(target, p, n) for p, n in zip(ps, lengths)]
+    engine = make_engine(target, draft)
+    ids: dict[str, int] = {}
+    pending = list(range(len(ps)))
+    step = 0
+    while pending or engine.has_unfinished():
+        if pending and (step % 3 == 0 or not engine.has_unfinished()):
+            i = pending.pop(0)  # a request joins every third step
+            ids[engine.add_request(ps[i], SamplingParams(max_new_tokens=lengths[i]))] = i
+        running = [v.request_id for v in engine.requests() if v.status == "running"]
+        engine.step(StepPlan(draft_len={r: rng.randint(0, 3) for r in running}))
+        step += 1
+    results = {r.request_id: r for r in engine.pop_finished()}
+    for rid, i in ids.items():
+        assert results[rid].output_ids == alone[i], f"request {i}"
+
+
+def test_deferred_requests_keep_their_cache(target, draft):
+    ps = prompts(4, seed=8)
+    alone = [greedy_reference(target, p, 16) for p in ps]
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=16)) for p in ps]
+    step = 0
+    while engine.has_unfinished():
+        running = [v.request_id for v in engine.requests() if v.status == "running"]
+        run = [r for r in running if (hash(r) + step) % 2 == 0] or running  # defer about half
+        out = engine.step(StepPlan(draft_len=2, run=run))
+        assert set(out.request_ids) <= set(run)
+        step += 1
+    results = {r.request_id: r for r in engine.pop_finished()}
+    assert [results[r].output_ids for r in ids] == alone
+
+
+def test_cancel_frees_the_request_and_spares_the_rest(target, draft):
+    ps = prompts(3, seed=9)
+    alone = [greedy_reference(target, p, 20) for p in ps]
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=20)) for p in ps]
+    for _ in range(4):
+        engine.step(StepPlan(draft_len=2))
+    assert engine.cancel(ids[1])
+    assert not engine.cancel("no-such-request")
+    results = run_to_completion(engine, StepPlan(draft_len=2))
+    assert results[ids[1]].finish_reason == "cancelled"
+    assert alone[1][: len(results[ids[1]].output_ids)] == results[ids[1]].output_ids
+    assert results[ids[0]].output_ids == alone[0] and results[ids[2]].output_ids == alone[2]
+    assert engine.kv_bytes() == 0
+
+
+def test_cancel_between_draft_and_verify(target, draft):
+    engine = make_engine(target, draft)
+    a, b = (engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in prompts(2, seed=4))
+    engine.step()
+    engine.draft_step(StepPlan(draft_len=2))
+    assert engine.cancel(a)
+    out = engine.verify()
+    assert out.finished[a] == "cancelled"
+    assert [v.request_id for v in engine.requests()] == [b]
+
+
+def test_kv_memory_returns_to_starting_level(target, draft):
+    engine = make_engine(target, draft)
+    assert engine.kv_bytes() == 0
+    process = psutil.Process()
+    rss = []
+    for round_ in range(3):
+        for p in prompts(16, seed=round_, max_len=40):
+            engine.add_request(p, SamplingParams(max_new_tokens=30))
+        peak = 0
+        while engine.has_unfinished():
+            engine.step(StepPlan(draft_len=3))
+            peak = max(peak, engine.kv_bytes())
+        engine.pop_finished()
+        assert peak > 0
+        assert engine.kv_bytes() == 0
+        gc.collect()
+        rss.append(process.memory_info().rss)
+    assert rss[2] - rss[1] < 20 * 2**20  # no growth from round to round (no leak)
+
+
+def test_prefill_only_steps_and_budget(target):
+    engine = make_engine(target, None)
+    rid = engine.add_request(list(range(1, 41)), SamplingParams(max_new_tokens=5))
+    seen = []
+    while engine.has_unfinished():
+        out = engine.step(StepPlan(prefill_budget=16))
+        seen.append(out.prefill_tokens)
+    assert seen[:3] == [16, 16, 8]
+    (result,) = engine.pop_finished()
+    assert result.request_id == rid and len(result.output_ids) == 5
+
+
+def test_max_batch_size_queues_the_rest(target):
+    engine = make_engine(target, None, max_batch_size=2)
+    for p in prompts(5, seed=2):
+        engine.add_request(p, SamplingParams(max_new_tokens=4))
+    engine.step()
+    statuses = [v.status for v in engine.requests()]
+    assert statuses.count("running") == 2 and statuses.count("waiting") == 3
+    assert len(run_to_completion(engine)) == 5
+
+
+def test_outcome_reports_plain_data(target, draft):
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=8)) for p in prompts(3, seed=1)]
+    first = engine.step(StepPlan(draft_len=2))
+    assert first.prefill_tokens > 0 and set(first.emitted) == set(ids)  # first tokens
+    drafts = engine.draft_step(StepPlan(draft_len={ids[0]: 3, ids[1]: 0, ids[2]: 1}))
+    assert drafts.tokens.shape[0] == 3 and drafts.probs.shape == (3, 3, 128)
+    by_id = dict(zip(drafts.request_ids, drafts.draft_len.tolist()))
+    assert by_id == {ids[0]: 3, ids[1]: 0, ids[2]: 1}
+    assert torch.allclose(drafts.probs[drafts.draft_len > 0, 0].sum(-1), torch.ones(2))
+    out = engine.verify([1, 0, 0])
+    assert out.verified.tolist() == [1, 0, 0]
+    assert all(1 <= len(out.emitted[r]) <= 2 for r in out.request_ids)
+    assert out.total_s >= out.verify_s > 0

@@ -1,0 +1,125 @@
+"""BatchKV: holes, row moves, compaction and token-tree masks give the logits of plain forwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adactl.runtime import BatchKV, KVConfig
+
+ATOL = 1e-4
+
+
+def plain_logits(model: torch.nn.Module, seq: list[int]) -> torch.Tensor:
+    """[len(seq), V] logits of one unbatched, uncached forward."""
+    with torch.no_grad():
+        return model(torch.tensor([seq])).logits[0]
+
+
+def append(kv: BatchKV, model: torch.nn.Module, rows: list[list[int]], keep: list[int] | None = None) -> torch.Tensor:
+    """Feed each row its own number of new tokens (right-padded); optionally keep only a prefix."""
+    t = max(len(r) for r in rows)
+    ids = torch.tensor([r + [0] * (t - len(r)) for r in rows])
+    valid = torch.arange(t)[None, :] < torch.tensor([len(r) for r in rows])[:, None]
+    with torch.no_grad():
+        logits = kv.forward(model, ids, valid).logits
+    if keep is not None:
+        kv.keep_last(torch.arange(t)[None, :] < torch.tensor(keep)[:, None])
+    return logits
+
+
+def test_holes_and_ragged_rows_give_plain_logits(target):
+    kv = BatchKV(2, config=KVConfig(min_compact_cols=10_000))  # no compaction: holes stay
+    kv.new_rows(3)
+    seqs = [[5, 6, 7], [9], [1, 2, 3, 4, 5, 6]]
+    append(kv, target, seqs)
+    # each row drafts some tokens; only a prefix is kept, the rest become holes
+    drafts = [[11, 12, 13], [14], [15, 16]]
+    keep = [1, 0, 2]
+    append(kv, target, drafts, keep=keep)
+    seqs = [s + d[:k] for s, d, k in zip(seqs, drafts, keep)]
+    assert kv.row_lengths().tolist() == [len(s) for s in seqs]
+    new = [[20, 21], [22, 23, 24], [25]]
+    logits = append(kv, target, new)
+    for i, (s, n) in enumerate(zip(seqs, new)):
+        expected = plain_logits(target, s + n)[len(s) :]
+        assert torch.allclose(logits[i, : len(n)], expected, atol=ATOL)
+
+
+def test_compaction_and_row_moves_keep_logits(target):
+    kv = BatchKV(2, config=KVConfig(min_compact_cols=1, compact_waste=0.0))
+    kv.new_rows(4)
+    seqs = [[3, 4], [5, 6, 7, 8, 9, 10], [11], [12, 13, 14]]
+    append(kv, target, seqs)
+    append(kv, target, [[1, 2, 3, 4]] * 4, keep=[0, 4, 1, 2])
+    seqs = [s + [1, 2, 3, 4][:k] for s, k in zip(seqs, [0, 4, 1, 2])]
+    kv.permute([3, 1, 0])  # drop row 2, reorder the rest (compacts too: compact_waste=0)
+    seqs = [seqs[3], seqs[1], seqs[0]]
+    assert kv.n_cols == max(len(s) for s in seqs)
+    logits = append(kv, target, [[7], [8], [9]])
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], plain_logits(target, s + [[7], [8], [9]][i])[-1], atol=ATOL)
+
+
+def test_add_row_from_another_cache(target):
+    main = BatchKV(2)
+    main.new_rows(1)
+    append(main, target, [[1, 2, 3, 4, 5, 6, 7, 8]])
+    side = BatchKV(2)
+    side.new_rows(1)
+    append(side, target, [[9, 10, 11]])
+    main.add_row(side)
+    logits = append(main, target, [[4], [5]])
+    assert torch.allclose(logits[0, 0], plain_logits(target, [1, 2, 3, 4, 5, 6, 7, 8, 4])[-1], atol=ATOL)
+    assert torch.allclose(logits[1, 0], plain_logits(target, [9, 10, 11, 5])[-1], atol=ATOL)
+
+
+def test_prefix_forward_leaves_other_rows_untouched(target):
+    kv = BatchKV(2)
+    kv.new_rows(2)
+    append(kv, target, [[1, 2], [3, 4, 5]])
+    with torch.no_grad():
+        kv.forward(target, torch.tensor([[6]]), torch.tensor([[True]]))  # row 0 only
+    assert kv.row_lengths().tolist() == [3, 3]
+    logits = append(kv, target, [[7], [8]])
+    assert torch.allclose(logits[1, 0], plain_logits(target, [3, 4, 5, 8])[-1], atol=ATOL)
+
+
+def test_token_tree_matches_chains_at_batch_2_with_holes(target):
+    """A 4-D tree mask with depth positions gives each node the logits of its path."""
+    kv = BatchKV(2, config=KVConfig(min_compact_cols=10_000))
+    kv.new_rows(2)
+    ctx = [[5, 6, 7], [8, 9]]
+    append(kv, target, ctx)
+    append(kv, target, [[30, 31], [32]], keep=[0, 0])  # holes in both rows
+    # row 0 tree: 0 -> (1 -> 3, 2); row 1 tree: 0 -> 1 -> 2, and padding
+    tokens = torch.tensor([[40, 41, 42, 43], [44, 45, 46, 0]])
+    parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, -1]])
+    valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    with torch.no_grad():
+        logits = kv.forward(target, tokens, valid, parents=parents).logits
+    paths = {(0, 0): [40], (0, 1): [40, 41], (0, 2): [40, 42], (0, 3): [40, 41, 43],
+             (1, 0): [44], (1, 1): [44, 45], (1, 2): [44, 45, 46]}
+    for (row, node), path in paths.items():
+        expected = plain_logits(target, ctx[row] + path)[-1]
+        assert torch.allclose(logits[row, node], expected, atol=ATOL), (row, node)
+
+
+def test_memory_returns_to_zero(target):
+    kv = BatchKV(2)
+    assert kv.nbytes() == 0
+    kv.new_rows(3)
+    append(kv, target, [[1, 2, 3]] * 3)
+    assert kv.nbytes() > 0
+    kv.permute([1])
+    kv.permute([])
+    assert kv.nbytes() == 0 and kv.n_rows == 0 and kv.n_cols == 0
+
+
+def test_bad_calls_raise(target):
+    kv = BatchKV(2)
+    kv.new_rows(1)
+    with pytest.raises(ValueError, match="rows"):
+        kv.forward(target, torch.tensor([[1], [2]]), torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="row order"):
+        kv.permute([0, 0])
