@@ -245,11 +245,13 @@ class Engine:
                 return list(req.output)
         raise KeyError(f"no unfinished request {request_id!r}")
 
-    def kv_bytes(self) -> int:
-        """Bytes held by all KV caches (batch caches and private prefill caches)."""
-        total = self._target_kv.nbytes() + (self._draft_kv.nbytes() if self._draft_kv else 0)
+    def kv_bytes(self, include_draft: bool = True) -> int:
+        """Bytes held by KV caches: batch and private prefill caches of the target (and the draft)."""
+        total = self._target_kv.nbytes()
+        if include_draft and self._draft_kv is not None:
+            total += self._draft_kv.nbytes()
         for req in self._waiting.values():
-            for kv in (req.prefill_target, req.prefill_draft):
+            for kv in (req.prefill_target, req.prefill_draft if include_draft else None):
                 total += kv.nbytes() if kv is not None else 0
         return total
 
@@ -528,6 +530,10 @@ class Engine:
         self._rows = [self._rows[i] for i in perm]
 
     def _join(self, joining: list[_Request]) -> None:
+        if joining:
+            self._target_kv.reserve_rows(len(self._rows) + len(joining))
+            if self._draft_kv is not None:
+                self._draft_kv.reserve_rows(len(self._rows) + len(joining))
         for req in joining:
             assert req.prefill_target is not None
             self._target_kv.add_row(req.prefill_target)

@@ -233,6 +233,11 @@ class BatchKV:
         self.lengths[:n] -= (block & ~keep).sum(1)
         block &= keep
 
+    def reserve_rows(self, rows: int) -> None:
+        """Make room for `rows` rows exactly (no headroom), e.g. before a known batch joins."""
+        if rows > self.capacity[0]:
+            self._reallocate(rows, self.capacity[1])
+
     def new_rows(self, count: int) -> None:
         """Append `count` empty rows (e.g. a request about to be prefilled)."""
         self._ensure(self.n_rows + count, self.n_cols)

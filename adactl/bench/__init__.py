@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks (`adactl bench ...`): one process, same prompts and seed, ratios."""

@@ -1,0 +1,75 @@
+"""What every benchmark shares: peak-memory sampling, the results table, JSON and plot output."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc), so that the next
+    configuration's resident-memory baseline does not depend on what ran before it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakMemory:
+    """Samples this process's resident memory in a thread; `.peak_mb` is the rise over the start."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self._process = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.start_rss = self.peak_rss = 0
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self.start_rss = self.peak_rss = self._process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return (self.peak_rss - self.start_rss) / 2**20
+
+
+def format_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A Markdown table of `columns` (floats to 3 significant digits, missing as '-')."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in records]
+    return "\n".join(lines)
+
+
+def write_json(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2))

@@ -1,0 +1,289 @@
+"""`adactl bench runtime`: the engine next to Hugging Face `generate`, side by side in one process.
+
+Configurations, each on the same greedy prompts (so every configuration produces the same
+tokens; the engine's greedy output equals generate's):
+- `hf_generate`: `model.generate` on a left-padded static batch;
+- `engine_plain`: the engine without a draft (speculation off);
+- `engine_k4`: the engine with a fixed draft length of 4;
+- `hf_assisted` (batch 1 only; transformers supports no other): `generate(assistant_model=)`
+  with transformers' defaults (up to 20 draft tokens, stop below 0.4 confidence), and
+  `hf_assisted_k4` with 4 draft tokens always (the like-for-like comparison with engine_k4).
+
+Reported per configuration: tokens/s (generated tokens, up to EOS, per wall second), mean
+accepted length (tokens per verify step, bonus included), mean step time, peak resident
+memory over the process's level before the run, and KV bytes per cached token at the KV
+peak. Ratios compare configurations of the same batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adactl.bench.common import PeakMemory, format_table, release_freed_memory, write_json
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+from adactl.runtime.models import load_model, perturbed_copy, tiny_llama
+
+DEFAULT_DRAFT = "smollm2@layers=4"
+DRAFT_NOTE = (
+    "stand-in draft: the target's first 4 layers (early exit), until the trained draft of the "
+    "draft-model issue lands; it agrees with the target rarely, so speculation loses here"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Prompts (token ids) and decoding length shared by every configuration."""
+
+    prompts: list[list[int]]
+    max_new_tokens: int
+    eos_id: int
+
+
+def run_engine(
+    target: torch.nn.Module, draft: torch.nn.Module | None, work: Workload, batch: int, k: int, bar: tqdm
+) -> dict[str, Any]:
+    """Run the engine on the first `batch` prompts at once (batch 1: one prompt after another)."""
+    groups = _groups(work.prompts, batch)
+    engine = Engine(target, draft, config=EngineConfig(max_batch_size=max(batch, 1)))
+    engine.eos_ids = {work.eos_id}
+    sampling = SamplingParams(max_new_tokens=work.max_new_tokens)
+    tokens = steps = row_steps = decode_tokens = 0
+    peak_kv = (0, 1)
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        for group in groups:
+            for p in group:
+                engine.add_request(p, sampling)
+            # the whole batch is prefilled in its first step, as generate does
+            plan = StepPlan(draft_len=k, prefill_budget=sum(len(p) for p in group))
+            while engine.has_unfinished():
+                out = engine.step(plan)
+                steps += 1
+                row_steps += len(out.request_ids)
+                decode_tokens += sum(len(out.emitted[r]) for r in out.request_ids)
+                kv = engine.kv_bytes(include_draft=False)  # per target token, as for generate
+                if kv > peak_kv[0]:
+                    peak_kv = (kv, max(engine.cached_tokens(), 1))
+                bar.update(out.tokens_emitted)
+            tokens += sum(len(r.output_ids) for r in engine.pop_finished())
+        wall = time.perf_counter() - start
+    return _record(
+        config="engine_plain" if draft is None else f"engine_k{k}",
+        batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
+        accepted_len=decode_tokens / max(row_steps, 1), kv_per_token=peak_kv[0] / peak_kv[1],
+    )
+
+
+def run_generate(
+    target: torch.nn.Module,
+    work: Workload,
+    batch: int,
+    bar: tqdm,
+    assistant: torch.nn.Module | None = None,
+    config: str = "hf_generate",
+    **generate_kwargs: Any,
+) -> dict[str, Any]:
+    """`model.generate` on left-padded batches of the same prompts, greedy."""
+    tokens = steps = 0
+    kv_bytes = kv_tokens = 0
+    with PeakMemory() as mem:
+        start = time.perf_counter()
+        for group in _groups(work.prompts, batch):
+            width = max(len(p) for p in group)
+            ids = torch.tensor([[work.eos_id] * (width - len(p)) + p for p in group])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            with torch.inference_mode():
+                out = target.generate(
+                    input_ids=ids, attention_mask=mask, max_new_tokens=work.max_new_tokens, do_sample=False,
+                    pad_token_id=work.eos_id, eos_token_id=work.eos_id, assistant_model=assistant,
+                    return_dict_in_generate=True, **generate_kwargs,
+                )
+            generated = [_until_eos(row[width:].tolist(), work.eos_id) for row in out.sequences]
+            tokens += sum(len(g) for g in generated)
+            steps += out.sequences.shape[1] - width
+            bar.update(sum(len(g) for g in generated))
+            cache = out.past_key_values
+            if cache is not None and assistant is None:
+                kv_bytes = max(kv_bytes, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+                kv_tokens = sum(len(p) + len(g) - 1 for p, g in zip(group, generated))
+        wall = time.perf_counter() - start
+    return _record(
+        config=config, batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
+        accepted_len=1.0 if assistant is None else None,
+        kv_per_token=kv_bytes / kv_tokens if kv_tokens else None,
+    )
+
+
+def _groups(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
+    if batch == 1:
+        return [[p] for p in prompts[: _BATCH1_PROMPTS]]
+    return [prompts[:batch]]
+
+
+_BATCH1_PROMPTS = 4
+
+
+def _until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def _record(
+    config: str, batch: int, tokens: int, wall: float, steps: int, mem: PeakMemory,
+    accepted_len: float | None, kv_per_token: float | None,
+) -> dict[str, Any]:
+    return {
+        "config": config,
+        "batch_size": batch,
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "mean_accepted_len": accepted_len,
+        "step_ms": 1000 * wall / max(steps, 1),
+        "peak_mem_mb": mem.peak_mb,
+        "kv_bytes_per_token": kv_per_token,
+    }
+
+
+def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios the issue asks for, between configurations of the same batch size."""
+    by = {(r["config"], r["batch_size"]): r for r in records}
+    ratios = []
+    for (config, batch), r in by.items():
+        base = {
+            "engine_plain": "hf_generate", "engine_k4": "engine_plain",
+        }.get(config)
+        if base and (base, batch) in by:
+            ratios.append(_ratio(r, by[(base, batch)], "tokens_per_s"))
+        if config == "engine_k4" and batch == 1:
+            for hf in ("hf_assisted", "hf_assisted_k4"):
+                if (hf, 1) in by:
+                    ratios.append(_ratio(r, by[(hf, 1)], "tokens_per_s"))
+        if config == "engine_plain" and ("hf_generate", batch) in by:
+            for key in ("peak_mem_mb", "kv_bytes_per_token"):
+                ratios.append(_ratio(r, by[("hf_generate", batch)], key))
+    return ratios
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
+    va, vb = a.get(key), b.get(key)
+    value = va / vb if va is not None and vb else None
+    return {"batch_size": a["batch_size"], "metric": key, "compare": f"{a['config']} / {b['config']}", "ratio": value}
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in records))
+    batches = sorted({r["batch_size"] for r in records})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / len(configs)
+    for ax, key, label in ((axes[0], "tokens_per_s", "generated tokens / s"), (axes[1], "peak_mem_mb", "peak RSS rise (MB)")):
+        for i, c in enumerate(configs):
+            xs, ys = [], []
+            for j, b in enumerate(batches):
+                r = next((r for r in records if r["config"] == c and r["batch_size"] == b), None)
+                if r is not None:
+                    xs.append(j + i * width)
+                    ys.append(r[key])
+            ax.bar(xs, ys, width, label=c)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Workload, dict[str, Any]]:
+    if args.tiny:
+        target = tiny_llama(vocab_size=512, hidden_size=128, num_layers=4, seed=0, max_positions=1024)
+        draft = perturbed_copy(target, noise=0.03, seed=1)
+        gen = torch.Generator().manual_seed(args.seed)
+        n = max(args.batch_sizes)
+        lengths = torch.randint(8, 64, (n,), generator=gen).tolist()
+        prompts = [torch.randint(1, 512, (m,), generator=gen).tolist() for m in lengths]
+        meta = {"target": "tiny random Llama", "draft": "perturbed copy of the target", "workload": "random prompts"}
+        return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
+    from adactl.workloads import chat_prompts, read_sharegpt
+
+    target_m = load_model(args.target)
+    draft_m = load_model(args.draft)
+    data = read_sharegpt()
+    print(f"ShareGPT: read {len(data.records)} complete records; skipped the cut-off tail ({data.skipped_tail_bytes} bytes)")
+    prompts = chat_prompts(target_m.tokenizer, max(args.batch_sizes), args.max_prompt_tokens, data)
+    eos = int(target_m.tokenizer.eos_token_id)
+    meta = {
+        "target": args.target, "draft": args.draft,
+        "draft_note": DRAFT_NOTE if args.draft == DEFAULT_DRAFT else "",
+        "workload": f"ShareGPT V3 first user turns (<= {args.max_prompt_tokens} tokens), chat template",
+        "sharegpt_records_read": len(data.records),
+    }
+    return target_m.model, draft_m.model, Workload(prompts, args.max_new_tokens, eos), meta
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.manual_seed(args.seed)
+    target, draft, work, meta = _load(args)
+    meta.update({"max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(), "seed": args.seed})
+    plan: list[tuple[str, int]] = []
+    for b in args.batch_sizes:
+        plan += [("hf_generate", b), ("engine_plain", b), ("engine_k4", b)]
+        if b == 1:
+            plan += [("hf_assisted", 1), ("hf_assisted_k4", 1)]
+    records: list[dict[str, Any]] = []
+    with tqdm(total=len(plan), desc="configs", position=0) as outer:
+        for config, b in plan:
+            with tqdm(desc=f"{config} b={b} tokens", position=1, leave=False) as bar:
+                release_freed_memory()
+                if config == "hf_generate":
+                    r = run_generate(target, work, b, bar)
+                elif config == "engine_plain":
+                    r = run_engine(target, None, work, b, 0, bar)
+                elif config == "engine_k4":
+                    r = run_engine(target, draft, work, b, 4, bar)
+                elif config == "hf_assisted":
+                    r = run_generate(target, work, 1, bar, assistant=draft, config=config)
+                else:
+                    r = run_generate(
+                        target, work, 1, bar, assistant=draft, config=config,
+                        num_assistant_tokens=4, num_assistant_tokens_schedule="constant",
+                        assistant_confidence_threshold=0.0,
+                    )
+            records.append(r)
+            outer.update(1)
+    ratios = add_ratios(records)
+    out = Path(args.out)
+    write_json(out / "runtime.json", records, {**meta, "ratios": ratios})
+    plot(records, out / "runtime.png", f"adactl bench runtime: {meta['target']} (draft: {meta['draft']})")
+    columns = ["config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"]
+    print(format_table(records, columns))
+    print()
+    print(format_table(ratios, ["batch_size", "metric", "compare", "ratio"]))
+    if meta.get("draft_note"):
+        print(f"\nNote: {meta['draft_note']}")
+    print(f"\nwrote {out / 'runtime.json'} and {out / 'runtime.png'}")
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="smollm2", help="target model spec (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model spec sharing the target's tokenizer")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")

