@@ -68,8 +68,6 @@ class _Request:
     first_token_time: float | None = None
     target_pending: list[int] = field(default_factory=list)  # emitted, not yet in the target cache
     draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
-    prefill_target: BatchKV | None = None  # private caches while prefilling
-    prefill_draft: BatchKV | None = None
     finish_reason: str | None = None
     cancelled: bool = False
 
@@ -127,6 +125,12 @@ class Engine:
             if self.draft is not None
             else None
         )
+        # prompts being prefilled live in caches of their own, batched; a finished prompt's
+        # row moves to the batch caches (or the whole prefill cache is adopted, when no
+        # request is running and every prefill row is done)
+        self._prefill_kv = self._new_kv(self._target_kv)
+        self._prefill_draft_kv = self._new_kv(self._draft_kv) if self._draft_kv is not None else None
+        self._prefilling: list[_Request] = []  # in prefill cache row order
         self._rows: list[_Request] = []  # running requests, in cache row order
         self._waiting: dict[str, _Request] = {}  # arrival order
         self._finished: dict[str, RequestResult] = {}
@@ -204,6 +208,8 @@ class Engine:
         """
         if request_id in self._waiting:
             req = self._waiting.pop(request_id)
+            if req in self._prefilling:
+                self._drop_prefill_rows({self._prefilling.index(req)})
             self._finish(req, "cancelled")
             return True
         for i, req in enumerate(self._rows):
@@ -247,12 +253,9 @@ class Engine:
 
     def kv_bytes(self, include_draft: bool = True) -> int:
         """Bytes held by KV caches: batch and private prefill caches of the target (and the draft)."""
-        total = self._target_kv.nbytes()
-        if include_draft and self._draft_kv is not None:
-            total += self._draft_kv.nbytes()
-        for req in self._waiting.values():
-            for kv in (req.prefill_target, req.prefill_draft if include_draft else None):
-                total += kv.nbytes() if kv is not None else 0
+        total = self._target_kv.nbytes() + self._prefill_kv.nbytes()
+        if include_draft and self._draft_kv is not None and self._prefill_draft_kv is not None:
+            total += self._draft_kv.nbytes() + self._prefill_draft_kv.nbytes()
         return total
 
     def cached_tokens(self) -> int:
@@ -375,9 +378,9 @@ class Engine:
         self, budget: int, admit: list[_Request], emitted: dict[str, list[int]], finished: dict[str, str]
     ) -> tuple[list[_Request], int]:
         """Compute up to `budget` prompt tokens; requests whose prompt completes emit their first token."""
-        joining: list[_Request] = []
+        chunks: list[tuple[_Request, int]] = []
         used = 0
-        active = len(self._rows) + sum(1 for r in self._waiting.values() if r.prefilled)
+        active = len(self._rows) + len(self._prefilling)
         for req in admit:
             if used >= budget:
                 break
@@ -385,43 +388,74 @@ class Engine:
                 if active >= self.config.max_batch_size:
                     continue
                 active += 1
-            chunk = req.prompt[req.prefilled : req.prefilled + budget - used]
-            logits = self._prefill_chunk(req, chunk)
-            used += len(chunk)
-            if req.prefilled < len(req.prompt):
-                continue
-            del self._waiting[req.request_id]
-            greedy = torch.tensor([req.sampling.temperature <= 0])
-            temp, top_p = torch.tensor([req.sampling.temperature]), torch.tensor([req.sampling.top_p])
-            probs = process_logits(logits.cpu(), temp, top_p)
-            token = int(sample(probs, greedy, self._generator)[0])
-            req.first_token_time = self._now()
-            kept = self._append_output(req, [token])
-            emitted[req.request_id] = kept
-            if req.finish_reason is not None:
-                finished[req.request_id] = req.finish_reason
-                self._finish(req, req.finish_reason)
-            else:
-                req.target_pending = [token]
-                req.draft_pending = [token]
-                joining.append(req)
+            size = min(len(req.prompt) - req.prefilled, budget - used)
+            chunks.append((req, size))
+            used += size
+        if not chunks:
+            return [], 0
+        self._start_prefill([r for r, _ in chunks if r.prefilled == 0])
+        # participants first, longest chunk first, so each group below is a contiguous row range
+        chunks.sort(key=lambda c: -c[1])
+        order = [r for r, _ in chunks] + [r for r in self._prefilling if all(r is not c for c, _ in chunks)]
+        self._permute_prefill([self._prefilling.index(r) for r in order])
+        joining: list[_Request] = []
+        row = 0
+        for group in _length_groups([size for _, size in chunks]):
+            members = chunks[row : row + len(group)]
+            logits = self._prefill_group(members, row)
+            row += len(group)
+            for i, (req, _) in enumerate(members):
+                if req.prefilled == len(req.prompt):
+                    self._first_token(req, logits[i : i + 1], emitted, finished, joining)
+        # rows of requests done at their first token go only now: the groups used row offsets
+        self._drop_prefill_rows({i for i, r in enumerate(self._prefilling) if r.finish_reason is not None})
         return joining, used
 
-    def _prefill_chunk(self, req: _Request, chunk: list[int]) -> torch.Tensor:
-        """Run one prompt chunk through the target (and the draft); returns the last logits [1, V]."""
-        ids = torch.tensor([chunk], device=self.device)
-        valid = torch.ones_like(ids, dtype=torch.bool)
-        if req.prefill_target is None:
-            req.prefill_target = BatchKV(len(self._target_kv.layers), self.device, self.config.kv)
-            req.prefill_target.new_rows(1)
-            if self._draft_kv is not None:
-                req.prefill_draft = BatchKV(len(self._draft_kv.layers), self.device, self.config.kv)
-                req.prefill_draft.new_rows(1)
-        out = req.prefill_target.forward(self.target, ids, valid, logits_to_keep=1)
-        if req.prefill_draft is not None:
-            req.prefill_draft.forward(self.draft, ids, valid, logits_to_keep=1)
-        req.prefilled += len(chunk)
+    def _start_prefill(self, new: list[_Request]) -> None:
+        if not new:
+            return
+        for kv in (self._prefill_kv, self._prefill_draft_kv):
+            if kv is not None:
+                kv.reserve_rows(kv.n_rows + len(new))
+                kv.new_rows(len(new))
+        self._prefilling += new
+
+    def _prefill_group(self, members: list[tuple[_Request, int]], first_row: int) -> torch.Tensor:
+        """One forward over prompt chunks of similar length, left-padded so that the last
+        column is every row's last token; returns those logits [n, V]."""
+        width = max(size for _, size in members)
+        ids = torch.zeros(len(members), width, dtype=torch.long)
+        valid = torch.zeros(len(members), width, dtype=torch.bool)
+        for i, (req, size) in enumerate(members):
+            ids[i, width - size :] = torch.tensor(req.prompt[req.prefilled : req.prefilled + size])
+            valid[i, width - size :] = True
+            req.prefilled += size
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        out = self._prefill_kv.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row)
+        if self._prefill_draft_kv is not None:
+            self._prefill_draft_kv.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row)
         return out.logits[:, -1]
+
+    def _first_token(
+        self,
+        req: _Request,
+        logits: torch.Tensor,
+        emitted: dict[str, list[int]],
+        finished: dict[str, str],
+        joining: list[_Request],
+    ) -> None:
+        del self._waiting[req.request_id]
+        temp, top_p, greedy = self._sampling_tensors([req])
+        token = int(sample(process_logits(logits.cpu(), temp, top_p), greedy, self._generator)[0])
+        req.first_token_time = self._now()
+        emitted[req.request_id] = self._append_output(req, [token])
+        if req.finish_reason is not None:
+            finished[req.request_id] = req.finish_reason
+            self._finish(req, req.finish_reason)
+        else:
+            req.target_pending = [token]
+            req.draft_pending = [token]
+            joining.append(req)
 
     def _draft(self, n: int, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft `lens[i]` tokens for each of the first n rows (sorted by length, longest first).
@@ -530,21 +564,42 @@ class Engine:
         self._rows = [self._rows[i] for i in perm]
 
     def _join(self, joining: list[_Request]) -> None:
-        if joining:
-            self._target_kv.reserve_rows(len(self._rows) + len(joining))
-            if self._draft_kv is not None:
-                self._draft_kv.reserve_rows(len(self._rows) + len(joining))
-        for req in joining:
-            assert req.prefill_target is not None
-            self._target_kv.add_row(req.prefill_target)
-            if self._draft_kv is not None and req.prefill_draft is not None:
-                self._draft_kv.add_row(req.prefill_draft)
-            req.prefill_target = req.prefill_draft = None
-            self._rows.append(req)
+        """Move requests whose prompt is done from the prefill caches to the batch caches."""
+        if not joining:
+            return
+        rows = [self._prefilling.index(r) for r in joining]
+        if not self._rows and len(joining) == len(self._prefilling):
+            # nothing is running and every prefill row is done: adopt the prefill caches
+            self._permute_prefill(rows)
+            self._target_kv, self._prefill_kv = self._prefill_kv, self._new_kv(self._target_kv)
+            if self._draft_kv is not None and self._prefill_draft_kv is not None:
+                self._draft_kv, self._prefill_draft_kv = self._prefill_draft_kv, self._new_kv(self._draft_kv)
+            self._rows, self._prefilling = self._prefilling, []
+            return
+        for main, prefill in ((self._target_kv, self._prefill_kv), (self._draft_kv, self._prefill_draft_kv)):
+            if main is not None and prefill is not None:
+                main.reserve_rows(main.n_rows + len(rows))
+                for r in rows:
+                    main.add_row(prefill, r)
+        self._rows += joining
+        self._drop_prefill_rows(set(rows))
+
+    def _drop_prefill_rows(self, drop: set[int]) -> None:
+        self._permute_prefill([i for i in range(len(self._prefilling)) if i not in drop])
+
+    def _permute_prefill(self, perm: list[int]) -> None:
+        if perm == list(range(len(self._prefilling))):
+            return
+        self._prefill_kv.permute(perm)
+        if self._prefill_draft_kv is not None:
+            self._prefill_draft_kv.permute(perm)
+        self._prefilling = [self._prefilling[i] for i in perm]
+
+    def _new_kv(self, like: BatchKV) -> BatchKV:
+        return BatchKV(len(like.layers), self.device, self.config.kv)
 
     def _finish(self, req: _Request, reason: str) -> None:
         req.finish_reason = reason
-        req.prefill_target = req.prefill_draft = None
         self._finished[req.request_id] = RequestResult(
             req.request_id, req.prompt, req.output, reason, req.arrival_time, req.first_token_time, self._now()
         )
@@ -572,6 +627,18 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _length_groups(sizes: list[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Split sizes (sorted longest first) into runs whose padding to the run's first size
+    wastes at most `max_padding` of the computed tokens."""
+    groups: list[list[int]] = []
+    for size in sizes:
+        if groups and len(groups[-1]) * groups[-1][0] + groups[-1][0] <= (1 + max_padding) * (sum(groups[-1]) + size):
+            groups[-1].append(size)
+        else:
+            groups.append([size])
+    return groups
 
 
 def run_to_completion(

@@ -49,8 +49,9 @@ class KVConfig:
 class _BufferLayer(DynamicLayer):
     """One attention layer's keys and values in buffers `[rows_cap, H_kv, cols_cap, D]`.
 
-    `update` writes the new states at column `store.n_cols` of the first `n` rows and returns
-    views `[n, H_kv, n_cols + T, D]` of the buffers, so nothing is copied but the new states.
+    `update` writes the new states at column `store.n_cols` of rows `[first_row, first_row + n)`
+    and returns views `[n, H_kv, n_cols + T, D]` of the buffers: nothing is copied but the new
+    states.
     """
 
     def __init__(self, store: BatchKV) -> None:
@@ -73,12 +74,12 @@ class _BufferLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self.k_buf is not None and self.v_buf is not None
-        n, t = key_states.shape[0], key_states.shape[2]
+        r0, n, t = self._store.first_row, key_states.shape[0], key_states.shape[2]
         c = self._store.n_cols
-        self.k_buf[:n, :, c : c + t] = key_states
-        self.v_buf[:n, :, c : c + t] = value_states
-        self.keys = self.k_buf[:n, :, : c + t]
-        self.values = self.v_buf[:n, :, : c + t]
+        self.k_buf[r0 : r0 + n, :, c : c + t] = key_states
+        self.v_buf[r0 : r0 + n, :, c : c + t] = value_states
+        self.keys = self.k_buf[r0 : r0 + n, :, : c + t]
+        self.values = self.v_buf[r0 : r0 + n, :, : c + t]
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -128,6 +129,7 @@ class BatchKV:
         self.cache = Cache(layers=list(self.layers))  # what the model sees
         self.n_rows = 0
         self.n_cols = 0
+        self.first_row = 0  # first row of the forward in progress
         self.capacity = (0, 0)  # (rows, cols) allocated
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows_cap, cols_cap]
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
@@ -183,25 +185,36 @@ class BatchKV:
         new_valid: torch.Tensor,
         parents: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        first_row: int = 0,
         **model_kwargs: Any,
     ) -> Any:
-        """Run `model` on new tokens for the first `n` rows and cache their keys and values.
+        """Run `model` on new tokens for rows `[first_row, first_row + n)` (default: the first n)
+        and cache their keys and values. The other rows get hole columns.
 
         input_ids: [n, T] token ids; padding slots may hold any id.
         new_valid: [n, T] bool, True for a real token; False slots become holes.
         parents:   [n, T] long or None. None = each row's real tokens form a chain after its
-                   context (right-padded). Otherwise a token tree: parent index of each slot
+                   context (padding on either side). Otherwise a token tree: parent index of each slot
                    within the row (-1 = attached to the row's context), parents[i] < i.
         Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`).
         """
         n, t = input_ids.shape
-        if n > self.n_rows:
-            raise ValueError(f"forward on {n} rows but the cache holds {self.n_rows}")
+        r0, r1 = first_row, first_row + n
+        if r0 < 0 or r1 > self.n_rows:
+            raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
         self._ensure(self.n_rows, self.n_cols + t)
-        ancestors, depth = _tree_structure(new_valid, parents)
-        positions = self.lengths[:n, None] + depth  # [n, T]
-        context = self.valid[:n, None, : self.n_cols].expand(n, t, self.n_cols)  # [n, T, S]
-        mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, S + T]
+        mask: torch.Tensor | None
+        if parents is None and self._dense(r0, r1, new_valid):
+            # no holes and no padding: the model's own causal mask (and SDPA's fast causal
+            # path, which an explicit mask would rule out) is exactly right
+            mask = None
+            positions = self.n_cols + torch.arange(t, device=self.device)[None, :].expand(n, t)
+        else:
+            ancestors, depth = _tree_structure(new_valid, parents)
+            positions = self.lengths[r0:r1, None] + depth  # [n, T]
+            context = self.valid[r0:r1, None, : self.n_cols].expand(n, t, self.n_cols)  # [n, T, S]
+            mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, S + T]
+        self.first_row = r0
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -211,13 +224,18 @@ class BatchKV:
             logits_to_keep=logits_to_keep,
             **model_kwargs,
         )
+        self.first_row = 0
         c = self.n_cols
-        self.valid[:n, c : c + t] = new_valid
-        self.valid[n : self.n_rows, c : c + t] = False
-        self.lengths[:n] += new_valid.sum(1)
+        self.valid[: self.n_rows, c : c + t] = False
+        self.valid[r0:r1, c : c + t] = new_valid
+        self.lengths[r0:r1] += new_valid.sum(1)
         self.n_cols = c + t
         self._appended += t
         return out
+
+    def _dense(self, r0: int, r1: int, new_valid: torch.Tensor) -> bool:
+        """True when rows [r0, r1) have no holes and every new slot is a real token."""
+        return bool(new_valid.all()) and bool((self.lengths[r0:r1] == self.n_cols).all())
 
     def keep_last(self, keep: torch.Tensor) -> None:
         """Keep only `keep [n, W]` of the last W columns of the first n rows (rollback).

@@ -133,3 +133,26 @@ def test_outcome_reports_plain_data(target, draft):
     assert out.verified.tolist() == [1, 0, 0]
     assert all(1 <= len(out.emitted[r]) <= 2 for r in out.request_ids)
     assert out.total_s >= out.verify_s > 0
+
+
+def test_prefill_groups_with_requests_done_at_first_token(target, draft):
+    """Prompts of very different lengths (several prefill groups) mixed with one-token requests."""
+    ps = [list(range(1, 60)), [5, 6], list(range(10, 40)), [7], list(range(3, 70)), [8, 9, 10]]
+    lengths = [12, 1, 9, 1, 14, 1]
+    alone = [greedy_reference(target, p, n) for p, n in zip(ps, lengths)]
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(ps, lengths)]
+    results = run_to_completion(engine, StepPlan(draft_len=2, prefill_budget=1000))
+    assert [results[r].output_ids for r in ids] == alone
+    assert engine.kv_bytes() == 0
+
+
+def test_request_joins_while_others_prefill_in_chunks(target, draft):
+    ps = [list(range(1, 50)), list(range(20, 90)), [4, 5, 6]]
+    alone = [greedy_reference(target, p, 10) for p in ps]
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(ps[0], SamplingParams(max_new_tokens=10))]
+    engine.step(StepPlan(draft_len=1, prefill_budget=100))
+    ids += [engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in ps[1:]]
+    results = run_to_completion(engine, StepPlan(draft_len=1, prefill_budget=16))
+    assert [results[r].output_ids for r in ids] == alone
