@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from .kv import BatchKV, KVConfig
 from .types import (
@@ -98,8 +99,8 @@ class Engine:
 
     def __init__(
         self,
-        target: torch.nn.Module,
-        draft: torch.nn.Module | None = None,
+        target: PreTrainedModel,
+        draft: PreTrainedModel | None = None,
         tokenizer: Any = None,
         config: EngineConfig | None = None,
         verifier: Verifier = verify_chains,
@@ -169,7 +170,8 @@ class Engine:
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-        if request_id in self._waiting or request_id in self._finished or any(r.request_id == request_id for r in self._rows):
+        in_use = request_id in self._waiting or request_id in self._finished
+        if in_use or any(r.request_id == request_id for r in self._rows):
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         self._waiting[request_id] = _Request(request_id, ids, sampling, arrival)
@@ -182,7 +184,7 @@ class Engine:
             return [int(t) for t in prompt.tolist()]
         if isinstance(prompt, str):
             return list(self._need_tokenizer("a text prompt")(prompt)["input_ids"])
-        items = list(prompt)
+        items: list[Any] = list(prompt)
         if items and all(isinstance(m, Mapping) for m in items):
             for m in items:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -433,6 +435,7 @@ class Engine:
         ids, valid = ids.to(self.device), valid.to(self.device)
         out = self._prefill_kv.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row)
         if self._prefill_draft_kv is not None:
+            assert self.draft is not None
             self._prefill_draft_kv.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row)
         return out.logits[:, -1]
 

@@ -5,14 +5,16 @@ Hugging Face models a `transformers.Cache` whose layers write into preallocated 
 place (no `torch.cat` of the whole cache every step, as `DynamicCache` does).
 
 How rows stay independent in one rectangle:
-- every forward appends the same number of columns T to all participating rows;
+- a forward runs on a contiguous range of rows and writes its T new columns at the widest
+  *used* width of that range (`used [rows]`); rows outside the range are untouched, so
+  prefill groups of different rows share columns and deferred rows collect no holes;
 - a per-row boolean `valid [rows, cols]` says which columns hold a real token of that row;
-  padding slots and rejected draft tokens are *holes* (valid = False), never attended to;
+  padding slots and rejected draft tokens are *holes* (valid = False), never attended to,
+  and no column at or beyond a row's used width is ever valid;
 - positions come from `lengths [rows]` (the number of real tokens a row has cached), never
   from the column index, and the attention mask is an explicit 4-D boolean mask built here,
-  so column order inside a row does not matter (keys are stored already rotated);
-- the rows that take part in a forward are always the first `n` rows (a prefix), so a
-  caller that orders its rows (drafting first, deferred last) pays nothing for the others.
+  so column order inside a row does not matter (keys are stored already rotated). A range
+  with no holes and no padding uses the model's own causal mask (SDPA's fast path).
 
 Compaction packs each row's real tokens to the left when holes waste too much; finished
 rows are dropped by moving the last rows into their place; capacity shrinks back to zero
@@ -49,9 +51,9 @@ class KVConfig:
 class _BufferLayer(DynamicLayer):
     """One attention layer's keys and values in buffers `[rows_cap, H_kv, cols_cap, D]`.
 
-    `update` writes the new states at column `store.n_cols` of rows `[first_row, first_row + n)`
-    and returns views `[n, H_kv, n_cols + T, D]` of the buffers: nothing is copied but the new
-    states.
+    `update` writes the new states at column `store.write_col` of rows `[first_row, first_row + n)`
+    and returns views `[n, H_kv, write_col + T, D]` of the buffers: nothing is copied but the
+    new states.
     """
 
     def __init__(self, store: BatchKV) -> None:
@@ -75,7 +77,7 @@ class _BufferLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         assert self.k_buf is not None and self.v_buf is not None
         r0, n, t = self._store.first_row, key_states.shape[0], key_states.shape[2]
-        c = self._store.n_cols
+        c = self._store.write_col
         self.k_buf[r0 : r0 + n, :, c : c + t] = key_states
         self.v_buf[r0 : r0 + n, :, c : c + t] = value_states
         self.keys = self.k_buf[r0 : r0 + n, :, : c + t]
@@ -83,10 +85,10 @@ class _BufferLayer(DynamicLayer):
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
-        return self._store.n_cols
+        return self._store.write_col
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self._store.n_cols + query_length, 0
+        return self._store.write_col + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("BatchKV layers are edited through BatchKV, not crop()")
@@ -117,9 +119,10 @@ class _BufferLayer(DynamicLayer):
 class BatchKV:
     """A batch of per-request KV caches for one model, in one rectangle with holes.
 
-    Invariants (`n = n_rows`, `S = n_cols`):
-    - `valid[:n, :S]` marks real tokens; `lengths[:n] == valid[:n, :S].sum(1)`;
-    - rows `>= n` and columns `>= S` hold nothing anyone reads.
+    Invariants (`n = n_rows`):
+    - `valid[r]` marks row r's real tokens, only in columns `< used[r]`;
+    - `lengths[r] == valid[r].sum()` (the position id of row r's next token);
+    - `n_cols == max(used[:n])`; rows `>= n` hold nothing anyone reads.
     """
 
     def __init__(self, num_layers: int, device: torch.device | str = "cpu", config: KVConfig | None = None):
@@ -129,11 +132,13 @@ class BatchKV:
         self.cache = Cache(layers=list(self.layers))  # what the model sees
         self.n_rows = 0
         self.n_cols = 0
-        self.first_row = 0  # first row of the forward in progress
         self.capacity = (0, 0)  # (rows, cols) allocated
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows_cap, cols_cap]
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
-        self._appended = 0  # columns appended by forwards since the last compaction
+        self.used = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
+        self.first_row = 0  # row range start of the forward in progress
+        self.write_col = 0  # first column written by the forward in progress
+        self._last_end: int | None = None  # end column of the last forward (None after compaction)
 
     # ------------------------------------------------------------------ sizes
     def nbytes(self) -> int:
@@ -167,15 +172,19 @@ class BatchKV:
         valid[:n, :s] = self.valid[:n, :s]
         lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
         lengths[:n] = self.lengths[:n]
-        self.valid, self.lengths, self.capacity = valid, lengths, (rows, cols)
+        used = torch.zeros(rows, dtype=torch.long, device=self.device)
+        used[:n] = self.used[:n]
+        self.valid, self.lengths, self.used, self.capacity = valid, lengths, used, (rows, cols)
 
     def _release(self) -> None:
         for layer in self.layers:
             layer.release()
-        self.n_rows = self.n_cols = self._appended = 0
+        self.n_rows = self.n_cols = 0
         self.capacity = (0, 0)
         self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
         self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.used = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._last_end = None
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -189,66 +198,65 @@ class BatchKV:
         **model_kwargs: Any,
     ) -> Any:
         """Run `model` on new tokens for rows `[first_row, first_row + n)` (default: the first n)
-        and cache their keys and values. The other rows get hole columns.
+        and cache their keys and values. Other rows are untouched.
 
         input_ids: [n, T] token ids; padding slots may hold any id.
         new_valid: [n, T] bool, True for a real token; False slots become holes.
         parents:   [n, T] long or None. None = each row's real tokens form a chain after its
-                   context (padding on either side). Otherwise a token tree: parent index of each slot
-                   within the row (-1 = attached to the row's context), parents[i] < i.
+                   context (padding on either side). Otherwise a token tree: parent index of
+                   each slot within the row (-1 = attached to the row's context), parents[i] < i.
         Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`).
         """
         n, t = input_ids.shape
         r0, r1 = first_row, first_row + n
-        if r0 < 0 or r1 > self.n_rows:
+        if r0 < 0 or r1 > self.n_rows or n == 0:
             raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
-        self._ensure(self.n_rows, self.n_cols + t)
+        c = int(self.used[r0:r1].max())
+        self._ensure(self.n_rows, c + t)
         mask: torch.Tensor | None
-        if parents is None and self._dense(r0, r1, new_valid):
+        if parents is None and bool(new_valid.all()) and bool((self.lengths[r0:r1] == c).all()):
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
-            positions = self.n_cols + torch.arange(t, device=self.device)[None, :].expand(n, t)
+            positions = c + torch.arange(t, device=self.device)[None, :].expand(n, t)
         else:
             ancestors, depth = _tree_structure(new_valid, parents)
             positions = self.lengths[r0:r1, None] + depth  # [n, T]
-            context = self.valid[r0:r1, None, : self.n_cols].expand(n, t, self.n_cols)  # [n, T, S]
-            mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, S + T]
-        self.first_row = r0
-        out = model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-            **model_kwargs,
-        )
-        self.first_row = 0
-        c = self.n_cols
-        self.valid[: self.n_rows, c : c + t] = False
+            context = self.valid[r0:r1, None, :c].expand(n, t, c)  # [n, T, c]
+            mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, c + T]
+        self.first_row, self.write_col = r0, c
+        try:
+            out = model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+                **model_kwargs,
+            )
+        finally:
+            self.first_row = self.write_col = 0
         self.valid[r0:r1, c : c + t] = new_valid
         self.lengths[r0:r1] += new_valid.sum(1)
-        self.n_cols = c + t
-        self._appended += t
+        self.used[r0:r1] = c + t
+        self.n_cols = max(self.n_cols, c + t)
+        self._last_end = c + t
         return out
 
-    def _dense(self, r0: int, r1: int, new_valid: torch.Tensor) -> bool:
-        """True when rows [r0, r1) have no holes and every new slot is a real token."""
-        return bool(new_valid.all()) and bool((self.lengths[r0:r1] == self.n_cols).all())
+    def keep_last(self, keep: torch.Tensor, first_row: int = 0) -> None:
+        """Keep only `keep [n, W]` of the W columns that end where the last forward ended,
+        for rows `[first_row, first_row + n)` (rollback of rejected tokens).
 
-    def keep_last(self, keep: torch.Tensor) -> None:
-        """Keep only `keep [n, W]` of the last W columns of the first n rows (rollback).
-
-        A rejected draft token becomes a hole; nothing is copied. W may span several forwards
-        (a draft chain), as long as no compaction ran in between.
+        A rejected draft token becomes a hole; nothing is copied. W may span a chain of
+        forwards on shrinking row ranges (a draft), as long as nothing compacted in between.
         """
         n, w = keep.shape
-        if w > self._appended:
-            raise ValueError(f"keep_last got {w} columns but only {self._appended} were appended since compaction")
-        c = self.n_cols - w
-        block = self.valid[:n, c : self.n_cols]
-        self.lengths[:n] -= (block & ~keep).sum(1)
+        end = self._last_end
+        if end is None or w > end:
+            raise ValueError(f"keep_last over {w} columns, but the last forward ended at column {end}")
+        block = self.valid[first_row : first_row + n, end - w : end]
+        self.lengths[first_row : first_row + n] -= (block & ~keep).sum(1)
         block &= keep
 
     def reserve_rows(self, rows: int) -> None:
@@ -257,19 +265,22 @@ class BatchKV:
             self._reallocate(rows, self.capacity[1])
 
     def new_rows(self, count: int) -> None:
-        """Append `count` empty rows (e.g. a request about to be prefilled)."""
+        """Append `count` empty rows (e.g. requests about to be prefilled)."""
         self._ensure(self.n_rows + count, self.n_cols)
-        self.valid[self.n_rows : self.n_rows + count] = False
-        self.lengths[self.n_rows : self.n_rows + count] = 0
+        new = slice(self.n_rows, self.n_rows + count)
+        self.valid[new] = False
+        self.lengths[new] = 0
+        self.used[new] = 0
         self.n_rows += count
 
     # ------------------------------------------------------------------- rows
     def add_row(self, src: BatchKV, row: int = 0) -> int:
-        """Append row `row` of another cache (e.g. a finished prefill) as the last row here."""
+        """Append row `row` of another cache (e.g. a finished prefill) as the last row here,
+        packed left (its holes are not copied)."""
         if len(src.layers) != len(self.layers):
             raise ValueError("caches of different models cannot be merged")
         length = int(src.lengths[row])
-        src_cols = src.valid[row, : src.n_cols].nonzero().squeeze(1)  # [length]
+        src_cols = src.valid[row, : int(src.used[row])].nonzero().squeeze(1)  # [length]
         dst = self.n_rows
         self._ensure(dst + 1, max(self.n_cols, length))
         for mine, theirs in zip(self.layers, src.layers):
@@ -281,12 +292,10 @@ class BatchKV:
             assert mine.k_buf is not None and mine.v_buf is not None
             mine.k_buf[dst, :, :length] = theirs.k_buf[row, :, src_cols]
             mine.v_buf[dst, :, :length] = theirs.v_buf[row, :, src_cols]
-        if length > self.n_cols:
-            self.n_cols = length
-            self._appended = 0  # the last columns are no longer what the last forwards appended
-        self.valid[dst, : self.n_cols] = False
+        self.valid[dst] = False
         self.valid[dst, :length] = True
-        self.lengths[dst] = length
+        self.lengths[dst] = self.used[dst] = length
+        self.n_cols = max(self.n_cols, length)
         self.n_rows = dst + 1
         return dst
 
@@ -307,13 +316,15 @@ class BatchKV:
                     continue
                 layer.k_buf[dst_idx, :, :s] = layer.k_buf[src_idx, :, :s]
                 layer.v_buf[dst_idx, :, :s] = layer.v_buf[src_idx, :, :s]
-            self.valid[dst_idx, :s] = self.valid[src_idx, :s]
+            self.valid[dst_idx] = self.valid[src_idx]
             self.lengths[dst_idx] = self.lengths[src_idx]
+            self.used[dst_idx] = self.used[src_idx]
         self.n_rows = len(order)
         if self.n_rows == 0:
             self._release()
-        else:
-            self.maybe_compact()
+            return
+        self.n_cols = int(self.used[: self.n_rows].max())
+        self.maybe_compact()
 
     # ------------------------------------------------------------- compaction
     def maybe_compact(self) -> bool:
@@ -348,10 +359,11 @@ class BatchKV:
             index = order[:, None, :, None].expand(n, h, width, d)
             layer.k_buf[:n, :, :width] = torch.gather(layer.k_buf[:n, :, :s], 2, index)
             layer.v_buf[:n, :, :width] = torch.gather(layer.v_buf[:n, :, :s], 2, index)
-        cols = torch.arange(s, device=self.device)
-        self.valid[:n, :s] = cols[None, :] < self.lengths[:n, None]
+        cols = torch.arange(self.capacity[1], device=self.device)
+        self.valid[:n] = cols[None, :] < self.lengths[:n, None]
+        self.used[:n] = self.lengths[:n]
         self.n_cols = width
-        self._appended = 0
+        self._last_end = None
 
 
 def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

