@@ -36,10 +36,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 class KVConfig:
     """Growth and compaction policy of a `BatchKV`."""
 
-    col_headroom: float = 0.125
+    col_headroom: float = 0.0625
     """Extra column capacity, as a fraction of what is needed, allocated on growth."""
-    min_col_growth: int = 32
-    """Columns added at least when the buffers grow."""
+    min_col_growth: int = 16
+    """Columns added at least when the buffers grow (one O(cache) copy per growth, where
+    `DynamicCache` copies the whole cache every step)."""
     row_headroom: float = 0.25
     """Extra row capacity, as a fraction of what is needed, allocated on growth."""
     compact_waste: float = 0.25
