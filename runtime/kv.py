@@ -339,11 +339,13 @@ class BatchKV:
         if self.n_cols >= cfg.min_compact_cols and self.n_cols - width > cfg.compact_waste * self.n_cols:
             self._compact(width)
             compacted = True
+        # give back spare capacity (finished rows, a width that compaction shrank), with
+        # hysteresis so that rows leaving one by one do not reallocate every time
         rows_cap, cols_cap = self.capacity
-        too_many_rows = rows_cap > 2 * n + 4
-        too_many_cols = cols_cap > 2 * self.n_cols + 2 * cfg.min_col_growth
+        too_many_rows = rows_cap > n + max(8, n // 2)
+        too_many_cols = cols_cap > self.n_cols + max(4 * cfg.min_col_growth, self.n_cols // 2)
         if too_many_rows or too_many_cols:
-            rows = n + int(n * cfg.row_headroom) if too_many_rows else rows_cap
+            rows = n + n // 8 if too_many_rows else rows_cap
             cols = self.n_cols + cfg.min_col_growth if too_many_cols else cols_cap
             self._reallocate(rows, cols)
         return compacted

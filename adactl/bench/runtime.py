@@ -10,9 +10,11 @@ tokens; the engine's greedy output equals generate's):
   `hf_assisted_k4` with 4 draft tokens always (the like-for-like comparison with engine_k4).
 
 Reported per configuration: tokens/s (generated tokens, up to EOS, per wall second), mean
-accepted length (tokens per verify step, bonus included), mean step time, peak resident
-memory over the process's level before the run, and KV bytes per cached token at the KV
-peak. Ratios compare configurations of the same batch size.
+accepted length (tokens per verify step, bonus included), mean step time (wall time over
+decode steps, prefill included), peak resident memory over the process's level before the
+run, and KV bytes per real cached token (target model), averaged over decode steps: what
+padding, holes, finished rows and spare capacity cost. Batch 1 runs in interleaved rounds
+(median kept). Ratios compare configurations of the same batch size.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def run_engine(
     engine.eos_ids = {work.eos_id}
     sampling = SamplingParams(max_new_tokens=work.max_new_tokens)
     tokens = steps = row_steps = decode_tokens = 0
-    peak_kv = (0, 1)
+    kv_ratios: list[float] = []
     with PeakMemory() as mem:
         start = time.perf_counter()
         for group in groups:
@@ -69,16 +71,15 @@ def run_engine(
                 steps += 1
                 row_steps += len(out.request_ids)
                 decode_tokens += sum(len(out.emitted[r]) for r in out.request_ids)
-                kv = engine.kv_bytes(include_draft=False)  # per target token, as for generate
-                if kv > peak_kv[0]:
-                    peak_kv = (kv, max(engine.cached_tokens(), 1))
+                if engine.cached_tokens():  # per target token, as for generate
+                    kv_ratios.append(engine.kv_bytes(include_draft=False) / engine.cached_tokens())
                 bar.update(out.tokens_emitted)
             tokens += sum(len(r.output_ids) for r in engine.pop_finished())
         wall = time.perf_counter() - start
     return _record(
         config="engine_plain" if draft is None else f"engine_k{k}",
         batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
-        accepted_len=decode_tokens / max(row_steps, 1), kv_per_token=peak_kv[0] / peak_kv[1],
+        accepted_len=decode_tokens / max(row_steps, 1), kv_per_token=sum(kv_ratios) / max(len(kv_ratios), 1),
     )
 
 
@@ -93,7 +94,7 @@ def run_generate(
 ) -> dict[str, Any]:
     """`model.generate` on left-padded batches of the same prompts, greedy."""
     tokens = steps = 0
-    kv_bytes = kv_tokens = 0
+    kv_ratios: list[float] = []
     with PeakMemory() as mem:
         start = time.perf_counter()
         for group in _groups(work.prompts, batch):
@@ -112,14 +113,28 @@ def run_generate(
             bar.update(sum(len(g) for g in generated))
             cache = out.past_key_values
             if cache is not None and assistant is None:
-                kv_bytes = max(kv_bytes, sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
-                kv_tokens = sum(len(p) + len(g) - 1 for p, g in zip(group, generated))
+                kv_ratios += _generate_kv_ratios(cache, group, generated, width)
         wall = time.perf_counter() - start
     return _record(
         config=config, batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
         accepted_len=1.0 if assistant is None else None,
-        kv_per_token=kv_bytes / kv_tokens if kv_tokens else None,
+        kv_per_token=sum(kv_ratios) / len(kv_ratios) if kv_ratios else None,
     )
+
+
+def _generate_kv_ratios(cache: Any, group: list[list[int]], generated: list[list[int]], width: int) -> list[float]:
+    """KV bytes per real cached token after each decode step of `generate`.
+
+    Its `DynamicCache` is exactly `[B, H, width + s, D]` per layer after step s (left padding
+    and finished rows included), so the byte count at every step follows from the final one.
+    """
+    final_cols = cache.layers[0].keys.shape[2]
+    bytes_per_col = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / final_cols
+    ratios = []
+    for s in range(1, final_cols - width + 1):
+        real = sum(len(p) + min(s, len(g)) for p, g in zip(group, generated))
+        ratios.append(bytes_per_col * (width + s) / real)
+    return ratios
 
 
 def _groups(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
@@ -150,6 +165,30 @@ def _record(
         "peak_mem_mb": mem.peak_mb,
         "kv_bytes_per_token": kv_per_token,
     }
+
+
+_CONFIG_ORDER = ["hf_generate", "engine_plain", "engine_k4", "hf_assisted", "hf_assisted_k4"]
+
+
+def _run(
+    config: str, batch: int, target: PreTrainedModel, draft: PreTrainedModel, work: Workload, bar: tqdm
+) -> dict[str, Any]:
+    if config == "hf_generate":
+        return run_generate(target, work, batch, bar)
+    if config == "engine_plain":
+        return run_engine(target, None, work, batch, 0, bar)
+    if config == "engine_k4":
+        return run_engine(target, draft, work, batch, 4, bar)
+    if config == "hf_assisted":  # transformers' defaults: up to 20 tokens, stop below 0.4 confidence
+        return run_generate(target, work, 1, bar, assistant=draft, config=config)
+    return run_generate(  # hf_assisted_k4: 4 draft tokens every step, like engine_k4
+        target, work, 1, bar, assistant=draft, config=config,
+        num_assistant_tokens=4, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+    )
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -245,32 +284,23 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     target, draft, work, meta = _load(args)
     meta.update({"max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(), "seed": args.seed})
-    plan: list[tuple[str, int]] = []
+    # batch 1 is short and the noisiest: run its configurations in interleaved rounds (the
+    # order rotated each round) and keep each one's median round
+    plan: list[tuple[int, str, int]] = []
     for b in args.batch_sizes:
-        plan += [("hf_generate", b), ("engine_plain", b), ("engine_k4", b)]
-        if b == 1:
-            plan += [("hf_assisted", 1), ("hf_assisted_k4", 1)]
-    records: list[dict[str, Any]] = []
-    with tqdm(total=len(plan), desc="configs", position=0) as outer:
-        for config, b in plan:
-            with tqdm(desc=f"{config} b={b} tokens", position=1, leave=False) as bar:
+        configs = ["hf_generate", "engine_plain", "engine_k4"] + (["hf_assisted", "hf_assisted_k4"] if b == 1 else [])
+        rounds = args.batch1_rounds if b == 1 else 1
+        for k in range(rounds):
+            plan += [(k, configs[(i + k) % len(configs)], b) for i in range(len(configs))]
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with tqdm(total=len(plan), desc="runs", position=0) as outer:
+        for k, config, b in plan:
+            with tqdm(desc=f"{config} b={b} round {k + 1} tokens", position=1, leave=False) as bar:
                 release_freed_memory()
-                if config == "hf_generate":
-                    r = run_generate(target, work, b, bar)
-                elif config == "engine_plain":
-                    r = run_engine(target, None, work, b, 0, bar)
-                elif config == "engine_k4":
-                    r = run_engine(target, draft, work, b, 4, bar)
-                elif config == "hf_assisted":
-                    r = run_generate(target, work, 1, bar, assistant=draft, config=config)
-                else:
-                    r = run_generate(
-                        target, work, 1, bar, assistant=draft, config=config,
-                        num_assistant_tokens=4, num_assistant_tokens_schedule="constant",
-                        assistant_confidence_threshold=0.0,
-                    )
-            records.append(r)
+                runs.setdefault((config, b), []).append(_run(config, b, target, draft, work, bar))
             outer.update(1)
+    records = [_median_run(rs) | {"rounds": len(rs)} for rs in runs.values()]
+    records.sort(key=lambda r: (args.batch_sizes.index(r["batch_size"]), _CONFIG_ORDER.index(r["config"])))
     ratios = add_ratios(records)
     out = Path(args.out)
     write_json(out / "runtime.json", records, {**meta, "ratios": ratios})
@@ -293,6 +323,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--batch1-rounds", type=int, default=3, help="interleaved rounds at batch 1 (median kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")

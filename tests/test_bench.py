@@ -1,0 +1,26 @@
+"""`adactl bench runtime` end to end on tiny models: table, JSON records and PNG plot."""
+
+from __future__ import annotations
+
+import json
+
+from adactl.cli import main
+
+REQUIRED = {"config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"}
+
+
+def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
+    main(["bench", "runtime", "--tiny", "--batch-sizes", "1,4", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "runtime.json").read_text())
+    configs = {(r["config"], r["batch_size"]) for r in data["records"]}
+    assert configs == {
+        ("hf_generate", 1), ("engine_plain", 1), ("engine_k4", 1), ("hf_assisted", 1), ("hf_assisted_k4", 1),
+        ("hf_generate", 4), ("engine_plain", 4), ("engine_k4", 4),
+    }
+    for record in data["records"]:
+        assert REQUIRED <= set(record) and record["tokens_per_s"] > 0
+    compares = {(r["batch_size"], r["metric"], r["compare"]) for r in data["meta"]["ratios"]}
+    assert (4, "tokens_per_s", "engine_plain / hf_generate") in compares
+    assert (1, "tokens_per_s", "engine_k4 / hf_assisted_k4") in compares
+    assert (tmp_path / "runtime.png").stat().st_size > 10_000
+    assert "engine_plain / hf_generate" in capsys.readouterr().out

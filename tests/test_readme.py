@@ -1,0 +1,25 @@
+"""The README's embedding example runs as written (on the default models)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_embedding_example_runs():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    example = next(b for b in blocks if "engine.verify" in b)
+    streamed: dict[str, str] = {}
+
+    def stream(request_id: str, text: str) -> None:
+        streamed[request_id] = streamed.get(request_id, "") + text
+
+    namespace = {"stream": stream}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert len(streamed) == 1 and next(iter(streamed.values())).strip()
+    assert namespace["engine"].kv_bytes() == 0
