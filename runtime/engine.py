@@ -222,6 +222,11 @@ class Engine:
                     self._finish(req, "cancelled")
                     self._drop_rows({i})
                 return True
+        joining = self._inflight.joining if self._inflight is not None else []
+        for req in joining:  # emitted its first token in the step in flight
+            if req.request_id == request_id and req.finish_reason is None:
+                req.cancelled = True
+                return True
         return False
 
     def requests(self) -> list[RequestView]:
@@ -334,7 +339,12 @@ class Engine:
             self._finish(req, reason)
             fl.finished[req.request_id] = reason
         self._drop_rows(done)
-        self._join(fl.joining)
+        for req in fl.joining:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                fl.finished[req.request_id] = "cancelled"
+        self._drop_prefill_rows({i for i, r in enumerate(self._prefilling) if r.cancelled})
+        self._join([r for r in fl.joining if not r.cancelled])
         self._inflight = None
         verify_s = self._now() - t0
         return StepOutcome(

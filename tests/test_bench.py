@@ -10,7 +10,8 @@ REQUIRED = {"config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_m
 
 
 def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
-    main(["bench", "runtime", "--tiny", "--batch-sizes", "1,4", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    args = ["--tiny", "--batch-sizes", "1,4", "--max-new-tokens", "8", "--rounds", "2", "--out", str(tmp_path)]
+    main(["bench", "runtime", *args])
     data = json.loads((tmp_path / "runtime.json").read_text())
     configs = {(r["config"], r["batch_size"]) for r in data["records"]}
     assert configs == {
@@ -22,5 +23,7 @@ def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
     compares = {(r["batch_size"], r["metric"], r["compare"]) for r in data["meta"]["ratios"]}
     assert (4, "tokens_per_s", "engine_plain / hf_generate") in compares
     assert (1, "tokens_per_s", "engine_k4 / hf_assisted_k4") in compares
+    assert all(r["min"] <= r["ratio"] <= r["max"] for r in data["meta"]["ratios"])
+    assert len(data["meta"]["rounds"]) == 2 * len(configs)
     assert (tmp_path / "runtime.png").stat().st_size > 10_000
     assert "engine_plain / hf_generate" in capsys.readouterr().out

@@ -156,3 +156,19 @@ def test_request_joins_while_others_prefill_in_chunks(target, draft):
     ids += [engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in ps[1:]]
     results = run_to_completion(engine, StepPlan(draft_len=1, prefill_budget=16))
     assert [results[r].output_ids for r in ids] == alone
+
+
+def test_cancel_right_after_the_first_token(target, draft):
+    """A request whose prompt finished in the step in flight can be cancelled before it joins."""
+    engine = make_engine(target, draft)
+    keep = engine.add_request([3, 4, 5], SamplingParams(max_new_tokens=6))
+    engine.step()
+    gone = engine.add_request([6, 7], SamplingParams(max_new_tokens=6))
+    drafts = engine.draft_step(StepPlan(draft_len=2))  # `gone` is prefilled and emits its first token here
+    assert gone not in drafts.request_ids
+    assert engine.cancel(gone)
+    out = engine.verify()
+    assert out.finished[gone] == "cancelled" and len(out.emitted[gone]) == 1
+    results = run_to_completion(engine)
+    assert results[keep].output_ids == greedy_reference(target, [3, 4, 5], 6)
+    assert engine.kv_bytes() == 0

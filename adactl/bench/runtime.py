@@ -13,13 +13,15 @@ Reported per configuration: tokens/s (generated tokens, up to EOS, per wall seco
 accepted length (tokens per verify step, bonus included), mean step time (wall time over
 decode steps, prefill included), peak resident memory over the process's level before the
 run, and KV bytes per real cached token (target model), averaged over decode steps: what
-padding, holes, finished rows and spare capacity cost. Batch 1 runs in interleaved rounds
-(median kept). Ratios compare configurations of the same batch size.
+padding, holes, finished rows and spare capacity cost. Every batch size runs in interleaved
+rounds (`--rounds`); a table row is a configuration's median round, a ratio the median of the
+ratios within rounds (paired runs close in time), with their min and max.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +145,7 @@ def _groups(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
     return [prompts[:batch]]
 
 
-_BATCH1_PROMPTS = 4
+_BATCH1_PROMPTS = 2  # per round; batch-1 runs are sequential, so this sets their length
 
 
 def _until_eos(tokens: list[int], eos: int) -> list[int]:
@@ -191,30 +193,35 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
 
 
-def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios the issue asks for, between configurations of the same batch size."""
-    by = {(r["config"], r["batch_size"]): r for r in records}
+_COMPARISONS = [  # (numerator, denominator, metric, batch sizes or None for all)
+    ("engine_plain", "hf_generate", "tokens_per_s", None),
+    ("engine_k4", "engine_plain", "tokens_per_s", None),
+    ("engine_k4", "hf_assisted", "tokens_per_s", (1,)),
+    ("engine_k4", "hf_assisted_k4", "tokens_per_s", (1,)),
+    ("engine_plain", "hf_generate", "peak_mem_mb", None),
+    ("engine_plain", "hf_generate", "kv_bytes_per_token", None),
+]
+
+
+def add_ratios(runs: dict[tuple[str, int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The ratios the issue asks for. Each is the median over rounds of the ratio *within* a
+    round (paired runs, close in time), which cancels the machine's slow drifts."""
     ratios = []
-    for (config, batch), r in by.items():
-        base = {
-            "engine_plain": "hf_generate", "engine_k4": "engine_plain",
-        }.get(config)
-        if base and (base, batch) in by:
-            ratios.append(_ratio(r, by[(base, batch)], "tokens_per_s"))
-        if config == "engine_k4" and batch == 1:
-            for hf in ("hf_assisted", "hf_assisted_k4"):
-                if (hf, 1) in by:
-                    ratios.append(_ratio(r, by[(hf, 1)], "tokens_per_s"))
-        if config == "engine_plain" and ("hf_generate", batch) in by:
-            for key in ("peak_mem_mb", "kv_bytes_per_token"):
-                ratios.append(_ratio(r, by[("hf_generate", batch)], key))
+    for a, b, key, batches in _COMPARISONS:
+        for batch in sorted({bs for _, bs in runs}):
+            if (batches is not None and batch not in batches) or (a, batch) not in runs or (b, batch) not in runs:
+                continue
+            pairs = [
+                ra[key] / rb[key]
+                for ra, rb in zip(runs[(a, batch)], runs[(b, batch)])
+                if ra.get(key) is not None and rb.get(key)
+            ]
+            ratios.append({
+                "batch_size": batch, "metric": key, "compare": f"{a} / {b}",
+                "ratio": statistics.median(pairs) if pairs else None,
+                "min": min(pairs) if pairs else None, "max": max(pairs) if pairs else None,
+            })
     return ratios
-
-
-def _ratio(a: dict[str, Any], b: dict[str, Any], key: str) -> dict[str, Any]:
-    va, vb = a.get(key), b.get(key)
-    value = va / vb if va is not None and vb else None
-    return {"batch_size": a["batch_size"], "metric": key, "compare": f"{a['config']} / {b['config']}", "ratio": value}
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -284,13 +291,13 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     target, draft, work, meta = _load(args)
     meta.update({"max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(), "seed": args.seed})
-    # batch 1 is short and the noisiest: run its configurations in interleaved rounds (the
-    # order rotated each round) and keep each one's median round
+    # the machine is noisy (+-10-20% from run to run): each batch size runs its configurations
+    # in interleaved rounds, the order rotated each round; tables show each configuration's
+    # median round, ratios the median of within-round ratios
     plan: list[tuple[int, str, int]] = []
     for b in args.batch_sizes:
         configs = ["hf_generate", "engine_plain", "engine_k4"] + (["hf_assisted", "hf_assisted_k4"] if b == 1 else [])
-        rounds = args.batch1_rounds if b == 1 else 1
-        for k in range(rounds):
+        for k in range(args.rounds):
             plan += [(k, configs[(i + k) % len(configs)], b) for i in range(len(configs))]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     with tqdm(total=len(plan), desc="runs", position=0) as outer:
@@ -300,17 +307,20 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 runs.setdefault((config, b), []).append(_run(config, b, target, draft, work, bar))
             outer.update(1)
     records = [_median_run(rs) | {"rounds": len(rs)} for rs in runs.values()]
+    for rs in runs.values():  # plan order is round-major, so runs[...] is in round order
+        assert len(rs) == args.rounds
     records.sort(key=lambda r: (args.batch_sizes.index(r["batch_size"]), _CONFIG_ORDER.index(r["config"])))
-    ratios = add_ratios(records)
+    ratios = add_ratios(runs)
     out = Path(args.out)
-    write_json(out / "runtime.json", records, {**meta, "ratios": ratios})
+    all_runs = [r | {"round": k} for rs in runs.values() for k, r in enumerate(rs)]
+    write_json(out / "runtime.json", records, {**meta, "ratios": ratios, "rounds": all_runs})
     plot(records, out / "runtime.png", f"adactl bench runtime: {meta['target']} (draft: {meta['draft']})")
     columns = [
         "config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token",
     ]
     print(format_table(records, columns))
     print()
-    print(format_table(ratios, ["batch_size", "metric", "compare", "ratio"]))
+    print(format_table(ratios, ["batch_size", "metric", "compare", "ratio", "min", "max"]))
     if meta.get("draft_note"):
         print(f"\nNote: {meta['draft_note']}")
     print(f"\nwrote {out / 'runtime.json'} and {out / 'runtime.png'}")
@@ -323,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--batch1-rounds", type=int, default=3, help="interleaved rounds at batch 1 (median kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch size (medians kept)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")
