@@ -5,7 +5,7 @@ Contract:
   chunked prefill (a prompt-token budget from the plan), draft (each running request drafts
   its own number of tokens, 0 = plain decoding), verify (one batched target forward for all
   rows, optionally on a shorter prefix of each draft chosen by the caller), emit. `step` is
-  `draft(plan)` followed by `verify(cut)`; a caller that wants to see the drafts before
+  `draft_step(plan)` followed by `verify(cut)`; a caller that wants to see the drafts before
   choosing what to verify calls the two halves itself.
 - Output is lossless (see `adactl.runtime.verify`): greedy equals the target's greedy
   decoding; sampling follows the target's distribution.
@@ -259,7 +259,7 @@ class Engine:
         raise KeyError(f"no unfinished request {request_id!r}")
 
     def kv_bytes(self, include_draft: bool = True) -> int:
-        """Bytes held by KV caches: batch and private prefill caches of the target (and the draft)."""
+        """Bytes held by KV caches: the batch and prefill caches of the target (and the draft's)."""
         total = self._target_kv.nbytes() + self._prefill_kv.nbytes()
         if include_draft and self._draft_kv is not None and self._prefill_draft_kv is not None:
             total += self._draft_kv.nbytes() + self._prefill_draft_kv.nbytes()
@@ -273,7 +273,7 @@ class Engine:
     def step(
         self, plan: StepPlan | None = None, choose_verify: Callable[[DraftBatch], Sequence[int]] | None = None
     ) -> StepOutcome:
-        """One engine iteration: `draft(plan)`, then `verify(choose_verify(drafts))`."""
+        """One engine iteration: `draft_step(plan)`, then `verify(choose_verify(drafts))`."""
         drafts = self.draft_step(plan)
         return self.verify(choose_verify(drafts) if choose_verify is not None else None)
 
