@@ -58,8 +58,9 @@ def process_logits(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch
     probs = torch.softmax(logits.float() / temp.to(logits.device, torch.float32), dim=-1)
     needs_top_p = top_p < 1.0
     if bool(needs_top_p.any()):
-        rows = needs_top_p.nonzero().squeeze(1)
-        probs[rows] = _top_p(probs[rows], top_p[rows])
+        rows = needs_top_p.nonzero().squeeze(1)  # on top_p's device (the CPU)
+        on_device = rows.to(probs.device)
+        probs[on_device] = _top_p(probs[on_device], top_p[rows])
     return probs
 
 
@@ -67,7 +68,7 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches top_p; renormalise."""
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     mass_before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly more likely tokens
-    limit = top_p.view((-1,) + (1,) * (probs.dim() - 1)).to(probs.dtype)
+    limit = top_p.view((-1,) + (1,) * (probs.dim() - 1)).to(probs.device, probs.dtype)
     sorted_probs = sorted_probs.masked_fill(mass_before >= limit, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return kept / kept.sum(-1, keepdim=True)

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from adactl.runtime import Engine, EngineConfig, StepPlan
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 
 
 def prompts(n: int, seed: int = 0, vocab: int = 128, max_len: int = 12) -> list[list[int]]:
@@ -35,3 +35,14 @@ def random_plan_runner(engine: Engine, seed: int, max_k: int = 4, cut: bool = Tr
 
 def make_engine(target: torch.nn.Module, draft: torch.nn.Module | None, **config: object) -> Engine:
     return Engine(target, draft, config=EngineConfig(**config))  # type: ignore[arg-type]
+
+
+def engine_with_references(
+    target: torch.nn.Module, draft: torch.nn.Module | None, n: int, seed: int, max_new_tokens: int
+) -> tuple[Engine, list[str], list[list[int]]]:
+    """An engine with `n` greedy requests queued, their ids, and what each yields run alone."""
+    ps = prompts(n, seed=seed)
+    alone = [greedy_reference(target, p, max_new_tokens) for p in ps]
+    engine = make_engine(target, draft)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new_tokens)) for p in ps]
+    return engine, ids, alone

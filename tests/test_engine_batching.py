@@ -10,7 +10,7 @@ import torch
 
 from adactl.runtime import SamplingParams, StepPlan, run_to_completion
 
-from .helpers import greedy_reference, make_engine, prompts
+from .helpers import engine_with_references, greedy_reference, make_engine, prompts
 
 
 def test_join_and_leave_mid_batch_match_running_alone(target, draft):
@@ -35,10 +35,7 @@ def test_join_and_leave_mid_batch_match_running_alone(target, draft):
 
 
 def test_deferred_requests_keep_their_cache(target, draft):
-    ps = prompts(4, seed=8)
-    alone = [greedy_reference(target, p, 16) for p in ps]
-    engine = make_engine(target, draft)
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=16)) for p in ps]
+    engine, ids, alone = engine_with_references(target, draft, 4, seed=8, max_new_tokens=16)
     step = 0
     while engine.has_unfinished():
         running = [v.request_id for v in engine.requests() if v.status == "running"]
@@ -51,10 +48,7 @@ def test_deferred_requests_keep_their_cache(target, draft):
 
 
 def test_cancel_frees_the_request_and_spares_the_rest(target, draft):
-    ps = prompts(3, seed=9)
-    alone = [greedy_reference(target, p, 20) for p in ps]
-    engine = make_engine(target, draft)
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=20)) for p in ps]
+    engine, ids, alone = engine_with_references(target, draft, 3, seed=9, max_new_tokens=20)
     for _ in range(4):
         engine.step(StepPlan(draft_len=2))
     assert engine.cancel(ids[1])

@@ -8,7 +8,7 @@ import pytest
 
 from adactl.runtime import RequestError, SamplingParams, StepPlan, run_to_completion
 
-from .helpers import greedy_reference, make_engine, prompts
+from .helpers import engine_with_references
 
 BAD_REQUESTS = [
     ([], SamplingParams(), "prompt is empty"),
@@ -27,10 +27,7 @@ BAD_REQUESTS = [
 
 
 def test_bad_requests_rejected_while_others_run(target, draft):
-    ps = prompts(3, seed=6)
-    alone = [greedy_reference(target, p, 20) for p in ps]
-    engine = make_engine(target, draft)
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=20)) for p in ps]
+    engine, ids, alone = engine_with_references(target, draft, 3, seed=6, max_new_tokens=20)
     engine.step(StepPlan(draft_len=2))
     for prompt, sampling, message in BAD_REQUESTS:
         with pytest.raises(RequestError, match=message):
@@ -43,10 +40,7 @@ def test_bad_requests_rejected_while_others_run(target, draft):
 
 
 def test_bad_plans_and_cuts_raise_without_side_effects(target, draft):
-    ps = prompts(2, seed=7)
-    alone = [greedy_reference(target, p, 12) for p in ps]
-    engine = make_engine(target, draft)
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=12)) for p in ps]
+    engine, ids, alone = engine_with_references(target, draft, 2, seed=7, max_new_tokens=12)
     engine.step()
     for plan, message in [
         (StepPlan(draft_len=-1), "draft lengths"),
