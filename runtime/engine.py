@@ -71,6 +71,7 @@ class _Request:
     draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
     finish_reason: str | None = None
     cancelled: bool = False
+    generator: torch.Generator | None = None  # the request's own draws, when it has a seed
 
     @property
     def context_len(self) -> int:
@@ -174,7 +175,10 @@ class Engine:
         if in_use or any(r.request_id == request_id for r in self._rows):
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        self._waiting[request_id] = _Request(request_id, ids, sampling, arrival)
+        req = _Request(request_id, ids, sampling, arrival)
+        if sampling.seed is not None:
+            req.generator = torch.Generator().manual_seed(sampling.seed)
+        self._waiting[request_id] = req
         return request_id
 
     def _prompt_ids(self, prompt: Prompt) -> list[int]:
@@ -459,7 +463,8 @@ class Engine:
     ) -> None:
         del self._waiting[req.request_id]
         temp, top_p, greedy = self._sampling_tensors([req])
-        token = int(sample(process_logits(logits.cpu(), temp, top_p), greedy, self._generator)[0])
+        u = self._uniforms([req], [1], 1)[:, 0]
+        token = int(sample(process_logits(logits.cpu(), temp, top_p), greedy, u)[0])
         req.first_token_time = self._now()
         emitted[req.request_id] = self._append_output(req, [token])
         if req.finish_reason is not None:
@@ -499,7 +504,7 @@ class Engine:
                 ids = tokens[:m, j - 1 : j].to(self.device)
                 last = self._draft_kv.forward(self.draft, ids, torch.ones_like(ids, dtype=torch.bool)).logits[:, -1]
             q = process_logits(last[:m], temp[:m], top_p[:m]).cpu()
-            tokens[:m, j] = sample(q, greedy[:m], self._generator).cpu()
+            tokens[:m, j] = sample(q, greedy[:m], self._uniforms(rows[:m], [1] * m, 1)[:, 0]).cpu()
             probs[:m, j] = q
         return tokens, probs
 
@@ -514,9 +519,8 @@ class Engine:
         valid = torch.arange(t)[None, :] <= cut[:, None]
         logits = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device)).logits
         temp, top_p, _ = self._sampling_tensors(rows)
-        result = self.verifier(
-            logits.float().cpu(), fl.probs, fl.tokens, cut, temp, top_p, self._generator
-        )
+        uniforms = self._uniforms(rows, [int(v) + 1 for v in cut], t)
+        result = self.verifier(logits.float().cpu(), fl.probs, fl.tokens, cut, temp, top_p, uniforms)
         accepted, next_tokens = result.accepted.cpu(), result.next_token.cpu()
         self._target_kv.keep_last((torch.arange(t)[None, :] <= accepted[:, None]).to(self.device))
         k = fl.tokens.shape[1]
@@ -635,6 +639,16 @@ class Engine:
         temp = torch.tensor([r.sampling.temperature for r in rows], dtype=torch.float32)
         top_p = torch.tensor([r.sampling.top_p for r in rows], dtype=torch.float32)
         return temp, top_p, temp <= 0
+
+    def _uniforms(self, rows: list[_Request], counts: list[int], width: int) -> torch.Tensor:
+        """[len(rows), width] uniforms in [0, 1). A seeded sampled row's first `counts[i]`
+        come from its own generator, exactly as many as it uses, so its draws never depend on
+        the batch; the rest come from the engine's generator."""
+        u = torch.rand(len(rows), width, generator=self._generator)
+        for i, r in enumerate(rows):
+            if r.generator is not None and r.sampling.temperature > 0:
+                u[i, : counts[i]] = torch.rand(counts[i], generator=r.generator)
+        return u
 
     def _now(self) -> float:
         if self.device.type == "cuda":

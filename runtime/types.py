@@ -29,6 +29,9 @@ class SamplingParams:
     """Nucleus sampling mass in (0, 1]; 1 keeps the whole distribution."""
     stop_on_eos: bool = True
     """End the request when the model emits an end-of-sequence token."""
+    seed: int | None = None
+    """Seed of this request's own random draws (None: the engine's generator). A seeded
+    request samples the same tokens whatever else is in the batch."""
 
     def validate(self) -> None:
         """Raise `RequestError` saying what is wrong."""
@@ -40,6 +43,8 @@ class SamplingParams:
             raise RequestError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise RequestError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
 
 def _is_real(x: object) -> bool:

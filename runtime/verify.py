@@ -11,6 +11,9 @@ Definitions (DESIGN.md section 4):
 - **accepted**: draft tokens that passed; **next token**: the recovered token after the
   first rejection, or the bonus token when every verified token passed. A verify step emits
   `accepted + 1` tokens.
+- Randomness comes in as explicit uniforms in [0, 1), one per decision (as vLLM's rejection
+  sampler takes them), so these functions are deterministic and each row's draws can come
+  from its own seeded generator.
 
 Nothing here knows about caches, requests or models.
 """
@@ -42,7 +45,7 @@ class Verifier(Protocol):
         verify_len: torch.Tensor,
         temperature: torch.Tensor,
         top_p: torch.Tensor,
-        generator: torch.Generator | None,
+        uniforms: torch.Tensor,
     ) -> VerifyResult: ...
 
 
@@ -74,14 +77,17 @@ def _top_p(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, greedy: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample(probs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row: argmax for greedy rows, a draw from `probs` otherwise.
 
-    probs: [B, V]; greedy: [B] bool. Returns [B] long.
+    probs: [B, V] (need not be normalised); greedy: [B] bool; uniforms: [B] in [0, 1).
+    The draw is by inverse CDF, so it never returns a token of probability 0. Returns [B] long.
     """
     tokens = probs.argmax(-1)
     if not bool(greedy.all()):
-        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        cdf = probs.float().cumsum(-1)  # [B, V]
+        target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+        drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
         tokens = torch.where(greedy, tokens, drawn)
     return tokens
 
@@ -93,7 +99,7 @@ def verify_chains(
     verify_len: torch.Tensor,
     temperature: torch.Tensor,
     top_p: torch.Tensor,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor,
 ) -> VerifyResult:
     """Lossless verification of one draft chain per row (greedy and sampled rows mixed).
 
@@ -103,6 +109,9 @@ def verify_chains(
     draft_tokens:  [B, K] long (K >= max(verify_len); entries past a row's draft are ignored).
     verify_len:    [B] long, how many leading draft tokens of each row are verified.
     temperature, top_p: [B] sampling parameters (temperature 0 = greedy).
+    uniforms:      [B, T] in [0, 1): column i < verify_len decides draft token i+1; column
+                   verify_len (read by no acceptance decision, so still uniform whatever
+                   was decided) draws the next token. A row uses exactly verify_len + 1.
     """
     b, t, _ = target_logits.shape
     rows = torch.arange(b, device=target_logits.device)
@@ -124,7 +133,7 @@ def verify_chains(
         tok = tokens[sampled_rows, :, None]
         p_tok = p[:, :n_check].gather(-1, tok).squeeze(-1)
         q_tok = q.gather(-1, tok).squeeze(-1)
-        u = torch.rand(q_tok.shape, generator=generator, device=q_tok.device)
+        u = uniforms[sampled_rows, :n_check].to(q_tok.device, q_tok.dtype)
         ok[sampled_rows] = (u * q_tok < p_tok) & in_range[sampled_rows]
 
     accepted = ok.long().cumprod(1).sum(1)  # [B] leading run of accepted tokens
@@ -142,5 +151,6 @@ def verify_chains(
         residual_mass = residual.sum(-1, keepdim=True)
         use_p = all_passed[:, None] | (residual_mass <= 0)  # p == q exactly: rejection had prob 0
         dist = torch.where(use_p, p_at, residual / residual_mass.clamp(min=1e-30))
-        next_token[sampled_rows] = torch.multinomial(dist, 1, generator=generator).squeeze(1)
+        u_next = uniforms[sampled_rows].gather(1, verify_len[sampled_rows, None]).squeeze(1)
+        next_token[sampled_rows] = sample(dist, torch.zeros_like(acc, dtype=torch.bool), u_next)
     return VerifyResult(accepted=accepted, next_token=next_token)

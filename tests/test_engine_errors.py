@@ -20,6 +20,7 @@ BAD_REQUESTS = [
     ([1, 2], SamplingParams(top_p=0.0), "top_p"),
     ([1, 2], SamplingParams(top_p=1.5), "top_p"),
     ([1, 2], SamplingParams(top_p=math.nan), "top_p"),
+    ([1, 2], SamplingParams(seed=-1), "seed"),
     ([1, 100000], SamplingParams(), "vocabulary"),
     ([1, "a"], SamplingParams(), "token ids"),
     ("some text", SamplingParams(), "tokenizer"),

@@ -50,9 +50,9 @@ def exact_marginals(model: torch.nn.Module, temperature: float, top_p: float) ->
     return p2.numpy(), p3.numpy()
 
 
-def always_accept(target_logits, draft_probs, draft_tokens, verify_len, temperature, top_p, generator):
+def always_accept(target_logits, draft_probs, draft_tokens, verify_len, temperature, top_p, uniforms):
     """A wrong rule: every verified draft token passes, then a token from the target."""
-    result = rejection_rule(target_logits, draft_probs, draft_tokens, verify_len, temperature, top_p, generator)
+    result = rejection_rule(target_logits, draft_probs, draft_tokens, verify_len, temperature, top_p, uniforms)
     rows = torch.arange(len(verify_len))
     bonus = result.next_token.clone()
     full = result.accepted == verify_len
@@ -94,3 +94,29 @@ def test_wrong_rule_fails_the_same_bound(pair):
     p2, p3 = exact_marginals(pair[0], 1.0, 1.0)
     c2, c3 = sampled_marginals(pair, always_accept, 1.0, 1.0, seed=0)
     assert min(chi_square_p(c2, p2), chi_square_p(c3, p3)) < 1e-6
+
+
+def test_seeded_request_samples_the_same_tokens_in_any_batch(pair):
+    """A request's own seed fixes its draws: alone or among other sampled requests, same tokens."""
+    target, draft = pair
+    seeded = SamplingParams(max_new_tokens=20, temperature=1.0, seed=1234, stop_on_eos=False)
+
+    def run(neighbours: int) -> list[int]:
+        engine = Engine(target, draft, config=EngineConfig(seed=neighbours))
+        rid = engine.add_request(PROMPT, seeded)
+        for i in range(neighbours):
+            engine.add_request([1 + i % 9, 2], SamplingParams(max_new_tokens=25, temperature=0.9, stop_on_eos=False))
+        results = {r.request_id: r for r in engine_run(engine)}
+        return results[rid].output_ids
+
+    alone = run(0)
+    assert run(5) == alone and run(11) == alone
+    other_seed = Engine(target, draft)
+    rid = other_seed.add_request(PROMPT, SamplingParams(**{**seeded.__dict__, "seed": 99}))
+    assert {r.request_id: r for r in engine_run(other_seed)}[rid].output_ids != alone
+
+
+def engine_run(engine: Engine) -> list:
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2))
+    return engine.pop_finished()

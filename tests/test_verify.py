@@ -28,11 +28,12 @@ def test_greedy_acceptance_counts_leading_matches():
     logits = torch.nn.functional.one_hot(torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4]]), v).float() * 10
     drafts = torch.tensor([[1, 2, 0], [1, 2, 3], [0, 2, 3]])
     verify_len = torch.tensor([3, 3, 3])
-    res = verify_chains(logits, torch.zeros(3, 3, v), drafts, verify_len, torch.zeros(3), torch.ones(3), None)
+    greedy, no_top_p, unused = torch.zeros(3), torch.ones(3), torch.zeros(3, 4)
+    res = verify_chains(logits, torch.zeros(3, 3, v), drafts, verify_len, greedy, no_top_p, unused)
     assert res.accepted.tolist() == [2, 3, 0]
     assert res.next_token.tolist() == [3, 4, 1]  # correction, bonus, correction
     short = torch.tensor([1, 0, 2])
-    cut = verify_chains(logits, torch.zeros(3, 3, v), drafts, short, torch.zeros(3), torch.ones(3), None)
+    cut = verify_chains(logits, torch.zeros(3, 3, v), drafts, short, torch.zeros(3), torch.ones(3), torch.zeros(3, 4))
     assert cut.accepted.tolist() == [1, 0, 0]
     assert cut.next_token.tolist() == [2, 1, 1]
 
@@ -43,10 +44,11 @@ def test_rejection_never_resamples_the_rejected_token():
     q = torch.tensor([0.0, 1.0, 0.0])
     gen = torch.Generator().manual_seed(0)
     n = 4000
+    uniforms = torch.rand(n, 2, generator=gen)
     logits = p.clamp(min=1e-12).log().expand(n, 2, 3).clone()
     res = verify_chains(
         logits, q.expand(n, 1, 3).clone(), torch.ones(n, 1, dtype=torch.long),
-        torch.ones(n, dtype=torch.long), torch.ones(n), torch.ones(n), gen,
+        torch.ones(n, dtype=torch.long), torch.ones(n), torch.ones(n), uniforms,
     )
     accepted = res.accepted == 1
     assert abs(accepted.float().mean().item() - 0.5) < 0.05  # min(1, p/q) = 0.5
