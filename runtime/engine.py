@@ -301,10 +301,7 @@ class Engine:
         self._reorder(drafting + plain + deferred)
         n_rows, n_draft = len(drafting) + len(plain), len(drafting)
         draft_len = torch.tensor([lens[r.request_id] for r in self._rows[:n_rows]], dtype=torch.long)
-        tokens, probs = self._draft(n_draft, draft_len[:n_draft])
-        k = tokens.shape[1]
-        tokens = torch.cat([tokens, tokens.new_full((n_rows - n_draft, k), -1)])
-        probs = torch.cat([probs, probs.new_zeros(n_rows - n_draft, k, probs.shape[2])])
+        tokens, probs = self._draft(n_draft, draft_len[:n_draft], n_rows)
         t2 = self._now()
         self._inflight = _Inflight(
             n_rows, n_draft, draft_len, tokens, probs, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1
@@ -475,14 +472,15 @@ class Engine:
             req.draft_pending = [token]
             joining.append(req)
 
-    def _draft(self, n: int, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, n: int, lens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Draft `lens[i]` tokens for each of the first n rows (sorted by length, longest first).
 
-        Returns tokens [n, K] (-1 padded) and the processed draft distributions [n, K, V].
+        Returns, for all `n_rows` decode rows, tokens [n_rows, K] (-1 where nothing was
+        drafted) and the processed draft distributions [n_rows, K, V] (0 there).
         """
         k = int(lens.max()) if n else 0
-        tokens = torch.full((n, k), -1, dtype=torch.long)
-        probs = torch.zeros(n, k, self.vocab_size)
+        tokens = torch.full((n_rows, k), -1, dtype=torch.long)
+        probs = torch.zeros(n_rows, k, self.vocab_size)
         if n == 0:
             return tokens, probs
         assert self.draft is not None and self._draft_kv is not None
