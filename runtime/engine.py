@@ -30,6 +30,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .kv import BatchKV, KVConfig
+from .models import output_vocab_size
 from .types import (
     DraftBatch,
     RequestError,
@@ -112,10 +113,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.verifier = verifier
         self.device = next(target.parameters()).device
-        self.vocab_size = _vocab_size(target)
-        if self.draft is not None and _vocab_size(self.draft) != self.vocab_size:
+        self.vocab_size = output_vocab_size(target)
+        if self.draft is not None and output_vocab_size(self.draft) != self.vocab_size:
             raise ValueError(
-                f"the draft has {_vocab_size(self.draft)} output logits but the target has {self.vocab_size}: "
+                f"the draft has {output_vocab_size(self.draft)} output logits but the target has {self.vocab_size}: "
                 "a draft must share the target's tokenizer"
             )
         text_config = target.config.get_text_config()
@@ -254,13 +255,6 @@ class Engine:
         done = list(self._finished.values())
         self._finished.clear()
         return done
-
-    def output(self, request_id: str) -> list[int]:
-        """Tokens generated so far by an unfinished request."""
-        for req in list(self._waiting.values()) + self._rows:
-            if req.request_id == request_id:
-                return list(req.output)
-        raise KeyError(f"no unfinished request {request_id!r}")
 
     def kv_bytes(self, include_draft: bool = True) -> int:
         """Bytes held by KV caches: the batch and prefill caches of the target (and the draft's)."""
@@ -678,10 +672,6 @@ def run_to_completion(
         results.update({r.request_id: r for r in engine.pop_finished()})
     results.update({r.request_id: r for r in engine.pop_finished()})
     return results
-
-
-def _vocab_size(model: torch.nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

@@ -172,7 +172,7 @@ def _quiet_if(quiet: bool) -> Iterator[None]:
 
 def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
     """A draft must speak the target's tokens: raise `ValueError` at load time otherwise."""
-    tv, dv = _vocab_size(target.model), _vocab_size(draft.model)
+    tv, dv = output_vocab_size(target.model), output_vocab_size(draft.model)
     if target.tokenizer is not None and draft.tokenizer is not None:
         if target.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
             raise ValueError(
@@ -187,7 +187,8 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
         )
 
 
-def _vocab_size(model: torch.nn.Module) -> int:
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """Number of logits the model outputs (its vocabulary, as the sampler sees it)."""
     return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
 
 
