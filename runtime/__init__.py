@@ -2,12 +2,14 @@
 
 The engine (`Engine`) runs one step at a time from a `StepPlan` and reports plain data
 (`DraftBatch`, `StepOutcome`); `kv` is the only module that touches KV caches; `verify`
-holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs.
+holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs;
+`feature_draft` is the EAGLE-style draft that reads the target's hidden state.
 """
 
 from .engine import Engine, EngineConfig, run_to_completion
+from .feature_draft import FeatureDraft
 from .kv import BatchKV, KVConfig
-from .models import LoadedModel, check_same_vocabulary, load_model, tiny_llama
+from .models import LoadedModel, check_same_vocabulary, load_draft, load_model, tiny_llama
 from .types import (
     DraftBatch,
     RequestError,
@@ -20,7 +22,25 @@ from .types import (
 from .verify import VerifyResult, process_logits, verify_chains
 
 __all__ = [
-    "BatchKV", "DraftBatch", "Engine", "EngineConfig", "KVConfig", "LoadedModel", "RequestError",
-    "RequestResult", "RequestView", "SamplingParams", "StepOutcome", "StepPlan", "VerifyResult",
-    "check_same_vocabulary", "load_model", "process_logits", "run_to_completion", "tiny_llama", "verify_chains",
+    "BatchKV",
+    "DraftBatch",
+    "Engine",
+    "EngineConfig",
+    "FeatureDraft",
+    "KVConfig",
+    "LoadedModel",
+    "RequestError",
+    "RequestResult",
+    "RequestView",
+    "SamplingParams",
+    "StepOutcome",
+    "StepPlan",
+    "VerifyResult",
+    "check_same_vocabulary",
+    "load_draft",
+    "load_model",
+    "process_logits",
+    "run_to_completion",
+    "tiny_llama",
+    "verify_chains",
 ]

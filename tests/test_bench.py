@@ -1,4 +1,4 @@
-"""`adactl bench runtime` end to end on tiny models: table, JSON records and PNG plot."""
+"""The benchmarks end to end on tiny models: tables, JSON records and PNG plots."""
 
 from __future__ import annotations
 
@@ -27,3 +27,16 @@ def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
     assert len(data["meta"]["rounds"]) == 2 * len(configs)
     assert (tmp_path / "runtime.png").stat().st_size > 10_000
     assert "engine_plain / hf_generate" in capsys.readouterr().out
+
+
+def test_bench_draft_writes_summary_and_plot(tmp_path, capsys):
+    main(["bench", "draft", "--tiny", "--prompts", "2", "--max-new-tokens", "10", "--ks", "1,4", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "draft.json").read_text())
+    (summary,) = data["records"]
+    for key in ("dataset", "greedy_acceptance", "mean_accepted_len_k4", "draft_cost_ratio", "speedup_bs1"):
+        assert summary[key] is not None, key
+    assert 0 <= summary["greedy_acceptance"] <= 1 and summary["mean_accepted_len_k4"] >= 1
+    assert summary["draft_cost_ratio"] > 0 and summary["speedup_bs1"] > 0
+    assert {r["config"] for r in data["meta"]["rows"]} == {"plain", "k=1", "k=4"}
+    assert (tmp_path / "draft.png").stat().st_size > 10_000
+    assert "speedup_bs1" in capsys.readouterr().out

