@@ -530,19 +530,19 @@ class Engine:
         # every token accepted in the last step, now with the target's true features)
         pending = [r.draft_pending for r in rows]
         width = max(len(p) for p in pending)
-        ids = torch.tensor([p + [0] * (width - len(p)) for p in pending], device=self.device)
-        valid = torch.arange(width)[None, :] < torch.tensor([len(p) for p in pending])[:, None]
+        # left-padded, so that every row's last token sits in the last column
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in pending], device=self.device)
+        valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
         extra: dict[str, Any] = {}
         if self.feature_draft:
             feats = torch.zeros(n, width, self.draft.hidden_size, device=self.device)
             for i, r in enumerate(rows):
-                feats[i, : len(r.draft_features)] = torch.stack(r.draft_features)
+                feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
                 r.draft_features = []
             extra["features"] = feats
-        out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), **extra)
-        at_last = (torch.arange(n), torch.tensor([len(p) - 1 for p in pending]))
-        last = out.logits[at_last]  # [n, V], or [n, N] over the feature draft's vocabulary
-        feature = out.hidden_states[at_last] if self.feature_draft else None  # [n, H]
+        out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), logits_to_keep=1, **extra)
+        last = out.logits[:, -1]  # [n, V], or [n, N] over the feature draft's vocabulary
+        feature = out.hidden_states[:, -1] if self.feature_draft else None  # [n, H]
         for r in rows:
             r.draft_pending = []
         for j in range(k):

@@ -30,7 +30,8 @@ def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_bench_draft_writes_summary_and_plot(tmp_path, capsys):
-    main(["bench", "draft", "--tiny", "--prompts", "2", "--max-new-tokens", "10", "--ks", "1,4", "--out", str(tmp_path)])
+    args = ["--tiny", "--prompts", "2", "--max-new-tokens", "10", "--ks", "1,4", "--out", str(tmp_path)]
+    main(["bench", "draft", *args])
     data = json.loads((tmp_path / "draft.json").read_text())
     (summary,) = data["records"]
     for key in ("dataset", "greedy_acceptance", "mean_accepted_len_k4", "draft_cost_ratio", "speedup_bs1"):
