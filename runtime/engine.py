@@ -132,7 +132,7 @@ class Engine:
                     "a draft must share the target's tokenizer"
                 )
             if self.feature_draft:
-                self._draft_vocab = draft.vocab_ids.cpu()
+                self._draft_vocab = torch.as_tensor(draft.vocab_ids).cpu()
         text_config = target.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         self.eos_ids = _eos_ids(target, tokenizer)
@@ -465,12 +465,11 @@ class Engine:
             valid[i, width - size :] = True
             req.prefilled += size
         ids, valid = ids.to(self.device), valid.to(self.device)
-        extra = {"output_hidden_states": True} if self.feature_draft else {}
+        extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
         out = self._prefill_kv.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         if self._prefill_draft_kv is not None:
             assert self.draft is not None
-            if self.feature_draft:
-                extra = {"features": self._prefill_features(members, out.hidden_states[-1])}
+            extra = {"features": self._prefill_features(members, out.hidden_states[-1])} if self.feature_draft else {}
             self._prefill_draft_kv.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         return out.logits[:, -1]
 
@@ -573,7 +572,7 @@ class Engine:
         if t > 1:
             ids[:, 1:] = fl.tokens[:, : t - 1].clamp(min=0)
         valid = torch.arange(t)[None, :] <= cut[:, None]
-        extra = {"output_hidden_states": True} if self.feature_draft else {}
+        extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
         out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device), **extra)
         logits = out.logits
         fl.target_features = out.hidden_states[-1] if self.feature_draft else None

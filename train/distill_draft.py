@@ -68,6 +68,8 @@ class Args:
     """std of Gaussian noise on input features, relative to their RMS"""
     eval_tokens: int = 20_000
     checkpoint_every: int = 100
+    eval_every: int = 500
+    """held-out evaluation every this many steps (a multiple of checkpoint_every)"""
     time_budget_min: float = 85.0
     """stop training (and export) after this many minutes of phase 2"""
     out: str = ""
@@ -306,7 +308,8 @@ def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> t
     ce = -(teacher * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
     feat = F.smooth_l1_loss(g, f)
     agree = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
-    return ce + args.feature_weight * feat, {"ce": float(ce), "feat": float(feat), "agree_vocab": float(agree)}
+    info = {"ce": float(ce.detach()), "feat": float(feat.detach()), "agree_vocab": float(agree)}
+    return ce + args.feature_weight * feat, info
 
 
 @torch.no_grad()
@@ -343,6 +346,11 @@ def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, ba
     }
 
 
+def run_key(args: Args) -> str:
+    """The arguments that define a training run (a checkpoint resumes only the same run)."""
+    return json.dumps({k: v for k, v in asdict(args).items() if k not in ("phase", "out")}, sort_keys=True)
+
+
 def work_dir(args: Args) -> Path:
     return cache_dir() / "distill" / args.name
 
@@ -374,14 +382,19 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     work = work_dir(args)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "checkpoint.pt"
-    state = {"step": 0, "elapsed_s": 0.0, "log": []}
+    state: dict = {"step": 0, "elapsed_s": 0.0, "log": [], "total_steps": total_steps}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=True)
-        if saved["args"] != json.dumps(asdict(args), sort_keys=True):
+        if saved["args"] != run_key(args):
             raise SystemExit(f"{ckpt} was made with other arguments; delete it or rerun with those")
         draft.load_state_dict(saved["model"], strict=False)
         opt.load_state_dict(saved["optimizer"])
-        state = {"step": saved["step"], "elapsed_s": saved["elapsed_s"], "log": json.loads(saved["log"])}
+        state = {
+            "step": saved["step"],
+            "elapsed_s": saved["elapsed_s"],
+            "log": json.loads(saved["log"]),
+            "total_steps": int(saved["total_steps"]),
+        }
         torch.set_rng_state(saved["rng"])
         print(f"resumed at step {state['step']}")
 
@@ -389,12 +402,13 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         tmp = ckpt.with_suffix(".tmp")
         torch.save(
             {
-                "args": json.dumps(asdict(args), sort_keys=True),
+                "args": run_key(args),
                 "model": draft.trainable_state(),
                 "optimizer": opt.state_dict(),
                 "step": state["step"],
                 "elapsed_s": state["elapsed_s"],
                 "log": json.dumps(state["log"]),
+                "total_steps": state["total_steps"],
                 "rng": torch.get_rng_state(),
             },
             tmp,
@@ -403,15 +417,23 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
 
     full_head = target.get_output_embeddings().weight.detach()
     draft.train()
-    bar = tqdm(total=total_steps, initial=state["step"], desc=f"train {args.name}", unit="step")
+    bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train {args.name}", unit="step")
     t_start = time.time() - state["elapsed_s"]
     stats: dict[str, float] = {}
-    while state["step"] < total_steps:
-        if (time.time() - t_start) / 60 > args.time_budget_min:
-            print(f"time budget of {args.time_budget_min} min reached at step {state['step']}/{total_steps}")
-            break
+    while state["step"] < state["total_steps"]:
         i = state["step"]
-        lr = args.lr * min(1.0, (i + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * i / total_steps))
+        if i == 30 and state["total_steps"] == total_steps:
+            # fit the cosine schedule into the time budget, from the speed of the first steps
+            affordable = int(args.time_budget_min * 60 / (state["elapsed_s"] / 30) * 0.93)
+            if affordable < total_steps:
+                tqdm.write(f"{total_steps} steps would overrun {args.time_budget_min} min: training {affordable}")
+                state["total_steps"] = affordable
+                bar.total = affordable
+        if (time.time() - t_start) / 60 > args.time_budget_min * 1.05:
+            print(f"time budget of {args.time_budget_min} min passed at step {i}/{state['total_steps']}")
+            break
+        total = state["total_steps"]
+        lr = args.lr * min(1.0, (i + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * i / total))
         for group in opt.param_groups:
             group["lr"] = lr
         loss, info = losses(draft, make_batch(data, order[i]), args)
@@ -424,18 +446,20 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         state["elapsed_s"] = time.time() - t_start
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
-        if state["step"] % args.checkpoint_every == 0 or state["step"] == total_steps:
+        if state["step"] % args.eval_every == 0:
             metrics = evaluate(draft, held_out, full_head)
             state["log"].append(
                 {"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 1), **stats, **metrics}
             )
             tqdm.write(json.dumps(state["log"][-1]))
+        if state["step"] % args.checkpoint_every == 0:
             save_checkpoint()
     bar.close()
     final = evaluate(draft, held_out, full_head)
     report = {
         "steps": state["step"],
         "planned_steps": total_steps,
+        "scheduled_steps": state["total_steps"],
         "train_minutes": round(state["elapsed_s"] / 60, 1),
         "train_tokens_seen": int(
             sum(int(data.offsets[s + 1] - data.offsets[s]) for b in order[: state["step"]] for s in b)
