@@ -59,7 +59,7 @@ class Args:
     intermediate_size: int = 1536
     shards: str = "all"
     """all, even or odd teacher shards"""
-    epochs: float = 3.0
+    epochs: float = 8.0
     batch_tokens: int = 4096
     lr: float = 1e-3
     warmup_steps: int = 100
@@ -70,7 +70,7 @@ class Args:
     checkpoint_every: int = 100
     eval_every: int = 500
     """held-out evaluation every this many steps (a multiple of checkpoint_every)"""
-    time_budget_min: float = 85.0
+    time_budget_min: float = 60.0
     """stop training (and export) after this many minutes of phase 2"""
     out: str = ""
     """output directory (default models/<name>)"""
@@ -78,7 +78,7 @@ class Args:
 
 PRESETS = {
     "draft": {},
-    "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 2.0, "time_budget_min": 40.0},
+    "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
 }
 
 
