@@ -118,7 +118,8 @@ def test_draft_reads_the_right_target_features(target, random_feature_draft, bat
     assert checked_true > 20 and checked_own > 5, (checked_true, checked_own)
 
 
-def test_distillation_steps_lower_the_loss(target):
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_distillation_steps_lower_the_loss(target, unroll):
     """Real training steps of train/distill_draft.py on the target's own samples."""
     dd = distill_module()
     torch.manual_seed(0)
@@ -138,7 +139,7 @@ def test_distillation_steps_lower_the_loss(target):
         feats.reshape(-1, feats.shape[-1]).to(torch.float16),
     )
     draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0)
-    args = dd.Args(noise=0.05, lr=3e-3)
+    args = dd.Args(noise=0.05, lr=3e-3, unroll=unroll)
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
     batch = dd.make_batch(data, list(range(16)))
     first, _ = dd.losses(draft, batch, args)
@@ -149,6 +150,7 @@ def test_distillation_steps_lower_the_loss(target):
         opt.step()
     last, info = dd.losses(draft, batch, args)
     assert float(last) < 0.8 * float(first), (float(first), float(last), info)
+    assert ("ce2" in info) == (unroll == 2)
     assert not any(p.requires_grad for p in target.parameters()) or draft.head_weight.grad is None
 
 

