@@ -249,16 +249,25 @@ class BatchKV:
         """Keep only `keep [n, W]` of the W columns that end where the last forward ended,
         for rows `[first_row, first_row + n)` (rollback of rejected tokens).
 
-        A rejected draft token becomes a hole; nothing is copied. W may span a chain of
-        forwards on shrinking row ranges (a draft), as long as nothing compacted in between.
+        A rejected draft token becomes a hole; nothing is copied. Holes at the end of a row are
+        then cut off (the row's `used` shrinks to its last real column), so the next forward
+        writes over them: a row whose rejections are all trailing, as in a chain, keeps no hole
+        at all (at batch 1 the cache stays dense and needs no mask and no compaction). W may
+        span a chain of forwards on shrinking row ranges (a draft), as long as nothing
+        compacted in between.
         """
         n, w = keep.shape
         end = self._last_end
         if end is None or w > end:
             raise ValueError(f"keep_last over {w} columns, but the last forward ended at column {end}")
-        block = self.valid[first_row : first_row + n, end - w : end]
-        self.lengths[first_row : first_row + n] -= (block & ~keep).sum(1)
+        rows = slice(first_row, first_row + n)
+        block = self.valid[rows, end - w : end]
+        self.lengths[rows] -= (block & ~keep).sum(1)
         block &= keep
+        width = int(self.used[rows].max())
+        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1, device=self.device)).amax(1)
+        self.used[rows] = torch.minimum(self.used[rows], last_real)
+        self.n_cols = int(self.used[: self.n_rows].max())
 
     def reserve_rows(self, rows: int) -> None:
         """Make room for `rows` rows exactly (no headroom), e.g. before a known batch joins."""

@@ -137,3 +137,28 @@ def test_row_ranges_share_columns(target):
     logits = append(kv, target, [[20], [21], [22], [23]])
     for i, s in enumerate(seqs):
         assert torch.allclose(logits[i, 0], plain_logits(target, s + [20 + i])[-1], atol=ATOL)
+
+
+def test_trailing_rejections_leave_no_holes(target, monkeypatch):
+    """A single row whose drafts are cut at the end stays dense: the next forward writes over
+    the rejected columns, with the model's own causal mask (no explicit mask), and gives the
+    logits of a plain forward."""
+    kv = BatchKV(2, config=KVConfig(min_compact_cols=10_000))
+    kv.new_rows(1)
+    seq = [5, 6, 7, 8]
+    append(kv, target, [seq])
+    for step, (draft, keep) in enumerate([([11, 12, 13, 14], 1), ([15, 16], 0), ([17, 18, 19], 3)]):
+        append(kv, target, [draft], keep=[keep])
+        seq = seq + draft[:keep]
+        assert int(kv.used[0]) == int(kv.lengths[0]) == len(seq) == kv.n_cols, step
+    masks = []
+    original = target.forward
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, "forward", spy)
+    logits = append(kv, target, [[20, 21]])
+    assert masks == [None]
+    assert torch.allclose(logits[0], plain_logits(target, seq + [20, 21])[len(seq) :], atol=ATOL)
