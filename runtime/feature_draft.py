@@ -165,7 +165,7 @@ class FeatureDraft(nn.Module):
             raise ValueError(
                 f"{path}: weights do not match the draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        return draft.to(param.device).eval()
+        return draft.to(param.device, param.dtype).eval()
 
 
 def is_feature_draft(model: Any) -> bool:

@@ -139,7 +139,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]
         return target, draft, {"random": prompts}, {"target": "tiny random Llama", "draft": "untrained feature draft"}
     from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
 
-    target = load_model(args.target)
+    target = load_model(args.target, dtype=getattr(torch, args.dtype))
     draft = load_draft(args.draft, target)
     datasets: dict[str, list[list[int]]] = {}
     for name in args.datasets:
@@ -153,6 +153,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]
     meta = {
         "target": args.target,
         "draft": args.draft,
+        "dtype": args.dtype,
         "workloads": "held-out ShareGPT first user turns (record index % 20 == 0); HumanEval problems as chat requests",
     }
     return target.model, draft, datasets, meta
@@ -202,5 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of both models (default float32)"
+    )
     parser.add_argument("--out", default="bench_results", help="directory for draft.json and draft.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run in seconds)")
