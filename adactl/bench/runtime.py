@@ -37,8 +37,9 @@ from adactl.runtime.models import load_model, perturbed_copy, tiny_llama
 
 DEFAULT_DRAFT = "smollm2@layers=4"
 DRAFT_NOTE = (
-    "stand-in draft: the target's first 4 layers (early exit), until the trained draft of the "
-    "draft-model issue lands; it agrees with the target rarely, so speculation loses here"
+    "stand-in draft: the target's first 4 layers (early exit), because transformers' assisted "
+    "generation needs a plain causal LM; it agrees with the target rarely, so speculation loses "
+    "here (the shipped feature draft: adactl bench draft)"
 )
 
 
