@@ -604,9 +604,9 @@ class Engine:
                 # pair with the target features computed at y_0, d_1, .., d_a
                 assert fl.target_features is not None
                 req.draft_pending = ([] if i < fl.drafting else req.draft_pending) + new
-                req.draft_features = ([] if i < fl.drafting else req.draft_features) + list(
-                    fl.target_features[i, : a + 1]
-                )
+                # (copied: a view would keep the whole step's [rows, T, H] states alive)
+                states = list(fl.target_features[i, : a + 1].clone().unbind(0))
+                req.draft_features = ([] if i < fl.drafting else req.draft_features) + states
             elif i < fl.drafting:
                 req.draft_pending = [int(fl.tokens[i, k - 1]), y] if a == k else [y]
             else:
