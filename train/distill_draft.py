@@ -53,6 +53,9 @@ class Args:
     teacher_tokens: int = 900_000
     """tokens of ShareGPT the target reads (phase 1)"""
     max_len: int = 512
+    self_responses: int = 0
+    """also distil on the target's own greedy answers to this many training-split prompts"""
+    self_max_new_tokens: int = 256
     shard_records: int = 64
     vocab_size: int = 8192
     """draft vocabulary: the most frequent assistant tokens of the teacher data"""
@@ -163,8 +166,51 @@ def build_teacher(args: Args) -> list[Path]:
         done_tokens += n
         bar.update(n)
     bar.close()
+    if args.self_responses:
+        own = self_response_shards(args, model, tok, records, train_idx[::-1])
+        manifest["self_shards"] = [{"file": p.name, "records": r, "tokens": n} for p, r, n in own]
+        paths += [p for p, _, _ in own]
     (out / "manifest.json").write_text(json.dumps(manifest) + "\n")
     return paths
+
+
+def self_response_shards(
+    args: Args, model, tok, records: list[dict], order: list[int]
+) -> list[tuple[Path, list[int], int]]:
+    """The target's own greedy answers to training-split first turns (taken from the end of
+    the shuffled split), read by the target like any conversation: shards self_XXXX."""
+    from adactl.runtime import Engine, EngineConfig, SamplingParams, run_to_completion
+
+    picked: list[tuple[int, str]] = []
+    for i in order:
+        conv = records[i].get("conversations") or []
+        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
+            text = str(conv[0]["value"]).strip()
+            if len(tok(text)["input_ids"]) <= args.max_len // 2:
+                picked.append((i, text))
+        if len(picked) == args.self_responses:
+            break
+    out: list[tuple[Path, list[int], int]] = []
+    for s in tqdm(range(0, len(picked), args.shard_records), desc="self-response shards"):
+        chunk = picked[s : s + args.shard_records]
+        path = teacher_dir() / f"self_{s // args.shard_records:04d}_{args.self_max_new_tokens}.safetensors"
+        if not path.exists():
+            engine = Engine(model, None, tok, config=EngineConfig(max_batch_size=len(chunk)))
+            sampling = SamplingParams(max_new_tokens=args.self_max_new_tokens)
+            ids = [engine.add_request([{"role": "user", "content": text}], sampling) for _, text in chunk]
+            done = run_to_completion(engine)
+            convs = [
+                {
+                    "conversations": [
+                        {"from": "human", "value": text},
+                        {"from": "gpt", "value": tok.decode(done[rid].output_ids, skip_special_tokens=True)},
+                    ]
+                }
+                for rid, (_, text) in zip(ids, chunk)
+            ]
+            write_shard(path, convs, model, tok, args.max_len)
+        out.append((path, [i for i, _ in chunk], int(load_file(str(path))["ids"].numel())))
+    return out
 
 
 def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch_tokens: int = 4096) -> int:
