@@ -18,6 +18,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from adactl.runtime.models import chat_ids
+
 HELD_OUT_EVERY = 20
 """ShareGPT record i is held out from draft training when i % HELD_OUT_EVERY == 0."""
 
@@ -59,10 +61,18 @@ def first_user_turns(data: ShareGPTData, held_out: bool = False) -> list[str]:
     for i, record in enumerate(data.records):
         if held_out and i % HELD_OUT_EVERY:
             continue
-        conv = record.get("conversations") or []
-        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
-            turns.append(str(conv[0]["value"]))
+        text = first_user_turn(record)
+        if text is not None:
+            turns.append(text)
     return turns
+
+
+def first_user_turn(record: dict[str, Any]) -> str | None:
+    """A record's opening human message, or None when it opens otherwise or is empty."""
+    conv = record.get("conversations") or []
+    if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
+        return str(conv[0]["value"])
+    return None
 
 
 def chat_prompts(
@@ -94,12 +104,9 @@ def humaneval_prompts(tokenizer: Any, count: int, max_prompt_tokens: int = 512) 
 def _fitting(tokenizer: Any, texts: list[str], count: int, max_prompt_tokens: int) -> list[list[int]]:
     prompts: list[list[int]] = []
     for text in texts:
-        encoded = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        ids = chat_ids(tokenizer, [{"role": "user", "content": text}])
         if len(ids) <= max_prompt_tokens:
-            prompts.append([int(t) for t in ids])
+            prompts.append(ids)
         if len(prompts) == count:
             break
     return prompts

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel
 
 from .feature_draft import is_feature_draft
 from .kv import BatchKV, KVConfig
-from .models import output_vocab_size
+from .models import chat_ids, output_vocab_size
 from .types import (
     DraftBatch,
     RequestError,
@@ -214,10 +214,7 @@ class Engine:
             for m in items:
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                     raise RequestError(f"each chat message needs string 'role' and 'content', got {m!r}")
-            tok = self._need_tokenizer("chat messages")
-            encoded = tok.apply_chat_template(items, add_generation_prompt=True, tokenize=True)
-            ids = encoded["input_ids"] if isinstance(encoded, Mapping) or hasattr(encoded, "keys") else encoded
-            return [int(t) for t in ids]
+            return chat_ids(self._need_tokenizer("chat messages"), items)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
             raise RequestError("a prompt must be a string, chat messages, or a sequence of integer token ids")
         return [int(t) for t in items]

@@ -80,15 +80,10 @@ class FeatureDraft(nn.Module):
         assert head is not None, "the target needs an output layer"
         self.register_buffer("head_weight", head.weight.detach()[ids].clone(), persistent=False)
         self.hidden_size = hidden
-        self.num_hidden_layers = config.num_layers
 
     # the engine and BatchKV treat the draft like a Hugging Face model
     def get_text_config(self) -> Any:
         return self.model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.fc.weight.device
 
     @classmethod
     def from_target(

@@ -211,6 +211,14 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
         )
 
 
+def chat_ids(tokenizer: Any, messages: Any, add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of chat messages under the tokenizer's chat template (transformers 5 returns
+    a BatchEncoding where 4.x returned a list)."""
+    encoded = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    return [int(t) for t in ids]
+
+
 def output_vocab_size(model: torch.nn.Module) -> int:
     """Number of logits the model outputs (its vocabulary, as the sampler sees it)."""
     return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]

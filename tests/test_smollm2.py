@@ -14,9 +14,9 @@ from adactl.runtime import (
     load_model,
     run_to_completion,
 )
-from adactl.runtime.models import LoadedModel, tiny_llama
+from adactl.runtime.models import LoadedModel, chat_ids, tiny_llama
 
-from .helpers import random_plan_runner
+from .helpers import greedy_reference, random_plan_runner
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +51,7 @@ def test_greedy_chat_matches_generate(smollm2, early_exit):
     random_plan_runner(engine, seed=0, max_k=4)
     results = {r.request_id: r for r in engine.pop_finished()}
     for rid, messages in zip(ids, MESSAGES):
-        encoded = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        prompt = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        ref = smollm2.model.generate(prompt, max_new_tokens=24, do_sample=False)[0, prompt.shape[1] :].tolist()
-        assert results[rid].output_ids == ref
+        assert results[rid].output_ids == greedy_reference(smollm2.model, chat_ids(smollm2.tokenizer, messages), 24)
     text = smollm2.tokenizer.decode(results[ids[0]].output_ids)
     assert "Paris" in text
 
@@ -107,8 +104,5 @@ def test_shipped_feature_drafts_are_lossless_and_accepted(smollm2, name):
         first = False
     results = {r.request_id: r for r in engine.pop_finished()}
     for rid, messages in zip(ids, MESSAGES):
-        encoded = smollm2.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-        prompt = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-        ref = smollm2.model.generate(prompt, max_new_tokens=48, do_sample=False)[0, prompt.shape[1] :].tolist()
-        assert results[rid].output_ids == ref
+        assert results[rid].output_ids == greedy_reference(smollm2.model, chat_ids(smollm2.tokenizer, messages), 48)
     assert emitted / steps > 1.3, emitted / steps

@@ -36,8 +36,8 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from adactl.runtime.feature_draft import FeatureDraft
-from adactl.runtime.models import cache_dir, load_model
-from adactl.workloads import HELD_OUT_EVERY, read_sharegpt
+from adactl.runtime.models import cache_dir, chat_ids, load_model
+from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,8 +118,7 @@ def conversation(record: dict, tokenizer, max_len: int) -> tuple[list[int], list
         return None
 
     def encode(msgs: list[dict], generation: bool) -> list[int]:
-        out = tokenizer.apply_chat_template(msgs, add_generation_prompt=generation, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
+        return chat_ids(tokenizer, msgs, add_generation_prompt=generation)
 
     ids = encode(messages, False)
     mask = [False] * len(ids)
@@ -183,11 +182,9 @@ def self_response_shards(
 
     picked: list[tuple[int, str]] = []
     for i in order:
-        conv = records[i].get("conversations") or []
-        if conv and conv[0].get("from") == "human" and str(conv[0].get("value", "")).strip():
-            text = str(conv[0]["value"]).strip()
-            if len(tok(text)["input_ids"]) <= args.max_len // 2:
-                picked.append((i, text))
+        text = first_user_turn(records[i])
+        if text is not None and len(tok(text.strip())["input_ids"]) <= args.max_len // 2:
+            picked.append((i, text.strip()))
         if len(picked) == args.self_responses:
             break
     out: list[tuple[Path, list[int], int]] = []
