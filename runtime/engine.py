@@ -133,6 +133,10 @@ class Engine:
                 )
             if self.feature_draft:
                 self._draft_vocab = torch.as_tensor(draft.vocab_ids).cpu()
+        # a draft run with its companion (Speculative Verification) also reports the
+        # companion's distribution at every draft position, over its own vocabulary ids
+        comp = getattr(draft, "companion_vocab_ids", None)
+        self._companion_vocab: torch.Tensor | None = torch.as_tensor(comp).cpu() if comp is not None else None
         text_config = target.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
         self.eos_ids = _eos_ids(target, tokenizer)
@@ -319,7 +323,7 @@ class Engine:
         self._reorder(drafting + plain + deferred)
         n_rows, n_draft = len(drafting) + len(plain), len(drafting)
         draft_len = torch.tensor([lens[r.request_id] for r in self._rows[:n_rows]], dtype=torch.long)
-        tokens, probs = self._draft(n_draft, draft_len[:n_draft], n_rows)
+        tokens, probs, comp_probs = self._draft(n_draft, draft_len[:n_draft], n_rows)
         t2 = self._now()
         self._inflight = _Inflight(
             n_rows, n_draft, draft_len, tokens, probs, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1
@@ -332,6 +336,7 @@ class Engine:
             probs=probs,
             context_len=torch.tensor([r.context_len for r in rows], dtype=torch.long),
             greedy=torch.tensor([r.sampling.temperature <= 0 for r in rows], dtype=torch.bool),
+            companion_probs=comp_probs,
         )
 
     @torch.inference_mode()
@@ -507,17 +512,19 @@ class Engine:
                 req.draft_features, req.last_feature = [req.last_feature], None
             joining.append(req)
 
-    def _draft(self, n: int, lens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, n: int, lens: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Draft `lens[i]` tokens for each of the first n rows (sorted by length, longest first).
 
         Returns, for all `n_rows` decode rows, tokens [n_rows, K] (-1 where nothing was
-        drafted) and the processed draft distributions [n_rows, K, V] (0 there).
+        drafted), the processed draft distributions [n_rows, K, V] (0 there) and, with a
+        companion, the companion's distributions at the same positions [n_rows, K, V] (else None).
         """
         k = int(lens.max()) if n else 0
         tokens = torch.full((n_rows, k), -1, dtype=torch.long)
         probs = torch.zeros(n_rows, k, self.vocab_size)
+        comp_probs = torch.zeros(n_rows, k, self.vocab_size) if self._companion_vocab is not None else None
         if n == 0:
-            return tokens, probs
+            return tokens, probs, comp_probs
         assert self.draft is not None and self._draft_kv is not None
         rows = self._rows[:n]
         temp, top_p, greedy = self._sampling_tensors(rows)
@@ -539,6 +546,7 @@ class Engine:
         out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), logits_to_keep=1, **extra)
         last = out.logits[:, -1]  # [n, V], or [n, N] over the feature draft's vocabulary
         feature = out.hidden_states[:, -1] if self.feature_draft else None  # [n, H]
+        comp_last = out.companion_logits[:, -1] if comp_probs is not None else None  # [n, N_c]
         for r in rows:
             r.draft_pending = []
         for j in range(k):
@@ -550,7 +558,10 @@ class Engine:
                 out = self._draft_kv.forward(self.draft, ids, torch.ones_like(ids, dtype=torch.bool), **extra)
                 last = out.logits[:, -1]
                 feature = out.hidden_states[:, -1] if self.feature_draft else None
+                comp_last = out.companion_logits[:, -1] if comp_probs is not None else None
             q = process_logits(last[:m], temp[:m], top_p[:m]).cpu()
+            if comp_probs is not None and comp_last is not None and self._companion_vocab is not None:
+                comp_probs[:m, j, self._companion_vocab] = process_logits(comp_last[:m], temp[:m], top_p[:m]).cpu()
             picked = sample(q, greedy[:m], self._uniforms(rows[:m], [1] * m, 1)[:, 0]).cpu()
             if self._draft_vocab is not None:  # back to target token ids
                 tokens[:m, j] = self._draft_vocab[picked]
@@ -558,7 +569,7 @@ class Engine:
             else:
                 tokens[:m, j] = picked
                 probs[:m, j] = q
-        return tokens, probs
+        return tokens, probs, comp_probs
 
     def _verify(self, rows: list[_Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One target forward over [last token, verified drafts] per row; roll caches back."""

@@ -51,6 +51,7 @@ class FeatureDraftConfig:
 class FeatureDraftOutput:
     logits: torch.Tensor  # [n, T or logits_to_keep, N] over vocab_ids
     hidden_states: torch.Tensor  # [n, T, H] predicted target features
+    companion_logits: torch.Tensor | None = None  # [n, T or logits_to_keep, N_c] over companion_vocab_ids
 
 
 class FeatureDraft(nn.Module):
@@ -161,6 +162,44 @@ class FeatureDraft(nn.Module):
                 f"{path}: weights do not match the draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         return draft.to(param.device, param.dtype).eval()
+
+
+class WithCompanion(nn.Module):
+    """A feature draft run together with its companion (Speculative Verification).
+
+    The companion reads exactly what the draft reads: the same tokens and features, including
+    the draft's own predicted features while drafting. So at draft position j its output is
+    p_companion(. | context, d_1 .. d_{j-1}), the second opinion that SV's acceptance features
+    (S = sum_v min(p_draft, p_comp), A = min(1, p_comp(d_j) / p_draft(d_j))) compare with the
+    draft's. One KV cache holds both: the companion's layers come after the draft's, so the
+    engine rolls both back together. Outputs are the draft's plus `companion_logits`.
+
+    The pair owns the companion: its layers are renumbered, so do not also use it alone.
+    """
+
+    reads_target_features = True
+
+    def __init__(self, draft: FeatureDraft, companion: FeatureDraft) -> None:
+        super().__init__()
+        if draft.hidden_size != companion.hidden_size:
+            raise ValueError("the draft and its companion must read the same target (hidden sizes differ)")
+        self.draft, self.companion = draft, companion
+        for i, layer in enumerate(companion.model.layers):
+            layer.self_attn.layer_idx = draft.config.num_layers + i  # type: ignore[union-attr]
+        self.config = draft.config
+        self.hidden_size = draft.hidden_size
+        self.register_buffer("vocab_ids", draft.vocab_ids, persistent=False)
+        self.register_buffer("companion_vocab_ids", companion.vocab_ids, persistent=False)
+
+    def get_text_config(self) -> Any:
+        text = self.draft.get_text_config().__class__(**self.draft.get_text_config().to_dict())
+        text.num_hidden_layers = self.draft.config.num_layers + self.companion.config.num_layers
+        return text
+
+    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, **kwargs: Any) -> FeatureDraftOutput:
+        out = self.draft(input_ids, features, **kwargs)
+        out.companion_logits = self.companion(input_ids, features, **kwargs).logits
+        return out
 
 
 def is_feature_draft(model: Any) -> bool:

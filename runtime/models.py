@@ -162,11 +162,23 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return loaded
 
 
-def load_draft(spec: str, target: LoadedModel, device: str | torch.device | None = None) -> torch.nn.Module:
+def load_draft(
+    spec: str, target: LoadedModel, device: str | torch.device | None = None, companion: str | None = None
+) -> torch.nn.Module:
     """A draft for `target`: `draft`/`companion` (shipped feature drafts for the default
     target), a directory with a saved feature draft, or any model spec (a plain draft, checked
-    to share the target's tokenizer). Raises ValueError on a mismatch with the target."""
-    from .feature_draft import CONFIG, FeatureDraft
+    to share the target's tokenizer). Raises ValueError on a mismatch with the target.
+
+    companion: a second feature draft (spec as above) run alongside the draft, so that
+    `DraftBatch.companion_probs` carries its opinion of every draft token (Speculative
+    Verification). Both must be feature drafts."""
+    from .feature_draft import CONFIG, FeatureDraft, WithCompanion
+
+    if companion is not None:
+        draft, second = load_draft(spec, target, device), load_draft(companion, target, device)
+        if not (isinstance(draft, FeatureDraft) and isinstance(second, FeatureDraft)):
+            raise ValueError("a companion runs next to a feature draft: both must be feature drafts")
+        return WithCompanion(draft, second)
 
     path = SHIPPED_MODELS / spec if spec in SHIPPED_DRAFTS else Path(spec).expanduser()
     if spec in SHIPPED_DRAFTS and not (path / CONFIG).is_file():

@@ -93,6 +93,7 @@ class DraftBatch:
     probs: torch.Tensor  # [B, K, V] float32 processed draft distribution each token was drawn from
     context_len: torch.Tensor  # [B] long tokens in each row's context before this step
     greedy: torch.Tensor  # [B] bool rows decoded greedily (temperature 0)
+    companion_probs: torch.Tensor | None = None  # [B, K, V] float32 the companion's, at each draft position
 
 
 @dataclass(frozen=True)

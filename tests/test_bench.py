@@ -15,8 +15,14 @@ def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
     data = json.loads((tmp_path / "runtime.json").read_text())
     configs = {(r["config"], r["batch_size"]) for r in data["records"]}
     assert configs == {
-        ("hf_generate", 1), ("engine_plain", 1), ("engine_k4", 1), ("hf_assisted", 1), ("hf_assisted_k4", 1),
-        ("hf_generate", 4), ("engine_plain", 4), ("engine_k4", 4),
+        ("hf_generate", 1),
+        ("engine_plain", 1),
+        ("engine_k4", 1),
+        ("hf_assisted", 1),
+        ("hf_assisted_k4", 1),
+        ("hf_generate", 4),
+        ("engine_plain", 4),
+        ("engine_k4", 4),
     }
     for record in data["records"]:
         assert REQUIRED <= set(record) and record["tokens_per_s"] > 0

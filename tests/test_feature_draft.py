@@ -173,3 +173,57 @@ def test_plain_draft_spec_still_loads(target, tmp_path):
     target.save_pretrained(tmp_path / "plain")
     draft = load_draft(str(tmp_path / "plain"), LoadedModel(target, None, "tiny"))
     assert not isinstance(draft, FeatureDraft)
+
+
+def _trace(engine, ps, steps_seed: int) -> list:
+    """Greedy steps with random per-row draft lengths; the DraftBatch of every step."""
+    rng = random.Random(steps_seed)
+    for p in ps:
+        engine.add_request(p, SamplingParams(max_new_tokens=16))
+    seen = []
+    while engine.has_unfinished():
+        running = sorted(v.request_id for v in engine.requests() if v.status == "running")
+        drafts = engine.draft_step(StepPlan(draft_len={r: rng.randint(0, 4) for r in running}))
+        seen.append(drafts)
+        engine.verify()
+    return seen
+
+
+def test_companion_runs_on_its_own_cache_without_disturbing_the_draft(target, random_feature_draft):
+    """With a companion the draft's tokens and probabilities are unchanged; at the first draft
+    position (which depends on the context alone) the companion's distribution equals what it
+    gives when it is the draft itself, so it reads its own cache layers, not the draft's."""
+    from adactl.runtime.feature_draft import WithCompanion
+
+    def companion() -> FeatureDraft:
+        return FeatureDraft.from_target(target, reduced_vocab(seed=1), intermediate_size=32, seed=5).eval()
+
+    ps = prompts(3, seed=4)
+    paired = _trace(make_engine(target, WithCompanion(random_feature_draft, companion())), ps, 0)
+    alone = _trace(make_engine(target, random_feature_draft), ps, 0)
+    as_draft = _trace(make_engine(target, companion()), ps, 0)
+    assert len(paired) == len(alone)
+    # greedy outputs are the target's, so (request, context length) names one context in every run
+    own = {
+        (rid, int(c.context_len[i])): c.probs[i, 0]
+        for c in as_draft
+        for i, rid in enumerate(c.request_ids)
+        if c.draft_len[i] > 0
+    }
+    checked = 0
+    for p, a in zip(paired, alone):
+        assert p.request_ids == a.request_ids and torch.equal(p.tokens, a.tokens)
+        torch.testing.assert_close(p.probs, a.probs)
+        assert p.companion_probs is not None and a.companion_probs is None
+        for i, rid in enumerate(p.request_ids):
+            key = (rid, int(p.context_len[i]))
+            if p.draft_len[i] > 0 and key in own:
+                torch.testing.assert_close(p.companion_probs[i, 0], own[key])
+                checked += 1
+    assert checked > 5
+
+
+def test_companion_needs_feature_drafts(target, tmp_path):
+    target.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="feature drafts"):
+        load_draft(str(tmp_path / "plain"), LoadedModel(target, None, "tiny"), companion=str(tmp_path / "plain"))

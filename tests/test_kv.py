@@ -98,8 +98,15 @@ def test_token_tree_matches_chains_at_batch_2_with_holes(target):
     valid = torch.tensor([[True, True, True, True], [True, True, True, False]])
     with torch.no_grad():
         logits = kv.forward(target, tokens, valid, parents=parents).logits
-    paths = {(0, 0): [40], (0, 1): [40, 41], (0, 2): [40, 42], (0, 3): [40, 41, 43],
-             (1, 0): [44], (1, 1): [44, 45], (1, 2): [44, 45, 46]}
+    paths = {
+        (0, 0): [40],
+        (0, 1): [40, 41],
+        (0, 2): [40, 42],
+        (0, 3): [40, 41, 43],
+        (1, 0): [44],
+        (1, 1): [44, 45],
+        (1, 2): [44, 45, 46],
+    }
     for (row, node), path in paths.items():
         expected = plain_logits(target, ctx[row] + path)[-1]
         assert torch.allclose(logits[row, node], expected, atol=ATOL), (row, node)

@@ -47,8 +47,13 @@ def test_rejection_never_resamples_the_rejected_token():
     uniforms = torch.rand(n, 2, generator=gen)
     logits = p.clamp(min=1e-12).log().expand(n, 2, 3).clone()
     res = verify_chains(
-        logits, q.expand(n, 1, 3).clone(), torch.ones(n, 1, dtype=torch.long),
-        torch.ones(n, dtype=torch.long), torch.ones(n), torch.ones(n), uniforms,
+        logits,
+        q.expand(n, 1, 3).clone(),
+        torch.ones(n, 1, dtype=torch.long),
+        torch.ones(n, dtype=torch.long),
+        torch.ones(n),
+        torch.ones(n),
+        uniforms,
     )
     accepted = res.accepted == 1
     assert abs(accepted.float().mean().item() - 0.5) < 0.05  # min(1, p/q) = 0.5
