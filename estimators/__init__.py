@@ -1,5 +1,63 @@
-"""adactl.estimators: acceptance predictors, step-time model, deadline-risk model.
+"""adactl.estimators: utilities the controllers act on.
 
-Empty until the estimator issue lands; the runtime already reports everything they read
-(draft probabilities, per-row acceptance, step timings) as plain data.
+- acceptance predictors (conditional acceptance alpha per row and draft position):
+  `DraftConfidence`, `OnlineLogistic`, `CompanionSignal`, `MovingAverage`;
+- `StepTimeModel` (ExtraTrees over the step's shape) and `TokensPerStep`;
+- deadline risk of streaming requests: `AnalyticRisk`, `LearnedRisk`;
+- `calibration`: isotonic maps and the scores (AUC, Brier, ECE, reliability diagrams).
+
+Everything saves as JSON (skops for the trees) and loads with `load_acceptance` or the
+classes' own `load`/`from_dict`; train/fit_estimators.py fits them all on engine traces.
 """
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .base import AcceptancePredictor
+from .calibration import IsotonicMap, auc, brier, expected_calibration_error, reliability
+from .companion import CompanionSignal
+from .confidence import DraftConfidence
+from .deadline_risk import AnalyticRisk, LearnedRisk, StreamState
+from .features import acceptance_labels, companion_features, draft_features
+from .logistic import LogisticModel, OnlineLogistic
+from .moving_average import MovingAverage
+from .step_time import StepShape, StepTimeModel, TokensPerStep
+
+ACCEPTANCE = {c.name: c for c in (DraftConfidence, OnlineLogistic, CompanionSignal, MovingAverage)}
+
+
+def load_acceptance(path: str | Path) -> AcceptancePredictor:
+    """An acceptance predictor saved with `.save(path)` (JSON with its kind)."""
+    d = json.loads(Path(path).read_text())
+    kind = d.pop("kind", None)
+    if kind not in ACCEPTANCE:
+        raise ValueError(f"{path}: unknown acceptance predictor kind {kind!r} (known: {sorted(ACCEPTANCE)})")
+    return ACCEPTANCE[kind].from_dict(d)  # type: ignore[attr-defined,no-any-return]
+
+
+__all__ = [
+    "ACCEPTANCE",
+    "AcceptancePredictor",
+    "AnalyticRisk",
+    "CompanionSignal",
+    "DraftConfidence",
+    "IsotonicMap",
+    "LearnedRisk",
+    "LogisticModel",
+    "MovingAverage",
+    "OnlineLogistic",
+    "StepShape",
+    "StepTimeModel",
+    "StreamState",
+    "TokensPerStep",
+    "acceptance_labels",
+    "auc",
+    "brier",
+    "companion_features",
+    "draft_features",
+    "expected_calibration_error",
+    "load_acceptance",
+    "reliability",
+]

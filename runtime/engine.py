@@ -337,6 +337,7 @@ class Engine:
             context_len=torch.tensor([r.context_len for r in rows], dtype=torch.long),
             greedy=torch.tensor([r.sampling.temperature <= 0 for r in rows], dtype=torch.bool),
             companion_probs=comp_probs,
+            support=self._draft_vocab,
         )
 
     @torch.inference_mode()

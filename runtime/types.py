@@ -94,6 +94,7 @@ class DraftBatch:
     context_len: torch.Tensor  # [B] long tokens in each row's context before this step
     greedy: torch.Tensor  # [B] bool rows decoded greedily (temperature 0)
     companion_probs: torch.Tensor | None = None  # [B, K, V] float32 the companion's, at each draft position
+    support: torch.Tensor | None = None  # [N] long token ids outside which `probs` is 0 (None: all V)
 
 
 @dataclass(frozen=True)

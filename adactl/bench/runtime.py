@@ -81,8 +81,13 @@ def run_engine(
         wall = time.perf_counter() - start
     return _record(
         config="engine_plain" if draft is None else f"engine_k{k}",
-        batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
-        accepted_len=decode_tokens / max(row_steps, 1), kv_per_token=sum(kv_ratios) / max(len(kv_ratios), 1),
+        batch=batch,
+        tokens=tokens,
+        wall=wall,
+        steps=steps,
+        mem=mem,
+        accepted_len=decode_tokens / max(row_steps, 1),
+        kv_per_token=sum(kv_ratios) / max(len(kv_ratios), 1),
     )
 
 
@@ -106,9 +111,15 @@ def run_generate(
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
             with torch.inference_mode():
                 out = target.generate(  # type: ignore[operator]  # generate is decorated in transformers
-                    input_ids=ids, attention_mask=mask, max_new_tokens=work.max_new_tokens, do_sample=False,
-                    pad_token_id=work.eos_id, eos_token_id=work.eos_id, assistant_model=assistant,
-                    return_dict_in_generate=True, **generate_kwargs,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=work.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=work.eos_id,
+                    eos_token_id=work.eos_id,
+                    assistant_model=assistant,
+                    return_dict_in_generate=True,
+                    **generate_kwargs,
                 )
             generated = [_until_eos(row[width:].tolist(), work.eos_id) for row in out.sequences]
             tokens += sum(len(g) for g in generated)
@@ -119,7 +130,12 @@ def run_generate(
                 kv_ratios += _generate_kv_ratios(cache, group, generated, width)
         wall = time.perf_counter() - start
     return _record(
-        config=config, batch=batch, tokens=tokens, wall=wall, steps=steps, mem=mem,
+        config=config,
+        batch=batch,
+        tokens=tokens,
+        wall=wall,
+        steps=steps,
+        mem=mem,
         accepted_len=1.0 if assistant is None else None,
         kv_per_token=sum(kv_ratios) / len(kv_ratios) if kv_ratios else None,
     )
@@ -142,7 +158,7 @@ def _generate_kv_ratios(cache: Any, group: list[list[int]], generated: list[list
 
 def _groups(prompts: list[list[int]], batch: int) -> list[list[list[int]]]:
     if batch == 1:
-        return [[p] for p in prompts[: _BATCH1_PROMPTS]]
+        return [[p] for p in prompts[:_BATCH1_PROMPTS]]
     return [prompts[:batch]]
 
 
@@ -154,8 +170,14 @@ def _until_eos(tokens: list[int], eos: int) -> list[int]:
 
 
 def _record(
-    config: str, batch: int, tokens: int, wall: float, steps: int, mem: PeakMemory,
-    accepted_len: float | None, kv_per_token: float | None,
+    config: str,
+    batch: int,
+    tokens: int,
+    wall: float,
+    steps: int,
+    mem: PeakMemory,
+    accepted_len: float | None,
+    kv_per_token: float | None,
 ) -> dict[str, Any]:
     return {
         "config": config,
@@ -185,8 +207,15 @@ def _run(
     if config == "hf_assisted":  # transformers' defaults: up to 20 tokens, stop below 0.4 confidence
         return run_generate(target, work, 1, bar, assistant=draft, config=config)
     return run_generate(  # hf_assisted_k4: 4 draft tokens every step, like engine_k4
-        target, work, 1, bar, assistant=draft, config=config,
-        num_assistant_tokens=4, num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0,
+        target,
+        work,
+        1,
+        bar,
+        assistant=draft,
+        config=config,
+        num_assistant_tokens=4,
+        num_assistant_tokens_schedule="constant",
+        assistant_confidence_threshold=0.0,
     )
 
 
@@ -217,11 +246,16 @@ def add_ratios(runs: dict[tuple[str, int], list[dict[str, Any]]]) -> list[dict[s
                 for ra, rb in zip(runs[(a, batch)], runs[(b, batch)])
                 if ra.get(key) is not None and rb.get(key)
             ]
-            ratios.append({
-                "batch_size": batch, "metric": key, "compare": f"{a} / {b}",
-                "ratio": statistics.median(pairs) if pairs else None,
-                "min": min(pairs) if pairs else None, "max": max(pairs) if pairs else None,
-            })
+            ratios.append(
+                {
+                    "batch_size": batch,
+                    "metric": key,
+                    "compare": f"{a} / {b}",
+                    "ratio": statistics.median(pairs) if pairs else None,
+                    "min": min(pairs) if pairs else None,
+                    "max": max(pairs) if pairs else None,
+                }
+            )
     return ratios
 
 
@@ -265,7 +299,9 @@ def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, W
         lengths = torch.randint(8, 64, (n,), generator=gen).tolist()
         prompts = [torch.randint(1, 512, (m,), generator=gen).tolist() for m in lengths]
         meta: dict[str, Any] = {
-            "target": "tiny random Llama", "draft": "perturbed copy of the target", "workload": "random prompts",
+            "target": "tiny random Llama",
+            "draft": "perturbed copy of the target",
+            "workload": "random prompts",
         }
         return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
     from adactl.workloads import chat_prompts, read_sharegpt
@@ -280,7 +316,8 @@ def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, W
     prompts = chat_prompts(target_m.tokenizer, max(args.batch_sizes), args.max_prompt_tokens, data)
     eos = int(target_m.tokenizer.eos_token_id)
     meta = {
-        "target": args.target, "draft": args.draft,
+        "target": args.target,
+        "draft": args.draft,
         "draft_note": DRAFT_NOTE if args.draft == DEFAULT_DRAFT else "",
         "workload": f"ShareGPT V3 first user turns (<= {args.max_prompt_tokens} tokens), chat template",
         "sharegpt_records_read": len(data.records),
@@ -317,7 +354,13 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     write_json(out / "runtime.json", records, {**meta, "ratios": ratios, "rounds": all_runs})
     plot(records, out / "runtime.png", f"adactl bench runtime: {meta['target']} (draft: {meta['draft']})")
     columns = [
-        "config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token",
+        "config",
+        "batch_size",
+        "tokens_per_s",
+        "mean_accepted_len",
+        "step_ms",
+        "peak_mem_mb",
+        "kv_bytes_per_token",
     ]
     print(format_table(records, columns))
     print()

@@ -1,0 +1,102 @@
+"""What acceptance predictors read from a step's drafts, and the labels its outcome gives.
+
+Labels (DESIGN.md section 4): draft position j (from 0) of row i is *observed* when the target
+verified it and every position before it was accepted: j < verified_i and j <= accepted_i.
+Its label is 1 if accepted (j < accepted_i), else 0. So the label is the conditional
+acceptance alpha_j the predictors estimate: for greedy rows argmax agreement, for sampled
+rows the rejection rule's outcome (the engine reports whichever applies). Positions past
+the verified prefix are censored, not negative.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adactl.interface import StepRecord
+from adactl.runtime.types import DraftBatch
+
+DRAFT_FEATURES = ("own_prob", "log_own_prob", "entropy", "margin", "position", "recent")
+COMPANION_FEATURES = ("S", "A", "log_A", "log_own_prob", "log_companion_prob", "position", "recent")
+EPS = 1e-6
+
+
+def drafted_mask(drafts: DraftBatch) -> torch.Tensor:
+    """[B, K] bool: positions each row actually drafted."""
+    k = drafts.tokens.shape[1]
+    return torch.arange(k)[None, :] < drafts.draft_len[:, None]
+
+
+def _on_support(drafts: DraftBatch, probs: torch.Tensor) -> torch.Tensor:
+    # a feature draft's distributions are 0 outside its vocabulary: read only that part
+    return probs if drafts.support is None else probs.index_select(-1, drafts.support)
+
+
+def own_prob(drafts: DraftBatch) -> torch.Tensor:
+    """[B, K] the draft's probability of its own token (0 where nothing was drafted)."""
+    idx = drafts.tokens.clamp(min=0)[..., None]
+    return drafts.probs.gather(-1, idx)[..., 0] * drafted_mask(drafts)
+
+
+def draft_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K, F] features per draft position, named by `DRAFT_FEATURES`.
+
+    recent: [B] each request's recent acceptance rate (0.5 when unknown)."""
+    b, k = drafts.tokens.shape
+    q = own_prob(drafts)
+    p = _on_support(drafts, drafts.probs)
+    entropy = torch.special.entr(p).sum(-1)  # [B, K] nats
+    top = p.topk(2, dim=-1).values if p.shape[-1] >= 2 else torch.cat([p, torch.zeros_like(p)], -1)
+    margin = top[..., 0] - top[..., 1]
+    position = torch.arange(k, dtype=torch.float32)[None, :].expand(b, k)
+    rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
+    return torch.stack([q, torch.log(q + EPS), entropy, margin, position, rec.float()], dim=-1)
+
+
+def companion_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, K, F] Speculative Verification's features per position, named by `COMPANION_FEATURES`:
+    S = sum_v min(p_draft(v), p_companion(v)) and A = min(1, p_companion(t) / p_draft(t)) for
+    the drafted token t, plus the log-probabilities, position and recent acceptance."""
+    if drafts.companion_probs is None:
+        raise ValueError("these drafts carry no companion distributions: load the draft with companion=...")
+    b, k = drafts.tokens.shape
+    q = own_prob(drafts)
+    c = drafts.companion_probs.gather(-1, drafts.tokens.clamp(min=0)[..., None])[..., 0]
+    # min(p_d, p_c) is 0 wherever p_d is, so the draft's support is enough
+    s = torch.minimum(_on_support(drafts, drafts.probs), _on_support(drafts, drafts.companion_probs)).sum(-1)
+    a = torch.clamp(c / (q + EPS), max=1.0)
+    position = torch.arange(k, dtype=torch.float32)[None, :].expand(b, k)
+    rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
+    feats = [s, a, torch.log(a + EPS), torch.log(q + EPS), torch.log(c + EPS), position, rec.float()]
+    return torch.stack(feats, dim=-1) * drafted_mask(drafts)[..., None]
+
+
+def acceptance_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observed [B, K] bool, accepted [B, K] float32) for the step's draft positions."""
+    k = record.drafts.tokens.shape[1]
+    j = torch.arange(k)[None, :]
+    verified = record.verify_len.long().cpu()[:, None]
+    accepted = record.outcome.accepted.long().cpu()[:, None]
+    observed = (j < verified) & (j <= accepted)
+    return observed, (j < accepted).float()
+
+
+class RecentAcceptance:
+    """Each request's recent acceptance rate: an exponential moving average of its labels."""
+
+    def __init__(self, decay: float = 0.8, prior: float = 0.5) -> None:
+        self.decay, self.prior = decay, prior
+        self.rate: dict[str, float] = {}
+
+    def __call__(self, request_ids: tuple[str, ...]) -> torch.Tensor:
+        return torch.tensor([self.rate.get(r, self.prior) for r in request_ids], dtype=torch.float32)
+
+    def update(self, record: StepRecord) -> None:
+        observed, label = acceptance_labels(record)
+        for i, rid in enumerate(record.drafts.request_ids):
+            n = int(observed[i].sum())
+            if n:
+                mean = float(label[i][observed[i]].mean())
+                w = self.decay**n
+                self.rate[rid] = w * self.rate.get(rid, self.prior) + (1 - w) * mean
+        for rid in record.outcome.finished:
+            self.rate.pop(rid, None)

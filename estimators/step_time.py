@@ -1,0 +1,138 @@
+"""Step-time model: the engine's wall time for one step, predicted from the step's shape.
+
+Scikit-learn's `ExtraTreesRegressor` (as the adaptive-allocation poster does), multi-output:
+prefill, draft and verify seconds separately (the verify decision needs the verify part
+alone; the schedule decision the sum). Trees fit a staircase, which is what step cost is in
+tokens per step, so controllers search candidate shapes globally with `predict`. Fitted on
+profiles that `python train/profile.py` records (batch 1-64, draft lengths 0-8); saved with
+skops, loaded trusting nothing beyond scikit-learn's tree type.
+
+`TokensPerStep` is the companion table: mean tokens emitted per step (1 + accepted) by
+draft length, from verify outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adactl.interface import StepRecord
+
+TRUSTED = ["sklearn.tree._tree.Tree"]
+PARTS = ("prefill_s", "draft_s", "verify_s")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step costs depends on (DESIGN.md: the staircase is in tokens per step)."""
+
+    rows: int  # decode rows
+    verify_tokens: int  # target tokens in the verify forward: sum over rows of (verified + 1)
+    max_verify: int  # the longest row's verified + 1 (the forward is [rows, max_verify])
+    draft_tokens: int  # draft tokens proposed over all rows
+    max_draft: int  # the longest draft (the draft runs this many forwards)
+    prefill_tokens: int  # prompt tokens computed this step
+    context_tokens: int  # sum of the decode rows' context lengths
+
+    @classmethod
+    def of(cls, record: StepRecord) -> StepShape:
+        d, cut = record.drafts, record.verify_len.long()
+        rows = len(d.request_ids)
+        return cls(
+            rows=rows,
+            verify_tokens=int(cut.sum()) + rows,
+            max_verify=int(cut.max()) + 1 if rows else 0,
+            draft_tokens=int(d.draft_len.sum()),
+            max_draft=int(d.draft_len.max()) if rows else 0,
+            prefill_tokens=int(record.outcome.prefill_tokens),
+            context_tokens=int(d.context_len.sum()),
+        )
+
+    @staticmethod
+    def names() -> list[str]:
+        return [f.name for f in fields(StepShape)]
+
+
+def shape_matrix(shapes: list[StepShape]) -> np.ndarray:
+    return np.array([astuple(s) for s in shapes], dtype=np.float64).reshape(len(shapes), len(StepShape.names()))
+
+
+class StepTimeModel:
+    """ExtraTrees over `StepShape` -> (prefill, draft, verify) seconds."""
+
+    def __init__(self, n_estimators: int = 60, min_samples_leaf: int = 2, seed: int = 0) -> None:
+        from sklearn.ensemble import ExtraTreesRegressor
+
+        self.trees = ExtraTreesRegressor(
+            n_estimators=n_estimators, min_samples_leaf=min_samples_leaf, random_state=seed, n_jobs=1
+        )
+        self.fitted = False
+
+    def fit(self, shapes: list[StepShape], seconds: np.ndarray) -> StepTimeModel:
+        """seconds: [N, 3] prefill, draft, verify wall seconds per step."""
+        self.trees.fit(shape_matrix(shapes), np.asarray(seconds, dtype=np.float64))
+        self.fitted = True
+        return self
+
+    def predict_parts(self, shapes: list[StepShape]) -> np.ndarray:
+        """[N, 3] predicted prefill, draft and verify seconds."""
+        if not self.fitted:
+            raise RuntimeError("the step-time model is not fitted: run python train/fit_estimators.py")
+        return np.asarray(self.trees.predict(shape_matrix(shapes))).reshape(len(shapes), len(PARTS))
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        """[N] predicted step seconds."""
+        return self.predict_parts(shapes).sum(1)
+
+    def save(self, path: str | Path) -> None:
+        import skops.io as sio
+
+        sio.dump(self.trees, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepTimeModel:
+        import skops.io as sio
+
+        model = cls()
+        model.trees = sio.load(path, trusted=TRUSTED)
+        model.fitted = True
+        return model
+
+
+def mape(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean absolute percentage error."""
+    return float(np.mean(np.abs(pred - true) / np.maximum(true, 1e-9)))
+
+
+class TokensPerStep:
+    """Mean tokens a row emits per step (accepted + 1) by draft length k, from outcomes."""
+
+    def __init__(self, max_len: int = 16) -> None:
+        self.total = torch.zeros(max_len + 1, dtype=torch.float64)
+        self.count = torch.zeros(max_len + 1, dtype=torch.float64)
+
+    def update(self, record: StepRecord) -> None:
+        k = record.verify_len.long().clamp(max=len(self.total) - 1)
+        self.total.index_add_(0, k, record.outcome.accepted.double() + 1)
+        self.count.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
+
+    def mean(self) -> torch.Tensor:
+        """[max_len + 1] mean tokens per step at each verified length (nan where unseen)."""
+        return self.total / self.count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total.tolist(), "count": self.count.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TokensPerStep:
+        t = cls(len(d["total"]) - 1)
+        t.total, t.count = torch.tensor(d["total"], dtype=torch.float64), torch.tensor(d["count"], dtype=torch.float64)
+        return t
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()) + "\n")
