@@ -1,0 +1,170 @@
+"""Record step-time profiles of the engine: the data the step-time model is fitted on.
+
+    python train/profile.py                      # default target, draft + companion, CPU
+    python train/profile.py --batches 1,4,16 --reps 2 --out /tmp/profile.json
+
+For each batch size, that many ShareGPT prompts (training split) are prefilled, then every
+draft length 0..8 runs `--reps` steps (in a shuffled order), half verifying whole drafts and
+half a random prefix per row (verify controllers cut drafts short). Each step's shape
+(`StepShape`) and its prefill, draft and verify seconds are written as JSON. At the largest
+batch it also times what the controllers add per step (estimate + act of each acceptance
+predictor) against that step's own time.
+
+Take profiles on a quiet machine: anything else running shows up in every number.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# this file's name shadows the standard library's `profile` (which torch imports through
+# cProfile): keep train/ off the import path before anything else is imported
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict
+
+import torch
+from tqdm import tqdm
+
+from adactl.controllers import ConfidenceStop
+from adactl.estimators import CompanionSignal, DraftConfidence, MovingAverage, OnlineLogistic, StepShape
+from adactl.estimators.traces import TraceRecorder
+from adactl.interface import ScheduleState, StepRecord, VerifyState
+from adactl.runtime import Engine, SamplingParams, StepPlan
+from adactl.runtime.models import load_draft, load_model, tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "models" / "estimators" / "profile.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", default="smollm2")
+    p.add_argument("--draft", default="draft")
+    p.add_argument("--companion", default="companion", help="'' for none")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--max-k", type=int, default=8)
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run)")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    return args
+
+
+def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
+    if args.tiny:
+        from adactl.runtime import FeatureDraft
+        from adactl.runtime.feature_draft import WithCompanion
+
+        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0)
+        draft = WithCompanion(
+            FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval(),
+            FeatureDraft.from_target(target, list(range(0, 256, 2)), 32, seed=2).eval(),
+        )
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(args.batches)
+        prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 40, (n,))]
+        return Engine(target, draft), prompts, {"target": "tiny", "draft": "tiny+companion"}
+    from adactl.workloads import chat_prompts, read_sharegpt
+
+    loaded = load_model(args.target, dtype=getattr(torch, args.dtype))
+    draft = load_draft(args.draft, loaded, companion=args.companion or None)
+    prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, read_sharegpt())
+    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": args.dtype}
+    return Engine(loaded.model, draft, loaded.tokenizer), prompts, meta
+
+
+def overhead(drafts, steps_s: float, reps: int = 5) -> dict[str, float]:
+    """Seconds of estimate + act per predictor on one step's drafts, and the ratio to the step."""
+    state = VerifyState(time.perf_counter(), drafts)
+    predictors = [DraftConfidence(), OnlineLogistic(), MovingAverage()]
+    if drafts.companion_probs is not None:
+        predictors.append(CompanionSignal())
+    out: dict[str, float] = {"step_s": steps_s, "rows": len(drafts.request_ids), "k": int(drafts.draft_len.max())}
+    for p in predictors:
+        stop = ConfidenceStop(0.4, p)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            stop.act(state, p.estimate(state))
+            best = min(best, time.perf_counter() - t0)
+        out[f"{p.name}_s"] = best
+        out[f"{p.name}_ratio"] = best / steps_s
+    return out
+
+
+def profile(args: argparse.Namespace) -> dict:
+    engine, prompts, meta = load(args)
+    rng = random.Random(args.seed)
+    recorder = TraceRecorder()
+    costs: dict[str, float] = {}
+    total = sum(args.reps * (args.max_k + 1) for _ in args.batches)
+    bar = tqdm(total=total, desc="profile steps", unit="step")
+    for b in args.batches:
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=4096, stop_on_eos=False)) for p in prompts[:b]]
+        plan0 = StepPlan(draft_len=0, prefill_budget=512)
+        while any(v.status != "running" for v in engine.requests()):
+            drafts = engine.draft_step(plan0)
+            outcome = engine.verify()
+            state = ScheduleState(time.perf_counter(), tuple(engine.requests()), args.max_k, plan0)
+            recorder.update(StepRecord(state, plan0, drafts, drafts.draft_len, outcome))
+        ks = [k for k in range(args.max_k + 1) for _ in range(args.reps)]
+        rng.shuffle(ks)
+        for i, k in enumerate(ks):
+            plan = StepPlan(draft_len=k, prefill_budget=0)
+            drafts = engine.draft_step(plan)
+            cut = drafts.draft_len.clone()
+            if i % 2:
+                cut = torch.tensor([rng.randint(0, int(n)) for n in drafts.draft_len])
+            outcome = engine.verify(cut)
+            state = ScheduleState(time.perf_counter(), tuple(engine.requests()), args.max_k, plan)
+            recorder.update(StepRecord(state, plan, drafts, cut, outcome))
+            if b == max(args.batches) and k == args.max_k and not costs:
+                costs = overhead(drafts, outcome.total_s)
+            bar.update(1)
+        for rid in ids:
+            engine.cancel(rid)
+        engine.draft_step(StepPlan(draft_len=0, prefill_budget=0))
+        engine.verify()
+        engine.pop_finished()
+    bar.close()
+    seconds = recorder.step_seconds()
+    return {
+        "meta": {**meta, "batches": args.batches, "max_k": args.max_k, "reps": args.reps, "seed": args.seed},
+        "steps": [asdict(s) | {"prefill_s": p, "draft_s": d, "verify_s": v} for s, (p, d, v) in zip(
+            recorder.shapes, seconds.tolist())],
+        "overhead": costs,
+    }  # fmt: skip
+
+
+def read_profile(path: str | Path) -> tuple[list[StepShape], list[list[float]], dict]:
+    data = json.loads(Path(path).read_text())
+    names = StepShape.names()
+    shapes = [StepShape(**{n: s[n] for n in names}) for s in data["steps"]]
+    seconds = [[s["prefill_s"], s["draft_s"], s["verify_s"]] for s in data["steps"]]
+    return shapes, seconds, data
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    result = profile(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=0) + "\n")
+    print(f"{len(result['steps'])} steps -> {out}")
+    if result["overhead"]:
+        print("estimate + act at the largest batch:", json.dumps(result["overhead"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
