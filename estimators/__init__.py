@@ -21,7 +21,7 @@ from .companion import CompanionSignal
 from .confidence import DraftConfidence
 from .deadline_risk import AnalyticRisk, LearnedRisk, StreamState
 from .features import acceptance_labels, companion_features, draft_features
-from .logistic import LogisticModel, OnlineLogistic
+from .logistic import ByMode, LogisticModel, OnlineLogistic
 from .moving_average import MovingAverage
 from .step_time import StepShape, StepTimeModel, TokensPerStep
 
@@ -41,6 +41,7 @@ __all__ = [
     "ACCEPTANCE",
     "AcceptancePredictor",
     "AnalyticRisk",
+    "ByMode",
     "CompanionSignal",
     "DraftConfidence",
     "IsotonicMap",

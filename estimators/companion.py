@@ -6,8 +6,8 @@ reject. Per draft position: S = sum_v min(p_draft(v), p_companion(v)) (the overl
 distributions) and A = min(1, p_companion(t) / p_draft(t)) for the drafted token t (the
 rejection rule with the companion standing in for the target), together with the log
 probabilities, the position and the request's recent acceptance
-(`features.COMPANION_FEATURES`), go to a logistic classifier whose output an isotonic map
-calibrates. Fitted on engine traces by train/fit_estimators.py.
+(`features.COMPANION_FEATURES`), go to a logistic classifier (one for greedy rows, one for
+sampled rows) whose output an isotonic map calibrates. Fitted on engine traces by train/fit_estimators.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from adactl.runtime.types import DraftBatch
 from .base import AcceptancePredictor
 from .calibration import IsotonicMap
 from .features import COMPANION_FEATURES, RecentAcceptance, acceptance_labels, companion_features
-from .logistic import LogisticModel
+from .logistic import ByMode
 
 
 class CompanionSignal(AcceptancePredictor):
@@ -30,9 +30,9 @@ class CompanionSignal(AcceptancePredictor):
     features = COMPANION_FEATURES
 
     def __init__(
-        self, model: LogisticModel | None = None, calibration: IsotonicMap | None = None, online: bool = False
+        self, model: ByMode | None = None, calibration: IsotonicMap | None = None, online: bool = False
     ) -> None:
-        self.model = model or LogisticModel(len(self.features))
+        self.model = model or ByMode(len(self.features))
         self.calibration = calibration
         self.online = online
         self.recent = RecentAcceptance()
@@ -41,14 +41,15 @@ class CompanionSignal(AcceptancePredictor):
         return companion_features(drafts, self.recent(drafts.request_ids))
 
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
-        p = self.model.predict(self.inputs(drafts))
+        p = self.model.predict(self.inputs(drafts), drafts.greedy[:, None])
         return self.calibration(p) if self.calibration is not None else p
 
     def update(self, record: StepRecord) -> None:
         if self.online:
             observed, label = acceptance_labels(record)
             if bool(observed.any()):
-                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed])
+                greedy = record.drafts.greedy[:, None].expand_as(observed)[observed]
+                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed], greedy)
         self.recent.update(record)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,4 +62,4 @@ class CompanionSignal(AcceptancePredictor):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CompanionSignal:
         cal = IsotonicMap.from_dict(d["calibration"]) if d.get("calibration") else None
-        return cls(LogisticModel.from_dict(d["model"]), cal, d.get("online", False))
+        return cls(ByMode.from_dict(d["model"]), cal, d.get("online", False))

@@ -2,11 +2,13 @@
 
 alpha_j = sigmoid(w . standardise(x_j) + b), with x_j = own-token probability, its log,
 the entropy of the draft distribution, the top-1/top-2 margin, the position j and the
-request's recent acceptance (`features.DRAFT_FEATURES`). Fitted offline on engine traces
-(train/fit_estimators.py) and then updated from every verify outcome while serving: one
-AdaGrad step on the step's observed positions.
+request's recent acceptance (`features.DRAFT_FEATURES`). Greedy and sampled rows get a
+model each (`ByMode`): argmax agreement and the rejection rule relate to the draft's
+probabilities differently (with sampling, a token the draft over-rates is *less* likely to
+pass). Fitted offline on engine traces (train/fit_estimators.py) and then updated from every
+verify outcome while serving: one AdaGrad step on the step's observed positions.
 
-`LogisticModel` is the plain model, shared with the companion-signal predictor.
+`LogisticModel` is the plain model and `ByMode` the pair, shared with the companion signal.
 """
 
 from __future__ import annotations
@@ -82,12 +84,43 @@ class LogisticModel:
         return m
 
 
+class ByMode:
+    """A `LogisticModel` for greedy rows and one for sampled rows."""
+
+    def __init__(self, n_features: int, greedy: LogisticModel | None = None, sampled: LogisticModel | None = None):
+        self.greedy = greedy or LogisticModel(n_features)
+        self.sampled = sampled or LogisticModel(n_features)
+
+    def predict(self, x: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+        """x [..., F] with greedy [...] (broadcast from rows) -> [...] probabilities."""
+        g = greedy.expand(x.shape[:-1])
+        return torch.where(g, self.greedy.predict(x), self.sampled.predict(x))
+
+    def fit(self, x: torch.Tensor, y: torch.Tensor, greedy: torch.Tensor) -> ByMode:
+        for model, m in ((self.greedy, greedy), (self.sampled, ~greedy)):
+            if int(m.sum()) >= 2 and 0 < float(y[m].mean()) < 1:
+                model.fit(x[m], y[m])
+        return self
+
+    def partial_fit(self, x: torch.Tensor, y: torch.Tensor, greedy: torch.Tensor) -> None:
+        self.greedy.partial_fit(x[greedy], y[greedy])
+        self.sampled.partial_fit(x[~greedy], y[~greedy])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"greedy": self.greedy.to_dict(), "sampled": self.sampled.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ByMode:
+        g, s = LogisticModel.from_dict(d["greedy"]), LogisticModel.from_dict(d["sampled"])
+        return cls(len(g.w), g, s)
+
+
 class OnlineLogistic(AcceptancePredictor):
     name = "logistic"
     features = DRAFT_FEATURES
 
-    def __init__(self, model: LogisticModel | None = None, online: bool = True) -> None:
-        self.model = model or LogisticModel(len(self.features))
+    def __init__(self, model: ByMode | None = None, online: bool = True) -> None:
+        self.model = model or ByMode(len(self.features))
         self.online = online
         self.recent = RecentAcceptance()
 
@@ -95,13 +128,14 @@ class OnlineLogistic(AcceptancePredictor):
         return draft_features(drafts, self.recent(drafts.request_ids))
 
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
-        return self.model.predict(self.inputs(drafts))
+        return self.model.predict(self.inputs(drafts), drafts.greedy[:, None])
 
     def update(self, record: StepRecord) -> None:
         if self.online:
             observed, label = acceptance_labels(record)
             if bool(observed.any()):
-                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed])
+                greedy = record.drafts.greedy[:, None].expand_as(observed)[observed]
+                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed], greedy)
         self.recent.update(record)  # after: the features above are those the estimate saw
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,4 +143,4 @@ class OnlineLogistic(AcceptancePredictor):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> OnlineLogistic:
-        return cls(LogisticModel.from_dict(d["model"]), d.get("online", True))
+        return cls(ByMode.from_dict(d["model"]), d.get("online", True))

@@ -4,7 +4,7 @@ Scikit-learn's `ExtraTreesRegressor` (as the adaptive-allocation poster does), m
 prefill, draft and verify seconds separately (the verify decision needs the verify part
 alone; the schedule decision the sum). Trees fit a staircase, which is what step cost is in
 tokens per step, so controllers search candidate shapes globally with `predict`. Fitted on
-profiles that `python train/profile.py` records (batch 1-64, draft lengths 0-8); saved with
+profiles that `python train/profile_steps.py` records (batch 1-64, draft lengths 0-8); saved with
 skops, loaded trusting nothing beyond scikit-learn's tree type.
 
 `TokensPerStep` is the companion table: mean tokens emitted per step (1 + accepted) by

@@ -1,7 +1,10 @@
 """Record step-time profiles of the engine: the data the step-time model is fitted on.
 
-    python train/profile.py                      # default target, draft + companion, CPU
-    python train/profile.py --batches 1,4,16 --reps 2 --out /tmp/profile.json
+(Not train/profile.py: that name would shadow the standard library's `profile`, which torch
+imports, for every script in train/.)
+
+    python train/profile_steps.py                      # default target, draft + companion, CPU
+    python train/profile_steps.py --batches 1,4,16 --reps 2 --out /tmp/profile.json
 
 For each batch size, that many ShareGPT prompts (training split) are prefilled, then every
 draft length 0..8 runs `--reps` steps (in a shuffled order), half verifying whole drafts and
@@ -15,18 +18,12 @@ Take profiles on a quiet machine: anything else running shows up in every number
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# this file's name shadows the standard library's `profile` (which torch imports through
-# cProfile): keep train/ off the import path before anything else is imported
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import argparse
 import json
 import random
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
