@@ -46,7 +46,7 @@ class TraceRecorder:
     group_of: dict[str, int] = field(default_factory=dict)  # request id -> group (default 0)
     recent: RecentAcceptance = field(default_factory=RecentAcceptance)
     steps: int = 0
-    _rows: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    _rows: list[tuple[torch.Tensor | None, ...]] = field(default_factory=list)
     shapes: list[StepShape] = field(default_factory=list)
     seconds: list[tuple[float, float, float]] = field(default_factory=list)  # prefill, draft, verify
 

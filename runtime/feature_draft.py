@@ -188,8 +188,8 @@ class WithCompanion(nn.Module):
             layer.self_attn.layer_idx = draft.config.num_layers + i  # type: ignore[union-attr]
         self.config = draft.config
         self.hidden_size = draft.hidden_size
-        self.register_buffer("vocab_ids", draft.vocab_ids, persistent=False)
-        self.register_buffer("companion_vocab_ids", companion.vocab_ids, persistent=False)
+        self.register_buffer("vocab_ids", torch.as_tensor(draft.vocab_ids), persistent=False)
+        self.register_buffer("companion_vocab_ids", torch.as_tensor(companion.vocab_ids), persistent=False)
 
     def get_text_config(self) -> Any:
         text = self.draft.get_text_config().__class__(**self.draft.get_text_config().to_dict())

@@ -175,10 +175,10 @@ def load_draft(
     from .feature_draft import CONFIG, FeatureDraft, WithCompanion
 
     if companion is not None:
-        draft, second = load_draft(spec, target, device), load_draft(companion, target, device)
-        if not (isinstance(draft, FeatureDraft) and isinstance(second, FeatureDraft)):
+        first, second = load_draft(spec, target, device), load_draft(companion, target, device)
+        if not (isinstance(first, FeatureDraft) and isinstance(second, FeatureDraft)):
             raise ValueError("a companion runs next to a feature draft: both must be feature drafts")
-        return WithCompanion(draft, second)
+        return WithCompanion(first, second)
 
     path = SHIPPED_MODELS / spec if spec in SHIPPED_DRAFTS else Path(spec).expanduser()
     if spec in SHIPPED_DRAFTS and not (path / CONFIG).is_file():
