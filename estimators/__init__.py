@@ -29,7 +29,15 @@ ACCEPTANCE = {c.name: c for c in (DraftConfidence, OnlineLogistic, CompanionSign
 
 
 def load_acceptance(path: str | Path) -> AcceptancePredictor:
-    """An acceptance predictor saved with `.save(path)` (JSON with its kind)."""
+    """An acceptance predictor saved with `.save(path)` (JSON with its kind), or the name of
+    one fitted for the default models and shipped in models/estimators/ (`confidence`,
+    `logistic`, `companion`, `moving_average`)."""
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    if str(path) in ACCEPTANCE and not Path(path).exists():
+        path = SHIPPED_MODELS / "estimators" / f"{path}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: run python train/fit_estimators.py")
     d = json.loads(Path(path).read_text())
     kind = d.pop("kind", None)
     if kind not in ACCEPTANCE:

@@ -121,6 +121,16 @@ class TokensPerStep:
         self.total.index_add_(0, k, record.outcome.accepted.double() + 1)
         self.count.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
 
+    @classmethod
+    def from_alpha(cls, alpha: list[float]) -> TokensPerStep:
+        """The table implied by conditional acceptance per position (alpha_0, alpha_1, ...):
+        tokens(k) = 1 + sum_{j < k} prod_{i <= j} alpha_i."""
+        table = cls(len(alpha))
+        survival = torch.cumprod(torch.tensor(alpha, dtype=torch.float64), 0)
+        table.total = torch.cat([torch.ones(1, dtype=torch.float64), 1 + survival.cumsum(0)])
+        table.count = torch.ones(len(alpha) + 1, dtype=torch.float64)
+        return table
+
     def mean(self) -> torch.Tensor:
         """[max_len + 1] mean tokens per step at each verified length (nan where unseen)."""
         return self.total / self.count

@@ -23,6 +23,7 @@ from adactl.estimators import (
     StepShape,
     StepTimeModel,
     StreamState,
+    TokensPerStep,
     acceptance_labels,
     auc,
     brier,
@@ -269,3 +270,18 @@ def test_profile_and_fit_scripts_run_end_to_end(tmp_path):
     assert report["step_time"]["mape"] >= 0 and report["step_time"]["overhead"]["rows"] == 4
     assert len(report["deadline_risk"]["learned"]["deciles"]) == 10
     assert not list(est.glob("*.pkl")) and not list(est.glob("*.pickle"))
+
+
+def test_tokens_per_step_table(trace):
+    assert TokensPerStep.from_alpha([0.5, 0.5]).mean().tolist() == [1.0, 1.5, 1.75]
+    _, records = trace
+    table = TokensPerStep()
+    emitted: dict[int, list[int]] = {}
+    for r in records:
+        table.update(r)
+        for v, a in zip(r.verify_len.tolist(), r.outcome.accepted.tolist()):
+            emitted.setdefault(v, []).append(a + 1)
+    for v, counts in emitted.items():
+        assert float(table.mean()[v]) == pytest.approx(np.mean(counts))
+    back = TokensPerStep.from_dict(json.loads(json.dumps(table.to_dict())))
+    torch.testing.assert_close(back.mean(), table.mean(), equal_nan=True)

@@ -14,6 +14,7 @@ def test_embedding_example_runs():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
     example = next(b for b in blocks if "engine.verify" in b)
+    assert "estimate(state)" in example  # the example embeds a controller, not only the engine
     streamed: dict[str, str] = {}
 
     def stream(request_id: str, text: str) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
@@ -273,11 +272,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_trace = record(target, draft, eval_prompts, args, "held-out")
     report: dict[str, Any] = {"args": vars(args)}
     report["acceptance"] = fit_acceptance(train_trace.acceptance(), test_trace.acceptance(), out)
-    tokens = TokensPerStep()
-    rows = train_trace.acceptance()
-    for j in range(args.k + 1):  # tokens per step when verifying j: 1 + accepted, from the survival
-        surv = [float(rows.label[rows.position == i].mean()) for i in range(j)]
-        tokens.total[j], tokens.count[j] = 1 + sum(math.prod(surv[: i + 1]) for i in range(j)), 1
+    train_rows = train_trace.acceptance()
+    alpha = [float(train_rows.label[train_rows.position == j].mean()) for j in range(args.k)]
+    tokens = TokensPerStep.from_alpha(alpha)  # mean tokens per step by draft length, greedy and sampled
     tokens.save(out / "tokens_per_step.json")
     report["tokens_per_step"] = tokens.mean().tolist()[: args.k + 1]
     report["step_time"] = fit_step_time(Path(args.profile), out, args.seed)
