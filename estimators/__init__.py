@@ -34,11 +34,12 @@ def load_acceptance(path: str | Path) -> AcceptancePredictor:
     `logistic`, `companion`, `moving_average`)."""
     from adactl.runtime.models import SHIPPED_MODELS
 
-    if str(path) in ACCEPTANCE and not Path(path).exists():
-        path = SHIPPED_MODELS / "estimators" / f"{path}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run python train/fit_estimators.py")
-    d = json.loads(Path(path).read_text())
+    file = Path(path)
+    if str(path) in ACCEPTANCE and not file.exists():
+        file = SHIPPED_MODELS / "estimators" / f"{path}.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing: run python train/fit_estimators.py")
+    d = json.loads(file.read_text())
     kind = d.pop("kind", None)
     if kind not in ACCEPTANCE:
         raise ValueError(f"{path}: unknown acceptance predictor kind {kind!r} (known: {sorted(ACCEPTANCE)})")
