@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from adactl.interface import AcceptanceEstimate, StepRecord, VerifyState
+from adactl.interface import AcceptanceEstimate, ScheduleState, StepRecord, VerifyState
 from adactl.runtime.types import DraftBatch
 
 from .features import drafted_mask
@@ -29,13 +29,21 @@ class AcceptancePredictor:
 
     name = "acceptance"
 
-    def estimate(self, state: VerifyState | DraftBatch) -> AcceptanceEstimate:
+    def estimate(self, state: VerifyState | DraftBatch | ScheduleState) -> AcceptanceEstimate:
+        """At the verify decision: alpha of the drafts [B, K]. At the schedule decision (no
+        drafts yet): alpha [R, max_draft_len] for the running requests, if the predictor
+        can say anything before drafting (`before_drafting`)."""
+        if isinstance(state, ScheduleState):
+            return AcceptanceEstimate(self.before_drafting(state).float().clamp(0.0, 1.0))
         drafts = drafts_of(state)
         alpha = self.predict(drafts).float().clamp(0.0, 1.0) * drafted_mask(drafts)
         return AcceptanceEstimate(alpha)
 
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def before_drafting(self, state: ScheduleState) -> torch.Tensor:
+        raise TypeError(f"the {self.name} predictor reads the drafts: use it at the verify decision")
 
     def update(self, record: StepRecord) -> None:
         return None

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from adactl.interface import StepRecord
+from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import DraftBatch
 
 from .base import AcceptancePredictor
@@ -34,6 +34,9 @@ class MovingAverage(AcceptancePredictor):
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
         b, k = drafts.tokens.shape
         return self.alpha(k)[None, :].expand(b, k)
+
+    def before_drafting(self, state: ScheduleState) -> torch.Tensor:
+        return self.alpha(state.max_draft_len)[None, :].expand(len(state.running), state.max_draft_len)
 
     def update(self, record: StepRecord) -> None:
         observed, label = acceptance_labels(record)

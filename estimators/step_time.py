@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -60,6 +60,12 @@ class StepShape:
 
 def shape_matrix(shapes: list[StepShape]) -> np.ndarray:
     return np.array([astuple(s) for s in shapes], dtype=np.float64).reshape(len(shapes), len(StepShape.names()))
+
+
+class StepTimePredictor(Protocol):
+    """What controllers need of a step-time model: seconds for each candidate shape."""
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray: ...
 
 
 class StepTimeModel:

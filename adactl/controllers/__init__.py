@@ -2,9 +2,27 @@
 
 Schedule controllers return a `StepPlan`; verify controllers return `[B]` verify lengths.
 Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.ControlLoop`.
+
+- baselines: `NoSpeculation`, `FixedDraftLength` (standard speculative decoding),
+  `HeuristicSchedule` (transformers' +2/-1), `ConfidenceStop` (transformers' 0.4 stop),
+  `BucketEMA` (SGLang's accepted-length average per batch-size bucket);
+- `SpeculativeVerification`: batch-aware verify lengths from acceptance + step time;
+- `GoodputLength`: the draft length that maximises predicted tokens per second.
 """
 
+from .bucket_ema import BucketEMA
 from .fixed import FixedDraftLength, NoSpeculation
+from .goodput import GoodputLength
+from .heuristic import HeuristicSchedule
+from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 
-__all__ = ["ConfidenceStop", "FixedDraftLength", "NoSpeculation"]
+__all__ = [
+    "BucketEMA",
+    "ConfidenceStop",
+    "FixedDraftLength",
+    "GoodputLength",
+    "HeuristicSchedule",
+    "NoSpeculation",
+    "SpeculativeVerification",
+]

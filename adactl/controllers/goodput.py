@@ -1,0 +1,50 @@
+"""Goodput-optimal candidate count (the adaptive-allocation poster): how many tokens to draft.
+
+Before drafting, with conditional acceptance alpha_j per position from an estimator that can
+speak before drafting (the per-position moving average by default), drafting c tokens per
+running request yields in expectation tokens(c) = 1 + sum_{j < c} prod_{i <= j} alpha_i
+per request, and the step takes T(c) (the step-time model on the shape a c-token step has:
+rows, rows * (c + 1) verify tokens, rows * c draft tokens, the prefill the plan allows,
+the running requests' context). The controller drafts
+
+    c* = argmax_{c in 0..K}  R * tokens(c) / T(c)          (R running requests)
+
+every step, so the choice follows the load: as the batch grows, verification stops being
+nearly free and c* falls to 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from adactl.estimators.moving_average import MovingAverage
+from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState
+from adactl.runtime.types import StepPlan
+
+
+class GoodputLength(Controller):
+    name = "goodput"
+
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None) -> None:
+        self.step_time = step_time
+        self.estimator = estimator if estimator is not None else MovingAverage()
+
+    def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
+        running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
+        rows, k = len(running), state.max_draft_len
+        if rows == 0 or k == 0:
+            return replace(state.plan, draft_len=0)
+        # one alpha per position for the batch: the mean over running requests
+        alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
+        gain = torch.cat([torch.zeros(1), torch.cumprod(alpha, 0).cumsum(0)])  # [K + 1]
+        context = sum(r.context_len for r in running)
+        waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
+        prefill = min(state.plan.prefill_budget, waiting)
+        shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
+        seconds = np.maximum(self.step_time.predict(shapes), 1e-6)
+        rate = rows * (1 + gain.numpy()) / seconds
+        return replace(state.plan, draft_len=int(np.argmax(rate)))

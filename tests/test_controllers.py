@@ -1,0 +1,183 @@
+"""Speculation controllers: their rules on hand-built states (as a custom server would call
+them), the global search of Speculative Verification against brute force, and losslessness
+in the control loop on tiny random Llamas."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from adactl.controllers import (
+    BucketEMA,
+    ConfidenceStop,
+    FixedDraftLength,
+    GoodputLength,
+    HeuristicSchedule,
+    SpeculativeVerification,
+)
+from adactl.controllers.bucket_ema import bucket
+from adactl.estimators import MovingAverage, StepShape, StepTimeModel
+from adactl.interface import AcceptanceEstimate, ScheduleState, StepRecord, VerifyState
+from adactl.loop import ControlLoop
+from adactl.runtime import DraftBatch, RequestView, SamplingParams, StepOutcome, StepPlan
+
+from .helpers import greedy_reference, make_engine, prompts
+
+
+def cost(s: StepShape) -> float:
+    """A CPU-like step time: a rectangular verify forward [rows, max_verify] plus drafting."""
+    return 0.02 + 0.004 * s.rows * s.max_verify + 0.002 * s.max_draft + 0.0005 * s.draft_tokens
+
+
+class ExactCost:
+    """The step-time predictor interface with `cost` itself: isolates the search from the fit."""
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        return np.array([cost(s) for s in shapes])
+
+
+@pytest.fixture(scope="module")
+def step_time() -> StepTimeModel:
+    """ExtraTrees fitted on `cost` at random shapes, as train/fit_estimators.py fits profiles."""
+    rng = random.Random(0)
+    shapes = []
+    for _ in range(3000):
+        rows, k = rng.choice([1, 2, 3, 4, 8, 16, 32, 64]), rng.randint(0, 8)
+        cut = [rng.randint(0, k) for _ in range(rows)]
+        shapes.append(StepShape(rows, sum(cut) + rows, max(cut) + 1, rows * k, k, 0, rows * 100))
+    y = np.array([[0.0, 0.0, cost(s)] for s in shapes])
+    return StepTimeModel(n_estimators=30, min_samples_leaf=1).fit(shapes, y)
+
+
+def view(rid: str, context: int = 50) -> RequestView:
+    return RequestView(rid, "running", 40, 40, context - 40, context, 0.0, 0.1, SamplingParams())
+
+
+def drafts_for(survival_rows: list[list[float]]) -> tuple[DraftBatch, AcceptanceEstimate]:
+    b, k = len(survival_rows), max(len(r) for r in survival_rows)
+    alpha = torch.zeros(b, k)
+    for i, row in enumerate(survival_rows):
+        prev = 1.0
+        for j, s in enumerate(row):
+            alpha[i, j] = s / prev if prev > 0 else 0.0
+            prev = s
+    lens = torch.tensor([len(r) for r in survival_rows])
+    tokens = torch.where(torch.arange(k)[None] < lens[:, None], torch.ones(b, k, dtype=torch.long), -1)
+    drafts = DraftBatch(
+        tuple(f"r{i}" for i in range(b)), tokens, lens, torch.zeros(b, k, 4), torch.full((b,), 100),
+        torch.ones(b, dtype=torch.bool),
+    )  # fmt: skip
+    return drafts, AcceptanceEstimate(alpha)
+
+
+def objective(cut: list[int], est: AcceptanceEstimate, drafts: DraftBatch) -> float:
+    surv = est.survival
+    tokens = sum(1 + float(surv[i, :v].sum()) for i, v in enumerate(cut))
+    rows = len(cut)
+    shape = StepShape(rows, sum(cut) + rows, max(cut) + 1, int(drafts.draft_len.sum()), int(drafts.draft_len.max()), 0,
+                      int(drafts.context_len.sum()))  # fmt: skip
+    return tokens / cost(shape)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_sv_finds_the_global_optimum_of_random_batches(seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(4):
+        k, s = rng.randint(0, 4), 1.0
+        row = []
+        for _ in range(k):
+            s *= rng.choice([0.2, 0.6, 0.9, 0.99])
+            row.append(s)
+        rows.append(row)
+    if all(not r for r in rows):
+        rows[0] = [0.9]
+    drafts, est = drafts_for(rows)
+    sv = SpeculativeVerification(estimator=None, step_time=ExactCost())  # type: ignore[arg-type]
+    cut = sv.act(VerifyState(0.0, drafts), est)
+    assert bool((cut >= 0).all()) and bool((cut <= drafts.draft_len).all())
+    best = max(objective(list(c), est, drafts) for c in itertools.product(*[range(len(r) + 1) for r in rows]))
+    assert objective(cut.tolist(), est, drafts) >= 0.95 * best
+
+
+def test_sv_verifies_what_pays(step_time):
+    drafts, est = drafts_for([[0.99, 0.98, 0.97, 0.96]] * 2)
+    sv = SpeculativeVerification(estimator=None, step_time=step_time)  # type: ignore[arg-type]
+    assert sv.act(VerifyState(0.0, drafts), est).tolist() == [4, 4]
+    drafts, est = drafts_for([[0.02, 0.001, 0.0, 0.0]] * 2)
+    assert sv.act(VerifyState(0.0, drafts), est).tolist() == [0, 0]
+
+
+def test_goodput_length_follows_the_load(step_time):
+    ma = MovingAverage(prior=0.8)
+    ctl = GoodputLength(step_time, ma)
+    small = ScheduleState(0.0, (view("a"),), max_draft_len=8)
+    large = ScheduleState(0.0, tuple(view(f"r{i}") for i in range(64)), max_draft_len=8)
+    k_small = ctl.act(small, ma.estimate(small)).draft_len
+    k_large = ctl.act(large, ma.estimate(large)).draft_len
+    assert isinstance(k_small, int) and k_small >= 3
+    assert k_large < k_small
+    poor = MovingAverage(prior=0.05)
+    assert GoodputLength(step_time, poor).act(small, poor.estimate(small)).draft_len == 0
+
+
+def outcome(ids, drafted, accepted, finished=()) -> StepOutcome:
+    return StepOutcome(tuple(ids), torch.tensor(drafted), torch.tensor(drafted), torch.tensor(accepted), {},
+                       {f: "eos" for f in finished}, 0, 0.0, 0.0, 0.0)  # fmt: skip
+
+
+def record_of(o: StepOutcome) -> StepRecord:
+    state = ScheduleState(0.0, (), 8)
+    n = len(o.request_ids)
+    drafts = DraftBatch(o.request_ids, torch.zeros(n, 0, dtype=torch.long), o.drafted, torch.zeros(0),
+                        torch.zeros(n), torch.ones(n, dtype=torch.bool))  # fmt: skip
+    return StepRecord(state, StepPlan(), drafts, o.verified, o)
+
+
+def test_heuristic_schedule_is_plus_two_minus_one():
+    h = HeuristicSchedule(initial=4, max_len=8)
+    state = ScheduleState(0.0, (view("a"), view("b")), max_draft_len=8)
+    assert h.act(state).draft_len == {"a": 4, "b": 4}
+    h.update(record_of(outcome(["a", "b"], [4, 4], [4, 1])))
+    assert h.act(state).draft_len == {"a": 6, "b": 3}
+    for _ in range(3):
+        h.update(record_of(outcome(["a", "b"], [6, 3], [6, 0])))
+    assert h.k == {"a": 8, "b": 1}
+    h.update(record_of(outcome(["a"], [8], [8], finished=["a"])))
+    assert "a" not in h.k
+
+
+def test_bucket_ema_tracks_accepted_length_per_bucket():
+    assert [bucket(n) for n in (1, 2, 3, 5, 64, 65)] == [1, 2, 4, 8, 64, 128]
+    e = BucketEMA(initial=2.0, decay=0.5)
+    big = ScheduleState(0.0, tuple(view(f"r{i}") for i in range(30)), max_draft_len=8)
+    one = ScheduleState(0.0, (view("a"),), max_draft_len=8)
+    for _ in range(6):
+        e.update(record_of(outcome([f"r{i}" for i in range(30)], [3] * 30, [0] * 30)))
+    assert e.act(big).draft_len == 1 and e.act(one).draft_len == 3  # bucket 1 still at its initial level
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_adaptive_controllers_stay_lossless(target, draft, step_time, temperature):
+    ps = prompts(5, seed=21)
+    controllers = [
+        ([HeuristicSchedule()], ConfidenceStop(0.3)),
+        ([BucketEMA()], SpeculativeVerification(MovingAverage(prior=0.6), step_time)),
+        ([GoodputLength(step_time)], None),
+        ([FixedDraftLength(4)], SpeculativeVerification(MovingAverage(prior=0.6), step_time)),
+    ]
+    outputs = []
+    for schedule, verify in controllers:
+        engine = make_engine(target, draft)
+        ids = [engine.add_request(p, SamplingParams(12, temperature=temperature, seed=i)) for i, p in enumerate(ps)]
+        loop = ControlLoop(engine, schedule=schedule, verify=verify)
+        results = loop.run()
+        assert not loop.fallbacks
+        outputs.append([results[i].output_ids for i in ids])
+    if temperature == 0:
+        assert outputs[0] == [greedy_reference(target, p, 12) for p in ps]
+    assert all(o == outputs[0] for o in outputs) or temperature > 0
