@@ -386,6 +386,32 @@ class Engine:
             total_s=fl.prefill_s + fl.draft_s + verify_s,
         )
 
+    @torch.inference_mode()
+    def peek_target(self) -> torch.Tensor:
+        """The target's processed distributions at every position of the pending drafts,
+        [B, K + 1, V] (position j: after the context and draft tokens 0..j-1), computed and then
+        forgotten: the caches are as they were, and the step's randomness is untouched.
+
+        For oracles and analysis only (it costs one full verify forward): what a controller
+        that knew the target's verdict in advance would see. Call between `draft_step` and
+        `verify`.
+        """
+        fl = self._inflight
+        if fl is None:
+            raise RuntimeError("no drafts pending: call draft_step() first")
+        rows = self._rows[: fl.rows]
+        t = fl.tokens.shape[1] + 1
+        if not rows:
+            return torch.zeros(0, t, self.vocab_size)
+        ids = torch.zeros(fl.rows, t, dtype=torch.long)
+        ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows])
+        ids[:, 1:] = fl.tokens.clamp(min=0)
+        valid = torch.arange(t)[None, :] <= fl.draft_len[:, None]
+        out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device))
+        self._target_kv.keep_last(torch.zeros(fl.rows, t, dtype=torch.bool, device=self.device))
+        temp, top_p, _ = self._sampling_tensors(rows)
+        return process_logits(out.logits.float(), temp, top_p).cpu()
+
     # ----------------------------------------------------------------- phases
     def _check_plan(self, plan: StepPlan) -> tuple[set[str], list[_Request]]:
         if not isinstance(plan.prefill_budget, int) or plan.prefill_budget < 0:

@@ -181,3 +181,46 @@ def test_adaptive_controllers_stay_lossless(target, draft, step_time, temperatur
     if temperature == 0:
         assert outputs[0] == [greedy_reference(target, p, 12) for p in ps]
     assert all(o == outputs[0] for o in outputs) or temperature > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_peeking_changes_nothing_and_the_oracle_wastes_no_greedy_verification(target, draft, temperature):
+    from adactl.controllers import oracle
+
+    ps = prompts(4, seed=31)
+    outputs, wasted = [], []
+    for use_oracle in (False, True):
+        engine = make_engine(target, draft)
+        ids = [engine.add_request(p, SamplingParams(12, temperature=temperature, seed=i)) for i, p in enumerate(ps)]
+        records: list[StepRecord] = []
+        verify = oracle(engine, ExactCost()) if use_oracle else None
+        loop = ControlLoop(engine, schedule=FixedDraftLength(4), verify=verify)
+        results = loop.run(on_step=records.append)
+        assert not loop.fallbacks
+        outputs.append([results[i].output_ids for i in ids])
+        wasted.append(sum(int((r.verify_len - r.outcome.accepted).sum()) for r in records))
+        if use_oracle:
+            assert verify.estimator.seconds > 0  # type: ignore[union-attr]
+    if temperature == 0:
+        assert outputs[0] == outputs[1] == [greedy_reference(target, p, 12) for p in ps]
+        assert wasted[0] > 0 and wasted[1] == 0  # it verifies exactly what the target accepts
+    else:
+        assert wasted[1] < wasted[0]
+
+
+def test_peek_leaves_the_step_as_it_was(target, draft):
+    """Seeded sampled requests give the same tokens whether or not the target was peeked at."""
+    ps = prompts(3, seed=32)
+    outs = []
+    for peek in (False, True):
+        engine = make_engine(target, draft)
+        ids = [engine.add_request(p, SamplingParams(10, temperature=1.0, seed=i)) for i, p in enumerate(ps)]
+        while engine.has_unfinished():
+            engine.draft_step(StepPlan(draft_len=3))
+            if peek:
+                probs = engine.peek_target()
+                torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+            engine.verify()
+        done = {r.request_id: r.output_ids for r in engine.pop_finished()}
+        outs.append([done[i] for i in ids])
+    assert outs[0] == outs[1]

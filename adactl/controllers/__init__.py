@@ -7,13 +7,15 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
   `HeuristicSchedule` (transformers' +2/-1), `ConfidenceStop` (transformers' 0.4 stop),
   `BucketEMA` (SGLang's accepted-length average per batch-size bucket);
 - `SpeculativeVerification`: batch-aware verify lengths from acceptance + step time;
-- `GoodputLength`: the draft length that maximises predicted tokens per second.
+- `GoodputLength`: the draft length that maximises predicted tokens per second;
+- `oracle` (benchmarks only): verification with the target's verdict known in advance.
 """
 
 from .bucket_ema import BucketEMA
 from .fixed import FixedDraftLength, NoSpeculation
 from .goodput import GoodputLength
 from .heuristic import HeuristicSchedule
+from .oracle import PerfectAcceptance, oracle
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 
@@ -24,5 +26,7 @@ __all__ = [
     "GoodputLength",
     "HeuristicSchedule",
     "NoSpeculation",
+    "PerfectAcceptance",
     "SpeculativeVerification",
+    "oracle",
 ]

@@ -1,0 +1,55 @@
+"""The oracle (benchmarks only): verification that knows the target's verdict in advance.
+
+`PerfectAcceptance` asks the engine for the target's distributions over the pending drafts
+(`Engine.peek_target`, off the clock: its seconds are kept in `.seconds` for the benchmark to
+subtract) and gives the exact conditional acceptance:
+
+    alpha_ij = 1[argmax p_ij = d_ij]            greedy rows (argmax agreement)
+    alpha_ij = min(1, p_ij(d_ij) / q_ij(d_ij))  sampled rows (the rejection rule's probability)
+
+`oracle(engine, step_time)` is Speculative Verification with it: for greedy rows it verifies
+exactly the tokens the target accepts (when that pays), for sampled rows the best length in
+expectation. Every controller is compared with it as the upper bound.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from adactl.estimators.features import drafted_mask
+from adactl.estimators.step_time import StepTimePredictor
+from adactl.interface import AcceptanceEstimate, StepRecord, VerifyState
+
+from .sv import SpeculativeVerification
+
+
+class PerfectAcceptance:
+    name = "perfect"
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.seconds = 0.0  # spent peeking: not a cost a real controller could have
+
+    def estimate(self, state: VerifyState) -> AcceptanceEstimate:
+        t0 = time.perf_counter()
+        d = state.drafts
+        p = self.engine.peek_target()[:, :-1]  # [B, K, V]
+        tok = d.tokens.clamp(min=0)[..., None]
+        p_tok, q_tok = p.gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]
+        agree = (p.argmax(-1) == d.tokens).float()
+        rule = torch.clamp(p_tok / q_tok.clamp(min=1e-12), max=1.0)
+        alpha = torch.where(d.greedy[:, None], agree, rule) * drafted_mask(d)
+        self.seconds += time.perf_counter() - t0
+        return AcceptanceEstimate(alpha)
+
+    def update(self, record: StepRecord) -> None:
+        return None
+
+
+def oracle(engine: Any, step_time: StepTimePredictor) -> SpeculativeVerification:
+    controller = SpeculativeVerification(PerfectAcceptance(engine), step_time)
+    controller.name = "oracle"
+    return controller
