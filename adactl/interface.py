@@ -65,6 +65,7 @@ class StepRecord:
     verify_len: torch.Tensor  # [B] long draft tokens sent to the target per row
     outcome: StepOutcome  # [B] accepted per row, timings, emitted tokens
     fallbacks: tuple[str, ...] = ()  # decisions that fell back to the safe action this step
+    control_s: float = 0.0  # wall seconds the schedule and verify decisions took (estimate + act)
 
 
 @dataclass(frozen=True)

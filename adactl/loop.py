@@ -99,21 +99,25 @@ class ControlLoop:
             plan=self.safe_plan,
             step=self.steps,
         )
+        t0 = self.clock()
         plan = self._schedule(state, fell_back)
+        control_s = self.clock() - t0
         try:
             drafts = self.engine.draft_step(plan)
         except RequestError as e:  # the engine refused the plan before changing anything
             self._fall_back(fell_back, "schedule:engine", e)
             plan = self.safe_plan
             drafts = self.engine.draft_step(plan)
+        t0 = self.clock()
         cut = self._verify(drafts, state, fell_back)
+        control_s += self.clock() - t0
         try:
             outcome = self.engine.verify(cut)
         except RequestError as e:
             self._fall_back(fell_back, "verify:engine", e)
             cut = torch.zeros_like(drafts.draft_len)
             outcome = self.engine.verify(cut)
-        record = StepRecord(state, plan, drafts, cut, outcome, tuple(fell_back))
+        record = StepRecord(state, plan, drafts, cut, outcome, tuple(fell_back), control_s)
         for learner in [*self.estimators, *self.schedule, self.verify_controller]:
             if learner is None:
                 continue
