@@ -1,4 +1,4 @@
-"""The `adactl` command line: `adactl bench runtime`, `adactl bench draft` (more subcommands land with their issues)."""
+"""The `adactl` command line: `adactl bench spec | runtime | draft` (more subcommands land with their issues)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adactl", description="Online control of LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import draft, runtime
+    from adactl.bench import draft, runtime, spec
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
@@ -18,6 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     draft_parser = bench.add_parser("draft", help="the default draft: acceptance, cost and speedup at batch 1")
     draft.add_arguments(draft_parser)
     draft_parser.set_defaults(run=draft.main)
+    spec_parser = bench.add_parser("spec", help="speculation controllers side by side (the main job)")
+    spec.add_arguments(spec_parser)
+    spec_parser.set_defaults(run=spec.main)
     return parser
 
 

@@ -1,0 +1,256 @@
+"""`adactl bench spec`: the speculation controllers side by side (the README's main job).
+
+For each temperature and batch size B, the same B held-out ShareGPT prompts (seeded per
+request) are served at once by every controller, through `ControlLoop` on one engine per
+run; configurations alternate within a batch size so that machine drift hits all alike.
+Controllers (adactl/controllers/):
+- `no-spec` and `fixed-k{k}`: plain decoding and standard speculative decoding;
+- `heuristic`: transformers' +2/-1 schedule with its 0.4 confidence stop;
+- `bucket-ema`: SGLang-style accepted-length average per batch-size bucket;
+- `goodput`: the draft length maximising predicted tokens / predicted step time;
+- `sv`: Speculative Verification (companion-signal acceptance, batch-aware verify lengths)
+  after drafting `--sv-k`; `goodput+sv`: the goodput draft length, then SV;
+- `oracle`: the best fixed k of that batch size with verification that knows the target's
+  verdict (its peek at the target is off the clock): the upper bound.
+SV's runs load the companion next to the draft (its cost counts); the others run the draft
+alone. Reported per run: tokens/s (generated tokens per wall second of serving, prefill and
+controller time included), mean accepted length (tokens per decode row per step), step ms,
+`ratio_best_fixed` (to the best constant k, 0 included) and `ratio_oracle`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from adactl.bench.common import format_table, write_json
+from adactl.controllers import (
+    BucketEMA,
+    ConfidenceStop,
+    FixedDraftLength,
+    GoodputLength,
+    HeuristicSchedule,
+    NoSpeculation,
+    SpeculativeVerification,
+    oracle,
+)
+from adactl.estimators import load_acceptance
+from adactl.estimators.moving_average import MovingAverage
+from adactl.estimators.step_time import StepTimeModel
+from adactl.loop import ControlLoop
+from adactl.runtime import Engine, EngineConfig, SamplingParams
+from adactl.runtime.models import SHIPPED_MODELS
+
+# name -> (needs the companion, builder(engine, ctx) -> (schedule controllers, verify controller))
+Builder = Callable[[Engine, dict[str, Any]], tuple[list[Any], Any]]
+
+COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
+           "ratio_best_fixed", "ratio_oracle"]  # fmt: skip
+
+
+def controllers(ks: list[int], sv_k: int) -> dict[str, tuple[bool, Builder]]:
+    def fixed(k: int) -> Builder:
+        return lambda engine, ctx: ([FixedDraftLength(k)], None)
+
+    table: dict[str, tuple[bool, Builder]] = {"no-spec": (False, lambda e, c: ([NoSpeculation()], None))}
+    table.update({f"fixed-k{k}": (False, fixed(k)) for k in ks})
+    table["heuristic"] = (False, lambda e, c: ([HeuristicSchedule(initial=4)], ConfidenceStop(0.4)))
+    table["bucket-ema"] = (False, lambda e, c: ([BucketEMA()], None))
+    table["goodput"] = (False, lambda e, c: ([GoodputLength(c["step_time"], c["moving_average"]())], None))
+    table["sv"] = (True, lambda e, c: ([FixedDraftLength(sv_k)], SpeculativeVerification(c["sv"](), c["step_time"])))
+    table["goodput+sv"] = (
+        True,
+        lambda e, c: (
+            [GoodputLength(c["step_time"], c["moving_average"]())],
+            SpeculativeVerification(c["sv"](), c["step_time"]),
+        ),
+    )
+    return table
+
+
+def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: argparse.Namespace,
+          bar: tqdm) -> dict[str, Any]:  # fmt: skip
+    """All prompts at once to completion; the run's counts and its wall time on the clock."""
+    for i, p in enumerate(prompts):
+        engine.add_request(p, SamplingParams(args.max_new_tokens, temperature=temperature, seed=args.seed + i))
+    steps = row_steps = decode_tokens = 0
+    peek = getattr(loop.verify_controller, "estimator", None)
+
+    def on_step(record: Any) -> None:
+        nonlocal steps, row_steps, decode_tokens
+        steps += 1
+        row_steps += len(record.outcome.request_ids)
+        decode_tokens += sum(len(record.outcome.emitted[r]) for r in record.outcome.request_ids)
+        bar.update(record.outcome.tokens_emitted)
+
+    start = time.perf_counter()
+    results = loop.run(on_step=on_step)
+    wall = time.perf_counter() - start
+    wall -= getattr(peek, "seconds", 0.0)  # the oracle's look at the target is not a cost
+    tokens = sum(len(r.output_ids) for r in results.values())
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "mean_accepted_len": decode_tokens / max(row_steps, 1),
+        "step_ms": 1000 * wall / max(steps, 1),
+        "steps": steps,
+        "fallbacks": dict(loop.fallbacks),
+    }
+
+
+def is_fixed(controller: str) -> bool:
+    """A constant draft length (0 included): what a tuned server would run."""
+    return controller == "no-spec" or controller.startswith("fixed-k")
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["temperature"], r["batch_size"]), []).append(r)
+    for group in groups.values():
+        fixed = [
+            r["tokens_per_s"] for r in group if r["controller"] == "no-spec" or r["controller"].startswith("fixed")
+        ]
+        best_fixed = max(fixed) if fixed else float("nan")
+        oracle_tps = next((r["tokens_per_s"] for r in group if r["controller"] == "oracle"), float("nan"))
+        for r in group:
+            r["ratio_best_fixed"] = r["tokens_per_s"] / best_fixed
+            r["ratio_oracle"] = r["tokens_per_s"] / oracle_tps
+
+
+def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in records})
+    fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 4.8), squeeze=False)
+    for ax, t in zip(axes[0], temps):
+        names = list(dict.fromkeys(r["controller"] for r in records))
+        for name in names:
+            rows = sorted((r for r in records if r["controller"] == name and r["temperature"] == t),
+                          key=lambda r: r["batch_size"])  # fmt: skip
+            style = "--" if is_fixed(name) else "-"
+            ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("generated tokens / s")
+        ax.set_title(f"temperature {t}")
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dict[str, Any], dict[str, Any]]:
+    """target model, draft, draft with companion, prompts, context for the builders, meta."""
+    if args.tiny:
+        from adactl.runtime import FeatureDraft
+        from adactl.runtime.feature_draft import WithCompanion
+        from adactl.runtime.models import tiny_llama
+
+        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0)
+        draft = FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval()
+        pair = WithCompanion(draft, FeatureDraft.from_target(target, list(range(192)), 32, seed=2).eval())
+        g = torch.Generator().manual_seed(args.seed)
+        n = max(args.batches)
+        prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
+        from adactl.estimators import CompanionSignal
+
+        ctx = {"step_time": _tiny_step_time(), "moving_average": MovingAverage, "sv": CompanionSignal}
+        return target, draft, pair, prompts, ctx, {"target": "tiny random Llama"}
+    from adactl.runtime.feature_draft import WithCompanion
+    from adactl.runtime.models import load_draft, load_model
+    from adactl.workloads import chat_prompts, read_sharegpt
+
+    loaded = load_model(args.target)
+    draft = load_draft(args.draft, loaded)
+    pair = WithCompanion(draft, load_draft(args.companion, loaded))  # type: ignore[arg-type]
+    prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, read_sharegpt(), held_out=True)
+    est = SHIPPED_MODELS / "estimators"
+    ctx = {
+        "step_time": StepTimeModel.load(est / "step_time.skops"),
+        "moving_average": lambda: load_acceptance(est / "moving_average.json"),
+        "sv": lambda: load_acceptance(est / "companion.json"),
+    }
+    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est)}
+    return loaded.model, draft, pair, prompts, ctx, meta
+
+
+def _tiny_step_time() -> StepTimeModel:
+    """A step-time model for smoke runs: fitted on a linear cost of the step's shape."""
+    import numpy as np
+
+    from adactl.estimators.step_time import StepShape
+
+    shapes = [StepShape(b, b * (k + 1), k + 1, b * k, k, 0, 50 * b) for b in (1, 2, 4, 8, 16, 32, 64) for k in range(9)]
+    y = np.array([[0.0, 0.001 * s.max_draft, 0.002 + 0.0005 * s.verify_tokens] for s in shapes])
+    return StepTimeModel(n_estimators=10).fit(shapes, y)
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.quick:
+        args.batches, args.temperatures, args.ks = [1, 8, 32], [0.0], [2, 4]
+        args.max_new_tokens = min(args.max_new_tokens, 24)
+    torch.manual_seed(args.seed)
+    target, draft, pair, prompts, ctx, meta = _load(args)
+    table = controllers(args.ks, args.sv_k)
+    chosen = [c for c in table if args.controllers is None or c in args.controllers]
+    records: list[dict[str, Any]] = []
+    total = sum(b * args.max_new_tokens * (len(chosen) + 1) for b in args.batches) * len(args.temperatures)
+    bar = tqdm(total=total, desc="bench spec", unit="tok")
+    for temperature in args.temperatures:
+        for batch in args.batches:
+            group = prompts[:batch]
+            here: list[dict[str, Any]] = []
+            for name in chosen:
+                needs_companion, build = table[name]
+                engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=batch))
+                schedule, verify = build(engine, ctx)
+                loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8,
+                                   prefill_budget=sum(len(p) for p in group))  # fmt: skip
+                here.append({"controller": name, **serve(engine, loop, group, temperature, args, bar)})
+            fixed = [r for r in here if is_fixed(r["controller"])]
+            best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
+            k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
+            engine = Engine(target, draft, config=EngineConfig(max_batch_size=batch))
+            loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, ctx["step_time"]),
+                               max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
+            here.append({"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)})
+            for r in here:
+                r.update(temperature=temperature, batch_size=batch)
+            records += here
+    bar.close()
+    add_ratios(records)
+    print(format_table(records, COLUMNS))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec.json", records, {**meta, "args": {k: v for k, v in vars(args).items() if k != "run"}})
+    plot(records, out / "spec.png", "Speculation controllers, held-out ShareGPT, CPU")
+    return records
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", default="draft")
+    parser.add_argument("--companion", default="companion")
+    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
+    parser.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 6, 8])
+    parser.add_argument("--sv-k", type=int, default=6, help="tokens drafted before SV chooses what to verify")
+    parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    parser.add_argument("--out", default="bench_results")
