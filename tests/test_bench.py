@@ -47,3 +47,20 @@ def test_bench_draft_writes_summary_and_plot(tmp_path, capsys):
     assert {r["config"] for r in data["meta"]["rows"]} == {"plain", "k=1", "k=4"}
     assert (tmp_path / "draft.png").stat().st_size > 10_000
     assert "speedup_bs1" in capsys.readouterr().out
+
+
+def test_bench_spec_compares_every_controller(tmp_path, capsys):
+    args = ["--tiny", "--batches", "1,3", "--temperatures", "0,0.7", "--ks", "2", "--max-new-tokens", "6"]
+    main(["bench", "spec", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec.json").read_text())
+    names = {"no-spec", "fixed-k2", "heuristic", "bucket-ema", "goodput", "sv", "goodput+sv", "oracle"}
+    runs = {(r["controller"], r["batch_size"], r["temperature"]) for r in data["records"]}
+    assert runs == {(n, b, t) for n in names for b in (1, 3) for t in (0.0, 0.7)}
+    for r in data["records"]:
+        assert r["tokens_per_s"] > 0 and r["tokens"] == r["batch_size"] * 6 or r["tokens"] <= r["batch_size"] * 6
+        assert not r["fallbacks"]
+        assert {"ratio_best_fixed", "ratio_oracle", "mean_accepted_len", "step_ms"} <= set(r)
+    best = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2") and r["ratio_best_fixed"] == 1.0]
+    assert len(best) == 4  # one best constant per batch size and temperature
+    assert (tmp_path / "spec.png").stat().st_size > 10_000
+    assert "goodput+sv" in capsys.readouterr().out

@@ -553,7 +553,8 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   {args.shards} ({report["teacher_tokens"]:,} tokens, the target's fp16 final hidden states).
 - **Training**: soft labels (target distribution over the draft vocabulary) + smooth-L1 on the
   next feature (weight {args.feature_weight}), input-feature noise {args.noise} x RMS, AdamW lr
-  {args.lr}, cosine, {report["steps"]} steps of <= {args.batch_tokens} tokens
+  {args.lr}, cosine, {args.unroll} training pass(es) per batch (pass j reads the features pass j - 1
+  predicted), {report["steps"]} steps of <= {args.batch_tokens} tokens
   ({report["train_tokens_seen"]:,} tokens seen) in {report["train_minutes"]} min on 2 CPU cores, seed {args.seed}.
 - **Reproduce**: `{command}` (exact arguments in `training.json`).
 - **Held-out agreement** (target-forced, {h["eval_tokens"]:,} assistant tokens of held-out ShareGPT):
