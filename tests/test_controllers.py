@@ -224,3 +224,13 @@ def test_peek_leaves_the_step_as_it_was(target, draft):
         done = {r.request_id: r.output_ids for r in engine.pop_finished()}
         outs.append([done[i] for i in ids])
     assert outs[0] == outs[1]
+
+
+def test_verify_controllers_accept_steps_without_drafts(step_time):
+    """A prefill-only step (no decode rows) or one where nobody drafted: verify nothing."""
+    for b, k in ((0, 0), (2, 0), (2, 3)):
+        drafts = DraftBatch(tuple(f"r{i}" for i in range(b)), torch.full((b, k), -1), torch.zeros(b, dtype=torch.long),
+                            torch.zeros(b, k, 4), torch.full((b,), 10), torch.ones(b, dtype=torch.bool))  # fmt: skip
+        est = AcceptanceEstimate(torch.zeros(b, k))
+        for ctl in (ConfidenceStop(0.4), SpeculativeVerification(MovingAverage(), step_time)):
+            assert ctl.act(VerifyState(0.0, drafts), est).tolist() == [0] * b

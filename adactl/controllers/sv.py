@@ -43,6 +43,8 @@ class SpeculativeVerification(Controller):
 
     def act(self, state: VerifyState, utilities: AcceptanceEstimate) -> torch.Tensor:
         d = state.drafts
+        if int(d.draft_len.sum()) == 0:  # nothing drafted (e.g. a prefill-only step)
+            return d.draft_len.clone()
         survival = utilities.survival  # [B, K]
         cands = self.candidates(survival, d.draft_len)  # [C, B]
         gain = torch.cat([torch.zeros(survival.shape[0], 1), survival.cumsum(1)], 1)  # [B, K + 1]

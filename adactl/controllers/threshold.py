@@ -24,5 +24,7 @@ class ConfidenceStop(Controller):
     def act(self, state: VerifyState, utilities: AcceptanceEstimate) -> torch.Tensor:
         low = utilities.alpha < self.threshold  # [B, K]
         k = low.shape[1]
+        if k == 0 or low.shape[0] == 0:
+            return state.drafts.draft_len.clone()
         first_low = torch.where(low.any(1), low.float().argmax(1), torch.full_like(state.drafts.draft_len, k))
         return torch.minimum(first_low.long(), state.drafts.draft_len)
