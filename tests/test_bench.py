@@ -50,7 +50,19 @@ def test_bench_draft_writes_summary_and_plot(tmp_path, capsys):
 
 
 def test_bench_spec_compares_every_controller(tmp_path, capsys):
-    args = ["--tiny", "--batches", "1,3", "--temperatures", "0,0.7", "--ks", "2", "--max-new-tokens", "6"]
+    args = [
+        "--tiny",
+        "--batches",
+        "1,3",
+        "--temperatures",
+        "0,0.7",
+        "--ks",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--rounds",
+        "2",
+    ]
     main(["bench", "spec", *args, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec.json").read_text())
     names = {"no-spec", "fixed-k2", "heuristic", "bucket-ema", "goodput", "sv", "goodput+sv", "oracle"}
@@ -58,7 +70,7 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     assert runs == {(n, b, t) for n in names for b in (1, 3) for t in (0.0, 0.7)}
     for r in data["records"]:
         assert r["tokens_per_s"] > 0 and r["tokens"] == r["batch_size"] * 6 or r["tokens"] <= r["batch_size"] * 6
-        assert not r["fallbacks"]
+        assert not r["fallbacks"] and len(r["rounds"]) == 2 and r["tokens_per_s"] in r["rounds"]
         assert {"ratio_best_fixed", "ratio_oracle", "mean_accepted_len", "step_ms"} <= set(r)
     best = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2") and r["ratio_best_fixed"] == 1.0]
     assert len(best) == 4  # one best constant per batch size and temperature

@@ -13,7 +13,9 @@ Controllers (adactl/controllers/):
 - `oracle`: the best fixed k of that batch size with verification that knows the target's
   verdict (its peek at the target is off the clock): the upper bound.
 SV's runs load the companion next to the draft (its cost counts); the others run the draft
-alone. Reported per run: tokens/s (generated tokens per wall second of serving, prefill and
+alone. Each batch size runs `--rounds` rounds, the order of the controllers rotated each
+round; a record is a configuration's median round (`rounds` lists every round's tokens/s).
+Reported per run: tokens/s (generated tokens per wall second of serving, prefill and
 controller time included), mean accepted length (tokens per decode row per step), step ms,
 `ratio_best_fixed` (to the best constant k, 0 included) and `ratio_oracle`.
 """
@@ -186,6 +188,29 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
     return loaded.model, draft, pair, prompts, ctx, meta
 
 
+def run_one(name: str, entry: tuple[bool, Builder], target: Any, draft: Any, pair: Any, group: list[list[int]],
+            temperature: float, ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm
+            ) -> dict[str, Any]:  # fmt: skip
+    needs_companion, build = entry
+    engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=len(group)))
+    schedule, verify = build(engine, ctx)
+    loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8,
+                       prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    return {"controller": name, **serve(engine, loop, group, temperature, args, bar)}
+
+
+def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
+               ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+    """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
+    fixed = [r for r in here if is_fixed(r["controller"])]
+    best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
+    k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
+    engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
+    loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, ctx["step_time"]),
+                       max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
+
+
 def _tiny_step_time() -> StepTimeModel:
     """A step-time model for smoke runs: fitted on a linear cost of the step's shape."""
     import numpy as np
@@ -199,36 +224,33 @@ def _tiny_step_time() -> StepTimeModel:
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.quick:
-        args.batches, args.temperatures, args.ks = [1, 8, 32], [0.0], [2, 4]
+        args.batches, args.temperatures, args.ks, args.rounds = [1, 8, 32], [0.0], [2, 4], 1
         args.max_new_tokens = min(args.max_new_tokens, 24)
     torch.manual_seed(args.seed)
     target, draft, pair, prompts, ctx, meta = _load(args)
     table = controllers(args.ks, args.sv_k)
     chosen = [c for c in table if args.controllers is None or c in args.controllers]
     records: list[dict[str, Any]] = []
-    total = sum(b * args.max_new_tokens * (len(chosen) + 1) for b in args.batches) * len(args.temperatures)
+    total = (
+        sum(b * args.max_new_tokens * (len(chosen) + 1) for b in args.batches) * len(args.temperatures) * args.rounds
+    )
     bar = tqdm(total=total, desc="bench spec", unit="tok")
     for temperature in args.temperatures:
         for batch in args.batches:
             group = prompts[:batch]
-            here: list[dict[str, Any]] = []
-            for name in chosen:
-                needs_companion, build = table[name]
-                engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=batch))
-                schedule, verify = build(engine, ctx)
-                loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8,
-                                   prefill_budget=sum(len(p) for p in group))  # fmt: skip
-                here.append({"controller": name, **serve(engine, loop, group, temperature, args, bar)})
-            fixed = [r for r in here if is_fixed(r["controller"])]
-            best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
-            k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
-            engine = Engine(target, draft, config=EngineConfig(max_batch_size=batch))
-            loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, ctx["step_time"]),
-                               max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
-            here.append({"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)})
-            for r in here:
-                r.update(temperature=temperature, batch_size=batch)
-            records += here
+            rounds: list[list[dict[str, Any]]] = []
+            for r in range(args.rounds):
+                order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
+                here = [run_one(name, table[name], target, draft, pair, group, temperature, ctx, args, bar)
+                        for name in order]  # fmt: skip
+                here.append(run_oracle(here, target, draft, group, temperature, ctx, args, bar))
+                rounds.append(here)
+            for name in [*chosen, "oracle"]:
+                runs = sorted((x for here in rounds for x in here if x["controller"] == name),
+                              key=lambda x: x["tokens_per_s"])  # fmt: skip
+                median = dict(runs[len(runs) // 2])
+                median.update(temperature=temperature, batch_size=batch, rounds=[x["tokens_per_s"] for x in runs])
+                records.append(median)
     bar.close()
     add_ratios(records)
     print(format_table(records, COLUMNS))
@@ -250,6 +272,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per configuration (the median is reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
