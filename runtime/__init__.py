@@ -11,6 +11,7 @@ from .feature_draft import FeatureDraft
 from .kv import BatchKV, KVConfig
 from .models import LoadedModel, check_same_vocabulary, load_draft, load_model, tiny_llama
 from .types import (
+    SLO,
     DraftBatch,
     RequestError,
     RequestResult,
@@ -32,6 +33,7 @@ __all__ = [
     "RequestError",
     "RequestResult",
     "RequestView",
+    "SLO",
     "SamplingParams",
     "StepOutcome",
     "StepPlan",

@@ -33,6 +33,7 @@ from .feature_draft import is_feature_draft
 from .kv import BatchKV, KVConfig
 from .models import chat_ids, output_vocab_size
 from .types import (
+    SLO,
     DraftBatch,
     RequestError,
     RequestResult,
@@ -78,6 +79,7 @@ class _Request:
     finish_reason: str | None = None
     cancelled: bool = False
     generator: torch.Generator | None = None  # the request's own draws, when it has a seed
+    slo: SLO | None = None
 
     @property
     def context_len(self) -> int:
@@ -173,8 +175,11 @@ class Engine:
         sampling: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        slo: SLO | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises `RequestError` (nothing queued) on bad input.
+
+        slo: service goals (TTFT, TPOT) carried for controllers in `RequestView.slo`.
 
         prompt: token ids, a string (tokenized with the tokenizer's special tokens), or chat
         messages `[{"role": ..., "content": ...}]` (the tokenizer's chat template, with the
@@ -182,6 +187,10 @@ class Engine:
         """
         sampling = sampling if sampling is not None else SamplingParams()
         sampling.validate()
+        if slo is not None:
+            if not isinstance(slo, SLO):
+                raise RequestError(f"slo must be an adactl.runtime.SLO, got {type(slo).__name__}")
+            slo.validate()
         ids = self._prompt_ids(prompt)
         if not ids:
             raise RequestError("prompt is empty: give at least one token")
@@ -200,7 +209,7 @@ class Engine:
         if in_use or any(r.request_id == request_id for r in self._rows):
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
-        req = _Request(request_id, ids, sampling, arrival)
+        req = _Request(request_id, ids, sampling, arrival, slo=slo)
         if sampling.seed is not None:
             req.generator = torch.Generator().manual_seed(sampling.seed)
         self._waiting[request_id] = req
@@ -271,6 +280,7 @@ class Engine:
                     req.arrival_time,
                     req.first_token_time,
                     req.sampling,
+                    req.slo,
                 )
             )
         return views

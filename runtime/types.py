@@ -47,6 +47,23 @@ class SamplingParams:
             raise RequestError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
 
+@dataclass(frozen=True)
+class SLO:
+    """A request's service goals: what SLO-aware controllers schedule for. The engine only
+    carries them (in `RequestView.slo`); it decodes the same with or without."""
+
+    ttft_s: float | None = None
+    """Time to first token, seconds from arrival (None: no goal)."""
+    tpot_s: float | None = None
+    """Time per output token after the first, seconds (None: no goal)."""
+
+    def validate(self) -> None:
+        for name in ("ttft_s", "tpot_s"):
+            v = getattr(self, name)
+            if v is not None and (not _is_real(v) or v <= 0):
+                raise RequestError(f"{name} must be a number > 0 or None, got {v!r}")
+
+
 def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -64,6 +81,7 @@ class RequestView:
     arrival_time: float  # time.perf_counter() clock
     first_token_time: float | None
     sampling: SamplingParams
+    slo: SLO | None = None  # the request's service goals, if it has any
 
 
 @dataclass(frozen=True)

@@ -234,3 +234,56 @@ def test_verify_controllers_accept_steps_without_drafts(step_time):
         est = AcceptanceEstimate(torch.zeros(b, k))
         for ctl in (ConfidenceStop(0.4), SpeculativeVerification(MovingAverage(), step_time)):
             assert ctl.act(VerifyState(0.0, drafts), est).tolist() == [0] * b
+
+
+def slo_view(rid: str, tpot: float | None, generated: int, since_first: float, now: float = 10.0) -> RequestView:
+    from adactl.runtime import SLO
+
+    slo = SLO(tpot_s=tpot) if tpot else None
+    return RequestView(rid, "running", 40, 40, generated, 40 + generated, 0.0, now - since_first, SamplingParams(), slo)
+
+
+def test_adaserve_spends_verification_on_requests_behind_their_slo():
+    from adactl.controllers import AdaServe
+
+    # survival too low for verification to pay on throughput alone
+    drafts, est = drafts_for([[0.15, 0.02, 0.003, 0.0005]] * 2)
+    sv = SpeculativeVerification(estimator=None, step_time=ExactCost())  # type: ignore[arg-type]
+    assert sv.act(VerifyState(10.0, drafts), est).tolist() == [0, 0]
+    # r0 is behind: 20 tokens in 1.0 s against a 0.045 s TPOT (it needs 3 this step, more than
+    # any prefix gives, so it gets its whole draft); r1 has no SLO, and since the verify forward
+    # is [rows, longest] here, filling r1's row as well costs nothing more
+    requests = (slo_view("r0", 0.045, 20, 1.0), slo_view("r1", None, 20, 1.0))
+    ada = AdaServe(estimator=None, step_time=ExactCost())  # type: ignore[arg-type]
+    assert ada.act(VerifyState(10.0, drafts, requests), est).tolist() == [4, 4]
+    # on track with room to spare: nothing to buy, it chooses like SV
+    relaxed = (slo_view("r0", 1.0, 20, 1.0), slo_view("r1", None, 20, 1.0))
+    assert ada.act(VerifyState(10.0, drafts, relaxed), est).tolist() == [0, 0]
+
+
+def test_slo_travels_with_the_request(target, draft):
+    from adactl.runtime import SLO, RequestError
+
+    engine = make_engine(target, draft)
+    rid = engine.add_request([1, 2, 3], SamplingParams(4), slo=SLO(ttft_s=1.0, tpot_s=0.05))
+    assert engine.requests()[0].slo == SLO(ttft_s=1.0, tpot_s=0.05)
+    with pytest.raises(RequestError, match="tpot_s"):
+        engine.add_request([1, 2], slo=SLO(tpot_s=-1.0))
+    with pytest.raises(RequestError, match="SLO"):
+        engine.add_request([1, 2], slo={"tpot_s": 0.1})  # type: ignore[arg-type]
+    assert [v.request_id for v in engine.requests()] == [rid]  # the bad ones queued nothing
+
+
+def test_adaserve_is_lossless_in_the_loop(target, draft, step_time):
+    from adactl.controllers import AdaServe
+    from adactl.runtime import SLO
+
+    ps = prompts(4, seed=41)
+    engine = make_engine(target, draft)
+    ids = [
+        engine.add_request(p, SamplingParams(12), slo=SLO(tpot_s=0.001 if i % 2 else None)) for i, p in enumerate(ps)
+    ]
+    loop = ControlLoop(engine, schedule=FixedDraftLength(4), verify=AdaServe(MovingAverage(prior=0.5), step_time))
+    results = loop.run()
+    assert not loop.fallbacks
+    assert [results[i].output_ids for i in ids] == [greedy_reference(target, p, 12) for p in ps]

@@ -21,6 +21,7 @@ import torch
 
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, VerifyState
+from adactl.runtime.types import DraftBatch
 
 
 class SpeculativeVerification(Controller):
@@ -47,11 +48,18 @@ class SpeculativeVerification(Controller):
             return d.draft_len.clone()
         survival = utilities.survival  # [B, K]
         cands = self.candidates(survival, d.draft_len)  # [C, B]
-        gain = torch.cat([torch.zeros(survival.shape[0], 1), survival.cumsum(1)], 1)  # [B, K + 1]
-        tokens = (1 + gain.gather(1, cands.T)).sum(0)  # [C] expected tokens of each candidate
+        tokens = (1 + expected_gain(survival).gather(1, cands.T)).sum(0)  # [C] expected tokens per candidate
+        best = int(np.argmax(tokens.numpy() / self.seconds(d, cands)))
+        return cands[best].long()
+
+    def seconds(self, d: DraftBatch, cands: torch.Tensor) -> np.ndarray:
+        """[C] predicted step seconds of each candidate [C, B] of verify lengths."""
         rows, context = len(d.request_ids), int(d.context_len.sum())
         drafted, longest = int(d.draft_len.sum()), int(d.draft_len.max()) if rows else 0
         shapes = [StepShape(rows, int(c.sum()) + rows, int(c.max()) + 1, drafted, longest, 0, context) for c in cands]
-        seconds = np.maximum(self.step_time.predict(shapes), 1e-6)
-        best = int(np.argmax(tokens.numpy() / seconds))
-        return cands[best].long()
+        return np.maximum(self.step_time.predict(shapes), 1e-6)
+
+
+def expected_gain(survival: torch.Tensor) -> torch.Tensor:
+    """[B, K + 1] expected accepted draft tokens when verifying v = 0..K (sum of survival)."""
+    return torch.cat([torch.zeros(survival.shape[0], 1), survival.cumsum(1)], 1)
