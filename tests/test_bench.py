@@ -76,3 +76,15 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     assert len(best) == 4  # one best constant per batch size and temperature
     assert (tmp_path / "spec.png").stat().st_size > 10_000
     assert "goodput+sv" in capsys.readouterr().out
+
+
+def test_bench_spec_slo_reports_attainment(tmp_path, capsys):
+    args = ["--tiny", "--slo", "--slo-requests", "6", "--rate", "100", "--max-new-tokens", "6"]
+    main(["bench", "spec", *args, "--slo-controllers", "fixed-k2,goodput", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec_slo.json").read_text())
+    assert [r["controller"] for r in data["records"]] == ["fixed-k2", "goodput", "adaserve"]
+    for r in data["records"]:
+        assert r["requests"] == 6 and 0 <= r["attainment"] <= 1 and r["tokens_per_s"] > 0
+        assert {"attainment_tight", "attainment_medium", "attainment_loose", "slo_goodput"} <= set(r)
+        assert r["slo_goodput"] <= r["tokens_per_s"] + 1e-9 and not r["fallbacks"]
+    assert "adaserve" in capsys.readouterr().out

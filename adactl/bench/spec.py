@@ -227,8 +227,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         args.batches, args.temperatures, args.ks, args.rounds = [1, 8, 32], [0.0], [2, 4], 1
         args.max_new_tokens = min(args.max_new_tokens, 24)
     torch.manual_seed(args.seed)
+    if args.slo:
+        args.batches = [args.slo_requests]  # prompts needed
     target, draft, pair, prompts, ctx, meta = _load(args)
     table = controllers(args.ks, args.sv_k)
+    if args.slo:
+        return _slo(args, target, draft, pair, prompts, ctx, table, meta)
     chosen = [c for c in table if args.controllers is None or c in args.controllers]
     records: list[dict[str, Any]] = []
     total = (
@@ -261,6 +265,20 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: dict[str, Any],
+         table: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    from adactl.bench import slo
+
+    records = slo.run(args, target, draft, pair, prompts, ctx, table)
+    cols = ["controller", "rate", "attainment", "attainment_tight", "attainment_medium", "attainment_loose",
+            "slo_goodput", "tokens_per_s", "ratio_attainment_fixed"]  # fmt: skip
+    print(format_table(records, cols))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec_slo.json", records, {**meta, "args": {k: v for k, v in vars(args).items() if k != "run"}})
+    return records
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", default="smollm2")
     parser.add_argument("--draft", default="draft")
@@ -276,4 +294,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    parser.add_argument("--slo", action="store_true", help="the mixed-SLO workload under Poisson arrivals instead")
+    parser.add_argument("--rate", type=float, default=2.0, help="--slo: requests per second")
+    parser.add_argument("--slo-requests", type=int, default=48, help="--slo: requests in the run")
+    parser.add_argument("--slo-tpot", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.2, 0.5],
+                        help="--slo: TPOT bounds of the tight, medium and loose classes (seconds)")  # fmt: skip
+    parser.add_argument("--slo-controllers", type=lambda s: s.split(","), default=["no-spec", "fixed-k2", "fixed-k4",
+                        "goodput", "sv"], help="--slo: controllers besides adaserve")  # fmt: skip
+    parser.add_argument("--max-batch", type=int, default=64, help="--slo: requests served at once, at most")
     parser.add_argument("--out", default="bench_results")
