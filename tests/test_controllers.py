@@ -250,12 +250,15 @@ def test_adaserve_spends_verification_on_requests_behind_their_slo():
     drafts, est = drafts_for([[0.15, 0.02, 0.003, 0.0005]] * 2)
     sv = SpeculativeVerification(estimator=None, step_time=ExactCost())  # type: ignore[arg-type]
     assert sv.act(VerifyState(10.0, drafts), est).tolist() == [0, 0]
-    # r0 is behind: 20 tokens in 1.0 s against a 0.045 s TPOT (it needs 3 this step, more than
-    # any prefix gives, so it gets its whole draft); r1 has no SLO, and since the verify forward
-    # is [rows, longest] here, filling r1's row as well costs nothing more
-    requests = (slo_view("r0", 0.045, 20, 1.0), slo_view("r1", None, 20, 1.0))
+    # r0 is behind: 21 tokens in 1.0 s against a 0.047 s TPOT, so it needs about 1.14 tokens
+    # this step: the first draft token (1.15 expected) is enough; r1 has no SLO, and since the
+    # verify forward is [rows, longest] here, verifying r1's first token costs nothing more
+    requests = (slo_view("r0", 0.047, 21, 1.0), slo_view("r1", None, 20, 1.0))
     ada = AdaServe(estimator=None, step_time=ExactCost())  # type: ignore[arg-type]
-    assert ada.act(VerifyState(10.0, drafts, requests), est).tolist() == [4, 4]
+    assert ada.act(VerifyState(10.0, drafts, requests), est).tolist() == [1, 1]
+    # hopelessly behind (needs 3 tokens, no prefix gives that): no verification is spent on it
+    hopeless = (slo_view("r0", 0.045, 20, 1.0), slo_view("r1", None, 20, 1.0))
+    assert ada.act(VerifyState(10.0, drafts, hopeless), est).tolist() == [0, 0]
     # on track with room to spare: nothing to buy, it chooses like SV
     relaxed = (slo_view("r0", 1.0, 20, 1.0), slo_view("r1", None, 20, 1.0))
     assert ada.act(VerifyState(10.0, drafts, relaxed), est).tolist() == [0, 0]

@@ -9,8 +9,9 @@ takes T seconds it stays on its SLO only with
 tokens from this step; verifying v tokens gives it 1 + E_i(v) in expectation
 (E_i(v) = sum_{j < v} s_ij, survival from an acceptance estimator). Selection, global over
 the batch:
-  1. SLO first: each request gets at least the smallest v with 1 + E_i(v) >= need_i(T)
-     (its whole draft if no v reaches it);
+  1. SLO first: each request gets at least the smallest v with 1 + E_i(v) >= need_i(T);
+     a request that no v can keep on its SLO this step gets no minimum (verification spent
+     on it would slow every other request and still miss);
   2. the rest goes where it adds the most expected tokens per second: every candidate of
      Speculative Verification (survival threshold x cap) is raised to those minimums, and
      the one with the most requests expected on their SLO wins, then the one with the most
@@ -58,7 +59,8 @@ class AdaServe(Controller):
         cands = self.sv.candidates(utilities.survival, d.draft_len)  # [C, B]
         need = (e[None, :] + torch.from_numpy(self.sv.seconds(d, cands)).float()[:, None]) / s[None, :] - n[None, :]
         minimum = (gain[None, :, :] < need[:, :, None]).sum(2)  # [C, B] smallest v reaching need
-        minimum = torch.minimum(minimum, d.draft_len[None, :]) * has_slo[None, :]
+        reachable = minimum <= d.draft_len[None, :]
+        minimum = torch.where(reachable & has_slo[None, :], minimum, torch.zeros_like(minimum))
         raised = torch.maximum(cands, minimum)
         seconds = self.sv.seconds(d, raised)
         tokens = gain.gather(1, raised.T).T  # [C, B]
