@@ -52,6 +52,11 @@ class EngineLike(Protocol):
     def pop_finished(self) -> list[RequestResult]: ...
 
 
+def _estimator(controller: Any) -> Estimator | None:
+    """A controller's estimator; None if it has none (the attribute is optional)."""
+    return getattr(controller, "estimator", None)
+
+
 def _name(obj: Any) -> str:
     return str(getattr(obj, "name", type(obj).__name__))
 
@@ -72,17 +77,17 @@ class ControlLoop:
         """estimators: extra estimators to update every step (controllers' own are updated
         anyway). max_draft_len: None = 8 if the engine has a draft model, else 0."""
         self.engine = engine
-        self.schedule = [schedule] if isinstance(schedule, ScheduleController) else list(schedule)
+        self.schedule = [schedule] if hasattr(schedule, "act") else list(schedule)  # type: ignore[arg-type]
         self.verify_controller = verify
         if max_draft_len is None:
             max_draft_len = 8 if getattr(engine, "draft", None) is not None else 0
         self.max_draft_len = max_draft_len
         self.safe_plan = StepPlan(draft_len=0, prefill_budget=prefill_budget)
         self.clock = clock
-        owned = [c.estimator for c in [*self.schedule, verify] if c is not None and c.estimator is not None]
+        owned = [_estimator(c) for c in [*self.schedule, verify]]
         self.estimators: list[Estimator] = []
         for e in [*owned, *estimators]:
-            if all(e is not seen for seen in self.estimators):
+            if e is not None and all(e is not seen for seen in self.estimators):
                 self.estimators.append(e)
         self.fallbacks: Counter[str] = Counter()
         self.steps = 0
@@ -119,7 +124,7 @@ class ControlLoop:
             outcome = self.engine.verify(cut)
         record = StepRecord(state, plan, drafts, cut, outcome, tuple(fell_back), control_s)
         for learner in [*self.estimators, *self.schedule, self.verify_controller]:
-            if learner is None:
+            if learner is None or not hasattr(learner, "update"):
                 continue
             try:
                 learner.update(record)
@@ -134,7 +139,8 @@ class ControlLoop:
         for controller in self.schedule:
             try:
                 here = replace(state, plan=plan)
-                utilities = controller.estimator.estimate(here) if controller.estimator is not None else None
+                estimator = _estimator(controller)
+                utilities = estimator.estimate(here) if estimator is not None else None
                 plan = check_plan(controller.act(here, utilities), state)
             except Exception as e:  # noqa: BLE001 - any failure means: run this step safely
                 self._fall_back(fell_back, f"schedule:{_name(controller)}", e)
@@ -147,7 +153,8 @@ class ControlLoop:
             return drafts.draft_len.clone()
         state = VerifyState(self.clock(), drafts, schedule.requests, schedule.step)
         try:
-            utilities = controller.estimator.estimate(state) if controller.estimator is not None else None
+            estimator = _estimator(controller)
+            utilities = estimator.estimate(state) if estimator is not None else None
             return check_verify_len(controller.act(state, utilities), drafts)
         except Exception as e:  # noqa: BLE001
             self._fall_back(fell_back, f"verify:{_name(controller)}", e)

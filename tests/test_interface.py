@@ -197,3 +197,17 @@ def test_estimators_are_updated_once_per_step(target, draft):
     loop = ControlLoop(engine, schedule=NoSpeculation(), verify=ConfidenceStop(estimator=est), estimators=[est])
     loop.run()
     assert Counting.n == loop.steps
+
+
+def test_a_bare_controller_needs_no_estimator_or_update(target, draft):
+    """Duck typing: an object with only `act` is a controller (no estimator, nothing learned)."""
+
+    class Bare:
+        def act(self, state, utilities):
+            assert utilities is None
+            return StepPlan(draft_len=2, prefill_budget=state.plan.prefill_budget)
+
+    ps = prompts(2, seed=9)
+    loop, outputs = run_loop(target, draft, ps, schedule=Bare())
+    assert loop.fallbacks == {} and loop.steps > 0
+    assert all(out == greedy_reference(target, p, 12) for p, out in zip(ps, outputs.values()))
