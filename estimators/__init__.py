@@ -23,7 +23,7 @@ from .deadline_risk import AnalyticRisk, LearnedRisk, StreamState
 from .features import acceptance_labels, companion_features, draft_features
 from .logistic import ByMode, LogisticModel, OnlineLogistic
 from .moving_average import MovingAverage
-from .step_time import StepShape, StepTimeModel, TokensPerStep
+from .step_time import CachedStepTime, StepShape, StepTimeModel, TokensPerStep
 
 ACCEPTANCE = {c.name: c for c in (DraftConfidence, OnlineLogistic, CompanionSignal, MovingAverage)}
 
@@ -51,6 +51,7 @@ __all__ = [
     "AcceptancePredictor",
     "AnalyticRisk",
     "ByMode",
+    "CachedStepTime",
     "CompanionSignal",
     "DraftConfidence",
     "IsotonicMap",

@@ -14,7 +14,7 @@ draft length, from verify outcomes.
 from __future__ import annotations
 
 import json
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,6 +108,28 @@ class StepTimeModel:
         model.trees = sio.load(path, trusted=TRUSTED)
         model.fitted = True
         return model
+
+
+class CachedStepTime:
+    """A step-time predictor that predicts each shape once.
+
+    One `predict` of the trees costs milliseconds, a real share of a small batch's step, and a
+    controller asks every step about shapes it has mostly seen: shapes are keyed with the
+    context rounded to `context_step` tokens and remembered (up to `max_entries`)."""
+
+    def __init__(self, model: StepTimePredictor, context_step: int = 256, max_entries: int = 200_000) -> None:
+        self.model, self.context_step, self.max_entries = model, context_step, max_entries
+        self.cache: dict[StepShape, float] = {}
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        step = self.context_step
+        keys = [replace(s, context_tokens=int(round(s.context_tokens / step)) * step) for s in shapes]
+        missing = [k for k in dict.fromkeys(keys) if k not in self.cache]
+        if missing:
+            if len(self.cache) + len(missing) > self.max_entries:
+                self.cache.clear()
+            self.cache.update(zip(missing, (float(x) for x in self.model.predict(missing))))
+        return np.array([self.cache[k] for k in keys])
 
 
 def mape(pred: np.ndarray, true: np.ndarray) -> float:

@@ -285,3 +285,22 @@ def test_tokens_per_step_table(trace):
         assert float(table.mean()[v]) == pytest.approx(np.mean(counts))
     back = TokensPerStep.from_dict(json.loads(json.dumps(table.to_dict())))
     torch.testing.assert_close(back.mean(), table.mean(), equal_nan=True)
+
+
+def test_cached_step_time_predicts_each_shape_once(trace):
+    from adactl.estimators import CachedStepTime
+
+    recorder, _ = trace
+    model = StepTimeModel(n_estimators=5).fit(recorder.shapes, recorder.step_seconds())
+    calls = []
+
+    class Counting:
+        def predict(self, shapes):
+            calls.append(len(shapes))
+            return model.predict(shapes)
+
+    cached = CachedStepTime(Counting(), context_step=1)
+    shapes = recorder.shapes[:20]
+    np.testing.assert_allclose(cached.predict(shapes), model.predict(shapes))
+    np.testing.assert_allclose(cached.predict(shapes[::-1]), model.predict(shapes[::-1]))
+    assert len(calls) == 1 and calls[0] == len(set(shapes))

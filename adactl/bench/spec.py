@@ -44,7 +44,7 @@ from adactl.controllers import (
 )
 from adactl.estimators import load_acceptance
 from adactl.estimators.moving_average import MovingAverage
-from adactl.estimators.step_time import StepTimeModel
+from adactl.estimators.step_time import CachedStepTime, StepTimeModel
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams
 from adactl.runtime.models import SHIPPED_MODELS
@@ -180,7 +180,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
     prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, read_sharegpt(), held_out=True)
     est = SHIPPED_MODELS / "estimators"
     ctx = {
-        "step_time": StepTimeModel.load(est / "step_time.skops"),
+        "step_time": CachedStepTime(StepTimeModel.load(est / "step_time.skops")),
         "moving_average": lambda: load_acceptance(est / "moving_average.json"),
         "sv": lambda: load_acceptance(est / "companion.json"),
     }
