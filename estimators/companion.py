@@ -21,7 +21,7 @@ from adactl.runtime.types import DraftBatch
 
 from .base import AcceptancePredictor
 from .calibration import IsotonicMap
-from .features import COMPANION_FEATURES, RecentAcceptance, acceptance_labels, companion_features
+from .features import COMPANION_FEATURES, RecentAcceptance, companion_features
 from .logistic import ByMode
 
 
@@ -46,10 +46,7 @@ class CompanionSignal(AcceptancePredictor):
 
     def update(self, record: StepRecord) -> None:
         if self.online:
-            observed, label = acceptance_labels(record)
-            if bool(observed.any()):
-                greedy = record.drafts.greedy[:, None].expand_as(observed)[observed]
-                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed], greedy)
+            self.model.learn(record, self.inputs(record.drafts))
         self.recent.update(record)
 
     def to_dict(self) -> dict[str, Any]:

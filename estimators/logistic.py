@@ -106,6 +106,13 @@ class ByMode:
         self.greedy.partial_fit(x[greedy], y[greedy])
         self.sampled.partial_fit(x[~greedy], y[~greedy])
 
+    def learn(self, record: StepRecord, inputs: torch.Tensor) -> None:
+        """One update from a step's verify outcomes; inputs [B, K, F] as the estimate saw them."""
+        observed, label = acceptance_labels(record)
+        if bool(observed.any()):
+            greedy = record.drafts.greedy[:, None].expand_as(observed)[observed]
+            self.partial_fit(inputs[observed], label[observed], greedy)
+
     def to_dict(self) -> dict[str, Any]:
         return {"greedy": self.greedy.to_dict(), "sampled": self.sampled.to_dict()}
 
@@ -132,10 +139,7 @@ class OnlineLogistic(AcceptancePredictor):
 
     def update(self, record: StepRecord) -> None:
         if self.online:
-            observed, label = acceptance_labels(record)
-            if bool(observed.any()):
-                greedy = record.drafts.greedy[:, None].expand_as(observed)[observed]
-                self.model.partial_fit(self.inputs(record.drafts)[observed], label[observed], greedy)
+            self.model.learn(record, self.inputs(record.drafts))
         self.recent.update(record)  # after: the features above are those the estimate saw
 
     def to_dict(self) -> dict[str, Any]:
