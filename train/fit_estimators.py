@@ -45,7 +45,7 @@ from adactl.estimators import (
     brier,
     expected_calibration_error,
 )
-from adactl.estimators.calibration import reliability, reliability_plot
+from adactl.estimators.calibration import reliability_plot
 from adactl.estimators.deadline_risk import simulate
 from adactl.estimators.logistic import ByMode
 from adactl.estimators.step_time import mape
@@ -296,8 +296,6 @@ def print_report(report: dict[str, Any]) -> None:
         r = report["deadline_risk"][name]
         print(f"deadline risk ({name}): AUC {r['auc']:.3f}, ECE {r['ece']:.3f}")
 
-
-__all__ = ["main", "reliability"]
 
 if __name__ == "__main__":
     main()
