@@ -9,7 +9,7 @@ setup:
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
 bench: setup
-	$(PYTHON) -m adactl.cli bench runtime
+	$(PYTHON) -m adactl.cli bench spec
 
 test: setup
 	$(PYTHON) -m pytest

@@ -21,6 +21,7 @@ that do not take part cost nothing.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -609,7 +610,11 @@ class Engine:
         return tokens, probs, comp_probs
 
     def _verify(self, rows: list[_Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One target forward over [last token, verified drafts] per row; roll caches back."""
+        """Target forwards over [last token, verified drafts] per row; roll caches back.
+
+        Rows are in draft-length order, so verify lengths mostly fall along the batch: where
+        one forward over the whole [rows, longest] rectangle would mostly compute padding, the
+        rows split into two ranges, each as wide as its own longest (`_verify_split`)."""
         n = fl.rows
         t = int(cut.max()) + 1
         ids = torch.zeros(n, t, dtype=torch.long)
@@ -618,14 +623,30 @@ class Engine:
             ids[:, 1:] = fl.tokens[:, : t - 1].clamp(min=0)
         valid = torch.arange(t)[None, :] <= cut[:, None]
         extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
-        out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device), **extra)
-        logits = out.logits
-        fl.target_features = out.hidden_states[-1] if self.feature_draft else None
         temp, top_p, _ = self._sampling_tensors(rows)
         uniforms = self._uniforms(rows, [int(v) + 1 for v in cut], t)
-        result = self.verifier(logits.float().cpu(), fl.probs, fl.tokens, cut, temp, top_p, uniforms)
-        accepted, next_tokens = result.accepted.cpu(), result.next_token.cpu()
-        self._target_kv.keep_last((torch.arange(t)[None, :] <= accepted[:, None]).to(self.device))
+        accepted = torch.zeros(n, dtype=torch.long)
+        next_tokens = torch.zeros(n, dtype=torch.long)
+        features: torch.Tensor | None = None
+        for r0, r1 in verify_split(cut):
+            w = int(cut[r0:r1].max()) + 1
+            part = slice(r0, r1)
+            out = self._target_kv.forward(
+                self.target, ids[part, :w].to(self.device), valid[part, :w].to(self.device), first_row=r0, **extra
+            )
+            if self.feature_draft:
+                h = out.hidden_states[-1]
+                if features is None:
+                    features = h.new_zeros(n, t, h.shape[-1])
+                features[part, :w] = h
+            result = self.verifier(
+                out.logits.float().cpu(), fl.probs[part], fl.tokens[part], cut[part], temp[part], top_p[part],
+                uniforms[part, :w],
+            )  # fmt: skip
+            accepted[part], next_tokens[part] = result.accepted.cpu(), result.next_token.cpu()
+            keep = torch.arange(w)[None, :] <= accepted[part, None]
+            self._target_kv.keep_last(keep.to(self.device), first_row=r0)
+        fl.target_features = features
         k = fl.tokens.shape[1]
         if fl.drafting and k > 1 and self._draft_kv is not None:
             # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
@@ -768,6 +789,33 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+    """Row ranges for the verify forwards: the whole batch, or two ranges split where the
+    computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
+    `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
+    second forward re-reads the weights, which only a large saving pays for)."""
+    n = len(cut)
+    if n < 2:
+        return [(0, n)]
+    widths = (cut + 1).tolist()
+    whole = n * max(widths)
+    if whole < min_tokens:
+        return [(0, n)]
+    head = list(itertools.accumulate(widths, max))  # longest of rows [0, m]
+    tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
+    cost, m = min(((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n)))
+    return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
+
+
+def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:
+    """Target tokens the verify forwards of a step with these verify lengths (rows in the
+    engine's order: longest draft first) compute, padding included."""
+    c = torch.as_tensor(cut, dtype=torch.long)
+    if len(c) == 0:
+        return 0
+    return sum((r1 - r0) * (int(c[r0:r1].max()) + 1) for r0, r1 in verify_split(c))
 
 
 def _length_groups(sizes: list[int], max_padding: float = 0.25) -> list[list[int]]:

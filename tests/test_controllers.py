@@ -29,8 +29,8 @@ from .helpers import greedy_reference, make_engine, prompts
 
 
 def cost(s: StepShape) -> float:
-    """A CPU-like step time: a rectangular verify forward [rows, max_verify] plus drafting."""
-    return 0.02 + 0.004 * s.rows * s.max_verify + 0.002 * s.max_draft + 0.0005 * s.draft_tokens
+    """A CPU-like step time: the verify forwards' tokens (padding included) plus drafting."""
+    return 0.02 + 0.004 * s.verify_computed + 0.002 * s.max_draft + 0.0005 * s.draft_tokens
 
 
 class ExactCost:
@@ -48,7 +48,7 @@ def step_time() -> StepTimeModel:
     for _ in range(3000):
         rows, k = rng.choice([1, 2, 3, 4, 8, 16, 32, 64]), rng.randint(0, 8)
         cut = [rng.randint(0, k) for _ in range(rows)]
-        shapes.append(StepShape(rows, sum(cut) + rows, max(cut) + 1, rows * k, k, 0, rows * 100))
+        shapes.append(StepShape.of_lengths(sorted(cut, reverse=True), [k] * rows, 0, rows * 100))
     y = np.array([[0.0, 0.0, cost(s)] for s in shapes])
     return StepTimeModel(n_estimators=30, min_samples_leaf=1).fit(shapes, y)
 
@@ -77,9 +77,7 @@ def drafts_for(survival_rows: list[list[float]]) -> tuple[DraftBatch, Acceptance
 def objective(cut: list[int], est: AcceptanceEstimate, drafts: DraftBatch) -> float:
     surv = est.survival
     tokens = sum(1 + float(surv[i, :v].sum()) for i, v in enumerate(cut))
-    rows = len(cut)
-    shape = StepShape(rows, sum(cut) + rows, max(cut) + 1, int(drafts.draft_len.sum()), int(drafts.draft_len.max()), 0,
-                      int(drafts.context_len.sum()))  # fmt: skip
+    shape = StepShape.of_lengths(cut, drafts.draft_len, 0, int(drafts.context_len.sum()))
     return tokens / cost(shape)
 
 
@@ -264,6 +262,28 @@ def test_adaserve_spends_verification_on_requests_behind_their_slo():
     assert ada.act(VerifyState(10.0, drafts, relaxed), est).tolist() == [0, 0]
 
 
+def test_slo_draft_length_drafts_for_requests_that_need_it():
+    from adactl.controllers import SLODraftLength
+
+    ma = MovingAverage(prior=0.5)  # alpha 0.5 per position: 1 + G(c) = 1.5, 1.75, 1.875, ...
+    ctl = SLODraftLength(ExactCost(), ma)
+    # 64 requests: drafting does not pay on throughput (the goodput length is 0)
+    loose = tuple(slo_view(f"r{i}", 1.0, 20, 1.0) for i in range(64))
+    state = ScheduleState(10.0, loose, max_draft_len=8)
+    assert set(ctl.act(state, ma.estimate(state)).draft_len.values()) == {0}  # type: ignore[union-attr]
+    # r0 on a tight SLO that one token per plain step misses: it alone drafts, and since the
+    # verify forward splits, its draft costs the step little; 1.5 expected tokens keep it on
+    t0 = cost(StepShape.of_lengths([0] * 64, [0] * 64, 0, 64 * 60))
+    state = ScheduleState(10.0, (slo_view("r0", t0 / 1.2, 0, 0.0), *loose[1:]), max_draft_len=8)
+    plan = ctl.act(state, ma.estimate(state)).draft_len
+    assert plan["r0"] == 1 and all(plan[f"r{i}"] == 0 for i in range(1, 64))  # type: ignore[index]
+    # tighter: two draft tokens (1.75 expected); out of reach of any draft: none
+    state = ScheduleState(10.0, (slo_view("r0", t0 / 1.6, 0, 0.0), *loose[1:]), max_draft_len=8)
+    assert ctl.act(state, ma.estimate(state)).draft_len["r0"] == 2  # type: ignore[index]
+    state = ScheduleState(10.0, (slo_view("r0", t0 / 3, 0, 0.0), *loose[1:]), max_draft_len=8)
+    assert ctl.act(state, ma.estimate(state)).draft_len["r0"] == 0  # type: ignore[index]
+
+
 def test_slo_travels_with_the_request(target, draft):
     from adactl.runtime import SLO, RequestError
 
@@ -278,7 +298,7 @@ def test_slo_travels_with_the_request(target, draft):
 
 
 def test_adaserve_is_lossless_in_the_loop(target, draft, step_time):
-    from adactl.controllers import AdaServe
+    from adactl.controllers import AdaServe, SLODraftLength
     from adactl.runtime import SLO
 
     ps = prompts(4, seed=41)
@@ -286,7 +306,8 @@ def test_adaserve_is_lossless_in_the_loop(target, draft, step_time):
     ids = [
         engine.add_request(p, SamplingParams(12), slo=SLO(tpot_s=0.001 if i % 2 else None)) for i, p in enumerate(ps)
     ]
-    loop = ControlLoop(engine, schedule=FixedDraftLength(4), verify=AdaServe(MovingAverage(prior=0.5), step_time))
+    schedule = SLODraftLength(step_time, MovingAverage(prior=0.5))
+    loop = ControlLoop(engine, schedule=schedule, verify=AdaServe(MovingAverage(prior=0.5), step_time))
     results = loop.run()
     assert not loop.fallbacks
     assert [results[i].output_ids for i in ids] == [greedy_reference(target, p, 12) for p in ps]

@@ -166,3 +166,44 @@ def test_cancel_right_after_the_first_token(target, draft):
     results = run_to_completion(engine)
     assert results[keep].output_ids == greedy_reference(target, [3, 4, 5], 6)
     assert engine.kv_bytes() == 0
+
+
+def test_split_verify_matches_running_alone(target, draft, monkeypatch):
+    """A few long drafts in a wide batch: the verify forward splits in two row ranges, and
+    every request still gets exactly its tokens run alone, greedy and sampled."""
+    from adactl.runtime import engine as engine_module
+    from adactl.runtime.engine import verify_computed, verify_split
+
+    cut = torch.tensor([6, 5, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert verify_split(cut) == [(0, 2), (2, 12)]
+    assert verify_computed(cut) == 2 * 7 + 10 * 2
+    assert verify_split(torch.tensor([2, 2, 1, 2])) == [(0, 4)]  # too small to pay for a second forward
+
+    engine, ids, alone = engine_with_references(target, draft, 12, seed=33, max_new_tokens=16)
+    splits = 0
+    while engine.has_unfinished():
+        running = [v.request_id for v in engine.requests() if v.status == "running"]
+        drafts = engine.draft_step(StepPlan(draft_len={r: 6 if i < 2 else 1 for i, r in enumerate(running)}))
+        lens = drafts.draft_len.tolist()
+        splits += len(verify_split(torch.tensor(lens))) == 2
+        engine.verify(lens)
+    results = {r.request_id: r for r in engine.pop_finished()}
+    assert splits > 3
+    assert [results[r].output_ids for r in ids] == alone
+
+    # sampled rows with their own seeds: the same tokens whether the verify splits or not
+    ps = prompts(12, seed=34)
+
+    def sampled() -> list[list[int]]:
+        e = make_engine(target, draft)
+        rid = [e.add_request(p, SamplingParams(16, temperature=0.9, seed=i)) for i, p in enumerate(ps)]
+        while e.has_unfinished():
+            running = [v.request_id for v in e.requests() if v.status == "running"]
+            d = e.draft_step(StepPlan(draft_len={r: 6 if i < 2 else 1 for i, r in enumerate(running)}))
+            e.verify(d.draft_len)
+        out = {r.request_id: r.output_ids for r in e.pop_finished()}
+        return [out[r] for r in rid]
+
+    split = sampled()
+    monkeypatch.setattr(engine_module, "verify_split", lambda cut: [(0, len(cut))])
+    assert sampled() == split

@@ -7,8 +7,9 @@ imports, for every script in train/.)
     python train/profile_steps.py --batches 1,4,16 --reps 2 --out /tmp/profile.json
 
 For each batch size, that many ShareGPT prompts (training split) are prefilled, then every
-draft length 0..8 runs `--reps` steps (in a shuffled order), half verifying whole drafts and
-half a random prefix per row (verify controllers cut drafts short). Each step's shape
+draft length 0..8 runs `--reps` steps (in a shuffled order), a third verifying whole drafts, a
+third a random prefix per row (verify controllers cut drafts short) and a third with only a
+few requests drafting (SLO-customised plans; the engine splits such verify forwards). Each step's shape
 (`StepShape`) and its prefill, draft and verify seconds are written as JSON. At the largest
 batch it also times what the controllers add per step (estimate + act of each acceptance
 predictor) against that step's own time.
@@ -118,9 +119,14 @@ def profile(args: argparse.Namespace) -> dict:
         rng.shuffle(ks)
         for i, k in enumerate(ks):
             plan = StepPlan(draft_len=k, prefill_budget=0)
+            if i % 3 == 2:  # a few requests draft k, the rest 0 or 1 (SLO-customised plans)
+                few = rng.randint(1, max(1, b // 4))
+                running = [v.request_id for v in engine.requests()]
+                plan = StepPlan(draft_len={r: k if j < few else rng.randint(0, 1) for j, r in enumerate(running)},
+                                prefill_budget=0)  # fmt: skip
             drafts = engine.draft_step(plan)
             cut = drafts.draft_len.clone()
-            if i % 2:
+            if i % 3 == 1:
                 cut = torch.tensor([rng.randint(0, int(n)) for n in drafts.draft_len])
             outcome = engine.verify(cut)
             state = ScheduleState(time.perf_counter(), tuple(engine.requests()), args.max_k, plan)
@@ -146,7 +152,7 @@ def profile(args: argparse.Namespace) -> dict:
 def read_profile(path: str | Path) -> tuple[list[StepShape], list[list[float]], dict]:
     data = json.loads(Path(path).read_text())
     names = StepShape.names()
-    shapes = [StepShape(**{n: s[n] for n in names}) for s in data["steps"]]
+    shapes = [StepShape(**{n: s[n] for n in names if n in s}) for s in data["steps"]]
     seconds = [[s["prefill_s"], s["draft_s"], s["verify_s"]] for s in data["steps"]]
     return shapes, seconds, data
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from adactl.controllers import AdaServe, GoodputLength
+from adactl.controllers import AdaServe, SLODraftLength
 from adactl.loop import ControlLoop
 from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
 
@@ -80,10 +80,10 @@ def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: l
     times = arrivals(n, args.rate, args.seed)
     tpots = [args.slo_tpot[i % len(CLASSES)] for i in range(n)]
     entries = {name: table[name] for name in table if name in args.slo_controllers}
-    # AdaServe speculates with the goodput length (a fixed long draft costs too much on a CPU)
+    # AdaServe: per-request draft lengths SLO first (speculate), then SLO-first verify lengths
     entries["adaserve"] = (
         True,
-        lambda e, c: ([GoodputLength(c["step_time"], c["moving_average"]())], AdaServe(c["sv"](), c["step_time"])),
+        lambda e, c: ([SLODraftLength(c["step_time"], c["moving_average"]())], AdaServe(c["sv"](), c["step_time"])),
     )
     records = []
     bar = tqdm(total=n * args.max_new_tokens * len(entries), desc="bench spec --slo", unit="tok")

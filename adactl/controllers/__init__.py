@@ -8,11 +8,12 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
   `BucketEMA` (SGLang's accepted-length average per batch-size bucket);
 - `SpeculativeVerification`: batch-aware verify lengths from acceptance + step time;
 - `GoodputLength`: the draft length that maximises predicted tokens per second;
-- `AdaServe`: verify lengths that keep each request on its TPOT SLO first, then throughput;
+- `SLODraftLength` + `AdaServe`: draft and verify lengths that keep each request on its TPOT
+  SLO first, then throughput;
 - `oracle` (benchmarks only): verification with the target's verdict known in advance.
 """
 
-from .adaserve import AdaServe
+from .adaserve import AdaServe, SLODraftLength
 from .bucket_ema import BucketEMA
 from .fixed import FixedDraftLength, NoSpeculation
 from .goodput import GoodputLength
@@ -30,6 +31,7 @@ __all__ = [
     "HeuristicSchedule",
     "NoSpeculation",
     "PerfectAcceptance",
+    "SLODraftLength",
     "SpeculativeVerification",
     "oracle",
 ]

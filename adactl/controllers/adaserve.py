@@ -1,6 +1,10 @@
 """SLO-customised speculation (AdaServe), chain version: speculate, select, verify.
 
-Every request drafts (speculate); then the verify lengths are selected. Request i, with a
+Speculate (`SLODraftLength`, a schedule controller): each running request drafts the
+throughput-optimal length of `GoodputLength` (often 0 on a busy CPU), raised for requests
+whose TPOT SLO needs more tokens this step than plain decoding gives (need_i(T) below, with
+alpha_j from the estimator and T from the step-time model on the resulting plan).
+Select and verify (`AdaServe`, a verify controller): the verify lengths are selected. Request i, with a
 TPOT SLO s_i, has emitted n_i tokens in e_i seconds since its first token. If this step
 takes T seconds it stays on its SLO only with
 
@@ -26,10 +30,68 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adactl.estimators.step_time import StepTimePredictor
-from adactl.interface import AcceptanceEstimate, Controller, Estimator, VerifyState
+from dataclasses import replace
 
+from adactl.estimators.moving_average import MovingAverage
+from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState, VerifyState
+from adactl.runtime.types import RequestView, StepPlan
+
+from .goodput import GoodputLength
 from .sv import SpeculativeVerification, expected_gain
+
+
+def slo_progress(view: RequestView | None, now: float) -> tuple[float, float, float]:
+    """(TPOT SLO s (inf without one), tokens emitted n, seconds since the first token e)."""
+    if view is None:
+        return float("inf"), 0.0, 0.0
+    s = view.slo.tpot_s if view.slo is not None and view.slo.tpot_s else float("inf")
+    e = max(0.0, now - view.first_token_time) if view.first_token_time is not None else 0.0
+    return s, float(view.num_generated), e
+
+
+class SLODraftLength(Controller):
+    """AdaServe's speculate step: per-request draft lengths, SLO first.
+
+    c_i = max(c*, the smallest c with 1 + G(c) >= need_i(T)),  G(c) = sum_{j<c} prod_{i<=j} alpha_i,
+    need_i(T) = (e_i + T) / s_i - n_i (AdaServe's catch-up need) or, when no c <= K reaches
+    it, T / s_i (the steady-state need); c* = the goodput length for everyone. T is the
+    step-time model's prediction for the plan itself (two fixed-point passes)."""
+
+    name = "slo-draft"
+
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None) -> None:
+        self.step_time = step_time
+        self.estimator = estimator if estimator is not None else MovingAverage()
+        self.goodput = GoodputLength(step_time, self.estimator)
+
+    def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
+        base = self.goodput.act(state, utilities)
+        running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
+        k = state.max_draft_len
+        if not running or k == 0:
+            return base
+        alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
+        gain = 1 + torch.cat([torch.zeros(1), torch.cumprod(alpha[:k], 0).cumsum(0)]).numpy()  # [K + 1]
+        c_star = int(base.draft_len) if isinstance(base.draft_len, int) else 0
+        progress = [slo_progress(r, state.now) for r in running]
+        lengths = np.full(len(running), c_star)
+        context = sum(r.context_len for r in running)
+        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        for _ in range(2):
+            ordered = sorted(lengths.tolist(), reverse=True)  # the engine's row order
+            t = float(self.step_time.predict([StepShape.of_lengths(ordered, ordered, prefill, context)])[0])
+            new = np.full(len(running), c_star)
+            for i, (s, n, e) in enumerate(progress):
+                if not np.isfinite(s):
+                    continue
+                for need in ((e + t) / s - n, t / s):
+                    reach = np.nonzero(gain >= need)[0]
+                    if len(reach):
+                        new[i] = max(c_star, int(reach[0]))
+                        break
+            lengths = new
+        return replace(base, draft_len={r.request_id: int(c) for r, c in zip(running, lengths)})
 
 
 class AdaServe(Controller):
@@ -45,15 +107,7 @@ class AdaServe(Controller):
             return d.draft_len.clone()
         gain = 1 + expected_gain(utilities.survival)  # [B, K + 1] expected tokens by verify length
         views = {r.request_id: r for r in state.requests}
-        slo, done, since = [], [], []
-        for rid in d.request_ids:
-            v = views.get(rid)
-            tpot = v.slo.tpot_s if v is not None and v.slo is not None else None
-            slo.append(tpot if tpot else float("inf"))
-            done.append(v.num_generated if v is not None else 0)
-            first = v.first_token_time if v is not None else None
-            since.append(max(0.0, state.now - first) if first is not None else 0.0)
-        s, n, e = torch.tensor(slo), torch.tensor(done, dtype=torch.float32), torch.tensor(since)
+        s, n, e = torch.tensor([slo_progress(views.get(rid), state.now) for rid in d.request_ids]).T.float()
         has_slo = torch.isfinite(s)
 
         cands = self.sv.candidates(utilities.survival, d.draft_len)  # [C, B]

@@ -54,9 +54,8 @@ class SpeculativeVerification(Controller):
 
     def seconds(self, d: DraftBatch, cands: torch.Tensor) -> np.ndarray:
         """[C] predicted step seconds of each candidate [C, B] of verify lengths."""
-        rows, context = len(d.request_ids), int(d.context_len.sum())
-        drafted, longest = int(d.draft_len.sum()), int(d.draft_len.max()) if rows else 0
-        shapes = [StepShape(rows, int(c.sum()) + rows, int(c.max()) + 1, drafted, longest, 0, context) for c in cands]
+        context = int(d.context_len.sum())
+        shapes = [StepShape.of_lengths(c, d.draft_len, 0, context) for c in cands]
         return np.maximum(self.step_time.predict(shapes), 1e-6)
 
 
