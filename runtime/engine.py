@@ -33,6 +33,7 @@ from transformers import PreTrainedModel
 from .feature_draft import is_feature_draft
 from .kv import BatchKV, KVConfig
 from .models import chat_ids, output_vocab_size
+from .stream import Playback, Stream, count_units
 from .types import (
     SLO,
     DraftBatch,
@@ -81,6 +82,7 @@ class _Request:
     cancelled: bool = False
     generator: torch.Generator | None = None  # the request's own draws, when it has a seed
     slo: SLO | None = None
+    playback: Playback | None = None  # the consumer's account, for streamed requests
 
     @property
     def context_len(self) -> int:
@@ -177,10 +179,13 @@ class Engine:
         request_id: str | None = None,
         arrival_time: float | None = None,
         slo: SLO | None = None,
+        stream: Stream | None = None,
     ) -> str:
         """Queue a request; returns its id. Raises `RequestError` (nothing queued) on bad input.
 
         slo: service goals (TTFT, TPOT) carried for controllers in `RequestView.slo`.
+        stream: how a consumer reads the output (rate, unit, first-unit deadline); the engine
+        keeps its account (`RequestView.stream_progress`, `RequestResult.stream_misses`).
 
         prompt: token ids, a string (tokenized with the tokenizer's special tokens), or chat
         messages `[{"role": ..., "content": ...}]` (the tokenizer's chat template, with the
@@ -192,6 +197,12 @@ class Engine:
             if not isinstance(slo, SLO):
                 raise RequestError(f"slo must be an adactl.runtime.SLO, got {type(slo).__name__}")
             slo.validate()
+        if stream is not None:
+            if not isinstance(stream, Stream):
+                raise RequestError(f"stream must be an adactl.runtime.Stream, got {type(stream).__name__}")
+            stream.validate()
+            if stream.unit != "token":
+                self._need_tokenizer(f"a stream read in {stream.unit}s")
         ids = self._prompt_ids(prompt)
         if not ids:
             raise RequestError("prompt is empty: give at least one token")
@@ -211,6 +222,8 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = time.perf_counter() if arrival_time is None else arrival_time
         req = _Request(request_id, ids, sampling, arrival, slo=slo)
+        if stream is not None:
+            req.playback = Playback(stream, arrival)
         if sampling.seed is not None:
             req.generator = torch.Generator().manual_seed(sampling.seed)
         self._waiting[request_id] = req
@@ -268,6 +281,7 @@ class Engine:
     def requests(self) -> list[RequestView]:
         """Unfinished requests: waiting or prefilling (arrival order), then running (row order)."""
         views = []
+        now = time.perf_counter()
         for req in list(self._waiting.values()) + self._rows:
             status = "running" if req.first_token_time is not None else ("prefilling" if req.prefilled else "waiting")
             views.append(
@@ -282,6 +296,8 @@ class Engine:
                     req.first_token_time,
                     req.sampling,
                     req.slo,
+                    req.playback.stream if req.playback is not None else None,
+                    req.playback.progress(now) if req.playback is not None else None,
                 )
             )
         return views
@@ -692,6 +708,8 @@ class Engine:
                 req.finish_reason = "context"
             if req.finish_reason is not None:
                 break
+        if req.playback is not None and kept:
+            self._produce(req, time.perf_counter())
         return kept
 
     # ------------------------------------------------------------ bookkeeping
@@ -752,9 +770,21 @@ class Engine:
 
     def _finish(self, req: _Request, reason: str) -> None:
         req.finish_reason = reason
+        now = self._now()
+        units = misses = None
+        if req.playback is not None:
+            self._produce(req, now, finished=True)
+            units, misses = req.playback.settle()
         self._finished[req.request_id] = RequestResult(
-            req.request_id, req.prompt, req.output, reason, req.arrival_time, req.first_token_time, self._now()
+            req.request_id, req.prompt, req.output, reason, req.arrival_time, req.first_token_time, now, units, misses
         )
+
+    def _produce(self, req: _Request, now: float, finished: bool = False) -> None:
+        """Tell a streamed request's consumer how many complete units the output holds."""
+        assert req.playback is not None
+        unit = req.playback.stream.unit
+        text = "" if unit == "token" else self.tokenizer.decode(req.output, skip_special_tokens=True)
+        req.playback.produce(count_units(unit, len(req.output), text, finished), len(req.output), now, finished)
 
     def _check_cut(self, verify_len: Sequence[int] | torch.Tensor | None, fl: _Inflight) -> torch.Tensor:
         if verify_len is None:
@@ -805,7 +835,7 @@ def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 4
         return [(0, n)]
     head = list(itertools.accumulate(widths, max))  # longest of rows [0, m]
     tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
-    cost, m = min(((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n)))
+    cost, m = min((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n))
     return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
 
 

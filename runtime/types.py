@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .stream import Stream, StreamProgress
 
 
 class RequestError(ValueError):
@@ -82,6 +86,8 @@ class RequestView:
     first_token_time: float | None
     sampling: SamplingParams
     slo: SLO | None = None  # the request's service goals, if it has any
+    stream: Stream | None = None  # how its output is consumed, if it streams
+    stream_progress: StreamProgress | None = None  # the consumer's position now (with `stream`)
 
 
 @dataclass(frozen=True)
@@ -147,3 +153,5 @@ class RequestResult:
     arrival_time: float
     first_token_time: float | None
     finish_time: float
+    stream_units: int | None = None  # units of a streamed output (None: not streamed)
+    stream_misses: int | None = None  # of those, units not ready at their deadline

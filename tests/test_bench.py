@@ -88,3 +88,19 @@ def test_bench_spec_slo_reports_attainment(tmp_path, capsys):
         assert {"attainment_tight", "attainment_medium", "attainment_loose", "slo_goodput"} <= set(r)
         assert r["slo_goodput"] <= r["tokens_per_s"] + 1e-9 and not r["fallbacks"]
     assert "adaserve" in capsys.readouterr().out
+
+
+def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
+    args = ["--tiny", "--loads", "20,200", "--requests", "6", "--validate", "--fcfs-seqs", "2"]
+    main(["bench", "stream", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "stream.json").read_text())
+    names = {"fcfs", "fcfs-seqs2", "edf", "andes", "ttft-budget", "progressserve"}
+    runs = {(r["backend"], r["load"], r["controller"]) for r in data["records"]}
+    assert runs == {(b, load, n) for b in ("engine", "replay") for load in (20.0, 200.0) for n in names}
+    for r in data["records"]:
+        assert {"controller", "load", "miss_rate", "admitted_inflight", "ttft_p99_s", "capacity_at_slo"} <= set(r)
+        assert r["requests"] == 6 and 0 <= r["miss_rate"] <= 1 and not r["fallbacks"]
+        assert r["units"] > 0 and r["admitted_inflight"] > 0
+    assert data["meta"]["validation"]["runs"] == 12
+    assert (tmp_path / "stream.png").stat().st_size > 10_000
+    assert "progressserve" in capsys.readouterr().out

@@ -11,7 +11,6 @@ second), tokens/s, and `ratio_attainment_fixed` (to the best fixed draft length)
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from typing import Any
 
@@ -20,17 +19,9 @@ from tqdm import tqdm
 from adactl.controllers import AdaServe, SLODraftLength
 from adactl.loop import ControlLoop
 from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
+from adactl.workloads import arrival_times
 
 CLASSES = ("tight", "medium", "loose")
-
-
-def arrivals(n: int, rate: float, seed: int) -> list[float]:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        t += rng.expovariate(rate)
-        out.append(t)
-    return out
 
 
 def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]], times: list[float],
@@ -77,7 +68,7 @@ def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]],
 def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: dict[str, Any],
         table: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     n = args.slo_requests
-    times = arrivals(n, args.rate, args.seed)
+    times = arrival_times(n, args.rate, args.seed)
     tpots = [args.slo_tpot[i % len(CLASSES)] for i in range(n)]
     entries = {name: table[name] for name in table if name in args.slo_controllers}
     # AdaServe: per-request draft lengths SLO first (speculate), then SLO-first verify lengths

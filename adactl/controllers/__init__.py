@@ -11,27 +11,43 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
 - `SLODraftLength` + `AdaServe`: draft and verify lengths that keep each request on its TPOT
   SLO first, then throughput;
 - `oracle` (benchmarks only): verification with the target's verdict known in advance.
+
+Streaming (schedule decision: admit, run or defer, prefill budget):
+- baselines: `FCFS` (vLLM: max_num_seqs, decode first, static chunked-prefill budget),
+  `DeadlineFirst` (EDF / least slack), `AndesPriority` (largest delivery lag first);
+- `ProgressServe`: run what is at risk, defer safe buffers, admit only what stays safe;
+- `TTFTPrefillBudget`: the smallest prefill budget that keeps every TTFT feasible.
 """
 
 from .adaserve import AdaServe, SLODraftLength
+from .andes import AndesPriority
 from .bucket_ema import BucketEMA
+from .deadline_first import DeadlineFirst
+from .fcfs import FCFS
 from .fixed import FixedDraftLength, NoSpeculation
 from .goodput import GoodputLength
 from .heuristic import HeuristicSchedule
 from .oracle import PerfectAcceptance, oracle
+from .prefill_budget import TTFTPrefillBudget
+from .progressserve import ProgressServe
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 
 __all__ = [
+    "FCFS",
     "AdaServe",
+    "AndesPriority",
     "BucketEMA",
     "ConfidenceStop",
+    "DeadlineFirst",
     "FixedDraftLength",
     "GoodputLength",
     "HeuristicSchedule",
     "NoSpeculation",
     "PerfectAcceptance",
+    "ProgressServe",
     "SLODraftLength",
     "SpeculativeVerification",
+    "TTFTPrefillBudget",
     "oracle",
 ]

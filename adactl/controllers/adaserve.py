@@ -27,10 +27,10 @@ later issue: the selection only needs expected tokens per verified node.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
-
-from dataclasses import replace
 
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import StepShape, StepTimePredictor

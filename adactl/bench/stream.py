@@ -1,0 +1,278 @@
+"""`adactl bench stream`: streaming schedulers side by side over a load sweep.
+
+Requests (held-out ShareGPT first turns, each generating the length of the reply it got,
+`stop_on_eos=False`) arrive open-loop at each `--loads` rate (requests/s; Poisson, or Gamma
+gaps with `--burstiness` < 1), each read by a consumer from `workloads.consumer_mix` (reading
+and speech rates, in tokens, words and sentences; first unit due `--ttft` s after arrival).
+Every controller serves the same requests, arrivals and consumers at every load:
+
+- `fcfs`: vLLM's scheduler with its defaults here (no in-flight cap, 512-token prefill budget);
+  `fcfs-seqs{N}`: the same with `max_num_seqs` = N (`--fcfs-seqs`), the tuned baselines;
+- `edf`, `andes`: deadline-first and Andes-style priority, each running at most `--max-running`
+  requests per step;
+- `ttft-budget`: FCFS with the TTFT-bounded prefill budget instead of the static one;
+- `progressserve`: ProgressServe (run at-risk, defer safe, admit only what stays safe) with
+  the TTFT-bounded prefill budget.
+
+Reported per controller and load: unit-deadline miss rate, p50/p99 TTFT, mean TPOT, admitted
+in-flight requests (time-weighted mean over the run), effective throughput (tokens read on
+time per second), and per controller `capacity_at_slo` (the largest load with misses <= 0.5%)
+with the in-flight requests at that load. `--replay` runs the sweep on `ReplayEngine` (the
+step-time model fitted on the real engine's profile; seconds instead of an hour);
+`--validate` runs both on the same loads and reports the replay's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from adactl.bench.common import format_table, write_json
+from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
+from adactl.loop import ControlLoop
+from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
+from adactl.runtime.replay import ReplayEngine
+from adactl.workloads import arrival_times, consumer_mix
+
+SLO_MISS_RATE = 0.005
+COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
+           "effective_tps", "capacity_at_slo"]  # fmt: skip
+
+
+def controllers(step_time: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """name -> () -> schedule stack."""
+    table: dict[str, Any] = {"fcfs": lambda: [FCFS(None, args.prefill_budget)]}
+    for n in args.fcfs_seqs:
+        table[f"fcfs-seqs{n}"] = lambda n=n: [FCFS(n, args.prefill_budget)]
+    table["edf"] = lambda: [DeadlineFirst(args.max_running, None, args.prefill_budget)]
+    table["andes"] = lambda: [AndesPriority(args.max_running, None, args.prefill_budget)]
+    table["ttft-budget"] = lambda: [FCFS(None, args.prefill_budget), TTFTPrefillBudget(step_time, args.prefill_budget)]
+    table["progressserve"] = lambda: [
+        ProgressServe(step_time, prefill_budget=args.prefill_budget),
+        TTFTPrefillBudget(step_time, args.prefill_budget),
+    ]
+    return table
+
+
+def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], streams: list[Stream],
+          times: list[float], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+    """Serve the requests open-loop on `engine` (real or replay) and measure the consumers."""
+    replay = isinstance(engine, ReplayEngine)
+    clock = engine.clock if replay else time.perf_counter
+    loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget, clock=clock)
+    start = clock()
+    queue = list(range(len(requests)))
+    ids: dict[str, int] = {}
+    inflight_area = 0.0
+    timeline: list[tuple[float, int]] = []
+    while queue or engine.has_unfinished():
+        now = clock() - start
+        while queue and times[queue[0]] <= now:
+            i = queue.pop(0)
+            prompt, length = requests[i]
+            sampling = SamplingParams(length, stop_on_eos=False, seed=args.seed + i)
+            ids[engine.add_request(prompt, sampling, arrival_time=start + times[i], stream=streams[i])] = i
+        if not engine.has_unfinished():
+            wait = times[queue[0]] - now
+            if replay:
+                engine.now += wait
+            else:
+                time.sleep(max(0.0, wait))
+            continue
+        record = loop.step()
+        admitted = sum(v.status != "waiting" for v in record.schedule.requests)
+        inflight_area += admitted * record.outcome.total_s
+        timeline.append((clock() - start, admitted))
+        bar.update(record.outcome.tokens_emitted)
+    wall = clock() - start
+    units = misses = 0
+    on_time_tokens = 0.0
+    ttft, tpot = [], []
+    for result in loop.results.values():
+        u, m = result.stream_units or 0, result.stream_misses or 0
+        units, misses = units + u, misses + m
+        n = len(result.output_ids)
+        on_time_tokens += n * (1 - m / u) if u else 0.0
+        if result.first_token_time is not None:
+            ttft.append(result.first_token_time - result.arrival_time)
+            if n > 1:
+                tpot.append((result.finish_time - result.first_token_time) / (n - 1))
+    return {
+        "miss_rate": misses / max(units, 1),
+        "units": units,
+        "misses": misses,
+        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+        "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
+        "tpot_s": float(np.mean(tpot)) if tpot else None,
+        "admitted_inflight": inflight_area / max(wall, 1e-9),
+        "effective_tps": on_time_tokens / max(wall, 1e-9),
+        "wall_s": wall,
+        "requests": len(loop.results),
+        "fallbacks": dict(loop.fallbacks),
+        "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
+    }
+
+
+def add_capacity(records: list[dict[str, Any]]) -> None:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["backend"], r["controller"]), []).append(r)
+    for rows in groups.values():
+        ok = [r for r in rows if r["miss_rate"] <= SLO_MISS_RATE]
+        best = max(ok, key=lambda r: r["load"]) if ok else None
+        for r in rows:
+            r["capacity_at_slo"] = best["load"] if best else 0.0
+            r["capacity_inflight"] = best["admitted_inflight"] if best else 0.0
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    fig, axes = plt.subplots(len(backends), 2, figsize=(13, 4.6 * len(backends)), squeeze=False)
+    for row, backend in zip(axes, backends):
+        mine = [r for r in records if r["backend"] == backend]
+        names = list(dict.fromkeys(r["controller"] for r in mine))
+        top = max(r["load"] for r in mine)
+        for name in names:
+            rs = sorted((r for r in mine if r["controller"] == name), key=lambda r: r["load"])
+            row[0].plot([r["load"] for r in rs], [100 * r["miss_rate"] for r in rs], marker="o", label=name)
+            last = next(r for r in rs if r["load"] == top)
+            tl = last["inflight_timeline"]
+            row[1].plot([t for t, _ in tl], [n for _, n in tl], label=name)
+        row[0].axhline(100 * SLO_MISS_RATE, color="gray", ls="--", lw=1)
+        row[0].set(xlabel="load (requests/s)", ylabel="unit-deadline misses (%)", title=f"{backend}: misses vs load")
+        row[0].set_yscale("symlog", linthresh=0.5)
+        row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at {top}/s")
+        row[0].legend(fontsize=7)
+        row[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _workload(args: argparse.Namespace) -> tuple[Any, Any, list[tuple[Any, int]], list[Stream]]:
+    """(target model, tokenizer, requests, streams)."""
+    streams = consumer_mix(args.requests, args.seed, args.ttft)
+    if args.tiny:
+        from adactl.runtime.models import tiny_llama
+
+        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+        g = torch.Generator().manual_seed(args.seed)
+        lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
+        reqs = [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]
+        return target, None, reqs, [Stream(s.rate, "token", s.ttft_s) for s in streams]
+    from adactl.runtime.models import load_model
+    from adactl.workloads import chat_requests, read_sharegpt
+
+    loaded = load_model(args.target)
+    data = read_sharegpt()
+    reqs = chat_requests(loaded.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
+                         held_out=True)  # fmt: skip
+    return loaded.model, loaded.tokenizer, list(reqs), streams
+
+
+def _step_time(args: argparse.Namespace) -> Any:
+    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
+
+    if args.tiny:
+        from adactl.bench.spec import _tiny_step_time
+
+        return CachedStepTime(_tiny_step_time())
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / "step_time.skops"))
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    if args.quick:
+        args.loads, args.requests, args.fcfs_seqs = args.loads[:2], min(args.requests, 16), args.fcfs_seqs[:1]
+        args.controllers = args.controllers or ["fcfs", "edf", "progressserve"]
+    torch.manual_seed(args.seed)
+    target, tokenizer, requests, streams = _workload(args)
+    step_time = _step_time(args)
+    table = controllers(step_time, args)
+    chosen = [c for c in table if args.controllers is None or c in args.controllers]
+    backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
+    records: list[dict[str, Any]] = []
+    total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
+    bar = tqdm(total=total, desc="bench stream", unit="tok")
+    for backend in backends:
+        for load in args.loads:
+            times = arrival_times(len(requests), load, args.seed, args.burstiness)
+            for name in chosen:
+                if backend == "engine":
+                    engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
+                else:
+                    engine = ReplayEngine(step_time, max_batch_size=args.max_batch, noise=args.replay_noise,
+                                          seed=args.seed)  # fmt: skip
+                work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
+                result = serve(engine, table[name](), work, streams, times, args, bar)
+                records.append({"backend": backend, "load": load, "controller": name, **result})
+    bar.close()
+    add_capacity(records)
+    summary = validation(records) if args.validate else None
+    print(format_table(records, COLUMNS))
+    if summary:
+        print("replay vs engine:", summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"target": "tiny" if args.tiny else args.target, "validation": summary,
+            "args": {k: v for k, v in vars(args).items() if k != "run"}}  # fmt: skip
+    write_json(out / "stream.json", records, meta)
+    plot(records, out / "stream.png")
+    return records
+
+
+def validation(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The replay's error against the engine on the same (load, controller) runs."""
+    engine = {(r["load"], r["controller"]): r for r in records if r["backend"] == "engine"}
+    pairs = [(engine[(r["load"], r["controller"])], r) for r in records
+             if r["backend"] == "replay" and (r["load"], r["controller"]) in engine]  # fmt: skip
+    if not pairs:
+        return {}
+
+    def rel(key: str) -> float:
+        vals = [abs(b[key] - a[key]) / a[key] for a, b in pairs if a.get(key) and b.get(key) is not None]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {
+        "runs": len(pairs),
+        "miss_rate_abs_error": float(np.mean([abs(b["miss_rate"] - a["miss_rate"]) for a, b in pairs])),
+        "tpot_rel_error": rel("tpot_s"),
+        "ttft_p50_rel_error": rel("ttft_p50_s"),
+        "inflight_rel_error": rel("admitted_inflight"),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--loads", type=floats, default=[0.5, 1.0, 1.5, 2.0, 3.0], help="requests/s, comma-separated")
+    parser.add_argument("--requests", type=int, default=40, help="requests per run")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrival gaps (1 = Poisson)")
+    parser.add_argument("--ttft", type=float, default=1.0, help="first unit due this long after arrival (s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="reply lengths are clipped to this")
+    parser.add_argument("--prefill-budget", type=int, default=512, help="static chunked-prefill budget (tokens)")
+    parser.add_argument("--fcfs-seqs", type=ints, default=[8, 16], help="max_num_seqs of the tuned FCFS runs")
+    parser.add_argument("--max-running", type=int, default=16, help="edf/andes: requests run per step, at most")
+    parser.add_argument("--max-batch", type=int, default=64, help="KV room: requests in the batch, at most")
+    parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
+    parser.add_argument("--replay", action="store_true", help="profile replay instead of the real engine")
+    parser.add_argument("--validate", action="store_true", help="run engine and replay, report the replay's error")
+    parser.add_argument("--replay-noise", type=float, default=0.1, help="log-sd of replayed step times")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="2 loads, 16 requests, fcfs / edf / progressserve")
+    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    parser.add_argument("--out", default="bench_results")

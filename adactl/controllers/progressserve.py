@@ -1,0 +1,134 @@
+"""ProgressServe: run the requests at risk, defer those with safe buffers, admit only what stays safe.
+
+Each step, with a deadline-risk model R (P(some unit due within the horizon misses); see
+`adactl.estimators.deadline_risk`), the step-time model T(n) for n decode rows, and the
+running streamed requests in slack order (seconds until each reader runs dry):
+
+    at risk = {i : R_i(deferred d steps, then run in the full batch at T(all)) >= target}
+    run     = the least-slack requests up to the last one at risk, then more in slack order
+              while T(n) <= min over the at-risk i of 1 / rate_i (a step no longer than the
+              fastest at-risk reader's period); everyone when nobody is at risk (work
+              conserving: buffers grow while it is cheap). The rest are deferred and keep
+              their KV cache (deferral is not recomputation).
+    admit   = the next waiting request (deadline order) only if the load stays servable:
+              with D = the readers' total demand (tokens/s), the rows per step it takes,
+              F = D * T(F) (a fixed point), exist and fit (F <= in-flight), and every reader,
+              served at the mean step time T(F), has R_i < target (a stalled reader counted
+              from its resumption, with 1.5 steps of buffer). Otherwise it waits, and
+              `reasons` says why.
+
+The target is 0.5% by default, the bound of capacity at SLO (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from adactl.estimators.deadline_risk import AnalyticRisk
+from adactl.estimators.step_time import StepTimePredictor
+from adactl.interface import Controller, ScheduleState
+from adactl.runtime.types import RequestView, StepPlan
+
+from .stream_common import decode_seconds, slack, stream_state, ttft_deadline
+
+
+class ProgressServe(Controller):
+    name = "progressserve"
+
+    def __init__(self, step_time: StepTimePredictor, risk: Any = None, target: float = 0.005, defer_steps: int = 2,
+                 max_num_seqs: int | None = None, prefill_budget: int = 512, admit_per_step: int = 2,
+                 horizon: float = 2.0) -> None:  # fmt: skip
+        if not 0 < target < 1:
+            raise ValueError(f"target must be in (0, 1), got {target}")
+        self.step_time = step_time
+        self.risk = risk if risk is not None else AnalyticRisk()
+        self.target, self.defer_steps, self.horizon = target, defer_steps, horizon
+        self.max_num_seqs, self.prefill_budget, self.admit_per_step = max_num_seqs, prefill_budget, admit_per_step
+        self.reasons: dict[str, str] = {}  # waiting request -> why it was not admitted (last step)
+
+    def _seconds(self, rows: Sequence[int], context: Sequence[int], prefill: int) -> list[float]:
+        return decode_seconds(self.step_time, rows, context, prefill)
+
+    def choose(self, streamed: Sequence[RequestView], others: int, context: Sequence[int], now: float,
+               prefill: int) -> int:  # fmt: skip
+        """How many of `streamed` (in slack order) run this step, next to `others` plain rows."""
+        r = len(streamed)
+        if r == 0:
+            return 0
+        seconds = self._seconds([others + m for m in range(r + 1)], context, prefill)  # [R + 1]
+        deferred = stream_state(streamed, now, seconds[r], defer_steps=float(self.defer_steps), horizon=self.horizon)
+        at_risk = (self.risk.estimate(deferred) >= self.target).nonzero()
+        if len(at_risk) == 0:
+            return r
+        last = int(at_risk.max()) + 1
+        cap = float(1.0 / deferred.rate[at_risk[:, 0]].max())  # the fastest at-risk reader's period
+        fits = [m for m in range(last, r + 1) if seconds[m] <= cap]
+        return max(fits) if fits else last
+
+    def servable(self, streamed: Sequence[RequestView], others: int, context: Sequence[int], now: float,
+                 prefill: int) -> tuple[bool, str]:  # fmt: skip
+        """Whether the readers' demand fits (see the module docstring), and if not why."""
+        if not streamed:
+            return True, ""
+        demand = float(stream_state(streamed, now, 1.0).rate.sum())  # tokens/s
+        rows = float(len(streamed))
+        for _ in range(30):  # F = D * T(F); converges when the demand fits, grows past R if not
+            step = self._seconds([others + max(1, round(rows))], context, prefill)[0]
+            new = demand * step
+            if abs(new - rows) < 0.05 or new > 4 * len(streamed):
+                rows = new
+                break
+            rows = new
+        if rows > len(streamed):
+            return False, f"the readers' demand ({demand:.0f} tokens/s) exceeds what the batch can generate"
+        step = self._seconds([others + max(1, round(rows))], context, prefill)[0]
+        served = stream_state(streamed, now, step, horizon=self.horizon)
+        # a stalled reader resumes when its late unit arrives (its schedule restarts then), so
+        # what matters is whether it keeps up from the next step on: at least 1.5 steps of buffer
+        served = replace(served, buffer=torch.maximum(served.buffer, 1.5 * step * served.rate))
+        risk = self.risk.estimate(served)
+        worst = float(risk.max())
+        if worst >= self.target:
+            return False, f"admitting it puts an in-flight stream at {worst:.1%} miss risk"
+        return True, ""
+
+    def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
+        now = state.now
+        running = state.running
+        streamed = sorted((v for v in running if v.stream is not None), key=lambda v: slack(v, now))
+        plain = [v for v in running if v.stream is None]
+        waiting = sorted(state.waiting, key=ttft_deadline)
+        prefilling = [v.request_id for v in waiting if v.status == "prefilling"]
+        pending = sum(v.prompt_len - v.prefilled for v in waiting if v.status == "prefilling")
+        prefill = min(self.prefill_budget, pending)
+        in_flight = len(running) + len(prefilling)
+        admit = list(prefilling)
+        self.reasons = {}
+        candidates = [v for v in waiting if v.status != "prefilling"]
+        joining: list[RequestView] = [v for v in waiting if v.status == "prefilling" and v.stream is not None]
+        for i, v in enumerate(candidates):
+            if len(admit) - len(prefilling) >= self.admit_per_step:
+                self.reasons.update({w.request_id: "admission limit this step" for w in candidates[i:]})
+                break
+            if self.max_num_seqs is not None and in_flight >= self.max_num_seqs:
+                self.reasons.update({w.request_id: "max_num_seqs in flight" for w in candidates[i:]})
+                break
+            if v.stream is not None:
+                trial = [*streamed, *joining, v]
+                ctx = [x.context_len for x in [*plain, *trial]]
+                ok, why = self.servable(trial, len(plain), ctx, now, 0)
+                if not ok:
+                    self.reasons[v.request_id] = why
+                    self.reasons.update({w.request_id: "queued behind an earlier request" for w in candidates[i + 1 :]})
+                    break
+                joining.append(v)
+            admit.append(v.request_id)
+            in_flight += 1
+            prefill = min(self.prefill_budget, prefill + v.prompt_len)
+        m = self.choose(streamed, len(plain), [x.context_len for x in [*plain, *streamed]], now, prefill)
+        run = [v.request_id for v in plain] + [v.request_id for v in streamed[:m]]
+        return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget)

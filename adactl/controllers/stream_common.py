@@ -1,0 +1,87 @@
+"""What the streaming schedule controllers share: deadlines, slack and deadline-risk inputs.
+
+Every quantity comes from `RequestView` (its `stream` and `stream_progress`), so the
+controllers run on any server that fills those in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from adactl.estimators.deadline_risk import StreamState
+from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.runtime.types import RequestView
+
+
+def ttft_deadline(view: RequestView) -> float:
+    """When the request's first unit is due (inf without a stream or a TTFT SLO)."""
+    if view.stream is not None:
+        return view.arrival_time + view.stream.ttft_s
+    if view.slo is not None and view.slo.ttft_s is not None:
+        return view.arrival_time + view.slo.ttft_s
+    return float("inf")
+
+
+def slack(view: RequestView, now: float) -> float:
+    """Seconds until the request's consumer runs out of ready output (inf: no stream)."""
+    p = view.stream_progress
+    if p is None:
+        return float("inf") if view.stream is None else ttft_deadline(view) - now
+    return p.slack(now)
+
+
+def lag(view: RequestView, now: float) -> float:
+    """Andes' priority: units the consumer expected by now (from the first-unit deadline on,
+    at its rate) minus units generated; > 0 means delivery lags the consumer's timeline."""
+    if view.stream is None:
+        return float("-inf")
+    expected = max(0.0, now - ttft_deadline(view)) * view.stream.rate + 1
+    ready = view.stream_progress.units_ready if view.stream_progress is not None else 0
+    return expected - ready
+
+
+def admit_in_order(waiting: Sequence[RequestView], in_flight: int, max_num_seqs: int | None) -> list[str]:
+    """Waiting requests in arrival order while in-flight requests stay within `max_num_seqs`
+    (requests already prefilling stay admitted)."""
+    order = sorted(waiting, key=lambda v: (v.status != "prefilling", v.arrival_time))
+    room = len(order) if max_num_seqs is None else max(0, max_num_seqs - in_flight)
+    started = [v.request_id for v in order if v.status == "prefilling"]
+    fresh = [v.request_id for v in order if v.status != "prefilling"]
+    return started + fresh[: max(0, room - len(started))]
+
+
+def decode_seconds(step_time: StepTimePredictor, rows: Sequence[int], context: Sequence[int],
+                   prefill: int = 0) -> list[float]:  # fmt: skip
+    """Predicted seconds of a plain-decoding step with each number of rows in `rows`; the
+    rows' context is the sum of the first n of `context`."""
+    total = [0, *torch.tensor(list(context), dtype=torch.long).cumsum(0).tolist()]
+    shapes = [StepShape(n, n, 1 if n else 0, 0, 0, prefill, int(total[min(n, len(context))])) for n in rows]
+    return [float(x) for x in step_time.predict(shapes)]
+
+
+def stream_state(views: Sequence[RequestView], now: float, step_s: float, tokens_per_step: float = 1.0,
+                 defer_steps: float | torch.Tensor = 0.0, horizon: float = 2.0) -> StreamState:  # fmt: skip
+    """Deadline-risk inputs, in tokens, for streamed requests: the buffer counts ready units
+    plus the time left until the next one is due."""
+    buffer, rate, unit = [], [], []
+    for v in views:
+        assert v.stream is not None
+        p = v.stream_progress
+        per_unit = p.tokens_per_unit if p is not None else 1.0
+        units = (p.buffer + (p.next_due - now) * p.rate) if p is not None else (ttft_deadline(v) - now) * v.stream.rate
+        buffer.append(units * per_unit)
+        rate.append(v.stream.rate * per_unit)
+        unit.append(per_unit)
+    n = len(views)
+    return StreamState(
+        buffer=torch.tensor(buffer, dtype=torch.float32),
+        rate=torch.tensor(rate, dtype=torch.float32),
+        step_time=torch.full((n,), step_s),
+        tokens_per_step=torch.full((n,), tokens_per_step),
+        tokens_std=0.5 if tokens_per_step > 1 else 0.05,
+        unit=torch.tensor(unit, dtype=torch.float32),
+        defer_steps=defer_steps,
+        horizon=horizon,
+    )

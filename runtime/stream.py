@@ -1,0 +1,145 @@
+"""Streaming consumers: a request's output is read unit by unit at a rate (DESIGN.md section 4).
+
+A consumer reads a request's output in units (tokens, words or sentences, found in the
+decoded text) at `Stream.rate` units per second. The first unit is due `Stream.ttft_s` after
+the request arrives, then one unit every 1 / rate seconds. The *buffer* is output that is
+ready but not yet read. A *miss* is a unit not ready at its deadline; the consumer then stalls,
+reads the late unit the moment it is ready and resumes its schedule from there, as a media
+player does (the next unit is due 1 / rate after the late one arrived).
+
+`Playback` keeps one consumer's account from the times units became ready; it needs nothing
+of the engine, so a custom server can keep one per request too. The engine keeps one for every
+request added with `stream=` and shows it to controllers as `RequestView.stream_progress`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+from .types import RequestError
+
+UNITS = ("token", "word", "sentence")
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")
+
+
+class StreamError(RequestError):
+    """A stream description that cannot be served (bad rate, unknown unit, ...)."""
+
+
+@dataclass(frozen=True)
+class Stream:
+    """How a request's output is consumed."""
+
+    rate: float
+    """Units read per second (> 0): reading is about 3-8 tokens/s, speech 4-5 tokens/s."""
+    unit: str = "token"
+    """"token", "word" or "sentence" (words and sentences are found in the decoded text)."""
+    ttft_s: float = 1.0
+    """The first unit is due this many seconds after the request arrives."""
+
+    def validate(self) -> None:
+        for name in ("rate", "ttft_s"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise StreamError(f"stream {name} must be a finite number > 0, got {v!r}")
+        if self.unit not in UNITS:
+            raise StreamError(f"stream unit must be one of {', '.join(UNITS)}; got {self.unit!r}")
+
+
+def count_units(unit: str, tokens: int, text: str, finished: bool) -> int:
+    """Complete units in an output of `tokens` tokens decoding to `text`. A word is complete
+    once whitespace follows it, a sentence once whitespace follows its end mark; at the end of
+    the output whatever is left counts as one more unit."""
+    if unit == "token":
+        return tokens
+    if unit == "word":
+        words = text.split()
+        if finished or not words or text[-1].isspace():
+            return len(words)
+        return len(words) - 1
+    ends = list(_SENTENCE_END.finditer(text))
+    n = len(ends)
+    rest = text[ends[-1].end() :] if ends else text
+    return n + (1 if finished and rest.strip() else 0)
+
+
+@dataclass(frozen=True)
+class StreamProgress:
+    """One consumer's position at a moment, as a controller sees it."""
+
+    units_ready: int  # units generated so far
+    units_read: int  # units the consumer has read (or is stalled on, when it missed)
+    next_due: float  # deadline of the next unread unit (time.perf_counter() clock)
+    misses: int  # units that were not ready at their deadline so far
+    tokens_per_unit: float  # tokens per unit in this output so far (1 for token units)
+    rate: float  # units per second
+
+    @property
+    def buffer(self) -> int:
+        """Units ready and not yet read."""
+        return self.units_ready - self.units_read
+
+    def slack(self, now: float) -> float:
+        """Seconds until the consumer runs out of ready units (negative: it is stalled)."""
+        return self.next_due - now + self.buffer / self.rate
+
+
+@dataclass
+class Playback:
+    """A consumer's account of one stream: ready times, reads, misses."""
+
+    stream: Stream
+    arrival: float
+    ready_times: list[float] = field(default_factory=list)  # when unit m became ready
+    read: int = 0  # units read so far
+    due: float = 0.0  # deadline of unit `read`
+    misses: int = 0
+    tokens: int = 0
+    finished: bool = False
+    _missed_current: bool = False  # unit `read` has already been counted as missed
+
+    def __post_init__(self) -> None:
+        self.due = self.arrival + self.stream.ttft_s
+
+    def produce(self, units_ready: int, tokens: int, now: float, finished: bool = False) -> None:
+        """The output now holds `units_ready` complete units (`tokens` tokens) at time `now`."""
+        self.advance(now)  # reads due before these units existed happen first
+        while len(self.ready_times) < units_ready:
+            self.ready_times.append(now)
+        self.tokens, self.finished = tokens, self.finished or finished
+
+    def advance(self, now: float) -> None:
+        """Let the consumer read everything it would have read by `now`."""
+        period = 1.0 / self.stream.rate
+        while self.read < len(self.ready_times):
+            ready = self.ready_times[self.read]
+            if ready <= self.due:  # on time: read at its deadline
+                if self.due > now:
+                    return
+                self.due += period
+            else:  # late: a miss (counted once), read the moment it was ready
+                if not self._missed_current:
+                    self.misses += 1
+                self.due = ready + period
+            self.read += 1
+            self._missed_current = False
+        if not self.finished and self.due < now and not self._missed_current:
+            self.misses += 1  # the next unit is past due and still not generated
+            self._missed_current = True
+
+    def progress(self, now: float) -> StreamProgress:
+        self.advance(now)
+        n = len(self.ready_times)
+        per_unit = self.tokens / n if n and self.stream.unit != "token" else _PRIOR_TOKENS[self.stream.unit]
+        return StreamProgress(n, self.read, self.due, self.misses, per_unit, self.stream.rate)
+
+    def settle(self) -> tuple[int, int]:
+        """(units, misses) once the output is complete: the rest is read on time."""
+        if self.ready_times:
+            self.advance(max(self.ready_times[-1], self.due))
+        return len(self.ready_times), self.misses
+
+
+_PRIOR_TOKENS = {"token": 1.0, "word": 1.3, "sentence": 20.0}

@@ -1,0 +1,193 @@
+"""Streaming: the consumer model, its place in the engine and the replay, and the schedulers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
+from adactl.estimators import StepShape
+from adactl.interface import ScheduleState
+from adactl.loop import ControlLoop
+from adactl.runtime import RequestError, RequestView, SamplingParams, Stream, StreamProgress
+from adactl.runtime.replay import ReplayEngine
+from adactl.runtime.stream import Playback, count_units
+
+from .helpers import make_engine, prompts
+
+
+# ---------------------------------------------------------------- consumer model
+def test_playback_counts_misses_and_resumes_from_the_late_unit():
+    pb = Playback(Stream(rate=2.0, ttft_s=1.0), arrival=0.0)  # units due at 1.0, 1.5, 2.0, ...
+    pb.produce(3, 3, now=0.8)  # three units ready before the first deadline
+    assert pb.progress(1.6).buffer == 1 and pb.misses == 0  # units 0 and 1 read at 1.0 and 1.5
+    assert pb.progress(2.6).misses == 1  # unit 3 was due at 2.5 and is not there
+    assert pb.progress(2.9).misses == 1  # still the same miss, counted once
+    pb.produce(5, 5, now=3.0)  # unit 3 arrives late at 3.0; unit 4 with it
+    p = pb.progress(3.0)
+    assert p.units_read == 4 and p.next_due == pytest.approx(3.5)  # resumed from the late unit
+    pb.produce(6, 6, now=3.2, finished=True)
+    assert pb.settle() == (6, 1)
+
+
+def test_playback_on_time_stream_never_misses():
+    pb = Playback(Stream(rate=5.0, ttft_s=0.5), arrival=10.0)
+    for i in range(1, 21):
+        pb.produce(i, i, now=10.0 + 0.1 * i)  # 10 units/s, faster than the reader
+    assert pb.settle() == (20, 0)
+    assert pb.progress(12.0).buffer == 20 - pb.read
+
+
+def test_units_come_from_the_text():
+    assert count_units("word", 5, "Hello there my fri", finished=False) == 3
+    assert count_units("word", 5, "Hello there my fri", finished=True) == 4
+    assert count_units("word", 3, "Hello there ", finished=False) == 2
+    assert count_units("sentence", 9, "One. Two! Thr", finished=False) == 2
+    assert count_units("sentence", 9, "One. Two! Thr", finished=True) == 3
+    assert count_units("sentence", 4, "One.", finished=False) == 0  # no space after it yet
+
+
+@pytest.mark.parametrize(
+    "stream, match",
+    [
+        (Stream(rate=0.0), "rate"),
+        (Stream(rate=-3.0), "rate"),
+        (Stream(rate=float("nan")), "rate"),
+        (Stream(rate=5.0, unit="paragraph"), "unit"),
+        (Stream(rate=5.0, ttft_s=0.0), "ttft_s"),
+        (Stream(rate=5.0, unit="word"), "tokenizer"),  # this engine has none
+    ],
+)
+def test_bad_streams_are_rejected_alone(target, stream, match):
+    engine = make_engine(target, None)
+    good = engine.add_request([1, 2, 3], SamplingParams(6), stream=Stream(rate=5.0))
+    with pytest.raises(RequestError, match=match):
+        engine.add_request([4, 5], SamplingParams(6), stream=stream)
+    with pytest.raises(RequestError, match="Stream"):
+        engine.add_request([4, 5], stream={"rate": 5.0})  # type: ignore[arg-type]
+    assert [v.request_id for v in engine.requests()] == [good]
+    results = ControlLoop(engine).run()
+    assert len(results[good].output_ids) == 6 and results[good].stream_units == 6
+
+
+def test_engine_keeps_each_consumers_account(target):
+    engine = make_engine(target, None)
+    patient = Stream(1e-3, ttft_s=1e3)  # first unit due in 1000 s: no machine is that slow
+    fast = engine.add_request(prompts(1, seed=3)[0], SamplingParams(12, stop_on_eos=False), stream=patient)
+    slow = engine.add_request(prompts(1, seed=4)[0], SamplingParams(12, stop_on_eos=False),
+                              stream=Stream(1e6, ttft_s=1e-6))  # fmt: skip
+    plain = engine.add_request([1, 2, 3], SamplingParams(4))
+    loop = ControlLoop(engine)
+    loop.step()
+    loop.step()
+    views = {v.request_id: v for v in engine.requests()}
+    assert views[fast].stream == patient and views[fast].stream_progress.units_ready >= 1
+    assert views[plain].stream is None and views[plain].stream_progress is None
+    results = loop.run()
+    assert results[fast].stream_units == 12 and results[fast].stream_misses == 0
+    assert results[slow].stream_misses >= 11  # a reader at a million tokens/s misses nearly every token
+    assert results[plain].stream_units is None
+
+
+# ------------------------------------------------------------------ controllers
+def view(rid: str, status: str = "running", rate: float = 5.0, buffer: int = 0, due_in: float = 0.5,
+         arrival: float = 0.0, prompt: int = 40, now: float = 10.0) -> RequestView:  # fmt: skip
+    """A streamed request at `now`: running with `buffer` tokens ready and the next due in
+    `due_in` s, or waiting with nothing computed."""
+    if status != "running":
+        return RequestView(rid, status, prompt, 0, 0, prompt, arrival, None, SamplingParams(), None, Stream(rate))
+    progress = StreamProgress(buffer + 5, 5, now + due_in, 0, 1.0, rate)
+    generated = 5 + buffer
+    return RequestView(rid, status, prompt, prompt, generated, prompt + generated, arrival, 1.0, SamplingParams(),
+                       None, Stream(rate), progress)  # fmt: skip
+
+
+class LinearCost:
+    """A CPU-like step time: 20 ms + 4 ms per decode row + 1 ms per 20 prefill tokens."""
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        return np.array([0.02 + 0.004 * s.verify_computed + 0.00005 * s.prefill_tokens for s in shapes])
+
+
+def test_fcfs_admits_in_arrival_order_up_to_max_num_seqs():
+    reqs = (view("r0"), view("w1", "waiting", arrival=2.0), view("w0", "waiting", arrival=1.0),
+            view("w2", "waiting", arrival=3.0))  # fmt: skip
+    plan = FCFS(max_num_seqs=3, prefill_budget=64).act(ScheduleState(10.0, reqs, 0))
+    assert list(plan.admit) == ["w0", "w1"] and plan.run is None and plan.prefill_budget == 64
+    assert list(FCFS().act(ScheduleState(10.0, reqs, 0)).admit) == ["w0", "w1", "w2"]
+
+
+def test_deadline_first_and_andes_run_the_most_urgent():
+    reqs = (view("safe", buffer=40), view("dry", buffer=0, due_in=0.1), view("mid", buffer=5))
+    state = ScheduleState(10.0, reqs, 0)
+    assert list(DeadlineFirst(max_running=2).act(state).run) == ["dry", "mid"]
+    # andes: lag = expected units by now - generated; "dry" has generated the least
+    assert list(AndesPriority(max_running=1).act(state).run) == ["dry"]
+
+
+def test_progressserve_defers_safe_buffers_and_runs_the_rest():
+    # 32 running at ~0.15 s a step make 6.7 tokens/s each: too slow for readers at 8 tokens/s
+    at_risk = [view(f"r{i}", buffer=0, due_in=0.3, rate=8.0) for i in range(8)]
+    safe = [view(f"s{i}", buffer=60, due_in=0.2, rate=4.0) for i in range(24)]
+    ps = ProgressServe(LinearCost())
+    plan = ps.act(ScheduleState(10.0, (*at_risk, *safe), 0))
+    run = set(plan.run)
+    assert {v.request_id for v in at_risk} <= run  # everything at risk runs
+    assert len(run) < 32  # and some safe buffers wait (keeping their KV cache)
+    # at light load nothing needs deferring: everyone runs
+    light = ps.act(ScheduleState(10.0, (*at_risk[:2], *safe[:2]), 0))
+    assert set(light.run) == {"r0", "r1", "s0", "s1"}
+
+
+def test_progressserve_admits_only_what_stays_safe():
+    ps = ProgressServe(LinearCost())
+    newcomer = view("new", "waiting", arrival=9.9, prompt=40)
+    few = tuple(view(f"r{i}", buffer=20, rate=5.0) for i in range(4))
+    assert list(ps.act(ScheduleState(10.0, (newcomer, *few), 0)).admit) == ["new"]
+    # 60 readers at 8 tokens/s with empty buffers: one more row would push them over the edge
+    full = tuple(view(f"r{i}", buffer=0, due_in=0.3, rate=8.0) for i in range(60))
+    plan = ps.act(ScheduleState(10.0, (newcomer, *full), 0))
+    assert list(plan.admit) == [] and "demand" in ps.reasons["new"]
+    # the batch could generate the total, but not fast enough for a 40 tokens/s reader
+    slow = tuple(view(f"r{i}", buffer=0, due_in=0.3, rate=3.0) for i in range(30))
+    plan = ps.act(ScheduleState(10.0, (newcomer, *slow, view("fast", rate=40.0)), 0))
+    assert list(plan.admit) == [] and "risk" in ps.reasons["new"]
+    plan = ps.act(ScheduleState(10.0, (newcomer, *slow), 0))
+    assert list(plan.admit) == ["new"]
+
+
+def test_ttft_budget_is_the_smallest_that_keeps_every_deadline():
+    ctl = TTFTPrefillBudget(LinearCost(), max_budget=512, min_budget=16)
+    running = tuple(view(f"r{i}") for i in range(8))
+
+    def waiting(deadline_in: float, prompt: int = 200) -> RequestView:  # first unit due 1 s after arrival
+        return view("w", "waiting", arrival=10.0 + deadline_in - 1.0, prompt=prompt)
+
+    # 200 tokens due in 0.9 s; steps of ~0.053 s leave 17 steps: 16 tokens a step suffice
+    assert ctl.budget(ScheduleState(10.0, (waiting(0.9), *running), 0)) == 16
+    # due in 0.2 s: 3 steps, so 200 tokens need 128 a step (64 * 3 = 192 falls short)
+    assert ctl.budget(ScheduleState(10.0, (waiting(0.2), *running), 0)) == 128
+    # a deadline already lost: the largest budget, to catch up; nothing waiting: the smallest
+    assert ctl.budget(ScheduleState(10.0, (waiting(-1.0), *running), 0)) == 512
+    assert ctl.budget(ScheduleState(10.0, running, 0)) == 16
+
+
+# ------------------------------------------------------------------- replay
+def test_replay_engine_runs_the_loop_deterministically():
+    def run(seed: int) -> tuple[float, list[int]]:
+        engine = ReplayEngine(LinearCost(), alpha=[0.7, 0.5], noise=0.1, seed=seed)
+        for i in range(6):
+            engine.add_request(30 + i, SamplingParams(10 + i, stop_on_eos=False), arrival_time=0.0,
+                               stream=Stream(5.0))  # fmt: skip
+        results = ControlLoop(engine, schedule=[ProgressServe(LinearCost())], clock=engine.clock).run()
+        assert all(len(r.output_ids) == 10 + int(rid.split("-")[1]) for rid, r in results.items())
+        return engine.now, [results[f"req-{i}"].stream_misses for i in range(6)]
+
+    assert run(0) == run(0)
+    assert run(0)[0] != run(1)[0]
+    engine = ReplayEngine(LinearCost())
+    with pytest.raises(RequestError, match="rate"):
+        engine.add_request(10, stream=Stream(rate=0.0))
+    with pytest.raises(RequestError, match="prompt length"):
+        engine.add_request(0)
+    assert not engine.has_unfinished()
