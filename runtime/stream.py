@@ -139,6 +139,9 @@ class Playback:
         """(units, misses) once the output is complete: the rest is read on time."""
         if self.ready_times:
             self.advance(max(self.ready_times[-1], self.due))
+        if self._missed_current and self.read >= len(self.ready_times):
+            self.misses -= 1  # the unit it was waiting for never came: the output ended
+            self._missed_current = False
         return len(self.ready_times), self.misses
 
 

@@ -24,3 +24,9 @@ def test_embedding_example_runs():
     exec(compile(example, "README.md", "exec"), namespace)
     assert len(streamed) == 1 and next(iter(streamed.values())).strip()
     assert namespace["engine"].kv_bytes() == 0
+
+    # the streaming example continues on the same engine
+    streaming = next(b for b in blocks if "ProgressServe(step_time)" in b)
+    exec(compile(streaming, "README.md", "exec"), namespace)
+    (result,) = [r for r in namespace["results"].values() if r.stream_units is not None]
+    assert result.stream_units > 0 and result.stream_misses is not None

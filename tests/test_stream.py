@@ -30,6 +30,14 @@ def test_playback_counts_misses_and_resumes_from_the_late_unit():
     assert pb.settle() == (6, 1)
 
 
+def test_a_unit_that_never_comes_is_not_a_miss():
+    pb = Playback(Stream(rate=2.0, ttft_s=1.0), arrival=0.0)
+    pb.produce(1, 1, now=0.5)
+    assert pb.progress(2.0).misses == 1  # unit 1 was due at 1.5
+    pb.produce(1, 1, now=2.0, finished=True)  # the output ended: there is no unit 1
+    assert pb.settle() == (1, 0)
+
+
 def test_playback_on_time_stream_never_misses():
     pb = Playback(Stream(rate=5.0, ttft_s=0.5), arrival=10.0)
     for i in range(1, 21):

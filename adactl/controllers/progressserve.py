@@ -14,7 +14,7 @@ running streamed requests in slack order (seconds until each reader runs dry):
               with D = the readers' total demand (tokens/s), the rows per step it takes,
               F = D * T(F) (a fixed point), exist and fit (F <= in-flight), and every reader,
               served at the mean step time T(F), has R_i < target (a stalled reader counted
-              from its resumption, with 1.5 steps of buffer). Otherwise it waits, and
+              from its resumption: at least one unit of buffer). Otherwise it waits, and
               `reasons` says why.
 
 The target is 0.5% by default, the bound of capacity at SLO (DESIGN.md section 4).
@@ -87,9 +87,10 @@ class ProgressServe(Controller):
             return False, f"the readers' demand ({demand:.0f} tokens/s) exceeds what the batch can generate"
         step = self._seconds([others + max(1, round(rows))], context, prefill)[0]
         served = stream_state(streamed, now, step, horizon=self.horizon)
-        # a stalled reader resumes when its late unit arrives (its schedule restarts then), so
-        # what matters is whether it keeps up from the next step on: at least 1.5 steps of buffer
-        served = replace(served, buffer=torch.maximum(served.buffer, 1.5 * step * served.rate))
+        # a stalled (or late-starting) reader resumes when its late unit arrives, the next one
+        # due a period later: what matters is whether it keeps up from there, so count at least
+        # one unit of buffer
+        served = replace(served, buffer=torch.maximum(served.buffer, served.unit))
         risk = self.risk.estimate(served)
         worst = float(risk.max())
         if worst >= self.target:
