@@ -206,7 +206,7 @@ class ReplayEngine:
     def verify(self, verify_len: Sequence[int] | torch.Tensor | None = None) -> StepOutcome:
         if self._pending is None:
             raise RuntimeError("no drafts to verify: call draft_step() (or step()) first")
-        plan, drafts, emitted, prefill_tokens, finished = self._pending
+        _, drafts, emitted, prefill_tokens, finished = self._pending
         cut = drafts.draft_len.clone() if verify_len is None else torch.as_tensor(verify_len).long().flatten()
         if cut.shape[0] != len(drafts.request_ids) or bool(((cut < 0) | (cut > drafts.draft_len)).any()):
             raise RequestError(f"verify_len must give each of the {len(drafts.request_ids)} rows 0..its draft length")

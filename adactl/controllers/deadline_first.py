@@ -27,9 +27,8 @@ class DeadlineFirst(Controller):
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
         in_flight = len(state.running) + sum(v.status == "prefilling" for v in state.waiting)
-        by_deadline = sorted(state.waiting, key=ttft_deadline)
-        admit = sorted(admit_in_order(by_deadline, in_flight, self.max_num_seqs),
-                       key=lambda r: ttft_deadline(next(v for v in state.waiting if v.request_id == r)))  # fmt: skip
+        deadline = {v.request_id: ttft_deadline(v) for v in state.waiting}
+        admit = sorted(admit_in_order(state.waiting, in_flight, self.max_num_seqs), key=deadline.__getitem__)
         running = sorted(state.running, key=lambda v: slack(v, state.now))
         run = [v.request_id for v in running[: self.max_running]] if self.max_running is not None else None
         return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget)
