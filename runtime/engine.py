@@ -630,7 +630,7 @@ class Engine:
 
         Rows are in draft-length order, so verify lengths mostly fall along the batch: where
         one forward over the whole [rows, longest] rectangle would mostly compute padding, the
-        rows split into two ranges, each as wide as its own longest (`_verify_split`)."""
+        rows split into two ranges, each as wide as its own longest (`verify_split`)."""
         n = fl.rows
         t = int(cut.max()) + 1
         ids = torch.zeros(n, t, dtype=torch.long)

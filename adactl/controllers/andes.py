@@ -17,7 +17,7 @@ from typing import Any
 from adactl.interface import Controller, ScheduleState
 from adactl.runtime.types import StepPlan
 
-from .stream_common import admit_in_order, lag
+from .stream_common import admit_in_order, in_flight, lag
 
 
 class AndesPriority(Controller):
@@ -30,8 +30,7 @@ class AndesPriority(Controller):
         return f"andes(run={self.max_running},seqs={self.max_num_seqs})"
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
-        in_flight = len(state.running) + sum(v.status == "prefilling" for v in state.waiting)
-        admit = admit_in_order(state.waiting, in_flight, self.max_num_seqs)
+        admit = admit_in_order(state.waiting, in_flight(state), self.max_num_seqs)
         running = sorted(state.running, key=lambda v: -lag(v, state.now))
         run = [v.request_id for v in running[: self.max_running]] if self.max_running is not None else None
         return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget)

@@ -16,7 +16,7 @@ from typing import Any
 from adactl.interface import Controller, ScheduleState
 from adactl.runtime.types import StepPlan
 
-from .stream_common import admit_in_order
+from .stream_common import admit_in_order, in_flight
 
 
 class FCFS(Controller):
@@ -32,6 +32,5 @@ class FCFS(Controller):
         return f"fcfs(seqs={self.max_num_seqs},budget={self.prefill_budget})"
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
-        in_flight = len(state.running) + sum(v.status == "prefilling" for v in state.waiting)
-        admit = admit_in_order(state.waiting, in_flight, self.max_num_seqs)
+        admit = admit_in_order(state.waiting, in_flight(state), self.max_num_seqs)
         return replace(state.plan, admit=admit, run=None, prefill_budget=self.prefill_budget)

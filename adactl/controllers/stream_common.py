@@ -12,6 +12,7 @@ import torch
 
 from adactl.estimators.deadline_risk import StreamState
 from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.interface import ScheduleState
 from adactl.runtime.types import RequestView
 
 
@@ -40,6 +41,11 @@ def lag(view: RequestView, now: float) -> float:
     expected = max(0.0, now - ttft_deadline(view)) * view.stream.rate + 1
     ready = view.stream_progress.units_ready if view.stream_progress is not None else 0
     return expected - ready
+
+
+def in_flight(state: ScheduleState) -> int:
+    """Admitted requests: running plus prefilling."""
+    return len(state.running) + sum(v.status == "prefilling" for v in state.waiting)
 
 
 def admit_in_order(waiting: Sequence[RequestView], in_flight: int, max_num_seqs: int | None) -> list[str]:
