@@ -153,16 +153,18 @@ def arrival_times(n: int, rate: float, seed: int = 0, burstiness: float = 1.0) -
     return out
 
 
-def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0) -> list[Any]:
+def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0, tokens_only: bool = False) -> list[Any]:
     """`n` streaming consumers, mixed like people: 60% read tokens at 3-8 tokens/s, 20% listen
     to speech at 4-5 tokens/s, 10% read words (2.5-6 words/s, about 3-8 tokens/s) and 10%
-    read sentence by sentence (0.15-0.4 sentences/s)."""
+    read sentence by sentence (0.15-0.4 sentences/s). `tokens_only`: the first two kinds only
+    (75% / 25%), for loads where the word and sentence readers' bursts would dominate (a
+    technical reply has 3+ tokens a word)."""
     from adactl.runtime.stream import Stream
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
-        u = rng.random()
+        u = rng.random() * (0.8 if tokens_only else 1.0)
         if u < 0.6:
             out.append(Stream(rng.uniform(3.0, 8.0), "token", ttft_s))
         elif u < 0.8:

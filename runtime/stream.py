@@ -1,11 +1,13 @@
 """Streaming consumers: a request's output is read unit by unit at a rate (DESIGN.md section 4).
 
 A consumer reads a request's output in units (tokens, words or sentences, found in the
-decoded text) at `Stream.rate` units per second. The first unit is due `Stream.ttft_s` after
-the request arrives, then one unit every 1 / rate seconds. The *buffer* is output that is
-ready but not yet read. A *miss* is a unit not ready at its deadline; the consumer then stalls,
-reads the late unit the moment it is ready and resumes its schedule from there, as a media
-player does (the next unit is due 1 / rate after the late one arrived).
+decoded text) at `Stream.rate` units per second. The stream opens `Stream.ttft_s` after the
+request arrives (the TTFT target); the first unit is due then for token readers, and one unit
+period later (ttft_s + 1 / rate) for readers of words and sentences, who need a whole unit
+before they can start (`Stream.first_unit_s`); then one unit is due every 1 / rate seconds.
+The *buffer* is output that is ready but not yet read. A *miss* is a unit not ready at its
+deadline; the consumer then stalls, reads the late unit the moment it is ready and resumes its
+schedule from there, as a media player does (the next unit is due 1 / rate after the late one arrived).
 
 `Playback` keeps one consumer's account from the times units became ready; it needs nothing
 of the engine, so a custom server can keep one per request too. The engine keeps one for every
@@ -37,7 +39,15 @@ class Stream:
     unit: str = "token"
     """"token", "word" or "sentence" (words and sentences are found in the decoded text)."""
     ttft_s: float = 1.0
-    """The first unit is due this many seconds after the request arrives."""
+    """The stream opens (its first token is due) this many seconds after the request arrives."""
+
+    @property
+    def first_unit_s(self) -> float:
+        """Seconds after arrival when the first unit is due: ttft_s for tokens; for words and
+        sentences one unit period later, the time a reader takes to reach the end of the first
+        unit once the stream has opened (a sentence is about 20 tokens: due at the TTFT, no
+        server could meet it)."""
+        return self.ttft_s if self.unit == "token" else self.ttft_s + 1.0 / self.rate
 
     def validate(self) -> None:
         for name in ("rate", "ttft_s"):
@@ -101,7 +111,7 @@ class Playback:
     _missed_current: bool = False  # unit `read` has already been counted as missed
 
     def __post_init__(self) -> None:
-        self.due = self.arrival + self.stream.ttft_s
+        self.due = self.arrival + self.stream.first_unit_s
 
     def produce(self, units_ready: int, tokens: int, now: float, finished: bool = False) -> None:
         """The output now holds `units_ready` complete units (`tokens` tokens) at time `now`."""

@@ -46,6 +46,18 @@ def test_playback_on_time_stream_never_misses():
     assert pb.progress(12.0).buffer == 20 - pb.read
 
 
+def test_word_and_sentence_readers_get_one_unit_period_after_the_ttft():
+    assert Stream(rate=4.0, unit="token", ttft_s=1.0).first_unit_s == 1.0
+    assert Stream(rate=4.0, unit="word", ttft_s=1.0).first_unit_s == 1.25
+    sentence = Stream(rate=0.25, unit="sentence", ttft_s=1.0)
+    assert sentence.first_unit_s == 5.0
+    pb = Playback(sentence, arrival=0.0)
+    pb.produce(1, 20, now=4.9)  # a whole sentence 4.9 s in: on time, though long past the TTFT
+    pb.produce(2, 40, now=9.5)  # the second was due at 9.0: one miss
+    pb.advance(9.5)
+    assert pb.misses == 1
+
+
 def test_units_come_from_the_text():
     assert count_units("word", 5, "Hello there my fri", finished=False) == 3
     assert count_units("word", 5, "Hello there my fri", finished=True) == 4
@@ -178,6 +190,30 @@ def test_ttft_budget_is_the_smallest_that_keeps_every_deadline():
     # a deadline already lost: the largest budget, to catch up; nothing waiting: the smallest
     assert ctl.budget(ScheduleState(10.0, (waiting(-1.0), *running), 0)) == 512
     assert ctl.budget(ScheduleState(10.0, running, 0)) == 16
+    # a sentence reader's first unit (20 tokens, due one period after the TTFT) needs 19 decode
+    # steps after its first token, and its first token is still due at the TTFT
+    # (0.9 s to its first token: 13 steps of 0.053 s; 1.9 s to its first sentence: 28 - 19 = 9)
+    sentence = RequestView("s", "waiting", 200, 0, 0, 200, 9.9, None, SamplingParams(), None,
+                           Stream(1.0, "sentence"), StreamProgress(0, 0, 0.0, 0, 20.0, 1.0))  # fmt: skip
+    assert ctl.budget(ScheduleState(10.0, (sentence, *running), 0)) == 32  # 9 steps x 32 >= 200
+    token = RequestView("t", "waiting", 200, 0, 0, 200, 9.9, None, SamplingParams(), None, Stream(1.0))
+    assert ctl.budget(ScheduleState(10.0, (token, *running), 0)) == 16  # 13 steps x 16 >= 200
+
+
+class ChunkOverhead:
+    """An engine that runs each prefill chunk as its own forward: 70 ms, then 2 ms a token."""
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        return np.array([0.05 + (0.07 + 0.002 * s.prefill_tokens if s.prefill_tokens else 0.0) for s in shapes])
+
+
+def test_ttft_budget_does_not_pay_a_chunk_overhead_for_nothing():
+    ctl = TTFTPrefillBudget(ChunkOverhead(), max_budget=512, min_budget=16)
+    w = view("w", "waiting", arrival=10.0 + 30.0, prompt=300)  # due in 31 s: any budget is in time
+    # cost per prompt token: 16 -> 6.4 ms, 64 -> 3.1, 128 -> 2.5, 256 -> 2.3, 512 -> 2.1; the
+    # smallest within 25% of the cheapest is 128
+    assert ctl.budget(ScheduleState(10.0, (w,), 0)) == 128
+    assert TTFTPrefillBudget(ChunkOverhead(), cost_slack=10.0).budget(ScheduleState(10.0, (w,), 0)) == 16
 
 
 # ------------------------------------------------------------------- replay

@@ -75,6 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--only", choices=["all", "step_time"], default="all",
+                   help="step_time: refit only the step-time model from --profile (keeps the rest of report.json)")
+    p.add_argument("--step-time-name", default="step_time",
+                   help="file stem of the fitted step-time model (step_time_plain: the target alone)")
     return p.parse_args(argv)
 
 
@@ -207,7 +211,7 @@ def fit_acceptance(train: AcceptanceRows, test: AcceptanceRows, out: Path) -> di
 
 
 # --------------------------------------------------------------- step time
-def fit_step_time(profile: Path, out: Path, seed: int) -> dict[str, Any]:
+def fit_step_time(profile: Path, out: Path, seed: int, name: str = "step_time") -> dict[str, Any]:
     if not profile.is_file():
         return {"skipped": f"no profile at {profile}: run python train/profile_steps.py"}
     import importlib.util
@@ -217,8 +221,8 @@ def fit_step_time(profile: Path, out: Path, seed: int) -> dict[str, Any]:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     shapes, seconds, data = mod.read_profile(profile)
-    decode = [i for i, s in enumerate(shapes) if s.rows > 0]
-    order = decode[:]
+    steps = [i for i, s in enumerate(shapes) if s.rows > 0 or s.prefill_tokens > 0]
+    order = steps[:]
     random.Random(seed).shuffle(order)
     cut = int(0.8 * len(order))
     train, test = order[:cut], order[cut:]
@@ -226,8 +230,8 @@ def fit_step_time(profile: Path, out: Path, seed: int) -> dict[str, Any]:
     model = StepTimeModel(seed=seed).fit([shapes[i] for i in train], y[train])
     pred = model.predict([shapes[i] for i in test])
     true = y[test].sum(1)
-    model.fit([shapes[i] for i in decode], y[decode])  # the saved model uses every step
-    model.save(out / "step_time.skops")
+    model.fit([shapes[i] for i in steps], y[steps])  # the saved model uses every step
+    model.save(out / f"{name}.skops")
     by_batch: dict[int, list[float]] = {}
     for i, p, t in zip(test, pred, true):
         by_batch.setdefault(shapes[i].rows, []).append(abs(p - t) / t)
@@ -267,6 +271,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only == "step_time":
+        path = out / "report.json"
+        report = json.loads(path.read_text()) if path.is_file() else {"args": vars(args)}
+        report[args.step_time_name] = fit_step_time(Path(args.profile), out, args.seed, args.step_time_name)
+        path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        fitted = report[args.step_time_name]
+        print(args.step_time_name, json.dumps({k: fitted.get(k) for k in ("mape", "mape_by_rows")}))
+        return report
     target, draft, train_prompts, eval_prompts = load(args)
     train_trace = record(target, draft, train_prompts, args, "train")
     test_trace = record(target, draft, eval_prompts, args, "held-out")

@@ -5,11 +5,16 @@ imports, for every script in train/.)
 
     python train/profile_steps.py                      # default target, draft + companion, CPU
     python train/profile_steps.py --batches 1,4,16 --reps 2 --out /tmp/profile.json
+    python train/profile_steps.py --draft '' --max-k 0 --reps 12 --mixed 8 \
+        --out models/estimators/profile_plain.json     # the target alone (streaming serves plain)
 
 For each batch size, that many ShareGPT prompts (training split) are prefilled, then every
 draft length 0..8 runs `--reps` steps (in a shuffled order), a third verifying whole drafts, a
 third a random prefix per row (verify controllers cut drafts short) and a third with only a
-few requests drafting (SLO-customised plans; the engine splits such verify forwards). Each step's shape
+few requests drafting (SLO-customised plans; the engine splits such verify forwards). Then
+`--mixed` new requests join one at a time with a random prefill budget (16..512 tokens), and
+their prefill chunks run in the same steps as the batch's decodes (what a streaming server
+does all the time) for up to 8 steps each. Each step's shape
 (`StepShape`) and its prefill, draft and verify seconds are written as JSON. At the largest
 batch it also times what the controllers add per step (estimate + act of each acceptance
 predictor) against that step's own time.
@@ -43,13 +48,14 @@ DEFAULT_OUT = REPO / "models" / "estimators" / "profile.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default="smollm2")
-    p.add_argument("--draft", default="draft")
+    p.add_argument("--draft", default="draft", help="'' for none: the target alone, plain decoding")
     p.add_argument("--companion", default="companion", help="'' for none")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--mixed", type=int, default=4, help="joining requests per batch size (prefill + decode steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run)")
@@ -69,14 +75,14 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
             FeatureDraft.from_target(target, list(range(0, 256, 2)), 32, seed=2).eval(),
         )
         g = torch.Generator().manual_seed(args.seed)
-        n = max(args.batches)
+        n = max(args.batches) + args.mixed
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 40, (n,))]
         return Engine(target, draft), prompts, {"target": "tiny", "draft": "tiny+companion"}
     from adactl.workloads import chat_prompts, read_sharegpt
 
     loaded = load_model(args.target, dtype=getattr(torch, args.dtype))
-    draft = load_draft(args.draft, loaded, companion=args.companion or None)
-    prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, read_sharegpt())
+    draft = load_draft(args.draft, loaded, companion=args.companion or None) if args.draft else None
+    prompts = chat_prompts(loaded.tokenizer, max(args.batches) + args.mixed, args.max_prompt_tokens, read_sharegpt())
     meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": args.dtype}
     return Engine(loaded.model, draft, loaded.tokenizer), prompts, meta
 
@@ -105,7 +111,7 @@ def profile(args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed)
     recorder = TraceRecorder()
     costs: dict[str, float] = {}
-    total = sum(args.reps * (args.max_k + 1) for _ in args.batches)
+    total = sum(args.reps * (args.max_k + 1) + 8 * args.mixed for _ in args.batches)
     bar = tqdm(total=total, desc="profile steps", unit="step")
     for b in args.batches:
         ids = [engine.add_request(p, SamplingParams(max_new_tokens=4096, stop_on_eos=False)) for p in prompts[:b]]
@@ -131,9 +137,21 @@ def profile(args: argparse.Namespace) -> dict:
             outcome = engine.verify(cut)
             state = ScheduleState(time.perf_counter(), tuple(engine.requests()), args.max_k, plan)
             recorder.update(StepRecord(state, plan, drafts, cut, outcome))
-            if b == max(args.batches) and k == args.max_k and not costs:
+            if b == max(args.batches) and k == args.max_k and k > 0 and not costs:
                 costs = overhead(drafts, outcome.total_s)
             bar.update(1)
+        for j in range(args.mixed):  # prefill chunks next to the batch's decodes
+            plan = StepPlan(draft_len=0, prefill_budget=rng.choice([16, 32, 64, 128, 256, 512]))
+            new = engine.add_request(prompts[-1 - j], SamplingParams(max_new_tokens=4096, stop_on_eos=False))
+            for _ in range(8):
+                drafts = engine.draft_step(plan)
+                outcome = engine.verify()
+                state = ScheduleState(time.perf_counter(), tuple(engine.requests()), args.max_k, plan)
+                recorder.update(StepRecord(state, plan, drafts, drafts.draft_len, outcome))
+                bar.update(1)
+                if all(v.status == "running" for v in engine.requests()):
+                    break
+            engine.cancel(new)
         for rid in ids:
             engine.cancel(rid)
         engine.draft_step(StepPlan(draft_len=0, prefill_budget=0))

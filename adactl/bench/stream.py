@@ -94,9 +94,12 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     units = misses = 0
     on_time_tokens = 0.0
     ttft, tpot = [], []
-    for result in loop.results.values():
+    by_unit: dict[str, list[int]] = {}  # unit kind -> [units, misses]
+    for rid, result in loop.results.items():
         u, m = result.stream_units or 0, result.stream_misses or 0
         units, misses = units + u, misses + m
+        kind = by_unit.setdefault(streams[ids[rid]].unit, [0, 0])
+        kind[0], kind[1] = kind[0] + u, kind[1] + m
         n = len(result.output_ids)
         on_time_tokens += n * (1 - m / u) if u else 0.0
         if result.first_token_time is not None:
@@ -107,6 +110,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "miss_rate": misses / max(units, 1),
         "units": units,
         "misses": misses,
+        "misses_by_unit": {k: {"units": u, "misses": m} for k, (u, m) in sorted(by_unit.items())},
         "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
         "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
         "tpot_s": float(np.mean(tpot)) if tpot else None,
@@ -162,7 +166,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 def _workload(args: argparse.Namespace) -> tuple[Any, Any, list[tuple[Any, int]], list[Stream]]:
     """(target model, tokenizer, requests, streams)."""
-    streams = consumer_mix(args.requests, args.seed, args.ttft)
+    streams = consumer_mix(args.requests, args.seed, args.ttft, tokens_only=args.consumers == "tokens")
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
@@ -190,7 +194,11 @@ def _step_time(args: argparse.Namespace) -> Any:
         return CachedStepTime(_tiny_step_time())
     from adactl.runtime.models import SHIPPED_MODELS
 
-    return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / "step_time.skops"))
+    # streaming serves plain decoding on the target alone: its own profile (train/profile_steps.py
+    # --draft ''), not the one with a draft and companion feeding every step
+    plain = SHIPPED_MODELS / "estimators" / "step_time_plain.skops"
+    path = plain if plain.is_file() else SHIPPED_MODELS / "estimators" / "step_time.skops"
+    return CachedStepTime(StepTimeModel.load(path))
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -262,6 +270,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests per run")
     parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrival gaps (1 = Poisson)")
     parser.add_argument("--ttft", type=float, default=1.0, help="first unit due this long after arrival (s)")
+    parser.add_argument(
+        "--consumers",
+        choices=["mixed", "tokens"],
+        default="mixed",
+        help="mixed: token, speech, word and sentence readers; tokens: token and speech readers",
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="reply lengths are clipped to this")
     parser.add_argument("--prefill-budget", type=int, default=512, help="static chunked-prefill budget (tokens)")

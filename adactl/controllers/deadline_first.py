@@ -13,7 +13,7 @@ from typing import Any
 from adactl.interface import Controller, ScheduleState
 from adactl.runtime.types import StepPlan
 
-from .stream_common import admit_in_order, in_flight, slack, ttft_deadline
+from .stream_common import admit_in_order, first_unit_deadline, in_flight, slack
 
 
 class DeadlineFirst(Controller):
@@ -26,7 +26,7 @@ class DeadlineFirst(Controller):
         return f"edf(run={self.max_running},seqs={self.max_num_seqs})"
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
-        deadline = {v.request_id: ttft_deadline(v) for v in state.waiting}
+        deadline = {v.request_id: first_unit_deadline(v) for v in state.waiting}
         admit = sorted(admit_in_order(state.waiting, in_flight(state), self.max_num_seqs), key=deadline.__getitem__)
         running = sorted(state.running, key=lambda v: slack(v, state.now))
         run = [v.request_id for v in running[: self.max_running]] if self.max_running is not None else None

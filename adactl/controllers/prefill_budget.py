@@ -1,18 +1,25 @@
 """TTFT-bounded chunked-prefill budget (the adaptive-allocation poster), made exact.
 
-Waiting requests in first-unit deadline order d_1 <= d_2 <= ..., request j with r_j prompt
-tokens still to compute. With n prompt tokens per step and steps of T(n) seconds (the
-step-time model on this step's decode rows plus n prefill tokens), all of them get their
-first token in time iff, for every prefix j of that order (DESIGN.md section 5),
+Waiting request j has r_j prompt tokens still to compute, a first-token deadline a_j (its
+TTFT target) and a first-unit deadline b_j (the same for token readers; a word or sentence
+reader's first unit is due one unit period later and needs u_j more decode steps after the
+first token: tokens-per-unit minus one). With n prompt tokens per step and steps of T(n)
+seconds (the step-time model on this step's decode rows plus n prefill tokens), request j
+has s_j = min(floor(safety * (a_j - now) / T(n)), floor(safety * (b_j - now) / T(n)) - u_j)
+steps for its prompt, and all of them are in time iff, in order of s_j, for every prefix j
+(DESIGN.md section 5)
 
-    r_1 + ... + r_j  <=  n * (floor(safety * (d_j - now) / T(n)) - u_j)
+    r_1 + ... + r_j  <=  n * s_j
 
-where u_j is the decode steps the first unit needs after the first token (0 for token
-units; a word or sentence needs its tokens-per-unit minus one more), and `safety` (0.8)
-leaves room for the step-time model's error.
+`safety` (0.8) leaves room for the step-time model's error.
 The budget is the smallest n on a ladder (min_budget, 2 min_budget, ..., max_budget) that
-passes, so the rest of each step goes to decodes; when none passes (a deadline is already
-lost), max_budget, to catch up fastest. Requests without a deadline add no constraint.
+passes and whose cost to decodes per prompt token, c(n) = (T(n) - T(0)) / n, is within
+`cost_slack` (25%) of the cheapest passing n. In an engine that fuses prefill chunks into the
+decode forward (vLLM) c(n) is flat and this is the poster's smallest feasible budget; in one
+that runs each chunk as its own forward (ours: about 70 ms per chunk on the CPU, then 2 ms
+per token) tiny chunks would multiply that fixed cost, and the rule stops at the size where
+it is amortised. When no n passes (a deadline is already lost), max_budget, to catch up
+fastest. Requests without a deadline add no constraint.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import Controller, ScheduleState
 from adactl.runtime.types import RequestView, StepPlan
 
-from .stream_common import ttft_deadline
+from .stream_common import first_token_deadline, first_unit_deadline
 
 
 def first_unit_steps(view: RequestView) -> int:
@@ -40,11 +47,11 @@ class TTFTPrefillBudget(Controller):
     name = "ttft-budget"
 
     def __init__(self, step_time: StepTimePredictor, max_budget: int = 512, min_budget: int = 16,
-                 safety: float = 0.8) -> None:  # fmt: skip
+                 safety: float = 0.8, cost_slack: float = 0.25) -> None:  # fmt: skip
         if not 1 <= min_budget <= max_budget:
             raise ValueError(f"need 1 <= min_budget <= max_budget, got {min_budget}, {max_budget}")
         self.step_time, self.max_budget, self.min_budget = step_time, max_budget, min_budget
-        self.safety = safety
+        self.safety, self.cost_slack = safety, cost_slack
         ladder, n = [], min_budget
         while n < max_budget:
             ladder.append(n)
@@ -56,26 +63,30 @@ class TTFTPrefillBudget(Controller):
         waiting = [v for v in state.waiting if admitted is None or v.request_id in admitted]
         if not waiting:
             return self.min_budget
-        order = sorted(waiting, key=ttft_deadline)
         running = [v for v in state.running if state.plan.run is None or v.request_id in state.plan.run]
         rows, context = len(running), sum(v.context_len for v in running)
-        shapes = [StepShape(rows, rows, 1 if rows else 0, 0, 0, n, context) for n in self.ladder]
-        seconds = self.step_time.predict(shapes)
+        shapes = [StepShape(rows, rows, 1 if rows else 0, 0, 0, n, context) for n in [0, *self.ladder]]
+        decode, *seconds = (float(t) for t in self.step_time.predict(shapes))
+        timed = [v for v in waiting if not math.isinf(first_unit_deadline(v))]
+        feasible = []
         for n, t in zip(self.ladder, seconds):
-            need, ok = 0, True
-            for v in order:
+            period = self.safety / max(float(t), 1e-6)
+            steps = [
+                min(math.floor((first_token_deadline(v) - state.now) * period),
+                    math.floor((first_unit_deadline(v) - state.now) * period) - first_unit_steps(v))
+                for v in timed
+            ]  # fmt: skip
+            need = 0
+            for s, v in sorted(zip(steps, timed), key=lambda x: x[0]):
                 need += v.prompt_len - v.prefilled
-                deadline = ttft_deadline(v)
-                if math.isinf(deadline):
-                    continue
-                # the first unit needs units_after_first more decode steps once the prompt is in
-                steps = math.floor(self.safety * (deadline - state.now) / max(float(t), 1e-6)) - first_unit_steps(v)
-                if need > n * steps:
-                    ok = False
+                if need > n * s:
                     break
-            if ok:
-                return n
-        return self.max_budget
+            else:
+                feasible.append((n, max(t - decode, 0.0) / n))
+        if not feasible:
+            return self.max_budget
+        cheapest = min(c for _, c in feasible)
+        return next(n for n, c in feasible if c <= (1 + self.cost_slack) * cheapest)
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
         return replace(state.plan, prefill_budget=self.budget(state))

@@ -33,7 +33,7 @@ from adactl.estimators.step_time import StepTimePredictor
 from adactl.interface import Controller, ScheduleState
 from adactl.runtime.types import RequestView, StepPlan
 
-from .stream_common import decode_seconds, slack, stream_state, ttft_deadline
+from .stream_common import decode_seconds, first_unit_deadline, slack, stream_state
 
 
 class ProgressServe(Controller):
@@ -102,7 +102,7 @@ class ProgressServe(Controller):
         running = state.running
         streamed = sorted((v for v in running if v.stream is not None), key=lambda v: slack(v, now))
         plain = [v for v in running if v.stream is None]
-        waiting = sorted(state.waiting, key=ttft_deadline)
+        waiting = sorted(state.waiting, key=first_unit_deadline)
         prefilling = [v.request_id for v in waiting if v.status == "prefilling"]
         pending = sum(v.prompt_len - v.prefilled for v in waiting if v.status == "prefilling")
         prefill = min(self.prefill_budget, pending)

@@ -16,8 +16,18 @@ from adactl.interface import ScheduleState
 from adactl.runtime.types import RequestView
 
 
-def ttft_deadline(view: RequestView) -> float:
-    """When the request's first unit is due (inf without a stream or a TTFT SLO)."""
+def first_unit_deadline(view: RequestView) -> float:
+    """When the request's first unit is due (`Stream.first_unit_s`; without a stream, its TTFT
+    SLO; inf without either)."""
+    if view.stream is not None:
+        return view.arrival_time + view.stream.first_unit_s
+    if view.slo is not None and view.slo.ttft_s is not None:
+        return view.arrival_time + view.slo.ttft_s
+    return float("inf")
+
+
+def first_token_deadline(view: RequestView) -> float:
+    """When the request's first token is due: its TTFT target (inf without one)."""
     if view.stream is not None:
         return view.arrival_time + view.stream.ttft_s
     if view.slo is not None and view.slo.ttft_s is not None:
@@ -29,7 +39,7 @@ def slack(view: RequestView, now: float) -> float:
     """Seconds until the request's consumer runs out of ready output (inf: no stream)."""
     p = view.stream_progress
     if p is None:
-        return float("inf") if view.stream is None else ttft_deadline(view) - now
+        return float("inf") if view.stream is None else first_unit_deadline(view) - now
     return p.slack(now)
 
 
@@ -38,7 +48,7 @@ def lag(view: RequestView, now: float) -> float:
     at its rate) minus units generated; > 0 means delivery lags the consumer's timeline."""
     if view.stream is None:
         return float("-inf")
-    expected = max(0.0, now - ttft_deadline(view)) * view.stream.rate + 1
+    expected = max(0.0, now - first_unit_deadline(view)) * view.stream.rate + 1
     ready = view.stream_progress.units_ready if view.stream_progress is not None else 0
     return expected - ready
 
@@ -76,7 +86,10 @@ def stream_state(views: Sequence[RequestView], now: float, step_s: float, tokens
         assert v.stream is not None
         p = v.stream_progress
         per_unit = p.tokens_per_unit if p is not None else 1.0
-        units = (p.buffer + (p.next_due - now) * p.rate) if p is not None else (ttft_deadline(v) - now) * v.stream.rate
+        if p is not None:
+            units = p.buffer + (p.next_due - now) * p.rate
+        else:
+            units = (first_unit_deadline(v) - now) * v.stream.rate
         buffer.append(units * per_unit)
         rate.append(v.stream.rate * per_unit)
         unit.append(per_unit)
