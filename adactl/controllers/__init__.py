@@ -17,6 +17,9 @@ Streaming (schedule decision: admit, run or defer, prefill budget):
   `DeadlineFirst` (EDF / least slack), `AndesPriority` (largest delivery lag first);
 - `ProgressServe`: run what is at risk, defer safe buffers, admit only what stays safe;
 - `TTFTPrefillBudget`: the smallest prefill budget that keeps every TTFT feasible.
+
+Learned: `LearnedController` serves a PPO policy trained by train/ppo.py in `adactl.envs`
+(weights-only file; the same observation features as the environment).
 """
 
 from .adaserve import AdaServe, SLODraftLength
@@ -27,6 +30,7 @@ from .fcfs import FCFS
 from .fixed import FixedDraftLength, NoSpeculation
 from .goodput import GoodputLength
 from .heuristic import HeuristicSchedule
+from .learned import LearnedController, Policy, PolicyError
 from .oracle import PerfectAcceptance, oracle
 from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
@@ -43,8 +47,11 @@ __all__ = [
     "FixedDraftLength",
     "GoodputLength",
     "HeuristicSchedule",
+    "LearnedController",
     "NoSpeculation",
     "PerfectAcceptance",
+    "Policy",
+    "PolicyError",
     "ProgressServe",
     "SLODraftLength",
     "SpeculativeVerification",

@@ -1,0 +1,140 @@
+"""What the environments step: a real `Engine` or the profile-replay `ReplayEngine`, with the
+estimators and workload each needs.
+
+- `"replay"`: `ReplayEngine` with the step-time model fitted on the real engine's profile
+  (`models/estimators/step_time*.skops`) and the shipped per-position acceptance; prompt
+  and reply lengths are those of ShareGPT requests (measured once with the tokenizer and
+  cached in memory), so no model runs. Deterministic for a seed.
+- `"real"`: `Engine` on the default models (SmolLM2-135M-Instruct + the shipped feature
+  draft), or tiny random Llamas with `model="tiny"` (tests). Step times are measured.
+
+Models and prompts load once per process and are shared by every env in it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+BACKENDS = ("replay", "real")
+PROMPT_SETS = ("sharegpt", "sharegpt-heldout", "humaneval")
+MODELS = ("default", "tiny")
+
+
+def _check(backend: str, prompts: str, model: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"prompts must be one of {PROMPT_SETS}, got {prompts!r}")
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+
+
+@functools.cache
+def _default_models(with_draft: bool) -> tuple[Any, Any, Any]:
+    """(target model, draft or None, tokenizer) of the default pair."""
+    from adactl.runtime.models import load_draft, load_model
+
+    loaded = load_model("smollm2")
+    return loaded.model, load_draft("draft", loaded) if with_draft else None, loaded.tokenizer
+
+
+@functools.cache
+def _tiny_models(with_draft: bool) -> tuple[Any, Any, Any]:
+    from adactl.runtime.models import perturbed_copy, tiny_llama
+
+    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+    return target, perturbed_copy(target, noise=0.03, seed=1) if with_draft else None, None
+
+
+@functools.cache
+def _requests(prompts: str, count: int = 256) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(prompt ids, reply length) pairs of a prompt set, with the default tokenizer."""
+    from transformers import AutoTokenizer
+
+    from adactl.runtime.models import default_target_dir
+    from adactl.workloads import chat_requests, humaneval_prompts, read_sharegpt
+
+    tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
+    if prompts == "humaneval":
+        return tuple((tuple(p), 128) for p in humaneval_prompts(tokenizer, 160, 256))
+    pairs = chat_requests(tokenizer, count, 256, 256, read_sharegpt(), held_out=prompts == "sharegpt-heldout")
+    return tuple((tuple(p), n) for p, n in pairs)
+
+
+@functools.cache
+def shipped_step_time(name: str = "step_time") -> Any:
+    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / f"{name}.skops"))
+
+
+def tiny_step_time() -> Any:
+    from adactl.bench.spec import _tiny_step_time
+
+    return _tiny_step_time()
+
+
+def shipped_alpha(k: int) -> list[float]:
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    mean = json.loads((SHIPPED_MODELS / "estimators" / "moving_average.json").read_text())["mean"]
+    return [float(a) for a in mean[:k]]
+
+
+class Backend:
+    """Makes engines for one env: `new_engine(seed)`, `request(rng)`, `step_time`, `clock`."""
+
+    def __init__(self, backend: str = "replay", prompts: str = "sharegpt", model: str = "default",
+                 noise: float = 0.05, max_batch_size: int = 64, draft: bool = True, max_draft_len: int = 8,
+                 step_time: Any = None) -> None:  # fmt: skip
+        _check(backend, prompts, model)
+        self.kind, self.prompts, self.model, self.noise = backend, prompts, model, noise
+        self.max_batch_size, self.draft, self.max_draft_len = max_batch_size, draft, max_draft_len
+        if step_time is None:
+            step_time = tiny_step_time() if model == "tiny" else shipped_step_time(
+                "step_time" if draft else "step_time_plain")  # fmt: skip
+        self.step_time = step_time
+
+    @property
+    def deterministic(self) -> bool:
+        return self.kind == "replay"
+
+    def new_engine(self, seed: int) -> Any:
+        if self.kind == "replay":
+            from adactl.runtime.replay import ReplayEngine
+
+            alpha = shipped_alpha(self.max_draft_len) if self.draft and self.model == "default" else (
+                [0.6] * self.max_draft_len if self.draft else [])  # fmt: skip
+            return ReplayEngine(self.step_time, alpha, self.max_batch_size, noise=self.noise, seed=seed)
+        from adactl.runtime import Engine, EngineConfig
+
+        target, draft, tokenizer = (_tiny_models if self.model == "tiny" else _default_models)(self.draft)
+        torch.manual_seed(seed)
+        return Engine(target, draft, tokenizer, config=EngineConfig(max_batch_size=self.max_batch_size, seed=seed))
+
+    def clock(self, engine: Any) -> float:
+        return engine.clock() if hasattr(engine, "clock") else time.perf_counter()
+
+    def request(self, rng: np.random.Generator) -> tuple[Any, int]:
+        """(prompt: ids, or a length for the replay; the reply's length) of a random request."""
+        if self.model == "tiny":
+            n = int(rng.integers(4, 24))
+            prompt = rng.integers(1, 128, n).tolist()
+            return (n if self.kind == "replay" else prompt), int(rng.integers(8, 32))
+        pairs = _requests(self.prompts)
+        ids, reply = pairs[int(rng.integers(len(pairs)))]
+        return (len(ids) if self.kind == "replay" else list(ids)), reply
+
+    def new_estimator(self) -> Any:
+        from adactl.estimators import MovingAverage, load_acceptance
+
+        if self.model == "tiny":
+            return MovingAverage()
+        return load_acceptance("moving_average")

@@ -1,0 +1,125 @@
+"""Observations of the learned controllers, computed from what any controller sees.
+
+The environments and `LearnedController` share these classes, so a policy sees the same
+features in training and in deployment. Each is called with a `ScheduleState` and returns a
+float32 vector in [0, 1]; `update(record)` feeds it the step's outcome.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from adactl.estimators.step_time import StepShape
+from adactl.interface import ScheduleState, StepRecord
+
+
+def _clip(features: list[float]) -> np.ndarray:
+    return np.clip(np.nan_to_num(np.asarray(features, dtype=np.float32), nan=0.0), 0.0, 1.0)
+
+
+class SpecFeatures:
+    """For the draft-length decision: running requests (linear and log scale), waiting prompt
+    tokens, mean context, predicted plain step time, the acceptance estimate by position
+    (per-position moving average), the predicted step time of each draft length relative to
+    plain decoding, and the recent mean accepted length."""
+
+    def __init__(self, max_draft_len: int, step_time: Any, estimator: Any = None) -> None:
+        from adactl.estimators import MovingAverage
+
+        self.max_draft_len, self.step_time = max_draft_len, step_time
+        self.estimator = estimator if estimator is not None else MovingAverage()
+        self.accepted_ema = 0.0
+
+    @property
+    def size(self) -> int:
+        return 5 + self.max_draft_len + (self.max_draft_len + 1) + 1
+
+    def shape(self, state: ScheduleState, k: int) -> StepShape:
+        running = state.running
+        rows = len(running)
+        prefill = min(state.plan.prefill_budget, sum(v.prompt_len - v.prefilled for v in state.waiting))
+        context = sum(v.context_len for v in running)
+        return StepShape(rows, rows * (k + 1), k + 1 if rows else 0, rows * k, k if rows else 0, prefill, context)
+
+    def __call__(self, state: ScheduleState) -> np.ndarray:
+        running = state.running
+        rows, k = len(running), self.max_draft_len
+        alpha = self.estimator.alpha(k).clamp(0, 1).tolist()
+        seconds = np.maximum(self.step_time.predict([self.shape(state, c) for c in range(k + 1)]), 1e-6)
+        waiting = sum(v.prompt_len - v.prefilled for v in state.waiting)
+        context = float(np.mean([v.context_len for v in running])) if running else 0.0
+        return _clip([
+            rows / 64.0,
+            math.log2(rows + 1) / math.log2(65),
+            waiting / 2048.0,
+            context / 2048.0,
+            float(seconds[0]) / 0.5,
+            *alpha,
+            *(seconds / seconds[0] / 4.0).tolist(),
+            self.accepted_ema / k,
+        ])  # fmt: skip
+
+    def update(self, record: StepRecord) -> None:
+        self.estimator.update(record)
+        accepted = record.outcome.accepted
+        if len(accepted):
+            self.accepted_ema = 0.8 * self.accepted_ema + 0.2 * float(accepted.float().mean())
+
+
+class StreamFeatures:
+    """For the streaming schedule: in flight, waiting, running, arrivals per second over the
+    last 5 s, least and mean slack of the running readers, the share of them with under half
+    a second of slack, the oldest waiting request's share of its TTFT, predicted step time,
+    and the recent miss rate (misses per unit read, an exponential average over steps)."""
+
+    size = 10
+
+    def __init__(self, step_time: Any) -> None:
+        self.step_time = step_time
+        self.arrivals: dict[str, float] = {}
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.miss_ema = 0.0
+
+    def __call__(self, state: ScheduleState) -> np.ndarray:
+        from adactl.controllers.stream_common import decode_seconds, first_token_deadline, in_flight, slack
+
+        now = state.now
+        read = missed = 0
+        for v in state.requests:
+            self.arrivals.setdefault(v.request_id, v.arrival_time)
+            p = v.stream_progress
+            if p is not None:
+                before = self.seen.get(v.request_id, (0, 0))
+                read, missed = read + p.units_read - before[0], missed + p.misses - before[1]
+                self.seen[v.request_id] = (p.units_read, p.misses)
+        if read or missed:
+            self.miss_ema = 0.95 * self.miss_ema + 0.05 * missed / max(read, missed, 1)
+        horizon = now - 5.0
+        self.arrivals = {r: t for r, t in self.arrivals.items() if t > horizon - 60.0}  # bounded memory
+        recent = sum(t > horizon for t in self.arrivals.values()) / 5.0
+        running = [v for v in state.running if v.stream is not None]
+        slacks = [slack(v, now) for v in running]
+        waiting = state.waiting
+        oldest = max(
+            ((now - v.arrival_time) / max(first_token_deadline(v) - v.arrival_time, 1e-6) for v in waiting), default=0.0
+        )
+        step_s = decode_seconds(self.step_time, [len(state.running)], [v.context_len for v in state.running])[0]
+        return _clip([
+            in_flight(state) / 32.0,
+            len(waiting) / 16.0,
+            len(state.running) / 32.0,
+            recent / 8.0,
+            (min(slacks, default=4.0) + 1.0) / 5.0,
+            (float(np.mean(slacks)) if slacks else 4.0) / 8.0,
+            sum(s < 0.5 for s in slacks) / max(len(slacks), 1),
+            oldest / 2.0,
+            step_s / 0.5,
+            self.miss_ema * 10.0,
+        ])  # fmt: skip
+
+    def update(self, record: StepRecord) -> None:
+        live = {v.request_id for v in record.schedule.requests}
+        self.seen = {r: c for r, c in self.seen.items() if r in live}

@@ -1,0 +1,184 @@
+"""Gymnasium environments, PPO training with TensorBoard output, and the learned controller."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils import env_checker
+from gymnasium.utils.passive_env_checker import env_reset_passive_checker, env_step_passive_checker
+
+import adactl.envs  # noqa: F401  (registers the ids)
+from adactl.controllers.learned import LearnedController, Policy, PolicyError
+from adactl.envs.streaming import StreamingEnv
+from adactl.interface import ScheduleState
+from adactl.loop import ControlLoop
+from adactl.runtime import SamplingParams, StepPlan
+from adactl.runtime.replay import ReplayEngine
+
+from .test_estimators import _script
+
+TINY_SPEC = {"model": "tiny", "episode_steps": 8, "batch_sizes": (1, 4)}
+TINY_STREAM = {"model": "tiny", "episode_requests": 6, "loads": (2.0, 4.0)}
+
+
+def _no_warnings(fn, *args) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(*args)
+    mine = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert mine == []
+
+
+@pytest.mark.parametrize("env_id, kwargs", [("adactl/SpecDecode-v0", TINY_SPEC), ("adactl/Streaming-v0", TINY_STREAM)])
+def test_replay_envs_pass_check_env_without_warnings(env_id, kwargs):
+    env = gym.make(env_id, backend="replay", **kwargs)
+    _no_warnings(env_checker.check_env, env.unwrapped)
+    # and they are deterministic for a seed, episode to episode
+    rewards = []
+    for _ in range(2):
+        env.reset(seed=3)
+        rewards.append([env.step(env.action_space.sample() * 0 + 1)[1] for _ in range(5)])
+    assert rewards[0] == rewards[1]
+
+
+@pytest.mark.parametrize("env_id, kwargs", [("adactl/SpecDecode-v0", TINY_SPEC), ("adactl/Streaming-v0", TINY_STREAM)])
+def test_real_envs_pass_the_api_checks(env_id, kwargs):
+    """The real backend measures step times, so rewards are not reproducible; everything else
+    `check_env` checks holds."""
+    env = gym.make(env_id, backend="real", **kwargs).unwrapped
+    assert not env.backend.deterministic
+    env_checker.check_action_space(env.action_space)
+    env_checker.check_observation_space(env.observation_space)
+    env_checker.check_reset_return_type(env)
+    env_checker.check_reset_options(env)
+    if env_id == "adactl/SpecDecode-v0":  # (streaming observations read the wall clock)
+        env_checker.check_reset_seed_determinism(env)
+    _no_warnings(env_reset_passive_checker, env)
+    _no_warnings(env_step_passive_checker, env, env.action_space.sample())
+    env_checker.check_returned_data_not_reused(env)
+
+
+def test_spec_env_reward_is_tokens_per_second_and_actions_matter():
+    env = gym.make("adactl/SpecDecode-v0", backend="real", **TINY_SPEC).unwrapped
+    env.reset(seed=0, options={"batch_size": 4})
+    _, reward, _, _, info = env.step(2)
+    assert info["draft_len"] == 2 and reward == pytest.approx(info["tokens_per_s"] / 100)
+    assert 0 <= info["accepted_len"] <= 2
+    with pytest.raises(ValueError, match="draft length"):
+        env.step(99)
+    assert env.baseline_action("k3") == 3 and 0 <= env.baseline_action("goodput") <= 4
+
+
+def test_streaming_env_counts_every_unit_once():
+    env = gym.make("adactl/Streaming-v0", backend="replay", **TINY_STREAM).unwrapped
+    env.reset(seed=1, options={"load": 4.0})
+    done, on_time, misses = False, 0, 0
+    while not done:
+        _, _, term, trunc, info = env.step(np.array([1, 2]))
+        on_time, misses, done = on_time + info["on_time"], misses + info["misses"], term or trunc
+    results = env.loop.results
+    assert len(results) == 6 and info["miss_rate"] == pytest.approx(misses / env.totals["units"])
+    assert on_time + misses == sum(r.stream_units for r in results.values())
+    assert misses == sum(r.stream_misses for r in results.values())
+    with pytest.raises(ValueError, match="baseline"):
+        env.reset(options={"baseline": "nope"})
+
+
+# ------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 256-step PPO run on two spawned replay workers (tiny models), with TensorBoard output."""
+    ppo = _script("ppo")
+    tmp = tmp_path_factory.mktemp("ppo")
+    args = ppo.parse_args([
+        "--model", "tiny", "--total-timesteps", "256", "--n-steps", "64", "--batch-size", "64", "--n-envs", "2",
+        "--n-epochs", "2", "--episode-steps", "8", "--eval-every", "1", "--eval-episodes", "1",
+        "--heldout-episodes", "0", "--out", str(tmp / "spec.safetensors"), "--runs-dir", str(tmp / "runs"),
+        "--no-progress",
+    ])  # fmt: skip
+    path, act = ppo.train(args)
+    return ppo, args, path, act, tmp
+
+
+def test_ppo_smoke_run_writes_our_scalars_to_tensorboard(trained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, _, path, _, tmp = trained
+    (run,) = list((tmp / "runs").iterdir())
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0, "histograms": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    ours = ["tokens_per_s", "accepted_len", "estimator_error", "policy_reward", "baseline_reward", "reward_ratio"]
+    for tag in [f"adactl/{t}" for t in ours] + ["rollout/ep_rew_mean", "train/value_loss"]:
+        assert tag in scalars, tag
+    assert "adactl/action_hist_0" in events.Tags()["histograms"]
+    assert all(np.isfinite(e.value) for e in events.Scalars("adactl/tokens_per_s"))
+    assert json.loads((run / "train.json").read_text())["minutes"] > 0
+    assert path.is_file()
+
+
+def test_saved_policy_acts_exactly_like_the_trained_model(trained):
+    _, _, path, act, _ = trained
+    policy = Policy.load(path)
+    env = gym.make("adactl/SpecDecode-v0", backend="replay", **TINY_SPEC)
+    obs, _ = env.reset(seed=5)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        assert policy.act(obs) == int(act(obs))
+        obs = np.clip(obs + rng.normal(0, 0.2, obs.shape), 0, 1).astype(np.float32)
+
+
+def test_learned_controller_serves_and_rejects_bad_files(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ppo, args, path, _, _ = trained
+    ctl = LearnedController(path, step_time=_tiny_step_time())
+    engine = ReplayEngine(_tiny_step_time(), alpha=[0.6] * 4, seed=0)
+    for i in range(3):
+        engine.add_request(10 + i, SamplingParams(12, stop_on_eos=False))
+    results = ControlLoop(engine, schedule=[ctl], max_draft_len=4, clock=engine.clock).run()
+    assert len(results) == 3 and all(len(r.output_ids) == 12 for r in results.values())
+    assert ctl.nonfinite == 0 and ctl.last_action is not None
+    # a non-finite output: the safe action (no speculation), counted
+    ctl.policy.action = (ctl.policy.action[0] * float("nan"), ctl.policy.action[1])
+    state = ScheduleState(0.0, tuple(), 4, StepPlan(draft_len=3))
+    assert ctl.act(state).draft_len == 0 and ctl.nonfinite == 1
+    # missing, corrupt, wrong shape: a clear error at load time
+    with pytest.raises(PolicyError, match="no policy file"):
+        LearnedController(tmp_path / "missing.safetensors")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(PolicyError, match="not a readable"):
+        LearnedController(tmp_path / "corrupt.safetensors")
+    tensors = load_file(str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors["action.weight"] = torch.zeros(3, tensors["action.weight"].shape[1])
+    tensors["action.bias"] = torch.zeros(3)
+    save_file(tensors, str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(PolicyError, match="logits"):
+        LearnedController(tmp_path / "shape.safetensors")
+
+
+def _tiny_step_time():
+    from adactl.envs.backends import tiny_step_time
+
+    return tiny_step_time()
+
+
+def test_streaming_baselines_and_policy_share_episodes():
+    env = StreamingEnv(backend="replay", **TINY_STREAM)
+    totals = {}
+    for name in ("fcfs", "progressserve"):
+        env.reset(seed=7, options={"baseline": name, "load": 4.0})
+        total, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(np.array([1, 2]))
+            total, done = total + r, term or trunc
+        totals[name] = (total, env.totals["units"])
+    assert totals["fcfs"][1] == totals["progressserve"][1]  # the same requests and consumers

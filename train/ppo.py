@@ -1,0 +1,363 @@
+"""Train a PPO controller (stable-baselines3) in an adactl environment; watch it in TensorBoard.
+
+    python train/ppo.py                                     # SpecDecode-v0 on the replay backend
+    python train/ppo.py --env-id adactl/Streaming-v0 --total-timesteps 100000
+    python train/ppo.py --finetune-timesteps 2048           # then a short fine-tune on the real engine
+    tensorboard --logdir runs
+
+cleanrl-style: every option is a field of `Args` (`--help` lists them). Rollouts run in
+`--n-envs` `SubprocVecEnv` workers (spawn) behind `VecNormalize`. TensorBoard logs go to
+`runs/{env}__{exp_name}__{seed}__{time}`: SB3's rollout/ and train/ scalars, and ours under
+adactl/ per rollout (tokens/s, accepted length, action histogram, step-time estimator error,
+miss rate) plus, every `--eval-every` rollouts, the policy's and the analytic baseline's
+reward on the same held-back episodes (same seeds), the hyperparameters as a table, and a
+figure of the policy (action against its key observation).
+
+The policy is saved weights-only (safetensors + normalisation statistics; see
+`adactl.controllers.learned`) to `--out`, then evaluated against the analytic controllers on
+the training workload and on held-out prompts (ShareGPT held-out records and HumanEval).
+"""
+
+# (no `from __future__ import annotations`: dataclass fields keep real types, and the script
+# also loads as a module outside sys.modules, as the tests load it)
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Args:
+    env_id: str = field(
+        default="adactl/SpecDecode-v0", metadata={"help": "adactl/SpecDecode-v0 or adactl/Streaming-v0"}
+    )
+    backend: str = field(default="replay", metadata={"help": "replay (fast, deterministic) or real (the engine)"})
+    model: str = field(default="default", metadata={"help": "default models, or tiny random ones (smoke runs)"})
+    exp_name: str = field(default="ppo", metadata={"help": "experiment name in the run directory"})
+    seed: int = field(default=1, metadata={"help": "seed of PPO, the envs and the evaluation"})
+    total_timesteps: int = field(default=200_000, metadata={"help": "env steps on --backend"})
+    finetune_timesteps: int = field(default=0, metadata={"help": "then this many env steps on the real engine"})
+    n_envs: int = field(default=2, metadata={"help": "parallel env workers (SubprocVecEnv, spawn; 1: in-process)"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size"})
+    n_steps: int = field(default=512, metadata={"help": "steps per env per rollout"})
+    batch_size: int = field(default=256, metadata={"help": "minibatch size"})
+    n_epochs: int = field(default=10, metadata={"help": "epochs per rollout"})
+    gamma: float = field(default=0.9, metadata={"help": "discount (a step's decision acts mostly on that step)"})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO clip range"})
+    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus"})
+    net_arch: str = field(default="64,64", metadata={"help": "hidden layer widths of the actor and critic"})
+    episode_steps: int = field(default=64, metadata={"help": "SpecDecode-v0: engine steps per episode"})
+    max_draft_len: int = field(default=4, metadata={"help": "SpecDecode-v0: largest draft length"})
+    eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
+    eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
+    heldout_episodes: int = field(default=2, metadata={"help": "real-engine episodes per held-out prompt set and size"})
+    out: str = field(default="", metadata={"help": "policy file (default models/policies/<env>.safetensors)"})
+    runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=f.type, default=f.default, help=f"{f.metadata['help']} (default {f.default})")
+    args = Args(**vars(p.parse_args(argv)))
+    if args.env_id not in ENV_SETTINGS:
+        p.error(f"--env-id must be one of {sorted(ENV_SETTINGS)}")
+    if args.backend not in ("replay", "real"):
+        p.error("--backend must be replay or real")
+    return args
+
+
+# ----------------------------------------------------------- environments
+ENV_SETTINGS: dict[str, dict[str, Any]] = {
+    "adactl/SpecDecode-v0": {"baselines": ["goodput", "k0", "k1", "k2", "k3", "k4"], "key": (0, "running requests")},
+    "adactl/Streaming-v0": {"baselines": ["fcfs", "fcfs-seqs16", "progressserve"], "key": (3, "arrivals / s")},
+}
+
+
+def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt") -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"backend": backend or args.backend, "model": args.model, "prompts": prompts}
+    if args.env_id == "adactl/SpecDecode-v0":
+        kwargs |= {"episode_steps": args.episode_steps, "max_draft_len": args.max_draft_len}
+    elif args.model == "tiny":
+        kwargs |= {"episode_requests": 8}
+    return kwargs
+
+
+def make_env(env_id: str, kwargs: dict[str, Any], seed: int) -> Any:
+    def thunk() -> Any:
+        import gymnasium as gym
+
+        import adactl.envs  # noqa: F401  (registers the ids)
+
+        env = gym.make(env_id, **kwargs)
+        env.reset(seed=seed)
+        return env
+
+    return thunk
+
+
+def baseline_episode(env: Any, name: str, seed: int, **reset_options: Any) -> tuple[float, list[tuple[Any, Any]]]:
+    """Total reward of one episode of an analytic controller (and its (obs, action) pairs)."""
+    u = env.unwrapped
+    streaming = hasattr(u, "ps")
+    options = {"baseline": name, **reset_options} if streaming else reset_options or None
+    obs, _ = env.reset(seed=seed, options=options)
+    total, done, pairs = 0.0, False, []
+    while not done:
+        from adactl.envs.streaming import default_action
+
+        a = default_action() if streaming else u.baseline_action(name)
+        pairs.append((obs, a))
+        obs, r, term, trunc, _ = env.step(a)
+        total, done = total + float(r), term or trunc
+    return total, pairs
+
+
+def policy_episode(env: Any, act: Any, seed: int, **reset_options: Any) -> tuple[float, list[tuple[Any, Any]]]:
+    obs, _ = env.reset(seed=seed, options=reset_options or None)
+    total, done, pairs = 0.0, False, []
+    while not done:
+        a = act(obs)
+        pairs.append((obs, a))
+        obs, r, term, trunc, _ = env.step(a)
+        total, done = total + float(r), term or trunc
+    return total, pairs
+
+
+# --------------------------------------------------------------- logging
+def adactl_callback(args: Args, eval_env: Any) -> Any:
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Figure, HParam
+
+    settings = ENV_SETTINGS[args.env_id]
+
+    class AdactlCallback(BaseCallback):
+        """Our scalars per rollout, the baseline comparison, hyperparameters, a policy figure."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.infos: list[dict[str, Any]] = []
+            self.actions: list[np.ndarray] = []
+            self.rollouts = 0
+            self.last_eval: dict[str, float] = {}
+
+        def _on_training_start(self) -> None:
+            hparams = {k: v for k, v in dataclasses.asdict(args).items() if isinstance(v, (int, float, str, bool))}
+            metrics = {"adactl/policy_reward": 0.0, "adactl/reward_ratio": 0.0, "rollout/ep_rew_mean": 0.0}
+            self.logger.record("hparams", HParam(hparams, metrics), exclude=("stdout", "log", "json", "csv"))
+
+        def _on_step(self) -> bool:
+            self.infos.extend(self.locals.get("infos", []))
+            self.actions.append(np.asarray(self.locals["actions"]).reshape(len(self.locals["infos"]), -1))
+            return True
+
+        def _on_rollout_end(self) -> None:
+            infos = [i for i in self.infos if i]
+            rec = self.logger.record
+            for key, name in (("tokens_per_s", "tokens_per_s"), ("accepted_len", "accepted_len"),
+                              ("step_time_error", "estimator_error"), ("in_flight", "in_flight")):  # fmt: skip
+                values = [i[key] for i in infos if key in i]
+                if values:
+                    rec(f"adactl/{name}", float(np.mean(values)))
+            if any("misses" in i for i in infos):
+                misses = sum(i["misses"] for i in infos)
+                rec("adactl/miss_rate", misses / max(misses + sum(i["on_time"] for i in infos), 1))
+            if self.actions:
+                acts = np.concatenate(self.actions)
+                for j in range(acts.shape[1]):
+                    rec(f"adactl/action_hist_{j}", acts[:, j].astype(np.float64))
+                    rec(f"adactl/action_mean_{j}", float(acts[:, j].mean()))
+            self.infos, self.actions = [], []
+            self.rollouts += 1
+            if self.rollouts % args.eval_every == 0:
+                self.evaluate()
+
+        def _on_training_end(self) -> None:
+            self.evaluate()
+
+        def evaluate(self) -> None:
+            act = deterministic_act(self.model, self.training_env)
+            seeds = [10_000 + i for i in range(args.eval_episodes)]
+            policy, pairs = [], []
+            for s in seeds:
+                r, p = policy_episode(eval_env, act, s)
+                policy.append(r)
+                pairs += p
+            base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in settings["baselines"]}
+            best = max(base, key=lambda b: base[b])
+            self.last_eval = {"policy": float(np.mean(policy)), "best_baseline": float(base[best])}
+            self.logger.record("adactl/policy_reward", float(np.mean(policy)))
+            self.logger.record("adactl/baseline_reward", float(base[best]))
+            self.logger.record("adactl/reward_ratio", float(np.mean(policy) / base[best]) if base[best] else 0.0)
+            self.logger.record("adactl/policy", Figure(policy_figure(pairs, settings["key"]), close=True),
+                               exclude=("stdout", "log", "json", "csv"))  # fmt: skip
+
+    return AdactlCallback()
+
+
+def policy_figure(pairs: list[tuple[Any, Any]], key: tuple[int, str]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    index, label = key
+    x = np.asarray([o[index] for o, _ in pairs])
+    acts = np.asarray([np.asarray(a).reshape(-1) for _, a in pairs])
+    fig, axes = plt.subplots(1, acts.shape[1], figsize=(4 * acts.shape[1], 3), squeeze=False)
+    for j in range(acts.shape[1]):
+        axes[0, j].scatter(x, acts[:, j] + np.random.default_rng(0).uniform(-0.15, 0.15, len(x)), s=4, alpha=0.4)
+        axes[0, j].set_xlabel(f"observation {index}: {label} (normalised)")
+        axes[0, j].set_ylabel(f"action {j}")
+    fig.tight_layout()
+    return fig
+
+
+def deterministic_act(model: Any, vec_env: Any) -> Any:
+    """obs -> the policy's most likely action, with the training normalisation applied."""
+
+    def act(obs: np.ndarray) -> Any:
+        norm = vec_env.normalize_obs(obs[None]) if hasattr(vec_env, "normalize_obs") else obs[None]
+        a, _ = model.predict(norm, deterministic=True)
+        return a[0]
+
+    return act
+
+
+# ----------------------------------------------------------------- export
+def export_policy(model: Any, vec_env: Any, path: Path, args: Args) -> None:
+    """Weights-only policy file (see `adactl.controllers.learned`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    policy = model.policy
+    tensors: dict[str, torch.Tensor] = {}
+    linears = [m for m in policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
+    for i, layer in enumerate(linears):
+        tensors[f"policy.{i}.weight"] = layer.weight.detach().cpu().contiguous()
+        tensors[f"policy.{i}.bias"] = layer.bias.detach().cpu().contiguous()
+    tensors["action.weight"] = policy.action_net.weight.detach().cpu().contiguous()
+    tensors["action.bias"] = policy.action_net.bias.detach().cpu().contiguous()
+    rms = vec_env.obs_rms
+    tensors["obs_mean"] = torch.as_tensor(rms.mean, dtype=torch.float64)
+    tensors["obs_var"] = torch.as_tensor(rms.var, dtype=torch.float64)
+    space = model.action_space
+    action_space = {"type": "Discrete", "n": int(space.n)} if hasattr(space, "n") else {
+        "type": "MultiDiscrete", "nvec": [int(n) for n in space.nvec]}  # fmt: skip
+    meta = {
+        "format": "adactl-policy-v1",
+        "env_id": args.env_id,
+        "action_space": json.dumps(action_space),
+        "obs_dim": str(int(model.observation_space.shape[0])),
+        "clip_obs": str(float(vec_env.clip_obs)),
+        "epsilon": str(float(vec_env.epsilon)),
+        "env_kwargs": json.dumps({k: v for k, v in env_kwargs(args).items() if k != "backend"}),
+        "args": json.dumps(dataclasses.asdict(args)),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+
+
+# ------------------------------------------------------------- evaluation
+def compare(args: Args, path: Path) -> dict[str, Any]:
+    """The saved policy (through `LearnedController`'s own `Policy`) against the analytic
+    controllers: on the training workload (replay, held-back seeds) and on held-out prompts
+    (real engine: ShareGPT held-out records and HumanEval)."""
+    import gymnasium as gym
+
+    import adactl.envs  # noqa: F401
+    from adactl.controllers.learned import Policy
+
+    policy = Policy.load(path)
+    settings = ENV_SETTINGS[args.env_id]
+    report: dict[str, Any] = {}
+    sets = [("training (replay)", "replay", "sharegpt", args.eval_episodes)]
+    if args.model != "tiny" and args.heldout_episodes > 0:
+        sets += [(f"held-out {p} (real)", "real", p, args.heldout_episodes) for p in ("sharegpt-heldout", "humaneval")]
+    for label, backend, prompts, episodes in sets:
+        env = gym.make(args.env_id, **env_kwargs(args, backend, prompts))
+        seeds = [20_000 + i for i in range(episodes)]
+        row = {"learned": float(np.mean([policy_episode(env, policy.act, s)[0] for s in seeds]))}
+        for b in settings["baselines"]:
+            row[b] = float(np.mean([baseline_episode(env, b, s)[0] for s in seeds]))
+        best = max((b for b in row if b != "learned"), key=lambda b: row[b])
+        row["best_analytic"] = best
+        row["ratio_to_best"] = row["learned"] / row[best] if row[best] else float("nan")
+        report[label] = row
+        print(f"{label:32} learned {row['learned']:9.2f}  best analytic ({best}) {row[best]:9.2f}  "
+              f"ratio {row['ratio_to_best']:.3f}", flush=True)  # fmt: skip
+    return report
+
+
+# ------------------------------------------------------------------ main
+def train(args: Args) -> tuple[Path, Any]:
+    """Train, save the policy; returns its path and the trained model's own deterministic
+    `act(obs)` (SB3, with the training normalisation), to check the saved file against."""
+    import torch
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.logger import configure
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor, VecNormalize
+
+    torch.set_num_threads(1)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{stamp}"
+    out = Path(args.out) if args.out else REPO / "models" / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
+
+    def vec(backend: str, n: int) -> Any:
+        fns = [make_env(args.env_id, env_kwargs(args, backend), args.seed + i) for i in range(n)]
+        return VecMonitor(SubprocVecEnv(fns, start_method="spawn") if n > 1 else DummyVecEnv(fns))
+
+    venv = VecNormalize(vec(args.backend, args.n_envs), gamma=args.gamma)
+    eval_env = make_env(args.env_id, env_kwargs(args, args.backend), args.seed + 999)()
+    widths = [int(w) for w in args.net_arch.split(",") if w]
+    model = PPO(
+        "MlpPolicy", venv, learning_rate=args.learning_rate, n_steps=args.n_steps, batch_size=args.batch_size,
+        n_epochs=args.n_epochs, gamma=args.gamma, gae_lambda=args.gae_lambda, clip_range=args.clip_range,
+        ent_coef=args.ent_coef, seed=args.seed, device="cpu", policy_kwargs={"net_arch": widths},
+    )  # fmt: skip
+    model.set_logger(configure(str(run_dir), ["stdout", "tensorboard"] if args.progress else ["tensorboard"]))
+    callback = adactl_callback(args, eval_env)
+    t0 = time.perf_counter()
+    model.learn(args.total_timesteps, callback=callback, progress_bar=args.progress)
+    if args.finetune_timesteps > 0:  # a short fine-tune on the real engine, normalisation carried over
+        real = VecNormalize(vec("real", 1), gamma=args.gamma)
+        real.obs_rms, real.ret_rms = venv.obs_rms, venv.ret_rms
+        venv.close()
+        venv = real
+        model.set_env(venv)
+        model.learn(args.finetune_timesteps, callback=callback, progress_bar=args.progress, reset_num_timesteps=False)
+    minutes = (time.perf_counter() - t0) / 60
+    export_policy(model, venv, out, args)
+    venv.close()
+    eval_env.close()
+    print(f"trained in {minutes:.1f} min; policy -> {out}; TensorBoard: tensorboard --logdir {args.runs_dir}")
+    (run_dir / "train.json").write_text(json.dumps({"minutes": minutes, "last_eval": callback.last_eval,
+                                                    "args": dataclasses.asdict(args)}, indent=1) + "\n")  # fmt: skip
+    return out, deterministic_act(model, venv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    path, _ = train(args)
+    report = compare(args, path)
+    out = path.with_suffix(".eval.json")
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
