@@ -62,7 +62,7 @@ def _requests(prompts: str, count: int = 256) -> tuple[tuple[tuple[int, ...], in
 
     tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
     if prompts == "humaneval":
-        return tuple((tuple(p), 128) for p in humaneval_prompts(tokenizer, 160, 256))
+        return tuple((tuple(p), 128) for p in humaneval_prompts(tokenizer, 140, 256))  # 141 of 164 fit
     pairs = chat_requests(tokenizer, count, 256, 256, read_sharegpt(), held_out=prompts == "sharegpt-heldout")
     return tuple((tuple(p), n) for p, n in pairs)
 

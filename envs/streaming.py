@@ -7,7 +7,8 @@ all are served (or after `max_steps`). When the engine is idle the next arrival 
 
 - action: `MultiDiscrete([len(RISK_TARGETS), len(DEFER_STEPS)])`: ProgressServe's admission
   threshold (the miss risk an admission may cause; the last, 0.999, admits whatever the
-  batch can generate) and its deferral margin (steps a safe reader must be able to wait).
+  batch can generate) and its deferral margin (steps a safe reader must be able to wait;
+  the first choice never defers, so admission control alone, close to FCFS, is an action).
   The TTFT-bounded prefill budget runs after it, as in `adactl bench stream`.
 - observation: `Box(0, 1)` of `N_FEATURES` features: in flight, waiting, running, recent
   arrival rate, least and mean slack of the running readers, the share of them with under
@@ -38,8 +39,8 @@ from .backends import Backend
 from .features import StreamFeatures
 
 RISK_TARGETS = (0.001, 0.005, 0.02, 0.1, 0.999)
-DEFER_STEPS = (0, 1, 2, 4)
-DEFAULT_ACTION = (1, 2)  # ProgressServe's defaults: 0.5% risk, 2 steps
+DEFER_STEPS = (None, 0, 1, 2, 4)  # None: run every admitted request every step (no deferral)
+DEFAULT_ACTION = (1, 3)  # ProgressServe's defaults: 0.5% risk, 2 steps
 N_FEATURES = StreamFeatures.size
 BASELINES = ("fcfs", "fcfs-seqs16", "progressserve")
 

@@ -182,3 +182,25 @@ def test_streaming_baselines_and_policy_share_episodes():
             total, done = total + r, term or trunc
         totals[name] = (total, env.totals["units"])
     assert totals["fcfs"][1] == totals["progressserve"][1]  # the same requests and consumers
+
+
+def test_streaming_policy_trains_and_serves_as_a_schedule_controller(tmp_path):
+    from adactl.runtime import Stream
+
+    ppo = _script("ppo")
+    args = ppo.parse_args([
+        "--env-id", "adactl/Streaming-v0", "--model", "tiny", "--total-timesteps", "128", "--n-steps", "64",
+        "--batch-size", "64", "--n-envs", "1", "--n-epochs", "1", "--eval-every", "100", "--eval-episodes", "1",
+        "--heldout-episodes", "0", "--out", str(tmp_path / "stream.safetensors"), "--runs-dir", str(tmp_path / "runs"),
+        "--no-progress",
+    ])  # fmt: skip
+    path, _ = ppo.train(args)
+    ctl = LearnedController(path, step_time=_tiny_step_time())
+    engine = ReplayEngine(_tiny_step_time(), seed=0)
+    for i in range(4):
+        engine.add_request(10 + i, SamplingParams(12, stop_on_eos=False), arrival_time=0.0, stream=Stream(5.0))
+    loop = ControlLoop(engine, schedule=[ctl], clock=engine.clock)
+    results = loop.run()
+    assert len(results) == 4 and not loop.fallbacks
+    assert all(r.stream_units == 12 for r in results.values())
+    assert ctl.last_action is not None and ctl.last_action.shape == (2,)

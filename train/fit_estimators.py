@@ -75,10 +75,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tiny", action="store_true")
-    p.add_argument("--only", choices=["all", "step_time"], default="all",
-                   help="step_time: refit only the step-time model from --profile (keeps the rest of report.json)")
-    p.add_argument("--step-time-name", default="step_time",
-                   help="file stem of the fitted step-time model (step_time_plain: the target alone)")
+    p.add_argument(
+        "--only",
+        choices=["all", "step_time"],
+        default="all",
+        help="step_time: refit only the step-time model from --profile (keeps the rest of report.json)",
+    )
+    p.add_argument(
+        "--step-time-name",
+        default="step_time",
+        help="file stem of the fitted step-time model (step_time_plain: the target alone)",
+    )
     return p.parse_args(argv)
 
 

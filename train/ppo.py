@@ -62,6 +62,7 @@ class Args:
     heldout_episodes: int = field(default=2, metadata={"help": "real-engine episodes per held-out prompt set and size"})
     out: str = field(default="", metadata={"help": "policy file (default models/policies/<env>.safetensors)"})
     runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root"})
+    eval_only: bool = field(default=False, metadata={"help": "skip training: compare the policy at --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -179,7 +180,11 @@ def adactl_callback(args: Args, eval_env: Any) -> Any:
             if self.actions:
                 acts = np.concatenate(self.actions)
                 for j in range(acts.shape[1]):
-                    rec(f"adactl/action_hist_{j}", acts[:, j].astype(np.float64))
+                    rec(
+                        f"adactl/action_hist_{j}",
+                        acts[:, j].astype(np.float64),
+                        exclude=("stdout", "log", "json", "csv"),
+                    )
                     rec(f"adactl/action_mean_{j}", float(acts[:, j].mean()))
             self.infos, self.actions = [], []
             self.rollouts += 1
@@ -288,22 +293,38 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
     sets = [("training (replay)", "replay", "sharegpt", args.eval_episodes)]
     if args.model != "tiny" and args.heldout_episodes > 0:
         sets += [(f"held-out {p} (real)", "real", p, args.heldout_episodes) for p in ("sharegpt-heldout", "humaneval")]
+    from tqdm import tqdm
+
     for label, backend, prompts, episodes in sets:
         env = gym.make(args.env_id, **env_kwargs(args, backend, prompts))
         seeds = [20_000 + i for i in range(episodes)]
-        row = {"learned": float(np.mean([policy_episode(env, policy.act, s)[0] for s in seeds]))}
+        bar = tqdm(total=episodes * (1 + len(settings["baselines"])), desc=label, unit="episode",
+                   disable=not args.progress)  # fmt: skip
+        row = {"learned": 0.0}
+        for s in seeds:
+            row["learned"] += policy_episode(env, policy.act, s)[0] / episodes
+            bar.update(1)
         for b in settings["baselines"]:
-            row[b] = float(np.mean([baseline_episode(env, b, s)[0] for s in seeds]))
+            row[b] = 0.0
+            for s in seeds:
+                row[b] += baseline_episode(env, b, s)[0] / episodes
+                bar.update(1)
+        bar.close()
         best = max((b for b in row if b != "learned"), key=lambda b: row[b])
         row["best_analytic"] = best
         row["ratio_to_best"] = row["learned"] / row[best] if row[best] else float("nan")
         report[label] = row
+        others = "  ".join(f"{b} {row[b]:.2f}" for b in settings["baselines"])
         print(f"{label:32} learned {row['learned']:9.2f}  best analytic ({best}) {row[best]:9.2f}  "
-              f"ratio {row['ratio_to_best']:.3f}", flush=True)  # fmt: skip
+              f"ratio {row['ratio_to_best']:.3f}   [{others}]", flush=True)  # fmt: skip
     return report
 
 
 # ------------------------------------------------------------------ main
+def default_out(args: Args) -> Path:
+    return REPO / "models" / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
+
+
 def train(args: Args) -> tuple[Path, Any]:
     """Train, save the policy; returns its path and the trained model's own deterministic
     `act(obs)` (SB3, with the training normalisation), to check the saved file against."""
@@ -315,7 +336,7 @@ def train(args: Args) -> tuple[Path, Any]:
     torch.set_num_threads(1)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{stamp}"
-    out = Path(args.out) if args.out else REPO / "models" / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
+    out = Path(args.out) if args.out else default_out(args)
 
     def vec(backend: str, n: int) -> Any:
         fns = [make_env(args.env_id, env_kwargs(args, backend), args.seed + i) for i in range(n)]
@@ -334,7 +355,8 @@ def train(args: Args) -> tuple[Path, Any]:
     t0 = time.perf_counter()
     model.learn(args.total_timesteps, callback=callback, progress_bar=args.progress)
     if args.finetune_timesteps > 0:  # a short fine-tune on the real engine, normalisation carried over
-        real = VecNormalize(vec("real", 1), gamma=args.gamma)
+        export_policy(model, venv, out.with_suffix(".replay.safetensors"), args)  # the replay-trained policy
+        real = VecNormalize(vec("real", args.n_envs), gamma=args.gamma)
         real.obs_rms, real.ret_rms = venv.obs_rms, venv.ret_rms
         venv.close()
         venv = real
@@ -352,11 +374,37 @@ def train(args: Args) -> tuple[Path, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    path, _ = train(args)
+    if args.eval_only:
+        path = Path(args.out) if args.out else default_out(args)
+    else:
+        path, _ = train(args)
     report = compare(args, path)
     out = path.with_suffix(".eval.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
+    plot_comparison(report, path.with_suffix(".eval.png"), args.env_id)
     return report
+
+
+def plot_comparison(report: dict[str, Any], path: Path, title: str) -> None:
+    """Reward per controller, one panel per workload, relative to the best analytic one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(report), figsize=(4.5 * len(report), 3.2), squeeze=False)
+    for ax, (label, row) in zip(axes[0], report.items()):
+        names = [k for k, v in row.items() if isinstance(v, float) and k != "ratio_to_best"]
+        best = row[row["best_analytic"]]
+        ax.bar(names, [row[n] / best for n in names], color=["C1" if n == "learned" else "C0" for n in names])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel("reward / best analytic")
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ running streamed requests in slack order (seconds until each reader runs dry):
               while T(n) <= min over the at-risk i of 1 / rate_i (a step no longer than the
               fastest at-risk reader's period); everyone when nobody is at risk (work
               conserving: buffers grow while it is cheap). The rest are deferred and keep
-              their KV cache (deferral is not recomputation).
+              their KV cache (deferral is not recomputation). defer_steps=None: never
+              defer (admission control only).
     admit   = the next waiting request (deadline order) only if the load stays servable:
               with D = the readers' total demand (tokens/s), the rows per step it takes,
               F = D * T(F) (a fixed point), exist and fit (F <= in-flight), and every reader,
@@ -39,7 +40,8 @@ from .stream_common import decode_seconds, first_unit_deadline, slack, stream_st
 class ProgressServe(Controller):
     name = "progressserve"
 
-    def __init__(self, step_time: StepTimePredictor, risk: Any = None, target: float = 0.005, defer_steps: int = 2,
+    def __init__(self, step_time: StepTimePredictor, risk: Any = None, target: float = 0.005,
+                 defer_steps: int | None = 2,
                  max_num_seqs: int | None = None, prefill_budget: int = 512, admit_per_step: int = 2,
                  horizon: float = 2.0) -> None:  # fmt: skip
         if not 0 < target < 1:
@@ -57,8 +59,8 @@ class ProgressServe(Controller):
                prefill: int) -> int:  # fmt: skip
         """How many of `streamed` (in slack order) run this step, next to `others` plain rows."""
         r = len(streamed)
-        if r == 0:
-            return 0
+        if r == 0 or self.defer_steps is None:  # None: never defer (admission control only)
+            return r
         seconds = self._seconds([others + m for m in range(r + 1)], context, prefill)  # [R + 1]
         deferred = stream_state(streamed, now, seconds[r], defer_steps=float(self.defer_steps), horizon=self.horizon)
         at_risk = (self.risk.estimate(deferred) >= self.target).nonzero()
