@@ -5,10 +5,11 @@ from `loads` (requests/s), each read by a consumer from `workloads.consumer_mix`
 all are served (or after `max_steps`). When the engine is idle the next arrival comes at once
 (the gaps after it are kept), so no step is spent waiting.
 
-- action: `MultiDiscrete([len(RISK_TARGETS), len(DEFER_STEPS)])`: ProgressServe's admission
-  threshold (the miss risk an admission may cause; the last, 0.999, admits whatever the
-  batch can generate) and its deferral margin (steps a safe reader must be able to wait;
-  the first choice never defers, so admission control alone, close to FCFS, is an action).
+- action: `MultiDiscrete([5, 5, 5])`: ProgressServe's admission threshold (`RISK_TARGETS`,
+  the miss risk an admission may cause; the last, 0.999, admits whatever the batch can
+  generate), its deferral margin (`DEFER_STEPS`: steps a safe reader must be able to wait;
+  the first choice never defers) and a cap on requests in flight (`MAX_IN_FLIGHT`, vLLM's
+  max_num_seqs; the last, none), so the analytic baselines' behaviours are actions too.
   The TTFT-bounded prefill budget runs after it, as in `adactl bench stream`.
 - observation: `Box(0, 1)` of `N_FEATURES` features: in flight, waiting, running, recent
   arrival rate, least and mean slack of the running readers, the share of them with under
@@ -40,7 +41,8 @@ from .features import StreamFeatures
 
 RISK_TARGETS = (0.001, 0.005, 0.02, 0.1, 0.999)
 DEFER_STEPS = (None, 0, 1, 2, 4)  # None: run every admitted request every step (no deferral)
-DEFAULT_ACTION = (1, 3)  # ProgressServe's defaults: 0.5% risk, 2 steps
+MAX_IN_FLIGHT = (8, 12, 16, 24, None)  # vLLM's max_num_seqs; None: no cap
+DEFAULT_ACTION = (1, 3, 4)  # ProgressServe's defaults: 0.5% risk, 2 steps, no cap
 N_FEATURES = StreamFeatures.size
 BASELINES = ("fcfs", "fcfs-seqs16", "progressserve")
 
@@ -64,7 +66,7 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         self.miss_penalty, self.max_new_tokens = miss_penalty, max_new_tokens
         self.tokens_only = consumers == "tokens" or model == "tiny"
         self.backend = Backend(backend, prompts, model, noise, 64, draft=False)
-        self.action_space = spaces.MultiDiscrete([len(RISK_TARGETS), len(DEFER_STEPS)])
+        self.action_space = spaces.MultiDiscrete([len(RISK_TARGETS), len(DEFER_STEPS), len(MAX_IN_FLIGHT)])
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), dtype=np.float32)
         self._rng = np.random.default_rng()
         self.engine: Any = None
@@ -108,12 +110,12 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
         a = np.asarray(action).reshape(-1)
-        if a.shape != (2,) or not all(0 <= int(x) < m for x, m in zip(a, (len(RISK_TARGETS), len(DEFER_STEPS)))):
-            raise ValueError(f"action must be [risk index < {len(RISK_TARGETS)}, defer index < {len(DEFER_STEPS)}], "
+        sizes = (len(RISK_TARGETS), len(DEFER_STEPS), len(MAX_IN_FLIGHT))
+        if a.shape != (3,) or not all(0 <= int(x) < m for x, m in zip(a, sizes)):
+            raise ValueError(f"action must be [risk < {sizes[0]}, defer < {sizes[1]}, cap < {sizes[2]}] indices, "
                              f"got {action!r}")  # fmt: skip
         if self.baseline is None:
-            self.ps.target = RISK_TARGETS[int(a[0])]
-            self.ps.defer_steps = DEFER_STEPS[int(a[1])]
+            apply_action(self.ps, a)
         record = self.loop.step()
         self.features.update(record)
         on_time, missed = self._account()
@@ -128,6 +130,7 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
             "in_flight": len(self.engine.requests()),
             "risk_target": self.ps.target,
             "defer_steps": self.ps.defer_steps,
+            "max_in_flight": self.ps.max_num_seqs,
             "fell_back": len(record.fallbacks),
         }
         if done or self._t >= self.max_steps:
@@ -174,8 +177,24 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         return self.features(ScheduleState(self.backend.clock(self.engine), tuple(self.engine.requests()), 0))
 
 
+def apply_action(ps: ProgressServe, action: Any) -> None:
+    """Set ProgressServe's knobs from a `Streaming-v0` action."""
+    ps.target = RISK_TARGETS[int(action[0])]
+    ps.defer_steps = DEFER_STEPS[int(action[1])]
+    ps.max_num_seqs = MAX_IN_FLIGHT[int(action[2])]
+
+
 def default_action() -> np.ndarray:
     return np.asarray(DEFAULT_ACTION, dtype=np.int64)
 
 
-__all__ = ["BASELINES", "DEFER_STEPS", "N_FEATURES", "RISK_TARGETS", "StreamingEnv", "default_action"]
+__all__ = [
+    "BASELINES",
+    "DEFER_STEPS",
+    "MAX_IN_FLIGHT",
+    "N_FEATURES",
+    "RISK_TARGETS",
+    "StreamingEnv",
+    "apply_action",
+    "default_action",
+]

@@ -79,7 +79,7 @@ def test_streaming_env_counts_every_unit_once():
     env.reset(seed=1, options={"load": 4.0})
     done, on_time, misses = False, 0, 0
     while not done:
-        _, _, term, trunc, info = env.step(np.array([1, 2]))
+        _, _, term, trunc, info = env.step(np.array([1, 2, 4]))
         on_time, misses, done = on_time + info["on_time"], misses + info["misses"], term or trunc
     results = env.loop.results
     assert len(results) == 6 and info["miss_rate"] == pytest.approx(misses / env.totals["units"])
@@ -178,7 +178,7 @@ def test_streaming_baselines_and_policy_share_episodes():
         env.reset(seed=7, options={"baseline": name, "load": 4.0})
         total, done = 0.0, False
         while not done:
-            _, r, term, trunc, _ = env.step(np.array([1, 2]))
+            _, r, term, trunc, _ = env.step(np.array([1, 2, 4]))
             total, done = total + r, term or trunc
         totals[name] = (total, env.totals["units"])
     assert totals["fcfs"][1] == totals["progressserve"][1]  # the same requests and consumers
@@ -203,4 +203,4 @@ def test_streaming_policy_trains_and_serves_as_a_schedule_controller(tmp_path):
     results = loop.run()
     assert len(results) == 4 and not loop.fallbacks
     assert all(r.stream_units == 12 for r in results.values())
-    assert ctl.last_action is not None and ctl.last_action.shape == (2,)
+    assert ctl.last_action is not None and ctl.last_action.shape == (3,)

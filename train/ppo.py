@@ -312,11 +312,15 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
         bar.close()
         best = max((b for b in row if b != "learned"), key=lambda b: row[b])
         row["best_analytic"] = best
-        row["ratio_to_best"] = row["learned"] / row[best] if row[best] else float("nan")
+        # a ratio needs a positive reference; with misses the streaming reward can go negative,
+        # and then the margin says it (higher is better either way)
+        row["ratio_to_best"] = row["learned"] / row[best] if row[best] > 0 else float("nan")
+        row["margin_to_best"] = row["learned"] - row[best]
         report[label] = row
         others = "  ".join(f"{b} {row[b]:.2f}" for b in settings["baselines"])
         print(f"{label:32} learned {row['learned']:9.2f}  best analytic ({best}) {row[best]:9.2f}  "
-              f"ratio {row['ratio_to_best']:.3f}   [{others}]", flush=True)  # fmt: skip
+              f"ratio {row['ratio_to_best']:.3f}  margin {row['margin_to_best']:+.2f}   [{others}]",
+              flush=True)  # fmt: skip
     return report
 
 
@@ -394,12 +398,11 @@ def plot_comparison(report: dict[str, Any], path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, len(report), figsize=(4.5 * len(report), 3.2), squeeze=False)
     for ax, (label, row) in zip(axes[0], report.items()):
-        names = [k for k, v in row.items() if isinstance(v, float) and k != "ratio_to_best"]
-        best = row[row["best_analytic"]]
-        ax.bar(names, [row[n] / best for n in names], color=["C1" if n == "learned" else "C0" for n in names])
-        ax.axhline(1.0, color="k", lw=0.8)
+        names = [k for k, v in row.items() if isinstance(v, float) and k not in ("ratio_to_best", "margin_to_best")]
+        ax.bar(names, [row[n] for n in names], color=["C1" if n == "learned" else "C0" for n in names])
+        ax.axhline(row[row["best_analytic"]], color="k", lw=0.8)
         ax.set_title(label, fontsize=9)
-        ax.set_ylabel("reward / best analytic")
+        ax.set_ylabel("episode reward (higher is better)")
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.suptitle(title)
     fig.tight_layout()

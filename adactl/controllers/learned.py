@@ -123,7 +123,8 @@ def _shipped_or_fresh_estimator() -> Any:
 
 class LearnedController(Controller):
     """Loads a policy trained on `adactl/SpecDecode-v0` (acts: the batch's draft length) or
-    `adactl/Streaming-v0` (acts: ProgressServe's admission threshold and deferral margin)."""
+    `adactl/Streaming-v0` (acts: ProgressServe's admission threshold, deferral margin and
+    in-flight cap)."""
 
     name = "learned"
 
@@ -170,10 +171,10 @@ class LearnedController(Controller):
             from dataclasses import replace
 
             return replace(state.plan, draft_len=k)
-        from adactl.envs.streaming import DEFAULT_ACTION, DEFER_STEPS, RISK_TARGETS
+        from adactl.envs.streaming import DEFAULT_ACTION, apply_action
 
         a: Any = DEFAULT_ACTION if action is None else action
-        self.ps.target, self.ps.defer_steps = RISK_TARGETS[int(a[0])], DEFER_STEPS[int(a[1])]
+        apply_action(self.ps, a)
         plan = self.ps.act(state)
         return self.budget.act(ScheduleState(state.now, state.requests, state.max_draft_len, plan, state.step))
 
