@@ -204,3 +204,15 @@ def test_streaming_policy_trains_and_serves_as_a_schedule_controller(tmp_path):
     assert len(results) == 4 and not loop.fallbacks
     assert all(r.stream_units == 12 for r in results.values())
     assert ctl.last_action is not None and ctl.last_action.shape == (3,)
+
+
+@pytest.mark.parametrize("name", ["SpecDecode-v0", "Streaming-v0"])
+def test_shipped_policies_load_and_act_on_their_env(name):
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    ctl = LearnedController(SHIPPED_MODELS / "policies" / f"{name}.safetensors")
+    assert ctl.policy.env_id == f"adactl/{name}"
+    env = gym.make(ctl.policy.env_id, backend="replay")
+    obs, _ = env.reset(seed=0)
+    action = ctl.policy.act(obs)
+    assert env.action_space.contains(np.asarray(action, dtype=np.int64).reshape(env.action_space.shape))
