@@ -106,12 +106,15 @@ class Backend:
     def deterministic(self) -> bool:
         return self.kind == "replay"
 
-    def new_engine(self, seed: int) -> Any:
+    def new_engine(self, seed: int, alpha_scale: float = 1.0) -> Any:
+        """alpha_scale (replay only): multiplies the acceptance of every draft position, to
+        randomise the acceptance level per episode (the real engine's is what it is)."""
         if self.kind == "replay":
             from adactl.runtime.replay import ReplayEngine
 
             alpha = shipped_alpha(self.max_draft_len) if self.draft and self.model == "default" else (
                 [0.6] * self.max_draft_len if self.draft else [])  # fmt: skip
+            alpha = [min(max(a * alpha_scale, 0.01), 0.99) for a in alpha]
             return ReplayEngine(self.step_time, alpha, self.max_batch_size, noise=self.noise, seed=seed)
         from adactl.runtime import Engine, EngineConfig
 

@@ -44,10 +44,13 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
 
     def __init__(self, backend: str = "replay", batch_sizes: Sequence[int] = BATCH_SIZES, episode_steps: int = 64,
                  max_draft_len: int = 4, temperature: float = 0.0, prompts: str = "sharegpt", model: str = "default",
-                 noise: float = 0.05, max_new_tokens: tuple[int, int] = (32, 256)) -> None:  # fmt: skip
+                 noise: float = 0.05, max_new_tokens: tuple[int, int] = (32, 256),
+                 acceptance_jitter: float = 0.0) -> None:  # fmt: skip
         """backend: "replay" or "real". prompts: "sharegpt" (training split), "sharegpt-heldout"
         or "humaneval" (held-out evaluation). model: "default" (SmolLM2 + shipped draft) or
-        "tiny" (tiny random models, for tests; real backend only)."""
+        "tiny" (tiny random models, for tests). acceptance_jitter (replay): each episode's
+        acceptance by position is the shipped one times a factor drawn from 1 +- jitter, so a
+        policy must read the acceptance estimate (as goodput does), not learn one level."""
         if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
         if episode_steps < 1 or max_draft_len < 1:
@@ -55,6 +58,9 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         self.batch_sizes = tuple(int(b) for b in batch_sizes)
         self.episode_steps, self.max_draft_len = episode_steps, max_draft_len
         self.temperature, self.max_new_tokens = temperature, max_new_tokens
+        if not 0.0 <= acceptance_jitter < 1.0:
+            raise ValueError(f"acceptance_jitter must be in [0, 1), got {acceptance_jitter}")
+        self.acceptance_jitter = acceptance_jitter
         self.backend = Backend(backend, prompts, model, noise, max(self.batch_sizes), True, max_draft_len)
         self.action_space = spaces.Discrete(max_draft_len + 1)
         self.observation_space = spaces.Box(0.0, 1.0, (SpecFeatures(max_draft_len, None).size,), dtype=np.float32)
@@ -70,7 +76,8 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
             self._rng = np.random.default_rng(seed)
         options = options or {}
         self.concurrency = int(options.get("batch_size", self._rng.choice(self.batch_sizes)))
-        self.engine = self.backend.new_engine(int(self._rng.integers(2**31)))
+        scale = 1.0 + self.acceptance_jitter * float(self._rng.uniform(-1.0, 1.0))
+        self.engine = self.backend.new_engine(int(self._rng.integers(2**31)), scale)
         self.features = SpecFeatures(self.max_draft_len, self.backend.step_time, self.backend.new_estimator())
         self._t = 0
         self._fill()

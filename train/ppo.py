@@ -57,6 +57,9 @@ class Args:
     net_arch: str = field(default="64,64", metadata={"help": "hidden layer widths of the actor and critic"})
     episode_steps: int = field(default=64, metadata={"help": "SpecDecode-v0: engine steps per episode"})
     max_draft_len: int = field(default=4, metadata={"help": "SpecDecode-v0: largest draft length"})
+    acceptance_jitter: float = field(
+        default=0.0, metadata={"help": "SpecDecode-v0, replay: per-episode acceptance factor 1 +- this"}
+    )
     eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
     eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
     heldout_episodes: int = field(default=2, metadata={"help": "real-engine episodes per held-out prompt set and size"})
@@ -93,6 +96,8 @@ def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt"
     kwargs: dict[str, Any] = {"backend": backend or args.backend, "model": args.model, "prompts": prompts}
     if args.env_id == "adactl/SpecDecode-v0":
         kwargs |= {"episode_steps": args.episode_steps, "max_draft_len": args.max_draft_len}
+        if kwargs["backend"] == "replay":
+            kwargs["acceptance_jitter"] = args.acceptance_jitter
     elif args.model == "tiny":
         kwargs |= {"episode_requests": 8}
     return kwargs
