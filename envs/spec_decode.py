@@ -145,18 +145,4 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         return self.features(self._state())
 
 
-def rollout(env: SpecDecodeEnv, act: Any, seed: int, batch_size: int | None = None) -> dict[str, float]:
-    """One episode with `act(obs, env) -> action`; total reward, tokens/s and mean action."""
-    obs, _ = env.reset(seed=seed, options=None if batch_size is None else {"batch_size": batch_size})
-    total, tps, actions, done = 0.0, [], [], False
-    while not done:
-        a = act(obs, env)
-        obs, r, term, trunc, info = env.step(a)
-        total += r
-        tps.append(info["tokens_per_s"])
-        actions.append(info["draft_len"])
-        done = term or trunc
-    return {"reward": total, "tokens_per_s": float(np.mean(tps)), "mean_action": float(np.mean(actions))}
-
-
-__all__ = ["BATCH_SIZES", "SpecDecodeEnv", "rollout"]
+__all__ = ["BATCH_SIZES", "SpecDecodeEnv"]
