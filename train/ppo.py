@@ -58,7 +58,7 @@ class Args:
     episode_steps: int = field(default=64, metadata={"help": "SpecDecode-v0: engine steps per episode"})
     max_draft_len: int = field(default=4, metadata={"help": "SpecDecode-v0: largest draft length"})
     acceptance_jitter: float = field(
-        default=0.0, metadata={"help": "SpecDecode-v0, replay: per-episode acceptance factor 1 +- this"}
+        default=0.5, metadata={"help": "SpecDecode-v0, replay: per-episode acceptance factor 1 +- this"}
     )
     eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
     eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
