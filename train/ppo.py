@@ -116,24 +116,8 @@ def make_env(env_id: str, kwargs: dict[str, Any], seed: int) -> Any:
     return thunk
 
 
-def baseline_episode(env: Any, name: str, seed: int, **reset_options: Any) -> tuple[float, list[tuple[Any, Any]]]:
-    """Total reward of one episode of an analytic controller (and its (obs, action) pairs)."""
-    u = env.unwrapped
-    streaming = hasattr(u, "ps")
-    options = {"baseline": name, **reset_options} if streaming else reset_options or None
-    obs, _ = env.reset(seed=seed, options=options)
-    total, done, pairs = 0.0, False, []
-    while not done:
-        from adactl.envs.streaming import default_action
-
-        a = default_action() if streaming else u.baseline_action(name)
-        pairs.append((obs, a))
-        obs, r, term, trunc, _ = env.step(a)
-        total, done = total + float(r), term or trunc
-    return total, pairs
-
-
 def policy_episode(env: Any, act: Any, seed: int, **reset_options: Any) -> tuple[float, list[tuple[Any, Any]]]:
+    """Total reward of one episode with `act(obs) -> action` (and its (obs, action) pairs)."""
     obs, _ = env.reset(seed=seed, options=reset_options or None)
     total, done, pairs = 0.0, False, []
     while not done:
@@ -142,6 +126,17 @@ def policy_episode(env: Any, act: Any, seed: int, **reset_options: Any) -> tuple
         obs, r, term, trunc, _ = env.step(a)
         total, done = total + float(r), term or trunc
     return total, pairs
+
+
+def baseline_episode(env: Any, name: str, seed: int, **reset_options: Any) -> tuple[float, list[tuple[Any, Any]]]:
+    """The same for an analytic controller: SpecDecode asks the env for its action; Streaming
+    runs the baseline's own stack (chosen at reset; the action is ignored)."""
+    from adactl.envs.streaming import default_action
+
+    u = env.unwrapped
+    if hasattr(u, "ps"):
+        return policy_episode(env, lambda obs: default_action(), seed, baseline=name, **reset_options)
+    return policy_episode(env, lambda obs: u.baseline_action(name), seed, **reset_options)
 
 
 # --------------------------------------------------------------- logging
