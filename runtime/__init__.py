@@ -21,8 +21,9 @@ from .types import (
     SamplingParams,
     StepOutcome,
     StepPlan,
+    TreeSpec,
 )
-from .verify import VerifyResult, process_logits, verify_chains
+from .verify import VerifyResult, process_logits, verify_chains, verify_trees
 
 __all__ = [
     "BatchKV",
@@ -41,6 +42,7 @@ __all__ = [
     "StepOutcome",
     "StepPlan",
     "Stream",
+    "TreeSpec",
     "StreamError",
     "StreamProgress",
     "VerifyResult",
@@ -51,4 +53,5 @@ __all__ = [
     "run_to_completion",
     "tiny_llama",
     "verify_chains",
+    "verify_trees",
 ]

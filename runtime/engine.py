@@ -34,6 +34,7 @@ from .feature_draft import is_feature_draft
 from .kv import BatchKV, KVConfig
 from .models import chat_ids, output_vocab_size
 from .stream import Playback, Stream, count_units
+from .tree import RowTree, chain_spec
 from .types import (
     SLO,
     DraftBatch,
@@ -43,8 +44,9 @@ from .types import (
     SamplingParams,
     StepOutcome,
     StepPlan,
+    TreeSpec,
 )
-from .verify import Verifier, process_logits, sample, verify_chains
+from .verify import Verifier, process_logits, sample, verify_chains, verify_trees
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]] | torch.Tensor
 
@@ -105,6 +107,8 @@ class _Inflight:
     prefill_s: float
     draft_s: float
     target_features: torch.Tensor | None = None  # [rows, T, H], feature drafts only
+    parents: torch.Tensor | None = None  # [rows, K] long, tree steps only (DraftBatch.parents)
+    path: torch.Tensor | None = None  # [rows, K] bool, tree steps only: accepted nodes
 
 
 class Engine:
@@ -117,8 +121,10 @@ class Engine:
         tokenizer: Any = None,
         config: EngineConfig | None = None,
         verifier: Verifier = verify_chains,
+        tree_verifier: Callable[..., Any] = verify_trees,
     ) -> None:
         self.config = config or EngineConfig()
+        self.tree_verifier = tree_verifier
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
         self.tokenizer = tokenizer
@@ -343,18 +349,34 @@ class Engine:
         joining, prefill_tokens = self._prefill(plan.prefill_budget, admit, emitted, finished)
         t1 = self._now()
 
-        lens = {r.request_id: self._draft_len(r, plan.draft_len) for r in self._rows if r.request_id in run_ids}
-        drafting = sorted((r for r in self._rows if lens.get(r.request_id, 0) > 0), key=lambda r: -lens[r.request_id])
-        plain = [r for r in self._rows if r.request_id in run_ids and lens[r.request_id] == 0]
+        running = [r for r in self._rows if r.request_id in run_ids]
+        specs = self._tree_specs(running, plan) if plan.tree is not None else None
+        if specs is not None:
+            # trees: rows still expanding at each level must be a prefix, so deepest first
+            lens = {rid: spec.max_nodes for rid, spec in specs.items()}
+            key = {rid: (spec.depth, spec.max_nodes) for rid, spec in specs.items()}
+        else:
+            lens = {r.request_id: self._draft_len(r, plan.draft_len) for r in running}
+            key = {rid: (k, k) for rid, k in lens.items()}
+        drafting = sorted((r for r in running if lens[r.request_id] > 0), key=lambda r: key[r.request_id], reverse=True)
+        plain = [r for r in running if lens[r.request_id] == 0]
         deferred = [r for r in self._rows if r.request_id not in run_ids]
         self._reorder(drafting + plain + deferred)
         n_rows, n_draft = len(drafting) + len(plain), len(drafting)
         draft_len = torch.tensor([lens[r.request_id] for r in self._rows[:n_rows]], dtype=torch.long)
-        tokens, probs, comp_probs = self._draft(n_draft, draft_len[:n_draft], n_rows)
+        parents = None
+        if specs is not None:
+            tree_specs = [specs[r.request_id] for r in drafting]
+            tokens, probs, parents = self._draft_trees(tree_specs, n_rows)
+            comp_probs = None
+            draft_len = (tokens >= 0).sum(1)  # a tree may come out smaller than its spec
+        else:
+            tokens, probs, comp_probs = self._draft(n_draft, draft_len[:n_draft], n_rows)
         t2 = self._now()
         self._inflight = _Inflight(
-            n_rows, n_draft, draft_len, tokens, probs, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1
-        )
+            n_rows, n_draft, draft_len, tokens, probs, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1,
+            parents=parents,
+        )  # fmt: skip
         rows = self._rows[:n_rows]
         return DraftBatch(
             request_ids=tuple(r.request_id for r in rows),
@@ -365,6 +387,7 @@ class Engine:
             greedy=torch.tensor([r.sampling.temperature <= 0 for r in rows], dtype=torch.bool),
             companion_probs=comp_probs,
             support=self._draft_vocab,
+            parents=parents,
         )
 
     @torch.inference_mode()
@@ -411,12 +434,14 @@ class Engine:
             draft_s=fl.draft_s,
             verify_s=verify_s,
             total_s=fl.prefill_s + fl.draft_s + verify_s,
+            path=fl.path,
         )
 
     @torch.inference_mode()
     def peek_target(self) -> torch.Tensor:
         """The target's processed distributions at every position of the pending drafts,
-        [B, K + 1, V] (position j: after the context and draft tokens 0..j-1), computed and then
+        [B, K + 1, V] (position j: after the context and draft tokens 0..j-1; for a tree,
+        position j + 1: after node j and its ancestors), computed and then
         forgotten: the caches are as they were, and the step's randomness is untouched.
 
         For oracles and analysis only (it costs one full verify forward): what a controller
@@ -434,7 +459,8 @@ class Engine:
         ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows])
         ids[:, 1:] = fl.tokens.clamp(min=0)
         valid = torch.arange(t)[None, :] <= fl.draft_len[:, None]
-        out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device))
+        parents = _slot_parents(fl.parents, t).to(self.device) if fl.parents is not None else None
+        out = self._target_kv.forward(self.target, ids.to(self.device), valid.to(self.device), parents=parents)
         self._target_kv.keep_last(torch.zeros(fl.rows, t, dtype=torch.bool, device=self.device))
         temp, top_p, _ = self._sampling_tensors(rows)
         return process_logits(out.logits.float(), temp, top_p).cpu()
@@ -447,6 +473,15 @@ class Engine:
         if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in lens):
             raise RequestError(f"draft lengths must be integers >= 0, got {plan.draft_len!r}")
         running = {r.request_id for r in self._rows}
+        if plan.tree is not None:
+            trees = plan.tree.values() if isinstance(plan.tree, Mapping) else [plan.tree]
+            for spec in trees:
+                if not isinstance(spec, TreeSpec):
+                    raise RequestError(f"plan.tree must hold adactl.runtime.TreeSpec, got {type(spec).__name__}")
+                spec.validate()
+            if isinstance(plan.tree, Mapping) and not set(plan.tree) <= running:
+                extra = sorted(set(plan.tree) - running)[:5]
+                raise RequestError(f"plan.tree names requests that are not running: {extra}")
         run_ids = running if plan.run is None else set(plan.run)
         if not run_ids <= running:
             raise RequestError(f"plan.run names requests that are not running: {sorted(run_ids - running)[:5]}")
@@ -582,27 +617,11 @@ class Engine:
         assert self.draft is not None and self._draft_kv is not None
         rows = self._rows[:n]
         temp, top_p, greedy = self._sampling_tensors(rows)
-        # the first forward feeds every token the draft cache has not seen (one, or two after
-        # a fully accepted draft, more after steps without speculation; for a feature draft,
-        # every token accepted in the last step, now with the target's true features)
-        pending = [r.draft_pending for r in rows]
-        width = max(len(p) for p in pending)
-        # left-padded, so that every row's last token sits in the last column
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in pending], device=self.device)
-        valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
-        extra: dict[str, Any] = {}
-        if self.feature_draft:
-            feats = torch.zeros(n, width, self.draft.hidden_size, device=self.device)
-            for i, r in enumerate(rows):
-                feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
-                r.draft_features = []
-            extra["features"] = feats
-        out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), logits_to_keep=1, **extra)
+        out = self._draft_catch_up(rows)
         last = out.logits[:, -1]  # [n, V], or [n, N] over the feature draft's vocabulary
         feature = out.hidden_states[:, -1] if self.feature_draft else None  # [n, H]
         comp_last = out.companion_logits[:, -1] if comp_probs is not None else None  # [n, N_c]
-        for r in rows:
-            r.draft_pending = []
+        extra: dict[str, Any] = {}
         for j in range(k):
             m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
             if j > 0:
@@ -625,12 +644,132 @@ class Engine:
                 probs[:m, j] = q
         return tokens, probs, comp_probs
 
+    def _tree_specs(self, running: list[_Request], plan: StepPlan) -> dict[str, TreeSpec]:
+        """Each running request's tree this step (chains of `draft_len` for requests the plan
+        gives no tree), clipped to what the request can still emit."""
+        specs = {}
+        for r in running:
+            spec = plan.tree.get(r.request_id) if isinstance(plan.tree, Mapping) else plan.tree
+            if spec is None:
+                spec = chain_spec(self._draft_len(r, plan.draft_len))
+            room = self._draft_len(r, spec.depth)  # a step emits at most depth + 1 tokens
+            if self.draft is None or room == 0 or spec.max_nodes == 0:
+                spec = chain_spec(0)
+            elif room < spec.depth:
+                spec = TreeSpec(depth=room, width=spec.width, nodes=spec.nodes)
+            specs[r.request_id] = spec
+        return specs
+
+    def _draft_trees(self, specs: list[TreeSpec], n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grow a token tree (`adactl.runtime.tree`) for each of the first len(specs) rows
+        (sorted deepest first). Level by level, the nodes to expand are fed to the draft
+        model in one forward; each sees its row's context and its own ancestors (cached by
+        earlier levels), at position context + depth. The levels are scratch: once the tree
+        is built they leave the draft cache, and the accepted path is fed again next step.
+
+        Returns, for all `n_rows` decode rows, tokens [n_rows, K] (-1 past a row's nodes),
+        the distribution each node was drawn from [n_rows, K, V] and parents [n_rows, K]."""
+        n = len(specs)
+        rows = self._rows[:n]
+        trees = [RowTree(spec, r.sampling.temperature <= 0) for spec, r in zip(specs, rows)]
+        hidden: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]  # feature drafts: g at each expanded node
+        if n:
+            assert self.draft is not None and self._draft_kv is not None
+            kv = self._draft_kv
+            temp, top_p, _ = self._sampling_tensors(rows)
+            out = self._draft_catch_up(rows)
+            q = process_logits(out.logits[:, -1], temp, top_p).cpu()  # [n, N']
+            root = out.hidden_states[:, -1] if self.feature_draft else None  # [n, H]
+            width = max(s.width for s in specs)
+            u = self._uniforms(rows, [s.width for s in specs], width)
+            for i, tree in enumerate(trees):
+                tree.propose(-1, q[i], u[i])
+            start = kv.used_cols(0, n)  # columns from here on are this step's scratch
+            context_len = kv.row_lengths()[:n].clone()
+            for level in range(max(s.depth for s in specs) - 1):
+                m = sum(1 for s in specs if s.depth > level + 1)  # rows still growing: a prefix
+                fronts = [trees[i].frontier(level) for i in range(m)]
+                w = max(len(f) for f in fronts)
+                c = kv.next_col(0, m)
+                ids = torch.zeros(m, w, dtype=torch.long)
+                valid = torch.zeros(m, w, dtype=torch.bool)
+                context = kv.visible_before(start[:m], c)[:, None, :].repeat(1, w, 1)  # [m, w, c]
+                feats = torch.zeros(m, w, self.draft.hidden_size, device=self.device) if root is not None else None
+                for i, front in enumerate(fronts):
+                    for s, node_id in enumerate(front):
+                        node = trees[i].nodes[node_id]
+                        ids[i, s], valid[i, s] = node.token, True
+                        ancestor = node.parent
+                        while ancestor >= 0:
+                            context[i, s, trees[i].nodes[ancestor].col] = True
+                            ancestor = trees[i].nodes[ancestor].parent
+                        if feats is not None and root is not None:
+                            feats[i, s] = hidden[i][node.parent] if node.parent >= 0 else root[i]
+                positions = (context_len[:m, None] + level).expand(m, w).to(self.device)
+                extra: dict[str, Any] = {"features": feats} if feats is not None else {}
+                out = kv.forward(
+                    self.draft, ids.to(self.device), valid.to(self.device), parents=torch.full((m, w), -1),
+                    context=context.to(self.device), positions=positions, **extra,
+                )  # fmt: skip
+                q = process_logits(out.logits, temp[:m], top_p[:m]).cpu()  # [m, w, N']
+                u = self._uniforms(rows[:m], [len(f) * specs[i].width for i, f in enumerate(fronts)], w * width)
+                for i, front in enumerate(fronts):
+                    for s, node_id in enumerate(front):
+                        trees[i].nodes[node_id].col = c + s
+                        if self.feature_draft:
+                            hidden[i][node_id] = out.hidden_states[i, s]
+                        trees[i].propose(node_id, q[i, s], u[i, s * specs[i].width :])
+            kv.drop_from(start)
+        k = max((min(s.nodes, len(t.nodes)) for s, t in zip(specs, trees)), default=0)
+        tokens = torch.full((n_rows, k), -1, dtype=torch.long)
+        probs = torch.zeros(n_rows, k, self.vocab_size)
+        parents = torch.full((n_rows, k), -1, dtype=torch.long)
+        for i, tree in enumerate(trees):
+            kept = tree.best()
+            index = {node_id: j for j, node_id in enumerate(kept)}
+            for j, node_id in enumerate(kept):
+                node = tree.nodes[node_id]
+                dist = tree.dists[node.dist]
+                if self._draft_vocab is not None:  # back to target token ids
+                    tokens[i, j] = self._draft_vocab[node.token]
+                    probs[i, j, self._draft_vocab] = dist
+                else:
+                    tokens[i, j] = node.token
+                    probs[i, j] = dist
+                parents[i, j] = index[node.parent] if node.parent >= 0 else -1
+        return tokens, probs, parents
+
+    def _draft_catch_up(self, rows: list[_Request]) -> Any:
+        """The first draft forward of a step, on the first len(rows) rows: it feeds every token
+        the draft cache has not seen (one, or two after a fully accepted chain, more after
+        steps without speculation or after a tree; for a feature draft, every token accepted
+        in the last step, now with the target's true features). Returns the draft's output."""
+        assert self.draft is not None and self._draft_kv is not None
+        pending = [r.draft_pending for r in rows]
+        width = max(len(p) for p in pending)
+        # left-padded, so that every row's last token sits in the last column
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in pending], device=self.device)
+        valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
+        extra: dict[str, Any] = {}
+        if self.feature_draft:
+            feats = torch.zeros(len(rows), width, self.draft.hidden_size, device=self.device)
+            for i, r in enumerate(rows):
+                feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
+                r.draft_features = []
+            extra["features"] = feats
+        out = self._draft_kv.forward(self.draft, ids, valid.to(self.device), logits_to_keep=1, **extra)
+        for r in rows:
+            r.draft_pending = []
+        return out
+
     def _verify(self, rows: list[_Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Target forwards over [last token, verified drafts] per row; roll caches back.
 
         Rows are in draft-length order, so verify lengths mostly fall along the batch: where
         one forward over the whole [rows, longest] rectangle would mostly compute padding, the
-        rows split into two ranges, each as wide as its own longest (`verify_split`)."""
+        rows split into two ranges, each as wide as its own longest (`verify_split`). A tree
+        step verifies each row's first `cut` nodes in one forward with a tree mask, and keeps
+        only the accepted path in the cache."""
         n = fl.rows
         t = int(cut.max()) + 1
         ids = torch.zeros(n, t, dtype=torch.long)
@@ -638,35 +777,55 @@ class Engine:
         if t > 1:
             ids[:, 1:] = fl.tokens[:, : t - 1].clamp(min=0)
         valid = torch.arange(t)[None, :] <= cut[:, None]
+        tree = fl.parents is not None
+        slot_parents = _slot_parents(fl.parents, t) if fl.parents is not None else None
         extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
         temp, top_p, _ = self._sampling_tensors(rows)
-        uniforms = self._uniforms(rows, [int(v) + 1 for v in cut], t)
+        if tree:
+            k = fl.tokens.shape[1]
+            uniforms = self._uniforms(rows, [int(v) + 1 for v in fl.draft_len], k + 1)
+            fl.path = torch.zeros(n, k, dtype=torch.bool)
+        else:
+            uniforms = self._uniforms(rows, [int(v) + 1 for v in cut], t)
         accepted = torch.zeros(n, dtype=torch.long)
         next_tokens = torch.zeros(n, dtype=torch.long)
         features: torch.Tensor | None = None
         for r0, r1 in verify_split(cut):
             w = int(cut[r0:r1].max()) + 1
             part = slice(r0, r1)
+            parents = slot_parents[part, :w].to(self.device) if slot_parents is not None else None
             out = self._target_kv.forward(
-                self.target, ids[part, :w].to(self.device), valid[part, :w].to(self.device), first_row=r0, **extra
-            )
+                self.target, ids[part, :w].to(self.device), valid[part, :w].to(self.device), parents=parents,
+                first_row=r0, **extra,
+            )  # fmt: skip
             if self.feature_draft:
                 h = out.hidden_states[-1]
                 if features is None:
                     features = h.new_zeros(n, t, h.shape[-1])
                 features[part, :w] = h
-            result = self.verifier(
-                out.logits.float().cpu(), fl.probs[part], fl.tokens[part], cut[part], temp[part], top_p[part],
-                uniforms[part, :w],
-            )  # fmt: skip
+            logits = out.logits.float().cpu()
+            if fl.parents is not None and fl.path is not None:
+                result = self.tree_verifier(
+                    logits, fl.probs[part], fl.tokens[part], fl.parents[part], cut[part], temp[part], top_p[part],
+                    uniforms[part],
+                )  # fmt: skip
+                fl.path[part] = result.path
+                keep = torch.zeros(r1 - r0, w, dtype=torch.bool)
+                keep[:, 0] = True
+                keep[:, 1:] = result.path[:, : w - 1]
+            else:
+                result = self.verifier(
+                    logits, fl.probs[part], fl.tokens[part], cut[part], temp[part], top_p[part], uniforms[part, :w],
+                )  # fmt: skip
+                keep = torch.arange(w)[None, :] <= result.accepted.cpu()[:, None]
             accepted[part], next_tokens[part] = result.accepted.cpu(), result.next_token.cpu()
-            keep = torch.arange(w)[None, :] <= accepted[part, None]
             self._target_kv.keep_last(keep.to(self.device), first_row=r0)
         fl.target_features = features
         k = fl.tokens.shape[1]
-        if fl.drafting and k > 1 and self._draft_kv is not None:
+        if not tree and fl.drafting and k > 1 and self._draft_kv is not None:
             # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
-            # ones (a feature draft keeps none: they are fed again with the target's features)
+            # ones (a feature draft keeps none: they are fed again with the target's features;
+            # a tree's levels already left the draft cache)
             keep = torch.arange(1, k)[None, :] <= accepted[: fl.drafting, None]
             if self.feature_draft:
                 keep = torch.zeros_like(keep)
@@ -676,7 +835,9 @@ class Engine:
     def _emit(self, rows: list[_Request], fl: _Inflight, accepted: torch.Tensor, next_tokens: torch.Tensor) -> None:
         for i, req in enumerate(rows):
             a, k, y = int(accepted[i]), int(fl.draft_len[i]), int(next_tokens[i])
-            new = [int(t) for t in fl.tokens[i, :a]] + [y]
+            # the accepted draft nodes (a chain's first a; a tree's path), as target columns 1..
+            nodes = fl.path[i].nonzero().squeeze(1).tolist() if fl.path is not None else list(range(a))
+            new = [int(fl.tokens[i, j]) for j in nodes] + [y]
             fl.emitted[req.request_id] = self._append_output(req, new)
             req.target_pending = [y]
             if self.draft is None:
@@ -687,8 +848,10 @@ class Engine:
                 assert fl.target_features is not None
                 req.draft_pending = ([] if i < fl.drafting else req.draft_pending) + new
                 # (copied: a view would keep the whole step's [rows, T, H] states alive)
-                states = list(fl.target_features[i, : a + 1].clone().unbind(0))
+                states = list(fl.target_features[i, [0] + [j + 1 for j in nodes]].clone().unbind(0))
                 req.draft_features = ([] if i < fl.drafting else req.draft_features) + states
+            elif fl.parents is not None and i < fl.drafting:
+                req.draft_pending = new  # a tree's levels left the draft cache: feed the path again
             elif i < fl.drafting:
                 req.draft_pending = [int(fl.tokens[i, k - 1]), y] if a == k else [y]
             else:
@@ -819,6 +982,16 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _slot_parents(parents: torch.Tensor, t: int) -> torch.Tensor:
+    """[B, t] parents of the verify forward's slots: slot 0 (the last token) hangs off the
+    context, node j sits in slot j + 1 under its parent's slot (0 for a child of the last token)."""
+    slots = torch.full((parents.shape[0], t), -1, dtype=torch.long)
+    if t > 1:
+        p = parents[:, : t - 1]
+        slots[:, 1:] = torch.where(p >= 0, p + 1, 0)
+    return slots
 
 
 def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:

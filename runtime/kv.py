@@ -196,6 +196,8 @@ class BatchKV:
         parents: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         first_row: int = 0,
+        context: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
         **model_kwargs: Any,
     ) -> Any:
         """Run `model` on new tokens for rows `[first_row, first_row + n)` (default: the first n)
@@ -206,6 +208,12 @@ class BatchKV:
         parents:   [n, T] long or None. None = each row's real tokens form a chain after its
                    context (padding on either side). Otherwise a token tree: parent index of
                    each slot within the row (-1 = attached to the row's context), parents[i] < i.
+        context:   [n, T, C] bool or None: the cached columns `[0, C)` each new token attends to
+                   (columns from C on: none), instead of every real token of its row. For a
+                   tree grown over several forwards, whose earlier levels are cached but must
+                   be seen only by their descendants (`next_col` says where a forward writes).
+        positions: [n, T] long position ids, required with `context` (default: the row's
+                   real tokens + depth in the tree).
         Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`).
         """
         n, t = input_ids.shape
@@ -215,7 +223,14 @@ class BatchKV:
         c = int(self.used[r0:r1].max())
         self._ensure(self.n_rows, c + t)
         mask: torch.Tensor | None
-        if parents is None and bool(new_valid.all()) and bool((self.lengths[r0:r1] == c).all()):
+        if context is not None:
+            if positions is None:
+                raise ValueError("forward with an explicit context needs explicit positions")
+            ancestors, _ = _tree_structure(new_valid, parents)
+            seen = torch.zeros(n, t, c, dtype=torch.bool, device=self.device)
+            seen[:, :, : context.shape[2]] = context[:, :, :c]
+            mask = torch.cat([seen, ancestors], dim=2)[:, None]
+        elif parents is None and bool(new_valid.all()) and bool((self.lengths[r0:r1] == c).all()):
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
@@ -244,6 +259,39 @@ class BatchKV:
         self.n_cols = max(self.n_cols, c + t)
         self._last_end = c + t
         return out
+
+    def used_cols(self, first_row: int, n: int) -> torch.Tensor:
+        """[n] the used width of rows `[first_row, first_row + n)`: where their next token goes
+        at the earliest."""
+        return self.used[first_row : first_row + n].clone()
+
+    def visible_before(self, start: torch.Tensor, width: int, first_row: int = 0) -> torch.Tensor:
+        """[n, width] bool: row i's real tokens in columns below `start[i]` (its context without
+        anything cached from column `start[i]` on)."""
+        n = len(start)
+        cols = torch.arange(width, device=self.device)[None, :]
+        return self.valid[first_row : first_row + n, :width] & (cols < start.to(self.device)[:, None])
+
+    def drop_from(self, start: torch.Tensor, first_row: int = 0) -> None:
+        """Forget every token of rows `[first_row, first_row + n)` cached at column >= `start[i]`
+        (the scratch levels of a draft tree): they become holes, and trailing holes are cut off."""
+        n = len(start)
+        rows = slice(first_row, first_row + n)
+        width = int(self.used[rows].max()) if n else 0
+        if width == 0:
+            return
+        cols = torch.arange(width, device=self.device)[None, :]
+        drop = self.valid[rows, :width] & (cols >= start.to(self.device)[:, None])
+        self.lengths[rows] -= drop.sum(1)
+        self.valid[rows, :width] &= ~drop
+        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1, device=self.device)).amax(1)
+        self.used[rows] = torch.minimum(self.used[rows], last_real)
+        self.n_cols = int(self.used[: self.n_rows].max())
+        self._last_end = None
+
+    def next_col(self, first_row: int, n: int) -> int:
+        """The column the next forward on rows `[first_row, first_row + n)` writes its first token to."""
+        return int(self.used[first_row : first_row + n].max())
 
     def keep_last(self, keep: torch.Tensor, first_row: int = 0) -> None:
         """Keep only `keep [n, W]` of the W columns that end where the last forward ended,

@@ -91,6 +91,33 @@ class RequestView:
 
 
 @dataclass(frozen=True)
+class TreeSpec:
+    """How a request drafts a token tree (EAGLE-2's dynamic expansion): `depth` levels; at each
+    level the `width` nodes of highest path value (product of the draft's probabilities along
+    the path) are expanded, each proposing its `width` most likely children (greedy rows) or
+    `width` children drawn without replacement (sampled rows); the best `nodes` of everything
+    proposed are kept. `TreeSpec(depth=k, width=1, nodes=k)` is a chain of k tokens."""
+
+    depth: int = 4
+    width: int = 2
+    nodes: int = 8
+
+    def validate(self) -> None:
+        for name in ("depth", "width", "nodes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise RequestError(f"TreeSpec.{name} must be an integer >= 0, got {v!r}")
+        if self.width == 0 and self.depth > 0:
+            raise RequestError("TreeSpec.width must be >= 1 when depth > 0")
+
+    @property
+    def max_nodes(self) -> int:
+        """Nodes kept at most: `nodes`, and no more than the expansion proposes."""
+        proposed = self.width + (self.depth - 1) * self.width**2 if self.depth else 0
+        return min(self.nodes, proposed)
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """The schedule decision for one engine step (DESIGN.md section 2)."""
 
@@ -105,6 +132,9 @@ class StepPlan:
     run: Sequence[str] | None = None
     """Running requests that decode this step; None = all. The others are deferred and keep
     their KV cache."""
+    tree: TreeSpec | Mapping[str, TreeSpec] | None = None
+    """Token trees instead of chains: one spec for every running request, or per request id
+    (the others draft chains of `draft_len`, as one-child trees). None = chains only."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +149,18 @@ class DraftBatch:
     greedy: torch.Tensor  # [B] bool rows decoded greedily (temperature 0)
     companion_probs: torch.Tensor | None = None  # [B, K, V] float32 the companion's, at each draft position
     support: torch.Tensor | None = None  # [N] long token ids outside which `probs` is 0 (None: all V)
+    parents: torch.Tensor | None = None
+    """[B, K] long, trees only (None: chains). Parent node of each draft node, -1 = a child of
+    the row's last token (and -1 past `draft_len`). Nodes come best first (path value, parents
+    before children, siblings in draw order), so verifying the first v nodes verifies a tree;
+    `probs[i, j]` is the distribution node j was drawn from (its parent's)."""
+
+    def depth(self) -> torch.Tensor:
+        """[B, K] long: each node's depth from 0 (= its position in a chain)."""
+        k = self.tokens.shape[1]
+        if self.parents is None:
+            return torch.arange(k)[None, :].expand(self.tokens.shape[0], k).clone()
+        return node_depth(self.parents)
 
 
 @dataclass(frozen=True)
@@ -136,6 +178,7 @@ class StepOutcome:
     draft_s: float  # wall seconds drafting
     verify_s: float  # wall seconds verifying, emitting and cache bookkeeping
     total_s: float = field(default=0.0)  # wall seconds of the whole step
+    path: torch.Tensor | None = None  # [B, K] bool, trees only: the accepted draft nodes
 
     @property
     def tokens_emitted(self) -> int:
@@ -155,3 +198,14 @@ class RequestResult:
     finish_time: float
     stream_units: int | None = None  # units of a streamed output (None: not streamed)
     stream_misses: int | None = None  # of those, units not ready at their deadline
+
+
+def node_depth(parents: torch.Tensor) -> torch.Tensor:
+    """[B, K] depth of each node (0 = a child of the last token) from parents [B, K] (parents
+    before children)."""
+    depth = torch.zeros_like(parents)
+    rows = torch.arange(parents.shape[0])
+    for j in range(parents.shape[1]):
+        p = parents[:, j]
+        depth[:, j] = torch.where(p >= 0, depth[rows, p.clamp(min=0)] + 1, 0)
+    return depth

@@ -132,3 +132,39 @@ def test_feature_draft_with_reduced_vocabulary_samples_follow_target(pair):
     assert p2[7:].sum() > 0.05  # the test has teeth: tokens the draft never proposes are common
     assert chi_square_p(c2, p2) > 1e-3
     assert chi_square_p(c3, p3) > 1e-3
+
+
+def fresh_draw_at_cut(target_logits, draft_probs, draft_tokens, verify_len, temperature, top_p, uniforms):
+    """The rule without the test at the cut: past a cut, the next token is a fresh draw from p."""
+    k = draft_tokens.shape[1]
+    hidden = torch.arange(k)[None, :] >= verify_len[:, None]
+    return rejection_rule(
+        target_logits, draft_probs, draft_tokens.masked_fill(hidden, -1), verify_len, temperature, top_p, uniforms
+    )
+
+
+def confidence_cut_marginals(pair, rule, threshold: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Like `sampled_marginals`, but each row verifies its leading draft tokens whose own draft
+    probability is at least `threshold` (a cut that looks at the drafted tokens)."""
+    target, draft = pair
+    engine = Engine(target, draft, config=EngineConfig(seed=seed, max_batch_size=SAMPLES), verifier=rule)
+    sampling = SamplingParams(max_new_tokens=3, temperature=1.0, stop_on_eos=False)
+    for _ in range(SAMPLES):
+        engine.add_request(PROMPT, sampling)
+    while engine.has_unfinished():
+        d = engine.draft_step(StepPlan(draft_len=2, prefill_budget=SAMPLES * len(PROMPT)))
+        own = d.probs.gather(-1, d.tokens.clamp(min=0)[..., None])[..., 0]
+        confident = ((own >= threshold) & (d.tokens >= 0)).long().cumprod(1).sum(1)
+        engine.verify(torch.minimum(confident, d.draft_len))
+    outputs = np.array([r.output_ids for r in engine.pop_finished()])
+    return (np.bincount(outputs[:, 1], minlength=VOCAB), np.bincount(outputs[:, 2], minlength=VOCAB))
+
+
+def test_cuts_that_look_at_the_draft_stay_lossless(pair):
+    """Verifying only confident draft tokens: the test at the cut keeps the output on the target's
+    distribution, where a fresh draw past the cut skews it (the bound tells them apart)."""
+    p2, p3 = exact_marginals(pair[0], 1.0, 1.0)
+    c2, c3 = confidence_cut_marginals(pair, rejection_rule, 0.1, seed=0)
+    assert min(chi_square_p(c2, p2), chi_square_p(c3, p3)) > 1e-3
+    c2, c3 = confidence_cut_marginals(pair, fresh_draw_at_cut, 0.1, seed=0)  # measured p = 7e-6
+    assert min(chi_square_p(c2, p2), chi_square_p(c3, p3)) < 1e-4
