@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from adactl.runtime.types import DraftBatch, RequestView, StepOutcome, StepPlan
+from adactl.runtime.types import DraftBatch, RequestError, RequestView, StepOutcome, StepPlan, TreeSpec
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,37 @@ class AcceptanceEstimate:
 
     alpha[i, j] is the conditional acceptance P(position j accepted | position j-1 accepted)
     (positions count from 0 here: j = 0 is the first draft token); 0 past a row's draft_len.
+    For a token tree (`parents` given, as in `DraftBatch.parents`), position j is node j and
+    the condition is its parent: alpha[i, j] = P(node j accepted | its parent accepted).
     """
 
     alpha: torch.Tensor  # [B, K] float32 in [0, 1]
+    parents: torch.Tensor | None = None  # [B, K] long, trees only: parent node, -1 = root child
 
     @property
     def survival(self) -> torch.Tensor:
-        """[B, K] P(positions 0..j all accepted) = prod_{i <= j} alpha_i."""
-        return torch.cumprod(self.alpha, dim=1)
+        """[B, K] P(position j and every one before it accepted) = prod_{i <= j} alpha_i; for a
+        tree, P(node j on the accepted path) = the product of alpha over j and its ancestors."""
+        if self.parents is None:
+            return torch.cumprod(self.alpha, dim=1)
+        return path_products(self.alpha, self.parents)
 
     def expected_accepted(self) -> torch.Tensor:
         """[B, K + 1] expected accepted draft tokens if the first v are verified, v = 0..K
         (sum of survival over the verified positions; the bonus token is not counted)."""
         zero = torch.zeros(self.alpha.shape[0], 1, dtype=self.alpha.dtype)
         return torch.cat([zero, self.survival.cumsum(1)], dim=1)
+
+
+def path_products(values: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+    """[B, K] the product of `values` [B, K] over each node and its ancestors (parents before
+    children, -1 = a root child)."""
+    out = values.clone()
+    rows = torch.arange(values.shape[0])
+    for j in range(values.shape[1]):
+        p = parents[:, j]
+        out[:, j] = torch.where(p >= 0, out[rows, p.clamp(min=0)] * values[:, j], values[:, j])
+    return out
 
 
 @runtime_checkable
@@ -156,6 +173,19 @@ def check_plan(plan: Any, state: ScheduleState) -> StepPlan:
         raise InvalidAction(f"draft_len names requests that are not running: {extra}")
     if plan.run is not None and not set(plan.run) <= running:
         raise InvalidAction(f"run names requests that are not running: {sorted(set(plan.run) - running)[:5]}")
+    if plan.tree is not None:
+        specs = list(plan.tree.values()) if isinstance(plan.tree, Mapping) else [plan.tree]
+        for spec in specs:
+            if not isinstance(spec, TreeSpec):
+                raise InvalidAction(f"plan.tree must hold TreeSpec, got {type(spec).__name__}")
+            try:
+                spec.validate()
+            except RequestError as e:
+                raise InvalidAction(str(e)) from e
+            if spec.depth > max(state.max_draft_len, 0):
+                raise InvalidAction(f"tree depth must be in [0, {state.max_draft_len}], got {spec.depth}")
+        if isinstance(plan.tree, Mapping) and not set(plan.tree) <= running:
+            raise InvalidAction(f"tree names requests that are not running: {sorted(set(plan.tree) - running)[:5]}")
     if plan.admit is not None and not set(plan.admit) <= waiting:
         raise InvalidAction(f"admit names requests that are not waiting: {sorted(set(plan.admit) - waiting)[:5]}")
     return plan

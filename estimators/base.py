@@ -37,7 +37,7 @@ class AcceptancePredictor:
             return AcceptanceEstimate(self.before_drafting(state).float().clamp(0.0, 1.0))
         drafts = drafts_of(state)
         alpha = self.predict(drafts).float().clamp(0.0, 1.0) * drafted_mask(drafts)
-        return AcceptanceEstimate(alpha)
+        return AcceptanceEstimate(alpha, drafts.parents)
 
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
         raise NotImplementedError

@@ -47,7 +47,7 @@ def draft_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> to
     entropy = torch.special.entr(p).sum(-1)  # [B, K] nats
     top = p.topk(2, dim=-1).values if p.shape[-1] >= 2 else torch.cat([p, torch.zeros_like(p)], -1)
     margin = top[..., 0] - top[..., 1]
-    position = torch.arange(k, dtype=torch.float32)[None, :].expand(b, k)
+    position = drafts.depth().float()  # a tree node's depth
     rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
     return torch.stack([q, torch.log(q + EPS), entropy, margin, position, rec.float()], dim=-1)
 
@@ -64,20 +64,44 @@ def companion_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -
     # min(p_d, p_c) is 0 wherever p_d is, so the draft's support is enough
     s = torch.minimum(_on_support(drafts, drafts.probs), _on_support(drafts, drafts.companion_probs)).sum(-1)
     a = torch.clamp(c / (q + EPS), max=1.0)
-    position = torch.arange(k, dtype=torch.float32)[None, :].expand(b, k)
+    position = drafts.depth().float()
     rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
     feats = [s, a, torch.log(a + EPS), torch.log(q + EPS), torch.log(c + EPS), position, rec.float()]
     return torch.stack(feats, dim=-1) * drafted_mask(drafts)[..., None]
 
 
 def acceptance_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
-    """(observed [B, K] bool, accepted [B, K] float32) for the step's draft positions."""
+    """(observed [B, K] bool, accepted [B, K] float32) for the step's draft positions. For a
+    tree, node j is observed when verified with its parent on the accepted path (or a root
+    child), and accepted when it is on the path."""
     k = record.drafts.tokens.shape[1]
+    parents, path = record.drafts.parents, record.outcome.path
+    if parents is not None and path is not None:
+        verified = torch.arange(k)[None, :] < record.verify_len.long().cpu()[:, None]
+        rows = torch.arange(parents.shape[0])[:, None]
+        parent_on_path = path[rows, parents.clamp(min=0)] | (parents < 0)
+        return verified & parent_on_path, path.float()
     j = torch.arange(k)[None, :]
     verified = record.verify_len.long().cpu()[:, None]
     accepted = record.outcome.accepted.long().cpu()[:, None]
     observed = (j < verified) & (j <= accepted)
     return observed, (j < accepted).float()
+
+
+def level_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observed [B, D], accepted [B, D]) per tree *level*: level d is observed when the path
+    reached depth d and some verified node sits at depth d, and accepted when the path went
+    deeper. The per-level acceptance of a tree (chains: the same as `acceptance_labels`)."""
+    if record.drafts.parents is None:
+        return acceptance_labels(record)
+    depth = record.drafts.depth()
+    k = depth.shape[1]
+    verified = torch.arange(k)[None, :] < record.verify_len.long().cpu()[:, None]
+    levels = int(depth.max()) + 1 if k else 0
+    reach = record.outcome.accepted.long().cpu()[:, None]  # path length
+    d = torch.arange(levels)[None, :]
+    has_node = torch.stack([(verified & (depth == j)).any(1) for j in range(levels)], 1) if levels else verified[:, :0]
+    return (d <= reach) & has_node, (d < reach).float()
 
 
 class RecentAcceptance:

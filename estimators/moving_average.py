@@ -1,7 +1,8 @@
 """Per-position moving average of acceptance: the simple baseline (SmartSpec, SGLang).
 
 alpha_j = an exponential moving average, over verify outcomes, of the acceptance of draft
-position j given j - 1 was accepted; the same for every request. It ignores the draft's
+position j given j - 1 was accepted; the same for every request. On token trees, position j
+is tree level j: the chance the accepted path goes one level deeper (`level_labels`). It ignores the draft's
 distributions, so it can also be asked before drafting (`alpha(k)`).
 """
 
@@ -15,7 +16,7 @@ from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import DraftBatch
 
 from .base import AcceptancePredictor
-from .features import acceptance_labels
+from .features import level_labels
 
 
 class MovingAverage(AcceptancePredictor):
@@ -33,13 +34,16 @@ class MovingAverage(AcceptancePredictor):
 
     def predict(self, drafts: DraftBatch) -> torch.Tensor:
         b, k = drafts.tokens.shape
+        if drafts.parents is not None:  # a tree node: its level's alpha
+            depth = drafts.depth()
+            return self.alpha(int(depth.max()) + 1 if k else 0)[depth]
         return self.alpha(k)[None, :].expand(b, k)
 
     def before_drafting(self, state: ScheduleState) -> torch.Tensor:
         return self.alpha(state.max_draft_len)[None, :].expand(len(state.running), state.max_draft_len)
 
     def update(self, record: StepRecord) -> None:
-        observed, label = acceptance_labels(record)
+        observed, label = level_labels(record)  # (per position; per level of a tree)
         k = min(observed.shape[1], len(self.mean))
         for j in range(k):
             seen = observed[:, j]

@@ -698,7 +698,9 @@ class Engine:
                 for i, front in enumerate(fronts):
                     for s, node_id in enumerate(front):
                         node = trees[i].nodes[node_id]
-                        ids[i, s], valid[i, s] = node.token, True
+                        # (a feature draft's node tokens index its own vocabulary: fed as target ids)
+                        token = int(self._draft_vocab[node.token]) if self._draft_vocab is not None else node.token
+                        ids[i, s], valid[i, s] = token, True
                         ancestor = node.parent
                         while ancestor >= 0:
                             context[i, s, trees[i].nodes[ancestor].col] = True

@@ -10,7 +10,11 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
 - `GoodputLength`: the draft length that maximises predicted tokens per second;
 - `SLODraftLength` + `AdaServe`: draft and verify lengths that keep each request on its TPOT
   SLO first, then throughput;
-- `oracle` (benchmarks only): verification with the target's verdict known in advance.
+- token trees: `TreeDraft` (a fixed tree), `GoodputTree` (tree depth from the goodput
+  length), `GlobalTreeAllocation` (the verify budget spent on the nodes of highest survival
+  across the batch); `SLODraftLength(tree_width=...)` + `AdaServe` over trees;
+- `oracle` (benchmarks only): verification with the target's verdict known in advance
+  (chains and trees).
 
 Streaming (schedule decision: admit, run or defer, prefill budget):
 - baselines: `FCFS` (vLLM: max_num_seqs, decode first, static chunked-prefill budget),
@@ -36,6 +40,7 @@ from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
+from .trees import GlobalTreeAllocation, GoodputTree, TreeDraft
 
 __all__ = [
     "FCFS",
@@ -45,7 +50,9 @@ __all__ = [
     "ConfidenceStop",
     "DeadlineFirst",
     "FixedDraftLength",
+    "GlobalTreeAllocation",
     "GoodputLength",
+    "GoodputTree",
     "HeuristicSchedule",
     "LearnedController",
     "NoSpeculation",
@@ -56,5 +63,6 @@ __all__ = [
     "SLODraftLength",
     "SpeculativeVerification",
     "TTFTPrefillBudget",
+    "TreeDraft",
     "oracle",
 ]

@@ -21,8 +21,10 @@ the batch:
      the one with the most requests expected on their SLO wins, then the one with the most
      expected tokens per predicted second.
 T depends on the selection, so the minimums are computed with each candidate's own T.
-Requests without a TPOT SLO only take part in step 2. Token trees replace the chain in a
-later issue: the selection only needs expected tokens per verified node.
+Requests without a TPOT SLO only take part in step 2. Over token trees
+(`SLODraftLength(tree_width=w)` drafts a tree of depth c_i with w alternatives per level),
+the same selection runs on node survival (the product of alpha over a node and its
+ancestors): E_i(v) sums it over the first v nodes, and the chain version is the w = 1 case.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from adactl.runtime.types import RequestView, StepPlan
 
 from .goodput import GoodputLength
 from .sv import SpeculativeVerification, expected_gain
+from .trees import tree_of_depth
 
 
 def slo_progress(view: RequestView | None, now: float) -> tuple[float, float, float]:
@@ -60,10 +63,11 @@ class SLODraftLength(Controller):
 
     name = "slo-draft"
 
-    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None) -> None:
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, tree_width: int = 1) -> None:
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         self.goodput = GoodputLength(step_time, self.estimator)
+        self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
         base = self.goodput.act(state, utilities)
@@ -91,6 +95,9 @@ class SLODraftLength(Controller):
                         new[i] = max(c_star, int(reach[0]))
                         break
             lengths = new
+        if self.tree_width > 1:
+            trees = {r.request_id: tree_of_depth(int(c), self.tree_width) for r, c in zip(running, lengths)}
+            return replace(base, draft_len=0, tree=trees)
         return replace(base, draft_len={r.request_id: int(c) for r, c in zip(running, lengths)})
 
 

@@ -9,7 +9,10 @@ subtract) and gives the exact conditional acceptance:
 
 `oracle(engine, step_time)` is Speculative Verification with it: for greedy rows it verifies
 exactly the tokens the target accepts (when that pays), for sampled rows the best length in
-expectation. Every controller is compared with it as the upper bound.
+expectation. Every controller is compared with it as the upper bound. On a token tree, node j's alpha
+comes from the target's distribution at its parent, so for greedy rows the survival is 1
+exactly on the path the target accepts and the oracle verifies just that path (sampled rows:
+the chain rule's probability per node, which leaves out the sibling residuals).
 """
 
 from __future__ import annotations
@@ -36,14 +39,19 @@ class PerfectAcceptance:
     def estimate(self, state: VerifyState) -> AcceptanceEstimate:
         t0 = time.perf_counter()
         d = state.drafts
-        p = self.engine.peek_target()[:, :-1]  # [B, K, V]
+        p = self.engine.peek_target()  # [B, K + 1, V]
+        if d.parents is None:
+            p = p[:, :-1]  # position j: where draft token j goes
+        else:  # node j goes where its parent's distribution is: slot parent + 1 (0: the last token)
+            slot = (d.parents + 1).clamp(min=0)
+            p = p.gather(1, slot[..., None].expand(-1, -1, p.shape[-1]))
         tok = d.tokens.clamp(min=0)[..., None]
         p_tok, q_tok = p.gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]
         agree = (p.argmax(-1) == d.tokens).float()
         rule = torch.clamp(p_tok / q_tok.clamp(min=1e-12), max=1.0)
         alpha = torch.where(d.greedy[:, None], agree, rule) * drafted_mask(d)
         self.seconds += time.perf_counter() - t0
-        return AcceptanceEstimate(alpha)
+        return AcceptanceEstimate(alpha, d.parents)
 
     def update(self, record: StepRecord) -> None:
         return None

@@ -35,8 +35,11 @@ class SpeculativeVerification(Controller):
     def candidates(self, survival: torch.Tensor, draft_len: torch.Tensor) -> torch.Tensor:
         """[C, B] verify lengths to score: every (threshold, cap) pair, duplicates removed."""
         k = survival.shape[1]
-        # positions whose survival clears tau: a prefix, since survival is non-increasing
-        above = (survival[None, :, :] >= self.taus[:, None, None]).sum(2)  # [T, B]
+        # the shortest prefix holding every position whose survival clears tau (on a chain
+        # survival is non-increasing, so these are the positions themselves; on a tree, nodes
+        # come by draft path value, which mostly but not always agrees with the estimate)
+        position = torch.arange(1, k + 1)[None, None, :]
+        above = ((survival[None, :, :] >= self.taus[:, None, None]) * position).amax(2)  # [T, B]
         above = torch.minimum(above, draft_len[None, :])
         caps = torch.arange(k + 1)[:, None, None]  # [K + 1, 1, 1]
         cands = torch.minimum(above[None, :, :], caps).reshape(-1, survival.shape[0])  # [(K+1) * T, B]

@@ -1,0 +1,134 @@
+"""Tree controllers: global tree allocation, AdaServe over trees, the tree oracle, and the
+estimators' labels on trees, in the control loop on tiny random Llamas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adactl.controllers import (
+    AdaServe,
+    GlobalTreeAllocation,
+    GoodputTree,
+    SLODraftLength,
+    TreeDraft,
+    oracle,
+)
+from adactl.estimators import MovingAverage
+from adactl.estimators.features import acceptance_labels, level_labels
+from adactl.interface import AcceptanceEstimate, InvalidAction, ScheduleState, StepRecord, check_plan, path_products
+from adactl.loop import ControlLoop
+from adactl.runtime import SLO, SamplingParams, StepPlan, TreeSpec
+
+from .helpers import greedy_reference, make_engine, prompts
+from .test_controllers import step_time  # noqa: F401  (module fixture)
+
+TREE = TreeSpec(depth=3, width=2, nodes=6)
+
+
+def test_tree_survival_multiplies_along_the_path():
+    alpha = torch.tensor([[0.5, 0.4, 0.8, 0.5]])
+    parents = torch.tensor([[-1, -1, 0, 2]])
+    est = AcceptanceEstimate(alpha, parents)
+    torch.testing.assert_close(est.survival, torch.tensor([[0.5, 0.4, 0.4, 0.2]]))
+    torch.testing.assert_close(path_products(alpha, parents), est.survival)
+    assert torch.equal(AcceptanceEstimate(alpha).survival, torch.cumprod(alpha, 1))  # chains unchanged
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_tree_controllers_stay_lossless(target, draft, step_time, temperature):  # noqa: F811
+    ps = prompts(5, seed=23)
+    stacks = [
+        ([TreeDraft(TREE)], None),
+        ([TreeDraft(TREE)], GlobalTreeAllocation(MovingAverage(prior=0.6), step_time)),
+        ([GoodputTree(step_time, MovingAverage(prior=0.7))], GlobalTreeAllocation(MovingAverage(prior=0.6), step_time)),
+    ]
+    outputs = []
+    for schedule, verify in stacks:
+        engine = make_engine(target, draft)
+        ids = [engine.add_request(p, SamplingParams(12, temperature=temperature, seed=i)) for i, p in enumerate(ps)]
+        records: list[StepRecord] = []
+        loop = ControlLoop(engine, schedule=schedule, verify=verify)
+        results = loop.run(on_step=records.append)
+        assert not loop.fallbacks
+        assert any(r.drafts.parents is not None and int(r.drafts.draft_len.sum()) > 3 for r in records)
+        outputs.append([results[i].output_ids for i in ids])
+    if temperature == 0:
+        reference = [greedy_reference(target, p, 12) for p in ps]
+        assert all(o == reference for o in outputs)
+
+
+class CheapVerification:
+    """A step time where verified tokens cost almost nothing: every accepted node pays."""
+
+    def predict(self, shapes: list) -> np.ndarray:
+        return np.array([0.02 + 1e-5 * s.verify_computed for s in shapes])
+
+
+def test_tree_oracle_verifies_what_the_target_accepts(target, draft):
+    """Greedy: the oracle accepts exactly what verifying whole trees accepts, verifying less."""
+    ps = prompts(4, seed=33)
+    totals = []
+    for use_oracle in (False, True):
+        engine = make_engine(target, draft)
+        ids = [engine.add_request(p, SamplingParams(12)) for p in ps]
+        records: list[StepRecord] = []
+        loop = ControlLoop(
+            engine, schedule=TreeDraft(TREE), verify=oracle(engine, CheapVerification()) if use_oracle else None
+        )
+        results = loop.run(on_step=records.append)
+        assert not loop.fallbacks
+        assert [results[i].output_ids for i in ids] == [greedy_reference(target, p, 12) for p in ps]
+        for r in records:
+            if r.outcome.path is not None:  # every accepted node was verified
+                last_on_path = (r.outcome.path * torch.arange(1, r.outcome.path.shape[1] + 1)).amax(1)
+                assert bool((r.verify_len >= last_on_path).all())
+        totals.append(
+            (sum(int(r.outcome.accepted.sum()) for r in records), sum(int(r.verify_len.sum()) for r in records))
+        )
+    (full_acc, full_verified), (oracle_acc, oracle_verified) = totals
+    assert oracle_acc == full_acc > 0
+    assert oracle_verified < full_verified
+
+
+def test_tree_labels(target, draft):
+    engine = make_engine(target, draft)
+    for p in prompts(3, seed=4):
+        engine.add_request(p, SamplingParams(10))
+    loop = ControlLoop(engine, schedule=TreeDraft(TREE))
+    seen = 0
+    while engine.has_unfinished():
+        r = loop.step()
+        if r.drafts.parents is None or not len(r.outcome.request_ids):
+            continue
+        observed, label = acceptance_labels(r)
+        assert bool((label[~observed] <= 1).all())
+        # the accepted nodes are exactly the observed nodes labelled 1
+        assert torch.equal(observed & (label > 0), r.outcome.path)
+        levels, level_label = level_labels(r)
+        assert torch.equal((levels & (level_label > 0)).sum(1), r.outcome.accepted)
+        seen += 1
+    assert seen > 0
+
+
+def test_adaserve_over_trees_is_lossless_and_drafts_trees(target, draft, step_time):  # noqa: F811
+    ps = prompts(4, seed=43)
+    engine = make_engine(target, draft)
+    ids = [
+        engine.add_request(p, SamplingParams(12), slo=SLO(tpot_s=0.015 if i % 2 else None)) for i, p in enumerate(ps)
+    ]
+    schedule = SLODraftLength(step_time, MovingAverage(prior=0.8), tree_width=2)
+    records: list[StepRecord] = []
+    loop = ControlLoop(engine, schedule=schedule, verify=AdaServe(MovingAverage(prior=0.5), step_time))
+    results = loop.run(on_step=records.append)
+    assert not loop.fallbacks
+    assert any(r.drafts.parents is not None and int(r.drafts.draft_len.sum()) > 0 for r in records)
+    assert [results[i].output_ids for i in ids] == [greedy_reference(target, p, 12) for p in ps]
+
+
+def test_bad_tree_plans_are_invalid_actions():
+    state = ScheduleState(now=0.0, requests=(), max_draft_len=4)
+    for bad in (TreeSpec(depth=5), TreeSpec(depth=-1), {"x": TreeSpec()}, "tree"):
+        with pytest.raises(InvalidAction):
+            check_plan(StepPlan(tree=bad), state)  # type: ignore[arg-type]
