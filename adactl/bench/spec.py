@@ -12,6 +12,16 @@ Controllers (adactl/controllers/):
   after drafting `--sv-k`; `goodput+sv`: the goodput draft length, then SV;
 - `oracle`: the best fixed k of that batch size with verification that knows the target's
   verdict (its peek at the target is off the clock): the upper bound.
+With `--trees`, token-tree controllers run next to them on the same prompts and seeds:
+- `tree-d{D}w{W}n{N}`: a fixed tree (depth D, W alternatives per level, N nodes kept), all
+  verified: the tree counterpart of fixed k;
+- `tree-alloc`: the tree `--tree` drafted, then the batch-aware global allocation of the
+  verify budget over all rows' nodes (`GlobalTreeAllocation`, calibrated draft confidence);
+- `goodput-tree`: tree depth from the goodput length (no draft when c* = 0), then the global
+  allocation;
+- `tree-oracle`: the best fixed tree of that batch size, verified with the target's verdict.
+`ratio_best_chain` compares each run with the best chain controller of its batch size (the
+chain oracle excluded).
 SV's runs load the companion next to the draft (its cost counts); the others run the draft
 alone. Each batch size runs `--rounds` rounds, the order of the controllers rotated each
 round; a record is a configuration's fastest round, as `timeit` reports (other work on the
@@ -37,17 +47,20 @@ from adactl.controllers import (
     BucketEMA,
     ConfidenceStop,
     FixedDraftLength,
+    GlobalTreeAllocation,
     GoodputLength,
+    GoodputTree,
     HeuristicSchedule,
     NoSpeculation,
     SpeculativeVerification,
+    TreeDraft,
     oracle,
 )
 from adactl.estimators import load_acceptance
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import CachedStepTime, StepTimeModel
 from adactl.loop import ControlLoop
-from adactl.runtime import Engine, EngineConfig, SamplingParams
+from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
 
 # name -> (needs the companion, builder(engine, ctx) -> (schedule controllers, verify controller))
@@ -55,6 +68,7 @@ Builder = Callable[[Engine, dict[str, Any]], tuple[list[Any], Any]]
 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
            "ratio_best_fixed", "ratio_oracle"]  # fmt: skip
+TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
 
 
 def controllers(ks: list[int], sv_k: int) -> dict[str, tuple[bool, Builder]]:
@@ -75,6 +89,35 @@ def controllers(ks: list[int], sv_k: int) -> dict[str, tuple[bool, Builder]]:
         ),
     )
     return table
+
+
+def tree_controllers(trees: list[TreeSpec], alloc_tree: TreeSpec, width: int) -> dict[str, tuple[bool, Builder]]:
+    """The tree controllers of `--trees` (names as in the module docstring)."""
+
+    def fixed(spec: TreeSpec) -> Builder:
+        return lambda engine, ctx: ([TreeDraft(spec)], None)
+
+    table: dict[str, tuple[bool, Builder]] = {TreeDraft(t).name: (False, fixed(t)) for t in trees}
+    table["tree-alloc"] = (
+        False,
+        lambda e, c: ([TreeDraft(alloc_tree)], GlobalTreeAllocation(c["confidence"](), c["step_time"])),
+    )
+    table["goodput-tree"] = (
+        False,
+        lambda e, c: (
+            [GoodputTree(c["step_time"], c["moving_average"](), width)],
+            GlobalTreeAllocation(c["confidence"](), c["step_time"]),
+        ),
+    )
+    return table
+
+
+def tree_spec(text: str) -> TreeSpec:
+    """`D,W,N` or `dDwWnN` -> TreeSpec(D, W, N)."""
+    parts = text.replace("d", " ").replace("w", " ").replace("n", " ").replace(",", " ").split()
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"a tree is depth,width,nodes (e.g. 4,2,8), got {text!r}")
+    return TreeSpec(*(int(p) for p in parts))
 
 
 def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: argparse.Namespace,
@@ -113,6 +156,10 @@ def is_fixed(controller: str) -> bool:
     return controller == "no-spec" or controller.startswith("fixed-k")
 
 
+def is_tree(controller: str) -> bool:
+    return controller.startswith("tree") or controller.endswith("-tree")
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
     groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
     for r in records:
@@ -123,9 +170,12 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         ]
         best_fixed = max(fixed) if fixed else float("nan")
         oracle_tps = next((r["tokens_per_s"] for r in group if r["controller"] == "oracle"), float("nan"))
+        chains = [r["tokens_per_s"] for r in group if not is_tree(r["controller"]) and r["controller"] != "oracle"]
+        best_chain = max(chains) if chains else float("nan")
         for r in group:
             r["ratio_best_fixed"] = r["tokens_per_s"] / best_fixed
             r["ratio_oracle"] = r["tokens_per_s"] / oracle_tps
+            r["ratio_best_chain"] = r["tokens_per_s"] / best_chain
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -141,7 +191,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         for name in names:
             rows = sorted((r for r in records if r["controller"] == name and r["temperature"] == t),
                           key=lambda r: r["batch_size"])  # fmt: skip
-            style = "--" if is_fixed(name) else "-"
+            style = "--" if is_fixed(name) or name.startswith("tree-d") else (":" if is_tree(name) else "-")
             ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
@@ -167,25 +217,36 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
         g = torch.Generator().manual_seed(args.seed)
         n = max(args.batches)
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
-        from adactl.estimators import CompanionSignal
+        from adactl.estimators import CompanionSignal, DraftConfidence
 
-        ctx = {"step_time": _tiny_step_time(), "moving_average": MovingAverage, "sv": CompanionSignal}
+        ctx = {
+            "step_time": _tiny_step_time(),
+            "moving_average": MovingAverage,
+            "sv": CompanionSignal,
+            "confidence": DraftConfidence,
+        }
         return target, draft, pair, prompts, ctx, {"target": "tiny random Llama"}
     from adactl.runtime.feature_draft import WithCompanion
     from adactl.runtime.models import load_draft, load_model
-    from adactl.workloads import chat_prompts, read_sharegpt
+    from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
 
     loaded = load_model(args.target)
     draft = load_draft(args.draft, loaded)
     pair = WithCompanion(draft, load_draft(args.companion, loaded))  # type: ignore[arg-type]
-    prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, read_sharegpt(), held_out=True)
+    if args.workload == "humaneval":
+        prompts = humaneval_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens)
+    else:
+        sharegpt = read_sharegpt()
+        prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, sharegpt, held_out=True)
     est = SHIPPED_MODELS / "estimators"
     ctx = {
         "step_time": CachedStepTime(StepTimeModel.load(est / "step_time.skops")),
         "moving_average": lambda: load_acceptance(est / "moving_average.json"),
         "sv": lambda: load_acceptance(est / "companion.json"),
+        "confidence": lambda: load_acceptance(est / "confidence.json"),
     }
-    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est)}
+    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
+            "workload": args.workload}  # fmt: skip
     return loaded.model, draft, pair, prompts, ctx, meta
 
 
@@ -212,6 +273,18 @@ def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[
     return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
 
 
+def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
+                    ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+    """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
+    fixed = [r for r in here if r["controller"].startswith("tree-d")]
+    best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
+    spec = tree_spec(best.removeprefix("tree-"))
+    engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
+    loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, ctx["step_time"]),
+                       max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
+
+
 def _tiny_step_time() -> StepTimeModel:
     """A step-time model for smoke runs: fitted on a linear cost of the step's shape."""
     import numpy as np
@@ -234,10 +307,15 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     table = controllers(args.ks, args.sv_k)
     if args.slo:
         return _slo(args, target, draft, pair, prompts, ctx, table, meta)
+    if args.trees:
+        table.update(tree_controllers(args.fixed_trees, args.tree, args.tree_width))
     chosen = [c for c in table if args.controllers is None or c in args.controllers]
+    oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
     records: list[dict[str, Any]] = []
     total = (
-        sum(b * args.max_new_tokens * (len(chosen) + 1) for b in args.batches) * len(args.temperatures) * args.rounds
+        sum(b * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
+        * len(args.temperatures)
+        * args.rounds
     )
     bar = tqdm(total=total, desc="bench spec", unit="tok")
     for temperature in args.temperatures:
@@ -249,8 +327,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 here = [run_one(name, table[name], target, draft, pair, group, temperature, ctx, args, bar)
                         for name in order]  # fmt: skip
                 here.append(run_oracle(here, target, draft, group, temperature, ctx, args, bar))
+                if args.trees:
+                    here.append(run_tree_oracle(here, target, draft, group, temperature, ctx, args, bar))
                 rounds.append(here)
-            for name in [*chosen, "oracle"]:
+            for name in [*chosen, *oracles]:
                 runs = sorted((x for here in rounds for x in here if x["controller"] == name),
                               key=lambda x: x["tokens_per_s"])  # fmt: skip
                 best = dict(runs[-1])
@@ -258,11 +338,16 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 records.append(best)
     bar.close()
     add_ratios(records)
-    print(format_table(records, COLUMNS))
+    print(format_table(records, TREE_COLUMNS if args.trees else COLUMNS))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "spec.json", records, {**meta, "args": {k: v for k, v in vars(args).items() if k != "run"}})
-    plot(records, out / "spec.png", "Speculation controllers, held-out ShareGPT, CPU")
+    stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
+    settings = {k: (str(v) if isinstance(v, TreeSpec) else v) for k, v in vars(args).items() if k != "run"}
+    settings["fixed_trees"] = [str(t) for t in args.fixed_trees]
+    write_json(out / f"{stem}.json", records, {**meta, "args": settings})
+    workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
+    what = "Speculation controllers" + (" and token trees" if args.trees else "")
+    plot(records, out / f"{stem}.png", f"{what}, {workload}, CPU")
     return records
 
 
@@ -304,4 +389,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-controllers", type=lambda s: s.split(","), default=["no-spec", "fixed-k2", "fixed-k4",
                         "goodput", "sv"], help="--slo: controllers besides adaserve")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=64, help="--slo: requests served at once, at most")
+    parser.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
+    parser.add_argument("--trees", action="store_true", help="token-tree controllers next to the chain controllers")
+    parser.add_argument("--fixed-trees", type=lambda s: [tree_spec(t) for t in s.split(";")],
+                        default=[TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)],
+                        help="--trees: fixed trees to run, depth,width,nodes separated by ';'")  # fmt: skip
+    parser.add_argument("--tree", type=tree_spec, default=TreeSpec(4, 2, 8),
+                        help="--trees: the tree tree-alloc drafts (depth,width,nodes)")  # fmt: skip
+    parser.add_argument("--tree-width", type=int, default=2, help="--trees: alternatives per level of goodput-tree")
     parser.add_argument("--out", default="bench_results")

@@ -3,10 +3,9 @@
 Drafting (schedule decision):
 - `TreeDraft(spec)`: every running request drafts the same tree (`TreeSpec`: depth, width,
   nodes kept), the tree counterpart of a fixed draft length;
-- `GoodputTree`: the tree follows the load. Its depth is the goodput-optimal chain length c*
-  of `GoodputLength` (tokens per predicted second from the step-time model), with `width`
-  alternatives per level and `width * c*` nodes kept; c* = 0 (a busy batch, where
-  verification is no longer nearly free) drafts nothing.
+- `GoodputTree`: the shape follows the load: a chain or a tree, and how deep, whichever the
+  step-time model and the measured per-level acceptance of each say yields the most tokens
+  per second (nothing at all on a busy batch, where verification is no longer nearly free).
 
 Verification (the poster's batch-aware allocation), `GlobalTreeAllocation`: every drafted
 node j of every row i has a survival s_ij = prod of alpha over j and its ancestors (the
@@ -29,11 +28,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from adactl.estimators.step_time import StepTimePredictor
-from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState
+import numpy as np
+import torch
+
+from adactl.estimators.moving_average import MovingAverage
+from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.interface import Controller, ScheduleState, StepRecord
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .goodput import GoodputLength
 from .sv import SpeculativeVerification
 
 
@@ -54,19 +56,63 @@ class TreeDraft(Controller):
 
 
 class GoodputTree(Controller):
+    """Chain or tree, and how deep, by predicted goodput (tokens per predicted second).
+
+    Candidates: chains of c = 0..K tokens and trees of depth c with `width` alternatives per
+    level and `width * c` nodes. A shape's expected tokens per request are
+    1 + sum_{j < c} prod_{i <= j} a_i, with a_i its *per-level* acceptance (the chance the
+    accepted path goes one level deeper), learned online for chains and for trees separately
+    (`MovingAverage` on `level_labels`); until trees have been tried, a tree's level
+    acceptance is taken as 1 - (1 - a_chain)(1 - `sibling_prior`). The step-time model prices
+    each shape (rows, verify tokens, draft tokens); the best rate wins. A busy batch picks
+    c = 0 (no draft), an idle one whatever its measured acceptance pays for."""
+
     name = "goodput-tree"
 
-    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, width: int = 2) -> None:
-        self.goodput = GoodputLength(step_time, estimator)
-        self.estimator = self.goodput.estimator
-        self.width = width
+    def __init__(
+        self,
+        step_time: StepTimePredictor,
+        estimator: MovingAverage | None = None,
+        width: int = 2,
+        sibling_prior: float = 0.25,
+    ) -> None:
+        self.step_time = step_time
+        self.chain = estimator if estimator is not None else MovingAverage()
+        self.tree = MovingAverage(max_len=len(self.chain.mean), decay=self.chain.decay)
+        self.tree_seen = False
+        self.width, self.sibling_prior = width, sibling_prior
+        self.estimator = None  # learns in `update`: chain and tree steps teach different averages
 
-    def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
-        base = self.goodput.act(state, utilities)
-        depth = int(base.draft_len) if isinstance(base.draft_len, int) else 0
-        if depth == 0:
-            return replace(base, draft_len=0, tree=None)
-        return replace(base, draft_len=0, tree=tree_of_depth(depth, self.width))
+    def act(self, state: ScheduleState, utilities: object = None) -> StepPlan:
+        running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
+        rows, k = len(running), state.max_draft_len
+        if rows == 0 or k == 0:
+            return replace(state.plan, draft_len=0, tree=None)
+        a_chain = self.chain.alpha(k)
+        a_tree = self.tree.alpha(k) if self.tree_seen else 1 - (1 - a_chain) * (1 - self.sibling_prior)
+        context = sum(r.context_len for r in running)
+        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        options: list[tuple[int, int]] = [(c, 1) for c in range(k + 1)]
+        options += [(c, self.width) for c in range(1, k + 1)] if self.width > 1 else []
+        shapes, tokens = [], []
+        for c, w in options:
+            a = a_chain if w == 1 else a_tree
+            tokens.append(rows * (1 + float(torch.cumprod(a[:c], 0).sum())))
+            nodes = w * c
+            fed = rows * (c if w == 1 else 1 + min(w, nodes) * (c - 1))  # draft tokens fed per step
+            shapes.append(StepShape(rows, rows * (nodes + 1), nodes + 1, fed, c, prefill, context))
+        rate = np.array(tokens) / np.maximum(self.step_time.predict(shapes), 1e-6)
+        c, w = options[int(np.argmax(rate))]
+        if w == 1:
+            return replace(state.plan, draft_len=c, tree=None)
+        return replace(state.plan, draft_len=0, tree=tree_of_depth(c, w))
+
+    def update(self, record: StepRecord) -> None:
+        if record.drafts.parents is not None:
+            self.tree.update(record)
+            self.tree_seen = True
+        elif int(record.drafts.draft_len.sum()) > 0:
+            self.chain.update(record)
 
 
 def tree_of_depth(depth: int, width: int) -> TreeSpec:
