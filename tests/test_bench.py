@@ -104,3 +104,28 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
     assert data["meta"]["validation"]["runs"] == 12
     assert (tmp_path / "stream.png").stat().st_size > 10_000
     assert "progressserve" in capsys.readouterr().out
+
+
+def test_bench_spec_trees_runs_tree_controllers_beside_chains(tmp_path, capsys):
+    args = ["--tiny", "--trees", "--batches", "1,3", "--temperatures", "0,0.7", "--ks", "2", "--max-new-tokens", "6"]
+    args += ["--rounds", "1", "--fixed-trees", "2,2,3", "--tree", "2,2,4"]
+    main(["bench", "spec", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec_trees.json").read_text())
+    names = {r["controller"] for r in data["records"]}
+    assert {"tree-d2w2n3", "tree-alloc", "goodput-tree", "tree-oracle", "goodput", "oracle"} <= names
+    for r in data["records"]:
+        assert not r["fallbacks"] and r["tokens_per_s"] > 0 and "ratio_best_chain" in r
+    chains = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2", "goodput", "sv")]
+    assert max(r["ratio_best_chain"] for r in chains) == 1.0
+    oracle = [r for r in data["records"] if r["controller"] == "tree-oracle"]
+    assert all(r["oracle_tree"] == "tree-d2w2n3" for r in oracle)
+    assert (tmp_path / "spec_trees.png").stat().st_size > 10_000
+    assert "ratio_best_chain" in capsys.readouterr().out
+
+
+def test_bench_spec_slo_trees_adds_adaserve_over_trees(tmp_path):
+    args = ["--tiny", "--slo", "--trees", "--slo-requests", "6", "--rate", "100", "--max-new-tokens", "6"]
+    main(["bench", "spec", *args, "--slo-controllers", "goodput", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spec_slo_trees.json").read_text())
+    assert [r["controller"] for r in data["records"]] == ["goodput", "adaserve", "adaserve-conf", "adaserve-tree"]
+    assert all(not r["fallbacks"] and r["requests"] == 6 for r in data["records"])

@@ -5,7 +5,9 @@ turn from three classes (`--slo-tpot`: tight, medium, loose) and are served as t
 A request attains its SLO when its time per output token after the first,
 (finish - first token) / (tokens - 1), is within its class's bound. Reported per controller:
 SLO attainment (overall and per class), SLO goodput (tokens of requests on their SLO per
-second), tokens/s, and `ratio_attainment_fixed` (to the best fixed draft length).
+second), tokens/s, and `ratio_attainment_fixed` (to the best fixed draft length). With
+`--trees`, AdaServe over token trees (`adaserve-tree`) runs too, next to the same chain
+version on the same acceptance estimator (`adaserve-conf`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,25 @@ def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: l
         True,
         lambda e, c: ([SLODraftLength(c["step_time"], c["moving_average"]())], AdaServe(c["sv"](), c["step_time"])),
     )
+    if getattr(args, "trees", False):
+        # over token trees (`tree_width` alternatives per level); trees carry no companion
+        # signal, so they read the calibrated draft confidence, and so does the chain run
+        # beside them (`adaserve-conf`) that isolates what the trees add
+        width = args.tree_width
+        entries["adaserve-conf"] = (
+            False,
+            lambda e, c: (
+                [SLODraftLength(c["step_time"], c["moving_average"]())],
+                AdaServe(c["confidence"](), c["step_time"]),
+            ),
+        )
+        entries["adaserve-tree"] = (
+            False,
+            lambda e, c: (
+                [SLODraftLength(c["step_time"], c["moving_average"](), tree_width=width)],
+                AdaServe(c["confidence"](), c["step_time"]),
+            ),
+        )
     records = []
     bar = tqdm(total=n * args.max_new_tokens * len(entries), desc="bench spec --slo", unit="tok")
     for name, (needs_companion, build) in entries.items():

@@ -342,8 +342,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
-    settings = {k: (str(v) if isinstance(v, TreeSpec) else v) for k, v in vars(args).items() if k != "run"}
-    settings["fixed_trees"] = [str(t) for t in args.fixed_trees]
+    settings = _settings(args)
     write_json(out / f"{stem}.json", records, {**meta, "args": settings})
     workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
@@ -361,8 +360,20 @@ def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: 
     print(format_table(records, cols))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "spec_slo.json", records, {**meta, "args": {k: v for k, v in vars(args).items() if k != "run"}})
+    write_json(
+        out / ("spec_slo_trees.json" if args.trees else "spec_slo.json"),
+        records,
+        {**meta, "args": _settings(args)},
+    )
     return records
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's arguments as JSON values (tree specs as text)."""
+    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    settings["tree"] = str(args.tree)
+    settings["fixed_trees"] = [str(t) for t in args.fixed_trees]
+    return settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,7 +405,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-trees", type=lambda s: [tree_spec(t) for t in s.split(";")],
                         default=[TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)],
                         help="--trees: fixed trees to run, depth,width,nodes separated by ';'")  # fmt: skip
-    parser.add_argument("--tree", type=tree_spec, default=TreeSpec(4, 2, 8),
+    parser.add_argument("--tree", type=tree_spec, default=TreeSpec(2, 2, 4),
                         help="--trees: the tree tree-alloc drafts (depth,width,nodes)")  # fmt: skip
     parser.add_argument("--tree-width", type=int, default=2, help="--trees: alternatives per level of goodput-tree")
     parser.add_argument("--out", default="bench_results")

@@ -74,7 +74,7 @@ class GoodputTree(Controller):
         step_time: StepTimePredictor,
         estimator: MovingAverage | None = None,
         width: int = 2,
-        sibling_prior: float = 0.25,
+        sibling_prior: float = 0.3,
     ) -> None:
         self.step_time = step_time
         self.chain = estimator if estimator is not None else MovingAverage()
