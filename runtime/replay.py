@@ -153,6 +153,8 @@ class ReplayEngine:
         plan = plan if plan is not None else StepPlan()
         if plan.prefill_budget < 0:
             raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
+        if plan.tree is not None:
+            raise RequestError("the replay engine models chains only (its profiles hold no tree acceptance): plan.tree")
         running = {r.request_id for r in self._rows}
         if plan.run is not None and not set(plan.run) <= running:
             raise RequestError(f"plan.run names requests that are not running: {sorted(set(plan.run) - running)[:5]}")

@@ -8,6 +8,7 @@ wrong rule failing the same bound)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -173,7 +174,13 @@ def always_first_child(target_logits, draft_probs, draft_tokens, parents, verify
     return VerifyResult(accepted=path.sum(1), next_token=res.next_token, path=path)
 
 
-def tree_marginals(pair, rule, spec: TreeSpec, seed: int, cut_rule=None) -> tuple[np.ndarray, np.ndarray]:
+def mixed_plan(running: list[str]) -> StepPlan:
+    """A third of the rows draft trees, a third chains, a third nothing."""
+    trees = {r: TreeSpec(depth=2, width=3, nodes=6) for i, r in enumerate(running) if i % 3 == 0}
+    return StepPlan(draft_len={r: 2 for i, r in enumerate(running) if i % 3 == 1}, tree=trees)
+
+
+def tree_marginals(pair, rule, spec: TreeSpec | None, seed: int, cut_rule=None) -> tuple[np.ndarray, np.ndarray]:
     target, draft = pair
     engine = make_engine(target, draft, seed=seed, max_batch_size=SAMPLES)
     engine.tree_verifier = rule
@@ -181,7 +188,9 @@ def tree_marginals(pair, rule, spec: TreeSpec, seed: int, cut_rule=None) -> tupl
     for _ in range(SAMPLES):
         engine.add_request(PROMPT, sampling)
     while engine.has_unfinished():
-        drafts = engine.draft_step(StepPlan(tree=spec, prefill_budget=SAMPLES * len(PROMPT)))
+        running = [v.request_id for v in engine.requests() if v.status == "running"]
+        plan = StepPlan(tree=spec) if spec is not None else mixed_plan(running)
+        drafts = engine.draft_step(replace(plan, prefill_budget=SAMPLES * len(PROMPT)))
         engine.verify(cut_rule(drafts) if cut_rule is not None else None)
     outputs = np.array([r.output_ids for r in engine.pop_finished()])
     assert outputs.shape == (SAMPLES, 3)
@@ -207,6 +216,14 @@ def test_sampled_trees_follow_target_distribution(cut):
     assert chi_square_p(c3, p3) > 1e-3
 
 
+def test_sampled_mixed_trees_chains_and_plain_rows_follow_target_distribution():
+    pair = _pair_models()
+    p2, p3 = exact_marginals(pair[0], 1.0, 1.0)
+    c2, c3 = tree_marginals(pair, verify_trees, None, seed=2)
+    assert chi_square_p(c2, p2) > 1e-3
+    assert chi_square_p(c3, p3) > 1e-3
+
+
 def test_wrong_tree_rule_fails_the_same_bound():
     pair = _pair_models()
     p2, p3 = exact_marginals(pair[0], 1.0, 1.0)
@@ -220,3 +237,15 @@ def _pair_models() -> tuple[torch.nn.Module, torch.nn.Module]:
     target = tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3, init_std=0.1)
     draft = tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, seed=4, init_std=0.1)
     return target, draft
+
+
+def test_replay_engine_refuses_trees_clearly():
+    from adactl.runtime.replay import ReplayEngine
+
+    from .test_stream import LinearCost
+
+    engine = ReplayEngine(LinearCost(), alpha=[0.6, 0.5], seed=0)
+    engine.add_request(8, SamplingParams(max_new_tokens=4))
+    with pytest.raises(RequestError, match="chains only"):
+        engine.draft_step(StepPlan(tree=TreeSpec()))
+    engine.step(StepPlan(draft_len=2))  # still serves chains

@@ -188,11 +188,13 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 4.8), squeeze=False)
     for ax, t in zip(axes[0], temps):
         names = list(dict.fromkeys(r["controller"] for r in records))
-        for name in names:
+        colors = plt.get_cmap("tab20").colors  # more controllers than the default 10 colours
+        for n, name in enumerate(names):
             rows = sorted((r for r in records if r["controller"] == name and r["temperature"] == t),
                           key=lambda r: r["batch_size"])  # fmt: skip
             style = "--" if is_fixed(name) or name.startswith("tree-d") else (":" if is_tree(name) else "-")
-            ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o", label=name)
+            ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o", label=name,
+                    color=colors[n % len(colors)])  # fmt: skip
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("generated tokens / s")
