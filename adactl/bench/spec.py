@@ -188,7 +188,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 4.8), squeeze=False)
     for ax, t in zip(axes[0], temps):
         names = list(dict.fromkeys(r["controller"] for r in records))
-        colors = plt.get_cmap("tab20").colors  # more controllers than the default 10 colours
+        colors = [plt.get_cmap("tab20")(i) for i in range(20)]  # more controllers than the default 10 colours
         for n, name in enumerate(names):
             rows = sorted((r for r in records if r["controller"] == name and r["temperature"] == t),
                           key=lambda r: r["batch_size"])  # fmt: skip
