@@ -709,8 +709,9 @@ class Engine:
                             feats[i, s] = hidden[i][node.parent] if node.parent >= 0 else root[i]
                 positions = (context_len[:m, None] + level).expand(m, w).to(self.device)
                 extra: dict[str, Any] = {"features": feats} if feats is not None else {}
+                roots = torch.full((m, w), -1, device=self.device)  # levels attach through `context`
                 out = kv.forward(
-                    self.draft, ids.to(self.device), valid.to(self.device), parents=torch.full((m, w), -1),
+                    self.draft, ids.to(self.device), valid.to(self.device), parents=roots,
                     context=context.to(self.device), positions=positions, **extra,
                 )  # fmt: skip
                 q = process_logits(out.logits, temp[:m], top_p[:m]).cpu()  # [m, w, N']
