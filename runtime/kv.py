@@ -284,9 +284,7 @@ class BatchKV:
         drop = self.valid[rows, :width] & (cols >= start.to(self.device)[:, None])
         self.lengths[rows] -= drop.sum(1)
         self.valid[rows, :width] &= ~drop
-        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1, device=self.device)).amax(1)
-        self.used[rows] = torch.minimum(self.used[rows], last_real)
-        self.n_cols = int(self.used[: self.n_rows].max())
+        self._trim_trailing_holes(rows)
         self._last_end = None
 
     def next_col(self, first_row: int, n: int) -> int:
@@ -312,6 +310,11 @@ class BatchKV:
         block = self.valid[rows, end - w : end]
         self.lengths[rows] -= (block & ~keep).sum(1)
         block &= keep
+        self._trim_trailing_holes(rows)
+
+    def _trim_trailing_holes(self, rows: slice) -> None:
+        """Shrink each row's `used` to its last real column, so the next forward writes over
+        the holes at its end."""
         width = int(self.used[rows].max())
         last_real = (self.valid[rows, :width] * torch.arange(1, width + 1, device=self.device)).amax(1)
         self.used[rows] = torch.minimum(self.used[rows], last_real)
