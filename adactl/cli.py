@@ -1,6 +1,4 @@
-"""The `adactl` command line: `adactl bench spec | stream | runtime | draft`.
-
-More subcommands land with their issues."""
+"""The `adactl` command line: `adactl serve` and `adactl bench spec | stream | serve | runtime | draft`."""
 
 from __future__ import annotations
 
@@ -11,6 +9,11 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adactl", description="Online control of LLM serving.")
     commands = parser.add_subparsers(dest="command", required=True)
+    from adactl.server import main as serve_main
+
+    serve_parser = commands.add_parser("serve", help="an OpenAI-compatible streaming server with the controllers")
+    serve_main.add_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve_main.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
     from adactl.bench import draft, runtime, spec, stream
 

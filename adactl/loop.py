@@ -167,6 +167,13 @@ class ControlLoop:
         if self.fallbacks[what] == 1:  # say it once per kind, not every step
             log.warning("%s failed (%s: %s); safe action used", what, type(error).__name__, error)
 
+    def pop_results(self) -> dict[str, RequestResult]:
+        """Requests finished since the last call (a long-running server calls this after each
+        step, so `results` does not grow without bound); cancelled ones included."""
+        self.results.update({r.request_id: r for r in self.engine.pop_finished()})
+        done, self.results = self.results, {}
+        return done
+
     # ------------------------------------------------------------------- run
     def run(
         self, max_steps: int = 1_000_000, progress: bool = False, on_step: Callable[[StepRecord], None] | None = None

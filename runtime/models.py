@@ -95,6 +95,7 @@ def default_target_dir() -> Path:
     """The default target as a Hugging Face directory, converting the GGUF on first use."""
     out = cache_dir() / SMOLLM2_DIR
     if (out / "model.safetensors").exists():
+        _add_architecture(out / "config.json")
         return out
     gguf = fetch_smollm2_gguf()
     loaded = _load_gguf(gguf, torch.float32)
@@ -110,6 +111,16 @@ def default_target_dir() -> Path:
     return out
 
 
+def _add_architecture(config: Path) -> None:
+    """Record the model class in a directory converted before `_save_plain` did."""
+    import json
+
+    d = json.loads(config.read_text())
+    if not d.get("architectures"):
+        d["architectures"] = ["LlamaForCausalLM"]
+        config.write_text(json.dumps(d, indent=2))
+
+
 def _save_plain(model: Any, tokenizer: PreTrainedTokenizerBase | None, out: Path) -> None:
     """Save a (possibly GGUF-loaded) model as config + safetensors, which transformers refuses to do."""
     from safetensors.torch import save_model
@@ -118,6 +129,7 @@ def _save_plain(model: Any, tokenizer: PreTrainedTokenizerBase | None, out: Path
     config = model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
+    config.architectures = [type(model).__name__]  # GGUF configs lack it; `transformers serve` needs it
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     if tokenizer is not None:
@@ -282,3 +294,24 @@ def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTr
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * noise * p.std().clamp(min=1e-6))
     return draft
+
+
+def tiny_tokenizer(vocab_size: int = 128) -> Any:
+    """A character-level tokenizer for `tiny_llama` (built in-process, no download): id 0 is
+    `</s>` (EOS), 1 `<s>`, 2 `<unk>`, then the 95 printable ASCII characters and newline, then other
+    letters up to `vocab_size`; with a chat template, so chat requests work end to end."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"] + [chr(c) for c in range(0xC0, 0x250)]
+    vocab = {"</s>": 0, "<s>": 1, "<unk>": 2}
+    vocab.update({c: i + 3 for i, c in enumerate(chars[: vocab_size - 3])})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+    out.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    return out

@@ -1,0 +1,86 @@
+"""`adactl serve`: load the models and the controller stack, then serve on 127.0.0.1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="target model spec (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--draft", default="draft", help="draft model spec; 'none' for no speculation")
+    parser.add_argument("--companion", default="companion", help="the companion draft (stacks with sv/adaserve)")
+    parser.add_argument("--controllers", default=DEFAULT_STACK, help=f"controller stack, comma-separated ({NAMES})")
+    parser.add_argument("--served-model-name", default=None, help="the model id clients name (default: from --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch", type=int, default=64, help="requests running or prefilling at once, at most")
+    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a first token before 429s")
+    parser.add_argument("--max-queue-wait", type=float, default=60.0, help="seconds a request may wait to start")
+    parser.add_argument("--max-draft-len", type=int, default=8)
+    parser.add_argument("--prefill-budget", type=int, default=512, help="prompt tokens per step (the safe default)")
+    parser.add_argument("--step-time", default=None, help="a step-time model (.skops); default: the shipped one")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-level", default="info")
+
+
+def served_name(model: str) -> str:
+    from adactl.runtime.models import DEFAULT_ALIASES, SMOLLM2_DIR
+
+    return SMOLLM2_DIR if model in DEFAULT_ALIASES else Path(model).name or model
+
+
+def stack_context(args: argparse.Namespace, has_draft: bool) -> StackContext:
+    """The shipped estimators of the default models (or `--step-time`)."""
+    from adactl.estimators import load_acceptance
+    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    est = SHIPPED_MODELS / "estimators"
+    path = (
+        Path(args.step_time) if args.step_time else est / ("step_time.skops" if has_draft else "step_time_plain.skops")
+    )
+    return StackContext(CachedStepTime(StepTimeModel.load(path)), load_acceptance, args.prefill_budget)
+
+
+def build_server(args: argparse.Namespace) -> Any:
+    """The `OpenAIServer` (its FastAPI app in `.app`) that `args` describe."""
+    from adactl.loop import ControlLoop
+    from adactl.runtime import Engine, EngineConfig
+    from adactl.runtime.models import load_draft, load_model
+
+    from .api import OpenAIServer
+    from .service import EngineService, ServiceConfig
+
+    has_draft = args.draft not in ("", "none")
+    stack = build_stack(args.controllers, stack_context(args, has_draft))  # names checked before loading models
+    if stack.needs_companion and not has_draft:
+        raise SystemExit(f"--controllers {args.controllers} verifies with a companion: it needs a draft (--draft)")
+    loaded = load_model(args.model, args.device)
+    draft = None
+    if has_draft:
+        draft = load_draft(args.draft, loaded, companion=args.companion if stack.needs_companion else None)
+    engine = Engine(loaded.model, draft, loaded.tokenizer, EngineConfig(max_batch_size=args.max_batch))
+    loop = ControlLoop(
+        engine,
+        stack.schedule,
+        stack.verify,
+        max_draft_len=args.max_draft_len if has_draft else 0,
+        prefill_budget=args.prefill_budget,
+    )
+    service = EngineService(loop, config=ServiceConfig(args.max_queue, args.max_queue_wait))
+    name = args.served_model_name or served_name(args.model)
+    return OpenAIServer(service, loaded.tokenizer, name, engine.max_context)
+
+
+def main(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = build_server(args)
+    print(f"adactl serve: {server.model_name} with [{args.controllers}] on http://{args.host}:{args.port}/v1")
+    uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
