@@ -15,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_main.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_main.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import draft, runtime, spec, stream
+    from adactl.bench import draft, runtime, serve, spec, stream
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream_parser = bench.add_parser("stream", help="streaming schedulers (ProgressServe, ...) over a load sweep")
     stream.add_arguments(stream_parser)
     stream_parser.set_defaults(run=stream.main)
+    serve_bench = bench.add_parser("serve", help="adactl serve under load, next to transformers serve")
+    serve.add_arguments(serve_bench)
+    serve_bench.set_defaults(run=serve.main)
     return parser
 
 

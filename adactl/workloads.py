@@ -122,7 +122,16 @@ def chat_requests(
     """`count` (prompt ids, output length) pairs: ShareGPT first turns and the token length of
     the reply each got in the record, clipped to [min_output_tokens, max_output_tokens]
     (served with `stop_on_eos=False`, as vLLM's benchmark ignores EOS to replay real lengths)."""
-    out: list[tuple[list[int], int]] = []
+    chats = chat_texts(tokenizer, count, max_prompt_tokens, max_output_tokens, data, held_out, min_output_tokens)
+    return [(ids, n) for _, ids, n in chats]
+
+
+def chat_texts(
+    tokenizer: Any, count: int, max_prompt_tokens: int, max_output_tokens: int, data: ShareGPTData,
+    held_out: bool = False, min_output_tokens: int = 8,
+) -> list[tuple[str, list[int], int]]:  # fmt: skip
+    """As `chat_requests`, with the user's text first: (text, prompt ids, output length)."""
+    out: list[tuple[str, list[int], int]] = []
     for i, record in enumerate(data.records):
         if held_out and i % HELD_OUT_EVERY:
             continue
@@ -134,7 +143,7 @@ def chat_requests(
         if len(ids) > max_prompt_tokens:
             continue
         reply = len(tokenizer(str(conv[1].get("value", "")))["input_ids"])
-        out.append((ids, max(min_output_tokens, min(max_output_tokens, reply))))
+        out.append((text, ids, max(min_output_tokens, min(max_output_tokens, reply))))
         if len(out) == count:
             return out
     raise ValueError(f"only {len(out)} ShareGPT requests fit in {max_prompt_tokens} prompt tokens; {count} asked for")

@@ -1,0 +1,411 @@
+"""`adactl bench serve`: `adactl serve` under open-loop load, next to `transformers serve`.
+
+Each server runs as its own process on 127.0.0.1 (`adactl serve --controllers STACK` per
+`--stacks` entry; the peer, `transformers serve --continuous-batching` on the same target as a
+Hugging Face directory). An asyncio load generator (httpx, loopback only, bounded by request
+count and a time limit) sends held-out ShareGPT first turns (at most `--max-prompt-tokens`;
+`max_tokens` = the recorded reply length clipped to `--max-output-tokens`; greedy) as
+streaming chat completions, arriving as a Poisson process at each `--rates` rate (Gamma gaps
+with `--burstiness` < 1). Every server gets the same requests at the same times. Each
+request is read by a consumer from `workloads.consumer_mix` (`--consumers`); adactl is told
+the consumer (`consumption_rate`, `unit`, `ttft_slo_ms`), the peer rejects unknown fields and
+is not.
+
+Measured at the client, identically for every server: TTFT (from the scheduled arrival to the
+first content), TPOT ((last - first chunk) / (tokens - 1), tokens counted by the target's
+tokenizer), output tokens/s, unit-deadline misses (the client's own `Playback` of what
+arrived when), rejections (429) and errors. A rejected request's TTFT counts as infinite.
+`capacity_ttft`: the largest rate with p99 TTFT <= `--ttft-target`; `capacity_slo`: the same
+with unit-deadline misses <= 0.5% too. A server that misses the TTFT target by 3x stops its
+sweep there. Writes `bench_results/serve.json` and `serve.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from adactl.bench.common import format_table, write_json
+from adactl.runtime.stream import Playback, Stream, count_units
+from adactl.workloads import arrival_times, consumer_mix
+
+PEER = "transformers-serve"
+SLO_MISS_RATE = 0.005
+COLUMNS = ["server", "rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "tokens_per_s", "miss_rate", "rejected", "errors",
+           "capacity_ttft", "capacity_slo"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request of the workload."""
+
+    text: str
+    max_tokens: int
+    stream: Stream
+
+
+@dataclass
+class Server:
+    """A server under test: where it listens, the model name it wants, how to stop it."""
+
+    name: str
+    url: str
+    model: str
+    extras: bool  # takes adactl's request fields
+    stop: Any
+
+
+# --------------------------------------------------------------- load
+async def _request(http: Any, server: Server, job: Job, start: float, at: float) -> dict[str, Any]:
+    """Send one streaming chat completion at `start + at`; record when each piece of text came."""
+    await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+    body: dict[str, Any] = {"model": server.model, "messages": [{"role": "user", "content": job.text}],
+                            "max_tokens": job.max_tokens, "temperature": 0, "stream": True}  # fmt: skip
+    if server.extras:
+        body.update(consumption_rate=job.stream.rate, unit=job.stream.unit, ttft_slo_ms=job.stream.ttft_s * 1000)
+    chunks: list[tuple[float, int]] = []  # (seconds from start, characters of text so far)
+    text, status = "", 0
+    try:
+        async with http.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+            status = r.status_code
+            if status != 200:
+                await r.aread()
+            else:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        status = 500
+                        break
+                    for choice in data.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content") or ""
+                        if piece:
+                            text += piece
+                            chunks.append((time.perf_counter() - start, len(text)))
+    except Exception as e:  # noqa: BLE001 - a dropped connection is a measured error, not a crash
+        status = -1
+        text = f"{type(e).__name__}: {e}"
+    return {"arrival": at, "status": status, "chunks": chunks, "text": text if status == 200 else ""}
+
+
+async def _load(server: Server, jobs: list[Job], times: list[float], limit_s: float, bar: tqdm) -> list[dict]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(jobs) + 8, max_keepalive_connections=len(jobs) + 8)
+    timeout = httpx.Timeout(limit_s, connect=30.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+        start = time.perf_counter() + 0.2
+
+        async def one(job: Job, at: float) -> dict[str, Any]:
+            out = await _request(http, server, job, start, at)
+            bar.update(1)
+            return out
+
+        tasks = [asyncio.create_task(one(j, t)) for j, t in zip(jobs, times)]
+        done, pending = await asyncio.wait(tasks, timeout=limit_s + max(times, default=0.0))
+        for task in pending:  # bounded: what has not finished by the limit is an error
+            task.cancel()
+        return [t.result() if t in done else {"arrival": 0.0, "status": -2, "chunks": [], "text": ""} for t in tasks]
+
+
+# ------------------------------------------------------------ measure
+def account(results: list[dict], jobs: list[Job], tokenizer: Any, wall_start: float = 0.0) -> dict[str, Any]:
+    """TTFT, TPOT, throughput, misses and rejections of one run, from what the client saw."""
+    ttft, tpot, tokens_total = [], [], 0
+    units = misses = rejected = errors = 0
+    last = 0.0
+    for result, job in zip(results, jobs):
+        if result["status"] == 429:
+            rejected += 1
+            ttft.append(math.inf)
+            continue
+        if result["status"] != 200 or not result["chunks"]:
+            errors += 1
+            ttft.append(math.inf)
+            continue
+        chunks, text, at = result["chunks"], result["text"], result["arrival"]
+        counts = [len(tokenizer(text[:n], add_special_tokens=False)["input_ids"]) for _, n in chunks]
+        n_tokens = counts[-1]
+        tokens_total += n_tokens
+        ttft.append(chunks[0][0] - at)
+        if n_tokens > 1:
+            tpot.append((chunks[-1][0] - chunks[0][0]) / (n_tokens - 1))
+        last = max(last, chunks[-1][0])
+        playback = Playback(job.stream, at)
+        for i, ((t, n), k) in enumerate(zip(chunks, counts)):
+            end = i == len(chunks) - 1
+            playback.produce(count_units(job.stream.unit, k, text[:n], end), k, t, end)
+        u, m = playback.settle()
+        units, misses = units + u, misses + m
+    first = min((r["arrival"] for r in results), default=0.0)
+    return {
+        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
+        "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
+        "tpot_s": float(np.mean(tpot)) if tpot else None,
+        "tpot_p99_s": float(np.percentile(tpot, 99)) if tpot else None,
+        "tokens_per_s": tokens_total / max(last - first, 1e-9),
+        "miss_rate": misses / max(units, 1),
+        "units": units,
+        "misses": misses,
+        "rejected": rejected,
+        "errors": errors,
+        "requests": len(results),
+    }
+
+
+def add_capacity(records: list[dict[str, Any]], ttft_target: float) -> None:
+    """Per server: the largest rate with p99 TTFT <= target (and, for capacity_slo, misses <= 0.5%)."""
+    for server in {r["server"] for r in records}:
+        mine = [r for r in records if r["server"] == server]
+        ok = [r for r in mine if r["ttft_p99_s"] is not None and r["ttft_p99_s"] <= ttft_target]
+        cap_ttft = max((r["rate"] for r in ok), default=0.0)
+        cap_slo = max((r["rate"] for r in ok if r["miss_rate"] <= SLO_MISS_RATE), default=0.0)
+        for r in mine:
+            r["capacity_ttft"], r["capacity_slo"] = cap_ttft, cap_slo
+
+
+def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each adactl stack's capacities over the peer's capacity at the TTFT target."""
+    peer = next((r["capacity_ttft"] for r in records if r["server"] == PEER), None)
+    out: dict[str, Any] = {"peer_capacity_ttft": peer}
+    for server in sorted({r["server"] for r in records} - {PEER}):
+        r = next(x for x in records if x["server"] == server)
+        out[server] = {
+            "capacity_ttft": r["capacity_ttft"],
+            "capacity_slo": r["capacity_slo"],
+            "ratio_ttft": r["capacity_ttft"] / peer if peer else None,
+            "ratio_slo": r["capacity_slo"] / peer if peer else None,
+        }
+    return out
+
+
+def plot(records: list[dict[str, Any]], path: Path, ttft_target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for server in sorted({r["server"] for r in records}):
+        mine = sorted((r for r in records if r["server"] == server), key=lambda r: r["rate"])
+        rates = [r["rate"] for r in mine]
+        style = "k--" if server == PEER else "-"
+        p99 = [min(r["ttft_p99_s"] or math.inf, 10 * ttft_target) for r in mine]
+        axes[0].plot(rates, p99, style, marker="o", label=server)
+        axes[1].plot(rates, [100 * r["miss_rate"] for r in mine], style, marker="o", label=server)
+        axes[2].plot(rates, [r["tokens_per_s"] for r in mine], style, marker="o", label=server)
+    axes[0].axhline(ttft_target, color="grey", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[1].axhline(100 * SLO_MISS_RATE, color="grey", lw=0.8)
+    for ax, label in zip(axes, ["p99 TTFT (s; rejected = inf, clipped)", "unit-deadline misses (%)", "output tok/s"]):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("adactl serve vs transformers serve --continuous-batching (client-side measurement)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------ servers
+def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}; see its log")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the server at {url} was not ready after {timeout:.0f} s")
+
+
+def _spawn(name: str, cmd: list[str], url: str, model: str, extras: bool, log: Path, env: dict[str, str]) -> Server:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log, "w")  # noqa: SIM115 - closed in stop()
+    proc = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        handle.close()
+
+    try:
+        _wait_ready(url, proc, 600)
+    except Exception:
+        stop()
+        raise
+    return Server(name, url, model, extras, stop)
+
+
+def start_adactl(stack: str, args: argparse.Namespace, log: Path) -> Server:
+    from adactl.server import free_port
+    from adactl.server.main import served_name
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "adactl.cli", "serve", "--controllers", stack, "--port", str(port),
+           "--model", args.target, "--draft", args.draft, "--max-batch", str(args.max_batch),
+           "--max-queue", str(args.max_queue), "--log-level", "warning"]  # fmt: skip
+    return _spawn(f"adactl[{stack}]", cmd, f"http://127.0.0.1:{port}", served_name(args.target), True, log,
+                  dict(os.environ))  # fmt: skip
+
+
+def start_peer(args: argparse.Namespace, log: Path) -> Server:
+    from adactl.runtime.models import DEFAULT_ALIASES, default_target_dir
+    from adactl.server import free_port
+
+    model = str(default_target_dir()) if args.target in DEFAULT_ALIASES else args.target
+    port = free_port()
+    cmd = ["transformers", "serve", model, "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1")  # a local directory: never reach for a hub
+    return _spawn(PEER, cmd, f"http://127.0.0.1:{port}", model, False, log, env)
+
+
+def start_tiny(stack: str) -> Server:
+    """An in-process `adactl serve` on a tiny random Llama (smoke runs and tests)."""
+    from adactl.bench.spec import _tiny_step_time
+    from adactl.loop import ControlLoop
+    from adactl.runtime import Engine
+    from adactl.runtime.models import perturbed_copy, tiny_llama, tiny_tokenizer
+    from adactl.server import EngineService, OpenAIServer, ServerThread, StackContext, build_stack
+
+    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+    tokenizer = tiny_tokenizer()
+    built = build_stack(stack, StackContext(_tiny_step_time(), lambda name: None))
+    if built.needs_companion:
+        raise ValueError(f"--tiny runs have no companion: drop sv/adaserve from {stack!r}")
+    engine = Engine(target, perturbed_copy(target, 0.03, 1), tokenizer)
+    loop = ControlLoop(engine, built.schedule, built.verify, max_draft_len=4)
+    server = OpenAIServer(EngineService(loop), tokenizer, "tiny", engine.max_context)
+    thread = ServerThread(server.app).start()
+    return Server(f"adactl[{stack}]", thread.url, "tiny", True, thread.stop)
+
+
+def _warm_up(server: Server, job: Job) -> None:
+    """A few requests before measuring (the first request of a process pays for lazy set-up)."""
+    bar = tqdm(disable=True)
+    short = Job(job.text, 8, job.stream)
+    asyncio.run(_load(server, [short] * 4, [0.0, 0.0, 0.5, 0.5], 120.0, bar))
+
+
+# ----------------------------------------------------------------- main
+def _workload(args: argparse.Namespace) -> tuple[Any, list[Job]]:
+    streams = consumer_mix(args.requests, args.seed, args.stream_ttft, tokens_only=args.consumers == "tokens")
+    if args.tiny:
+        import random
+
+        from adactl.runtime.models import tiny_tokenizer
+
+        rng = random.Random(args.seed)
+        texts = ["".join(rng.choice("abcdefgh ijk") for _ in range(rng.randint(4, 24))) for _ in streams]
+        return tiny_tokenizer(), [Job(t, rng.randint(8, 24), Stream(s.rate, "token", s.ttft_s))
+                                  for t, s in zip(texts, streams)]  # fmt: skip
+    from transformers import AutoTokenizer
+
+    from adactl.runtime.models import DEFAULT_ALIASES, default_target_dir
+    from adactl.workloads import chat_texts, read_sharegpt
+
+    path = default_target_dir() if args.target in DEFAULT_ALIASES else args.target
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chats = chat_texts(tokenizer, args.requests, args.max_prompt_tokens, args.max_output_tokens, read_sharegpt(),
+                       held_out=True)  # fmt: skip
+    return tokenizer, [Job(text, n, s) for (text, _, n), s in zip(chats, streams)]
+
+
+def _launch(stack: str, args: argparse.Namespace, out: Path) -> Server:
+    if args.tiny:
+        return start_tiny(stack)
+    return start_adactl(stack, args, out / "logs" / f"adactl-{stack.replace(',', '+')}.log")
+
+
+def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    tokenizer, jobs = _workload(args)
+    out = Path(args.out)
+    launchers: list[Callable[[], Server]] = [functools.partial(_launch, s, args, out) for s in args.stacks]
+    if args.peer and not args.tiny:
+        launchers.insert(0, functools.partial(start_peer, args, out / "logs" / "transformers-serve.log"))
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(launchers) * len(args.rates) * len(jobs), desc="bench serve", unit="req")
+    for launch in launchers:
+        server = launch()
+        try:
+            _warm_up(server, jobs[0])
+            for rate in args.rates:
+                times = arrival_times(len(jobs), rate, args.seed, args.burstiness)
+                results = asyncio.run(_load(server, jobs, times, args.time_limit, bar))
+                record = {"server": server.name, "rate": rate, **account(results, jobs, tokenizer)}
+                records.append(record)
+                tqdm.write(f"{server.name} @ {rate}/s: TTFT p99 {record['ttft_p99_s']:.2f} s, "
+                           f"misses {100 * record['miss_rate']:.1f}%, {record['tokens_per_s']:.0f} tok/s, "
+                           f"{record['rejected']} rejected")  # fmt: skip
+                if record["ttft_p99_s"] is None or record["ttft_p99_s"] > 3 * args.ttft_target:
+                    bar.update(len(jobs) * (len(args.rates) - args.rates.index(rate) - 1))
+                    break  # far past the target: higher rates only take longer to fail
+        finally:
+            server.stop()
+    bar.close()
+    add_capacity(records, args.ttft_target)
+    summary = ratios(records)
+    print(format_table(records, COLUMNS))
+    print(json.dumps(summary, indent=2))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"summary": summary, "args": {k: v for k, v in vars(args).items() if k != "run"}}
+    write_json(out / "serve.json", records, meta)
+    plot(records, out / "serve.png", args.ttft_target)
+    return records
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from adactl.server.stacks import DEFAULT_STACK
+
+    parser.add_argument(
+        "--stacks",
+        type=lambda s: [x for x in s.split(";") if x],
+        default=[DEFAULT_STACK, "fcfs,no-spec"],
+        help=f"adactl controller stacks, ';'-separated (default: {DEFAULT_STACK};fcfs,no-spec)",
+    )
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
+    parser.add_argument("--rates", type=_floats, default=[1.0, 2.0, 3.0, 4.0, 6.0, 8.0], help="requests/s")
+    parser.add_argument("--requests", type=int, default=40, help="requests per rate")
+    parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of the gaps (1 = Poisson)")
+    parser.add_argument("--consumers", choices=["mix", "tokens"], default="tokens")
+    parser.add_argument("--stream-ttft", type=float, default=1.0, help="seconds until a consumer's stream opens")
+    parser.add_argument("--ttft-target", type=float, default=2.0, help="the p99 TTFT a served rate must keep (s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-output-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds a rate's run may take at most")
+    parser.add_argument("--target", default="smollm2")
+    parser.add_argument("--draft", default="draft")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_results")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: in-process servers on a tiny random model")
