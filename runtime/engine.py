@@ -361,7 +361,8 @@ class Engine:
         drafting = sorted((r for r in running if lens[r.request_id] > 0), key=lambda r: key[r.request_id], reverse=True)
         plain = [r for r in running if lens[r.request_id] == 0]
         deferred = [r for r in self._rows if r.request_id not in run_ids]
-        self._reorder(drafting + plain + deferred)
+        by_key = [list(g) for _, g in itertools.groupby(drafting, key=lambda r: key[r.request_id])]
+        self._arrange([*by_key, plain, deferred])
         n_rows, n_draft = len(drafting) + len(plain), len(drafting)
         draft_len = torch.tensor([lens[r.request_id] for r in self._rows[:n_rows]], dtype=torch.long)
         parents = None
@@ -879,15 +880,30 @@ class Engine:
         return kept
 
     # ------------------------------------------------------------ bookkeeping
-    def _reorder(self, order: list[_Request]) -> None:
-        index = {id(r): i for i, r in enumerate(self._rows)}
-        perm = [index[id(r)] for r in order]
+    def _arrange(self, groups: list[list[_Request]]) -> None:
+        """Lay the rows out as consecutive segments, `groups` in order (order within a segment
+        is free), moving as few rows as possible: a row already inside its segment stays put.
+        Each moved row copies its KV cache, so a deferral or a new draft length costs the rows
+        that change segment, not the batch."""
+        group = {id(r): g for g, members in enumerate(groups) for r in members}
+        slot = [g for g, members in enumerate(groups) for _ in members]  # the segment of each position
+        order: list[int | None] = [None] * len(self._rows)
+        movers: list[list[int]] = [[] for _ in groups]
+        for i, r in enumerate(self._rows):
+            if group[id(r)] == slot[i]:
+                order[i] = i
+            else:
+                movers[group[id(r)]].append(i)
+        perm = [i if i is not None else movers[slot[pos]].pop() for pos, i in enumerate(order)]
         if perm != list(range(len(perm))):
             self._permute(perm)
 
     def _drop_rows(self, drop: set[int]) -> None:
+        """Remove rows `drop`; rows from the end move into their places (the others stay)."""
         if drop:
-            self._permute([i for i in range(len(self._rows)) if i not in drop])
+            keep = len(self._rows) - len(drop)
+            tail = [i for i in range(keep, len(self._rows)) if i not in drop]
+            self._permute([i if i not in drop else tail.pop() for i in range(keep)])
         else:
             self._target_kv.maybe_compact()
             if self._draft_kv is not None:
