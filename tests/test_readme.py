@@ -30,3 +30,19 @@ def test_embedding_example_runs():
     exec(compile(streaming, "README.md", "exec"), namespace)
     (result,) = [r for r in namespace["results"].values() if r.stream_units is not None]
     assert result.stream_units > 0 and result.stream_misses is not None
+
+
+def test_serving_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's openai-client example, against `adactl serve` as the CLI builds it."""
+    from adactl.cli import build_parser
+    from adactl.server import ServerThread
+    from adactl.server.main import build_server
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "openai.OpenAI" in b)
+    server = build_server(build_parser().parse_args(["serve"]))
+    with ServerThread(server.app) as thread:
+        assert "http://127.0.0.1:8000" in example
+        exec(compile(example.replace("http://127.0.0.1:8000", thread.url), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
+    assert server.service.open_requests() == 0

@@ -231,7 +231,7 @@ def _wait_ready(url: str, proc: subprocess.Popen | None, timeout: float) -> None
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the server for {url} exited with {proc.returncode}; see its log")
         try:
-            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

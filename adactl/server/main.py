@@ -7,12 +7,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack
+from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, drafts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="target model spec (default: the embedded SmolLM2-135M)")
-    parser.add_argument("--draft", default="draft", help="draft model spec; 'none' for no speculation")
+    parser.add_argument(
+        "--draft",
+        default="draft",
+        help="draft model spec; 'none' for no speculation (stacks that never draft load none)",
+    )
     parser.add_argument("--companion", default="companion", help="the companion draft (stacks with sv/adaserve)")
     parser.add_argument("--controllers", default=DEFAULT_STACK, help=f"controller stack, comma-separated ({NAMES})")
     parser.add_argument("--served-model-name", default=None, help="the model id clients name (default: from --model)")
@@ -56,10 +60,10 @@ def build_server(args: argparse.Namespace) -> Any:
     from .api import OpenAIServer
     from .service import EngineService, ServiceConfig
 
-    has_draft = args.draft not in ("", "none")
+    has_draft = args.draft not in ("", "none") and drafts(args.controllers)
     stack = build_stack(args.controllers, stack_context(args, has_draft))  # names checked before loading models
     if stack.needs_companion and not has_draft:
-        raise SystemExit(f"--controllers {args.controllers} verifies with a companion: it needs a draft (--draft)")
+        raise ValueError(f"--controllers {args.controllers} verifies with a companion: it needs a draft (--draft)")
     loaded = load_model(args.model, args.device)
     draft = None
     if has_draft:

@@ -9,7 +9,9 @@ controller: `fcfs,goodput` runs FCFS admission, then the goodput-optimal draft l
   lengths, SLO first);
 - verification: `sv` (Speculative Verification; loads the companion), `adaserve`.
 
-`DEFAULT_STACK` is the stack `adactl bench serve` measured best on the default models.
+A stack that never speculates (no `fixed-k`, `goodput`, `slo`, `sv` or `adaserve`) runs
+without a draft model, so prompts are not prefilled twice. `DEFAULT_STACK` is the stack
+`adactl bench serve` measured best on the default models.
 """
 
 from __future__ import annotations
@@ -87,6 +89,12 @@ def _verify(name: str, ctx: StackContext) -> Any | None:
 
 
 NAMES = "fcfs, fcfs-seqs{N}, edf, andes, progressserve, ttft-budget, no-spec, fixed-k{K}, goodput, slo; sv, adaserve"
+
+
+def drafts(spec: str) -> bool:
+    """Whether the stack `spec` ever speculates (else the server runs without a draft model)."""
+    names = [n.strip() for n in spec.split(",")]
+    return any(n in ("goodput", "slo", "sv", "adaserve") or re.fullmatch(r"fixed-k[1-9]\d*", n) for n in names)
 
 
 def build_stack(spec: str, ctx: StackContext) -> Stack:
