@@ -284,6 +284,19 @@ class Engine:
                 return True
         return False
 
+    def abort_all(self) -> list[str]:
+        """Drop every unfinished request and start from empty caches: for a server whose step
+        raised midway, leaving the engine in an unknown state. Returns the ids dropped (no
+        results are reported for them); finished results not yet popped are kept."""
+        joining = self._inflight.joining if self._inflight is not None else []
+        reqs = [*self._waiting.values(), *self._rows, *joining]
+        dropped = list(dict.fromkeys(r.request_id for r in reqs if r.request_id not in self._finished))
+        self._target_kv, self._prefill_kv = self._new_kv(self._target_kv), self._new_kv(self._prefill_kv)
+        if self._draft_kv is not None and self._prefill_draft_kv is not None:
+            self._draft_kv, self._prefill_draft_kv = self._new_kv(self._draft_kv), self._new_kv(self._prefill_draft_kv)
+        self._prefilling, self._rows, self._waiting, self._inflight = [], [], {}, None
+        return dropped
+
     def requests(self) -> list[RequestView]:
         """Unfinished requests: waiting or prefilling (arrival order), then running (row order)."""
         views = []

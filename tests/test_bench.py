@@ -129,3 +129,32 @@ def test_bench_spec_slo_trees_adds_adaserve_over_trees(tmp_path):
     data = json.loads((tmp_path / "spec_slo_trees.json").read_text())
     assert [r["controller"] for r in data["records"]] == ["goodput", "adaserve", "adaserve-conf", "adaserve-tree"]
     assert all(not r["fallbacks"] and r["requests"] == 6 for r in data["records"])
+
+
+def test_bench_serve_loads_real_servers_over_http(tmp_path, capsys):
+    args = ["--tiny", "--rates", "5,50", "--requests", "8", "--stacks", "fcfs;fcfs,fixed-k2"]
+    main(["bench", "serve", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serve.json").read_text())
+    runs = {(r["server"], r["rate"]) for r in data["records"]}
+    assert runs == {(s, rate) for s in ("adactl[fcfs]", "adactl[fcfs,fixed-k2]") for rate in (5.0, 50.0)}
+    for r in data["records"]:
+        assert r["requests"] == 8 and r["errors"] == 0 and r["rejected"] == 0
+        assert 0 < r["ttft_p50_s"] <= r["ttft_p99_s"] < 2 and r["tokens_per_s"] > 0 and r["units"] > 0
+        assert r["capacity_ttft"] == 50.0
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    assert "capacity_ttft" in capsys.readouterr().out
+
+
+def test_bench_serve_capacity_and_ratios_to_the_peer():
+    from adactl.bench.serve import PEER, add_capacity, ratios
+
+    def rec(server, rate, p99, miss):
+        return {"server": server, "rate": rate, "ttft_p99_s": p99, "miss_rate": miss}
+
+    records = [rec(PEER, 1, 0.5, 0.0), rec(PEER, 2, 1.5, 0.02), rec(PEER, 3, 4.0, 0.3),
+               rec("adactl[x]", 1, 0.4, 0.0), rec("adactl[x]", 2, 0.9, 0.004), rec("adactl[x]", 3, 1.9, 0.01),
+               rec("adactl[x]", 4, float("inf"), 0.0)]  # fmt: skip
+    add_capacity(records, ttft_target=2.0)
+    summary = ratios(records)
+    assert summary["peer_capacity_ttft"] == 2
+    assert summary["adactl[x]"] == {"capacity_ttft": 3, "capacity_slo": 2, "ratio_ttft": 1.5, "ratio_slo": 1.0}

@@ -69,3 +69,22 @@ def test_vocabulary_mismatch_is_a_load_time_error(target):
 
     with pytest.raises(ValueError, match="tokenizer"):
         Engine(target, tiny_llama(vocab_size=64))
+
+
+def test_abort_all_starts_again_from_empty_caches(target, draft):
+    from .helpers import greedy_reference, make_engine, prompts
+
+    engine = make_engine(target, draft)
+    for p in prompts(4, seed=3):
+        engine.add_request(p, SamplingParams(max_new_tokens=12))
+    engine.step(StepPlan(draft_len=2, prefill_budget=16))  # some prefilled, some waiting
+    engine.step(StepPlan(draft_len=2))
+    engine.draft_step(StepPlan(draft_len=3))  # a step left half done, as a failure would
+    assert len(engine.abort_all()) == 4
+    assert not engine.has_unfinished() and engine.kv_bytes() == 0 and engine.pop_finished() == []
+    p = prompts(1, seed=9)[0]
+    rid = engine.add_request(p, SamplingParams(max_new_tokens=12))
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2))
+    (result,) = engine.pop_finished()
+    assert result.request_id == rid and result.output_ids == greedy_reference(target, p, 12)

@@ -350,3 +350,38 @@ def test_adactl_serve_default_stack_on_smollm2() -> None:
         engine = server.service.engine
         assert text == alone(engine.target, server.tokenizer, chat_ids(server.tokenizer, messages), 24)
         assert "Paris" in text
+
+
+class FlakyEngine(Engine):
+    """The real engine with one injected fault: its `fail_at`-th verify raises mid-step."""
+
+    fail_at = 4
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.verifies = 0
+
+    def verify(self, *args: Any, **kwargs: Any) -> Any:
+        self.verifies += 1
+        if self.verifies == self.fail_at:
+            raise RuntimeError("injected fault")
+        return super().verify(*args, **kwargs)
+
+
+def test_an_engine_error_fails_open_requests_and_serving_goes_on(target: Any, draft: Any, tokenizer: Any) -> None:
+    engine = FlakyEngine(target, draft, tokenizer)
+    server = OpenAIServer(EngineService(ControlLoop(engine, [FCFS(), FixedDraftLength(2)])), tokenizer, MODEL,
+                          engine.max_context)  # fmt: skip
+    with ServerThread(server.app) as thread:
+        body = {"model": MODEL, "prompt": "doomed", "max_tokens": 30, "temperature": 0, "stream": True}
+        with httpx.stream("POST", thread.url + "/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert "injected fault" in lines[-2] and lines[-1] == "data: [DONE]"
+        client = openai.OpenAI(base_url=thread.url + "/v1", api_key="unused")
+        out = client.completions.create(model=MODEL, prompt="after the fault", max_tokens=20, temperature=0)
+        assert out.choices[0].text == alone(target, tokenizer, tokenizer("after the fault")["input_ids"], 20)
+        settle(server)
+        assert server.service.open_requests() == 0 and engine.cached_tokens() == 0
+        assert metric(thread, "adactl_engine_errors_total") == 1
+        assert metric(thread, 'adactl_requests_total{outcome="error"}') == 1

@@ -163,25 +163,28 @@ class EngineService:
     # ------------------------------------------------------- engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._do_commands()
-            if not self.engine.has_unfinished():
-                self._wake.wait(self.config.idle_wait_s)
-                self._wake.clear()
-                continue
             try:
-                record = self.loop.step()
+                self._tick()
             except Exception as e:  # noqa: BLE001 - an engine bug fails the open requests, not the server
                 self._engine_failed(e)
-                continue
-            self.metrics.observe_step(record)
-            self.metrics.sync_fallbacks(self.loop.fallbacks)
-            for rid, tokens in record.outcome.emitted.items():
-                client = self._clients.get(rid)
-                if client is not None and tokens:
-                    client.push(("tokens", list(tokens)))
-            self._drop_stale()
-            self._deliver_finished()
-        self._fail_all("the server is shutting down")
+        self._fail_all("the server is shutting down", queued_too=True)
+
+    def _tick(self) -> None:
+        """Commands, then one step (or a short wait when idle), then the step's events."""
+        self._do_commands()
+        if not self.engine.has_unfinished():
+            self._wake.wait(self.config.idle_wait_s)
+            self._wake.clear()
+            return
+        record = self.loop.step()
+        self.metrics.observe_step(record)
+        self.metrics.sync_fallbacks(self.loop.fallbacks)
+        for rid, tokens in record.outcome.emitted.items():
+            client = self._clients.get(rid)
+            if client is not None and tokens:
+                client.push(("tokens", list(tokens)))
+        self._drop_stale()
+        self._deliver_finished()
 
     def _do_commands(self) -> None:
         while True:
@@ -248,27 +251,29 @@ class EngineService:
         self.metrics.set_gauges(self.engine)
 
     def _engine_failed(self, error: Exception) -> None:
+        """A step raised midway: the engine's state is unknown, so every open request is
+        dropped (told so) and the engine starts again from empty caches."""
         self.step_errors += 1
         self.metrics.engine_errors.inc()
         log.exception("engine step failed; failing the %d open requests", len(self._clients))
         self._fail_all(f"internal engine error ({type(error).__name__}: {error}); the request was dropped")
 
-    def _fail_all(self, message: str) -> None:
-        for rid, client in list(self._clients.items()):
-            try:
-                self.engine.cancel(rid)
-            except Exception:  # noqa: BLE001 - the engine may be in a bad state; the client still hears
-                log.exception("cancelling %s failed", rid)
-            client.push(("error", message))
+    def _fail_all(self, message: str, queued_too: bool = False) -> None:
+        """Tell every open request `message` and drop it from the engine; `queued_too`: also the
+        requests submitted but not yet added (at shutdown; after an error they start normally)."""
         try:
-            self.loop.pop_results()
-        except Exception:  # noqa: BLE001
+            self._deliver_finished()  # what finished before the failure is delivered as finished
+        except Exception:  # noqa: BLE001 - the engine may be in a bad state; the clients still hear
             log.exception("collecting results failed")
+        self.engine.abort_all()
+        for client in self._clients.values():
+            client.push(("error", message))
+            self.metrics.requests.labels(outcome="error").inc()
         with self._lock:
             self._open -= len(self._clients)
             self._waiting = 0
         self._clients.clear()
-        while True:  # requests submitted but never added hear too
+        while queued_too:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
