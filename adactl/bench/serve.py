@@ -44,6 +44,7 @@ from adactl.runtime.stream import Playback, Stream, count_units
 from adactl.workloads import arrival_times, consumer_mix
 
 PEER = "transformers-serve"
+STACKS = ["fcfs", "andes", "progressserve,ttft-budget", "fcfs,goodput"]  # plain FCFS is vLLM's policy
 SLO_MISS_RATE = 0.005
 COLUMNS = ["server", "rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "tokens_per_s", "miss_rate", "rejected", "errors",
            "capacity_ttft", "capacity_slo"]  # fmt: skip
@@ -384,17 +385,15 @@ def _floats(text: str) -> list[float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from adactl.server.stacks import DEFAULT_STACK
-
     parser.add_argument(
         "--stacks",
         type=lambda s: [x for x in s.split(";") if x],
-        default=[DEFAULT_STACK, "fcfs,no-spec"],
-        help=f"adactl controller stacks, ';'-separated (default: {DEFAULT_STACK};fcfs,no-spec)",
+        default=STACKS,
+        help=f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
     )
     parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
-    parser.add_argument("--rates", type=_floats, default=[1.0, 2.0, 3.0, 4.0, 6.0, 8.0], help="requests/s")
-    parser.add_argument("--requests", type=int, default=40, help="requests per rate")
+    parser.add_argument("--rates", type=_floats, default=[1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0], help="requests/s")
+    parser.add_argument("--requests", type=int, default=90, help="requests per rate")
     parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of the gaps (1 = Poisson)")
     parser.add_argument("--consumers", choices=["mix", "tokens"], default="tokens")
     parser.add_argument("--stream-ttft", type=float, default=1.0, help="seconds until a consumer's stream opens")

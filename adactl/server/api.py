@@ -166,7 +166,10 @@ class OpenAIServer:
         arrival = time.perf_counter()
         self._check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt = chat_ids(self.tokenizer, messages)
+        try:
+            prompt = chat_ids(self.tokenizer, messages)
+        except ValueError as e:  # no chat template, or one that refuses these messages
+            raise ApiError(400, f"the chat template cannot format these messages: {e}", "messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await self._generate(body, request, prompt, max_tokens, arrival, chat=True)
 

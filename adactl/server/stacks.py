@@ -35,7 +35,7 @@ from adactl.controllers import (
     TTFTPrefillBudget,
 )
 
-DEFAULT_STACK = "fcfs,goodput"
+DEFAULT_STACK = "andes"
 
 
 @dataclass
