@@ -8,13 +8,12 @@ live in one process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from adactl.interface import StepRecord
-from adactl.runtime.types import RequestResult
+from adactl.runtime.types import RequestResult, RequestView
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _STEP_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
@@ -98,13 +97,12 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()
 
-    def set_gauges(self, engine: Any) -> None:
-        views = engine.requests()
+    def set_gauges(self, views: Sequence[RequestView], kv_bytes: int) -> None:
+        """The engine's state now: its unfinished requests and the bytes its KV caches hold."""
         running = sum(v.status == "running" for v in views)
         self.running.set(running)
         self.waiting.set(len(views) - running)
-        if hasattr(engine, "kv_bytes"):
-            self.kv_bytes.set(engine.kv_bytes())
+        self.kv_bytes.set(kv_bytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,12 +30,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from adactl.loop import ControlLoop
-from adactl.runtime.types import SLO, RequestError, SamplingParams
+from adactl.runtime.types import SLO, RequestError, RequestView, SamplingParams
 
 from .metrics import ServerMetrics
 
@@ -183,20 +183,29 @@ class EngineService:
             client = self._clients.get(rid)
             if client is not None and tokens:
                 client.push(("tokens", list(tokens)))
-        self._drop_stale()
+        views = self.engine.requests()  # once per step: stale requests and the gauges
+        self._drop_stale(views)
         self._deliver_finished()
+        self.metrics.set_gauges(views, self.engine.kv_bytes())
 
-    def _do_commands(self) -> None:
+    def _queued(self) -> Iterator[tuple[Any, ...]]:
+        """The commands waiting now, oldest first (taking them off the queue)."""
         while True:
             try:
-                cmd = self._commands.get_nowait()
+                yield self._commands.get_nowait()
             except queue.Empty:
-                break
+                return
+
+    def _do_commands(self) -> None:
+        commands = list(self._queued())
+        for cmd in commands:
             if cmd[0] == "add":
                 self._add(*cmd[1:])
             elif cmd[0] == "cancel" and cmd[1] in self._clients:
                 self.engine.cancel(cmd[1])
-        self._deliver_finished()
+        if commands:
+            self._deliver_finished()
+            self.metrics.set_gauges(self.engine.requests(), self.engine.kv_bytes())
 
     def _add(
         self,
@@ -222,11 +231,11 @@ class EngineService:
         self.metrics.prompt_tokens.inc(len(prompt))
         client.push(("added",))
 
-    def _drop_stale(self) -> None:
+    def _drop_stale(self, views: list[RequestView]) -> None:
         """Refuse requests that waited longer than `max_queue_wait_s` for their first token."""
         now = time.perf_counter()
         waiting = 0
-        for view in self.engine.requests():
+        for view in views:
             if view.status == "running":
                 continue
             if now - view.arrival_time > self.config.max_queue_wait_s and view.request_id in self._clients:
@@ -248,7 +257,6 @@ class EngineService:
             self.metrics.observe_finished(result)
             if client is not None:
                 client.push(("done", result))
-        self.metrics.set_gauges(self.engine)
 
     def _engine_failed(self, error: Exception) -> None:
         """A step raised midway: the engine's state is unknown, so every open request is
@@ -273,11 +281,7 @@ class EngineService:
             self._open -= len(self._clients)
             self._waiting = 0
         self._clients.clear()
-        while queued_too:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
+        for cmd in self._queued() if queued_too else ():
             if cmd[0] == "add":
                 with self._lock:
                     self._pending -= 1
