@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from adactl.runtime.models import chat_ids
 from adactl.runtime.stream import Stream
-from adactl.runtime.types import SLO, RequestError, RequestResult, SamplingParams
+from adactl.runtime.types import SLO, RequestResult, SamplingParams
 
 from .service import Client, EngineService
 from .text import TextStream
@@ -215,15 +215,7 @@ class OpenAIServer:
         stream = None
         if body.consumption_rate is not None:
             stream = Stream(float(body.consumption_rate), body.unit or "token", ttft_s if ttft_s is not None else 1.0)
-        try:
-            sampling.validate()
-            if slo is not None:
-                slo.validate()
-            if stream is not None:
-                stream.validate()
-        except RequestError as e:
-            raise ApiError(400, str(e)) from e
-        return sampling, slo, stream
+        return sampling, slo, stream  # the engine validates them when it adds the request (a 400 if not)
 
     async def _generate(
         self, body: _Generation, request: Request, prompt: list[int], max_tokens: int | None, arrival: float, chat: bool

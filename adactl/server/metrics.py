@@ -72,9 +72,9 @@ class ServerMetrics:
         self.steps.inc()
         self.step_seconds.observe(out.total_s)
         self.generation_tokens.inc(out.tokens_emitted)
-        self.drafted_tokens.inc(int(out.drafted.sum()) if out.drafted.numel() else 0)
-        self.verified_tokens.inc(int(out.verified.sum()) if out.verified.numel() else 0)
-        self.accepted_tokens.inc(int(out.accepted.sum()) if out.accepted.numel() else 0)
+        self.drafted_tokens.inc(int(out.drafted.sum()))
+        self.verified_tokens.inc(int(out.verified.sum()))
+        self.accepted_tokens.inc(int(out.accepted.sum()))
 
     def sync_fallbacks(self, fallbacks: Mapping[str, int]) -> None:
         """Catch up with a `ControlLoop.fallbacks` count (decisions and failed updates alike)."""
