@@ -1,4 +1,4 @@
-"""The `adactl` command line: `adactl serve` and `adactl bench spec | stream | serve | runtime | draft`."""
+"""The `adactl` command line: `adactl serve`, `adactl profile` and `adactl bench spec | stream | serve | runtime | draft`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser = commands.add_parser("serve", help="an OpenAI-compatible streaming server with the controllers")
     serve_main.add_arguments(serve_parser)
     serve_parser.set_defaults(run=serve_main.main)
+    from adactl import profiler
+
+    profile_parser = commands.add_parser("profile", help="measure this machine's step costs (cached per machine)")
+    profiler.add_arguments(profile_parser)
+    profile_parser.set_defaults(run=profiler.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
     from adactl.bench import draft, runtime, serve, spec, stream
 
@@ -37,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    from adactl.estimators.step_cost import ProfileError
+    from adactl.runtime.device import DeviceError
+
+    try:
+        args.run(args)
+    except (DeviceError, ProfileError) as e:  # the user's to fix: say what, not a traceback
+        print(f"adactl {args.command}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -75,7 +75,7 @@ class ControlLoop:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """estimators: extra estimators to update every step (controllers' own are updated
-        anyway). max_draft_len: None = 8 if the engine has a draft model, else 0."""
+        anyway, and so are their step-cost models, `controller.step_time`, where they learn). max_draft_len: None = 8 if the engine has a draft model, else 0."""
         self.engine = engine
         self.schedule = [schedule] if hasattr(schedule, "act") else list(schedule)  # type: ignore[arg-type]
         self.verify_controller = verify
@@ -89,6 +89,13 @@ class ControlLoop:
         for e in [*owned, *estimators]:
             if e is not None and all(e is not seen for seen in self.estimators):
                 self.estimators.append(e)
+        # step-cost models that learn online (adactl.estimators.step_cost): each updated once a
+        # step, however many controllers share it
+        self.cost_models: list[Any] = []
+        for c in [*self.schedule, verify]:
+            model = getattr(c, "step_time", None)
+            if hasattr(model, "update") and all(model is not seen for seen in [*self.cost_models, *self.estimators]):
+                self.cost_models.append(model)
         self.fallbacks: Counter[str] = Counter()
         self.steps = 0
         self.results: dict[str, RequestResult] = {}
@@ -123,7 +130,7 @@ class ControlLoop:
             cut = torch.zeros_like(drafts.draft_len)
             outcome = self.engine.verify(cut)
         record = StepRecord(state, plan, drafts, cut, outcome, tuple(fell_back), control_s)
-        for learner in [*self.estimators, *self.schedule, self.verify_controller]:
+        for learner in [*self.cost_models, *self.estimators, *self.schedule, self.verify_controller]:
             if learner is None or not hasattr(learner, "update"):
                 continue
             try:

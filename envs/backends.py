@@ -2,11 +2,14 @@
 estimators and workload each needs.
 
 - `"replay"`: `ReplayEngine` with the step-time model fitted on the real engine's profile
-  (`models/estimators/step_time*.skops`) and the shipped per-position acceptance; prompt
-  and reply lengths are those of ShareGPT requests (measured once with the tokenizer and
-  cached in memory), so no model runs. Deterministic for a seed.
+  (`models/estimators/step_time*.skops`, this CPU's), or the costs of a step-cost profile
+  file from any machine (`profile=`, made by `adactl profile`: train on this CPU against a
+  GPU's measured costs), and the shipped per-position acceptance; prompt and reply lengths
+  are those of ShareGPT requests (measured once with the tokenizer and cached in memory),
+  so no model runs. Deterministic for a seed.
 - `"real"`: `Engine` on the default models (SmolLM2-135M-Instruct + the shipped feature
-  draft), or tiny random Llamas with `model="tiny"` (tests). Step times are measured.
+  draft), or tiny random Llamas with `model="tiny"` (tests), on `device` in `dtype`. Step
+  times are measured; the features' step costs are this machine's profile (or `profile=`).
 
 Models and prompts load once per process and are shared by every env in it.
 """
@@ -36,20 +39,19 @@ def _check(backend: str, prompts: str, model: str) -> None:
 
 
 @functools.cache
-def _default_models(with_draft: bool) -> tuple[Any, Any, Any]:
-    """(target model, draft or None, tokenizer) of the default pair."""
-    from adactl.runtime.models import load_draft, load_model
+def _pair(model: str, with_draft: bool, device: str, dtype: str) -> Any:
+    """The env's `ModelPair`: the default pair, or tiny random Llamas (loaded once per process)."""
+    from adactl.runtime.models import LoadedModel, ModelPair, load_pair, perturbed_copy, tiny_llama
 
-    loaded = load_model("smollm2")
-    return loaded.model, load_draft("draft", loaded) if with_draft else None, loaded.tokenizer
+    if model == "default":
+        return load_pair("smollm2", "draft" if with_draft else None, None, device, dtype)
+    from adactl.runtime.device import device_and_dtype
 
-
-@functools.cache
-def _tiny_models(with_draft: bool) -> tuple[Any, Any, Any]:
-    from adactl.runtime.models import perturbed_copy, tiny_llama
-
-    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
-    return target, perturbed_copy(target, noise=0.03, seed=1) if with_draft else None, None
+    dev, dt = device_and_dtype(device, dtype)
+    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(dev, dt)
+    draft = perturbed_copy(target, noise=0.03, seed=1) if with_draft else None
+    specs = {"target": "tiny-env", "draft": "tiny-perturbed" if with_draft else "none", "companion": "none"}
+    return ModelPair(LoadedModel(target, None, "tiny-env"), draft, None, dev, dt, specs)
 
 
 @functools.cache
@@ -93,10 +95,29 @@ class Backend:
 
     def __init__(self, backend: str = "replay", prompts: str = "sharegpt", model: str = "default",
                  noise: float = 0.05, max_batch_size: int = 64, draft: bool = True, max_draft_len: int = 8,
-                 step_time: Any = None) -> None:  # fmt: skip
+                 step_time: Any = None, device: str = "auto", dtype: str = "float32",
+                 profile: str | None = None) -> None:  # fmt: skip
         _check(backend, prompts, model)
         self.kind, self.prompts, self.model, self.noise = backend, prompts, model, noise
         self.max_batch_size, self.draft, self.max_draft_len = max_batch_size, draft, max_draft_len
+        self.pair = None
+        if backend == "real":  # device, dtype and profile are checked before any model loads
+            from adactl.runtime.device import device_and_dtype
+
+            device_and_dtype(device, dtype)
+            if profile is not None:
+                from adactl.estimators.step_cost import StepCostProfile
+
+                StepCostProfile.load(profile)
+            self.pair = _pair(model, draft, device, dtype)
+        if step_time is None and self.pair is not None:
+            from adactl.profiler import step_cost_for
+
+            step_time = step_cost_for(self.pair, profile, refine=False, max_batch=max_batch_size)
+        elif step_time is None and profile is not None:
+            from adactl.estimators.step_cost import StepCostProfile
+
+            step_time = StepCostProfile.load(profile).model(refine=False)
         if step_time is None:
             step_time = tiny_step_time() if model == "tiny" else shipped_step_time(
                 "step_time" if draft else "step_time_plain")  # fmt: skip
@@ -118,9 +139,10 @@ class Backend:
             return ReplayEngine(self.step_time, alpha, self.max_batch_size, noise=self.noise, seed=seed)
         from adactl.runtime import Engine, EngineConfig
 
-        target, draft, tokenizer = (_tiny_models if self.model == "tiny" else _default_models)(self.draft)
+        assert self.pair is not None
         torch.manual_seed(seed)
-        return Engine(target, draft, tokenizer, config=EngineConfig(max_batch_size=self.max_batch_size, seed=seed))
+        return Engine(self.pair.target.model, self.pair.draft, self.pair.tokenizer,
+                      config=EngineConfig(max_batch_size=self.max_batch_size, seed=seed))  # fmt: skip
 
     def clock(self, engine: Any) -> float:
         return engine.clock() if hasattr(engine, "clock") else time.perf_counter()

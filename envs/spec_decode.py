@@ -45,12 +45,16 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
     def __init__(self, backend: str = "replay", batch_sizes: Sequence[int] = BATCH_SIZES, episode_steps: int = 64,
                  max_draft_len: int = 4, temperature: float = 0.0, prompts: str = "sharegpt", model: str = "default",
                  noise: float = 0.05, max_new_tokens: tuple[int, int] = (32, 256),
-                 acceptance_jitter: float = 0.0) -> None:  # fmt: skip
+                 acceptance_jitter: float = 0.0, device: str = "auto", dtype: str = "float32",
+                 profile: str | None = None) -> None:  # fmt: skip
         """backend: "replay" or "real". prompts: "sharegpt" (training split), "sharegpt-heldout"
         or "humaneval" (held-out evaluation). model: "default" (SmolLM2 + shipped draft) or
         "tiny" (tiny random models, for tests). acceptance_jitter (replay): each episode's
         acceptance by position is the shipped one times a factor drawn from 1 +- jitter, so a
-        policy must read the acceptance estimate (as goodput does), not learn one level."""
+        policy must read the acceptance estimate (as goodput does), not learn one level.
+        device, dtype (real): where the models run. profile: a step-cost profile file (`adactl
+        profile`): the replay's step costs (another machine's, e.g. a GPU's), or the real
+        backend's cost features (default: this machine's, measured on first use)."""
         if not batch_sizes or any(int(b) < 1 for b in batch_sizes):
             raise ValueError(f"batch_sizes must be positive integers, got {batch_sizes!r}")
         if episode_steps < 1 or max_draft_len < 1:
@@ -61,7 +65,8 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         if not 0.0 <= acceptance_jitter < 1.0:
             raise ValueError(f"acceptance_jitter must be in [0, 1), got {acceptance_jitter}")
         self.acceptance_jitter = acceptance_jitter
-        self.backend = Backend(backend, prompts, model, noise, max(self.batch_sizes), True, max_draft_len)
+        self.backend = Backend(backend, prompts, model, noise, max(self.batch_sizes), True, max_draft_len,
+                               device=device, dtype=dtype, profile=profile)  # fmt: skip
         self.action_space = spaces.Discrete(max_draft_len + 1)
         self.observation_space = spaces.Box(0.0, 1.0, (SpecFeatures(max_draft_len, None).size,), dtype=np.float32)
         self._rng = np.random.default_rng()

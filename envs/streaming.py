@@ -53,9 +53,11 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, backend: str = "replay", loads: Sequence[float] = (1.0, 2.0, 3.0, 4.0),
                  episode_requests: int = 48, max_steps: int = 4000, miss_penalty: float = 20.0,
                  prompts: str = "sharegpt", model: str = "default", noise: float = 0.05,
-                 max_new_tokens: int = 64, consumers: str = "mixed") -> None:  # fmt: skip
+                 max_new_tokens: int = 64, consumers: str = "mixed", device: str = "auto", dtype: str = "float32",
+                 profile: str | None = None) -> None:  # fmt: skip
         """consumers: "mixed" (`workloads.consumer_mix`) or "tokens" (token and speech readers
-        only; always so with the tiny models, which have no tokenizer to find words)."""
+        only; always so with the tiny models, which have no tokenizer to find words).
+        device, dtype, profile: as `SpecDecodeEnv`'s."""
         if not loads or any(not (isinstance(x, (int, float)) and x > 0) for x in loads):
             raise ValueError(f"loads must be positive request rates, got {loads!r}")
         if episode_requests < 1 or max_steps < 1 or miss_penalty < 0:
@@ -65,7 +67,8 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
             raise ValueError(f"consumers must be 'mixed' or 'tokens', got {consumers!r}")
         self.miss_penalty, self.max_new_tokens = miss_penalty, max_new_tokens
         self.tokens_only = consumers == "tokens" or model == "tiny"
-        self.backend = Backend(backend, prompts, model, noise, 64, draft=False)
+        self.backend = Backend(backend, prompts, model, noise, 64, draft=False, device=device, dtype=dtype,
+                               profile=profile)  # fmt: skip
         self.action_space = spaces.MultiDiscrete([len(RISK_TARGETS), len(DEFER_STEPS), len(MAX_IN_FLIGHT)])
         self.observation_space = spaces.Box(0.0, 1.0, (N_FEATURES,), dtype=np.float32)
         self._rng = np.random.default_rng()

@@ -136,6 +136,10 @@ class Engine:
         self.feature_draft = draft is not None and is_feature_draft(draft)
         self._draft_vocab: torch.Tensor | None = None  # a feature draft's token ids, [N]
         if draft is not None:
+            draft_device = next(draft.parameters()).device
+            if draft_device != self.device:
+                raise ValueError(f"the draft is on {draft_device} but the target on {self.device}: load both on one "
+                                 "device (adactl.runtime.models.load_pair)")  # fmt: skip
             draft_vocab = draft.config.target_vocab_size if self.feature_draft else output_vocab_size(draft)
             if draft_vocab != self.vocab_size:
                 raise ValueError(
@@ -708,7 +712,8 @@ class Engine:
                 ids = torch.zeros(m, w, dtype=torch.long)
                 valid = torch.zeros(m, w, dtype=torch.bool)
                 context = kv.visible_before(start[:m], c)[:, None, :].repeat(1, w, 1)  # [m, w, c]
-                feats = torch.zeros(m, w, self.draft.hidden_size, device=self.device) if root is not None else None
+                feats = (torch.zeros(m, w, self.draft.hidden_size, device=self.device, dtype=root.dtype)
+                         if root is not None else None)  # fmt: skip
                 for i, front in enumerate(fronts):
                     for s, node_id in enumerate(front):
                         node = trees[i].nodes[node_id]
@@ -769,7 +774,8 @@ class Engine:
         valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
         extra: dict[str, Any] = {}
         if self.feature_draft:
-            feats = torch.zeros(len(rows), width, self.draft.hidden_size, device=self.device)
+            dtype = rows[0].draft_features[0].dtype if rows[0].draft_features else None
+            feats = torch.zeros(len(rows), width, self.draft.hidden_size, device=self.device, dtype=dtype)
             for i, r in enumerate(rows):
                 feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
                 r.draft_features = []
@@ -1011,8 +1017,10 @@ class Engine:
         return u
 
     def _now(self) -> float:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # step timings feed the step-cost model: wait for the kernels
             torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
         return time.perf_counter()
 
 

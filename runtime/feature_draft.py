@@ -102,7 +102,18 @@ class FeatureDraft(nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             draft = cls(target, config)
-        return draft.to(next(target.parameters()).device)
+        param = next(target.parameters())
+        return draft.on(param.device, param.dtype)
+
+    def on(self, device: torch.device | str, dtype: torch.dtype) -> FeatureDraft:
+        """Move to the target's device and dtype (drafts follow the target), keeping the rotary
+        frequencies in float32: rounded to bf16 they would shift every position's angle."""
+        rope = {name: b.detach().float().to(device) for name, b in self.named_buffers() if "inv_freq" in name}
+        self.to(device, dtype)
+        for name, value in rope.items():
+            module_name, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module_name) if module_name else self, attr, value)
+        return self
 
     def forward(
         self,
@@ -161,7 +172,7 @@ class FeatureDraft(nn.Module):
             raise ValueError(
                 f"{path}: weights do not match the draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        return draft.to(param.device, param.dtype).eval()
+        return draft.on(param.device, param.dtype).eval()
 
 
 class WithCompanion(nn.Module):

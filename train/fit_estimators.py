@@ -52,7 +52,8 @@ from adactl.estimators.step_time import mape
 from adactl.estimators.traces import AcceptanceRows, TraceRecorder
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, SamplingParams
-from adactl.runtime.models import load_draft, load_model, tiny_llama
+from adactl.runtime.device import add_device_arguments, device_and_dtype
+from adactl.runtime.models import load_pair, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models" / "estimators"
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="smollm2")
     p.add_argument("--draft", default="draft")
     p.add_argument("--companion", default="companion")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arguments(p)
     p.add_argument("--train-prompts", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="requests served at once")
@@ -96,7 +97,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], list[list
         from adactl.runtime.feature_draft import WithCompanion
         from adactl.runtime.models import perturbed_copy
 
-        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+        device, dtype = device_and_dtype(args.device, args.dtype)
+        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
         # a feature draft needs training to agree with anything; a perturbed copy of the
         # target agrees about half the time, which is what a smoke run needs
         draft: Any = perturbed_copy(target, noise=0.03, seed=1)
@@ -111,8 +113,8 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], list[list
         return target, draft, prompts[: args.train_prompts], prompts[args.train_prompts :]
     from adactl.workloads import chat_prompts, read_sharegpt
 
-    loaded = load_model(args.target, dtype=getattr(torch, args.dtype))
-    draft = load_draft(args.draft, loaded, companion=args.companion or None)
+    pair = load_pair(args.target, args.draft, args.companion or None, args.device, args.dtype)
+    loaded, draft = pair.target, pair.speculator(pair.companion is not None)
     data = read_sharegpt()
     train = chat_prompts(loaded.tokenizer, args.train_prompts, args.max_prompt_tokens, data)
     held_out = chat_prompts(loaded.tokenizer, args.eval_prompts, args.max_prompt_tokens, data, held_out=True)

@@ -67,6 +67,11 @@ class Args:
     runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root"})
     eval_only: bool = field(default=False, metadata={"help": "skip training: compare the policy at --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    device: str = field(default="auto", metadata={"help": "real backend: auto (cuda when available), cpu, cuda"})
+    dtype: str = field(default="float32", metadata={"help": "real backend: float32, bfloat16 or float16"})
+    profile: str = field(default="", metadata={
+        "help": "a step-cost profile file (adactl profile): the replay's costs (e.g. a GPU's), or the real "
+                "backend's cost features (default: the shipped CPU model for replay, this machine's for real)"})
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -82,6 +87,16 @@ def parse_args(argv: list[str] | None = None) -> Args:
         p.error(f"--env-id must be one of {sorted(ENV_SETTINGS)}")
     if args.backend not in ("replay", "real"):
         p.error("--backend must be replay or real")
+    from adactl.estimators.step_cost import ProfileError, StepCostProfile
+    from adactl.runtime.device import DeviceError, device_and_dtype
+
+    try:  # before any env or model is made
+        if args.backend == "real" or args.finetune_timesteps > 0:
+            device_and_dtype(args.device, args.dtype)
+        if args.profile:
+            StepCostProfile.load(args.profile)
+    except (DeviceError, ProfileError) as e:
+        p.error(str(e))
     return args
 
 
@@ -93,7 +108,8 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt") -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"backend": backend or args.backend, "model": args.model, "prompts": prompts}
+    kwargs: dict[str, Any] = {"backend": backend or args.backend, "model": args.model, "prompts": prompts,
+                              "device": args.device, "dtype": args.dtype, "profile": args.profile or None}
     if args.env_id == "adactl/SpecDecode-v0":
         kwargs |= {"episode_steps": args.episode_steps, "max_draft_len": args.max_draft_len}
         if kwargs["backend"] == "replay":

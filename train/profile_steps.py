@@ -39,7 +39,8 @@ from adactl.estimators import CompanionSignal, DraftConfidence, MovingAverage, O
 from adactl.estimators.traces import TraceRecorder
 from adactl.interface import ScheduleState, StepRecord, VerifyState
 from adactl.runtime import Engine, SamplingParams, StepPlan
-from adactl.runtime.models import load_draft, load_model, tiny_llama
+from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
+from adactl.runtime.models import load_pair, tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "models" / "estimators" / "profile.json"
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="smollm2")
     p.add_argument("--draft", default="draft", help="'' for none: the target alone, plain decoding")
     p.add_argument("--companion", default="companion", help="'' for none")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_device_arguments(p)
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=4)
@@ -69,7 +70,8 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
         from adactl.runtime import FeatureDraft
         from adactl.runtime.feature_draft import WithCompanion
 
-        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0)
+        device, dtype = device_and_dtype(args.device, args.dtype)
+        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
         draft = WithCompanion(
             FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval(),
             FeatureDraft.from_target(target, list(range(0, 256, 2)), 32, seed=2).eval(),
@@ -80,11 +82,13 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
         return Engine(target, draft), prompts, {"target": "tiny", "draft": "tiny+companion"}
     from adactl.workloads import chat_prompts, read_sharegpt
 
-    loaded = load_model(args.target, dtype=getattr(torch, args.dtype))
-    draft = load_draft(args.draft, loaded, companion=args.companion or None) if args.draft else None
+    pair = load_pair(args.target, args.draft or None, (args.companion or None) if args.draft else None, args.device,
+                     args.dtype)  # fmt: skip
+    loaded = pair.target
     prompts = chat_prompts(loaded.tokenizer, max(args.batches) + args.mixed, args.max_prompt_tokens, read_sharegpt())
-    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": args.dtype}
-    return Engine(loaded.model, draft, loaded.tokenizer), prompts, meta
+    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": args.dtype,
+            "machine": describe(pair.device, pair.dtype).to_dict()}  # fmt: skip
+    return Engine(loaded.model, pair.speculator(pair.companion is not None), loaded.tokenizer), prompts, meta
 
 
 def overhead(drafts, steps_s: float, reps: int = 5) -> dict[str, float]:

@@ -18,9 +18,11 @@ import torch
 
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams
-from adactl.runtime.models import load_draft, load_model
-from adactl.server.main import stack_context
-from adactl.server.stacks import build_stack
+from adactl.estimators import load_acceptance
+from adactl.profiler import add_profile_arguments, step_cost_for
+from adactl.runtime.device import add_device_arguments
+from adactl.runtime.models import load_pair
+from adactl.server.stacks import StackContext, build_stack, costs_steps
 from adactl.workloads import arrival_times, chat_requests, consumer_mix, read_sharegpt
 
 
@@ -32,16 +34,19 @@ def main() -> None:
     parser.add_argument("--draft", default=None, help="a draft model (default: none)")
     parser.add_argument("--ignore-eos", action="store_true", help="generate each recorded reply length in full")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_arguments(parser)
+    add_profile_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    target = load_model("smollm2")
-    draft = load_draft(args.draft, target) if args.draft else None
+    pair = load_pair("smollm2", args.draft, None, args.device, args.dtype)
+    target, draft = pair.target, pair.draft
     reqs = chat_requests(target.tokenizer, args.requests, 128, 64, read_sharegpt(), held_out=True)
     streams = consumer_mix(args.requests, args.seed, 1.0, tokens_only=True)
     times = arrival_times(args.requests, args.rate, args.seed)
     engine = Engine(target.model, draft, target.tokenizer, EngineConfig(max_batch_size=64))
-    ctx = stack_context(argparse.Namespace(step_time=None, prefill_budget=512), draft is not None)
+    ctx = StackContext(step_cost_for(pair, args.profile, args.refine) if costs_steps(args.stack) else None,
+                       load_acceptance, 512)  # fmt: skip
     stack = build_stack(args.stack, ctx)
     loop = ControlLoop(engine, stack.schedule, stack.verify, max_draft_len=8 if draft is not None else 0)
 

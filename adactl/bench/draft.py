@@ -1,4 +1,4 @@
-"""`adactl bench draft`: how good the default draft is for the default target, on a CPU, batch 1.
+"""`adactl bench draft`: how good the default draft is for the default target, at batch 1 (on `--device`).
 
 For each dataset (held-out ShareGPT first turns; HumanEval problems as chat requests), every
 prompt runs greedy through the engine without speculation and with each fixed draft length in
@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from adactl.bench.common import format_table, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.models import DEFAULT_DRAFT, load_draft, load_model, tiny_llama
+from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
+from adactl.runtime.models import DEFAULT_DRAFT, load_pair, tiny_llama
 
 SUMMARY = ["dataset", "greedy_acceptance", "mean_accepted_len_k4", "draft_cost_ratio", "speedup_bs1", "best_k"]
 
@@ -127,20 +128,23 @@ def plot(summaries: list[dict], rows: list[dict], ks: list[int], path: Path, tit
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]], dict[str, Any]]:
+    device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
     if args.tiny:
         from adactl.runtime import FeatureDraft
 
-        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0)
+        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
         draft = FeatureDraft.from_target(target, list(range(192)), intermediate_size=64).eval()
         gen = torch.Generator().manual_seed(args.seed)
         prompts = [
             torch.randint(1, 256, (int(n),), generator=gen).tolist() for n in torch.randint(4, 24, (args.prompts,))
         ]
-        return target, draft, {"random": prompts}, {"target": "tiny random Llama", "draft": "untrained feature draft"}
+        meta = {"target": "tiny random Llama", "draft": "untrained feature draft",
+                "machine": describe(device, dtype).to_dict()}  # fmt: skip
+        return target, draft, {"random": prompts}, meta
     from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
 
-    target = load_model(args.target, dtype=getattr(torch, args.dtype))
-    draft = load_draft(args.draft, target)
+    pair = load_pair(args.target, args.draft, None, device, dtype)
+    target, draft = pair.target, pair.draft
     datasets: dict[str, list[list[int]]] = {}
     for name in args.datasets:
         if name == "sharegpt":
@@ -154,6 +158,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]
         "target": args.target,
         "draft": args.draft,
         "dtype": args.dtype,
+        "machine": describe(device, dtype).to_dict(),
         "workloads": "held-out ShareGPT first user turns (record index % 20 == 0); HumanEval problems as chat requests",
     }
     return target.model, draft, datasets, meta
@@ -184,7 +189,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         {"max_new_tokens": args.max_new_tokens, "ks": args.ks, "torch_threads": torch.get_num_threads(), "rows": rows}
     )
     write_json(out / "draft.json", summaries, meta)
-    plot(summaries, rows, args.ks, out / "draft.png", f"adactl bench draft: {meta['target']} + {meta['draft']}")
+    plot(summaries, rows, args.ks, out / "draft.png", f"adactl bench draft: {meta['target']} + {meta['draft']}, {meta['machine']['label']}")
     print(format_table(rows, ["dataset", "config", "tokens_per_s", "mean_accepted_len", "acceptance", "step_ms"]))
     print()
     print(format_table(summaries, SUMMARY))
@@ -203,8 +208,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights of both models (default float32)"
-    )
+    add_device_arguments(parser)
     parser.add_argument("--out", default="bench_results", help="directory for draft.json and draft.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run in seconds)")

@@ -33,7 +33,8 @@ from transformers import PreTrainedModel
 
 from adactl.bench.common import PeakMemory, format_table, release_freed_memory, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.models import load_model, perturbed_copy, tiny_llama
+from adactl.runtime.device import add_device_arguments
+from adactl.runtime.models import perturbed_copy, tiny_llama
 
 DEFAULT_DRAFT = "smollm2@layers=4"
 DRAFT_NOTE = (
@@ -107,8 +108,9 @@ def run_generate(
         start = time.perf_counter()
         for group in _groups(work.prompts, batch):
             width = max(len(p) for p in group)
-            ids = torch.tensor([[work.eos_id] * (width - len(p)) + p for p in group])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+            device = next(target.parameters()).device
+            ids = torch.tensor([[work.eos_id] * (width - len(p)) + p for p in group], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
             with torch.inference_mode():
                 out = target.generate(  # type: ignore[operator]  # generate is decorated in transformers
                     input_ids=ids,
@@ -291,8 +293,13 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, Workload, dict[str, Any]]:
+    from adactl.runtime.device import describe, device_and_dtype
+    from adactl.runtime.models import load_pair
+
+    device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
+    machine = describe(device, dtype).to_dict()
     if args.tiny:
-        target = tiny_llama(vocab_size=512, hidden_size=128, num_layers=4, seed=0, max_positions=1024)
+        target = tiny_llama(vocab_size=512, hidden_size=128, num_layers=4, seed=0, max_positions=1024).to(device, dtype)
         draft = perturbed_copy(target, noise=0.03, seed=1)
         gen = torch.Generator().manual_seed(args.seed)
         n = max(args.batch_sizes)
@@ -302,12 +309,13 @@ def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, W
             "target": "tiny random Llama",
             "draft": "perturbed copy of the target",
             "workload": "random prompts",
+            "machine": machine,
         }
         return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
     from adactl.workloads import chat_prompts, read_sharegpt
 
-    target_m = load_model(args.target)
-    draft_m = load_model(args.draft)
+    pair = load_pair(args.target, args.draft, None, device, dtype)
+    target_m = pair.target
     data = read_sharegpt()
     print(
         f"ShareGPT: read {len(data.records)} complete records; "
@@ -321,8 +329,9 @@ def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, W
         "draft_note": DRAFT_NOTE if args.draft == DEFAULT_DRAFT else "",
         "workload": f"ShareGPT V3 first user turns (<= {args.max_prompt_tokens} tokens), chat template",
         "sharegpt_records_read": len(data.records),
+        "machine": machine,
     }
-    return target_m.model, draft_m.model, Workload(prompts, args.max_new_tokens, eos), meta
+    return target_m.model, pair.draft, Workload(prompts, args.max_new_tokens, eos), meta  # type: ignore[return-value]
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -352,7 +361,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     all_runs = [r | {"round": k} for rs in runs.values() for k, r in enumerate(rs)]
     write_json(out / "runtime.json", records, {**meta, "ratios": ratios, "rounds": all_runs})
-    plot(records, out / "runtime.png", f"adactl bench runtime: {meta['target']} (draft: {meta['draft']})")
+    plot(records, out / "runtime.png",
+         f"adactl bench runtime: {meta['target']} (draft: {meta['draft']}), {meta['machine']['label']}")  # fmt: skip
     columns = [
         "config",
         "batch_size",
@@ -381,3 +391,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")
+    add_device_arguments(parser)

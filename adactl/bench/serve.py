@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from adactl.bench.common import format_table, write_json
+from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
 from adactl.workloads import arrival_times, consumer_mix
 
@@ -195,7 +196,7 @@ def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot(records: list[dict[str, Any]], path: Path, ttft_target: float) -> None:
+def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +218,8 @@ def plot(records: list[dict[str, Any]], path: Path, ttft_target: float) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    fig.suptitle("adactl serve vs transformers serve --continuous-batching (client-side measurement)")
+    fig.suptitle("adactl serve vs transformers serve --continuous-batching (client-side measurement)"
+                 + (f", {machine}" if machine else ""))  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -269,7 +271,8 @@ def start_adactl(stack: str, args: argparse.Namespace, log: Path) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "adactl.cli", "serve", "--controllers", stack, "--port", str(port),
            "--model", args.target, "--draft", args.draft, "--max-batch", str(args.max_batch),
-           "--max-queue", str(args.max_queue), "--log-level", "warning"]  # fmt: skip
+           "--max-queue", str(args.max_queue), "--log-level", "warning", "--device", args.device,
+           "--dtype", args.dtype]  # fmt: skip
     return _spawn(f"adactl[{stack}]", cmd, f"http://127.0.0.1:{port}", served_name(args.target), True, log,
                   dict(os.environ))  # fmt: skip
 
@@ -280,7 +283,8 @@ def start_peer(args: argparse.Namespace, log: Path) -> Server:
 
     model = str(default_target_dir()) if args.target in DEFAULT_ALIASES else args.target
     port = free_port()
-    cmd = ["transformers", "serve", model, "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+    device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
+    cmd = ["transformers", "serve", model, "--continuous-batching", "--device", device, "--dtype", args.dtype,
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # a local directory: never reach for a hub
     return _spawn(PEER, cmd, f"http://127.0.0.1:{port}", model, False, log, env)
@@ -344,6 +348,7 @@ def _launch(stack: str, args: argparse.Namespace, out: Path) -> Server:
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device_and_dtype(args.device, args.dtype)  # a bad device or dtype is an error before any server starts
     tokenizer, jobs = _workload(args)
     out = Path(args.out)
     launchers: list[Callable[[], Server]] = [functools.partial(_launch, s, args, out) for s in args.stacks]
@@ -374,9 +379,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     print(format_table(records, COLUMNS))
     print(json.dumps(summary, indent=2))
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"summary": summary, "args": {k: v for k, v in vars(args).items() if k != "run"}}
+    machine = describe(*device_and_dtype(args.device, args.dtype)).to_dict()
+    meta = {"summary": summary, "machine": machine,
+            "args": {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}}  # fmt: skip
     write_json(out / "serve.json", records, meta)
-    plot(records, out / "serve.png", args.ttft_target)
+    plot(records, out / "serve.png", args.ttft_target, str(machine["label"]))
     return records
 
 
@@ -408,3 +415,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results")
     parser.add_argument("--tiny", action="store_true", help="smoke run: in-process servers on a tiny random model")
+    add_device_arguments(parser)

@@ -69,6 +69,8 @@ def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]],
 
 def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: dict[str, Any],
         table: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    from adactl.bench.spec import engine_context  # spec runs this module: imported here, not at the top
+
     n = args.slo_requests
     times = arrival_times(n, args.rate, args.seed)
     tpots = [args.slo_tpot[i % len(CLASSES)] for i in range(n)]
@@ -101,8 +103,9 @@ def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: l
     bar = tqdm(total=n * args.max_new_tokens * len(entries), desc="bench spec --slo", unit="tok")
     for name, (needs_companion, build) in entries.items():
         engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=args.max_batch))
-        schedule, verify = build(engine, ctx)
-        loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8)
+        here = engine_context(ctx, needs_companion)
+        schedule, verify = build(engine, here)
+        loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8, estimators=[here["step_time"]])
         records.append({"controller": name, "rate": args.rate,
                         **serve_open_loop(engine, loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
     bar.close()

@@ -60,6 +60,8 @@ from adactl.estimators import load_acceptance
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import CachedStepTime, StepTimeModel
 from adactl.loop import ControlLoop
+from adactl.profiler import add_profile_arguments
+from adactl.runtime.device import add_device_arguments
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
 
@@ -207,49 +209,77 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dict[str, Any], dict[str, Any]]:
-    """target model, draft, draft with companion, prompts, context for the builders, meta."""
-    if args.tiny:
-        from adactl.runtime import FeatureDraft
-        from adactl.runtime.feature_draft import WithCompanion
-        from adactl.runtime.models import tiny_llama
+    """target model, draft, draft with companion, prompts, context for the builders, meta.
 
-        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0)
-        draft = FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval()
-        pair = WithCompanion(draft, FeatureDraft.from_target(target, list(range(192)), 32, seed=2).eval())
+    The step costs (`ctx["step_time"]`, `ctx["step_time_sv"]` for runs with the companion) are
+    this machine's profiles (adactl.profiler.step_cost_for), one model per engine kind shared
+    by all its runs, as one server's would be: refined online from every step any run serves."""
+    from adactl.profiler import step_cost_for, tiny_pair
+    from adactl.runtime.device import describe, device_and_dtype
+    from adactl.runtime.models import ModelPair, load_pair
+
+    device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
+    if args.tiny:
+        from adactl.estimators import CompanionSignal, DraftConfidence
+        from adactl.runtime import FeatureDraft
+
+        alone = tiny_pair(device, dtype)
+        companion = FeatureDraft.from_target(alone.target.model, list(range(192)), 32, seed=2).eval()
+        both = ModelPair(alone.target, alone.draft, companion, device, dtype,
+                         {**alone.specs, "companion": "tiny-companion"})  # fmt: skip
         g = torch.Generator().manual_seed(args.seed)
         n = max(args.batches)
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
-        from adactl.estimators import CompanionSignal, DraftConfidence
-
-        ctx = {
-            "step_time": _tiny_step_time(),
-            "moving_average": MovingAverage,
-            "sv": CompanionSignal,
-            "confidence": DraftConfidence,
-        }
-        return target, draft, pair, prompts, ctx, {"target": "tiny random Llama"}
-    from adactl.runtime.feature_draft import WithCompanion
-    from adactl.runtime.models import load_draft, load_model
-    from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
-
-    loaded = load_model(args.target)
-    draft = load_draft(args.draft, loaded)
-    pair = WithCompanion(draft, load_draft(args.companion, loaded))  # type: ignore[arg-type]
-    if args.workload == "humaneval":
-        prompts = humaneval_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens)
+        ctx = {"moving_average": MovingAverage, "sv": CompanionSignal, "confidence": DraftConfidence}
+        meta: dict[str, Any] = {"target": "tiny random Llama"}
     else:
-        sharegpt = read_sharegpt()
-        prompts = chat_prompts(loaded.tokenizer, max(args.batches), args.max_prompt_tokens, sharegpt, held_out=True)
-    est = SHIPPED_MODELS / "estimators"
-    ctx = {
-        "step_time": CachedStepTime(StepTimeModel.load(est / "step_time.skops")),
-        "moving_average": lambda: load_acceptance(est / "moving_average.json"),
-        "sv": lambda: load_acceptance(est / "companion.json"),
-        "confidence": lambda: load_acceptance(est / "confidence.json"),
-    }
-    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
-            "workload": args.workload}  # fmt: skip
-    return loaded.model, draft, pair, prompts, ctx, meta
+        from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
+
+        both = load_pair(args.target, args.draft, args.companion, device, dtype)
+        alone = ModelPair(both.target, both.draft, None, device, dtype, {**both.specs, "companion": "none"})
+        if args.workload == "humaneval":
+            prompts = humaneval_prompts(both.tokenizer, max(args.batches), args.max_prompt_tokens)
+        else:
+            sharegpt = read_sharegpt()
+            prompts = chat_prompts(both.tokenizer, max(args.batches), args.max_prompt_tokens, sharegpt, held_out=True)
+        est = SHIPPED_MODELS / "estimators"
+        ctx = {
+            "moving_average": lambda: load_acceptance(est / "moving_average.json"),
+            "sv": lambda: load_acceptance(est / "companion.json"),
+            "confidence": lambda: load_acceptance(est / "confidence.json"),
+        }
+        meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
+                "workload": args.workload}  # fmt: skip
+    ctx["costs"] = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
+    meta["machine"] = describe(device, dtype).to_dict()
+    meta["profile"] = args.profile or "this machine's (cached)"
+    meta["refine"] = args.refine
+    return both.target.model, both.draft, both.speculator(with_companion=True), prompts, ctx, meta
+
+
+class CostModels:
+    """The step-cost model of each engine kind a bench runs (the draft alone; the draft with its
+    companion), made on first use from this machine's profile or the one named."""
+
+    def __init__(self, alone: Any, both: Any, profile: str | None, profile_sv: str | None, refine: bool,
+                 max_batch: int) -> None:  # fmt: skip
+        self.pairs = {False: alone, True: both}
+        self.files = {False: profile, True: profile_sv or profile}
+        self.refine, self.max_batch = refine, max_batch
+        self.models: dict[bool, Any] = {}
+
+    def __call__(self, companion: bool) -> Any:
+        from adactl.profiler import step_cost_for
+
+        if companion not in self.models:
+            self.models[companion] = step_cost_for(self.pairs[companion], self.files[companion], self.refine,
+                                                   max_batch=self.max_batch)  # fmt: skip
+        return self.models[companion]
+
+
+def engine_context(ctx: dict[str, Any], companion: bool) -> dict[str, Any]:
+    """The builders' context for an engine with (or without) the companion: its step-cost model."""
+    return {**ctx, "step_time": ctx["costs"](companion)}
 
 
 def run_one(name: str, entry: tuple[bool, Builder], target: Any, draft: Any, pair: Any, group: list[list[int]],
@@ -257,8 +287,9 @@ def run_one(name: str, entry: tuple[bool, Builder], target: Any, draft: Any, pai
             ) -> dict[str, Any]:  # fmt: skip
     needs_companion, build = entry
     engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=len(group)))
-    schedule, verify = build(engine, ctx)
-    loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8,
+    here = engine_context(ctx, needs_companion)
+    schedule, verify = build(engine, here)
+    loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8, estimators=[here["step_time"]],
                        prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": name, **serve(engine, loop, group, temperature, args, bar)}
 
@@ -270,7 +301,8 @@ def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
     k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
-    loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, ctx["step_time"]),
+    cost = ctx["costs"](False)
+    loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
                        max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
 
@@ -282,7 +314,8 @@ def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: 
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
     spec = tree_spec(best.removeprefix("tree-"))
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
-    loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, ctx["step_time"]),
+    cost = ctx["costs"](False)
+    loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
                        max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
 
@@ -299,9 +332,11 @@ def _tiny_step_time() -> StepTimeModel:
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.quick:
-        args.batches, args.temperatures, args.ks, args.rounds = [1, 8, 32], [0.0], [2, 4], 1
+    if args.quick:  # an explicit --rounds stands (single rounds here differ by up to 10%)
+        args.batches, args.temperatures, args.ks = [1, 8, 32], [0.0], [2, 4]
         args.max_new_tokens = min(args.max_new_tokens, 24)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
     torch.manual_seed(args.seed)
     if args.slo:
         args.batches = [args.slo_requests]  # prompts needed
@@ -348,7 +383,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     write_json(out / f"{stem}.json", records, {**meta, "args": settings})
     workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
-    plot(records, out / f"{stem}.png", f"{what}, {workload}, CPU")
+    plot(records, out / f"{stem}.png", f"{what}, {workload}, {meta['machine']['label']}")
     return records
 
 
@@ -372,7 +407,7 @@ def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     """The run's arguments as JSON values (tree specs as text)."""
-    settings = {k: v for k, v in vars(args).items() if k != "run"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}
     settings["tree"] = str(args.tree)
     settings["fixed_trees"] = [str(t) for t in args.fixed_trees]
     return settings
@@ -390,7 +425,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=2, help="runs per configuration (the fastest is reported)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="runs per configuration, the fastest reported (default 2; 1 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
@@ -410,4 +446,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree", type=tree_spec, default=TreeSpec(2, 2, 4),
                         help="--trees: the tree tree-alloc drafts (depth,width,nodes)")  # fmt: skip
     parser.add_argument("--tree-width", type=int, default=2, help="--trees: alternatives per level of goodput-tree")
+    add_device_arguments(parser)
+    add_profile_arguments(parser)
+    parser.add_argument("--profile-sv", default=None,
+                        help="the profile of runs with the companion (default: --profile, else this machine's)")
     parser.add_argument("--out", default="bench_results")

@@ -36,6 +36,8 @@ from tqdm import tqdm
 from adactl.bench.common import format_table, write_json
 from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
 from adactl.loop import ControlLoop
+from adactl.profiler import add_profile_arguments, step_cost_for
+from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.replay import ReplayEngine
 from adactl.workloads import arrival_times, consumer_mix
@@ -135,7 +137,7 @@ def add_capacity(records: list[dict[str, Any]]) -> None:
             r["capacity_inflight"] = best["admitted_inflight"] if best else 0.0
 
 
-def plot(records: list[dict[str, Any]], path: Path) -> None:
+def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,46 +161,37 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at {top}/s")
         row[0].legend(fontsize=7)
         row[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _workload(args: argparse.Namespace) -> tuple[Any, Any, list[tuple[Any, int]], list[Stream]]:
-    """(target model, tokenizer, requests, streams)."""
+def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], list[Stream]]:
+    """(the target alone as a `ModelPair`, requests, streams): streaming serves plain decoding."""
+    from adactl.runtime.device import device_and_dtype
+    from adactl.runtime.models import LoadedModel, ModelPair, load_pair
+
+    device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
     streams = consumer_mix(args.requests, args.seed, args.ttft, tokens_only=args.consumers == "tokens")
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
-        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
         g = torch.Generator().manual_seed(args.seed)
         lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
         reqs = [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]
-        return target, None, reqs, [Stream(s.rate, "token", s.ttft_s) for s in streams]
-    from adactl.runtime.models import load_model
+        pair = ModelPair(LoadedModel(target, None, "tiny-stream"), None, None, device, dtype,
+                         {"target": "tiny-stream", "draft": "none", "companion": "none"})  # fmt: skip
+        return pair, reqs, [Stream(s.rate, "token", s.ttft_s) for s in streams]
     from adactl.workloads import chat_requests, read_sharegpt
 
-    loaded = load_model(args.target)
+    pair = load_pair(args.target, None, None, device, dtype)
     data = read_sharegpt()
-    reqs = chat_requests(loaded.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
+    reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
                          held_out=True)  # fmt: skip
-    return loaded.model, loaded.tokenizer, list(reqs), streams
-
-
-def _step_time(args: argparse.Namespace) -> Any:
-    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
-
-    if args.tiny:
-        from adactl.bench.spec import _tiny_step_time
-
-        return CachedStepTime(_tiny_step_time())
-    from adactl.runtime.models import SHIPPED_MODELS
-
-    # streaming serves plain decoding on the target alone: its own profile (train/profile_steps.py
-    # --draft ''), not the one with a draft and companion feeding every step
-    plain = SHIPPED_MODELS / "estimators" / "step_time_plain.skops"
-    path = plain if plain.is_file() else SHIPPED_MODELS / "estimators" / "step_time.skops"
-    return CachedStepTime(StepTimeModel.load(path))
+    return pair, list(reqs), streams
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -206,8 +199,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         args.loads, args.requests, args.fcfs_seqs = args.loads[:2], min(args.requests, 16), args.fcfs_seqs[:1]
         args.controllers = args.controllers or ["fcfs", "edf", "progressserve"]
     torch.manual_seed(args.seed)
-    target, tokenizer, requests, streams = _workload(args)
-    step_time = _step_time(args)
+    pair, requests, streams = _workload(args)
+    target, tokenizer = pair.target.model, pair.tokenizer
+    # the controllers' step costs: this machine's profile of the target alone, refined online;
+    # the replay engine's: the same profile, frozen (it is the replay's ground truth)
+    step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
+    replay_time = step_cost_for(pair, args.profile, refine=False, max_batch=args.max_batch, log=lambda _: None)
     table = controllers(step_time, args)
     chosen = [c for c in table if args.controllers is None or c in args.controllers]
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
@@ -221,7 +218,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if backend == "engine":
                     engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
                 else:
-                    engine = ReplayEngine(step_time, max_batch_size=args.max_batch, noise=args.replay_noise,
+                    engine = ReplayEngine(replay_time, max_batch_size=args.max_batch, noise=args.replay_noise,
                                           seed=args.seed)  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
                 result = serve(engine, table[name](), work, streams, times, args, bar)
@@ -235,9 +232,10 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": "tiny" if args.tiny else args.target, "validation": summary,
-            "args": {k: v for k, v in vars(args).items() if k != "run"}}  # fmt: skip
+            "machine": describe(pair.device, pair.dtype).to_dict(),
+            "args": {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}}  # fmt: skip
     write_json(out / "stream.json", records, meta)
-    plot(records, out / "stream.png")
+    plot(records, out / "stream.png", f"adactl bench stream: {meta['target']}, {meta['machine']['label']}")
     return records
 
 
@@ -289,4 +287,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 loads, 16 requests, fcfs / edf / progressserve")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
+    add_device_arguments(parser)
+    add_profile_arguments(parser)
     parser.add_argument("--out", default="bench_results")

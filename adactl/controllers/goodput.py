@@ -11,6 +11,11 @@ the running requests' context). The controller drafts
 
 every step, so the choice follows the load: as the batch grows, verification stops being
 nearly free and c* falls to 0.
+
+When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
+with probability `explore` (5%) drafts a neighbour of c* (c* + 1 or c* - 1) instead: a model
+that starts out thinking verification too dear would otherwise never draft, and so never see
+that it is cheap (the served steps are all it learns from).
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from adactl.runtime.types import StepPlan
 class GoodputLength(Controller):
     name = "goodput"
 
-    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None) -> None:
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.05,
+                 seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
+        learns = hasattr(step_time, "update") and getattr(step_time, "refine", True)
+        self.explore = explore if learns else 0.0
+        self.rng = np.random.default_rng(seed)
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
         running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
@@ -47,4 +56,7 @@ class GoodputLength(Controller):
         shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
         seconds = np.maximum(self.step_time.predict(shapes), 1e-6)
         rate = rows * (1 + gain.numpy()) / seconds
-        return replace(state.plan, draft_len=int(np.argmax(rate)))
+        best = int(np.argmax(rate))
+        if self.explore > 0 and self.rng.random() < self.explore:
+            best = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
+        return replace(state.plan, draft_len=best)

@@ -7,7 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, drafts
+from adactl.profiler import add_profile_arguments
+from adactl.runtime.device import add_device_arguments
+
+from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-wait", type=float, default=60.0, help="seconds a request may wait to start")
     parser.add_argument("--max-draft-len", type=int, default=8)
     parser.add_argument("--prefill-budget", type=int, default=512, help="prompt tokens per step (the safe default)")
-    parser.add_argument("--step-time", default=None, help="a step-time model (.skops); default: the shipped one")
-    parser.add_argument("--device", default="cpu")
+    add_device_arguments(parser)
+    add_profile_arguments(parser)
     parser.add_argument("--log-level", default="info")
 
 
@@ -38,37 +41,39 @@ def served_name(model: str) -> str:
     return SMOLLM2_DIR if model in DEFAULT_ALIASES else Path(model).name or model
 
 
-def stack_context(args: argparse.Namespace, has_draft: bool) -> StackContext:
-    """The shipped estimators of the default models (or `--step-time`)."""
+def stack_context(args: argparse.Namespace, pair: Any | None) -> StackContext:
+    """The shipped acceptance estimators and this machine's step costs (`--profile`), refined
+    online; `pair` None: names are being checked, nothing is measured."""
     from adactl.estimators import load_acceptance
-    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
-    from adactl.runtime.models import SHIPPED_MODELS
+    from adactl.profiler import step_cost_for
 
-    est = SHIPPED_MODELS / "estimators"
-    path = (
-        Path(args.step_time) if args.step_time else est / ("step_time.skops" if has_draft else "step_time_plain.skops")
-    )
-    return StackContext(CachedStepTime(StepTimeModel.load(path)), load_acceptance, args.prefill_budget)
+    step_time = None
+    if pair is not None and costs_steps(args.controllers):
+        step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
+    return StackContext(step_time, load_acceptance, args.prefill_budget)
 
 
 def build_server(args: argparse.Namespace) -> Any:
     """The `OpenAIServer` (its FastAPI app in `.app`) that `args` describe."""
     from adactl.loop import ControlLoop
     from adactl.runtime import Engine, EngineConfig
-    from adactl.runtime.models import load_draft, load_model
+    from adactl.runtime.device import device_and_dtype
+    from adactl.runtime.models import load_pair
 
     from .api import OpenAIServer
     from .service import EngineService, ServiceConfig
 
     has_draft = args.draft not in ("", "none") and drafts(args.controllers)
-    stack = build_stack(args.controllers, stack_context(args, has_draft))  # names checked before loading models
+    stack = build_stack(args.controllers, stack_context(args, None))  # names checked before loading models
     if stack.needs_companion and not has_draft:
         raise ValueError(f"--controllers {args.controllers} verifies with a companion: it needs a draft (--draft)")
-    loaded = load_model(args.model, args.device)
-    draft = None
-    if has_draft:
-        draft = load_draft(args.draft, loaded, companion=args.companion if stack.needs_companion else None)
-    engine = Engine(loaded.model, draft, loaded.tokenizer, EngineConfig(max_batch_size=args.max_batch))
+    device, dtype = device_and_dtype(args.device, args.dtype)  # and the device
+    companion = args.companion if stack.needs_companion else None
+    pair = load_pair(args.model, args.draft if has_draft else None, companion, device, dtype)
+    stack = build_stack(args.controllers, stack_context(args, pair))
+    loaded = pair.target
+    engine = Engine(loaded.model, pair.speculator(stack.needs_companion), loaded.tokenizer,
+                    EngineConfig(max_batch_size=args.max_batch))  # fmt: skip
     loop = ControlLoop(
         engine,
         stack.schedule,

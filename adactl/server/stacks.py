@@ -97,6 +97,12 @@ def drafts(spec: str) -> bool:
     return any(n in ("goodput", "slo", "sv", "adaserve") or re.fullmatch(r"fixed-k[1-9]\d*", n) for n in names)
 
 
+def costs_steps(spec: str) -> bool:
+    """Whether any controller of `spec` predicts step costs (else no profile is needed)."""
+    names = [n.strip() for n in spec.split(",")]
+    return any(n in ("progressserve", "ttft-budget", "goodput", "slo", "sv", "adaserve") for n in names)
+
+
 def build_stack(spec: str, ctx: StackContext) -> Stack:
     """The controllers `spec` names, fresh. Raises ValueError naming what is unknown or misplaced."""
     names = [n.strip() for n in spec.split(",") if n.strip()]

@@ -1,0 +1,247 @@
+"""The step-cost model of the machine in use: a profile made on it, refined online every step.
+
+A step's wall time, per part (prefill, draft, verify), is linear in a small cost basis of
+its shape (`BASIS`, `features`):
+
+    seconds[part] = theta[:, part] . phi(shape)
+    phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
+           draft forwards, draft tokens, draft attention, prefill tokens, prefill tokens^2]
+
+- **Prior**: theta fitted by least squares, weighted by 1 / seconds (relative error), on the
+  steps that `adactl profile` measured on this machine (`StepCostProfile`).
+- **Online refinement**: every `StepRecord` updates theta by recursive least squares with a
+  forgetting factor lambda (0.97: the last ~30 steps carry two thirds of the weight), in the
+  same relative weighting:
+
+      g = P phi / (lambda + phi' P phi);  theta += g (y - phi' theta);  P = (P - g phi' P) / lambda
+
+  so a wrong or drifting profile converges within about 50 steps of the shapes served. P's
+  trace is capped, so directions the served steps never excite do not wind up.
+
+A profile is a portable JSON file: a fingerprint of the machine and models it was measured
+for (`Fingerprint`), the raw measured steps, and the fitted theta. Nothing is unpickled.
+Not here: measuring (adactl.profiler) or choosing which profile a run uses (adactl.profiler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, astuple, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adactl.estimators.step_time import PARTS, StepShape
+from adactl.interface import StepRecord
+
+FORMAT = "adactl-step-cost-profile"
+VERSION = 1
+BASIS = ("step", "rows", "verify_tokens", "verify_attention", "draft_forwards", "draft_tokens", "draft_attention",
+         "prefill_tokens", "prefill_squared")  # fmt: skip
+# features are divided by these typical sizes, so that P starts well conditioned
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 4.0, 64.0, 16.0, 256.0, 256.0])
+_FIELDS = {f.name: i for i, f in enumerate(fields(StepShape))}
+
+
+class ProfileError(ValueError):
+    """A profile file that is corrupt, foreign to adactl, or for another machine."""
+
+
+def features(shapes: Sequence[StepShape] | np.ndarray) -> np.ndarray:
+    """[N, len(BASIS)] cost basis of step shapes (scaled)."""
+    m = np.asarray([astuple(s) for s in shapes] if not isinstance(shapes, np.ndarray) else shapes, dtype=np.float64)
+    m = m.reshape(-1, len(_FIELDS))
+    col = {name: m[:, i] for name, i in _FIELDS.items()}
+    rows = col["rows"]
+    mean_context = col["context_tokens"] / np.maximum(rows, 1) / 1024  # thousands of tokens per row
+    prefill = col["prefill_tokens"]
+    phi = np.stack([
+        np.ones(len(m)),
+        rows,
+        col["verify_computed"],
+        col["verify_computed"] * mean_context,
+        col["max_draft"],
+        col["draft_tokens"],
+        col["draft_tokens"] * mean_context,
+        prefill,
+        prefill * prefill / 256,
+    ], axis=1)  # fmt: skip
+    return phi / _SCALE
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a step's cost depends on besides its shape: the models, the machine, the software."""
+
+    target: str
+    draft: str  # "none": plain decoding
+    companion: str  # "none": no companion
+    device_type: str  # "cpu" | "cuda" | "mps"
+    device_name: str  # GPU name or CPU model
+    dtype: str
+    torch: str
+    threads: int
+
+    def key(self) -> str:
+        """A short stable hash: the profile's file name in the cache."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        """`field: ours != theirs` for every field that differs."""
+        a, b = asdict(self), asdict(other)
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b[k]]
+
+    @property
+    def machine_label(self) -> str:
+        where = self.device_name if self.device_type != "cpu" else f"CPU {self.device_name} ({self.threads} threads)"
+        return f"{where}, {self.dtype}, torch {self.torch}"
+
+
+def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """[len(BASIS), 3] least squares of (prefill, draft, verify) seconds on the basis, each step
+    weighted by 1 / its total seconds (so a 2 ms step counts as much as a 2 s one)."""
+    phi = features(shapes)
+    y = np.asarray(seconds, dtype=np.float64).reshape(len(phi), len(PARTS))
+    w = 1.0 / np.maximum(y.sum(1), 1e-4)
+    a = phi * w[:, None]
+    lhs = a.T @ a + ridge * np.eye(phi.shape[1])
+    return np.linalg.solve(lhs, a.T @ (y * w[:, None]))
+
+
+class LinearStepCost:
+    """A `StepTimePredictor` (adactl.estimators.step_time) that learns from every step.
+
+    `predict(shapes)` and `predict_parts(shapes)` as the ExtraTrees model has them; `update(record)`
+    refines theta online (the loop calls it every step; see the module docstring). `refine=False`
+    keeps the prior as it is (to compare)."""
+
+    name = "step_cost"
+
+    def __init__(self, theta: np.ndarray, forgetting: float = 0.97, prior_strength: float = 1.0,
+                 refine: bool = True, max_trace: float = 1e3) -> None:  # fmt: skip
+        self.theta = np.array(theta, dtype=np.float64).reshape(len(BASIS), len(PARTS))
+        self.prior = self.theta.copy()
+        self.forgetting, self.refine, self.max_trace = forgetting, refine, max_trace
+        self.P = np.eye(len(BASIS)) / prior_strength
+        self.updates = 0
+        self.floor = 1e-5  # no step is predicted faster than 10 us
+
+    # ---------------------------------------------------------------- predict
+    def predict_parts(self, shapes: Sequence[StepShape]) -> np.ndarray:
+        """[N, 3] predicted prefill, draft and verify seconds."""
+        return np.maximum(features(shapes) @ self.theta, 0.0)
+
+    def predict(self, shapes: Sequence[StepShape]) -> np.ndarray:
+        """[N] predicted step seconds."""
+        return np.maximum((features(shapes) @ self.theta).sum(1), self.floor)
+
+    # ----------------------------------------------------------------- learn
+    def update(self, record: StepRecord) -> None:
+        """One recursive-least-squares step on what this step cost."""
+        if not self.refine:
+            return
+        o = record.outcome
+        self.observe(StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s))
+
+    def observe(self, shape: StepShape, seconds: Sequence[float]) -> None:
+        """Learn that a step of `shape` took (prefill, draft, verify) `seconds` (not if refine=False)."""
+        if not self.refine:
+            return
+        y = np.asarray(seconds, dtype=np.float64)
+        total = float(y.sum())
+        if not math.isfinite(total) or total <= 0:
+            return
+        phi = features([shape])[0] / total  # relative weighting: divide the regression by the step's size
+        y = y / total
+        p_phi = self.P @ phi
+        gain = p_phi / (self.forgetting + phi @ p_phi)
+        self.theta += np.outer(gain, y - phi @ self.theta)
+        self.P = (self.P - np.outer(gain, p_phi)) / self.forgetting
+        trace = float(np.trace(self.P))
+        if trace > self.max_trace:
+            self.P *= self.max_trace / trace
+        self.updates += 1
+
+    # ------------------------------------------------------------------- data
+    def to_dict(self) -> dict[str, Any]:
+        return {"basis": list(BASIS), "theta": self.theta.tolist(), "forgetting": self.forgetting}
+
+
+@dataclass
+class StepCostProfile:
+    """Measured steps of one (models, machine), the theta fitted on them, and where they came from."""
+
+    fingerprint: Fingerprint
+    steps: list[dict[str, float]]  # StepShape fields + prefill_s, draft_s, verify_s
+    theta: np.ndarray  # [len(BASIS), 3]
+    meta: dict[str, Any] = field(default_factory=dict)  # created, seconds spent, held-out error, ...
+
+    @classmethod
+    def from_steps(cls, fingerprint: Fingerprint, shapes: list[StepShape], seconds: np.ndarray,
+                   meta: dict[str, Any] | None = None) -> StepCostProfile:  # fmt: skip
+        seconds = np.asarray(seconds, dtype=np.float64).reshape(len(shapes), len(PARTS))
+        steps = [asdict(s) | dict(zip(PARTS, map(float, y))) for s, y in zip(shapes, seconds)]
+        theta = fit_theta(shapes, seconds)
+        pred = np.maximum((features(shapes) @ theta).sum(1), 1e-5)
+        meta = dict(meta or {})
+        meta["fit_mape"] = float(np.mean(np.abs(pred - seconds.sum(1)) / np.maximum(seconds.sum(1), 1e-9)))
+        return cls(fingerprint, steps, theta, meta)
+
+    def shapes(self) -> tuple[list[StepShape], np.ndarray]:
+        names = StepShape.names()
+        shapes = [StepShape(**{n: int(s[n]) for n in names}) for s in self.steps]
+        return shapes, np.array([[s[p] for p in PARTS] for s in self.steps], dtype=np.float64)
+
+    def model(self, refine: bool = True, forgetting: float = 0.97) -> LinearStepCost:
+        return LinearStepCost(self.theta, forgetting=forgetting, refine=refine)
+
+    # ------------------------------------------------------------------- file
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "fingerprint": asdict(self.fingerprint),
+                "basis": list(BASIS), "parts": list(PARTS), "theta": self.theta.tolist(), "meta": self.meta,
+                "steps": self.steps}  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=0) + "\n")
+        partial.replace(path)  # a reader never sees half a file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> StepCostProfile:
+        """Read and check a profile; `ProfileError` says what is wrong and what to do."""
+        path = Path(path)
+        remake = "make one on this machine with `adactl profile`"
+        if not path.is_file():
+            raise ProfileError(f"step-cost profile {path} does not exist; {remake}")
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProfileError(f"step-cost profile {path} is not valid JSON ({e}); {remake}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ProfileError(f"{path} is not an adactl step-cost profile (no \"format\": \"{FORMAT}\"); {remake}")
+        if data.get("version") != VERSION:
+            raise ProfileError(f"{path} is a version {data.get('version')} profile; this adactl reads {VERSION}; {remake}")
+        try:
+            fingerprint = Fingerprint(**data["fingerprint"])
+            if data["basis"] != list(BASIS):
+                raise ProfileError(f"{path} uses the cost basis {data['basis']}, not {list(BASIS)}; {remake}")
+            theta = np.array(data["theta"], dtype=np.float64)
+            if theta.shape != (len(BASIS), len(PARTS)) or not np.isfinite(theta).all():
+                raise ProfileError(f"{path}: theta must be {len(BASIS)} x {len(PARTS)} finite numbers; {remake}")
+            steps = [dict(s) for s in data["steps"]]
+            needed = {*StepShape.names(), *PARTS}
+            if any(not needed <= s.keys() for s in steps):
+                raise ProfileError(f"{path}: a step lacks one of {sorted(needed)}; {remake}")
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ProfileError):
+                raise
+            raise ProfileError(f"{path} is corrupt ({type(e).__name__}: {e}); {remake}") from None
+        return cls(fingerprint, steps, theta, dict(data.get("meta", {})))
