@@ -383,7 +383,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     write_json(out / f"{stem}.json", records, {**meta, "args": settings})
     workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
-    plot(records, out / f"{stem}.png", f"{what}, {workload}, {meta['machine']['label']}")
+    plot(records, out / f"{stem}.png", f"{what}, {workload}\n{meta['machine']['label']}")
     return records
 
 

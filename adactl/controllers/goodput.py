@@ -10,10 +10,13 @@ the running requests' context). The controller drafts
     c* = argmax_{c in 0..K}  R * tokens(c) / T(c)          (R running requests)
 
 every step, so the choice follows the load: as the batch grows, verification stops being
-nearly free and c* falls to 0.
+nearly free and c* falls to 0. A longer draft must beat every shorter one by `margin` (3%)
+to be chosen: near a tie the step-cost model cannot tell the two apart (a CPU step varies
+by 5-10% between repetitions of one shape), and a draft costs what the model does not see
+(rows that finish at different steps, a companion's work), so a tie goes to drafting less.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
-with probability `explore` (5%) drafts a neighbour of c* (c* + 1 or c* - 1) instead: a model
+with probability `explore` (3%) drafts a neighbour of c* (c* + 1 or c* - 1) instead: a model
 that starts out thinking verification too dear would otherwise never draft, and so never see
 that it is cheap (the served steps are all it learns from).
 """
@@ -34,12 +37,13 @@ from adactl.runtime.types import StepPlan
 class GoodputLength(Controller):
     name = "goodput"
 
-    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.05,
-                 seed: int = 0) -> None:  # fmt: skip
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.03,
+                 margin: float = 0.03, seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         learns = hasattr(step_time, "update") and getattr(step_time, "refine", True)
         self.explore = explore if learns else 0.0
+        self.margin = margin
         self.rng = np.random.default_rng(seed)
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
@@ -56,7 +60,17 @@ class GoodputLength(Controller):
         shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
         seconds = np.maximum(self.step_time.predict(shapes), 1e-6)
         rate = rows * (1 + gain.numpy()) / seconds
-        best = int(np.argmax(rate))
+        best = shortest_within(rate, self.margin)
         if self.explore > 0 and self.rng.random() < self.explore:
             best = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
         return replace(state.plan, draft_len=best)
+
+
+def shortest_within(rate: np.ndarray, margin: float) -> int:
+    """The index of the best rate, except that a later (longer) candidate is taken only where
+    it beats the best earlier one by more than `margin`."""
+    best = 0
+    for c in range(1, len(rate)):
+        if rate[c] > rate[best] * (1 + margin):
+            best = c
+    return best
