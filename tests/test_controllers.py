@@ -112,13 +112,16 @@ def test_sv_verifies_what_pays(step_time):
 
 def test_goodput_length_follows_the_load(step_time):
     ma = MovingAverage(prior=0.8)
-    ctl = GoodputLength(step_time, ma)
+    ctl = GoodputLength(step_time, ma, margin=0.0)  # the plain argmax
     small = ScheduleState(0.0, (view("a"),), max_draft_len=8)
     large = ScheduleState(0.0, tuple(view(f"r{i}") for i in range(64)), max_draft_len=8)
     k_small = ctl.act(small, ma.estimate(small)).draft_len
     k_large = ctl.act(large, ma.estimate(large)).draft_len
     assert isinstance(k_small, int) and k_small >= 3
     assert k_large < k_small
+    # with the default 3% margin a longer draft must clearly pay: never longer than the argmax
+    k_margin = GoodputLength(step_time, ma).act(small, ma.estimate(small)).draft_len
+    assert isinstance(k_margin, int) and 1 <= k_margin <= k_small
     poor = MovingAverage(prior=0.05)
     assert GoodputLength(step_time, poor).act(small, poor.estimate(small)).draft_len == 0
 
