@@ -1,4 +1,5 @@
-"""The `adactl` command line: `adactl serve`, `adactl profile` and `adactl bench spec | stream | serve | runtime | draft`."""
+"""The `adactl` command line: `adactl serve`, `adactl profile` and
+`adactl bench spec | stream | serve | runtime | draft`."""
 
 from __future__ import annotations
 

@@ -75,7 +75,8 @@ class ControlLoop:
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """estimators: extra estimators to update every step (controllers' own are updated
-        anyway, and so are their step-cost models, `controller.step_time`, where they learn). max_draft_len: None = 8 if the engine has a draft model, else 0."""
+        anyway, and so are their step-cost models, `controller.step_time`, where they learn).
+        max_draft_len: None = 8 if the engine has a draft model, else 0."""
         self.engine = engine
         self.schedule = [schedule] if hasattr(schedule, "act") else list(schedule)  # type: ignore[arg-type]
         self.verify_controller = verify

@@ -63,7 +63,8 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 65.0,
-            reps: int = 3, seed: int = 0, max_k: int = 8, progress: bool = True) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
+            reps: int = 3, seed: int = 0, max_k: int = 8,
+            progress: bool = True) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring)."""
     from adactl.runtime import SamplingParams, StepPlan
 
@@ -168,8 +169,9 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
         loaded = StepCostProfile.load(profile)
         diff = here.differences(loaded.fingerprint)
         if diff:
+            how = ", refined online from every step" if refine else " (online refinement off)"
             say(f"adactl: step-cost profile {profile} was made for another setup ({'; '.join(diff)}); "
-                f"using it as the prior{', refined online from every step' if refine else ' (online refinement off)'}")  # fmt: skip
+                f"using it as the prior{how}")
         return loaded.model(refine=refine)
     path = cached_path(here)
     if path.is_file():
@@ -188,8 +190,8 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """`--profile` and `--no-refine`, the same on every command that predicts step costs."""
     parser.add_argument("--profile", default=None,
-                        help="a step-cost profile file (adactl profile --out), or 'shipped' (the CPU prior that "
-                             "ships with adactl); default: this machine's, measured on first use and cached")  # fmt: skip
+                        help="a step-cost profile file (adactl profile --out), or 'shipped' (the CPU prior "
+                             "shipped with adactl); default: this machine's, measured on first use, cached")
     parser.add_argument("--no-refine", dest="refine", action="store_false",
                         help="keep the profile's costs as they are (no online refinement from served steps)")
 

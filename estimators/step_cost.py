@@ -228,7 +228,8 @@ class StepCostProfile:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ProfileError(f"{path} is not an adactl step-cost profile (no \"format\": \"{FORMAT}\"); {remake}")
         if data.get("version") != VERSION:
-            raise ProfileError(f"{path} is a version {data.get('version')} profile; this adactl reads {VERSION}; {remake}")
+            version = data.get("version")
+            raise ProfileError(f"{path} is a version {version} profile; this adactl reads {VERSION}; {remake}")
         try:
             fingerprint = Fingerprint(**data["fingerprint"])
             if data["basis"] != list(BASIS):

@@ -2,7 +2,8 @@
 
 The engine (`Engine`) runs one step at a time from a `StepPlan` and reports plain data
 (`DraftBatch`, `StepOutcome`); `kv` is the only module that touches KV caches; `verify`
-holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs;
+holds the lossless acceptance rules as pure functions; `models` loads target/draft pairs
+(`load_pair`, on a device in a dtype, both checked by `device`);
 `feature_draft` is the EAGLE-style draft that reads the target's hidden state; `stream` keeps
 the account of a streaming consumer (units ready, read, missed).
 """
@@ -10,7 +11,7 @@ the account of a streaming consumer (units ready, read, missed).
 from .engine import Engine, EngineConfig, run_to_completion
 from .feature_draft import FeatureDraft
 from .kv import BatchKV, KVConfig
-from .models import LoadedModel, check_same_vocabulary, load_draft, load_model, tiny_llama
+from .models import LoadedModel, ModelPair, check_same_vocabulary, load_draft, load_model, load_pair, tiny_llama
 from .stream import Playback, Stream, StreamError, StreamProgress
 from .types import (
     SLO,
@@ -33,6 +34,7 @@ __all__ = [
     "FeatureDraft",
     "KVConfig",
     "LoadedModel",
+    "ModelPair",
     "Playback",
     "RequestError",
     "RequestResult",
@@ -49,6 +51,7 @@ __all__ = [
     "check_same_vocabulary",
     "load_draft",
     "load_model",
+    "load_pair",
     "process_logits",
     "run_to_completion",
     "tiny_llama",

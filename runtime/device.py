@@ -56,7 +56,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), 0..{count - 1}")
+            raise DeviceError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
+                              f"0..{count - 1}")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
     return device

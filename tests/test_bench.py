@@ -76,6 +76,16 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     assert len(best) == 4  # one best constant per batch size and temperature
     assert (tmp_path / "spec.png").stat().st_size > 10_000
     assert "goodput+sv" in capsys.readouterr().out
+    machine = data["meta"]["machine"]  # where it ran, in the JSON and the plot's title
+    assert machine["device_type"] in ("cpu", "cuda") and machine["dtype"] == "float32" and "float32" in machine["label"]
+
+
+def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
+    main(["bench", "spec", "--tiny", "--quick", "--rounds", "2", "--controllers", "no-spec,goodput",
+          "--max-new-tokens", "4", "--out", str(tmp_path)])  # fmt: skip
+    records = json.loads((tmp_path / "spec.json").read_text())["records"]
+    assert {r["batch_size"] for r in records} == {1, 8, 32}
+    assert all(len(r["rounds"]) == 2 for r in records)
 
 
 def test_bench_spec_slo_reports_attainment(tmp_path, capsys):

@@ -216,3 +216,27 @@ def test_shipped_policies_load_and_act_on_their_env(name):
     obs, _ = env.reset(seed=0)
     action = ctl.policy.act(obs)
     assert env.action_space.contains(np.asarray(action, dtype=np.int64).reshape(env.action_space.shape))
+
+
+def test_replay_trains_against_another_machines_profile(tmp_path):
+    """`profile=`: the replay's step costs are a profile file's (an H100's here), not this CPU's;
+    a bad file is a clear error at `gym.make`, before anything runs."""
+    from adactl.estimators.step_cost import LinearStepCost, ProfileError
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    h100 = SHIPPED_MODELS / "estimators" / "step_cost_h100.json"
+    env = gym.make("adactl/SpecDecode-v0", backend="replay", profile=str(h100), **TINY_SPEC)
+    assert isinstance(env.unwrapped.backend.step_time, LinearStepCost)
+    _no_warnings(env_checker.check_env, env.unwrapped)
+    env.reset(seed=0)
+    assert env.step(1)[1] > 0  # tokens per replayed second of a GPU-sized step
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ProfileError, match="adactl profile"):
+        gym.make("adactl/SpecDecode-v0", backend="replay", profile=str(tmp_path / "bad.json"), **TINY_SPEC)
+
+
+def test_real_backend_refuses_a_bad_device_before_loading():
+    from adactl.runtime.device import DeviceError
+
+    with pytest.raises(DeviceError):
+        gym.make("adactl/SpecDecode-v0", backend="real", device="tpu", **TINY_SPEC)

@@ -291,7 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     target, draft, train_prompts, eval_prompts = load(args)
     train_trace = record(target, draft, train_prompts, args, "train")
     test_trace = record(target, draft, eval_prompts, args, "held-out")
-    report: dict[str, Any] = {"args": vars(args)}
+    from adactl.runtime.device import describe
+
+    param = next(target.parameters())
+    report: dict[str, Any] = {"args": vars(args), "machine": describe(param.device, param.dtype).to_dict()}
     report["acceptance"] = fit_acceptance(train_trace.acceptance(), test_trace.acceptance(), out)
     train_rows = train_trace.acceptance()
     alpha = [float(train_rows.label[train_rows.position == j].mean()) for j in range(args.k)]

@@ -401,7 +401,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = compare(args, path)
     out = path.with_suffix(".eval.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
-    plot_comparison(report, path.with_suffix(".eval.png"), args.env_id)
+    from adactl.runtime.device import describe, device_and_dtype
+
+    machine = describe(*device_and_dtype(args.device, args.dtype)).label  # where the real-engine episodes ran
+    plot_comparison(report, path.with_suffix(".eval.png"), f"{args.env_id}, real backend on {machine}")
     return report
 
 

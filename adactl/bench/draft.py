@@ -189,7 +189,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
         {"max_new_tokens": args.max_new_tokens, "ks": args.ks, "torch_threads": torch.get_num_threads(), "rows": rows}
     )
     write_json(out / "draft.json", summaries, meta)
-    plot(summaries, rows, args.ks, out / "draft.png", f"adactl bench draft: {meta['target']} + {meta['draft']}, {meta['machine']['label']}")
+    title = f"adactl bench draft: {meta['target']} + {meta['draft']}, {meta['machine']['label']}"
+    plot(summaries, rows, args.ks, out / "draft.png", title)
     print(format_table(rows, ["dataset", "config", "tokens_per_s", "mean_accepted_len", "acceptance", "step_ms"]))
     print()
     print(format_table(summaries, SUMMARY))

@@ -58,11 +58,11 @@ from adactl.controllers import (
 )
 from adactl.estimators import load_acceptance
 from adactl.estimators.moving_average import MovingAverage
-from adactl.estimators.step_time import CachedStepTime, StepTimeModel
+from adactl.estimators.step_time import StepTimeModel
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments
-from adactl.runtime.device import add_device_arguments
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
+from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import SHIPPED_MODELS
 
 # name -> (needs the companion, builder(engine, ctx) -> (schedule controllers, verify controller))
@@ -214,7 +214,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
     The step costs (`ctx["step_time"]`, `ctx["step_time_sv"]` for runs with the companion) are
     this machine's profiles (adactl.profiler.step_cost_for), one model per engine kind shared
     by all its runs, as one server's would be: refined online from every step any run serves."""
-    from adactl.profiler import step_cost_for, tiny_pair
+    from adactl.profiler import tiny_pair
     from adactl.runtime.device import describe, device_and_dtype
     from adactl.runtime.models import ModelPair, load_pair
 

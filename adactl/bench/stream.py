@@ -37,8 +37,8 @@ from adactl.bench.common import format_table, write_json
 from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments, step_cost_for
-from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
+from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime.replay import ReplayEngine
 from adactl.workloads import arrival_times, consumer_mix
 

@@ -16,9 +16,11 @@ by 5-10% between repetitions of one shape), and a draft costs what the model doe
 (rows that finish at different steps, a companion's work), so a tie goes to drafting less.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
-with probability `explore` (3%) drafts a neighbour of c* (c* + 1 or c* - 1) instead: a model
-that starts out thinking verification too dear would otherwise never draft, and so never see
-that it is cheap (the served steps are all it learns from).
+with probability `explore` (3%) probes a neighbour of c* instead: a quarter of the rows draft
+c* + 1 (the others keep c*; the engine splits such a verify forward, so the probe costs those
+rows' extra tokens, not the whole batch's), or every row drafts c* - 1. A model that starts out thinking
+verification too dear would otherwise never draft, and so never see that it is cheap (the
+served steps are all it learns from).
 """
 
 from __future__ import annotations
@@ -62,7 +64,11 @@ class GoodputLength(Controller):
         rate = rows * (1 + gain.numpy()) / seconds
         best = shortest_within(rate, self.margin)
         if self.explore > 0 and self.rng.random() < self.explore:
-            best = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
+            probe = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
+            if probe > best and rows > 1:  # a quarter of the rows probe the longer draft
+                lengths = {r.request_id: (probe if i < max(1, rows // 4) else best) for i, r in enumerate(running)}
+                return replace(state.plan, draft_len=lengths)
+            best = probe
         return replace(state.plan, draft_len=best)
 
 
