@@ -5,7 +5,12 @@ its shape (`BASIS`, `features`):
 
     seconds[part] = theta[:, part] . phi(shape)
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
-           draft forwards, draft tokens, draft attention, prefill tokens, prefill tokens^2]
+           drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
+           prefill tokens, prefill tokens^2]
+
+(The drafting indicator carries what a step pays once it drafts anything, whatever the
+length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
+CPU it is most of a batch-1 step's cost of drafting.)
 
 - **Prior**: theta fitted by least squares, weighted by 1 / seconds (relative error), on the
   steps that `adactl profile` measured on this machine (`StepCostProfile`).
@@ -40,10 +45,10 @@ from adactl.interface import StepRecord
 
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
-BASIS = ("step", "rows", "verify_tokens", "verify_attention", "draft_forwards", "draft_tokens", "draft_attention",
-         "prefill_tokens", "prefill_squared")  # fmt: skip
+BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
+         "draft_attention", "prefill_tokens", "prefill_squared")  # fmt: skip
 # features are divided by these typical sizes, so that P starts well conditioned
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 4.0, 64.0, 16.0, 256.0, 256.0])
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0])
 _FIELDS = {f.name: i for i, f in enumerate(fields(StepShape))}
 
 
@@ -64,6 +69,7 @@ def features(shapes: Sequence[StepShape] | np.ndarray) -> np.ndarray:
         rows,
         col["verify_computed"],
         col["verify_computed"] * mean_context,
+        (col["max_draft"] > 0).astype(np.float64),
         col["max_draft"],
         col["draft_tokens"],
         col["draft_tokens"] * mean_context,
