@@ -34,7 +34,7 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, astuple, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ import numpy as np
 
 from adactl.estimators.step_time import PARTS, StepShape
 from adactl.interface import StepRecord
+from adactl.runtime.engine import verify_computed
 
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
@@ -49,34 +50,23 @@ BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft
          "draft_attention", "prefill_tokens", "prefill_squared")  # fmt: skip
 # features are divided by these typical sizes, so that P starts well conditioned
 _SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0])
-_FIELDS = {f.name: i for i, f in enumerate(fields(StepShape))}
 
 
 class ProfileError(ValueError):
     """A profile file that is corrupt, foreign to adactl, or for another machine."""
 
 
-def features(shapes: Sequence[StepShape] | np.ndarray) -> np.ndarray:
-    """[N, len(BASIS)] cost basis of step shapes (scaled)."""
-    m = np.asarray([astuple(s) for s in shapes] if not isinstance(shapes, np.ndarray) else shapes, dtype=np.float64)
-    m = m.reshape(-1, len(_FIELDS))
-    col = {name: m[:, i] for name, i in _FIELDS.items()}
-    rows = col["rows"]
-    mean_context = col["context_tokens"] / np.maximum(rows, 1) / 1024  # thousands of tokens per row
-    prefill = col["prefill_tokens"]
-    phi = np.stack([
-        np.ones(len(m)),
-        rows,
-        col["verify_computed"],
-        col["verify_computed"] * mean_context,
-        (col["max_draft"] > 0).astype(np.float64),
-        col["max_draft"],
-        col["draft_tokens"],
-        col["draft_tokens"] * mean_context,
-        prefill,
-        prefill * prefill / 256,
-    ], axis=1)  # fmt: skip
-    return phi / _SCALE
+def _phi(s: StepShape) -> tuple[float, ...]:
+    """The unscaled cost basis of one shape, in the order of BASIS."""
+    mean_context = s.context_tokens / max(s.rows, 1) / 1024  # thousands of tokens per row
+    return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
+            s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_tokens ** 2 / 256)  # fmt: skip
+
+
+def features(shapes: Sequence[StepShape]) -> np.ndarray:
+    """[N, len(BASIS)] cost basis of step shapes (scaled). Plain Python per shape: a step's
+    online update has 0.1 ms, and numpy's per-call overhead dominates arrays this small."""
+    return np.array([_phi(s) for s in shapes], dtype=np.float64).reshape(-1, len(BASIS)) / _SCALE
 
 
 @dataclass(frozen=True)
@@ -119,6 +109,17 @@ def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1
     return np.linalg.solve(lhs, a.T @ (y * w[:, None]))
 
 
+def shape_of(record: StepRecord) -> StepShape:
+    """`StepShape.of(record)` from Python lists (the online update's budget is 0.1 ms a step)."""
+    cut, drafted = record.verify_len.tolist(), record.drafts.draft_len.tolist()
+    rows = len(cut)
+    return StepShape(rows=rows, verify_tokens=sum(cut) + rows, max_verify=max(cut) + 1 if rows else 0,
+                     draft_tokens=sum(drafted), max_draft=max(drafted) if rows else 0,
+                     prefill_tokens=int(record.outcome.prefill_tokens),
+                     context_tokens=int(record.drafts.context_len.sum()) if rows else 0,
+                     verify_computed=verify_computed(cut) if rows else 0)  # fmt: skip
+
+
 class LinearStepCost:
     """A `StepTimePredictor` (adactl.estimators.step_time) that learns from every step.
 
@@ -152,7 +153,7 @@ class LinearStepCost:
         if not self.refine:
             return
         o = record.outcome
-        self.observe(StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s))
+        self.observe(shape_of(record), (o.prefill_s, o.draft_s, o.verify_s))
 
     def observe(self, shape: StepShape, seconds: Sequence[float]) -> None:
         """Learn that a step of `shape` took (prefill, draft, verify) `seconds` (not if refine=False)."""
