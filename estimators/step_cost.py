@@ -42,7 +42,6 @@ import numpy as np
 
 from adactl.estimators.step_time import PARTS, StepShape
 from adactl.interface import StepRecord
-from adactl.runtime.engine import verify_computed
 
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
@@ -109,17 +108,6 @@ def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1
     return np.linalg.solve(lhs, a.T @ (y * w[:, None]))
 
 
-def shape_of(record: StepRecord) -> StepShape:
-    """`StepShape.of(record)` from Python lists (the online update's budget is 0.1 ms a step)."""
-    cut, drafted = record.verify_len.tolist(), record.drafts.draft_len.tolist()
-    rows = len(cut)
-    return StepShape(rows=rows, verify_tokens=sum(cut) + rows, max_verify=max(cut) + 1 if rows else 0,
-                     draft_tokens=sum(drafted), max_draft=max(drafted) if rows else 0,
-                     prefill_tokens=int(record.outcome.prefill_tokens),
-                     context_tokens=int(record.drafts.context_len.sum()) if rows else 0,
-                     verify_computed=verify_computed(cut) if rows else 0)  # fmt: skip
-
-
 class LinearStepCost:
     """A `StepTimePredictor` (adactl.estimators.step_time) that learns from every step.
 
@@ -132,7 +120,7 @@ class LinearStepCost:
     def __init__(self, theta: np.ndarray, forgetting: float = 0.97, prior_strength: float = 1.0,
                  refine: bool = True, max_trace: float = 1e3) -> None:  # fmt: skip
         self.theta = np.array(theta, dtype=np.float64).reshape(len(BASIS), len(PARTS))
-        self.prior = self.theta.copy()
+        self.prior = self.theta.copy()  # what the profile said, before any refinement
         self.forgetting, self.refine, self.max_trace = forgetting, refine, max_trace
         self.P = np.eye(len(BASIS)) / prior_strength
         self.updates = 0
@@ -153,7 +141,7 @@ class LinearStepCost:
         if not self.refine:
             return
         o = record.outcome
-        self.observe(shape_of(record), (o.prefill_s, o.draft_s, o.verify_s))
+        self.observe(StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s))
 
     def observe(self, shape: StepShape, seconds: Sequence[float]) -> None:
         """Learn that a step of `shape` took (prefill, draft, verify) `seconds` (not if refine=False)."""

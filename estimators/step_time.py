@@ -51,15 +51,17 @@ class StepShape:
                    context: int = 0) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
         `verify[i]` of `draft[i]` drafted tokens; the engine splits the verify forward as
-        `adactl.runtime.engine.verify_split` does."""
-        cut, drafted = torch.as_tensor(verify, dtype=torch.long), torch.as_tensor(draft, dtype=torch.long)
+        `adactl.runtime.engine.verify_split` does. Python lists inside: this runs on every
+        step (the online step-cost update), and torch's per-call overhead dominates [B] tensors."""
+        cut = [int(x) for x in (verify.tolist() if isinstance(verify, torch.Tensor) else verify)]
+        drafted = [int(x) for x in (draft.tolist() if isinstance(draft, torch.Tensor) else draft)]
         rows = len(cut)
         return cls(
             rows=rows,
-            verify_tokens=int(cut.sum()) + rows,
-            max_verify=int(cut.max()) + 1 if rows else 0,
-            draft_tokens=int(drafted.sum()),
-            max_draft=int(drafted.max()) if rows else 0,
+            verify_tokens=sum(cut) + rows,
+            max_verify=max(cut) + 1 if rows else 0,
+            draft_tokens=sum(drafted),
+            max_draft=max(drafted) if rows else 0,
             prefill_tokens=prefill,
             context_tokens=context,
             verify_computed=verify_computed(cut),
@@ -69,7 +71,7 @@ class StepShape:
     def of(cls, record: StepRecord) -> StepShape:
         d = record.drafts
         prefill, context = int(record.outcome.prefill_tokens), int(d.context_len.sum())
-        return cls.of_lengths(record.verify_len.long().cpu(), d.draft_len, prefill, context)
+        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context)
 
     @staticmethod
     def names() -> list[str]:

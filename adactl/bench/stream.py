@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from adactl.bench.common import format_table, write_json
 from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
+from adactl.estimators.step_cost import LinearStepCost
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments, step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
@@ -204,7 +205,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     # the controllers' step costs: this machine's profile of the target alone, refined online;
     # the replay engine's: the same profile, frozen (it is the replay's ground truth)
     step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
-    replay_time = step_cost_for(pair, args.profile, refine=False, max_batch=args.max_batch, log=lambda _: None)
+    replay_time = LinearStepCost(step_time.prior, refine=False)
     table = controllers(step_time, args)
     chosen = [c for c in table if args.controllers is None or c in args.controllers]
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
