@@ -26,15 +26,9 @@ def drafted_mask(drafts: DraftBatch) -> torch.Tensor:
     return torch.arange(k)[None, :] < drafts.draft_len[:, None]
 
 
-def _on_support(drafts: DraftBatch, probs: torch.Tensor) -> torch.Tensor:
-    # a feature draft's distributions are 0 outside its vocabulary: read only that part
-    return probs if drafts.support is None else probs.index_select(-1, drafts.support)
-
-
 def own_prob(drafts: DraftBatch) -> torch.Tensor:
     """[B, K] the draft's probability of its own token (0 where nothing was drafted)."""
-    idx = drafts.tokens.clamp(min=0)[..., None]
-    return drafts.probs.gather(-1, idx)[..., 0] * drafted_mask(drafts)
+    return drafts.summarized().token_prob
 
 
 def draft_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> torch.Tensor:
@@ -42,11 +36,8 @@ def draft_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> to
 
     recent: [B] each request's recent acceptance rate (0.5 when unknown)."""
     b, k = drafts.tokens.shape
-    q = own_prob(drafts)
-    p = _on_support(drafts, drafts.probs)
-    entropy = torch.special.entr(p).sum(-1)  # [B, K] nats
-    top = p.topk(2, dim=-1).values if p.shape[-1] >= 2 else torch.cat([p, torch.zeros_like(p)], -1)
-    margin = top[..., 0] - top[..., 1]
+    summary = drafts.summarized()
+    q, entropy, margin = summary.token_prob, summary.entropy, summary.margin
     position = drafts.depth().float()  # a tree node's depth
     rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
     return torch.stack([q, torch.log(q + EPS), entropy, margin, position, rec.float()], dim=-1)
@@ -56,13 +47,11 @@ def companion_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -
     """[B, K, F] Speculative Verification's features per position, named by `COMPANION_FEATURES`:
     S = sum_v min(p_draft(v), p_companion(v)) and A = min(1, p_companion(t) / p_draft(t)) for
     the drafted token t, plus the log-probabilities, position and recent acceptance."""
-    if drafts.companion_probs is None:
+    summary = drafts.summarized()
+    if summary.companion_token_prob is None or summary.overlap is None:
         raise ValueError("these drafts carry no companion distributions: load the draft with companion=...")
     b, k = drafts.tokens.shape
-    q = own_prob(drafts)
-    c = drafts.companion_probs.gather(-1, drafts.tokens.clamp(min=0)[..., None])[..., 0]
-    # min(p_d, p_c) is 0 wherever p_d is, so the draft's support is enough
-    s = torch.minimum(_on_support(drafts, drafts.probs), _on_support(drafts, drafts.companion_probs)).sum(-1)
+    q, c, s = summary.token_prob, summary.companion_token_prob, summary.overlap
     a = torch.clamp(c / (q + EPS), max=1.0)
     position = drafts.depth().float()
     rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)

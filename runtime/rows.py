@@ -1,0 +1,234 @@
+"""The engine's rows: each request's state, the order of the decode batch, and its KV caches.
+
+- `Request` is one request's state inside the engine (prompt, output, what each cache still
+  has to see, its random draws).
+- `Rows` keeps the running requests in cache row order, the prompts being prefilled in their
+  own caches, and moves rows between them. The decode batch is laid out as consecutive
+  segments, [drafting rows, longest draft first | running rows that do not draft | deferred
+  rows], so every forward runs on a prefix of the rows and rows that do not take part cost
+  nothing; `arrange` moves only the rows that change segment (each move copies its cache).
+- `RowSampling` is the sampling parameters of a run of rows, and their uniforms: a row's
+  draws are numbered from its own seed (`verify.counter_uniforms`), so a request samples the
+  same tokens whatever else is in the batch.
+- `verify_split` and `verify_computed`: the row ranges the verify forwards take.
+
+Not here: what runs (the plan), models, sampling rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv import BatchKV, KVConfig
+from .stream import Playback
+from .types import SLO, SamplingParams
+from .verify import counter_uniforms
+
+
+@dataclass
+class Request:
+    """Engine-internal state of one request."""
+
+    request_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    arrival_time: float
+    seed: int  # of the request's draws: its own seed, or one drawn from the engine's
+    draws: int = 0  # uniforms used so far (the next draw's number)
+    output: list[int] = field(default_factory=list)
+    prefilled: int = 0
+    first_token_time: float | None = None
+    target_pending: list[int] = field(default_factory=list)  # emitted, not yet in the target cache
+    draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
+    # feature drafts only: the target feature of the position before each draft_pending token,
+    # and the target feature of the last prompt token prefilled so far
+    draft_features: list[torch.Tensor] = field(default_factory=list)
+    last_feature: torch.Tensor | None = None
+    finish_reason: str | None = None
+    cancelled: bool = False
+    slo: SLO | None = None
+    playback: Playback | None = None  # the consumer's account, for streamed requests
+
+    @property
+    def context_len(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+class RowSampling:
+    """Sampling parameters of a run of rows (on the CPU, where rules read them without a
+    device sync) and their uniforms (on the device)."""
+
+    def __init__(self, rows: Sequence[Request], device: torch.device) -> None:
+        self.rows = list(rows)
+        self.device = device
+        self.temperature = torch.tensor([r.sampling.temperature for r in rows], dtype=torch.float32)
+        self.top_p = torch.tensor([r.sampling.top_p for r in rows], dtype=torch.float32)
+        self.greedy = self.temperature <= 0
+
+    def head(self, m: int) -> RowSampling:
+        """The first m rows."""
+        part = RowSampling([], self.device)
+        part.rows, part.temperature, part.top_p, part.greedy = (
+            self.rows[:m], self.temperature[:m], self.top_p[:m], self.greedy[:m]
+        )
+        return part
+
+    def uniforms(self, counts: Sequence[int], width: int) -> torch.Tensor:
+        """[rows, width] uniforms on the device; row i uses (and is charged) its first
+        counts[i], so its next call continues its own stream."""
+        seeds = torch.tensor([r.seed for r in self.rows], dtype=torch.long)
+        offsets = torch.tensor([r.draws for r in self.rows], dtype=torch.long)
+        for r, n in zip(self.rows, counts):
+            r.draws += int(n)
+        return counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+
+
+class Rows:
+    """Running requests in cache row order, prompts being prefilled in caches of their own,
+    and the KV caches of the target (and the draft) for both.
+
+    A finished prompt's row moves to the batch caches; when nothing runs and every prefill row
+    is done, the prefill caches are adopted whole."""
+
+    def __init__(self, target_layers: int, draft_layers: int | None, device: torch.device, config: KVConfig):
+        self.device, self.config = device, config
+        self.target_layers, self.draft_layers = target_layers, draft_layers
+        self.reset()
+
+    def reset(self) -> None:
+        """Empty caches and no rows."""
+        self.target = self._new(self.target_layers)
+        self.prefill_target = self._new(self.target_layers)
+        self.draft = self._new(self.draft_layers) if self.draft_layers is not None else None
+        self.prefill_draft = self._new(self.draft_layers) if self.draft_layers is not None else None
+        self.running: list[Request] = []
+        self.prefilling: list[Request] = []
+
+    def _new(self, layers: int) -> BatchKV:
+        return BatchKV(layers, self.device, self.config)
+
+    def nbytes(self, include_draft: bool = True) -> int:
+        total = self.target.nbytes() + self.prefill_target.nbytes()
+        if include_draft and self.draft is not None and self.prefill_draft is not None:
+            total += self.draft.nbytes() + self.prefill_draft.nbytes()
+        return total
+
+    # ------------------------------------------------------------ decode rows
+    def arrange(self, groups: list[list[Request]]) -> None:
+        """Lay the rows out as consecutive segments, `groups` in order (order within a segment
+        is free), moving as few rows as possible: a row already inside its segment stays put.
+        Each moved row copies its KV cache, so a deferral or a new draft length costs the rows
+        that change segment, not the batch."""
+        group = {id(r): g for g, members in enumerate(groups) for r in members}
+        slot = [g for g, members in enumerate(groups) for _ in members]  # the segment of each position
+        order: list[int | None] = [None] * len(self.running)
+        movers: list[list[int]] = [[] for _ in groups]
+        for i, r in enumerate(self.running):
+            if group[id(r)] == slot[i]:
+                order[i] = i
+            else:
+                movers[group[id(r)]].append(i)
+        perm = [i if i is not None else movers[slot[pos]].pop() for pos, i in enumerate(order)]
+        if perm != list(range(len(perm))):
+            self.permute(perm)
+
+    def drop(self, drop: set[int]) -> None:
+        """Remove rows `drop`; rows from the end move into their places (the others stay)."""
+        if drop:
+            keep = len(self.running) - len(drop)
+            tail = [i for i in range(keep, len(self.running)) if i not in drop]
+            self.permute([i if i not in drop else tail.pop() for i in range(keep)])
+        else:
+            self.target.maybe_compact()
+            if self.draft is not None:
+                self.draft.maybe_compact()
+
+    def permute(self, perm: list[int]) -> None:
+        self.target.permute(perm)
+        if self.draft is not None:
+            self.draft.permute(perm)
+        self.running = [self.running[i] for i in perm]
+
+    # ----------------------------------------------------------- prefill rows
+    def start_prefill(self, new: list[Request]) -> None:
+        """Give each new prompt an empty row in the prefill caches."""
+        if not new:
+            return
+        for kv in (self.prefill_target, self.prefill_draft):
+            if kv is not None:
+                kv.reserve_rows(kv.n_rows + len(new))
+                kv.new_rows(len(new))
+        self.prefilling += new
+
+    def join(self, joining: list[Request]) -> None:
+        """Move requests whose prompt is done from the prefill caches to the batch caches."""
+        if not joining:
+            return
+        rows = [self.prefilling.index(r) for r in joining]
+        if not self.running and len(joining) == len(self.prefilling):
+            # nothing is running and every prefill row is done: adopt the prefill caches
+            self.permute_prefill(rows)
+            self.target, self.prefill_target = self.prefill_target, self._new(self.target_layers)
+            if self.draft is not None and self.prefill_draft is not None and self.draft_layers is not None:
+                self.draft, self.prefill_draft = self.prefill_draft, self._new(self.draft_layers)
+            self.running, self.prefilling = self.prefilling, []
+            return
+        for main, prefill in ((self.target, self.prefill_target), (self.draft, self.prefill_draft)):
+            if main is not None and prefill is not None:
+                main.reserve_rows(main.n_rows + len(rows))
+                for r in rows:
+                    main.add_row(prefill, r)
+        self.running += joining
+        self.drop_prefill(set(rows))
+
+    def drop_prefill(self, drop: set[int]) -> None:
+        self.permute_prefill([i for i in range(len(self.prefilling)) if i not in drop])
+
+    def permute_prefill(self, perm: list[int]) -> None:
+        if perm == list(range(len(self.prefilling))):
+            return
+        self.prefill_target.permute(perm)
+        if self.prefill_draft is not None:
+            self.prefill_draft.permute(perm)
+        self.prefilling = [self.prefilling[i] for i in perm]
+
+
+def slot_parents(parents: torch.Tensor, t: int) -> torch.Tensor:
+    """[B, t] parents of the verify forward's slots: slot 0 (the last token) hangs off the
+    context, node j sits in slot j + 1 under its parent's slot (0 for a child of the last token)."""
+    slots = torch.full((parents.shape[0], t), -1, dtype=torch.long)
+    if t > 1:
+        p = parents[:, : t - 1]
+        slots[:, 1:] = torch.where(p >= 0, p + 1, 0)
+    return slots
+
+
+def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+    """Row ranges for the verify forwards: the whole batch, or two ranges split where the
+    computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
+    `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
+    second forward re-reads the weights, which only a large saving pays for)."""
+    n = len(cut)
+    if n < 2:
+        return [(0, n)]
+    widths = (cut + 1).tolist()
+    whole = n * max(widths)
+    if whole < min_tokens:
+        return [(0, n)]
+    head = list(itertools.accumulate(widths, max))  # longest of rows [0, m]
+    tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
+    cost, m = min((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n))
+    return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
+
+
+def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:
+    """Target tokens the verify forwards of a step with these verify lengths (rows in the
+    engine's order: longest draft first) compute, padding included."""
+    c = torch.as_tensor(cut, dtype=torch.long)
+    if len(c) == 0:
+        return 0
+    return sum((r1 - r0) * (int(c[r0:r1].max()) + 1) for r0, r1 in verify_split(c))
