@@ -34,6 +34,7 @@ from transformers import PreTrainedModel
 
 from .draft import Drafts, Proposer
 from .feature_draft import is_feature_draft
+from .graphs import CudaGraphs, StaticShapes
 from .kv import KVConfig
 from .models import output_vocab_size, prompt_ids
 from .prefill import Prefill
@@ -70,6 +71,12 @@ class EngineConfig:
     """Seed of the engine's generator, which seeds the draws of requests without a seed."""
     kv: KVConfig = field(default_factory=KVConfig)
     """KV cache growth and compaction policy."""
+    graphs: bool | None = None
+    """Decode, verify and draft forwards as CUDA graphs replayed per shape bucket (None: on
+    when the target is on CUDA). True on the CPU runs the same static-shape forwards
+    eagerly (what the tests check); False: every forward eager, as shapes come."""
+    shapes: StaticShapes = field(default_factory=StaticShapes)
+    """The buckets of static forwards (batch sizes, tokens per row, column blocks)."""
 
 
 @dataclass
@@ -133,7 +140,10 @@ class Engine:
         if draft is not None:
             draft_config = draft.get_text_config() if self.feature_draft else draft.config.get_text_config()
             draft_layers = draft_config.num_hidden_layers
-        self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv)
+        graphs = self.config.graphs if self.config.graphs is not None else self.device.type == "cuda"
+        static = self.config.shapes if graphs else None
+        self.graphs = CudaGraphs(self.device) if graphs and self.device.type == "cuda" else None
+        self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv, static, self.graphs)
         self.prefill = Prefill(self.target, self.draft, self.feature_draft, self.rows, self.config.max_batch_size)
         self._waiting: dict[str, Request] = {}  # arrival order
         self._finished: dict[str, RequestResult] = {}

@@ -31,6 +31,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
 
+from .kv import cache_kwargs
+
 WEIGHTS = "model.safetensors"
 CONFIG = "feature_draft.json"
 
@@ -121,7 +123,7 @@ class FeatureDraft(nn.Module):
         features: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Any = None,
+        cache: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
         **_: Any,
@@ -133,7 +135,7 @@ class FeatureDraft(nn.Module):
             inputs_embeds=x,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **cache_kwargs(self.model, cache),
             use_cache=use_cache,
         )
         hidden = out.last_hidden_state  # [n, T, H]

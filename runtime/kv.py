@@ -20,16 +20,25 @@ Compaction packs each row's real tokens to the left when holes waste too much; f
 rows are dropped by moving the last rows into their place; capacity shrinks back to zero
 when the batch empties, so KV memory returns to its starting level.
 
+Static forwards (`adactl.runtime.graphs`): with `static=` buckets, forwards that fit a
+bucket write at per-row column indices held in a tensor and attend over the whole column
+capacity, so their shapes and buffers do not change from step to step and CUDA graphs can
+replay them (`graphs=`); the bookkeeping above is the same for both kinds of forward.
+
 Not here: what the tokens are, sampling, or which rows run (that is the engine's job).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .graphs import CudaGraphs, StaticShapes
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,12 @@ class _BufferLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         assert self.k_buf is not None and self.v_buf is not None
+        if self._store.write_index is not None:  # a static forward: per-row columns from a tensor
+            rows, cols = self._store.write_rows, self._store.write_index  # [n, T] each
+            self.k_buf.transpose(1, 2).index_put_((rows, cols), key_states.transpose(1, 2))
+            self.v_buf.transpose(1, 2).index_put_((rows, cols), value_states.transpose(1, 2))
+            self.keys, self.values = self.k_buf[: rows.shape[0]], self.v_buf[: rows.shape[0]]
+            return self.keys, self.values
         r0, n, t = self._store.first_row, key_states.shape[0], key_states.shape[2]
         c = self._store.write_col
         self.k_buf[r0 : r0 + n, :, c : c + t] = key_states
@@ -89,6 +104,8 @@ class _BufferLayer(DynamicLayer):
         return self._store.write_col
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self._store.write_index is not None:
+            return self._store.capacity[1], 0
         return self._store.write_col + query_length, 0
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -126,8 +143,20 @@ class BatchKV:
     - `n_cols == max(used[:n])`; rows `>= n` hold nothing anyone reads.
     """
 
-    def __init__(self, num_layers: int, device: torch.device | str = "cpu", config: KVConfig | None = None):
+    def __init__(
+        self,
+        num_layers: int,
+        device: torch.device | str = "cpu",
+        config: KVConfig | None = None,
+        static: StaticShapes | None = None,
+        graphs: CudaGraphs | None = None,
+    ):
         self.config = config or KVConfig()
+        self.static = static  # buckets for static forwards (None: every forward is eager)
+        self.graphs = graphs  # replays static forwards as CUDA graphs (None: run them eagerly)
+        self.write_rows: torch.Tensor | None = None  # [n, T] during a static forward
+        self.write_index: torch.Tensor | None = None  # [n, T] during a static forward
+        self.static_forwards = 0  # forwards run in a bucket (the rest ran eagerly)
         self.device = torch.device(device)
         self.layers = [_BufferLayer(self) for _ in range(num_layers)]
         self.cache = Cache(layers=list(self.layers))  # what the model sees
@@ -162,10 +191,25 @@ class BatchKV:
         if rows > cap_rows:
             cap_rows = rows + max(4, int(rows * cfg.row_headroom))
         if cols > cap_cols:
-            cap_cols = cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom))
+            cap_cols = self._round_cols(cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom)))
         self._reallocate(cap_rows, cap_cols)
 
+    def _round_cols(self, cols: int) -> int:
+        """A column capacity: as asked, or with static forwards, in whole blocks."""
+        if self.static is None:
+            return cols
+        return -(-cols // self.static.col_block) * self.static.col_block
+
+    def _scratch(self) -> int:
+        return self.static.scratch if self.static is not None else 0
+
+    def _fits(self, rows: int, cols: int) -> None:
+        """Make room for `rows` rows and `cols` used columns (plus scratch, when static)."""
+        self._ensure(rows, cols + self._scratch())
+
     def _reallocate(self, rows: int, cols: int) -> None:
+        if self.graphs is not None:
+            self.graphs.drop(id(self))  # their buffers are about to go
         n, s = self.n_rows, self.n_cols
         for layer in self.layers:
             layer.resize(rows, cols, n, s)
@@ -178,6 +222,8 @@ class BatchKV:
         self.valid, self.lengths, self.used, self.capacity = valid, lengths, used, (rows, cols)
 
     def _release(self) -> None:
+        if self.graphs is not None:
+            self.graphs.drop(id(self))
         for layer in self.layers:
             layer.release()
         self.n_rows = self.n_cols = 0
@@ -220,8 +266,11 @@ class BatchKV:
         r0, r1 = first_row, first_row + n
         if r0 < 0 or r1 > self.n_rows or n == 0:
             raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
+        bucket = self.static.bucket(n, t) if self.static is not None else None
+        if bucket is not None and r0 == 0 and context is None:
+            return self._static_forward(model, input_ids, new_valid, parents, logits_to_keep, bucket, model_kwargs)
         c = int(self.used[r0:r1].max())
-        self._ensure(self.n_rows, c + t)
+        self._fits(self.n_rows, c + t)
         mask: torch.Tensor | None
         if context is not None:
             if positions is None:
@@ -246,19 +295,85 @@ class BatchKV:
                 input_ids=input_ids,
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=self.cache,
+                **cache_kwargs(model, self.cache),
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
                 **model_kwargs,
             )
         finally:
             self.first_row = self.write_col = 0
-        self.valid[r0:r1, c : c + t] = new_valid
-        self.lengths[r0:r1] += new_valid.sum(1)
-        self.used[r0:r1] = c + t
+        self._wrote(r0, new_valid, c)
+        return out
+
+    def _wrote(self, r0: int, new_valid: torch.Tensor, c: int) -> None:
+        """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T)."""
+        n, t = new_valid.shape
+        self.valid[r0 : r0 + n, c : c + t] = new_valid
+        self.lengths[r0 : r0 + n] += new_valid.sum(1)
+        self.used[r0 : r0 + n] = c + t
         self.n_cols = max(self.n_cols, c + t)
         self._last_end = c + t
-        return out
+
+    def _static_forward(
+        self,
+        model: torch.nn.Module,
+        input_ids: torch.Tensor,
+        new_valid: torch.Tensor,
+        parents: torch.Tensor | None,
+        logits_to_keep: int,
+        bucket: tuple[int, int],
+        model_kwargs: dict[str, Any],
+    ) -> Any:
+        """`forward` on rows [0, n) as a (rows, tokens) bucket: the same tokens, mask and
+        positions, padded; writes at column indices from a tensor; replayed as a CUDA graph
+        when `graphs` is set (module docstring)."""
+        n, t = input_ids.shape
+        bn, bt = bucket
+        c = int(self.used[:n].max())
+        self._fits(max(self.n_rows, bn), c + bt)
+        cap, dev = self.capacity[1], self.device
+        assert self.static is not None and bt <= self.static.scratch
+        slots = torch.arange(bt, device=dev)
+        write = torch.empty(bn, bt, dtype=torch.long, device=dev)
+        write[:n] = c + slots  # real rows: where eager would write
+        write[n:] = cap - self.static.scratch + slots  # padding rows: scratch, never valid
+        ancestors, depth = _tree_structure(new_valid, parents)
+        ids = torch.zeros(bn, bt, dtype=torch.long, device=dev)
+        ids[:n, :t] = input_ids
+        positions = torch.zeros(bn, bt, dtype=torch.long, device=dev)
+        positions[:n, :t] = self.lengths[:n, None] + depth
+        mask = torch.zeros(bn, 1, bt, cap, dtype=torch.bool, device=dev)
+        mask[:n, 0, :t, :c] = self.valid[:n, None, :c]
+        mask[:n, 0, :t, c : c + t] = ancestors
+        mask.scatter_(3, write[:, None, :, None], True)  # every slot sees itself: padding stays finite
+        inputs = {"ids": ids, "positions": positions, "mask": mask, "write": write,
+                  "rows": torch.arange(bn, device=dev)[:, None].expand(bn, bt).contiguous()}  # fmt: skip
+        flags = {k: v for k, v in model_kwargs.items() if not isinstance(v, torch.Tensor)}
+        for name, value in model_kwargs.items():
+            if isinstance(value, torch.Tensor):  # per-token inputs (a feature draft's features)
+                inputs[name] = value.new_zeros(bn, bt, *value.shape[2:])
+                inputs[name][:n, :t] = value
+
+        def run(x: dict[str, torch.Tensor]) -> Any:
+            self.write_rows, self.write_index, self.write_col = x["rows"], x["write"], c
+            try:
+                tensors = {k: v for k, v in x.items() if k not in ("ids", "positions", "mask", "write", "rows")}
+                return model(
+                    input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["positions"],
+                    **cache_kwargs(model, self.cache), use_cache=True, **flags, **tensors,
+                )  # fmt: skip
+            finally:
+                self.write_rows = self.write_index = None
+                self.write_col = 0
+
+        if self.graphs is not None and dev.type == "cuda":
+            key = (id(self), id(model), bn, bt, cap, self.capacity[0], tuple(sorted(flags.items())), tuple(inputs))
+            out = self.graphs.run(key, run, inputs)
+        else:
+            out = run(inputs)
+        self._wrote(0, new_valid, c)
+        self.static_forwards += 1
+        return _Rows(out, n, t - logits_to_keep if logits_to_keep else 0, t)
 
     def used_cols(self, first_row: int, n: int) -> torch.Tensor:
         """[n] the used width of rows `[first_row, first_row + n)`: where their next token goes
@@ -327,7 +442,7 @@ class BatchKV:
 
     def new_rows(self, count: int) -> None:
         """Append `count` empty rows (e.g. requests about to be prefilled)."""
-        self._ensure(self.n_rows + count, self.n_cols)
+        self._fits(self.n_rows + count, self.n_cols)
         new = slice(self.n_rows, self.n_rows + count)
         self.valid[new] = False
         self.lengths[new] = 0
@@ -343,7 +458,7 @@ class BatchKV:
         length = int(src.lengths[row])
         src_cols = src.valid[row, : int(src.used[row])].nonzero().squeeze(1)  # [length]
         dst = self.n_rows
-        self._ensure(dst + 1, max(self.n_cols, length))
+        self._fits(dst + 1, max(self.n_cols, length))
         for mine, theirs in zip(self.layers, src.layers):
             if not theirs.is_initialized:
                 continue
@@ -402,12 +517,15 @@ class BatchKV:
         # give back spare capacity (finished rows, a width that compaction shrank), with
         # hysteresis so that rows leaving one by one do not reallocate every time
         rows_cap, cols_cap = self.capacity
-        too_many_rows = rows_cap > n + max(8, n // 2)
-        too_many_cols = cols_cap > self.n_cols + max(4 * cfg.min_col_growth, self.n_cols // 2)
+        bucket = self.static.bucket(n, 1) if self.static is not None else None
+        need = bucket[0] if bucket is not None else n  # static forwards pad the rows to their bucket
+        too_many_rows = rows_cap > need + max(8, need // 2)
+        too_many_cols = cols_cap > self.n_cols + self._scratch() + max(4 * cfg.min_col_growth, self.n_cols // 2)
         if too_many_rows or too_many_cols:
-            rows = n + n // 8 if too_many_rows else rows_cap
-            cols = self.n_cols + cfg.min_col_growth if too_many_cols else cols_cap
-            self._reallocate(rows, cols)
+            rows = need + need // 8 if too_many_rows else rows_cap
+            cols = self._round_cols(self.n_cols + cfg.min_col_growth + self._scratch()) if too_many_cols else cols_cap
+            if (rows, cols) != self.capacity:
+                self._reallocate(rows, cols)
         return compacted
 
     def _compact(self, width: int) -> None:
@@ -427,6 +545,35 @@ class BatchKV:
         self.used[:n] = self.lengths[:n]
         self.n_cols = width
         self._last_end = None
+
+
+class _Rows:
+    """A static forward's output cut back to its real rows and slots [:n, lo:hi] (logits,
+    hidden states, a companion's logits; views of the captured outputs under CUDA graphs)."""
+
+    def __init__(self, out: Any, n: int, lo: int, hi: int) -> None:
+        def cut(x: Any, keep: bool = False) -> Any:
+            if isinstance(x, torch.Tensor):
+                return x[:n, lo:hi] if keep else x[:n, :hi]
+            if isinstance(x, tuple):
+                return tuple(cut(y, keep) for y in x)
+            return x
+
+        self.logits = cut(out.logits, keep=True)
+        self.hidden_states = cut(getattr(out, "hidden_states", None))
+        self.companion_logits = cut(getattr(out, "companion_logits", None), keep=True)
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The cache as `model`'s forward takes it: `cache=` (transformers >= 5.2x, where
+    `past_key_values` is deprecated, to be removed in 5.40) or `past_key_values=` (earlier 5.x)."""
+    return {_cache_argument(type(model)): cache}
+
+
+@functools.cache
+def _cache_argument(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, KVConfig
 from .stream import Playback
 from .types import SLO, SamplingParams
@@ -94,8 +95,16 @@ class Rows:
     A finished prompt's row moves to the batch caches; when nothing runs and every prefill row
     is done, the prefill caches are adopted whole."""
 
-    def __init__(self, target_layers: int, draft_layers: int | None, device: torch.device, config: KVConfig):
-        self.device, self.config = device, config
+    def __init__(
+        self,
+        target_layers: int,
+        draft_layers: int | None,
+        device: torch.device,
+        config: KVConfig,
+        static: StaticShapes | None = None,
+        graphs: CudaGraphs | None = None,
+    ):
+        self.device, self.config, self.static, self.graphs = device, config, static, graphs
         self.target_layers, self.draft_layers = target_layers, draft_layers
         self.reset()
 
@@ -109,7 +118,7 @@ class Rows:
         self.prefilling: list[Request] = []
 
     def _new(self, layers: int) -> BatchKV:
-        return BatchKV(layers, self.device, self.config)
+        return BatchKV(layers, self.device, self.config, self.static, self.graphs)
 
     def nbytes(self, include_draft: bool = True) -> int:
         total = self.target.nbytes() + self.prefill_target.nbytes()

@@ -37,20 +37,24 @@ class PerfectAcceptance:
         self.seconds = 0.0  # spent peeking: not a cost a real controller could have
 
     def estimate(self, state: VerifyState) -> AcceptanceEstimate:
+        # off the clock: the peek's kernels are timed between two syncs, so on a GPU its cost
+        # is not left to be counted in the verify forward that follows
+        self.engine.synchronize()
         t0 = time.perf_counter()
         d = state.drafts
-        p = self.engine.peek_target()  # [B, K + 1, V]
+        p = self.engine.peek_target()  # [B, K + 1, V] on the engine's device
         if d.parents is None:
             p = p[:, :-1]  # position j: where draft token j goes
         else:  # node j goes where its parent's distribution is: slot parent + 1 (0: the last token)
-            slot = (d.parents + 1).clamp(min=0)
+            slot = (d.parents + 1).clamp(min=0).to(p.device)
             p = p.gather(1, slot[..., None].expand(-1, -1, p.shape[-1]))
-        tok = d.tokens.clamp(min=0)[..., None]
-        p_tok, q_tok = p.gather(-1, tok)[..., 0], d.probs.gather(-1, tok)[..., 0]
-        agree = (p.argmax(-1) == d.tokens).float()
+        tokens = d.tokens.to(p.device)
+        tok = tokens.clamp(min=0)[..., None]
+        p_tok, q_tok = p.gather(-1, tok)[..., 0], d.probs.to(p.device).gather(-1, tok)[..., 0]
+        agree = (p.argmax(-1) == tokens).float()
         rule = torch.clamp(p_tok / q_tok.clamp(min=1e-12), max=1.0)
-        alpha = torch.where(d.greedy[:, None], agree, rule) * drafted_mask(d)
-        self.seconds += time.perf_counter() - t0
+        alpha = torch.where(d.greedy[:, None], agree.cpu(), rule.cpu()) * drafted_mask(d)
+        self.seconds += time.perf_counter() - t0  # (.cpu() waited for the kernels)
         return AcceptanceEstimate(alpha, d.parents)
 
     def update(self, record: StepRecord) -> None:
