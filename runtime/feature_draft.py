@@ -209,9 +209,11 @@ class WithCompanion(nn.Module):
         text.num_hidden_layers = self.draft.config.num_layers + self.companion.config.num_layers
         return text
 
-    def forward(self, input_ids: torch.Tensor, features: torch.Tensor, **kwargs: Any) -> FeatureDraftOutput:
-        out = self.draft(input_ids, features, **kwargs)
-        out.companion_logits = self.companion(input_ids, features, **kwargs).logits
+    def forward(
+        self, input_ids: torch.Tensor, features: torch.Tensor, cache: Any = None, **kwargs: Any
+    ) -> FeatureDraftOutput:
+        out = self.draft(input_ids, features, cache=cache, **kwargs)
+        out.companion_logits = self.companion(input_ids, features, cache=cache, **kwargs).logits
         return out
 
 
