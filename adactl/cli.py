@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "no_cuda_graphs", False):
+        from adactl.runtime.device import GRAPHS_ENV
+
+        os.environ[GRAPHS_ENV] = "0"
     from adactl.estimators.step_cost import ProfileError
     from adactl.runtime.device import DeviceError
 

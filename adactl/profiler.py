@@ -170,8 +170,10 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
         diff = here.differences(loaded.fingerprint)
         if diff:
             how = ", refined online from every step" if refine else " (online refinement off)"
-            say(f"adactl: step-cost profile {profile} was made for another setup ({'; '.join(diff)}); "
-                f"using it as the prior{how}")
+            say(
+                f"adactl: step-cost profile {profile} was made for another setup ({'; '.join(diff)}); "
+                f"using it as the prior{how}"
+            )
         return loaded.model(refine=refine)
     path = cached_path(here)
     if path.is_file():
@@ -189,11 +191,18 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     """`--profile` and `--no-refine`, the same on every command that predicts step costs."""
-    parser.add_argument("--profile", default=None,
-                        help="a step-cost profile file (adactl profile --out), or 'shipped' (the CPU prior "
-                             "shipped with adactl); default: this machine's, measured on first use, cached")
-    parser.add_argument("--no-refine", dest="refine", action="store_false",
-                        help="keep the profile's costs as they are (no online refinement from served steps)")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="a step-cost profile file (adactl profile --out), or 'shipped' (the CPU prior "
+        "shipped with adactl); default: this machine's, measured on first use, cached",
+    )
+    parser.add_argument(
+        "--no-refine",
+        dest="refine",
+        action="store_false",
+        help="keep the profile's costs as they are (no online refinement from served steps)",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

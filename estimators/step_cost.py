@@ -221,7 +221,7 @@ class StepCostProfile:
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ProfileError(f"step-cost profile {path} is not valid JSON ({e}); {remake}") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ProfileError(f"{path} is not an adactl step-cost profile (no \"format\": \"{FORMAT}\"); {remake}")
+            raise ProfileError(f'{path} is not an adactl step-cost profile (no "format": "{FORMAT}"); {remake}')
         if data.get("version") != VERSION:
             version = data.get("version")
             raise ProfileError(f"{path} is a version {version} profile; this adactl reads {VERSION}; {remake}")

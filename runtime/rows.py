@@ -18,15 +18,17 @@ Not here: what runs (the plan), models, sampling rules.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, KVConfig
-from .stream import Playback
-from .types import SLO, SamplingParams
+from .stream import Playback, count_units
+from .types import SLO, RequestResult, RequestView, SamplingParams
 from .verify import counter_uniforms
 
 
@@ -58,6 +60,50 @@ class Request:
     def context_len(self) -> int:
         return len(self.prompt) + len(self.output)
 
+    def view(self, now: float) -> RequestView:
+        """What controllers see of this request."""
+        status = "running" if self.first_token_time is not None else ("prefilling" if self.prefilled else "waiting")
+        stream = self.playback.stream if self.playback is not None else None
+        progress = self.playback.progress(now) if self.playback is not None else None
+        return RequestView(self.request_id, status, len(self.prompt), self.prefilled, len(self.output),
+                           self.context_len, self.arrival_time, self.first_token_time, self.sampling, self.slo,
+                           stream, progress)  # fmt: skip
+
+    def append(self, tokens: list[int], eos_ids: set[int], max_context: int, tokenizer: Any) -> list[int]:
+        """Append tokens up to a stop condition (sets `finish_reason`); returns those kept."""
+        kept = []
+        for tok in tokens:
+            self.output.append(tok)
+            kept.append(tok)
+            if self.sampling.stop_on_eos and tok in eos_ids:
+                self.finish_reason = "eos"
+            elif len(self.output) >= self.sampling.max_new_tokens:
+                self.finish_reason = "length"
+            elif self.context_len >= max_context:
+                self.finish_reason = "context"
+            if self.finish_reason is not None:
+                break
+        if self.playback is not None and kept:
+            self._produce(time.perf_counter(), tokenizer)
+        return kept
+
+    def result(self, reason: str, now: float, tokenizer: Any) -> RequestResult:
+        """Finish with `reason`: the request's result (a streamed one's account settled)."""
+        self.finish_reason = reason
+        units = misses = None
+        if self.playback is not None:
+            self._produce(now, tokenizer, finished=True)
+            units, misses = self.playback.settle()
+        return RequestResult(self.request_id, self.prompt, self.output, reason, self.arrival_time,
+                             self.first_token_time, now, units, misses)  # fmt: skip
+
+    def _produce(self, now: float, tokenizer: Any, finished: bool = False) -> None:
+        """Tell a streamed request's consumer how many complete units the output holds."""
+        assert self.playback is not None
+        unit = self.playback.stream.unit
+        text = "" if unit == "token" else tokenizer.decode(self.output, skip_special_tokens=True)
+        self.playback.produce(count_units(unit, len(self.output), text, finished), len(self.output), now, finished)
+
 
 class RowSampling:
     """Sampling parameters of a run of rows (on the CPU, where rules read them without a
@@ -74,7 +120,10 @@ class RowSampling:
         """The first m rows."""
         part = RowSampling([], self.device)
         part.rows, part.temperature, part.top_p, part.greedy = (
-            self.rows[:m], self.temperature[:m], self.top_p[:m], self.greedy[:m]
+            self.rows[:m],
+            self.temperature[:m],
+            self.top_p[:m],
+            self.greedy[:m],
         )
         return part
 

@@ -283,6 +283,7 @@ def verify_trees(
         result = verify_trees(target_logits, draft_probs.new_zeros(b, 1, target_logits.shape[-1]),
                               draft_tokens.new_full((b, 1), -1), parents.new_full((b, 1), -1), verify_len,
                               temperature, top_p, uniforms)  # fmt: skip
+        assert result.path is not None
         return VerifyResult(result.accepted, result.next_token, result.path[:, :0])
     valid = (draft_tokens >= 0).to(parents.device)
     children, levels = tree_children(parents, valid)

@@ -344,6 +344,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     plan: list[tuple[int, str, int]] = []
     for b in args.batch_sizes:
         configs = ["hf_generate", "engine_plain", "engine_k4"] + (["hf_assisted", "hf_assisted_k4"] if b == 1 else [])
+        configs = [c for c in configs if args.configs is None or c in args.configs]
         for k in range(args.rounds):
             plan += [(k, configs[(i + k) % len(configs)], b) for i in range(len(configs))]
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -388,6 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch size (medians kept)")
+    parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
+                        help=f"configurations, comma-separated (default all: {','.join(_CONFIG_ORDER)})")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")

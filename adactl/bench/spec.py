@@ -425,8 +425,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="runs per configuration, the fastest reported (default 2; 1 with --quick)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="runs per configuration, the fastest reported (default 2; 1 with --quick)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
     parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
@@ -448,6 +452,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tree-width", type=int, default=2, help="--trees: alternatives per level of goodput-tree")
     add_device_arguments(parser)
     add_profile_arguments(parser)
-    parser.add_argument("--profile-sv", default=None,
-                        help="the profile of runs with the companion (default: --profile, else this machine's)")
+    parser.add_argument(
+        "--profile-sv",
+        default=None,
+        help="the profile of runs with the companion (default: --profile, else this machine's)",
+    )
     parser.add_argument("--out", default="bench_results")
