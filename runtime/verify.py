@@ -45,6 +45,8 @@ from typing import Protocol
 
 import torch
 
+from .types import node_depth
+
 
 @dataclass(frozen=True)
 class VerifyResult:
@@ -240,11 +242,7 @@ def tree_children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Ten
     children = torch.full((b, k + 1, width), -1, dtype=torch.long, device=parents.device)
     b_idx, j_idx = valid.nonzero(as_tuple=True)
     children[b_idx, slot[b_idx, j_idx], rank[b_idx, j_idx]] = j_idx
-    depth = torch.zeros_like(parents)
-    rows = torch.arange(b, device=parents.device)
-    for j in range(k):
-        p = parents[:, j]
-        depth[:, j] = torch.where(p >= 0, depth[rows, p.clamp(min=0)] + 1, 0)
+    depth = node_depth(parents.cpu()).to(parents.device)
     levels = int(depth[valid].max()) + 1 if bool(valid.any()) else 0
     return children, levels
 
