@@ -15,7 +15,7 @@ companion's distribution at every draft position.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from .rows import Request, RowSampling
 from .tree import RowTree
 from .types import DraftSummary, TreeSpec, summarize_drafts
 from .verify import process_logits, sample
+
+if TYPE_CHECKING:
+    from .target import Verdict
 
 
 @dataclass
@@ -92,7 +95,7 @@ class Proposer:
                 feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
                 r.draft_features = []
             extra["features"] = feats
-        out = kv.forward(self.model, ids.to(self.device), valid.to(self.device), logits_to_keep=1, **extra)
+        out = kv.forward(self.model, ids.to(self.device), valid, logits_to_keep=1, **extra)
         for r in rows:
             r.draft_pending = []
         return out
@@ -114,7 +117,7 @@ class Proposer:
             if j > 0:
                 extra = {"features": out.hidden_states[:m, -1:]} if self.feature else {}
                 ids = tokens[:m, j - 1 : j]
-                out = kv.forward(self.model, ids, torch.ones_like(ids, dtype=torch.bool), **extra)
+                out = kv.forward(self.model, ids, torch.ones(m, 1, dtype=torch.bool), **extra)
             s = sampling.head(m)
             q = process_logits(out.logits[:m, -1], s.temperature, s.top_p)  # [m, N]
             if comp_probs is not None:
@@ -124,6 +127,40 @@ class Proposer:
             tokens[:m, j] = self._vocab[picked] if self._vocab is not None else picked
             probs[:m, j] = self._scatter(q, self._vocab)
         return Drafts(tokens, probs, comp_probs)
+
+    def settle(
+        self, kv: BatchKV, rows: list[Request], drafting: int, drafts: torch.Tensor, draft_len: torch.Tensor,
+        verdict: Verdict, new: list[list[int]],
+    ) -> None:  # fmt: skip
+        """After verification: the draft cache keeps each chain's accepted tokens, and each of
+        `rows` (the decode rows; the first `drafting` drafted) holds what the draft has not
+        seen yet. drafts, draft_len: the step's tokens [rows, K] and lengths (CPU); new: the
+        tokens each row emitted (accepted drafts, then the target's)."""
+        k = drafts.shape[1]
+        trees = verdict.path is not None
+        if not trees and drafting and k > 1:
+            # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
+            # ones (a feature draft keeps none: they are fed again with the target's features;
+            # a tree's levels already left the draft cache)
+            keep = torch.arange(1, k)[None, :] <= verdict.accepted[:drafting, None]
+            kv.keep_last(torch.zeros_like(keep) if self.feature else keep)
+        for i, req in enumerate(rows):
+            drafted, y = i < drafting, new[i][-1]
+            if self.feature:
+                # tokens y_0 (already in the draft cache unless the row did not draft), d_1..d_a, y
+                # pair with the target features computed at y_0, d_1, .., d_a
+                assert verdict.features is not None
+                req.draft_pending = ([] if drafted else req.draft_pending) + new[i]
+                # (copied: a view would keep the whole step's [rows, T, H] states alive)
+                states = verdict.features[i, [0] + [j + 1 for j in verdict.nodes(i)]].clone().unbind(0)
+                req.draft_features = ([] if drafted else req.draft_features) + list(states)
+            elif trees and drafted:
+                req.draft_pending = new[i]  # a tree's levels left the draft cache: feed the path again
+            elif drafted:
+                a, n = int(verdict.accepted[i]), int(draft_len[i])
+                req.draft_pending = [int(drafts[i, n - 1]), y] if a == n else [y]
+            else:
+                req.draft_pending.append(y)
 
     def trees(self, kv: BatchKV, rows: list[Request], specs: list[TreeSpec], n_rows: int) -> Drafts:
         """Grow a token tree (`adactl.runtime.tree`) for each of `rows` (the first rows of the
@@ -155,7 +192,7 @@ class Proposer:
                 c = kv.next_col(0, m)
                 ids = torch.zeros(m, w, dtype=torch.long)
                 valid = torch.zeros(m, w, dtype=torch.bool)
-                context = kv.visible_before(start[:m], c).cpu()[:, None, :].repeat(1, w, 1)  # [m, w, c]
+                context = kv.visible_before(start[:m], c)[:, None, :].repeat(1, w, 1)  # [m, w, c] (host)
                 feats = (torch.zeros(m, w, self.model.hidden_size, device=self.device, dtype=root.dtype)
                          if root is not None else None)  # fmt: skip
                 for i, front in enumerate(fronts):
@@ -170,12 +207,12 @@ class Proposer:
                             ancestor = trees[i].nodes[ancestor].parent
                         if feats is not None and root is not None:
                             feats[i, s] = hidden[i][node.parent] if node.parent >= 0 else root[i]
-                positions = (context_len[:m, None].cpu() + level).expand(m, w).to(self.device)
+                positions = (context_len[:m, None] + level).expand(m, w)
                 extra: dict[str, Any] = {"features": feats} if feats is not None else {}
-                roots = torch.full((m, w), -1, device=self.device)  # levels attach through `context`
+                roots = torch.full((m, w), -1)  # levels attach through `context`
                 out = kv.forward(
-                    self.model, ids.to(self.device), valid.to(self.device), parents=roots,
-                    context=context.to(self.device), positions=positions, **extra,
+                    self.model, ids.to(self.device), valid, parents=roots, context=context, positions=positions,
+                    **extra,
                 )  # fmt: skip
                 head = sampling.head(m)
                 q = process_logits(out.logits, head.temperature, head.top_p)  # [m, w, N]

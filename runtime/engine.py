@@ -39,8 +39,9 @@ from .kv import KVConfig
 from .models import eos_ids, output_vocab_size, prompt_ids
 from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
-from .rows import Request, Rows, RowSampling, slot_parents, verify_computed, verify_split
+from .rows import Request, Rows, RowSampling, check_service, verify_computed, verify_split
 from .stream import Playback, Stream
+from .target import TargetVerifier, Verdict
 from .types import (
     SLO,
     DraftBatch,
@@ -92,8 +93,6 @@ class _Inflight:
     prefill_tokens: int
     prefill_s: float
     draft_s: float
-    target_features: torch.Tensor | None = None  # [rows, T, H], feature drafts only
-    path: torch.Tensor | None = None  # [rows, K] bool, tree steps only: accepted nodes
 
 
 class Engine:
@@ -109,7 +108,6 @@ class Engine:
         tree_verifier: Callable[..., Any] = verify_trees,
     ) -> None:
         self.config = config or EngineConfig()
-        self.verifier, self.tree_verifier = verifier, tree_verifier
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
         self.tokenizer = tokenizer
@@ -143,11 +141,31 @@ class Engine:
         self.graphs = CudaGraphs(self.device) if graphs and self.device.type == "cuda" else None
         self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv, static, self.graphs)
         self.prefill = Prefill(self.target, self.draft, self.feature_draft, self.rows, self.config.max_batch_size)
+        self.target_verifier = TargetVerifier(self.target, lambda: self.rows.target, self.device, self.feature_draft,
+                                              verifier, tree_verifier)  # fmt: skip
         self._waiting: dict[str, Request] = {}  # arrival order
         self._finished: dict[str, RequestResult] = {}
         self._inflight: _Inflight | None = None
         self._next_id = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)  # seeds of unseeded requests
+
+    @property
+    def verifier(self) -> Verifier:
+        """The chain rule (`verify.verify_chains`; tests swap in wrong rules)."""
+        return self.target_verifier.verifier
+
+    @verifier.setter
+    def verifier(self, rule: Verifier) -> None:
+        self.target_verifier.verifier = rule
+
+    @property
+    def tree_verifier(self) -> Callable[..., Any]:
+        """The tree rule (`verify.verify_trees`)."""
+        return self.target_verifier.tree_verifier
+
+    @tree_verifier.setter
+    def tree_verifier(self, rule: Callable[..., Any]) -> None:
+        self.target_verifier.tree_verifier = rule
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -171,25 +189,8 @@ class Engine:
         """
         sampling = sampling if sampling is not None else SamplingParams()
         sampling.validate()
-        for value, kind in ((slo, SLO), (stream, Stream)):
-            if value is not None and not isinstance(value, kind):
-                raise RequestError(f"{kind.__name__.lower()} must be an adactl.runtime.{kind.__name__}, "
-                                   f"got {type(value).__name__}")  # fmt: skip
-            if value is not None:
-                value.validate()
-        if stream is not None and stream.unit != "token" and self.tokenizer is None:
-            raise RequestError(f"a stream read in {stream.unit}s needs a tokenizer, but this engine has none")
-        ids = prompt_ids(prompt, self.tokenizer)
-        if not ids:
-            raise RequestError("prompt is empty: give at least one token")
-        if len(ids) >= self.max_context:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens but the model's context holds {self.max_context}, "
-                "leaving no room to generate: shorten the prompt"
-            )
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise RequestError(f"prompt holds token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+        check_service(slo, stream, self.tokenizer is not None)
+        ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_context)
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -329,10 +330,11 @@ class Engine:
         cut = check_cut(verify_len, fl.draft_len)
         t0 = self._now()
         rows = self.rows.running[: fl.rows]
-        accepted = torch.zeros(fl.rows, dtype=torch.long)
+        accepted, path = torch.zeros(fl.rows, dtype=torch.long), None
         if fl.rows:
-            accepted, next_tokens = self._verify(rows, fl, cut)
-            self._emit(rows, fl, accepted, next_tokens)
+            verdict = self.target_verifier.verify(rows, fl.drafts, fl.draft_len, cut)
+            self._emit(rows, fl, verdict)
+            accepted, path = verdict.accepted, verdict.path
         done = {i for i, r in enumerate(self.rows.running) if r.finish_reason is not None or r.cancelled}
         for i in sorted(done):
             req = self.rows.running[i]
@@ -357,7 +359,7 @@ class Engine:
             draft_s=fl.draft_s,
             verify_s=verify_s,
             total_s=fl.prefill_s + fl.draft_s + verify_s,
-            path=fl.path,
+            path=path,
         )
 
     @torch.inference_mode()
@@ -375,16 +377,9 @@ class Engine:
         if fl is None:
             raise RuntimeError("no drafts pending: call draft_step() first")
         rows = self.rows.running[: fl.rows]
-        t = fl.tokens.shape[1] + 1
         if not rows:
-            return torch.zeros(0, t, self.vocab_size, device=self.device)
-        ids = self._verify_ids(rows, fl, t)
-        valid = (torch.arange(t)[None, :] <= fl.draft_len[:, None]).to(self.device)
-        parents = slot_parents(fl.drafts.parents, t).to(self.device) if fl.drafts.parents is not None else None
-        out = self.rows.target.forward(self.target, ids, valid, parents=parents)
-        self.rows.target.keep_last(torch.zeros(fl.rows, t, dtype=torch.bool, device=self.device))
-        s = RowSampling(rows, self.device)
-        return process_logits(out.logits, s.temperature, s.top_p)
+            return torch.zeros(0, fl.tokens.shape[1] + 1, self.vocab_size, device=self.device)
+        return self.target_verifier.peek(rows, fl.drafts, fl.draft_len)
 
     def synchronize(self) -> None:
         """Wait for the work queued on the engine's device (for timing)."""
@@ -418,95 +413,16 @@ class Engine:
         self.rows.drop_prefill({i for i, r in enumerate(self.rows.prefilling) if r.finish_reason is not None})
         return joining, used
 
-    def _verify_ids(self, rows: list[Request], fl: _Inflight, t: int) -> torch.Tensor:
-        """[rows, t] on the device: each row's last token, then its first t - 1 draft tokens."""
-        ids = torch.zeros(len(rows), t, dtype=torch.long, device=self.device)
-        ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows]).to(self.device)
-        if t > 1:
-            ids[:, 1:] = fl.drafts.tokens[:, : t - 1].clamp(min=0)
-        return ids
-
-    def _verify(self, rows: list[Request], fl: _Inflight, cut: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Target forwards over [last token, verified drafts] per row, the lossless rule on
-        the device, one copy of the verdicts to the host; the caches roll back.
-
-        Rows are in draft-length order, so verify lengths mostly fall along the batch: where
-        one forward over the whole [rows, longest] rectangle would mostly compute padding, the
-        rows split into two ranges, each as wide as its own longest (`verify_split`). A tree
-        step verifies each row's first `cut` nodes in one forward with a tree mask, and keeps
-        only the accepted path in the cache."""
-        n, d = fl.rows, fl.drafts
-        t = int(cut.max()) + 1
-        ids = self._verify_ids(rows, fl, t)
-        valid = (torch.arange(t)[None, :] <= cut[:, None]).to(self.device)
-        tree_parents = slot_parents(d.parents, t).to(self.device) if d.parents is not None else None
-        extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
-        s = RowSampling(rows, self.device)
-        k = fl.tokens.shape[1]
-        if d.parents is not None:
-            uniforms = s.uniforms([int(v) + 1 for v in fl.draft_len], k + 1)
-        else:
-            uniforms = s.uniforms([int(v) + 1 for v in cut], t)
-        verdict = torch.zeros(n, 2 + k, dtype=torch.long, device=self.device)  # accepted, next, path
-        features: torch.Tensor | None = None
-        for r0, r1 in verify_split(cut):
-            w, part = int(cut[r0:r1].max()) + 1, slice(r0, r1)
-            parents = tree_parents[part, :w] if tree_parents is not None else None
-            out = self.rows.target.forward(self.target, ids[part, :w], valid[part, :w], parents=parents,
-                                           first_row=r0, **extra)  # fmt: skip
-            if self.feature_draft:
-                h = out.hidden_states[-1]
-                features = h.new_zeros(n, t, h.shape[-1]) if features is None else features
-                features[part, :w] = h
-            args = (out.logits, d.probs[part], d.tokens[part])
-            rest = (cut[part], s.temperature[part], s.top_p[part], uniforms[part])
-            if d.parents is not None:
-                result = self.tree_verifier(*args, d.parents[part], *rest)
-                keep = torch.cat([torch.ones_like(result.path[:, :1]), result.path[:, : w - 1]], 1)
-                verdict[part, 2:] = result.path
-            else:
-                result = self.verifier(*args, cut[part], *rest[1:3], uniforms[part, :w])
-                keep = torch.arange(w, device=self.device)[None, :] <= result.accepted.to(self.device)[:, None]
-            verdict[part, 0], verdict[part, 1] = result.accepted, result.next_token
-            self.rows.target.keep_last(keep.to(self.device), first_row=r0)
-        fl.target_features = features
-        verdict = verdict.cpu()  # the step's one copy back
-        accepted, next_tokens = verdict[:, 0], verdict[:, 1]
-        fl.path = verdict[:, 2:].bool() if d.parents is not None else None
-        if d.parents is None and fl.drafting and k > 1 and self.rows.draft is not None:
-            # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
-            # ones (a feature draft keeps none: they are fed again with the target's features;
-            # a tree's levels already left the draft cache)
-            keep = torch.arange(1, k)[None, :] <= accepted[: fl.drafting, None]
-            if self.feature_draft:
-                keep = torch.zeros_like(keep)
-            self.rows.draft.keep_last(keep.to(self.device))
-        return accepted, next_tokens
-
-    def _emit(self, rows: list[Request], fl: _Inflight, accepted: torch.Tensor, next_tokens: torch.Tensor) -> None:
+    def _emit(self, rows: list[Request], fl: _Inflight, verdict: Verdict) -> None:
+        new = []
         for i, req in enumerate(rows):
-            a, k, y = int(accepted[i]), int(fl.draft_len[i]), int(next_tokens[i])
-            # the accepted draft nodes (a chain's first a; a tree's path), as target columns 1..
-            nodes = fl.path[i].nonzero().squeeze(1).tolist() if fl.path is not None else list(range(a))
-            new = [int(fl.tokens[i, j]) for j in nodes] + [y]
-            fl.emitted[req.request_id] = self._append_output(req, new)
-            req.target_pending = [y]
-            if self.draft is None:
-                continue
-            if self.feature_draft:
-                # tokens y_0 (already in the draft cache unless the row did not draft), d_1..d_a, y
-                # pair with the target features computed at y_0, d_1, .., d_a
-                assert fl.target_features is not None
-                req.draft_pending = ([] if i < fl.drafting else req.draft_pending) + new
-                # (copied: a view would keep the whole step's [rows, T, H] states alive)
-                states = list(fl.target_features[i, [0] + [j + 1 for j in nodes]].clone().unbind(0))
-                req.draft_features = ([] if i < fl.drafting else req.draft_features) + states
-            elif fl.path is not None and i < fl.drafting:
-                req.draft_pending = new  # a tree's levels left the draft cache: feed the path again
-            elif i < fl.drafting:
-                req.draft_pending = [int(fl.tokens[i, k - 1]), y] if a == k else [y]
-            else:
-                req.draft_pending.append(y)
+            # the accepted draft nodes (a chain's first a; a tree's path), then the target's token
+            tokens = [int(fl.tokens[i, j]) for j in verdict.nodes(i)] + [int(verdict.next_token[i])]
+            fl.emitted[req.request_id] = self._append_output(req, tokens)
+            req.target_pending = tokens[-1:]
+            new.append(tokens)
+        if self.proposer is not None and self.rows.draft is not None:
+            self.proposer.settle(self.rows.draft, rows, fl.drafting, fl.tokens, fl.draft_len, verdict, new)
 
     # ------------------------------------------------------------ bookkeeping
     def _append_output(self, req: Request, tokens: list[int]) -> list[int]:

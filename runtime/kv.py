@@ -20,6 +20,11 @@ Compaction packs each row's real tokens to the left when holes waste too much; f
 rows are dropped by moving the last rows into their place; capacity shrinks back to zero
 when the batch empties, so KV memory returns to its starting level.
 
+The bookkeeping (`valid`, `lengths`, `used`) lives on the host, whatever the cache's device:
+every decision about where a forward writes, what a rollback keeps and when to compact is
+taken without waiting for the device, and each forward sends the device only the mask rows
+it needs. (A CUDA step then synchronises once, when the verdicts come back.)
+
 Static forwards (`adactl.runtime.graphs`): with `static=` buckets, forwards that fit a
 bucket write at per-row column indices held in a tensor and attend over the whole column
 capacity, so their shapes and buffers do not change from step to step and CUDA graphs can
@@ -138,7 +143,7 @@ class _BufferLayer(DynamicLayer):
 class BatchKV:
     """A batch of per-request KV caches for one model, in one rectangle with holes.
 
-    Invariants (`n = n_rows`):
+    Invariants (`n = n_rows`; the three bookkeeping tensors are on the CPU):
     - `valid[r]` marks row r's real tokens, only in columns `< used[r]`;
     - `lengths[r] == valid[r].sum()` (the position id of row r's next token);
     - `n_cols == max(used[:n])`; rows `>= n` hold nothing anyone reads.
@@ -164,9 +169,9 @@ class BatchKV:
         self.n_rows = 0
         self.n_cols = 0
         self.capacity = (0, 0)  # (rows, cols) allocated
-        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)  # [rows_cap, cols_cap]
-        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
-        self.used = torch.zeros(0, dtype=torch.long, device=self.device)  # [rows_cap]
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows_cap, cols_cap], on the host
+        self.lengths = torch.zeros(0, dtype=torch.long)  # [rows_cap], on the host
+        self.used = torch.zeros(0, dtype=torch.long)  # [rows_cap], on the host
         self.first_row = 0  # row range start of the forward in progress
         self.write_col = 0  # first column written by the forward in progress
         self._last_end: int | None = None  # end column of the last forward (None after compaction)
@@ -214,11 +219,11 @@ class BatchKV:
         n, s = self.n_rows, self.n_cols
         for layer in self.layers:
             layer.resize(rows, cols, n, s)
-        valid = torch.zeros(rows, cols, dtype=torch.bool, device=self.device)
+        valid = torch.zeros(rows, cols, dtype=torch.bool)
         valid[:n, :s] = self.valid[:n, :s]
-        lengths = torch.zeros(rows, dtype=torch.long, device=self.device)
+        lengths = torch.zeros(rows, dtype=torch.long)
         lengths[:n] = self.lengths[:n]
-        used = torch.zeros(rows, dtype=torch.long, device=self.device)
+        used = torch.zeros(rows, dtype=torch.long)
         used[:n] = self.used[:n]
         self.valid, self.lengths, self.used, self.capacity = valid, lengths, used, (rows, cols)
 
@@ -229,10 +234,19 @@ class BatchKV:
             layer.release()
         self.n_rows = self.n_cols = 0
         self.capacity = (0, 0)
-        self.valid = torch.zeros(0, 0, dtype=torch.bool, device=self.device)
-        self.lengths = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.used = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.used = torch.zeros(0, dtype=torch.long)
         self._last_end = None
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the cache's device, without waiting for the device (pinned,
+        asynchronous copy on CUDA)."""
+        if x.device == self.device:
+            return x
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -251,7 +265,9 @@ class BatchKV:
         and cache their keys and values. Other rows are untouched.
 
         input_ids: [n, T] token ids; padding slots may hold any id.
-        new_valid: [n, T] bool, True for a real token; False slots become holes.
+        new_valid: [n, T] bool, True for a real token; False slots become holes. This and
+                   `parents`, `context`, `positions` are best given on the CPU: the cache's
+                   bookkeeping is there (on the device, they cost a wait for it).
         parents:   [n, T] long or None. None = each row's real tokens form a chain after its
                    context (padding on either side). Otherwise a token tree: parent index of
                    each slot within the row (-1 = attached to the row's context), parents[i] < i.
@@ -267,6 +283,9 @@ class BatchKV:
         r0, r1 = first_row, first_row + n
         if r0 < 0 or r1 > self.n_rows or n == 0:
             raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
+        new_valid = new_valid.cpu()
+        parents = parents.cpu() if parents is not None else None
+        input_ids = self._to_device(input_ids)
         bucket = self.static.bucket(n, t) if self.static is not None else None
         if bucket is not None and r0 == 0 and context is None:
             return self._static_forward(model, input_ids, new_valid, parents, logits_to_keep, bucket, model_kwargs)
@@ -277,9 +296,10 @@ class BatchKV:
             if positions is None:
                 raise ValueError("forward with an explicit context needs explicit positions")
             ancestors, _ = _tree_structure(new_valid, parents)
-            seen = torch.zeros(n, t, c, dtype=torch.bool, device=self.device)
-            seen[:, :, : context.shape[2]] = context[:, :, :c]
-            mask = torch.cat([seen, ancestors], dim=2)[:, None]
+            seen = torch.zeros(n, t, c, dtype=torch.bool)
+            seen[:, :, : context.shape[2]] = context[:, :, :c].cpu()
+            mask = self._to_device(torch.cat([seen, ancestors], dim=2)[:, None])
+            positions = self._to_device(positions)
         elif parents is None and bool(new_valid.all()) and bool((self.lengths[r0:r1] == c).all()):
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
@@ -287,9 +307,9 @@ class BatchKV:
             positions = c + torch.arange(t, device=self.device)[None, :].expand(n, t)
         else:
             ancestors, depth = _tree_structure(new_valid, parents)
-            positions = self.lengths[r0:r1, None] + depth  # [n, T]
-            context = self.valid[r0:r1, None, :c].expand(n, t, c)  # [n, T, c]
-            mask = torch.cat([context, ancestors], dim=2)[:, None]  # [n, 1, T, c + T]
+            positions = self._to_device(self.lengths[r0:r1, None] + depth)  # [n, T]
+            context = self._to_device(self.valid[r0:r1, :c])[:, None].expand(n, t, c)  # [n, T, c]
+            mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
         self.first_row, self.write_col = r0, c
         try:
             out = model(
@@ -307,7 +327,7 @@ class BatchKV:
         return out
 
     def _wrote(self, r0: int, new_valid: torch.Tensor, c: int) -> None:
-        """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T)."""
+        """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host)."""
         n, t = new_valid.shape
         self.valid[r0 : r0 + n, c : c + t] = new_valid
         self.lengths[r0 : r0 + n] += new_valid.sum(1)
@@ -334,18 +354,20 @@ class BatchKV:
         self._fits(max(self.n_rows, bn), c + bt)
         cap, dev = self.capacity[1], self.device
         assert self.static is not None and bt <= self.static.scratch
-        slots = torch.arange(bt, device=dev)
-        write = torch.empty(bn, bt, dtype=torch.long, device=dev)
+        slots = torch.arange(bt)
+        write = torch.empty(bn, bt, dtype=torch.long)
         write[:n] = c + slots  # real rows: where eager would write
         write[n:] = cap - self.static.scratch + slots  # padding rows: scratch, never valid
+        write = self._to_device(write)
         ancestors, depth = _tree_structure(new_valid, parents)
         ids = torch.zeros(bn, bt, dtype=torch.long, device=dev)
         ids[:n, :t] = input_ids
-        positions = torch.zeros(bn, bt, dtype=torch.long, device=dev)
+        positions = torch.zeros(bn, bt, dtype=torch.long)
         positions[:n, :t] = self.lengths[:n, None] + depth
+        positions = self._to_device(positions)
         mask = torch.zeros(bn, 1, bt, cap, dtype=torch.bool, device=dev)
-        mask[:n, 0, :t, :c] = self.valid[:n, None, :c]
-        mask[:n, 0, :t, c : c + t] = ancestors
+        mask[:n, 0, :t, :c] = self._to_device(self.valid[:n, None, :c])
+        mask[:n, 0, :t, c : c + t] = self._to_device(ancestors)
         mask.scatter_(3, write[:, None, :, None], True)  # every slot sees itself: padding stays finite
         inputs = {"ids": ids, "positions": positions, "mask": mask, "write": write,
                   "rows": torch.arange(bn, device=dev)[:, None].expand(bn, bt).contiguous()}  # fmt: skip
@@ -377,16 +399,16 @@ class BatchKV:
         return _Rows(out, n, t - logits_to_keep if logits_to_keep else 0, t)
 
     def used_cols(self, first_row: int, n: int) -> torch.Tensor:
-        """[n] the used width of rows `[first_row, first_row + n)`: where their next token goes
+        """[n] (host) the used width of rows `[first_row, first_row + n)`: where their next token goes
         at the earliest."""
         return self.used[first_row : first_row + n].clone()
 
     def visible_before(self, start: torch.Tensor, width: int, first_row: int = 0) -> torch.Tensor:
-        """[n, width] bool: row i's real tokens in columns below `start[i]` (its context without
+        """[n, width] bool (host): row i's real tokens in columns below `start[i]` (its context without
         anything cached from column `start[i]` on)."""
         n = len(start)
-        cols = torch.arange(width, device=self.device)[None, :]
-        return self.valid[first_row : first_row + n, :width] & (cols < start.to(self.device)[:, None])
+        cols = torch.arange(width)[None, :]
+        return self.valid[first_row : first_row + n, :width] & (cols < start.cpu()[:, None])
 
     def drop_from(self, start: torch.Tensor, first_row: int = 0) -> None:
         """Forget every token of rows `[first_row, first_row + n)` cached at column >= `start[i]`
@@ -396,8 +418,8 @@ class BatchKV:
         width = int(self.used[rows].max()) if n else 0
         if width == 0:
             return
-        cols = torch.arange(width, device=self.device)[None, :]
-        drop = self.valid[rows, :width] & (cols >= start.to(self.device)[:, None])
+        cols = torch.arange(width)[None, :]
+        drop = self.valid[rows, :width] & (cols >= start.cpu()[:, None])
         self.lengths[rows] -= drop.sum(1)
         self.valid[rows, :width] &= ~drop
         self._trim_trailing_holes(rows)
@@ -407,9 +429,15 @@ class BatchKV:
         """The column the next forward on rows `[first_row, first_row + n)` writes its first token to."""
         return int(self.used[first_row : first_row + n].max())
 
-    def keep_last(self, keep: torch.Tensor, first_row: int = 0) -> None:
-        """Keep only `keep [n, W]` of the W columns that end where the last forward ended,
-        for rows `[first_row, first_row + n)` (rollback of rejected tokens).
+    @property
+    def last_end(self) -> int | None:
+        """The column where the last forward's writes ended (None after a compaction)."""
+        return self._last_end
+
+    def keep_last(self, keep: torch.Tensor, first_row: int = 0, end: int | None = None) -> None:
+        """Keep only `keep [n, W]` (best on the CPU) of the W columns that end where the last
+        forward ended (or at column `end`, for the rows of an earlier forward whose columns no
+        forward wrote since), for rows `[first_row, first_row + n)`: rollback of rejected tokens.
 
         A rejected draft token becomes a hole; nothing is copied. Holes at the end of a row are
         then cut off (the row's `used` shrinks to its last real column), so the next forward
@@ -419,7 +447,8 @@ class BatchKV:
         compacted in between.
         """
         n, w = keep.shape
-        end = self._last_end
+        keep = keep.cpu()
+        end = end if end is not None else self._last_end
         if end is None or w > end:
             raise ValueError(f"keep_last over {w} columns, but the last forward ended at column {end}")
         rows = slice(first_row, first_row + n)
@@ -432,7 +461,7 @@ class BatchKV:
         """Shrink each row's `used` to its last real column, so the next forward writes over
         the holes at its end."""
         width = int(self.used[rows].max())
-        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1, device=self.device)).amax(1)
+        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1)).amax(1)
         self.used[rows] = torch.minimum(self.used[rows], last_real)
         self.n_cols = int(self.used[: self.n_rows].max())
 
@@ -457,7 +486,7 @@ class BatchKV:
         if len(src.layers) != len(self.layers):
             raise ValueError("caches of different models cannot be merged")
         length = int(src.lengths[row])
-        src_cols = src.valid[row, : int(src.used[row])].nonzero().squeeze(1)  # [length]
+        src_cols = self._to_device(src.valid[row, : int(src.used[row])].nonzero().squeeze(1))  # [length]
         dst = self.n_rows
         self._fits(dst + 1, max(self.n_cols, length))
         for mine, theirs in zip(self.layers, src.layers):
@@ -485,14 +514,15 @@ class BatchKV:
             raise ValueError(f"bad row order {order} for {self.n_rows} rows")
         moves = [(src, dst) for dst, src in enumerate(order) if src != dst]
         if moves:
-            src_idx = torch.tensor([m[0] for m in moves], device=self.device)
-            dst_idx = torch.tensor([m[1] for m in moves], device=self.device)
+            src_idx = torch.tensor([m[0] for m in moves])
+            dst_idx = torch.tensor([m[1] for m in moves])
+            src_dev, dst_dev = self._to_device(src_idx), self._to_device(dst_idx)
             s = self.n_cols
             for layer in self.layers:
                 if layer.k_buf is None or layer.v_buf is None:
                     continue
-                layer.k_buf[dst_idx, :, :s] = layer.k_buf[src_idx, :, :s]
-                layer.v_buf[dst_idx, :, :s] = layer.v_buf[src_idx, :, :s]
+                layer.k_buf[dst_dev, :, :s] = layer.k_buf[src_dev, :, :s]
+                layer.v_buf[dst_dev, :, :s] = layer.v_buf[src_dev, :, :s]
             self.valid[dst_idx] = self.valid[src_idx]
             self.lengths[dst_idx] = self.lengths[src_idx]
             self.used[dst_idx] = self.used[src_idx]
@@ -533,7 +563,7 @@ class BatchKV:
         n, s = self.n_rows, self.n_cols
         valid = self.valid[:n, :s]
         # stable sort puts each row's real columns first, in their order: [n, S]
-        order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]
+        order = self._to_device(torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width])
         for layer in self.layers:
             if layer.k_buf is None or layer.v_buf is None:
                 continue
@@ -541,7 +571,7 @@ class BatchKV:
             index = order[:, None, :, None].expand(n, h, width, d)
             layer.k_buf[:n, :, :width] = torch.gather(layer.k_buf[:n, :, :s], 2, index)
             layer.v_buf[:n, :, :width] = torch.gather(layer.v_buf[:n, :, :s], 2, index)
-        cols = torch.arange(self.capacity[1], device=self.device)
+        cols = torch.arange(self.capacity[1])
         self.valid[:n] = cols[None, :] < self.lengths[:n, None]
         self.used[:n] = self.lengths[:n]
         self.n_cols = width

@@ -254,10 +254,25 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
         )
 
 
-def prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
+def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int | None = None, max_context: int | None = None) -> list[int]:
     """Token ids of a prompt: 1-D token ids (a sequence or a tensor), a string (tokenized with
     the tokenizer's special tokens) or chat messages `[{"role": ..., "content": ...}]` (the
-    chat template, with the generation prompt). Raises `RequestError` saying what is wrong."""
+    chat template, with the generation prompt). Raises `RequestError` saying what is wrong,
+    also for an empty prompt, ids outside `[0, vocab_size)` and a prompt that leaves no room
+    to generate within `max_context` tokens."""
+    ids = _prompt_ids(prompt, tokenizer)
+    if not ids:
+        raise RequestError("prompt is empty: give at least one token")
+    if max_context is not None and len(ids) >= max_context:
+        raise RequestError(f"prompt has {len(ids)} tokens but the model's context holds {max_context}, "
+                           "leaving no room to generate: shorten the prompt")  # fmt: skip
+    bad = [t for t in ids if vocab_size is not None and not 0 <= t < vocab_size]
+    if bad:
+        raise RequestError(f"prompt holds token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return ids
+
+
+def _prompt_ids(prompt: Any, tokenizer: Any) -> list[int]:
 
     def need_tokenizer(what: str) -> Any:
         if tokenizer is None:

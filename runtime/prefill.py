@@ -72,7 +72,7 @@ class Prefill:
             valid[i, width - size :] = True
             req.prefilled += size
         device = self.rows.device
-        ids, valid = ids.to(device), valid.to(device)
+        ids = ids.to(device)  # (valid stays on the host, with the cache's bookkeeping)
         extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
         out = self.rows.prefill_target.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         if self.rows.prefill_draft is not None:

@@ -27,8 +27,8 @@ import torch
 
 from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, KVConfig
-from .stream import Playback, count_units
-from .types import SLO, RequestResult, RequestView, SamplingParams
+from .stream import Playback, Stream, count_units
+from .types import SLO, RequestError, RequestResult, RequestView, SamplingParams
 from .verify import counter_uniforms
 
 
@@ -103,6 +103,18 @@ class Request:
         unit = self.playback.stream.unit
         text = "" if unit == "token" else tokenizer.decode(self.output, skip_special_tokens=True)
         self.playback.produce(count_units(unit, len(self.output), text, finished), len(self.output), now, finished)
+
+
+def check_service(slo: SLO | None, stream: Stream | None, has_tokenizer: bool) -> None:
+    """Raise `RequestError` if a request's SLO or stream is not one (or is invalid)."""
+    for value, kind in ((slo, SLO), (stream, Stream)):
+        if value is not None and not isinstance(value, kind):
+            raise RequestError(f"{kind.__name__.lower()} must be an adactl.runtime.{kind.__name__}, "
+                               f"got {type(value).__name__}")  # fmt: skip
+        if value is not None:
+            value.validate()
+    if stream is not None and stream.unit != "token" and not has_tokenizer:
+        raise RequestError(f"a stream read in {stream.unit}s needs a tokenizer, but this engine has none")
 
 
 class RowSampling:

@@ -1,0 +1,119 @@
+"""The target's half of a step: forwards over each row's last token and verified drafts, the
+lossless rule on the logits' device (`adactl.runtime.verify`), the verdicts to the host in
+one copy, then the target cache rolled back to what was accepted.
+
+Rows come in draft-length order, so verify lengths mostly fall along the batch: where one
+forward over the whole [rows, longest] rectangle would mostly compute padding, the rows
+split into two ranges, each as wide as its own longest (`rows.verify_split`). A tree step
+verifies each row's first `cut` nodes in one forward with a tree mask and keeps only the
+accepted path in the cache.
+
+Not here: which prefix to verify (the caller's cut), the draft cache (the proposer's), what
+is emitted (the engine's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .draft import Drafts
+from .kv import BatchKV
+from .rows import Request, RowSampling, slot_parents, verify_split
+from .verify import Verifier, process_logits
+
+
+@dataclass
+class Verdict:
+    """What the host learns from one verification (all on the CPU but `features`)."""
+
+    accepted: torch.Tensor  # [rows] long: draft tokens accepted (a tree: nodes on the path)
+    next_token: torch.Tensor  # [rows] long: the correction or bonus token
+    path: torch.Tensor | None  # [rows, K] bool, trees only: the accepted nodes
+    features: torch.Tensor | None  # [rows, T, H] the target's last hidden states (feature drafts)
+
+    def nodes(self, i: int) -> list[int]:
+        """Row i's accepted draft nodes, in order (a chain's first `accepted`; a tree's path)."""
+        if self.path is not None:
+            return self.path[i].nonzero().squeeze(1).tolist()
+        return list(range(int(self.accepted[i])))
+
+
+class TargetVerifier:
+    """Runs the target over the pending drafts of the first rows of its batch cache."""
+
+    def __init__(
+        self, model: Any, kv: Callable[[], BatchKV], device: torch.device, features: bool,
+        verifier: Verifier, tree_verifier: Callable[..., Any],
+    ) -> None:  # fmt: skip
+        self.model, self._kv, self.device, self.features = model, kv, device, features
+        self.verifier, self.tree_verifier = verifier, tree_verifier
+
+    def _ids(self, rows: list[Request], drafts: Drafts, t: int) -> torch.Tensor:
+        """[rows, t] on the device: each row's last token, then its first t - 1 draft tokens."""
+        ids = torch.zeros(len(rows), t, dtype=torch.long, device=self.device)
+        ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows]).to(self.device)
+        if t > 1:
+            ids[:, 1:] = drafts.tokens[:, : t - 1].clamp(min=0)
+        return ids
+
+    def verify(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor, cut: torch.Tensor) -> Verdict:
+        """Verify the first `cut[i]` draft tokens of each row (cut, draft_len: [rows], CPU)."""
+        kv, d, n = self._kv(), drafts, len(rows)
+        t, k = int(cut.max()) + 1, d.tokens.shape[1]
+        ids = self._ids(rows, d, t)
+        valid = torch.arange(t)[None, :] <= cut[:, None]
+        tree_parents = slot_parents(d.parents, t) if d.parents is not None else None
+        extra: dict[str, Any] = {"output_hidden_states": True} if self.features else {}
+        s = RowSampling(rows, self.device)
+        if d.parents is not None:
+            uniforms = s.uniforms([int(v) + 1 for v in draft_len], k + 1)
+        else:
+            uniforms = s.uniforms([int(v) + 1 for v in cut], t)
+        verdict = torch.zeros(n, 2 + k, dtype=torch.long, device=self.device)  # accepted, next, path
+        features: torch.Tensor | None = None
+        parts = verify_split(cut)
+        ends: list[int] = []
+        for r0, r1 in parts:
+            w, part = int(cut[r0:r1].max()) + 1, slice(r0, r1)
+            parents = tree_parents[part, :w] if tree_parents is not None else None
+            out = kv.forward(self.model, ids[part, :w], valid[part, :w], parents=parents, first_row=r0, **extra)
+            assert kv.last_end is not None
+            ends.append(kv.last_end)
+            if self.features:
+                h = out.hidden_states[-1]
+                features = h.new_zeros(n, t, h.shape[-1]) if features is None else features
+                features[part, :w] = h
+            args = (out.logits, d.probs[part], d.tokens[part])
+            rest = (cut[part], s.temperature[part], s.top_p[part], uniforms[part])
+            if d.parents is not None:
+                result = self.tree_verifier(*args, d.parents[part], *rest)
+                verdict[part, 2:] = result.path
+            else:
+                result = self.verifier(*args, cut[part], *rest[1:3], uniforms[part, :w])
+            verdict[part, 0], verdict[part, 1] = result.accepted, result.next_token
+        host = verdict.cpu()  # the step's one copy back
+        accepted, path = host[:, 0], host[:, 2:].bool() if d.parents is not None else None
+        for (r0, r1), end in zip(parts, ends):  # roll back: keep each row's accepted tokens
+            w = int(cut[r0:r1].max()) + 1
+            if path is not None:
+                keep = torch.cat([torch.ones(r1 - r0, 1, dtype=torch.bool), path[r0:r1, : w - 1]], 1)
+            else:
+                keep = torch.arange(w)[None, :] <= accepted[r0:r1, None]
+            kv.keep_last(keep, first_row=r0, end=end)
+        return Verdict(accepted, host[:, 1], path, features)
+
+    def peek(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor) -> torch.Tensor:
+        """The processed target distributions at every draft position, [rows, K + 1, V] on the
+        device; the cache is left as it was (`Engine.peek_target`)."""
+        kv, t = self._kv(), drafts.tokens.shape[1] + 1
+        ids = self._ids(rows, drafts, t)
+        valid = torch.arange(t)[None, :] <= draft_len[:, None]
+        parents = slot_parents(drafts.parents, t) if drafts.parents is not None else None
+        out = kv.forward(self.model, ids, valid, parents=parents)
+        kv.keep_last(torch.zeros(len(rows), t, dtype=torch.bool))
+        s = RowSampling(rows, self.device)
+        return process_logits(out.logits, s.temperature, s.top_p)
