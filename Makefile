@@ -5,7 +5,7 @@ PYTHON ?= python3
 DEVICE ?= auto
 DTYPE ?= float32
 
-.PHONY: setup bench test lint gpu-check
+.PHONY: setup bench test test-floor lint gpu-check
 setup:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
@@ -15,6 +15,17 @@ bench: setup
 
 test: setup
 	$(PYTHON) -m pytest
+	$(MAKE) test-floor
+
+# The engine and KV-cache tests again on the oldest transformers our pin allows (5.0.0), in a
+# venv over this one's packages (the cache API changed within 5.x: `cache=`, mask sizes).
+FLOOR_VENV ?= .venv-floor
+test-floor:
+	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet "transformers==5.0.0"
+	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests/test_kv.py tests/test_verify.py \
+		tests/test_feature_draft.py tests/test_engine_greedy.py tests/test_engine_graphs.py \
+		tests/test_engine_trees.py tests/test_engine_batching.py
 
 lint: setup
 	$(PYTHON) -m ruff check adactl runtime estimators envs tests

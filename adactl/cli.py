@@ -1,5 +1,5 @@
 """The `adactl` command line: `adactl serve`, `adactl profile` and
-`adactl bench spec | stream | serve | runtime | draft`."""
+`adactl bench spec | stream | serve | runtime | step | draft`."""
 
 from __future__ import annotations
 
@@ -22,11 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
     profiler.add_arguments(profile_parser)
     profile_parser.set_defaults(run=profiler.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import draft, runtime, serve, spec, stream
+    from adactl.bench import draft, runtime, serve, spec, step, stream
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
     runtime_parser.set_defaults(run=runtime.main)
+    step_parser = bench.add_parser("step", help="one engine step's cost next to a bare (CUDA-graph) forward")
+    step.add_arguments(step_parser)
+    step_parser.set_defaults(run=step.main)
     draft_parser = bench.add_parser("draft", help="the default draft: acceptance, cost and speedup at batch 1")
     draft.add_arguments(draft_parser)
     draft_parser.set_defaults(run=draft.main)

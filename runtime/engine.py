@@ -149,24 +149,6 @@ class Engine:
         self._next_id = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)  # seeds of unseeded requests
 
-    @property
-    def verifier(self) -> Verifier:
-        """The chain rule (`verify.verify_chains`; tests swap in wrong rules)."""
-        return self.target_verifier.verifier
-
-    @verifier.setter
-    def verifier(self, rule: Verifier) -> None:
-        self.target_verifier.verifier = rule
-
-    @property
-    def tree_verifier(self) -> Callable[..., Any]:
-        """The tree rule (`verify.verify_trees`)."""
-        return self.target_verifier.tree_verifier
-
-    @tree_verifier.setter
-    def tree_verifier(self, rule: Callable[..., Any]) -> None:
-        self.target_verifier.tree_verifier = rule
-
     # ---------------------------------------------------------------- requests
     def add_request(
         self,

@@ -109,7 +109,10 @@ class _BufferLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self._store.write_col
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
+        # transformers >= 5.2x passes the query length; 5.0 and 5.1 pass its cache positions
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         if self._store.write_index is not None:
             return self._store.capacity[1], 0
         return self._store.write_col + query_length, 0

@@ -183,7 +183,7 @@ def mixed_plan(running: list[str]) -> StepPlan:
 def tree_marginals(pair, rule, spec: TreeSpec | None, seed: int, cut_rule=None) -> tuple[np.ndarray, np.ndarray]:
     target, draft = pair
     engine = make_engine(target, draft, seed=seed, max_batch_size=SAMPLES)
-    engine.tree_verifier = rule
+    engine.target_verifier.tree_verifier = rule
     sampling = SamplingParams(max_new_tokens=3, temperature=1.0, stop_on_eos=False)
     for _ in range(SAMPLES):
         engine.add_request(PROMPT, sampling)
