@@ -25,7 +25,8 @@ test-floor:
 	$(FLOOR_VENV)/bin/python -m pip install --quiet "transformers==5.0.0"
 	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests/test_kv.py tests/test_verify.py \
 		tests/test_feature_draft.py tests/test_engine_greedy.py tests/test_engine_graphs.py \
-		tests/test_engine_trees.py tests/test_engine_batching.py
+		tests/test_engine_trees.py tests/test_engine_batching.py \
+		tests/test_bench.py::test_bench_step_bare_forward_is_the_models_own_forward
 
 lint: setup
 	$(PYTHON) -m ruff check adactl runtime estimators envs tests
@@ -35,4 +36,5 @@ lint: setup
 # models, nothing to download) and the main bench's quick grid on the GPU.
 gpu-check: setup
 	$(PYTHON) -m pytest -m gpu -q tests/test_gpu.py
+	$(PYTHON) -m adactl.cli bench step --device cuda --dtype bfloat16 --out bench_results/gpu_step
 	$(PYTHON) -m adactl.cli bench spec --quick --rounds 3 --device cuda --dtype $(DTYPE) --out bench_results/gpu

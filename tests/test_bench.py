@@ -9,6 +9,47 @@ from adactl.cli import main
 REQUIRED = {"config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"}
 
 
+def test_bench_step_writes_records_targets_and_plot(tmp_path, capsys):
+    args = ["--shapes", "tiny", "--batches", "1,2", "--ks", "0,4", "--prompt-len", "16", "--steps", "2"]
+    main(["bench", "step", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "step.json").read_text())
+    assert {(r["batch"], r["k"]) for r in data["records"]} == {(1, 0), (1, 4), (2, 0), (2, 4)}
+    for r in data["records"]:
+        assert 0 < r["bare_eager_ms"] and 0 < r["verify_ms"] <= r["engine_ms_median"] * 1.5
+        assert r["bare_graph_ms"] is None  # no CUDA graphs on a CPU
+        assert r["engine_over_bare"] == r["engine_ms"] / r["bare_eager_ms"]
+    assert {t["target"] for t in data["meta"]["targets"]} == {
+        "plain step / bare forward, batch 1",
+        "verify 5 tokens / 1 token, batch 1",
+    }
+    assert (tmp_path / "step.png").stat().st_size > 10_000
+    assert "engine_over_bare" in capsys.readouterr().out
+
+
+def test_bench_step_bare_forward_is_the_models_own_forward():
+    """The floor the engine is compared with computes the right thing: the static-cache
+    forward after a context equals one forward over context and tokens, every call."""
+    import torch
+
+    from adactl.bench.step import random_model, static_forward
+
+    model = random_model("tiny", torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    context, ids = torch.randint(512, (3, 20), generator=gen), torch.randint(512, (3, 5), generator=gen)
+    with torch.inference_mode():
+        full = model(torch.cat([context, ids], 1)).logits[:, 20:]
+        forward = static_forward(model, context, ids)
+        for _ in range(3):
+            torch.testing.assert_close(forward().logits, full, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_step_rejects_unknown_shapes(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="unknown shape"):
+        main(["bench", "step", "--shapes", "gpt-5"])
+
+
 def test_bench_runtime_writes_json_and_plot(tmp_path, capsys):
     args = ["--tiny", "--batch-sizes", "1,4", "--max-new-tokens", "8", "--rounds", "2", "--out", str(tmp_path)]
     main(["bench", "runtime", *args])

@@ -18,6 +18,7 @@ batch 1). On a CPU there are no graphs: the ratio is to the bare eager forward.
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -53,10 +54,10 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int
     """A Llama of a named shape with random weights, built on the device in its dtype."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}: choose from {', '.join(SHAPES)}")
-    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa")
+    config = LlamaConfig(**SHAPES[shape])
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+        model = LlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
 
 
@@ -78,31 +79,38 @@ def _times(fn: Callable[[], Any], device: torch.device, steps: int, warmup: int 
     return out
 
 
+def static_forward(model: LlamaForCausalLM, context: torch.Tensor, ids: torch.Tensor) -> Callable[[], Any]:
+    """transformers' forward of `ids [B, T]` after `context [B, P]` held in a `StaticCache`:
+    the context is cached now; each call of the returned function rewrites positions
+    [P, P + T) and returns the model's output (the same every time)."""
+    (batch, prompt_len), tokens = context.shape, ids.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + tokens)
+    positions = torch.arange(prompt_len, device=context.device)[None].expand(batch, prompt_len)
+    model(input_ids=context, position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
+    pos = torch.arange(prompt_len, prompt_len + tokens, device=ids.device)[None].expand(batch, tokens)
+    # transformers before 5.2x writes a static cache at `cache_position`, later ones count its length
+    where = {"cache_position": pos[0]} if "cache_position" in inspect.signature(model.forward).parameters else {}
+
+    def forward() -> Any:
+        for layer in cache.layers:
+            length = getattr(layer, "cumulative_length", None)
+            if isinstance(length, torch.Tensor):
+                length.fill_(prompt_len)
+        return model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache), **where)
+
+    return forward
+
+
 @torch.inference_mode()
 def bare_forward(
     model: LlamaForCausalLM, batch: int, prompt_len: int, tokens: int, steps: int, graph: bool
 ) -> list[float]:
-    """Seconds per forward of `tokens` new tokens per row over a `StaticCache` holding
-    `prompt_len` tokens per row (each call rewrites the same positions), eager or replayed
-    from a CUDA graph."""
+    """Seconds per `static_forward` of `tokens` new tokens per row after `prompt_len`, eager
+    or replayed from a CUDA graph."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + tokens)
     context = torch.randint(vocab, (batch, prompt_len), device=device)
-    positions = torch.arange(prompt_len, device=device)[None].expand(batch, prompt_len)
-    model(input_ids=context, position_ids=positions, use_cache=True, **cache_kwargs(model, cache))
-    ids = torch.randint(vocab, (batch, tokens), device=device)
-    pos = torch.arange(prompt_len, prompt_len + tokens, device=device)[None].expand(batch, tokens)
-
-    def rewind() -> None:  # transformers >= 5.x counts the static cache's length in a tensor
-        for layer in cache.layers:
-            if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-                layer.cumulative_length.fill_(prompt_len)
-
-    def forward() -> Any:
-        rewind()
-        return model(input_ids=ids, position_ids=pos, use_cache=True, **cache_kwargs(model, cache))
-
+    forward = static_forward(model, context, torch.randint(vocab, (batch, tokens), device=device))
     if not graph:
         return _times(forward, device, steps)
     side = torch.cuda.Stream(device)
