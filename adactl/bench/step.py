@@ -222,6 +222,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
             floor = [r["bare_graph_ms"] or r["bare_eager_ms"] for r in rows]
             ax.plot([r["k"] for r in rows], floor, "x--", color=color, alpha=0.6,
                     label=f"bare {'graph' if rows[0]['bare_graph_ms'] else 'eager'}, batch {batch}")  # fmt: skip
+        ax.set_xticks(sorted({r["k"] for r in mine}))
         ax.set_xlabel("draft length k (bare: k + 1 tokens per row)")
         ax.set_ylabel("ms per step (fastest)")
         ax.set_yscale("log")
