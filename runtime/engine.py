@@ -141,7 +141,8 @@ class Engine:
         self.graphs = CudaGraphs(self.device) if graphs and self.device.type == "cuda" else None
         self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv, static, self.graphs)
         self.prefill = Prefill(self.target, self.draft, self.feature_draft, self.rows, self.config.max_batch_size)
-        self.target_verifier = TargetVerifier(self.target, lambda: self.rows.target, self.device, self.feature_draft,
+        features = self.draft.target_features if self.feature_draft else None  # type: ignore[union-attr]
+        self.target_verifier = TargetVerifier(self.target, lambda: self.rows.target, self.device, features,
                                               verifier, tree_verifier)  # fmt: skip
         self._waiting: dict[str, Request] = {}  # arrival order
         self._finished: dict[str, RequestResult] = {}

@@ -14,6 +14,14 @@ outside it are never drafted (and so never accepted). The token embedding and th
 rows are the target's own, frozen and not stored: a saved draft holds only the input
 projection, the decoder layer, its norm and the vocabulary ids (a few MB).
 
+Fused features (EAGLE-3): a draft whose config names several `feature_layers` reads the
+target's hidden states after a low, a middle and a high layer instead of the last one,
+concatenated and projected to the hidden size by its own `fuse` layer
+(`target_features(hidden_states)`, which the engine calls on every target forward that
+feeds the draft). While drafting it feeds back its own output g as the next feature, as a
+single-feature draft does; it is trained for that (training-time test), not to regress g
+onto a target feature.
+
 Contract: `forward(input_ids, features, ...)` takes the same cache arguments as a Hugging Face
 causal LM (so `BatchKV.forward` drives it) and returns `.logits` over `vocab_ids` and
 `.hidden_states` (the g above, [n, T, H]).
@@ -47,6 +55,10 @@ class FeatureDraftConfig:
     target_name: str = ""  # the target it was trained against (checked loosely: hidden size and vocabulary)
     target_hidden_size: int = 0
     target_vocab_size: int = 0
+    feature_layers: list[int] = field(default_factory=list)
+    """The target hidden states read, as indices of transformers' `hidden_states` (0: the
+    embeddings, i: after layer i). Empty: the last (the final norm's output, EAGLE-1);
+    several: fused by a linear layer (EAGLE-3)."""
 
 
 @dataclass
@@ -75,6 +87,7 @@ class FeatureDraft(nn.Module):
         self.model.embed_tokens = None  # type: ignore[assignment]
         hidden = int(text.hidden_size)
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.fuse = nn.Linear(len(config.feature_layers) * hidden, hidden, bias=False) if config.feature_layers else None
         ids = torch.tensor(config.vocab_ids, dtype=torch.long)
         self.register_buffer("vocab_ids", ids, persistent=False)
         # frozen references to the target's weights (not parameters of this module)
@@ -88,11 +101,21 @@ class FeatureDraft(nn.Module):
     def get_text_config(self) -> Any:
         return self.model.config
 
+    def target_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The features this draft reads, [n, T, H], from a target forward's `hidden_states`
+        (run with `output_hidden_states=True`)."""
+        if self.fuse is None:
+            return hidden_states[-1]
+        picked = torch.cat([hidden_states[i] for i in self.config.feature_layers], dim=-1)
+        return self.fuse(picked.to(self.fuse.weight.dtype))
+
     @classmethod
     def from_target(
-        cls, target: PreTrainedModel, vocab_ids: list[int], intermediate_size: int = 1536, seed: int = 0
-    ) -> FeatureDraft:
-        """A freshly initialised draft for `target` (the decoder layer starts as a random Llama layer)."""
+        cls, target: PreTrainedModel, vocab_ids: list[int], intermediate_size: int = 1536, seed: int = 0,
+        feature_layers: list[int] | None = None,
+    ) -> FeatureDraft:  # fmt: skip
+        """A freshly initialised draft for `target` (the decoder layer starts as a random Llama
+        layer); `feature_layers`: see `FeatureDraftConfig` (None: the last hidden state)."""
         text = target.config.get_text_config()
         config = FeatureDraftConfig(
             intermediate_size=intermediate_size,
@@ -100,7 +123,11 @@ class FeatureDraft(nn.Module):
             target_name=str(getattr(target.config, "_name_or_path", "")),
             target_hidden_size=int(text.hidden_size),
             target_vocab_size=int(target.get_output_embeddings().weight.shape[0]),
+            feature_layers=[int(i) for i in feature_layers or []],
         )
+        layers = int(text.num_hidden_layers)
+        if any(not 0 <= i <= layers for i in config.feature_layers):
+            raise ValueError(f"feature layers {config.feature_layers} outside the target's hidden states [0, {layers}]")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             draft = cls(target, config)
@@ -196,6 +223,9 @@ class WithCompanion(nn.Module):
         super().__init__()
         if draft.hidden_size != companion.hidden_size:
             raise ValueError("the draft and its companion must read the same target (hidden sizes differ)")
+        if draft.fuse is not None or companion.fuse is not None:
+            raise ValueError("a companion pair reads one feature for both: use drafts of the target's last hidden "
+                             "state (no feature_layers)")  # fmt: skip
         self.draft, self.companion = draft, companion
         for i, layer in enumerate(companion.model.layers):
             layer.self_attn.layer_idx = draft.config.num_layers + i  # type: ignore[union-attr]
@@ -203,6 +233,9 @@ class WithCompanion(nn.Module):
         self.hidden_size = draft.hidden_size
         self.register_buffer("vocab_ids", torch.as_tensor(draft.vocab_ids), persistent=False)
         self.register_buffer("companion_vocab_ids", torch.as_tensor(companion.vocab_ids), persistent=False)
+
+    def target_features(self, hidden_states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.draft.target_features(hidden_states)
 
     def get_text_config(self) -> Any:
         text = self.draft.get_text_config().__class__(**self.draft.get_text_config().to_dict())

@@ -76,7 +76,10 @@ class Prefill:
         extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
         out = self.rows.prefill_target.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         if self.rows.prefill_draft is not None:
-            extra = {"features": self._features(members, out.hidden_states[-1])} if self.feature_draft else {}
+            if self.feature_draft:
+                extra = {"features": self._features(members, self.draft.target_features(out.hidden_states))}
+            else:
+                extra = {}
             self.rows.prefill_draft.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         return out.logits[:, -1]
 

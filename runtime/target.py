@@ -46,9 +46,11 @@ class TargetVerifier:
     """Runs the target over the pending drafts of the first rows of its batch cache."""
 
     def __init__(
-        self, model: Any, kv: Callable[[], BatchKV], device: torch.device, features: bool,
+        self, model: Any, kv: Callable[[], BatchKV], device: torch.device,
+        features: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None,
         verifier: Verifier, tree_verifier: Callable[..., Any],
     ) -> None:  # fmt: skip
+        """features: a feature draft's `target_features` (None: no feature draft)."""
         self.model, self._kv, self.device, self.features = model, kv, device, features
         self.verifier, self.tree_verifier = verifier, tree_verifier
 
@@ -67,7 +69,7 @@ class TargetVerifier:
         ids = self._ids(rows, d, t)
         valid = torch.arange(t)[None, :] <= cut[:, None]
         tree_parents = slot_parents(d.parents, t) if d.parents is not None else None
-        extra: dict[str, Any] = {"output_hidden_states": True} if self.features else {}
+        extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
         s = RowSampling(rows, self.device)
         if d.parents is not None:
             uniforms = s.uniforms([int(v) + 1 for v in draft_len], k + 1)
@@ -83,8 +85,8 @@ class TargetVerifier:
             out = kv.forward(self.model, ids[part, :w], valid[part, :w], parents=parents, first_row=r0, **extra)
             assert kv.last_end is not None
             ends.append(kv.last_end)
-            if self.features:
-                h = out.hidden_states[-1]
+            if self.features is not None:
+                h = self.features(out.hidden_states)
                 features = h.new_zeros(n, t, h.shape[-1]) if features is None else features
                 features[part, :w] = h
             args = (out.logits, d.probs[part], d.tokens[part])

@@ -33,9 +33,12 @@ def reduced_vocab(vocab: int = 128, keep: int = 96, seed: int = 0) -> list[int]:
     return sorted({0, *random.Random(seed).sample(range(1, vocab), keep - 1)})
 
 
-@pytest.fixture(scope="module")
-def random_feature_draft(target) -> FeatureDraft:
-    return FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=3).eval()
+@pytest.fixture(scope="module", params=[None, [0, 1, 2]], ids=["last-feature", "fused-features"])
+def random_feature_draft(target, request) -> FeatureDraft:
+    """EAGLE-1's single feature (the target's last hidden state) and EAGLE-3's fused features
+    (here: the embeddings and both layers of the 2-layer target)."""
+    return FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=3,
+                                    feature_layers=request.param).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize("batch,seed", [(1, 0), (5, 1), (7, 2)])
@@ -88,7 +91,8 @@ def test_draft_reads_the_right_target_features(target, random_feature_draft, bat
         engine.step(StepPlan(draft_len=rng.choice([0, 2, 4]), prefill_budget=4))
     seqs = [r.prompt_ids + r.output_ids for r in engine.pop_finished()]
     with torch.no_grad():
-        true = [target.model(input_ids=torch.tensor([s])).last_hidden_state[0] for s in seqs]
+        states = [target(input_ids=torch.tensor([s]), output_hidden_states=True).hidden_states for s in seqs]
+        true = [random_feature_draft.target_features(h)[0] for h in states]
     checked_true = checked_own = 0
     for i, call in enumerate(calls):
         chain = i > 0 and calls[i - 1]["step"] == call["step"] and call["ids"].shape[1] == 1 and call["step"] > 0
@@ -198,6 +202,10 @@ def test_companion_runs_on_its_own_cache_without_disturbing_the_draft(target, ra
     def companion() -> FeatureDraft:
         return FeatureDraft.from_target(target, reduced_vocab(seed=1), intermediate_size=32, seed=5).eval()
 
+    if random_feature_draft.fuse is not None:  # the pair reads one feature: fused drafts are refused
+        with pytest.raises(ValueError, match="last hidden state"):
+            WithCompanion(random_feature_draft, companion())
+        return
     ps = prompts(3, seed=4)
     paired = _trace(make_engine(target, WithCompanion(random_feature_draft, companion())), ps, 0)
     alone = _trace(make_engine(target, random_feature_draft), ps, 0)
@@ -227,3 +235,71 @@ def test_companion_needs_feature_drafts(target, tmp_path):
     target.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="feature drafts"):
         load_draft(str(tmp_path / "plain"), LoadedModel(target, None, "tiny"), companion=str(tmp_path / "plain"))
+
+
+def _fused_teacher(target, dd, layers: list[int], n: int = 64, length: int = 32):
+    """Teacher data as the eagle3 recipe stores it: the target's samples, its final hidden
+    states and the hidden states a fused draft reads."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        seqs = target.generate(torch.randint(1, 128, (n, 4)), attention_mask=torch.ones(n, 4, dtype=torch.long),
+                               do_sample=True, max_new_tokens=length - 4, min_new_tokens=length - 4)  # fmt: skip
+        out = target.model(input_ids=seqs, output_hidden_states=True)
+    aux = torch.cat([out.hidden_states[i] for i in layers], -1)
+    return dd.TeacherData(
+        seqs.flatten().to(torch.int32),
+        torch.ones(seqs.numel(), dtype=torch.bool),
+        torch.arange(0, seqs.numel() + 1, seqs.shape[1]),
+        out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).to(torch.float16),
+        aux.reshape(-1, aux.shape[-1]).to(torch.float16),
+    )
+
+
+def test_training_time_test_passes_are_what_drafting_computes(target):
+    """Pass j of the training-time test at position q gives the logits the draft gives when,
+    after the true-feature context up to q - j, it drafts j more tokens (here: the right ones)
+    from its own features, one forward at a time as the engine does."""
+    from transformers import DynamicCache
+
+    dd = distill_module()
+    data = _fused_teacher(target, dd, [1, 2], n=2, length=20)
+    draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0, feature_layers=[1, 2])
+    batch = dd.make_batch(data, [0, 1])
+    with torch.no_grad():
+        passes = dd.ttt_logits(draft, batch, 3)
+        fused = draft.fuse(batch["aux"])
+        feat_in = torch.cat([torch.zeros_like(fused[:, :1]), fused[:, :-1]], 1)
+        for s in (0, 5, 16):  # the last true position
+            cache = DynamicCache()
+            out = draft(batch["ids"][:, : s + 1], feat_in[:, : s + 1], cache=cache, use_cache=True)
+            torch.testing.assert_close(out.logits[:, -1], passes[0][:, s], atol=1e-4, rtol=1e-4)
+            for j in (1, 2):
+                pos = torch.full((2, 1), s + j)
+                out = draft(batch["ids"][:, s + j : s + j + 1], out.hidden_states[:, -1:], position_ids=pos,
+                            cache=cache, use_cache=True)  # fmt: skip
+                torch.testing.assert_close(out.logits[:, -1], passes[j][:, s + j], atol=1e-4, rtol=1e-4)
+
+
+def test_eagle3_recipe_steps_lower_every_pass_loss(target):
+    """Real training steps of the eagle3 recipe (fused features, training-time test)."""
+    dd = distill_module()
+    data = _fused_teacher(target, dd, [1, 2])
+    draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0, feature_layers=[1, 2])
+    args = dd.Args(recipe="eagle3", feature_layers="1,2", ttt_steps=3, lr=3e-3)
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
+    batch = dd.make_batch(data, list(range(16)))
+    head = target.get_output_embeddings().weight.detach()
+    before = dd.evaluate(draft, data, head)
+    _, first = dd.losses(draft, batch, args)
+    for _ in range(60):
+        loss, _ = dd.losses(draft, dd.make_batch(data, random.sample(range(64), 16)), args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, last = dd.losses(draft, batch, args)
+    for name in ("ce", "ce2", "ce3"):
+        assert last[name] < 0.8 * first[name], (name, first, last)
+    after = dd.evaluate(draft, data, head)
+    assert {"greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3"} <= set(after)
+    for name in ("greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3"):
+        assert after[name] > 2 * before[name] + 0.02, (name, before, after)

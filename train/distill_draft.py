@@ -2,6 +2,7 @@
 
     python train/distill_draft.py                    # the draft   -> models/draft/
     python train/distill_draft.py --name companion   # the companion -> models/companion/
+    python train/distill_draft.py --name draft3      # the EAGLE-3 recipe -> models/draft3/
 
 Three phases, each resumable (rerun the same command after an interruption):
 1. teacher: the target reads ShareGPT conversations (chat template, at most --max-len tokens,
@@ -13,6 +14,17 @@ Three phases, each resumable (rerun the same command after an interruption):
    (smooth L1), with noise on the input features so that it tolerates its own predictions.
    Checkpoints every --checkpoint-every steps under $ADACTL_CACHE/distill/<name>/.
 3. export: fp16 safetensors and a model card (data, steps, measured agreement) to models/<name>/.
+
+Recipes (`--recipe`):
+- eagle1 (the draft, the companion): the draft reads the target's last hidden state and learns
+  the next token's distribution plus the next feature, with noise on its input features;
+- eagle3 (draft3): the draft reads the target's hidden states after a low, a middle and a
+  high layer (`--feature-layers`, indices of transformers' `hidden_states`; default 3,16,28 =
+  after layers 2, 15 and 27 of 30, vLLM's choice), fused by a linear layer, and is trained
+  with the training-time test: `--ttt-steps` passes per batch, pass j reading the draft's own
+  outputs of pass j - 1 as features and attending, as when drafting, to the true-feature
+  context before its chain and to its own chain; token loss only, pass j weighted
+  `--ttt-decay`^j. Its teacher shards hold those hidden states too (a directory of their own).
 
 The companion differs from the draft on purpose (Speculative Verification reads their
 disagreement): another seed, a narrower MLP and only the odd teacher shards.
@@ -35,8 +47,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from adactl.runtime.feature_draft import FeatureDraft
 from adactl.runtime.device import device_and_dtype
+from adactl.runtime.feature_draft import FeatureDraft
 from adactl.runtime.models import cache_dir, chat_ids, load_model
 from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
 
@@ -78,6 +90,14 @@ class Args:
     """held-out evaluation every this many steps (a multiple of checkpoint_every)"""
     time_budget_min: float = 60.0
     """stop training (and export) after this many minutes of phase 2"""
+    recipe: str = "eagle1"
+    """eagle1 (last hidden state, feature regression, noise) or eagle3 (fused features, training-time test)"""
+    feature_layers: str = ""
+    """eagle3: target hidden states to fuse, comma-separated (default 3,16,28)"""
+    ttt_steps: int = 3
+    """eagle3: training-time-test passes per batch (drafting positions trained)"""
+    ttt_decay: float = 0.8
+    """eagle3: weight of pass j's token loss is ttt_decay ** j"""
     out: str = ""
     """output directory (default models/<name>)"""
     device: str = "auto"
@@ -89,6 +109,7 @@ class Args:
 PRESETS = {
     "draft": {},
     "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
+    "draft3": {"recipe": "eagle3", "feature_layers": "3,16,28", "dtype": "bfloat16", "epochs": 4.0, "lr": 6e-4},
 }
 
 
@@ -103,7 +124,22 @@ def parse_args(argv: list[str] | None = None) -> Args:
     args = Args(**{**PRESETS[name], **given})
     if args.shards not in ("all", "even", "odd"):
         parser.error("--shards must be all, even or odd")
+    if args.recipe not in ("eagle1", "eagle3"):
+        parser.error("--recipe must be eagle1 or eagle3")
+    if args.recipe == "eagle3" and not args.feature_layers:
+        args.feature_layers = "3,16,28"
+    try:
+        feature_layers(args)
+    except ValueError:
+        parser.error(f"--feature-layers must be comma-separated integers, got {args.feature_layers!r}")
+    if args.ttt_steps < 1:
+        parser.error("--ttt-steps must be at least 1")
     return args
+
+
+def feature_layers(args: Args) -> list[int]:
+    """The target hidden states the draft reads (empty: the last one)."""
+    return [int(x) for x in args.feature_layers.split(",") if x.strip()] if args.recipe == "eagle3" else []
 
 
 # ------------------------------------------------------------------ phase 1
@@ -138,14 +174,17 @@ def conversation(record: dict, tokenizer, max_len: int) -> tuple[list[int], list
     return (ids, mask) if any(mask) else None
 
 
-def teacher_dir() -> Path:
-    return cache_dir() / "distill" / "teacher"
+def teacher_dir(layers: list[int] | None = None) -> Path:
+    """Teacher shards: the final hidden states, and with `layers` those hidden states too."""
+    suffix = "-layers-" + "-".join(map(str, layers)) if layers else ""
+    return cache_dir() / "distill" / f"teacher{suffix}"
 
 
 @torch.inference_mode()
 def build_teacher(args: Args) -> list[Path]:
     """Phase 1: shards of {ids, assistant mask, sequence offsets, target features}."""
-    out = teacher_dir()
+    layers = feature_layers(args)
+    out = teacher_dir(layers)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_model(args.target, *device_and_dtype(args.device, args.dtype))
     model, tok = loaded.model, loaded.tokenizer
@@ -164,7 +203,7 @@ def build_teacher(args: Args) -> list[Path]:
         if path.exists():
             n = int(load_file(str(path))["ids"].numel())
         else:
-            n = write_shard(path, [records[i] for i in chunk], model, tok, args.max_len)
+            n = write_shard(path, [records[i] for i in chunk], model, tok, args.max_len, layers=layers)
         manifest["shards"].append({"file": path.name, "records": chunk, "tokens": n})
         paths.append(path)
         done_tokens += n
@@ -195,7 +234,8 @@ def self_response_shards(
     out: list[tuple[Path, list[int], int]] = []
     for s in tqdm(range(0, len(picked), args.shard_records), desc="self-response shards"):
         chunk = picked[s : s + args.shard_records]
-        path = teacher_dir() / f"self_{s // args.shard_records:04d}_{args.self_max_new_tokens}.safetensors"
+        name = f"self_{s // args.shard_records:04d}_{args.self_max_new_tokens}.safetensors"
+        path = teacher_dir(feature_layers(args)) / name
         if not path.exists():
             engine = Engine(model, None, tok, config=EngineConfig(max_batch_size=len(chunk)))
             sampling = SamplingParams(max_new_tokens=args.self_max_new_tokens)
@@ -210,15 +250,20 @@ def self_response_shards(
                 }
                 for rid, (_, text) in zip(ids, chunk)
             ]
-            write_shard(path, convs, model, tok, args.max_len)
+            write_shard(path, convs, model, tok, args.max_len, layers=feature_layers(args))
         out.append((path, [i for i, _ in chunk], int(load_file(str(path))["ids"].numel())))
     return out
 
 
-def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch_tokens: int = 4096) -> int:
+def write_shard(
+    path: Path, records: list[dict], model, tok, max_len: int, batch_tokens: int = 4096, layers: list[int] | None = None
+) -> int:
+    """One teacher shard: ids, assistant mask, offsets, the target's final hidden states
+    ("features") and, with `layers`, those hidden states concatenated ("aux"); fp16."""
     seqs = [c for c in (conversation(r, tok, max_len) for r in records) if c is not None]
     seqs.sort(key=lambda c: -len(c[0]))
     feats: list[torch.Tensor] = []
+    aux: list[torch.Tensor] = []
     batch: list[tuple[list[int], list[bool]]] = []
 
     def flush() -> None:
@@ -228,8 +273,13 @@ def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch
         for i, (s, _) in enumerate(batch):
             ids[i, : len(s)] = torch.tensor(s)
             att[i, : len(s)] = 1
-        hidden = model.model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).last_hidden_state
+        out = model.model(input_ids=ids.to(model.device), attention_mask=att.to(model.device),
+                          output_hidden_states=bool(layers))  # fmt: skip
+        hidden = out.last_hidden_state
         feats.extend(hidden[i, : len(s)].to("cpu", torch.float16) for i, (s, _) in enumerate(batch))
+        if layers:
+            picked = torch.cat([out.hidden_states[j] for j in layers], dim=-1)
+            aux.extend(picked[i, : len(s)].to("cpu", torch.float16) for i, (s, _) in enumerate(batch))
         batch.clear()
 
     for seq in seqs:
@@ -244,6 +294,7 @@ def write_shard(path: Path, records: list[dict], model, tok, max_len: int, batch
         "assistant": torch.tensor([m for _, ms in seqs for m in ms], dtype=torch.bool),
         "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
         "features": torch.cat(feats),
+        **({"aux": torch.cat(aux)} if layers else {}),
     }
     tmp = path.with_suffix(".tmp")
     save_file(tensors, str(tmp))
@@ -257,7 +308,8 @@ class TeacherData:
     ids: torch.Tensor  # [N] int32 token ids of all sequences, concatenated
     assistant: torch.Tensor  # [N] bool, assistant tokens
     offsets: torch.Tensor  # [S + 1] sequence starts
-    features: torch.Tensor  # [N, H] float16 target features
+    features: torch.Tensor  # [N, H] float16 target features (final hidden states)
+    aux: torch.Tensor | None = None  # [N, len(layers) * H] float16 hidden states a fused draft reads
 
     @property
     def tokens(self) -> int:
@@ -275,12 +327,13 @@ def load_teacher(paths: list[Path]) -> TeacherData:
         torch.cat([p["assistant"] for p in parts]),
         torch.cat(offsets),
         torch.cat([p["features"] for p in parts]),
+        torch.cat([p["aux"] for p in parts]) if all("aux" in p for p in parts) else None,
     )
 
 
 def eval_data(args: Args, model, tok) -> TeacherData:
     """Held-out ShareGPT conversations (record index divisible by 20), read by the target once."""
-    path = teacher_dir() / f"eval_{args.eval_tokens}.safetensors"
+    path = teacher_dir(feature_layers(args)) / f"eval_{args.eval_tokens}.safetensors"
     if not path.exists():
         records = read_sharegpt().records
         held, count = [], 0
@@ -291,7 +344,7 @@ def eval_data(args: Args, model, tok) -> TeacherData:
                 count += len(c[0])
             if count >= args.eval_tokens:
                 break
-        write_shard(path, held, model, tok, args.max_len)
+        write_shard(path, held, model, tok, args.max_len, layers=feature_layers(args))
     return load_teacher([path])
 
 
@@ -328,14 +381,18 @@ def make_batch(data: TeacherData, seqs: list[int], device: torch.device | str = 
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     att = torch.zeros(len(seqs), width, dtype=torch.long)
     feats = torch.zeros(len(seqs), width, hidden)
+    aux = torch.zeros(len(seqs), width, data.aux.shape[1]) if data.aux is not None else None
     loss = torch.zeros(len(seqs), width, dtype=torch.bool)
     for i, (s, e) in enumerate(zip(starts, ends)):
         n = e - s
         ids[i, :n] = data.ids[s:e].long()
         att[i, :n] = 1
         feats[i, :n] = data.features[s:e].float()
+        if aux is not None and data.aux is not None:
+            aux[i, :n] = data.aux[s:e].float()
         loss[i, : n - 1] = data.assistant[s + 1 : e]  # output at p predicts token p + 1
-    return {k: v.to(device) for k, v in {"ids": ids, "attention": att, "features": feats, "loss": loss}.items()}
+    batch = {"ids": ids, "attention": att, "features": feats, "loss": loss, **({"aux": aux} if aux is not None else {})}
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: float) -> tuple[torch.Tensor, ...]:
@@ -349,9 +406,41 @@ def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: flo
     return out.hidden_states, out.logits, f
 
 
+def ttt_logits(draft: FeatureDraft, batch: dict[str, torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """The training-time test (EAGLE-3): draft logits [b, L, N] for drafting positions 1..steps.
+
+    Pass 0 is the draft after verification: position q reads token q and the target's fused
+    feature at q - 1. Pass j reads token q and the draft's own output of pass j - 1 at q - 1,
+    and attends, as drafting does, to the true-feature context up to q - j (pass 0's keys) and
+    to its own chain (pass i's key at q - j + i, i = 1..j): it is the j + 1-th token drafted
+    after position q - j. Every pass predicts token q + 1; gradients flow through the chain.
+    """
+    from transformers import DynamicCache
+
+    assert draft.fuse is not None, "the training-time test trains a fused-feature draft"
+    ids, pad = batch["ids"], batch["attention"].bool()
+    b, length = ids.shape
+    q = torch.arange(length, device=ids.device)
+    positions = q[None].expand(b, length)
+    feat = draft.fuse(batch["aux"])
+    cache = DynamicCache()
+    out_logits = []
+    for j in range(steps):
+        blocks = [(q[None, :] <= q[:, None] - j)[None] & pad[:, None, :]]  # context: pass 0's keys
+        blocks += [(q[None, :] == q[:, None] - j + i)[None].expand(b, -1, -1) for i in range(1, j + 1)]
+        mask = torch.cat(blocks, dim=2)[:, None]  # [b, 1, L, (j + 1) L]
+        feat_in = torch.cat([torch.zeros_like(feat[:, :1]), feat[:, :-1]], dim=1)
+        out = draft(ids, feat_in, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        out_logits.append(out.logits)
+        feat = out.hidden_states
+    return out_logits
+
+
 def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> tuple[torch.Tensor, dict[str, float]]:
     """Soft-label cross-entropy + feature regression. With `unroll` > 1, further passes read the
     draft's own predicted features of the pass before (as drafting position 2, 3, .. does)."""
+    if args.recipe == "eagle3":
+        return ttt_losses(draft, batch, args)
     g, logits, f = step_outputs(draft, batch, args.noise)
     m = batch["loss"]
     with torch.no_grad():
@@ -377,10 +466,56 @@ def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> t
     return total, info
 
 
+def ttt_losses(
+    draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """EAGLE-3's loss: soft-label cross-entropy of every training-time-test pass, pass j
+    weighted ttt_decay ** j, on the assistant tokens it can reach (q >= j)."""
+    m, f = batch["loss"], batch["features"]
+    with torch.no_grad():
+        teacher = torch.softmax(f @ draft.head_weight.T, dim=-1)  # [b, L, N]
+    q = torch.arange(m.shape[1], device=m.device)
+    total = torch.zeros((), device=m.device)
+    info: dict[str, float] = {}
+    for j, logits in enumerate(ttt_logits(draft, batch, args.ttt_steps)):
+        mj = m & (q >= j)[None]
+        ce = -(teacher[mj] * torch.log_softmax(logits[mj], dim=-1)).sum(-1).mean()
+        total = total + args.ttt_decay**j * ce
+        suffix = "" if j == 0 else str(j + 1)
+        info["ce" + suffix] = float(ce.detach())
+        info["agree" + suffix] = float((logits[mj].argmax(-1) == teacher[mj].argmax(-1)).float().mean())
+    return total, info
+
+
+@torch.no_grad()
+def evaluate_ttt(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, steps: int = 3,
+                 batch_tokens: int = 8192) -> dict:  # fmt: skip
+    """Target-forced greedy agreement of a fused draft at drafting positions 1..steps (the
+    j-th token drafted after the true context, earlier drafted tokens being the right ones)."""
+    draft.eval()
+    hits, in_vocab, total = [0] * steps, 0, 0
+    for seqs in batches(data, batch_tokens, random.Random(0)):
+        b = make_batch(data, seqs, full_head.device)
+        m = b["loss"]
+        target_next = (b["features"] @ full_head.T).argmax(-1)  # [b, L]
+        q = torch.arange(m.shape[1], device=m.device)
+        for j, logits in enumerate(ttt_logits(draft, b, steps)):
+            mj = m & (q >= j)[None]
+            hits[j] += int((draft.vocab_ids[logits[mj].argmax(-1)] == target_next[mj]).sum())
+        in_vocab += int(torch.isin(target_next[m], draft.vocab_ids).sum())
+        total += int(m.sum())
+    draft.train()
+    names = ["greedy_agreement"] + [f"greedy_agreement_step{j + 1}" for j in range(1, steps)]
+    return {**{n: h / max(total, 1) for n, h in zip(names, hits)},
+            "target_token_in_vocab": in_vocab / max(total, 1), "eval_tokens": total}  # fmt: skip
+
+
 @torch.no_grad()
 def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, batch_tokens: int = 8192) -> dict:
     """Target-forced greedy agreement on assistant tokens: step 1 (true features, as after each
     verification) and step 2 (features the draft predicted itself, as in the second draft position)."""
+    if draft.fuse is not None:
+        return evaluate_ttt(draft, data, full_head)
     draft.eval()
     hits1 = hits2 = in_vocab = total = 0
     for seqs in batches(data, batch_tokens, random.Random(0)):
@@ -434,7 +569,8 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     data = everything if len(chosen) == len(paths) else load_teacher(chosen)
     del everything
     held_out = eval_data(args, target, tok)
-    draft = FeatureDraft.from_target(target, vocab, args.intermediate_size, seed=args.seed)
+    draft = FeatureDraft.from_target(target, vocab, args.intermediate_size, seed=args.seed,
+                                     feature_layers=feature_layers(args))  # fmt: skip
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
