@@ -77,12 +77,6 @@ def shipped_step_time(name: str = "step_time") -> Any:
     return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / f"{name}.skops"))
 
 
-def tiny_step_time() -> Any:
-    from adactl.bench.spec import _tiny_step_time
-
-    return _tiny_step_time()
-
-
 def shipped_alpha(k: int) -> list[float]:
     from adactl.runtime.models import SHIPPED_MODELS
 
@@ -119,6 +113,8 @@ class Backend:
 
             step_time = StepCostProfile.load(profile).model(refine=False)
         if step_time is None:
+            from adactl.estimators.step_time import tiny_step_time
+
             step_time = tiny_step_time() if model == "tiny" else shipped_step_time(
                 "step_time" if draft else "step_time_plain")  # fmt: skip
         self.step_time = step_time

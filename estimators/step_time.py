@@ -14,8 +14,7 @@ draft length, from verify outcomes.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import astuple, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,59 +22,17 @@ import numpy as np
 import torch
 
 from adactl.interface import StepRecord
-from adactl.runtime.rows import verify_computed
+from adactl.runtime.shapes import StepShape
 
 TRUSTED = ["sklearn.tree._tree.Tree"]
 PARTS = ("prefill_s", "draft_s", "verify_s")
 
 
-@dataclass(frozen=True)
-class StepShape:
-    """What a step costs depends on (DESIGN.md: the staircase is in tokens per step)."""
-
-    rows: int  # decode rows
-    verify_tokens: int  # target tokens in the verify forward: sum over rows of (verified + 1)
-    max_verify: int  # the longest row's verified + 1
-    draft_tokens: int  # draft tokens proposed over all rows
-    max_draft: int  # the longest draft (the draft runs this many forwards)
-    prefill_tokens: int  # prompt tokens computed this step
-    context_tokens: int  # sum of the decode rows' context lengths
-    verify_computed: int = 0  # tokens the verify forwards compute, padding included (0: rows * max_verify)
-
-    def __post_init__(self) -> None:
-        if self.verify_computed == 0:  # one [rows, max_verify] forward
-            object.__setattr__(self, "verify_computed", self.rows * self.max_verify)
-
-    @classmethod
-    def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
-                   context: int = 0) -> StepShape:  # fmt: skip
-        """The shape of a step whose rows (in the engine's order, longest draft first) verify
-        `verify[i]` of `draft[i]` drafted tokens; the engine splits the verify forward as
-        `adactl.runtime.engine.verify_split` does. Python lists inside: this runs on every
-        step (the online step-cost update), and torch's per-call overhead dominates [B] tensors."""
-        cut = [int(x) for x in (verify.tolist() if isinstance(verify, torch.Tensor) else verify)]
-        drafted = [int(x) for x in (draft.tolist() if isinstance(draft, torch.Tensor) else draft)]
-        rows = len(cut)
-        return cls(
-            rows=rows,
-            verify_tokens=sum(cut) + rows,
-            max_verify=max(cut) + 1 if rows else 0,
-            draft_tokens=sum(drafted),
-            max_draft=max(drafted) if rows else 0,
-            prefill_tokens=prefill,
-            context_tokens=context,
-            verify_computed=verify_computed(cut),
-        )
-
-    @classmethod
-    def of(cls, record: StepRecord) -> StepShape:
-        d = record.drafts
-        prefill, context = int(record.outcome.prefill_tokens), int(d.context_len.sum())
-        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context)
-
-    @staticmethod
-    def names() -> list[str]:
-        return [f.name for f in fields(StepShape)]
+def tiny_step_time() -> StepTimeModel:
+    """A step-time model for smoke runs and tests: fitted on a linear cost of the step's shape."""
+    shapes = [StepShape(b, b * (k + 1), k + 1, b * k, k, 0, 50 * b) for b in (1, 2, 4, 8, 16, 32, 64) for k in range(9)]
+    y = np.array([[0.0, 0.001 * s.max_draft, 0.002 + 0.0005 * s.verify_tokens] for s in shapes])
+    return StepTimeModel(n_estimators=10).fit(shapes, y)
 
 
 def shape_matrix(shapes: list[StepShape]) -> np.ndarray:

@@ -8,23 +8,64 @@ holds the lossless acceptance rules as pure functions; `models` loads target/dra
 the account of a streaming consumer (units ready, read, missed).
 """
 
-from .engine import Engine, EngineConfig, run_to_completion
-from .feature_draft import FeatureDraft
-from .kv import BatchKV, KVConfig
-from .models import LoadedModel, ModelPair, check_same_vocabulary, load_draft, load_model, load_pair, tiny_llama
-from .stream import Playback, Stream, StreamError, StreamProgress
-from .types import (
-    SLO,
-    DraftBatch,
-    RequestError,
-    RequestResult,
-    RequestView,
-    SamplingParams,
-    StepOutcome,
-    StepPlan,
-    TreeSpec,
-)
-from .verify import VerifyResult, process_logits, verify_chains, verify_trees
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import Engine, EngineConfig, run_to_completion
+    from .feature_draft import FeatureDraft
+    from .kv import BatchKV, KVConfig
+    from .models import LoadedModel, ModelPair, check_same_vocabulary, load_draft, load_model, load_pair, tiny_llama
+    from .stream import Playback, Stream, StreamError, StreamProgress
+    from .types import (
+        SLO,
+        DraftBatch,
+        RequestError,
+        RequestResult,
+        RequestView,
+        SamplingParams,
+        StepOutcome,
+        StepPlan,
+        TreeSpec,
+    )
+    from .verify import VerifyResult, process_logits, verify_chains, verify_trees
+
+# Loaded on first use (PEP 562): importing the plain data (`adactl.runtime.types`, and so
+# `adactl.interface`) must not load the engine, the models or transformers.
+_HOME = {
+    **dict.fromkeys(["Engine", "EngineConfig", "run_to_completion"], "engine"),
+    "FeatureDraft": "feature_draft",
+    **dict.fromkeys(["BatchKV", "KVConfig"], "kv"),
+    **dict.fromkeys(
+        ["LoadedModel", "ModelPair", "check_same_vocabulary", "load_draft", "load_model", "load_pair", "tiny_llama"],
+        "models",
+    ),  # fmt: skip
+    **dict.fromkeys(["Playback", "Stream", "StreamError", "StreamProgress"], "stream"),
+    **dict.fromkeys(
+        [
+            "SLO",
+            "DraftBatch",
+            "RequestError",
+            "RequestResult",
+            "RequestView",
+            "SamplingParams",
+            "StepOutcome",
+            "StepPlan",
+            "TreeSpec",
+        ],
+        "types",
+    ),  # fmt: skip
+    **dict.fromkeys(["VerifyResult", "process_logits", "verify_chains", "verify_trees"], "verify"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "BatchKV",

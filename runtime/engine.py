@@ -39,7 +39,8 @@ from .kv import KVConfig
 from .models import eos_ids, output_vocab_size, prompt_ids
 from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
-from .rows import Request, Rows, RowSampling, check_service, verify_computed, verify_split
+from .rows import Request, Rows, RowSampling, check_service
+from .shapes import verify_computed, verify_split
 from .stream import Playback, Stream
 from .target import TargetVerifier, Verdict
 from .types import (

@@ -87,7 +87,8 @@ class FeatureDraft(nn.Module):
         self.model.embed_tokens = None  # type: ignore[assignment]
         hidden = int(text.hidden_size)
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
-        self.fuse = nn.Linear(len(config.feature_layers) * hidden, hidden, bias=False) if config.feature_layers else None
+        fused = len(config.feature_layers) * hidden
+        self.fuse = nn.Linear(fused, hidden, bias=False) if config.feature_layers else None
         ids = torch.tensor(config.vocab_ids, dtype=torch.long)
         self.register_buffer("vocab_ids", ids, persistent=False)
         # frozen references to the target's weights (not parameters of this module)

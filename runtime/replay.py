@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .shapes import StepShape
 from .stream import Playback, Stream
 from .types import SLO, DraftBatch, RequestError, RequestResult, RequestView, SamplingParams, StepOutcome, StepPlan
 
@@ -212,7 +213,6 @@ class ReplayEngine:
         cut = drafts.draft_len.clone() if verify_len is None else torch.as_tensor(verify_len).long().flatten()
         if cut.shape[0] != len(drafts.request_ids) or bool(((cut < 0) | (cut > drafts.draft_len)).any()):
             raise RequestError(f"verify_len must give each of the {len(drafts.request_ids)} rows 0..its draft length")
-        from adactl.estimators.step_time import StepShape
 
         shape = StepShape.of_lengths(cut, drafts.draft_len, prefill_tokens, int(drafts.context_len.sum()))
         parts = (

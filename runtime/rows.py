@@ -10,14 +10,12 @@
 - `RowSampling` is the sampling parameters of a run of rows, and their uniforms: a row's
   draws are numbered from its own seed (`verify.counter_uniforms`), so a request samples the
   same tokens whatever else is in the batch.
-- `verify_split` and `verify_computed`: the row ranges the verify forwards take.
 
 Not here: what runs (the plan), models, sampling rules.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -275,30 +273,3 @@ def slot_parents(parents: torch.Tensor, t: int) -> torch.Tensor:
         p = parents[:, : t - 1]
         slots[:, 1:] = torch.where(p >= 0, p + 1, 0)
     return slots
-
-
-def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
-    """Row ranges for the verify forwards: the whole batch, or two ranges split where the
-    computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
-    `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
-    second forward re-reads the weights, which only a large saving pays for)."""
-    n = len(cut)
-    if n < 2:
-        return [(0, n)]
-    widths = (cut + 1).tolist()
-    whole = n * max(widths)
-    if whole < min_tokens:
-        return [(0, n)]
-    head = list(itertools.accumulate(widths, max))  # longest of rows [0, m]
-    tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
-    cost, m = min((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n))
-    return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
-
-
-def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:
-    """Target tokens the verify forwards of a step with these verify lengths (rows in the
-    engine's order: longest draft first) compute, padding included."""
-    c = torch.as_tensor(cut, dtype=torch.long)
-    if len(c) == 0:
-        return 0
-    return sum((r1 - r0) * (int(c[r0:r1].max()) + 1) for r0, r1 in verify_split(c))

@@ -22,7 +22,8 @@ import torch
 
 from .draft import Drafts
 from .kv import BatchKV
-from .rows import Request, RowSampling, slot_parents, verify_split
+from .rows import Request, RowSampling, slot_parents
+from .shapes import verify_split
 from .verify import Verifier, process_logits
 
 

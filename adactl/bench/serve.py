@@ -292,7 +292,7 @@ def start_peer(args: argparse.Namespace, log: Path) -> Server:
 
 def start_tiny(stack: str) -> Server:
     """An in-process `adactl serve` on a tiny random Llama (smoke runs and tests)."""
-    from adactl.bench.spec import _tiny_step_time
+    from adactl.estimators.step_time import tiny_step_time
     from adactl.loop import ControlLoop
     from adactl.runtime import Engine
     from adactl.runtime.models import perturbed_copy, tiny_llama, tiny_tokenizer
@@ -300,7 +300,7 @@ def start_tiny(stack: str) -> Server:
 
     target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
     tokenizer = tiny_tokenizer()
-    built = build_stack(stack, StackContext(_tiny_step_time(), lambda name: None))
+    built = build_stack(stack, StackContext(tiny_step_time(), lambda name: None))
     if built.needs_companion:
         raise ValueError(f"--tiny runs have no companion: drop sv/adaserve from {stack!r}")
     engine = Engine(target, perturbed_copy(target, 0.03, 1), tokenizer)

@@ -58,7 +58,6 @@ from adactl.controllers import (
 )
 from adactl.estimators import load_acceptance
 from adactl.estimators.moving_average import MovingAverage
-from adactl.estimators.step_time import StepTimeModel
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
@@ -318,17 +317,6 @@ def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: 
     loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
                        max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
-
-
-def _tiny_step_time() -> StepTimeModel:
-    """A step-time model for smoke runs: fitted on a linear cost of the step's shape."""
-    import numpy as np
-
-    from adactl.estimators.step_time import StepShape
-
-    shapes = [StepShape(b, b * (k + 1), k + 1, b * k, k, 0, 50 * b) for b in (1, 2, 4, 8, 16, 32, 64) for k in range(9)]
-    y = np.array([[0.0, 0.001 * s.max_draft, 0.002 + 0.0005 * s.verify_tokens] for s in shapes])
-    return StepTimeModel(n_estimators=10).fit(shapes, y)
 
 
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -1,0 +1,97 @@
+"""The shape of an engine step, in the terms its cost depends on, and the row ranges its
+verify forwards take.
+
+The lowest layer of the cost side: the engine splits its verify forwards with
+`verify_split`, the replay engine and the step-time model (`adactl.estimators.step_time`)
+describe steps with `StepShape` and count computed tokens with `verify_computed`, so all
+three agree on what a step computes. Nothing here imports the engine or transformers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from adactl.interface import StepRecord
+
+
+@dataclass(frozen=True)
+class StepShape:
+    """What a step costs depends on (DESIGN.md: the staircase is in tokens per step)."""
+
+    rows: int  # decode rows
+    verify_tokens: int  # target tokens in the verify forward: sum over rows of (verified + 1)
+    max_verify: int  # the longest row's verified + 1
+    draft_tokens: int  # draft tokens proposed over all rows
+    max_draft: int  # the longest draft (the draft runs this many forwards)
+    prefill_tokens: int  # prompt tokens computed this step
+    context_tokens: int  # sum of the decode rows' context lengths
+    verify_computed: int = 0  # tokens the verify forwards compute, padding included (0: rows * max_verify)
+
+    def __post_init__(self) -> None:
+        if self.verify_computed == 0:  # one [rows, max_verify] forward
+            object.__setattr__(self, "verify_computed", self.rows * self.max_verify)
+
+    @classmethod
+    def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
+                   context: int = 0) -> StepShape:  # fmt: skip
+        """The shape of a step whose rows (in the engine's order, longest draft first) verify
+        `verify[i]` of `draft[i]` drafted tokens; the engine splits the verify forward as
+        `verify_split` does. Python lists inside: this runs on every
+        step (the online step-cost update), and torch's per-call overhead dominates [B] tensors."""
+        cut = [int(x) for x in (verify.tolist() if isinstance(verify, torch.Tensor) else verify)]
+        drafted = [int(x) for x in (draft.tolist() if isinstance(draft, torch.Tensor) else draft)]
+        rows = len(cut)
+        return cls(
+            rows=rows,
+            verify_tokens=sum(cut) + rows,
+            max_verify=max(cut) + 1 if rows else 0,
+            draft_tokens=sum(drafted),
+            max_draft=max(drafted) if rows else 0,
+            prefill_tokens=prefill,
+            context_tokens=context,
+            verify_computed=verify_computed(cut),
+        )
+
+    @classmethod
+    def of(cls, record: StepRecord) -> StepShape:
+        """The shape of a step that ran (an `adactl.interface.StepRecord`)."""
+        d = record.drafts
+        prefill, context = int(record.outcome.prefill_tokens), int(d.context_len.sum())
+        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context)
+
+    @staticmethod
+    def names() -> list[str]:
+        return [f.name for f in fields(StepShape)]
+
+
+def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+    """Row ranges for the verify forwards: the whole batch, or two ranges split where the
+    computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
+    `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
+    second forward re-reads the weights, which only a large saving pays for)."""
+    n = len(cut)
+    if n < 2:
+        return [(0, n)]
+    widths = (cut + 1).tolist()
+    whole = n * max(widths)
+    if whole < min_tokens:
+        return [(0, n)]
+    head = list(itertools.accumulate(widths, max))  # longest of rows [0, m]
+    tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
+    cost, m = min((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n))
+    return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
+
+
+def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:
+    """Target tokens the verify forwards of a step with these verify lengths (rows in the
+    engine's order: longest draft first) compute, padding included."""
+    c = torch.as_tensor(cut, dtype=torch.long)
+    if len(c) == 0:
+        return 0
+    return sum((r1 - r0) * (int(c[r0:r1].max()) + 1) for r0, r1 in verify_split(c))
