@@ -69,14 +69,6 @@ def _requests(prompts: str, count: int = 256) -> tuple[tuple[tuple[int, ...], in
     return tuple((tuple(p), n) for p, n in pairs)
 
 
-@functools.cache
-def shipped_step_time(name: str = "step_time") -> Any:
-    from adactl.estimators.step_time import CachedStepTime, StepTimeModel
-    from adactl.runtime.models import SHIPPED_MODELS
-
-    return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / f"{name}.skops"))
-
-
 def shipped_alpha(k: int) -> list[float]:
     from adactl.runtime.models import SHIPPED_MODELS
 
@@ -113,7 +105,7 @@ class Backend:
 
             step_time = StepCostProfile.load(profile).model(refine=False)
         if step_time is None:
-            from adactl.estimators.step_time import tiny_step_time
+            from adactl.estimators.step_time import shipped_step_time, tiny_step_time
 
             step_time = tiny_step_time() if model == "tiny" else shipped_step_time(
                 "step_time" if draft else "step_time_plain")  # fmt: skip

@@ -30,11 +30,11 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
+from adactl.controllers.observations import SpecFeatures
 from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import SamplingParams, StepPlan
 
 from .backends import Backend
-from .features import SpecFeatures
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 

@@ -32,17 +32,20 @@ import numpy as np
 from gymnasium import spaces
 
 from adactl.controllers import FCFS, ProgressServe, TTFTPrefillBudget
+from adactl.controllers.observations import (
+    DEFAULT_ACTION,
+    DEFER_STEPS,
+    MAX_IN_FLIGHT,
+    RISK_TARGETS,
+    StreamFeatures,
+    apply_action,
+)
 from adactl.interface import ScheduleState
 from adactl.loop import ControlLoop
 from adactl.runtime.types import SamplingParams
 
 from .backends import Backend
-from .features import StreamFeatures
 
-RISK_TARGETS = (0.001, 0.005, 0.02, 0.1, 0.999)
-DEFER_STEPS = (None, 0, 1, 2, 4)  # None: run every admitted request every step (no deferral)
-MAX_IN_FLIGHT = (8, 12, 16, 24, None)  # vLLM's max_num_seqs; None: no cap
-DEFAULT_ACTION = (1, 3, 4)  # ProgressServe's defaults: 0.5% risk, 2 steps, no cap
 N_FEATURES = StreamFeatures.size
 BASELINES = ("fcfs", "fcfs-seqs16", "progressserve")
 
@@ -178,13 +181,6 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def _observe(self) -> np.ndarray:
         return self.features(ScheduleState(self.backend.clock(self.engine), tuple(self.engine.requests()), 0))
-
-
-def apply_action(ps: ProgressServe, action: Any) -> None:
-    """Set ProgressServe's knobs from a `Streaming-v0` action."""
-    ps.target = RISK_TARGETS[int(action[0])]
-    ps.defer_steps = DEFER_STEPS[int(action[1])]
-    ps.max_num_seqs = MAX_IN_FLIGHT[int(action[2])]
 
 
 def default_action() -> np.ndarray:

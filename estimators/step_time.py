@@ -13,6 +13,7 @@ draft length, from verify outcomes.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import astuple, replace
 from pathlib import Path
@@ -26,6 +27,15 @@ from adactl.runtime.shapes import StepShape
 
 TRUSTED = ["sklearn.tree._tree.Tree"]
 PARTS = ("prefill_s", "draft_s", "verify_s")
+
+
+@functools.cache
+def shipped_step_time(name: str = "step_time") -> CachedStepTime:
+    """A step-time model shipped in models/estimators (`step_time`: the default pair;
+    `step_time_plain`: the target alone), loaded once."""
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return CachedStepTime(StepTimeModel.load(SHIPPED_MODELS / "estimators" / f"{name}.skops"))
 
 
 def tiny_step_time() -> StepTimeModel:

@@ -49,6 +49,7 @@ def _imports(path: Path) -> set[str]:
         ("runtime", ("adactl.controllers", "adactl.envs", "adactl.bench", "adactl.server", "adactl.estimators")),
         ("estimators", ("adactl.controllers", "adactl.envs", "adactl.bench", "adactl.server")),
         ("envs", ("adactl.bench", "adactl.server")),
+        ("adactl/controllers", ("adactl.envs", "adactl.bench", "adactl.server")),
     ],
 )
 def test_lower_layers_import_nothing_above_them(package, forbidden):

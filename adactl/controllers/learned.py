@@ -9,7 +9,7 @@ A policy file is safetensors, loaded with `safetensors.torch.load_file` (no unpi
               MultiDiscrete nvec), obs_dim, clip_obs, epsilon, env_kwargs (JSON)
 
 The controller computes the observation the environment would show (the same feature
-functions, `adactl.envs.features`), normalises it, and takes the most likely action of each
+functions, `adactl.controllers.observations`), normalises it, and takes the most likely action of each
 sub-space (deterministic). A missing, corrupt or mis-shaped file fails at load time with a
 `PolicyError` that says which. A non-finite output at run time falls back to the safe action
 (no speculation; ProgressServe's defaults for streaming) and is counted in `nonfinite`.
@@ -24,8 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from adactl.estimators.step_time import shipped_step_time
 from adactl.interface import Controller, ScheduleState, StepRecord
 from adactl.runtime.types import StepPlan
+
+from .observations import DEFAULT_ACTION, SpecFeatures, StreamFeatures, apply_action
+from .prefill_budget import TTFTPrefillBudget
+from .progressserve import ProgressServe
 
 FORMAT = "adactl-policy-v1"
 
@@ -132,25 +137,18 @@ class LearnedController(Controller):
         self.policy = Policy.load(path)
         kwargs = self.policy.env_kwargs
         if step_time is None:
-            from adactl.envs.backends import shipped_step_time
-
             step_time = shipped_step_time("step_time_plain" if self.policy.env_id.endswith("Streaming-v0") else
                                           "step_time")  # fmt: skip
         self.step_time = step_time
         self.nonfinite = 0  # steps whose policy output was not finite (the safe action ran)
         self.last_action: Any = None
         if self.policy.env_id == "adactl/SpecDecode-v0":
-            from adactl.envs.features import SpecFeatures
-
             self.max_draft_len = int(kwargs.get("max_draft_len", 4))
             # the features own their acceptance estimator and update it in `update` (it is not
             # exposed as `self.estimator`, which the loop would update a second time)
             self.features: Any = SpecFeatures(self.max_draft_len, step_time, _shipped_or_fresh_estimator())
             expected = self.features.size
         elif self.policy.env_id == "adactl/Streaming-v0":
-            from adactl.controllers import ProgressServe, TTFTPrefillBudget
-            from adactl.envs.features import StreamFeatures
-
             self.features = StreamFeatures(step_time)
             self.ps = ProgressServe(step_time)
             self.budget = TTFTPrefillBudget(step_time)
@@ -171,8 +169,6 @@ class LearnedController(Controller):
             from dataclasses import replace
 
             return replace(state.plan, draft_len=k)
-        from adactl.envs.streaming import DEFAULT_ACTION, apply_action
-
         a: Any = DEFAULT_ACTION if action is None else action
         apply_action(self.ps, a)
         plan = self.ps.act(state)

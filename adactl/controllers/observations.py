@@ -1,8 +1,12 @@
-"""Observations of the learned controllers, computed from what any controller sees.
+"""What the learned controllers read and how their actions act, next to `LearnedController`.
 
-The environments and `LearnedController` share these classes, so a policy sees the same
-features in training and in deployment. Each is called with a `ScheduleState` and returns a
-float32 vector in [0, 1]; `update(record)` feeds it the step's outcome.
+The environments (`adactl.envs`, which sit above the controllers) and `LearnedController`
+share these, so a policy sees the same features and its actions mean the same thing in
+training and in deployment:
+- `SpecFeatures`, `StreamFeatures`: each is called with a `ScheduleState` and returns a
+  float32 vector in [0, 1]; `update(record)` feeds it the step's outcome;
+- the `Streaming-v0` action space (`RISK_TARGETS`, `DEFER_STEPS`, `MAX_IN_FLIGHT`) and
+  `apply_action`, which sets ProgressServe's knobs from an action.
 """
 
 from __future__ import annotations
@@ -14,6 +18,20 @@ import numpy as np
 
 from adactl.estimators.step_time import StepShape
 from adactl.interface import ScheduleState, StepRecord
+
+from .progressserve import ProgressServe
+
+RISK_TARGETS = (0.001, 0.005, 0.02, 0.1, 0.999)
+DEFER_STEPS = (None, 0, 1, 2, 4)  # None: run every admitted request every step (no deferral)
+MAX_IN_FLIGHT = (8, 12, 16, 24, None)  # vLLM's max_num_seqs; None: no cap
+DEFAULT_ACTION = (1, 3, 4)  # ProgressServe's defaults: 0.5% risk, 2 steps, no cap
+
+
+def apply_action(ps: ProgressServe, action: Any) -> None:
+    """Set ProgressServe's knobs from a `Streaming-v0` action."""
+    ps.target = RISK_TARGETS[int(action[0])]
+    ps.defer_steps = DEFER_STEPS[int(action[1])]
+    ps.max_num_seqs = MAX_IN_FLIGHT[int(action[2])]
 
 
 def _clip(features: list[float]) -> np.ndarray:
