@@ -109,7 +109,8 @@ class Args:
 PRESETS = {
     "draft": {},
     "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
-    "draft3": {"recipe": "eagle3", "feature_layers": "3,16,28", "dtype": "bfloat16", "epochs": 4.0, "lr": 6e-4},
+    "draft3": {"recipe": "eagle3", "feature_layers": "3,16,28", "dtype": "bfloat16", "epochs": 4.0,
+               "teacher_tokens": 1_000_000, "time_budget_min": 60.0},
 }
 
 
