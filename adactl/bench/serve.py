@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
+from adactl import metrics
 from adactl.bench.common import format_table, write_json
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
@@ -46,7 +46,6 @@ from adactl.workloads import arrival_times, consumer_mix
 
 PEER = "transformers-serve"
 STACKS = ["fcfs", "andes", "progressserve,ttft-budget", "fcfs,goodput"]  # plain FCFS is vLLM's policy
-SLO_MISS_RATE = 0.005
 COLUMNS = ["server", "rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "tokens_per_s", "miss_rate", "rejected", "errors",
            "capacity_ttft", "capacity_slo"]  # fmt: skip
 
@@ -145,8 +144,9 @@ def account(results: list[dict], jobs: list[Job], tokenizer: Any, wall_start: fl
         n_tokens = counts[-1]
         tokens_total += n_tokens
         ttft.append(chunks[0][0] - at)
-        if n_tokens > 1:
-            tpot.append((chunks[-1][0] - chunks[0][0]) / (n_tokens - 1))
+        per_token = metrics.tpot(chunks[0][0], chunks[-1][0], n_tokens)
+        if per_token is not None:
+            tpot.append(per_token)
         last = max(last, chunks[-1][0])
         playback = Playback(job.stream, at)
         for i, ((t, n), k) in enumerate(zip(chunks, counts)):
@@ -156,12 +156,9 @@ def account(results: list[dict], jobs: list[Job], tokenizer: Any, wall_start: fl
         units, misses = units + u, misses + m
     first = min((r["arrival"] for r in results), default=0.0)
     return {
-        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
-        "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
-        "tpot_s": float(np.mean(tpot)) if tpot else None,
-        "tpot_p99_s": float(np.percentile(tpot, 99)) if tpot else None,
+        **metrics.latency_summary(ttft, tpot, tpot_p99=True),
         "tokens_per_s": tokens_total / max(last - first, 1e-9),
-        "miss_rate": misses / max(units, 1),
+        metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
         "misses": misses,
         "rejected": rejected,
@@ -176,7 +173,7 @@ def add_capacity(records: list[dict[str, Any]], ttft_target: float) -> None:
         mine = [r for r in records if r["server"] == server]
         ok = [r for r in mine if r["ttft_p99_s"] is not None and r["ttft_p99_s"] <= ttft_target]
         cap_ttft = max((r["rate"] for r in ok), default=0.0)
-        cap_slo = max((r["rate"] for r in ok if r["miss_rate"] <= SLO_MISS_RATE), default=0.0)
+        cap_slo = max((r["rate"] for r in ok if r[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE), default=0.0)
         for r in mine:
             r["capacity_ttft"], r["capacity_slo"] = cap_ttft, cap_slo
 
@@ -213,7 +210,7 @@ def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine:
         axes[2].plot(rates, [r["tokens_per_s"] for r in mine], style, marker="o", label=server)
     axes[0].axhline(ttft_target, color="grey", lw=0.8)
     axes[0].set_yscale("log")
-    axes[1].axhline(100 * SLO_MISS_RATE, color="grey", lw=0.8)
+    axes[1].axhline(100 * metrics.SLO_MISS_RATE, color="grey", lw=0.8)
     for ax, label in zip(axes, ["p99 TTFT (s; rejected = inf, clipped)", "unit-deadline misses (%)", "output tok/s"]):
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)

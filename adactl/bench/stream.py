@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adactl import metrics
 from adactl.bench.common import format_table, write_json
 from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
 from adactl.estimators.step_cost import LinearStepCost
@@ -43,7 +44,6 @@ from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime.replay import ReplayEngine
 from adactl.workloads import arrival_times, consumer_mix
 
-SLO_MISS_RATE = 0.005
 COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
            "effective_tps", "capacity_at_slo"]  # fmt: skip
 
@@ -107,16 +107,15 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         on_time_tokens += n * (1 - m / u) if u else 0.0
         if result.first_token_time is not None:
             ttft.append(result.first_token_time - result.arrival_time)
-            if n > 1:
-                tpot.append((result.finish_time - result.first_token_time) / (n - 1))
+            per_token = metrics.tpot(result.first_token_time, result.finish_time, n)
+            if per_token is not None:
+                tpot.append(per_token)
     return {
-        "miss_rate": misses / max(units, 1),
+        metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
         "misses": misses,
         "misses_by_unit": {k: {"units": u, "misses": m} for k, (u, m) in sorted(by_unit.items())},
-        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
-        "ttft_p99_s": float(np.percentile(ttft, 99)) if ttft else None,
-        "tpot_s": float(np.mean(tpot)) if tpot else None,
+        **metrics.latency_summary(ttft, tpot),
         "admitted_inflight": inflight_area / max(wall, 1e-9),
         "effective_tps": on_time_tokens / max(wall, 1e-9),
         "wall_s": wall,
@@ -131,7 +130,7 @@ def add_capacity(records: list[dict[str, Any]]) -> None:
     for r in records:
         groups.setdefault((r["backend"], r["controller"]), []).append(r)
     for rows in groups.values():
-        ok = [r for r in rows if r["miss_rate"] <= SLO_MISS_RATE]
+        ok = [r for r in rows if r[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE]
         best = max(ok, key=lambda r: r["load"]) if ok else None
         for r in rows:
             r["capacity_at_slo"] = best["load"] if best else 0.0
@@ -156,7 +155,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
             last = next(r for r in rs if r["load"] == top)
             tl = last["inflight_timeline"]
             row[1].plot([t for t, _ in tl], [n for _, n in tl], label=name)
-        row[0].axhline(100 * SLO_MISS_RATE, color="gray", ls="--", lw=1)
+        row[0].axhline(100 * metrics.SLO_MISS_RATE, color="gray", ls="--", lw=1)
         row[0].set(xlabel="load (requests/s)", ylabel="unit-deadline misses (%)", title=f"{backend}: misses vs load")
         row[0].set_yscale("symlog", linthresh=0.5)
         row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at {top}/s")

@@ -1,0 +1,50 @@
+"""Serving metrics, named and computed once: what benches report, plots draw and bars judge.
+
+- `TTFT_P50`, `TTFT_P99`, `TPOT`, `TPOT_P99`, `MISS_RATE`: the record keys every bench uses;
+- `SLO_MISS_RATE`: the unit-miss rate a stream's readers tolerate (the bar of capacity at SLO);
+- `tpot(first, last, tokens)`: seconds per output token after the first;
+- `latency_summary(ttft, tpot)`: the TTFT percentiles and TPOT mean (and p99) of a run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+TTFT_P50 = "ttft_p50_s"
+TTFT_P99 = "ttft_p99_s"
+TPOT = "tpot_s"
+TPOT_P99 = "tpot_p99_s"
+MISS_RATE = "miss_rate"
+
+SLO_MISS_RATE = 0.005
+"""At most this share of stream units may be late for a load to count as served at SLO."""
+
+
+def tpot(first: float, last: float, tokens: int) -> float | None:
+    """Time per output token after the first (None for a one-token output)."""
+    return (last - first) / (tokens - 1) if tokens > 1 else None
+
+
+def latency_summary(ttft: Sequence[float], tpots: Sequence[float], tpot_p99: bool = False) -> dict[str, float | None]:
+    """TTFT p50 and p99 and mean TPOT of one run (None where a list is empty); with
+    `tpot_p99`, the TPOT p99 too."""
+    out: dict[str, float | None] = {
+        TTFT_P50: percentile(ttft, 50),
+        TTFT_P99: percentile(ttft, 99),
+        TPOT: float(np.mean(tpots)) if len(tpots) else None,
+    }
+    if tpot_p99:
+        out[TPOT_P99] = percentile(tpots, 99)
+    return out
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """numpy's linear percentile, except that one between two infinite values (rejected
+    requests count as an infinite TTFT) is infinite, not NaN; None for no values."""
+    if not len(values):
+        return None
+    value = float(np.percentile(values, q))
+    return math.inf if math.isnan(value) else value
