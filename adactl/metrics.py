@@ -46,5 +46,6 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     requests count as an infinite TTFT) is infinite, not NaN; None for no values."""
     if not len(values):
         return None
-    value = float(np.percentile(values, q))
+    with np.errstate(invalid="ignore"):  # inf - inf while interpolating: handled below
+        value = float(np.percentile(values, q))
     return math.inf if math.isnan(value) else value
