@@ -152,7 +152,7 @@ class Proposer:
                 assert verdict.features is not None
                 req.draft_pending = ([] if drafted else req.draft_pending) + new[i]
                 # (copied: a view would keep the whole step's [rows, T, H] states alive)
-                states = verdict.features[i, [0] + [j + 1 for j in verdict.nodes(i)]].clone().unbind(0)
+                states = verdict.features[i, [0] + [j + 1 for j in verdict.nodes[i]]].clone().unbind(0)
                 req.draft_features = ([] if drafted else req.draft_features) + list(states)
             elif trees and drafted:
                 req.draft_pending = new[i]  # a tree's levels left the draft cache: feed the path again

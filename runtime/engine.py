@@ -401,7 +401,7 @@ class Engine:
         new = []
         for i, req in enumerate(rows):
             # the accepted draft nodes (a chain's first a; a tree's path), then the target's token
-            tokens = [int(fl.tokens[i, j]) for j in verdict.nodes(i)] + [int(verdict.next_token[i])]
+            tokens = [int(fl.tokens[i, j]) for j in verdict.nodes[i]] + [int(verdict.next_token[i])]
             fl.emitted[req.request_id] = self._append_output(req, tokens)
             req.target_pending = tokens[-1:]
             new.append(tokens)

@@ -266,7 +266,7 @@ def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int | None = None, max_c
     if max_context is not None and len(ids) >= max_context:
         raise RequestError(f"prompt has {len(ids)} tokens but the model's context holds {max_context}, "
                            "leaving no room to generate: shorten the prompt")  # fmt: skip
-    bad = [t for t in ids if vocab_size is not None and not 0 <= t < vocab_size]
+    bad = [t for t in ids if not 0 <= t < vocab_size] if vocab_size is not None else []
     if bad:
         raise RequestError(f"prompt holds token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
     return ids

@@ -14,6 +14,7 @@ is emitted (the engine's).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +35,15 @@ class Verdict:
     accepted: torch.Tensor  # [rows] long: draft tokens accepted (a tree: nodes on the path)
     next_token: torch.Tensor  # [rows] long: the correction or bonus token
     path: torch.Tensor | None  # [rows, K] bool, trees only: the accepted nodes
-    features: torch.Tensor | None  # [rows, T, H] the target's last hidden states (feature drafts)
+    features: torch.Tensor | None  # [rows, T, H] the features a feature draft reads (`target_features`)
 
-    def nodes(self, i: int) -> list[int]:
-        """Row i's accepted draft nodes, in order (a chain's first `accepted`; a tree's path)."""
+    @functools.cached_property
+    def nodes(self) -> list[list[int]]:
+        """Each row's accepted draft nodes, in order (a chain's first `accepted`; a tree's
+        path); computed once, read by the engine's emit and the proposer's settle."""
         if self.path is not None:
-            return self.path[i].nonzero().squeeze(1).tolist()
-        return list(range(int(self.accepted[i])))
+            return [row.nonzero().squeeze(1).tolist() for row in self.path]
+        return [list(range(a)) for a in self.accepted.tolist()]
 
 
 class TargetVerifier:

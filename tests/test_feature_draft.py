@@ -126,32 +126,12 @@ def test_draft_reads_the_right_target_features(target, random_feature_draft, bat
 def test_distillation_steps_lower_the_loss(target, unroll):
     """Real training steps of train/distill_draft.py on the target's own samples."""
     dd = distill_module()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        seqs = target.generate(
-            torch.randint(1, 128, (64, 4)),
-            attention_mask=torch.ones(64, 4, dtype=torch.long),
-            do_sample=True,
-            max_new_tokens=28,
-            min_new_tokens=28,
-        )
-        feats = target.model(input_ids=seqs).last_hidden_state
-    data = dd.TeacherData(
-        seqs.flatten().to(torch.int32),
-        torch.ones(seqs.numel(), dtype=torch.bool),
-        torch.arange(0, seqs.numel() + 1, seqs.shape[1]),
-        feats.reshape(-1, feats.shape[-1]).to(torch.float16),
-    )
+    data = _teacher(target, dd)
     draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0)
     args = dd.Args(noise=0.05, lr=3e-3, unroll=unroll)
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
     batch = dd.make_batch(data, list(range(16)))
     first, _ = dd.losses(draft, batch, args)
-    for _ in range(60):
-        loss, _ = dd.losses(draft, dd.make_batch(data, random.sample(range(64), 16)), args)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(dd, draft, data, args)
     last, info = dd.losses(draft, batch, args)
     first, last = float(first.detach()), float(last.detach())
     assert last < 0.8 * first, (first, last, info)
@@ -237,22 +217,32 @@ def test_companion_needs_feature_drafts(target, tmp_path):
         load_draft(str(tmp_path / "plain"), LoadedModel(target, None, "tiny"), companion=str(tmp_path / "plain"))
 
 
-def _fused_teacher(target, dd, layers: list[int], n: int = 64, length: int = 32):
-    """Teacher data as the eagle3 recipe stores it: the target's samples, its final hidden
-    states and the hidden states a fused draft reads."""
+def _teacher(target, dd, layers: list[int] | None = None, n: int = 64, length: int = 32):
+    """Teacher data as the recipes store it: the target's samples, its final hidden states
+    and, with `layers` (eagle3), the hidden states a fused draft reads."""
     torch.manual_seed(0)
     with torch.no_grad():
         seqs = target.generate(torch.randint(1, 128, (n, 4)), attention_mask=torch.ones(n, 4, dtype=torch.long),
                                do_sample=True, max_new_tokens=length - 4, min_new_tokens=length - 4)  # fmt: skip
         out = target.model(input_ids=seqs, output_hidden_states=True)
-    aux = torch.cat([out.hidden_states[i] for i in layers], -1)
+    aux = torch.cat([out.hidden_states[i] for i in layers], -1) if layers else None
     return dd.TeacherData(
         seqs.flatten().to(torch.int32),
         torch.ones(seqs.numel(), dtype=torch.bool),
         torch.arange(0, seqs.numel() + 1, seqs.shape[1]),
         out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1]).to(torch.float16),
-        aux.reshape(-1, aux.shape[-1]).to(torch.float16),
+        aux.reshape(-1, aux.shape[-1]).to(torch.float16) if aux is not None else None,
     )
+
+
+def _train(dd, draft, data, args, steps: int = 60) -> None:
+    """`steps` real optimiser steps of the recipe's loss on random batches of 16 sequences."""
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
+    for _ in range(steps):
+        loss, _ = dd.losses(draft, dd.make_batch(data, random.sample(range(64), 16)), args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
 
 
 def test_training_time_test_passes_are_what_drafting_computes(target):
@@ -262,7 +252,7 @@ def test_training_time_test_passes_are_what_drafting_computes(target):
     from transformers import DynamicCache
 
     dd = distill_module()
-    data = _fused_teacher(target, dd, [1, 2], n=2, length=20)
+    data = _teacher(target, dd, [1, 2], n=2, length=20)
     draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0, feature_layers=[1, 2])
     batch = dd.make_batch(data, [0, 1])
     with torch.no_grad():
@@ -283,19 +273,14 @@ def test_training_time_test_passes_are_what_drafting_computes(target):
 def test_eagle3_recipe_steps_lower_every_pass_loss(target):
     """Real training steps of the eagle3 recipe (fused features, training-time test)."""
     dd = distill_module()
-    data = _fused_teacher(target, dd, [1, 2])
+    data = _teacher(target, dd, [1, 2])
     draft = FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=0, feature_layers=[1, 2])
     args = dd.Args(recipe="eagle3", feature_layers="1,2", ttt_steps=3, lr=3e-3)
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
     batch = dd.make_batch(data, list(range(16)))
     head = target.get_output_embeddings().weight.detach()
     before = dd.evaluate(draft, data, head)
     _, first = dd.losses(draft, batch, args)
-    for _ in range(60):
-        loss, _ = dd.losses(draft, dd.make_batch(data, random.sample(range(64), 16)), args)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train(dd, draft, data, args)
     _, last = dd.losses(draft, batch, args)
     for name in ("ce", "ce2", "ce3"):
         assert last[name] < 0.8 * first[name], (name, first, last)
