@@ -238,8 +238,9 @@ def _teacher(target, dd, layers: list[int] | None = None, n: int = 64, length: i
 def _train(dd, draft, data, args, steps: int = 60) -> None:
     """`steps` real optimiser steps of the recipe's loss on random batches of 16 sequences."""
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
+    rng = random.Random(0)  # the same batches on every run: a pass or failure is reproducible
     for _ in range(steps):
-        loss, _ = dd.losses(draft, dd.make_batch(data, random.sample(range(64), 16)), args)
+        loss, _ = dd.losses(draft, dd.make_batch(data, rng.sample(range(64), 16)), args)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -280,7 +281,7 @@ def test_eagle3_recipe_steps_lower_every_pass_loss(target):
     head = target.get_output_embeddings().weight.detach()
     before = dd.evaluate(draft, data, head)
     _, first = dd.losses(draft, batch, args)
-    _train(dd, draft, data, args)
+    _train(dd, draft, data, args, steps=150)
     _, last = dd.losses(draft, batch, args)
     for name in ("ce", "ce2", "ce3"):
         assert last[name] < 0.8 * first[name], (name, first, last)
