@@ -1,0 +1,278 @@
+"""Controller stacks by name: the one vocabulary of `adactl serve`, every bench, the
+environments' baselines and `adactl stacks`.
+
+A stack is a comma-separated list of controller names: schedule controllers in order, then at
+most one verify controller. `fcfs,goodput` runs FCFS admission, then the goodput-optimal draft
+length; `fixed-k4,sv` drafts 4 tokens and lets Speculative Verification choose how many of
+them to verify. Each name is one controller and means the same in every command; a variant
+has its own name (`slo-tree` is `slo` over token trees, `adaserve-conf` is `adaserve` reading
+the draft's confidence instead of the companion). A bench labels each run with its stack.
+
+    build_stack("progressserve,ttft-budget", StackContext(step_time, load_acceptance))
+
+`adactl stacks` prints `REGISTRY`: each name, its role, the decisions it makes and what it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from adactl.controllers import (
+    FCFS,
+    AdaServe,
+    AndesPriority,
+    BucketEMA,
+    ConfidenceStop,
+    DeadlineFirst,
+    FixedDraftLength,
+    GlobalTreeAllocation,
+    GoodputLength,
+    GoodputTree,
+    HeuristicSchedule,
+    LearnedController,
+    NoSpeculation,
+    ProgressServe,
+    SLODraftLength,
+    SpeculativeVerification,
+    TreeDraft,
+    TTFTPrefillBudget,
+)
+from adactl.estimators.step_time import StepTimePredictor
+from adactl.interface import Estimator
+from adactl.runtime.types import TreeSpec
+
+DEFAULT_STACK = "andes"
+ACCEPTANCE = ("moving_average", "companion", "confidence")  # the estimators a stack may ask for
+
+
+def no_acceptance(name: str) -> Estimator:
+    raise ValueError(f"this stack reads acceptance estimates ({name}): its StackContext needs `acceptance`")
+
+
+def untrained_acceptance(name: str) -> Estimator:
+    """A fresh, unfitted estimator of each kind a stack asks for (tiny models, tests)."""
+    from adactl.estimators import CompanionSignal, DraftConfidence, MovingAverage
+
+    kinds: dict[str, Callable[[], Estimator]] = {
+        "moving_average": MovingAverage, "companion": CompanionSignal, "confidence": DraftConfidence
+    }  # fmt: skip
+    if name not in kinds:
+        raise ValueError(f"no acceptance estimator {name!r}; known: {ACCEPTANCE}")
+    return kinds[name]()
+
+
+@dataclass(frozen=True)
+class StackContext:
+    """What controllers are built from.
+
+    step_time: the machine's step-cost model (None only for stacks that never predict a cost:
+    see `costs_steps`); acceptance: estimator name (one of `ACCEPTANCE`) -> a fresh estimator;
+    prefill_budget: prompt tokens per step of the static budgets; max_running: the in-flight
+    cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `slo-tree`."""
+
+    step_time: StepTimePredictor | None
+    acceptance: Callable[[str], Estimator] = no_acceptance
+    prefill_budget: int = 512
+    max_running: int | None = 32
+    tree_width: int = 2
+
+    def cost(self) -> StepTimePredictor:
+        if self.step_time is None:
+            raise ValueError("this stack predicts step costs: its StackContext needs a step_time model")
+        return self.step_time
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One controller name. `pattern` (a regex over the whole name) binds the numbers a name
+    carries; `build(ctx, numbers)` makes a fresh controller."""
+
+    shown: str
+    pattern: str
+    role: str  # "schedule" or "verify"
+    decisions: str
+    summary: str
+    build: Callable[[StackContext, tuple[int, ...]], Any]
+    speculates: bool = False
+    costs_steps: bool = False
+    companion: bool = False
+
+
+def _learned(env: str, ctx: StackContext) -> LearnedController:
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return LearnedController(SHIPPED_MODELS / "policies" / f"{env}.safetensors", step_time=ctx.cost())
+
+
+def _tree(n: tuple[int, ...]) -> TreeDraft:
+    return TreeDraft(TreeSpec(*n))
+
+
+REGISTRY: tuple[Entry, ...] = (
+    # admission and scheduling
+    Entry("fcfs", r"fcfs", "schedule", "admission, prefill budget",
+          "vLLM's scheduler: first come first served, decode first, a static chunked-prefill budget",
+          lambda c, n: FCFS(None, c.prefill_budget)),
+    Entry("fcfs-seqs{N}", r"fcfs-seqs(\d+)", "schedule", "admission, prefill budget",
+          "fcfs with vLLM's max_num_seqs = N requests in flight",
+          lambda c, n: FCFS(n[0], c.prefill_budget)),
+    Entry("edf", r"edf", "schedule", "admission, run order",
+          "earliest deadline (least slack) first, at most max_running requests per step",
+          lambda c, n: DeadlineFirst(c.max_running, None, c.prefill_budget)),
+    Entry("andes", r"andes", "schedule", "admission, run order",
+          "Andes-style priority: the largest delivery lag first, at most max_running per step",
+          lambda c, n: AndesPriority(c.max_running, None, c.prefill_budget)),
+    Entry("progressserve", r"progressserve", "schedule", "admission, run or defer",
+          "ProgressServe: run what is at risk, defer safe buffers, admit only what stays safe",
+          lambda c, n: ProgressServe(c.cost(), prefill_budget=c.prefill_budget), costs_steps=True),
+    Entry("ttft-budget", r"ttft-budget", "schedule", "prefill budget",
+          "the smallest chunked-prefill budget that keeps every waiting request's TTFT feasible",
+          lambda c, n: TTFTPrefillBudget(c.cost(), c.prefill_budget), costs_steps=True),
+    # draft length (chains)
+    Entry("no-spec", r"no-spec", "schedule", "draft length",
+          "plain decoding: no draft tokens",
+          lambda c, n: NoSpeculation()),
+    Entry("fixed-k{K}", r"fixed-k(\d+)", "schedule", "draft length",
+          "standard speculative decoding: K draft tokens per row, all verified",
+          lambda c, n: FixedDraftLength(n[0]), speculates=True),
+    Entry("heuristic", r"heuristic", "schedule", "draft length",
+          "transformers' assisted-generation schedule: +2 after a fully accepted draft, else -1",
+          lambda c, n: HeuristicSchedule(initial=4), speculates=True),
+    Entry("bucket-ema", r"bucket-ema", "schedule", "draft length",
+          "SGLang-style: the accepted-length average per batch-size bucket",
+          lambda c, n: BucketEMA(), speculates=True),
+    Entry("goodput", r"goodput", "schedule", "draft length",
+          "the draft length maximising predicted tokens per predicted second",
+          lambda c, n: GoodputLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),
+    Entry("slo", r"slo", "schedule", "draft length per request",
+          "AdaServe's draft lengths: each request on its TPOT SLO first, then throughput",
+          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),
+    # token trees
+    Entry("tree-d{D}w{W}n{N}", r"tree-d(\d+)w(\d+)n(\d+)", "schedule", "token tree",
+          "a fixed token tree: depth D, W alternatives per level, N nodes kept",
+          lambda c, n: _tree(n), speculates=True),
+    Entry("goodput-tree", r"goodput-tree", "schedule", "token tree",
+          "tree depth from the goodput length (no draft when it is 0), tree_width alternatives per level",
+          lambda c, n: GoodputTree(c.cost(), c.acceptance("moving_average"), c.tree_width),
+          speculates=True, costs_steps=True),
+    Entry("slo-tree", r"slo-tree", "schedule", "token tree per request",
+          "slo over token trees of tree_width alternatives per level",
+          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average"), tree_width=c.tree_width),
+          speculates=True, costs_steps=True),
+    # learned (train/ppo.py; the shipped policies in models/policies/)
+    Entry("learned-stream", r"learned-stream", "schedule", "admission, run or defer, prefill budget",
+          "the shipped Streaming-v0 PPO policy setting ProgressServe's knobs each step, then ttft-budget",
+          lambda c, n: _learned("Streaming-v0", c), costs_steps=True),
+    Entry("learned-spec", r"learned-spec", "schedule", "draft length",
+          "the shipped SpecDecode-v0 PPO policy choosing the batch's draft length each step",
+          lambda c, n: _learned("SpecDecode-v0", c), speculates=True, costs_steps=True),
+    # verification
+    Entry("confidence-stop", r"confidence-stop", "verify", "verify length",
+          "transformers' stop: verify up to the first draft token of confidence < 0.4",
+          lambda c, n: ConfidenceStop(0.4), speculates=True),
+    Entry("sv", r"sv", "verify", "verify length",
+          "Speculative Verification: batch-aware verify lengths from the companion's acceptance signal",
+          lambda c, n: SpeculativeVerification(c.acceptance("companion"), c.cost()),
+          speculates=True, costs_steps=True, companion=True),
+    Entry("adaserve", r"adaserve", "verify", "verify length per request",
+          "AdaServe's verify lengths: each request on its TPOT SLO first (companion signal)",
+          lambda c, n: AdaServe(c.acceptance("companion"), c.cost()),
+          speculates=True, costs_steps=True, companion=True),
+    Entry("adaserve-conf", r"adaserve-conf", "verify", "verify length per request",
+          "adaserve reading the calibrated draft confidence (trees have no companion signal)",
+          lambda c, n: AdaServe(c.acceptance("confidence"), c.cost()), speculates=True, costs_steps=True),
+    Entry("tree-alloc", r"tree-alloc", "verify", "verify budget over tree nodes",
+          "the batch's verify budget spent on the tree nodes of highest survival (draft confidence)",
+          lambda c, n: GlobalTreeAllocation(c.acceptance("confidence"), c.cost()),
+          speculates=True, costs_steps=True),
+)  # fmt: skip
+
+NAMES = ", ".join(e.shown for e in REGISTRY)
+
+
+@dataclass
+class Stack:
+    schedule: list[Any]
+    verify: Any = None
+    needs_companion: bool = False
+
+
+def parse(spec: str) -> list[tuple[Entry, tuple[int, ...]]]:
+    """The entries `spec` names, in order. Raises ValueError naming what is unknown or misplaced."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"a controller stack names at least one controller ({NAMES})")
+    found = []
+    for i, name in enumerate(names):
+        for entry in REGISTRY:
+            if m := re.fullmatch(entry.pattern, name):
+                break
+        else:
+            raise ValueError(f"unknown controller {name!r} in {spec!r}; known: {NAMES}")
+        if entry.role == "verify" and i != len(names) - 1:
+            raise ValueError(f"{name!r} is a verify controller: it goes last in the stack {spec!r}")
+        found.append((entry, tuple(int(g) for g in m.groups())))
+    return found
+
+
+def stack_list(text: str) -> list[str]:
+    """A command line's stacks, `;`-separated: `"fcfs;fixed-k4,sv"` -> ["fcfs", "fixed-k4,sv"],
+    each checked against the registry (an argparse type: a bad name is a usage error)."""
+    import argparse
+
+    names = [t.strip() for t in text.split(";") if t.strip()]
+    try:
+        for name in names:
+            parse(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return names
+
+
+def build_stack(spec: str, ctx: StackContext) -> Stack:
+    """The controllers `spec` names, fresh."""
+    stack = Stack([])
+    for entry, numbers in parse(spec):
+        controller = entry.build(ctx, numbers)
+        if entry.role == "verify":
+            stack.verify, stack.needs_companion = controller, entry.companion
+        else:
+            stack.schedule.append(controller)
+    return stack
+
+
+def drafts(spec: str) -> bool:
+    """Whether the stack ever speculates (else it runs without a draft model: no second prefill)."""
+    return any(entry.speculates and numbers != (0,) for entry, numbers in parse(spec))
+
+
+def costs_steps(spec: str) -> bool:
+    """Whether any controller of the stack predicts step costs (else no profile is needed)."""
+    return any(entry.costs_steps for entry, _ in parse(spec))
+
+
+def needs_companion(spec: str) -> bool:
+    """Whether the stack verifies with the companion's signal (its engine loads the companion)."""
+    return any(entry.companion for entry, _ in parse(spec))
+
+
+def listing() -> str:
+    """`adactl stacks`: every controller name, its role, its decisions and what it is."""
+    width = max(len(e.shown) for e in REGISTRY)
+    lines = ["A stack: schedule controllers, comma-separated, then at most one verify controller.", ""]
+    for role in ("schedule", "verify"):
+        lines.append(f"{role} controllers:")
+        for e in (e for e in REGISTRY if e.role == role):
+            lines.append(f"  {e.shown:<{width}}  {e.summary}")
+            lines.append(f"  {'':<{width}}  decides: {e.decisions}")
+        lines.append("")
+    lines.append(f"default stack of adactl serve: {DEFAULT_STACK}")
+    return "\n".join(lines)
+
+
+def main(args: Any = None) -> None:
+    """`adactl stacks`."""
+    print(listing())
