@@ -1,4 +1,4 @@
-"""The `adactl` command line: `adactl serve`, `adactl profile` and
+"""The `adactl` command line: `adactl serve`, `adactl profile`, `adactl stacks` and
 `adactl bench spec | stream | serve | runtime | step | draft`."""
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser = commands.add_parser("profile", help="measure this machine's step costs (cached per machine)")
     profiler.add_arguments(profile_parser)
     profile_parser.set_defaults(run=profiler.main)
+    stacks_parser = commands.add_parser("stacks", help="the controller names a stack is made of, and what each decides")
+    from adactl import stacks
+
+    stacks_parser.set_defaults(run=stacks.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
     from adactl.bench import draft, runtime, serve, spec, step, stream
 

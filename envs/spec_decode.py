@@ -17,8 +17,8 @@ Backends: `"replay"` (`ReplayEngine`: the shipped step-time model and acceptance
 log-normal step noise; deterministic for a seed and about a thousand steps per second) and
 `"real"` (`Engine` on the default models, or tiny random ones with `model="tiny"`; measured
 step times, so not deterministic). The analytic controllers act on the same state through
-`baseline_action` (goodput-optimal length, or a fixed one), so their rewards on the very same
-episodes can be compared with the policy's.
+`baseline_action` (`goodput`, `no-spec` or `fixed-k{n}`, as `adactl.stacks` names them), so
+their rewards on the very same episodes can be compared with the policy's.
 """
 
 from __future__ import annotations
@@ -120,12 +120,17 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
 
     # ------------------------------------------------------------- analytic
     def baseline_action(self, name: str = "goodput") -> int:
-        """The action an analytic controller takes in the current state: "goodput" (the
-        goodput-optimal length from the same estimates the observation shows) or "k{n}"."""
-        if name.startswith("k"):
-            return min(int(name[1:]), self.max_draft_len)
+        """The action an analytic controller takes in the current state, by its stack name:
+        "goodput" (the goodput-optimal length from the same estimates the observation shows),
+        "no-spec" or "fixed-k{n}"."""
+        from adactl.stacks import parse
+
+        if name == "no-spec":
+            return 0
+        if name.startswith("fixed-k") and parse(name):
+            return min(int(name.removeprefix("fixed-k")), self.max_draft_len)
         if name != "goodput":
-            raise ValueError(f"unknown baseline {name!r}: 'goodput' or 'k<n>'")
+            raise ValueError(f"unknown baseline {name!r}: 'goodput', 'no-spec' or 'fixed-k<n>'")
         from adactl.controllers import GoodputLength
 
         state = self._state()

@@ -17,9 +17,11 @@ all are served (or after `max_steps`). When the engine is idle the next arrival 
   time, recent miss rate.
 - reward: (units read on time - `miss_penalty` * units missed) / 10 this step.
 
-`reset(options={"baseline": name})` runs an analytic stack instead of the action ("fcfs",
-"fcfs-seqs16" or "progressserve" with its defaults), so baselines and policies can be
-compared on the very same episodes (same seed).
+`reset(options={"baseline": stack})` runs an analytic stack instead of the action: any
+non-speculating stack of `adactl.stacks` (`BASELINES` are the ones train/ppo.py compares
+with: "fcfs", "fcfs-seqs16", "progressserve,ttft-budget", each with its defaults), so
+baselines and policies can be compared on the very same episodes (same seed). Without one,
+the stack is "progressserve,ttft-budget" with the action setting ProgressServe's knobs.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from adactl.controllers import FCFS, ProgressServe, TTFTPrefillBudget
+from adactl.controllers import ProgressServe
 from adactl.controllers.observations import (
     DEFAULT_ACTION,
     DEFER_STEPS,
@@ -43,11 +45,13 @@ from adactl.controllers.observations import (
 from adactl.interface import ScheduleState
 from adactl.loop import ControlLoop
 from adactl.runtime.types import SamplingParams
+from adactl.stacks import StackContext, build_stack, drafts
 
 from .backends import Backend
 
 N_FEATURES = StreamFeatures.size
-BASELINES = ("fcfs", "fcfs-seqs16", "progressserve")
+BASELINES = ("fcfs", "fcfs-seqs16", "progressserve,ttft-budget")
+POLICY_STACK = "progressserve,ttft-budget"  # the stack the action tunes (its first controller)
 
 
 class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
@@ -88,20 +92,23 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         options = options or {}
         self.load = float(options.get("load", self._rng.choice(self.loads)))
         self.baseline = options.get("baseline")
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.baseline is not None:
+            try:
+                speculates = not isinstance(self.baseline, str) or drafts(self.baseline)
+            except ValueError as e:
+                raise ValueError(f"baseline {self.baseline!r}: {e}") from e
+            if speculates:
+                raise ValueError(f"baseline must name a stack that does not speculate (e.g. {BASELINES}), "
+                                 f"got {self.baseline!r}")  # fmt: skip
+        stack = build_stack(self.baseline or POLICY_STACK, StackContext(self.backend.step_time)).schedule
         episode_seed = int(self._rng.integers(2**31))
         self.engine = self.backend.new_engine(episode_seed)
         n = self.episode_requests
         self._gaps = np.diff([0.0, *arrival_times(n, self.load, episode_seed)])
         self._streams = consumer_mix(n, episode_seed, tokens_only=self.tokens_only)
         self._requests = [self.backend.request(self._rng) for _ in range(n)]
-        self.ps = ProgressServe(self.backend.step_time)
-        stack: list[Any] = [self.ps, TTFTPrefillBudget(self.backend.step_time)]
-        if self.baseline == "fcfs":
-            stack = [FCFS()]
-        elif self.baseline == "fcfs-seqs16":
-            stack = [FCFS(max_num_seqs=16)]
+        # the ProgressServe the action tunes (a baseline's run ignores it; info shows its knobs)
+        self.ps = stack[0] if self.baseline is None else ProgressServe(self.backend.step_time)
         self.loop = ControlLoop(self.engine, schedule=stack, max_draft_len=0,
                                 clock=lambda: self.backend.clock(self.engine))  # fmt: skip
         self._next = 0

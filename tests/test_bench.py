@@ -106,7 +106,8 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     ]
     main(["bench", "spec", *args, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec.json").read_text())
-    names = {"no-spec", "fixed-k2", "heuristic", "bucket-ema", "goodput", "sv", "goodput+sv", "oracle"}
+    names = {"no-spec", "fixed-k2", "heuristic,confidence-stop", "bucket-ema", "goodput", "fixed-k6,sv", "goodput,sv",
+             "oracle"}  # fmt: skip
     runs = {(r["controller"], r["batch_size"], r["temperature"]) for r in data["records"]}
     assert runs == {(n, b, t) for n in names for b in (1, 3) for t in (0.0, 0.7)}
     for r in data["records"]:
@@ -116,13 +117,13 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     best = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2") and r["ratio_best_fixed"] == 1.0]
     assert len(best) == 4  # one best constant per batch size and temperature
     assert (tmp_path / "spec.png").stat().st_size > 10_000
-    assert "goodput+sv" in capsys.readouterr().out
+    assert "goodput,sv" in capsys.readouterr().out
     machine = data["meta"]["machine"]  # where it ran, in the JSON and the plot's title
     assert machine["device_type"] in ("cpu", "cuda") and machine["dtype"] == "float32" and "float32" in machine["label"]
 
 
 def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
-    main(["bench", "spec", "--tiny", "--quick", "--rounds", "2", "--controllers", "no-spec,goodput",
+    main(["bench", "spec", "--tiny", "--quick", "--rounds", "2", "--controllers", "no-spec;goodput",
           "--max-new-tokens", "4", "--out", str(tmp_path)])  # fmt: skip
     records = json.loads((tmp_path / "spec.json").read_text())["records"]
     assert {r["batch_size"] for r in records} == {1, 8, 32}
@@ -131,9 +132,9 @@ def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
 
 def test_bench_spec_slo_reports_attainment(tmp_path, capsys):
     args = ["--tiny", "--slo", "--slo-requests", "6", "--rate", "100", "--max-new-tokens", "6"]
-    main(["bench", "spec", *args, "--slo-controllers", "fixed-k2,goodput", "--out", str(tmp_path)])
+    main(["bench", "spec", *args, "--slo-controllers", "fixed-k2;goodput", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec_slo.json").read_text())
-    assert [r["controller"] for r in data["records"]] == ["fixed-k2", "goodput", "adaserve"]
+    assert [r["controller"] for r in data["records"]] == ["fixed-k2", "goodput", "slo,adaserve"]
     for r in data["records"]:
         assert r["requests"] == 6 and 0 <= r["attainment"] <= 1 and r["tokens_per_s"] > 0
         assert {"attainment_tight", "attainment_medium", "attainment_loose", "slo_goodput"} <= set(r)
@@ -145,7 +146,7 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
     args = ["--tiny", "--loads", "20,200", "--requests", "6", "--validate", "--fcfs-seqs", "2"]
     main(["bench", "stream", *args, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "stream.json").read_text())
-    names = {"fcfs", "fcfs-seqs2", "edf", "andes", "ttft-budget", "progressserve"}
+    names = {"fcfs", "fcfs-seqs2", "edf", "andes", "fcfs,ttft-budget", "progressserve,ttft-budget"}
     runs = {(r["backend"], r["load"], r["controller"]) for r in data["records"]}
     assert runs == {(b, load, n) for b in ("engine", "replay") for load in (20.0, 200.0) for n in names}
     for r in data["records"]:
@@ -163,10 +164,17 @@ def test_bench_spec_trees_runs_tree_controllers_beside_chains(tmp_path, capsys):
     main(["bench", "spec", *args, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec_trees.json").read_text())
     names = {r["controller"] for r in data["records"]}
-    assert {"tree-d2w2n3", "tree-alloc", "goodput-tree", "tree-oracle", "goodput", "oracle"} <= names
+    assert {
+        "tree-d2w2n3",
+        "tree-d2w2n4,tree-alloc",
+        "goodput-tree,tree-alloc",
+        "tree-oracle",
+        "goodput",
+        "oracle",
+    } <= names
     for r in data["records"]:
         assert not r["fallbacks"] and r["tokens_per_s"] > 0 and "ratio_best_chain" in r
-    chains = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2", "goodput", "sv")]
+    chains = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2", "goodput", "fixed-k6,sv")]
     assert max(r["ratio_best_chain"] for r in chains) == 1.0
     oracle = [r for r in data["records"] if r["controller"] == "tree-oracle"]
     assert all(r["oracle_tree"] == "tree-d2w2n3" for r in oracle)
@@ -178,7 +186,9 @@ def test_bench_spec_slo_trees_adds_adaserve_over_trees(tmp_path):
     args = ["--tiny", "--slo", "--trees", "--slo-requests", "6", "--rate", "100", "--max-new-tokens", "6"]
     main(["bench", "spec", *args, "--slo-controllers", "goodput", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec_slo_trees.json").read_text())
-    assert [r["controller"] for r in data["records"]] == ["goodput", "adaserve", "adaserve-conf", "adaserve-tree"]
+    assert [r["controller"] for r in data["records"]] == [
+        "goodput", "slo,adaserve", "slo,adaserve-conf", "slo-tree,adaserve-conf"
+    ]  # fmt: skip
     assert all(not r["fallbacks"] and r["requests"] == 6 for r in data["records"])
 
 

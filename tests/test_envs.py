@@ -71,7 +71,10 @@ def test_spec_env_reward_is_tokens_per_second_and_actions_matter():
     assert 0 <= info["accepted_len"] <= 2
     with pytest.raises(ValueError, match="draft length"):
         env.step(99)
-    assert env.baseline_action("k3") == 3 and 0 <= env.baseline_action("goodput") <= 4
+    assert env.baseline_action("fixed-k3") == 3 and env.baseline_action("no-spec") == 0
+    assert 0 <= env.baseline_action("goodput") <= 4
+    with pytest.raises(ValueError, match="unknown baseline"):
+        env.baseline_action("k3")
 
 
 def test_streaming_env_counts_every_unit_once():
@@ -174,14 +177,18 @@ def _tiny_step_time():
 def test_streaming_baselines_and_policy_share_episodes():
     env = StreamingEnv(backend="replay", **TINY_STREAM)
     totals = {}
-    for name in ("fcfs", "progressserve"):
+    for name in ("fcfs", "progressserve,ttft-budget"):
         env.reset(seed=7, options={"baseline": name, "load": 4.0})
         total, done = 0.0, False
         while not done:
             _, r, term, trunc, _ = env.step(np.array([1, 2, 4]))
             total, done = total + r, term or trunc
         totals[name] = (total, env.totals["units"])
-    assert totals["fcfs"][1] == totals["progressserve"][1]  # the same requests and consumers
+    assert totals["fcfs"][1] == totals["progressserve,ttft-budget"][1]  # the same requests and consumers
+    with pytest.raises(ValueError, match="does not speculate"):
+        env.reset(seed=7, options={"baseline": "fcfs,fixed-k2"})
+    with pytest.raises(ValueError, match="unknown controller"):
+        env.reset(seed=7, options={"baseline": "fcfs,warp"})
 
 
 def test_streaming_policy_trains_and_serves_as_a_schedule_controller(tmp_path):

@@ -102,8 +102,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 # ----------------------------------------------------------- environments
 ENV_SETTINGS: dict[str, dict[str, Any]] = {
-    "adactl/SpecDecode-v0": {"baselines": ["goodput", "k0", "k1", "k2", "k3", "k4"], "key": (0, "running requests")},
-    "adactl/Streaming-v0": {"baselines": ["fcfs", "fcfs-seqs16", "progressserve"], "key": (3, "arrivals / s")},
+    "adactl/SpecDecode-v0": {
+        "baselines": ["goodput", "no-spec", "fixed-k1", "fixed-k2", "fixed-k3", "fixed-k4"],
+        "key": (0, "running requests"),
+    },
+    "adactl/Streaming-v0": {
+        "baselines": ["fcfs", "fcfs-seqs16", "progressserve,ttft-budget"],
+        "key": (3, "arrivals / s"),
+    },
 }
 
 

@@ -1,7 +1,7 @@
 """Serve `adactl bench serve`'s workload in-process (no HTTP): a controller stack on the real
 engine, open-loop ShareGPT arrivals with token readers, engine-side accounting.
 
-The diagnostic behind the README's in-process numbers (ProgressServe's misses before and after
+The diagnostic behind the in-process numbers of docs/bench_serve.md (ProgressServe's misses before and after
 the row-layout fix; what the goodput controller drafts when served):
 
     python train/serve_inprocess.py --stack progressserve --rate 2.5 --ignore-eos
@@ -22,7 +22,7 @@ from adactl.estimators import load_acceptance
 from adactl.profiler import add_profile_arguments, step_cost_for
 from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import load_pair
-from adactl.server.stacks import StackContext, build_stack, costs_steps
+from adactl.stacks import StackContext, build_stack, costs_steps
 from adactl.workloads import arrival_times, chat_requests, consumer_mix, read_sharegpt
 
 

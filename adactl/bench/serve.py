@@ -42,6 +42,7 @@ from adactl import metrics
 from adactl.bench.common import format_table, write_json
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
+from adactl.stacks import stack_list
 from adactl.workloads import arrival_times, consumer_mix
 
 PEER = "transformers-serve"
@@ -293,11 +294,12 @@ def start_tiny(stack: str) -> Server:
     from adactl.loop import ControlLoop
     from adactl.runtime import Engine
     from adactl.runtime.models import perturbed_copy, tiny_llama, tiny_tokenizer
-    from adactl.server import EngineService, OpenAIServer, ServerThread, StackContext, build_stack
+    from adactl.server import EngineService, OpenAIServer, ServerThread
+    from adactl.stacks import StackContext, build_stack, untrained_acceptance
 
     target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
     tokenizer = tiny_tokenizer()
-    built = build_stack(stack, StackContext(tiny_step_time(), lambda name: None))
+    built = build_stack(stack, StackContext(tiny_step_time(), untrained_acceptance))
     if built.needs_companion:
         raise ValueError(f"--tiny runs have no companion: drop sv/adaserve from {stack!r}")
     engine = Engine(target, perturbed_copy(target, 0.03, 1), tokenizer)
@@ -391,7 +393,7 @@ def _floats(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stacks",
-        type=lambda s: [x for x in s.split(";") if x],
+        type=stack_list,
         default=STACKS,
         help=f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
     )

@@ -6,21 +6,22 @@ A request attains its SLO when its time per output token after the first,
 (finish - first token) / (tokens - 1), is within its class's bound. Reported per controller:
 SLO attainment (overall and per class), SLO goodput (tokens of requests on their SLO per
 second), tokens/s, and `ratio_attainment_fixed` (to the best fixed draft length). With
-`--trees`, AdaServe over token trees (`adaserve-tree`) runs too, next to the same chain
-version on the same acceptance estimator (`adaserve-conf`).
+`--trees`, AdaServe over token trees (`slo-tree,adaserve-conf`) runs too, next to the same
+chain version on the same acceptance estimator (`slo,adaserve-conf`).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from typing import Any
 
 from tqdm import tqdm
 
-from adactl.controllers import AdaServe, SLODraftLength
 from adactl.loop import ControlLoop
 from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
+from adactl.stacks import build_stack, needs_companion
 from adactl.workloads import arrival_times
 
 CLASSES = ("tight", "medium", "loose")
@@ -67,49 +68,32 @@ def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]],
     }
 
 
-def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: dict[str, Any],
-        table: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
-    from adactl.bench.spec import engine_context  # spec runs this module: imported here, not at the top
-
+def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: Any
+        ) -> list[dict[str, Any]]:  # fmt: skip
+    """`ctx`: the spec bench's `RunContext`. The stacks: `--slo-controllers`, then AdaServe
+    (`slo,adaserve`: per-request draft lengths SLO first, then SLO-first verify lengths)."""
     n = args.slo_requests
     times = arrival_times(n, args.rate, args.seed)
     tpots = [args.slo_tpot[i % len(CLASSES)] for i in range(n)]
-    entries = {name: table[name] for name in table if name in args.slo_controllers}
-    # AdaServe: per-request draft lengths SLO first (speculate), then SLO-first verify lengths
-    entries["adaserve"] = (
-        True,
-        lambda e, c: ([SLODraftLength(c["step_time"], c["moving_average"]())], AdaServe(c["sv"](), c["step_time"])),
-    )
+    chosen = [*args.slo_controllers, "slo,adaserve"]
     if getattr(args, "trees", False):
         # over token trees (`tree_width` alternatives per level); trees carry no companion
         # signal, so they read the calibrated draft confidence, and so does the chain run
-        # beside them (`adaserve-conf`) that isolates what the trees add
-        width = args.tree_width
-        entries["adaserve-conf"] = (
-            False,
-            lambda e, c: (
-                [SLODraftLength(c["step_time"], c["moving_average"]())],
-                AdaServe(c["confidence"](), c["step_time"]),
-            ),
-        )
-        entries["adaserve-tree"] = (
-            False,
-            lambda e, c: (
-                [SLODraftLength(c["step_time"], c["moving_average"](), tree_width=width)],
-                AdaServe(c["confidence"](), c["step_time"]),
-            ),
-        )
+        # beside them (`slo,adaserve-conf`) that isolates what the trees add
+        chosen += ["slo,adaserve-conf", "slo-tree,adaserve-conf"]
     records = []
-    bar = tqdm(total=n * args.max_new_tokens * len(entries), desc="bench spec --slo", unit="tok")
-    for name, (needs_companion, build) in entries.items():
-        engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=args.max_batch))
-        here = engine_context(ctx, needs_companion)
-        schedule, verify = build(engine, here)
-        loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8, estimators=[here["step_time"]])
-        records.append({"controller": name, "rate": args.rate,
+    bar = tqdm(total=n * args.max_new_tokens * len(chosen), desc="bench spec --slo", unit="tok")
+    for stack in chosen:
+        companion = needs_companion(stack)
+        engine = Engine(target, pair if companion else draft, config=EngineConfig(max_batch_size=args.max_batch))
+        here = ctx.stack_context(companion)
+        built = build_stack(stack, here)
+        loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
+                           estimators=[here.cost()])  # fmt: skip
+        records.append({"controller": stack, "rate": args.rate,
                         **serve_open_loop(engine, loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
     bar.close()
-    fixed = [r["attainment"] for r in records if r["controller"] == "no-spec" or r["controller"].startswith("fixed-k")]
+    fixed = [r["attainment"] for r in records if re.fullmatch(r"no-spec|fixed-k\d+", r["controller"])]
     best = max(fixed) if fixed else float("nan")
     for r in records:
         r["ratio_attainment_fixed"] = r["attainment"] / best if best > 0 else float("inf")

@@ -3,23 +3,24 @@
 For each temperature and batch size B, the same B held-out ShareGPT prompts (seeded per
 request) are served at once by every controller, through `ControlLoop` on one engine per
 run; configurations alternate within a batch size so that machine drift hits all alike.
-Controllers (adactl/controllers/):
+Each run is a controller stack, labelled by its name in `adactl.stacks` (`adactl stacks`):
 - `no-spec` and `fixed-k{k}`: plain decoding and standard speculative decoding;
-- `heuristic`: transformers' +2/-1 schedule with its 0.4 confidence stop;
+- `heuristic,confidence-stop`: transformers' +2/-1 schedule with its 0.4 confidence stop;
 - `bucket-ema`: SGLang-style accepted-length average per batch-size bucket;
 - `goodput`: the draft length maximising predicted tokens / predicted step time;
-- `sv`: Speculative Verification (companion-signal acceptance, batch-aware verify lengths)
-  after drafting `--sv-k`; `goodput+sv`: the goodput draft length, then SV;
+- `fixed-k{sv_k},sv`: Speculative Verification (companion-signal acceptance, batch-aware
+  verify lengths) after drafting `--sv-k`; `goodput,sv`: the goodput draft length, then SV;
 - `oracle`: the best fixed k of that batch size with verification that knows the target's
   verdict (its peek at the target is off the clock): the upper bound.
-With `--trees`, token-tree controllers run next to them on the same prompts and seeds:
+With `--trees`, token-tree stacks run next to them on the same prompts and seeds:
 - `tree-d{D}w{W}n{N}`: a fixed tree (depth D, W alternatives per level, N nodes kept), all
   verified: the tree counterpart of fixed k;
-- `tree-alloc`: the tree `--tree` drafted, then the batch-aware global allocation of the
-  verify budget over all rows' nodes (`GlobalTreeAllocation`, calibrated draft confidence);
-- `goodput-tree`: tree depth from the goodput length (no draft when c* = 0), then the global
-  allocation;
+- `tree-d{D}w{W}n{N},tree-alloc`: the tree `--tree` drafted, then the batch-aware global
+  allocation of the verify budget over all rows' nodes (calibrated draft confidence);
+- `goodput-tree,tree-alloc`: tree depth from the goodput length (no draft when c* = 0), then
+  the global allocation;
 - `tree-oracle`: the best fixed tree of that batch size, verified with the target's verdict.
+`--controllers` runs any other stacks instead (';'-separated).
 `ratio_best_chain` compares each run with the best chain controller of its batch size (the
 chain oracle excluded).
 SV's runs load the companion next to the draft (its cost counts); the others run the draft
@@ -34,8 +35,10 @@ controller time included), mean accepted length (tokens per decode row per step)
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,73 +47,32 @@ from tqdm import tqdm
 
 from adactl.bench.common import format_table, write_json
 from adactl.controllers import (
-    BucketEMA,
-    ConfidenceStop,
     FixedDraftLength,
-    GlobalTreeAllocation,
-    GoodputLength,
-    GoodputTree,
-    HeuristicSchedule,
-    NoSpeculation,
-    SpeculativeVerification,
     TreeDraft,
     oracle,
 )
 from adactl.estimators import load_acceptance
-from adactl.estimators.moving_average import MovingAverage
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import SHIPPED_MODELS
-
-# name -> (needs the companion, builder(engine, ctx) -> (schedule controllers, verify controller))
-Builder = Callable[[Engine, dict[str, Any]], tuple[list[Any], Any]]
+from adactl.stacks import StackContext, build_stack, needs_companion, stack_list, untrained_acceptance
 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
            "ratio_best_fixed", "ratio_oracle"]  # fmt: skip
 TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
 
 
-def controllers(ks: list[int], sv_k: int) -> dict[str, tuple[bool, Builder]]:
-    def fixed(k: int) -> Builder:
-        return lambda engine, ctx: ([FixedDraftLength(k)], None)
-
-    table: dict[str, tuple[bool, Builder]] = {"no-spec": (False, lambda e, c: ([NoSpeculation()], None))}
-    table.update({f"fixed-k{k}": (False, fixed(k)) for k in ks})
-    table["heuristic"] = (False, lambda e, c: ([HeuristicSchedule(initial=4)], ConfidenceStop(0.4)))
-    table["bucket-ema"] = (False, lambda e, c: ([BucketEMA()], None))
-    table["goodput"] = (False, lambda e, c: ([GoodputLength(c["step_time"], c["moving_average"]())], None))
-    table["sv"] = (True, lambda e, c: ([FixedDraftLength(sv_k)], SpeculativeVerification(c["sv"](), c["step_time"])))
-    table["goodput+sv"] = (
-        True,
-        lambda e, c: (
-            [GoodputLength(c["step_time"], c["moving_average"]())],
-            SpeculativeVerification(c["sv"](), c["step_time"]),
-        ),
-    )
-    return table
+def stacks(ks: list[int], sv_k: int) -> list[str]:
+    """The chain stacks of a run (names from `adactl.stacks`)."""
+    return ["no-spec", *(f"fixed-k{k}" for k in ks), "heuristic,confidence-stop", "bucket-ema", "goodput",
+            f"fixed-k{sv_k},sv", "goodput,sv"]  # fmt: skip
 
 
-def tree_controllers(trees: list[TreeSpec], alloc_tree: TreeSpec, width: int) -> dict[str, tuple[bool, Builder]]:
-    """The tree controllers of `--trees` (names as in the module docstring)."""
-
-    def fixed(spec: TreeSpec) -> Builder:
-        return lambda engine, ctx: ([TreeDraft(spec)], None)
-
-    table: dict[str, tuple[bool, Builder]] = {TreeDraft(t).name: (False, fixed(t)) for t in trees}
-    table["tree-alloc"] = (
-        False,
-        lambda e, c: ([TreeDraft(alloc_tree)], GlobalTreeAllocation(c["confidence"](), c["step_time"])),
-    )
-    table["goodput-tree"] = (
-        False,
-        lambda e, c: (
-            [GoodputTree(c["step_time"], c["moving_average"](), width)],
-            GlobalTreeAllocation(c["confidence"](), c["step_time"]),
-        ),
-    )
-    return table
+def tree_stacks(trees: list[TreeSpec], alloc_tree: TreeSpec) -> list[str]:
+    """The token-tree stacks of `--trees`."""
+    return [*(TreeDraft(t).name for t in trees), f"{TreeDraft(alloc_tree).name},tree-alloc", "goodput-tree,tree-alloc"]
 
 
 def tree_spec(text: str) -> TreeSpec:
@@ -152,13 +114,17 @@ def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperatu
     }
 
 
-def is_fixed(controller: str) -> bool:
-    """A constant draft length (0 included): what a tuned server would run."""
-    return controller == "no-spec" or controller.startswith("fixed-k")
+def is_fixed(stack: str) -> bool:
+    """A constant draft length (0 included), all verified: what a tuned server would run."""
+    return re.fullmatch(r"no-spec|fixed-k\d+", stack) is not None
 
 
-def is_tree(controller: str) -> bool:
-    return controller.startswith("tree") or controller.endswith("-tree")
+def is_fixed_tree(stack: str) -> bool:
+    return re.fullmatch(r"tree-d\d+w\d+n\d+", stack) is not None
+
+
+def is_tree(stack: str) -> bool:
+    return "tree" in stack
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
@@ -166,9 +132,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
     for r in records:
         groups.setdefault((r["temperature"], r["batch_size"]), []).append(r)
     for group in groups.values():
-        fixed = [
-            r["tokens_per_s"] for r in group if r["controller"] == "no-spec" or r["controller"].startswith("fixed")
-        ]
+        fixed = [r["tokens_per_s"] for r in group if is_fixed(r["controller"])]
         best_fixed = max(fixed) if fixed else float("nan")
         oracle_tps = next((r["tokens_per_s"] for r in group if r["controller"] == "oracle"), float("nan"))
         chains = [r["tokens_per_s"] for r in group if not is_tree(r["controller"]) and r["controller"] != "oracle"]
@@ -193,7 +157,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         for n, name in enumerate(names):
             rows = sorted((r for r in records if r["controller"] == name and r["temperature"] == t),
                           key=lambda r: r["batch_size"])  # fmt: skip
-            style = "--" if is_fixed(name) or name.startswith("tree-d") else (":" if is_tree(name) else "-")
+            style = "--" if is_fixed(name) or is_fixed_tree(name) else (":" if is_tree(name) else "-")
             ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], style, marker="o", label=name,
                     color=colors[n % len(colors)])  # fmt: skip
         ax.set_xscale("log", base=2)
@@ -207,19 +171,18 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dict[str, Any], dict[str, Any]]:
-    """target model, draft, draft with companion, prompts, context for the builders, meta.
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], RunContext, dict[str, Any]]:
+    """target model, draft, draft with companion, prompts, what controllers are made from, meta.
 
-    The step costs (`ctx["step_time"]`, `ctx["step_time_sv"]` for runs with the companion) are
-    this machine's profiles (adactl.profiler.step_cost_for), one model per engine kind shared
-    by all its runs, as one server's would be: refined online from every step any run serves."""
+    The step costs (`ctx.costs(companion)`) are this machine's profiles
+    (adactl.profiler.step_cost_for), one model per engine kind shared by all its runs, as one
+    server's would be: refined online from every step any run serves."""
     from adactl.profiler import tiny_pair
     from adactl.runtime.device import describe, device_and_dtype
     from adactl.runtime.models import ModelPair, load_pair
 
     device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
     if args.tiny:
-        from adactl.estimators import CompanionSignal, DraftConfidence
         from adactl.runtime import FeatureDraft
 
         alone = tiny_pair(device, dtype)
@@ -229,7 +192,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
         g = torch.Generator().manual_seed(args.seed)
         n = max(args.batches)
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
-        ctx = {"moving_average": MovingAverage, "sv": CompanionSignal, "confidence": DraftConfidence}
+        acceptance: Callable[[str], Any] = untrained_acceptance
         meta: dict[str, Any] = {"target": "tiny random Llama"}
     else:
         from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
@@ -242,14 +205,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], dic
             sharegpt = read_sharegpt()
             prompts = chat_prompts(both.tokenizer, max(args.batches), args.max_prompt_tokens, sharegpt, held_out=True)
         est = SHIPPED_MODELS / "estimators"
-        ctx = {
-            "moving_average": lambda: load_acceptance(est / "moving_average.json"),
-            "sv": lambda: load_acceptance(est / "companion.json"),
-            "confidence": lambda: load_acceptance(est / "confidence.json"),
-        }
+
+        def acceptance(name: str) -> Any:
+            return load_acceptance(est / f"{name}.json")
+
         meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
                 "workload": args.workload}  # fmt: skip
-    ctx["costs"] = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
+    costs = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
+    ctx = RunContext(acceptance, costs, args.tree_width)
     meta["machine"] = describe(device, dtype).to_dict()
     meta["profile"] = args.profile or "this machine's (cached)"
     meta["refine"] = args.refine
@@ -276,44 +239,52 @@ class CostModels:
         return self.models[companion]
 
 
-def engine_context(ctx: dict[str, Any], companion: bool) -> dict[str, Any]:
-    """The builders' context for an engine with (or without) the companion: its step-cost model."""
-    return {**ctx, "step_time": ctx["costs"](companion)}
+@dataclass(frozen=True)
+class RunContext:
+    """What a bench's controllers are made from: fresh acceptance estimators by name (as
+    `StackContext.acceptance`), the step-cost model of each engine kind, the tree width."""
+
+    acceptance: Callable[[str], Any]
+    costs: CostModels
+    tree_width: int = 2
+
+    def stack_context(self, companion: bool) -> StackContext:
+        """The stacks' context on an engine with (or without) the companion: its step-cost model."""
+        return StackContext(self.costs(companion), self.acceptance, tree_width=self.tree_width)
 
 
-def run_one(name: str, entry: tuple[bool, Builder], target: Any, draft: Any, pair: Any, group: list[list[int]],
-            temperature: float, ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm
-            ) -> dict[str, Any]:  # fmt: skip
-    needs_companion, build = entry
-    engine = Engine(target, pair if needs_companion else draft, config=EngineConfig(max_batch_size=len(group)))
-    here = engine_context(ctx, needs_companion)
-    schedule, verify = build(engine, here)
-    loop = ControlLoop(engine, schedule=schedule, verify=verify, max_draft_len=8, estimators=[here["step_time"]],
-                       prefill_budget=sum(len(p) for p in group))  # fmt: skip
-    return {"controller": name, **serve(engine, loop, group, temperature, args, bar)}
+def run_one(stack: str, target: Any, draft: Any, pair: Any, group: list[list[int]], temperature: float,
+            ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+    companion = needs_companion(stack)
+    engine = Engine(target, pair if companion else draft, config=EngineConfig(max_batch_size=len(group)))
+    here = ctx.stack_context(companion)
+    built = build_stack(stack, here)
+    loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
+                       estimators=[here.cost()], prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    return {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
 
 
 def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-               ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+               ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
     k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
-    cost = ctx["costs"](False)
+    cost = ctx.costs(False)
     loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
                        max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
 
 
 def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-                    ctx: dict[str, Any], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+                    ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
-    fixed = [r for r in here if r["controller"].startswith("tree-d")]
+    fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
     spec = tree_spec(best.removeprefix("tree-"))
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
-    cost = ctx["costs"](False)
+    cost = ctx.costs(False)
     loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
                        max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
@@ -329,12 +300,12 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.slo:
         args.batches = [args.slo_requests]  # prompts needed
     target, draft, pair, prompts, ctx, meta = _load(args)
-    table = controllers(args.ks, args.sv_k)
     if args.slo:
-        return _slo(args, target, draft, pair, prompts, ctx, table, meta)
-    if args.trees:
-        table.update(tree_controllers(args.fixed_trees, args.tree, args.tree_width))
-    chosen = [c for c in table if args.controllers is None or c in args.controllers]
+        return _slo(args, target, draft, pair, prompts, ctx, meta)
+    chosen = args.controllers or [
+        *stacks(args.ks, args.sv_k),
+        *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
+    ]
     oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
     records: list[dict[str, Any]] = []
     total = (
@@ -349,8 +320,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
-                here = [run_one(name, table[name], target, draft, pair, group, temperature, ctx, args, bar)
-                        for name in order]  # fmt: skip
+                here = [run_one(name, target, draft, pair, group, temperature, ctx, args, bar) for name in order]
                 here.append(run_oracle(here, target, draft, group, temperature, ctx, args, bar))
                 if args.trees:
                     here.append(run_tree_oracle(here, target, draft, group, temperature, ctx, args, bar))
@@ -375,11 +345,11 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
-def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: dict[str, Any],
-         table: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: RunContext,
+         meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     from adactl.bench import slo
 
-    records = slo.run(args, target, draft, pair, prompts, ctx, table)
+    records = slo.run(args, target, draft, pair, prompts, ctx)
     cols = ["controller", "rate", "attainment", "attainment_tight", "attainment_medium", "attainment_loose",
             "slo_goodput", "tokens_per_s", "ratio_attainment_fixed"]  # fmt: skip
     print(format_table(records, cols))
@@ -410,7 +380,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
                         help="fixed draft lengths to run (any of 1..8)")  # fmt: skip
     parser.add_argument("--sv-k", type=int, default=6, help="tokens drafted before SV chooses what to verify")
-    parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
+    parser.add_argument("--controllers", type=stack_list, default=None,
+                        help="the stacks to run, ';'-separated (default: the docstring's; adactl stacks)")  # fmt: skip
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument(
@@ -427,8 +398,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slo-requests", type=int, default=48, help="--slo: requests in the run")
     parser.add_argument("--slo-tpot", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.2, 0.5],
                         help="--slo: TPOT bounds of the tight, medium and loose classes (seconds)")  # fmt: skip
-    parser.add_argument("--slo-controllers", type=lambda s: s.split(","), default=["no-spec", "fixed-k2", "fixed-k4",
-                        "goodput", "sv"], help="--slo: controllers besides adaserve")  # fmt: skip
+    parser.add_argument("--slo-controllers", type=stack_list, default=["no-spec", "fixed-k2", "fixed-k4", "goodput",
+                        "fixed-k6,sv"], help="--slo: stacks besides slo,adaserve (';'-separated)")  # fmt: skip
     parser.add_argument("--max-batch", type=int, default=64, help="--slo: requests served at once, at most")
     parser.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
     parser.add_argument("--trees", action="store_true", help="token-tree controllers next to the chain controllers")

@@ -4,15 +4,16 @@ Requests (held-out ShareGPT first turns, each generating the length of the reply
 `stop_on_eos=False`) arrive open-loop at each `--loads` rate (requests/s; Poisson, or Gamma
 gaps with `--burstiness` < 1), each read by a consumer from `workloads.consumer_mix` (reading
 and speech rates, in tokens, words and sentences; first unit due `--ttft` s after arrival).
-Every controller serves the same requests, arrivals and consumers at every load:
+Every stack (`adactl.stacks`; `adactl stacks` lists them) serves the same requests, arrivals
+and consumers at every load:
 
 - `fcfs`: vLLM's scheduler with its defaults here (no in-flight cap, 512-token prefill budget);
   `fcfs-seqs{N}`: the same with `max_num_seqs` = N (`--fcfs-seqs`), the tuned baselines;
 - `edf`, `andes`: deadline-first and Andes-style priority, each running at most `--max-running`
   requests per step;
-- `ttft-budget`: FCFS with the TTFT-bounded prefill budget instead of the static one;
-- `progressserve`: ProgressServe (run at-risk, defer safe, admit only what stays safe) with
-  the TTFT-bounded prefill budget.
+- `fcfs,ttft-budget`: FCFS with the TTFT-bounded prefill budget instead of the static one;
+- `progressserve,ttft-budget`: ProgressServe (run at-risk, defer safe, admit only what stays
+  safe) with the TTFT-bounded prefill budget.
 
 Reported per controller and load: unit-deadline miss rate, p50/p99 TTFT, mean TPOT, admitted
 in-flight requests (time-weighted mean over the run), effective throughput (tokens read on
@@ -35,32 +36,23 @@ from tqdm import tqdm
 
 from adactl import metrics
 from adactl.bench.common import format_table, write_json
-from adactl.controllers import FCFS, AndesPriority, DeadlineFirst, ProgressServe, TTFTPrefillBudget
 from adactl.estimators.step_cost import LinearStepCost
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments, step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime.replay import ReplayEngine
+from adactl.stacks import StackContext, build_stack, stack_list
 from adactl.workloads import arrival_times, consumer_mix
 
 COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
            "effective_tps", "capacity_at_slo"]  # fmt: skip
 
 
-def controllers(step_time: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """name -> () -> schedule stack."""
-    table: dict[str, Any] = {"fcfs": lambda: [FCFS(None, args.prefill_budget)]}
-    for n in args.fcfs_seqs:
-        table[f"fcfs-seqs{n}"] = lambda n=n: [FCFS(n, args.prefill_budget)]
-    table["edf"] = lambda: [DeadlineFirst(args.max_running, None, args.prefill_budget)]
-    table["andes"] = lambda: [AndesPriority(args.max_running, None, args.prefill_budget)]
-    table["ttft-budget"] = lambda: [FCFS(None, args.prefill_budget), TTFTPrefillBudget(step_time, args.prefill_budget)]
-    table["progressserve"] = lambda: [
-        ProgressServe(step_time, prefill_budget=args.prefill_budget),
-        TTFTPrefillBudget(step_time, args.prefill_budget),
-    ]
-    return table
+def stacks(fcfs_seqs: list[int]) -> list[str]:
+    """The stacks of a sweep (names from `adactl.stacks`)."""
+    return ["fcfs", *(f"fcfs-seqs{n}" for n in fcfs_seqs), "edf", "andes", "fcfs,ttft-budget",
+            "progressserve,ttft-budget"]  # fmt: skip
 
 
 def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], streams: list[Stream],
@@ -197,7 +189,7 @@ def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], lis
 def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.quick:
         args.loads, args.requests, args.fcfs_seqs = args.loads[:2], min(args.requests, 16), args.fcfs_seqs[:1]
-        args.controllers = args.controllers or ["fcfs", "edf", "progressserve"]
+        args.controllers = args.controllers or ["fcfs", "edf", "progressserve,ttft-budget"]
     torch.manual_seed(args.seed)
     pair, requests, streams = _workload(args)
     target, tokenizer = pair.target.model, pair.tokenizer
@@ -205,8 +197,8 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     # the replay engine's: the same profile, frozen (it is the replay's ground truth)
     step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
     replay_time = LinearStepCost(step_time.prior, refine=False)
-    table = controllers(step_time, args)
-    chosen = [c for c in table if args.controllers is None or c in args.controllers]
+    ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
+    chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
     records: list[dict[str, Any]] = []
     total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
@@ -221,7 +213,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
                     engine = ReplayEngine(replay_time, max_batch_size=args.max_batch, noise=args.replay_noise,
                                           seed=args.seed)  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
-                result = serve(engine, table[name](), work, streams, times, args, bar)
+                result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar)
                 records.append({"backend": backend, "load": load, "controller": name, **result})
     bar.close()
     add_capacity(records)
@@ -280,12 +272,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fcfs-seqs", type=ints, default=[8, 16], help="max_num_seqs of the tuned FCFS runs")
     parser.add_argument("--max-running", type=int, default=16, help="edf/andes: requests run per step, at most")
     parser.add_argument("--max-batch", type=int, default=64, help="KV room: requests in the batch, at most")
-    parser.add_argument("--controllers", type=lambda s: s.split(","), default=None, help="a subset, comma-separated")
+    parser.add_argument("--controllers", type=stack_list, default=None,
+                        help="the stacks to run, ';'-separated (default: the docstring's; adactl stacks)")  # fmt: skip
     parser.add_argument("--replay", action="store_true", help="profile replay instead of the real engine")
     parser.add_argument("--validate", action="store_true", help="run engine and replay, report the replay's error")
     parser.add_argument("--replay-noise", type=float, default=0.1, help="log-sd of replayed step times")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="2 loads, 16 requests, fcfs / edf / progressserve")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")  # fmt: skip
     parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
     add_device_arguments(parser)
     add_profile_arguments(parser)

@@ -6,7 +6,7 @@
 - `api.OpenAIServer`: the HTTP routes, request validation, server-sent events;
 - `service.EngineService`: the one thread that owns the engine and steps it;
 - `metrics.ServerMetrics`: the Prometheus metrics;
-- `stacks.build_stack`: controller stacks by name (`fcfs,goodput`, ...);
+- `adactl.stacks.build_stack` (re-exported): controller stacks by name (`fcfs,goodput`, ...);
 - `text.TextStream`: incremental detokenization with stop strings;
 - `ServerThread`: run an app on 127.0.0.1 in a background thread (tests, `adactl bench serve`).
 """
@@ -18,10 +18,11 @@ import threading
 import time
 from typing import Any
 
+from adactl.stacks import DEFAULT_STACK, StackContext, build_stack
+
 from .api import OpenAIServer
 from .metrics import ServerMetrics
 from .service import EngineService, ServiceConfig
-from .stacks import DEFAULT_STACK, StackContext, build_stack
 
 __all__ = [
     "DEFAULT_STACK",

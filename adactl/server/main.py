@@ -9,8 +9,7 @@ from typing import Any
 
 from adactl.profiler import add_profile_arguments
 from adactl.runtime.device import add_device_arguments
-
-from .stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts
+from adactl.stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
