@@ -39,7 +39,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -98,6 +98,12 @@ class Args:
     """eagle3: training-time-test passes per batch (drafting positions trained)"""
     ttt_decay: float = 0.8
     """eagle3: weight of pass j's token loss is ttt_decay ** j"""
+    ttt_ramp: float = 0.0
+    """eagle3: fraction of the steps that train pass 0 alone before the further passes join
+    (a phase a third the cost, which buys more steps within the time budget)"""
+    train_dtype: str = "float32"
+    """dtype of the draft's training matmuls (autocast; master weights and optimiser stay
+    float32): float32 or bfloat16 (about 2.3x faster on a CPU with AVX-512 BF16)"""
     out: str = ""
     """output directory (default models/<name>)"""
     device: str = "auto"
@@ -109,8 +115,16 @@ class Args:
 PRESETS = {
     "draft": {},
     "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
-    "draft3": {"recipe": "eagle3", "feature_layers": "3,16,28", "dtype": "bfloat16", "epochs": 4.0,
-               "teacher_tokens": 1_000_000, "time_budget_min": 60.0},
+    "draft3": {
+        "recipe": "eagle3",
+        "feature_layers": "3,16,28",
+        "dtype": "bfloat16",
+        "epochs": 6.0,
+        "teacher_tokens": 1_000_000,
+        "time_budget_min": 60.0,
+        "ttt_ramp": 0.4,
+        "train_dtype": "bfloat16",
+    },
 }
 
 
@@ -135,6 +149,10 @@ def parse_args(argv: list[str] | None = None) -> Args:
         parser.error(f"--feature-layers must be comma-separated integers, got {args.feature_layers!r}")
     if args.ttt_steps < 1:
         parser.error("--ttt-steps must be at least 1")
+    if not 0.0 <= args.ttt_ramp < 1.0:
+        parser.error(f"--ttt-ramp must be in [0, 1), got {args.ttt_ramp}")
+    if args.train_dtype not in ("float32", "bfloat16"):
+        parser.error(f"--train-dtype must be float32 or bfloat16, got {args.train_dtype!r}")
     return args
 
 
@@ -597,6 +615,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
             "elapsed_s": saved["elapsed_s"],
             "log": json.loads(saved["log"]),
             "total_steps": int(saved["total_steps"]),
+            "ramp": int(saved.get("ramp", 0)),
         }
         torch.set_rng_state(saved["rng"])
         print(f"resumed at step {state['step']}")
@@ -612,6 +631,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
                 "elapsed_s": state["elapsed_s"],
                 "log": json.dumps(state["log"]),
                 "total_steps": state["total_steps"],
+                "ramp": state.get("ramp", 0),
                 "rng": torch.get_rng_state(),
             },
             tmp,
@@ -623,15 +643,32 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     bar = tqdm(total=state["total_steps"], initial=state["step"], desc=f"train {args.name}", unit="step")
     t_start = time.time() - state["elapsed_s"]
     stats: dict[str, float] = {}
+    ramp_args = replace(args, ttt_steps=1)
+    state.setdefault("ramp", int(args.ttt_ramp * total_steps) if args.recipe == "eagle3" else 0)
+    since: dict[int, float] = {}  # elapsed seconds at step 0 and at the ramp's end, as this run saw them
     while state["step"] < state["total_steps"]:
-        i = state["step"]
-        if i == 30 and state["total_steps"] == total_steps:
-            # fit the cosine schedule into the time budget, from the speed of the first steps
-            affordable = int(args.time_budget_min * 60 / (state["elapsed_s"] / 30) * 0.93)
-            if affordable < total_steps:
-                tqdm.write(f"{total_steps} steps would overrun {args.time_budget_min} min: training {affordable}")
-                state["total_steps"] = affordable
-                bar.total = affordable
+        i, ramp = state["step"], state["ramp"]
+        if i in (0, ramp):
+            since[i] = state["elapsed_s"]
+        start = ramp if i >= ramp else 0
+        if i == start + 30 and start in since:
+            # fit the cosine schedule (and the ramp) into the time budget from the last 30 steps'
+            # speed; steps after the ramp run ttt_steps passes, each assumed as dear as this one
+            per_step = (state["elapsed_s"] - since[start]) / 30
+            left = args.time_budget_min * 60 * 0.95 - state["elapsed_s"]
+            if i < ramp:
+                dearer = args.ttt_ramp + (1 - args.ttt_ramp) * args.ttt_steps
+                affordable = int((left / per_step + i) / dearer)
+            else:
+                affordable = i + int(left / per_step)
+            if affordable < state["total_steps"]:
+                tqdm.write(
+                    f"{state['total_steps']} steps would overrun {args.time_budget_min} min: training {affordable}"
+                )
+                state["total_steps"] = max(affordable, i + 1)
+                if i < ramp:
+                    state["ramp"] = max(i + 1, int(args.ttt_ramp * state["total_steps"]))
+                bar.total = state["total_steps"]
         if (time.time() - t_start) / 60 > args.time_budget_min * 1.05:
             print(f"time budget of {args.time_budget_min} min passed at step {i}/{state['total_steps']}")
             break
@@ -639,7 +676,8 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         lr = args.lr * min(1.0, (i + 1) / args.warmup_steps) * 0.5 * (1 + math.cos(math.pi * i / total))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss, info = losses(draft, make_batch(data, order[i], device), args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.train_dtype == "bfloat16"):
+            loss, info = losses(draft, make_batch(data, order[i], device), ramp_args if i < state["ramp"] else args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -663,6 +701,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         "steps": state["step"],
         "planned_steps": total_steps,
         "scheduled_steps": state["total_steps"],
+        "ttt_ramp_steps": state["ramp"],
         "train_minutes": round(state["elapsed_s"] / 60, 1),
         "train_tokens_seen": int(
             sum(int(data.offsets[s + 1] - data.offsets[s]) for b in order[: state["step"]] for s in b)
@@ -706,7 +745,7 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   greedy agreement {h["greedy_agreement"]:.3f} at the first draft position,
   {h["greedy_agreement_step2"]:.3f} at the second (own features); the target's next token is in the
   draft vocabulary {h["target_token_in_vocab"]:.3f} of the time.
-- **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft`, in the project README.
+- **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft`, in the project's docs/bench_draft.md.
 """
     (out / "README.md").write_text(card)
     return out
