@@ -1,5 +1,5 @@
 """The `adactl` command line: `adactl serve`, `adactl profile`, `adactl stacks` and
-`adactl bench spec | stream | serve | runtime | step | draft`."""
+`adactl bench spec | stream | serve | inprocess | runtime | step | draft`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stacks_parser.set_defaults(run=stacks.main)
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
-    from adactl.bench import draft, runtime, serve, spec, step, stream
+    from adactl.bench import draft, inprocess, runtime, serve, spec, step, stream
 
     runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
     runtime.add_arguments(runtime_parser)
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench = bench.add_parser("serve", help="adactl serve under load, next to transformers serve")
     serve.add_arguments(serve_bench)
     serve_bench.set_defaults(run=serve.main)
+    inprocess_parser = bench.add_parser("inprocess", help="a diagnostic: bench serve's workload in-process, no HTTP")
+    inprocess.add_arguments(inprocess_parser)
+    inprocess_parser.set_defaults(run=inprocess.main)
     return parser
 
 

@@ -3,13 +3,16 @@
 - `TTFT_P50`, `TTFT_P99`, `TPOT`, `TPOT_P99`, `MISS_RATE`: the record keys every bench uses;
 - `SLO_MISS_RATE`: the unit-miss rate a stream's readers tolerate (the bar of capacity at SLO);
 - `tpot(first, last, tokens)`: seconds per output token after the first;
-- `latency_summary(ttft, tpot)`: the TTFT percentiles and TPOT mean (and p99) of a run.
+- `latency_summary(ttft, tpot)`: the TTFT percentiles and TPOT mean (and p99) of a run;
+- `latencies(results)`, `unit_misses(results)`: a run's TTFTs and TPOTs, and its readers'
+  units and misses, from the engine's `RequestResult`s (`serving_summary`: all of it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,3 +52,42 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     with np.errstate(invalid="ignore"):  # inf - inf while interpolating: handled below
         value = float(np.percentile(values, q))
     return math.inf if math.isnan(value) else value
+
+
+def latencies(results: Iterable[Any]) -> tuple[list[float], list[float]]:
+    """TTFT (from arrival) of every request that produced a token, and TPOT of every one that
+    produced two or more, from `RequestResult`s."""
+    ttft, tpots = [], []
+    for r in results:
+        if r.first_token_time is None:
+            continue
+        ttft.append(r.first_token_time - r.arrival_time)
+        per_token = tpot(r.first_token_time, r.finish_time, len(r.output_ids))
+        if per_token is not None:
+            tpots.append(per_token)
+    return ttft, tpots
+
+
+def unit_misses(results: Iterable[Any]) -> tuple[int, int]:
+    """(units, units late) over the streaming requests of `RequestResult`s."""
+    units = misses = 0
+    for r in results:
+        units += r.stream_units or 0
+        misses += r.stream_misses or 0
+    return units, misses
+
+
+def serving_summary(results: Sequence[Any], wall_s: float) -> dict[str, Any]:
+    """A served run's record: tokens/s, TTFT/TPOT, unit misses and the miss rate."""
+    units, misses = unit_misses(results)
+    tokens = sum(len(r.output_ids) for r in results)
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "tokens_per_s": tokens / max(wall_s, 1e-9),
+        **latency_summary(*latencies(results)),
+        "units": units,
+        "misses": misses,
+        MISS_RATE: misses / max(units, 1),
+        "wall_s": wall_s,
+    }

@@ -11,13 +11,17 @@ prompts) is the second workload.
 
 Arrivals (`arrival_times`): Poisson, or Gamma-distributed gaps for bursty traffic, as vLLM's
 benchmark draws them. Streaming consumers (`consumer_mix`): reading and speech rates in
-tokens, words and sentences (DESIGN.md section 4).
+tokens, words and sentences (DESIGN.md section 4). `OpenLoop` serves `Arrival`s open-loop
+(each added at its time however fast the server goes) through a control loop: what every
+bench, the streaming environment and the in-process serving diagnostic run.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,3 +187,77 @@ def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0, tokens_only: bool =
         else:
             out.append(Stream(rng.uniform(0.15, 0.4), "sentence", ttft_s))
     return out
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request of an open-loop workload: when it comes (seconds after the start) and what
+    it asks (a prompt: token ids, a chat, or for a `ReplayEngine` a length)."""
+
+    at: float
+    prompt: Any
+    sampling: Any  # SamplingParams
+    stream: Any = None  # Stream: the reader of a streaming request
+    slo: Any = None  # SLO
+
+
+class OpenLoop:
+    """Requests added at their arrival times, however fast the server goes (open loop, as
+    vLLM's serving benchmark), and `loop` stepped until all are served.
+
+    clock: the engine's clock (wall time, or a `ReplayEngine`'s `clock`); sleep: how an idle
+    server waits for the next arrival (`time.sleep`, or a `ReplayEngine`'s `sleep`); with
+    `skip_idle`, an idle server does not wait: the remaining arrivals come forward by the gap,
+    their spacing kept (an environment's episode spends no step waiting). `index` maps each
+    request id to its arrival's position.
+    """
+
+    def __init__(self, loop: Any, arrivals: Sequence[Arrival], clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep, skip_idle: bool = False) -> None:  # fmt: skip
+        if any(b.at < a.at for a, b in zip(arrivals, arrivals[1:])):
+            raise ValueError("arrivals must be in time order")
+        self.loop, self.engine, self.arrivals = loop, loop.engine, list(arrivals)
+        self.clock, self.sleep, self.skip_idle = clock, sleep, skip_idle
+        self.start = clock()
+        self.shift = 0.0  # seconds the remaining arrivals were brought forward (skip_idle)
+        self.next = 0
+        self.index: dict[str, int] = {}
+
+    def done(self) -> bool:
+        return self.next >= len(self.arrivals) and not self.engine.has_unfinished()
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def admit_due(self) -> None:
+        """Add every request that has arrived by now (with `skip_idle`, the next one at once if
+        nothing runs)."""
+        now = self.elapsed()
+        now_idle = self.skip_idle and self.next < len(self.arrivals) and not self.engine.has_unfinished()
+        if now_idle:
+            self.shift += max(0.0, self.arrivals[self.next].at - self.shift - now)
+        while self.next < len(self.arrivals) and (now_idle or self.arrivals[self.next].at - self.shift <= now):
+            now_idle = False  # the next one comes now (whatever the rounding of the shift)
+            a = self.arrivals[self.next]
+            rid = self.engine.add_request(a.prompt, a.sampling, arrival_time=self.start + a.at - self.shift,
+                                          slo=a.slo, stream=a.stream)  # fmt: skip
+            self.index[rid] = self.next
+            self.next += 1
+
+    def step(self) -> Any:
+        """Admit what is due; wait if nothing runs (None then), else one loop step (its record)."""
+        self.admit_due()
+        if self.done():
+            return None
+        if not self.engine.has_unfinished():
+            self.sleep(max(0.0, self.arrivals[self.next].at - self.shift - self.elapsed()))
+            return None
+        return self.loop.step()
+
+    def run(self, on_step: Callable[[Any], None] | None = None) -> float:
+        """Serve every arrival; `on_step(record)` after each step. Returns the run's seconds."""
+        while not self.done():
+            record = self.step()
+            if record is not None and on_step is not None:
+                on_step(record)
+        return self.elapsed()

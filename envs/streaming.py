@@ -87,7 +87,7 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         super().reset(seed=seed)
         if seed is not None:
             self._rng = np.random.default_rng(seed)
-        from adactl.workloads import arrival_times, consumer_mix
+        from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
         options = options or {}
         self.load = float(options.get("load", self._rng.choice(self.loads)))
@@ -104,21 +104,25 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         episode_seed = int(self._rng.integers(2**31))
         self.engine = self.backend.new_engine(episode_seed)
         n = self.episode_requests
-        self._gaps = np.diff([0.0, *arrival_times(n, self.load, episode_seed)])
-        self._streams = consumer_mix(n, episode_seed, tokens_only=self.tokens_only)
-        self._requests = [self.backend.request(self._rng) for _ in range(n)]
+        times = arrival_times(n, self.load, episode_seed)
+        streams = consumer_mix(n, episode_seed, tokens_only=self.tokens_only)
+        arrivals = []
+        for i in range(n):
+            prompt, reply = self.backend.request(self._rng)
+            sampling = SamplingParams(min(reply, self.max_new_tokens), stop_on_eos=False, seed=i)
+            arrivals.append(Arrival(times[i], prompt, sampling, streams[i]))
         # the ProgressServe the action tunes (a baseline's run ignores it; info shows its knobs)
         self.ps = stack[0] if self.baseline is None else ProgressServe(self.backend.step_time)
         self.loop = ControlLoop(self.engine, schedule=stack, max_draft_len=0,
                                 clock=lambda: self.backend.clock(self.engine))  # fmt: skip
-        self._next = 0
-        self._next_time = self.backend.clock(self.engine) + float(self._gaps[0])
+        # an idle engine takes the next arrival at once (the gaps after it kept): no idle steps
+        self.arrivals = OpenLoop(self.loop, arrivals, self.loop.clock, skip_idle=True)
         self._seen: dict[str, tuple[int, int]] = {}  # request -> (units read, misses) so far
         self._done: set[str] = set()
         self.features = StreamFeatures(self.backend.step_time)
         self._t = 0
         self.totals = {"read": 0, "misses": 0, "units": 0}
-        self._admit_due()
+        self.arrivals.admit_due()
         return self._observe(), {"load": self.load}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict]:
@@ -133,8 +137,8 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         self.features.update(record)
         on_time, missed = self._account()
         self._t += 1
-        self._admit_due()
-        done = self._next >= len(self._requests) and not self.engine.has_unfinished()
+        self.arrivals.admit_due()
+        done = self.arrivals.done()
         reward = (on_time - self.miss_penalty * missed) / 10.0
         info = {
             "on_time": on_time,
@@ -151,19 +155,6 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
         return self._observe(), reward, done, (not done and self._t >= self.max_steps), info
 
     # --------------------------------------------------------------- helpers
-    def _admit_due(self) -> None:
-        """Add the requests that have arrived by now (the next one at once if the engine idles)."""
-        now = self.backend.clock(self.engine)
-        if self._next < len(self._requests) and not self.engine.has_unfinished() and self._next_time > now:
-            self._next_time = now  # idle: skip ahead to the next arrival
-        while self._next < len(self._requests) and self._next_time <= now:
-            prompt, reply = self._requests[self._next]
-            sampling = SamplingParams(min(reply, self.max_new_tokens), stop_on_eos=False, seed=self._next)
-            self.engine.add_request(prompt, sampling, arrival_time=self._next_time, stream=self._streams[self._next])
-            self._next += 1
-            if self._next < len(self._requests):
-                self._next_time += float(self._gaps[self._next])
-
     def _account(self) -> tuple[int, int]:
         """Units read on time and units missed since the last step, over every request."""
         current: dict[str, tuple[int, int]] = {}

@@ -72,6 +72,10 @@ class ReplayEngine:
     def clock(self) -> float:
         return self.now
 
+    def sleep(self, seconds: float) -> None:
+        """An idle server waiting: the simulated clock moves on, nothing else happens."""
+        self.now += max(0.0, seconds)
+
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int] | int, sampling: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None, slo: SLO | None = None,

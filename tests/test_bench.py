@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from adactl.cli import main
 
 REQUIRED = {"config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"}
@@ -219,3 +221,17 @@ def test_bench_serve_capacity_and_ratios_to_the_peer():
     summary = ratios(records)
     assert summary["peer_capacity_ttft"] == 2
     assert summary["adactl[x]"] == {"capacity_ttft": 3, "capacity_slo": 2, "ratio_ttft": 1.5, "ratio_slo": 1.0}
+
+
+def test_bench_inprocess_serves_a_stack_open_loop(capsys):
+    from adactl.bench import inprocess
+    from adactl.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "inprocess", "--tiny", "--draft", "tiny", "--stack", "fcfs,fixed-k2",
+                                      "--requests", "6", "--rate", "50", "--ignore-eos"])  # fmt: skip
+    summary = inprocess.main(args)
+    assert summary["requests"] == 6 and summary["tokens"] > 0 and summary["units"] > 0
+    assert summary["verified"] > 0 and set(summary["steps_by_longest_draft"]) <= {0, 1, 2}
+    assert "fcfs,fixed-k2 at 50.0/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "inprocess", "--stack", "fcfs,warp"])

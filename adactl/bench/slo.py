@@ -14,38 +14,27 @@ from __future__ import annotations
 
 import argparse
 import re
-import time
 from typing import Any
 
 from tqdm import tqdm
 
+from adactl import metrics
 from adactl.loop import ControlLoop
 from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
 from adactl.stacks import build_stack, needs_companion
-from adactl.workloads import arrival_times
+from adactl.workloads import Arrival, OpenLoop, arrival_times
 
 CLASSES = ("tight", "medium", "loose")
 
 
-def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]], times: list[float],
+def serve_open_loop(loop: ControlLoop, prompts: list[list[int]], times: list[float],
                     tpots: list[float], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """Add each request at its arrival time (wall clock from the start); step until all finish."""
-    start = time.perf_counter()
-    queue = list(range(len(prompts)))
-    ids: dict[str, int] = {}
-    while queue or engine.has_unfinished():
-        now = time.perf_counter() - start
-        while queue and times[queue[0]] <= now:
-            i = queue.pop(0)
-            rid = engine.add_request(prompts[i], SamplingParams(args.max_new_tokens, seed=args.seed + i),
-                                     arrival_time=start + times[i], slo=SLO(tpot_s=tpots[i]))  # fmt: skip
-            ids[rid] = i
-        if not engine.has_unfinished():
-            time.sleep(max(0.0, times[queue[0]] - now))
-            continue
-        record = loop.step()
-        bar.update(record.outcome.tokens_emitted)
-    wall = time.perf_counter() - start
+    arrivals = [Arrival(times[i], p, SamplingParams(args.max_new_tokens, seed=args.seed + i), slo=SLO(tpot_s=tpots[i]))
+                for i, p in enumerate(prompts)]  # fmt: skip
+    driver = OpenLoop(loop, arrivals)
+    wall = driver.run(lambda record: bar.update(record.outcome.tokens_emitted))
+    ids = driver.index
     per_class: dict[str, list[bool]] = {c: [] for c in CLASSES}
     good_tokens = tokens = 0
     for rid, result in loop.results.items():
@@ -53,8 +42,7 @@ def serve_open_loop(engine: Engine, loop: ControlLoop, prompts: list[list[int]],
         n = len(result.output_ids)
         tokens += n
         first = result.first_token_time or result.finish_time
-        tpot = (result.finish_time - first) / max(n - 1, 1)
-        ok = tpot <= tpots[i]
+        ok = (metrics.tpot(first, result.finish_time, n) or 0.0) <= tpots[i]  # one token: on time
         per_class[CLASSES[i % len(CLASSES)]].append(ok)
         good_tokens += n if ok else 0
     met = [ok for v in per_class.values() for ok in v]
@@ -91,7 +79,7 @@ def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: l
         loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
                            estimators=[here.cost()])  # fmt: skip
         records.append({"controller": stack, "rate": args.rate,
-                        **serve_open_loop(engine, loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
+                        **serve_open_loop(loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
     bar.close()
     fixed = [r["attainment"] for r in records if re.fullmatch(r"no-spec|fixed-k\d+", r["controller"])]
     best = max(fixed) if fixed else float("nan")

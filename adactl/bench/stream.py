@@ -43,7 +43,7 @@ from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import add_device_arguments, describe
 from adactl.runtime.replay import ReplayEngine
 from adactl.stacks import StackContext, build_stack, stack_list
-from adactl.workloads import arrival_times, consumer_mix
+from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
 COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
            "effective_tps", "capacity_at_slo"]  # fmt: skip
@@ -59,55 +59,37 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
           times: list[float], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """Serve the requests open-loop on `engine` (real or replay) and measure the consumers."""
     replay = isinstance(engine, ReplayEngine)
-    clock = engine.clock if replay else time.perf_counter
-    loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget, clock=clock)
-    start = clock()
-    queue = list(range(len(requests)))
-    ids: dict[str, int] = {}
+    loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget,
+                       clock=engine.clock if replay else time.perf_counter)  # fmt: skip
+    arrivals = [Arrival(times[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i])
+                for i, (prompt, length) in enumerate(requests)]  # fmt: skip
+    driver = OpenLoop(loop, arrivals, loop.clock, engine.sleep if replay else time.sleep)
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
-    while queue or engine.has_unfinished():
-        now = clock() - start
-        while queue and times[queue[0]] <= now:
-            i = queue.pop(0)
-            prompt, length = requests[i]
-            sampling = SamplingParams(length, stop_on_eos=False, seed=args.seed + i)
-            ids[engine.add_request(prompt, sampling, arrival_time=start + times[i], stream=streams[i])] = i
-        if not engine.has_unfinished():
-            wait = times[queue[0]] - now
-            if replay:
-                engine.now += wait
-            else:
-                time.sleep(max(0.0, wait))
-            continue
-        record = loop.step()
+
+    def on_step(record: Any) -> None:
+        nonlocal inflight_area
         admitted = sum(v.status != "waiting" for v in record.schedule.requests)
         inflight_area += admitted * record.outcome.total_s
-        timeline.append((clock() - start, admitted))
+        timeline.append((driver.elapsed(), admitted))
         bar.update(record.outcome.tokens_emitted)
-    wall = clock() - start
-    units = misses = 0
+
+    wall = driver.run(on_step)
+    ids = driver.index
     on_time_tokens = 0.0
-    ttft, tpot = [], []
     by_unit: dict[str, list[int]] = {}  # unit kind -> [units, misses]
     for rid, result in loop.results.items():
         u, m = result.stream_units or 0, result.stream_misses or 0
-        units, misses = units + u, misses + m
         kind = by_unit.setdefault(streams[ids[rid]].unit, [0, 0])
         kind[0], kind[1] = kind[0] + u, kind[1] + m
-        n = len(result.output_ids)
-        on_time_tokens += n * (1 - m / u) if u else 0.0
-        if result.first_token_time is not None:
-            ttft.append(result.first_token_time - result.arrival_time)
-            per_token = metrics.tpot(result.first_token_time, result.finish_time, n)
-            if per_token is not None:
-                tpot.append(per_token)
+        on_time_tokens += len(result.output_ids) * (1 - m / u) if u else 0.0
+    units, misses = metrics.unit_misses(loop.results.values())
     return {
         metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
         "misses": misses,
         "misses_by_unit": {k: {"units": u, "misses": m} for k, (u, m) in sorted(by_unit.items())},
-        **metrics.latency_summary(ttft, tpot),
+        **metrics.latency_summary(*metrics.latencies(loop.results.values())),
         "admitted_inflight": inflight_area / max(wall, 1e-9),
         "effective_tps": on_time_tokens / max(wall, 1e-9),
         "wall_s": wall,
