@@ -28,27 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="side-by-side benchmarks").add_subparsers(dest="bench", required=True)
     from adactl.bench import draft, inprocess, runtime, serve, spec, step, stream
 
-    runtime_parser = bench.add_parser("runtime", help="the engine next to transformers' generate")
-    runtime.add_arguments(runtime_parser)
-    runtime_parser.set_defaults(run=runtime.main)
-    step_parser = bench.add_parser("step", help="one engine step's cost next to a bare (CUDA-graph) forward")
-    step.add_arguments(step_parser)
-    step_parser.set_defaults(run=step.main)
-    draft_parser = bench.add_parser("draft", help="the default draft: acceptance, cost and speedup at batch 1")
-    draft.add_arguments(draft_parser)
-    draft_parser.set_defaults(run=draft.main)
-    spec_parser = bench.add_parser("spec", help="speculation controllers side by side (the main job)")
-    spec.add_arguments(spec_parser)
-    spec_parser.set_defaults(run=spec.main)
-    stream_parser = bench.add_parser("stream", help="streaming schedulers (ProgressServe, ...) over a load sweep")
-    stream.add_arguments(stream_parser)
-    stream_parser.set_defaults(run=stream.main)
-    serve_bench = bench.add_parser("serve", help="adactl serve under load, next to transformers serve")
-    serve.add_arguments(serve_bench)
-    serve_bench.set_defaults(run=serve.main)
-    inprocess_parser = bench.add_parser("inprocess", help="a diagnostic: bench serve's workload in-process, no HTTP")
-    inprocess.add_arguments(inprocess_parser)
-    inprocess_parser.set_defaults(run=inprocess.main)
+    benches = [
+        (runtime, "runtime", "the engine next to transformers' generate"),
+        (step, "step", "one engine step's cost next to a bare (CUDA-graph) forward"),
+        (draft, "draft", "the default draft: acceptance, cost and speedup at batch 1"),
+        (spec, "spec", "speculation controllers side by side (the main job)"),
+        (stream, "stream", "streaming schedulers (ProgressServe, ...) over a load sweep"),
+        (serve, "serve", "adactl serve under load, next to transformers serve"),
+        (inprocess, "inprocess", "a diagnostic: bench serve's workload in-process, no HTTP"),
+    ]
+    for module, name, summary in benches:
+        sub = bench.add_parser(name, help=summary)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
     return parser
 
 

@@ -151,3 +151,11 @@ class Backend:
         if self.model == "tiny":
             return MovingAverage()
         return load_acceptance("moving_average")
+
+
+def reseed(env: Any, seed: int | None, options: dict[str, Any] | None) -> dict[str, Any]:
+    """An episode's start (after gym's own `reset`): a new generator `env._rng` when `seed` is
+    given (the same seed, the same episode); the reset's options, {} for none."""
+    if seed is not None:
+        env._rng = np.random.default_rng(seed)
+    return options or {}

@@ -34,7 +34,7 @@ from adactl.controllers.observations import SpecFeatures
 from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import SamplingParams, StepPlan
 
-from .backends import Backend
+from .backends import Backend, reseed
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -77,9 +77,7 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
     # ---------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        if seed is not None:
-            self._rng = np.random.default_rng(seed)
-        options = options or {}
+        options = reseed(self, seed, options)
         self.concurrency = int(options.get("batch_size", self._rng.choice(self.batch_sizes)))
         scale = 1.0 + self.acceptance_jitter * float(self._rng.uniform(-1.0, 1.0))
         self.engine = self.backend.new_engine(int(self._rng.integers(2**31)), scale)

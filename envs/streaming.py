@@ -47,7 +47,7 @@ from adactl.loop import ControlLoop
 from adactl.runtime.types import SamplingParams
 from adactl.stacks import StackContext, build_stack, drafts
 
-from .backends import Backend
+from .backends import Backend, reseed
 
 N_FEATURES = StreamFeatures.size
 BASELINES = ("fcfs", "fcfs-seqs16", "progressserve,ttft-budget")
@@ -85,11 +85,9 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
     # ---------------------------------------------------------------- gym API
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
-        if seed is not None:
-            self._rng = np.random.default_rng(seed)
+        options = reseed(self, seed, options)
         from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
-        options = options or {}
         self.load = float(options.get("load", self._rng.choice(self.loads)))
         self.baseline = options.get("baseline")
         if self.baseline is not None:

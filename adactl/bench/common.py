@@ -73,3 +73,15 @@ def format_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> s
 def write_json(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "records": list(records)}, indent=2))
+
+
+def save_figure(fig: Any, path: Path, title: str = "", fontsize: float = 10) -> None:
+    """Title, tight layout, a PNG at `path` (its folder made), the figure closed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=fontsize)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

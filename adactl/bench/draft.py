@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adactl.bench.common import format_table, write_json
+from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
 from adactl.runtime.models import DEFAULT_DRAFT, load_pair, tiny_llama
@@ -120,11 +120,7 @@ def plot(summaries: list[dict], rows: list[dict], ks: list[int], path: Path, tit
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]], dict[str, Any]]:

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from adactl.bench.common import PeakMemory, format_table, release_freed_memory, write_json
+from adactl.bench.common import PeakMemory, format_table, release_freed_memory, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import perturbed_copy, tiny_llama
@@ -285,11 +285,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, Workload, dict[str, Any]]:

@@ -39,7 +39,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adactl import metrics
-from adactl.bench.common import format_table, write_json
+from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
 from adactl.stacks import stack_list
@@ -216,11 +216,8 @@ def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine:
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    fig.suptitle("adactl serve vs transformers serve --continuous-batching (client-side measurement)"
-                 + (f", {machine}" if machine else ""))  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = "adactl serve vs transformers serve --continuous-batching (client-side measurement)"
+    save_figure(fig, path, title + (f", {machine}" if machine else ""), fontsize=12)
 
 
 # ------------------------------------------------------------ servers

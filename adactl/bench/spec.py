@@ -45,7 +45,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from adactl.bench.common import format_table, write_json
+from adactl.bench.common import format_table, save_figure, write_json
 from adactl.controllers import (
     FixedDraftLength,
     TreeDraft,
@@ -165,10 +165,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_ylabel("generated tokens / s")
         ax.set_title(f"temperature {t}")
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=12)
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], RunContext, dict[str, Any]]:

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
-from adactl.bench.common import format_table, release_freed_memory, write_json
+from adactl.bench.common import format_table, release_freed_memory, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, graphs_wanted
 from adactl.runtime.feature_draft import FeatureDraft
@@ -228,11 +228,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.set_title(shape)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title, fontsize=9)
 
 
 def _ints(text: str) -> list[int]:

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from adactl import metrics
-from adactl.bench.common import format_table, write_json
+from adactl.bench.common import format_table, save_figure, write_json
 from adactl.estimators.step_cost import LinearStepCost
 from adactl.loop import ControlLoop
 from adactl.profiler import add_profile_arguments, step_cost_for
@@ -135,11 +135,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
         row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at {top}/s")
         row[0].legend(fontsize=7)
         row[1].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], list[Stream]]:

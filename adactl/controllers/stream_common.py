@@ -1,4 +1,5 @@
-"""What the streaming schedule controllers share: deadlines, slack and deadline-risk inputs.
+"""What the streaming schedule controllers share: deadlines, slack and deadline-risk inputs,
+and `PriorityScheduler`, the admit-in-order, run-by-priority rule of EDF and Andes.
 
 Every quantity comes from `RequestView` (its `stream` and `stream_progress`), so the
 controllers run on any server that fills those in.
@@ -7,13 +8,15 @@ controllers run on any server that fills those in.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
 
 import torch
 
 from adactl.estimators.deadline_risk import StreamState
 from adactl.estimators.step_time import StepShape, StepTimePredictor
-from adactl.interface import ScheduleState
-from adactl.runtime.types import RequestView
+from adactl.interface import Controller, ScheduleState
+from adactl.runtime.types import RequestView, StepPlan
 
 
 def first_unit_deadline(view: RequestView) -> float:
@@ -104,3 +107,33 @@ def stream_state(views: Sequence[RequestView], now: float, step_s: float, tokens
         defer_steps=defer_steps,
         horizon=horizon,
     )
+
+
+class PriorityScheduler(Controller):
+    """Admit waiting requests (in the order `admit_key` gives, arrival order by default) while
+    in flight <= max_num_seqs, and run the max_running running requests first in the order
+    `run_key` gives (all of them when max_running is None), with a static prefill budget."""
+
+    label = "priority"
+
+    def __init__(self, max_running: int | None = None, max_num_seqs: int | None = None,
+                 prefill_budget: int = 512) -> None:  # fmt: skip
+        self.max_running, self.max_num_seqs, self.prefill_budget = max_running, max_num_seqs, prefill_budget
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}(run={self.max_running},seqs={self.max_num_seqs})"
+
+    def admit_key(self, view: RequestView) -> float:
+        return 0.0  # a stable sort: arrival order
+
+    def run_key(self, view: RequestView, now: float) -> float:
+        raise NotImplementedError
+
+    def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
+        waiting = {v.request_id: v for v in state.waiting}
+        admit = admit_in_order(state.waiting, in_flight(state), self.max_num_seqs)
+        admit = sorted(admit, key=lambda rid: self.admit_key(waiting[rid]))
+        running = sorted(state.running, key=lambda v: self.run_key(v, state.now))
+        run = [v.request_id for v in running[: self.max_running]] if self.max_running is not None else None
+        return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget)
