@@ -1,6 +1,8 @@
 """Serving metrics, named and computed once: what benches report, plots draw and bars judge.
 
-- `TTFT_P50`, `TTFT_P99`, `TPOT`, `TPOT_P99`, `MISS_RATE`: the record keys every bench uses;
+- `TTFT_P50`, `TTFT_P99`, `TPOT`, `TPOT_P99`, `MISS_RATE`, `TOKENS_PER_S`, `UNITS`, `MISSES`:
+  the record keys every bench uses, and (`tensorboard(name)`) train/ppo.py's scalars;
+- `PROMETHEUS`: the same quantities' metric names in `adactl serve`'s /metrics;
 - `SLO_MISS_RATE`: the unit-miss rate a stream's readers tolerate (the bar of capacity at SLO);
 - `tpot(first, last, tokens)`: seconds per output token after the first;
 - `latency_summary(ttft, tpot)`: the TTFT percentiles and TPOT mean (and p99) of a run;
@@ -21,6 +23,23 @@ TTFT_P99 = "ttft_p99_s"
 TPOT = "tpot_s"
 TPOT_P99 = "tpot_p99_s"
 MISS_RATE = "miss_rate"
+TOKENS_PER_S = "tokens_per_s"
+UNITS = "units"
+MISSES = "misses"
+
+PROMETHEUS = {
+    TTFT_P50: "adactl_time_to_first_token_seconds",  # a histogram: its quantiles are the TTFTs
+    TPOT: "adactl_time_per_output_token_seconds",
+    UNITS: "adactl_stream_units",  # counters (_total): MISS_RATE = misses / units
+    MISSES: "adactl_stream_misses",
+    TOKENS_PER_S: "adactl_generation_tokens",  # a counter: its rate is tokens/s
+}
+
+
+def tensorboard(name: str) -> str:
+    """The TensorBoard scalar of a metric (train/ppo.py logs under adactl/)."""
+    return f"adactl/{name}"
+
 
 SLO_MISS_RATE = 0.005
 """At most this share of stream units may be late for a load to count as served at SLO."""
@@ -84,10 +103,10 @@ def serving_summary(results: Sequence[Any], wall_s: float) -> dict[str, Any]:
     return {
         "requests": len(results),
         "tokens": tokens,
-        "tokens_per_s": tokens / max(wall_s, 1e-9),
+        TOKENS_PER_S: tokens / max(wall_s, 1e-9),
         **latency_summary(*latencies(results)),
-        "units": units,
-        "misses": misses,
+        UNITS: units,
+        MISSES: misses,
         MISS_RATE: misses / max(units, 1),
         "wall_s": wall_s,
     }

@@ -243,7 +243,7 @@ def tiny_pair(device: torch.device | str = "cpu", dtype: torch.dtype = torch.flo
     from adactl.runtime import FeatureDraft
     from adactl.runtime.models import LoadedModel, ModelPair, tiny_llama
 
-    target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
+    target = tiny_llama(vocab_size=256).to(device, dtype)
     draft = FeatureDraft.from_target(target, list(range(192)), 64, seed=1).to(device, dtype).eval()
     specs = {"target": "tiny", "draft": "tiny-feature", "companion": "none"}
     return ModelPair(LoadedModel(target, None, "tiny"), draft, None, torch.device(device), dtype, specs)

@@ -48,7 +48,7 @@ def _pair(model: str, with_draft: bool, device: str, dtype: str) -> Any:
     from adactl.runtime.device import device_and_dtype
 
     dev, dt = device_and_dtype(device, dtype)
-    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(dev, dt)
+    target = tiny_llama().to(dev, dt)
     draft = perturbed_copy(target, noise=0.03, seed=1) if with_draft else None
     specs = {"target": "tiny-env", "draft": "tiny-perturbed" if with_draft else "none", "companion": "none"}
     return ModelPair(LoadedModel(target, None, "tiny-env"), draft, None, dev, dt, specs)

@@ -24,3 +24,14 @@ def test_latency_summary_percentiles_and_empty_runs():
     assert metrics.latency_summary([], []) == {metrics.TTFT_P50: None, metrics.TTFT_P99: None, metrics.TPOT: None}
     # a rejected request counts as an infinite TTFT: it lands in the tail, not in the median
     assert math.isinf(metrics.latency_summary([0.1] * 98 + [math.inf] * 2, [])[metrics.TTFT_P99])
+
+
+def test_one_name_per_quantity_in_records_tensorboard_and_prometheus():
+    from adactl.server.metrics import ServerMetrics
+
+    exposed = ServerMetrics().render().decode()
+    for key, name in metrics.PROMETHEUS.items():  # counters are exposed with _total
+        assert f"# TYPE {name} " in exposed or f"# TYPE {name}_total counter" in exposed, (key, name)
+    assert metrics.tensorboard(metrics.MISS_RATE) == "adactl/miss_rate"
+    summary = metrics.serving_summary([], 1.0)
+    assert {metrics.TOKENS_PER_S, metrics.UNITS, metrics.MISSES, metrics.MISS_RATE, metrics.TTFT_P99} <= set(summary)

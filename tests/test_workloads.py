@@ -55,7 +55,7 @@ def test_skip_idle_brings_arrivals_forward_keeping_their_spacing():
 
 
 def test_real_engine_open_loop_and_its_summary():
-    engine = Engine(tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0), None)
+    engine = Engine(tiny_llama(), None)
     loop = ControlLoop(engine, schedule=[FCFS()], max_draft_len=0)
     prompts = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]]
     requests = [Arrival(t, p, SamplingParams(5, stop_on_eos=False), Stream(50.0, "token", 5.0))

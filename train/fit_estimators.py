@@ -98,7 +98,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any, list[list[int]], list[list
         from adactl.runtime.models import perturbed_copy
 
         device, dtype = device_and_dtype(args.device, args.dtype)
-        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
+        target = tiny_llama().to(device, dtype)
         # a feature draft needs training to agree with anything; a perturbed copy of the
         # target agrees about half the time, which is what a smoke run needs
         draft: Any = perturbed_copy(target, noise=0.03, seed=1)

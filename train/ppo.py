@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from adactl import metrics
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,9 +71,13 @@ class Args:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     device: str = field(default="auto", metadata={"help": "real backend: auto (cuda when available), cpu, cuda"})
     dtype: str = field(default="float32", metadata={"help": "real backend: float32, bfloat16 or float16"})
-    profile: str = field(default="", metadata={
-        "help": "a step-cost profile file (adactl profile): the replay's costs (e.g. a GPU's), or the real "
-                "backend's cost features (default: the shipped CPU model for replay, this machine's for real)"})
+    profile: str = field(
+        default="",
+        metadata={
+            "help": "a step-cost profile file (adactl profile): the replay's costs (e.g. a GPU's), or the real "
+            "backend's cost features (default: the shipped CPU model for replay, this machine's for real)"
+        },
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -114,8 +120,14 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt") -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"backend": backend or args.backend, "model": args.model, "prompts": prompts,
-                              "device": args.device, "dtype": args.dtype, "profile": args.profile or None}
+    kwargs: dict[str, Any] = {
+        "backend": backend or args.backend,
+        "model": args.model,
+        "prompts": prompts,
+        "device": args.device,
+        "dtype": args.dtype,
+        "profile": args.profile or None,
+    }
     if args.env_id == "adactl/SpecDecode-v0":
         kwargs |= {"episode_steps": args.episode_steps, "max_draft_len": args.max_draft_len}
         if kwargs["backend"] == "replay":
@@ -191,14 +203,14 @@ def adactl_callback(args: Args, eval_env: Any) -> Any:
         def _on_rollout_end(self) -> None:
             infos = [i for i in self.infos if i]
             rec = self.logger.record
-            for key, name in (("tokens_per_s", "tokens_per_s"), ("accepted_len", "accepted_len"),
+            for key, name in ((metrics.TOKENS_PER_S, metrics.TOKENS_PER_S), ("accepted_len", "accepted_len"),
                               ("step_time_error", "estimator_error"), ("in_flight", "in_flight")):  # fmt: skip
                 values = [i[key] for i in infos if key in i]
                 if values:
-                    rec(f"adactl/{name}", float(np.mean(values)))
+                    rec(metrics.tensorboard(name), float(np.mean(values)))
             if any("misses" in i for i in infos):
                 misses = sum(i["misses"] for i in infos)
-                rec("adactl/miss_rate", misses / max(misses + sum(i["on_time"] for i in infos), 1))
+                rec(metrics.tensorboard(metrics.MISS_RATE), misses / max(misses + sum(i["on_time"] for i in infos), 1))
             if self.actions:
                 acts = np.concatenate(self.actions)
                 for j in range(acts.shape[1]):

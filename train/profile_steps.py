@@ -71,7 +71,7 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
         from adactl.runtime.feature_draft import WithCompanion
 
         device, dtype = device_and_dtype(args.device, args.dtype)
-        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
+        target = tiny_llama(vocab_size=256).to(device, dtype)
         draft = WithCompanion(
             FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval(),
             FeatureDraft.from_target(target, list(range(0, 256, 2)), 32, seed=2).eval(),

@@ -128,7 +128,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]
     if args.tiny:
         from adactl.runtime import FeatureDraft
 
-        target = tiny_llama(vocab_size=256, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
+        target = tiny_llama(vocab_size=256).to(device, dtype)
         draft = FeatureDraft.from_target(target, list(range(192)), intermediate_size=64).eval()
         gen = torch.Generator().manual_seed(args.seed)
         prompts = [

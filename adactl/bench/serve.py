@@ -288,20 +288,17 @@ def start_peer(args: argparse.Namespace, log: Path) -> Server:
 def start_tiny(stack: str) -> Server:
     """An in-process `adactl serve` on a tiny random Llama (smoke runs and tests)."""
     from adactl.estimators.step_time import tiny_step_time
-    from adactl.loop import ControlLoop
-    from adactl.runtime import Engine
     from adactl.runtime.models import perturbed_copy, tiny_llama, tiny_tokenizer
-    from adactl.server import EngineService, OpenAIServer, ServerThread
+    from adactl.server import ServerThread
+    from adactl.server.main import assemble
     from adactl.stacks import StackContext, build_stack, untrained_acceptance
 
-    target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0)
+    target = tiny_llama()
     tokenizer = tiny_tokenizer()
     built = build_stack(stack, StackContext(tiny_step_time(), untrained_acceptance))
     if built.needs_companion:
         raise ValueError(f"--tiny runs have no companion: drop sv/adaserve from {stack!r}")
-    engine = Engine(target, perturbed_copy(target, 0.03, 1), tokenizer)
-    loop = ControlLoop(engine, built.schedule, built.verify, max_draft_len=4)
-    server = OpenAIServer(EngineService(loop), tokenizer, "tiny", engine.max_context)
+    server = assemble(target, perturbed_copy(target, 0.03, 1), tokenizer, built, "tiny", max_batch=256, max_draft_len=4)
     thread = ServerThread(server.app).start()
     return Server(f"adactl[{stack}]", thread.url, "tiny", True, thread.stop)
 

@@ -148,7 +148,7 @@ def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], lis
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
-        target = tiny_llama(vocab_size=128, hidden_size=64, num_layers=2, seed=0).to(device, dtype)
+        target = tiny_llama().to(device, dtype)
         g = torch.Generator().manual_seed(args.seed)
         lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
         reqs = [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]

@@ -54,13 +54,10 @@ def stack_context(args: argparse.Namespace, pair: Any | None) -> StackContext:
 
 def build_server(args: argparse.Namespace) -> Any:
     """The `OpenAIServer` (its FastAPI app in `.app`) that `args` describe."""
-    from adactl.loop import ControlLoop
-    from adactl.runtime import Engine, EngineConfig
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 
-    from .api import OpenAIServer
-    from .service import EngineService, ServiceConfig
+    from .service import ServiceConfig
 
     has_draft = args.draft not in ("", "none") and drafts(args.controllers)
     stack = build_stack(args.controllers, stack_context(args, None))  # names checked before loading models
@@ -71,18 +68,28 @@ def build_server(args: argparse.Namespace) -> Any:
     pair = load_pair(args.model, args.draft if has_draft else None, companion, device, dtype)
     stack = build_stack(args.controllers, stack_context(args, pair))
     loaded = pair.target
-    engine = Engine(loaded.model, pair.speculator(stack.needs_companion), loaded.tokenizer,
-                    EngineConfig(max_batch_size=args.max_batch))  # fmt: skip
-    loop = ControlLoop(
-        engine,
-        stack.schedule,
-        stack.verify,
-        max_draft_len=args.max_draft_len if has_draft else 0,
-        prefill_budget=args.prefill_budget,
-    )
-    service = EngineService(loop, config=ServiceConfig(args.max_queue, args.max_queue_wait))
-    name = args.served_model_name or served_name(args.model)
-    return OpenAIServer(service, loaded.tokenizer, name, engine.max_context)
+    return assemble(
+        loaded.model, pair.speculator(stack.needs_companion), loaded.tokenizer, stack,
+        args.served_model_name or served_name(args.model), max_batch=args.max_batch,
+        max_draft_len=args.max_draft_len if has_draft else 0, prefill_budget=args.prefill_budget,
+        service=ServiceConfig(args.max_queue, args.max_queue_wait),
+    )  # fmt: skip
+
+
+def assemble(model: Any, draft: Any, tokenizer: Any, stack: Any, name: str, max_batch: int = 64,
+             max_draft_len: int = 8, prefill_budget: int = 512, service: Any = None) -> Any:  # fmt: skip
+    """engine -> control loop (the stack's controllers) -> engine service -> OpenAI server:
+    the wiring of `adactl serve` and of `adactl bench serve --tiny`."""
+    from adactl.loop import ControlLoop
+    from adactl.runtime import Engine, EngineConfig
+
+    from .api import OpenAIServer
+    from .service import EngineService, ServiceConfig
+
+    engine = Engine(model, draft, tokenizer, EngineConfig(max_batch_size=max_batch))
+    loop = ControlLoop(engine, stack.schedule, stack.verify, max_draft_len=max_draft_len if draft is not None else 0,
+                       prefill_budget=prefill_budget)  # fmt: skip
+    return OpenAIServer(EngineService(loop, config=service or ServiceConfig()), tokenizer, name, engine.max_context)
 
 
 def main(args: argparse.Namespace) -> None:

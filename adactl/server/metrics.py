@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from adactl.interface import StepRecord
+from adactl.metrics import MISSES, PROMETHEUS, TOKENS_PER_S, TPOT, TTFT_P50, UNITS
 from adactl.runtime.types import RequestResult, RequestView
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -35,7 +36,7 @@ class ServerMetrics:
             registry=r,
         )
         self.prompt_tokens = Counter("adactl_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generation_tokens = Counter("adactl_generation_tokens", "Tokens emitted", registry=r)
+        self.generation_tokens = Counter(PROMETHEUS[TOKENS_PER_S], "Tokens emitted", registry=r)
         self.drafted_tokens = Counter("adactl_drafted_tokens", "Draft tokens proposed", registry=r)
         self.verified_tokens = Counter("adactl_verified_tokens", "Draft tokens sent to the target", registry=r)
         self.accepted_tokens = Counter("adactl_accepted_tokens", "Draft tokens accepted by the target", registry=r)
@@ -44,17 +45,17 @@ class ServerMetrics:
             "adactl_step_seconds", "Wall seconds per engine step", buckets=_STEP_BUCKETS, registry=r
         )
         self.ttft_seconds = Histogram(
-            "adactl_time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+            PROMETHEUS[TTFT_P50], "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.tpot_seconds = Histogram(
-            "adactl_time_per_output_token_seconds",
+            PROMETHEUS[TPOT],
             "Mean seconds per token after the first",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.stream_units = Counter("adactl_stream_units", "Units read by streaming consumers", registry=r)
+        self.stream_units = Counter(PROMETHEUS[UNITS], "Units read by streaming consumers", registry=r)
         self.stream_misses = Counter(
-            "adactl_stream_misses", "Units not ready at their deadline (unit-deadline misses)", registry=r
+            PROMETHEUS[MISSES], "Units not ready at their deadline (unit-deadline misses)", registry=r
         )
         self.fallbacks = Counter(
             "adactl_controller_fallbacks", "Decisions that fell back to the safe action", ["decision"], registry=r
