@@ -49,10 +49,8 @@ from tqdm import tqdm
 
 from adactl.runtime.device import device_and_dtype
 from adactl.runtime.feature_draft import FeatureDraft
-from adactl.runtime.models import cache_dir, chat_ids, load_model
+from adactl.runtime.models import SHIPPED_MODELS, cache_dir, chat_ids, load_model
 from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -716,7 +714,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
 
 # ------------------------------------------------------------------ phase 3
 def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
-    out = Path(args.out) if args.out else REPO / "models" / args.name
+    out = Path(args.out) if args.out else SHIPPED_MODELS / args.name
     draft.save(out)
     (out / "training.json").write_text(json.dumps({"args": asdict(args), **report}, indent=1) + "\n")
     size_mb = (out / "model.safetensors").stat().st_size / 1e6

@@ -53,10 +53,9 @@ from adactl.estimators.traces import AcceptanceRows, TraceRecorder
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, SamplingParams
 from adactl.runtime.device import add_device_arguments, device_and_dtype
-from adactl.runtime.models import load_pair, tiny_llama
+from adactl.runtime.models import SHIPPED_MODELS, load_pair, tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "models" / "estimators"
+DEFAULT_OUT = SHIPPED_MODELS / "estimators"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

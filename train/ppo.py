@@ -33,8 +33,6 @@ import numpy as np
 
 from adactl import metrics
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 @dataclass
 class Args:
@@ -360,7 +358,9 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ main
 def default_out(args: Args) -> Path:
-    return REPO / "models" / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return SHIPPED_MODELS / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
 
 
 def train(args: Args) -> tuple[Path, Any]:

@@ -40,10 +40,9 @@ from adactl.estimators.traces import TraceRecorder
 from adactl.interface import ScheduleState, StepRecord, VerifyState
 from adactl.runtime import Engine, SamplingParams, StepPlan
 from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
-from adactl.runtime.models import load_pair, tiny_llama
+from adactl.runtime.models import SHIPPED_MODELS, load_pair, tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "models" / "estimators" / "profile.json"
+DEFAULT_OUT = SHIPPED_MODELS / "estimators" / "profile.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
