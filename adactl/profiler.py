@@ -24,6 +24,7 @@ import argparse
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from adactl import settings
 from adactl.estimators.step_cost import Fingerprint, LinearStepCost, ProfileError, StepCostProfile
 from adactl.estimators.step_time import StepShape
+from adactl.settings import DeviceSettings, setting
 
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 6, 8)
 
@@ -189,38 +192,30 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
     return made.model(refine=refine)
 
 
-def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--profile` and `--no-refine`, the same on every command that predicts step costs."""
-    parser.add_argument(
-        "--profile",
-        default=None,
-        help="a step-cost profile file (adactl profile --out), or 'shipped' (the CPU prior "
-        "shipped with adactl); default: this machine's, measured on first use, cached",
-    )
-    parser.add_argument(
-        "--no-refine",
-        dest="refine",
-        action="store_false",
-        help="keep the profile's costs as they are (no online refinement from served steps)",
-    )
+@dataclass(frozen=True)
+class ProfilerSettings(DeviceSettings):
+    """`adactl profile`."""
+
+    target: str = setting("smollm2", "target model spec (default: SmolLM2-135M-Instruct)")
+    draft: str = setting("draft", "draft spec, or none")
+    companion: str = setting("none", "companion spec (SV's signal), or none")
+    max_batch: int = setting(64, "the largest batch measured")
+    budget_s: float = setting(65.0, "time budget of the measurement")
+    reps: int = setting(3, "steps per (batch size, draft length)")
+    seed: int = setting(0, "seed of the measured requests")
+    out: str | None = setting(None, "also write the profile here (it is always cached)")
+    tiny: bool = setting(False, "tiny random models (a smoke run)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from adactl.runtime.device import add_device_arguments
-
-    parser.add_argument("--target", default="smollm2", help="target model spec (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--draft", default="draft", help="draft spec, or none")
-    parser.add_argument("--companion", default="none", help="companion spec (SV's signal), or none")
-    add_device_arguments(parser)
-    parser.add_argument("--max-batch", type=int, default=64, help="the largest batch measured")
-    parser.add_argument("--budget-s", type=float, default=65.0, help="time budget of the measurement")
-    parser.add_argument("--reps", type=int, default=3, help="steps per (batch size, draft length)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="also write the profile here (it is always cached)")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
+    settings.add_arguments(parser, ProfilerSettings)
 
 
-def main(args: argparse.Namespace) -> StepCostProfile:
+def main(namespace: argparse.Namespace) -> StepCostProfile:
+    return run(settings.from_args(ProfilerSettings, namespace))
+
+
+def run(args: ProfilerSettings) -> StepCostProfile:
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 

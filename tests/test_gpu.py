@@ -102,15 +102,15 @@ def test_feature_draft_keeps_rotary_frequencies_in_float32() -> None:
 
 def test_adactl_serve_answers_on_cuda(tmp_path) -> None:
     """`adactl serve --device cuda` built as the command builds it, on a saved tiny model."""
-    from adactl.cli import build_parser
+    from adactl import settings
     from adactl.server import ServerThread
-    from adactl.server.main import build_server
+    from adactl.server.main import ServeSettings, build_server
 
     model_dir = tmp_path / "tiny"
     tiny_llama(seed=0).save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    args = build_parser().parse_args(["serve", "--model", str(model_dir), "--draft", "none", "--controllers", "fcfs",
-                                      "--device", "cuda"])  # fmt: skip
+    args = settings.parse(ServeSettings, ["--model", str(model_dir), "--draft", "none", "--controllers", "fcfs",
+                                          "--device", "cuda"])  # fmt: skip
     server = build_server(args)
     assert next(server.service.engine.target.parameters()).is_cuda
     with ServerThread(server.app) as thread:

@@ -34,13 +34,12 @@ def test_embedding_example_runs():
 
 def test_serving_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     """The README's openai-client example, against `adactl serve` as the CLI builds it."""
-    from adactl.cli import build_parser
     from adactl.server import ServerThread
-    from adactl.server.main import build_server
+    from adactl.server.main import ServeSettings, build_server
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "openai.OpenAI" in b)
-    server = build_server(build_parser().parse_args(["serve"]))
+    server = build_server(ServeSettings())
     with ServerThread(server.app) as thread:
         assert "http://127.0.0.1:8000" in example
         exec(compile(example.replace("http://127.0.0.1:8000", thread.url), "README.md", "exec"), {})

@@ -328,10 +328,9 @@ def test_stack_names() -> None:
 @pytest.mark.slow
 def test_adactl_serve_default_stack_on_smollm2() -> None:
     """The default stack on the default models, built as `adactl serve` builds it."""
-    from adactl.cli import build_parser
-    from adactl.server.main import build_server
+    from adactl.server.main import ServeSettings, build_server
 
-    args = build_parser().parse_args(["serve"])
+    args = ServeSettings()
     server = build_server(args)
     torch.manual_seed(0)
     with ServerThread(server.app) as thread:

@@ -18,16 +18,19 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from adactl import settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
+from adactl.runtime.device import describe, device_and_dtype
 from adactl.runtime.models import DEFAULT_DRAFT, load_pair, tiny_llama
+from adactl.settings import DeviceSettings, ints, setting
 
 SUMMARY = ["dataset", "greedy_acceptance", "mean_accepted_len_k4", "draft_cost_ratio", "speedup_bs1", "best_k"]
 
@@ -123,7 +126,7 @@ def plot(summaries: list[dict], rows: list[dict], ks: list[int], path: Path, tit
     save_figure(fig, path, title)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]], dict[str, Any]]:
+def _load(args: DraftSettings) -> tuple[Any, Any, dict[str, list[list[int]]], dict[str, Any]]:
     device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
     if args.tiny:
         from adactl.runtime import FeatureDraft
@@ -160,7 +163,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, list[list[int]]
     return target.model, draft, datasets, meta
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(DraftSettings, namespace))
+
+
+def run(args: DraftSettings) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     target, draft, datasets, meta = _load(args)
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=1))
@@ -194,17 +201,21 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return summaries
 
 
+@dataclass(frozen=True)
+class DraftSettings(DeviceSettings):
+    """`adactl bench draft`."""
+
+    target: str = setting("smollm2", "target model spec (default: SmolLM2-135M-Instruct)")
+    draft: str = setting(DEFAULT_DRAFT, "draft: draft, companion, a saved feature draft or a model spec")
+    datasets: list[str] = setting(["sharegpt", "humaneval"], "comma-separated", parse=lambda s: s.split(","))
+    prompts: int = setting(10, "prompts per dataset")
+    ks: list[int] = setting([1, 2, 3, 4, 5, 6], "draft lengths, comma-separated", parse=ints)
+    max_new_tokens: int = setting(128, "tokens generated per prompt")
+    max_prompt_tokens: int = setting(384, "prompts are clipped to this")
+    seed: int = setting(0, "seed of the tiny models' prompts")
+    out: str = setting("bench_results", "directory for draft.json and draft.png")
+    tiny: bool = setting(False, "tiny random models (a smoke run in seconds)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="smollm2", help="target model spec (default: SmolLM2-135M-Instruct)")
-    parser.add_argument(
-        "--draft", default=DEFAULT_DRAFT, help="draft: draft, companion, a saved feature draft or a model spec"
-    )
-    parser.add_argument("--datasets", type=lambda s: s.split(","), default=["sharegpt", "humaneval"])
-    parser.add_argument("--prompts", type=int, default=10, help="prompts per dataset")
-    parser.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3, 4, 5, 6])
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--max-prompt-tokens", type=int, default=384)
-    parser.add_argument("--seed", type=int, default=0)
-    add_device_arguments(parser)
-    parser.add_argument("--out", default="bench_results", help="directory for draft.json and draft.png")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run in seconds)")
+    settings.add_arguments(parser, DraftSettings)

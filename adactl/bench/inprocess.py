@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from adactl import metrics
+from adactl import metrics, settings
 from adactl.loop import ControlLoop
-from adactl.profiler import add_profile_arguments, step_cost_for
+from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams
-from adactl.runtime.device import add_device_arguments
-from adactl.stacks import StackContext, build_stack, costs_steps, untrained_acceptance
+from adactl.settings import DeviceSettings, ProfileSettings, setting
+from adactl.stacks import StackContext, build_stack, costs_steps, stack_list, untrained_acceptance
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
 
-def main(args: argparse.Namespace) -> dict[str, Any]:
+def main(namespace: argparse.Namespace) -> dict[str, Any]:
+    return run(settings.from_args(InprocessSettings, namespace))
+
+
+def run(args: InprocessSettings) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     pair, requests = _workload(args)
     target = pair.target
@@ -72,7 +77,7 @@ def _acceptance(tiny: bool) -> Any:
     return load_acceptance
 
 
-def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]]]:
+def _workload(args: InprocessSettings) -> tuple[Any, list[tuple[Any, int]]]:
     """The model pair and (prompt ids, reply length) of each request."""
     from adactl.runtime.models import load_pair
 
@@ -93,21 +98,26 @@ def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]]]:
     return pair, list(requests)
 
 
+def one_stack(text: str) -> str:
+    """A single stack (`adactl stacks`), checked."""
+    stacks = stack_list(text)
+    if len(stacks) != 1:
+        raise argparse.ArgumentTypeError(f"one stack, got {text!r}")
+    return stacks[0]
+
+
+@dataclass(frozen=True)
+class InprocessSettings(DeviceSettings, ProfileSettings):
+    """`adactl bench inprocess`."""
+
+    stack: str = setting("fcfs", "a controller stack (adactl stacks)", parse=one_stack)
+    rate: float = setting(2.5, "requests/s (Poisson)")
+    requests: int = setting(90, "requests in the run")
+    draft: str | None = setting(None, "a draft model (default: none)")
+    ignore_eos: bool = setting(False, "generate each recorded reply length in full")
+    seed: int = setting(0, "seed of prompts, arrivals, readers and sampling")
+    tiny: bool = setting(False, "tiny random models (a smoke run)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from adactl.stacks import stack_list
-
-    def one_stack(text: str) -> str:
-        stacks = stack_list(text)
-        if len(stacks) != 1:
-            raise argparse.ArgumentTypeError(f"one stack, got {text!r}")
-        return stacks[0]
-
-    parser.add_argument("--stack", type=one_stack, default="fcfs", help="a controller stack (adactl stacks)")
-    parser.add_argument("--rate", type=float, default=2.5, help="requests/s (Poisson)")
-    parser.add_argument("--requests", type=int, default=90)
-    parser.add_argument("--draft", default=None, help="a draft model (default: none)")
-    parser.add_argument("--ignore-eos", action="store_true", help="generate each recorded reply length in full")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
-    add_device_arguments(parser)
-    add_profile_arguments(parser)
+    settings.add_arguments(parser, InprocessSettings)

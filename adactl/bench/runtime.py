@@ -31,10 +31,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from adactl import settings
 from adactl.bench.common import PeakMemory, format_table, release_freed_memory, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import perturbed_copy, tiny_llama
+from adactl.settings import DeviceSettings, ints, setting
 
 DEFAULT_DRAFT = "smollm2@layers=4"
 DRAFT_NOTE = (
@@ -288,7 +289,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path, title)
 
 
-def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, Workload, dict[str, Any]]:
+def _load(args: RuntimeSettings) -> tuple[PreTrainedModel, PreTrainedModel, Workload, dict[str, Any]]:
     from adactl.runtime.device import describe, device_and_dtype
     from adactl.runtime.models import load_pair
 
@@ -330,7 +331,11 @@ def _load(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedModel, W
     return target_m.model, pair.draft, Workload(prompts, args.max_new_tokens, eos), meta  # type: ignore[return-value]
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(RuntimeSettings, namespace))
+
+
+def run(args: RuntimeSettings) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     target, draft, work, meta = _load(args)
     meta.update({"max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(), "seed": args.seed})
@@ -378,16 +383,22 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     return records
 
 
+@dataclass(frozen=True)
+class RuntimeSettings(DeviceSettings):
+    """`adactl bench runtime`."""
+
+    target: str = setting("smollm2", "target model spec (default: SmolLM2-135M-Instruct)")
+    draft: str = setting(DEFAULT_DRAFT, "draft model spec sharing the target's tokenizer")
+    batch_sizes: list[int] = setting([1, 16, 64], "batch sizes, comma-separated", parse=ints)
+    max_new_tokens: int = setting(96, "tokens generated per request")
+    max_prompt_tokens: int = setting(256, "prompts are clipped to this")
+    rounds: int = setting(3, "interleaved rounds per batch size (medians kept)")
+    configs: list[str] | None = setting(None, f"configurations, comma-separated (default all: "
+                                        f"{','.join(_CONFIG_ORDER)})", parse=lambda s: s.split(","))  # fmt: skip
+    seed: int = setting(0, "seed of the tiny models' prompts")
+    out: str = setting("bench_results", "directory for runtime.json and runtime.png")
+    tiny: bool = setting(False, "tiny random models and prompts (a smoke run in seconds)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="smollm2", help="target model spec (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model spec sharing the target's tokenizer")
-    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 64])
-    parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per batch size (medians kept)")
-    parser.add_argument("--configs", type=lambda s: s.split(","), default=None,
-                        help=f"configurations, comma-separated (default all: {','.join(_CONFIG_ORDER)})")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_results", help="directory for runtime.json and runtime.png")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run in seconds)")
-    add_device_arguments(parser)
+    settings.add_arguments(parser, RuntimeSettings)

@@ -32,16 +32,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from adactl import metrics
+from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
-from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, resolve_device
+from adactl.runtime.device import describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
+from adactl.settings import DeviceSettings, setting
 from adactl.stacks import stack_list
 from adactl.workloads import arrival_times, consumer_mix
 
@@ -259,7 +260,7 @@ def _spawn(name: str, cmd: list[str], url: str, model: str, extras: bool, log: P
     return Server(name, url, model, extras, stop)
 
 
-def start_adactl(stack: str, args: argparse.Namespace, log: Path) -> Server:
+def start_adactl(stack: str, args: ServeBenchSettings, log: Path) -> Server:
     from adactl.server import free_port
     from adactl.server.main import served_name
 
@@ -272,7 +273,7 @@ def start_adactl(stack: str, args: argparse.Namespace, log: Path) -> Server:
                   dict(os.environ))  # fmt: skip
 
 
-def start_peer(args: argparse.Namespace, log: Path) -> Server:
+def start_peer(args: ServeBenchSettings, log: Path) -> Server:
     from adactl.runtime.models import DEFAULT_ALIASES, default_target_dir
     from adactl.server import free_port
 
@@ -311,7 +312,7 @@ def _warm_up(server: Server, job: Job) -> None:
 
 
 # ----------------------------------------------------------------- main
-def _workload(args: argparse.Namespace) -> tuple[Any, list[Job]]:
+def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
     streams = consumer_mix(args.requests, args.seed, args.stream_ttft, tokens_only=args.consumers == "tokens")
     if args.tiny:
         import random
@@ -334,13 +335,17 @@ def _workload(args: argparse.Namespace) -> tuple[Any, list[Job]]:
     return tokenizer, [Job(text, n, s) for (text, _, n), s in zip(chats, streams)]
 
 
-def _launch(stack: str, args: argparse.Namespace, out: Path) -> Server:
+def _launch(stack: str, args: ServeBenchSettings, out: Path) -> Server:
     if args.tiny:
         return start_tiny(stack)
     return start_adactl(stack, args, out / "logs" / f"adactl-{stack.replace(',', '+')}.log")
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(ServeBenchSettings, namespace))
+
+
+def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
     device_and_dtype(args.device, args.dtype)  # a bad device or dtype is an error before any server starts
     tokenizer, jobs = _workload(args)
     out = Path(args.out)
@@ -374,7 +379,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     machine = describe(*device_and_dtype(args.device, args.dtype)).to_dict()
     meta = {"summary": summary, "machine": machine,
-            "args": {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}}  # fmt: skip
+            "args": asdict(args)}  # fmt: skip
     write_json(out / "serve.json", records, meta)
     plot(records, out / "serve.png", args.ttft_target, str(machine["label"]))
     return records
@@ -384,28 +389,31 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
+@dataclass(frozen=True)
+class ServeBenchSettings(DeviceSettings):
+    """`adactl bench serve`."""
+
+    stacks: list[str] = setting(STACKS, f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
+                                parse=stack_list)  # fmt: skip
+    peer: bool = setting(True, "skip transformers serve")
+    rates: list[float] = setting([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0], "requests/s", parse=_floats)
+    requests: int = setting(90, "requests per rate")
+    burstiness: float = setting(1.0, "Gamma shape of the gaps (1 = Poisson)")
+    consumers: str = setting("tokens", "mix: token, speech, word and sentence readers; tokens: token and speech "
+                             "readers", choices=["mix", "tokens"])  # fmt: skip
+    stream_ttft: float = setting(1.0, "seconds until a consumer's stream opens")
+    ttft_target: float = setting(2.0, "the p99 TTFT a served rate must keep (s)")
+    max_prompt_tokens: int = setting(128, "prompts are clipped to this")
+    max_output_tokens: int = setting(64, "replies are clipped to this")
+    max_batch: int = setting(64, "adactl serve --max-batch")
+    max_queue: int = setting(64, "adactl serve --max-queue")
+    time_limit: float = setting(300.0, "seconds a rate's run may take at most")
+    target: str = setting("smollm2", "target model spec")
+    draft: str = setting("draft", "draft model spec (stacks that speculate)")
+    seed: int = setting(0, "seed of prompts, arrivals and readers")
+    out: str = setting("bench_results", "directory for JSON, PNG and server logs")
+    tiny: bool = setting(False, "smoke run: in-process servers on a tiny random model")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--stacks",
-        type=stack_list,
-        default=STACKS,
-        help=f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
-    )
-    parser.add_argument("--no-peer", dest="peer", action="store_false", help="skip transformers serve")
-    parser.add_argument("--rates", type=_floats, default=[1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0], help="requests/s")
-    parser.add_argument("--requests", type=int, default=90, help="requests per rate")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of the gaps (1 = Poisson)")
-    parser.add_argument("--consumers", choices=["mix", "tokens"], default="tokens")
-    parser.add_argument("--stream-ttft", type=float, default=1.0, help="seconds until a consumer's stream opens")
-    parser.add_argument("--ttft-target", type=float, default=2.0, help="the p99 TTFT a served rate must keep (s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-output-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--max-queue", type=int, default=64)
-    parser.add_argument("--time-limit", type=float, default=300.0, help="seconds a rate's run may take at most")
-    parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--draft", default="draft")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_results")
-    parser.add_argument("--tiny", action="store_true", help="smoke run: in-process servers on a tiny random model")
-    add_device_arguments(parser)
+    settings.add_arguments(parser, ServeBenchSettings)

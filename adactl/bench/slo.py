@@ -12,9 +12,8 @@ chain version on the same acceptance estimator (`slo,adaserve-conf`).
 
 from __future__ import annotations
 
-import argparse
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -24,11 +23,14 @@ from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
 from adactl.stacks import build_stack, needs_companion
 from adactl.workloads import Arrival, OpenLoop, arrival_times
 
+if TYPE_CHECKING:
+    from adactl.bench.spec import SpecSettings
+
 CLASSES = ("tight", "medium", "loose")
 
 
 def serve_open_loop(loop: ControlLoop, prompts: list[list[int]], times: list[float],
-                    tpots: list[float], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+                    tpots: list[float], args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """Add each request at its arrival time (wall clock from the start); step until all finish."""
     arrivals = [Arrival(times[i], p, SamplingParams(args.max_new_tokens, seed=args.seed + i), slo=SLO(tpot_s=tpots[i]))
                 for i, p in enumerate(prompts)]  # fmt: skip
@@ -56,7 +58,7 @@ def serve_open_loop(loop: ControlLoop, prompts: list[list[int]], times: list[flo
     }
 
 
-def run(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: Any
+def run(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: Any
         ) -> list[dict[str, Any]]:  # fmt: skip
     """`ctx`: the spec bench's `RunContext`. The stacks: `--slo-controllers`, then AdaServe
     (`slo,adaserve`: per-request draft lengths SLO first, then SLO-first verify lengths)."""

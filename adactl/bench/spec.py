@@ -38,13 +38,14 @@ import argparse
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from adactl import settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.controllers import (
     FixedDraftLength,
@@ -53,10 +54,9 @@ from adactl.controllers import (
 )
 from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
-from adactl.profiler import add_profile_arguments
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
-from adactl.runtime.device import add_device_arguments
 from adactl.runtime.models import SHIPPED_MODELS
+from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, needs_companion, stack_list, untrained_acceptance
 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
@@ -83,7 +83,7 @@ def tree_spec(text: str) -> TreeSpec:
     return TreeSpec(*(int(p) for p in parts))
 
 
-def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: argparse.Namespace,
+def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: SpecSettings,
           bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """All prompts at once to completion; the run's counts and its wall time on the clock."""
     for i, p in enumerate(prompts):
@@ -168,7 +168,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     save_figure(fig, path, title, fontsize=12)
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any, list[list[int]], RunContext, dict[str, Any]]:
+def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContext, dict[str, Any]]:
     """target model, draft, draft with companion, prompts, what controllers are made from, meta.
 
     The step costs (`ctx.costs(companion)`) are this machine's profiles
@@ -251,7 +251,7 @@ class RunContext:
 
 
 def run_one(stack: str, target: Any, draft: Any, pair: Any, group: list[list[int]], temperature: float,
-            ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+            ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     companion = needs_companion(stack)
     engine = Engine(target, pair if companion else draft, config=EngineConfig(max_batch_size=len(group)))
     here = ctx.stack_context(companion)
@@ -262,7 +262,7 @@ def run_one(stack: str, target: Any, draft: Any, pair: Any, group: list[list[int
 
 
 def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-               ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+               ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
@@ -275,7 +275,7 @@ def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[
 
 
 def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-                    ctx: RunContext, args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+                    ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
@@ -287,15 +287,13 @@ def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: 
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.quick:  # an explicit --rounds stands (single rounds here differ by up to 10%)
-        args.batches, args.temperatures, args.ks = [1, 8, 32], [0.0], [2, 4]
-        args.max_new_tokens = min(args.max_new_tokens, 24)
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 2
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(SpecSettings, namespace))
+
+
+def run(args: SpecSettings) -> list[dict[str, Any]]:
+    args = args.resolved()
     torch.manual_seed(args.seed)
-    if args.slo:
-        args.batches = [args.slo_requests]  # prompts needed
     target, draft, pair, prompts, ctx, meta = _load(args)
     if args.slo:
         return _slo(args, target, draft, pair, prompts, ctx, meta)
@@ -308,14 +306,14 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     total = (
         sum(b * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
         * len(args.temperatures)
-        * args.rounds
+        * (args.rounds or 1)
     )
     bar = tqdm(total=total, desc="bench spec", unit="tok")
     for temperature in args.temperatures:
         for batch in args.batches:
             group = prompts[:batch]
             rounds: list[list[dict[str, Any]]] = []
-            for r in range(args.rounds):
+            for r in range(args.rounds or 1):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
                 here = [run_one(name, target, draft, pair, group, temperature, ctx, args, bar) for name in order]
                 here.append(run_oracle(here, target, draft, group, temperature, ctx, args, bar))
@@ -334,15 +332,14 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
-    settings = _settings(args)
-    write_json(out / f"{stem}.json", records, {**meta, "args": settings})
+    write_json(out / f"{stem}.json", records, {**meta, "args": _settings(args)})
     workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
     plot(records, out / f"{stem}.png", f"{what}, {workload}\n{meta['machine']['label']}")
     return records
 
 
-def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: RunContext,
+def _slo(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: RunContext,
          meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     from adactl.bench import slo
 
@@ -360,57 +357,68 @@ def _slo(args: argparse.Namespace, target: Any, draft: Any, pair: Any, prompts: 
     return records
 
 
-def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The run's arguments as JSON values (tree specs as text)."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}
-    settings["tree"] = str(args.tree)
-    settings["fixed_trees"] = [str(t) for t in args.fixed_trees]
-    return settings
+def _settings(args: SpecSettings) -> dict[str, Any]:
+    """The run's settings as JSON values (tree specs as text)."""
+    return {**asdict(args), "tree": str(args.tree), "fixed_trees": [str(t) for t in args.fixed_trees]}
+
+
+def _trees(text: str) -> list[TreeSpec]:
+    return [tree_spec(t) for t in text.split(";")]
+
+
+@dataclass(frozen=True)
+class SpecSettings(DeviceSettings, ProfileSettings):
+    """`adactl bench spec` (and `--slo`, `--trees`)."""
+
+    target: str = setting("smollm2", "target model spec")
+    draft: str = setting("draft", "draft model spec")
+    companion: str = setting("companion", "the companion (runs with sv)")
+    batches: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "batch sizes, comma-separated", parse=ints)
+    temperatures: list[float] = setting([0.0, 0.7], "sampling temperatures, comma-separated", parse=floats)
+    ks: list[int] = setting([1, 2, 4], "fixed draft lengths to run (any of 1..8)", parse=ints)
+    sv_k: int = setting(6, "tokens drafted before SV chooses what to verify")
+    controllers: list[str] | None = setting(None, "the stacks to run, ';'-separated (default: the docstring's; "
+                                            "adactl stacks)", parse=stack_list)  # fmt: skip
+    max_new_tokens: int = setting(32, "tokens generated per request")
+    max_prompt_tokens: int = setting(256, "prompts are clipped to this")
+    rounds: int | None = setting(None, "runs per configuration, the fastest reported (default 2; 1 with --quick)",
+                                 parse=int)  # fmt: skip
+    seed: int = setting(0, "seed of prompts and sampling")
+    quick: bool = setting(False, "batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
+    tiny: bool = setting(False, "tiny random models (a smoke run)")
+    slo: bool = setting(False, "the mixed-SLO workload under Poisson arrivals instead")
+    rate: float = setting(2.0, "--slo: requests per second")
+    slo_requests: int = setting(48, "--slo: requests in the run")
+    slo_tpot: list[float] = setting([0.1, 0.2, 0.5], "--slo: TPOT bounds of the tight, medium and loose classes "
+                                    "(seconds)", parse=floats)  # fmt: skip
+    slo_controllers: list[str] = setting(
+        ["no-spec", "fixed-k2", "fixed-k4", "goodput", "fixed-k6,sv"],
+        "--slo: stacks besides slo,adaserve (';'-separated)",
+        parse=stack_list,
+    )
+    max_batch: int = setting(64, "--slo: requests served at once, at most")
+    workload: str = setting("sharegpt", "prompts: held-out ShareGPT or HumanEval", choices=["sharegpt", "humaneval"])
+    trees: bool = setting(False, "token-tree controllers next to the chain controllers")
+    fixed_trees: list[TreeSpec] = setting([TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)], "--trees: fixed trees to run, "
+                                          "depth,width,nodes separated by ';'", parse=_trees)  # fmt: skip
+    tree: TreeSpec = setting(TreeSpec(2, 2, 4), "--trees: the tree tree-alloc drafts (depth,width,nodes)",
+                             parse=tree_spec)  # fmt: skip
+    tree_width: int = setting(2, "--trees: alternatives per level of goodput-tree")
+    profile_sv: str | None = setting(None, "the profile of runs with the companion (default: --profile, else "
+                                     "this machine's)")  # fmt: skip
+    out: str = setting("bench_results", "directory for JSON and PNG")
+
+    def resolved(self) -> SpecSettings:
+        """--quick, the default rounds and --slo's prompt count applied."""
+        s = self
+        if s.quick:  # an explicit --rounds stands (single rounds here differ by up to 10%)
+            s = replace(s, batches=[1, 8, 32], temperatures=[0.0], ks=[2, 4], max_new_tokens=min(s.max_new_tokens, 24))
+        if s.rounds is None:
+            s = replace(s, rounds=1 if s.quick else 2)
+        if s.slo:
+            s = replace(s, batches=[s.slo_requests])  # prompts needed
+        return s
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--draft", default="draft")
-    parser.add_argument("--companion", default="companion")
-    parser.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--temperatures", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.7])
-    parser.add_argument("--ks", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
-                        help="fixed draft lengths to run (any of 1..8)")  # fmt: skip
-    parser.add_argument("--sv-k", type=int, default=6, help="tokens drafted before SV chooses what to verify")
-    parser.add_argument("--controllers", type=stack_list, default=None,
-                        help="the stacks to run, ';'-separated (default: the docstring's; adactl stacks)")  # fmt: skip
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=None,
-        help="runs per configuration, the fastest reported (default 2; 1 with --quick)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
-    parser.add_argument("--tiny", action="store_true", help="tiny random models (a smoke run)")
-    parser.add_argument("--slo", action="store_true", help="the mixed-SLO workload under Poisson arrivals instead")
-    parser.add_argument("--rate", type=float, default=2.0, help="--slo: requests per second")
-    parser.add_argument("--slo-requests", type=int, default=48, help="--slo: requests in the run")
-    parser.add_argument("--slo-tpot", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.2, 0.5],
-                        help="--slo: TPOT bounds of the tight, medium and loose classes (seconds)")  # fmt: skip
-    parser.add_argument("--slo-controllers", type=stack_list, default=["no-spec", "fixed-k2", "fixed-k4", "goodput",
-                        "fixed-k6,sv"], help="--slo: stacks besides slo,adaserve (';'-separated)")  # fmt: skip
-    parser.add_argument("--max-batch", type=int, default=64, help="--slo: requests served at once, at most")
-    parser.add_argument("--workload", choices=["sharegpt", "humaneval"], default="sharegpt")
-    parser.add_argument("--trees", action="store_true", help="token-tree controllers next to the chain controllers")
-    parser.add_argument("--fixed-trees", type=lambda s: [tree_spec(t) for t in s.split(";")],
-                        default=[TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)],
-                        help="--trees: fixed trees to run, depth,width,nodes separated by ';'")  # fmt: skip
-    parser.add_argument("--tree", type=tree_spec, default=TreeSpec(2, 2, 4),
-                        help="--trees: the tree tree-alloc drafts (depth,width,nodes)")  # fmt: skip
-    parser.add_argument("--tree-width", type=int, default=2, help="--trees: alternatives per level of goodput-tree")
-    add_device_arguments(parser)
-    add_profile_arguments(parser)
-    parser.add_argument(
-        "--profile-sv",
-        default=None,
-        help="the profile of runs with the companion (default: --profile, else this machine's)",
-    )
-    parser.add_argument("--out", default="bench_results")
+    settings.add_arguments(parser, SpecSettings)

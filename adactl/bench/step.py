@@ -22,6 +22,7 @@ import inspect
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
+from adactl import settings
 from adactl.bench.common import format_table, release_freed_memory, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.device import add_device_arguments, describe, device_and_dtype, graphs_wanted
+from adactl.runtime.device import describe, device_and_dtype, graphs_wanted
 from adactl.runtime.feature_draft import FeatureDraft
 from adactl.runtime.kv import cache_kwargs
+from adactl.settings import DeviceSettings, setting
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -241,19 +244,28 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+@dataclass(frozen=True)
+class StepSettings(DeviceSettings):
+    """`adactl bench step`."""
+
+    shapes: str | None = setting(None, f"model shapes, comma-separated, from {', '.join(SHAPES)} (default: "
+                                 "smollm2-135m, and llama-3.1-8b on a GPU)")  # fmt: skip
+    batches: list[int] = setting([1, 16], "batch sizes", parse=_ints)
+    ks: list[int] = setting([0, 1, 4], "draft lengths", parse=_ints)
+    prompt_len: int = setting(256, "context per request")
+    steps: int = setting(12, "timed steps per point")
+    out: str = setting("results/bench_step", "directory for JSON and PNG")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shapes", default=None,
-                        help=f"model shapes, comma-separated, from {', '.join(SHAPES)} (default: smollm2-135m, "
-                             "and llama-3.1-8b on a GPU)")  # fmt: skip
-    parser.add_argument("--batches", type=_ints, default=[1, 16], help="batch sizes (default 1,16)")
-    parser.add_argument("--ks", type=_ints, default=[0, 1, 4], help="draft lengths (default 0,1,4)")
-    parser.add_argument("--prompt-len", type=int, default=256, help="context per request (default 256)")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per point (default 12)")
-    parser.add_argument("--out", default="results/bench_step", help="directory for JSON and PNG")
-    add_device_arguments(parser)
+    settings.add_arguments(parser, StepSettings)
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(StepSettings, namespace))
+
+
+def run(args: StepSettings) -> list[dict[str, Any]]:
     device, dtype = device_and_dtype(args.device, args.dtype)
     default = ["smollm2-135m", "llama-3.1-8b"] if device.type == "cuda" else ["smollm2-135m"]
     shapes = args.shapes.split(",") if args.shapes else default

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,55 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from adactl import metrics
+from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.estimators.step_cost import LinearStepCost
 from adactl.loop import ControlLoop
-from adactl.profiler import add_profile_arguments, step_cost_for
+from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
-from adactl.runtime.device import add_device_arguments, describe
+from adactl.runtime.device import describe
 from adactl.runtime.replay import ReplayEngine
+from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
 COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
            "effective_tps", "capacity_at_slo"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StreamSettings(DeviceSettings, ProfileSettings):
+    """`adactl bench stream`."""
+
+    target: str = setting("smollm2", "the target model")
+    loads: list[float] = setting([0.5, 1.0, 1.5, 2.0, 3.0], "requests/s, comma-separated", parse=floats)
+    requests: int = setting(40, "requests per run")
+    burstiness: float = setting(1.0, "Gamma shape of arrival gaps (1 = Poisson)")
+    ttft: float = setting(1.0, "first unit due this long after arrival (s)")
+    consumers: str = setting("mixed", "mixed: token, speech, word and sentence readers; tokens: token and speech "
+                             "readers", choices=["mixed", "tokens"])  # fmt: skip
+    max_prompt_tokens: int = setting(128, "prompts are clipped to this")
+    max_new_tokens: int = setting(64, "reply lengths are clipped to this")
+    prefill_budget: int = setting(512, "static chunked-prefill budget (tokens)")
+    fcfs_seqs: list[int] = setting([8, 16], "max_num_seqs of the tuned FCFS runs", parse=ints)
+    max_running: int = setting(16, "edf/andes: requests run per step, at most")
+    max_batch: int = setting(64, "KV room: requests in the batch, at most")
+    controllers: list[str] | None = setting(None, "the stacks to run, ';'-separated (default: the docstring's; "
+                                            "adactl stacks)", parse=stack_list)  # fmt: skip
+    replay: bool = setting(False, "profile replay instead of the real engine")
+    validate: bool = setting(False, "run engine and replay, report the replay's error")
+    replay_noise: float = setting(0.1, "log-sd of replayed step times")
+    seed: int = setting(0, "seed of prompts, arrivals, readers and sampling")
+    quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
+    tiny: bool = setting(False, "tiny random model (a smoke run)")
+    out: str = setting("bench_results", "directory for JSON and PNG")
+
+    def resolved(self) -> StreamSettings:
+        """--quick applied."""
+        if not self.quick:
+            return self
+        return replace(self, loads=self.loads[:2], requests=min(self.requests, 16), fcfs_seqs=self.fcfs_seqs[:1],
+                       controllers=self.controllers or ["fcfs", "edf", "progressserve,ttft-budget"])  # fmt: skip
 
 
 def stacks(fcfs_seqs: list[int]) -> list[str]:
@@ -56,7 +93,7 @@ def stacks(fcfs_seqs: list[int]) -> list[str]:
 
 
 def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], streams: list[Stream],
-          times: list[float], args: argparse.Namespace, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+          times: list[float], args: StreamSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """Serve the requests open-loop on `engine` (real or replay) and measure the consumers."""
     replay = isinstance(engine, ReplayEngine)
     loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget,
@@ -138,7 +175,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
     save_figure(fig, path, title)
 
 
-def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], list[Stream]]:
+def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[Stream]]:
     """(the target alone as a `ModelPair`, requests, streams): streaming serves plain decoding."""
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import LoadedModel, ModelPair, load_pair
@@ -164,10 +201,12 @@ def _workload(args: argparse.Namespace) -> tuple[Any, list[tuple[Any, int]], lis
     return pair, list(reqs), streams
 
 
-def main(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.quick:
-        args.loads, args.requests, args.fcfs_seqs = args.loads[:2], min(args.requests, 16), args.fcfs_seqs[:1]
-        args.controllers = args.controllers or ["fcfs", "edf", "progressserve,ttft-budget"]
+def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
+    return run(settings.from_args(StreamSettings, namespace))
+
+
+def run(args: StreamSettings) -> list[dict[str, Any]]:
+    args = args.resolved()
     torch.manual_seed(args.seed)
     pair, requests, streams = _workload(args)
     target, tokenizer = pair.target.model, pair.tokenizer
@@ -203,7 +242,7 @@ def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": "tiny" if args.tiny else args.target, "validation": summary,
             "machine": describe(pair.device, pair.dtype).to_dict(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("run", "command", "bench")}}  # fmt: skip
+            "args": asdict(args)}  # fmt: skip
     write_json(out / "stream.json", records, meta)
     plot(records, out / "stream.png", f"adactl bench stream: {meta['target']}, {meta['machine']['label']}")
     return records
@@ -231,34 +270,4 @@ def validation(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    parser.add_argument("--target", default="smollm2")
-    parser.add_argument("--loads", type=floats, default=[0.5, 1.0, 1.5, 2.0, 3.0], help="requests/s, comma-separated")
-    parser.add_argument("--requests", type=int, default=40, help="requests per run")
-    parser.add_argument("--burstiness", type=float, default=1.0, help="Gamma shape of arrival gaps (1 = Poisson)")
-    parser.add_argument("--ttft", type=float, default=1.0, help="first unit due this long after arrival (s)")
-    parser.add_argument(
-        "--consumers",
-        choices=["mixed", "tokens"],
-        default="mixed",
-        help="mixed: token, speech, word and sentence readers; tokens: token and speech readers",
-    )
-    parser.add_argument("--max-prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="reply lengths are clipped to this")
-    parser.add_argument("--prefill-budget", type=int, default=512, help="static chunked-prefill budget (tokens)")
-    parser.add_argument("--fcfs-seqs", type=ints, default=[8, 16], help="max_num_seqs of the tuned FCFS runs")
-    parser.add_argument("--max-running", type=int, default=16, help="edf/andes: requests run per step, at most")
-    parser.add_argument("--max-batch", type=int, default=64, help="KV room: requests in the batch, at most")
-    parser.add_argument("--controllers", type=stack_list, default=None,
-                        help="the stacks to run, ';'-separated (default: the docstring's; adactl stacks)")  # fmt: skip
-    parser.add_argument("--replay", action="store_true", help="profile replay instead of the real engine")
-    parser.add_argument("--validate", action="store_true", help="run engine and replay, report the replay's error")
-    parser.add_argument("--replay-noise", type=float, default=0.1, help="log-sd of replayed step times")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true",
-                        help="2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")  # fmt: skip
-    parser.add_argument("--tiny", action="store_true", help="tiny random model (a smoke run)")
-    add_device_arguments(parser)
-    add_profile_arguments(parser)
-    parser.add_argument("--out", default="bench_results")
+    settings.add_arguments(parser, StreamSettings)

@@ -4,34 +4,46 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adactl.profiler import add_profile_arguments
-from adactl.runtime.device import add_device_arguments
-from adactl.stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts
+from adactl import settings
+from adactl.settings import DeviceSettings, ProfileSettings, setting
+from adactl.stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts, needs_companion, parse
+
+
+def one_stack(text: str) -> str:
+    """A controller stack, checked against the registry (a bad name is a usage error)."""
+    try:
+        parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+@dataclass(frozen=True)
+class ServeSettings(DeviceSettings, ProfileSettings):
+    """`adactl serve`."""
+
+    model: str = setting("smollm2", "target model spec (default: the embedded SmolLM2-135M)")
+    draft: str = setting("draft", "draft model spec; 'none' for no speculation (stacks that never draft load none)")
+    companion: str = setting("companion", "the companion draft (stacks with sv/adaserve)")
+    controllers: str = setting(DEFAULT_STACK, f"controller stack, comma-separated ({NAMES}; adactl stacks)",
+                               parse=one_stack)  # fmt: skip
+    served_model_name: str | None = setting(None, "the model id clients name (default: from --model)")
+    host: str = setting("127.0.0.1", "listen address (default: loopback only)")
+    port: int = setting(8000, "listen port")
+    max_batch: int = setting(64, "requests running or prefilling at once, at most")
+    max_queue: int = setting(64, "requests waiting for a first token before 429s")
+    max_queue_wait: float = setting(60.0, "seconds a request may wait to start")
+    max_draft_len: int = setting(8, "draft tokens per row per step, at most")
+    prefill_budget: int = setting(512, "prompt tokens per step (the safe default)")
+    log_level: str = setting("info", "uvicorn's and adactl's log level")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2", help="target model spec (default: the embedded SmolLM2-135M)")
-    parser.add_argument(
-        "--draft",
-        default="draft",
-        help="draft model spec; 'none' for no speculation (stacks that never draft load none)",
-    )
-    parser.add_argument("--companion", default="companion", help="the companion draft (stacks with sv/adaserve)")
-    parser.add_argument("--controllers", default=DEFAULT_STACK, help=f"controller stack, comma-separated ({NAMES})")
-    parser.add_argument("--served-model-name", default=None, help="the model id clients name (default: from --model)")
-    parser.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch", type=int, default=64, help="requests running or prefilling at once, at most")
-    parser.add_argument("--max-queue", type=int, default=64, help="requests waiting for a first token before 429s")
-    parser.add_argument("--max-queue-wait", type=float, default=60.0, help="seconds a request may wait to start")
-    parser.add_argument("--max-draft-len", type=int, default=8)
-    parser.add_argument("--prefill-budget", type=int, default=512, help="prompt tokens per step (the safe default)")
-    add_device_arguments(parser)
-    add_profile_arguments(parser)
-    parser.add_argument("--log-level", default="info")
+    settings.add_arguments(parser, ServeSettings)
 
 
 def served_name(model: str) -> str:
@@ -40,32 +52,31 @@ def served_name(model: str) -> str:
     return SMOLLM2_DIR if model in DEFAULT_ALIASES else Path(model).name or model
 
 
-def stack_context(args: argparse.Namespace, pair: Any | None) -> StackContext:
-    """The shipped acceptance estimators and this machine's step costs (`--profile`), refined
-    online; `pair` None: names are being checked, nothing is measured."""
+def stack_context(args: ServeSettings, pair: Any) -> StackContext:
+    """The shipped acceptance estimators and this machine's step costs (`--profile`), refined online."""
     from adactl.estimators import load_acceptance
     from adactl.profiler import step_cost_for
 
     step_time = None
-    if pair is not None and costs_steps(args.controllers):
+    if costs_steps(args.controllers):
         step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
     return StackContext(step_time, load_acceptance, args.prefill_budget)
 
 
-def build_server(args: argparse.Namespace) -> Any:
+def build_server(args: ServeSettings) -> Any:
     """The `OpenAIServer` (its FastAPI app in `.app`) that `args` describe."""
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 
     from .service import ServiceConfig
 
-    has_draft = args.draft not in ("", "none") and drafts(args.controllers)
-    stack = build_stack(args.controllers, stack_context(args, None))  # names checked before loading models
-    if stack.needs_companion and not has_draft:
+    has_draft = args.draft not in ("", "none") and drafts(args.controllers)  # names checked before models load
+    companion = needs_companion(args.controllers)
+    if companion and not has_draft:
         raise ValueError(f"--controllers {args.controllers} verifies with a companion: it needs a draft (--draft)")
     device, dtype = device_and_dtype(args.device, args.dtype)  # and the device
-    companion = args.companion if stack.needs_companion else None
-    pair = load_pair(args.model, args.draft if has_draft else None, companion, device, dtype)
+    draft, companion_spec = (args.draft if has_draft else None), (args.companion if companion else None)
+    pair = load_pair(args.model, draft, companion_spec, device, dtype)
     stack = build_stack(args.controllers, stack_context(args, pair))
     loaded = pair.target
     return assemble(
@@ -92,9 +103,10 @@ def assemble(model: Any, draft: Any, tokenizer: Any, stack: Any, name: str, max_
     return OpenAIServer(EngineService(loop, config=service or ServiceConfig()), tokenizer, name, engine.max_context)
 
 
-def main(args: argparse.Namespace) -> None:
+def main(namespace: argparse.Namespace) -> None:
     import uvicorn
 
+    args = settings.from_args(ServeSettings, namespace)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(args)
     print(f"adactl serve: {server.model_name} with [{args.controllers}] on http://{args.host}:{args.port}/v1")

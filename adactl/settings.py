@@ -1,0 +1,98 @@
+"""Run settings as frozen dataclasses, as cleanrl's `Args`: one class per command, a help text
+per field, the command line made from the class and parsed into it. Helpers take the settings
+(or the fields they need), never an argparse namespace.
+
+    @dataclass(frozen=True)
+    class StreamSettings(DeviceSettings):
+        loads: list[float] = setting([0.5, 1.0], "requests/s, comma-separated", parse=floats)
+
+    add_arguments(parser, StreamSettings)         # --loads, --device, --dtype, --no-cuda-graphs
+    settings = from_args(StreamSettings, parser.parse_args())
+
+Flags: a field `x_y` is `--x-y`; a bool that defaults to False is a switch (`--x-y`), one
+that defaults to True is turned off by `--no-x-y`; other fields parse their text with `parse`
+(default: the default's type) and may name `choices`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DTYPES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+
+
+def setting(default: Any, help: str, parse: Callable[[str], Any] | None = None,
+            choices: list[Any] | None = None) -> Any:  # fmt: skip
+    """A settings field: its default, its help text, how its text parses, its choices."""
+    meta = {"help": help, "parse": parse, "choices": choices}
+    if getattr(default, "__hash__", None) is None:  # a list, a dict, a mutable dataclass: a fresh copy each time
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field of the settings class `cls`."""
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
+        meta = f.metadata
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            if default:
+                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", help=meta.get("help"))
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=meta.get("help"))
+            continue
+        parse = meta.get("parse") or (type(default) if default is not None else str)
+        parser.add_argument(flag, dest=f.name, type=parse, default=default, choices=meta.get("choices"),
+                            help=meta.get("help"))  # fmt: skip
+
+
+def parse(cls: type[T], argv: list[str] | None = None) -> T:
+    """The settings of a command line (`argv`, else sys.argv) for the class `cls` alone."""
+    parser = argparse.ArgumentParser(description=cls.__doc__)
+    add_arguments(parser, cls)
+    return from_args(cls, parser.parse_args(argv))
+
+
+def from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """The settings a parsed command line holds (fields it lacks keep their defaults)."""
+    given = vars(args)
+    names = [f.name for f in fields(cls) if f.name in given]  # type: ignore[arg-type]
+    return cls(**{name: given[name] for name in names})
+
+
+@dataclass(frozen=True)
+class DeviceSettings:
+    """Where models run: the same flags on every command."""
+
+    device: str = setting("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    dtype: str = setting("float32", "model weights and activations", choices=DTYPES)
+    no_cuda_graphs: bool = setting(
+        False, "all forwards eager on CUDA (sets ADACTL_CUDA_GRAPHS=0; graphs are on by default)"
+    )
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Step costs: the same flags on every command whose controllers predict them."""
+
+    profile: str | None = setting(
+        None,
+        "a step-cost profile file (adactl profile --out), or 'shipped' (the CPU "
+        "prior shipped with adactl); default: this machine's, measured on first use, cached",
+    )
+    refine: bool = setting(True, "keep the profile's costs as they are (no online refinement from served steps)")
