@@ -6,6 +6,8 @@
 - `SLO_MISS_RATE`: the unit-miss rate a stream's readers tolerate (the bar of capacity at SLO);
 - `tpot(first, last, tokens)`: seconds per output token after the first;
 - `latency_summary(ttft, tpot)`: the TTFT percentiles and TPOT mean (and p99) of a run;
+- `on_tpot_slo(result, bound)`: whether a request kept its TPOT SLO (`ATTAINMENT` is the share
+  that did, `SLO_GOODPUT` their tokens per second);
 - `latencies(results)`, `unit_misses(results)`: a run's TTFTs and TPOTs, and its readers'
   units and misses, from the engine's `RequestResult`s (`serving_summary`: all of it).
 """
@@ -26,6 +28,8 @@ MISS_RATE = "miss_rate"
 TOKENS_PER_S = "tokens_per_s"
 UNITS = "units"
 MISSES = "misses"
+ATTAINMENT = "attainment"
+SLO_GOODPUT = "slo_goodput"
 
 PROMETHEUS = {
     TTFT_P50: "adactl_time_to_first_token_seconds",  # a histogram: its quantiles are the TTFTs
@@ -110,3 +114,10 @@ def serving_summary(results: Sequence[Any], wall_s: float) -> dict[str, Any]:
         MISS_RATE: misses / max(units, 1),
         "wall_s": wall_s,
     }
+
+
+def on_tpot_slo(result: Any, bound_s: float) -> bool:
+    """Whether a finished request kept its time per output token within `bound_s` (a
+    one-token reply always does)."""
+    first = result.first_token_time or result.finish_time
+    return (tpot(first, result.finish_time, len(result.output_ids)) or 0.0) <= bound_s

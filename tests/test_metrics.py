@@ -35,3 +35,12 @@ def test_one_name_per_quantity_in_records_tensorboard_and_prometheus():
     assert metrics.tensorboard(metrics.MISS_RATE) == "adactl/miss_rate"
     summary = metrics.serving_summary([], 1.0)
     assert {metrics.TOKENS_PER_S, metrics.UNITS, metrics.MISSES, metrics.MISS_RATE, metrics.TTFT_P99} <= set(summary)
+
+
+def test_on_tpot_slo_judges_time_per_token_after_the_first():
+    from types import SimpleNamespace
+
+    reply = SimpleNamespace(first_token_time=1.0, finish_time=2.0, output_ids=[1] * 11)  # 0.1 s per token
+    assert metrics.on_tpot_slo(reply, 0.1) and not metrics.on_tpot_slo(reply, 0.09)
+    one = SimpleNamespace(first_token_time=1.0, finish_time=1.0, output_ids=[1])
+    assert metrics.on_tpot_slo(one, 0.0)

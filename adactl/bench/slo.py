@@ -42,17 +42,15 @@ def serve_open_loop(loop: ControlLoop, prompts: list[list[int]], times: list[flo
     for rid, result in loop.results.items():
         i = ids[rid]
         n = len(result.output_ids)
-        tokens += n
-        first = result.first_token_time or result.finish_time
-        ok = (metrics.tpot(first, result.finish_time, n) or 0.0) <= tpots[i]  # one token: on time
+        ok = metrics.on_tpot_slo(result, tpots[i])
         per_class[CLASSES[i % len(CLASSES)]].append(ok)
-        good_tokens += n if ok else 0
+        tokens, good_tokens = tokens + n, good_tokens + (n if ok else 0)
     met = [ok for v in per_class.values() for ok in v]
     return {
-        "attainment": sum(met) / max(len(met), 1),
-        **{f"attainment_{c}": sum(v) / max(len(v), 1) for c, v in per_class.items()},
-        "slo_goodput": good_tokens / wall,
-        "tokens_per_s": tokens / wall,
+        metrics.ATTAINMENT: sum(met) / max(len(met), 1),
+        **{f"{metrics.ATTAINMENT}_{c}": sum(v) / max(len(v), 1) for c, v in per_class.items()},
+        metrics.SLO_GOODPUT: good_tokens / wall,
+        metrics.TOKENS_PER_S: tokens / wall,
         "requests": len(met),
         "fallbacks": dict(loop.fallbacks),
     }
