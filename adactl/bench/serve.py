@@ -399,8 +399,8 @@ class ServeBenchSettings(DeviceSettings):
     rates: list[float] = setting([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0], "requests/s", parse=_floats)
     requests: int = setting(90, "requests per rate")
     burstiness: float = setting(1.0, "Gamma shape of the gaps (1 = Poisson)")
-    consumers: str = setting("tokens", "mix: token, speech, word and sentence readers; tokens: token and speech "
-                             "readers", choices=["mix", "tokens"])  # fmt: skip
+    consumers: str = setting("tokens", "mixed: token, speech, word and sentence readers; tokens: token and speech "
+                             "readers", choices=["mixed", "tokens"])  # fmt: skip
     stream_ttft: float = setting(1.0, "seconds until a consumer's stream opens")
     ttft_target: float = setting(2.0, "the p99 TTFT a served rate must keep (s)")
     max_prompt_tokens: int = setting(128, "prompts are clipped to this")
