@@ -1,4 +1,4 @@
-"""The `adactl` command line: `adactl serve`, `adactl profile`, `adactl stacks` and
+"""The `adactl` command line: `adactl serve`, `adactl profile`, `adactl export`, `adactl stacks` and
 `adactl bench spec | stream | serve | inprocess | runtime | step | draft`."""
 
 from __future__ import annotations
@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile_parser = commands.add_parser("profile", help="measure this machine's step costs (cached per machine)")
     profiler.add_arguments(profile_parser)
     profile_parser.set_defaults(run=profiler.main)
+    from adactl import export
+
+    export_parser = commands.add_parser("export", help="the machine's speculation schedule for vLLM or SGLang")
+    export.add_arguments(export_parser)
+    export_parser.set_defaults(run=export.main)
     stacks_parser = commands.add_parser("stacks", help="the controller names a stack is made of, and what each decides")
     from adactl import stacks
 
@@ -51,11 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[GRAPHS_ENV] = "0"
     from adactl.estimators.step_cost import ProfileError
+    from adactl.export import ExportError
     from adactl.runtime.device import DeviceError
 
     try:
         args.run(args)
-    except (DeviceError, ProfileError) as e:  # the user's to fix: say what, not a traceback
+    except (DeviceError, ProfileError, ExportError) as e:  # the user's to fix: say what, not a traceback
         print(f"adactl {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -44,9 +44,12 @@ def floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One flag per field of the settings class `cls`."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of the settings class `cls` (but those in `skip`: a subcommand's
+    name, say, that the parser fills in another way)."""
     for f in fields(cls):
+        if f.name in skip:
+            continue
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
         meta = f.metadata
         flag = "--" + f.name.replace("_", "-")

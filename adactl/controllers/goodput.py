@@ -55,14 +55,10 @@ class GoodputLength(Controller):
             return replace(state.plan, draft_len=0)
         # one alpha per position for the batch: the mean over running requests
         alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
-        gain = torch.cat([torch.zeros(1), torch.cumprod(alpha, 0).cumsum(0)])  # [K + 1]
         context = sum(r.context_len for r in running)
         waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
         prefill = min(state.plan.prefill_budget, waiting)
-        shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
-        seconds = np.maximum(self.step_time.predict(shapes), 1e-6)
-        rate = rows * (1 + gain.numpy()) / seconds
-        best = shortest_within(rate, self.margin)
+        best = goodput_length(self.step_time, alpha, rows, context, prefill, self.margin)
         if self.explore > 0 and self.rng.random() < self.explore:
             probe = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
             if probe > best and rows > 1:  # a quarter of the rows probe the longer draft
@@ -70,6 +66,22 @@ class GoodputLength(Controller):
                 return replace(state.plan, draft_len=lengths)
             best = probe
         return replace(state.plan, draft_len=best)
+
+
+def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
+                  prefill: int = 0) -> np.ndarray:  # fmt: skip
+    """[len(alpha) + 1] predicted tokens per second of drafting c = 0 .. len(alpha) tokens per row."""
+    k = len(alpha)
+    gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)])  # [K + 1]
+    shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
+    return rows * (1 + gain.numpy()) / np.maximum(step_time.predict(shapes), 1e-6)
+
+
+def goodput_length(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int, prefill: int = 0,
+                   margin: float = 0.03) -> int:  # fmt: skip
+    """c* = argmax_c rows * tokens(c) / T(c), a longer draft taken only where it beats every
+    shorter one by `margin` (the rule above; `adactl export` evaluates it over batch sizes)."""
+    return shortest_within(goodput_rates(step_time, alpha, rows, context, prefill), margin)
 
 
 def shortest_within(rate: np.ndarray, margin: float) -> int:

@@ -1,0 +1,216 @@
+"""`adactl export`: what adactl learned about a machine, in the form vLLM and SGLang read.
+
+The schedule is the goodput-optimal draft length (`controllers.goodput.goodput_length`) at
+every batch size from 1 to `max_batch`, from the step-cost profile of the machine (`--profile`:
+a file from `adactl profile`, or `shipped`) and an acceptance estimate (`--acceptance`: a
+fitted moving average, shipped or saved, or `--alpha 0.8` for a flat one):
+
+    c*(B) = argmax_{c <= K} B * (1 + sum_{j < c} prod_{i <= j} alpha_i) / T(B, c)
+
+Consecutive batch sizes with the same c* form one range. Written as
+- vLLM: `num_speculative_tokens_per_batch_size`, a list of `[lo, hi, K]` in the
+  `speculative_config` a user passes to `vllm serve --speculative-config`;
+- SGLang: the `--speculative-adaptive-config` file, keyed by each range's lower bound, each
+  with its `candidate_steps` (one value: that K; `--candidates N` lists the N best, for
+  SGLang's own online choice among them).
+Each file is checked against the engine's rules (`check_vllm`, `check_sglang`) before it is
+written; a malformed profile or an impossible request is an `ExportError` that says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from adactl import settings
+from adactl.settings import setting
+
+
+class ExportError(ValueError):
+    """A schedule that cannot be exported: a bad profile, estimate or request, or a file that
+    breaks the target engine's rules."""
+
+
+# ------------------------------------------------------------------ the schedule
+def schedule(step_time: Any, alpha: torch.Tensor, max_batch: int, context: int = 256, margin: float = 0.03,
+             candidates: int = 1) -> list[list[int]]:  # fmt: skip
+    """The best draft lengths at each batch size 1..max_batch (`candidates` of them, best
+    first), for requests of `context` tokens each."""
+    from adactl.controllers.goodput import goodput_length, goodput_rates
+
+    if max_batch < 1 or context < 1 or candidates < 1:
+        raise ExportError(f"max_batch, context and candidates must be >= 1, got {max_batch}, {context}, {candidates}")
+    if alpha.ndim != 1 or not len(alpha) or not bool(((alpha >= 0) & (alpha <= 1)).all()):
+        raise ExportError(f"acceptance must be 1 to K probabilities in [0, 1], got {alpha.tolist()}")
+    out = []
+    for rows in range(1, max_batch + 1):
+        best = goodput_length(step_time, alpha, rows, rows * context, 0, margin)
+        if candidates == 1:
+            out.append([best])
+            continue
+        rates = goodput_rates(step_time, alpha, rows, rows * context)
+        others = [int(c) for c in np.argsort(-rates, kind="stable") if int(c) != best]
+        out.append([best, *others[: candidates - 1]])
+    return out
+
+
+def ranges(per_batch: list[list[int]]) -> list[tuple[int, int, list[int]]]:
+    """Consecutive batch sizes (from 1) with the same choice -> (lo, hi, choice)."""
+    out: list[tuple[int, int, list[int]]] = []
+    for b, choice in enumerate(per_batch, start=1):
+        if out and out[-1][2] == choice:
+            out[-1] = (out[-1][0], b, choice)
+        else:
+            out.append((b, b, choice))
+    return out
+
+
+# ------------------------------------------------------------------ vLLM
+def vllm_config(per_batch: list[list[int]], num_speculative_tokens: int, base: dict[str, Any] | None = None
+                ) -> dict[str, Any]:  # fmt: skip
+    """vLLM's `speculative_config` with the schedule (`base`: method, model, ... as the user has them)."""
+    config = dict(base or {})
+    config["num_speculative_tokens"] = num_speculative_tokens
+    config["num_speculative_tokens_per_batch_size"] = [[lo, hi, choice[0]] for lo, hi, choice in ranges(per_batch)]
+    check_vllm(config)
+    return config
+
+
+def check_vllm(config: dict[str, Any]) -> None:
+    """vLLM's rules for a per-batch-size schedule: a list of [lo, hi, K] integer triples, the
+    first starting at batch size 1, lo <= hi, no two ranges overlapping, 0 <= K <=
+    num_speculative_tokens."""
+    k_max = config.get("num_speculative_tokens")
+    if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 1:
+        raise ExportError(f"num_speculative_tokens must be a positive integer, got {k_max!r}")
+    table = config.get("num_speculative_tokens_per_batch_size")
+    if not isinstance(table, list) or not table:
+        raise ExportError("num_speculative_tokens_per_batch_size must be a non-empty list of [lo, hi, K]")
+    last_hi = 0
+    for i, entry in enumerate(table):
+        if not (isinstance(entry, list) and len(entry) == 3 and all(type(x) is int for x in entry)):
+            raise ExportError(f"range {i} must be [lo, hi, K] integers, got {entry!r}")
+        lo, hi, k = entry
+        if i == 0 and lo != 1:
+            raise ExportError(f"the first range must start at batch size 1, got {entry}")
+        if lo > hi:
+            raise ExportError(f"range {i} is empty (lo > hi): {entry}")
+        if lo <= last_hi:
+            raise ExportError(f"range {i} {entry} overlaps the one before it (which ends at {last_hi})")
+        if not 0 <= k <= k_max:
+            raise ExportError(f"range {i} {entry}: K must be in 0..num_speculative_tokens ({k_max})")
+        last_hi = hi
+
+
+# ------------------------------------------------------------------ SGLang
+def sglang_config(per_batch: list[list[int]]) -> dict[str, Any]:
+    """SGLang's `--speculative-adaptive-config`: each range's lower bound -> its candidate steps."""
+    canonical = [sorted(set(choice)) for choice in per_batch]  # a bucket's candidates as a set
+    config = {str(lo): {"candidate_steps": choice} for lo, _, choice in ranges(canonical)}
+    check_sglang(config)
+    return config
+
+
+def check_sglang(config: dict[str, Any]) -> None:
+    """SGLang's rules: keys are batch-size lower bounds written as integers, one of them 1;
+    each value holds `candidate_steps`, a non-empty list of distinct non-negative integers."""
+    if not isinstance(config, dict) or not config:
+        raise ExportError("an adaptive config maps batch-size lower bounds to {'candidate_steps': [...]}")
+    bounds = []
+    for key, value in config.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
+            raise ExportError(f"key {key!r} must be a batch-size lower bound written as a positive integer")
+        bounds.append(int(key))
+        steps = value.get("candidate_steps") if isinstance(value, dict) else None
+        if not isinstance(steps, list) or not steps:
+            raise ExportError(f"bucket {key}: candidate_steps must be a non-empty list")
+        if any(type(s) is not int or s < 0 for s in steps) or len(set(steps)) != len(steps):
+            raise ExportError(f"bucket {key}: candidate_steps must be distinct non-negative integers, got {steps}")
+    if min(bounds) != 1:
+        raise ExportError(f"the buckets must start at batch size 1, got lower bounds {sorted(bounds)}")
+
+
+# ------------------------------------------------------------------ command
+@dataclass(frozen=True)
+class ExportSettings:
+    """`adactl export vllm|sglang`."""
+
+    engine: str = setting("vllm", "the engine to write for", choices=["vllm", "sglang"])
+    profile: str = setting("shipped", "a step-cost profile file (adactl profile --out), or 'shipped' (the CPU "
+                           "profile shipped with adactl)")  # fmt: skip
+    acceptance: str = setting("moving_average", "an acceptance estimate with per-position alpha: 'moving_average' "
+                              "(shipped) or a saved MovingAverage JSON")  # fmt: skip
+    alpha: float | None = setting(None, "a flat acceptance per position instead of --acceptance", parse=float)
+    num_speculative_tokens: int = setting(4, "K, the most draft tokens per step (the engine's own setting)")
+    max_batch: int = setting(256, "the largest batch size scheduled")
+    context: int = setting(256, "tokens of context per request the costs assume")
+    candidates: int = setting(1, "sglang: candidate steps per bucket (more: SGLang chooses among them online)")
+    base: str = setting("{}", "vllm: the rest of your speculative_config as JSON (method, model, ...)")
+    out: str | None = setting(None, "the file to write (default: print it)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`adactl export vllm|sglang` (the engine is the subcommand)."""
+    engines = parser.add_subparsers(dest="engine", required=True)
+    for engine, summary in (("vllm", "vLLM's num_speculative_tokens_per_batch_size in a speculative_config"),
+                            ("sglang", "SGLang's --speculative-adaptive-config file")):  # fmt: skip
+        settings.add_arguments(engines.add_parser(engine, help=summary), ExportSettings, skip=("engine",))
+
+
+def main(namespace: argparse.Namespace) -> dict[str, Any]:
+    return run(settings.from_args(ExportSettings, namespace))
+
+
+def run(args: ExportSettings) -> dict[str, Any]:
+    from adactl.estimators.step_cost import ProfileError, StepCostProfile
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    if args.num_speculative_tokens < 1:
+        raise ExportError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    path = SHIPPED_MODELS / "estimators" / "step_cost_cpu.json" if args.profile == "shipped" else Path(args.profile)
+    try:
+        step_time = StepCostProfile.load(path).model(refine=False)
+    except ProfileError as e:
+        raise ExportError(str(e)) from None
+    alpha = _alpha(args)
+    per_batch = schedule(step_time, alpha, args.max_batch, args.context, candidates=args.candidates)
+    if args.engine == "vllm":
+        try:
+            base = json.loads(args.base)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"--base is not JSON: {e}") from None
+        config = vllm_config(per_batch, args.num_speculative_tokens, base)
+    else:
+        config = sglang_config(per_batch)
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items()) + "\n}"
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}: {len(ranges(per_batch))} batch-size ranges, K in "
+              f"{sorted({c[0] for c in per_batch})} (profile {path})")  # fmt: skip
+    else:
+        print(text)
+    return config
+
+
+def _alpha(args: ExportSettings) -> torch.Tensor:
+    k = args.num_speculative_tokens
+    if args.alpha is not None:
+        if not 0.0 <= args.alpha <= 1.0:
+            raise ExportError(f"--alpha must be a probability, got {args.alpha}")
+        return torch.full((k,), float(args.alpha))
+    from adactl.estimators import MovingAverage, load_acceptance
+
+    try:
+        estimate = load_acceptance(args.acceptance)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        raise ExportError(f"acceptance estimate {args.acceptance!r}: {e}") from None
+    if not isinstance(estimate, MovingAverage):
+        raise ExportError(f"{args.acceptance!r} is a {type(estimate).__name__}; the schedule needs per-position "
+                          "acceptance known before drafting (a moving_average), or --alpha")  # fmt: skip
+    return estimate.alpha(k)
