@@ -7,7 +7,8 @@ fitted moving average, shipped or saved, or `--alpha 0.8` for a flat one):
 
     c*(B) = argmax_{c <= K} B * (1 + sum_{j < c} prod_{i <= j} alpha_i) / T(B, c)
 
-Consecutive batch sizes with the same c* form one range. Written as
+With `--policy`, a learned SpecDecode-v0 policy's choice at each batch size replaces the
+rule. Consecutive batch sizes with the same choice form one range. Written as
 - vLLM: `num_speculative_tokens_per_batch_size`, a list of `[lo, hi, K]` in the
   `speculative_config` a user passes to `vllm serve --speculative-config`;
 - SGLang: the `--speculative-adaptive-config` file, keyed by each range's lower bound, each
@@ -57,6 +58,32 @@ def schedule(step_time: Any, alpha: torch.Tensor, max_batch: int, context: int =
         rates = goodput_rates(step_time, alpha, rows, rows * context)
         others = [int(c) for c in np.argsort(-rates, kind="stable") if int(c) != best]
         out.append([best, *others[: candidates - 1]])
+    return out
+
+
+def policy_schedule(policy: str | Path, step_time: Any, max_batch: int, context: int = 256) -> list[list[int]]:
+    """The draft length a learned SpecDecode-v0 policy (`LearnedController`) chooses at each
+    batch size 1..max_batch, every request `context` tokens long and none waiting. Its
+    recent-accepted-length feature is set to what its acceptance estimate expects of a full
+    draft (a server's running average would be near it)."""
+    from adactl.controllers import LearnedController, PolicyError
+    from adactl.interface import ScheduleState
+    from adactl.runtime.types import RequestView, SamplingParams
+
+    try:
+        controller = LearnedController(policy, step_time=step_time)
+    except PolicyError as e:
+        raise ExportError(str(e)) from None
+    if controller.policy.env_id != "adactl/SpecDecode-v0":
+        raise ExportError(f"{policy} is a {controller.policy.env_id} policy; a schedule needs a SpecDecode-v0 one")
+    k = controller.max_draft_len
+    controller.features.accepted_ema = float(torch.cumprod(controller.features.estimator.alpha(k), 0).sum())
+    out = []
+    for rows in range(1, max_batch + 1):
+        views = tuple(RequestView(f"r{i}", "running", context, context, 1, context + 1, 0.0, 0.0, SamplingParams())
+                      for i in range(rows))  # fmt: skip
+        plan = controller.act(ScheduleState(0.0, views, k))
+        out.append([int(plan.draft_len) if isinstance(plan.draft_len, int) else 0])
     return out
 
 
@@ -147,6 +174,8 @@ class ExportSettings:
     acceptance: str = setting("moving_average", "an acceptance estimate with per-position alpha: 'moving_average' "
                               "(shipped) or a saved MovingAverage JSON")  # fmt: skip
     alpha: float | None = setting(None, "a flat acceptance per position instead of --acceptance", parse=float)
+    policy: str | None = setting(None, "a learned SpecDecode-v0 policy (train/ppo.py; 'shipped' for ours) to "
+                                 "evaluate over batch sizes instead of the goodput rule")  # fmt: skip
     num_speculative_tokens: int = setting(4, "K, the most draft tokens per step (the engine's own setting)")
     max_batch: int = setting(256, "the largest batch size scheduled")
     context: int = setting(256, "tokens of context per request the costs assume")
@@ -178,8 +207,14 @@ def run(args: ExportSettings) -> dict[str, Any]:
         step_time = StepCostProfile.load(path).model(refine=False)
     except ProfileError as e:
         raise ExportError(str(e)) from None
-    alpha = _alpha(args)
-    per_batch = schedule(step_time, alpha, args.max_batch, args.context, candidates=args.candidates)
+    if args.policy:
+        policy = SHIPPED_MODELS / "policies" / "SpecDecode-v0.safetensors" if args.policy == "shipped" else args.policy
+        per_batch = policy_schedule(policy, step_time, args.max_batch, args.context)
+    else:
+        per_batch = schedule(step_time, _alpha(args), args.max_batch, args.context, candidates=args.candidates)
+    if max(c[0] for c in per_batch) > args.num_speculative_tokens:
+        raise ExportError(f"the schedule drafts up to {max(c[0] for c in per_batch)} tokens, more than "
+                          f"--num-speculative-tokens {args.num_speculative_tokens}")  # fmt: skip
     if args.engine == "vllm":
         try:
             base = json.loads(args.base)

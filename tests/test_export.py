@@ -117,3 +117,13 @@ def test_bad_profiles_and_requests_are_clear_errors(tmp_path, capsys):
     with pytest.raises(ExportError, match="probabilities"):
         schedule(StepCostProfile.load(CPU).model(refine=False), torch.tensor([1.5]), 4)
     assert export.ExportError is ExportError
+
+
+def test_a_learned_policy_exports_its_choices(tmp_path, capsys):
+    out = tmp_path / "sglang.json"
+    assert main(["export", "sglang", "--policy", "shipped", "--max-batch", "16", "--out", str(out)]) == 0
+    check_sglang(json.loads(out.read_text()))
+    streaming = SHIPPED_MODELS / "policies" / "Streaming-v0.safetensors"
+    assert main(["export", "vllm", "--policy", str(streaming)]) == 2
+    assert "SpecDecode-v0" in capsys.readouterr().err
+    assert main(["export", "vllm", "--policy", str(tmp_path / "missing.safetensors")]) == 2
