@@ -99,3 +99,42 @@ class ProfileSettings:
         "prior shipped with adactl); default: this machine's, measured on first use, cached",
     )
     refine: bool = setting(True, "keep the profile's costs as they are (no online refinement from served steps)")
+
+
+@dataclass(frozen=True)
+class WorkloadSettings:
+    """An open-loop workload (adactl.workloads): held-out ShareGPT requests arriving as a Poisson
+    process (Gamma gaps with burstiness < 1), each read by a consumer."""
+
+    requests: int = setting(40, "requests per run")
+    burstiness: float = setting(1.0, "Gamma shape of arrival gaps (1 = Poisson)")
+    consumers: str = setting("mixed", "mixed: token, speech, word and sentence readers; tokens: token and speech "
+                             "readers", choices=["mixed", "tokens"])  # fmt: skip
+    ttft: float = setting(1.0, "a reader's first unit is due this long after arrival (s)")
+    max_prompt_tokens: int = setting(128, "prompts are clipped to this")
+    seed: int = setting(0, "seed of prompts, arrivals, readers and sampling")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What `adactl serve` admits at once."""
+
+    max_batch: int = setting(64, "requests running or prefilling at once, at most")
+    max_queue: int = setting(64, "requests waiting for a first token before 429s")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a bench writes, and its smoke-run switch."""
+
+    out: str = setting("bench_results", "directory for the JSON records and the PNG plot")
+    tiny: bool = setting(False, "tiny random models (a smoke run in seconds)")
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """The models: a target and the draft that speculates for it."""
+
+    target: str = setting("smollm2", "target model spec (default: the embedded SmolLM2-135M-Instruct)")
+    draft: str = setting("draft", "draft: draft (shipped), companion, a saved feature draft or a model spec "
+                         "sharing the target's tokenizer")  # fmt: skip

@@ -29,8 +29,8 @@ from adactl import settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 from adactl.runtime.device import describe, device_and_dtype
-from adactl.runtime.models import DEFAULT_DRAFT, load_pair, tiny_llama
-from adactl.settings import DeviceSettings, ints, setting
+from adactl.runtime.models import load_pair, tiny_llama
+from adactl.settings import DeviceSettings, PairSettings, RunSettings, ints, setting
 
 SUMMARY = ["dataset", "greedy_acceptance", "mean_accepted_len_k4", "draft_cost_ratio", "speedup_bs1", "best_k"]
 
@@ -202,19 +202,15 @@ def run(args: DraftSettings) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class DraftSettings(DeviceSettings):
+class DraftSettings(PairSettings, RunSettings, DeviceSettings):
     """`adactl bench draft`."""
 
-    target: str = setting("smollm2", "target model spec (default: SmolLM2-135M-Instruct)")
-    draft: str = setting(DEFAULT_DRAFT, "draft: draft, companion, a saved feature draft or a model spec")
     datasets: list[str] = setting(["sharegpt", "humaneval"], "comma-separated", parse=lambda s: s.split(","))
     prompts: int = setting(10, "prompts per dataset")
     ks: list[int] = setting([1, 2, 3, 4, 5, 6], "draft lengths, comma-separated", parse=ints)
     max_new_tokens: int = setting(128, "tokens generated per prompt")
     max_prompt_tokens: int = setting(384, "prompts are clipped to this")
     seed: int = setting(0, "seed of the tiny models' prompts")
-    out: str = setting("bench_results", "directory for draft.json and draft.png")
-    tiny: bool = setting(False, "tiny random models (a smoke run in seconds)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

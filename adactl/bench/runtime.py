@@ -35,7 +35,7 @@ from adactl import settings
 from adactl.bench.common import PeakMemory, format_table, release_freed_memory, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
 from adactl.runtime.models import perturbed_copy, tiny_llama
-from adactl.settings import DeviceSettings, ints, setting
+from adactl.settings import DeviceSettings, PairSettings, RunSettings, ints, setting
 
 DEFAULT_DRAFT = "smollm2@layers=4"
 DRAFT_NOTE = (
@@ -384,11 +384,9 @@ def run(args: RuntimeSettings) -> list[dict[str, Any]]:
 
 
 @dataclass(frozen=True)
-class RuntimeSettings(DeviceSettings):
+class RuntimeSettings(PairSettings, RunSettings, DeviceSettings):
     """`adactl bench runtime`."""
 
-    target: str = setting("smollm2", "target model spec (default: SmolLM2-135M-Instruct)")
-    draft: str = setting(DEFAULT_DRAFT, "draft model spec sharing the target's tokenizer")
     batch_sizes: list[int] = setting([1, 16, 64], "batch sizes, comma-separated", parse=ints)
     max_new_tokens: int = setting(96, "tokens generated per request")
     max_prompt_tokens: int = setting(256, "prompts are clipped to this")
@@ -396,8 +394,6 @@ class RuntimeSettings(DeviceSettings):
     configs: list[str] | None = setting(None, f"configurations, comma-separated (default all: "
                                         f"{','.join(_CONFIG_ORDER)})", parse=lambda s: s.split(","))  # fmt: skip
     seed: int = setting(0, "seed of the tiny models' prompts")
-    out: str = setting("bench_results", "directory for runtime.json and runtime.png")
-    tiny: bool = setting(False, "tiny random models and prompts (a smoke run in seconds)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime.device import describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
-from adactl.settings import DeviceSettings, setting
+from adactl.settings import DeviceSettings, PairSettings, RunSettings, ServerLimits, WorkloadSettings, setting
 from adactl.stacks import stack_list
 from adactl.workloads import arrival_times, consumer_mix
 
@@ -313,7 +313,7 @@ def _warm_up(server: Server, job: Job) -> None:
 
 # ----------------------------------------------------------------- main
 def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
-    streams = consumer_mix(args.requests, args.seed, args.stream_ttft, tokens_only=args.consumers == "tokens")
+    streams = consumer_mix(args.requests, args.seed, args.ttft, tokens_only=args.consumers == "tokens")
     if args.tiny:
         import random
 
@@ -390,29 +390,18 @@ def _floats(text: str) -> list[float]:
 
 
 @dataclass(frozen=True)
-class ServeBenchSettings(DeviceSettings):
-    """`adactl bench serve`."""
+class ServeBenchSettings(WorkloadSettings, PairSettings, ServerLimits, RunSettings, DeviceSettings):
+    """`adactl bench serve` (`max_batch`, `max_queue`: each adactl server's)."""
 
     stacks: list[str] = setting(STACKS, f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
                                 parse=stack_list)  # fmt: skip
     peer: bool = setting(True, "skip transformers serve")
     rates: list[float] = setting([1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0], "requests/s", parse=_floats)
     requests: int = setting(90, "requests per rate")
-    burstiness: float = setting(1.0, "Gamma shape of the gaps (1 = Poisson)")
-    consumers: str = setting("tokens", "mixed: token, speech, word and sentence readers; tokens: token and speech "
-                             "readers", choices=["mixed", "tokens"])  # fmt: skip
-    stream_ttft: float = setting(1.0, "seconds until a consumer's stream opens")
+    consumers: str = setting("tokens", "as bench stream's", choices=["mixed", "tokens"])
     ttft_target: float = setting(2.0, "the p99 TTFT a served rate must keep (s)")
-    max_prompt_tokens: int = setting(128, "prompts are clipped to this")
     max_output_tokens: int = setting(64, "replies are clipped to this")
-    max_batch: int = setting(64, "adactl serve --max-batch")
-    max_queue: int = setting(64, "adactl serve --max-queue")
     time_limit: float = setting(300.0, "seconds a rate's run may take at most")
-    target: str = setting("smollm2", "target model spec")
-    draft: str = setting("draft", "draft model spec (stacks that speculate)")
-    seed: int = setting(0, "seed of prompts, arrivals and readers")
-    out: str = setting("bench_results", "directory for JSON, PNG and server logs")
-    tiny: bool = setting(False, "smoke run: in-process servers on a tiny random model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

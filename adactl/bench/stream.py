@@ -43,7 +43,7 @@ from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import describe
 from adactl.runtime.replay import ReplayEngine
-from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
+from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, WorkloadSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
@@ -52,17 +52,11 @@ COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99
 
 
 @dataclass(frozen=True)
-class StreamSettings(DeviceSettings, ProfileSettings):
+class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSettings):
     """`adactl bench stream`."""
 
     target: str = setting("smollm2", "the target model")
     loads: list[float] = setting([0.5, 1.0, 1.5, 2.0, 3.0], "requests/s, comma-separated", parse=floats)
-    requests: int = setting(40, "requests per run")
-    burstiness: float = setting(1.0, "Gamma shape of arrival gaps (1 = Poisson)")
-    ttft: float = setting(1.0, "first unit due this long after arrival (s)")
-    consumers: str = setting("mixed", "mixed: token, speech, word and sentence readers; tokens: token and speech "
-                             "readers", choices=["mixed", "tokens"])  # fmt: skip
-    max_prompt_tokens: int = setting(128, "prompts are clipped to this")
     max_new_tokens: int = setting(64, "reply lengths are clipped to this")
     prefill_budget: int = setting(512, "static chunked-prefill budget (tokens)")
     fcfs_seqs: list[int] = setting([8, 16], "max_num_seqs of the tuned FCFS runs", parse=ints)
@@ -73,10 +67,7 @@ class StreamSettings(DeviceSettings, ProfileSettings):
     replay: bool = setting(False, "profile replay instead of the real engine")
     validate: bool = setting(False, "run engine and replay, report the replay's error")
     replay_noise: float = setting(0.1, "log-sd of replayed step times")
-    seed: int = setting(0, "seed of prompts, arrivals, readers and sampling")
     quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
-    tiny: bool = setting(False, "tiny random model (a smoke run)")
-    out: str = setting("bench_results", "directory for JSON and PNG")
 
     def resolved(self) -> StreamSettings:
         """--quick applied."""

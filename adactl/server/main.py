@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from adactl import settings
-from adactl.settings import DeviceSettings, ProfileSettings, setting
+from adactl.settings import DeviceSettings, ProfileSettings, ServerLimits, setting
 from adactl.stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts, needs_companion, parse
 
 
@@ -23,7 +23,7 @@ def one_stack(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class ServeSettings(DeviceSettings, ProfileSettings):
+class ServeSettings(ServerLimits, DeviceSettings, ProfileSettings):
     """`adactl serve`."""
 
     model: str = setting("smollm2", "target model spec (default: the embedded SmolLM2-135M)")
@@ -34,8 +34,6 @@ class ServeSettings(DeviceSettings, ProfileSettings):
     served_model_name: str | None = setting(None, "the model id clients name (default: from --model)")
     host: str = setting("127.0.0.1", "listen address (default: loopback only)")
     port: int = setting(8000, "listen port")
-    max_batch: int = setting(64, "requests running or prefilling at once, at most")
-    max_queue: int = setting(64, "requests waiting for a first token before 429s")
     max_queue_wait: float = setting(60.0, "seconds a request may wait to start")
     max_draft_len: int = setting(8, "draft tokens per row per step, at most")
     prefill_budget: int = setting(512, "prompt tokens per step (the safe default)")
