@@ -67,6 +67,11 @@ class Args:
     runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root"})
     eval_only: bool = field(default=False, metadata={"help": "skip training: compare the policy at --out"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    trainer: str = field(default="sb3", metadata={"help": "sb3 (stable-baselines3, this machine) or rllib (Ray "
+                                                  "RLlib: --n-envs env runners, on a Ray cluster with --address)"})
+    address: str = field(default="", metadata={"help": "rllib: a Ray cluster to join (default: start a local one)"})
+    gpus_per_runner: float = field(default=0.0, metadata={"help": "rllib: GPUs per env runner (real backend: one "
+                                                          "engine per GPU)"})
     device: str = field(default="auto", metadata={"help": "real backend: auto (cuda when available), cpu, cuda"})
     dtype: str = field(default="float32", metadata={"help": "real backend: float32, bfloat16 or float16"})
     profile: str = field(
@@ -91,6 +96,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
         p.error(f"--env-id must be one of {sorted(ENV_SETTINGS)}")
     if args.backend not in ("replay", "real"):
         p.error("--backend must be replay or real")
+    if args.trainer not in ("sb3", "rllib"):
+        p.error("--trainer must be sb3 or rllib")
+    if args.trainer == "rllib":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            p.error('--trainer rllib needs Ray: pip install -e ".[ray]"')
+        if args.finetune_timesteps > 0:
+            p.error("--finetune-timesteps: sb3 only (train rllib on --backend real instead)")
     from adactl.estimators.step_cost import ProfileError, StepCostProfile
     from adactl.runtime.device import DeviceError, device_and_dtype
 
@@ -292,19 +306,7 @@ def export_policy(model: Any, vec_env: Any, path: Path, args: Args) -> None:
     rms = vec_env.obs_rms
     tensors["obs_mean"] = torch.as_tensor(rms.mean, dtype=torch.float64)
     tensors["obs_var"] = torch.as_tensor(rms.var, dtype=torch.float64)
-    space = model.action_space
-    action_space = {"type": "Discrete", "n": int(space.n)} if hasattr(space, "n") else {
-        "type": "MultiDiscrete", "nvec": [int(n) for n in space.nvec]}  # fmt: skip
-    meta = {
-        "format": "adactl-policy-v1",
-        "env_id": args.env_id,
-        "action_space": json.dumps(action_space),
-        "obs_dim": str(int(model.observation_space.shape[0])),
-        "clip_obs": str(float(vec_env.clip_obs)),
-        "epsilon": str(float(vec_env.epsilon)),
-        "env_kwargs": json.dumps({k: v for k, v in env_kwargs(args).items() if k != "backend"}),
-        "args": json.dumps(dataclasses.asdict(args)),
-    }
+    meta = _meta(args, model.action_space, int(model.observation_space.shape[0]), vec_env.clip_obs, vec_env.epsilon)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
 
@@ -410,12 +412,157 @@ def train(args: Args) -> tuple[Path, Any]:
     return out, deterministic_act(model, venv)
 
 
+def train_rllib(args: Args) -> tuple[Path, Any]:
+    """The same training on Ray RLlib (PPO, new API stack): `--n-envs` env runners, each with its
+    own backend (`--gpus-per-runner` GPUs for a real engine each), on the cluster at `--address`
+    or a local one. Observations are the features as they are (already in [0, 1]); the policy
+    is exported in the same weights-only format, so `LearnedController` serves it unchanged."""
+    import ray
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.tune.registry import register_env
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}-rllib__{args.seed}__{stamp}"
+    out = Path(args.out) if args.out else default_out(args)
+    env_name = args.env_id.replace("/", "-")
+    register_env(env_name, lambda config: _adactl_env(args.env_id, config))
+    ray.init(address=args.address or None, include_dashboard=False, log_to_driver=False,
+             **({} if args.address else {"num_cpus": max(2, args.n_envs)}))  # fmt: skip
+    widths = [int(w) for w in args.net_arch.split(",") if w]
+    batch = args.n_steps * args.n_envs
+    config = (
+        PPOConfig()
+        .environment(env=env_name, env_config=env_kwargs(args))
+        .env_runners(num_env_runners=args.n_envs, rollout_fragment_length=args.n_steps, num_cpus_per_env_runner=1,
+                     num_gpus_per_env_runner=args.gpus_per_runner)  # fmt: skip
+        .training(train_batch_size_per_learner=batch, minibatch_size=args.batch_size, num_epochs=args.n_epochs,
+                  lr=args.learning_rate, gamma=args.gamma, lambda_=args.gae_lambda, clip_param=args.clip_range,
+                  entropy_coeff=args.ent_coef)  # fmt: skip
+        .rl_module(model_config={"fcnet_hiddens": widths, "fcnet_activation": "tanh", "vf_share_layers": False})
+        .debugging(seed=args.seed)
+    )
+    algo = config.build_algo()
+    writer = SummaryWriter(str(run_dir))
+    writer.add_text("hparams", json.dumps(dataclasses.asdict(args), indent=1))
+    eval_env = make_env(args.env_id, env_kwargs(args, args.backend), args.seed + 999)()
+    settings = ENV_SETTINGS[args.env_id]
+    seeds = [10_000 + i for i in range(args.eval_episodes)]
+    base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in settings["baselines"]}
+    best = max(base, key=lambda b: base[b])
+    t0, steps, rollouts, last_eval = time.perf_counter(), 0, 0, {}
+    bar = tqdm(total=args.total_timesteps, desc="rllib ppo", unit="step", disable=not args.progress)
+    while steps < args.total_timesteps:
+        result = algo.train()
+        runners = result.get("env_runners", {})
+        now = int(runners.get("num_env_steps_sampled_lifetime", steps + batch))
+        bar.update(now - steps)
+        steps, rollouts = now, rollouts + 1
+        elapsed = time.perf_counter() - t0
+        if runners.get("episode_return_mean") is not None:
+            writer.add_scalar("rollout/ep_rew_mean", float(runners["episode_return_mean"]), steps)
+        writer.add_scalar("time/fps", steps / elapsed, steps)
+        if rollouts % args.eval_every == 0 or steps >= args.total_timesteps:
+            policy = _rllib_policy(algo, eval_env, args)
+            mine = float(np.mean([policy_episode(eval_env, policy.act, s)[0] for s in seeds]))
+            last_eval = {"policy": mine, "best_baseline": float(base[best])}
+            writer.add_scalar(metrics.tensorboard("policy_reward"), mine, steps)
+            writer.add_scalar(metrics.tensorboard("baseline_reward"), float(base[best]), steps)
+            writer.add_scalar(metrics.tensorboard("reward_ratio"), mine / base[best] if base[best] else 0.0, steps)
+    bar.close()
+    minutes = (time.perf_counter() - t0) / 60
+    export_rllib_policy(algo, eval_env, out, args)
+    module = algo.get_module()
+    writer.close()
+    algo.stop()
+    ray.shutdown()
+    eval_env.close()
+    print(f"trained in {minutes:.1f} min ({steps / minutes / 60:.0f} env steps/s); policy -> {out}; "
+          f"TensorBoard: tensorboard --logdir {args.runs_dir}")  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.json").write_text(json.dumps({"minutes": minutes, "env_steps": steps, "last_eval": last_eval,
+                                                    "args": dataclasses.asdict(args)}, indent=1) + "\n")  # fmt: skip
+    return out, _rllib_act(module)
+
+
+def _rllib_act(module: Any) -> Any:
+    """RLlib's own deterministic action (the most likely one of each sub-space), to check the
+    exported file against."""
+    import torch
+
+    def act(obs: np.ndarray) -> Any:
+        with torch.no_grad():
+            logits = module.forward_inference({"obs": torch.as_tensor(obs, dtype=torch.float32)[None]})
+        return int(logits["action_dist_inputs"][0].argmax())
+
+    return act
+
+
+def _adactl_env(env_id: str, config: dict[str, Any]) -> Any:
+    import gymnasium as gym
+
+    import adactl.envs  # noqa: F401  (registers the environments in this env runner's process)
+
+    return gym.make(env_id, **dict(config)).unwrapped
+
+
+def _rllib_tensors(algo: Any) -> dict[str, Any]:
+    """The actor of RLlib's default PPO module in our policy format: its encoder's linear layers
+    (tanh after each) and the policy head; identity normalisation (features are in [0, 1])."""
+    import torch
+
+    state = {k: torch.as_tensor(v).float() for k, v in algo.get_module().get_state().items()}
+    layers = sorted({int(k.split(".")[-2]) for k in state if k.startswith("encoder.actor_encoder.net.mlp.")})
+    tensors = {}
+    for i, j in enumerate(layers):
+        tensors[f"policy.{i}.weight"] = state[f"encoder.actor_encoder.net.mlp.{j}.weight"].contiguous()
+        tensors[f"policy.{i}.bias"] = state[f"encoder.actor_encoder.net.mlp.{j}.bias"].contiguous()
+    tensors["action.weight"] = state["pi.net.mlp.0.weight"].contiguous()
+    tensors["action.bias"] = state["pi.net.mlp.0.bias"].contiguous()
+    width = tensors["policy.0.weight"].shape[1]
+    tensors["obs_mean"] = torch.zeros(width, dtype=torch.float64)
+    tensors["obs_var"] = torch.full((width,), 1.0 - 1e-8, dtype=torch.float64)
+    return tensors
+
+
+def _meta(args: Args, space: Any, obs_dim: int, clip_obs: float, epsilon: float) -> dict[str, str]:
+    action_space = {"type": "Discrete", "n": int(space.n)} if hasattr(space, "n") else {
+        "type": "MultiDiscrete", "nvec": [int(n) for n in space.nvec]}  # fmt: skip
+    return {
+        "format": "adactl-policy-v1",
+        "env_id": args.env_id,
+        "action_space": json.dumps(action_space),
+        "obs_dim": str(obs_dim),
+        "clip_obs": str(float(clip_obs)),
+        "epsilon": str(float(epsilon)),
+        "env_kwargs": json.dumps({k: v for k, v in env_kwargs(args).items() if k != "backend"}),
+        "args": json.dumps(dataclasses.asdict(args)),
+    }
+
+
+def _rllib_policy(algo: Any, env: Any, args: Args) -> Any:
+    """The policy as `LearnedController` would load it from the exported file."""
+    from adactl.controllers.learned import Policy
+
+    return Policy(_rllib_tensors(algo), _meta(args, env.action_space, int(env.observation_space.shape[0]), 10.0, 1e-8))
+
+
+def export_rllib_policy(algo: Any, env: Any, path: Path, args: Args) -> None:
+    """An RLlib-trained policy, weights-only, in the format `LearnedController` loads."""
+    from safetensors.torch import save_file
+
+    meta = _meta(args, env.action_space, int(env.observation_space.shape[0]), 10.0, 1e-8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_rllib_tensors(algo), str(path), metadata=meta)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.eval_only:
         path = Path(args.out) if args.out else default_out(args)
     else:
-        path, _ = train(args)
+        path, _ = train_rllib(args) if args.trainer == "rllib" else train(args)
     report = compare(args, path)
     out = path.with_suffix(".eval.json")
     out.write_text(json.dumps(report, indent=1) + "\n")
