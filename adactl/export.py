@@ -110,9 +110,11 @@ def vllm_config(per_batch: list[list[int]], num_speculative_tokens: int, base: d
 
 
 def check_vllm(config: dict[str, Any]) -> None:
-    """vLLM's rules for a per-batch-size schedule: a list of [lo, hi, K] integer triples, the
-    first starting at batch size 1, lo <= hi, no two ranges overlapping, 0 <= K <=
-    num_speculative_tokens."""
+    """vLLM's rules (`v1/spec_decode/dynamic/utils.py`, `validate_and_normalize_dynamic_sd_schedule`):
+    a non-empty list of [lo, hi, K] integer triples (both ends inclusive), the first starting at
+    batch size 1, lo <= hi, no two ranges overlapping (gaps take the range before them; the last
+    range covers every larger batch), 0 <= K <= num_speculative_tokens (vLLM clamps a larger K
+    silently; its docs require it, and so does this check)."""
     k_max = config.get("num_speculative_tokens")
     if not isinstance(k_max, int) or isinstance(k_max, bool) or k_max < 1:
         raise ExportError(f"num_speculative_tokens must be a positive integer, got {k_max!r}")
@@ -144,23 +146,41 @@ def sglang_config(per_batch: list[list[int]]) -> dict[str, Any]:
     return config
 
 
+SGLANG_GLOBALS = {"ema_alpha": float, "update_interval": int, "warmup_batches": int}
+SGLANG_SLOT = {"up_hysteresis": float, "down_hysteresis": float, "ceiling_coeff": float}
+
+
 def check_sglang(config: dict[str, Any]) -> None:
-    """SGLang's rules: keys are batch-size lower bounds written as integers, one of them 1;
-    each value holds `candidate_steps`, a non-empty list of distinct non-negative integers."""
-    if not isinstance(config, dict) or not config:
-        raise ExportError("an adaptive config maps batch-size lower bounds to {'candidate_steps': [...]}")
-    bounds = []
+    """SGLang's rules (`adaptive_spec_params._load_adaptive_config`): at least one slot, keyed by
+    its batch-size lower bound in digits; each slot an object whose `candidate_steps` is a
+    non-empty list of non-negative integers (0: no draft, read by recent SGLang; its docs still
+    say positive); the optional knobs, global (`ema_alpha`, `update_interval`,
+    `warmup_batches`) or per slot (`up_hysteresis`, `down_hysteresis`, `ceiling_coeff`), numbers."""
+    if not isinstance(config, dict) or not any(isinstance(k, str) and k.isdigit() for k in config):
+        raise ExportError("an adaptive config maps batch-size lower bounds (digits) to {'candidate_steps': [...]}")
     for key, value in config.items():
-        if not (isinstance(key, str) and key.isdigit() and int(key) >= 1):
-            raise ExportError(f"key {key!r} must be a batch-size lower bound written as a positive integer")
-        bounds.append(int(key))
-        steps = value.get("candidate_steps") if isinstance(value, dict) else None
+        if key in SGLANG_GLOBALS:
+            _number(key, value, SGLANG_GLOBALS[key])
+            continue
+        if not (isinstance(key, str) and key.isdigit()):
+            known = list(SGLANG_GLOBALS)
+            raise ExportError(f"key {key!r} is neither a batch-size lower bound (digits) nor one of {known}")
+        if not isinstance(value, dict):
+            raise ExportError(f"slot {key}: must be an object with candidate_steps, got {value!r}")
+        steps = value.get("candidate_steps")
         if not isinstance(steps, list) or not steps:
-            raise ExportError(f"bucket {key}: candidate_steps must be a non-empty list")
+            raise ExportError(f"slot {key}: candidate_steps must be a non-empty list")
         if any(type(s) is not int or s < 0 for s in steps) or len(set(steps)) != len(steps):
-            raise ExportError(f"bucket {key}: candidate_steps must be distinct non-negative integers, got {steps}")
-    if min(bounds) != 1:
-        raise ExportError(f"the buckets must start at batch size 1, got lower bounds {sorted(bounds)}")
+            raise ExportError(f"slot {key}: candidate_steps must be distinct non-negative integers, got {steps}")
+        for knob, kind in SGLANG_SLOT.items():
+            if knob in value:
+                _number(f"slot {key}: {knob}", value[knob], kind)
+
+
+def _number(name: str, value: Any, kind: type) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or type(value) is int)
+    if not ok:
+        raise ExportError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
 
 
 # ------------------------------------------------------------------ command

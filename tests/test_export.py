@@ -77,17 +77,28 @@ def test_vllm_rules(table, k, match):
     "config, match",
     [
         ({}, "maps batch-size"),
-        ({"2": {"candidate_steps": [1]}}, "start at batch size 1"),
+        ({"ema_alpha": 0.2}, "maps batch-size"),
         ({"1": {"candidate_steps": []}}, "non-empty"),
         ({"1": {"candidate_steps": [1, 1]}}, "distinct"),
         ({"1": {"candidate_steps": [-1]}}, "non-negative"),
-        ({"one": {"candidate_steps": [1]}}, "positive integer"),
-        ({"1": [1]}, "non-empty list"),
+        ({"1": {"candidate_steps": [1]}, "one": {"candidate_steps": [1]}}, "neither"),
+        ({"1": [1]}, "must be an object"),
+        ({"1": {"candidate_steps": [1]}, "update_interval": 2.5}, "an integer"),
+        ({"1": {"candidate_steps": [1], "down_hysteresis": "low"}}, "a number"),
     ],
 )
 def test_sglang_rules(config, match):
     with pytest.raises(ExportError, match=match):
         check_sglang(config)
+
+
+def test_sglang_accepts_its_documented_example():
+    knobs = {"ema_alpha": 0.2, "warmup_batches": 10, "update_interval": 5}
+    first = {"candidate_steps": [1, 3, 7], "down_hysteresis": -0.25}
+    check_sglang({**knobs, "1": first, "8": {"candidate_steps": [1]}})
+    check_vllm({"method": "eagle", "model": "m", "num_speculative_tokens": 3,
+                "num_speculative_tokens_per_batch_size": [[1, 64, 3], [65, 128, 1], [129, 512, 0]]})  # fmt: skip
+    check_vllm({"num_speculative_tokens": 3, "num_speculative_tokens_per_batch_size": [[1, 8, 3], [17, 32, 1]]})
 
 
 def test_export_commands_write_files_the_rules_accept(tmp_path, capsys):

@@ -473,7 +473,7 @@ def train_rllib(args: Args) -> tuple[Path, Any]:
     bar.close()
     minutes = (time.perf_counter() - t0) / 60
     export_rllib_policy(algo, eval_env, out, args)
-    module = algo.get_module()
+    module, space = algo.get_module(), eval_env.action_space
     writer.close()
     algo.stop()
     ray.shutdown()
@@ -483,18 +483,21 @@ def train_rllib(args: Args) -> tuple[Path, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train.json").write_text(json.dumps({"minutes": minutes, "env_steps": steps, "last_eval": last_eval,
                                                     "args": dataclasses.asdict(args)}, indent=1) + "\n")  # fmt: skip
-    return out, _rllib_act(module)
+    return out, _rllib_act(module, space)
 
 
-def _rllib_act(module: Any) -> Any:
+def _rllib_act(module: Any, space: Any) -> Any:
     """RLlib's own deterministic action (the most likely one of each sub-space), to check the
     exported file against."""
     import torch
 
+    sizes = [int(space.n)] if hasattr(space, "n") else [int(n) for n in space.nvec]
+
     def act(obs: np.ndarray) -> Any:
         with torch.no_grad():
-            logits = module.forward_inference({"obs": torch.as_tensor(obs, dtype=torch.float32)[None]})
-        return int(logits["action_dist_inputs"][0].argmax())
+            out = module.forward_inference({"obs": torch.as_tensor(obs, dtype=torch.float32)[None]})
+        parts = [int(p.argmax()) for p in torch.split(out["action_dist_inputs"][0], sizes)]
+        return parts[0] if hasattr(space, "n") else np.asarray(parts, dtype=np.int64)
 
     return act
 
