@@ -283,3 +283,14 @@ def test_rllib_policy_exports_in_our_format_and_serves(tmp_path):
     (run,) = list((tmp / "runs").iterdir())
     scalars = set(EventAccumulator(str(run)).Reload().Tags()["scalars"])
     assert {"adactl/policy_reward", "adactl/baseline_reward", "time/fps"} <= scalars
+
+
+def test_rllib_without_ray_is_a_clear_message(monkeypatch, capsys):
+    import importlib.util
+
+    ppo = _script("ppo")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--trainer", "rllib"])
+    assert 'pip install -e ".[ray]"' in capsys.readouterr().err
