@@ -191,6 +191,11 @@ REGISTRY: tuple[Entry, ...] = (
 )  # fmt: skip
 
 NAMES = ", ".join(e.shown for e in REGISTRY)
+KINDS = {  # controllers that make the same decision; a stack has at most one of each kind
+    "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream"},
+    "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
+                     "goodput-tree", "slo-tree", "learned-spec"},
+}  # fmt: skip
 
 
 @dataclass
@@ -215,6 +220,11 @@ def parse(spec: str) -> list[tuple[Entry, tuple[int, ...]]]:
         if entry.role == "verify" and i != len(names) - 1:
             raise ValueError(f"{name!r} is a verify controller: it goes last in the stack {spec!r}")
         found.append((entry, tuple(int(g) for g in m.groups())))
+    for kind, members in KINDS.items():  # one controller per decision: a second would overrule the first
+        named = [names[i] for i, (entry, _) in enumerate(found) if entry.shown in members]
+        if len(named) > 1:
+            raise ValueError(f"{spec!r} names {len(named)} {kind} controllers ({', '.join(named)}): a stack has one; "
+                             "separate stacks with ';'")  # fmt: skip
     return found
 
 

@@ -205,20 +205,24 @@ class OpenLoop:
     """Requests added at their arrival times, however fast the server goes (open loop, as
     vLLM's serving benchmark), and `loop` stepped until all are served.
 
-    clock: the engine's clock (wall time, or a `ReplayEngine`'s `clock`); sleep: how an idle
-    server waits for the next arrival (`time.sleep`, or a `ReplayEngine`'s `sleep`); with
+    clock: the engine's clock (default: the loop's, wall time or a `ReplayEngine`'s); sleep: how
+    an idle server waits for the next arrival (default: the engine's `sleep` if it has one, as
+    a `ReplayEngine` does, else `time.sleep`); with
     `skip_idle`, an idle server does not wait: the remaining arrivals come forward by the gap,
     their spacing kept (an environment's episode spends no step waiting). `index` maps each
     request id to its arrival's position.
     """
 
-    def __init__(self, loop: Any, arrivals: Sequence[Arrival], clock: Callable[[], float] = time.perf_counter,
-                 sleep: Callable[[float], None] = time.sleep, skip_idle: bool = False) -> None:  # fmt: skip
+    def __init__(self, loop: Any, arrivals: Sequence[Arrival], clock: Callable[[], float] | None = None,
+                 sleep: Callable[[float], None] | None = None, skip_idle: bool = False) -> None:  # fmt: skip
         if any(b.at < a.at for a, b in zip(arrivals, arrivals[1:])):
             raise ValueError("arrivals must be in time order")
         self.loop, self.engine, self.arrivals = loop, loop.engine, list(arrivals)
-        self.clock, self.sleep, self.skip_idle = clock, sleep, skip_idle
-        self.start = clock()
+        # the loop's clock, as its records have; a ReplayEngine waits on its own clock
+        self.clock: Callable[[], float] = clock if clock is not None else getattr(loop, "clock", time.perf_counter)
+        self.sleep: Callable[[float], None] = sleep if sleep is not None else getattr(self.engine, "sleep", time.sleep)
+        self.skip_idle = skip_idle
+        self.start = self.clock()
         self.shift = 0.0  # seconds the remaining arrivals were brought forward (skip_idle)
         self.next = 0
         self.index: dict[str, int] = {}

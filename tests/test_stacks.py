@@ -50,7 +50,8 @@ def test_every_name_builds_one_controller_of_its_role(entry, ctx):
 
 
 def test_names_carry_their_numbers(ctx):
-    fcfs, fixed, tree = build_stack("fcfs-seqs8,fixed-k3,tree-d3w2n6", ctx).schedule
+    fcfs, fixed = build_stack("fcfs-seqs8,fixed-k3", ctx).schedule
+    (tree,) = build_stack("tree-d3w2n6", ctx).schedule
     assert fcfs.max_num_seqs == 8 and fcfs.prefill_budget == 256
     assert fixed.k == 3
     assert tree.spec == TreeSpec(3, 2, 6)
@@ -62,6 +63,10 @@ def test_bad_stacks_say_what_is_wrong(ctx):
         build_stack("fcfs,warp", ctx)
     with pytest.raises(ValueError, match="goes last"):
         build_stack("sv,fcfs", ctx)
+    with pytest.raises(ValueError, match="2 admission controllers"):
+        build_stack("fcfs,fcfs-seqs16", ctx)  # a comma list of stacks, as commands took before: ';' now
+    with pytest.raises(ValueError, match="2 draft-length controllers"):
+        build_stack("goodput,fixed-k2,sv", ctx)
     with pytest.raises(ValueError, match="at least one"):
         build_stack(" , ", ctx)
     with pytest.raises(ValueError, match="needs a step_time"):

@@ -387,6 +387,8 @@ def run(args: RuntimeSettings) -> list[dict[str, Any]]:
 class RuntimeSettings(PairSettings, RunSettings, DeviceSettings):
     """`adactl bench runtime`."""
 
+    draft: str = setting(DEFAULT_DRAFT, "a plain causal LM sharing the target's tokenizer (transformers' assisted "
+                         "generation needs one)")  # fmt: skip
     batch_sizes: list[int] = setting([1, 16, 64], "batch sizes, comma-separated", parse=ints)
     max_new_tokens: int = setting(96, "tokens generated per request")
     max_prompt_tokens: int = setting(256, "prompts are clipped to this")

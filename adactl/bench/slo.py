@@ -63,7 +63,7 @@ def run(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[li
     n = args.slo_requests
     times = arrival_times(n, args.rate, args.seed)
     tpots = [args.slo_tpot[i % len(CLASSES)] for i in range(n)]
-    chosen = [*args.slo_controllers, "slo,adaserve"]
+    chosen = [*(args.slo_controllers or []), "slo,adaserve"]
     if getattr(args, "trees", False):
         # over token trees (`tree_width` alternatives per level); trees carry no companion
         # signal, so they read the calibrated draft confidence, and so does the chain run

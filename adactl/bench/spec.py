@@ -391,9 +391,10 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     slo_requests: int = setting(48, "--slo: requests in the run")
     slo_tpot: list[float] = setting([0.1, 0.2, 0.5], "--slo: TPOT bounds of the tight, medium and loose classes "
                                     "(seconds)", parse=floats)  # fmt: skip
-    slo_controllers: list[str] = setting(
-        ["no-spec", "fixed-k2", "fixed-k4", "goodput", "fixed-k6,sv"],
-        "--slo: stacks besides slo,adaserve (';'-separated)",
+    slo_controllers: list[str] | None = setting(
+        None,
+        "--slo: stacks besides slo,adaserve (';'-separated; default "
+        "no-spec;fixed-k2;fixed-k4;goodput;fixed-k{sv_k},sv)",
         parse=stack_list,
     )
     max_batch: int = setting(64, "--slo: requests served at once, at most")
@@ -416,7 +417,8 @@ class SpecSettings(DeviceSettings, ProfileSettings):
         if s.rounds is None:
             s = replace(s, rounds=1 if s.quick else 2)
         if s.slo:
-            s = replace(s, batches=[s.slo_requests])  # prompts needed
+            default = ["no-spec", "fixed-k2", "fixed-k4", "goodput", f"fixed-k{s.sv_k},sv"]
+            s = replace(s, batches=[s.slo_requests], slo_controllers=s.slo_controllers or default)  # prompts needed
         return s
 
 
