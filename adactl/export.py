@@ -138,10 +138,25 @@ def check_vllm(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ SGLang
-def sglang_config(per_batch: list[list[int]]) -> dict[str, Any]:
-    """SGLang's `--speculative-adaptive-config`: each range's lower bound -> its candidate steps."""
+def sglang_config(per_batch: list[list[int]], cuda_graph_bs: list[int] | None = None) -> dict[str, Any]:
+    """SGLang's `--speculative-adaptive-config`: each range's lower bound -> its candidate steps.
+
+    SGLang pads a live batch up to the next captured CUDA-graph batch size before it looks up a
+    slot; given those sizes (`cuda_graph_bs`), the slots are keyed at them, each with the choice
+    for that size, so every batch gets the choice of the size it runs at."""
     canonical = [sorted(set(choice)) for choice in per_batch]  # a bucket's candidates as a set
-    config = {str(lo): {"candidate_steps": choice} for lo, _, choice in ranges(canonical)}
+    if cuda_graph_bs:
+        sizes = sorted({b for b in cuda_graph_bs if 1 <= b <= len(canonical)})
+        if not sizes:
+            raise ExportError(f"no CUDA-graph batch size in 1..{len(canonical)}: {cuda_graph_bs}")
+        config: dict[str, Any] = {}
+        last: list[int] | None = None
+        for b in sizes:
+            if canonical[b - 1] != last:
+                config[str(b)] = {"candidate_steps": canonical[b - 1]}
+                last = canonical[b - 1]
+    else:
+        config = {str(lo): {"candidate_steps": choice} for lo, _, choice in ranges(canonical)}
     check_sglang(config)
     return config
 
@@ -201,6 +216,8 @@ class ExportSettings:
     context: int = setting(256, "tokens of context per request the costs assume")
     candidates: int = setting(1, "sglang: candidate steps per bucket (more: SGLang chooses among them online)")
     base: str = setting("{}", "vllm: the rest of your speculative_config as JSON (method, model, ...)")
+    cuda_graph_bs: list[int] | None = setting(None, "sglang: the batch sizes it captures CUDA graphs at, comma-"
+                                              "separated (slots keyed at them)", parse=settings.ints)  # fmt: skip
     out: str | None = setting(None, "the file to write (default: print it)")
 
 
@@ -242,7 +259,7 @@ def run(args: ExportSettings) -> dict[str, Any]:
             raise ExportError(f"--base is not JSON: {e}") from None
         config = vllm_config(per_batch, args.num_speculative_tokens, base)
     else:
-        config = sglang_config(per_batch)
+        config = sglang_config(per_batch, args.cuda_graph_bs)
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in config.items()) + "\n}"
     if args.out:
         Path(args.out).write_text(text + "\n")

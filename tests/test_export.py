@@ -138,3 +138,11 @@ def test_a_learned_policy_exports_its_choices(tmp_path, capsys):
     assert main(["export", "vllm", "--policy", str(streaming)]) == 2
     assert "SpecDecode-v0" in capsys.readouterr().err
     assert main(["export", "vllm", "--policy", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_sglang_slots_at_cuda_graph_sizes():
+    per_batch = [[3], [3], [2], [2], [2], [1], [1], [0]]
+    assert sglang_config(per_batch, [1, 2, 4, 8]) == {"1": {"candidate_steps": [3]}, "4": {"candidate_steps": [2]},
+                                                      "8": {"candidate_steps": [0]}}  # fmt: skip
+    with pytest.raises(ExportError, match="no CUDA-graph batch size"):
+        sglang_config(per_batch, [16, 32])

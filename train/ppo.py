@@ -428,8 +428,12 @@ def train_rllib(args: Args) -> tuple[Path, Any]:
     out = Path(args.out) if args.out else default_out(args)
     env_name = args.env_id.replace("/", "-")
     register_env(env_name, lambda config: _adactl_env(args.env_id, config))
-    ray.init(address=args.address or None, include_dashboard=False, log_to_driver=False,
-             **({} if args.address else {"num_cpus": max(2, args.n_envs)}))  # fmt: skip
+    import os
+
+    joining = bool(args.address or os.environ.get("RAY_ADDRESS"))  # a cluster's resources are its own
+    # on a cluster, every node needs adactl installed (pip install -e ".[ray]") and --profile's file
+    ray.init(address=args.address or None, include_dashboard=False, log_to_driver=joining,
+             **({} if joining else {"num_cpus": max(2, args.n_envs)}))  # fmt: skip
     widths = [int(w) for w in args.net_arch.split(",") if w]
     batch = args.n_steps * args.n_envs
     config = (
