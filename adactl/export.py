@@ -43,7 +43,7 @@ def schedule(step_time: Any, alpha: torch.Tensor, max_batch: int, context: int =
              candidates: int = 1) -> list[list[int]]:  # fmt: skip
     """The best draft lengths at each batch size 1..max_batch (`candidates` of them, best
     first), for requests of `context` tokens each."""
-    from adactl.controllers.goodput import goodput_length, goodput_rates
+    from adactl.controllers.goodput import goodput_rates, shortest_within
 
     if max_batch < 1 or context < 1 or candidates < 1:
         raise ExportError(f"max_batch, context and candidates must be >= 1, got {max_batch}, {context}, {candidates}")
@@ -51,13 +51,10 @@ def schedule(step_time: Any, alpha: torch.Tensor, max_batch: int, context: int =
         raise ExportError(f"acceptance must be 1 to K probabilities in [0, 1], got {alpha.tolist()}")
     out = []
     for rows in range(1, max_batch + 1):
-        best = goodput_length(step_time, alpha, rows, rows * context, 0, margin)
-        if candidates == 1:
-            out.append([best])
-            continue
-        rates = goodput_rates(step_time, alpha, rows, rows * context)
+        rates = goodput_rates(step_time, alpha, rows, rows * context)  # once per batch size
+        best = shortest_within(rates, margin)  # goodput_length's rule
         others = [int(c) for c in np.argsort(-rates, kind="stable") if int(c) != best]
-        out.append([best, *others[: candidates - 1]])
+        out.append([best, *others[: candidates - 1]])  # candidates == 1: [best]
     return out
 
 

@@ -242,6 +242,21 @@ def stack_list(text: str) -> list[str]:
     return names
 
 
+def one_stack(text: str) -> str:
+    """A command line's single stack, checked (an argparse type: a bad name is a usage error)."""
+    import argparse
+
+    stacks = stack_list(text)
+    if len(stacks) != 1:
+        raise argparse.ArgumentTypeError(f"one stack, got {text!r}")
+    return stacks[0]
+
+
+def is_fixed(stack: str) -> bool:
+    """A constant draft length (0 included), all verified: what a tuned server would run."""
+    return re.fullmatch(r"no-spec|fixed-k\d+", stack) is not None
+
+
 def build_stack(spec: str, ctx: StackContext) -> Stack:
     """The controllers `spec` names, fresh."""
     stack = Stack([])

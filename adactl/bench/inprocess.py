@@ -25,7 +25,7 @@ from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams
 from adactl.settings import DeviceSettings, ProfileSettings, setting
-from adactl.stacks import StackContext, build_stack, costs_steps, stack_list, untrained_acceptance
+from adactl.stacks import StackContext, build_stack, costs_steps, one_stack, untrained_acceptance
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
 
@@ -96,14 +96,6 @@ def _workload(args: InprocessSettings) -> tuple[Any, list[tuple[Any, int]]]:
     pair = load_pair("smollm2", args.draft, None, args.device, args.dtype)
     requests = chat_requests(pair.tokenizer, args.requests, 128, 64, read_sharegpt(), held_out=True)
     return pair, list(requests)
-
-
-def one_stack(text: str) -> str:
-    """A single stack (`adactl stacks`), checked."""
-    stacks = stack_list(text)
-    if len(stacks) != 1:
-        raise argparse.ArgumentTypeError(f"one stack, got {text!r}")
-    return stacks[0]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ chain version on the same acceptance estimator (`slo,adaserve-conf`).
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -20,7 +19,7 @@ from tqdm import tqdm
 from adactl import metrics
 from adactl.loop import ControlLoop
 from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
-from adactl.stacks import build_stack, needs_companion
+from adactl.stacks import build_stack, is_fixed, needs_companion
 from adactl.workloads import Arrival, OpenLoop, arrival_times
 
 if TYPE_CHECKING:
@@ -81,7 +80,7 @@ def run(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[li
         records.append({"controller": stack, "rate": args.rate,
                         **serve_open_loop(loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
     bar.close()
-    fixed = [r["attainment"] for r in records if re.fullmatch(r"no-spec|fixed-k\d+", r["controller"])]
+    fixed = [r["attainment"] for r in records if is_fixed(r["controller"])]
     best = max(fixed) if fixed else float("nan")
     for r in records:
         r["ratio_attainment_fixed"] = r["attainment"] / best if best > 0 else float("inf")

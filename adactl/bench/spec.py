@@ -57,7 +57,7 @@ from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
-from adactl.stacks import StackContext, build_stack, needs_companion, stack_list, untrained_acceptance
+from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, stack_list, untrained_acceptance
 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
            "ratio_best_fixed", "ratio_oracle"]  # fmt: skip
@@ -112,11 +112,6 @@ def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperatu
         "steps": steps,
         "fallbacks": dict(loop.fallbacks),
     }
-
-
-def is_fixed(stack: str) -> bool:
-    """A constant draft length (0 included), all verified: what a tuned server would run."""
-    return re.fullmatch(r"no-spec|fixed-k\d+", stack) is not None
 
 
 def is_fixed_tree(stack: str) -> bool:

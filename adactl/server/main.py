@@ -10,16 +10,16 @@ from typing import Any
 
 from adactl import settings
 from adactl.settings import DeviceSettings, ProfileSettings, ServerLimits, setting
-from adactl.stacks import DEFAULT_STACK, NAMES, StackContext, build_stack, costs_steps, drafts, needs_companion, parse
-
-
-def one_stack(text: str) -> str:
-    """A controller stack, checked against the registry (a bad name is a usage error)."""
-    try:
-        parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return text
+from adactl.stacks import (
+    DEFAULT_STACK,
+    NAMES,
+    StackContext,
+    build_stack,
+    costs_steps,
+    drafts,
+    needs_companion,
+    one_stack,
+)
 
 
 @dataclass(frozen=True)
