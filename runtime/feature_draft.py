@@ -20,7 +20,10 @@ concatenated and projected to the hidden size by its own `fuse` layer
 (`target_features(hidden_states)`, which the engine calls on every target forward that
 feeds the draft). While drafting it feeds back its own output g as the next feature, as a
 single-feature draft does; it is trained for that (training-time test), not to regress g
-onto a target feature.
+onto a target feature. With `input_norm` the embedding, the feature and each fused hidden
+state are RMS-normalised before they are joined (EAGLE-3's input norms). Its companion (SV)
+has no fuse layer: it reads what the draft reads, the fused features and then the draft's own
+g, so it is trained next to that draft and names it (`reads_draft`, the draft's digest).
 
 Contract: `forward(input_ids, features, ...)` takes the same cache arguments as a Hugging Face
 causal LM (so `BatchKV.forward` drives it) and returns `.logits` over `vocab_ids` and
@@ -29,6 +32,7 @@ causal LM (so `BatchKV.forward` drives it) and returns `.logits` over `vocab_ids
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .kv import cache_kwargs
 
@@ -59,6 +64,15 @@ class FeatureDraftConfig:
     """The target hidden states read, as indices of transformers' `hidden_states` (0: the
     embeddings, i: after layer i). Empty: the last (the final norm's output, EAGLE-1);
     several: fused by a linear layer (EAGLE-3)."""
+    input_norm: bool = False
+    """RMS-normalise the token embedding and the feature before joining them (EAGLE-3's
+    `input_layernorm` and `hidden_norm`), and each fused hidden state before the fuse layer:
+    a middle layer's hidden states are ~10x the embedding's scale, with outlier dimensions in
+    the tens of thousands, which otherwise swamp everything else the draft reads."""
+    reads_draft: str = ""
+    """A companion of a fused-feature draft: that draft's `digest`. Such a companion reads the
+    draft's fused features and its drafted outputs (what `WithCompanion` feeds it), so it pairs
+    with that draft only."""
 
 
 @dataclass
@@ -89,6 +103,10 @@ class FeatureDraft(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         fused = len(config.feature_layers) * hidden
         self.fuse = nn.Linear(fused, hidden, bias=False) if config.feature_layers else None
+        eps = float(getattr(text, "rms_norm_eps", 1e-6))
+        self.embed_norm = LlamaRMSNorm(hidden, eps) if config.input_norm else None
+        self.feature_norm = LlamaRMSNorm(hidden, eps) if config.input_norm else None
+        self.eps = eps
         ids = torch.tensor(config.vocab_ids, dtype=torch.long)
         self.register_buffer("vocab_ids", ids, persistent=False)
         # frozen references to the target's weights (not parameters of this module)
@@ -97,6 +115,7 @@ class FeatureDraft(nn.Module):
         assert head is not None, "the target needs an output layer"
         self.register_buffer("head_weight", head.weight.detach()[ids].clone(), persistent=False)
         self.hidden_size = hidden
+        self.digest = ""  # of the saved weights (`save`, `load`): a companion names the draft it reads
 
     # the engine and BatchKV treat the draft like a Hugging Face model
     def get_text_config(self) -> Any:
@@ -107,13 +126,22 @@ class FeatureDraft(nn.Module):
         (run with `output_hidden_states=True`)."""
         if self.fuse is None:
             return hidden_states[-1]
-        picked = torch.cat([hidden_states[i] for i in self.config.feature_layers], dim=-1)
-        return self.fuse(picked.to(self.fuse.weight.dtype))
+        return self.fuse_layers(torch.cat([hidden_states[i] for i in self.config.feature_layers], dim=-1))
+
+    def fuse_layers(self, picked: torch.Tensor) -> torch.Tensor:
+        """[n, T, len(feature_layers) * H] concatenated hidden states -> the fused feature [n, T, H]."""
+        assert self.fuse is not None, "fuse_layers is for a fused-feature draft"
+        x = picked.to(self.fuse.weight.dtype)
+        if self.config.input_norm:  # each layer's hidden state to unit RMS (no weights: fuse scales them)
+            parts = x.unflatten(-1, (len(self.config.feature_layers), self.hidden_size)).float()
+            parts = parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + self.eps)
+            x = parts.flatten(-2).to(x.dtype)
+        return self.fuse(x)
 
     @classmethod
     def from_target(
         cls, target: PreTrainedModel, vocab_ids: list[int], intermediate_size: int = 1536, seed: int = 0,
-        feature_layers: list[int] | None = None,
+        feature_layers: list[int] | None = None, input_norm: bool = False,
     ) -> FeatureDraft:  # fmt: skip
         """A freshly initialised draft for `target` (the decoder layer starts as a random Llama
         layer); `feature_layers`: see `FeatureDraftConfig` (None: the last hidden state)."""
@@ -125,6 +153,7 @@ class FeatureDraft(nn.Module):
             target_hidden_size=int(text.hidden_size),
             target_vocab_size=int(target.get_output_embeddings().weight.shape[0]),
             feature_layers=[int(i) for i in feature_layers or []],
+            input_norm=input_norm,
         )
         layers = int(text.num_hidden_layers)
         if any(not 0 <= i <= layers for i in config.feature_layers):
@@ -158,7 +187,10 @@ class FeatureDraft(nn.Module):
     ) -> FeatureDraftOutput:
         """input_ids [n, T]; features [n, T, H] = the target feature of the position before each token."""
         embeds = self._embed[0](input_ids).to(self.fc.weight.dtype)
-        x = self.fc(torch.cat([embeds, features.to(embeds.dtype)], dim=-1))
+        features = features.to(embeds.dtype)
+        if self.embed_norm is not None and self.feature_norm is not None:
+            embeds, features = self.embed_norm(embeds), self.feature_norm(features)
+        x = self.fc(torch.cat([embeds, features], dim=-1))
         out = self.model(
             inputs_embeds=x,
             attention_mask=attention_mask,
@@ -180,6 +212,7 @@ class FeatureDraft(nn.Module):
         state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.trainable_state().items()}
         save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
         (path / CONFIG).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
+        self.digest = state_digest(state)
 
     @classmethod
     def load(cls, path: str | Path, target: PreTrainedModel) -> FeatureDraft:
@@ -195,7 +228,9 @@ class FeatureDraft(nn.Module):
             )
         draft = cls(target, config)
         param = next(target.parameters())
-        state = {k: v.to(param.dtype) for k, v in load_file(str(path / WEIGHTS)).items()}
+        saved = load_file(str(path / WEIGHTS))
+        draft.digest = state_digest(saved)
+        state = {k: v.to(param.dtype) for k, v in saved.items()}
         missing, unexpected = draft.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("model.embed_tokens")]
         if missing or unexpected:
@@ -203,6 +238,35 @@ class FeatureDraft(nn.Module):
                 f"{path}: weights do not match the draft (missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
         return draft.on(param.device, param.dtype).eval()
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """A short fingerprint of saved weights (as stored: the same file gives the same digest)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_pair(draft: FeatureDraft, companion: FeatureDraft) -> None:
+    """Raise ValueError unless `companion` reads the features `draft` gives it: the target's
+    last hidden state for both, or, next to a fused-feature draft, a companion trained on
+    that very draft's outputs (`reads_draft`)."""
+    if companion.fuse is not None:
+        raise ValueError("a companion reads the draft's features: it cannot fuse hidden states of its own")
+    if draft.fuse is None:
+        if companion.config.reads_draft:
+            raise ValueError("this companion was trained next to a fused-feature draft; pair it with that draft")
+        return
+    if companion.config.reads_draft != draft.digest:
+        reads = companion.config.reads_draft
+        raise ValueError(
+            f"the draft fuses target hidden states {draft.config.feature_layers}, and its companion must be trained "
+            f"on its outputs: the shipped draft3 pairs with companion3 (--companion companion3); for another draft, "
+            f"python train/distill_draft.py --name companion3 --reads-draft DRAFT_DIR. This companion reads "
+            f"{'draft ' + reads if reads else 'the target last hidden state'}, the draft is {draft.digest or 'unsaved'}"
+        )
 
 
 class WithCompanion(nn.Module):
@@ -224,9 +288,7 @@ class WithCompanion(nn.Module):
         super().__init__()
         if draft.hidden_size != companion.hidden_size:
             raise ValueError("the draft and its companion must read the same target (hidden sizes differ)")
-        if draft.fuse is not None or companion.fuse is not None:
-            raise ValueError("a companion pair reads one feature for both: use drafts of the target's last hidden "
-                             "state (no feature_layers)")  # fmt: skip
+        check_pair(draft, companion)
         self.draft, self.companion = draft, companion
         for i, layer in enumerate(companion.model.layers):
             layer.self_attn.layer_idx = draft.config.num_layers + i  # type: ignore[union-attr]

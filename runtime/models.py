@@ -10,8 +10,9 @@ Model specs (strings) accepted everywhere a model is named:
   model sharing the tokenizer).
 
 Drafts (`load_draft`) also accept `draft` (the default) and `companion`: the feature drafts
-trained for the default target by `train/distill_draft.py` and shipped in `models/`, or any
-directory holding a saved feature draft.
+trained for the default target by `train/distill_draft.py` and shipped in `models/`;
+`draft3` and `companion3`, the EAGLE-3 recipe's pair (fused features; the companion pairs with
+`draft3` only); or any directory holding a saved feature draft.
 
 Not here: running models (the engine) or caches (kv.py).
 """
@@ -64,7 +65,7 @@ def _shipped_models() -> Path:
 
 
 SHIPPED_MODELS = _shipped_models()
-SHIPPED_DRAFTS = ("draft", "companion")
+SHIPPED_DRAFTS = ("draft", "companion", "draft3", "companion3")
 DEFAULT_DRAFT = "draft"
 
 

@@ -33,12 +33,18 @@ def reduced_vocab(vocab: int = 128, keep: int = 96, seed: int = 0) -> list[int]:
     return sorted({0, *random.Random(seed).sample(range(1, vocab), keep - 1)})
 
 
-@pytest.fixture(scope="module", params=[None, [0, 1, 2]], ids=["last-feature", "fused-features"])
+@pytest.fixture(
+    scope="module",
+    params=[(None, False), ([0, 1, 2], False), ([0, 1, 2], True)],
+    ids=["last-feature", "fused-features", "fused-normed"],
+)
 def random_feature_draft(target, request) -> FeatureDraft:
     """EAGLE-1's single feature (the target's last hidden state) and EAGLE-3's fused features
-    (here: the embeddings and both layers of the 2-layer target)."""
+    (here: the embeddings and both layers of the 2-layer target), also with EAGLE-3's input
+    norms (`input_norm`)."""
+    layers, norm = request.param
     return FeatureDraft.from_target(target, reduced_vocab(), intermediate_size=64, seed=3,
-                                    feature_layers=request.param).eval()  # fmt: skip
+                                    feature_layers=layers, input_norm=norm).eval()  # fmt: skip
 
 
 @pytest.mark.parametrize("batch,seed", [(1, 0), (5, 1), (7, 2)])
@@ -173,24 +179,33 @@ def _trace(engine, ps, steps_seed: int) -> list:
     return seen
 
 
-def test_companion_runs_on_its_own_cache_without_disturbing_the_draft(target, random_feature_draft):
+def test_companion_runs_on_its_own_cache_without_disturbing_the_draft(target, random_feature_draft, tmp_path):
     """With a companion the draft's tokens and probabilities are unchanged; at the first draft
     position (which depends on the context alone) the companion's distribution equals what it
-    gives when it is the draft itself, so it reads its own cache layers, not the draft's."""
+    gives when it is the draft itself, so it reads its own cache layers, not the draft's. Next
+    to a fused-feature draft only a companion trained on that draft's outputs is accepted."""
     from adactl.runtime.feature_draft import WithCompanion
 
     def companion() -> FeatureDraft:
         return FeatureDraft.from_target(target, reduced_vocab(seed=1), intermediate_size=32, seed=5).eval()
 
-    if random_feature_draft.fuse is not None:  # the pair reads one feature: fused drafts are refused
-        with pytest.raises(ValueError, match="last hidden state"):
-            WithCompanion(random_feature_draft, companion())
-        return
+    mate = companion()
+    if random_feature_draft.fuse is not None:
+        with pytest.raises(ValueError, match="trained on its outputs"):
+            WithCompanion(random_feature_draft, mate)
+        random_feature_draft.save(tmp_path / "draft")  # gives it the digest a companion names
+        mate.config.reads_draft = random_feature_draft.digest
     ps = prompts(3, seed=4)
-    paired = _trace(make_engine(target, WithCompanion(random_feature_draft, companion())), ps, 0)
+    paired = _trace(make_engine(target, WithCompanion(random_feature_draft, mate)), ps, 0)
     alone = _trace(make_engine(target, random_feature_draft), ps, 0)
-    as_draft = _trace(make_engine(target, companion()), ps, 0)
     assert len(paired) == len(alone)
+    for p, a in zip(paired, alone):
+        assert p.request_ids == a.request_ids and torch.equal(p.tokens, a.tokens)
+        torch.testing.assert_close(p.probs, a.probs)
+        assert p.companion_probs is not None and a.companion_probs is None
+    if random_feature_draft.fuse is not None:  # alone, the companion would read other features
+        return
+    as_draft = _trace(make_engine(target, companion()), ps, 0)
     # greedy outputs are the target's, so (request, context length) names one context in every run
     own = {
         (rid, int(c.context_len[i])): c.probs[i, 0]
@@ -199,16 +214,35 @@ def test_companion_runs_on_its_own_cache_without_disturbing_the_draft(target, ra
         if c.draft_len[i] > 0
     }
     checked = 0
-    for p, a in zip(paired, alone):
-        assert p.request_ids == a.request_ids and torch.equal(p.tokens, a.tokens)
-        torch.testing.assert_close(p.probs, a.probs)
-        assert p.companion_probs is not None and a.companion_probs is None
+    for p in paired:
         for i, rid in enumerate(p.request_ids):
             key = (rid, int(p.context_len[i]))
             if p.draft_len[i] > 0 and key in own:
                 torch.testing.assert_close(p.companion_probs[i, 0], own[key])
                 checked += 1
     assert checked > 5
+
+
+def test_a_companion_pairs_only_with_the_draft_it_was_trained_next_to(target, tmp_path):
+    from adactl.runtime.feature_draft import WithCompanion
+
+    fused = FeatureDraft.from_target(target, reduced_vocab(), 64, seed=3, feature_layers=[0, 2], input_norm=True)
+    fused.save(tmp_path / "fused")
+    other = FeatureDraft.from_target(target, reduced_vocab(), 64, seed=4, feature_layers=[0, 2], input_norm=True)
+    other.save(tmp_path / "other")
+    mate = FeatureDraft.from_target(target, reduced_vocab(seed=1), 32, seed=5, input_norm=True)
+    mate.config.reads_draft = fused.digest
+    mate.save(tmp_path / "mate")
+    loaded = FeatureDraft.load(tmp_path / "fused", target)
+    assert loaded.digest == fused.digest and loaded.config.input_norm
+    WithCompanion(loaded, FeatureDraft.load(tmp_path / "mate", target))  # the pair it was trained in
+    with pytest.raises(ValueError, match="trained on its outputs"):
+        WithCompanion(FeatureDraft.load(tmp_path / "other", target), FeatureDraft.load(tmp_path / "mate", target))
+    plain = FeatureDraft.from_target(target, reduced_vocab(), 64, seed=3)
+    with pytest.raises(ValueError, match="fused-feature draft"):
+        WithCompanion(plain, mate)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        WithCompanion(loaded, other)
 
 
 def test_companion_needs_feature_drafts(target, tmp_path):
@@ -235,12 +269,12 @@ def _teacher(target, dd, layers: list[int] | None = None, n: int = 64, length: i
     )
 
 
-def _train(dd, draft, data, args, steps: int = 60) -> None:
+def _train(dd, draft, data, args, steps: int = 60, driver=None) -> None:
     """`steps` real optimiser steps of the recipe's loss on random batches of 16 sequences."""
     opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=args.lr)
     rng = random.Random(0)  # the same batches on every run: a pass or failure is reproducible
     for _ in range(steps):
-        loss, _ = dd.losses(draft, dd.make_batch(data, rng.sample(range(64), 16)), args)
+        loss, _ = dd.losses(draft, dd.make_batch(data, rng.sample(range(64), 16)), args, driver)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -258,7 +292,7 @@ def test_training_time_test_passes_are_what_drafting_computes(target):
     batch = dd.make_batch(data, [0, 1])
     with torch.no_grad():
         passes = dd.ttt_logits(draft, batch, 3)
-        fused = draft.fuse(batch["aux"])
+        fused = draft.fuse_layers(batch["aux"])
         feat_in = torch.cat([torch.zeros_like(fused[:, :1]), fused[:, :-1]], 1)
         for s in (0, 5, 16):  # the last true position
             cache = DynamicCache()
@@ -289,3 +323,42 @@ def test_eagle3_recipe_steps_lower_every_pass_loss(target):
     assert {"greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3"} <= set(after)
     for name in ("greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3"):
         assert after[name] > 2 * before[name] + 0.02, (name, before, after)
+
+
+def test_companion_passes_are_what_it_computes_next_to_its_draft(target):
+    """A fused draft's companion, in the training-time test, reads what `WithCompanion` gives it
+    while drafting (the tokens and features the draft reads: the draft's fused features, then
+    its own outputs, one forward at a time; the engine test above runs the pair itself); and
+    real training steps lower its loss at every pass without touching the draft."""
+    from transformers import DynamicCache
+
+    dd = distill_module()
+    data = _teacher(target, dd, [1, 2])
+    draft = FeatureDraft.from_target(target, reduced_vocab(), 64, seed=0, feature_layers=[1, 2], input_norm=True)
+    companion = FeatureDraft.from_target(target, reduced_vocab(seed=1), 32, seed=1, input_norm=True)
+    batch = dd.make_batch(data, [0, 1])
+    with torch.no_grad():
+        passes = dd.ttt_logits(companion, batch, 3, driver=draft)
+        fused = draft.fuse_layers(batch["aux"])
+        feat_in = torch.cat([torch.zeros_like(fused[:, :1]), fused[:, :-1]], 1)
+        for s in (0, 9, 25):
+            caches = DynamicCache(), DynamicCache()
+            ids, feats = batch["ids"][:, : s + 1], feat_in[:, : s + 1]
+            out = draft(ids, feats, cache=caches[0], use_cache=True)
+            mate = companion(ids, feats, cache=caches[1], use_cache=True)
+            torch.testing.assert_close(mate.logits[:, -1], passes[0][:, s], atol=1e-4, rtol=1e-4)
+            for j in (1, 2):
+                pos = torch.full((2, 1), s + j)
+                ids, feats = batch["ids"][:, s + j : s + j + 1], out.hidden_states[:, -1:]
+                out = draft(ids, feats, position_ids=pos, cache=caches[0], use_cache=True)
+                mate = companion(ids, feats, position_ids=pos, cache=caches[1], use_cache=True)
+                torch.testing.assert_close(mate.logits[:, -1], passes[j][:, s + j], atol=1e-4, rtol=1e-4)
+    args = dd.Args(recipe="eagle3", feature_layers="1,2", ttt_steps=3, lr=3e-3, reads_draft="x")
+    batch = dd.make_batch(data, list(range(16)))
+    _, first = dd.losses(companion, batch, args, draft)
+    before = [p.clone() for p in draft.parameters()]
+    _train(dd, companion, data, args, steps=100, driver=draft)
+    _, last = dd.losses(companion, batch, args, draft)
+    for name in ("ce", "ce2", "ce3"):
+        assert last[name] < 0.8 * first[name], (name, first, last)
+    assert all(torch.equal(a, b) for a, b in zip(before, draft.parameters()))  # the draft stays as it was

@@ -86,7 +86,7 @@ def test_gguf_file_loads_directly(smollm2):
         assert torch.equal(gguf.model(x).logits, smollm2.model(x).logits)
 
 
-@pytest.mark.parametrize("name", ["draft", "companion"])
+@pytest.mark.parametrize("name", ["draft", "companion", "draft3"])
 def test_shipped_feature_drafts_are_lossless_and_accepted(smollm2, name):
     """The trained drafts in models/: greedy output equals generate's, and drafts of 4 tokens
     are accepted as often as measured (about 1.6 tokens per step for the draft; a broken feature
@@ -106,3 +106,23 @@ def test_shipped_feature_drafts_are_lossless_and_accepted(smollm2, name):
     for rid, messages in zip(ids, MESSAGES):
         assert results[rid].output_ids == greedy_reference(smollm2.model, chat_ids(smollm2.tokenizer, messages), 48)
     assert emitted / steps > 1.3, emitted / steps
+
+
+def test_draft3_runs_next_to_its_own_companion_only(smollm2):
+    """The EAGLE-3 pair: lossless with the companion's opinion on every draft token; the v1
+    companion (trained on the target's last hidden state) is refused next to draft3 with an
+    error naming the right one."""
+    pair = load_draft("draft3", smollm2, companion="companion3")
+    engine = Engine(smollm2.model, pair, smollm2.tokenizer)
+    ids = [engine.add_request(m, SamplingParams(max_new_tokens=24)) for m in MESSAGES]
+    opinions = 0
+    while engine.has_unfinished():
+        drafts = engine.draft_step(StepPlan(draft_len=3))
+        opinions += int(drafts.companion_probs is not None and drafts.companion_probs.numel() > 0)
+        engine.verify()
+    results = {r.request_id: r for r in engine.pop_finished()}
+    for rid, messages in zip(ids, MESSAGES):
+        assert results[rid].output_ids == greedy_reference(smollm2.model, chat_ids(smollm2.tokenizer, messages), 24)
+    assert opinions > 0
+    with pytest.raises(ValueError, match="companion3"):
+        load_draft("draft3", smollm2, companion="companion")

