@@ -720,10 +720,11 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
                 affordable = int((left / per_step + i) / dearer)
             else:
                 affordable = i + int(left / per_step)
-            if affordable < state["total_steps"]:
-                tqdm.write(
-                    f"{state['total_steps']} steps would overrun {args.time_budget_min} min: training {affordable}"
-                )
+            # shrink to the budget; after the ramp (full steps measured) also grow into time left over
+            affordable = min(affordable, len(order))
+            if affordable < state["total_steps"] or (i >= ramp and affordable > state["total_steps"]):
+                how = "would overrun" if affordable < state["total_steps"] else "leave time in"
+                tqdm.write(f"{state['total_steps']} steps {how} {args.time_budget_min} min: training {affordable}")
                 state["total_steps"] = max(affordable, i + 1)
                 if i < ramp:
                     state["ramp"] = max(i + 1, int(args.ttt_ramp * state["total_steps"]))
