@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
@@ -134,8 +135,7 @@ class FeatureDraft(nn.Module):
         x = picked.to(self.fuse.weight.dtype)
         if self.config.input_norm:  # each layer's hidden state to unit RMS (no weights: fuse scales them)
             parts = x.unflatten(-1, (len(self.config.feature_layers), self.hidden_size)).float()
-            parts = parts * torch.rsqrt(parts.pow(2).mean(-1, keepdim=True) + self.eps)
-            x = parts.flatten(-2).to(x.dtype)
+            x = F.rms_norm(parts, (self.hidden_size,), eps=self.eps).flatten(-2).to(x.dtype)
         return self.fuse(x)
 
     @classmethod

@@ -126,34 +126,30 @@ class Args:
     """the target's dtype in the teacher pass (float32, bfloat16); the draft trains in float32"""
 
 
+DRAFT3 = {
+    "recipe": "eagle3",
+    "feature_layers": "3,16,28",
+    "dtype": "bfloat16",
+    "teacher_tokens": 1_000_000,
+    "epochs": 8.0,
+    "time_budget_min": 85.0,
+    "ttt_ramp": 0.4,
+    "train_dtype": "bfloat16",
+    "input_norm": True,
+}
 PRESETS = {
     "draft": {},
     "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
-    "draft3": {
-        "recipe": "eagle3",
-        "feature_layers": "3,16,28",
-        "dtype": "bfloat16",
-        "teacher_tokens": 1_000_000,
-        "epochs": 8.0,
-        "time_budget_min": 85.0,
-        "ttt_ramp": 0.4,
-        "train_dtype": "bfloat16",
-        "input_norm": True,
-    },
-    "companion3": {  # the companion of draft3 (SV): trained on draft3's outputs, other shards and seed
-        "recipe": "eagle3",
-        "feature_layers": "3,16,28",
-        "dtype": "bfloat16",
-        "teacher_tokens": 1_000_000,
+    "draft3": DRAFT3,
+    # the companion of draft3 (SV): trained on draft3's outputs, as the v1 companion differs from v1
+    "companion3": {
+        **DRAFT3,
         "reads_draft": str(SHIPPED_MODELS / "draft3"),
         "seed": 1,
         "intermediate_size": 768,
         "shards": "odd",
         "epochs": 6.0,
         "time_budget_min": 30.0,
-        "ttt_ramp": 0.4,
-        "train_dtype": "bfloat16",
-        "input_norm": True,
     },
 }
 
@@ -638,7 +634,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     held_out = eval_data(args, target, tok)
     driver = None
     if args.reads_draft:  # a companion: no fuse layer of its own, it reads the driver's features
-        driver = FeatureDraft.load(args.reads_draft, target).to(device)
+        driver = FeatureDraft.load(args.reads_draft, target)  # on the target's device
         for p in driver.parameters():
             p.requires_grad_(False)
         if driver.config.feature_layers != feature_layers(args):
