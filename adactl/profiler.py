@@ -134,7 +134,7 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 65.0, reps: i
     from adactl.runtime import Engine, EngineConfig
     from adactl.runtime.models import output_vocab_size
 
-    fp = fingerprint(pair.specs, pair.device, pair.dtype)
+    fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
     draft = pair.speculator(with_companion=pair.companion is not None)
     engine = Engine(pair.target.model, draft, config=EngineConfig(max_batch_size=max_batch, seed=seed))
     t0 = time.perf_counter()
@@ -165,7 +165,7 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
     """The step-cost model a run on `pair` uses (see the module docstring); `profile="shipped"`:
     the shipped CPU profile as the prior, with nothing measured."""
     say = log or (lambda text: print(text, file=sys.stderr))
-    here = fingerprint(pair.specs, pair.device, pair.dtype)
+    here = fingerprint(pair.model_ids, pair.device, pair.dtype)
     if profile == "shipped":
         profile = shipped_profile(pair.specs)
     if profile is not None:

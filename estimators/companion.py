@@ -5,7 +5,8 @@ inputs (`runtime.feature_draft.WithCompanion`). Where the two disagree, the targ
 reject. Per draft position: S = sum_v min(p_draft(v), p_companion(v)) (the overlap of the two
 distributions) and A = min(1, p_companion(t) / p_draft(t)) for the drafted token t (the
 rejection rule with the companion standing in for the target), together with the log
-probabilities, the position and the request's recent acceptance
+probabilities, the draft's own entropy and top-2 margin, the position and the request's recent
+acceptance
 (`features.COMPANION_FEATURES`), go to a logistic classifier (one for greedy rows, one for
 sampled rows) whose output an isotonic map calibrates. Fitted on engine traces by train/fit_estimators.py.
 """

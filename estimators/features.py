@@ -16,7 +16,9 @@ from adactl.interface import StepRecord
 from adactl.runtime.types import DraftBatch
 
 DRAFT_FEATURES = ("own_prob", "log_own_prob", "entropy", "margin", "position", "recent")
-COMPANION_FEATURES = ("S", "A", "log_A", "log_own_prob", "log_companion_prob", "position", "recent")
+COMPANION_FEATURES = (
+    "S", "A", "log_A", "log_own_prob", "log_companion_prob", "entropy", "margin", "position", "recent"
+)  # fmt: skip
 EPS = 1e-6
 
 
@@ -46,7 +48,8 @@ def draft_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> to
 def companion_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -> torch.Tensor:
     """[B, K, F] Speculative Verification's features per position, named by `COMPANION_FEATURES`:
     S = sum_v min(p_draft(v), p_companion(v)) and A = min(1, p_companion(t) / p_draft(t)) for
-    the drafted token t, plus the log-probabilities, position and recent acceptance."""
+    the drafted token t, plus the log-probabilities, the draft's entropy and top-2 margin (what
+    the draft alone says of its confidence), position and recent acceptance."""
     summary = drafts.summarized()
     if summary.companion_token_prob is None or summary.overlap is None:
         raise ValueError("these drafts carry no companion distributions: load the draft with companion=...")
@@ -55,7 +58,8 @@ def companion_features(drafts: DraftBatch, recent: torch.Tensor | None = None) -
     a = torch.clamp(c / (q + EPS), max=1.0)
     position = drafts.depth().float()
     rec = (recent if recent is not None else torch.full((b,), 0.5))[:, None].expand(b, k)
-    feats = [s, a, torch.log(a + EPS), torch.log(q + EPS), torch.log(c + EPS), position, rec.float()]
+    feats = [s, a, torch.log(a + EPS), torch.log(q + EPS), torch.log(c + EPS), summary.entropy, summary.margin,
+             position, rec.float()]  # fmt: skip
     return torch.stack(feats, dim=-1) * drafted_mask(drafts)[..., None]
 
 

@@ -257,14 +257,18 @@ def check_pair(draft: FeatureDraft, companion: FeatureDraft) -> None:
         raise ValueError("a companion reads the draft's features: it cannot fuse hidden states of its own")
     if draft.fuse is None:
         if companion.config.reads_draft:
-            raise ValueError("this companion was trained next to a fused-feature draft; pair it with that draft")
+            raise ValueError(
+                "this companion was trained next to a fused-feature draft; pair it with that draft (the v1 draft, "
+                "draft-v1, pairs with companion-v1)"
+            )
         return
     if companion.config.reads_draft != draft.digest:
         reads = companion.config.reads_draft
         raise ValueError(
             f"the draft fuses target hidden states {draft.config.feature_layers}, and its companion must be trained "
-            f"on its outputs: the shipped draft3 pairs with companion3 (--companion companion3); for another draft, "
-            f"python train/distill_draft.py --name companion3 --reads-draft DRAFT_DIR. This companion reads "
+            f"on its outputs: the shipped draft pairs with the shipped companion (--companion companion); for another "
+            f"draft, python train/distill_draft.py --name companion --reads-draft DRAFT_DIR --out DIR. This companion "
+            f"reads "
             f"{'draft ' + reads if reads else 'the target last hidden state'}, the draft is {draft.digest or 'unsaved'}"
         )
 

@@ -10,9 +10,11 @@ Model specs (strings) accepted everywhere a model is named:
   model sharing the tokenizer).
 
 Drafts (`load_draft`) also accept `draft` (the default) and `companion`: the feature drafts
-trained for the default target by `train/distill_draft.py` and shipped in `models/`;
-`draft3` and `companion3`, the EAGLE-3 recipe's pair (fused features; the companion pairs with
-`draft3` only); or any directory holding a saved feature draft.
+trained for the default target by `train/distill_draft.py` (the EAGLE-3 recipe: fused features;
+the companion pairs with this draft only) and shipped in `models/`; `draft-v1` and
+`companion-v1`, the EAGLE-1 pair they replaced, kept for comparison (`draft3`/`companion3`, the
+names v3 shipped under before it became the default, still load it); or any directory holding a
+saved feature draft.
 
 Not here: running models (the engine) or caches (kv.py).
 """
@@ -65,7 +67,8 @@ def _shipped_models() -> Path:
 
 
 SHIPPED_MODELS = _shipped_models()
-SHIPPED_DRAFTS = ("draft", "companion", "draft3", "companion3")
+SHIPPED_DRAFTS = ("draft", "companion", "draft-v1", "companion-v1")
+DRAFT_ALIASES = {"draft3": "draft", "companion3": "companion"}
 DEFAULT_DRAFT = "draft"
 
 
@@ -195,7 +198,11 @@ def load_model(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
 
 
 def load_draft(
-    spec: str, target: LoadedModel, device: str | torch.device | None = None, companion: str | None = None
+    spec: str,
+    target: LoadedModel,
+    device: str | torch.device | None = None,
+    companion: str | None = None,
+    role: str = "draft",
 ) -> torch.nn.Module:
     """A draft for `target`: `draft`/`companion` (shipped feature drafts for the default
     target), a directory with a saved feature draft, or any model spec (a plain draft, checked
@@ -203,22 +210,32 @@ def load_draft(
 
     companion: a second feature draft (spec as above) run alongside the draft, so that
     `DraftBatch.companion_probs` carries its opinion of every draft token (Speculative
-    Verification). Both must be feature drafts."""
+    Verification). Both must be feature drafts.
+    role: "draft", or "companion" for a model loaded to run next to a draft (`load_pair`). A
+    companion trained on a draft's outputs (`reads_draft`) is refused as a draft of its own."""
     from .feature_draft import CONFIG, FeatureDraft, WithCompanion
 
     if companion is not None:
-        first, second = load_draft(spec, target, device), load_draft(companion, target, device)
+        first, second = load_draft(spec, target, device), load_draft(companion, target, device, role="companion")
         if not (isinstance(first, FeatureDraft) and isinstance(second, FeatureDraft)):
             raise ValueError("a companion runs next to a feature draft: both must be feature drafts")
         return WithCompanion(first, second)
 
+    spec = DRAFT_ALIASES.get(spec, spec)
     path = SHIPPED_MODELS / spec if spec in SHIPPED_DRAFTS else Path(spec).expanduser()
     if spec in SHIPPED_DRAFTS and not (path / CONFIG).is_file():
         raise FileNotFoundError(
-            f"the shipped {spec!r} model is missing from {path}; train it: python train/distill_draft.py"
+            f"the shipped {spec!r} model is missing from {path}; train it: python train/distill_draft.py --name {spec}"
         )
     if (path / CONFIG).is_file():
-        return FeatureDraft.load(path, target.model)
+        feature_draft = FeatureDraft.load(path, target.model)
+        if role == "draft" and feature_draft.config.reads_draft:
+            raise ValueError(
+                f"{spec!r} is a companion: it reads the features of the draft with digest "
+                f"{feature_draft.config.reads_draft}, so it runs only next to that draft (companion={spec!r}, "
+                f"--companion {spec})"
+            )
+        return feature_draft
     param = next(target.model.parameters())
     draft = load_model(spec, device or param.device, param.dtype)
     check_same_vocabulary(target, draft)
@@ -398,6 +415,18 @@ class ModelPair:
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.target.tokenizer
 
+    @property
+    def model_ids(self) -> dict[str, str]:
+        """`specs` with each saved feature draft's digest (`draft@1fe1129fa9f51a98`): what a
+        cached step-cost profile is keyed on, so that a draft retrained under the same name
+        does not inherit its predecessor's profile."""
+        ids = dict(self.specs)
+        for role, model in (("draft", self.draft), ("companion", self.companion)):
+            digest = getattr(model, "digest", "")
+            if digest:
+                ids[role] = f"{DRAFT_ALIASES.get(ids[role], ids[role])}@{digest}"
+        return ids
+
     def speculator(self, with_companion: bool = False) -> torch.nn.Module | None:
         """The draft the engine runs: alone, or next to the companion (`DraftBatch.companion_probs`)."""
         if not with_companion:
@@ -429,7 +458,7 @@ def load_pair(
     if companion not in (None, *NONE):
         if draft_model is None:
             raise ValueError(f"companion {companion!r} runs next to a draft, but no draft was named")
-        companion_model = load_draft(companion, loaded, dev)  # type: ignore[arg-type]
+        companion_model = load_draft(companion, loaded, dev, role="companion")  # type: ignore[arg-type]
     specs = {"target": target, "draft": draft or "none", "companion": companion or "none"}
     return ModelPair(loaded, draft_model, companion_model, dev, dt, specs)
 

@@ -243,6 +243,27 @@ def test_a_companion_pairs_only_with_the_draft_it_was_trained_next_to(target, tm
         WithCompanion(plain, mate)
     with pytest.raises(ValueError, match="cannot fuse"):
         WithCompanion(loaded, other)
+    tiny = LoadedModel(target, None, "tiny")
+    with pytest.raises(ValueError, match="is a companion"):  # it reads a draft's features: never alone
+        load_draft(str(tmp_path / "mate"), tiny)
+    load_draft(str(tmp_path / "fused"), tiny, companion=str(tmp_path / "mate"))
+
+
+def test_a_retrained_draft_under_the_same_name_gets_its_own_step_cost_profile(target, tmp_path):
+    """The step-cost fingerprint carries each feature draft's digest, so a profile cached for a
+    draft is not reused for another one saved under the same name."""
+    from adactl.profiler import cached_path, fingerprint
+    from adactl.runtime.models import ModelPair
+
+    keys = []
+    for seed in (3, 4):
+        FeatureDraft.from_target(target, reduced_vocab(), 64, seed=seed).save(tmp_path / "draft")
+        draft = FeatureDraft.load(tmp_path / "draft", target)
+        pair = ModelPair(LoadedModel(target, None, "tiny"), draft, None, torch.device("cpu"), torch.float32,
+                         {"target": "tiny", "draft": "draft", "companion": "none"})  # fmt: skip
+        assert pair.model_ids["draft"] == f"draft@{draft.digest}" and pair.model_ids["companion"] == "none"
+        keys.append(cached_path(fingerprint(pair.model_ids, pair.device, pair.dtype)))
+    assert keys[0] != keys[1]
 
 
 def test_companion_needs_feature_drafts(target, tmp_path):

