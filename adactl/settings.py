@@ -136,5 +136,5 @@ class PairSettings:
     """The models: a target and the draft that speculates for it."""
 
     target: str = setting("smollm2", "target model spec (default: the embedded SmolLM2-135M-Instruct)")
-    draft: str = setting("draft", "draft: draft (shipped), companion, a saved feature draft or a model spec "
+    draft: str = setting("draft", "draft: draft (shipped, v3), draft-v1, a saved feature draft or a model spec "
                          "sharing the target's tokenizer")  # fmt: skip

@@ -114,7 +114,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(target.parameters()).device
         self.vocab_size = output_vocab_size(target)
-        # a feature draft (EAGLE-style) reads the target's last hidden state and proposes
+        # a feature draft (EAGLE-style) reads the target's hidden states and proposes
         # tokens from a reduced vocabulary; a plain draft is any causal LM on the same tokenizer
         self.feature_draft = draft is not None and is_feature_draft(draft)
         self.proposer: Proposer | None = None

@@ -1,4 +1,5 @@
-"""An EAGLE-style draft: one decoder layer that reads the target's last hidden state.
+"""An EAGLE-style draft: one decoder layer that reads the target's hidden states (the last one,
+EAGLE-1, as below; or several fused, EAGLE-3: `feature_layers`, the shipped default).
 
 A plain draft model re-derives everything from tokens; this one is given the target's final
 hidden state ("feature") at each position, so one small layer is enough to predict the next
@@ -263,13 +264,13 @@ def check_pair(draft: FeatureDraft, companion: FeatureDraft) -> None:
             )
         return
     if companion.config.reads_draft != draft.digest:
-        reads = companion.config.reads_draft
+        mate = companion.config.reads_draft
+        reads = f"draft {mate}" if mate else "the target's last hidden state"
         raise ValueError(
             f"the draft fuses target hidden states {draft.config.feature_layers}, and its companion must be trained "
             f"on its outputs: the shipped draft pairs with the shipped companion (--companion companion); for another "
             f"draft, python train/distill_draft.py --name companion --reads-draft DRAFT_DIR --out DIR. This companion "
-            f"reads "
-            f"{'draft ' + reads if reads else 'the target last hidden state'}, the draft is {draft.digest or 'unsaved'}"
+            f"reads {reads}, the draft is {draft.digest or 'unsaved'}"
         )
 
 

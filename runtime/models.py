@@ -9,11 +9,12 @@ Model specs (strings) accepted everywhere a model is named:
 - any of those followed by `@layers=N`: only the first N decoder layers (an early-exit
   model sharing the tokenizer).
 
-Drafts (`load_draft`) also accept `draft` (the default) and `companion`: the feature drafts
-trained for the default target by `train/distill_draft.py` (the EAGLE-3 recipe: fused features;
-the companion pairs with this draft only) and shipped in `models/`; `draft-v1` and
-`companion-v1`, the EAGLE-1 pair they replaced, kept for comparison (`draft3`/`companion3`, the
-names v3 shipped under before it became the default, still load it); or any directory holding a
+Drafts (`load_draft`) also accept `draft` (the default): the feature draft trained for the
+default target by `train/distill_draft.py` (the EAGLE-3 recipe: fused features) and shipped in
+`models/`, with `companion` (SV's second opinion), which runs only next to it (`companion=`,
+`load_pair`); `draft-v1` and `companion-v1`, the EAGLE-1 pair they replaced, kept for
+comparison (`draft3`/`companion3`, the names v3 shipped under before it became the default,
+still load it); or any directory holding a
 saved feature draft.
 
 Not here: running models (the engine) or caches (kv.py).
@@ -79,6 +80,15 @@ class LoadedModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase | None
     name: str
+
+
+def shipped_name(spec: str) -> str:
+    """A shipped draft's canonical name, whether named (`draft`, `draft3`) or given as its folder
+    (`models/draft`); any other spec as given."""
+    spec = DRAFT_ALIASES.get(spec, spec)
+    if spec not in SHIPPED_DRAFTS and Path(spec).expanduser().resolve().parent == SHIPPED_MODELS.resolve():
+        return Path(spec).name
+    return spec
 
 
 def cache_dir() -> Path:
@@ -204,11 +214,12 @@ def load_draft(
     companion: str | None = None,
     role: str = "draft",
 ) -> torch.nn.Module:
-    """A draft for `target`: `draft`/`companion` (shipped feature drafts for the default
+    """A draft for `target`: `draft`/`draft-v1` (shipped feature drafts for the default
     target), a directory with a saved feature draft, or any model spec (a plain draft, checked
     to share the target's tokenizer). Raises ValueError on a mismatch with the target.
 
-    companion: a second feature draft (spec as above) run alongside the draft, so that
+    companion: a second feature draft (`companion` next to `draft`, `companion-v1` next to
+    `draft-v1`, or a saved one) run alongside the draft, so that
     `DraftBatch.companion_probs` carries its opinion of every draft token (Speculative
     Verification). Both must be feature drafts.
     role: "draft", or "companion" for a model loaded to run next to a draft (`load_pair`). A
@@ -424,7 +435,7 @@ class ModelPair:
         for role, model in (("draft", self.draft), ("companion", self.companion)):
             digest = getattr(model, "digest", "")
             if digest:
-                ids[role] = f"{DRAFT_ALIASES.get(ids[role], ids[role])}@{digest}"
+                ids[role] = f"{shipped_name(ids[role])}@{digest}"
         return ids
 
     def speculator(self, with_companion: bool = False) -> torch.nn.Module | None:

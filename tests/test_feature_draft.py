@@ -264,6 +264,11 @@ def test_a_retrained_draft_under_the_same_name_gets_its_own_step_cost_profile(ta
         assert pair.model_ids["draft"] == f"draft@{draft.digest}" and pair.model_ids["companion"] == "none"
         keys.append(cached_path(fingerprint(pair.model_ids, pair.device, pair.dtype)))
     assert keys[0] != keys[1]
+    # a shipped draft keys alike by name, old name or folder
+    from adactl.runtime.models import SHIPPED_MODELS, shipped_name
+
+    assert shipped_name("draft3") == shipped_name(str(SHIPPED_MODELS / "draft")) == "draft"
+    assert shipped_name(str(tmp_path / "draft")) == str(tmp_path / "draft")
 
 
 def test_companion_needs_feature_drafts(target, tmp_path):

@@ -11,9 +11,10 @@ Three phases, each resumable (rerun the same command after an interruption):
    $ADACTL_CACHE/distill/teacher/ (one forward pass per token; the data both models share).
 2. train: an EAGLE-style feature draft (`adactl.runtime.feature_draft`) learns, on assistant
    tokens, the target's next-token distribution over the draft vocabulary (soft labels from
-   the stored features and the target's output rows) plus the target's next feature
-   (smooth L1), with noise on the input features so that it tolerates its own predictions.
-   Checkpoints every --checkpoint-every steps under $ADACTL_CACHE/distill/<name>/.
+   the stored features and the target's output rows); with eagle1 also the target's next
+   feature (smooth L1), with noise on the input features; with eagle3 on its own unrolled
+   outputs (the training-time test, below).
+   Checkpoints every --checkpoint-every steps under $ADACTL_CACHE/distill/<name>-<recipe>/.
 3. export: fp16 safetensors and a model card (data, steps, measured agreement) to models/<name>/.
 
 Recipes (`--recipe`):
@@ -65,7 +66,7 @@ from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
 @dataclass
 class Args:
     name: str = "draft"
-    """draft or companion (presets below; explicit flags override them)"""
+    """draft, companion, draft-v1 or companion-v1 (presets below; explicit flags override them)"""
     phase: str = "all"
     """teacher, train, export or all"""
     target: str = "smollm2"
@@ -155,12 +156,15 @@ PRESETS = {
 }
 
 
+PRESET_ALIASES = {"draft3": "draft", "companion3": "companion"}  # the names v3 had before it was the default
+
+
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Args):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    name = given.get("name", "draft")
+    name = given["name"] = PRESET_ALIASES.get(given.get("name", "draft"), given.get("name", "draft"))
     if name not in PRESETS:
         parser.error(f"--name must be one of {sorted(PRESETS)}, got {name!r}")
     args = Args(**{**PRESETS[name], **given})
@@ -621,7 +625,7 @@ def run_key(args: Args, driver_digest: str = "") -> str:
 
 
 def work_dir(args: Args) -> Path:
-    return cache_dir() / "distill" / args.name
+    return cache_dir() / "distill" / f"{args.name}-{args.recipe}"  # a v1 run under the same name is another run
 
 
 def train(args: Args, paths: list[Path]) -> tuple[FeatureDraft, dict]:
@@ -809,7 +813,8 @@ def export(args: Args, draft: FeatureDraft, report: dict) -> Path:
   greedy agreement {h["greedy_agreement"]:.3f} at the first draft position,
   {h["greedy_agreement_step2"]:.3f} at the second (own features); the target's next token is in the
   draft vocabulary {h["target_token_in_vocab"]:.3f} of the time.
-- **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft`, in the project's docs/bench_draft.md.
+- **Serving numbers** (acceptance, cost ratio, speedup): `adactl bench draft --draft {args.name}`, in the
+  project's docs/bench_draft.md.
 """
     (out / "README.md").write_text(card)
     return out
