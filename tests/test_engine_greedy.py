@@ -94,3 +94,22 @@ def test_eos_stops_request(target):
     result = run_to_completion(engine)[rid]
     assert result.finish_reason == "eos"
     assert result.output_ids == ref[: ref.index(eos) + 1]
+
+
+@pytest.mark.parametrize("rows", range(1, 10))
+def test_output_layer_rows_padded_to_whole_blocks_on_cpu(target, rows):
+    """The verify forwards' output layer sees a multiple of 4 rows where 2 or 3 would be left
+    over (torch's CPU kernel is slow on such remainders); the logits are the unpadded ones, and
+    the hooks are gone afterwards."""
+    from adactl.runtime.target import whole_row_blocks
+
+    head = target.get_output_embeddings()
+    x = torch.randn(1, rows, head.in_features)
+    seen: list[int] = []
+    with whole_row_blocks(target):
+        probe = head.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel() // a[0].shape[-1]))
+        y = head(x)
+        probe.remove()
+    assert seen == [rows + 4 - rows % 4 if rows % 4 in (2, 3) else rows]
+    torch.testing.assert_close(y, head(x), rtol=1e-5, atol=1e-5)
+    assert not head._forward_hooks and not head._forward_pre_hooks
