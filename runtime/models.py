@@ -14,8 +14,7 @@ default target by `train/distill_draft.py` (the EAGLE-3 recipe: fused features) 
 `models/`, with `companion` (SV's second opinion), which runs only next to it (`companion=`,
 `load_pair`); `draft-v1` and `companion-v1`, the EAGLE-1 pair they replaced, kept for
 comparison (`draft3`/`companion3`, the names v3 shipped under before it became the default,
-still load it); or any directory holding a
-saved feature draft.
+still load it); or any directory holding a saved feature draft.
 
 Not here: running models (the engine) or caches (kv.py).
 """
@@ -232,7 +231,7 @@ def load_draft(
             raise ValueError("a companion runs next to a feature draft: both must be feature drafts")
         return WithCompanion(first, second)
 
-    spec = DRAFT_ALIASES.get(spec, spec)
+    spec = shipped_name(spec)
     path = SHIPPED_MODELS / spec if spec in SHIPPED_DRAFTS else Path(spec).expanduser()
     if spec in SHIPPED_DRAFTS and not (path / CONFIG).is_file():
         raise FileNotFoundError(

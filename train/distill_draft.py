@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from adactl.runtime.device import device_and_dtype
 from adactl.runtime.feature_draft import FeatureDraft
-from adactl.runtime.models import SHIPPED_MODELS, cache_dir, chat_ids, load_model
+from adactl.runtime.models import DRAFT_ALIASES, SHIPPED_MODELS, cache_dir, chat_ids, load_model
 from adactl.workloads import HELD_OUT_EVERY, first_user_turn, read_sharegpt
 
 
@@ -156,15 +156,13 @@ PRESETS = {
 }
 
 
-PRESET_ALIASES = {"draft3": "draft", "companion3": "companion"}  # the names v3 had before it was the default
-
-
 def parse_args(argv: list[str] | None = None) -> Args:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(Args):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    name = given["name"] = PRESET_ALIASES.get(given.get("name", "draft"), given.get("name", "draft"))
+    name = given.get("name", "draft")
+    name = given["name"] = DRAFT_ALIASES.get(name, name)  # the names v3 had before it was the default
     if name not in PRESETS:
         parser.error(f"--name must be one of {sorted(PRESETS)}, got {name!r}")
     args = Args(**{**PRESETS[name], **given})
