@@ -17,16 +17,10 @@ test: setup
 	$(PYTHON) -m pytest
 	$(MAKE) test-floor
 
-# The engine and KV-cache tests again on the oldest transformers our pin allows (5.0.0), in a
-# venv over this one's packages (the cache API changed within 5.x: `cache=`, mask sizes).
-FLOOR_VENV ?= .venv-floor
+# The engine and KV-cache tests again on the oldest transformers our pin allows (5.0.0), on this
+# interpreter with transformers 5.0.0 and what it needs put first on PYTHONPATH (tests/floor.py).
 test-floor:
-	@test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip install --quiet "transformers==5.0.0"
-	$(FLOOR_VENV)/bin/python -m pytest -q -m "not slow" tests/test_kv.py tests/test_verify.py \
-		tests/test_feature_draft.py tests/test_engine_greedy.py tests/test_engine_graphs.py \
-		tests/test_engine_trees.py tests/test_engine_batching.py \
-		tests/test_bench.py::test_bench_step_bare_forward_is_the_models_own_forward
+	$(PYTHON) -m tests.floor
 
 lint: setup
 	$(PYTHON) -m ruff check adactl runtime estimators envs tests

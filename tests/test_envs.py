@@ -125,6 +125,32 @@ def test_ppo_smoke_run_writes_our_scalars_to_tensorboard(trained):
     assert path.is_file()
 
 
+def test_ppo_writes_only_under_its_run_directory_and_scales_its_evaluation(tmp_path, capsys):
+    """Without --out a run leaves models/ untouched: the policy and its evaluation land in the
+    run directory; the real-engine evaluation scales with the training (none for a short run,
+    said so) unless asked for."""
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    ppo = _script("ppo")
+    shipped = {p: p.stat().st_mtime_ns for p in (SHIPPED_MODELS / "policies").iterdir()}
+    report = ppo.main([
+        "--model", "tiny", "--total-timesteps", "64", "--n-steps", "32", "--batch-size", "32", "--n-envs", "1",
+        "--n-epochs", "1", "--episode-steps", "4", "--eval-every", "100", "--eval-episodes", "1",
+        "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+    ])  # fmt: skip
+    assert list(report) == ["training (replay)"]
+    (run,) = list((tmp_path / "runs").iterdir())
+    written = {p.name for p in run.iterdir()}
+    assert {"policy.safetensors", "policy.eval.json", "policy.eval.png", "train.json"} <= written
+    assert {p: p.stat().st_mtime_ns for p in (SHIPPED_MODELS / "policies").iterdir()} == shipped
+    assert f"evaluation -> {run / 'policy.eval.json'}" in capsys.readouterr().out
+    episodes = {n: ppo.heldout_episodes(ppo.parse_args(["--total-timesteps", str(n)])) for n in (2048, 150_000, 10**6)}
+    assert episodes == {2048: 0, 150_000: 1, 10**6: 2}
+    assert ppo.heldout_episodes(ppo.parse_args(["--total-timesteps", "2048", "--heldout-episodes", "3"])) == 3
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--heldout-episodes", "-2"])
+
+
 def test_saved_policy_acts_exactly_like_the_trained_model(trained):
     _, _, path, act, _ = trained
     policy = Policy.load(path)

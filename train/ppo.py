@@ -14,8 +14,13 @@ reward on the same held-back episodes (same seeds), the hyperparameters as a tab
 figure of the policy (action against its key observation).
 
 The policy is saved weights-only (safetensors + normalisation statistics; see
-`adactl.controllers.learned`) to `--out`, then evaluated against the analytic controllers on
-the training workload and on held-out prompts (ShareGPT held-out records and HumanEval).
+`adactl.controllers.learned`) in the run directory (`policy.safetensors`; shipping one is an
+explicit `--out models/policies/SpecDecode-v0.safetensors`), then evaluated against the
+analytic controllers on the training workload (replay) and on held-out prompts (ShareGPT
+held-out records and HumanEval) on the real engine: one episode per prompt set and controller
+per 100,000 training steps, at most 2 (none for a short run; `--heldout-episodes N` asks),
+announced with its episode count and estimated time before it starts. A run writes nothing
+outside its run directory unless `--out` says so.
 """
 
 # (no `from __future__ import annotations`: dataclass fields keep real types, and the script
@@ -62,10 +67,13 @@ class Args:
     )
     eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
     eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
-    heldout_episodes: int = field(default=2, metadata={"help": "real-engine episodes per held-out prompt set and size"})
-    out: str = field(default="", metadata={"help": "policy file (default models/policies/<env>.safetensors)"})
-    runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root"})
-    eval_only: bool = field(default=False, metadata={"help": "skip training: compare the policy at --out"})
+    heldout_episodes: int = field(default=-1, metadata={
+        "help": "real-engine episodes per held-out prompt set and controller (each at a batch size or load drawn "
+                "per episode); -1: one per 100,000 training steps, at most 2"})  # fmt: skip
+    out: str = field(default="", metadata={"help": "policy file (default: policy.safetensors in the run directory)"})
+    runs_dir: str = field(default="runs", metadata={"help": "TensorBoard root; each run gets its own directory"})
+    eval_only: bool = field(default=False, metadata={"help": "skip training: compare the policy at --out (default: "
+                                                     "the shipped one), results in a new run directory"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     trainer: str = field(default="sb3", metadata={"help": "sb3 (stable-baselines3, this machine) or rllib (Ray "
                                                   "RLlib: --n-envs env runners, on a Ray cluster with --address)"})
@@ -96,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         p.error(f"--env-id must be one of {sorted(ENV_SETTINGS)}")
     if args.backend not in ("replay", "real"):
         p.error("--backend must be replay or real")
+    if args.heldout_episodes < -1:
+        p.error("--heldout-episodes must be >= 0, or -1 to scale it with the training")
     if args.trainer not in ("sb3", "rllib"):
         p.error("--trainer must be sb3 or rllib")
     if args.trainer == "rllib":
@@ -312,28 +322,69 @@ def export_policy(model: Any, vec_env: Any, path: Path, args: Args) -> None:
 
 
 # ------------------------------------------------------------- evaluation
+HELDOUT_SETS = ("sharegpt-heldout", "humaneval")
+STEPS_PER_HELDOUT_EPISODE = 100_000
+
+
+def heldout_episodes(args: Args) -> int:
+    """Real-engine episodes per held-out prompt set and controller: `--heldout-episodes`, or
+    one per 100,000 training steps (replay and fine-tune together), at most 2."""
+    if args.heldout_episodes >= 0:
+        return args.heldout_episodes
+    return min(2, (args.total_timesteps + args.finetune_timesteps) // STEPS_PER_HELDOUT_EPISODE)
+
+
+def episodes_seconds(args: Args, prompts: str, seeds: list[int], step_time: Any) -> float:
+    """How long the evaluation's episodes of one prompt set take, replayed (`ReplayEngine`) on
+    `step_time`, the real engine's step costs: its time on the real engine, less model loading."""
+    import gymnasium as gym
+
+    env = gym.make(args.env_id, **env_kwargs(args, "replay", prompts))
+    u = env.unwrapped
+    u.backend.step_time = step_time  # the envs read it at reset: steps, prefills and features
+    total = 0.0
+    for s in seeds:
+        policy_episode(env, lambda obs: env.action_space.sample(), s)
+        total += u.backend.clock(u.engine)
+        for b in ENV_SETTINGS[args.env_id]["baselines"]:
+            baseline_episode(env, b, s)
+            total += u.backend.clock(u.engine)
+    env.close()
+    return total
+
+
 def compare(args: Args, path: Path) -> dict[str, Any]:
     """The saved policy (through `LearnedController`'s own `Policy`) against the analytic
     controllers: on the training workload (replay, held-back seeds) and on held-out prompts
-    (real engine: ShareGPT held-out records and HumanEval)."""
+    (real engine: ShareGPT held-out records and HumanEval), announced with its episode count
+    and estimated length before it starts."""
     import gymnasium as gym
+    from tqdm import tqdm
 
     import adactl.envs  # noqa: F401
     from adactl.controllers.learned import Policy
 
     policy = Policy.load(path)
     settings = ENV_SETTINGS[args.env_id]
-    report: dict[str, Any] = {}
+    controllers = 1 + len(settings["baselines"])
     sets = [("training (replay)", "replay", "sharegpt", args.eval_episodes)]
-    if args.model != "tiny" and args.heldout_episodes > 0:
-        sets += [(f"held-out {p} (real)", "real", p, args.heldout_episodes) for p in ("sharegpt-heldout", "humaneval")]
-    from tqdm import tqdm
-
+    heldout = heldout_episodes(args) if args.model != "tiny" else 0
+    sets += [(f"held-out {p} (real)", "real", p, heldout) for p in HELDOUT_SETS if heldout > 0]
+    if heldout == 0 and args.model != "tiny":
+        print(f"held-out evaluation on the real engine: none for {args.total_timesteps + args.finetune_timesteps:,} "
+              f"training steps (one episode per prompt set and controller per {STEPS_PER_HELDOUT_EPISODE:,}, at "
+              "most 2); --heldout-episodes N asks for N", flush=True)  # fmt: skip
+    report: dict[str, Any] = {}
     for label, backend, prompts, episodes in sets:
         env = gym.make(args.env_id, **env_kwargs(args, backend, prompts))
         seeds = [20_000 + i for i in range(episodes)]
-        bar = tqdm(total=episodes * (1 + len(settings["baselines"])), desc=label, unit="episode",
-                   disable=not args.progress)  # fmt: skip
+        if backend == "real" and prompts == HELDOUT_SETS[0]:  # models loaded: announce the whole real part
+            step_time = env.unwrapped.backend.step_time
+            seconds = sum(episodes_seconds(args, p, seeds, step_time) for p in HELDOUT_SETS)
+            print(f"held-out evaluation on the real engine: {len(HELDOUT_SETS)} prompt sets x {episodes} episodes x "
+                  f"{controllers} controllers = {len(HELDOUT_SETS) * episodes * controllers} episodes, about "
+                  f"{seconds / 60:.1f} min (the same episodes replayed on its step costs)", flush=True)  # fmt: skip
+        bar = tqdm(total=episodes * controllers, desc=label, unit="episode", disable=not args.progress)
         row = {"learned": 0.0}
         for s in seeds:
             row["learned"] += policy_episode(env, policy.act, s)[0] / episodes
@@ -344,6 +395,7 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
                 row[b] += baseline_episode(env, b, s)[0] / episodes
                 bar.update(1)
         bar.close()
+        env.close()
         best = max((b for b in row if b != "learned"), key=lambda b: row[b])
         row["best_analytic"] = best
         # a ratio needs a positive reference; with misses the streaming reward can go negative,
@@ -359,24 +411,40 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ main
-def default_out(args: Args) -> Path:
+def shipped_policy(args: Args) -> Path:
+    """The policy `LearnedController` serves for this env (`--out` it to ship a new one)."""
     from adactl.runtime.models import SHIPPED_MODELS
 
     return SHIPPED_MODELS / "policies" / f"{args.env_id.split('/')[1]}.safetensors"
 
 
-def train(args: Args) -> tuple[Path, Any]:
-    """Train, save the policy; returns its path and the trained model's own deterministic
-    `act(obs)` (SB3, with the training normalisation), to check the saved file against."""
+def new_run_dir(args: Args, kind: str = "") -> Path:
+    """runs/{env}__{exp}{kind}__{seed}__{time}: TensorBoard logs, train.json, and the policy
+    and its evaluation unless `--out` puts them elsewhere."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}{kind}__{args.seed}__{stamp}"
+
+
+def train(args: Args, run_dir: Path | None = None) -> tuple[Path, Any]:
+    """Train, save the policy (`--out`, else in `run_dir`); returns its path and the trained
+    model's own deterministic `act(obs)` (SB3, with the training normalisation), to check the
+    saved file against."""
     import torch
+
+    run_dir = run_dir or new_run_dir(args)
+    out = Path(args.out) if args.out else run_dir / "policy.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the env workers have the other cores; restored for the real-engine evaluation
+    try:
+        return _train(args, run_dir, out)
+    finally:
+        torch.set_num_threads(threads)  # a real engine's step costs are keyed by its thread count
+
+
+def _train(args: Args, run_dir: Path, out: Path) -> tuple[Path, Any]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.logger import configure
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor, VecNormalize
-
-    torch.set_num_threads(1)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{stamp}"
-    out = Path(args.out) if args.out else default_out(args)
 
     def vec(backend: str, n: int) -> Any:
         fns = [make_env(args.env_id, env_kwargs(args, backend), args.seed + i) for i in range(n)]
@@ -412,7 +480,7 @@ def train(args: Args) -> tuple[Path, Any]:
     return out, deterministic_act(model, venv)
 
 
-def train_rllib(args: Args) -> tuple[Path, Any]:
+def train_rllib(args: Args, run_dir: Path | None = None) -> tuple[Path, Any]:
     """The same training on Ray RLlib (PPO, new API stack): `--n-envs` env runners, each with its
     own backend (`--gpus-per-runner` GPUs for a real engine each), on the cluster at `--address`
     or a local one. Observations are the features as they are (already in [0, 1]); the policy
@@ -423,9 +491,8 @@ def train_rllib(args: Args) -> tuple[Path, Any]:
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(args.runs_dir) / f"{args.env_id.replace('/', '-')}__{args.exp_name}-rllib__{args.seed}__{stamp}"
-    out = Path(args.out) if args.out else default_out(args)
+    run_dir = run_dir or new_run_dir(args, "-rllib")
+    out = Path(args.out) if args.out else run_dir / "policy.safetensors"
     env_name = args.env_id.replace("/", "-")
     register_env(env_name, lambda config: _adactl_env(args.env_id, config))
     import os
@@ -566,17 +633,20 @@ def export_rllib_policy(algo: Any, env: Any, path: Path, args: Args) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.eval_only:
-        path = Path(args.out) if args.out else default_out(args)
+    if args.eval_only:  # the results go to a new run directory, or beside an --out policy
+        path = Path(args.out) if args.out else shipped_policy(args)
+        results = path if args.out else new_run_dir(args, "-eval") / path.name
     else:
         path, _ = train_rllib(args) if args.trainer == "rllib" else train(args)
+        results = path
     report = compare(args, path)
-    out = path.with_suffix(".eval.json")
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.with_suffix(".eval.json").write_text(json.dumps(report, indent=1) + "\n")
     from adactl.runtime.device import describe, device_and_dtype
 
     machine = describe(*device_and_dtype(args.device, args.dtype)).label  # where the real-engine episodes ran
-    plot_comparison(report, path.with_suffix(".eval.png"), f"{args.env_id}, real backend on {machine}")
+    plot_comparison(report, results.with_suffix(".eval.png"), f"{args.env_id}, real backend on {machine}")
+    print(f"evaluation -> {results.with_suffix('.eval.json')}")
     return report
 
 
