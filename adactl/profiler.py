@@ -5,12 +5,19 @@
     adactl profile --draft none                     # the target alone (streaming serves plain)
 
 `measure` grows one batch (1, 2, 4, ... `--max-batch` requests of random prompts, prefilled
-in chunks: those are the prefill samples), and at each batch size runs every draft length
-(0, 1, 2, 3, 4, 6, 8) a few times in a shuffled order: a third verifying whole drafts, a
-third a random prefix per row (verify controllers cut drafts), a third with only a few rows
-drafting (SLO-customised plans). It stops at its time budget (65 s by default: at most 90 s
-in all on 2 CPU cores, loading included), fits the cost basis (adactl.estimators.step_cost) and saves the profile
-under `$ADACTL_CACHE/profiles/<fingerprint key>.json`.
+in chunks: those are the prefill samples), and at each batch size runs rounds of
+whole-batch steps, every draft length (0, 1, 2, 3, 4, 6, 8; where a round grows long, 0, 1,
+2, 4, 8) once per round in a shuffled order, as many rounds as fit in about 10 s (2 to 6):
+the ratios of a k-token step to a plain one that goodput decides on are fitted on them
+(the profile's surface, adactl.estimators.cost_surface). Then a few steps verifying a random
+prefix per row and a few with only a few rows drafting (verify controllers' and SLO plans'
+shapes, for the basis). It stops at its time budget (150 s by default: on the 2-core AVX2
+CPU this reaches batch 64 with 2 rounds there, 2 min 50 s in all with loading; on a GPU it
+takes seconds), fits the cost basis and saves the profile under
+`$ADACTL_CACHE/profiles/<fingerprint key>.json`.
+
+`adactl profile --check` measures nothing into the profile: held-out rounds at each batch
+size, and the measured ratio of each k-token step to a plain one next to the profile's.
 
 `step_cost_for` is what benches, the server and the envs call: the profile that matches this
 machine, created on first use (a progress bar and one line saying so); or a file named with
@@ -21,6 +28,7 @@ GPU's costs), but never silently: a line names what differs.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import time
@@ -33,9 +41,9 @@ import torch
 from tqdm import tqdm
 
 from adactl import settings
-from adactl.estimators.step_cost import Fingerprint, LinearStepCost, ProfileError, StepCostProfile
+from adactl.estimators.step_cost import Fingerprint, ProfileError, StepCostModel, StepCostProfile
 from adactl.estimators.step_time import StepShape
-from adactl.settings import DeviceSettings, setting
+from adactl.settings import DeviceSettings, ints, setting
 
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 6, 8)
 
@@ -65,21 +73,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 65.0,
-            reps: int = 3, seed: int = 0, max_k: int = 8,
-            progress: bool = True) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
-    """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring)."""
+def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 150.0,
+            reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True,
+            batch_seconds: float = 10.0) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
+    """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
+
+    At each batch size: rounds of whole-batch steps, every draft length once per round in a
+    shuffled order (a round's steps run within seconds of each other, so drift hits every
+    length alike; the ratios the profile's surface holds are fitted on them), as many rounds
+    as fit in `batch_seconds` (at least 2, at most `reps`; where a round would take over a
+    third of that, the lengths 0, 1, 2, 4, 8 only); then one step per draft length 1, 2, 4, 8
+    verifying a random prefix per row, and one with only a few rows drafting (the shapes
+    verify controllers and SLO plans make, for the basis)."""
     from adactl.runtime import SamplingParams, StepPlan
 
     rng = random.Random(seed)
     ks = [k for k in DRAFT_LENGTHS if k <= max_k] if getattr(engine, "draft", None) is not None else [0]
+    short = [k for k in ks if k in (0, 1, 2, 4, 8)]
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [1]
     shapes: list[StepShape] = []
     seconds: list[tuple[float, float, float]] = []
     start = time.perf_counter()
     sampling = SamplingParams(max_new_tokens=4096, stop_on_eos=False)
 
-    def step(plan: Any, cut_mode: int = 0) -> None:
+    def step(plan: Any, cut_mode: int = 0) -> float:
         drafts = engine.draft_step(plan)
         cut = drafts.draft_len.clone()
         if cut_mode == 1:
@@ -89,34 +106,40 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         context = int(drafts.context_len.sum())
         shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context))
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
+        return float(outcome.total_s)
 
-    per_batch = [(reps if b < 32 else max(1, reps - 1)) * len(ks) + 2 for b in batches]
-    bar = tqdm(total=sum(per_batch), desc="adactl profile", unit="step", disable=not progress)
+    partial = [k for k in short if k > 0]
+    bar = tqdm(total=len(batches), desc="adactl profile", unit="batch size", disable=not progress)
     engine_ids: list[str] = []
-    for b in batches:
+    over, last_round = False, 0.0
+    for i, b in enumerate(batches):
         while len(engine_ids) < b:  # grow the batch: new rows prefill in chunks next to the running rows
             n = rng.randint(16, 96)
             engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(n)], sampling))
         while any(v.status != "running" for v in engine.requests()):
-            step(StepPlan(draft_len=0, prefill_budget=rng.choice([64, 128, 256, 512])))
-        for _ in range(2):  # warm-up at this batch size: its first steps allocate
-            engine.draft_step(StepPlan(draft_len=min(1, max(ks)), prefill_budget=0))
+            step(StepPlan(draft_len=0, prefill_budget=rng.choice([256, 512, 1024])))
+        for j in range(8 if i == 0 else 2):  # warm-up (the first batch size: the process's first steps too)
+            engine.draft_step(StepPlan(draft_len=j % 2 if ks != [0] else 0, prefill_budget=0))
             engine.verify()
-            bar.update(1)
-        order = [k for k in ks for _ in range(reps if b < 32 else max(1, reps - 1))]  # big batches: slow steps
-        rng.shuffle(order)
-        for i, k in enumerate(order):
-            if time.perf_counter() - start > budget_s:
+        lengths = ks if 2 * last_round <= batch_seconds / 3 else short  # a round costs about twice the last
+        rounds, spent = 0, 0.0
+        while rounds < 2 or (rounds < reps and spent * (rounds + 1) / rounds <= batch_seconds):
+            for k in rng.sample(lengths, len(lengths)):
+                spent += step(StepPlan(draft_len=k, prefill_budget=0))
+            rounds += 1
+            over = time.perf_counter() - start > budget_s
+            if over:
                 break
-            plan = StepPlan(draft_len=k, prefill_budget=0)
-            if i % 3 == 2 and b > 1:  # a few rows draft k, the rest 0 or 1
-                running = [v.request_id for v in engine.requests()]
-                few = rng.randint(1, max(1, b // 4))
-                plan = StepPlan(draft_len={r: k if j < few else rng.randint(0, 1) for j, r in enumerate(running)},
-                                prefill_budget=0)  # fmt: skip
-            step(plan, cut_mode=i % 3)
-            bar.update(1)
-        if time.perf_counter() - start > budget_s:
+        last_round = spent / rounds * len(ks) / len(lengths)
+        for k in rng.sample(partial, len(partial)) if not over and b > 1 else []:
+            step(StepPlan(draft_len=k, prefill_budget=0), cut_mode=1)  # a random prefix of each row
+            running = [v.request_id for v in engine.requests()]
+            few = rng.randint(1, max(1, b // 4))  # a few rows draft k, the rest 0 or 1
+            step(StepPlan(draft_len={r: k if j < few else rng.randint(0, 1) for j, r in enumerate(running)},
+                          prefill_budget=0))  # fmt: skip
+        bar.set_postfix_str(f"batch {b}: {rounds} rounds of {len(lengths)}")
+        bar.update(1)
+        if over or time.perf_counter() - start > budget_s:
             bar.write(f"adactl profile: time budget ({budget_s:.0f} s) reached at batch {b}")
             break
     bar.close()
@@ -128,7 +151,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     return shapes, np.array(seconds, dtype=np.float64)
 
 
-def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 65.0, reps: int = 3, seed: int = 0,
+def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 150.0, reps: int = 6, seed: int = 0,
                  progress: bool = True) -> StepCostProfile:  # fmt: skip
     """Measure `pair` (a `ModelPair`) on its device and fit its step-cost profile."""
     from adactl.runtime import Engine, EngineConfig
@@ -161,7 +184,7 @@ def shipped_profile(specs: dict[str, str]) -> Path:
 
 
 def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = True, max_batch: int = 64,
-                  budget_s: float = 65.0, log: Any = None) -> LinearStepCost:  # fmt: skip
+                  budget_s: float = 150.0, log: Any = None) -> StepCostModel:  # fmt: skip
     """The step-cost model a run on `pair` uses (see the module docstring); `profile="shipped"`:
     the shipped CPU profile as the prior, with nothing measured."""
     say = log or (lambda text: print(text, file=sys.stderr))
@@ -200,11 +223,17 @@ class ProfilerSettings(DeviceSettings):
     draft: str = setting("draft", "draft spec, or none")
     companion: str = setting("none", "companion spec (SV's signal), or none")
     max_batch: int = setting(64, "the largest batch measured")
-    budget_s: float = setting(65.0, "time budget of the measurement")
-    reps: int = setting(3, "steps per (batch size, draft length)")
+    budget_s: float = setting(150.0, "time budget of the measurement")
+    reps: int = setting(6, "rounds of whole-batch steps per batch size, at most (each: every draft length once)")
     seed: int = setting(0, "seed of the measured requests")
     out: str | None = setting(None, "also write the profile here (it is always cached)")
     tiny: bool = setting(False, "tiny random models (a smoke run)")
+    check: bool = setting(False, "measure nothing new: check the profile this machine uses (or --profile) against "
+                          "held-out whole-batch steps, the ratio of each k-token step to a plain one")  # fmt: skip
+    check_batches: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "--check: batch sizes", parse=ints)
+    check_ks: list[int] = setting([1, 2, 4], "--check: draft lengths compared with plain decoding", parse=ints)
+    check_rounds: int = setting(5, "--check: rounds per batch size (each: every length once, shuffled)")
+    profile: str | None = setting(None, "--check: this profile file instead of this machine's")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -215,22 +244,82 @@ def main(namespace: argparse.Namespace) -> StepCostProfile:
     return run(settings.from_args(ProfilerSettings, namespace))
 
 
-def run(args: ProfilerSettings) -> StepCostProfile:
+def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]]:
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 
-    if args.max_batch < 1 or args.budget_s <= 0 or args.reps < 1:
-        raise SystemExit("adactl profile: --max-batch and --reps must be >= 1 and --budget-s > 0")
+    if args.max_batch < 1 or args.budget_s <= 0 or args.reps < 1 or args.check_rounds < 1:
+        raise SystemExit("adactl profile: --max-batch, --reps and --check-rounds must be >= 1 and --budget-s > 0")
     device, dtype = device_and_dtype(args.device, args.dtype)  # before any model loads
     pair = tiny_pair(device, dtype) if args.tiny else load_pair(args.target, args.draft, args.companion, device, dtype)
+    if args.check:
+        return run_check(pair, args)
     made = make_profile(pair, args.max_batch, args.budget_s, args.reps, args.seed)
     path = made.save(cached_path(made.fingerprint))
     if args.out:
         made.save(args.out)
     print(f"{made.meta['steps']} steps in {made.meta['profile_s']} s on {made.fingerprint.machine_label}; "
-          f"fit error {100 * made.meta['fit_mape']:.1f}% (mean absolute, relative) -> {path}"
-          + (f" and {args.out}" if args.out else ""))  # fmt: skip
+          f"fit error {100 * made.meta['fit_mape']:.1f}% (mean absolute, relative; the basis alone "
+          f"{100 * made.meta['basis_mape']:.1f}%) -> {path}" + (f" and {args.out}" if args.out else ""))  # fmt: skip
     return made
+
+
+def check_ratios(pair: Any, model: Any, batches: list[int], ks: list[int], rounds: int = 5, seed: int = 1,
+                 progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """Held-out whole-batch steps at each batch size, `rounds` rounds of plain decoding and
+    every k in `ks` in a shuffled order: the measured ratio of a k-token step to a plain one
+    (medians) next to `model`'s for the same steps' shapes (their mean prediction)."""
+    from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+    from adactl.runtime.models import output_vocab_size
+
+    rng = random.Random(seed)
+    engine = Engine(pair.target.model, pair.speculator(with_companion=pair.companion is not None),
+                    config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
+    vocab, sampling = output_vocab_size(pair.target.model), SamplingParams(max_new_tokens=4096, stop_on_eos=False)
+    records: list[dict[str, Any]] = []
+    bar = tqdm(total=len(batches) * rounds, desc="adactl profile --check", unit="round", disable=not progress)
+    for b in sorted(batches):
+        while len(engine.requests()) < b:
+            engine.add_request([rng.randrange(1, vocab) for _ in range(rng.randint(16, 96))], sampling)
+        while any(v.status != "running" for v in engine.requests()):
+            engine.step(StepPlan(draft_len=0, prefill_budget=512))
+        for _ in range(2):
+            engine.step(StepPlan(draft_len=1, prefill_budget=0))
+        seen: dict[int, list[tuple[StepShape, float]]] = {k: [] for k in (0, *ks)}
+        for _ in range(rounds):
+            for k in rng.sample(list(seen), len(seen)):
+                drafts = engine.draft_step(StepPlan(draft_len=k, prefill_budget=0))
+                outcome = engine.verify()
+                _sync(pair.device)
+                shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, int(drafts.context_len.sum()))
+                seen[k].append((shape, float(outcome.total_s)))
+            bar.update(1)
+        plain = float(np.median([t for _, t in seen[0]]))
+        predicted_plain = float(np.mean(model.predict([s for s, _ in seen[0]])))
+        for k in ks:
+            measured = float(np.median([t for _, t in seen[k]])) / plain
+            predicted = float(np.mean(model.predict([s for s, _ in seen[k]]))) / predicted_plain
+            records.append({"batch_size": b, "k": k, "plain_ms": 1000 * plain, "measured_ratio": measured,
+                            "predicted_ratio": predicted, "error": predicted / measured - 1})  # fmt: skip
+    bar.close()
+    return records
+
+
+def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
+    """`adactl profile --check`: the table, and JSON under bench_results/."""
+    from adactl.bench.common import format_table, write_json
+    from adactl.runtime.device import describe
+
+    model = step_cost_for(pair, args.profile, refine=False, max_batch=max(args.check_batches))
+    records = check_ratios(pair, model, args.check_batches, args.check_ks, args.check_rounds, args.seed + 1)
+    print(format_table(records, ["batch_size", "k", "plain_ms", "measured_ratio", "predicted_ratio", "error"]))
+    worst = max(records, key=lambda r: abs(r["error"]))
+    print(f"largest error of the predicted T(k) / T(0): {100 * worst['error']:+.1f}% (batch {worst['batch_size']}, "
+          f"k = {worst['k']}); mean absolute {100 * np.mean([abs(r['error']) for r in records]):.1f}%")  # fmt: skip
+    out = Path(args.out or "bench_results/profile_check.json")
+    write_json(out, records, {"machine": describe(pair.device, pair.dtype).to_dict(), "profile": args.profile or
+                              "this machine's (cached)", "args": dataclasses.asdict(args)})  # fmt: skip
+    return records
 
 
 def tiny_pair(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .attention import gqa_attention
 from .graphs import CudaGraphs, StaticShapes
 
 
@@ -315,15 +316,16 @@ class BatchKV:
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
         self.first_row, self.write_col = r0, c
         try:
-            out = model(
-                input_ids=input_ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **cache_kwargs(model, self.cache),
-                use_cache=True,
-                logits_to_keep=logits_to_keep,
-                **model_kwargs,
-            )
+            with gqa_attention(model, self.device):  # the CPU's masked attention without repeated KV heads
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    **cache_kwargs(model, self.cache),
+                    use_cache=True,
+                    logits_to_keep=logits_to_keep,
+                    **model_kwargs,
+                )
         finally:
             self.first_row = self.write_col = 0
         self._wrote(r0, new_valid, c)
@@ -384,10 +386,11 @@ class BatchKV:
             self.write_rows, self.write_index, self.write_col = x["rows"], x["write"], c
             try:
                 tensors = {k: v for k, v in x.items() if k not in ("ids", "positions", "mask", "write", "rows")}
-                return model(
-                    input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["positions"],
-                    **cache_kwargs(model, self.cache), use_cache=True, **flags, **tensors,
-                )  # fmt: skip
+                with gqa_attention(model, dev):
+                    return model(
+                        input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["positions"],
+                        **cache_kwargs(model, self.cache), use_cache=True, **flags, **tensors,
+                    )  # fmt: skip
             finally:
                 self.write_rows = self.write_index = None
                 self.write_col = 0

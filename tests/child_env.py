@@ -92,8 +92,15 @@ def build_backend_present() -> bool:
 def build_wheel(out: Path) -> Path:
     """adactl's wheel, built by this interpreter's pip: with the build backend installed here
     when it is, else with build isolation (setuptools from the package registry)."""
+    import shutil
+
+    # from a copy: setuptools builds in the source tree, and a stale build/ there would be packaged
+    source = out / "source"
+    skip = (".git", "build", "dist", "*.egg-info", "__pycache__", ".floor", ".venv*", "runs", "bench_results",
+            ".*_cache")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skip))
     isolation = ["--no-build-isolation"] if build_backend_present() else []
-    pip(["wheel", "--quiet", "--no-deps", *isolation, "-w", str(out), str(REPO)],
+    pip(["wheel", "--quiet", "--no-deps", *isolation, "-w", str(out), str(source)],
         "build adactl's wheel",
         "with no setuptools >= 70.1 installed here, the build fetches it from the package registry: "
         f"make it reachable, or {sys.executable} -m pip install 'setuptools>=70.1'")  # fmt: skip

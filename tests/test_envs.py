@@ -255,12 +255,12 @@ def test_shipped_policies_load_and_act_on_their_env(name):
 def test_replay_trains_against_another_machines_profile(tmp_path):
     """`profile=`: the replay's step costs are a profile file's (an H100's here), not this CPU's;
     a bad file is a clear error at `gym.make`, before anything runs."""
-    from adactl.estimators.step_cost import LinearStepCost, ProfileError
+    from adactl.estimators.step_cost import ProfileError, StepCostModel
     from adactl.runtime.models import SHIPPED_MODELS
 
     h100 = SHIPPED_MODELS / "estimators" / "step_cost_h100.json"
     env = gym.make("adactl/SpecDecode-v0", backend="replay", profile=str(h100), **TINY_SPEC)
-    assert isinstance(env.unwrapped.backend.step_time, LinearStepCost)
+    assert isinstance(env.unwrapped.backend.step_time, StepCostModel)
     _no_warnings(env_checker.check_env, env.unwrapped)
     env.reset(seed=0)
     assert env.step(1)[1] > 0  # tokens per replayed second of a GPU-sized step

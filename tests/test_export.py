@@ -10,20 +10,20 @@ import torch
 
 from adactl import export
 from adactl.cli import main
-from adactl.estimators.step_cost import BASIS, PARTS, LinearStepCost, StepCostProfile
+from adactl.estimators.step_cost import BASIS, PARTS, StepCostModel, StepCostProfile
 from adactl.export import ExportError, check_sglang, check_vllm, ranges, schedule, sglang_config, vllm_config
 from adactl.runtime.models import SHIPPED_MODELS
 
 CPU = SHIPPED_MODELS / "estimators" / "step_cost_cpu.json"
 
 
-def linear_cost(per_verify_token: float) -> LinearStepCost:
+def linear_cost(per_verify_token: float) -> StepCostModel:
     """A step of 10 ms plus `per_verify_token` seconds per verified token (and 1 ms per draft forward)."""
     theta = np.zeros((len(BASIS), len(PARTS)))
     theta[BASIS.index("step"), PARTS.index("verify_s")] = 0.010
     theta[BASIS.index("verify_tokens"), PARTS.index("verify_s")] = per_verify_token
     theta[BASIS.index("draft_forwards"), PARTS.index("draft_s")] = 0.001
-    return LinearStepCost(theta, refine=False)
+    return StepCostModel(theta, refine=False)
 
 
 def unit_scale() -> float:

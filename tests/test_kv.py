@@ -169,3 +169,39 @@ def test_trailing_rejections_leave_no_holes(target, monkeypatch):
     logits = append(kv, target, [[20, 21]])
     assert masks == [None]
     assert torch.allclose(logits[0], plain_logits(target, seq + [20, 21])[len(seq) :], atol=ATOL)
+
+
+def test_cpu_attention_shares_kv_heads_inside_the_kernel_and_leaves_the_model_as_it_was(target):
+    """A masked forward of several tokens a row (a verify over holes and padding) on the CPU
+    runs torch's SDPA with grouped heads (`enable_gqa`), not transformers' copy of every
+    key/value head, and gives the same logits; the model's own attention setting is back
+    after (so `generate` on the same model is untouched)."""
+    import adactl.runtime.attention as attention
+
+    assert target.config.num_key_value_heads < target.config.num_attention_heads  # grouped heads
+    calls = []
+    original = attention.torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("enable_gqa", False))
+        return original(*args, **kwargs)
+
+    rows = [[5, 6, 7, 8, 9], [10, 11]]
+    logits = {}
+    for name in ("ours", "transformers"):
+        kv = BatchKV(2)
+        kv.new_rows(2)
+        append(kv, target, rows)
+        if name == "transformers":  # the same forwards with our switch off
+            registered, attention._registered = attention._registered, False
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(attention.torch.nn.functional, "scaled_dot_product_attention", spy)
+                logits[name] = append(kv, target, [[20, 21, 22], [23, 24, 25]])
+        finally:
+            if name == "transformers":
+                attention._registered = registered
+        assert target.config._attn_implementation == "sdpa"
+    assert torch.allclose(logits["ours"], logits["transformers"], atol=ATOL)
+    n = target.config.num_hidden_layers
+    assert calls[:n] == [True] * n and calls[n:] == [False] * n

@@ -4,6 +4,7 @@ and why refinement exists (a controller started from another machine's costs).""
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 
 from adactl.controllers import FixedDraftLength, GoodputLength
 from adactl.estimators import MovingAverage
-from adactl.estimators.step_cost import BASIS, Fingerprint, LinearStepCost, ProfileError, StepCostProfile, features
+from adactl.estimators.step_cost import BASIS, Fingerprint, ProfileError, StepCostModel, StepCostProfile, features
 from adactl.estimators.step_time import StepShape
 from adactl.loop import ControlLoop
 from adactl.runtime import SamplingParams
@@ -40,7 +41,7 @@ def grid() -> list[StepShape]:
     return [StepShape.of_lengths([k] * b, [k] * b, 0, 200 * b) for b in (1, 2, 4, 8, 16, 32) for k in range(9)]
 
 
-def relative_error(model: LinearStepCost, truth: LinearStepCost, shapes: list[StepShape]) -> float:
+def relative_error(model: StepCostModel, truth: StepCostModel, shapes: list[StepShape]) -> float:
     p, t = model.predict(shapes), truth.predict(shapes)
     return float(np.mean(np.abs(p - t) / t))
 
@@ -56,7 +57,7 @@ def served_shapes(rng: np.random.Generator, n: int) -> list[StepShape]:
 
 
 def test_fit_recovers_a_linear_machine() -> None:
-    truth = LinearStepCost(CPU_LIKE, refine=False)
+    truth = StepCostModel(CPU_LIKE, refine=False)
     shapes = grid()
     seconds = truth.predict_parts(shapes) * np.exp(np.random.default_rng(0).normal(0, 0.03, (len(shapes), 1)))
     profile = StepCostProfile.from_steps(FP, shapes, seconds)
@@ -64,24 +65,35 @@ def test_fit_recovers_a_linear_machine() -> None:
     assert profile.meta["fit_mape"] < 0.05
 
 
+def whole_batch_shapes(rng: np.random.Generator, n: int) -> list[StepShape]:
+    """Whole-batch steps of a server whose batch drifts and whose draft length varies."""
+    return [StepShape.of_lengths([k] * b, [k] * b, 0, int(rng.integers(50, 400)) * b)
+            for b, k in zip(rng.integers(1, 17, n), rng.integers(0, 5, n))]  # fmt: skip
+
+
 def test_online_refinement_converges_from_another_machines_profile_within_50_steps() -> None:
-    truth = LinearStepCost(GPU_LIKE, refine=False)
-    learned, frozen = LinearStepCost(CPU_LIKE), LinearStepCost(CPU_LIKE, refine=False)
+    """Where it serves: within 8% after 50 whole-batch steps (measured 5.7%) from a profile
+    more than twice off; where it never served (batch 32, drafts of 5 to 8), the levels it
+    learned carry over, the rest stays the profile's (measured 49% off, against 1,300%)."""
+    truth = StepCostModel(GPU_LIKE, refine=False)
+    learned, frozen = StepCostModel(CPU_LIKE), StepCostModel(CPU_LIKE, refine=False)
     rng = np.random.default_rng(1)
-    assert relative_error(learned, truth, grid()) > 1.0  # the prior is far off
-    for shape in served_shapes(rng, 50):
+    served = [whole_batch(b, k, 200 * b) for b in (1, 2, 4, 8, 16) for k in range(5)]
+    assert relative_error(learned, truth, served) > 1.0  # the prior is far off
+    for shape in whole_batch_shapes(rng, 50):
         seconds = truth.predict_parts([shape])[0] * float(np.exp(rng.normal(0, 0.05)))
         learned.observe(shape, seconds)
         frozen.observe(shape, seconds)
-    assert relative_error(learned, truth, grid()) < 0.15
-    assert relative_error(frozen, truth, grid()) > 1.0  # refine=False keeps the prior
+    assert relative_error(learned, truth, served) < 0.08
+    assert relative_error(learned, truth, grid()) < 0.6 < relative_error(frozen, truth, grid())
+    assert relative_error(frozen, truth, served) > 1.0  # refine=False keeps the prior
     assert learned.updates == 50 and frozen.updates == 0
 
 
 def test_online_update_costs_well_under_a_millisecond() -> None:
     """The issue's budget is 0.1 ms a step; measured about 0.06 ms (update from a real record,
     the shape included) with the other core busy. The bound leaves room for a loaded CI."""
-    model = LinearStepCost(CPU_LIKE)
+    model = StepCostModel(CPU_LIKE)
     shapes = served_shapes(np.random.default_rng(2), 400)
     times = []
     for s in shapes:
@@ -93,7 +105,7 @@ def test_online_update_costs_well_under_a_millisecond() -> None:
 
 def test_profile_file_round_trip_and_bad_files(tmp_path) -> None:
     shapes = grid()
-    profile = StepCostProfile.from_steps(FP, shapes, LinearStepCost(CPU_LIKE).predict_parts(shapes), {"x": 1})
+    profile = StepCostProfile.from_steps(FP, shapes, StepCostModel(CPU_LIKE).predict_parts(shapes), {"x": 1})
     path = profile.save(tmp_path / "p.json")
     back = StepCostProfile.load(path)
     assert back.fingerprint == FP and np.allclose(back.theta, profile.theta) and len(back.steps) == len(shapes)
@@ -134,7 +146,7 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert cached_path(here).is_file()
     said: list[str] = []
     model = step_cost_for(pair, log=said.append)  # the cached one: nothing measured, nothing said
-    assert said == [] and isinstance(model, LinearStepCost)
+    assert said == [] and isinstance(model, StepCostModel)
     foreign = StepCostProfile.load(tmp_path / "mine.json")
     foreign.fingerprint = Fingerprint(**{**foreign.fingerprint.__dict__, "device_type": "cuda",
                                          "device_name": "NVIDIA H100 80GB HBM3"})  # fmt: skip
@@ -143,9 +155,16 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert len(said) == 1 and "NVIDIA H100" in said[0] and "device_type" in said[0]
     assert main(["profile", "--tiny", "--device", "tpu"]) == 2
     assert "unknown device" in capsys.readouterr().err
+    # --check: held-out whole-batch steps against the cached profile's ratios, measured nothing new
+    assert main(["profile", "--tiny", "--device", "cpu", "--check", "--check-batches", "1,4", "--check-ks", "1,2",
+                 "--check-rounds", "2", "--out", str(tmp_path / "check.json")]) == 0  # fmt: skip
+    records = json.loads((tmp_path / "check.json").read_text())["records"]
+    assert [(r["batch_size"], r["k"]) for r in records] == [(1, 1), (1, 2), (4, 1), (4, 2)]
+    assert all(r["measured_ratio"] > 0 and np.isfinite(r["error"]) for r in records)
+    assert "largest error of the predicted T(k) / T(0)" in capsys.readouterr().out
 
 
-def run_goodput(truth: LinearStepCost, prior: np.ndarray | None, refine: bool, k: int | None = None,
+def run_goodput(truth: StepCostModel, prior: np.ndarray | None, refine: bool, k: int | None = None,
                 alpha: float = 0.6) -> float:  # fmt: skip
     """Tokens per replayed second at batch 8 of GoodputLength (from `prior`) or fixed k, on a
     replay engine whose steps cost what `truth` says."""
@@ -153,7 +172,7 @@ def run_goodput(truth: LinearStepCost, prior: np.ndarray | None, refine: bool, k
     for _ in range(8):
         engine.add_request(64, SamplingParams(max_new_tokens=600, stop_on_eos=False))
     if k is None:
-        controller = GoodputLength(LinearStepCost(prior, refine=refine), MovingAverage(prior=alpha))
+        controller = GoodputLength(StepCostModel(prior, refine=refine), MovingAverage(prior=alpha))
     else:
         controller = FixedDraftLength(k)
     loop = ControlLoop(engine, [controller], max_draft_len=8, clock=engine.clock)
@@ -163,10 +182,15 @@ def run_goodput(truth: LinearStepCost, prior: np.ndarray | None, refine: bool, k
 
 @pytest.mark.parametrize(("truth", "prior"), [(GPU_LIKE, CPU_LIKE), (CPU_LIKE, GPU_LIKE)], ids=["on-gpu", "on-cpu"])
 def test_refinement_is_what_makes_another_machines_profile_work(truth: np.ndarray, prior: np.ndarray) -> None:
-    """Started from the other machine's costs: with refinement goodput reaches the best fixed
-    k (measured 0.97x and 0.98x); without it, it keeps the other machine's crossover (0.61x:
-    thinks verification dear, drafts too little; 0.89x: thinks it cheap, drafts too much)."""
-    machine = LinearStepCost(truth, refine=False)
+    """Started from the other machine's costs: with refinement goodput nears the best fixed k;
+    without it, it keeps the other machine's crossover (0.61x: thinks verification dear,
+    drafts too little; 0.89x: thinks it cheap, drafts too much). Measured 0.99x and 0.99x
+    (0.98x and 0.99x, the mean of three seeds); recursive least squares over the
+    basis, which this replaced, reached 0.97x and 0.98x here, where the machines are exactly
+    linear in its basis, and misled goodput on the real CPU, which is not (issue 30): ratios
+    are now learned only from whole-batch steps of the lengths served and probed, so
+    climbing from a far-off prior takes probes."""
+    machine = StepCostModel(truth, refine=False)
     best_fixed = max(run_goodput(machine, None, False, k) for k in range(9))
     refined = run_goodput(machine, prior, refine=True)
     stale = run_goodput(machine, prior, refine=False)
@@ -178,11 +202,11 @@ def test_refinement_is_what_makes_another_machines_profile_work(truth: np.ndarra
 
 @pytest.mark.parametrize("prior", [CPU_LIKE, GPU_LIKE])
 def test_loop_updates_a_shared_cost_model_once_per_step(prior: np.ndarray) -> None:
-    truth = LinearStepCost(GPU_LIKE, refine=False)
+    truth = StepCostModel(GPU_LIKE, refine=False)
     engine = ReplayEngine(truth, alpha=[0.7] * 4, max_batch_size=4, seed=0)
     for _ in range(4):
         engine.add_request(16, SamplingParams(max_new_tokens=20, stop_on_eos=False))
-    cost = LinearStepCost(prior)
+    cost = StepCostModel(prior)
     loop = ControlLoop(engine, [GoodputLength(cost, MovingAverage())], estimators=[cost], max_draft_len=4,
                        clock=engine.clock)  # fmt: skip
     loop.run()
@@ -201,3 +225,169 @@ def test_shipped_cpu_profiles_load() -> None:
         assert ("h100" in f.name) == (profile.fingerprint.device_type == "cuda")
         assert np.isfinite(profile.model().predict(grid())).all()
     assert torch.get_num_threads() >= 1
+
+
+# ------------------------------------------- a server's phases, replayed (issue 30)
+CPU_PROFILE = "step_cost_cpu.json"
+
+
+def shipped_cpu_profile() -> StepCostProfile:
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return StepCostProfile.load(SHIPPED_MODELS / "estimators" / CPU_PROFILE)
+
+
+def whole_batch(rows: int, k: int, context: int) -> StepShape:
+    return StepShape.of_lengths([k] * rows, [k] * rows, 0, context)
+
+
+def ratio_errors(model: object, truth: object, batches: tuple[int, ...], ks: tuple[int, ...]) -> dict:
+    """{(batch, k): relative error of the predicted T(k) / T(0)} at a typical context."""
+    errors = {}
+    for b in batches:
+        shapes = [whole_batch(b, k, 250 * b) for k in (0, *ks)]
+        p, t = model.predict(shapes), truth.predict(shapes)  # type: ignore[attr-defined]
+        for i, k in enumerate(ks, start=1):
+            errors[(b, k)] = abs((p[i] / p[0]) / (t[i] / t[0]) - 1)
+    return errors
+
+
+def wrong_choices(model: object, truth: object, alpha: torch.Tensor, batches: tuple[int, ...]) -> dict:
+    """{batch: (goodput's k, the truth's k)} wherever the truth's best beats every other k by > 5%."""
+    from adactl.controllers.goodput import goodput_length, goodput_rates
+
+    wrong = {}
+    for b in batches:
+        rates = goodput_rates(truth, alpha, b, 250 * b)  # type: ignore[arg-type]
+        best = int(np.argmax(rates))
+        if rates[best] > 1.05 * np.delete(rates, best).max():
+            chosen = goodput_length(model, alpha, b, 250 * b, margin=0.0)  # type: ignore[arg-type]
+            if chosen != best:
+                wrong[b] = (chosen, best)
+    return wrong
+
+
+def serve_phase(cost: object, truth: object, batch: int, alpha: list[float], seed: int, drift: float) -> int:
+    """One phase of a server's load: runs of plain decoding, fixed k = 1, 2, 4 and goodput at
+    one batch size, interleaved as `adactl bench spec` runs them, on a replay whose steps cost
+    `drift` times what `truth` says; every step refines `cost`. Returns the steps served."""
+    from adactl.stacks import StackContext, build_stack
+
+    steps = 0
+    for r, stack in enumerate(["no-spec", "fixed-k1", "goodput", "fixed-k2", "fixed-k4", "goodput"]):
+        truth_here = _Scaled(truth, drift)
+        engine = ReplayEngine(truth_here, alpha=alpha, max_batch_size=batch, noise=0.05, seed=seed + r)
+        for _ in range(batch):
+            engine.add_request(200, SamplingParams(max_new_tokens=32, stop_on_eos=False))
+        built = build_stack(stack, StackContext(cost, lambda name: MovingAverage(prior=alpha[0])))
+        loop = ControlLoop(engine, built.schedule, max_draft_len=8, estimators=[cost], clock=engine.clock,
+                           prefill_budget=200 * batch)  # fmt: skip
+        loop.run()
+        steps += loop.steps
+    return steps
+
+
+class _Scaled:
+    """A step-time predictor `factor` times another (a machine that slowed down)."""
+
+    def __init__(self, base: object, factor: float) -> None:
+        self.base, self.factor = base, factor
+
+    def predict_parts(self, shapes: list[StepShape]) -> np.ndarray:
+        return self.base.predict_parts(shapes) * self.factor  # type: ignore[attr-defined]
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        return self.base.predict(shapes) * self.factor  # type: ignore[attr-defined]
+
+
+class MeasuredMachine:
+    """This machine as its profile's steps measured it, independent of any model of ours: the
+    profile's linear basis times, at (rows, tokens verified per row), the median of what the
+    whole-batch steps there measured over the basis (interpolated in log2 rows and in the
+    draft length between measured cells)."""
+
+    def __init__(self, profile: StepCostProfile) -> None:
+        shapes, seconds = profile.shapes()
+        self.theta = profile.theta
+        cells: dict[tuple[int, int], list[float]] = {}
+        base = np.maximum(np.maximum(features(shapes) @ self.theta, 0.0).sum(1), 1e-5)
+        for s, y, b in zip(shapes, seconds.sum(1), base):
+            whole = s.prefill_tokens == 0 and s.draft_tokens == s.rows * s.max_draft == s.rows * (s.max_verify - 1)
+            if whole:
+                cells.setdefault((s.rows, s.max_draft), []).append(math.log(y / b))
+        self.rows = sorted({r for r, _ in cells})
+        self.table = []  # per measured batch size: (lengths, median log factors)
+        for r in self.rows:
+            ks = sorted(k for rr, k in cells if rr == r)
+            self.table.append((ks, [float(np.median(cells[(r, k)])) for k in ks]))
+
+    def _log_factor(self, rows: int, j: float) -> float:
+        x = math.log2(max(rows, 1))
+        at = [float(np.interp(j, ks, f)) for ks, f in self.table]
+        return float(np.interp(x, [math.log2(r) for r in self.rows], at))
+
+    def predict_parts(self, shapes: list[StepShape]) -> np.ndarray:
+        parts = np.maximum(features(shapes) @ self.theta, 0.0)
+        j = [s.verify_computed / max(s.rows, 1) - 1 for s in shapes]
+        return parts * np.exp([self._log_factor(s.rows, jj) for s, jj in zip(shapes, j)])[:, None]
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        return np.maximum(self.predict_parts(shapes).sum(1), 1e-5)
+
+
+def test_refinement_keeps_the_profiles_shape_through_a_servers_phases() -> None:
+    """Issue 30's `make bench` failure, in seconds: one cost model shared by every run, as a
+    server's is, through phases of one batch size and temperature each (runs of fixed k and
+    goodput interleaved), on a replay of this machine as its profile measured it (a
+    co-located job makes every step 25% slower for two phases). After every phase the ratio
+    of a k-token step to a plain one stays within 10% of the machine's at batch 1, 4, 16 and
+    64, and goodput chooses the machine's best k wherever that k wins by more than 5%.
+    (On commit 40b5b72 the first check fails: the basis alone misprices the ratios.)"""
+    profile = shipped_cpu_profile()
+    truth, cost = MeasuredMachine(profile), profile.model()
+    greedy = [0.47, 0.48, 0.51, 0.48, 0.6, 0.51, 0.5, 0.5]  # the shipped acceptance by position
+    sampled = [a * 0.75 for a in greedy]
+    phases = [(64, greedy, 1.0), (1, greedy, 1.0), (16, sampled, 1.25), (4, sampled, 1.25), (64, sampled, 1.0),
+              (16, greedy, 1.0), (1, sampled, 1.0), (4, greedy, 1.0)]  # fmt: skip
+    for i, (batch, alpha, drift) in enumerate(phases):
+        serve_phase(cost, truth, batch, alpha, seed=100 * i, drift=drift)
+        errors = ratio_errors(cost, truth, (1, 4, 16, 64), (1, 2, 4))
+        worst = max(errors, key=errors.__getitem__)
+        assert errors[worst] <= 0.10, f"phase {i} (batch {batch}): T(k)/T(0) off by {errors[worst]:.1%} at {worst}"
+        for a in (greedy, sampled):
+            wrong = wrong_choices(cost, truth, torch.tensor(a), (1, 4, 16, 64))
+            assert not wrong, f"phase {i} (batch {batch}): goodput's k against the machine's: {wrong}"
+
+
+def test_steps_where_part_of_the_batch_drafts_teach_levels_not_ratios() -> None:
+    """Probes on part of the batch, SV's cuts and prefill steps, however cheap they run,
+    cannot move the model toward drafting at a batch size where no whole-batch draft was
+    ever served: the ratios stay the profile's; the level follows them."""
+    profile = shipped_cpu_profile()
+    cost, prior = profile.model(), profile.model(refine=False)
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        few = int(rng.integers(1, 17))  # a quarter of 64 rows or fewer draft 1..4, the rest nothing
+        k = int(rng.integers(1, 5))
+        cut = [int(rng.integers(0, k + 1)) for _ in range(few)] + [0] * (64 - few)
+        shape = StepShape.of_lengths(sorted(cut, reverse=True), [k] * few + [0] * (64 - few), 0, 64 * 250)
+        cost.observe(shape, prior.predict_parts([shape])[0] * 0.5)  # half what the profile says
+    assert max(ratio_errors(cost, prior, (32, 64), (1, 2, 4)).values()) < 1e-6
+    plain = whole_batch(64, 0, 64 * 250)
+    assert float(cost.predict([plain])[0]) < 0.6 * float(prior.predict([plain])[0])  # the level learned
+
+
+def test_absurd_step_times_are_counted_not_learned() -> None:
+    """A paused process, a clock jump or a broken timer: not finite, not positive, or 100x
+    off the prediction. None moves the model; each is counted."""
+    cost = shipped_cpu_profile().model()
+    shape = whole_batch(8, 2, 2000)
+    before = float(cost.predict([shape])[0])
+    bad = [(0.0, 0.0, 0.0), (0.0, -0.1, 0.05), (0.0, float("nan"), 0.1), (0.0, 0.0, float("inf")),
+           (0.0, 0.0, 200 * before), (0.0, 0.0, before / 200)]  # fmt: skip
+    for seconds in bad:
+        cost.observe(shape, seconds)
+    assert cost.rejected == len(bad) and cost.updates == 0
+    assert float(cost.predict([shape])[0]) == before
+    cost.observe(shape, (0.0, 0.0, 2 * before))  # slow, but a real step: learned
+    assert cost.updates == 1 and float(cost.predict([shape])[0]) > before

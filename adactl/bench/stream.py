@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
-from adactl.estimators.step_cost import LinearStepCost
 from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
@@ -204,7 +203,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     # the controllers' step costs: this machine's profile of the target alone, refined online;
     # the replay engine's: the same profile, frozen (it is the replay's ground truth)
     step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
-    replay_time = LinearStepCost(step_time.prior, refine=False)
+    replay_time = step_time.frozen()
     ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]

@@ -16,11 +16,14 @@ by 5-10% between repetitions of one shape), and a draft costs what the model doe
 (rows that finish at different steps, a companion's work), so a tie goes to drafting less.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
-with probability `explore` (3%) probes a neighbour of c* instead: a quarter of the rows draft
-c* + 1 (the others keep c*; the engine splits such a verify forward, so the probe costs those
-rows' extra tokens, not the whole batch's), or every row drafts c* - 1. A model that starts out thinking
-verification too dear would otherwise never draft, and so never see that it is cheap (the
-served steps are all it learns from).
+probes a neighbour of c* (every row drafts c* + 1, or c* - 1): each neighbour's novelty is
+n0 / (n0 + n), n the recent whole-batch steps the model holds at its batch size and length
+(n0 = `novelty`, 2); a probe happens with probability `explore` (3%) times the larger
+novelty, and goes to a neighbour in proportion to its novelty. A model that starts out
+thinking verification too dear would otherwise never draft, and so never see that it is
+cheap (the served steps are all it learns from); once both neighbours have been measured,
+probing them again is rarely worth a step. Probes are whole-batch steps because only those teach the model the ratio of
+one draft length to another (a step where part of the batch drafts teaches its levels only).
 """
 
 from __future__ import annotations
@@ -40,13 +43,22 @@ class GoodputLength(Controller):
     name = "goodput"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.03,
-                 margin: float = 0.03, seed: int = 0) -> None:  # fmt: skip
+                 margin: float = 0.03, seed: int = 0, novelty: float = 2.0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         learns = hasattr(step_time, "update") and getattr(step_time, "refine", True)
         self.explore = explore if learns else 0.0
-        self.margin = margin
+        self.margin, self.novelty = margin, novelty
         self.rng = np.random.default_rng(seed)
+
+    def _novelty(self, rows: int, length: int, context: int) -> float:
+        """n0 / (n0 + recent whole-batch steps of this length at this batch size), 1 for a
+        model that does not count them."""
+        evidence = getattr(self.step_time, "evidence", None)
+        if evidence is None:
+            return 1.0
+        shape = StepShape(rows, rows * (length + 1), length + 1, rows * length, length, 0, context)
+        return self.novelty / (self.novelty + float(evidence(shape)))
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
         running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
@@ -59,12 +71,11 @@ class GoodputLength(Controller):
         waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
         prefill = min(state.plan.prefill_budget, waiting)
         best = goodput_length(self.step_time, alpha, rows, context, prefill, self.margin)
-        if self.explore > 0 and self.rng.random() < self.explore:
-            probe = int(np.clip(best + self.rng.choice([-1, 1]), 0, k))
-            if probe > best and rows > 1:  # a quarter of the rows probe the longer draft
-                lengths = {r.request_id: (probe if i < max(1, rows // 4) else best) for i, r in enumerate(running)}
-                return replace(state.plan, draft_len=lengths)
-            best = probe
+        if self.explore > 0:  # the less measured neighbour the likelier: chosen in proportion to novelty
+            near = [c for c in (best - 1, best + 1) if 0 <= c <= k]
+            novelty = np.array([self._novelty(rows, c, context) for c in near])
+            if self.rng.random() < self.explore * float(novelty.max()):
+                best = int(self.rng.choice(near, p=novelty / novelty.sum()))
         return replace(state.plan, draft_len=best)
 
 

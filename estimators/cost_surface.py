@@ -1,0 +1,185 @@
+"""How far a step-cost prediction is off, as a smooth surface over the shapes that decide
+speculation: the batch (rows) and the draft tokens verified per row.
+
+    log(measured / predicted) = r(rows, j) + noise        j = verify tokens computed per row - 1
+    r = g + l[b] + (s + t[b]) j + c[b, j]
+
+- g: a global level; l[b]: the level of batch bucket b (rows 1, 2, 4, ... 256; a batch in
+  between interpolates its two buckets in log2 rows);
+- s, t[b]: the slope in j, global and per bucket;
+- c[b, j]: one cell per bucket and j = 0 .. 8 (a fractional j interpolates two cells).
+
+Every term has a zero-mean Gaussian prior (`Sigmas`), steps are observations with noise
+`sigma_noise`, and the surface is the posterior mean (ridge regression on the sufficient
+statistics, solved when a prediction follows an update). Observations are forgotten with
+weight `decay ** age`, so where no recent step says otherwise the surface returns to 0: the
+prediction it corrects.
+
+Why this shape (issue 30: recursive least squares over the cost basis let a few dozen steps
+of one batch size and draft length rewrite every other shape's cost, and goodput drafted at
+batch 64 where plain decoding was twice as fast):
+- **Levels are ratio-neutral.** A step moves the levels first (their priors are wide), and a
+  level scales every draft length of its batch alike, so a run of plain steps at batch 64
+  that says "this machine is 10% slower" changes no decision.
+- **Slopes and cells move with contrast.** The slope terms are 0 at j = 0, and a cell's
+  prior (0.15) is half as wide as its bucket's level (0.3), so most of what one draft
+  length's steps say goes to the level; what is left moves a ratio where steps of different
+  j at one batch size disagree with the prediction differently, and only where measured.
+  (Chosen by measurement in the replay: narrower cells, 0.05, kept goodput at 0.91x the best
+  fixed k on a GPU started from a CPU's profile; 0.15 reaches 0.98x, and a server's phases
+  move no ratio by more than 8.5%; 0.3 moves them by 10%.)
+- **Only whole-batch steps teach ratios.** A step whose rows draft or verify different
+  lengths, or that prefills (probes on part of the batch, SV's cuts, trees), updates the
+  levels only: its cost has parts the ratio of whole-batch steps does not (a split verify
+  forward, a prefill chunk), and a probe on a quarter of the rows must not move the model
+  toward drafting at a batch size where no whole-batch draft was ever served.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from adactl.runtime.shapes import StepShape
+
+BUCKETS = 9  # rows 1, 2, 4, ... 256 (log2 0 .. 8); more rows count as 256
+JS = 9  # j = 0 .. 8; more is 8
+_G, _L, _S, _T, _C = 0, 1, 1 + BUCKETS, 2 + BUCKETS, 2 + 2 * BUCKETS
+SIZE = _C + BUCKETS * JS
+
+
+@dataclass(frozen=True)
+class Sigmas:
+    """Prior standard deviations of the surface's terms (log space: 0.1 is about 10%)."""
+
+    level: float = 1.0  # g: a machine can be several times slower or faster than its profile
+    bucket_level: float = 0.3  # l[b]
+    slope: float = 0.05  # s, per verified token per row
+    bucket_slope: float = 0.05  # t[b]
+    cell: float = 0.15  # c[b, j]: wide enough for a far-off profile to be corrected where served
+    noise: float = 0.05  # one step's log time around the surface
+
+    def precision(self) -> np.ndarray:
+        """[SIZE] prior precision of each term."""
+        sig = np.empty(SIZE)
+        sig[_G], sig[_L:_S], sig[_S], sig[_T:_C], sig[_C:] = (
+            self.level, self.bucket_level, self.slope, self.bucket_slope, self.cell)  # fmt: skip
+        return 1.0 / sig**2
+
+
+ONLINE = Sigmas()
+# the profile's own correction of its linear fit: ratios off by 20% and more (measured), many
+# steps per cell, no drift
+PROFILE = Sigmas(level=0.5, bucket_level=0.3, slope=0.1, bucket_slope=0.1, cell=0.2)
+
+
+def is_whole_batch(shape: StepShape) -> bool:
+    """Every row drafted the same length and verified all of it (or none drafted), no prefill:
+    a step whose cost compares with the same step at another draft length."""
+    rows, k = shape.rows, shape.max_draft
+    same_draft = shape.draft_tokens == rows * k and shape.max_verify == k + 1
+    return rows > 0 and shape.prefill_tokens == 0 and same_draft and shape.verify_computed == rows * (k + 1)
+
+
+def basis(shape: StepShape, ratios: bool = True) -> np.ndarray:
+    """[SIZE] the terms' weights at a shape; `ratios=False`: the levels only."""
+    phi = np.zeros(SIZE)
+    phi[_G] = 1.0
+    if shape.rows <= 0:  # a prefill-only step: the global level
+        return phi
+    x = min(max(math.log2(shape.rows), 0.0), BUCKETS - 1.0)
+    b0 = int(x)
+    b1, wb = min(b0 + 1, BUCKETS - 1), x - b0
+    phi[_L + b0] += 1.0 - wb
+    phi[_L + b1] += wb
+    if not ratios:
+        return phi
+    j = min(max(shape.verify_computed / shape.rows - 1.0, 0.0), JS - 1.0)
+    j0 = int(j)
+    j1, wj = min(j0 + 1, JS - 1), j - j0
+    phi[_S] = j
+    phi[_T + b0] += (1.0 - wb) * j
+    phi[_T + b1] += wb * j
+    for b, w in ((b0, 1.0 - wb), (b1, wb)):
+        phi[_C + b * JS + j0] += w * (1.0 - wj)
+        phi[_C + b * JS + j1] += w * wj
+    return phi
+
+
+class CostSurface:
+    """r(shape), learned from (shape, log residual) observations; see the module docstring.
+
+    A Kalman filter over the terms: each is an AR(1) process around 0 with the stationary
+    standard deviation of its prior and a memory (time constant, in observations) of its own,
+    short for the levels (a machine's speed drifts: a co-located job comes and goes) and long
+    for the slopes and cells (a ratio is a property of the hardware). Before each observation
+    every term decays toward 0 by its memory, so where nothing is observed the surface
+    returns to the prediction it corrects; `memory=None` keeps every observation (a
+    profile's steps: exact Bayesian ridge regression)."""
+
+    def __init__(self, sigmas: Sigmas = ONLINE, level_memory: float | None = None,
+                 ratio_memory: float | None = None) -> None:  # fmt: skip
+        if any(m is not None and m < 1 for m in (level_memory, ratio_memory)):
+            raise ValueError(f"memories must be >= 1 observation, got {level_memory}, {ratio_memory}")
+        self.sigmas = sigmas
+        var = 1.0 / sigmas.precision()
+        rho = np.ones(SIZE)
+        if level_memory is not None:
+            rho[:_S] = math.exp(-1.0 / level_memory)
+        if ratio_memory is not None:
+            rho[_S:] = math.exp(-1.0 / ratio_memory)
+        self._rho = rho  # [SIZE] per-observation decay of each term
+        self._rho2 = np.outer(rho, rho)
+        self._q = (1.0 - rho**2) * var  # [SIZE] process noise: the stationary variance stays the prior's
+        self._p = np.diag(var)  # [SIZE, SIZE] posterior covariance
+        self._w = np.zeros(SIZE)  # posterior mean
+        self._counts = np.zeros(BUCKETS * JS)  # decayed whole-batch steps per cell
+        self.observations = 0
+
+    def observe(self, shape: StepShape, residual: float, weight: float = 1.0) -> None:
+        """A step of `shape` took exp(residual) times the prediction this surface corrects
+        (`weight` steps that did: a cell's median stands for its steps)."""
+        whole = is_whole_batch(shape)
+        phi = basis(shape, ratios=whole)
+        if self._q.any():  # time passes: every term decays toward 0 and grows uncertain
+            self._w *= self._rho
+            self._p *= self._rho2
+            self._p[np.diag_indices(SIZE)] += self._q
+            self._counts *= self._rho[_C]
+        p_phi = self._p @ phi
+        gain = p_phi / (phi @ p_phi + self.sigmas.noise**2 / weight)
+        self._w += gain * (residual - phi @ self._w)
+        self._p -= np.outer(gain, p_phi)
+        if whole:
+            self._counts += weight * phi[_C:]
+        self.observations += 1
+
+    def evidence(self, shape: StepShape) -> float:
+        """Recent whole-batch steps at this shape's cells: a decayed count (interpolated)."""
+        return float(basis(shape)[_C:] @ self._counts)
+
+    def __call__(self, shapes: list[StepShape]) -> np.ndarray:
+        """[N] r at each shape (log factor)."""
+        if not self.observations:
+            return np.zeros(len(shapes))
+        return np.array([basis(s) @ self._w for s in shapes])
+
+    @classmethod
+    def fit(cls, shapes: list[StepShape], residuals: np.ndarray, sigmas: Sigmas = PROFILE) -> CostSurface:
+        """The surface of a set of measured steps, none forgotten (a profile's): its whole-batch
+        steps, those of one (rows, draft length) as their median residual weighted by their
+        count (a CPU step now and then takes far longer than its neighbours, and a median is
+        not pulled by it). The other steps (prefill chunks, cut verifies, part of the batch
+        drafting) are what the basis was fitted for; their residuals would only pull the
+        levels the whole-batch cells are measured against (measured: 17% at batch 16)."""
+        surface = cls(sigmas)
+        cells: dict[tuple[int, int], list[tuple[StepShape, float]]] = {}
+        for s, r in zip(shapes, np.asarray(residuals, dtype=np.float64)):
+            if is_whole_batch(s):
+                cells.setdefault((s.rows, s.max_draft), []).append((s, float(r)))
+        for steps in cells.values():
+            median = float(np.median([r for _, r in steps]))
+            surface.observe(steps[len(steps) // 2][0], median, weight=len(steps))
+        return surface
