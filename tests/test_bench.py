@@ -118,8 +118,17 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
         assert {"ratio_best_fixed", "ratio_oracle", "mean_accepted_len", "step_ms"} <= set(r)
     best = [r for r in data["records"] if r["controller"] in ("no-spec", "fixed-k2") and r["ratio_best_fixed"] == 1.0]
     assert len(best) == 4  # one best constant per batch size and temperature
+    for b in (1, 3):  # paired ratios: within each round, the round's best fixed configuration is 1
+        for t in (0.0, 0.7):
+            fixed = [r for r in data["records"] if r["batch_size"] == b and r["temperature"] == t
+                     and r["controller"] in ("no-spec", "fixed-k2")]  # fmt: skip
+            for i in range(2):
+                assert max(r["round_ratios"][i] for r in fixed) == 1.0
+                assert all(r["round_ratios"][i] <= 1.0 for r in fixed)
+            assert all(r["ratio_paired"] == sum(r["round_ratios"]) / 2 for r in fixed)
     assert (tmp_path / "spec.png").stat().st_size > 10_000
-    assert "goodput,sv" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "goodput,sv" in out and "temperature 0.7: best adaptive / best fixed k at batch 1 / 3: fastest round" in out
     machine = data["meta"]["machine"]  # where it ran, in the JSON and the plot's title
     assert machine["device_type"] in ("cpu", "cuda") and machine["dtype"] == "float32" and "float32" in machine["label"]
 

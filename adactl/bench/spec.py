@@ -27,6 +27,10 @@ SV's runs load the companion next to the draft (its cost counts); the others run
 alone. Each batch size runs `--rounds` rounds, the order of the controllers rotated each
 round; a record is a configuration's fastest round, as `timeit` reports (other work on the
 machine only ever slows a run down); `rounds` lists every round's tokens/s.
+`ratio_paired` is the median over rounds of a run's tokens/s over the best fixed
+configuration's *in the same round* (`round_ratios`, in round order): drift between rounds,
+which on a shared 2-core machine moves every configuration of a round by up to 40%, cancels
+in it, where the fastest-round ratio compares rounds taken minutes apart.
 Reported per run: tokens/s (generated tokens per wall second of serving, prefill and
 controller time included), mean accepted length (tokens per decode row per step), step ms,
 `ratio_best_fixed` (to the best constant k, 0 included) and `ratio_oracle`.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -60,7 +65,7 @@ from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setti
 from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, stack_list, untrained_acceptance
 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
-           "ratio_best_fixed", "ratio_oracle"]  # fmt: skip
+           "ratio_best_fixed", "ratio_paired", "ratio_oracle"]  # fmt: skip
 TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
 
 
@@ -122,6 +127,12 @@ def is_tree(stack: str) -> bool:
     return "tree" in stack
 
 
+def round_ratio(run: dict[str, Any], here: list[dict[str, Any]]) -> float:
+    """A run's tokens/s over the best fixed configuration's in the same round (runs minutes apart at most)."""
+    fixed = [x["tokens_per_s"] for x in here if is_fixed(x["controller"])]
+    return run["tokens_per_s"] / max(fixed) if fixed else float("nan")
+
+
 def add_ratios(records: list[dict[str, Any]]) -> None:
     groups: dict[tuple[float, int], list[dict[str, Any]]] = {}
     for r in records:
@@ -136,6 +147,26 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             r["ratio_best_fixed"] = r["tokens_per_s"] / best_fixed
             r["ratio_oracle"] = r["tokens_per_s"] / oracle_tps
             r["ratio_best_chain"] = r["tokens_per_s"] / best_chain
+            if r.get("round_ratios"):
+                r["ratio_paired"] = statistics.median(r["round_ratios"])
+
+
+def best_adaptive_summary(records: list[dict[str, Any]]) -> str:
+    """Per temperature, the best adaptive run's ratio to the best fixed k by batch size, fastest round
+    and paired (the oracles are not adaptive controllers)."""
+    lines = []
+    for t in sorted({r["temperature"] for r in records}):
+        fastest, paired, batches = [], [], []
+        for b in sorted({r["batch_size"] for r in records}):
+            ada = [r for r in records if r["temperature"] == t and r["batch_size"] == b
+                   and not is_fixed(r["controller"]) and r["controller"] not in ("oracle", "tree-oracle")]  # fmt: skip
+            if ada:
+                batches.append(str(b))
+                fastest.append(f"{max(r['ratio_best_fixed'] for r in ada):.2f}")
+                paired.append(f"{max(r.get('ratio_paired', float('nan')) for r in ada):.2f}")
+        lines.append(f"temperature {t}: best adaptive / best fixed k at batch {' / '.join(batches)}: "
+                     f"fastest round {' / '.join(fastest)}; paired {' / '.join(paired)}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
@@ -338,14 +369,16 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
                     here.append(run_tree_oracle(here, target, draft, group, temperature, ctx, args, bar))
                 rounds.append(here)
             for name in [*chosen, *oracles]:
-                runs = sorted((x for here in rounds for x in here if x["controller"] == name),
-                              key=lambda x: x["tokens_per_s"])  # fmt: skip
-                best = dict(runs[-1])
-                best.update(temperature=temperature, batch_size=batch, rounds=[x["tokens_per_s"] for x in runs])
+                mine = [x for here in rounds for x in here if x["controller"] == name]  # in round order
+                best = dict(max(mine, key=lambda x: x["tokens_per_s"]))
+                best.update(temperature=temperature, batch_size=batch,
+                            rounds=sorted(x["tokens_per_s"] for x in mine),
+                            round_ratios=[round_ratio(x, here) for x, here in zip(mine, rounds)])  # fmt: skip
                 records.append(best)
     bar.close()
     add_ratios(records)
     print(format_table(records, TREE_COLUMNS if args.trees else COLUMNS))
+    print(best_adaptive_summary(records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
