@@ -10,8 +10,9 @@ inside torch's CPU flash kernel (`enable_gqa=True`), whose results are the same.
 
 `gqa_attention(model)` switches the models' attention to that for the forwards inside it,
 on the CPU and only where transformers would pick SDPA; every other case (CUDA, one query
-token, no mask, no grouped heads) is transformers' own function unchanged. The model's
-config is restored after, so the same model used elsewhere (`generate`) is untouched.
+token, no mask, no grouped heads, a soft cap or a position bias) is transformers' own
+function unchanged. The model's config is restored after, so the same model used elsewhere
+(`generate`) is untouched.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ def sdpa_gqa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     grouped = key.shape[1] != query.shape[1]
-    if attention_mask is None or query.shape[2] == 1 or not grouped or query.device.type != "cpu" or kwargs.get(
-            "position_bias") is not None:  # fmt: skip
+    theirs = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None  # not ours to do
+    if attention_mask is None or query.shape[2] == 1 or not grouped or query.device.type != "cpu" or theirs:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
     out = torch.nn.functional.scaled_dot_product_attention(

@@ -377,6 +377,21 @@ def test_steps_where_part_of_the_batch_drafts_teach_levels_not_ratios() -> None:
     assert float(cost.predict([plain])[0]) < 0.6 * float(prior.predict([plain])[0])  # the level learned
 
 
+def test_one_slow_step_moves_the_prediction_a_little() -> None:
+    """A step twice as slow as its neighbours (a CPU step now and then is) moves the next
+    prediction by a fraction of it, not to it (the levels' drift was their prior's width
+    spread over their memory: a gain of 0.9, and every prediction of that batch size
+    followed the last step)."""
+    cost = shipped_cpu_profile().model()
+    shape = whole_batch(8, 2, 2000)
+    steady = float(cost.frozen().predict([shape])[0])
+    for _ in range(30):
+        cost.observe(shape, (0.0, 0.0, steady))
+    before = float(cost.predict([shape])[0])
+    cost.observe(shape, (0.0, 0.0, 2 * before))
+    assert before < float(cost.predict([shape])[0]) < 1.3 * before  # 1.87x before
+
+
 def test_absurd_step_times_are_counted_not_learned() -> None:
     """A paused process, a clock jump or a broken timer: not finite, not positive, or 100x
     off the prediction. None moves the model; each is counted."""

@@ -39,6 +39,7 @@ controller time included), mean accepted length (tokens per decode row per step)
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import statistics
 import time
@@ -159,11 +160,13 @@ def best_adaptive_summary(records: list[dict[str, Any]]) -> str:
         fastest, paired, batches = [], [], []
         for b in sorted({r["batch_size"] for r in records}):
             ada = [r for r in records if r["temperature"] == t and r["batch_size"] == b
-                   and not is_fixed(r["controller"]) and r["controller"] not in ("oracle", "tree-oracle")]  # fmt: skip
+                   and not is_fixed(r["controller"]) and not is_fixed_tree(r["controller"])
+                   and r["controller"] not in ("oracle", "tree-oracle")]  # fmt: skip
             if ada:
                 batches.append(str(b))
                 fastest.append(f"{max(r['ratio_best_fixed'] for r in ada):.2f}")
-                paired.append(f"{max(r.get('ratio_paired', float('nan')) for r in ada):.2f}")
+                known = [r["ratio_paired"] for r in ada if math.isfinite(r.get("ratio_paired", math.nan))]
+                paired.append(f"{max(known):.2f}" if known else "-")
         lines.append(f"temperature {t}: best adaptive / best fixed k at batch {' / '.join(batches)}: "
                      f"fastest round {' / '.join(fastest)}; paired {' / '.join(paired)}")  # fmt: skip
     return "\n".join(lines)
@@ -369,11 +372,11 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
                     here.append(run_tree_oracle(here, target, draft, group, temperature, ctx, args, bar))
                 rounds.append(here)
             for name in [*chosen, *oracles]:
-                mine = [x for here in rounds for x in here if x["controller"] == name]  # in round order
-                best = dict(max(mine, key=lambda x: x["tokens_per_s"]))
+                mine = [(x, here) for here in rounds for x in here if x["controller"] == name]  # in round order
+                best = dict(max((x for x, _ in mine), key=lambda x: x["tokens_per_s"]))
                 best.update(temperature=temperature, batch_size=batch,
-                            rounds=sorted(x["tokens_per_s"] for x in mine),
-                            round_ratios=[round_ratio(x, here) for x, here in zip(mine, rounds)])  # fmt: skip
+                            rounds=sorted(x["tokens_per_s"] for x, _ in mine),
+                            round_ratios=[round_ratio(x, here) for x, here in mine])  # fmt: skip
                 records.append(best)
     bar.close()
     add_ratios(records)
