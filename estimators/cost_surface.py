@@ -31,9 +31,11 @@ batch 64 where plain decoding was twice as fast):
 - **Levels drift slowly, and one step is noisy.** A level's process noise is its own (0.02
   a step), not its prior's width spread over its memory (which let the level follow every
   single step: a gain of 0.9, so one slow step moved every prediction of its batch size),
-  and a step's noise is 0.1, this CPU's. Measured in the replay of a server's phases with
-  step noise 0.1: the worst ratio error 11.9% against 17.1%, one wrong goodput choice
-  against none, one-step-ahead error 8.8% against 11.0% (noise 0.05: 5.9% against 8.5%).
+  and a step's noise is 0.1, this CPU's. Measured in the replay of a server's phases
+  (`PYTHONPATH=. python docs/issue30/level_drift_replay.py`: the truth is the steps of
+  models/estimators/step_cost_cpu.json, the replay's step noise 0.1): the worst ratio error
+  11.9% against 17.1%, no wrong goodput choice against one, one-step-ahead error 8.8%
+  against 11.0% (noise 0.05: 5.9% against 8.5%).
 - **Only whole-batch steps teach ratios.** A step whose rows draft or verify different
   lengths, or that prefills (probes on part of the batch, SV's cuts, trees), updates the
   levels only: its cost has parts the ratio of whole-batch steps does not (a split verify

@@ -6,12 +6,9 @@ within rounds, and goodput's own ratio.
 """
 
 import json
-import re
 import sys
 
-
-def is_fixed(name: str) -> bool:
-    return re.fullmatch(r"no-spec|fixed-k\d+", name) is not None
+from adactl.stacks import is_fixed
 
 
 def short(record: dict) -> str:

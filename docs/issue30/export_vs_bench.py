@@ -6,9 +6,10 @@ greedy rows; the temperature-0.7 rows are shown, but the export is not theirs).
 """
 
 import json
-import re
 import subprocess
 import sys
+
+from adactl.stacks import is_fixed
 
 
 def draft_len(name: str) -> int:
@@ -24,7 +25,7 @@ def main(bench: str, profile: str) -> None:
     for t in sorted({r["temperature"] for r in records}):
         for b in sorted({r["batch_size"] for r in records}):
             fixed = sorted((r for r in records if r["temperature"] == t and r["batch_size"] == b
-                            and re.fullmatch(r"no-spec|fixed-k\d+", r["controller"])),
+                            and is_fixed(r["controller"])),
                            key=lambda r: -r["tokens_per_s"])  # fmt: skip
             margin = fixed[0]["tokens_per_s"] / fixed[1]["tokens_per_s"] - 1
             best = draft_len(fixed[0]["controller"])
