@@ -7,17 +7,21 @@
 `measure` grows one batch (1, 2, 4, ... `--max-batch` requests of random prompts, prefilled
 in chunks: those are the prefill samples), and at each batch size runs rounds of
 whole-batch steps, every draft length (0, 1, 2, 3, 4, 6, 8; where a round grows long, 0, 1,
-2, 4, 8) once per round in a shuffled order, as many rounds as fit in about 10 s (2 to 6):
+2, 4, 8) once per round in a shuffled order, as many rounds as fit in about 10 s (4 to 6):
 the ratios of a k-token step to a plain one that goodput decides on are fitted on them
 (the profile's surface, adactl.estimators.cost_surface). Then a few steps verifying a random
 prefix per row and a few with only a few rows drafting (verify controllers' and SLO plans'
-shapes, for the basis). It stops at its time budget (150 s by default: on the 2-core AVX2
-CPU this reaches batch 64 with 2 rounds there, 2 min 50 s in all with loading; on a GPU it
-takes seconds), fits the cost basis and saves the profile under
-`$ADACTL_CACHE/profiles/<fingerprint key>.json`.
+shapes, for the basis). At least 4 rounds everywhere: one round's k-step ÷ plain ratio
+spreads 10-15% around its median on a CPU (measured on the 2-core AVX2 CPU), and the 2 rounds
+that 10 s held at batch 32-64 left the profile pricing drafting 10-17% low there (issue 30).
+It stops at its time budget (300 s by default: on the 2-core AVX2 CPU this reaches batch 64
+with 4 rounds there, about 4 minutes in all with loading; on a GPU it takes seconds), fits
+the cost basis and saves the profile under `$ADACTL_CACHE/profiles/<fingerprint key>.json`.
 
 `adactl profile --check` measures nothing into the profile: held-out rounds at each batch
-size, and the measured ratio of each k-token step to a plain one next to the profile's.
+size, the measured ratio of each k-token step to a plain one (the median over rounds of a
+round's ratio, with its standard error) next to the profile's, and which errors exceed what
+the check itself can resolve.
 
 `step_cost_for` is what benches, the server and the envs call: the profile that matches this
 machine, created on first use (a progress bar and one line saying so); or a file named with
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -73,15 +78,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 150.0,
-            reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True,
-            batch_seconds: float = 10.0) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
+def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 300.0,
+            reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
+            min_rounds: int = 4) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
 
     At each batch size: rounds of whole-batch steps, every draft length once per round in a
     shuffled order (a round's steps run within seconds of each other, so drift hits every
     length alike; the ratios the profile's surface holds are fitted on them), as many rounds
-    as fit in `batch_seconds` (at least 2, at most `reps`; where a round would take over a
+    as fit in `batch_seconds` (at least `min_rounds`, at most `reps`; where a round would take over a
     third of that, the lengths 0, 1, 2, 4, 8 only); then one step per draft length 1, 2, 4, 8
     verifying a random prefix per row, and one with only a few rows drafting (the shapes
     verify controllers and SLO plans make, for the basis)."""
@@ -123,7 +128,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
             engine.verify()
         lengths = ks if 2 * last_round <= batch_seconds / 3 else short  # a round costs about twice the last
         rounds, spent = 0, 0.0
-        while rounds < 2 or (rounds < reps and spent * (rounds + 1) / rounds <= batch_seconds):
+        while rounds < min(min_rounds, reps) or (rounds < reps and spent * (rounds + 1) / rounds <= batch_seconds):
             for k in rng.sample(lengths, len(lengths)):
                 spent += step(StepPlan(draft_len=k, prefill_budget=0))
             rounds += 1
@@ -151,7 +156,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     return shapes, np.array(seconds, dtype=np.float64)
 
 
-def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 150.0, reps: int = 6, seed: int = 0,
+def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: int = 6, seed: int = 0,
                  progress: bool = True) -> StepCostProfile:  # fmt: skip
     """Measure `pair` (a `ModelPair`) on its device and fit its step-cost profile."""
     from adactl.runtime import Engine, EngineConfig
@@ -184,7 +189,7 @@ def shipped_profile(specs: dict[str, str]) -> Path:
 
 
 def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = True, max_batch: int = 64,
-                  budget_s: float = 150.0, log: Any = None) -> StepCostModel:  # fmt: skip
+                  budget_s: float = 300.0, log: Any = None) -> StepCostModel:  # fmt: skip
     """The step-cost model a run on `pair` uses (see the module docstring); `profile="shipped"`:
     the shipped CPU profile as the prior, with nothing measured."""
     say = log or (lambda text: print(text, file=sys.stderr))
@@ -223,7 +228,7 @@ class ProfilerSettings(DeviceSettings):
     draft: str = setting("draft", "draft spec, or none")
     companion: str = setting("none", "companion spec (SV's signal), or none")
     max_batch: int = setting(64, "the largest batch measured")
-    budget_s: float = setting(150.0, "time budget of the measurement")
+    budget_s: float = setting(300.0, "time budget of the measurement")
     reps: int = setting(6, "rounds of whole-batch steps per batch size, at most (each: every draft length once)")
     seed: int = setting(0, "seed of the measured requests")
     out: str | None = setting(None, "also write the profile here (it is always cached)")
@@ -248,8 +253,8 @@ def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]]:
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 
-    if args.max_batch < 1 or args.budget_s <= 0 or args.reps < 1 or args.check_rounds < 1:
-        raise SystemExit("adactl profile: --max-batch, --reps and --check-rounds must be >= 1 and --budget-s > 0")
+    if args.max_batch < 1 or args.budget_s <= 0 or args.reps < 1 or args.check_rounds < 2:
+        raise SystemExit("adactl profile: --max-batch and --reps must be >= 1, --check-rounds >= 2 and --budget-s > 0")
     device, dtype = device_and_dtype(args.device, args.dtype)  # before any model loads
     pair = tiny_pair(device, dtype) if args.tiny else load_pair(args.target, args.draft, args.companion, device, dtype)
     if args.check:
@@ -268,10 +273,15 @@ def check_ratios(pair: Any, model: Any, batches: list[int], ks: list[int], round
                  progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Held-out whole-batch steps at each batch size, `rounds` rounds of plain decoding and
     every k in `ks` in a shuffled order: the measured ratio of a k-token step to a plain one
-    (medians) next to `model`'s for the same steps' shapes (their mean prediction)."""
+    (the median over rounds of the round's k-step ÷ its plain step, so drift between rounds
+    cancels) and its relative standard error (of a median: 1.25 σ / √n of the rounds' log
+    ratios), next to `model`'s for the same steps' shapes (their mean prediction). An error
+    within twice the standard error is one the check cannot tell from its own noise."""
     from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
     from adactl.runtime.models import output_vocab_size
 
+    if rounds < 2:
+        raise ValueError(f"a check needs at least 2 rounds for its standard error, got {rounds}")
     rng = random.Random(seed)
     engine = Engine(pair.target.model, pair.speculator(with_companion=pair.companion is not None),
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
@@ -294,15 +304,29 @@ def check_ratios(pair: Any, model: Any, batches: list[int], ks: list[int], round
                 shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, int(drafts.context_len.sum()))
                 seen[k].append((shape, float(outcome.total_s)))
             bar.update(1)
-        plain = float(np.median([t for _, t in seen[0]]))
+        plain = np.array([t for _, t in seen[0]])
         predicted_plain = float(np.mean(model.predict([s for s, _ in seen[0]])))
         for k in ks:
-            measured = float(np.median([t for _, t in seen[k]])) / plain
+            logs = np.log(np.array([t for _, t in seen[k]]) / plain)  # round by round
+            measured = float(np.exp(np.median(logs)))
             predicted = float(np.mean(model.predict([s for s, _ in seen[k]]))) / predicted_plain
-            records.append({"batch_size": b, "k": k, "plain_ms": 1000 * plain, "measured_ratio": measured,
+            records.append({"batch_size": b, "k": k, "plain_ms": 1000 * float(np.median(plain)),
+                            "measured_ratio": measured, "stderr": 1.2533 * float(np.std(logs, ddof=1)) / len(logs)**0.5,
                             "predicted_ratio": predicted, "error": predicted / measured - 1})  # fmt: skip
     bar.close()
     return records
+
+
+def summarise_check(records: list[dict[str, Any]]) -> str:
+    """Two lines: the largest and mean error, and how many exceed twice the check's own standard error."""
+    worst = max(records, key=lambda r: abs(r["error"]))
+    beyond = [r for r in records if abs(math.log1p(r["error"])) > 2 * r["stderr"]]
+    return (f"largest error of the predicted T(k) / T(0): {100 * worst['error']:+.1f}% (batch {worst['batch_size']}, "
+            f"k = {worst['k']}); mean absolute {100 * np.mean([abs(r['error']) for r in records]):.1f}%\n"
+            f"the check's own standard error: median {100 * np.median([r['stderr'] for r in records]):.1f}%; "
+            f"errors beyond twice it: {len(beyond)} of {len(records)}"
+            + "".join(f"\n  batch {r['batch_size']}, k = {r['k']}: {100 * r['error']:+.1f}% "
+                      f"(± {100 * r['stderr']:.1f}%)" for r in beyond))  # fmt: skip
 
 
 def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
@@ -312,10 +336,9 @@ def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
 
     model = step_cost_for(pair, args.profile, refine=False, max_batch=max(args.check_batches))
     records = check_ratios(pair, model, args.check_batches, args.check_ks, args.check_rounds, args.seed + 1)
-    print(format_table(records, ["batch_size", "k", "plain_ms", "measured_ratio", "predicted_ratio", "error"]))
-    worst = max(records, key=lambda r: abs(r["error"]))
-    print(f"largest error of the predicted T(k) / T(0): {100 * worst['error']:+.1f}% (batch {worst['batch_size']}, "
-          f"k = {worst['k']}); mean absolute {100 * np.mean([abs(r['error']) for r in records]):.1f}%")  # fmt: skip
+    print(format_table(records, ["batch_size", "k", "plain_ms", "measured_ratio", "stderr", "predicted_ratio",
+                                 "error"]))  # fmt: skip
+    print(summarise_check(records))
     out = Path(args.out or "bench_results/profile_check.json")
     write_json(out, records, {"machine": describe(pair.device, pair.dtype).to_dict(), "profile": args.profile or
                               "this machine's (cached)", "args": dataclasses.asdict(args)})  # fmt: skip

@@ -14,45 +14,17 @@ companion's distribution at every draft position.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .feature_draft import is_feature_draft
 from .kv import BatchKV
 from .rows import Request, RowSampling
+from .steps import Drafts, Verdict
 from .tree import RowTree
-from .types import DraftSummary, TreeSpec, summarize_drafts
+from .types import TreeSpec
 from .verify import process_logits, sample
-
-if TYPE_CHECKING:
-    from .target import Verdict
-
-
-@dataclass
-class Drafts:
-    """One step's drafts for all decode rows (on the device, but `parents`)."""
-
-    tokens: torch.Tensor  # [rows, K] long target ids, -1 where nothing was drafted
-    probs: torch.Tensor  # [rows, K, V] float32 distribution each token was drawn from (0 there)
-    companion_probs: torch.Tensor | None = None  # [rows, K, V] the companion's, at the same positions
-    parents: torch.Tensor | None = None  # [rows, K] long, trees only (on the CPU)
-
-    def to_host(
-        self, draft_len: torch.Tensor, support: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DraftSummary | None]:
-        """The tokens on the CPU and, off the CPU, the summary controllers read, in one
-        transfer (on the CPU the summary is left to whoever reads it)."""
-        if self.tokens.device.type == "cpu":
-            return self.tokens, None
-        s = summarize_drafts(self.tokens, draft_len, self.probs, self.companion_probs, support)
-        parts = [s.token_prob, s.entropy, s.margin]
-        if s.companion_token_prob is not None and s.overlap is not None:
-            parts += [s.companion_token_prob, s.overlap]
-        host = torch.stack([self.tokens.float(), *parts]).cpu()  # (token ids < 2^24 are exact)
-        more = [host[4], host[5]] if len(parts) > 3 else [None, None]
-        return host[0].long(), DraftSummary(host[1], host[2], host[3], *more)
 
 
 class Proposer:

@@ -32,7 +32,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .device import graphs_wanted
-from .draft import Drafts, Proposer
+from .draft import Proposer
 from .feature_draft import is_feature_draft
 from .graphs import CudaGraphs, StaticShapes
 from .kv import KVConfig
@@ -41,8 +41,9 @@ from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
 from .rows import Request, Rows, RowSampling, check_service
 from .shapes import verify_computed, verify_split
+from .steps import Drafts, Verdict
 from .stream import Playback, Stream
-from .target import TargetVerifier, Verdict
+from .target import TargetVerifier
 from .types import (
     SLO,
     DraftBatch,
@@ -73,8 +74,9 @@ class EngineConfig:
     graphs: bool | None = None
     """Decode, verify and draft forwards as CUDA graphs replayed per shape bucket (None: on
     when the target is on CUDA, unless ADACTL_CUDA_GRAPHS=0 or `--no-cuda-graphs`). True on
-    the CPU runs the same static-shape forwards eagerly (what the tests check); False: every
-    forward eager, as shapes come."""
+    the CPU runs the same static-shape forwards with the graphs' bookkeeping, each "replay"
+    running the forward again (what the tests check); False: every forward eager, as shapes
+    come."""
     shapes: StaticShapes = field(default_factory=StaticShapes)
     """The buckets of static forwards (batch sizes, tokens per row, column blocks)."""
 
@@ -139,7 +141,7 @@ class Engine:
             draft_layers = int(draft_config.num_hidden_layers)
         graphs = self.config.graphs if self.config.graphs is not None else graphs_wanted(self.device)
         static = self.config.shapes if graphs else None
-        self.graphs = CudaGraphs(self.device) if graphs and self.device.type == "cuda" else None
+        self.graphs = CudaGraphs(self.device) if graphs else None
         self.rows = Rows(text_config.num_hidden_layers, draft_layers, self.device, self.config.kv, static, self.graphs)
         self.prefill = Prefill(self.target, self.draft, self.feature_draft, self.rows, self.config.max_batch_size)
         features = self.draft.target_features if self.feature_draft else None  # type: ignore[union-attr]
@@ -237,6 +239,19 @@ class Engine:
         done = list(self._finished.values())
         self._finished.clear()
         return done
+
+    def close(self) -> None:
+        """Drop every request and free the KV caches and graphs (`abort_all` with nothing kept
+        allocated); the engine can serve again afterwards, allocating anew."""
+        self.abort_all()
+        self.rows.close()
+
+    def graph_stats(self) -> dict[str, int]:
+        """Graphs captured and held, and forwards that could not be captured (eager for good)."""
+        g = self.graphs
+        if g is None:
+            return {"captures": 0, "graphs": 0, "capture_failures": 0}
+        return {"captures": g.captures, "graphs": len(g.graphs), "capture_failures": g.capture_failures}
 
     def kv_bytes(self, include_draft: bool = True) -> int:
         """Bytes held by KV caches: the batch and prefill caches of the target (and the draft's)."""

@@ -18,7 +18,9 @@ How rows stay independent in one rectangle:
 
 Compaction packs each row's real tokens to the left when holes waste too much; finished
 rows are dropped by moving the last rows into their place; capacity shrinks back to zero
-when the batch empties, so KV memory returns to its starting level.
+when the batch empties, so KV memory returns to its starting level. With graphs a cache
+keeps its capacity instead (over a drain too) and grows geometrically: graphs hold its
+buffers, and each reallocation would capture them again.
 
 The bookkeeping (`valid`, `lengths`, `used`) lives on the host, whatever the cache's device:
 every decision about where a forward writes, what a rollback keeps and when to compact is
@@ -44,7 +46,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .attention import gqa_attention
-from .graphs import CudaGraphs, StaticShapes
+from .graphs import CudaGraphs, StaticShapes, owner_key
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class BatchKV:
         self.write_rows: torch.Tensor | None = None  # [n, T] during a static forward
         self.write_index: torch.Tensor | None = None  # [n, T] during a static forward
         self.static_forwards = 0  # forwards run in a bucket (the rest ran eagerly)
+        self.owner = owner_key()  # names this cache's graphs (never reused, unlike id(self))
         self.device = torch.device(device)
         self.layers = [_BufferLayer(self) for _ in range(num_layers)]
         self.cache = Cache(layers=list(self.layers))  # what the model sees
@@ -198,10 +201,14 @@ class BatchKV:
         if rows <= cap_rows and cols <= cap_cols:
             return
         cfg = self.config
+        # with graphs a growth re-captures this cache's graphs: grow geometrically, so a
+        # cache grows a few times in its life and then replays
+        double = self.graphs is not None
         if rows > cap_rows:
-            cap_rows = rows + max(4, int(rows * cfg.row_headroom))
+            cap_rows = max(rows + max(4, int(rows * cfg.row_headroom)), 2 * cap_rows if double else 0)
         if cols > cap_cols:
-            cap_cols = self._round_cols(cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom)))
+            grown = self._round_cols(cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom)))
+            cap_cols = max(grown, 2 * cap_cols if double else 0)
         self._reallocate(cap_rows, cap_cols)
 
     def _round_cols(self, cols: int) -> int:
@@ -219,7 +226,7 @@ class BatchKV:
 
     def _reallocate(self, rows: int, cols: int) -> None:
         if self.graphs is not None:
-            self.graphs.drop(id(self))  # their buffers are about to go
+            self.graphs.drop(self.owner)  # their buffers are about to go
         n, s = self.n_rows, self.n_cols
         for layer in self.layers:
             layer.resize(rows, cols, n, s)
@@ -231,17 +238,35 @@ class BatchKV:
         used[:n] = self.used[:n]
         self.valid, self.lengths, self.used, self.capacity = valid, lengths, used, (rows, cols)
 
-    def _release(self) -> None:
+    def close(self) -> None:
+        """Free the buffers and every graph of this cache (it holds no rows afterwards; a
+        later forward allocates again)."""
         if self.graphs is not None:
-            self.graphs.drop(id(self))
+            self.graphs.drop(self.owner)
         for layer in self.layers:
             layer.release()
         self.n_rows = self.n_cols = 0
+        self._last_end = None
         self.capacity = (0, 0)
         self.valid = torch.zeros(0, 0, dtype=torch.bool)
         self.lengths = torch.zeros(0, dtype=torch.long)
         self.used = torch.zeros(0, dtype=torch.long)
+
+    def _empty(self) -> None:
+        """No rows, the buffers kept (their graphs stay valid)."""
+        self.valid.zero_()
+        self.lengths.zero_()
+        self.used.zero_()
+        self.n_rows = self.n_cols = 0
         self._last_end = None
+
+    def _drained(self) -> None:
+        """The last row left: memory back to zero, or with graphs, kept for the next burst
+        (its graphs replay then instead of being captured again)."""
+        if self.graphs is None:
+            self.close()
+        else:
+            self._empty()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A host tensor on the cache's device, without waiting for the device (pinned,
@@ -395,14 +420,16 @@ class BatchKV:
                 self.write_rows = self.write_index = None
                 self.write_col = 0
 
-        if self.graphs is not None and dev.type == "cuda":
-            key = (id(self), id(model), bn, bt, cap, self.capacity[0], tuple(sorted(flags.items())), tuple(inputs))
+        if self.graphs is not None:
+            key = (self.owner, id(model), bn, bt, cap, self.capacity[0], tuple(sorted(flags.items())), tuple(inputs))
             out = self.graphs.run(key, run, inputs)
         else:
             out = run(inputs)
         self._wrote(0, new_valid, c)
         self.static_forwards += 1
-        return _Rows(out, n, t - logits_to_keep if logits_to_keep else 0, t)
+        # a graph's outputs are overwritten by its next replay (and its pool's memory by any
+        # graph captured later): what a caller holds is a copy
+        return _Rows(out, n, t - logits_to_keep if logits_to_keep else 0, t, copy=self.graphs is not None)
 
     def used_cols(self, first_row: int, n: int) -> torch.Tensor:
         """[n] (host) the used width of rows `[first_row, first_row + n)`: where their next token goes
@@ -472,9 +499,13 @@ class BatchKV:
         self.n_cols = int(self.used[: self.n_rows].max())
 
     def reserve_rows(self, rows: int) -> None:
-        """Make room for `rows` rows exactly (no headroom), e.g. before a known batch joins."""
+        """Make room for `rows` rows exactly (no headroom), e.g. before a known batch joins;
+        with graphs, as a growth does (geometrically: each reallocation captures again)."""
         if rows > self.capacity[0]:
-            self._reallocate(rows, self.capacity[1])
+            if self.graphs is not None:
+                self._ensure(rows, self.capacity[1])
+            else:
+                self._reallocate(rows, self.capacity[1])
 
     def new_rows(self, count: int) -> None:
         """Append `count` empty rows (e.g. requests about to be prefilled)."""
@@ -534,7 +565,7 @@ class BatchKV:
             self.used[dst_idx] = self.used[src_idx]
         self.n_rows = len(order)
         if self.n_rows == 0:
-            self._release()
+            self._drained()
             return
         self.n_cols = int(self.used[: self.n_rows].max())
         self.maybe_compact()
@@ -558,7 +589,7 @@ class BatchKV:
         need = bucket[0] if bucket is not None else n  # static forwards pad the rows to their bucket
         too_many_rows = rows_cap > need + max(8, need // 2)
         too_many_cols = cols_cap > self.n_cols + self._scratch() + max(4 * cfg.min_col_growth, self.n_cols // 2)
-        if too_many_rows or too_many_cols:
+        if (too_many_rows or too_many_cols) and self.graphs is None:  # with graphs: capacity kept (no re-capture)
             rows = need + need // 8 if too_many_rows else rows_cap
             cols = self._round_cols(self.n_cols + cfg.min_col_growth + self._scratch()) if too_many_cols else cols_cap
             if (rows, cols) != self.capacity:
@@ -588,10 +619,11 @@ class _Rows:
     """A static forward's output cut back to its real rows and slots [:n, lo:hi] (logits,
     hidden states, a companion's logits; views of the captured outputs under CUDA graphs)."""
 
-    def __init__(self, out: Any, n: int, lo: int, hi: int) -> None:
+    def __init__(self, out: Any, n: int, lo: int, hi: int, copy: bool = False) -> None:
         def cut(x: Any, keep: bool = False) -> Any:
             if isinstance(x, torch.Tensor):
-                return x[:n, lo:hi] if keep else x[:n, :hi]
+                y = x[:n, lo:hi] if keep else x[:n, :hi]
+                return y.clone() if copy else y
             if isinstance(x, tuple):
                 return tuple(cut(y, keep) for y in x)
             return x

@@ -165,10 +165,23 @@ class Rows:
     ):
         self.device, self.config, self.static, self.graphs = device, config, static, graphs
         self.target_layers, self.draft_layers = target_layers, draft_layers
-        self.reset()
+        self._start()
+
+    def caches(self) -> list[BatchKV]:
+        """Every cache held (batch and prefill, target and draft)."""
+        return [kv for kv in (self.target, self.prefill_target, self.draft, self.prefill_draft) if kv is not None]
+
+    def close(self) -> None:
+        """Free every cache's buffers and graphs (the rows are gone; `reset` starts again)."""
+        for kv in self.caches():
+            kv.close()
 
     def reset(self) -> None:
-        """Empty caches and no rows."""
+        """Empty caches and no rows: the old caches, their buffers and their graphs freed."""
+        self.close()
+        self._start()
+
+    def _start(self) -> None:
         self.target = self._new(self.target_layers)
         self.prefill_target = self._new(self.target_layers)
         self.draft = self._new(self.draft_layers) if self.draft_layers is not None else None
@@ -237,12 +250,14 @@ class Rows:
         if not joining:
             return
         rows = [self.prefilling.index(r) for r in joining]
-        if not self.running and len(joining) == len(self.prefilling):
-            # nothing is running and every prefill row is done: adopt the prefill caches
+        if not self.running and len(joining) == len(self.prefilling) and self.graphs is None:
+            # nothing is running and every prefill row is done: adopt the prefill caches, and
+            # the empty batch caches prefill next. (Not with graphs: the batch caches keep
+            # their identity, so their decode graphs are captured once; the rows are copied.)
             self.permute_prefill(rows)
-            self.target, self.prefill_target = self.prefill_target, self._new(self.target_layers)
-            if self.draft is not None and self.prefill_draft is not None and self.draft_layers is not None:
-                self.draft, self.prefill_draft = self.prefill_draft, self._new(self.draft_layers)
+            self.target, self.prefill_target = self.prefill_target, self.target
+            if self.draft is not None and self.prefill_draft is not None:
+                self.draft, self.prefill_draft = self.prefill_draft, self.draft
             self.running, self.prefilling = self.prefilling, []
             return
         for main, prefill in ((self.target, self.prefill_target), (self.draft, self.prefill_draft)):

@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .types import RequestError
+from .errors import RequestError
 
 UNITS = ("token", "word", "sentence")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*\s")

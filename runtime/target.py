@@ -14,19 +14,17 @@ is emitted (the engine's).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .draft import Drafts
 from .kv import BatchKV
 from .rows import Request, RowSampling, slot_parents
 from .shapes import verify_split
+from .steps import Drafts, Verdict
 from .verify import Verifier, process_logits
 
 ROW_BLOCK = 4
@@ -70,24 +68,6 @@ def whole_row_blocks(model: Any) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
-
-
-@dataclass
-class Verdict:
-    """What the host learns from one verification (all on the CPU but `features`)."""
-
-    accepted: torch.Tensor  # [rows] long: draft tokens accepted (a tree: nodes on the path)
-    next_token: torch.Tensor  # [rows] long: the correction or bonus token
-    path: torch.Tensor | None  # [rows, K] bool, trees only: the accepted nodes
-    features: torch.Tensor | None  # [rows, T, H] the features a feature draft reads (`target_features`)
-
-    @functools.cached_property
-    def nodes(self) -> list[list[int]]:
-        """Each row's accepted draft nodes, in order (a chain's first `accepted`; a tree's
-        path); computed once, read by the engine's emit and the proposer's settle."""
-        if self.path is not None:
-            return [row.nonzero().squeeze(1).tolist() for row in self.path]
-        return [list(range(a)) for a in self.accepted.tolist()]
 
 
 class TargetVerifier:

@@ -9,16 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .stream import Stream, StreamProgress
-
-
-class RequestError(ValueError):
-    """A request (or a plan entry) was invalid; raised for that call alone, nothing else changes."""
+from .errors import RequestError as RequestError  # re-exported: requests and plans raise it from here
+from .stream import Stream, StreamProgress
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
-"""Static-shape forwards (the shapes CUDA graphs replay), run eagerly on the CPU: padded to
-their bucket, writing at tensor column indices and attending over the whole cache capacity,
-they must decode exactly what `generate` does, for chains, trees and feature drafts."""
+"""Static-shape forwards (the shapes CUDA graphs replay), on the CPU: padded to their bucket,
+writing at tensor column indices and attending over the whole cache capacity, they must
+decode exactly what `generate` does, for chains, trees and feature drafts. The graphs'
+bookkeeping runs here too, with the CPU's stand-in for a graph (a "replay" runs the captured
+forward again into the captured outputs): captures across drains, growth, aborts and a
+capture that fails."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 
 from adactl.runtime import Engine, EngineConfig, FeatureDraft, SamplingParams, StepPlan, TreeSpec
-from adactl.runtime.graphs import StaticShapes
+from adactl.runtime.graphs import CudaGraphs, StaticShapes, record
+from adactl.runtime.kv import BatchKV
 
 from .helpers import greedy_reference, prompts, random_plan_runner
 
@@ -43,7 +50,10 @@ def run_and_check(engine: Engine, target, ps, plans: str, max_new: int = 24) -> 
         assert out[rid] == greedy_reference(target, p, max_new)[: len(out[rid])]
         assert len(out[rid]) == max_new or out[rid][-1] in engine.eos_ids
     assert engine.rows.target.static_forwards > 0  # the static path ran
-    assert engine.kv_bytes() == 0
+    assert engine.graph_stats()["captures"] > 0
+    assert engine.kv_bytes() > 0  # drained, its memory kept for the graphs to replay into
+    engine.close()
+    assert engine.kv_bytes() == 0 and engine.graph_stats()["graphs"] == 0
 
 
 @pytest.mark.parametrize("plans", ["random", "trees"])
@@ -64,5 +74,97 @@ def test_static_forwards_with_a_feature_draft(target):
 def test_graphs_default_off_on_the_cpu(target, draft):
     engine = Engine(target, draft)
     assert engine.graphs is None and engine.rows.target.static is None
-    engine = Engine(target, draft, config=EngineConfig(graphs=True))
-    assert engine.graphs is None and engine.rows.target.static is not None  # static, eager
+    engine = Engine(target, draft, config=EngineConfig(graphs=True))  # static, the graphs' stand-in
+    assert engine.graphs is not None and engine.rows.target.static is not None
+    engine = Engine(target, draft, config=EngineConfig(graphs=False))
+    assert engine.kv_bytes() == 0
+    run_to_end(engine, prompts(3, seed=30), max_new=8)
+    assert engine.kv_bytes() == 0  # without graphs a drain gives the memory back
+
+
+def run_to_end(engine: Engine, ps, max_new: int = 16, k: int = 3) -> dict[str, list[int]]:
+    """The same plans every call: chains of `k` on every row, prefill 64 tokens a step."""
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=max_new)) for p in ps]
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=k, prefill_budget=64))
+    out = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    return {rid: out[rid] for rid in ids}
+
+
+def test_graphs_outlive_a_drain_no_capture_after_warm_up(target, draft):
+    engine = static_engine(target, draft)
+    ps = prompts(5, seed=31)
+    want = [greedy_reference(target, p, 16) for p in ps]
+    captures = []
+    for _ in range(5):  # each burst after an idle moment: the same shapes as the last
+        assert list(run_to_end(engine, ps).values()) == want
+        captures.append(engine.graph_stats()["captures"])
+    # the first burst captures; the caches keep their memory and identity over the drain,
+    # so every later burst replays only
+    assert captures == [captures[0]] * 5 and captures[0] > 0, captures
+    assert engine.graph_stats()["capture_failures"] == 0
+
+
+def test_abort_frees_every_cache_and_graph(target, draft):
+    engine = static_engine(target, draft)
+    baseline = (engine.kv_bytes(), engine.graph_stats()["graphs"])
+    assert baseline == (0, 0)
+    old: list[weakref.ref] = []
+    for i in range(100):
+        for p in prompts(3, seed=40 + i % 3):
+            engine.add_request(p, SamplingParams(max_new_tokens=8))
+        for _ in range(3):
+            engine.step(StepPlan(draft_len=2, prefill_budget=64))
+        assert engine.graph_stats()["graphs"] > 0 and engine.kv_bytes() > 0
+        old += [weakref.ref(kv) for kv in engine.rows.caches()]
+        engine.abort_all()
+        assert (engine.kv_bytes(), engine.graph_stats()["graphs"]) == baseline
+        assert not engine.has_unfinished()
+    gc.collect()
+    assert all(ref() is None for ref in old)  # nothing holds an aborted cache (a graph's output would)
+    # and the engine serves as before
+    ps = prompts(2, seed=50)
+    assert list(run_to_end(engine, ps, max_new=8).values()) == [greedy_reference(target, p, 8) for p in ps]
+
+
+def test_a_forward_that_cannot_be_captured_runs_eagerly(target, draft):
+    engine = static_engine(target, draft)
+    assert engine.graphs is not None
+    tried: list[int] = []
+
+    def capture(fn, inputs):  # verify forwards (several tokens a row) sync on the device, say
+        if inputs["ids"].shape[1] > 1:
+            tried.append(inputs["ids"].shape[1])
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return record(fn, inputs)
+
+    engine.graphs.capture = capture
+    ps = prompts(4, seed=32)
+    want = [greedy_reference(target, p, 16) for p in ps]
+    with pytest.warns(RuntimeWarning, match="could not be captured") as warned:
+        assert list(run_to_end(engine, ps).values()) == want
+    assert len([w for w in warned if "could not be captured" in str(w.message)]) == 1  # said once
+    failures = engine.graph_stats()["capture_failures"]
+    assert failures == len(tried) > 0 and engine.graph_stats()["captures"] > 0  # decode steps still captured
+    assert list(run_to_end(engine, ps).values()) == want
+    assert engine.graph_stats()["capture_failures"] == failures  # eager for good: never tried again
+
+
+def test_a_graph_output_survives_the_next_replay(target):
+    kv = BatchKV(2, static=StaticShapes(rows=(2,), tokens=(1,), col_block=32), graphs=CudaGraphs("cpu"))
+    kv.new_rows(2)
+    one = torch.ones(2, 1, dtype=torch.bool)
+    first = kv.forward(target, torch.tensor([[5], [7]]), one).logits
+    kept = first.clone()
+    second = kv.forward(target, torch.tensor([[9], [11]]), one).logits  # the same graph, replayed
+    assert kv.graphs is not None and kv.graphs.captures == 1
+    assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+def test_cache_owners_are_never_reused():
+    owners = set()
+    for _ in range(1000):
+        kv = BatchKV(1)
+        assert kv.owner not in owners
+        owners.add(kv.owner)
+        del kv  # id() of the next one is often this one's

@@ -160,8 +160,9 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
                  "--check-rounds", "2", "--out", str(tmp_path / "check.json")]) == 0  # fmt: skip
     records = json.loads((tmp_path / "check.json").read_text())["records"]
     assert [(r["batch_size"], r["k"]) for r in records] == [(1, 1), (1, 2), (4, 1), (4, 2)]
-    assert all(r["measured_ratio"] > 0 and np.isfinite(r["error"]) for r in records)
-    assert "largest error of the predicted T(k) / T(0)" in capsys.readouterr().out
+    assert all(r["measured_ratio"] > 0 and np.isfinite(r["error"]) and r["stderr"] >= 0 for r in records)
+    out = capsys.readouterr().out
+    assert "largest error of the predicted T(k) / T(0)" in out and "errors beyond twice it" in out
 
 
 def run_goodput(truth: StepCostModel, prior: np.ndarray | None, refine: bool, k: int | None = None,
