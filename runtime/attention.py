@@ -72,9 +72,13 @@ def _sdpa_configs(model: torch.nn.Module) -> list[Any]:
 
 
 @contextmanager
-def gqa_attention(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
-    """The forwards inside use `sdpa_gqa_forward` where they would use SDPA (CPU only)."""
-    if device.type != "cpu" or not _registered:
+def gqa_attention(model: torch.nn.Module, device: torch.device, masked: bool = True, tokens: int = 2) -> Iterator[None]:
+    """The forwards inside use `sdpa_gqa_forward` where they would use SDPA (CPU only), if
+    they pass a mask (`masked`) and more than one query token a row (`tokens`): otherwise the
+    two are the same function, and switching costs host time (and, without a mask,
+    transformers builds one for an attention it does not know, where SDPA's causal path
+    needs none)."""
+    if device.type != "cpu" or not _registered or not masked or tokens <= 1:
         yield
         return
     switched = [c for c in _sdpa_configs(model) if c._attn_implementation == "sdpa"]

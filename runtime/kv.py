@@ -341,7 +341,7 @@ class BatchKV:
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
         self.first_row, self.write_col = r0, c
         try:
-            with gqa_attention(model, self.device):  # the CPU's masked attention without repeated KV heads
+            with gqa_attention(model, self.device, mask is not None, t):  # the CPU's masked GQA without repeats
                 out = model(
                     input_ids=input_ids,
                     attention_mask=mask,
@@ -411,7 +411,7 @@ class BatchKV:
             self.write_rows, self.write_index, self.write_col = x["rows"], x["write"], c
             try:
                 tensors = {k: v for k, v in x.items() if k not in ("ids", "positions", "mask", "write", "rows")}
-                with gqa_attention(model, dev):
+                with gqa_attention(model, dev, True, bt):
                     return model(
                         input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["positions"],
                         **cache_kwargs(model, self.cache), use_cache=True, **flags, **tensors,

@@ -139,12 +139,20 @@ class RowSampling:
 
     def uniforms(self, counts: Sequence[int], width: int) -> torch.Tensor:
         """[rows, width] uniforms on the device; row i uses (and is charged) its first
-        counts[i], so its next call continues its own stream."""
-        seeds = torch.tensor([r.seed for r in self.rows], dtype=torch.long)
-        offsets = torch.tensor([r.draws for r in self.rows], dtype=torch.long)
+        counts[i], so its next call continues its own stream. Greedy rows get zeros (they
+        read none), computed for the sampled rows only."""
+        sampled = [r for r in self.rows if r.sampling.temperature > 0]  # greedy rows read none
+        seeds = torch.tensor([r.seed for r in sampled], dtype=torch.long)
+        offsets = torch.tensor([r.draws for r in sampled], dtype=torch.long)
         for r, n in zip(self.rows, counts):
             r.draws += int(n)
-        return counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+        if len(sampled) == len(self.rows):
+            return counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+        out = torch.zeros(len(self.rows), width, device=self.device)
+        if sampled:
+            where = torch.tensor([i for i, r in enumerate(self.rows) if r.sampling.temperature > 0])
+            out[where.to(self.device)] = counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+        return out
 
 
 class Rows:

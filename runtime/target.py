@@ -31,7 +31,7 @@ ROW_BLOCK = 4
 
 
 @contextmanager
-def whole_row_blocks(model: Any) -> Iterator[None]:
+def whole_row_blocks(model: Any, rows: int | None = None) -> Iterator[None]:
     """On the CPU, pad the output layer's input rows up to a multiple of 4 where 2 or 3 would be
     left over, for the forwards inside. torch's CPU `linear` computes blocks of 4 rows fast and a
     remainder of 2 or 3 slowly: for SmolLM2's 576 x 49,152 output layer (2 threads, torch 2.13)
@@ -39,7 +39,11 @@ def whole_row_blocks(model: Any) -> Iterator[None]:
     verify forward at batch 1 with 1 or 2 draft tokens, or plain decoding at batch 2 or 3, has
     exactly such row counts. The padding rows are zeros and are dropped from the output; each
     real row's logits are the same up to float rounding (the kernel's blocking differs). float32
-    only: in bfloat16 the same layer takes 3.4–4.4 ms for 1 to 8 rows alike."""
+    only: in bfloat16 the same layer takes 3.4–4.4 ms for 1 to 8 rows alike. `rows`: the rows
+    the forwards inside compute logits for, if known (none to pad: no hooks, no host time)."""
+    if rows is not None and -rows % ROW_BLOCK not in (1, 2):
+        yield
+        return
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
         yield
@@ -110,7 +114,7 @@ class TargetVerifier:
         for r0, r1 in parts:
             w, part = int(cut[r0:r1].max()) + 1, slice(r0, r1)
             parents = tree_parents[part, :w] if tree_parents is not None else None
-            with whole_row_blocks(self.model):
+            with whole_row_blocks(self.model, (r1 - r0) * w):
                 out = kv.forward(self.model, ids[part, :w], valid[part, :w], parents=parents, first_row=r0, **extra)
             assert kv.last_end is not None
             ends.append(kv.last_end)
@@ -144,7 +148,7 @@ class TargetVerifier:
         ids = self._ids(rows, drafts, t)
         valid = torch.arange(t)[None, :] <= draft_len[:, None]
         parents = slot_parents(drafts.parents, t) if drafts.parents is not None else None
-        with whole_row_blocks(self.model):
+        with whole_row_blocks(self.model, len(rows) * t):
             out = kv.forward(self.model, ids, valid, parents=parents)
         kv.keep_last(torch.zeros(len(rows), t, dtype=torch.bool))
         s = RowSampling(rows, self.device)
