@@ -83,6 +83,8 @@ class Proposer:
         if n == 0:
             return Drafts(tokens, probs, comp_probs)
         sampling = RowSampling(rows, self.device)
+        # row i's draws for its lens[i] positions in one pass (the same numbers, one at a time)
+        uniforms = sampling.uniforms(lens.tolist(), k)
         out = self.catch_up(kv, rows)
         for j in range(k):
             m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
@@ -95,7 +97,7 @@ class Proposer:
             if comp_probs is not None:
                 comp = process_logits(out.companion_logits[:m, -1], s.temperature, s.top_p)
                 comp_probs[:m, j] = self._scatter(comp, self._companion_vocab)
-            picked = sample(q, s.greedy, s.uniforms([1] * m, 1)[:, 0])
+            picked = sample(q, s.greedy, uniforms[:m, j])
             tokens[:m, j] = self._vocab[picked] if self._vocab is not None else picked
             probs[:m, j] = self._scatter(q, self._vocab)
         return Drafts(tokens, probs, comp_probs)

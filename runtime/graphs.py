@@ -22,7 +22,7 @@ same on top of `BatchKV` (kv.py), which already preallocates each model's cache:
   as the engine (kv.py keeps their buffers over a drain when graphs are on), so a burst after
   an idle moment replays what the last one captured.
 - **Failures.** A forward that cannot be captured (one that waits for the device: transformers'
-  dynamic RoPE tests a CUDA tensor in an `if`) runs eagerly from then on for that key, with
+  dynamic RoPE tests a CUDA tensor in an `if`) runs eagerly from then on at that shape, with
   one warning per `CudaGraphs` and a count (`capture_failures`). The warm-up runs under
   `torch.cuda.set_sync_debug_mode("error")`, so such a forward fails there, before a capture
   has begun.
@@ -35,6 +35,7 @@ same on top of `BatchKV` (kv.py), which already preallocates each model's cache:
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import warnings
 from collections.abc import Callable, Mapping
@@ -101,7 +102,9 @@ class RecordedForward:
 
 
 def _copy_into(dst: Any, src: Any) -> None:
-    """Copy every tensor of `src` into the same place in `dst` (model outputs, tuples)."""
+    """Copy every tensor of `src` into the same place in `dst` (model outputs: transformers'
+    `ModelOutput` mappings, dataclasses such as a feature draft's output, tuples of hidden
+    states); anything else (a cache object, None) is not an output a graph writes."""
     if isinstance(dst, torch.Tensor):
         dst.copy_(src)
     elif isinstance(dst, (tuple, list)):
@@ -110,6 +113,9 @@ def _copy_into(dst: Any, src: Any) -> None:
     elif isinstance(dst, Mapping):
         for name, value in dst.items():
             _copy_into(value, src[name])
+    elif dataclasses.is_dataclass(dst) and not isinstance(dst, type):
+        for f in dataclasses.fields(dst):
+            _copy_into(getattr(dst, f.name), getattr(src, f.name))
 
 
 def record(fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
@@ -124,7 +130,7 @@ class CudaGraphs:
     def __init__(self, device: torch.device | str, capture: Capture | None = None) -> None:
         self.device = torch.device(device)
         self.graphs: dict[tuple[Any, ...], _Graph] = {}
-        self.eager: set[tuple[Any, ...]] = set()  # keys whose capture failed: eager for good
+        self.eager: set[tuple[Any, ...]] = set()  # buckets whose capture failed: eager for good
         self.captures = 0  # graphs captured so far (a growing count means shapes keep changing)
         self.capture_failures = 0
         self.capture: Capture = capture or (self._cuda_capture if self.device.type == "cuda" else record)
@@ -132,12 +138,15 @@ class CudaGraphs:
         self._warned = False
 
     def run(
-        self, key: tuple[Any, ...], fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]
-    ) -> Any:
+        self, key: tuple[Any, ...], fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor],
+        bucket: tuple[Any, ...] | None = None,
+    ) -> Any:  # fmt: skip
         """`fn(inputs)`, replayed from the graph captured for `key` (captured now if new; run
-        eagerly if its capture failed). `fn` must take its tensors from the dict it is given,
-        never from elsewhere."""
-        if key in self.eager:
+        eagerly if the capture of its `bucket` ever failed: what fails is the model's forward
+        at that shape, whichever cache or capacity it runs on; default: the key). `fn` must
+        take its tensors from the dict it is given, never from elsewhere."""
+        bucket = bucket if bucket is not None else key
+        if bucket in self.eager:
             return fn(inputs)
         g = self.graphs.get(key)
         if g is None:
@@ -145,7 +154,7 @@ class CudaGraphs:
             try:
                 graph, output = self.capture(fn, static)
             except Exception as e:  # noqa: BLE001 - any failure: this forward runs eagerly
-                self._failed(key, e)
+                self._failed(bucket, e)
                 return fn(inputs)
             g = self.graphs[key] = _Graph(graph, static, output)
             self.captures += 1
@@ -193,7 +202,6 @@ class CudaGraphs:
         """Forget the graphs of one cache (its buffers were reallocated or released)."""
         for key in [k for k in self.graphs if k[0] == owner]:
             del self.graphs[key]
-        self.eager = {k for k in self.eager if k[0] != owner}
 
     def owners(self) -> set[int]:
         """The caches that have graphs."""

@@ -206,6 +206,8 @@ class BatchKV:
         double = self.graphs is not None
         if rows > cap_rows:
             cap_rows = max(rows + max(4, int(rows * cfg.row_headroom)), 2 * cap_rows if double else 0)
+            if double and self.static is not None and rows <= self.static.rows[-1]:
+                cap_rows = min(cap_rows, self.static.rows[-1])  # past the largest bucket forwards are eager
         if cols > cap_cols:
             grown = self._round_cols(cols + max(cfg.min_col_growth, int(cols * cfg.col_headroom)))
             cap_cols = max(grown, 2 * cap_cols if double else 0)
@@ -261,12 +263,15 @@ class BatchKV:
         self._last_end = None
 
     def _drained(self) -> None:
-        """The last row left: memory back to zero, or with graphs, kept for the next burst
-        (its graphs replay then instead of being captured again)."""
-        if self.graphs is None:
-            self.close()
-        else:
+        """The last row left: memory back to zero, or if this cache holds graphs, kept for the
+        next burst (its graphs replay then instead of being captured again)."""
+        if self._holds_graphs():
             self._empty()
+        else:
+            self.close()
+
+    def _holds_graphs(self) -> bool:
+        return self.graphs is not None and self.owner in self.graphs.owners()
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         """A host tensor on the cache's device, without waiting for the device (pinned,
@@ -408,7 +413,10 @@ class BatchKV:
                 inputs[name][:n, :t] = value
 
         def run(x: dict[str, torch.Tensor]) -> Any:
-            self.write_rows, self.write_index, self.write_col = x["rows"], x["write"], c
+            # everything step-dependent comes from `x`: a replay reruns this with the values of
+            # its capture (write_col stays 0: a static forward writes at `write`, masks over the
+            # capacity, and takes positions as given)
+            self.write_rows, self.write_index = x["rows"], x["write"]
             try:
                 tensors = {k: v for k, v in x.items() if k not in ("ids", "positions", "mask", "write", "rows")}
                 with gqa_attention(model, dev, True, bt):
@@ -421,14 +429,15 @@ class BatchKV:
                 self.write_col = 0
 
         if self.graphs is not None:
-            key = (self.owner, id(model), bn, bt, cap, self.capacity[0], tuple(sorted(flags.items())), tuple(inputs))
-            out = self.graphs.run(key, run, inputs)
+            shape = (id(model), bn, bt, tuple(sorted(flags.items())), tuple(inputs))
+            out = self.graphs.run((self.owner, cap, self.capacity[0], *shape), run, inputs, shape)
         else:
             out = run(inputs)
         self._wrote(0, new_valid, c)
         self.static_forwards += 1
-        # a graph's outputs are overwritten by its next replay (and its pool's memory by any
-        # graph captured later): what a caller holds is a copy
+        # a graph's outputs are overwritten by its next replay (and in a shared pool by an
+        # earlier-captured graph's): the logits callers hold are copies; hidden states are read
+        # before the next forward (the target's features, a feature draft's next input)
         return _Rows(out, n, t - logits_to_keep if logits_to_keep else 0, t, copy=self.graphs is not None)
 
     def used_cols(self, first_row: int, n: int) -> torch.Tensor:
@@ -589,7 +598,7 @@ class BatchKV:
         need = bucket[0] if bucket is not None else n  # static forwards pad the rows to their bucket
         too_many_rows = rows_cap > need + max(8, need // 2)
         too_many_cols = cols_cap > self.n_cols + self._scratch() + max(4 * cfg.min_col_growth, self.n_cols // 2)
-        if (too_many_rows or too_many_cols) and self.graphs is None:  # with graphs: capacity kept (no re-capture)
+        if (too_many_rows or too_many_cols) and not self._holds_graphs():  # with graphs: kept (no re-capture)
             rows = need + need // 8 if too_many_rows else rows_cap
             cols = self._round_cols(self.n_cols + cfg.min_col_growth + self._scratch()) if too_many_cols else cols_cap
             if (rows, cols) != self.capacity:
@@ -620,7 +629,7 @@ class _Rows:
     hidden states, a companion's logits; views of the captured outputs under CUDA graphs)."""
 
     def __init__(self, out: Any, n: int, lo: int, hi: int, copy: bool = False) -> None:
-        def cut(x: Any, keep: bool = False) -> Any:
+        def cut(x: Any, keep: bool = False, copy: bool = False) -> Any:
             if isinstance(x, torch.Tensor):
                 y = x[:n, lo:hi] if keep else x[:n, :hi]
                 return y.clone() if copy else y
@@ -628,9 +637,9 @@ class _Rows:
                 return tuple(cut(y, keep) for y in x)
             return x
 
-        self.logits = cut(out.logits, keep=True)
+        self.logits = cut(out.logits, keep=True, copy=copy)
         self.hidden_states = cut(getattr(out, "hidden_states", None))
-        self.companion_logits = cut(getattr(out, "companion_logits", None), keep=True)
+        self.companion_logits = cut(getattr(out, "companion_logits", None), keep=True, copy=copy)
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

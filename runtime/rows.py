@@ -128,7 +128,8 @@ class RowSampling:
 
     def head(self, m: int) -> RowSampling:
         """The first m rows."""
-        part = RowSampling([], self.device)
+        part = RowSampling.__new__(RowSampling)  # (no tensors built only to be replaced)
+        part.device = self.device
         part.rows, part.temperature, part.top_p, part.greedy = (
             self.rows[:m],
             self.temperature[:m],

@@ -161,6 +161,25 @@ def test_a_graph_output_survives_the_next_replay(target):
     assert torch.equal(first, kept) and not torch.equal(first, second)
 
 
+def test_a_replayed_feature_draft_forward_returns_its_own_outputs(target):
+    vocab = sorted(torch.randperm(128, generator=torch.Generator().manual_seed(0))[:64].tolist())
+    draft = FeatureDraft.from_target(target, vocab, intermediate_size=64, seed=3).eval()
+    layers = int(draft.get_text_config().num_hidden_layers)
+    shapes = StaticShapes(rows=(2,), tokens=(1,), col_block=32)
+    graphed, eager = BatchKV(layers, static=shapes, graphs=CudaGraphs("cpu")), BatchKV(layers, static=shapes)
+    gen = torch.Generator().manual_seed(4)
+    for kv in (graphed, eager):
+        kv.new_rows(2)
+    with torch.inference_mode():
+        for _ in range(3):  # the first captures, the others replay
+            ids = torch.randint(128, (2, 1), generator=gen)
+            feats = torch.randn(2, 1, draft.hidden_size, generator=gen)
+            one = torch.ones(2, 1, dtype=torch.bool)
+            a, b = (kv.forward(draft, ids, one, features=feats) for kv in (graphed, eager))
+            assert torch.allclose(a.logits, b.logits) and torch.allclose(a.hidden_states, b.hidden_states)
+    assert graphed.graphs is not None and graphed.graphs.captures == 1
+
+
 def test_cache_owners_are_never_reused():
     owners = set()
     for _ in range(1000):

@@ -61,3 +61,31 @@ def test_lower_layers_import_nothing_above_them(package, forbidden):
         if name.startswith(forbidden)
     }
     assert not bad, sorted(bad)
+
+
+def test_the_runtime_modules_import_no_cycle():
+    """Issue 31: a step's modules read top-down (engine -> draft, target -> steps -> types ->
+    stream -> errors); no two runtime modules import each other, even in function bodies."""
+    modules = {p.stem: p for p in (REPO / "runtime").glob("*.py") if p.stem != "__init__"}
+    graph = {
+        name: {
+            node.module.split(".")[0]
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+        }
+        & set(modules)
+        for name, path in modules.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, dep])}"
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
