@@ -93,7 +93,7 @@ class RecordedForward:
     """The CPU's stand-in for a CUDA graph (module docstring): `replay` runs the forward again
     on the captured inputs and copies its outputs into the captured ones."""
 
-    def __init__(self, fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]) -> None:
+    def __init__(self, fn: Forward, inputs: dict[str, torch.Tensor]) -> None:
         self.fn, self.inputs = fn, inputs
         self.output = fn(inputs)
 
@@ -118,7 +118,7 @@ def _copy_into(dst: Any, src: Any) -> None:
             _copy_into(getattr(dst, f.name), getattr(src, f.name))
 
 
-def record(fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+def record(fn: Forward, inputs: dict[str, torch.Tensor]) -> tuple[Any, Any]:
     forward = RecordedForward(fn, inputs)
     return forward, forward.output
 
@@ -138,9 +138,8 @@ class CudaGraphs:
         self._warned = False
 
     def run(
-        self, key: tuple[Any, ...], fn: Callable[[dict[str, torch.Tensor]], Any], inputs: dict[str, torch.Tensor],
-        bucket: tuple[Any, ...] | None = None,
-    ) -> Any:  # fmt: skip
+        self, key: tuple[Any, ...], fn: Forward, inputs: dict[str, torch.Tensor], bucket: tuple[Any, ...] | None = None
+    ) -> Any:
         """`fn(inputs)`, replayed from the graph captured for `key` (captured now if new; run
         eagerly if the capture of its `bucket` ever failed: what fails is the model's forward
         at that shape, whichever cache or capacity it runs on; default: the key). `fn` must

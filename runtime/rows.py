@@ -142,17 +142,17 @@ class RowSampling:
         """[rows, width] uniforms on the device; row i uses (and is charged) its first
         counts[i], so its next call continues its own stream. Greedy rows get zeros (they
         read none), computed for the sampled rows only."""
-        sampled = [r for r in self.rows if r.sampling.temperature > 0]  # greedy rows read none
-        seeds = torch.tensor([r.seed for r in sampled], dtype=torch.long)
-        offsets = torch.tensor([r.draws for r in sampled], dtype=torch.long)
+        where = [i for i, r in enumerate(self.rows) if r.sampling.temperature > 0]  # greedy rows read none
+        seeds = torch.tensor([self.rows[i].seed for i in where], dtype=torch.long)
+        offsets = torch.tensor([self.rows[i].draws for i in where], dtype=torch.long)
         for r, n in zip(self.rows, counts):
             r.draws += int(n)
-        if len(sampled) == len(self.rows):
-            return counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+        drawn = counter_uniforms(seeds.to(self.device), offsets.to(self.device), width) if where else None
+        if len(where) == len(self.rows) and drawn is not None:
+            return drawn
         out = torch.zeros(len(self.rows), width, device=self.device)
-        if sampled:
-            where = torch.tensor([i for i, r in enumerate(self.rows) if r.sampling.temperature > 0])
-            out[where.to(self.device)] = counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
+        if drawn is not None:
+            out[torch.tensor(where).to(self.device)] = drawn
         return out
 
 
