@@ -188,6 +188,21 @@ def shipped_profile(specs: dict[str, str]) -> Path:
     return SHIPPED_MODELS / "estimators" / name
 
 
+def gpu_profile_path(name: str) -> Path:
+    """Where the computed GPU profile `name` (adactl.estimators.gpu_cost.SHIPPED) is shipped."""
+    from adactl.runtime.models import SHIPPED_MODELS
+
+    return SHIPPED_MODELS / "estimators" / f"gpu_{name}.json"
+
+
+def named_profile(profile: str | Path) -> str | Path:
+    """A shipped computed GPU profile's path for its name (`h100-llama-3.1-8b`, ...); anything
+    else as it is (a file)."""
+    from adactl.estimators.gpu_cost import SHIPPED
+
+    return gpu_profile_path(str(profile)) if str(profile) in SHIPPED else profile
+
+
 def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = True, max_batch: int = 64,
                   budget_s: float = 300.0, log: Any = None) -> StepCostModel:  # fmt: skip
     """The step-cost model a run on `pair` uses (see the module docstring); `profile="shipped"`:
@@ -197,6 +212,7 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
     if profile == "shipped":
         profile = shipped_profile(pair.specs)
     if profile is not None:
+        profile = named_profile(profile)
         loaded = StepCostProfile.load(profile)
         diff = here.differences(loaded.fingerprint)
         if diff:
@@ -239,6 +255,14 @@ class ProfilerSettings(DeviceSettings):
     check_ks: list[int] = setting([1, 2, 4], "--check: draft lengths compared with plain decoding", parse=ints)
     check_rounds: int = setting(5, "--check: rounds per batch size (each: every length once, shuffled)")
     profile: str | None = setting(None, "--check: this profile file instead of this machine's")
+    computed: str | None = setting(None, "measure nothing: write a GPU profile computed from the hardware's figures "
+                                   "and the model's shape (adactl.estimators.gpu_cost): a shipped name "
+                                   "(h100-llama-3.1-8b, a100-llama-3.1-8b, h200-llama-3.1-8b, "
+                                   "h100x4-llama-3.1-70b), 'all' (every shipped one, into the shipped directory), "
+                                   "or GPU:MODEL[:TP] (names, or JSON files of their fields)")  # fmt: skip
+    draft_fraction: float | None = setting(None, "--computed: one draft forward's cost / the target's linear "
+                                           "layers (default: an EAGLE head in vLLM, 0.112; a 135M draft model "
+                                           "under transformers about 0.36)", parse=float)  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -249,12 +273,14 @@ def main(namespace: argparse.Namespace) -> StepCostProfile:
     return run(settings.from_args(ProfilerSettings, namespace))
 
 
-def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]]:
+def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]] | list[StepCostProfile]:
     from adactl.runtime.device import device_and_dtype
     from adactl.runtime.models import load_pair
 
     if args.max_batch < 1 or args.budget_s <= 0 or args.reps < 1 or args.check_rounds < 2:
         raise SystemExit("adactl profile: --max-batch and --reps must be >= 1, --check-rounds >= 2 and --budget-s > 0")
+    if args.computed is not None:
+        return run_computed(args.computed, args.out, args.draft_fraction)
     device, dtype = device_and_dtype(args.device, args.dtype)  # before any model loads
     pair = tiny_pair(device, dtype) if args.tiny else load_pair(args.target, args.draft, args.companion, device, dtype)
     if args.check:
@@ -266,6 +292,43 @@ def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]]:
     print(f"{made.meta['steps']} steps in {made.meta['profile_s']} s on {made.fingerprint.machine_label}; "
           f"fit error {100 * made.meta['fit_mape']:.1f}% (mean absolute, relative; the basis alone "
           f"{100 * made.meta['basis_mape']:.1f}%) -> {path}" + (f" and {args.out}" if args.out else ""))  # fmt: skip
+    return made
+
+
+def run_computed(what: str, out: str | None = None, draft_fraction: float | None = None) -> list[StepCostProfile]:
+    """`adactl profile --computed`: compute, save and summarise GPU profiles (module
+    adactl.estimators.gpu_cost); `out`: the file (one profile) or directory ('all')."""
+    from adactl.bench.common import format_table
+    from adactl.estimators import gpu_cost
+
+    names = list(gpu_cost.SHIPPED) if what == "all" else [what]
+    made = []
+    for name in names:
+        if name in gpu_cost.SHIPPED:
+            gpu, model, tp = gpu_cost.SHIPPED[name]
+        else:
+            gpu, _, rest = name.partition(":")
+            model, _, tp_text = rest.partition(":")
+            if not gpu or not model or (tp_text and not tp_text.isdigit()):
+                shipped = ", ".join(gpu_cost.SHIPPED)
+                raise gpu_cost.GpuCostError(f"--computed {name!r}: give a shipped name ({shipped}), 'all', or "
+                                            "GPU:MODEL[:TP], e.g. h100:llama-3.1-70b:4")  # fmt: skip
+            tp = int(tp_text or 1)
+        cost = gpu_cost.gpu_cost(gpu, model, tp, draft_fraction)
+        profile = gpu_cost.computed_profile(cost)
+        if what == "all":
+            path = Path(out) / f"gpu_{name}.json" if out else gpu_profile_path(name)
+        else:
+            path = Path(out) if out else profile_dir() / "computed" / f"gpu_{cost.name}.json"
+        profile.save(path)
+        made.append(profile)
+        flat = ", ".join(f"{b} (k = {k})" for k, b in gpu_cost.flat_batches(cost).items())
+        print(f"{cost.name}: knee {cost.knee:.0f} tokens, weights read in {1000 * cost.weight_s:.2f} ms; verifying "
+              f"k + 1 tokens costs <= 5% more than one up to batch {flat}; profile fit error "
+              f"{100 * profile.meta['fit_mape']:.1f}% -> {path}")  # fmt: skip
+    columns = ["gpu", "model", "batch", "K", "published_ms", "predicted_ms", "error", "profile_ms", "profile_error",
+               "source"]  # fmt: skip
+    print(format_table(gpu_cost.calibration_table(), columns))
     return made
 
 

@@ -273,6 +273,11 @@ class StepCostProfile:
             needed = {*StepShape.names(), *PARTS}
             if any(not needed <= s.keys() for s in steps):
                 raise ProfileError(f"{path}: a step lacks one of {sorted(needed)}; {remake}")
+            bad = next(
+                (s for s in steps if not all(math.isfinite(float(s[n])) and float(s[n]) >= 0 for n in needed)), None
+            )
+            if bad is not None:  # a negative count or time, or NaN: no machine measured that
+                raise ProfileError(f"{path}: a step has a negative or non-finite count or time ({bad}); {remake}")
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, ProfileError):
                 raise
