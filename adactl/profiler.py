@@ -328,7 +328,10 @@ def run_computed(what: str, out: str | None = None, draft_fraction: float | None
               f"{100 * profile.meta['fit_mape']:.1f}% -> {path}")  # fmt: skip
     columns = ["gpu", "model", "batch", "K", "published_ms", "predicted_ms", "error", "profile_ms", "profile_error",
                "source"]  # fmt: skip
+    print("calibration: published step times of Llama-3.1-8B next to the computed ones")
     print(format_table(gpu_cost.calibration_table(), columns))
+    print("checks, another engine: transformers' forward replayed as a CUDA graph on an H100 (../shared/measurements)")
+    print(format_table(gpu_cost.calibration_table(gpu_cost.MEASURED, profiles=False), columns[:7] + ["source"]))
     return made
 
 

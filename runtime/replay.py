@@ -3,7 +3,13 @@
 No model runs. A step's duration is the step-time model's prediction for the step's shape
 (fitted on profiles the real engine recorded, `train/profile_steps.py`), times a log-normal
 noise factor of the profile's spread; a drafted token is accepted with the recorded
-conditional acceptance of its position (alpha_j, e.g. the shipped moving average). Time is
+conditional acceptance of its position (alpha_j, e.g. the shipped moving average). The
+draws are common random numbers: a request's draft at output position p accepts its first
+j tokens where the uniforms u[p, 0..j-1] (seeded by the engine's seed and the request id)
+fall below alpha_0..alpha_{j-1}, so two controllers serving the same requests see the same
+outcome wherever they draft at the same position, and a comparison between them is not
+drowned in acceptance noise (greedy replay from traces, as issue 32 plans, is exact the
+same way). Time is
 simulated (`clock()`), so controllers that read the clock see replayed time, and a load
 sweep that takes the real engine an hour runs in seconds, deterministically for a seed.
 
@@ -42,6 +48,19 @@ class _Replayed:
     prefilled: int = 0
     generated: int = 0
     first_token_time: float | None = None
+    draws: random.Random | None = None  # this request's acceptance uniforms, by output position
+    uniforms: dict[int, list[float]] | None = None
+
+    def accepted(self, alpha: list[float], cut: int) -> int:
+        """Tokens of a `cut`-token draft at the current output position the target accepts."""
+        assert self.draws is not None and self.uniforms is not None
+        u = self.uniforms.get(self.generated)
+        if u is None:
+            u = self.uniforms[self.generated] = [self.draws.random() for _ in alpha]
+        a = 0
+        while a < cut and u[a] < alpha[a]:
+            a += 1
+        return a
 
     @property
     def context_len(self) -> int:
@@ -60,7 +79,7 @@ class ReplayEngine:
         self.step_time, self.alpha = step_time, [float(a) for a in alpha]
         self.max_batch_size, self.noise, self.max_context = max_batch_size, noise, max_context
         self.draft = object() if self.alpha else None  # ControlLoop reads this to allow drafting
-        self.rng = random.Random(seed)
+        self.rng, self.seed = random.Random(seed), seed  # step-time noise; acceptance draws per request
         self.now = 0.0
         self._waiting: dict[str, _Replayed] = {}
         self._rows: list[_Replayed] = []
@@ -103,7 +122,8 @@ class ReplayEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = self.now if arrival_time is None else arrival_time
         playback = Playback(stream, arrival) if stream is not None else None
-        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback)
+        draws = random.Random(f"{self.seed}:{request_id}")  # a str seed hashes the same in every process
+        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback, draws=draws, uniforms={})
         return request_id
 
     def cancel(self, request_id: str) -> bool:
@@ -230,9 +250,7 @@ class ReplayEngine:
         accepted = torch.zeros(len(cut), dtype=torch.long)
         rows = {r.request_id: r for r in self._rows}
         for i, rid in enumerate(drafts.request_ids):
-            a = 0
-            while a < int(cut[i]) and self.rng.random() < self.alpha[a]:
-                a += 1
+            a = rows[rid].accepted(self.alpha, int(cut[i]))
             accepted[i] = a
             emitted[rid] = self._emit(rows[rid], a + 1, finished)
         for req in self._joining:  # prompts completed this step: their first token

@@ -96,8 +96,18 @@ def build_wheel(out: Path) -> Path:
 
     # from a copy: setuptools builds in the source tree, and a stale build/ there would be packaged
     source = out / "source"
-    skip = (".git", "build", "dist", "*.egg-info", "__pycache__", ".floor", ".venv*", "runs", "bench_results",
-            ".*_cache")
+    skip = (
+        ".git",
+        "build",
+        "dist",
+        "*.egg-info",
+        "__pycache__",
+        ".floor",
+        ".venv*",
+        "runs",
+        "bench_results",
+        ".*_cache",
+    )
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skip))
     isolation = ["--no-build-isolation"] if build_backend_present() else []
     pip(["wheel", "--quiet", "--no-deps", *isolation, "-w", str(out), str(source)],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -139,6 +140,39 @@ def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
     records = json.loads((tmp_path / "spec.json").read_text())["records"]
     assert {r["batch_size"] for r in records} == {1, 8, 32}
     assert all(len(r["rounds"]) == 2 for r in records)
+
+
+def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):
+    """On the computed H100 profile (no model runs), speculation pays at batch 1 and plain
+    decoding wins at batch 256, and goodput follows: it drafts at 1 and not at 256."""
+    args = ["--replay", "--tiny", "--profile", "h100-llama-3.1-8b", "--batches", "1,256", "--temperatures", "0",
+            "--ks", "1,3", "--max-new-tokens", "48", "--out", str(tmp_path)]  # fmt: skip
+    main(["bench", "spec", *args])
+    data = json.loads((tmp_path / "spec_replay.json").read_text())
+    got = {(r["batch_size"], r["controller"]): r for r in data["records"]}
+    assert {c for _, c in got} == {"no-spec", "fixed-k1", "fixed-k3", "heuristic", "bucket-ema", "goodput"}
+    assert got[1, "fixed-k3"]["tokens_per_s"] > 1.3 * got[1, "no-spec"]["tokens_per_s"]
+    assert got[256, "no-spec"]["tokens_per_s"] > got[256, "fixed-k3"]["tokens_per_s"]
+    assert got[1, "goodput"]["mean_accepted_len"] > 1.5 and got[256, "goodput"]["mean_accepted_len"] < 1.2
+    assert got[1, "goodput"]["ratio_best_fixed"] > 0.9 and got[256, "goodput"]["ratio_best_fixed"] > 0.9
+    assert 6.0 < got[256, "no-spec"]["step_ms"] < 40  # replayed H100 milliseconds, not this CPU's
+    assert data["meta"]["profile"] == "h100-llama-3.1-8b" and (tmp_path / "spec_replay.png").is_file()
+    assert "replay of NVIDIA H100" in data["meta"]["machine"]["label"]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--controllers", "fixed-k6,sv"], "cannot run fixed-k6,sv"),
+        (["--trees"], "need per-request acceptance traces"),
+        ([], "needs --profile"),
+        (["--replay-alpha", "0.5,1.5"], "probabilities in [0, 1]"),
+    ],
+)
+def test_bench_spec_replay_refuses_what_it_cannot_replay(argv, says, tmp_path):
+    profile = [] if argv == [] else ["--profile", "h100-llama-3.1-8b"]
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        main(["bench", "spec", "--replay", "--tiny", *profile, *argv, "--out", str(tmp_path)])
 
 
 def test_bench_spec_slo_reports_attainment(tmp_path, capsys):

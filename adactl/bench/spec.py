@@ -89,7 +89,7 @@ def tree_spec(text: str) -> TreeSpec:
     return TreeSpec(*(int(p) for p in parts))
 
 
-def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: SpecSettings,
+def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: SpecSettings,
           bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """All prompts at once to completion; the run's counts and its wall time on the clock."""
     for i, p in enumerate(prompts):
@@ -104,9 +104,9 @@ def serve(engine: Engine, loop: ControlLoop, prompts: list[list[int]], temperatu
         decode_tokens += sum(len(record.outcome.emitted[r]) for r in record.outcome.request_ids)
         bar.update(record.outcome.tokens_emitted)
 
-    start = time.perf_counter()
+    start = loop.clock()  # the replay's simulated clock, or wall time
     results = loop.run(on_step=on_step)
-    wall = time.perf_counter() - start
+    wall = loop.clock() - start
     wall -= getattr(peek, "seconds", 0.0)  # the oracle's look at the target is not a cost
     tokens = sum(len(r.output_ids) for r in results.values())
     return {
@@ -278,7 +278,7 @@ class RunContext:
     decoding at batch 1, where k = 4 was 14% faster; issue 30)."""
 
     acceptance: Callable[[str], Any]
-    costs: CostModels
+    costs: Callable[[bool], Any]  # CostModels, or the replay's
     tree_width: int = 2
     shared: dict[tuple[str, float], Any] = field(default_factory=dict)
 
@@ -300,41 +300,57 @@ class RunContext:
         return [self.stack_context(False, temperature).acceptance("moving_average")]
 
 
-def run_one(stack: str, target: Any, draft: Any, pair: Any, group: list[list[int]], temperature: float,
+@dataclass(frozen=True)
+class Engines:
+    """A fresh engine for each run: the draft alone, or the draft with its companion."""
+
+    target: Any
+    draft: Any
+    pair: Any  # the speculator with the companion
+
+    def __call__(self, companion: bool, batch: int) -> Any:
+        return Engine(self.target, self.pair if companion else self.draft, config=EngineConfig(max_batch_size=batch))
+
+
+def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
+    """The control loop of one run, on the engine's clock (the replay's is simulated)."""
+    return ControlLoop(engine, max_draft_len=8, clock=getattr(engine, "clock", time.perf_counter), **kwargs)
+
+
+def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: float,
             ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     companion = needs_companion(stack)
-    engine = Engine(target, pair if companion else draft, config=EngineConfig(max_batch_size=len(group)))
+    engine = engines(companion, len(group))
     here = ctx.stack_context(companion, temperature)
     built = build_stack(stack, here)
-    loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
-                       estimators=[here.cost(), *ctx.learners(temperature)],
-                       prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=sum(len(p) for p in group),
+                 estimators=[here.cost(), *ctx.learners(temperature)])  # fmt: skip
     return {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
 
 
-def run_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-               ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def run_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
+               temperature: float, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
     k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
-    engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
+    engine = engines(False, len(group))
     cost = ctx.costs(False)
-    loop = ControlLoop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
-                       max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    loop = _loop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
+                 prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
 
 
-def run_tree_oracle(here: list[dict[str, Any]], target: Any, draft: Any, group: list[list[int]], temperature: float,
-                    ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def run_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
+                    temperature: float, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
     spec = tree_spec(best.removeprefix("tree-"))
-    engine = Engine(target, draft, config=EngineConfig(max_batch_size=len(group)))
+    engine = engines(False, len(group))
     cost = ctx.costs(False)
-    loop = ControlLoop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
-                       max_draft_len=8, prefill_budget=sum(len(p) for p in group))  # fmt: skip
+    loop = _loop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
+                 prefill_budget=sum(len(p) for p in group))  # fmt: skip
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
 
 
@@ -345,14 +361,21 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
 def run(args: SpecSettings) -> list[dict[str, Any]]:
     args = args.resolved()
     torch.manual_seed(args.seed)
-    target, draft, pair, prompts, ctx, meta = _load(args)
-    if args.slo:
-        return _slo(args, target, draft, pair, prompts, ctx, meta)
-    chosen = args.controllers or [
-        *stacks(args.ks, args.sv_k),
-        *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
-    ]
-    oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
+    engines: Callable[[bool, int], Any]
+    if args.replay:
+        from adactl.bench.spec_replay import load_replay
+
+        engines, prompts, ctx, meta, chosen, oracles = load_replay(args)
+    else:
+        target, draft, pair, prompts, ctx, meta = _load(args)
+        if args.slo:
+            return _slo(args, target, draft, pair, prompts, ctx, meta)
+        engines = Engines(target, draft, pair)
+        chosen = args.controllers or [
+            *stacks(args.ks, args.sv_k),
+            *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
+        ]
+        oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
     records: list[dict[str, Any]] = []
     total = (
         sum(b * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
@@ -366,10 +389,11 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
-                here = [run_one(name, target, draft, pair, group, temperature, ctx, args, bar) for name in order]
-                here.append(run_oracle(here, target, draft, group, temperature, ctx, args, bar))
-                if args.trees:
-                    here.append(run_tree_oracle(here, target, draft, group, temperature, ctx, args, bar))
+                here = [run_one(name, engines, group, temperature, ctx, args, bar) for name in order]
+                if "oracle" in oracles:
+                    here.append(run_oracle(here, engines, group, temperature, ctx, args, bar))
+                if "tree-oracle" in oracles:
+                    here.append(run_tree_oracle(here, engines, group, temperature, ctx, args, bar))
                 rounds.append(here)
             for name in [*chosen, *oracles]:
                 mine = [(x, here) for here in rounds for x in here if x["controller"] == name]  # in round order
@@ -385,9 +409,11 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
-    write_json(out / f"{stem}.json", records, {**meta, "args": _settings(args)})
     workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
+    if args.replay:
+        stem, what = stem + "_replay", f"{what} (replay: {meta['profile']})"
+    write_json(out / f"{stem}.json", records, {**meta, "args": _settings(args)})
     plot(records, out / f"{stem}.png", f"{what}, {workload}\n{meta['machine']['label']}")
     return records
 
@@ -460,6 +486,13 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     tree_width: int = setting(2, "--trees: alternatives per level of goodput-tree")
     profile_sv: str | None = setting(None, "the profile of runs with the companion (default: --profile, else "
                                      "this machine's)")  # fmt: skip
+    replay: bool = setting(False, "no model runs: the profile replay (adactl.bench.spec_replay), step costs from "
+                           "--profile (a computed GPU profile by name, e.g. h100-llama-3.1-8b); defaults: batch "
+                           "1-256, k 1-6, 128 new tokens")  # fmt: skip
+    replay_noise: float = setting(0.02, "--replay: log-sd of replayed step times")
+    replay_alpha: list[float] | None = setting(None, "--replay: conditional acceptance by draft position (default: "
+                                               "vLLM's EAGLE on a computed GPU profile, else the shipped moving "
+                                               "average)", parse=floats)  # fmt: skip
     out: str = setting("bench_results", "directory for JSON and PNG")
 
     def resolved(self) -> SpecSettings:
@@ -467,8 +500,15 @@ class SpecSettings(DeviceSettings, ProfileSettings):
         s = self
         if s.quick:  # an explicit --rounds stands (single rounds here differ by up to 10%)
             s = replace(s, batches=[1, 8, 32], temperatures=[0.0], ks=[2, 4], max_new_tokens=min(s.max_new_tokens, 24))
+        base = SpecSettings()
+        if s.replay and s.batches == base.batches:
+            s = replace(s, batches=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+        if s.replay and s.ks == base.ks:
+            s = replace(s, ks=[1, 2, 3, 4, 5, 6])
+        if s.replay and s.max_new_tokens == base.max_new_tokens:
+            s = replace(s, max_new_tokens=128)
         if s.rounds is None:
-            s = replace(s, rounds=1 if s.quick else 2)
+            s = replace(s, rounds=1 if s.quick or s.replay else 2)
         if s.slo:
             default = ["no-spec", "fixed-k2", "fixed-k4", "goodput", f"fixed-k{s.sv_k},sv"]
             s = replace(s, batches=[s.slo_requests], slo_controllers=s.slo_controllers or default)  # prompts needed
