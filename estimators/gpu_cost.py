@@ -386,8 +386,9 @@ def calibration_table(points: Sequence[Point] = tuple(PUBLISHED), engine: Engine
     rows = []
     for p in points:
         predicted = p.predicted_ms(engine)
-        row = {"gpu": p.gpu, "model": p.model, "batch": p.batch, "K": p.k, "engine": engine.name, "published_ms": p.ms,
-               "predicted_ms": round(predicted, 2), "error": round(predicted / p.ms - 1, 4), "source": p.source}  # fmt: skip
+        row = {"gpu": p.gpu, "model": p.model, "batch": p.batch, "K": p.k, "engine": engine.name,
+               "published_ms": p.ms, "predicted_ms": round(predicted, 2), "error": round(predicted / p.ms - 1, 4),
+               "source": p.source}  # fmt: skip
         if profiles and p.whole_step:
             if (p.gpu, p.model) not in models:
                 cost = GpuStepCost(GPUS[p.gpu], MODELS[p.model], engine)
