@@ -58,10 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from adactl.estimators.step_cost import ProfileError
     from adactl.export import ExportError
     from adactl.runtime.device import DeviceError
+    from adactl.runtime.traces import TraceError
 
     try:
         args.run(args)
-    except (DeviceError, ProfileError, ExportError) as e:  # the user's to fix: say what, not a traceback
+    except (DeviceError, ProfileError, ExportError, TraceError) as e:  # the user's to fix: say what, not a traceback
         print(f"adactl {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

@@ -259,6 +259,14 @@ class GpuStepCost:
         """Milliseconds of the target's verify forward alone over `rows` rows of k + 1 tokens."""
         return 1000 * self.parts(StepShape(rows, rows * (k + 1), k + 1, 0, 0, 0, rows * context))[2]
 
+    def kv_tokens(self, utilization: float = 0.9) -> int:
+        """Tokens of KV the `tp` GPUs hold after the weights (vLLM's sizing; 8B on one H100: 426,788)."""
+        from adactl.runtime.kv_pool import kv_tokens_for
+
+        weights = (self.model.linear_params + self.model.vocab * self.model.hidden) * self.bytes_per_param
+        per_token = self.model.kv_bytes_per_token(self.bytes_per_param)
+        return kv_tokens_for(self.gpu.memory_bytes * self.tp, weights, per_token, utilization)
+
     def fingerprint(self) -> Fingerprint:
         where = self.gpu.label if self.tp == 1 else f"{self.tp}x {self.gpu.label}"
         return Fingerprint(self.model.name, f"computed draft (f = {self.engine.draft_fraction:g})", "none", "cuda",

@@ -30,9 +30,21 @@ from typing import Any
 
 import torch
 
+from .kv_pool import KVPool
 from .shapes import StepShape
 from .stream import Playback, Stream
-from .types import SLO, DraftBatch, RequestError, RequestResult, RequestView, SamplingParams, StepOutcome, StepPlan
+from .traces import AcceptanceTraces, RequestTrace
+from .types import (
+    SLO,
+    DraftBatch,
+    DraftSummary,
+    RequestError,
+    RequestResult,
+    RequestView,
+    SamplingParams,
+    StepOutcome,
+    StepPlan,
+)
 
 TOKENS_PER_UNIT = {"token": 1.0, "word": 1.3, "sentence": 20.0}
 
@@ -50,13 +62,24 @@ class _Replayed:
     first_token_time: float | None = None
     draws: random.Random | None = None  # this request's acceptance uniforms, by output position
     uniforms: dict[int, list[float]] | None = None
+    trace: RequestTrace | None = None  # recorded acceptance and signals by output position
+    prefill_goal: int = 0  # tokens to prefill: the prompt, or the whole context after a preemption (0: the prompt)
+    preemptions: int = 0
+
+    @property
+    def to_prefill(self) -> int:
+        return self.prefill_goal or self.prompt_len
 
     def accepted(self, alpha: list[float], cut: int) -> int:
-        """Tokens of a `cut`-token draft at the current output position the target accepts."""
+        """Tokens of a `cut`-token draft at the current output position the target accepts:
+        its trace's, else the flat `alpha`'s, with this request's uniforms at this position."""
         assert self.draws is not None and self.uniforms is not None
         u = self.uniforms.get(self.generated)
         if u is None:
-            u = self.uniforms[self.generated] = [self.draws.random() for _ in alpha]
+            k = max(len(alpha), int(self.trace.ratio.shape[1]) if self.trace is not None else 0)
+            u = self.uniforms[self.generated] = [self.draws.random() for _ in range(k)]
+        if self.trace is not None:
+            return self.trace.accepted(self.generated, cut, u)
         a = 0
         while a < cut and u[a] < alpha[a]:
             a += 1
@@ -72,13 +95,26 @@ class ReplayEngine:
     `add_request`, `cancel`, `step` and `clock`."""
 
     def __init__(self, step_time: Any, alpha: Sequence[float] = (), max_batch_size: int = 64, noise: float = 0.0,
-                 seed: int = 0, max_context: int = 8192) -> None:  # fmt: skip
+                 seed: int = 0, max_context: int = 8192, traces: AcceptanceTraces | None = None,
+                 kv_tokens: int | None = None) -> None:  # fmt: skip
         """step_time: a step-time predictor (`predict_parts` or `predict` over `StepShape`s).
         alpha: conditional acceptance by draft position (empty: no draft model).
-        noise: standard deviation of the log step-time factor (0: exactly the prediction)."""
+        noise: standard deviation of the log step-time factor (0: exactly the prediction).
+        traces: per-request acceptance (adactl.runtime.traces): each request follows one (given
+        to `add_request`, else the next recorded at its temperature), and its drafts carry the
+        recorded signals; alpha then only serves requests without one.
+        kv_tokens: KV memory as a pool of 16-token blocks (adactl.runtime.kv_pool; None: no
+        limit but `max_batch_size`): a request holds the blocks its context needs (and its
+        step's draft), a prompt waits (head of the line, as vLLM v1) until its blocks are free,
+        and a running request that cannot grow preempts the last-admitted one by recompute
+        (its KV dropped, its whole context prefilled again); `kv_stats()` counts both."""
         self.step_time, self.alpha = step_time, [float(a) for a in alpha]
         self.max_batch_size, self.noise, self.max_context = max_batch_size, noise, max_context
-        self.draft = object() if self.alpha else None  # ControlLoop reads this to allow drafting
+        self.traces = traces if traces is not None and len(traces) else None
+        self.max_draft = self.traces.max_draft if self.traces is not None else len(self.alpha)
+        self.draft = object() if self.max_draft else None  # ControlLoop reads this to allow drafting
+        self._next_trace = {True: 0, False: 0}
+        self.kv = KVPool.of_tokens(kv_tokens) if kv_tokens is not None else None
         self.rng, self.seed = random.Random(seed), seed  # step-time noise; acceptance draws per request
         self.now = 0.0
         self._waiting: dict[str, _Replayed] = {}
@@ -98,8 +134,10 @@ class ReplayEngine:
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int] | int, sampling: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None, slo: SLO | None = None,
-                    stream: Stream | None = None) -> str:  # fmt: skip
-        """prompt: token ids or just a prompt length. Raises `RequestError` on bad input."""
+                    stream: Stream | None = None, trace: RequestTrace | None = None) -> str:  # fmt: skip
+        """prompt: token ids or just a prompt length; trace: the acceptance it follows (default:
+        the engine's next recorded trace of its kind, greedy or sampled). Raises `RequestError`
+        on bad input."""
         sampling = sampling if sampling is not None else SamplingParams()
         sampling.validate()
         if slo is not None:
@@ -111,6 +149,9 @@ class ReplayEngine:
         n = prompt if isinstance(prompt, int) else len(prompt)
         if n < 1 or n >= self.max_context:
             raise RequestError(f"prompt length must be in [1, {self.max_context}), got {n}")
+        if self.kv is not None and self.kv.blocks_for(n + sampling.max_new_tokens) > self.kv.total_blocks:
+            raise RequestError(f"{n} prompt + {sampling.max_new_tokens} new tokens need more KV than the pool's "
+                               f"{self.kv.total_blocks * self.kv.block_size} tokens")  # fmt: skip
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -123,8 +164,19 @@ class ReplayEngine:
         arrival = self.now if arrival_time is None else arrival_time
         playback = Playback(stream, arrival) if stream is not None else None
         draws = random.Random(f"{self.seed}:{request_id}")  # a str seed hashes the same in every process
-        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback, draws=draws, uniforms={})
+        if trace is None and self.traces is not None:
+            trace = self._trace_for(sampling.temperature <= 0)
+        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback, draws=draws, uniforms={},
+                                              trace=trace)  # fmt: skip
         return request_id
+
+    def _trace_for(self, greedy: bool) -> RequestTrace:
+        """The next recorded trace of this kind (greedy or sampled; any, if none of the kind), in turn."""
+        assert self.traces is not None
+        kind = [t for t in self.traces.requests if t.greedy == greedy] or self.traces.requests
+        i = self._next_trace[greedy]
+        self._next_trace[greedy] += 1
+        return kind[i % len(kind)]
 
     def cancel(self, request_id: str) -> bool:
         if request_id in self._waiting:
@@ -139,13 +191,14 @@ class ReplayEngine:
     def requests(self) -> list[RequestView]:
         views = []
         for r in [*self._waiting.values(), *self._rows]:
-            status = "running" if r.first_token_time is not None else ("prefilling" if r.prefilled else "waiting")
+            waiting = r.request_id in self._waiting
+            status = "running" if not waiting else ("prefilling" if r.prefilled else "waiting")
             pb = r.playback
             views.append(
                 RequestView(
                     r.request_id,
                     status,
-                    r.prompt_len,
+                    r.to_prefill if waiting else r.prompt_len,  # preempted: the whole context again
                     r.prefilled,
                     r.generated,
                     r.context_len,
@@ -197,14 +250,19 @@ class ReplayEngine:
             req = self._waiting[rid]
             if budget <= 0 or len(joining) >= room:
                 break
-            take = min(budget, req.prompt_len - req.prefilled)
+            take = min(budget, req.to_prefill - req.prefilled)
+            if self.kv is not None and not self.kv.grow(rid, req.prefilled + take):
+                self.kv.waits += 1  # its blocks are not free: it and everything behind it wait
+                break
             req.prefilled += take
             budget -= take
             prefill_tokens += take
-            if req.prefilled == req.prompt_len:
+            if req.prefilled == req.to_prefill:
                 joining.append(req)
         run = [r for r in self._rows if plan.run is None or r.request_id in set(plan.run)]
         lens = [self._draft_len(plan.draft_len, r) for r in run]
+        if self.kv is not None:
+            run, lens = self._make_room(run, lens)
         run_sorted = sorted(zip(run, lens), key=lambda x: -x[1])  # the engine's row order
         run = [r for r, _ in run_sorted]
         lens = [k for _, k in run_sorted]
@@ -220,14 +278,64 @@ class ReplayEngine:
             probs=torch.zeros(b, k, 1),
             context_len=torch.tensor([r.context_len for r in run], dtype=torch.long),
             greedy=torch.tensor([r.sampling.temperature <= 0 for r in run], dtype=torch.bool),
+            summary=self._summary(run, lens, k) if self.traces is not None else None,
         )
         self._joining = joining
         self._pending = (plan, drafts, emitted, prefill_tokens, finished)
         return drafts
 
+    def _make_room(self, run: list[_Replayed], lens: list[int]) -> tuple[list[_Replayed], list[int]]:
+        """Blocks for every running row's context and this step's draft (in admission order);
+        where they are missing, the last-admitted running request is preempted by recompute
+        (vLLM's default) until they are not. Returns the rows that still run."""
+        assert self.kv is not None
+        want = {r.request_id: r.context_len + n + 1 for r, n in zip(run, lens)}
+        for req in list(self._rows):
+            if req not in self._rows or req.request_id not in want:
+                continue
+            while not self.kv.grow(req.request_id, want[req.request_id]):
+                victim = self._rows[-1]
+                self._preempt(victim)
+                if victim is req:
+                    break
+        keep = [i for i, r in enumerate(run) if r in self._rows]
+        return [run[i] for i in keep], [lens[i] for i in keep]
+
+    def _preempt(self, req: _Replayed) -> None:
+        """Drop `req`'s KV: it waits at the head of the line to prefill its whole context again."""
+        assert self.kv is not None
+        self.kv.release(req.request_id)
+        self.kv.recomputes += 1
+        self._rows.remove(req)
+        req.prefill_goal, req.prefilled, req.preemptions = req.context_len, 0, req.preemptions + 1
+        self._waiting = {req.request_id: req, **self._waiting}
+
+    def kv_stats(self) -> dict[str, int]:
+        """The KV pool's blocks and what it made wait or preempt (empty without a pool)."""
+        return self.kv.counts() if self.kv is not None else {}
+
+    @staticmethod
+    def _summary(run: list[_Replayed], lens: list[int], k: int) -> DraftSummary:
+        """The recorded signals of each row's draft at its output position (0 past its draft)."""
+        s = torch.zeros(5, len(run), k)  # SIGNALS: token_prob, entropy, margin, companion_token_prob, overlap
+        for i, (r, n) in enumerate(zip(run, lens)):
+            if n and r.trace is not None:
+                s[:, i, :n] = torch.from_numpy(r.trace.signals[r.trace.row(r.generated), :n].T.copy())
+        return DraftSummary(s[0], s[1], s[2], s[3], s[4])
+
+    def verdict(self) -> torch.Tensor:
+        """[B] draft tokens of each pending row the target would accept if all were verified
+        (the oracle's peek; off the clock)."""
+        if self._pending is None:
+            raise RuntimeError("no drafts pending: call draft_step() first")
+        drafts = self._pending[1]
+        rows = {r.request_id: r for r in self._rows}
+        return torch.tensor([rows[rid].accepted(self.alpha, int(n)) for rid, n in
+                             zip(drafts.request_ids, drafts.draft_len.tolist())], dtype=torch.long)  # fmt: skip
+
     def _draft_len(self, draft_len: int | Mapping[str, int], req: _Replayed) -> int:
         k = draft_len.get(req.request_id, 0) if isinstance(draft_len, Mapping) else int(draft_len)
-        k = min(k, len(self.alpha))
+        k = min(k, int(req.trace.ratio.shape[1]) if req.trace is not None else len(self.alpha))
         return max(0, min(k, req.sampling.max_new_tokens - req.generated - 1))
 
     def verify(self, verify_len: Sequence[int] | torch.Tensor | None = None) -> StepOutcome:
@@ -253,9 +361,10 @@ class ReplayEngine:
             a = rows[rid].accepted(self.alpha, int(cut[i]))
             accepted[i] = a
             emitted[rid] = self._emit(rows[rid], a + 1, finished)
-        for req in self._joining:  # prompts completed this step: their first token
+        for req in self._joining:  # prompts completed this step: their first token (a preempted one's next)
             del self._waiting[req.request_id]
-            req.first_token_time = self.now
+            if req.first_token_time is None:
+                req.first_token_time = self.now
             self._rows.append(req)
             emitted[req.request_id] = self._emit(req, 1, finished)
         self._rows = [r for r in self._rows if r.request_id not in finished]
@@ -267,19 +376,26 @@ class ReplayEngine:
         )  # fmt: skip
 
     def _emit(self, req: _Replayed, n: int, finished: dict[str, str]) -> list[int]:
+        eos = req.trace.length if req.trace is not None and req.sampling.stop_on_eos else None
         n = min(n, req.sampling.max_new_tokens - req.generated, self.max_context - req.context_len)
+        if eos is not None:
+            n = min(n, eos - req.generated)
         req.generated += n
-        done = req.generated >= req.sampling.max_new_tokens or req.context_len >= self.max_context
+        ended = eos is not None and req.generated >= eos  # where the recorded request ended by EOS
+        done = ended or req.generated >= req.sampling.max_new_tokens or req.context_len >= self.max_context
         if req.playback is not None:
             per = TOKENS_PER_UNIT[req.playback.stream.unit]
             units = req.generated / per
             req.playback.produce(math.ceil(units) if done else int(units), req.generated, self.now, done)
         if done:
-            finished[req.request_id] = "length" if req.generated >= req.sampling.max_new_tokens else "context"
+            reason = "eos" if ended else "length" if req.generated >= req.sampling.max_new_tokens else "context"
+            finished[req.request_id] = reason
             self._finish(req, finished[req.request_id])
         return [1] * n
 
     def _finish(self, req: _Replayed, reason: str) -> None:
+        if self.kv is not None:
+            self.kv.release(req.request_id)
         units = misses = None
         if req.playback is not None:
             units, misses = req.playback.settle()

@@ -145,8 +145,8 @@ def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
 def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):
     """On the computed H100 profile (no model runs), speculation pays at batch 1 and plain
     decoding wins at batch 256, and goodput follows: it drafts at 1 and not at 256."""
-    args = ["--replay", "--tiny", "--profile", "h100-llama-3.1-8b", "--batches", "1,256", "--temperatures", "0",
-            "--ks", "1,3", "--max-new-tokens", "48", "--out", str(tmp_path)]  # fmt: skip
+    args = ["--replay", "--tiny", "--profile", "h100-llama-3.1-8b", "--replay-traces", "none", "--batches", "1,256",
+            "--temperatures", "0", "--ks", "1,3", "--max-new-tokens", "48", "--out", str(tmp_path)]  # fmt: skip
     main(["bench", "spec", *args])
     data = json.loads((tmp_path / "spec_replay.json").read_text())
     got = {(r["batch_size"], r["controller"]): r for r in data["records"]}
@@ -160,11 +160,39 @@ def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):
     assert "replay of NVIDIA H100" in data["meta"]["machine"]["label"]
 
 
+def test_bench_spec_replay_on_traces_runs_sv_and_the_oracle(tmp_path, target, draft):
+    """With per-request traces (recorded here from a tiny pair), every chain stack replays:
+    SV reads the recorded signals, the oracle the replay's verdict (it beats the fixed k it drafts)."""
+    import torch
+
+    from adactl.runtime.models import LoadedModel, ModelPair
+    from adactl.traces import record_traces
+
+    pair = ModelPair(LoadedModel(target, None, "tiny"), draft, None, torch.device("cpu"), torch.float32,
+                     {"target": "tiny", "draft": "tiny-perturbed", "companion": "none"})  # fmt: skip
+    prompts = [[5 + i, 9, 17 + i, 3] * 3 for i in range(4)]
+    files = [str(record_traces(pair, prompts, t, k=4, max_new_tokens=16, batch=4, progress=False).save(
+        tmp_path / f"t{t}.npz")) for t in (0.0, 0.7)]  # fmt: skip
+    args = ["--replay", "--profile", "h100-llama-3.1-8b", "--replay-traces", ";".join(files), "--batches", "1,4",
+            "--ks", "1,2", "--sv-k", "4", "--max-new-tokens", "16", "--out", str(tmp_path)]  # fmt: skip
+    main(["bench", "spec", *args])
+    data = json.loads((tmp_path / "spec_replay.json").read_text())
+    names = {r["controller"] for r in data["records"]}
+    assert {"fixed-k4,sv", "goodput,sv", "heuristic,confidence-stop", "oracle"} <= names
+    runs = {(r["temperature"], r["batch_size"], r["controller"]): r for r in data["records"]}
+    for (t, b, name), r in runs.items():
+        assert 0 < r["tokens"] <= 16 * b and not r["fallbacks"]  # a recorded EOS ends a request early
+        if name == "oracle":
+            fixed = runs[t, b, f"fixed-k{r['oracle_k']}" if r["oracle_k"] else "no-spec"]
+            assert r["tokens"] == fixed["tokens"] and r["tokens_per_s"] >= 0.99 * fixed["tokens_per_s"]
+    assert "traces" in data["meta"]["replay"]["acceptance"]
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
-        (["--controllers", "fixed-k6,sv"], "cannot run fixed-k6,sv"),
-        (["--trees"], "need per-request acceptance traces"),
+        (["--replay-traces", "none", "--controllers", "fixed-k6,sv"], "cannot run fixed-k6,sv"),
+        (["--trees"], "not replayed yet"),
         ([], "needs --profile"),
         (["--replay-alpha", "0.5,1.5"], "probabilities in [0, 1]"),
     ],
@@ -173,6 +201,13 @@ def test_bench_spec_replay_refuses_what_it_cannot_replay(argv, says, tmp_path):
     profile = [] if argv == [] else ["--profile", "h100-llama-3.1-8b"]
     with pytest.raises(SystemExit, match=re.escape(says)):
         main(["bench", "spec", "--replay", "--tiny", *profile, *argv, "--out", str(tmp_path)])
+
+
+def test_bench_spec_replay_names_a_bad_trace_file(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"junk")
+    assert main(["bench", "spec", "--replay", "--profile", "h100-llama-3.1-8b", "--replay-traces", str(bad),
+                 "--out", str(tmp_path)]) == 2  # fmt: skip
 
 
 def test_bench_spec_slo_reports_attainment(tmp_path, capsys):

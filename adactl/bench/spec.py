@@ -490,9 +490,10 @@ class SpecSettings(DeviceSettings, ProfileSettings):
                            "--profile (a computed GPU profile by name, e.g. h100-llama-3.1-8b); defaults: batch "
                            "1-256, k 1-6, 128 new tokens")  # fmt: skip
     replay_noise: float = setting(0.02, "--replay: log-sd of replayed step times")
-    replay_alpha: list[float] | None = setting(None, "--replay: conditional acceptance by draft position (default: "
-                                               "vLLM's EAGLE on a computed GPU profile, else the shipped moving "
-                                               "average)", parse=floats)  # fmt: skip
+    replay_traces: str = setting("shipped", "--replay: per-request acceptance traces: shipped (the default pair's "
+                                 "recordings of --workload), none, or .npz files ';'-separated")  # fmt: skip
+    replay_alpha: list[float] | None = setting(None, "--replay: one conditional acceptance by draft position for "
+                                               "every request instead of traces", parse=floats)  # fmt: skip
     out: str = setting("bench_results", "directory for JSON and PNG")
 
     def resolved(self) -> SpecSettings:

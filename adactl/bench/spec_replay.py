@@ -6,24 +6,26 @@ The GPU regime on any machine (DESIGN.md section 9): every run of `bench spec` i
 computed from: adactl.estimators.gpu_cost; for a measured one, its fitted model), with a
 log-normal noise of `--replay-noise`, on a simulated clock. The controllers see the same
 profile file a real run would load, refined online from the replayed steps as in the real
-bench. Requests are the real bench's: held-out ShareGPT prompts (their token lengths), 32
-new tokens each (`--max-new-tokens`; 128 unless given: a replayed token costs microseconds,
-and a longer run averages more acceptance draws), batch 1 to 256, k 1 to 6.
+bench. Batch 1 to 256, k 1 to 6, 128 new tokens unless given (a replayed token costs
+microseconds, and a longer run averages more acceptance).
 
-Acceptance is one conditional probability per draft position for every row
-(`--replay-alpha`; by default vLLM's published EAGLE acceptance with a computed GPU profile,
-the shipped moving average with a measured one), so the replay serves the stacks whose
-controllers read only what it produces (no-spec, fixed k, heuristic, bucket-ema, goodput).
-Speculative Verification, the confidence stop, token trees and the oracles read per-request
-draft and companion signals or the target's verdict, which the replay has only once it
-draws requests from recorded acceptance traces (issue 32, item 3); they are refused with a
-clear error until then. Both temperatures replay the same acceptance.
+Acceptance, by default, is the default pair's per-request traces (adactl.runtime.traces,
+`--replay-traces shipped`: the shipped recordings of `--workload`, greedy and at 0.7, each
+replayed request following one recorded request, its prompt length, its acceptance at every
+output position and the draft and companion signals there), so every chain controller runs,
+Speculative Verification and the oracle included: greedy replay is exact for any draft length
+and verified prefix. Token trees and `--slo` are refused (the traces hold chains). With
+`--replay-alpha` (or `--replay-traces none`), one conditional probability per draft position
+for every request instead (none: vLLM's published EAGLE acceptance with a computed GPU
+profile, the shipped moving average with a measured one), and only the stacks that read no
+per-request signal run (no-spec, fixed k, heuristic, bucket-ema, goodput).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from adactl.estimators import load_acceptance
@@ -32,13 +34,15 @@ from adactl.estimators.gpu_cost import VLLM_ACCEPTANCE, EngineCosts, GpuStepCost
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
+from adactl.runtime.traces import AcceptanceTraces, shipped_traces_path
 
-REPLAYABLE = re.compile(r"no-spec|fixed-k\d+|heuristic|bucket-ema|goodput")
+FLAT = re.compile(r"no-spec|fixed-k\d+|heuristic|bucket-ema|goodput")
 
 
-def replayable(stack: str) -> bool:
-    """Whether every controller of `stack` reads only what the replay produces."""
-    return all(REPLAYABLE.fullmatch(part) for part in stack.split(","))
+def replayable(stack: str, traces: bool) -> bool:
+    """Whether every controller of `stack` reads only what the replay produces: with traces,
+    any chain stack; with a flat alpha, those that read no per-request signal."""
+    return "tree" not in stack if traces else all(FLAT.fullmatch(part) for part in stack.split(","))
 
 
 def conditional(acceptance: tuple[float, ...], positions: int = 8) -> list[float]:
@@ -63,15 +67,17 @@ def truth(profile: StepCostProfile) -> Any:
 @dataclass
 class ReplayEngines:
     """A fresh replay engine for each run (the same one with or without a companion: the
-    replay's profile is the draft's)."""
+    replay's profile is the draft's; the traces carry the companion's signal)."""
 
     step_time: Any
     alpha: list[float]
     noise: float
     seed: int
+    traces: AcceptanceTraces | None = None
 
     def __call__(self, companion: bool, batch: int) -> ReplayEngine:
-        return ReplayEngine(self.step_time, self.alpha, max_batch_size=batch, noise=self.noise, seed=self.seed)
+        return ReplayEngine(self.step_time, self.alpha, max_batch_size=batch, noise=self.noise, seed=self.seed,
+                            traces=self.traces)  # fmt: skip
 
 
 class ReplayCosts:
@@ -85,9 +91,13 @@ class ReplayCosts:
         return self.model
 
 
-def _prompt_lengths(args: Any) -> list[list[int]]:
-    """The real bench's prompts (token ids: only their lengths matter here)."""
+def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int]]:
+    """The prompts (token ids: only their lengths matter here): the traces' recorded requests
+    in turn (request i follows trace i of its kind), else the real bench's prompts."""
     n = max(args.batches)
+    if traces is not None:
+        greedy = [t for t in traces.requests if t.greedy] or traces.requests
+        return [[1] * greedy[i % len(greedy)].prompt_len for i in range(n)]
     if args.tiny:
         return [[1] * (8 + 7 * i % 40) for i in range(n)]
     from adactl.runtime.models import load_model
@@ -99,42 +109,61 @@ def _prompt_lengths(args: Any) -> list[list[int]]:
     return chat_prompts(tokenizer, n, args.max_prompt_tokens, read_sharegpt(), held_out=True)
 
 
+def load_traces(args: Any) -> AcceptanceTraces | None:
+    """`--replay-traces`: shipped (the workload's greedy and 0.7 recordings), none, or files ';'-separated."""
+    if args.replay_alpha is not None or args.replay_traces in (None, "none"):
+        return None
+    if args.replay_traces == "shipped":
+        paths = [shipped_traces_path(args.workload, t) for t in (0.0, 0.7)]
+    else:
+        paths = [Path(p) for p in args.replay_traces.split(";") if p]
+    return AcceptanceTraces.mix([AcceptanceTraces.load(p) for p in paths])
+
+
 def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[str, Any], list[str], list[str]]:
     """engines, prompts, the controllers' context, meta, the stacks and oracles to run."""
-    from adactl.bench.spec import RunContext
+    from adactl.bench.spec import RunContext, stacks
     from adactl.profiler import named_profile
 
     if args.slo or args.trees:
-        raise SystemExit("adactl bench spec --replay: --slo and --trees need per-request acceptance traces, which "
-                         "the replay does not have yet (issue 32, item 3)")  # fmt: skip
+        raise SystemExit("adactl bench spec --replay: --slo and --trees are not replayed yet (the traces hold "
+                         "chains, and the replay no SLO classes)")  # fmt: skip
     if args.profile is None:
         raise SystemExit("adactl bench spec --replay needs --profile: a computed GPU profile by name "
                          "(h100-llama-3.1-8b, a100-llama-3.1-8b, h200-llama-3.1-8b, h100x4-llama-3.1-70b) or a file "
                          "from adactl profile --out")  # fmt: skip
-    chosen = args.controllers or ["no-spec", *(f"fixed-k{k}" for k in args.ks), "heuristic", "bucket-ema", "goodput"]
-    refused = [s for s in chosen if not replayable(s)]
+    if args.replay_alpha is not None and (not args.replay_alpha or any(not 0 <= a <= 1 for a in args.replay_alpha)):
+        raise SystemExit(f"adactl bench spec --replay-alpha: probabilities in [0, 1], got {args.replay_alpha}")
+    traces = load_traces(args)
+    flat = ["no-spec", *(f"fixed-k{k}" for k in args.ks), "heuristic", "bucket-ema", "goodput"]
+    chosen = args.controllers or (stacks(args.ks, args.sv_k) if traces is not None else flat)
+    refused = [s for s in chosen if not replayable(s, traces is not None)]
     if refused:
-        raise SystemExit(f"adactl bench spec --replay cannot run {', '.join(refused)}: they read per-request draft "
-                         "or companion signals the replay does not produce yet (issue 32, item 3); it runs stacks of "
-                         "no-spec, fixed-k{K}, heuristic, bucket-ema and goodput")  # fmt: skip
+        why = ("the traces hold chains, not trees" if traces is not None else "they read per-request draft or "
+               "companion signals a flat --replay-alpha does not produce (replay traces instead)")  # fmt: skip
+        raise SystemExit(f"adactl bench spec --replay cannot run {', '.join(refused)}: {why}")
     profile = StepCostProfile.load(named_profile(args.profile))
-    shipped = load_acceptance(SHIPPED_MODELS / "estimators" / "moving_average.json")
     if args.replay_alpha is not None:
         alpha = list(args.replay_alpha)
-        if not alpha or any(not 0 <= a <= 1 for a in alpha):
-            raise SystemExit(f"adactl bench spec --replay-alpha: probabilities in [0, 1], got {alpha}")
+    elif traces is not None:
+        alpha = traces.mean_acceptance()
     elif profile.meta.get("computed"):
         alpha = conditional(VLLM_ACCEPTANCE)
     else:
-        alpha = [float(a) for a in shipped.mean[:8]]
-    engines = ReplayEngines(truth(profile), alpha, args.replay_noise, args.seed)
+        alpha = [float(a) for a in load_acceptance(SHIPPED_MODELS / "estimators" / "moving_average.json").mean[:8]]
+    engines = ReplayEngines(truth(profile), alpha, args.replay_noise, args.seed, traces)
 
     def acceptance(name: str) -> Any:
         return load_acceptance(SHIPPED_MODELS / "estimators" / f"{name}.json")
 
     ctx = RunContext(acceptance, ReplayCosts(profile, args.refine), args.tree_width)
     where = profile.fingerprint.machine_label
+    acceptance_from = f"alpha {alpha}"
+    if traces is not None:
+        draft = traces.meta.get("models", {}).get("draft")
+        acceptance_from = f"traces: {traces.meta.get('workload')} ({len(traces)} requests, {draft})"
     meta = {"target": profile.fingerprint.target, "workload": args.workload, "profile": str(args.profile),
-            "replay": {"alpha": alpha, "noise": args.replay_noise, "truth": type(engines.step_time).__name__},
+            "replay": {"acceptance": acceptance_from, "noise": args.replay_noise,
+                       "truth": type(engines.step_time).__name__},
             "machine": {"label": f"replay of {where}", "replayed": where}, "refine": args.refine}  # fmt: skip
-    return engines, _prompt_lengths(args), ctx, meta, chosen, []
+    return engines, _prompt_lengths(args, traces), ctx, meta, chosen, ["oracle"] if traces is not None else []

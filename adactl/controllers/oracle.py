@@ -7,6 +7,8 @@ subtract) and gives the exact conditional acceptance:
     alpha_ij = 1[argmax p_ij = d_ij]            greedy rows (argmax agreement)
     alpha_ij = min(1, p_ij(d_ij) / q_ij(d_ij))  sampled rows (the rejection rule's probability)
 
+On the replay (`ReplayEngine.verdict`) the outcome is known outright: alpha 1 up to the
+tokens each row's whole draft would keep, 0 from the first it would reject.
 `oracle(engine, step_time)` is Speculative Verification with it: for greedy rows it verifies
 exactly the tokens the target accepts (when that pays), for sampled rows the best length in
 expectation. Every controller is compared with it as the upper bound. On a token tree, node j's alpha
@@ -37,11 +39,16 @@ class PerfectAcceptance:
         self.seconds = 0.0  # spent peeking: not a cost a real controller could have
 
     def estimate(self, state: VerifyState) -> AcceptanceEstimate:
+        d = state.drafts
+        verdict = getattr(self.engine, "verdict", None)
+        if verdict is not None:  # the replay knows its outcome: [B] tokens each whole draft would keep
+            kept = verdict()
+            alpha = (torch.arange(d.tokens.shape[1])[None, :] < kept[:, None]).float() * drafted_mask(d)
+            return AcceptanceEstimate(alpha, d.parents)
         # off the clock: the peek's kernels are timed between two syncs, so on a GPU its cost
         # is not left to be counted in the verify forward that follows
         self.engine.synchronize()
         t0 = time.perf_counter()
-        d = state.drafts
         p = self.engine.peek_target()  # [B, K + 1, V] on the engine's device
         if d.parents is None:
             p = p[:, :-1]  # position j: where draft token j goes

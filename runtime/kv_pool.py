@@ -1,0 +1,87 @@
+"""KV memory as a pool of fixed-size blocks (vLLM's paged layout): the resource that caps a
+GPU's batch, which every scheduler in a comparison shares (DESIGN.md section 10).
+
+A request holds ceil(tokens / block_size) blocks for the KV of its context (and of the draft
+tokens a step verifies); `grow` takes what more it needs if the pool has it, `release` gives
+everything back. What happens when a block is missing is the scheduler's choice; the pool
+only counts it: `waits` (a request left waiting because its blocks were not free) and
+`recomputes` (preempted, its KV dropped, to be prefilled again). Offload to host memory and
+restore are not here yet (issue 33 makes them plan actions).
+
+`kv_tokens_for` sizes a GPU's pool as vLLM does: the memory left after the weights, at a
+utilization (0.9 by default), divided by the KV bytes per token.
+Not here: which request to preempt or offload (schedulers), the cost of a recompute (the
+prefill it becomes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+BLOCK_SIZE = 16
+
+
+@dataclass
+class KVPool:
+    """Blocks of `block_size` tokens; per request, the blocks it holds."""
+
+    total_blocks: int
+    block_size: int = BLOCK_SIZE
+    held: dict[str, int] = field(default_factory=dict)
+    waits: int = 0
+    recomputes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total_blocks < 1 or self.block_size < 1:
+            raise ValueError(f"a KV pool needs at least one block of at least one token, got {self.total_blocks} "
+                             f"blocks of {self.block_size}")  # fmt: skip
+
+    @classmethod
+    def of_tokens(cls, tokens: int, block_size: int = BLOCK_SIZE) -> KVPool:
+        """A pool holding `tokens` tokens (rounded down to whole blocks)."""
+        return cls(tokens // block_size, block_size)
+
+    @property
+    def used(self) -> int:
+        return sum(self.held.values())
+
+    @property
+    def free(self) -> int:
+        return self.total_blocks - self.used
+
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(max(tokens, 0) / self.block_size)
+
+    def fits(self, request_id: str, tokens: int) -> bool:
+        """Whether `request_id` can hold `tokens` tokens with the blocks free now."""
+        return self.blocks_for(tokens) - self.held.get(request_id, 0) <= self.free
+
+    def grow(self, request_id: str, tokens: int) -> bool:
+        """Hold blocks for `tokens` tokens (never fewer than held); False, and nothing taken, if
+        they are not free."""
+        need = self.blocks_for(tokens) - self.held.get(request_id, 0)
+        if need <= 0:
+            return True
+        if need > self.free:
+            return False
+        self.held[request_id] = self.held.get(request_id, 0) + need
+        return True
+
+    def release(self, request_id: str) -> int:
+        """Give back every block `request_id` holds; how many."""
+        return self.held.pop(request_id, 0)
+
+    def counts(self) -> dict[str, int]:
+        return {"kv_blocks": self.total_blocks, "kv_used": self.used, "kv_waits": self.waits,
+                "kv_recomputes": self.recomputes}  # fmt: skip
+
+
+def kv_tokens_for(memory_bytes: float, weight_bytes: float, kv_bytes_per_token: float, utilization: float = 0.9) -> int:
+    """Tokens of KV a GPU holds: (memory x utilization - weights) / bytes per token (vLLM's
+    sizing; activations and graphs come out of the 10% left). Raises if the weights do not fit."""
+    room = memory_bytes * utilization - weight_bytes
+    if not 0 < utilization <= 1 or room <= 0 or kv_bytes_per_token <= 0:
+        raise ValueError(f"no room for KV: {memory_bytes / 1e9:.1f} GB x {utilization} holds "
+                         f"{weight_bytes / 1e9:.1f} GB of weights with nothing left")  # fmt: skip
+    return int(room // kv_bytes_per_token)

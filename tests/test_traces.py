@@ -1,0 +1,164 @@
+"""Per-request acceptance traces (adactl.runtime.traces, adactl.traces): recorded from the real
+engine on tiny models, replayed exactly for greedy rows, their files checked."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from adactl.controllers import oracle
+from adactl.estimators.step_time import tiny_step_time
+from adactl.interface import VerifyState
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+from adactl.runtime.models import LoadedModel, ModelPair
+from adactl.runtime.replay import ReplayEngine
+from adactl.runtime.traces import SIGNALS, AcceptanceTraces, RequestTrace, TraceError
+from adactl.traces import record_traces
+
+TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def pair(target, draft) -> ModelPair:
+    specs = {"target": "tiny", "draft": "tiny-perturbed", "companion": "none"}
+    return ModelPair(LoadedModel(target, None, "tiny"), draft, None, torch.device("cpu"), torch.float32, specs)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 128, (int(n),), generator=g).tolist() for n in torch.randint(4, 24, (6,))]
+
+
+@pytest.fixture(scope="module")
+def greedy(pair, prompts) -> AcceptanceTraces:
+    return record_traces(pair, prompts, 0.0, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def sampled(pair, prompts) -> AcceptanceTraces:
+    return record_traces(pair, prompts, 0.7, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny", progress=False)
+
+
+def _accepted_by_step(engine, prompts, k, temperature=0.0, traces=None):
+    ids = [engine.add_request(p, SamplingParams(TOKENS, temperature=temperature), **({"trace": t} if traces else {}))
+           for p, t in zip(prompts, traces or prompts)]  # fmt: skip
+    seen: dict[str, list[int]] = {r: [] for r in ids}
+    while engine.has_unfinished():
+        out = engine.step(StepPlan(draft_len=k, prefill_budget=1000))
+        for i, r in enumerate(out.request_ids):
+            seen[r].append(int(out.accepted[i]))
+    return [seen[r] for r in ids]
+
+
+def test_recorded_traces_hold_every_position(greedy, sampled, prompts):
+    for traces in (greedy, sampled):
+        assert len(traces) == len(prompts) and traces.max_draft == 4
+        for t, p in zip(traces.requests, prompts):
+            assert t.prompt_len == len(p) and t.signals.shape == (t.positions, 4, len(SIGNALS))
+            assert t.positions == TOKENS - 1 or t.eos  # one row per decode step
+            assert np.isfinite(t.signals).all() and (t.signals[..., 0] > 0).all()  # the draft's own token prob
+    ratios = np.concatenate([t.ratio for t in greedy.requests])
+    assert set(np.unique(ratios)) <= {0.0, 1.0} and 0 < ratios.mean() < 1  # agreement: both outcomes occur
+    soft = np.concatenate([t.ratio for t in sampled.requests])
+    assert ((soft > 0) & (soft < 1)).any() and (soft >= 0).all() and (soft <= 1).all()
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_greedy_replay_is_exact_for_any_draft_length(pair, prompts, greedy, k):
+    """Greedy output does not depend on how it was drafted: replaying the traces at draft length
+    k accepts exactly what the engine accepts, step by step, request by request."""
+    engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=len(prompts)))
+    real = _accepted_by_step(engine, prompts, k)
+    replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=greedy)
+    assert _accepted_by_step(replay, prompts, k, traces=greedy.requests) == real
+    assert sum(map(sum, real)) > 0
+
+
+def test_replayed_drafts_carry_the_recorded_signals_and_the_oracle_reads_the_verdict(greedy, prompts):
+    engine = ReplayEngine(tiny_step_time(), max_batch_size=6, traces=greedy)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(TOKENS))  # each takes the next greedy trace
+    engine.step(StepPlan(draft_len=0, prefill_budget=1000))  # prefill: first tokens
+    drafts = engine.draft_step(StepPlan(draft_len=3))
+    s = drafts.summarized()
+    for i in range(len(prompts)):  # rows keep the order requests were added (all draft 3)
+        recorded = greedy.requests[int(drafts.request_ids[i].split("-")[1])].signals[0, :3]
+        assert torch.allclose(s.token_prob[i], torch.from_numpy(recorded[:, 0]))
+        assert torch.allclose(s.entropy[i], torch.from_numpy(recorded[:, 1]))
+    verdict = engine.verdict()
+    alpha = oracle(engine, tiny_step_time()).estimator.estimate(VerifyState(0.0, drafts)).alpha
+    assert torch.equal(alpha.sum(1).long(), verdict)
+    out = engine.verify()
+    assert torch.equal(out.accepted, verdict)  # the peek is what verifying everything keeps
+
+
+def test_sampled_replay_accepts_about_as_the_engine_does(pair, prompts, sampled):
+    engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=len(prompts)))
+    real = _accepted_by_step(engine, prompts, 2, temperature=0.7)
+    replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=sampled)
+    replayed = _accepted_by_step(replay, prompts, 2, temperature=0.7, traces=sampled.requests)
+    mean = [float(np.mean([a for r in runs for a in r])) for runs in (real, replayed)]
+    assert abs(mean[0] - mean[1]) < 0.35, mean  # same distribution, other draws
+
+
+def test_file_round_trip_and_mix(tmp_path, greedy, sampled):
+    path = greedy.save(tmp_path / "g.npz")
+    loaded = AcceptanceTraces.load(path, draft="tiny-perturbed")
+    assert len(loaded) == len(greedy) and loaded.meta["workload"] == "tiny"
+    for a, b in zip(loaded.requests, greedy.requests):
+        assert a.prompt_len == b.prompt_len and a.greedy and a.eos == b.eos
+        assert np.allclose(a.ratio, b.ratio) and np.allclose(a.signals, b.signals, rtol=1e-2, atol=1e-3)
+    mixed = AcceptanceTraces.mix([loaded, sampled])
+    assert len(mixed) == 2 * len(greedy) and [t.greedy for t in mixed.requests[:2]] == [True, False]
+    alpha = greedy.mean_acceptance()
+    assert len(alpha) == 4 and all(0 <= a <= 1 for a in alpha)
+
+
+def _rewrite(path, **changes):
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta.update(changes.pop("meta", {}))
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+def test_bad_trace_files_are_one_clear_error(tmp_path, greedy):
+    with pytest.raises(TraceError, match="do not exist"):
+        AcceptanceTraces.load(tmp_path / "missing.npz")
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(TraceError, match="corrupt or not an adactl trace file"):
+        AcceptanceTraces.load(junk)
+    path = greedy.save(tmp_path / "t.npz")
+    with pytest.raises(TraceError, match="recorded with draft 'tiny-perturbed', not 'draft@0123'"):
+        AcceptanceTraces.load(path, draft="draft@0123")
+    _rewrite(path, meta={"format": "something-else"})
+    with pytest.raises(TraceError, match="not an adactl trace file"):
+        AcceptanceTraces.load(path)
+    path = greedy.save(tmp_path / "t.npz")
+    with np.load(path) as data:
+        ratio = data["ratio"].copy()
+    ratio[0, 0] = 1.5
+    _rewrite(path, ratio=ratio)
+    with pytest.raises(TraceError, match=r"outside \[0, 1\]"):
+        AcceptanceTraces.load(path)
+    path = greedy.save(tmp_path / "t.npz")
+    _rewrite(path, positions=np.array([1, 2], dtype=np.int32))
+    with pytest.raises(TraceError, match="shapes do not match"):
+        AcceptanceTraces.load(path)
+
+
+def test_replay_ends_requests_where_their_trace_ended_by_eos():
+    trace = RequestTrace(5, True, np.ones((3, 2), np.float32), np.full((3, 2, len(SIGNALS)), 0.5, np.float32), eos=True)
+    engine = ReplayEngine(tiny_step_time(), traces=AcceptanceTraces([trace]))
+    rid = engine.add_request(5, SamplingParams(50))
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2, prefill_budget=100))
+    (result,) = engine.pop_finished()
+    assert result.request_id == rid and result.finish_reason == "eos" and len(result.output_ids) == 4
