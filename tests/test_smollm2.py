@@ -131,3 +131,22 @@ def test_the_draft_runs_next_to_its_own_companion_only(smollm2):
         load_draft("companion", smollm2)
     assert load_draft("draft3", smollm2).digest == pair.draft.digest
     assert load_draft("draft-v1", smollm2).digest != pair.draft.digest
+
+
+def test_bench_spec_validate_replays_the_same_requests(tmp_path):
+    """`bench spec --validate`: the replay on the shipped traces of this very draft serves the
+    same greedy requests with exactly the engine's accepted lengths (greedy replay is exact)."""
+    import json
+
+    from adactl.cli import main
+
+    args = ["--validate", "--profile", "shipped", "--batches", "2", "--temperatures", "0", "--controllers",
+            "no-spec;fixed-k2", "--max-new-tokens", "6", "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+    assert main(["bench", "spec", *args]) == 0
+    data = json.loads((tmp_path / "spec_validate.json").read_text())
+    got = {(r["backend"], r["controller"]): r for r in data["records"]}
+    assert set(got) == {(b, c) for b in ("engine", "replay") for c in ("no-spec", "fixed-k2", "oracle")}
+    for c in ("no-spec", "fixed-k2"):
+        assert got["replay", c]["mean_accepted_len"] == pytest.approx(got["engine", c]["mean_accepted_len"])
+        assert got["replay", c]["tokens"] == got["engine", c]["tokens"]
+    assert data["meta"]["validation"]["runs"] == 3

@@ -94,13 +94,14 @@ def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature:
     """All prompts at once to completion; the run's counts and its wall time on the clock."""
     for i, p in enumerate(prompts):
         engine.add_request(p, SamplingParams(args.max_new_tokens, temperature=temperature, seed=args.seed + i))
-    steps = row_steps = decode_tokens = 0
+    steps = row_steps = decode_tokens = drafted = 0
     peek = getattr(loop.verify_controller, "estimator", None)
 
     def on_step(record: Any) -> None:
-        nonlocal steps, row_steps, decode_tokens
+        nonlocal steps, row_steps, decode_tokens, drafted
         steps += 1
         row_steps += len(record.outcome.request_ids)
+        drafted += int(record.outcome.drafted.sum())
         decode_tokens += sum(len(record.outcome.emitted[r]) for r in record.outcome.request_ids)
         bar.update(record.outcome.tokens_emitted)
 
@@ -114,6 +115,7 @@ def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature:
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "mean_accepted_len": decode_tokens / max(row_steps, 1),
+        "mean_draft_len": drafted / max(row_steps, 1),
         "step_ms": 1000 * wall / max(steps, 1),
         "steps": steps,
         "fallbacks": dict(loop.fallbacks),
@@ -358,31 +360,17 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
     return run(settings.from_args(SpecSettings, namespace))
 
 
-def run(args: SpecSettings) -> list[dict[str, Any]]:
-    args = args.resolved()
-    torch.manual_seed(args.seed)
-    engines: Callable[[bool, int], Any]
-    if args.replay:
-        from adactl.bench.spec_replay import load_replay
-
-        engines, prompts, ctx, meta, chosen, oracles = load_replay(args)
-    else:
-        target, draft, pair, prompts, ctx, meta = _load(args)
-        if args.slo:
-            return _slo(args, target, draft, pair, prompts, ctx, meta)
-        engines = Engines(target, draft, pair)
-        chosen = args.controllers or [
-            *stacks(args.ks, args.sv_k),
-            *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
-        ]
-        oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
+def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: RunContext, chosen: list[str],
+          oracles: list[str], args: SpecSettings, label: str = "bench spec") -> list[dict[str, Any]]:  # fmt: skip
+    """Every stack and oracle at every temperature and batch size, `args.rounds` rounds each:
+    one record per configuration (its fastest round, with every round's tokens/s)."""
     records: list[dict[str, Any]] = []
     total = (
         sum(b * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
         * len(args.temperatures)
         * (args.rounds or 1)
     )
-    bar = tqdm(total=total, desc="bench spec", unit="tok")
+    bar = tqdm(total=total, desc=label, unit="tok")
     for temperature in args.temperatures:
         for batch in args.batches:
             group = prompts[:batch]
@@ -403,6 +391,34 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
                             round_ratios=[round_ratio(x, here) for x, here in mine])  # fmt: skip
                 records.append(best)
     bar.close()
+    return records
+
+
+def run(args: SpecSettings) -> list[dict[str, Any]]:
+    args = args.resolved()
+    torch.manual_seed(args.seed)
+    engines: Callable[[bool, int], Any]
+    if args.replay:
+        from adactl.bench.spec_replay import load_replay
+
+        engines, prompts, ctx, meta, chosen, oracles = load_replay(args)
+    else:
+        target, draft, pair, prompts, ctx, meta = _load(args)
+        if args.slo:
+            return _slo(args, target, draft, pair, prompts, ctx, meta)
+        if args.validate and (args.trees or args.tiny):
+            raise SystemExit("adactl bench spec --validate: chains on the default pair only (its traces are shipped)")
+        engines = Engines(target, draft, pair)
+        chosen = args.controllers or [
+            *stacks(args.ks, args.sv_k),
+            *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
+        ]
+        oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
+    records = sweep(engines, prompts, ctx, chosen, oracles, args)
+    if args.validate:
+        from adactl.bench.spec_replay import validate
+
+        return validate(args, records, ctx, prompts, chosen, meta)
     add_ratios(records)
     print(format_table(records, TREE_COLUMNS if args.trees else COLUMNS))
     print(best_adaptive_summary(records))
@@ -490,6 +506,8 @@ class SpecSettings(DeviceSettings, ProfileSettings):
                            "--profile (a computed GPU profile by name, e.g. h100-llama-3.1-8b); defaults: batch "
                            "1-256, k 1-6, 128 new tokens")  # fmt: skip
     replay_noise: float = setting(0.02, "--replay: log-sd of replayed step times")
+    validate: bool = setting(False, "run the real engine and then the replay (this machine's profile, the shipped "
+                             "traces) on the same requests, and report the replay's error")  # fmt: skip
     replay_traces: str = setting("shipped", "--replay: per-request acceptance traces: shipped (the default pair's "
                                  "recordings of --workload), none, or .npz files ';'-separated")  # fmt: skip
     replay_alpha: list[float] | None = setting(None, "--replay: one conditional acceptance by draft position for "

@@ -74,21 +74,26 @@ class ReplayEngines:
     noise: float
     seed: int
     traces: AcceptanceTraces | None = None
+    companion_step_time: Any = None  # runs with the companion, where they cost more (None: step_time)
 
     def __call__(self, companion: bool, batch: int) -> ReplayEngine:
-        return ReplayEngine(self.step_time, self.alpha, max_batch_size=batch, noise=self.noise, seed=self.seed,
+        cost = self.companion_step_time if companion and self.companion_step_time is not None else self.step_time
+        return ReplayEngine(cost, self.alpha, max_batch_size=batch, noise=self.noise, seed=self.seed,
                             traces=self.traces)  # fmt: skip
 
 
 class ReplayCosts:
-    """The controllers' step-cost model: the profile file, refined online from every replayed
-    step of every run (one model, as one server's would be)."""
+    """The controllers' step-cost model: the profile file (with the companion: its own, if
+    given), refined online from every replayed step of every run (one model per engine kind,
+    as one server's would be)."""
 
-    def __init__(self, profile: StepCostProfile, refine: bool) -> None:
-        self.model = profile.model(refine=refine)
+    def __init__(self, profile: StepCostProfile, refine: bool, companion: StepCostProfile | None = None) -> None:
+        self.models = {False: profile.model(refine=refine), True: (companion or profile).model(refine=refine)}
+        if companion is None:
+            self.models[True] = self.models[False]
 
     def __call__(self, companion: bool) -> Any:
-        return self.model
+        return self.models[companion]
 
 
 def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int]]:
@@ -167,3 +172,57 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
                        "truth": type(engines.step_time).__name__},
             "machine": {"label": f"replay of {where}", "replayed": where}, "refine": args.refine}  # fmt: skip
     return engines, _prompt_lengths(args, traces), ctx, meta, chosen, ["oracle"] if traces is not None else []
+
+
+# ------------------------------------------------------------------ --validate
+def _machine_profile(pair: Any, file: str | None) -> StepCostProfile:
+    """The profile a real run on `pair` used: the file named, else this machine's cached one."""
+    from adactl.profiler import cached_path, fingerprint, named_profile, shipped_profile
+
+    if file == "shipped":
+        return StepCostProfile.load(shipped_profile(pair.specs))
+    if file:
+        return StepCostProfile.load(named_profile(file))
+    return StepCostProfile.load(cached_path(fingerprint(pair.model_ids, pair.device, pair.dtype)))
+
+
+def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list[int]], chosen: list[str],
+             meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """`bench spec --validate`: the same sweep on the replay (this machine's profiles, frozen,
+    as the truth; the shipped traces of this draft as the acceptance; the same requests), and
+    per configuration the replay's error in tokens/s and in mean draft length."""
+    from adactl.bench.common import format_table, write_json
+    from adactl.bench.spec import RunContext, _settings, add_ratios, sweep
+
+    alone, both = ctx.costs.pairs[False], ctx.costs.pairs[True]
+    draft = alone.model_ids["draft"]
+    traces = AcceptanceTraces.mix([AcceptanceTraces.load(shipped_traces_path(args.workload, t), draft=draft)
+                                   for t in (0.0, 0.7)])  # fmt: skip
+    profiles = {c: _machine_profile(p, ctx.costs.files[c]) for c, p in ((False, alone), (True, both))}
+    engines = ReplayEngines(truth(profiles[False]), traces.mean_acceptance(), args.replay_noise, args.seed, traces,
+                            companion_step_time=truth(profiles[True]))  # fmt: skip
+    here = RunContext(ctx.acceptance, ReplayCosts(profiles[False], args.refine, profiles[True]), args.tree_width)
+    replayed = sweep(engines, prompts, here, chosen, ["oracle"], args, label="bench spec (replay)")
+    for records, backend in ((real, "engine"), (replayed, "replay")):
+        add_ratios(records)
+        for r in records:
+            r["backend"] = backend
+    engine = {(r["temperature"], r["batch_size"], r["controller"]): r for r in real}
+    for r in replayed:
+        e = engine[r["temperature"], r["batch_size"], r["controller"]]
+        r["error_tokens_per_s"] = r["tokens_per_s"] / e["tokens_per_s"] - 1
+        r["error_draft_len"] = r["mean_draft_len"] / e["mean_draft_len"] - 1 if e["mean_draft_len"] > 0 else None
+    tps = sorted(abs(r["error_tokens_per_s"]) for r in replayed)
+    lens = [abs(r["error_draft_len"]) for r in replayed if r["error_draft_len"] is not None]
+    summary = {"runs": len(replayed), "median_abs_error_tokens_per_s": tps[len(tps) // 2],
+               "mean_abs_error_tokens_per_s": sum(tps) / len(tps),
+               "draft_len_within_10pct": sum(e <= 0.10 for e in lens) / max(len(lens), 1),
+               "median_abs_error_draft_len": sorted(lens)[len(lens) // 2] if lens else None}  # fmt: skip
+    print(format_table(replayed, ["temperature", "batch_size", "controller", "tokens_per_s", "error_tokens_per_s",
+                                  "mean_draft_len", "error_draft_len"]))  # fmt: skip
+    print("replay vs engine:", summary)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec_validate.json", [*real, *replayed], {**meta, "validation": summary,
+               "traces": traces.meta.get("models"), "args": _settings(args)})  # fmt: skip
+    return [*real, *replayed]
