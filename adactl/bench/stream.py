@@ -186,8 +186,11 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
 
     pair = load_pair(args.target, None, None, device, dtype)
     data = read_sharegpt()
-    reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
-                         held_out=True)  # fmt: skip
+    try:  # the replay learns nothing from them: every record, for sweeps of 1,000 requests and more
+        reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
+                             held_out=not args.replay)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"adactl bench stream: {e}; ask for fewer --requests or a longer --max-prompt-tokens") from None
     return pair, list(reqs), streams
 
 
