@@ -190,7 +190,8 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
         reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
                              held_out=not args.replay)  # fmt: skip
     except ValueError as e:
-        raise SystemExit(f"adactl bench stream: {e}; ask for fewer --requests or a longer --max-prompt-tokens") from None
+        fix = "ask for fewer --requests or a longer --max-prompt-tokens"
+        raise SystemExit(f"adactl bench stream: {e}; {fix}") from None
     return pair, list(reqs), streams
 
 
