@@ -238,6 +238,18 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
     assert "progressserve" in capsys.readouterr().out
 
 
+def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
+    """--kv-tokens: the replay's batch is bounded by a pool of blocks; prompts wait for them and
+    growth preempts by recompute, counted in each record; nothing is lost."""
+    args = ["--tiny", "--replay", "--loads", "200", "--requests", "12", "--controllers", "fcfs", "--kv-tokens", "96"]
+    main(["bench", "stream", *args, "--out", str(tmp_path)])
+    (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
+    assert r["requests"] == 12 and r["kv_blocks"] == 6 and r["kv_used"] == 0
+    assert r["kv_waits"] > 0 and r["admitted_inflight"] <= 6
+    with pytest.raises(SystemExit, match="needs --profile naming a computed GPU profile"):
+        main(["bench", "stream", *args[:-1], "gpu", "--out", str(tmp_path)])
+
+
 def test_bench_spec_trees_runs_tree_controllers_beside_chains(tmp_path, capsys):
     args = ["--tiny", "--trees", "--batches", "1,3", "--temperatures", "0,0.7", "--ks", "2", "--max-new-tokens", "6"]
     args += ["--rounds", "1", "--fixed-trees", "2,2,3", "--tree", "2,2,4"]

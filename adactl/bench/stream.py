@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
+from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
@@ -66,6 +67,10 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
     replay: bool = setting(False, "profile replay instead of the real engine")
     validate: bool = setting(False, "run engine and replay, report the replay's error")
     replay_noise: float = setting(0.1, "log-sd of replayed step times")
+    kv_tokens: int | None = setting(None, "--replay: KV memory as 16-token blocks, this many tokens (a prompt waits "
+                                    "for its blocks; growth preempts by recompute); 'gpu': what the computed GPU "
+                                    "profile's memory holds after its weights; default: no limit but --max-batch",
+                                    parse=lambda t: -1 if t == "gpu" else int(t))  # fmt: skip
     quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
 
     def resolved(self) -> StreamSettings:
@@ -123,6 +128,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "requests": len(loop.results),
         "fallbacks": dict(loop.fallbacks),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
+        **(engine.kv_stats() if replay else {}),
     }
 
 
@@ -195,6 +201,21 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     return pair, list(reqs), streams
 
 
+def _kv_tokens(args: StreamSettings) -> int | None:
+    """--kv-tokens: a number, or (-1) what the computed GPU profile named by --profile holds."""
+    if args.kv_tokens is None or args.kv_tokens > 0:
+        return args.kv_tokens
+    from adactl.bench.spec_replay import truth
+    from adactl.estimators.gpu_cost import GpuStepCost
+    from adactl.profiler import named_profile
+
+    cost = truth(StepCostProfile.load(named_profile(args.profile))) if args.profile else None
+    if not isinstance(cost, GpuStepCost):
+        raise SystemExit("adactl bench stream --kv-tokens gpu needs --profile naming a computed GPU profile "
+                         "(e.g. h100-llama-3.1-8b); or give a number of tokens")  # fmt: skip
+    return cost.kv_tokens()
+
+
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
     return run(settings.from_args(StreamSettings, namespace))
 
@@ -211,6 +232,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
+    kv_tokens = _kv_tokens(args)
     records: list[dict[str, Any]] = []
     total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
     bar = tqdm(total=total, desc="bench stream", unit="tok")
@@ -222,7 +244,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                     engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
                 else:
                     engine = ReplayEngine(replay_time, max_batch_size=args.max_batch, noise=args.replay_noise,
-                                          seed=args.seed)  # fmt: skip
+                                          seed=args.seed, kv_tokens=kv_tokens)  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
                 result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar)
                 records.append({"backend": backend, "load": load, "controller": name, **result})
