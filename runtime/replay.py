@@ -33,7 +33,7 @@ import torch
 from .kv_pool import KVPool
 from .shapes import StepShape
 from .stream import Playback, Stream
-from .traces import AcceptanceTraces, RequestTrace
+from .traces import AcceptanceTraces, RequestTrace, kept
 from .types import (
     SLO,
     DraftBatch,
@@ -80,10 +80,7 @@ class _Replayed:
             u = self.uniforms[self.generated] = [self.draws.random() for _ in range(k)]
         if self.trace is not None:
             return self.trace.accepted(self.generated, cut, u)
-        a = 0
-        while a < cut and u[a] < alpha[a]:
-            a += 1
-        return a
+        return kept(u, alpha, cut)
 
     @property
     def context_len(self) -> int:

@@ -70,11 +70,16 @@ class RequestTrace:
         """Tokens of a `cut`-token draft at `position` accepted, with common random numbers
         `uniforms` (one per draft position): token j is accepted if every token before it was
         and uniforms[j] < ratio[position, j]."""
-        r = self.ratio[self.row(position)]
-        a = 0
-        while a < cut and uniforms[a] < r[a]:
-            a += 1
-        return a
+        return kept(uniforms, self.ratio[self.row(position)], cut)
+
+
+def kept(uniforms: Sequence[float], ratio: Sequence[float], cut: int) -> int:
+    """Draft tokens accepted of `cut` verified: token j is if every token before it was and
+    uniforms[j] < ratio[j] (the conditional acceptance of position j)."""
+    a = 0
+    while a < cut and uniforms[a] < ratio[a]:
+        a += 1
+    return a
 
 
 @dataclass

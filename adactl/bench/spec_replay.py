@@ -88,9 +88,8 @@ class ReplayCosts:
     as one server's would be)."""
 
     def __init__(self, profile: StepCostProfile, refine: bool, companion: StepCostProfile | None = None) -> None:
-        self.models = {False: profile.model(refine=refine), True: (companion or profile).model(refine=refine)}
-        if companion is None:
-            self.models[True] = self.models[False]
+        alone = profile.model(refine=refine)
+        self.models = {False: alone, True: companion.model(refine=refine) if companion is not None else alone}
 
     def __call__(self, companion: bool) -> Any:
         return self.models[companion]
