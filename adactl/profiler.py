@@ -109,7 +109,8 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         outcome = engine.verify(cut)
         _sync(device)
         context = int(drafts.context_len.sum())
-        shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context))
+        shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context,
+                                           outcome.prefill_attention))  # fmt: skip
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
@@ -119,7 +120,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     over, last_round = False, 0.0
     for i, b in enumerate(batches):
         while len(engine_ids) < b:  # grow the batch: new rows prefill in chunks next to the running rows
-            n = rng.randint(16, 96)
+            n = rng.randint(16, 256)  # prompts as long as the benches' (their prefill attention)
             engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(n)], sampling))
         while any(v.status != "running" for v in engine.requests()):
             step(StepPlan(draft_len=0, prefill_budget=rng.choice([256, 512, 1024])))

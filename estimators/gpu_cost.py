@@ -12,7 +12,8 @@ a fused engine flattens its rows) over R rows holding C context tokens in all:
     draft_s   = k (draft_launch_s + f T_w sqrt(1 + (R_draft / N*)^2))   k sequential draft forwards
     prefill_s = what P prompt tokens fused into the same forward add: the linear layers'
                 growth from N to N + P tokens, token_s P, their attention FLOPs
-                4 L h P (P / 2) / F', their all-reduce bytes
+                4 L h A / F' (A: the query-key pairs, P (P + 1) / 2 for one prompt from
+                scratch, summed over prompts), their all-reduce bytes
 
     T_w = weight bytes / tp / BW'      reading the weights once (BW' = HBM bandwidth x efficiency)
     N*  = F' b / (2 BW')               the knee where a token's FLOPs (2 per weight) outrun its bytes
@@ -234,7 +235,7 @@ class GpuStepCost:
                       + self.attention_s(n, shape.context_tokens, rows) + self.allreduce_s(n))  # fmt: skip
         prefill = 0.0
         if p:
-            own = 4 * m.layers * m.heads * m.head_dim * p * (p / 2) / self.tp / self.flops
+            own = 4 * m.layers * m.heads * m.head_dim * shape.prefill_attention / self.tp / self.flops
             grown = self.linear_s(n + p) - (self.linear_s(n) if rows else 0.0)
             prefill = (0.0 if rows else e.launch_s) + grown + e.token_s * p + own
             prefill += self.allreduce_s(n + p) - self.allreduce_s(n)

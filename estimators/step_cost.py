@@ -7,7 +7,7 @@ row) (`adactl.estimators.cost_surface`):
     seconds[part] = theta[:, part] . phi(shape) * exp(profile(shape) + online(shape))
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
-           prefill tokens, prefill tokens^2]
+           prefill tokens, prefill attention (query-key pairs, summed over the step's prompts)]
 
 (The drafting indicator carries what a step pays once it drafts anything, whatever the
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
@@ -57,7 +57,11 @@ from adactl.interface import StepRecord
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
 BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
-         "draft_attention", "prefill_tokens", "prefill_squared")  # fmt: skip
+         "draft_attention", "prefill_tokens", "prefill_attention")  # fmt: skip
+# what profiles written before 2026-12-02 call the last term: the square of a step's prefill tokens, which is
+# its attention when the step prefills one prompt from scratch (the profiler's steps lack the field, and
+# `StepShape` gives them exactly that); the same coefficient, read for several prompts as their pairs' sum
+OLD_BASIS = (*BASIS[:-1], "prefill_squared")
 # features are divided by these typical sizes, so that P starts well conditioned
 _SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0])
 
@@ -70,7 +74,7 @@ def _phi(s: StepShape) -> tuple[float, ...]:
     """The unscaled cost basis of one shape, in the order of BASIS."""
     mean_context = s.context_tokens / max(s.rows, 1) / 1024  # thousands of tokens per row
     return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
-            s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_tokens ** 2 / 256)  # fmt: skip
+            s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128)  # fmt: skip
 
 
 def features(shapes: Sequence[StepShape]) -> np.ndarray:
@@ -220,7 +224,7 @@ class StepCostProfile:
 
     def shapes(self) -> tuple[list[StepShape], np.ndarray]:
         names = StepShape.names()
-        shapes = [StepShape(**{n: int(s[n]) for n in names}) for s in self.steps]
+        shapes = [StepShape(**{n: int(s[n]) for n in names if n in s}) for s in self.steps]
         return shapes, np.array([[s[p] for p in PARTS] for s in self.steps], dtype=np.float64)
 
     def surface(self) -> CostSurface:
@@ -264,13 +268,13 @@ class StepCostProfile:
             raise ProfileError(f"{path} is a version {version} profile; this adactl reads {VERSION}; {remake}")
         try:
             fingerprint = Fingerprint(**data["fingerprint"])
-            if data["basis"] != list(BASIS):
+            if data["basis"] not in (list(BASIS), list(OLD_BASIS)):
                 raise ProfileError(f"{path} uses the cost basis {data['basis']}, not {list(BASIS)}; {remake}")
             theta = np.array(data["theta"], dtype=np.float64)
             if theta.shape != (len(BASIS), len(PARTS)) or not np.isfinite(theta).all():
                 raise ProfileError(f"{path}: theta must be {len(BASIS)} x {len(PARTS)} finite numbers; {remake}")
             steps = [dict(s) for s in data["steps"]]
-            needed = {*StepShape.names(), *PARTS}
+            needed = {*StepShape.names(), *PARTS} - {"prefill_attention"}  # (older profiles: one prompt per step)
             if any(not needed <= s.keys() for s in steps):
                 raise ProfileError(f"{path}: a step lacks one of {sorted(needed)}; {remake}")
             bad = next(

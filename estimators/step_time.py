@@ -45,8 +45,12 @@ def tiny_step_time() -> StepTimeModel:
     return StepTimeModel(n_estimators=10).fit(shapes, y)
 
 
+# the trees' features: StepShape's fields up to verify_computed (the shipped models were fitted on these)
+TREE_FEATURES = len(StepShape.names()) - 1
+
+
 def shape_matrix(shapes: list[StepShape]) -> np.ndarray:
-    return np.array([astuple(s) for s in shapes], dtype=np.float64).reshape(len(shapes), len(StepShape.names()))
+    return np.array([astuple(s)[:TREE_FEATURES] for s in shapes], dtype=np.float64).reshape(len(shapes), TREE_FEATURES)
 
 
 class StepTimePredictor(Protocol):

@@ -94,6 +94,7 @@ class _Inflight:
     finished: dict[str, str]
     joining: list[Request]
     prefill_tokens: int
+    prefill_attention: int
     prefill_s: float
     draft_s: float
 
@@ -279,7 +280,7 @@ class Engine:
         t0 = self._now()
         emitted: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
-        joining, prefill_tokens = self._prefill(plan.prefill_budget, admit, emitted, finished)
+        joining, prefill_tokens, prefill_attention = self._prefill(plan.prefill_budget, admit, emitted, finished)
         t1 = self._now()
         groups, lens, specs = segments(self.rows.running, run_ids, plan, self.max_context, self.draft is not None)
         self.rows.arrange(groups)
@@ -300,7 +301,18 @@ class Engine:
             draft_len = (tokens >= 0).sum(1)  # a tree may come out smaller than its spec
         t2 = self._now()
         self._inflight = _Inflight(
-            n_rows, n_draft, draft_len, tokens, drafts, emitted, finished, joining, prefill_tokens, t1 - t0, t2 - t1
+            n_rows,
+            n_draft,
+            draft_len,
+            tokens,
+            drafts,
+            emitted,
+            finished,
+            joining,
+            prefill_tokens,
+            prefill_attention,
+            t1 - t0,
+            t2 - t1,
         )
         rows = self.rows.running[:n_rows]
         return DraftBatch(
@@ -354,6 +366,7 @@ class Engine:
             emitted=fl.emitted,
             finished=fl.finished,
             prefill_tokens=fl.prefill_tokens,
+            prefill_attention=fl.prefill_attention,
             prefill_s=fl.prefill_s,
             draft_s=fl.draft_s,
             verify_s=verify_s,
@@ -387,12 +400,13 @@ class Engine:
     # ----------------------------------------------------------------- phases
     def _prefill(
         self, budget: int, admit: list[Request], emitted: dict[str, list[int]], finished: dict[str, str]
-    ) -> tuple[list[Request], int]:
+    ) -> tuple[list[Request], int, int]:
         """Prefill within the budget; requests whose prompt completes emit their first token
-        (sampled together) and join the batch at the end of the step."""
-        done, logits, used = self.prefill.run(budget, admit)
+        (sampled together) and join the batch at the end of the step. Returns them, the prompt
+        tokens computed and their attention's query-key pairs."""
+        done, logits, used, pairs = self.prefill.run(budget, admit)
         if not done or logits is None:
-            return [], used
+            return [], used, pairs
         s = RowSampling(done, self.device)
         first = sample(process_logits(logits, s.temperature, s.top_p), s.greedy, s.uniforms([1] * len(done), 1)[:, 0])
         now = self._now()
@@ -410,7 +424,7 @@ class Engine:
                 req.draft_features, req.last_feature = [req.last_feature], None
             joining.append(req)
         self.rows.drop_prefill({i for i, r in enumerate(self.rows.prefilling) if r.finish_reason is not None})
-        return joining, used
+        return joining, used, pairs
 
     def _emit(self, rows: list[Request], fl: _Inflight, verdict: Verdict) -> None:
         new = []

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .rows import Request, Rows
+from .shapes import prefill_pairs
 
 
 class Prefill:
@@ -23,10 +24,11 @@ class Prefill:
         self.target, self.draft, self.feature_draft = target, draft, feature_draft
         self.rows, self.max_batch_size = rows, max_batch_size
 
-    def run(self, budget: int, admit: list[Request]) -> tuple[list[Request], torch.Tensor | None, int]:
+    def run(self, budget: int, admit: list[Request]) -> tuple[list[Request], torch.Tensor | None, int, int]:
         """Compute up to `budget` prompt tokens of `admit` (in order). Returns the requests
         whose prompt is now complete, the target's logits at their last token [n, V] (on the
-        device; None if none completed) and the tokens computed."""
+        device; None if none completed), the tokens computed and their attention's query-key
+        pairs (`prefill_pairs`: what the step-cost model reads)."""
         chunks: list[tuple[Request, int]] = []
         used = 0
         active = len(self.rows.running) + len(self.rows.prefilling)
@@ -41,7 +43,8 @@ class Prefill:
             chunks.append((req, size))
             used += size
         if not chunks:
-            return [], None, 0
+            return [], None, 0, 0
+        pairs = prefill_pairs((req.prefilled, size) for req, size in chunks)
         self.rows.start_prefill([r for r, _ in chunks if r.prefilled == 0])
         # participants first, longest chunk first, so each group below is a contiguous row range
         chunks.sort(key=lambda c: -c[1])
@@ -59,7 +62,7 @@ class Prefill:
             if finished:
                 done += [members[i][0] for i in finished]
                 last.append(logits[finished])
-        return done, torch.cat(last) if last else None, used
+        return done, torch.cat(last) if last else None, used, pairs
 
     def _forward(self, members: list[tuple[Request, int]], first_row: int) -> torch.Tensor:
         """One forward over prompt chunks of similar length, left-padded so that the last

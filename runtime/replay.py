@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .kv_pool import KVPool
-from .shapes import StepShape
+from .shapes import StepShape, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
 from .types import (
@@ -118,7 +118,7 @@ class ReplayEngine:
         self._rows: list[_Replayed] = []
         self._finished: dict[str, RequestResult] = {}
         self._next_id = 0
-        self._pending: tuple[StepPlan, DraftBatch, dict[str, list[int]], int, dict[str, str]] | None = None
+        self._pending: tuple[StepPlan, DraftBatch, dict[str, list[int]], tuple[int, int], dict[str, str]] | None = None
         self._joining: list[_Replayed] = []
 
     def clock(self) -> float:
@@ -241,7 +241,7 @@ class ReplayEngine:
         budget = plan.prefill_budget
         emitted: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
-        prefill_tokens = 0
+        prefill_tokens = attention = 0
         joining: list[_Replayed] = []
         for rid in order:
             req = self._waiting[rid]
@@ -251,6 +251,7 @@ class ReplayEngine:
             if self.kv is not None and not self.kv.grow(rid, req.prefilled + take):
                 self.kv.waits += 1  # its blocks are not free: it and everything behind it wait
                 break
+            attention += prefill_pairs([(req.prefilled, take)])
             req.prefilled += take
             budget -= take
             prefill_tokens += take
@@ -278,7 +279,7 @@ class ReplayEngine:
             summary=self._summary(run, lens, k) if self.traces is not None else None,
         )
         self._joining = joining
-        self._pending = (plan, drafts, emitted, prefill_tokens, finished)
+        self._pending = (plan, drafts, emitted, (prefill_tokens, attention), finished)
         return drafts
 
     def _make_room(self, run: list[_Replayed], lens: list[int]) -> tuple[list[_Replayed], list[int]]:
@@ -338,12 +339,12 @@ class ReplayEngine:
     def verify(self, verify_len: Sequence[int] | torch.Tensor | None = None) -> StepOutcome:
         if self._pending is None:
             raise RuntimeError("no drafts to verify: call draft_step() (or step()) first")
-        _, drafts, emitted, prefill_tokens, finished = self._pending
+        _, drafts, emitted, (prefill_tokens, attention), finished = self._pending
         cut = drafts.draft_len.clone() if verify_len is None else torch.as_tensor(verify_len).long().flatten()
         if cut.shape[0] != len(drafts.request_ids) or bool(((cut < 0) | (cut > drafts.draft_len)).any()):
             raise RequestError(f"verify_len must give each of the {len(drafts.request_ids)} rows 0..its draft length")
 
-        shape = StepShape.of_lengths(cut, drafts.draft_len, prefill_tokens, int(drafts.context_len.sum()))
+        shape = StepShape.of_lengths(cut, drafts.draft_len, prefill_tokens, int(drafts.context_len.sum()), attention)
         parts = (
             self.step_time.predict_parts([shape])[0]
             if hasattr(self.step_time, "predict_parts")
@@ -369,7 +370,7 @@ class ReplayEngine:
         return StepOutcome(
             request_ids=drafts.request_ids, drafted=drafts.draft_len, verified=cut, accepted=accepted,
             emitted=emitted, finished=finished, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
-            draft_s=draft_s, verify_s=verify_s, total_s=prefill_s + draft_s + verify_s,
+            draft_s=draft_s, verify_s=verify_s, total_s=prefill_s + draft_s + verify_s, prefill_attention=attention,
         )  # fmt: skip
 
     def _emit(self, req: _Replayed, n: int, finished: dict[str, str]) -> list[int]:

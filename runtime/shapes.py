@@ -10,7 +10,7 @@ three agree on what a step computes. Nothing here imports the engine or transfor
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
@@ -32,14 +32,17 @@ class StepShape:
     prefill_tokens: int  # prompt tokens computed this step
     context_tokens: int  # sum of the decode rows' context lengths
     verify_computed: int = 0  # tokens the verify forwards compute, padding included (0: rows * max_verify)
+    prefill_attention: int = 0  # query-key pairs the prefill's attention computes (`prefill_pairs`; 0: one prompt)
 
     def __post_init__(self) -> None:
         if self.verify_computed == 0:  # one [rows, max_verify] forward
             object.__setattr__(self, "verify_computed", self.rows * self.max_verify)
+        if self.prefill_attention == 0 and self.prefill_tokens:  # one chunk from an empty cache
+            object.__setattr__(self, "prefill_attention", prefill_pairs([(0, self.prefill_tokens)]))
 
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
-                   context: int = 0) -> StepShape:  # fmt: skip
+                   context: int = 0, prefill_attention: int = 0) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
         `verify[i]` of `draft[i]` drafted tokens; the engine splits the verify forward as
         `verify_split` does. Python lists inside: this runs on every
@@ -56,18 +59,29 @@ class StepShape:
             prefill_tokens=prefill,
             context_tokens=context,
             verify_computed=verify_computed(cut),
+            prefill_attention=prefill_attention,
         )
 
     @classmethod
     def of(cls, record: StepRecord) -> StepShape:
         """The shape of a step that ran (an `adactl.interface.StepRecord`)."""
         d = record.drafts
-        prefill, context = int(record.outcome.prefill_tokens), int(d.context_len.sum())
-        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context)
+        o = record.outcome
+        prefill, context = int(o.prefill_tokens), int(d.context_len.sum())
+        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context, int(o.prefill_attention))
 
     @staticmethod
     def names() -> list[str]:
         return [f.name for f in fields(StepShape)]
+
+
+def prefill_pairs(chunks: Iterable[tuple[int, int]]) -> int:
+    """Query-key pairs the attention of prefill chunks computes: a chunk of `size` prompt tokens
+    after `cached` ones attends to cached + (i + 1) keys at its i-th token, so size x cached +
+    size (size + 1) / 2 (causal). What a step's prefill attention costs is the sum over its
+    prompts, not the square of its total: 32 prompts of 150 tokens are 0.36M pairs, one prompt
+    of 4,800 is 11.5M."""
+    return sum(size * cached + size * (size + 1) // 2 for cached, size in chunks)
 
 
 def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:

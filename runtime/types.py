@@ -230,6 +230,7 @@ class StepOutcome:
     verify_s: float  # wall seconds verifying, emitting and cache bookkeeping
     total_s: float = field(default=0.0)  # wall seconds of the whole step
     path: torch.Tensor | None = None  # [B, K] bool, trees only: the accepted draft nodes
+    prefill_attention: int = 0  # query-key pairs of the prefill chunks (runtime.shapes.prefill_pairs)
 
     @property
     def tokens_emitted(self) -> int:

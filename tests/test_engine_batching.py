@@ -94,11 +94,14 @@ def test_kv_memory_returns_to_starting_level(target, draft):
 def test_prefill_only_steps_and_budget(target):
     engine = make_engine(target, None)
     rid = engine.add_request(list(range(1, 41)), SamplingParams(max_new_tokens=5))
-    seen = []
+    seen, pairs = [], []
     while engine.has_unfinished():
         out = engine.step(StepPlan(prefill_budget=16))
         seen.append(out.prefill_tokens)
+        pairs.append(out.prefill_attention)
     assert seen[:3] == [16, 16, 8]
+    # a chunk attends to the prompt cached before it and causally to itself
+    assert pairs[:3] == [16 * 17 // 2, 16 * 16 + 16 * 17 // 2, 32 * 8 + 8 * 9 // 2]
     (result,) = engine.pop_finished()
     assert result.request_id == rid and len(result.output_ids) == 5
 
@@ -118,6 +121,8 @@ def test_outcome_reports_plain_data(target, draft):
     ids = [engine.add_request(p, SamplingParams(max_new_tokens=8)) for p in prompts(3, seed=1)]
     first = engine.step(StepPlan(draft_len=2))
     assert first.prefill_tokens > 0 and set(first.emitted) == set(ids)  # first tokens
+    # several prompts in one step: the sum of their attention, not the square of their total
+    assert first.prefill_attention == sum(len(p) * (len(p) + 1) // 2 for p in prompts(3, seed=1))
     drafts = engine.draft_step(StepPlan(draft_len={ids[0]: 3, ids[1]: 0, ids[2]: 1}))
     assert drafts.tokens.shape[0] == 3 and drafts.probs.shape == (3, 3, 128)
     by_id = dict(zip(drafts.request_ids, drafts.draft_len.tolist()))

@@ -137,6 +137,7 @@ def test_bench_spec_validate_replays_the_same_requests(tmp_path):
     """`bench spec --validate`: the replay on the shipped traces of this very draft serves the
     same greedy requests with exactly the engine's accepted lengths (greedy replay is exact)."""
     import json
+    import math
 
     from adactl.cli import main
 
@@ -149,4 +150,10 @@ def test_bench_spec_validate_replays_the_same_requests(tmp_path):
     for c in ("no-spec", "fixed-k2"):
         assert got["replay", c]["mean_accepted_len"] == pytest.approx(got["engine", c]["mean_accepted_len"])
         assert got["replay", c]["tokens"] == got["engine", c]["tokens"]
+        assert math.isfinite(got["replay", c]["error_step_time"])  # the profile priced the engine's own steps
+        assert {"prefill", "draft", "verify", "total"} <= got["engine", c]["step_error"].keys()
     assert data["meta"]["validation"]["runs"] == 3
+    logged = json.loads((tmp_path / "spec_validate_steps.json").read_text())["records"]
+    assert {r["controller"]: len(r["steps"]) for r in logged} == {
+        c: got["engine", c]["steps"] for c in ("no-spec", "fixed-k2")
+    }

@@ -62,6 +62,7 @@ from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
+from adactl.runtime.shapes import StepShape
 from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, stack_list, untrained_acceptance
 
@@ -240,7 +241,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
                 "workload": args.workload}  # fmt: skip
     costs = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
-    ctx = RunContext(acceptance, costs, args.tree_width)
+    ctx = RunContext(acceptance, costs, args.tree_width, step_log=StepLog() if args.validate else None)
     meta["machine"] = describe(device, dtype).to_dict()
     meta["profile"] = args.profile or "this machine's (cached)"
     meta["refine"] = args.refine
@@ -283,6 +284,7 @@ class RunContext:
     costs: Callable[[bool], Any]  # CostModels, or the replay's
     tree_width: int = 2
     shared: dict[tuple[str, float], Any] = field(default_factory=dict)
+    step_log: StepLog | None = None  # every run's steps, in its record's "step_log" (`--validate`)
 
     def stack_context(self, companion: bool, temperature: float | None = None) -> StackContext:
         """The stacks' context on an engine with (or without) the companion: its step-cost model."""
@@ -298,8 +300,21 @@ class RunContext:
 
     def learners(self, temperature: float) -> list[Any]:
         """The estimators every run at `temperature` updates, whatever its stack: the moving
-        average of acceptance by position (it reads any engine's verdicts)."""
-        return [self.stack_context(False, temperature).acceptance("moving_average")]
+        average of acceptance by position (it reads any engine's verdicts), and the step log."""
+        log = [self.step_log] if self.step_log is not None else []
+        return [self.stack_context(False, temperature).acceptance("moving_average"), *log]
+
+
+class StepLog:
+    """Every step a bench serves: its shape and measured (prefill, draft, verify) seconds, what
+    `--validate` prices with the replay's cost model to separate step-time error from the rest."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[StepShape, tuple[float, float, float]]] = []
+
+    def update(self, record: Any) -> None:
+        o = record.outcome
+        self.steps.append((StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s)))
 
 
 @dataclass(frozen=True)
@@ -327,7 +342,11 @@ def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[in
     built = build_stack(stack, here)
     loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=sum(len(p) for p in group),
                  estimators=[here.cost(), *ctx.learners(temperature)])  # fmt: skip
-    return {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
+    first = len(ctx.step_log.steps) if ctx.step_log is not None else 0
+    result = {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
+    if ctx.step_log is not None:
+        result["step_log"] = ctx.step_log.steps[first:]
+    return result
 
 
 def run_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],

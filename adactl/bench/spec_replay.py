@@ -24,14 +24,17 @@ per-request signal run (no-spec, fixed k, heuristic, bucket-ema, goodput).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from adactl.estimators import load_acceptance
 from adactl.estimators.gpu_cost import GPU as GpuFigures
 from adactl.estimators.gpu_cost import VLLM_ACCEPTANCE, EngineCosts, GpuStepCost, ModelShape
 from adactl.estimators.step_cost import StepCostProfile
+from adactl.estimators.step_time import PARTS
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.traces import AcceptanceTraces, shipped_traces_path
@@ -174,6 +177,17 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
 
 
 # ------------------------------------------------------------------ --validate
+def step_error(cost: Any, log: list[tuple[Any, tuple[float, float, float]]]) -> dict[str, float]:
+    """The replay's cost model on a run's own measured steps: its summed (prefill, draft,
+    verify, total) seconds over the measured ones, minus 1 (+0.10: the replay's clock runs 10%
+    slow on exactly these steps)."""
+    predicted = np.asarray(cost.predict_parts([shape for shape, _ in log]), dtype=np.float64).sum(0)
+    measured = np.array([seconds for _, seconds in log], dtype=np.float64).sum(0)
+    out = {part: float(p / m - 1) if m > 0 else float("nan") for part, p, m in zip(("prefill", "draft", "verify"),
+                                                                                  predicted, measured)}  # fmt: skip
+    return out | {"total": float(predicted.sum() / measured.sum() - 1)}
+
+
 def _machine_profile(pair: Any, file: str | None) -> StepCostProfile:
     """The profile a real run on `pair` used: the file named, else this machine's cached one."""
     from adactl.profiler import cached_path, fingerprint, named_profile, shipped_profile
@@ -192,6 +206,7 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     per configuration the replay's error in tokens/s and in mean draft length."""
     from adactl.bench.common import format_table, write_json
     from adactl.bench.spec import RunContext, _settings, add_ratios, sweep
+    from adactl.stacks import needs_companion
 
     alone, both = ctx.costs.pairs[False], ctx.costs.pairs[True]
     draft = alone.model_ids["draft"]
@@ -201,6 +216,7 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     engines = ReplayEngines(truth(profiles[False]), traces.mean_acceptance(), args.replay_noise, args.seed, traces,
                             companion_step_time=truth(profiles[True]))  # fmt: skip
     here = RunContext(ctx.acceptance, ReplayCosts(profiles[False], args.refine, profiles[True]), args.tree_width)
+    steps = {(r["temperature"], r["batch_size"], r["controller"]): r.pop("step_log") for r in real if "step_log" in r}
     replayed = sweep(engines, prompts, here, chosen, ["oracle"], args, label="bench spec (replay)")
     for records, backend in ((real, "engine"), (replayed, "replay")):
         add_ratios(records)
@@ -211,17 +227,27 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
         e = engine[r["temperature"], r["batch_size"], r["controller"]]
         r["error_tokens_per_s"] = r["tokens_per_s"] / e["tokens_per_s"] - 1
         r["error_draft_len"] = r["mean_draft_len"] / e["mean_draft_len"] - 1 if e["mean_draft_len"] > 0 else None
+        log = steps.get((r["temperature"], r["batch_size"], r["controller"]))
+        if log:  # the replay's step costs on the engine's own steps: step-time error alone, per part
+            cost = engines.companion_step_time if needs_companion(r["controller"]) else engines.step_time
+            e["step_error"] = step_error(cost, log)
+            r["error_step_time"] = e["step_error"]["total"]
     tps = sorted(abs(r["error_tokens_per_s"]) for r in replayed)
     lens = [abs(r["error_draft_len"]) for r in replayed if r["error_draft_len"] is not None]
+    timed = sorted(abs(r["error_step_time"]) for r in replayed if "error_step_time" in r)
     summary = {"runs": len(replayed), "median_abs_error_tokens_per_s": tps[len(tps) // 2],
+               "median_abs_error_step_time": timed[len(timed) // 2] if timed else None,
                "mean_abs_error_tokens_per_s": sum(tps) / len(tps),
                "draft_len_within_10pct": sum(e <= 0.10 for e in lens) / max(len(lens), 1),
                "median_abs_error_draft_len": sorted(lens)[len(lens) // 2] if lens else None}  # fmt: skip
     print(format_table(replayed, ["temperature", "batch_size", "controller", "tokens_per_s", "error_tokens_per_s",
-                                  "mean_draft_len", "error_draft_len"]))  # fmt: skip
+                                  "error_step_time", "mean_draft_len", "error_draft_len"]))  # fmt: skip
     print("replay vs engine:", summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "spec_validate_steps.json", [{"temperature": t, "batch_size": b, "controller": c,
+               "steps": [{**asdict(shape), **dict(zip(PARTS, seconds))} for shape, seconds in log]}
+               for (t, b, c), log in steps.items()], {"profiles": {str(k): p.meta for k, p in profiles.items()}})  # fmt: skip
     write_json(out / "spec_validate.json", [*real, *replayed], {**meta, "validation": summary,
                "traces": traces.meta.get("models"), "args": _settings(args)})  # fmt: skip
     return [*real, *replayed]
