@@ -245,9 +245,10 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     print("replay vs engine:", summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "spec_validate_steps.json", [{"temperature": t, "batch_size": b, "controller": c,
+    logged = [{"temperature": t, "batch_size": b, "controller": c,
                "steps": [{**asdict(shape), **dict(zip(PARTS, seconds))} for shape, seconds in log]}
-               for (t, b, c), log in steps.items()], {"profiles": {str(k): p.meta for k, p in profiles.items()}})  # fmt: skip
+              for (t, b, c), log in steps.items()]  # fmt: skip
+    write_json(out / "spec_validate_steps.json", logged, {"profiles": {str(k): p.meta for k, p in profiles.items()}})
     write_json(out / "spec_validate.json", [*real, *replayed], {**meta, "validation": summary,
                "traces": traces.meta.get("models"), "args": _settings(args)})  # fmt: skip
     return [*real, *replayed]
