@@ -5,8 +5,11 @@ A request holds ceil(tokens / block_size) blocks for the KV of its context (and 
 tokens a step verifies); `grow` takes what more it needs if the pool has it, `release` gives
 everything back. What happens when a block is missing is the scheduler's choice; the pool
 only counts it: `waits` (a request left waiting because its blocks were not free) and
-`recomputes` (preempted, its KV dropped, to be prefilled again). Offload to host memory and
-restore are not here yet (issue 33 makes them plan actions).
+`recomputes` (preempted, its KV dropped, to be prefilled again). `HostOffload` is the other
+way to preempt (vLLM v0's swap, TokenFlow's offload): the KV is copied to host memory, within
+a host budget, and back when the request resumes, each copy at a PCIe bandwidth; the pool
+counts `offloads` and `restores`. (Which request to preempt, and whether to offload it or
+drop it, as a scheduler's plan action: issue 33.)
 
 `kv_tokens_for` sizes a GPU's pool as vLLM does: the memory left after the weights, at a
 utilization (0.9 by default), divided by the KV bytes per token.
@@ -31,6 +34,8 @@ class KVPool:
     held: dict[str, int] = field(default_factory=dict)
     waits: int = 0
     recomputes: int = 0
+    offloads: int = 0
+    restores: int = 0
 
     def __post_init__(self) -> None:
         if self.total_blocks < 1 or self.block_size < 1:
@@ -74,7 +79,59 @@ class KVPool:
 
     def counts(self) -> dict[str, int]:
         return {"kv_blocks": self.total_blocks, "kv_used": self.used, "kv_waits": self.waits,
-                "kv_recomputes": self.recomputes}  # fmt: skip
+                "kv_recomputes": self.recomputes, "kv_offloads": self.offloads,
+                "kv_restores": self.restores}  # fmt: skip
+
+
+# PCIe 4.0 x16 host <-> device copies as measured for pinned memory (~25 GB/s of the link's 32; an
+# H100's PCIe 5.0 x16 about twice that)
+PCIE_BYTES_PER_S = 25e9
+
+
+@dataclass
+class HostOffload:
+    """Host memory for preempted requests' KV: `host_tokens` tokens of room, copies at
+    `bytes_per_s` each way of `kv_bytes_per_token` per token. `offload` / `restore` hold and
+    give back the room and return the copy's seconds (charged to the step that makes it: a
+    synchronous copy, as vLLM v0's swap; TokenFlow overlaps it with compute, which would cost
+    less)."""
+
+    host_tokens: int
+    kv_bytes_per_token: float
+    bytes_per_s: float = PCIE_BYTES_PER_S
+    held: dict[str, int] = field(default_factory=dict)
+    copied_bytes: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.host_tokens < 0 or not self.kv_bytes_per_token > 0 or not self.bytes_per_s > 0:
+            raise ValueError(f"host offload needs host_tokens >= 0 and positive bytes per token and bandwidth, got "
+                             f"{self.host_tokens}, {self.kv_bytes_per_token}, {self.bytes_per_s}")  # fmt: skip
+
+    @property
+    def free(self) -> int:
+        return self.host_tokens - sum(self.held.values())
+
+    def seconds(self, tokens: int) -> float:
+        return tokens * self.kv_bytes_per_token / self.bytes_per_s
+
+    def offload(self, request_id: str, tokens: int) -> float | None:
+        """Copy `tokens` tokens of `request_id`'s KV to the host: the copy's seconds, or None
+        (nothing done) if the host has no room for them."""
+        if tokens > self.free:
+            return None
+        self.held[request_id] = tokens
+        self.copied_bytes += tokens * self.kv_bytes_per_token
+        return self.seconds(tokens)
+
+    def restore(self, request_id: str) -> float:
+        """Copy `request_id`'s KV back and free its host room: the copy's seconds."""
+        tokens = self.held.pop(request_id)
+        self.copied_bytes += tokens * self.kv_bytes_per_token
+        return self.seconds(tokens)
+
+    def drop(self, request_id: str) -> None:
+        """Free `request_id`'s host room without copying (it finished or was cancelled)."""
+        self.held.pop(request_id, None)
 
 
 def kv_tokens_for(memory_bytes: float, weight_bytes: float, kv_bytes_per_token: float, utilization: float = 0.9) -> int:

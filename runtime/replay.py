@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .kv_pool import KVPool
+from .kv_pool import HostOffload, KVPool
 from .shapes import StepShape, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
@@ -65,6 +65,7 @@ class _Replayed:
     trace: RequestTrace | None = None  # recorded acceptance and signals by output position
     prefill_goal: int = 0  # tokens to prefill: the prompt, or the whole context after a preemption (0: the prompt)
     preemptions: int = 0
+    offloaded: bool = False  # preempted with its KV in host memory: it resumes by a restore, not a prefill
 
     @property
     def to_prefill(self) -> int:
@@ -93,7 +94,7 @@ class ReplayEngine:
 
     def __init__(self, step_time: Any, alpha: Sequence[float] = (), max_batch_size: int = 64, noise: float = 0.0,
                  seed: int = 0, max_context: int = 8192, traces: AcceptanceTraces | None = None,
-                 kv_tokens: int | None = None) -> None:  # fmt: skip
+                 kv_tokens: int | None = None, offload: HostOffload | None = None) -> None:  # fmt: skip
         """step_time: a step-time predictor (`predict_parts` or `predict` over `StepShape`s).
         alpha: conditional acceptance by draft position (empty: no draft model).
         noise: standard deviation of the log step-time factor (0: exactly the prediction).
@@ -104,7 +105,11 @@ class ReplayEngine:
         limit but `max_batch_size`): a request holds the blocks its context needs (and its
         step's draft), a prompt waits (head of the line, as vLLM v1) until its blocks are free,
         and a running request that cannot grow preempts the last-admitted one by recompute
-        (its KV dropped, its whole context prefilled again); `kv_stats()` counts both."""
+        (its KV dropped, its whole context prefilled again); `kv_stats()` counts both.
+        offload: host memory for preempted requests' KV (adactl.runtime.kv_pool.HostOffload,
+        with kv_tokens): a preempted request's KV is copied there while it has room (else
+        recomputed) and back when it resumes, without a prefill; each copy's seconds are added
+        to the prefill part of the step that makes it, outside the step-time noise."""
         self.step_time, self.alpha = step_time, [float(a) for a in alpha]
         self.max_batch_size, self.noise, self.max_context = max_batch_size, noise, max_context
         self.traces = traces if traces is not None and len(traces) else None
@@ -112,6 +117,11 @@ class ReplayEngine:
         self.draft = object() if self.max_draft else None  # ControlLoop reads this to allow drafting
         self._next_trace = {True: 0, False: 0}
         self.kv = KVPool.of_tokens(kv_tokens) if kv_tokens is not None else None
+        if offload is not None and self.kv is None:
+            raise ValueError("offload needs a KV pool to preempt from: give kv_tokens too")
+        self.offload = offload
+        self._copy_s = 0.0  # this step's host <-> device copies
+        self._restoring: list[_Replayed] = []
         self.rng, self.seed = random.Random(seed), seed  # step-time noise; acceptance draws per request
         self.now = 0.0
         self._waiting: dict[str, _Replayed] = {}
@@ -243,9 +253,22 @@ class ReplayEngine:
         finished: dict[str, str] = {}
         prefill_tokens = attention = 0
         joining: list[_Replayed] = []
+        self._restoring = []
         for rid in order:
             req = self._waiting[rid]
-            if budget <= 0 or len(joining) >= room:
+            if len(joining) + len(self._restoring) >= room:
+                break
+            if req.offloaded:  # resumes by copying its KV back, without a prefill
+                assert self.kv is not None and self.offload is not None
+                if not self.kv.grow(rid, req.context_len):
+                    self.kv.waits += 1
+                    break
+                self._copy_s += self.offload.restore(rid)
+                self.kv.restores += 1
+                req.offloaded = False
+                self._restoring.append(req)
+                continue
+            if budget <= 0:
                 break
             take = min(budget, req.to_prefill - req.prefilled)
             if self.kv is not None and not self.kv.grow(rid, req.prefilled + take):
@@ -300,17 +323,31 @@ class ReplayEngine:
         return [run[i] for i in keep], [lens[i] for i in keep]
 
     def _preempt(self, req: _Replayed) -> None:
-        """Drop `req`'s KV: it waits at the head of the line to prefill its whole context again."""
+        """Take `req`'s KV: to host memory if offload has room for it (it resumes by a
+        restore), else dropped (it prefills its whole context again). Either way it waits at
+        the head of the line."""
         assert self.kv is not None
         self.kv.release(req.request_id)
-        self.kv.recomputes += 1
         self._rows.remove(req)
-        req.prefill_goal, req.prefilled, req.preemptions = req.context_len, 0, req.preemptions + 1
+        copy_s = self.offload.offload(req.request_id, req.context_len) if self.offload is not None else None
+        if copy_s is not None:
+            self._copy_s += copy_s
+            self.kv.offloads += 1
+            req.offloaded = True
+            req.prefill_goal = req.prefilled = req.context_len  # nothing to prefill
+        else:
+            self.kv.recomputes += 1
+            req.prefill_goal, req.prefilled = req.context_len, 0
+        req.preemptions += 1
         self._waiting = {req.request_id: req, **self._waiting}
 
-    def kv_stats(self) -> dict[str, int]:
-        """The KV pool's blocks and what it made wait or preempt (empty without a pool)."""
-        return self.kv.counts() if self.kv is not None else {}
+    def kv_stats(self) -> dict[str, float]:
+        """The KV pool's blocks and what it made wait, recompute, offload and restore, and the
+        bytes copied to and from host memory (empty without a pool)."""
+        if self.kv is None:
+            return {}
+        copied = self.offload.copied_bytes if self.offload is not None else 0.0
+        return {**self.kv.counts(), "kv_copied_gb": copied / 1e9}
 
     @staticmethod
     def _summary(run: list[_Replayed], lens: list[int], k: int) -> DraftSummary:
@@ -352,6 +389,7 @@ class ReplayEngine:
         )
         factor = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise > 0 else 1.0
         prefill_s, draft_s, verify_s = (float(x) * factor for x in parts)
+        prefill_s, self._copy_s = prefill_s + self._copy_s, 0.0  # host <-> device KV copies: no noise
         self.now += prefill_s + draft_s + verify_s
         accepted = torch.zeros(len(cut), dtype=torch.long)
         rows = {r.request_id: r for r in self._rows}
@@ -365,6 +403,10 @@ class ReplayEngine:
                 req.first_token_time = self.now
             self._rows.append(req)
             emitted[req.request_id] = self._emit(req, 1, finished)
+        for req in self._restoring:  # KV back from host memory: it decodes from the next step
+            del self._waiting[req.request_id]
+            self._rows.append(req)
+        self._restoring = []
         self._rows = [r for r in self._rows if r.request_id not in finished]
         self._pending = None
         return StepOutcome(
@@ -394,6 +436,8 @@ class ReplayEngine:
     def _finish(self, req: _Replayed, reason: str) -> None:
         if self.kv is not None:
             self.kv.release(req.request_id)
+        if self.offload is not None:
+            self.offload.drop(req.request_id)
         units = misses = None
         if req.playback is not None:
             units, misses = req.playback.settle()

@@ -240,7 +240,8 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
 
 def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
     """--kv-tokens: the replay's batch is bounded by a pool of blocks; prompts wait for them and
-    growth preempts by recompute, counted in each record; nothing is lost."""
+    growth preempts by recompute (or, with --kv-offload, by a copy to host memory), counted in
+    each record; nothing is lost."""
     args = ["--tiny", "--replay", "--loads", "200", "--requests", "12", "--controllers", "fcfs", "--kv-tokens", "96"]
     main(["bench", "stream", *args, "--out", str(tmp_path)])
     (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
@@ -248,6 +249,16 @@ def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
     assert r["kv_waits"] > 0 and r["admitted_inflight"] <= 6
     with pytest.raises(SystemExit, match="needs --profile naming a computed GPU profile"):
         main(["bench", "stream", *args[:-1], "gpu", "--out", str(tmp_path)])
+    # --kv-offload: preempted requests' KV goes to host memory and comes back, nothing recomputed
+    gpu = ["--profile", "h100-llama-3.1-8b"]
+    main(["bench", "stream", *args, *gpu, "--kv-offload", "1", "--out", str(tmp_path)])
+    (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
+    assert r["requests"] == 12 and r["kv_offloads"] > 0 and r["kv_restores"] == r["kv_offloads"]
+    assert r["kv_recomputes"] == 0 and r["kv_copied_gb"] > 0 and r["kv_used"] == 0
+    with pytest.raises(SystemExit, match="--kv-offload needs --profile naming a computed GPU profile"):
+        main(["bench", "stream", *args, "--kv-offload", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--kv-offload must be >= 0"):
+        main(["bench", "stream", *args, *gpu, "--kv-offload", "-1", "--out", str(tmp_path)])
 
 
 def test_bench_spec_trees_runs_tree_controllers_beside_chains(tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from adactl.estimators import gpu_cost
 from adactl.estimators.step_time import tiny_step_time
 from adactl.runtime import SamplingParams, StepPlan
-from adactl.runtime.kv_pool import KVPool, kv_tokens_for
+from adactl.runtime.kv_pool import HostOffload, KVPool, kv_tokens_for
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.types import RequestError
 
@@ -62,3 +62,31 @@ def test_a_request_larger_than_the_pool_is_refused_alone():
     while engine.has_unfinished():
         engine.step(StepPlan(prefill_budget=512))
     assert len(engine.pop_finished()[0].output_ids) == 100
+
+
+def test_offload_resumes_preempted_requests_without_a_prefill():
+    """Preemption by offload: the KV goes to host memory while it has room and comes back at
+    the copy's cost, so nothing is recomputed; with no host room it is recompute, as before."""
+
+    def run(offload):
+        engine = ReplayEngine(tiny_step_time(), alpha=[0.6, 0.5], seed=0, kv_tokens=320, offload=offload)
+        return engine, _serve(engine)[0]
+
+    recompute, _ = run(None)
+    engine, results = run(HostOffload(host_tokens=10_000, kv_bytes_per_token=131072))
+    stats = engine.kv_stats()
+    assert len(results) == 8 and all(len(r.output_ids) == 64 and r.finish_reason == "length" for r in results)
+    assert stats["kv_offloads"] > 0 and stats["kv_restores"] == stats["kv_offloads"] and stats["kv_recomputes"] == 0
+    assert stats["kv_used"] == 0 and not engine.offload.held and stats["kv_copied_gb"] > 0
+    nowhere, _ = run(HostOffload(host_tokens=0, kv_bytes_per_token=131072))
+    assert nowhere.kv_stats()["kv_offloads"] == 0
+    assert nowhere.kv_stats()["kv_recomputes"] == recompute.kv_stats()["kv_recomputes"] > 0
+    # the copies are on the clock: the same run over a 1 MB/s link takes longer by exactly their time
+    slow, _ = run(HostOffload(host_tokens=10_000, kv_bytes_per_token=131072, bytes_per_s=1e6))
+    copied = slow.kv_stats()["kv_copied_gb"] * 1e9
+    assert copied == stats["kv_copied_gb"] * 1e9
+    assert slow.clock() - engine.clock() == pytest.approx(copied / 1e6 - copied / 25e9, rel=1e-6)
+    with pytest.raises(ValueError, match="needs a KV pool"):
+        ReplayEngine(tiny_step_time(), offload=HostOffload(10, 131072))
+    with pytest.raises(ValueError, match="host offload needs"):
+        HostOffload(-1, 131072)

@@ -26,6 +26,7 @@ step-time model fitted on the real engine's profile; seconds instead of an hour)
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import describe
+from adactl.runtime.kv_pool import HostOffload
 from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, WorkloadSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
@@ -71,6 +73,10 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
                                     "for its blocks; growth preempts by recompute); 'gpu': what the computed GPU "
                                     "profile's memory holds after its weights; default: no limit but --max-batch",
                                     parse=lambda t: -1 if t == "gpu" else int(t))  # fmt: skip
+    kv_offload: float = setting(0.0, "--replay with --kv-tokens and a computed GPU --profile: host memory (GiB) "
+                                "for preempted requests' KV, copied out and back over PCIe (vLLM's swap space); "
+                                "0: preemption recomputes")  # fmt: skip
+    pcie_gb_s: float = setting(25.0, "--kv-offload: host <-> device GB/s per GPU (PCIe 4.0 x16 pinned)")
     quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
 
     def resolved(self) -> StreamSettings:
@@ -201,19 +207,39 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     return pair, list(reqs), streams
 
 
-def _kv_tokens(args: StreamSettings) -> int | None:
-    """--kv-tokens: a number, or (-1) what the computed GPU profile named by --profile holds."""
-    if args.kv_tokens is None or args.kv_tokens > 0:
-        return args.kv_tokens
+def _gpu(args: StreamSettings, option: str) -> Any:
+    """The physics of the computed GPU profile named by --profile (`option` needs one)."""
     from adactl.bench.spec_replay import truth
     from adactl.estimators.gpu_cost import GpuStepCost
     from adactl.profiler import named_profile
 
     cost = truth(StepCostProfile.load(named_profile(args.profile))) if args.profile else None
     if not isinstance(cost, GpuStepCost):
-        raise SystemExit("adactl bench stream --kv-tokens gpu needs --profile naming a computed GPU profile "
-                         "(e.g. h100-llama-3.1-8b); or give a number of tokens")  # fmt: skip
-    return cost.kv_tokens()
+        raise SystemExit(f"adactl bench stream {option} needs --profile naming a computed GPU profile "
+                         "(e.g. h100-llama-3.1-8b)")  # fmt: skip
+    return cost
+
+
+def _kv_tokens(args: StreamSettings) -> int | None:
+    """--kv-tokens: a number, or (-1) what the computed GPU profile named by --profile holds."""
+    if args.kv_tokens is None or args.kv_tokens > 0:
+        return args.kv_tokens
+    return int(_gpu(args, "--kv-tokens gpu (or a number of tokens)").kv_tokens())
+
+
+def _offload(args: StreamSettings) -> HostOffload | None:
+    """--kv-offload GiB of host memory for the replay's preempted KV, at --pcie-gb-s per GPU
+    (each of a tensor-parallel group's GPUs copies its shard over its own link)."""
+    if args.kv_offload == 0:
+        return None
+    if args.kv_offload < 0 or not args.pcie_gb_s > 0:
+        raise SystemExit(f"adactl bench stream: --kv-offload must be >= 0 GiB and --pcie-gb-s > 0, got "
+                         f"{args.kv_offload}, {args.pcie_gb_s}")  # fmt: skip
+    if not args.replay or args.kv_tokens is None:
+        raise SystemExit("adactl bench stream --kv-offload: the replay's KV pool offloads (--replay --kv-tokens)")
+    cost = _gpu(args, "--kv-offload")
+    per_token = cost.model.kv_bytes_per_token(cost.bytes_per_param)
+    return HostOffload(int(args.kv_offload * 2**30 / per_token), per_token / cost.tp, args.pcie_gb_s * 1e9)
 
 
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
@@ -233,6 +259,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
     kv_tokens = _kv_tokens(args)
+    offload = _offload(args)
     records: list[dict[str, Any]] = []
     total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
     bar = tqdm(total=total, desc="bench stream", unit="tok")
@@ -244,7 +271,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                     engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
                 else:
                     engine = ReplayEngine(replay_time, max_batch_size=args.max_batch, noise=args.replay_noise,
-                                          seed=args.seed, kv_tokens=kv_tokens)  # fmt: skip
+                                          seed=args.seed, kv_tokens=kv_tokens,
+                                          offload=copy.deepcopy(offload))  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
                 result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar)
                 records.append({"backend": backend, "load": load, "controller": name, **result})
