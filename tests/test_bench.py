@@ -234,6 +234,8 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
         assert r["requests"] == 6 and 0 <= r["miss_rate"] <= 1 and not r["fallbacks"]
         assert r["units"] > 0 and r["admitted_inflight"] > 0
     assert data["meta"]["validation"]["runs"] == 12
+    assert data["meta"]["validation"]["step_time_rel_error"] >= 0  # the profile priced the engine's own steps
+    assert all("step_error" in r for r in data["records"] if r["backend"] == "engine")
     assert (tmp_path / "stream.png").stat().st_size > 10_000
     assert "progressserve" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
-"""What every benchmark shares: peak-memory sampling, the results table, JSON and plot output."""
+"""What every benchmark shares: peak-memory sampling, the results table, JSON and plot output,
+and the log of a run's steps that `--validate` prices with the replay's cost model."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+
+from adactl.runtime.shapes import StepShape
 
 
 def release_freed_memory() -> None:
@@ -85,3 +89,26 @@ def save_figure(fig: Any, path: Path, title: str = "", fontsize: float = 10) -> 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class StepLog:
+    """Every step a bench serves: its shape and measured (prefill, draft, verify) seconds, what
+    `--validate` prices with the replay's cost model to separate step-time error from the rest."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[StepShape, tuple[float, float, float]]] = []
+
+    def update(self, record: Any) -> None:
+        o = record.outcome
+        self.steps.append((StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s)))
+
+
+def step_error(cost: Any, log: list[tuple[Any, tuple[float, float, float]]]) -> dict[str, float]:
+    """The replay's cost model on a run's own measured steps: its summed (prefill, draft,
+    verify, total) seconds over the measured ones, minus 1 (+0.10: the replay's clock runs 10%
+    slow on exactly these steps)."""
+    predicted = np.asarray(cost.predict_parts([shape for shape, _ in log]), dtype=np.float64).sum(0)
+    measured = np.array([seconds for _, seconds in log], dtype=np.float64).sum(0)
+    out = {part: float(p / m - 1) if m > 0 else float("nan") for part, p, m in zip(("prefill", "draft", "verify"),
+                                                                                  predicted, measured)}  # fmt: skip
+    return out | {"total": float(predicted.sum() / measured.sum() - 1)}

@@ -52,7 +52,7 @@ import torch
 from tqdm import tqdm
 
 from adactl import settings
-from adactl.bench.common import format_table, save_figure, write_json
+from adactl.bench.common import StepLog, format_table, save_figure, write_json
 from adactl.controllers import (
     FixedDraftLength,
     TreeDraft,
@@ -62,7 +62,6 @@ from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
-from adactl.runtime.shapes import StepShape
 from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, stack_list, untrained_acceptance
 
@@ -303,18 +302,6 @@ class RunContext:
         average of acceptance by position (it reads any engine's verdicts), and the step log."""
         log = [self.step_log] if self.step_log is not None else []
         return [self.stack_context(False, temperature).acceptance("moving_average"), *log]
-
-
-class StepLog:
-    """Every step a bench serves: its shape and measured (prefill, draft, verify) seconds, what
-    `--validate` prices with the replay's cost model to separate step-time error from the rest."""
-
-    def __init__(self) -> None:
-        self.steps: list[tuple[StepShape, tuple[float, float, float]]] = []
-
-    def update(self, record: Any) -> None:
-        o = record.outcome
-        self.steps.append((StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s)))
 
 
 @dataclass(frozen=True)

@@ -177,15 +177,10 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
 
 
 # ------------------------------------------------------------------ --validate
-def step_error(cost: Any, log: list[tuple[Any, tuple[float, float, float]]]) -> dict[str, float]:
-    """The replay's cost model on a run's own measured steps: its summed (prefill, draft,
-    verify, total) seconds over the measured ones, minus 1 (+0.10: the replay's clock runs 10%
-    slow on exactly these steps)."""
-    predicted = np.asarray(cost.predict_parts([shape for shape, _ in log]), dtype=np.float64).sum(0)
-    measured = np.array([seconds for _, seconds in log], dtype=np.float64).sum(0)
-    out = {part: float(p / m - 1) if m > 0 else float("nan") for part, p, m in zip(("prefill", "draft", "verify"),
-                                                                                  predicted, measured)}  # fmt: skip
-    return out | {"total": float(predicted.sum() / measured.sum() - 1)}
+def _over_rounds(record: dict[str, Any]) -> float:
+    """A configuration's tokens/s: the geometric mean of its rounds (its record's is the fastest)."""
+    rounds = record.get("rounds") or [record["tokens_per_s"]]
+    return float(np.exp(np.mean(np.log(rounds))))
 
 
 def _machine_profile(pair: Any, file: str | None) -> StepCostProfile:
@@ -203,8 +198,13 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
              meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     """`bench spec --validate`: the same sweep on the replay (this machine's profiles, frozen,
     as the truth; the shipped traces of this draft as the acceptance; the same requests), and
-    per configuration the replay's error in tokens/s and in mean draft length."""
-    from adactl.bench.common import format_table, write_json
+    per configuration the replay's error in tokens/s (geometric means over rounds) and in mean
+    draft length; the profile's error on the engine's own steps (`step_error`); and what the
+    machine allows: the engine's spread between rounds of one configuration, and the tokens/s
+    error once the replay's clock is divided by the profile's level on the sweep's steps (one
+    factor for the whole sweep: the machine's speed then against when it was profiled; exact
+    for fixed-k runs, whose steps do not depend on time)."""
+    from adactl.bench.common import format_table, step_error, write_json
     from adactl.bench.spec import RunContext, _settings, add_ratios, sweep
     from adactl.stacks import needs_companion
 
@@ -225,23 +225,36 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     engine = {(r["temperature"], r["batch_size"], r["controller"]): r for r in real}
     for r in replayed:
         e = engine[r["temperature"], r["batch_size"], r["controller"]]
-        r["error_tokens_per_s"] = r["tokens_per_s"] / e["tokens_per_s"] - 1
+        r["error_tokens_per_s"] = _over_rounds(r) / _over_rounds(e) - 1
+        if len(e.get("rounds", [])) > 1:
+            e["round_spread"] = max(e["rounds"]) / min(e["rounds"]) - 1
         r["error_draft_len"] = r["mean_draft_len"] / e["mean_draft_len"] - 1 if e["mean_draft_len"] > 0 else None
         log = steps.get((r["temperature"], r["batch_size"], r["controller"]))
         if log:  # the replay's step costs on the engine's own steps: step-time error alone, per part
             cost = engines.companion_step_time if needs_companion(r["controller"]) else engines.step_time
             e["step_error"] = step_error(cost, log)
             r["error_step_time"] = e["step_error"]["total"]
-    tps = sorted(abs(r["error_tokens_per_s"]) for r in replayed)
+    timed = [r["error_step_time"] for r in replayed if "error_step_time" in r]
+    level = float(np.exp(np.mean(np.log1p(timed)))) if timed else 1.0
+    for r in replayed:
+        r["error_tokens_per_s_level"] = (1 + r["error_tokens_per_s"]) * level - 1
     lens = [abs(r["error_draft_len"]) for r in replayed if r["error_draft_len"] is not None]
-    timed = sorted(abs(r["error_step_time"]) for r in replayed if "error_step_time" in r)
-    summary = {"runs": len(replayed), "median_abs_error_tokens_per_s": tps[len(tps) // 2],
-               "median_abs_error_step_time": timed[len(timed) // 2] if timed else None,
-               "mean_abs_error_tokens_per_s": sum(tps) / len(tps),
+    spread = [e["round_spread"] for e in real if "round_spread" in e]
+
+    def median(values: list[float]) -> float | None:
+        return float(np.median(np.abs(values))) if values else None
+
+    errors = [r["error_tokens_per_s"] for r in replayed]
+    summary = {"runs": len(replayed), "median_abs_error_tokens_per_s": median(errors),
+               "mean_abs_error_tokens_per_s": float(np.mean(np.abs(errors))),
+               "median_abs_error_step_time": median(timed), "profile_level": level,
+               "median_abs_error_tokens_per_s_level_matched": median([r["error_tokens_per_s_level"] for r in replayed]),
+               "median_engine_round_spread": median(spread),
                "draft_len_within_10pct": sum(e <= 0.10 for e in lens) / max(len(lens), 1),
-               "median_abs_error_draft_len": sorted(lens)[len(lens) // 2] if lens else None}  # fmt: skip
+               "median_abs_error_draft_len": median(lens)}  # fmt: skip
     print(format_table(replayed, ["temperature", "batch_size", "controller", "tokens_per_s", "error_tokens_per_s",
-                                  "error_step_time", "mean_draft_len", "error_draft_len"]))  # fmt: skip
+                                  "error_tokens_per_s_level", "error_step_time", "mean_draft_len",
+                                  "error_draft_len"]))  # fmt: skip
     print("replay vs engine:", summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from adactl import metrics, settings
-from adactl.bench.common import format_table, save_figure, write_json
+from adactl.bench.common import StepLog, format_table, save_figure, step_error, write_json
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
@@ -94,8 +94,10 @@ def stacks(fcfs_seqs: list[int]) -> list[str]:
 
 
 def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], streams: list[Stream],
-          times: list[float], args: StreamSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
-    """Serve the requests open-loop on `engine` (real or replay) and measure the consumers."""
+          times: list[float], args: StreamSettings, bar: tqdm, priced_by: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Serve the requests open-loop on `engine` (real or replay) and measure the consumers;
+    `priced_by`: the replay's step-cost model, to price the real engine's own steps with
+    (`step_error`: the step-time part of the replay's error, apart from its dynamics)."""
     replay = isinstance(engine, ReplayEngine)
     loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget,
                        clock=engine.clock if replay else time.perf_counter)  # fmt: skip
@@ -104,9 +106,11 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     driver = OpenLoop(loop, arrivals, loop.clock, engine.sleep if replay else time.sleep)
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
+    log = StepLog()
 
     def on_step(record: Any) -> None:
         nonlocal inflight_area
+        log.update(record)
         admitted = sum(v.status != "waiting" for v in record.schedule.requests)
         inflight_area += admitted * record.outcome.total_s
         timeline.append((driver.elapsed(), admitted))
@@ -135,6 +139,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "fallbacks": dict(loop.fallbacks),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
         **(engine.kv_stats() if replay else {}),
+        **({"step_error": step_error(priced_by, log.steps)} if priced_by is not None and not replay else {}),
     }
 
 
@@ -274,7 +279,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                                           seed=args.seed, kv_tokens=kv_tokens,
                                           offload=copy.deepcopy(offload))  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
-                result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar)
+                priced_by = replay_time if args.validate else None
+                result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar, priced_by)
                 records.append({"backend": backend, "load": load, "controller": name, **result})
     bar.close()
     add_capacity(records)
@@ -310,6 +316,9 @@ def validation(records: list[dict[str, Any]]) -> dict[str, float]:
         "tpot_rel_error": rel("tpot_s"),
         "ttft_p50_rel_error": rel("ttft_p50_s"),
         "inflight_rel_error": rel("admitted_inflight"),
+        "step_time_rel_error": float(np.mean([abs(a["step_error"]["total"]) for a, _ in pairs if "step_error" in a]))
+        if any("step_error" in a for a, _ in pairs)
+        else float("nan"),
     }
 
 
