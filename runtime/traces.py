@@ -194,6 +194,17 @@ class AcceptanceTraces:
                              bool(a["eos"][i])) for i, (s, e) in enumerate(zip(starts, ends))]  # fmt: skip
 
 
+MIXED = ("sharegpt", "humaneval")  # the mixed workload: chat and code requests in turn
+
+
+def shipped_traces(workload: str, draft: Any = None) -> AcceptanceTraces:
+    """The shipped traces of `workload` (sharegpt, humaneval, or mixed: both, a chat and a code
+    request in turn), greedy and at 0.7, interleaved; `draft`: checked as `load` does."""
+    kinds = MIXED if workload == "mixed" else (workload,)
+    return AcceptanceTraces.mix([AcceptanceTraces.load(shipped_traces_path(w, t), draft=draft)
+                                 for t in (0.0, 0.7) for w in kinds])  # fmt: skip
+
+
 def shipped_traces_path(workload: str, temperature: float) -> Path:
     """Where the traces of the default pair on `workload` at `temperature` are shipped."""
     from .models import SHIPPED_MODELS

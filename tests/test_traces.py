@@ -162,3 +162,42 @@ def test_replay_ends_requests_where_their_trace_ended_by_eos():
         engine.step(StepPlan(draft_len=2, prefill_budget=100))
     (result,) = engine.pop_finished()
     assert result.request_id == rid and result.finish_reason == "eos" and len(result.output_ids) == 4
+
+
+def test_the_mixed_workload_takes_a_chat_and_a_code_request_in_turn(tmp_path):
+    """`--workload mixed`: the shipped chat and code traces interleaved, so any batch holds both,
+    and the speculation bench replays it."""
+    from adactl.cli import main
+    from adactl.runtime.traces import shipped_traces, shipped_traces_path
+
+    mixed = shipped_traces("mixed")
+    chat = AcceptanceTraces.load(shipped_traces_path("sharegpt", 0.0))
+    code = AcceptanceTraces.load(shipped_traces_path("humaneval", 0.0))
+    greedy = [t for t in mixed.requests if t.greedy]
+    assert len(greedy) == len(chat) + len(code)
+    assert greedy[0].prompt_len == chat.requests[0].prompt_len and greedy[1].prompt_len == code.requests[0].prompt_len
+    assert np.array_equal(greedy[3].ratio, code.requests[1].ratio)
+    assert "sharegpt" in mixed.meta["workload"] and "humaneval" in mixed.meta["workload"]
+    args = [
+        "--replay",
+        "--profile",
+        "h100-llama-3.1-8b",
+        "--workload",
+        "mixed",
+        "--batches",
+        "2",
+        "--temperatures",
+        "0",
+        "--controllers",
+        "no-spec;fixed-k2",
+        "--max-new-tokens",
+        "8",
+        "--rounds",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(["bench", "spec", *args]) == 0
+    data = json.loads((tmp_path / "spec_mixed_replay.json").read_text())
+    assert "sharegpt" in data["meta"]["replay"]["acceptance"] and "humaneval" in data["meta"]["replay"]["acceptance"]
+    assert {r["controller"] for r in data["records"]} == {"no-spec", "fixed-k2", "oracle"}

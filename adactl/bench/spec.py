@@ -223,15 +223,11 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         acceptance: Callable[[str], Any] = untrained_acceptance
         meta: dict[str, Any] = {"target": "tiny random Llama"}
     else:
-        from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
+        from adactl.workloads import spec_prompts
 
         both = load_pair(args.target, args.draft, args.companion, device, dtype)
         alone = ModelPair(both.target, both.draft, None, device, dtype, {**both.specs, "companion": "none"})
-        if args.workload == "humaneval":
-            prompts = humaneval_prompts(both.tokenizer, max(args.batches), args.max_prompt_tokens)
-        else:
-            sharegpt = read_sharegpt()
-            prompts = chat_prompts(both.tokenizer, max(args.batches), args.max_prompt_tokens, sharegpt, held_out=True)
+        prompts = spec_prompts(both.tokenizer, args.workload, max(args.batches), args.max_prompt_tokens)
         est = SHIPPED_MODELS / "estimators"
 
         def acceptance(name: str) -> Any:
@@ -430,8 +426,10 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
     print(best_adaptive_summary(records))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = ("spec_trees" if args.trees else "spec") + ("_humaneval" if args.workload == "humaneval" else "")
-    workload = "HumanEval" if args.workload == "humaneval" else "held-out ShareGPT"
+    stem = ("spec_trees" if args.trees else "spec") + ("" if args.workload == "sharegpt" else f"_{args.workload}")
+    workload = {"humaneval": "HumanEval", "mixed": "held-out ShareGPT and HumanEval in turn"}.get(
+        args.workload, "held-out ShareGPT"
+    )
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
     if args.replay:
         stem, what = stem + "_replay", f"{what} (replay: {meta['profile']})"
@@ -499,7 +497,8 @@ class SpecSettings(DeviceSettings, ProfileSettings):
         parse=stack_list,
     )
     max_batch: int = setting(64, "--slo: requests served at once, at most")
-    workload: str = setting("sharegpt", "prompts: held-out ShareGPT or HumanEval", choices=["sharegpt", "humaneval"])
+    workload: str = setting("sharegpt", "prompts: held-out ShareGPT, HumanEval, or mixed (a chat and a code request "
+                            "in turn)", choices=["sharegpt", "humaneval", "mixed"])  # fmt: skip
     trees: bool = setting(False, "token-tree controllers next to the chain controllers")
     fixed_trees: list[TreeSpec] = setting([TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)], "--trees: fixed trees to run, "
                                           "depth,width,nodes separated by ';'", parse=_trees)  # fmt: skip

@@ -37,7 +37,7 @@ from adactl.estimators.step_cost import StepCostProfile
 from adactl.estimators.step_time import PARTS
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
-from adactl.runtime.traces import AcceptanceTraces, shipped_traces_path
+from adactl.runtime.traces import AcceptanceTraces, shipped_traces
 
 FLAT = re.compile(r"no-spec|fixed-k\d+|heuristic|bucket-ema|goodput")
 
@@ -108,12 +108,9 @@ def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int
     if args.tiny:
         return [[1] * (8 + 7 * i % 40) for i in range(n)]
     from adactl.runtime.models import load_model
-    from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
+    from adactl.workloads import spec_prompts
 
-    tokenizer = load_model(args.target).tokenizer
-    if args.workload == "humaneval":
-        return humaneval_prompts(tokenizer, n, args.max_prompt_tokens)
-    return chat_prompts(tokenizer, n, args.max_prompt_tokens, read_sharegpt(), held_out=True)
+    return spec_prompts(load_model(args.target).tokenizer, args.workload, n, args.max_prompt_tokens)
 
 
 def load_traces(args: Any) -> AcceptanceTraces | None:
@@ -121,9 +118,8 @@ def load_traces(args: Any) -> AcceptanceTraces | None:
     if args.replay_alpha is not None or args.replay_traces in (None, "none"):
         return None
     if args.replay_traces == "shipped":
-        paths = [shipped_traces_path(args.workload, t) for t in (0.0, 0.7)]
-    else:
-        paths = [Path(p) for p in args.replay_traces.split(";") if p]
+        return shipped_traces(args.workload)
+    paths = [Path(p) for p in args.replay_traces.split(";") if p]
     return AcceptanceTraces.mix([AcceptanceTraces.load(p) for p in paths])
 
 
@@ -210,8 +206,7 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
 
     alone, both = ctx.costs.pairs[False], ctx.costs.pairs[True]
     draft = alone.model_ids["draft"]
-    traces = AcceptanceTraces.mix([AcceptanceTraces.load(shipped_traces_path(args.workload, t), draft=draft)
-                                   for t in (0.0, 0.7)])  # fmt: skip
+    traces = shipped_traces(args.workload, draft=draft)
     profiles = {c: _machine_profile(p, ctx.costs.files[c]) for c, p in ((False, alone), (True, both))}
     engines = ReplayEngines(truth(profiles[False]), traces.mean_acceptance(), args.replay_noise, args.seed, traces,
                             companion_step_time=truth(profiles[True]))  # fmt: skip
