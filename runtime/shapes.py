@@ -38,7 +38,8 @@ class StepShape:
         if self.verify_computed == 0:  # one [rows, max_verify] forward
             object.__setattr__(self, "verify_computed", self.rows * self.max_verify)
         if self.prefill_attention == 0 and self.prefill_tokens:  # one chunk from an empty cache
-            object.__setattr__(self, "prefill_attention", prefill_pairs([(0, self.prefill_tokens)]))
+            p = self.prefill_tokens  # (prefill_pairs([(0, p)]), inline: controllers make shapes every step)
+            object.__setattr__(self, "prefill_attention", p * (p + 1) // 2)
 
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,

@@ -106,11 +106,12 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     driver = OpenLoop(loop, arrivals, loop.clock, engine.sleep if replay else time.sleep)
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
-    log = StepLog()
+    log = StepLog() if priced_by is not None and not replay else None  # (no per-step shapes unless priced)
 
     def on_step(record: Any) -> None:
         nonlocal inflight_area
-        log.update(record)
+        if log is not None:
+            log.update(record)
         admitted = sum(v.status != "waiting" for v in record.schedule.requests)
         inflight_area += admitted * record.outcome.total_s
         timeline.append((driver.elapsed(), admitted))
@@ -139,7 +140,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "fallbacks": dict(loop.fallbacks),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
         **(engine.kv_stats() if replay else {}),
-        **({"step_error": step_error(priced_by, log.steps)} if priced_by is not None and not replay else {}),
+        **({"step_error": step_error(priced_by, log.steps)} if log is not None else {}),
     }
 
 
@@ -265,6 +266,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
     kv_tokens = _kv_tokens(args)
     offload = _offload(args)
+    priced_by = replay_time if args.validate else None  # the engine's own steps, priced by the replay's model
     records: list[dict[str, Any]] = []
     total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
     bar = tqdm(total=total, desc="bench stream", unit="tok")
@@ -279,7 +281,6 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                                           seed=args.seed, kv_tokens=kv_tokens,
                                           offload=copy.deepcopy(offload))  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
-                priced_by = replay_time if args.validate else None
                 result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar, priced_by)
                 records.append({"backend": backend, "load": load, "controller": name, **result})
     bar.close()
@@ -306,6 +307,8 @@ def validation(records: list[dict[str, Any]]) -> dict[str, float]:
     if not pairs:
         return {}
 
+    priced = [abs(a["step_error"]["total"]) for a, _ in pairs if "step_error" in a]
+
     def rel(key: str) -> float:
         vals = [abs(b[key] - a[key]) / a[key] for a, b in pairs if a.get(key) and b.get(key) is not None]
         return float(np.mean(vals)) if vals else float("nan")
@@ -316,9 +319,7 @@ def validation(records: list[dict[str, Any]]) -> dict[str, float]:
         "tpot_rel_error": rel("tpot_s"),
         "ttft_p50_rel_error": rel("ttft_p50_s"),
         "inflight_rel_error": rel("admitted_inflight"),
-        "step_time_rel_error": float(np.mean([abs(a["step_error"]["total"]) for a, _ in pairs if "step_error" in a]))
-        if any("step_error" in a for a, _ in pairs)
-        else float("nan"),
+        "step_time_rel_error": float(np.mean(priced)) if priced else float("nan"),
     }
 
 
