@@ -8,8 +8,12 @@ draws are common random numbers: a request's draft at output position p accepts 
 j tokens where the uniforms u[p, 0..j-1] (seeded by the engine's seed and the request id)
 fall below alpha_0..alpha_{j-1}, so two controllers serving the same requests see the same
 outcome wherever they draft at the same position, and a comparison between them is not
-drowned in acceptance noise (greedy replay from traces, as issue 32 plans, is exact the
-same way). Time is
+drowned in acceptance noise (greedy replay from traces is exact the same way). Token trees
+(`plan.tree`) are drafted from each request's tree trace (`RequestTrace.tree`: every node a
+width-W growth proposes at that position): the first `nodes` recorded nodes of depth < the
+spec's, and verification walks them with the recorded sibling-conditional acceptance, exact
+for greedy rows; a step's draft is priced by the forwards and tokens a tree growth feeds
+(`shapes.draft_work`). Time is
 simulated (`clock()`), so controllers that read the clock see replayed time, and a load
 sweep that takes the real engine an hour runs in seconds, deterministically for a seed.
 
@@ -28,12 +32,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .kv_pool import HostOffload, KVPool
-from .shapes import StepShape, prefill_pairs
+from .shapes import StepShape, draft_work, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
+from .tree import chain_spec
 from .types import (
     SLO,
     DraftBatch,
@@ -44,9 +50,29 @@ from .types import (
     SamplingParams,
     StepOutcome,
     StepPlan,
+    TreeSpec,
 )
 
 TOKENS_PER_UNIT = {"token": 1.0, "word": 1.3, "sentence": 20.0}
+
+
+def _path_mask(paths: list[list[int]], shape: torch.Size) -> torch.Tensor:
+    """[B, K] bool with row i's `paths[i]` set."""
+    mask = np.zeros(tuple(shape), dtype=np.bool_)
+    for i, nodes in enumerate(paths):
+        mask[i, nodes] = True
+    return torch.from_numpy(mask)
+
+
+@dataclass(frozen=True)
+class _Tree:
+    """What one row drafts on a tree step: its depth, the tree trace it reads (None: a chain),
+    the recorded node ids kept and their parents as indices into them."""
+
+    depth: int
+    trace: RequestTrace | None
+    ids: np.ndarray
+    parents: np.ndarray
 
 
 @dataclass
@@ -70,6 +96,19 @@ class _Replayed:
     @property
     def to_prefill(self) -> int:
         return self.prefill_goal or self.prompt_len
+
+    def tree_path(self, ids: Any, parents: Any, cut: int) -> list[int]:
+        """The accepted path (indices into `ids`) of a tree drafted at the current output
+        position from its tree trace (`RequestTrace.tree_draft`), the first `cut` nodes verified,
+        with this request's uniforms for the position's recorded nodes."""
+        assert self.draws is not None and self.trace is not None and self.trace.tree is not None
+        tree = self.trace.tree
+        key = -1 - self.generated  # tree uniforms: negative keys, apart from the chain's
+        assert self.uniforms is not None
+        u = self.uniforms.get(key)
+        if u is None:
+            u = self.uniforms[key] = [self.draws.random() for _ in range(int(tree.ratio.shape[1]))]
+        return tree.tree_accepted(self.generated, ids, parents, cut, u)
 
     def accepted(self, alpha: list[float], cut: int) -> int:
         """Tokens of a `cut`-token draft at the current output position the target accepts:
@@ -129,6 +168,7 @@ class ReplayEngine:
         self._finished: dict[str, RequestResult] = {}
         self._next_id = 0
         self._pending: tuple[StepPlan, DraftBatch, dict[str, list[int]], tuple[int, int], dict[str, str]] | None = None
+        self._trees: dict[str, _Tree] = {}  # the pending step's trees, by request (a tree step)
         self._joining: list[_Replayed] = []
 
     def clock(self) -> float:
@@ -239,12 +279,14 @@ class ReplayEngine:
         if plan.prefill_budget < 0:
             raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
         if plan.tree is not None:
-            raise RequestError("the replay engine models chains only (its profiles hold no tree acceptance): plan.tree")
+            self._check_trees(plan.tree)
         running = {r.request_id for r in self._rows}
         if plan.run is not None and not set(plan.run) <= running:
             raise RequestError(f"plan.run names requests that are not running: {sorted(set(plan.run) - running)[:5]}")
         if plan.admit is not None and not set(plan.admit) <= set(self._waiting):
             raise RequestError(f"plan.admit names requests that are not waiting: {sorted(set(plan.admit))[:5]}")
+        run = [r for r in self._rows if plan.run is None or r.request_id in set(plan.run)]
+        trees = {r.request_id: self._tree(plan, r) for r in run} if plan.tree is not None else {}  # (may refuse)
         # prefill: admitted waiting requests in order, within the budget and the batch size
         order = list(self._waiting) if plan.admit is None else list(plan.admit)
         room = self.max_batch_size - len(self._rows)
@@ -280,18 +322,24 @@ class ReplayEngine:
             prefill_tokens += take
             if req.prefilled == req.to_prefill:
                 joining.append(req)
-        run = [r for r in self._rows if plan.run is None or r.request_id in set(plan.run)]
-        lens = [self._draft_len(plan.draft_len, r) for r in run]
+        lens = [len(trees[r.request_id].ids) if trees else self._draft_len(plan.draft_len, r) for r in run]
         if self.kv is not None:
             run, lens = self._make_room(run, lens)
-        run_sorted = sorted(zip(run, lens), key=lambda x: -x[1])  # the engine's row order
+        # the engine's row order: longest draft first (trees: deepest first)
+        rank = {r.request_id: (trees[r.request_id].depth, n) if trees else (n, n) for r, n in zip(run, lens)}
+        run_sorted = sorted(zip(run, lens), key=lambda x: rank[x[0].request_id], reverse=True)
         run = [r for r, _ in run_sorted]
         lens = [k for _, k in run_sorted]
         k = max(lens, default=0)
         b = len(run)
-        tokens = torch.full((b, k), -1, dtype=torch.long)
-        for i, n in enumerate(lens):
-            tokens[i, :n] = 1
+        drafted = np.arange(k)[None, :] < np.asarray(lens, dtype=np.int64).reshape(b, 1)
+        tokens = torch.from_numpy(np.where(drafted, 1, -1))
+        parents = None
+        if trees:
+            rows = np.full((b, k), -1, dtype=np.int64)
+            for i, r in enumerate(run):
+                rows[i, : lens[i]] = trees[r.request_id].parents
+            parents = torch.from_numpy(rows)
         drafts = DraftBatch(
             request_ids=tuple(r.request_id for r in run),
             tokens=tokens,
@@ -299,11 +347,51 @@ class ReplayEngine:
             probs=torch.zeros(b, k, 1),
             context_len=torch.tensor([r.context_len for r in run], dtype=torch.long),
             greedy=torch.tensor([r.sampling.temperature <= 0 for r in run], dtype=torch.bool),
-            summary=self._summary(run, lens, k) if self.traces is not None else None,
+            parents=parents,
+            summary=self._summary(run, lens, k, trees) if self.traces is not None else None,
         )
         self._joining = joining
+        self._trees = trees
         self._pending = (plan, drafts, emitted, (prefill_tokens, attention), finished)
         return drafts
+
+    def _check_trees(self, tree: TreeSpec | Mapping[str, TreeSpec]) -> None:
+        """A tree plan's specs, before anything runs: valid, and of the width the tree traces hold."""
+        specs = list(tree.values()) if isinstance(tree, Mapping) else [tree]
+        width = self.traces.tree_width if self.traces is not None else None
+        for spec in specs:
+            if not isinstance(spec, TreeSpec):
+                raise RequestError(f"plan.tree must hold TreeSpecs, got {type(spec).__name__}")
+            spec.validate()
+            if spec.width > 1 and spec.depth > 0 and width is None:
+                raise RequestError("the replay drafts trees from tree traces, and this engine has none (record them: "
+                                   "python train/record_traces.py --tree-width 2)")  # fmt: skip
+            if spec.width > 1 and spec.depth > 0 and spec.width != width:
+                raise RequestError(f"the replay's tree traces hold width-{width} trees; plan.tree asks for width "
+                                   f"{spec.width}")  # fmt: skip
+
+    def _tree(self, plan: StepPlan, req: _Replayed) -> _Tree:
+        """The tree `req` drafts this step under `plan` (its recorded nodes, from its tree trace;
+        a one-wide spec is a chain, from its chain trace), clipped as the engine clips it."""
+        assert plan.tree is not None
+        spec = plan.tree.get(req.request_id) if isinstance(plan.tree, Mapping) else plan.tree
+        if spec is None:
+            spec = chain_spec(self._draft_len(plan.draft_len, req))
+        if spec.width > 1 and spec.depth > 0 and (req.trace is None or req.trace.tree is None
+                                                  or req.trace.tree.tree_width != spec.width):  # fmt: skip
+            raise RequestError(f"request {req.request_id!r} follows no width-{spec.width} tree trace (it was given "
+                               "a trace without one)")  # fmt: skip
+        tree = req.trace.tree if spec.width > 1 and req.trace is not None else None
+        recorded = tree.tree_depth if tree is not None else self.max_draft
+        depth = max(0, min(spec.depth, recorded, req.sampling.max_new_tokens - req.generated - 1,
+                           self.max_context - req.context_len - 1))  # fmt: skip
+        if depth == 0 or spec.max_nodes == 0:
+            return _Tree(0, None, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        if tree is None:  # a chain
+            n = min(depth, spec.nodes)
+            return _Tree(n, None, np.arange(n), np.arange(n) - 1)
+        ids, parents = tree.tree_draft(req.generated, depth, spec.nodes)
+        return _Tree(depth, tree, ids, parents)
 
     def _make_room(self, run: list[_Replayed], lens: list[int]) -> tuple[list[_Replayed], list[int]]:
         """Blocks for every running row's context and this step's draft (in admission order);
@@ -350,23 +438,46 @@ class ReplayEngine:
         return {**self.kv.counts(), "kv_copied_gb": copied / 1e9}
 
     @staticmethod
-    def _summary(run: list[_Replayed], lens: list[int], k: int) -> DraftSummary:
-        """The recorded signals of each row's draft at its output position (0 past its draft)."""
-        s = torch.zeros(5, len(run), k)  # SIGNALS: token_prob, entropy, margin, companion_token_prob, overlap
+    def _summary(run: list[_Replayed], lens: list[int], k: int, trees: dict[str, _Tree]) -> DraftSummary:
+        """The recorded signals of each row's draft at its output position (0 past its draft):
+        a chain's positions, a tree's nodes."""
+        s = np.zeros((len(run), k, 5), dtype=np.float32)  # SIGNALS: token_prob, entropy, margin, companion, overlap
         for i, (r, n) in enumerate(zip(run, lens)):
-            if n and r.trace is not None:
-                s[:, i, :n] = torch.from_numpy(r.trace.signals[r.trace.row(r.generated), :n].T.copy())
-        return DraftSummary(s[0], s[1], s[2], s[3], s[4])
+            tree = trees[r.request_id] if trees else None
+            if n and tree is not None and tree.trace is not None:
+                s[i, :n] = tree.trace.signals[tree.trace.row(r.generated)][tree.ids]
+            elif n and r.trace is not None:
+                s[i, :n] = r.trace.signals[r.trace.row(r.generated), :n]
+        t = torch.from_numpy(s).permute(2, 0, 1)
+        return DraftSummary(t[0], t[1], t[2], t[3], t[4])
+
+    def _accepted(self, req: _Replayed, cut: int) -> list[int]:
+        """The pending draft's accepted nodes (a chain's first a) when `cut` are verified."""
+        tree = self._trees.get(req.request_id)
+        if tree is not None and tree.trace is not None:
+            return req.tree_path(tree.ids, tree.parents, cut)
+        return list(range(req.accepted(self.alpha, cut)))
 
     def verdict(self) -> torch.Tensor:
         """[B] draft tokens of each pending row the target would accept if all were verified
-        (the oracle's peek; off the clock)."""
+        (the oracle's peek; off the clock). A tree batch: `verdict_path`."""
+        drafts = self._pending_drafts()
+        rows = {r.request_id: r for r in self._rows}
+        return torch.tensor([len(self._accepted(rows[rid], int(n))) for rid, n in
+                             zip(drafts.request_ids, drafts.draft_len.tolist())], dtype=torch.long)  # fmt: skip
+
+    def verdict_path(self) -> torch.Tensor:
+        """[B, K] bool: the nodes of each pending row's draft the target would accept if all
+        were verified (the oracle's peek at a tree; off the clock)."""
+        drafts = self._pending_drafts()
+        rows = {r.request_id: r for r in self._rows}
+        paths = [self._accepted(rows[rid], n) for rid, n in zip(drafts.request_ids, drafts.draft_len.tolist())]
+        return _path_mask(paths, drafts.tokens.shape)
+
+    def _pending_drafts(self) -> DraftBatch:
         if self._pending is None:
             raise RuntimeError("no drafts pending: call draft_step() first")
-        drafts = self._pending[1]
-        rows = {r.request_id: r for r in self._rows}
-        return torch.tensor([rows[rid].accepted(self.alpha, int(n)) for rid, n in
-                             zip(drafts.request_ids, drafts.draft_len.tolist())], dtype=torch.long)  # fmt: skip
+        return self._pending[1]
 
     def _draft_len(self, draft_len: int | Mapping[str, int], req: _Replayed) -> int:
         k = draft_len.get(req.request_id, 0) if isinstance(draft_len, Mapping) else int(draft_len)
@@ -381,7 +492,8 @@ class ReplayEngine:
         if cut.shape[0] != len(drafts.request_ids) or bool(((cut < 0) | (cut > drafts.draft_len)).any()):
             raise RequestError(f"verify_len must give each of the {len(drafts.request_ids)} rows 0..its draft length")
 
-        shape = StepShape.of_lengths(cut, drafts.draft_len, prefill_tokens, int(drafts.context_len.sum()), attention)
+        fed, forwards = draft_work(drafts.draft_len, drafts.parents)
+        shape = StepShape.of_lengths(cut, fed, prefill_tokens, int(drafts.context_len.sum()), attention, forwards)
         parts = (
             self.step_time.predict_parts([shape])[0]
             if hasattr(self.step_time, "predict_parts")
@@ -391,12 +503,12 @@ class ReplayEngine:
         prefill_s, draft_s, verify_s = (float(x) * factor for x in parts)
         prefill_s, self._copy_s = prefill_s + self._copy_s, 0.0  # host <-> device KV copies: no noise
         self.now += prefill_s + draft_s + verify_s
-        accepted = torch.zeros(len(cut), dtype=torch.long)
         rows = {r.request_id: r for r in self._rows}
-        for i, rid in enumerate(drafts.request_ids):
-            a = rows[rid].accepted(self.alpha, int(cut[i]))
-            accepted[i] = a
-            emitted[rid] = self._emit(rows[rid], a + 1, finished)
+        paths = [self._accepted(rows[rid], c) for rid, c in zip(drafts.request_ids, cut.tolist())]
+        for rid, nodes in zip(drafts.request_ids, paths):
+            emitted[rid] = self._emit(rows[rid], len(nodes) + 1, finished)
+        accepted = torch.tensor([len(nodes) for nodes in paths], dtype=torch.long)
+        path = _path_mask(paths, drafts.tokens.shape) if drafts.parents is not None else None
         for req in self._joining:  # prompts completed this step: their first token (a preempted one's next)
             del self._waiting[req.request_id]
             if req.first_token_time is None:
@@ -409,10 +521,12 @@ class ReplayEngine:
         self._restoring = []
         self._rows = [r for r in self._rows if r.request_id not in finished]
         self._pending = None
+        self._trees = {}
         return StepOutcome(
             request_ids=drafts.request_ids, drafted=drafts.draft_len, verified=cut, accepted=accepted,
             emitted=emitted, finished=finished, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
             draft_s=draft_s, verify_s=verify_s, total_s=prefill_s + draft_s + verify_s, prefill_attention=attention,
+            path=path,
         )  # fmt: skip
 
     def _emit(self, req: _Replayed, n: int, finished: dict[str, str]) -> list[int]:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -43,10 +44,11 @@ class StepShape:
 
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
-                   context: int = 0, prefill_attention: int = 0) -> StepShape:  # fmt: skip
+                   context: int = 0, prefill_attention: int = 0, forwards: int | None = None) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
-        `verify[i]` of `draft[i]` drafted tokens; the engine splits the verify forward as
-        `verify_split` does. Python lists inside: this runs on every
+        `verify[i]` of their drafted tokens and feed the draft `draft[i]` tokens in `forwards`
+        forwards (None: a chain step, max(draft); a tree's come from `draft_work`); the engine
+        splits the verify forward as `verify_split` does. Python lists inside: this runs on every
         step (the online step-cost update), and torch's per-call overhead dominates [B] tensors."""
         cut = [int(x) for x in (verify.tolist() if isinstance(verify, torch.Tensor) else verify)]
         drafted = [int(x) for x in (draft.tolist() if isinstance(draft, torch.Tensor) else draft)]
@@ -56,7 +58,7 @@ class StepShape:
             verify_tokens=sum(cut) + rows,
             max_verify=max(cut) + 1 if rows else 0,
             draft_tokens=sum(drafted),
-            max_draft=max(drafted) if rows else 0,
+            max_draft=(max(drafted) if rows else 0) if forwards is None else forwards,
             prefill_tokens=prefill,
             context_tokens=context,
             verify_computed=verify_computed(cut),
@@ -69,11 +71,40 @@ class StepShape:
         d = record.drafts
         o = record.outcome
         prefill, context = int(o.prefill_tokens), int(d.context_len.sum())
-        return cls.of_lengths(record.verify_len.cpu(), d.draft_len, prefill, context, int(o.prefill_attention))
+        fed, forwards = draft_work(d.draft_len, d.parents)
+        return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards)
 
     @staticmethod
     def names() -> list[str]:
         return [f.name for f in fields(StepShape)]
+
+
+def draft_work(draft_len: Sequence[int] | torch.Tensor, parents: torch.Tensor | None = None) -> tuple[list[int], int]:
+    """Tokens each row feeds the draft model this step, and the forwards the draft runs. A chain
+    of k tokens: k tokens in k forwards. A tree (`parents` [B, K], nodes best first, a row's
+    first draft_len[i] valid) grows level by level: as many forwards as its deepest row has
+    levels, and per row one token (the last one) and then, for each level but the last, the
+    nodes expanded there: min(width, nodes at that level), width the most children any of its
+    nodes has (what `adactl.runtime.draft.Proposer.trees` feeds, counted on the nodes kept)."""
+    lens = [int(x) for x in (draft_len.tolist() if isinstance(draft_len, torch.Tensor) else draft_len)]
+    if parents is None:
+        return lens, max(lens, default=0)
+    par = parents.cpu().numpy()
+    b, k = par.shape
+    valid = np.arange(k)[None, :] < np.asarray(lens, dtype=np.int64)[:, None]
+    level = np.zeros((b, k), dtype=np.int64)
+    for j in range(k):  # parents come before children: one column at a time, every row at once
+        p = par[:, j]
+        level[:, j] = np.where(p >= 0, level[np.arange(b), np.maximum(p, 0)] + 1, 0)
+    depth = np.where(valid, level + 1, 0).max(1, initial=0)  # levels per row
+    children = np.zeros((b, k + 1), dtype=np.int64)  # slot 0: the root
+    np.add.at(children, (np.nonzero(valid)[0], par[valid] + 1), 1)
+    width = children.max(1)
+    counts = np.zeros((b, k + 1), dtype=np.int64)  # nodes per level
+    np.add.at(counts, (np.nonzero(valid)[0], level[valid]), 1)
+    expanded = np.minimum(counts, width[:, None]) * (np.arange(k + 1)[None, :] < (depth - 1)[:, None])
+    fed = np.where(depth > 0, 1 + expanded.sum(1), 0)
+    return fed.tolist(), int(depth.max(initial=0))
 
 
 def prefill_pairs(chunks: Iterable[tuple[int, int]]) -> int:
@@ -85,15 +116,20 @@ def prefill_pairs(chunks: Iterable[tuple[int, int]]) -> int:
     return sum(size * cached + size * (size + 1) // 2 for cached, size in chunks)
 
 
-def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+def verify_split(cut: torch.Tensor | Sequence[int], min_saving: float = 0.4,
+                 min_tokens: int = 48) -> list[tuple[int, int]]:  # fmt: skip
     """Row ranges for the verify forwards: the whole batch, or two ranges split where the
     computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
     `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
     second forward re-reads the weights, which only a large saving pays for)."""
-    n = len(cut)
+    widths = [int(c) + 1 for c in (cut.tolist() if isinstance(cut, torch.Tensor) else cut)]
+    return _split(widths, min_saving, min_tokens)
+
+
+def _split(widths: list[int], min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+    n = len(widths)
     if n < 2:
         return [(0, n)]
-    widths = (cut + 1).tolist()
     whole = n * max(widths)
     if whole < min_tokens:
         return [(0, n)]
@@ -105,8 +141,7 @@ def verify_split(cut: torch.Tensor, min_saving: float = 0.4, min_tokens: int = 4
 
 def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:
     """Target tokens the verify forwards of a step with these verify lengths (rows in the
-    engine's order: longest draft first) compute, padding included."""
-    c = torch.as_tensor(cut, dtype=torch.long)
-    if len(c) == 0:
-        return 0
-    return sum((r1 - r0) * (int(c[r0:r1].max()) + 1) for r0, r1 in verify_split(c))
+    engine's order: longest draft first) compute, padding included. (Python lists: the step
+    cost model asks for every candidate cut of every step.)"""
+    widths = [int(c) + 1 for c in (cut.tolist() if isinstance(cut, torch.Tensor) else cut)]
+    return sum((r1 - r0) * max(widths[r0:r1]) for r0, r1 in _split(widths) if r1 > r0)

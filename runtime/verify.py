@@ -247,6 +247,25 @@ def tree_children(parents: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Ten
     return children, levels
 
 
+def sibling_ratios(p: torch.Tensor, q: torch.Tensor, tokens: list[int]) -> list[float]:
+    """The chance each of a node's children (tokens, in draw order) is accepted given that the
+    node was and the children before it were not: `verify_trees`' rule with its residual
+    updates, for one node (p, q [V]: the processed target and draft distributions there). For
+    recording what a tree meets (adactl.runtime.traces); a greedy row's is argmax agreement."""
+    p, q = p.double(), q.double()
+    out = []
+    for x in tokens:
+        out.append(float(torch.clamp(p[x] / q[x].clamp(min=1e-30), max=1.0)))
+        residual = (p - q).clamp(min=0.0)
+        mass = residual.sum()
+        p = residual / mass if mass > 0 else p
+        q = q.clone()
+        q[x] = 0.0
+        total = q.sum()
+        q = q / total if total > 0 else q
+    return out
+
+
 def verify_trees(
     target_logits: torch.Tensor,
     draft_probs: torch.Tensor,

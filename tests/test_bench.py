@@ -160,9 +160,10 @@ def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):
     assert "replay of NVIDIA H100" in data["meta"]["machine"]["label"]
 
 
-def test_bench_spec_replay_on_traces_runs_sv_and_the_oracle(tmp_path, target, draft):
-    """With per-request traces (recorded here from a tiny pair), every chain stack replays:
-    SV reads the recorded signals, the oracle the replay's verdict (it beats the fixed k it drafts)."""
+def test_bench_spec_replay_on_traces_runs_sv_trees_and_the_oracles(tmp_path, target, draft):
+    """With per-request traces (recorded here from a tiny pair, chains and trees), every stack
+    replays: SV reads the recorded signals, the tree stacks draft from the tree traces, the
+    oracles read the replay's verdict (each beats the fixed draft it verifies)."""
     import torch
 
     from adactl.runtime.models import LoadedModel, ModelPair
@@ -171,20 +172,26 @@ def test_bench_spec_replay_on_traces_runs_sv_and_the_oracle(tmp_path, target, dr
     pair = ModelPair(LoadedModel(target, None, "tiny"), draft, None, torch.device("cpu"), torch.float32,
                      {"target": "tiny", "draft": "tiny-perturbed", "companion": "none"})  # fmt: skip
     prompts = [[5 + i, 9, 17 + i, 3] * 3 for i in range(4)]
-    files = [str(record_traces(pair, prompts, t, k=4, max_new_tokens=16, batch=4, progress=False).save(
-        tmp_path / f"t{t}.npz")) for t in (0.0, 0.7)]  # fmt: skip
+    files = []  # each chain file, then its trees
+    for t in (0.0, 0.7):
+        for w in (0, 2):
+            traces = record_traces(pair, prompts, t, k=4, max_new_tokens=16, batch=4, progress=False, tree_width=w)
+            files.append(str(traces.save(tmp_path / f"t{t}w{w}.npz")))
     args = ["--replay", "--profile", "h100-llama-3.1-8b", "--replay-traces", ";".join(files), "--batches", "1,4",
-            "--ks", "1,2", "--sv-k", "4", "--max-new-tokens", "16", "--out", str(tmp_path)]  # fmt: skip
+            "--ks", "1,2", "--sv-k", "4", "--max-new-tokens", "16", "--trees", "--out", str(tmp_path)]  # fmt: skip
     main(["bench", "spec", *args])
-    data = json.loads((tmp_path / "spec_replay.json").read_text())
+    data = json.loads((tmp_path / "spec_trees_replay.json").read_text())
     names = {r["controller"] for r in data["records"]}
-    assert {"fixed-k4,sv", "goodput,sv", "heuristic,confidence-stop", "oracle"} <= names
+    assert {"fixed-k4,sv", "goodput,sv", "heuristic,confidence-stop", "oracle", "tree-d2w2n4", "tree-d4w2n8",
+            "goodput-tree,tree-alloc", "tree-oracle"} <= names  # fmt: skip
     runs = {(r["temperature"], r["batch_size"], r["controller"]): r for r in data["records"]}
     for (t, b, name), r in runs.items():
         assert 0 < r["tokens"] <= 16 * b and not r["fallbacks"]  # a recorded EOS ends a request early
-        if name == "oracle":
-            fixed = runs[t, b, f"fixed-k{r['oracle_k']}" if r["oracle_k"] else "no-spec"]
+        if name in ("oracle", "tree-oracle"):
+            chain = f"fixed-k{r['oracle_k']}" if r.get("oracle_k") else "no-spec"
+            fixed = runs[t, b, r["oracle_tree"] if name == "tree-oracle" else chain]
             assert r["tokens"] == fixed["tokens"] and r["tokens_per_s"] >= 0.99 * fixed["tokens_per_s"]
+    assert runs[0.0, 4, "tree-d4w2n8"]["mean_draft_len"] > runs[0.0, 4, "tree-d2w2n4"]["mean_draft_len"] > 2
     assert "traces" in data["meta"]["replay"]["acceptance"]
 
 
@@ -192,7 +199,8 @@ def test_bench_spec_replay_on_traces_runs_sv_and_the_oracle(tmp_path, target, dr
     "argv, says",
     [
         (["--replay-traces", "none", "--controllers", "fixed-k6,sv"], "cannot run fixed-k6,sv"),
-        (["--trees"], "not replayed yet"),
+        (["--replay-traces", "none", "--trees"], "needs tree traces"),
+        (["--slo"], "--slo is not replayed yet"),
         ([], "needs --profile"),
         (["--replay-alpha", "0.5,1.5"], "probabilities in [0, 1]"),
     ],

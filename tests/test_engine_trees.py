@@ -239,13 +239,27 @@ def _pair_models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return target, draft
 
 
-def test_replay_engine_refuses_trees_clearly():
+def test_replay_engine_refuses_trees_without_tree_traces_clearly():
     from adactl.runtime.replay import ReplayEngine
 
     from .test_stream import LinearCost
 
     engine = ReplayEngine(LinearCost(), alpha=[0.6, 0.5], seed=0)
     engine.add_request(8, SamplingParams(max_new_tokens=4))
-    with pytest.raises(RequestError, match="chains only"):
+    with pytest.raises(RequestError, match="drafts trees from tree traces"):
         engine.draft_step(StepPlan(tree=TreeSpec()))
     engine.step(StepPlan(draft_len=2))  # still serves chains
+
+
+def test_a_tree_step_is_priced_by_the_draft_work_it_does():
+    """A chain of k feeds k tokens in k forwards; a tree one forward per level, feeding the last
+    token and then the nodes expanded at each level but the last (not one forward per node)."""
+    from adactl.runtime.shapes import StepShape, draft_work
+
+    assert draft_work([3, 2, 0]) == ([3, 2, 0], 3)
+    parents = torch.tensor([[-1, 0, -1, 1, 0, 2, 3, 1], [-1, -1, 0, 1, -1, -1, -1, -1], [-1] * 8])
+    assert draft_work([8, 4, 0], parents) == ([7, 3, 0], 4)  # depth 4 width 2: 1 + 2 + 2 + 2; a depth-3 chain-ish row
+    chain = torch.tensor([[-1, 0, 1, -1]])
+    assert draft_work([3], chain) == draft_work([3])  # a one-wide tree costs what its chain does
+    shape = StepShape.of_lengths([8, 4, 0], *draft_work([8, 4, 0], parents)[:1], forwards=4)
+    assert shape.max_draft == 4 and shape.draft_tokens == 10 and shape.verify_tokens == 15

@@ -101,10 +101,11 @@ gpu = sorted((SHIPPED_MODELS / "estimators").glob("gpu_*.json"))
 assert len(gpu) == 4, gpu                                     # the computed GPU profiles
 for f in gpu:
     StepCostProfile.load(f)
-from adactl.runtime.traces import AcceptanceTraces, shipped_traces_path
+from adactl.runtime.traces import AcceptanceTraces, shipped_traces, shipped_traces_path
 for workload in ("sharegpt", "humaneval"):                   # the acceptance traces the replay draws from
     for temperature in (0.0, 0.7):
         assert len(AcceptanceTraces.load(shipped_traces_path(workload, temperature))) > 0
+    assert shipped_traces(workload).tree_width == 2              # with their token-tree traces
 draft = load_draft("draft", load_model("smollm2"))
 print("draft", type(draft).__name__, sum(p.numel() for p in draft.parameters() if p.requires_grad))
 """

@@ -1,5 +1,6 @@
 """Per-request acceptance traces (adactl.runtime.traces, adactl.traces): recorded from the real
-engine on tiny models, replayed exactly for greedy rows, their files checked."""
+engine on tiny models, chains and token trees, replayed exactly for greedy rows, their files
+checked."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from adactl.controllers import oracle
 from adactl.estimators.step_time import tiny_step_time
 from adactl.interface import VerifyState
-from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+from adactl.runtime import Engine, EngineConfig, RequestError, SamplingParams, StepPlan, TreeSpec
 from adactl.runtime.models import LoadedModel, ModelPair
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.traces import SIGNALS, AcceptanceTraces, RequestTrace, TraceError
@@ -41,6 +42,93 @@ def greedy(pair, prompts) -> AcceptanceTraces:
 @pytest.fixture(scope="module")
 def sampled(pair, prompts) -> AcceptanceTraces:
     return record_traces(pair, prompts, 0.7, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny", progress=False)
+
+
+@pytest.fixture(scope="module")
+def greedy_trees(pair, prompts, greedy) -> AcceptanceTraces:
+    trees = record_traces(pair, prompts, 0.0, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny", progress=False,
+                          tree_width=2)  # fmt: skip
+    return greedy.with_trees(trees)
+
+
+def _tree_steps(engine, prompts, spec, traces=None, temperature=0.0, cut=False):
+    """Accepted draft tokens per step of each request, drafting `spec` (cut: verify only the
+    first half of each row's nodes)."""
+    ids = [engine.add_request(p, SamplingParams(TOKENS, temperature=temperature, seed=i),
+                              **({"trace": traces[i]} if traces else {})) for i, p in enumerate(prompts)]  # fmt: skip
+    seen: dict[str, list[int]] = {r: [] for r in ids}
+    while engine.has_unfinished():
+        drafts = engine.draft_step(StepPlan(prefill_budget=1000, tree=spec))
+        out = engine.verify((drafts.draft_len + 1) // 2 if cut else None)
+        for i, r in enumerate(out.request_ids):
+            seen[r].append(int(out.accepted[i]))
+    return [seen[r] for r in ids]
+
+
+@pytest.mark.parametrize("spec,cut", [(TreeSpec(2, 2, 4), False), (TreeSpec(4, 2, 8), True), (TreeSpec(3, 2, 3), False),
+                                      (TreeSpec(4, 2, 14), False), (TreeSpec(4, 1, 4), False)])  # fmt: skip
+def test_greedy_tree_replay_is_exact_for_any_tree_of_its_width(pair, prompts, greedy_trees, spec, cut):
+    """One recorded growth (depth 4, width 2, every node) stands for every tree of width 2 up to
+    depth 4, any node budget and verified prefix: the replay accepts what the engine accepts,
+    step by step (a one-wide tree is a chain, from the chain trace)."""
+    engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=len(prompts)))
+    real = _tree_steps(engine, prompts, spec, cut=cut)
+    replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=greedy_trees)
+    assert _tree_steps(replay, prompts, spec, greedy_trees.requests, cut=cut) == real
+    assert 0 < sum(map(sum, real)) < sum(map(len, real)) * spec.depth  # both outcomes occur
+
+
+def test_sampled_tree_replay_accepts_about_as_the_engine_does(pair, prompts, sampled):
+    trees = sampled.with_trees(record_traces(pair, prompts, 0.7, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny",
+                                             progress=False, tree_width=2))  # fmt: skip
+    spec, real, replayed = TreeSpec(4, 2, 8), [], []
+    for seed in range(3):
+        engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=len(prompts), seed=seed))
+        real += [a for r in _tree_steps(engine, prompts, spec, temperature=0.7) for a in r]
+        replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=trees, seed=seed)
+        replayed += [a for r in _tree_steps(replay, prompts, spec, trees.requests, temperature=0.7) for a in r]
+    assert abs(np.mean(real) - np.mean(replayed)) < 0.3, (np.mean(real), np.mean(replayed))  # same rule, other draws
+
+
+def test_replayed_trees_carry_their_nodes_signals_and_the_oracle_reads_the_path(greedy_trees, prompts):
+    engine = ReplayEngine(tiny_step_time(), max_batch_size=6, traces=greedy_trees)
+    for p in prompts:
+        engine.add_request(p, SamplingParams(TOKENS))
+    engine.step(StepPlan(prefill_budget=1000))
+    drafts = engine.draft_step(StepPlan(tree=TreeSpec(3, 2, 6)))
+    i = 0
+    trace = greedy_trees.requests[int(drafts.request_ids[i].split("-")[1])].tree
+    ids, parents = trace.tree_draft(1, 3, 6)
+    assert torch.equal(drafts.parents[i, : len(ids)], torch.from_numpy(parents))
+    assert torch.allclose(drafts.summarized().token_prob[i, : len(ids)], torch.from_numpy(trace.signals[0, ids, 0]))
+    alpha = oracle(engine, tiny_step_time()).estimator.estimate(VerifyState(0.0, drafts)).alpha
+    path = engine.verdict_path()
+    assert torch.equal(alpha.bool(), path)
+    out = engine.verify()
+    assert torch.equal(out.path, path) and torch.equal(out.accepted, path.sum(1))
+    with pytest.raises(RequestError, match="width-2 trees; plan.tree asks for width 3"):
+        engine.draft_step(StepPlan(tree=TreeSpec(3, 3, 6)))
+    engine.step(StepPlan(tree=TreeSpec(2, 2, 4)))  # the refused plan changed nothing
+
+
+def test_tree_trace_files_round_trip_and_are_checked(tmp_path, greedy_trees):
+    meta = {**greedy_trees.meta, "tree": greedy_trees.meta["trees"]}
+    trees = AcceptanceTraces([t.tree for t in greedy_trees.requests], meta)
+    path = trees.save(tmp_path / "trees.npz")
+    loaded = AcceptanceTraces.load(path, draft="tiny-perturbed")
+    assert loaded.tree == {"depth": 4, "width": 2} and loaded.max_draft == 4
+    for a, b in zip(loaded.requests, trees.requests):
+        assert np.array_equal(a.parents, b.parents) and np.allclose(a.ratio, b.ratio) and a.tree_width == 2
+    with pytest.raises(TraceError, match="were not recorded on these requests"):
+        AcceptanceTraces(greedy_trees.requests[:2], greedy_trees.meta).with_trees(loaded)
+    with pytest.raises(TraceError, match="cannot be mixed"):
+        AcceptanceTraces.mix([loaded, greedy_trees])
+    with np.load(path) as data:
+        parents = data["parents"].copy()
+    parents[0, 0] = 3  # a node whose parent comes after it
+    _rewrite(path, parents=parents)
+    with pytest.raises(TraceError, match="not a best-first node order"):
+        AcceptanceTraces.load(path)
 
 
 def _accepted_by_step(engine, prompts, k, temperature=0.0, traces=None):

@@ -7,7 +7,8 @@ import torch
 from scipy.stats import chisquare
 
 from adactl.runtime import process_logits, verify_chains, verify_trees
-from adactl.runtime.verify import VerifyResult, counter_uniforms, rescaled, sample
+from adactl.runtime.traces import tree_accepted
+from adactl.runtime.verify import VerifyResult, counter_uniforms, rescaled, sample, sibling_ratios
 
 
 def test_top_p_keeps_smallest_set_reaching_mass():
@@ -191,3 +192,27 @@ def test_counter_uniforms_are_uniform_and_independent_of_the_batch():
     assert not torch.equal(u[0, :100], u[1, :100])
     # neighbouring seeds are not correlated
     assert abs(float(torch.corrcoef(counter_uniforms(torch.tensor([5, 6]), torch.zeros(2), 4096))[0, 1])) < 0.06
+
+
+def test_recorded_sibling_ratios_replay_the_tree_rule_exactly():
+    """What a tree trace records per node (`sibling_ratios` on the target at its parent; greedy:
+    argmax agreement), walked with the same uniforms (`tree_accepted`), accepts exactly the path
+    `verify_trees` accepts: the replay of a recorded tree is the engine's rule."""
+    logits, probs, tokens, parents, cut, temp, top_p, u = args = random_trees(b=1000, k=7, v=12, seed=0)
+    want = verify_trees(*args)
+    p = process_logits(logits, temp, top_p)
+    for i in range(len(tokens)):
+        n = int((tokens[i] >= 0).sum())
+        ratio = [0.0] * n
+        for parent in sorted({int(x) for x in parents[i, :n]}):
+            kids = [j for j in range(n) if int(parents[i, j]) == parent]
+            if float(temp[i]) <= 0:
+                best = int(logits[i, parent + 1].argmax())
+                got = [float(int(tokens[i, j]) == best) for j in kids]
+            else:
+                got = sibling_ratios(p[i, parent + 1], probs[i, kids[0]], [int(tokens[i, j]) for j in kids])
+            for j, r in zip(kids, got):
+                ratio[j] = r
+        path = tree_accepted(parents[i, :n].tolist(), ratio, u[i, :n].tolist(), int(cut[i]))
+        assert path == want.path[i].nonzero().flatten().tolist(), i
+    assert int(want.accepted.sum()) > 0

@@ -2,6 +2,7 @@
 
     python train/record_traces.py                     # ShareGPT held out and HumanEval, greedy and 0.7
     python train/record_traces.py --workloads sharegpt --temperatures 0 --requests 8 --out /tmp/traces
+    python train/record_traces.py --tree-width 2      # the tree traces: <workload>_<greedy|t07>_trees.npz
 
 For each workload and temperature, `--requests` prompts (held-out ShareGPT, or HumanEval) are
 served by SmolLM2-135M with the shipped draft and companion (adactl.traces.record_traces:
@@ -9,6 +10,10 @@ every step drafts `--k` tokens, reads the target's verdict, verifies none), and 
 are written to `models/traces/<workload>_<greedy|t07>.npz`, which `adactl bench spec
 --replay` and the envs draw requests from. A mixed chat + code workload is both files
 interleaved (`AcceptanceTraces.mix`). About 6 minutes per file on the 2-core CPU.
+
+With `--tree-width W`, each position records every node of a depth-`--k`, width-W token tree
+instead (adactl.traces), written next to the chain file as `<workload>_<t>_trees.npz`; the
+replay attaches it to the chain traces of the same requests and drafts trees from it.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--k", type=int, default=6, help="draft tokens recorded per position")
+    parser.add_argument("--tree-width", type=int, default=0,
+                        help="record tree traces of this width (depth --k) next to the chain ones: "
+                             "<workload>_<t>_trees.npz (0: chains)")  # fmt: skip
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory (default: the shipped models/traces)")
@@ -47,14 +55,18 @@ def main() -> None:
         for temperature in (float(t) for t in args.temperatures.split(",")):
             t0 = time.perf_counter()
             traces = record_traces(pair, prompts, temperature, args.k, args.max_new_tokens, args.batch, args.seed,
-                                   workload)  # fmt: skip
+                                   workload, tree_width=args.tree_width)  # fmt: skip
             traces.meta["record_s"] = round(time.perf_counter() - t0, 1)
-            path = shipped_traces_path(workload, temperature)
+            path = shipped_traces_path(workload, temperature, trees=args.tree_width > 0)
             path = Path(args.out) / path.name if args.out else path
             traces.save(path)
-            alpha = np.round(traces.mean_acceptance(), 3).tolist()
-            print(f"{workload} t={temperature:g}: {len(traces)} requests in {traces.meta['record_s']} s, mean "
-                  f"conditional acceptance by position {alpha} -> {path}")  # fmt: skip
+            if traces.tree is not None:
+                nodes = np.concatenate([t.ratio[t.parents >= -1] for t in traces.requests])
+                what = f"mean node acceptance {float(nodes.mean()):.3f}"
+            else:
+                what = f"mean conditional acceptance by position {np.round(traces.mean_acceptance(), 3).tolist()}"
+            print(f"{workload} t={temperature:g}: {len(traces)} requests in {traces.meta['record_s']} s, {what} -> "
+                  f"{path}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -408,8 +408,15 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
         target, draft, pair, prompts, ctx, meta = _load(args)
         if args.slo:
             return _slo(args, target, draft, pair, prompts, ctx, meta)
-        if args.validate and (args.trees or args.tiny):
-            raise SystemExit("adactl bench spec --validate: chains on the default pair only (its traces are shipped)")
+        if args.validate and args.tiny:
+            raise SystemExit("adactl bench spec --validate: the default pair only (its traces are shipped)")
+        if args.validate and args.trees:
+            from adactl.runtime.traces import shipped_traces
+
+            if shipped_traces(args.workload).tree_width != args.tree_width:
+                raise SystemExit(f"adactl bench spec --validate --trees: no shipped width-{args.tree_width} "
+                                 f"tree traces of {args.workload} (python train/record_traces.py --tree-width "
+                                 f"{args.tree_width})")  # fmt: skip
         engines = Engines(target, draft, pair)
         chosen = args.controllers or [
             *stacks(args.ks, args.sv_k),

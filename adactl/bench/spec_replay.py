@@ -14,7 +14,9 @@ Acceptance, by default, is the default pair's per-request traces (adactl.runtime
 replayed request following one recorded request, its prompt length, its acceptance at every
 output position and the draft and companion signals there), so every chain controller runs,
 Speculative Verification and the oracle included: greedy replay is exact for any draft length
-and verified prefix. Token trees and `--slo` are refused (the traces hold chains). With
+and verified prefix. With `--trees`, the token-tree stacks and the tree oracle run too, on the
+shipped tree traces (width 2, depth 6: every tree of width 2 up to depth 6 is replayed exactly
+for greedy rows, any node budget and verified prefix). `--slo` is refused. With
 `--replay-alpha` (or `--replay-traces none`), one conditional probability per draft position
 for every request instead (none: vLLM's published EAGLE acceptance with a computed GPU
 profile, the shipped moving average with a measured one), and only the stacks that read no
@@ -24,7 +26,7 @@ per-request signal run (no-spec, fixed k, heuristic, bucket-ema, goodput).
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,6 @@ from adactl.estimators import load_acceptance
 from adactl.estimators.gpu_cost import GPU as GpuFigures
 from adactl.estimators.gpu_cost import VLLM_ACCEPTANCE, EngineCosts, GpuStepCost, ModelShape
 from adactl.estimators.step_cost import StepCostProfile
-from adactl.estimators.step_time import PARTS
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.traces import AcceptanceTraces, shipped_traces
@@ -42,10 +43,13 @@ from adactl.runtime.traces import AcceptanceTraces, shipped_traces
 FLAT = re.compile(r"no-spec|fixed-k\d+|heuristic|bucket-ema|goodput")
 
 
-def replayable(stack: str, traces: bool) -> bool:
+def replayable(stack: str, traces: AcceptanceTraces | None) -> bool:
     """Whether every controller of `stack` reads only what the replay produces: with traces,
-    any chain stack; with a flat alpha, those that read no per-request signal."""
-    return "tree" not in stack if traces else all(FLAT.fullmatch(part) for part in stack.split(","))
+    any chain stack, and tree stacks where they carry tree traces; with a flat alpha, those
+    that read no per-request signal."""
+    if traces is None:
+        return all(FLAT.fullmatch(part) for part in stack.split(","))
+    return "tree" not in stack or traces.tree_width is not None
 
 
 def conditional(acceptance: tuple[float, ...], positions: int = 8) -> list[float]:
@@ -114,23 +118,33 @@ def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int
 
 
 def load_traces(args: Any) -> AcceptanceTraces | None:
-    """`--replay-traces`: shipped (the workload's greedy and 0.7 recordings), none, or files ';'-separated."""
+    """`--replay-traces`: shipped (the workload's greedy and 0.7 recordings, with their tree
+    traces), none, or files ';'-separated (a tree trace file goes right after the chain file of
+    the same requests, and is attached to it)."""
     if args.replay_alpha is not None or args.replay_traces in (None, "none"):
         return None
     if args.replay_traces == "shipped":
         return shipped_traces(args.workload)
-    paths = [Path(p) for p in args.replay_traces.split(";") if p]
-    return AcceptanceTraces.mix([AcceptanceTraces.load(p) for p in paths])
+    parts: list[AcceptanceTraces] = []
+    for path in (Path(p) for p in args.replay_traces.split(";") if p):
+        loaded = AcceptanceTraces.load(path)
+        if loaded.tree is None:
+            parts.append(loaded)
+        elif not parts or parts[-1].tree_width is not None:
+            raise SystemExit(f"adactl bench spec --replay-traces: the tree traces {path} follow no chain trace file "
+                             "of the same requests (list the chain file first)")  # fmt: skip
+        else:
+            parts[-1] = parts[-1].with_trees(loaded)
+    return AcceptanceTraces.mix(parts)
 
 
 def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[str, Any], list[str], list[str]]:
     """engines, prompts, the controllers' context, meta, the stacks and oracles to run."""
-    from adactl.bench.spec import RunContext, stacks
+    from adactl.bench.spec import RunContext, stacks, tree_stacks
     from adactl.profiler import named_profile
 
-    if args.slo or args.trees:
-        raise SystemExit("adactl bench spec --replay: --slo and --trees are not replayed yet (the traces hold "
-                         "chains, and the replay no SLO classes)")  # fmt: skip
+    if args.slo:
+        raise SystemExit("adactl bench spec --replay: --slo is not replayed yet (the replay has no SLO classes)")
     if args.profile is None:
         raise SystemExit("adactl bench spec --replay needs --profile: a computed GPU profile by name "
                          "(h100-llama-3.1-8b, a100-llama-3.1-8b, h200-llama-3.1-8b, h100x4-llama-3.1-70b) or a file "
@@ -138,12 +152,20 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
     if args.replay_alpha is not None and (not args.replay_alpha or any(not 0 <= a <= 1 for a in args.replay_alpha)):
         raise SystemExit(f"adactl bench spec --replay-alpha: probabilities in [0, 1], got {args.replay_alpha}")
     traces = load_traces(args)
+    if args.trees and (traces is None or traces.tree_width is None):
+        raise SystemExit("adactl bench spec --replay --trees needs tree traces: the shipped ones (--replay-traces "
+                         "shipped), or files recorded with python train/record_traces.py --tree-width 2")  # fmt: skip
+    if args.trees and traces is not None and traces.tree_width not in (args.tree_width, None):
+        raise SystemExit(f"adactl bench spec --replay --trees: the tree traces are width {traces.tree_width}, "
+                         f"--tree-width is {args.tree_width}")  # fmt: skip
     flat = ["no-spec", *(f"fixed-k{k}" for k in args.ks), "heuristic", "bucket-ema", "goodput"]
-    chosen = args.controllers or (stacks(args.ks, args.sv_k) if traces is not None else flat)
-    refused = [s for s in chosen if not replayable(s, traces is not None)]
+    trees = tree_stacks(args.fixed_trees, args.tree) if args.trees else []
+    chosen = args.controllers or ([*stacks(args.ks, args.sv_k), *trees] if traces is not None else flat)
+    refused = [s for s in chosen if not replayable(s, traces)]
     if refused:
-        why = ("the traces hold chains, not trees" if traces is not None else "they read per-request draft or "
-               "companion signals a flat --replay-alpha does not produce (replay traces instead)")  # fmt: skip
+        why = ("the traces hold chains, not trees (record tree traces: python train/record_traces.py --tree-width 2)"
+               if traces is not None else "they read per-request draft or companion signals a flat --replay-alpha "
+               "does not produce (replay traces instead)")  # fmt: skip
         raise SystemExit(f"adactl bench spec --replay cannot run {', '.join(refused)}: {why}")
     profile = StepCostProfile.load(named_profile(args.profile))
     if args.replay_alpha is not None:
@@ -169,7 +191,8 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
             "replay": {"acceptance": acceptance_from, "noise": args.replay_noise,
                        "truth": type(engines.step_time).__name__},
             "machine": {"label": f"replay of {where}", "replayed": where}, "refine": args.refine}  # fmt: skip
-    return engines, _prompt_lengths(args, traces), ctx, meta, chosen, ["oracle"] if traces is not None else []
+    oracles = (["oracle", "tree-oracle"] if args.trees else ["oracle"]) if traces is not None else []
+    return engines, _prompt_lengths(args, traces), ctx, meta, chosen, oracles
 
 
 # ------------------------------------------------------------------ --validate
@@ -200,7 +223,7 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     error once the replay's clock is divided by the profile's level on the sweep's steps (one
     factor for the whole sweep: the machine's speed then against when it was profiled; exact
     for fixed-k runs, whose steps do not depend on time)."""
-    from adactl.bench.common import format_table, step_error, write_json
+    from adactl.bench.common import format_table, logged_steps, step_error, write_json
     from adactl.bench.spec import RunContext, _settings, add_ratios, sweep
     from adactl.stacks import needs_companion
 
@@ -212,7 +235,8 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
                             companion_step_time=truth(profiles[True]))  # fmt: skip
     here = RunContext(ctx.acceptance, ReplayCosts(profiles[False], args.refine, profiles[True]), args.tree_width)
     steps = {(r["temperature"], r["batch_size"], r["controller"]): r.pop("step_log") for r in real if "step_log" in r}
-    replayed = sweep(engines, prompts, here, chosen, ["oracle"], args, label="bench spec (replay)")
+    oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
+    replayed = sweep(engines, prompts, here, chosen, oracles, args, label="bench spec (replay)")
     for records, backend in ((real, "engine"), (replayed, "replay")):
         add_ratios(records)
         for r in records:
@@ -253,10 +277,10 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     print("replay vs engine:", summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logged = [{"temperature": t, "batch_size": b, "controller": c,
-               "steps": [{**asdict(shape), **dict(zip(PARTS, seconds))} for shape, seconds in log]}
+    logged = [{"temperature": t, "batch_size": b, "controller": c, "steps": logged_steps(log)}
               for (t, b, c), log in steps.items()]  # fmt: skip
-    write_json(out / "spec_validate_steps.json", logged, {"profiles": {str(k): p.meta for k, p in profiles.items()}})
-    write_json(out / "spec_validate.json", [*real, *replayed], {**meta, "validation": summary,
+    stem = "spec_trees_validate" if args.trees else "spec_validate"
+    write_json(out / f"{stem}_steps.json", logged, {"profiles": {str(k): p.meta for k, p in profiles.items()}})
+    write_json(out / f"{stem}.json", [*real, *replayed], {**meta, "validation": summary,
                "traces": traces.meta.get("models"), "args": _settings(args)})  # fmt: skip
     return [*real, *replayed]

@@ -7,8 +7,8 @@ subtract) and gives the exact conditional acceptance:
     alpha_ij = 1[argmax p_ij = d_ij]            greedy rows (argmax agreement)
     alpha_ij = min(1, p_ij(d_ij) / q_ij(d_ij))  sampled rows (the rejection rule's probability)
 
-On the replay (`ReplayEngine.verdict`) the outcome is known outright: alpha 1 up to the
-tokens each row's whole draft would keep, 0 from the first it would reject.
+On the replay (`ReplayEngine.verdict`, `.verdict_path` for trees) the outcome is known
+outright: alpha 1 on the tokens each row's whole draft would keep, 0 elsewhere.
 `oracle(engine, step_time)` is Speculative Verification with it: for greedy rows it verifies
 exactly the tokens the target accepts (when that pays), for sampled rows the best length in
 expectation. Every controller is compared with it as the upper bound. On a token tree, node j's alpha
@@ -41,7 +41,9 @@ class PerfectAcceptance:
     def estimate(self, state: VerifyState) -> AcceptanceEstimate:
         d = state.drafts
         verdict = getattr(self.engine, "verdict", None)
-        if verdict is not None:  # the replay knows its outcome: [B] tokens each whole draft would keep
+        if verdict is not None:  # the replay knows its outcome: the nodes each whole draft would keep
+            if d.parents is not None:
+                return AcceptanceEstimate(self.engine.verdict_path().float() * drafted_mask(d), d.parents)
             kept = verdict()
             alpha = (torch.arange(d.tokens.shape[1])[None, :] < kept[:, None]).float() * drafted_mask(d)
             return AcceptanceEstimate(alpha, d.parents)

@@ -21,6 +21,7 @@ import torch
 
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, VerifyState
+from adactl.runtime.shapes import draft_work
 from adactl.runtime.types import DraftBatch
 
 
@@ -58,7 +59,8 @@ class SpeculativeVerification(Controller):
     def seconds(self, d: DraftBatch, cands: torch.Tensor) -> np.ndarray:
         """[C] predicted step seconds of each candidate [C, B] of verify lengths."""
         context = int(d.context_len.sum())
-        shapes = [StepShape.of_lengths(c, d.draft_len, 0, context) for c in cands]
+        fed, forwards = draft_work(d.draft_len, d.parents)
+        shapes = [StepShape.of_lengths(c, fed, 0, context, forwards=forwards) for c in cands]
         return np.maximum(self.step_time.predict(shapes), 1e-6)
 
 
