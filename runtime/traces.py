@@ -94,10 +94,12 @@ class RequestTrace:
         """The tree a (depth, W, nodes) spec drafts at `position` (a tree trace): the recorded
         node ids kept, best first, and their parents as indices into that list (-1: the root)."""
         assert self.parents is not None
-        if self._levels is None:  # every position's node depths, once (the replay asks every step)
-            object.__setattr__(self, "_levels", node_levels(self.parents))
+        levels = self._levels
+        if levels is None:  # every position's node depths, once (the replay asks every step)
+            levels = node_levels(self.parents)
+            object.__setattr__(self, "_levels", levels)
         row = self.row(position)
-        return tree_nodes(self.parents[row], depth, nodes, self._levels[row])
+        return tree_nodes(self.parents[row], depth, nodes, levels[row])
 
     def tree_accepted(self, position: int, kept_ids: np.ndarray, parents: np.ndarray, verified: int,
                       uniforms: Sequence[float]) -> list[int]:  # fmt: skip

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 import psutil
 
 from adactl.runtime.shapes import StepShape
+
+PARTS = ("prefill_s", "draft_s", "verify_s")  # a step's measured seconds, as StepOutcome has them
 
 
 def release_freed_memory() -> None:
@@ -101,6 +104,11 @@ class StepLog:
     def update(self, record: Any) -> None:
         o = record.outcome
         self.steps.append((StepShape.of(record), (o.prefill_s, o.draft_s, o.verify_s)))
+
+
+def logged_steps(log: list[tuple[Any, tuple[float, float, float]]]) -> list[dict[str, Any]]:
+    """A run's step log as JSON rows: each step's shape and its measured seconds by part."""
+    return [{**asdict(shape), **dict(zip(PARTS, seconds))} for shape, seconds in log]
 
 
 def step_error(cost: Any, log: list[tuple[Any, tuple[float, float, float]]]) -> dict[str, float]:

@@ -20,7 +20,8 @@ in-flight requests (time-weighted mean over the run), effective throughput (toke
 time per second), and per controller `capacity_at_slo` (the largest load with misses <= 0.5%)
 with the in-flight requests at that load. `--replay` runs the sweep on `ReplayEngine` (the
 step-time model fitted on the real engine's profile; seconds instead of an hour);
-`--validate` runs both on the same loads and reports the replay's error.
+`--validate` runs both on the same loads and reports the replay's error, with the engine's own
+steps (their shapes and measured seconds by part) in `stream_validate_steps.json`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 from adactl import metrics, settings
-from adactl.bench.common import StepLog, format_table, save_figure, step_error, write_json
+from adactl.bench.common import StepLog, format_table, logged_steps, save_figure, step_error, write_json
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
@@ -140,7 +141,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "fallbacks": dict(loop.fallbacks),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
         **(engine.kv_stats() if replay else {}),
-        **({"step_error": step_error(priced_by, log.steps)} if log is not None else {}),
+        **({"step_error": step_error(priced_by, log.steps), "step_log": log.steps} if log is not None else {}),
     }
 
 
@@ -294,6 +295,10 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     meta = {"target": "tiny" if args.tiny else args.target, "validation": summary,
             "machine": describe(pair.device, pair.dtype).to_dict(),
             "args": asdict(args)}  # fmt: skip
+    logged = [{"load": r["load"], "controller": r["controller"], "steps": logged_steps(r.pop("step_log"))}
+              for r in records if "step_log" in r]  # fmt: skip
+    if logged:  # --validate: the engine's steps, shapes and measured seconds
+        write_json(out / "stream_validate_steps.json", logged, {"profile": args.profile or "this machine's (cached)"})
     write_json(out / "stream.json", records, meta)
     plot(records, out / "stream.png", f"adactl bench stream: {meta['target']}, {meta['machine']['label']}")
     return records
