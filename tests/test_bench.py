@@ -244,6 +244,8 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
     assert data["meta"]["validation"]["runs"] == 12
     assert data["meta"]["validation"]["step_time_rel_error"] >= 0  # the profile priced the engine's own steps
     assert all("step_error" in r for r in data["records"] if r["backend"] == "engine")
+    logged = json.loads((tmp_path / "stream_validate_steps.json").read_text())["records"]  # the engine's own steps
+    assert len(logged) == 12 and all(s["prefill_s"] + s["verify_s"] > 0 for run in logged for s in run["steps"])
     assert (tmp_path / "stream.png").stat().st_size > 10_000
     assert "progressserve" in capsys.readouterr().out
 
