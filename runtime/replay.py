@@ -151,6 +151,9 @@ class ReplayEngine:
         to the prefill part of the step that makes it, outside the step-time noise."""
         self.step_time, self.alpha = step_time, [float(a) for a in alpha]
         self.max_batch_size, self.noise, self.max_context = max_batch_size, noise, max_context
+        if traces is not None and traces.tree is not None:
+            raise ValueError("a tree trace replays with the chain traces of its requests: pass "
+                             "chains.with_trees(trees)")  # fmt: skip
         self.traces = traces if traces is not None and len(traces) else None
         self.max_draft = self.traces.max_draft if self.traces is not None else len(self.alpha)
         self.draft = object() if self.max_draft else None  # ControlLoop reads this to allow drafting
@@ -358,6 +361,9 @@ class ReplayEngine:
     def _check_trees(self, tree: TreeSpec | Mapping[str, TreeSpec]) -> None:
         """A tree plan's specs, before anything runs: valid, and of the width the tree traces hold."""
         specs = list(tree.values()) if isinstance(tree, Mapping) else [tree]
+        if isinstance(tree, Mapping) and not set(tree) <= {r.request_id for r in self._rows}:
+            unknown = sorted(set(tree) - {r.request_id for r in self._rows})
+            raise RequestError(f"plan.tree names requests that are not running: {unknown[:5]}")
         width = self.traces.tree_width if self.traces is not None else None
         for spec in specs:
             if not isinstance(spec, TreeSpec):
@@ -372,7 +378,8 @@ class ReplayEngine:
 
     def _tree(self, plan: StepPlan, req: _Replayed) -> _Tree:
         """The tree `req` drafts this step under `plan` (its recorded nodes, from its tree trace;
-        a one-wide spec is a chain, from its chain trace), clipped as the engine clips it."""
+        a one-wide spec is a chain, from its chain trace), clipped as the engine clips it, and
+        to the depth its trace recorded (a deeper spec drafts what the recording holds)."""
         assert plan.tree is not None
         spec = plan.tree.get(req.request_id) if isinstance(plan.tree, Mapping) else plan.tree
         if spec is None:
@@ -387,9 +394,9 @@ class ReplayEngine:
                            self.max_context - req.context_len - 1))  # fmt: skip
         if depth == 0 or spec.max_nodes == 0:
             return _Tree(0, None, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-        if tree is None:  # a chain
+        if tree is None:  # a chain (ordered by its spec's depth, as the engine orders rows)
             n = min(depth, spec.nodes)
-            return _Tree(n, None, np.arange(n), np.arange(n) - 1)
+            return _Tree(depth, None, np.arange(n), np.arange(n) - 1)
         ids, parents = tree.tree_draft(req.generated, depth, spec.nodes)
         return _Tree(depth, tree, ids, parents)
 

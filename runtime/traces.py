@@ -188,7 +188,12 @@ class AcceptanceTraces:
 
     def with_trees(self, trees: AcceptanceTraces) -> AcceptanceTraces:
         """These chain traces with `trees` (a tree recording of the same requests, in the same
-        order) attached request by request: the replay drafts a request's trees from its own."""
+        order) attached request by request: the replay drafts a request's trees from its own.
+        Greedy recordings of a request are the same output; sampled ones are not (the engine's
+        random stream advances with what it drafts, so the two passes sample different
+        continuations and may end at other lengths): a request keeps its chain recording's
+        length and EOS, and reads its tree rows as chain rows are read, from the start again past
+        the recording's end."""
         if trees.tree is None:
             raise TraceError("with_trees takes a tree trace (recorded with --tree-width)")
         same = len(trees) == len(self) and all(
@@ -230,6 +235,8 @@ class AcceptanceTraces:
 
     # ------------------------------------------------------------------- file
     def save(self, path: str | Path) -> Path:
+        """Write these traces (chains, or a tree trace); attached tree traces are not written:
+        they have their own file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if not self.requests:

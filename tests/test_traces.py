@@ -108,6 +108,8 @@ def test_replayed_trees_carry_their_nodes_signals_and_the_oracle_reads_the_path(
     assert torch.equal(out.path, path) and torch.equal(out.accepted, path.sum(1))
     with pytest.raises(RequestError, match="width-2 trees; plan.tree asks for width 3"):
         engine.draft_step(StepPlan(tree=TreeSpec(3, 3, 6)))
+    with pytest.raises(RequestError, match="not running"):
+        engine.draft_step(StepPlan(tree={"req-99": TreeSpec(2, 2, 4)}))
     engine.step(StepPlan(tree=TreeSpec(2, 2, 4)))  # the refused plan changed nothing
 
 
@@ -123,6 +125,8 @@ def test_tree_trace_files_round_trip_and_are_checked(tmp_path, greedy_trees):
         AcceptanceTraces(greedy_trees.requests[:2], greedy_trees.meta).with_trees(loaded)
     with pytest.raises(TraceError, match="cannot be mixed"):
         AcceptanceTraces.mix([loaded, greedy_trees])
+    with pytest.raises(ValueError, match="with_trees"):  # a tree trace alone is not a request's acceptance
+        ReplayEngine(tiny_step_time(), traces=loaded)
     with np.load(path) as data:
         parents = data["parents"].copy()
     parents[0, 0] = 3  # a node whose parent comes after it
