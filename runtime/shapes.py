@@ -92,10 +92,7 @@ def draft_work(draft_len: Sequence[int] | torch.Tensor, parents: torch.Tensor | 
     par = parents.cpu().numpy()
     b, k = par.shape
     valid = np.arange(k)[None, :] < np.asarray(lens, dtype=np.int64)[:, None]
-    level = np.zeros((b, k), dtype=np.int64)
-    for j in range(k):  # parents come before children: one column at a time, every row at once
-        p = par[:, j]
-        level[:, j] = np.where(p >= 0, level[np.arange(b), np.maximum(p, 0)] + 1, 0)
+    level = node_levels(par)
     depth = np.where(valid, level + 1, 0).max(1, initial=0)  # levels per row
     children = np.zeros((b, k + 1), dtype=np.int64)  # slot 0: the root
     np.add.at(children, (np.nonzero(valid)[0], par[valid] + 1), 1)
@@ -105,6 +102,17 @@ def draft_work(draft_len: Sequence[int] | torch.Tensor, parents: torch.Tensor | 
     expanded = np.minimum(counts, width[:, None]) * (np.arange(k + 1)[None, :] < (depth - 1)[:, None])
     fed = np.where(depth > 0, 1 + expanded.sum(1), 0)
     return fed.tolist(), int(depth.max(initial=0))
+
+
+def node_levels(parents: np.ndarray) -> np.ndarray:
+    """Each node's depth (0: a child of the root; -1: no node) from parents [..., N] (best
+    first: parents before children; -2 for no node), one column at a time over every row."""
+    level = np.full(parents.shape, -1, dtype=np.int64)
+    for j in range(parents.shape[-1]):
+        p = parents[..., j]
+        above = np.take_along_axis(level, np.maximum(p, 0)[..., None], -1)[..., 0]
+        level[..., j] = np.where(p == -1, 0, np.where(p >= 0, above + 1, -1))
+    return level
 
 
 def prefill_pairs(chunks: Iterable[tuple[int, int]]) -> int:

@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from .shapes import node_levels
+
 FORMAT = "adactl-acceptance-traces"
 VERSION = 1
 SIGNALS = ("token_prob", "entropy", "margin", "companion_token_prob", "overlap")
@@ -107,17 +109,6 @@ class RequestTrace:
         verified, with common random numbers `uniforms` (one per recorded node)."""
         ratio = self.ratio[self.row(position)]
         return tree_accepted(parents.tolist(), ratio[kept_ids].tolist(), [uniforms[j] for j in kept_ids], verified)
-
-
-def node_levels(parents: np.ndarray) -> np.ndarray:
-    """Each node's depth (0: a child of the root; -1: no node) from parents [..., N] (best
-    first: parents before children; -2 for no node)."""
-    level = np.full(parents.shape, -1, dtype=np.int64)
-    for j in range(parents.shape[-1]):
-        p = parents[..., j]
-        above = np.take_along_axis(level, np.maximum(p, 0)[..., None], -1)[..., 0]
-        level[..., j] = np.where(p == -1, 0, np.where(p >= 0, above + 1, -1))
-    return level
 
 
 def tree_nodes(parents: np.ndarray, depth: int, nodes: int,

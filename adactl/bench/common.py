@@ -14,9 +14,8 @@ from typing import Any
 import numpy as np
 import psutil
 
+from adactl.estimators.step_time import PARTS
 from adactl.runtime.shapes import StepShape
-
-PARTS = ("prefill_s", "draft_s", "verify_s")  # a step's measured seconds, as StepOutcome has them
 
 
 def release_freed_memory() -> None:
