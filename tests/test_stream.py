@@ -174,6 +174,13 @@ def test_progressserve_admits_only_what_stays_safe():
     assert list(plan.admit) == [] and "risk" in ps.reasons["new"]
     plan = ps.act(ScheduleState(10.0, (newcomer, *slow), 0))
     assert list(plan.admit) == ["new"]
+    # a reader faster than even one row can feed (20 ms steps: 50 tokens/s): refused next to
+    # others, but admitted (best effort) when nothing is in flight, or it would wait forever
+    greedy = view("greedy", "waiting", arrival=9.9, rate=80.0)
+    plan = ps.act(ScheduleState(10.0, (greedy, *few), 0))
+    assert list(plan.admit) == [] and "nothing in flight" not in ps.reasons["greedy"]
+    plan = ps.act(ScheduleState(10.0, (greedy, newcomer), 0))
+    assert list(plan.admit) == ["greedy"] and "nothing in flight" in ps.reasons["greedy"]
 
 
 def test_ttft_budget_is_the_smallest_that_keeps_every_deadline():

@@ -16,7 +16,10 @@ running streamed requests in slack order (seconds until each reader runs dry):
               F = D * T(F) (a fixed point), exist and fit (F <= in-flight), and every reader,
               served at the mean step time T(F), has R_i < target (a stalled reader counted
               from its resumption: at least one unit of buffer). Otherwise it waits, and
-              `reasons` says why.
+              `reasons` says why; except when nothing is in flight: the head of the queue is
+              then admitted whatever its risk (best effort), since waiting can only make it
+              later, and a reader the machine cannot keep up with even alone would otherwise
+              wait forever (found in the replay: an idle server held one for 42,000 s).
 
 The target is 0.5% by default, the bound of capacity at SLO (DESIGN.md section 4).
 """
@@ -124,6 +127,9 @@ class ProgressServe(Controller):
                 trial = [*streamed, *joining, v]
                 ctx = [x.context_len for x in [*plain, *trial]]
                 ok, why = self.servable(trial, len(plain), ctx, now, 0)
+                if not ok and in_flight == 0:  # nothing to protect: serve it as well as it can be
+                    self.reasons[v.request_id] = f"admitted with nothing in flight, although {why}"
+                    ok = True
                 if not ok:
                     self.reasons[v.request_id] = why
                     self.reasons.update({w.request_id: "queued behind an earlier request" for w in candidates[i + 1 :]})
