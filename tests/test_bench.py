@@ -236,13 +236,15 @@ def test_bench_stream_sweeps_load_on_engine_and_replay(tmp_path, capsys):
     data = json.loads((tmp_path / "stream.json").read_text())
     names = {"fcfs", "fcfs-seqs2", "edf", "andes", "fcfs,ttft-budget", "progressserve,ttft-budget"}
     runs = {(r["backend"], r["load"], r["controller"]) for r in data["records"]}
-    assert runs == {(b, load, n) for b in ("engine", "replay") for load in (20.0, 200.0) for n in names}
+    backends = ("engine", "replay", "replay-own")  # replay-own: priced by each engine run's own steps
+    assert runs == {(b, load, n) for b in backends for load in (20.0, 200.0) for n in names}
     for r in data["records"]:
         assert {"controller", "load", "miss_rate", "admitted_inflight", "ttft_p99_s", "capacity_at_slo"} <= set(r)
         assert r["requests"] == 6 and 0 <= r["miss_rate"] <= 1 and not r["fallbacks"]
         assert r["units"] > 0 and r["admitted_inflight"] > 0
     assert data["meta"]["validation"]["runs"] == 12
     assert data["meta"]["validation"]["step_time_rel_error"] >= 0  # the profile priced the engine's own steps
+    assert data["meta"]["validation"]["replay-own"]["runs"] == 12
     assert all("step_error" in r for r in data["records"] if r["backend"] == "engine")
     logged = json.loads((tmp_path / "stream_validate_steps.json").read_text())["records"]  # the engine's own steps
     assert len(logged) == 12 and all(s["prefill_s"] + s["verify_s"] > 0 for run in logged for s in run["steps"])

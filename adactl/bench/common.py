@@ -1,5 +1,6 @@
 """What every benchmark shares: peak-memory sampling, the results table, JSON and plot output,
-and the log of a run's steps that `--validate` prices with the replay's cost model."""
+and the log of a run's steps that `--validate` prices with the replay's cost model (and fits
+a model of its own on, to replay the run with its own step costs)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from adactl.estimators.step_cost import Fingerprint, StepCostModel, StepCostProfile
 from adactl.estimators.step_time import PARTS
 from adactl.runtime.shapes import StepShape
 
@@ -119,3 +121,15 @@ def step_error(cost: Any, log: list[tuple[Any, tuple[float, float, float]]]) -> 
     out = {part: float(p / m - 1) if m > 0 else float("nan") for part, p, m in zip(("prefill", "draft", "verify"),
                                                                                   predicted, measured)}  # fmt: skip
     return out | {"total": float(predicted.sum() / measured.sum() - 1)}
+
+
+def fitted_cost(fp: Fingerprint, log: list[tuple[Any, tuple[float, float, float]]], what: str) -> StepCostModel:
+    """A frozen step-cost model fitted on one run's own measured steps (`what` names the run).
+
+    A replay priced by it against the same run on the engine shows the replay's own error (its
+    batching, scheduling and clock) apart from the profile's: on a machine whose speed moves by
+    tens of percent between minutes (the 2-core CPU's memory bandwidth does), a profile
+    measured at another time prices every step of a run alike off."""
+    shapes = [shape for shape, _ in log]
+    seconds = np.array([s for _, s in log], dtype=np.float64).reshape(len(log), len(PARTS))
+    return StepCostProfile.from_steps(fp, shapes, seconds, {"fitted_on": what}).model(refine=False)

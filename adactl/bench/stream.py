@@ -21,7 +21,9 @@ time per second), and per controller `capacity_at_slo` (the largest load with mi
 with the in-flight requests at that load. `--replay` runs the sweep on `ReplayEngine` (the
 step-time model fitted on the real engine's profile; seconds instead of an hour);
 `--validate` runs both on the same loads and reports the replay's error, with the engine's own
-steps (their shapes and measured seconds by part) in `stream_validate_steps.json`.
+steps (their shapes and measured seconds by part) in `stream_validate_steps.json`; and runs the
+replay a second time (backend `replay-own`), each run priced by a model fitted on that engine
+run's own steps, so the replay's own error shows apart from the profile's.
 """
 
 from __future__ import annotations
@@ -38,10 +40,10 @@ import torch
 from tqdm import tqdm
 
 from adactl import metrics, settings
-from adactl.bench.common import StepLog, format_table, logged_steps, save_figure, step_error, write_json
+from adactl.bench.common import StepLog, fitted_cost, format_table, logged_steps, save_figure, step_error, write_json
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
-from adactl.profiler import step_cost_for
+from adactl.profiler import fingerprint, step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import describe
 from adactl.runtime.kv_pool import HostOffload
@@ -50,6 +52,7 @@ from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, Worklo
 from adactl.stacks import StackContext, build_stack, stack_list
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
 
+OWN = "replay-own"  # --validate: the replay priced by a model fitted on the engine run's own steps
 COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
            "effective_tps", "capacity_at_slo"]  # fmt: skip
 
@@ -264,10 +267,12 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     replay_time = step_time.frozen()
     ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
     chosen = args.controllers or stacks(args.fcfs_seqs)
-    backends = ["replay"] if args.replay else ["engine", "replay"] if args.validate else ["engine"]
+    backends = ["replay"] if args.replay else ["engine", "replay", OWN] if args.validate else ["engine"]
     kv_tokens = _kv_tokens(args)
     offload = _offload(args)
     priced_by = replay_time if args.validate else None  # the engine's own steps, priced by the replay's model
+    fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
+    own: dict[tuple[float, str], Any] = {}  # --validate: each engine run's steps, fitted (the replay-own backend)
     records: list[dict[str, Any]] = []
     total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
     bar = tqdm(total=total, desc="bench stream", unit="tok")
@@ -278,11 +283,14 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                 if backend == "engine":
                     engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
                 else:
-                    engine = ReplayEngine(replay_time, max_batch_size=args.max_batch, noise=args.replay_noise,
+                    cost = own[(load, name)] if backend == OWN else replay_time
+                    engine = ReplayEngine(cost, max_batch_size=args.max_batch, noise=args.replay_noise,
                                           seed=args.seed, kv_tokens=kv_tokens,
                                           offload=copy.deepcopy(offload))  # fmt: skip
                 work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
                 result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar, priced_by)
+                if "step_log" in result:
+                    own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
                 records.append({"backend": backend, "load": load, "controller": name, **result})
     bar.close()
     add_capacity(records)
@@ -304,11 +312,21 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     return records
 
 
-def validation(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The replay's error against the engine on the same (load, controller) runs."""
+def validation(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The replay's error against the engine on the same (load, controller) runs: priced by
+    the profile (what a user of the replay gets), and priced by each run's own steps (`OWN`:
+    the replay's dynamics alone, the profile's error left out)."""
+    out: dict[str, Any] = _errors(records, "replay")
+    own = _errors(records, OWN)
+    if own:
+        out[OWN] = own
+    return out
+
+
+def _errors(records: list[dict[str, Any]], backend: str) -> dict[str, float]:
     engine = {(r["load"], r["controller"]): r for r in records if r["backend"] == "engine"}
     pairs = [(engine[(r["load"], r["controller"])], r) for r in records
-             if r["backend"] == "replay" and (r["load"], r["controller"]) in engine]  # fmt: skip
+             if r["backend"] == backend and (r["load"], r["controller"]) in engine]  # fmt: skip
     if not pairs:
         return {}
 
@@ -324,7 +342,7 @@ def validation(records: list[dict[str, Any]]) -> dict[str, float]:
         "tpot_rel_error": rel("tpot_s"),
         "ttft_p50_rel_error": rel("ttft_p50_s"),
         "inflight_rel_error": rel("admitted_inflight"),
-        "step_time_rel_error": float(np.mean(priced)) if priced else float("nan"),
+        **({"step_time_rel_error": float(np.mean(priced)) if priced else float("nan")} if backend == "replay" else {}),
     }
 
 
