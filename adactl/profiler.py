@@ -5,13 +5,16 @@
     adactl profile --draft none                     # the target alone (streaming serves plain)
 
 `measure` grows one batch (1, 2, 4, ... `--max-batch` requests of random prompts, prefilled
-in chunks: those are the prefill samples), and at each batch size runs rounds of
-whole-batch steps, every draft length (0, 1, 2, 3, 4, 6, 8; where a round grows long, 0, 1,
-2, 4, 8) once per round in a shuffled order, as many rounds as fit in about 10 s (4 to 6):
-the ratios of a k-token step to a plain one that goodput decides on are fitted on them
-(the profile's surface, adactl.estimators.cost_surface). Then a few steps verifying a random
-prefix per row and a few with only a few rows drafting (verify controllers' and SLO plans'
-shapes, for the basis). At least 4 rounds everywhere: one round's k-step ÷ plain ratio
+in chunks: those are the prefill samples), and runs rounds of whole-batch steps at each
+batch size, every draft length (0, 1, 2, 3, 4, 6, 8; where a round grows long, 0, 1, 2, 4, 8)
+once per round in a shuffled order, as many rounds as fit in about 10 s (4 to 6): the ratios
+of a k-token step to a plain one that goodput decides on are fitted on them (the profile's
+surface, adactl.estimators.cost_surface). One round at each size as the batch grows, with a
+few steps verifying a random prefix per row and a few with only a few rows drafting
+(verify controllers' and SLO plans' shapes, for the basis); the other rounds in shuffled
+passes over every size, a smaller batch running the first rows of the grown one, so that
+every size is measured across the whole run, not in a window of its own. At least 4 rounds
+everywhere: one round's k-step ÷ plain ratio
 spreads 10-15% around its median on a CPU (measured on the 2-core AVX2 CPU), and the 2 rounds
 that 10 s held at batch 32-64 left the profile pricing drafting 10-17% low there (issue 30).
 It stops at its time budget (300 s by default: on the 2-core AVX2 CPU this reaches batch 64
@@ -83,13 +86,20 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
             min_rounds: int = 4) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
 
-    At each batch size: rounds of whole-batch steps, every draft length once per round in a
-    shuffled order (a round's steps run within seconds of each other, so drift hits every
-    length alike; the ratios the profile's surface holds are fitted on them), as many rounds
-    as fit in `batch_seconds` (at least `min_rounds`, at most `reps`; where a round would take over a
-    third of that, the lengths 0, 1, 2, 4, 8 only); then one step per draft length 1, 2, 4, 8
-    verifying a random prefix per row, and one with only a few rows drafting (the shapes
-    verify controllers and SLO plans make, for the basis)."""
+    A round at batch size b: whole-batch steps on b rows, every draft length once in a shuffled
+    order (a round's steps run within seconds of each other, so drift hits every length alike;
+    the ratios the profile's surface holds are fitted on them); where a round would take over
+    a third of `batch_seconds`, the lengths 0, 1, 2, 4, 8 only. The batch grows (1, 2, 4, ...)
+    with one round at each size, then one step per draft length 1, 2, 4, 8 verifying a random
+    prefix per row, and one with only a few rows drafting (the shapes verify controllers and
+    SLO plans make, for the basis). Then the remaining rounds, as many as fit in
+    `batch_seconds` per size (at least `min_rounds`, at most `reps`), in passes over every
+    batch size in a shuffled order, a smaller batch running the first b rows (`StepPlan.run`;
+    the others wait, costing nothing): each size's rounds spread over the whole measurement,
+    so every size is priced at the machine's mean speed over it, not at whatever it ran at
+    during a few seconds of its own (the 2-core CPU's memory bandwidth moves 12-20 GB/s from
+    second to second, and one profile priced its one-row steps at 70 ms where the same code
+    took 100-145 ms an hour later, issue 32)."""
     from adactl.runtime import SamplingParams, StepPlan
 
     rng = random.Random(seed)
@@ -114,12 +124,23 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
+    def one_round(b: int) -> float:
+        running = [v.request_id for v in engine.requests()]  # row order: the first b rows run
+        run = running[:b] if b < len(running) else None
+        order = rng.sample(lengths[b], len(lengths[b]))
+        return sum(step(StepPlan(draft_len=k, prefill_budget=0, run=run)) for k in order)
+
+    def over() -> bool:
+        return time.perf_counter() - start > budget_s
+
     partial = [k for k in short if k > 0]
-    bar = tqdm(total=len(batches), desc="adactl profile", unit="batch size", disable=not progress)
+    lengths: dict[int, list[int]] = {}
+    cost: dict[int, float] = {}  # seconds of one round at each size
+    bar = tqdm(total=len(batches) * min_rounds, desc="adactl profile", unit="round", disable=not progress)
     engine_ids: list[str] = []
-    over, last_round = False, 0.0
-    for i, b in enumerate(batches):
-        while len(engine_ids) < b:  # grow the batch: new rows prefill in chunks next to the running rows
+    last_round = 0.0
+    for i, b in enumerate(batches):  # grow the batch, one round at each size
+        while len(engine_ids) < b:  # new rows prefill in chunks next to the running rows
             n = rng.randint(16, 256)  # prompts as long as the benches' (their prefill attention)
             engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(n)], sampling))
         while any(v.status != "running" for v in engine.requests()):
@@ -127,27 +148,29 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         for j in range(8 if i == 0 else 2):  # warm-up (the first batch size: the process's first steps too)
             engine.draft_step(StepPlan(draft_len=j % 2 if ks != [0] else 0, prefill_budget=0))
             engine.verify()
-        lengths = ks if 2 * last_round <= batch_seconds / 3 else short  # a round costs about twice the last
-        rounds, spent = 0, 0.0
-        while rounds < min(min_rounds, reps) or (rounds < reps and spent * (rounds + 1) / rounds <= batch_seconds):
-            for k in rng.sample(lengths, len(lengths)):
-                spent += step(StepPlan(draft_len=k, prefill_budget=0))
-            rounds += 1
-            over = time.perf_counter() - start > budget_s
-            if over:
-                break
-        last_round = spent / rounds * len(ks) / len(lengths)
-        for k in rng.sample(partial, len(partial)) if not over and b > 1 else []:
+        lengths[b] = ks if 2 * last_round <= batch_seconds / 3 else short  # a round costs about twice the last
+        cost[b] = one_round(b)
+        last_round = cost[b] * len(ks) / len(lengths[b])
+        for k in rng.sample(partial, len(partial)) if b > 1 and not over() else []:
             step(StepPlan(draft_len=k, prefill_budget=0), cut_mode=1)  # a random prefix of each row
             running = [v.request_id for v in engine.requests()]
             few = rng.randint(1, max(1, b // 4))  # a few rows draft k, the rest 0 or 1
             step(StepPlan(draft_len={r: k if j < few else rng.randint(0, 1) for j, r in enumerate(running)},
                           prefill_budget=0))  # fmt: skip
-        bar.set_postfix_str(f"batch {b}: {rounds} rounds of {len(lengths)}")
         bar.update(1)
-        if over or time.perf_counter() - start > budget_s:
+        if over():
             bar.write(f"adactl profile: time budget ({budget_s:.0f} s) reached at batch {b}")
             break
+    goal = {b: max(min(min_rounds, reps), min(reps, int(batch_seconds / max(c, 1e-9)))) for b, c in cost.items()}
+    bar.total = sum(goal.values())
+    rounds = dict.fromkeys(cost, 1)
+    while not over() and any(rounds[b] < goal[b] for b in rounds):  # passes over every size, shuffled
+        for b in rng.sample(list(rounds), len(rounds)):
+            if rounds[b] < goal[b] and not over():
+                one_round(b)
+                rounds[b] += 1
+                bar.update(1)
+    bar.set_postfix_str(" ".join(f"{b}:{r}" for b, r in rounds.items()))
     bar.close()
     for rid in engine_ids:
         engine.cancel(rid)

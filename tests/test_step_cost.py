@@ -165,6 +165,26 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert "largest error of the predicted T(k) / T(0)" in out and "errors beyond twice it" in out
 
 
+def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
+    """Each batch size's rounds are spread over the measurement (shuffled passes over every
+    size after the batch has grown), so a size is not priced by a few seconds of its own."""
+    from adactl.profiler import measure, tiny_pair
+    from adactl.runtime import Engine, EngineConfig
+    from adactl.runtime.models import output_vocab_size
+
+    pair = tiny_pair()
+    engine = Engine(pair.target.model, pair.speculator(), config=EngineConfig(max_batch_size=4, seed=0))
+    shapes, seconds = measure(engine, torch.device("cpu"), output_vocab_size(pair.target.model), max_batch=4,
+                              budget_s=120, reps=4, min_rounds=3, batch_seconds=1e-3, progress=False)  # fmt: skip
+    assert seconds.shape == (len(shapes), 3) and np.all(seconds >= 0)
+    plain = [(i, s) for i, s in enumerate(shapes) if s.prefill_tokens == 0]  # decode steps (the rounds' and more)
+    at = {b: [i for i, s in plain if s.rows == b] for b in (1, 2, 4)}
+    assert len(at[1]) == 3 * 7  # 3 rounds of every draft length 0, 1, 2, 3, 4, 6, 8 (none partial at one row)
+    assert all(len(at[b]) >= 3 * 7 for b in (2, 4))
+    assert max(at[1]) > min(at[4]) and max(at[2]) > min(at[4])  # the small batches ran again after the large one
+    assert not engine.has_unfinished()
+
+
 def run_goodput(truth: StepCostModel, prior: np.ndarray | None, refine: bool, k: int | None = None,
                 alpha: float = 0.6) -> float:  # fmt: skip
     """Tokens per replayed second at batch 8 of GoodputLength (from `prior`) or fixed k, on a
