@@ -265,6 +265,20 @@ class ReplayEngine:
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._rows)
 
+    def abort_all(self) -> list[str]:
+        """As `Engine.abort_all`: drop every unfinished request (no results for them; their KV
+        blocks freed) and any step in progress. Returns the ids dropped."""
+        dropped = [r.request_id for r in [*self._waiting.values(), *self._rows]]
+        for r in [*self._waiting.values(), *self._rows]:
+            self._release(r)
+        self._waiting, self._rows, self._joining, self._restoring = {}, [], [], []
+        self._pending, self._trees = None, {}
+        return dropped
+
+    def kv_bytes(self, include_draft: bool = True) -> int:
+        """0: the replay holds no caches (its KV pool's blocks are in `kv_stats`)."""
+        return 0
+
     def pop_finished(self) -> list[RequestResult]:
         done = list(self._finished.values())
         self._finished.clear()
@@ -554,11 +568,15 @@ class ReplayEngine:
             self._finish(req, finished[req.request_id])
         return [1] * n
 
-    def _finish(self, req: _Replayed, reason: str) -> None:
+    def _release(self, req: _Replayed) -> None:
+        """Free what `req` holds of the KV pool and of host memory."""
         if self.kv is not None:
             self.kv.release(req.request_id)
         if self.offload is not None:
             self.offload.drop(req.request_id)
+
+    def _finish(self, req: _Replayed, reason: str) -> None:
+        self._release(req)
         units = misses = None
         if req.playback is not None:
             units, misses = req.playback.settle()

@@ -323,6 +323,32 @@ def test_bench_serve_loads_real_servers_over_http(tmp_path, capsys):
     assert "capacity_ttft" in capsys.readouterr().out
 
 
+def test_bench_serve_replays_the_servers_loop_on_a_gpu_profile(tmp_path, capsys):
+    """--replay: the server's own service and loop on the replay in simulated time, priced by a
+    computed H100 profile: H100-sized latencies, speculation that pays there, and the
+    service's admission (a burst past --max-queue is answered 429)."""
+    args = ["--tiny", "--replay", "--profile", "h100-llama-3.1-8b", "--rates", "2,100000", "--requests", "24",
+            "--stacks", "fcfs;fcfs,goodput", "--max-queue", "4"]  # fmt: skip
+    main(["bench", "serve", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "serve.json").read_text())
+    by = {(r["server"], r["rate"]): r for r in data["records"]}
+    assert set(by) == {(s, rate) for s in ("adactl[fcfs]", "adactl[fcfs,goodput]") for rate in (2.0, 100000.0)}
+    for server in ("adactl[fcfs]", "adactl[fcfs,goodput]"):
+        calm, burst = by[server, 2.0], by[server, 100000.0]
+        assert calm["requests"] == 24 and calm["rejected"] == calm["errors"] == 0 and calm["units"] > 0
+        assert calm["ttft_p99_s"] < 0.05 and 0.003 < calm["tpot_s"] < 0.012  # an 8B model's step on an H100
+        # 4 queue at once (one more once the first step has given the first its first token); the rest refused
+        assert 19 <= burst["rejected"] <= 20 and burst["errors"] == 0
+    assert by["adactl[fcfs,goodput]", 2.0]["tpot_s"] < 0.9 * by["adactl[fcfs]", 2.0]["tpot_s"]  # drafting pays there
+    assert data["meta"]["summary"]["reference"] == "adactl[fcfs]" and data["meta"]["replay"]["truth"] == "GpuStepCost"
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="--profile"):
+        main(["bench", "serve", "--tiny", "--replay", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="companion"):
+        main(["bench", "serve", "--tiny", "--replay", "--profile", "h100-llama-3.1-8b", "--stacks", "fcfs,fixed-k4,sv",
+              "--out", str(tmp_path)])  # fmt: skip
+
+
 def test_bench_serve_capacity_and_ratios_to_the_peer():
     from adactl.bench.serve import PEER, add_capacity, ratios
 

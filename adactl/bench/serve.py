@@ -42,7 +42,15 @@ from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime.device import describe, device_and_dtype, resolve_device
 from adactl.runtime.stream import Playback, Stream, count_units
-from adactl.settings import DeviceSettings, PairSettings, RunSettings, ServerLimits, WorkloadSettings, setting
+from adactl.settings import (
+    DeviceSettings,
+    PairSettings,
+    ProfileSettings,
+    RunSettings,
+    ServerLimits,
+    WorkloadSettings,
+    setting,
+)
 from adactl.stacks import stack_list
 from adactl.workloads import arrival_times, consumer_mix
 
@@ -127,23 +135,45 @@ async def _load(server: Server, jobs: list[Job], times: list[float], limit_s: fl
 
 
 # ------------------------------------------------------------ measure
-def account(results: list[dict], jobs: list[Job], tokenizer: Any, wall_start: float = 0.0) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Received:
+    """What a client received of one request: its arrival (seconds from the run's start), the
+    HTTP status (200, 429, an error), and per piece of output (when, tokens so far, complete
+    units so far)."""
+
+    arrival: float
+    status: int
+    chunks: list[tuple[float, int, int]]
+
+
+def received(result: dict[str, Any], job: Job, tokenizer: Any) -> Received:
+    """A streamed HTTP response as `Received`: tokens counted by the target's tokenizer, units
+    by the text that had arrived."""
+    if result["status"] != 200 or not result["chunks"]:
+        return Received(result["arrival"], result["status"], [])
+    chunks, text = result["chunks"], result["text"]
+    counts = [len(tokenizer(text[:n], add_special_tokens=False)["input_ids"]) for _, n in chunks]
+    last = len(chunks) - 1
+    return Received(result["arrival"], 200, [(t, k, count_units(job.stream.unit, k, text[:n], i == last))
+                                             for i, ((t, n), k) in enumerate(zip(chunks, counts))])  # fmt: skip
+
+
+def account(results: list[Received], jobs: list[Job]) -> dict[str, Any]:
     """TTFT, TPOT, throughput, misses and rejections of one run, from what the client saw."""
     ttft, tpot, tokens_total = [], [], 0
     units = misses = rejected = errors = 0
     last = 0.0
     for result, job in zip(results, jobs):
-        if result["status"] == 429:
+        if result.status == 429:
             rejected += 1
             ttft.append(math.inf)
             continue
-        if result["status"] != 200 or not result["chunks"]:
+        if result.status != 200 or not result.chunks:
             errors += 1
             ttft.append(math.inf)
             continue
-        chunks, text, at = result["chunks"], result["text"], result["arrival"]
-        counts = [len(tokenizer(text[:n], add_special_tokens=False)["input_ids"]) for _, n in chunks]
-        n_tokens = counts[-1]
+        chunks, at = result.chunks, result.arrival
+        n_tokens = chunks[-1][1]
         tokens_total += n_tokens
         ttft.append(chunks[0][0] - at)
         per_token = metrics.tpot(chunks[0][0], chunks[-1][0], n_tokens)
@@ -151,12 +181,12 @@ def account(results: list[dict], jobs: list[Job], tokenizer: Any, wall_start: fl
             tpot.append(per_token)
         last = max(last, chunks[-1][0])
         playback = Playback(job.stream, at)
-        for i, ((t, n), k) in enumerate(zip(chunks, counts)):
+        for i, (t, k, done) in enumerate(chunks):
             end = i == len(chunks) - 1
-            playback.produce(count_units(job.stream.unit, k, text[:n], end), k, t, end)
+            playback.produce(done, k, t, end)
         u, m = playback.settle()
         units, misses = units + u, misses + m
-    first = min((r["arrival"] for r in results), default=0.0)
+    first = min((r.arrival for r in results), default=0.0)
     return {
         **metrics.latency_summary(ttft, tpot, tpot_p99=True),
         "tokens_per_s": tokens_total / max(last - first, 1e-9),
@@ -180,11 +210,11 @@ def add_capacity(records: list[dict[str, Any]], ttft_target: float) -> None:
             r["capacity_ttft"], r["capacity_slo"] = cap_ttft, cap_slo
 
 
-def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each adactl stack's capacities over the peer's capacity at the TTFT target."""
-    peer = next((r["capacity_ttft"] for r in records if r["server"] == PEER), None)
-    out: dict[str, Any] = {"peer_capacity_ttft": peer}
-    for server in sorted({r["server"] for r in records} - {PEER}):
+def ratios(records: list[dict[str, Any]], reference: str = PEER) -> dict[str, Any]:
+    """Each other server's capacities over the `reference` server's capacity at the TTFT target."""
+    peer = next((r["capacity_ttft"] for r in records if r["server"] == reference), None)
+    out: dict[str, Any] = {"reference": reference, "peer_capacity_ttft": peer}
+    for server in sorted({r["server"] for r in records} - {reference}):
         r = next(x for x in records if x["server"] == server)
         out[server] = {
             "capacity_ttft": r["capacity_ttft"],
@@ -195,7 +225,10 @@ def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine: str = "") -> None:
+TITLE = "adactl serve vs transformers serve --continuous-batching (client-side measurement)"
+
+
+def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine: str = "", title: str = TITLE) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,7 +250,6 @@ def plot(records: list[dict[str, Any]], path: Path, ttft_target: float, machine:
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)
-    title = "adactl serve vs transformers serve --continuous-batching (client-side measurement)"
     save_figure(fig, path, title + (f", {machine}" if machine else ""), fontsize=12)
 
 
@@ -267,8 +299,11 @@ def start_adactl(stack: str, args: ServeBenchSettings, log: Path) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "adactl.cli", "serve", "--controllers", stack, "--port", str(port),
            "--model", args.target, "--draft", args.draft, "--max-batch", str(args.max_batch),
-           "--max-queue", str(args.max_queue), "--log-level", "warning", "--device", args.device,
-           "--dtype", args.dtype]  # fmt: skip
+           "--max-queue", str(args.max_queue), "--max-queue-wait", str(args.max_queue_wait),
+           "--prefill-budget", str(args.prefill_budget), "--max-draft-len", str(args.max_draft_len),
+           "--log-level", "warning", "--device", args.device, "--dtype", args.dtype,
+           *(["--profile", args.profile] if args.profile else []),
+           *([] if args.refine else ["--no-refine"])]  # fmt: skip
     return _spawn(f"adactl[{stack}]", cmd, f"http://127.0.0.1:{port}", served_name(args.target), True, log,
                   dict(os.environ))  # fmt: skip
 
@@ -346,6 +381,10 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
+    if args.replay:
+        from adactl.bench import serve_replay
+
+        return serve_replay.run(args)
     device_and_dtype(args.device, args.dtype)  # a bad device or dtype is an error before any server starts
     tokenizer, jobs = _workload(args)
     out = Path(args.out)
@@ -361,7 +400,8 @@ def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
             for rate in args.rates:
                 times = arrival_times(len(jobs), rate, args.seed, args.burstiness)
                 results = asyncio.run(_load(server, jobs, times, args.time_limit, bar))
-                record = {"server": server.name, "rate": rate, **account(results, jobs, tokenizer)}
+                got = [received(r, job, tokenizer) for r, job in zip(results, jobs)]
+                record = {"server": server.name, "rate": rate, **account(got, jobs)}
                 records.append(record)
                 tqdm.write(f"{server.name} @ {rate}/s: TTFT p99 {record['ttft_p99_s']:.2f} s, "
                            f"misses {100 * record['miss_rate']:.1f}%, {record['tokens_per_s']:.0f} tok/s, "
@@ -390,8 +430,9 @@ def _floats(text: str) -> list[float]:
 
 
 @dataclass(frozen=True)
-class ServeBenchSettings(WorkloadSettings, PairSettings, ServerLimits, RunSettings, DeviceSettings):
-    """`adactl bench serve` (`max_batch`, `max_queue`: each adactl server's)."""
+class ServeBenchSettings(WorkloadSettings, PairSettings, ServerLimits, RunSettings, DeviceSettings, ProfileSettings):
+    """`adactl bench serve` (`max_batch`, `max_queue`, `max_queue_wait`, `prefill_budget`,
+    `max_draft_len`, `profile`, `refine`: each adactl server's)."""
 
     stacks: list[str] = setting(STACKS, f"adactl controller stacks, ';'-separated (default: {';'.join(STACKS)})",
                                 parse=stack_list)  # fmt: skip
@@ -402,6 +443,12 @@ class ServeBenchSettings(WorkloadSettings, PairSettings, ServerLimits, RunSettin
     ttft_target: float = setting(2.0, "the p99 TTFT a served rate must keep (s)")
     max_output_tokens: int = setting(64, "replies are clipped to this")
     time_limit: float = setting(300.0, "seconds a rate's run may take at most")
+    max_queue_wait: float = setting(60.0, "seconds a request may wait to start")
+    prefill_budget: int = setting(512, "prompt tokens per step")
+    max_draft_len: int = setting(8, "draft tokens per row per step, at most")
+    replay: bool = setting(False, "serve on the replay in simulated time (adactl.bench.serve_replay), priced by "
+                           "--profile: a computed GPU profile's name or a profile file")  # fmt: skip
+    replay_noise: float = setting(0.1, "--replay: log-sd of replayed step times")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,9 +30,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from adactl.loop import ControlLoop
 from adactl.runtime.types import SLO, RequestError, RequestView, SamplingParams
@@ -60,6 +60,12 @@ class ServiceConfig:
             raise ValueError(f"max_queue_wait_s must be > 0, got {self.max_queue_wait_s}")
 
 
+class Mailbox(Protocol):
+    """Where a request's events go: a connection's `Client`, or a simulated client's reader."""
+
+    def push(self, event: tuple[Any, ...]) -> None: ...
+
+
 class Client:
     """One connection's mailbox: events from the engine thread onto its asyncio loop."""
 
@@ -77,8 +83,12 @@ class Client:
 class EngineService:
     """Runs `loop.step()` on its own thread for requests submitted from any thread."""
 
-    def __init__(self, loop: ControlLoop, metrics: ServerMetrics | None = None, config: ServiceConfig | None = None):
+    def __init__(self, loop: ControlLoop, metrics: ServerMetrics | None = None, config: ServiceConfig | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:  # fmt: skip
+        """clock: what arrival times, queue waits and first-token rates are read from (the
+        replay's simulated clock, where a bench steps the service itself with `tick`)."""
         self.loop = loop
+        self.clock = clock
         self.engine: Any = loop.engine
         self.config = config or ServiceConfig()
         self.config.validate()
@@ -86,7 +96,7 @@ class EngineService:
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._clients: dict[str, Client] = {}  # engine thread only
+        self._clients: dict[str, Mailbox] = {}  # engine thread only
         self._lock = threading.Lock()  # guards the counters below
         self._pending = 0  # submitted, not yet added to the engine
         self._waiting = 0  # in the engine without a first token
@@ -117,7 +127,7 @@ class EngineService:
     # --------------------------------------------------- connection side API
     def submit(
         self,
-        client: Client,
+        client: Mailbox,
         prompt: Sequence[int],
         sampling: SamplingParams,
         slo: SLO | None = None,
@@ -130,7 +140,7 @@ class EngineService:
             self._next_id += 1
             self._pending += 1
             self._open += 1
-        arrival = time.perf_counter() if arrival_time is None else arrival_time
+        arrival = self.clock() if arrival_time is None else arrival_time
         self._commands.put(("add", rid, list(prompt), sampling, slo, stream, arrival, client))
         self._wake.set()
         return rid
@@ -150,7 +160,7 @@ class EngineService:
         with self._lock:
             queued = self._pending + self._waiting
             recent = list(self._first_tokens)
-        now = time.perf_counter()
+        now = self.clock()
         recent = [t for t in recent if now - t < 30.0]
         rate = len(recent) / max(now - recent[0], 1.0) if len(recent) >= 2 else 0.0
         return int(min(60, max(1, math.ceil(queued / rate)))) if rate > 0 else 5
@@ -163,11 +173,16 @@ class EngineService:
     # ------------------------------------------------------- engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._tick()
-            except Exception as e:  # noqa: BLE001 - an engine bug fails the open requests, not the server
-                self._engine_failed(e)
+            self.tick()
         self._fail_all("the server is shutting down", queued_too=True)
+
+    def tick(self) -> None:
+        """One turn of the engine thread (never `start`ed when a caller turns it: `adactl bench
+        serve --replay` does, in simulated time, calling it only while requests are open)."""
+        try:
+            self._tick()
+        except Exception as e:  # noqa: BLE001 - an engine bug fails the open requests, not the server
+            self._engine_failed(e)
 
     def _tick(self) -> None:
         """Commands, then one step (or a short wait when idle), then the step's events."""
@@ -215,7 +230,7 @@ class EngineService:
         slo: SLO | None,
         stream: Any,
         arrival: float,
-        client: Client,
+        client: Mailbox,
     ) -> None:
         with self._lock:
             self._pending -= 1
@@ -233,7 +248,7 @@ class EngineService:
 
     def _drop_stale(self, views: list[RequestView]) -> None:
         """Refuse requests that waited longer than `max_queue_wait_s` for their first token."""
-        now = time.perf_counter()
+        now = self.clock()
         waiting = 0
         for view in views:
             if view.status == "running":
