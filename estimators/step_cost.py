@@ -13,7 +13,7 @@ row) (`adactl.estimators.cost_surface`):
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
 CPU it is most of a batch-1 step's cost of drafting.)
 
-- **Prior**: theta fitted by least squares, weighted by 1 / seconds (relative error), on the
+- **Prior**: theta fitted by non-negative least squares, weighted by 1 / seconds (relative error), on the
   steps that `adactl profile` measured on this machine (`StepCostProfile`); then the
   profile's surface, fitted on the same steps' log residuals. The basis alone misses the
   ratio of a k-token step to a plain one by up to 20% at some batch sizes (measured on the
@@ -112,15 +112,35 @@ class Fingerprint:
         return f"{where}, {self.dtype}, torch {self.torch}"
 
 
-def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
-    """[len(BASIS), 3] least squares of (prefill, draft, verify) seconds on the basis, each step
-    weighted by 1 / its total seconds (so a 2 ms step counts as much as a 2 s one)."""
+def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1e-3,
+              nonnegative: bool = True) -> np.ndarray:  # fmt: skip
+    """[len(BASIS), 3] non-negative least squares of (prefill, draft, verify) seconds on the
+    basis, each step weighted by 1 / its total seconds (so a 2 ms step counts as much as a 2 s
+    one), with a small ridge.
+
+    Non-negative because every term of a measured profile is a cost: a profiler's steps vary rows and context
+    together (its batch grows by adding younger, shorter rows), and unconstrained least squares
+    fits that collinearity with terms that cancel (a plain profile of the 2-core CPU: -0.18 per
+    row against +2.2 per unit of attention), which hold on the profile's own steps (the same
+    in-sample error, 14-15%) and fail elsewhere: that profile priced a streaming run's steps,
+    whose rows hold shorter contexts, 25% low; its non-negative fit, 6% (issue 32).
+    `nonnegative=False` (plain least squares) is for steps computed from a model on a designed
+    grid (adactl.estimators.gpu_cost), exact and not collinear, whose curvature (the linear
+    layers' knee) the basis follows better with signed terms."""
+    from scipy.optimize import nnls
+
     phi = features(shapes)
     y = np.asarray(seconds, dtype=np.float64).reshape(len(phi), len(PARTS))
     w = 1.0 / np.maximum(y.sum(1), 1e-4)
-    a = phi * w[:, None]
-    lhs = a.T @ a + ridge * np.eye(phi.shape[1])
-    return np.linalg.solve(lhs, a.T @ (y * w[:, None]))
+    k = phi.shape[1]
+    if not nonnegative:
+        a = phi * w[:, None]
+        return np.linalg.solve(a.T @ a + ridge * np.eye(k), a.T @ (y * w[:, None]))
+    a = np.vstack([phi * w[:, None], math.sqrt(ridge) * np.eye(k)])
+    theta = np.zeros((k, len(PARTS)))
+    for j in range(len(PARTS)):
+        theta[:, j] = nnls(a, np.concatenate([y[:, j] * w, np.zeros(k)]))[0]
+    return theta
 
 
 class StepCostModel:
@@ -211,10 +231,10 @@ class StepCostProfile:
 
     @classmethod
     def from_steps(cls, fingerprint: Fingerprint, shapes: list[StepShape], seconds: np.ndarray,
-                   meta: dict[str, Any] | None = None) -> StepCostProfile:  # fmt: skip
+                   meta: dict[str, Any] | None = None, nonnegative: bool = True) -> StepCostProfile:  # fmt: skip
         seconds = np.asarray(seconds, dtype=np.float64).reshape(len(shapes), len(PARTS))
         steps = [asdict(s) | dict(zip(PARTS, map(float, y))) for s, y in zip(shapes, seconds)]
-        theta = fit_theta(shapes, seconds)
+        theta = fit_theta(shapes, seconds, nonnegative=nonnegative)
         made = cls(fingerprint, steps, theta, dict(meta or {}))
         total = np.maximum(seconds.sum(1), 1e-9)
         basis_only = np.maximum(np.maximum(features(shapes) @ theta, 0.0).sum(1), 1e-5)

@@ -165,6 +165,24 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert "largest error of the predicted T(k) / T(0)" in out and "errors beyond twice it" in out
 
 
+def test_a_measured_profile_is_fitted_with_costs_that_are_not_negative() -> None:
+    """A profiler's batch grows by younger, shorter rows, so rows and context per row move
+    together; the fit must not explain that with terms that cancel (issue 32: a plain CPU
+    profile so fitted priced a streaming run's shorter-context steps 25% low)."""
+    from adactl.estimators.step_cost import fit_theta
+
+    rng = np.random.default_rng(0)
+    shapes = [StepShape.of_lengths(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long), 0,
+                                   b * (int(300 / (1 + 0.2 * math.log2(b))) + 10 * r))
+              for b in (1, 2, 4, 8, 16, 32, 64) for r in range(6)]  # fmt: skip
+    truth = np.array([0.06 + 0.08 * (s.rows > 1) + 0.004 * s.rows for s in shapes])
+    noisy = truth * np.exp(rng.normal(0, 0.1, len(shapes)))
+    seconds = np.stack([np.zeros(len(shapes)), np.zeros(len(shapes)), noisy], 1)
+    assert (fit_theta(shapes, seconds, nonnegative=False) < -1e-3).any()  # least squares cancels terms here
+    theta = fit_theta(shapes, seconds)
+    assert (theta >= 0).all() and StepCostProfile.from_steps(FP, shapes, seconds).theta.min() >= 0
+
+
 def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
     """Each batch size's rounds are spread over the measurement (shuffled passes over every
     size after the batch has grown), so a size is not priced by a few seconds of its own."""

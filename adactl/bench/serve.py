@@ -365,8 +365,11 @@ def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
 
     path = default_target_dir() if args.target in DEFAULT_ALIASES else args.target
     tokenizer = AutoTokenizer.from_pretrained(path)
-    chats = chat_texts(tokenizer, args.requests, args.max_prompt_tokens, args.max_output_tokens, read_sharegpt(),
-                       held_out=True)  # fmt: skip
+    try:  # the replay learns nothing from them: every record, for sweeps of 1,000 requests and more
+        chats = chat_texts(tokenizer, args.requests, args.max_prompt_tokens, args.max_output_tokens,
+                           read_sharegpt(), held_out=not args.replay)  # fmt: skip
+    except ValueError as e:
+        raise SystemExit(f"adactl bench serve: {e}; ask for fewer --requests or a longer --max-prompt-tokens") from None
     return tokenizer, [Job(text, n, s) for (text, _, n), s in zip(chats, streams)]
 
 
