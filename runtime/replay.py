@@ -18,8 +18,9 @@ simulated (`clock()`), so controllers that read the clock see replayed time, and
 sweep that takes the real engine an hour runs in seconds, deterministically for a seed.
 
 The request life cycle matches `Engine`: waiting -> prefilling (chunks within the step's
-budget, admitted requests in order) -> running (first token at the end of the step that
-completes the prompt) -> finished (by length; replayed outputs have no EOS). Deferred rows
+budget, admitted requests in order) -> running (first token when the step's prefill part
+ends, as the engine samples it there, before the step's decode forward; a server's client
+hears of it at the step's end) -> finished (by length; replayed outputs have no EOS). Deferred rows
 keep their place. Streaming consumers are accounted as in the engine, with words and
 sentences counted at a fixed number of tokens per unit (there is no text).
 """
@@ -523,6 +524,7 @@ class ReplayEngine:
         factor = math.exp(self.rng.gauss(0.0, self.noise)) if self.noise > 0 else 1.0
         prefill_s, draft_s, verify_s = (float(x) * factor for x in parts)
         prefill_s, self._copy_s = prefill_s + self._copy_s, 0.0  # host <-> device KV copies: no noise
+        prefilled = self.now + prefill_s  # where the engine samples a completed prompt's first token
         self.now += prefill_s + draft_s + verify_s
         rows = {r.request_id: r for r in self._rows}
         paths = [self._accepted(rows[rid], c) for rid, c in zip(drafts.request_ids, cut.tolist())]
@@ -533,9 +535,9 @@ class ReplayEngine:
         for req in self._joining:  # prompts completed this step: their first token (a preempted one's next)
             del self._waiting[req.request_id]
             if req.first_token_time is None:
-                req.first_token_time = self.now
+                req.first_token_time = prefilled
             self._rows.append(req)
-            emitted[req.request_id] = self._emit(req, 1, finished)
+            emitted[req.request_id] = self._emit(req, 1, finished, at=prefilled)
         for req in self._restoring:  # KV back from host memory: it decodes from the next step
             del self._waiting[req.request_id]
             self._rows.append(req)
@@ -550,7 +552,8 @@ class ReplayEngine:
             path=path,
         )  # fmt: skip
 
-    def _emit(self, req: _Replayed, n: int, finished: dict[str, str]) -> list[int]:
+    def _emit(self, req: _Replayed, n: int, finished: dict[str, str], at: float | None = None) -> list[int]:
+        """Emit n tokens (fewer where the request ends), its reader told at `at` (default: now)."""
         eos = req.trace.length if req.trace is not None and req.sampling.stop_on_eos else None
         n = min(n, req.sampling.max_new_tokens - req.generated, self.max_context - req.context_len)
         if eos is not None:
@@ -561,7 +564,8 @@ class ReplayEngine:
         if req.playback is not None:
             per = TOKENS_PER_UNIT[req.playback.stream.unit]
             units = req.generated / per
-            req.playback.produce(math.ceil(units) if done else int(units), req.generated, self.now, done)
+            req.playback.produce(math.ceil(units) if done else int(units), req.generated,
+                                 self.now if at is None else at, done)  # fmt: skip
         if done:
             reason = "eos" if ended else "length" if req.generated >= req.sampling.max_new_tokens else "context"
             finished[req.request_id] = reason
