@@ -158,11 +158,14 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
             step(StepPlan(draft_len={r: k if j < few else rng.randint(0, 1) for j, r in enumerate(running)},
                           prefill_budget=0))  # fmt: skip
         bar.update(1)
-        if over():
+        # grow no further once the passes that give every size grown so far its minimum of
+        # rounds would not fit the budget (larger sizes measured once are worth less)
+        if over() or time.perf_counter() - start + (min_rounds - 1) * sum(cost.values()) > budget_s:
             bar.write(f"adactl profile: time budget ({budget_s:.0f} s) reached at batch {b}")
             break
     goal = {b: max(min(min_rounds, reps), min(reps, int(batch_seconds / max(c, 1e-9)))) for b, c in cost.items()}
     bar.total = sum(goal.values())
+    bar.refresh()
     rounds = dict.fromkeys(cost, 1)
     while not over() and any(rounds[b] < goal[b] for b in rounds):  # passes over every size, shuffled
         for b in rng.sample(list(rounds), len(rounds)):

@@ -273,7 +273,7 @@ class ReplayEngine:
         for r in [*self._waiting.values(), *self._rows]:
             self._release(r)
         self._waiting, self._rows, self._joining, self._restoring = {}, [], [], []
-        self._pending, self._trees = None, {}
+        self._pending, self._trees, self._copy_s = None, {}, 0.0
         return dropped
 
     def kv_bytes(self, include_draft: bool = True) -> int:

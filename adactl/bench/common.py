@@ -130,6 +130,8 @@ def fitted_cost(fp: Fingerprint, log: list[tuple[Any, tuple[float, float, float]
     batching, scheduling and clock) apart from the profile's: on a machine whose speed moves by
     tens of percent between minutes (the 2-core CPU's memory bandwidth does), a profile
     measured at another time prices every step of a run alike off."""
+    if not log:
+        raise ValueError(f"no steps to fit a step-cost model on ({what})")
     shapes = [shape for shape, _ in log]
     seconds = np.array([s for _, s in log], dtype=np.float64).reshape(len(log), len(PARTS))
     return StepCostProfile.from_steps(fp, shapes, seconds, {"fitted_on": what}).model(refine=False)

@@ -1,7 +1,8 @@
 """`adactl bench serve --replay --profile NAME|FILE`: the serve bench in simulated time.
 
-The same requests as `adactl bench serve` (held-out ShareGPT first turns, their prompts'
-tokens by the target's chat template, `max_tokens` = the recorded reply length clipped to
+The requests of `adactl bench serve`, drawn from every ShareGPT record rather than the held-out
+ones only (the replay learns nothing from them; sweeps of 1,000 requests and more): first
+turns, their prompts' tokens by the target's chat template, `max_tokens` = the recorded reply length clipped to
 `--max-output-tokens`, greedy, each read by a consumer of `workloads.consumer_mix`) arrive
 at the same simulated times at each `--rates` rate, and each `--stacks` entry is served by
 `adactl serve`'s own engine loop: its `EngineService` (admission: a 429 when `--max-queue`
@@ -26,6 +27,7 @@ capacities at `--ttft-target`. What differs, and why:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +61,11 @@ class Reader:
             self.chunks.append((self.clock(), self.tokens, int(self.tokens / TOKENS_PER_UNIT[self.unit])))
         elif kind == "done":
             self.done = True
-            if self.chunks:  # whatever is left of the last unit counts at the end, as the HTTP client's
+            if self.chunks:  # whatever is left of the last unit counts at the end, as the replay's own account
                 t, k, _ = self.chunks[-1]
-                self.chunks[-1] = (t, k, -(-k * 10 // round(TOKENS_PER_UNIT[self.unit] * 10)))
-        else:  # "rejected" (waited too long: the HTTP server answers 429) or "error"
-            self.status = 429 if kind == "rejected" else 500
+                self.chunks[-1] = (t, k, math.ceil(k / TOKENS_PER_UNIT[self.unit]))
+        else:  # "rejected" before any token (the HTTP server answers 429), or an error (mid-stream: one too)
+            self.status = 429 if kind == "rejected" and not self.chunks else 500
             self.done = True
 
     def received(self) -> Received:
@@ -82,9 +84,18 @@ def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], 
                        prefill_budget=ctx.prefill_budget, clock=engine.clock)  # fmt: skip
     service = EngineService(loop, config=ServiceConfig(args.max_queue, args.max_queue_wait), clock=engine.clock)
     readers: list[Reader] = []
+
+    def turn() -> None:
+        """One turn of the service; a turn that costs no simulated time (nothing ran: every
+        request held back) waits as the idle server would, so the clock always moves."""
+        before = engine.clock()
+        service.tick()
+        if engine.clock() == before:
+            engine.sleep(service.config.idle_wait_s)
+
     for job, prompt, at in zip(jobs, prompts, times):
         while service.open_requests() and engine.clock() < at:  # serve until the next arrival
-            service.tick()
+            turn()
         engine.sleep(at - engine.clock())  # idle until it (nothing if a step ran past it)
         reader = Reader(engine.clock, at, job.stream.unit)
         readers.append(reader)
@@ -94,7 +105,7 @@ def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], 
         service.submit(reader, prompt, SamplingParams(job.max_tokens, stop_on_eos=False), None, job.stream, at)
     limit = times[-1] + args.time_limit if times else 0.0
     while service.open_requests() and engine.clock() < limit:
-        service.tick()
+        turn()
     return [r.received() for r in readers]
 
 
