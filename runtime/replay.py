@@ -57,6 +57,13 @@ from .types import (
 TOKENS_PER_UNIT = {"token": 1.0, "word": 1.3, "sentence": 20.0}
 
 
+def replayed_units(unit: str, tokens: int, finished: bool) -> int:
+    """Complete units in `tokens` replayed tokens (no text: fixed tokens per unit); at the end
+    of the output whatever is left counts as one more unit, as `stream.count_units` has it."""
+    units = tokens / TOKENS_PER_UNIT[unit]
+    return math.ceil(units) if finished else int(units)
+
+
 def _path_mask(paths: list[list[int]], shape: torch.Size) -> torch.Tensor:
     """[B, K] bool with row i's `paths[i]` set."""
     mask = np.zeros(tuple(shape), dtype=np.bool_)
@@ -269,12 +276,12 @@ class ReplayEngine:
     def abort_all(self) -> list[str]:
         """As `Engine.abort_all`: drop every unfinished request (no results for them; their KV
         blocks freed) and any step in progress. Returns the ids dropped."""
-        dropped = [r.request_id for r in [*self._waiting.values(), *self._rows]]
-        for r in [*self._waiting.values(), *self._rows]:
+        reqs = [*self._waiting.values(), *self._rows]
+        for r in reqs:
             self._release(r)
         self._waiting, self._rows, self._joining, self._restoring = {}, [], [], []
         self._pending, self._trees, self._copy_s = None, {}, 0.0
-        return dropped
+        return [r.request_id for r in reqs]
 
     def kv_bytes(self, include_draft: bool = True) -> int:
         """0: the replay holds no caches (its KV pool's blocks are in `kv_stats`)."""
@@ -562,10 +569,8 @@ class ReplayEngine:
         ended = eos is not None and req.generated >= eos  # where the recorded request ended by EOS
         done = ended or req.generated >= req.sampling.max_new_tokens or req.context_len >= self.max_context
         if req.playback is not None:
-            per = TOKENS_PER_UNIT[req.playback.stream.unit]
-            units = req.generated / per
-            req.playback.produce(math.ceil(units) if done else int(units), req.generated,
-                                 self.now if at is None else at, done)  # fmt: skip
+            units = replayed_units(req.playback.stream.unit, req.generated, done)
+            req.playback.produce(units, req.generated, self.now if at is None else at, done)
         if done:
             reason = "eos" if ended else "length" if req.generated >= req.sampling.max_new_tokens else "context"
             finished[req.request_id] = reason

@@ -67,6 +67,7 @@ class Job:
     text: str
     max_tokens: int
     stream: Stream
+    prompt: tuple[int, ...] = ()  # the text's token ids by the chat template (what the server computes)
 
 
 @dataclass
@@ -347,17 +348,19 @@ def _warm_up(server: Server, job: Job) -> None:
 
 
 # ----------------------------------------------------------------- main
-def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
+def workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
     streams = consumer_mix(args.requests, args.seed, args.ttft, tokens_only=args.consumers == "tokens")
     if args.tiny:
         import random
 
-        from adactl.runtime.models import tiny_tokenizer
+        from adactl.runtime.models import chat_ids, tiny_tokenizer
 
         rng = random.Random(args.seed)
+        tiny = tiny_tokenizer()
         texts = ["".join(rng.choice("abcdefgh ijk") for _ in range(rng.randint(4, 24))) for _ in streams]
-        return tiny_tokenizer(), [Job(t, rng.randint(8, 24), Stream(s.rate, "token", s.ttft_s))
-                                  for t, s in zip(texts, streams)]  # fmt: skip
+        return tiny, [Job(t, rng.randint(8, 24), Stream(s.rate, "token", s.ttft_s),
+                          tuple(chat_ids(tiny, [{"role": "user", "content": t}])))
+                      for t, s in zip(texts, streams)]  # fmt: skip
     from transformers import AutoTokenizer
 
     from adactl.runtime.models import DEFAULT_ALIASES, default_target_dir
@@ -370,7 +373,7 @@ def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job]]:
                            read_sharegpt(), held_out=not args.replay)  # fmt: skip
     except ValueError as e:
         raise SystemExit(f"adactl bench serve: {e}; ask for fewer --requests or a longer --max-prompt-tokens") from None
-    return tokenizer, [Job(text, n, s) for (text, _, n), s in zip(chats, streams)]
+    return tokenizer, [Job(text, n, s, tuple(ids)) for (text, ids, n), s in zip(chats, streams)]
 
 
 def _launch(stack: str, args: ServeBenchSettings, out: Path) -> Server:
@@ -389,7 +392,7 @@ def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
 
         return serve_replay.run(args)
     device_and_dtype(args.device, args.dtype)  # a bad device or dtype is an error before any server starts
-    tokenizer, jobs = _workload(args)
+    tokenizer, jobs = workload(args)
     out = Path(args.out)
     launchers: list[Callable[[], Server]] = [functools.partial(_launch, s, args, out) for s in args.stacks]
     if args.peer and not args.tiny:

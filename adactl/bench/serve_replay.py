@@ -27,16 +27,16 @@ capacities at `--ttft-target`. What differs, and why:
 from __future__ import annotations
 
 import json
-import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from adactl.bench.common import format_table, write_json
-from adactl.bench.serve import COLUMNS, Job, Received, ServeBenchSettings, account, add_capacity, plot, ratios
+from adactl.bench.serve import COLUMNS, Job, Received, ServeBenchSettings, account, add_capacity, plot, ratios, workload
 from adactl.runtime import SamplingParams
-from adactl.runtime.replay import TOKENS_PER_UNIT, ReplayEngine
+from adactl.runtime.replay import ReplayEngine, replayed_units
 from adactl.workloads import arrival_times
 
 TITLE = "adactl serve's engine loop on the replay (simulated time, no HTTP)"
@@ -58,12 +58,12 @@ class Reader:
             self.status = 200
         elif kind == "tokens":
             self.tokens += len(event[1])
-            self.chunks.append((self.clock(), self.tokens, int(self.tokens / TOKENS_PER_UNIT[self.unit])))
+            self.chunks.append((self.clock(), self.tokens, replayed_units(self.unit, self.tokens, False)))
         elif kind == "done":
             self.done = True
             if self.chunks:  # whatever is left of the last unit counts at the end, as the replay's own account
                 t, k, _ = self.chunks[-1]
-                self.chunks[-1] = (t, k, math.ceil(k / TOKENS_PER_UNIT[self.unit]))
+                self.chunks[-1] = (t, k, replayed_units(self.unit, k, True))
         else:  # "rejected" before any token (the HTTP server answers 429), or an error (mid-stream: one too)
             self.status = 429 if kind == "rejected" and not self.chunks else 500
             self.done = True
@@ -72,8 +72,8 @@ class Reader:
         return Received(self.arrival, self.status if self.done else -2, self.chunks if self.status == 200 else [])
 
 
-def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], prompts: list[list[int]],
-              times: list[float], args: ServeBenchSettings, max_draft_len: int) -> list[Received]:  # fmt: skip
+def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], times: list[float],
+              args: ServeBenchSettings, max_draft_len: int) -> list[Received]:  # fmt: skip
     """Serve `jobs` arriving at `times` with `adactl serve`'s service and loop on `engine`."""
     from adactl.loop import ControlLoop
     from adactl.server.service import EngineService, ServiceConfig
@@ -93,7 +93,7 @@ def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], 
         if engine.clock() == before:
             engine.sleep(service.config.idle_wait_s)
 
-    for job, prompt, at in zip(jobs, prompts, times):
+    for job, at in zip(jobs, times):
         while service.open_requests() and engine.clock() < at:  # serve until the next arrival
             turn()
         engine.sleep(at - engine.clock())  # idle until it (nothing if a step ran past it)
@@ -102,7 +102,7 @@ def serve_one(stack_name: str, ctx: Any, engine: ReplayEngine, jobs: list[Job], 
         if service.overloaded():
             reader.push(("rejected", service.retry_after()))
             continue
-        service.submit(reader, prompt, SamplingParams(job.max_tokens, stop_on_eos=False), None, job.stream, at)
+        service.submit(reader, job.prompt, SamplingParams(job.max_tokens, stop_on_eos=False), None, job.stream, at)
     limit = times[-1] + args.time_limit if times else 0.0
     while service.open_requests() and engine.clock() < limit:
         turn()
@@ -126,7 +126,7 @@ def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
         raise SystemExit(f"adactl bench serve --replay cannot run {', '.join(refused)}: the shipped ShareGPT traces "
                          "carry no companion")  # fmt: skip
     profile = StepCostProfile.load(named_profile(args.profile))
-    tokenizer, jobs, prompts = _workload(args)
+    _, jobs = workload(args)
     traces = shipped_traces("sharegpt", trees=False) if any(drafts(s) for s in args.stacks) else None
     cost = truth(profile)
     out = Path(args.out)
@@ -140,7 +140,7 @@ def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
             engine = ReplayEngine(cost, traces.mean_acceptance() if traces is not None else (),
                                   max_batch_size=args.max_batch, noise=args.replay_noise, seed=args.seed,
                                   traces=traces)  # fmt: skip
-            got = serve_one(stack, ctx, engine, jobs, prompts, times, args, args.max_draft_len if drafts(stack) else 0)
+            got = serve_one(stack, ctx, engine, jobs, times, args, args.max_draft_len if drafts(stack) else 0)
             record = {"server": f"adactl[{stack}]", "rate": rate, **account(got, jobs)}
             records.append(record)
             bar.update(len(jobs))
@@ -154,18 +154,8 @@ def run(args: ServeBenchSettings) -> list[dict[str, Any]]:
             "profile": str(args.profile), "target": profile.fingerprint.target,
             "replay": {"truth": type(cost).__name__, "noise": args.replay_noise,
                        "acceptance": f"traces: sharegpt ({len(traces)} requests)" if traces is not None else "none"},
-            "args": {k: v for k, v in vars(args).items()}}  # fmt: skip
+            "args": asdict(args)}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "serve.json", records, meta)
     plot(records, out / "serve.png", args.ttft_target, f"replay of {where}", TITLE)
     return records
-
-
-def _workload(args: ServeBenchSettings) -> tuple[Any, list[Job], list[list[int]]]:
-    """The HTTP bench's jobs and each one's prompt ids (what the server would tokenize)."""
-    from adactl.bench.serve import _workload as http_workload
-    from adactl.runtime.models import chat_ids
-
-    tokenizer, jobs = http_workload(args)
-    prompts = [chat_ids(tokenizer, [{"role": "user", "content": job.text}]) for job in jobs]
-    return tokenizer, jobs, prompts
