@@ -24,7 +24,9 @@ the cost basis and saves the profile under `$ADACTL_CACHE/profiles/<fingerprint 
 `adactl profile --check` measures nothing into the profile: held-out rounds at each batch
 size, the measured ratio of each k-token step to a plain one (the median over rounds of a
 round's ratio, with its standard error) next to the profile's, and which errors exceed what
-the check itself can resolve.
+the check itself can resolve. `--profile this,shipped,FILE` prices the very same held-out steps
+with each profile named, so profiles are compared side by side in one run, not across runs a
+drifting machine makes incomparable.
 
 `step_cost_for` is what benches, the server and the envs call: the profile that matches this
 machine, created on first use (a progress bar and one line saying so); or a file named with
@@ -281,7 +283,9 @@ class ProfilerSettings(DeviceSettings):
     check_batches: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "--check: batch sizes", parse=ints)
     check_ks: list[int] = setting([1, 2, 4], "--check: draft lengths compared with plain decoding", parse=ints)
     check_rounds: int = setting(5, "--check: rounds per batch size (each: every length once, shuffled)")
-    profile: str | None = setting(None, "--check: this profile file instead of this machine's")
+    profile: str | None = setting(None, "--check: this profile file instead of this machine's; several, "
+                                  "comma-separated, are checked on the same steps ('this': this machine's, "
+                                  "'shipped': the shipped CPU one)")  # fmt: skip
     computed: str | None = setting(None, "measure nothing: write a GPU profile computed from the hardware's figures "
                                    "and the model's shape (adactl.estimators.gpu_cost): a shipped name "
                                    "(h100-llama-3.1-8b, a100-llama-3.1-8b, h200-llama-3.1-8b, "
@@ -362,19 +366,22 @@ def run_computed(what: str, out: str | None = None, draft_fraction: float | None
     return made
 
 
-def check_ratios(pair: Any, model: Any, batches: list[int], ks: list[int], rounds: int = 5, seed: int = 1,
+def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], rounds: int = 5, seed: int = 1,
                  progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
     """Held-out whole-batch steps at each batch size, `rounds` rounds of plain decoding and
     every k in `ks` in a shuffled order: the measured ratio of a k-token step to a plain one
     (the median over rounds of the round's k-step ÷ its plain step, so drift between rounds
     cancels) and its relative standard error (of a median: 1.25 σ / √n of the rounds' log
-    ratios), next to `model`'s for the same steps' shapes (their mean prediction). An error
-    within twice the standard error is one the check cannot tell from its own noise."""
+    ratios), next to each model's for the same steps' shapes (their mean prediction). `models`:
+    one step-cost model, or {name: model} to compare profiles on the same steps (a record per
+    name, its `profile`). An error within twice the standard error is one the check cannot
+    tell from its own noise."""
     from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
     from adactl.runtime.models import output_vocab_size
 
     if rounds < 2:
         raise ValueError(f"a check needs at least 2 rounds for its standard error, got {rounds}")
+    named = models if isinstance(models, dict) else {"profile": models}
     rng = random.Random(seed)
     engine = Engine(pair.target.model, pair.speculator(with_companion=pair.companion is not None),
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
@@ -398,28 +405,37 @@ def check_ratios(pair: Any, model: Any, batches: list[int], ks: list[int], round
                 seen[k].append((shape, float(outcome.total_s)))
             bar.update(1)
         plain = np.array([t for _, t in seen[0]])
-        predicted_plain = float(np.mean(model.predict([s for s, _ in seen[0]])))
-        for k in ks:
-            logs = np.log(np.array([t for _, t in seen[k]]) / plain)  # round by round
-            measured = float(np.exp(np.median(logs)))
-            predicted = float(np.mean(model.predict([s for s, _ in seen[k]]))) / predicted_plain
-            records.append({"batch_size": b, "k": k, "plain_ms": 1000 * float(np.median(plain)),
-                            "measured_ratio": measured, "stderr": 1.2533 * float(np.std(logs, ddof=1)) / len(logs)**0.5,
-                            "predicted_ratio": predicted, "error": predicted / measured - 1})  # fmt: skip
+        for name, model in named.items():
+            predicted_plain = float(np.mean(model.predict([s for s, _ in seen[0]])))
+            for k in ks:
+                logs = np.log(np.array([t for _, t in seen[k]]) / plain)  # round by round
+                measured = float(np.exp(np.median(logs)))
+                predicted = float(np.mean(model.predict([s for s, _ in seen[k]]))) / predicted_plain
+                records.append({"profile": name, "batch_size": b, "k": k, "plain_ms": 1000 * float(np.median(plain)),
+                                "measured_ratio": measured,
+                                "stderr": 1.2533 * float(np.std(logs, ddof=1)) / len(logs)**0.5,
+                                "predicted_ratio": predicted, "error": predicted / measured - 1})  # fmt: skip
     bar.close()
-    return records
+    return sorted(records, key=lambda r: list(named).index(r["profile"]))  # one profile's records together
 
 
 def summarise_check(records: list[dict[str, Any]]) -> str:
-    """Two lines: the largest and mean error, and how many exceed twice the check's own standard error."""
-    worst = max(records, key=lambda r: abs(r["error"]))
-    beyond = [r for r in records if abs(math.log1p(r["error"])) > 2 * r["stderr"]]
-    return (f"largest error of the predicted T(k) / T(0): {100 * worst['error']:+.1f}% (batch {worst['batch_size']}, "
-            f"k = {worst['k']}); mean absolute {100 * np.mean([abs(r['error']) for r in records]):.1f}%\n"
-            f"the check's own standard error: median {100 * np.median([r['stderr'] for r in records]):.1f}%; "
-            f"errors beyond twice it: {len(beyond)} of {len(records)}"
+    """Per profile checked, two lines: the largest and mean error, and how many exceed twice
+    the check's own standard error."""
+    lines = []
+    for name in dict.fromkeys(r.get("profile", "profile") for r in records):
+        mine = [r for r in records if r.get("profile", "profile") == name]
+        worst = max(mine, key=lambda r: abs(r["error"]))
+        beyond = [r for r in mine if abs(math.log1p(r["error"])) > 2 * r["stderr"]]
+        lines.append(
+            f"{name}: largest error of the predicted T(k) / T(0): {100 * worst['error']:+.1f}% "
+            f"(batch {worst['batch_size']}, k = {worst['k']}); mean absolute "
+            f"{100 * np.mean([abs(r['error']) for r in mine]):.1f}%\n"
+            f"the check's own standard error: median {100 * np.median([r['stderr'] for r in mine]):.1f}%; "
+            f"errors beyond twice it: {len(beyond)} of {len(mine)}"
             + "".join(f"\n  batch {r['batch_size']}, k = {r['k']}: {100 * r['error']:+.1f}% "
                       f"(± {100 * r['stderr']:.1f}%)" for r in beyond))  # fmt: skip
+    return "\n".join(lines)
 
 
 def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
@@ -427,10 +443,12 @@ def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
     from adactl.bench.common import format_table, write_json
     from adactl.runtime.device import describe
 
-    model = step_cost_for(pair, args.profile, refine=False, max_batch=max(args.check_batches))
-    records = check_ratios(pair, model, args.check_batches, args.check_ks, args.check_rounds, args.seed + 1)
-    print(format_table(records, ["batch_size", "k", "plain_ms", "measured_ratio", "stderr", "predicted_ratio",
-                                 "error"]))  # fmt: skip
+    names = [name.strip() for name in (args.profile or "this").split(",") if name.strip()] or ["this"]
+    models = {name: step_cost_for(pair, None if name == "this" else name, refine=False,
+                                  max_batch=max(args.check_batches)) for name in names}  # fmt: skip
+    records = check_ratios(pair, models, args.check_batches, args.check_ks, args.check_rounds, args.seed + 1)
+    print(format_table(records, ["profile", "batch_size", "k", "plain_ms", "measured_ratio", "stderr",
+                                 "predicted_ratio", "error"]))  # fmt: skip
     print(summarise_check(records))
     out = Path(args.out or "bench_results/profile_check.json")
     write_json(out, records, {"machine": describe(pair.device, pair.dtype).to_dict(), "profile": args.profile or

@@ -163,6 +163,14 @@ def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, 
     assert all(r["measured_ratio"] > 0 and np.isfinite(r["error"]) and r["stderr"] >= 0 for r in records)
     out = capsys.readouterr().out
     assert "largest error of the predicted T(k) / T(0)" in out and "errors beyond twice it" in out
+    # two profiles side by side: priced on the very same held-out steps
+    assert main(["profile", "--tiny", "--device", "cpu", "--check", "--check-batches", "4", "--check-ks", "2",
+                 "--check-rounds", "2", "--profile", "this,shipped",
+                 "--out", str(tmp_path / "both.json")]) == 0  # fmt: skip
+    mine, theirs = json.loads((tmp_path / "both.json").read_text())["records"]
+    assert (mine["profile"], theirs["profile"]) == ("this", "shipped")
+    assert mine["measured_ratio"] == theirs["measured_ratio"] and mine["predicted_ratio"] != theirs["predicted_ratio"]
+    assert capsys.readouterr().out.count("largest error of the predicted") == 2
 
 
 def test_a_measured_profile_is_fitted_with_costs_that_are_not_negative() -> None:
