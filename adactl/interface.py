@@ -23,7 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from adactl.runtime.types import DraftBatch, RequestError, RequestView, StepOutcome, StepPlan, TreeSpec
+from adactl.runtime.types import DraftBatch, KVState, RequestError, RequestView, StepOutcome, StepPlan, TreeSpec
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class ScheduleState:
     max_draft_len: int  # the longest draft a request may be given (0: the server has no draft model)
     plan: StepPlan = field(default_factory=StepPlan)  # the plan so far: the safe default, then earlier controllers'
     step: int = 0  # steps run before this one
+    kv: KVState | None = None  # the server's KV memory (None: it reports none; memory never binds)
 
     @property
     def running(self) -> list[RequestView]:
@@ -188,7 +189,26 @@ def check_plan(plan: Any, state: ScheduleState) -> StepPlan:
             raise InvalidAction(f"tree names requests that are not running: {sorted(set(plan.tree) - running)[:5]}")
     if plan.admit is not None and not set(plan.admit) <= waiting:
         raise InvalidAction(f"admit names requests that are not waiting: {sorted(set(plan.admit) - waiting)[:5]}")
+    check_moves(plan, state.requests)
     return plan
+
+
+def check_moves(plan: StepPlan, requests: Sequence[RequestView]) -> None:
+    """Raise `InvalidAction` unless `plan`'s preempt and offload name running requests and its
+    restore offloaded ones, each request at most once."""
+    status = {r.request_id: r.status for r in requests}
+    named: list[str] = []
+    for field_name, allowed in (("preempt", "running"), ("offload", "running"), ("restore", "offloaded")):
+        ids = getattr(plan, field_name)
+        if isinstance(ids, str) or not all(isinstance(r, str) for r in ids):
+            raise InvalidAction(f"{field_name} must be a sequence of request ids, got {ids!r}")
+        wrong = [r for r in ids if status.get(r) != allowed]
+        if wrong:
+            raise InvalidAction(f"{field_name} names requests that are not {allowed}: "
+                                f"{[(r, status.get(r, 'unknown')) for r in wrong[:5]]}")  # fmt: skip
+        named += ids
+    if len(set(named)) < len(named):
+        raise InvalidAction("preempt, offload and restore name a request more than once")
 
 
 def check_verify_len(lengths: Any, drafts: DraftBatch) -> torch.Tensor:

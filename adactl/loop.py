@@ -111,6 +111,7 @@ class ControlLoop:
             max_draft_len=self.max_draft_len,
             plan=self.safe_plan,
             step=self.steps,
+            kv=self.engine.kv_state() if hasattr(self.engine, "kv_state") else None,
         )
         t0 = self.clock()
         plan = self._schedule(state, fell_back)

@@ -39,6 +39,7 @@ from adactl.controllers import (
     SpeculativeVerification,
     TreeDraft,
     TTFTPrefillBudget,
+    VLLMv1,
 )
 from adactl.estimators.step_time import StepTimePredictor
 from adactl.interface import Estimator
@@ -128,6 +129,16 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("progressserve", r"progressserve", "schedule", "admission, run or defer",
           "ProgressServe: run what is at risk, defer safe buffers, admit only what stays safe",
           lambda c, n: ProgressServe(c.cost(), prefill_budget=c.prefill_budget), costs_steps=True),
+    Entry("vllm-v1", r"vllm-v1", "schedule", "admission, preemption, token budget",
+          "vLLM v1's scheduler: one token budget for decode and prefill, whole-sequence admission with "
+          "head-of-line blocking, last-admitted recompute preemption (H100 defaults: 1024 seqs, 8192 tokens)",
+          lambda c, n: VLLMv1()),
+    Entry("vllm-v1-seqs{N}-tokens{T}", r"vllm-v1-seqs(\d+)-tokens(\d+)", "schedule",
+          "admission, preemption, token budget", "vllm-v1 with max_num_seqs = N and max_num_batched_tokens = T",
+          lambda c, n: VLLMv1(n[0], n[1])),
+    Entry("vllm-v1-offload", r"vllm-v1-offload", "schedule", "admission, preemption, token budget",
+          "vllm-v1 preempting by swap to host memory (v0's swap space) instead of recompute",
+          lambda c, n: VLLMv1(offload=True)),
     Entry("ttft-budget", r"ttft-budget", "schedule", "prefill budget",
           "the smallest chunked-prefill budget that keeps every waiting request's TTFT feasible",
           lambda c, n: TTFTPrefillBudget(c.cost(), c.prefill_budget), costs_steps=True),
@@ -192,7 +203,8 @@ REGISTRY: tuple[Entry, ...] = (
 
 NAMES = ", ".join(e.shown for e in REGISTRY)
 KINDS = {  # controllers that make the same decision; a stack has at most one of each kind
-    "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream"},
+    "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1",
+                  "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload"},
     "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
                      "goodput-tree", "slo-tree", "learned-spec"},
 }  # fmt: skip

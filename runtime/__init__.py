@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .types import (
         SLO,
         DraftBatch,
+        KVState,
         RequestError,
         RequestResult,
         RequestView,
@@ -45,6 +46,7 @@ _HOME = {
         [
             "SLO",
             "DraftBatch",
+            "KVState",
             "RequestError",
             "RequestResult",
             "RequestView",
@@ -74,6 +76,7 @@ __all__ = [
     "EngineConfig",
     "FeatureDraft",
     "KVConfig",
+    "KVState",
     "LoadedModel",
     "ModelPair",
     "Playback",

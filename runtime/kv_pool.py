@@ -8,8 +8,9 @@ only counts it: `waits` (a request left waiting because its blocks were not free
 `recomputes` (preempted, its KV dropped, to be prefilled again). `HostOffload` is the other
 way to preempt (vLLM v0's swap, TokenFlow's offload): the KV is copied to host memory, within
 a host budget, and back when the request resumes, each copy at a PCIe bandwidth; the pool
-counts `offloads` and `restores`. (Which request to preempt, and whether to offload it or
-drop it, as a scheduler's plan action: issue 33.)
+counts `offloads` and `restores`. Which request to preempt, and whether to offload it or
+drop it, is a scheduler's plan action (`StepPlan.preempt`, `offload`, `restore`); the replay
+also preempts by itself, as vLLM does, when a running request cannot grow.
 
 `kv_tokens_for` sizes a GPU's pool as vLLM does: the memory left after the weights, at a
 utilization (0.9 by default), divided by the KV bytes per token.
@@ -36,6 +37,7 @@ class KVPool:
     recomputes: int = 0
     offloads: int = 0
     restores: int = 0
+    offload_refused: int = 0  # offloads asked for (plan.offload) that host memory had no room for
 
     def __post_init__(self) -> None:
         if self.total_blocks < 1 or self.block_size < 1:
@@ -80,7 +82,7 @@ class KVPool:
     def counts(self) -> dict[str, int]:
         return {"kv_blocks": self.total_blocks, "kv_used": self.used, "kv_waits": self.waits,
                 "kv_recomputes": self.recomputes, "kv_offloads": self.offloads,
-                "kv_restores": self.restores}  # fmt: skip
+                "kv_restores": self.restores, "kv_offload_refused": self.offload_refused}  # fmt: skip
 
 
 # PCIe 4.0 x16 host <-> device copies as measured for pinned memory (~25 GB/s of the link's 32; an

@@ -45,6 +45,7 @@ from .types import (
     SLO,
     DraftBatch,
     DraftSummary,
+    KVState,
     RequestError,
     RequestResult,
     RequestView,
@@ -100,6 +101,7 @@ class _Replayed:
     prefill_goal: int = 0  # tokens to prefill: the prompt, or the whole context after a preemption (0: the prompt)
     preemptions: int = 0
     offloaded: bool = False  # preempted with its KV in host memory: it resumes by a restore, not a prefill
+    ready_at: float | None = None  # a restore (plan.restore) in flight: when its KV is back on the device
 
     @property
     def to_prefill(self) -> int:
@@ -171,6 +173,7 @@ class ReplayEngine:
             raise ValueError("offload needs a KV pool to preempt from: give kv_tokens too")
         self.offload = offload
         self._copy_s = 0.0  # this step's host <-> device copies
+        self._link_free = {"d2h": 0.0, "h2d": 0.0}  # when each direction's asynchronous copies are done
         self._restoring: list[_Replayed] = []
         self.rng, self.seed = random.Random(seed), seed  # step-time noise; acceptance draws per request
         self.now = 0.0
@@ -251,6 +254,11 @@ class ReplayEngine:
         for r in [*self._waiting.values(), *self._rows]:
             waiting = r.request_id in self._waiting
             status = "running" if not waiting else ("prefilling" if r.prefilled else "waiting")
+            kv = "device" if status != "waiting" else "none"
+            if waiting and r.offloaded:
+                status, kv = "offloaded", "host"
+            elif waiting and r.ready_at is not None:
+                status = "restoring"
             pb = r.playback
             views.append(
                 RequestView(
@@ -266,6 +274,8 @@ class ReplayEngine:
                     r.slo,
                     pb.stream if pb is not None else None,
                     pb.progress(self.now) if pb is not None else None,
+                    kv,
+                    r.ready_at,
                 )  # fmt: skip
             )
         return views
@@ -281,6 +291,7 @@ class ReplayEngine:
             self._release(r)
         self._waiting, self._rows, self._joining, self._restoring = {}, [], [], []
         self._pending, self._trees, self._copy_s = None, {}, 0.0
+        self._link_free = {"d2h": 0.0, "h2d": 0.0}
         return [r.request_id for r in reqs]
 
     def kv_bytes(self, include_draft: bool = True) -> int:
@@ -305,6 +316,8 @@ class ReplayEngine:
             raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
         if plan.tree is not None:
             self._check_trees(plan.tree)
+        self._join_restored()
+        self._check_moves(plan)  # everything that may refuse the plan comes before anything changes
         running = {r.request_id for r in self._rows}
         if plan.run is not None and not set(plan.run) <= running:
             raise RequestError(f"plan.run names requests that are not running: {sorted(set(plan.run) - running)[:5]}")
@@ -312,6 +325,9 @@ class ReplayEngine:
             raise RequestError(f"plan.admit names requests that are not waiting: {sorted(set(plan.admit))[:5]}")
         run = [r for r in self._rows if plan.run is None or r.request_id in set(plan.run)]
         trees = {r.request_id: self._tree(plan, r) for r in run} if plan.tree is not None else {}  # (may refuse)
+        self._move(plan)
+        moved = {*plan.preempt, *plan.offload}
+        run = [r for r in run if r in self._rows]  # preempted or offloaded: not this step
         # prefill: admitted waiting requests in order, within the budget and the batch size
         order = list(self._waiting) if plan.admit is None else list(plan.admit)
         room = self.max_batch_size - len(self._rows)
@@ -323,6 +339,8 @@ class ReplayEngine:
         self._restoring = []
         for rid in order:
             req = self._waiting[rid]
+            if req.ready_at is not None or rid in moved:  # a restore in flight joins by itself; moved off: not now
+                continue
             if len(joining) + len(self._restoring) >= room:
                 break
             if req.offloaded:  # resumes by copying its KV back, without a prefill
@@ -422,6 +440,91 @@ class ReplayEngine:
         ids, parents = tree.tree_draft(req.generated, depth, spec.nodes)
         return _Tree(depth, tree, ids, parents)
 
+    def _check_moves(self, plan: StepPlan) -> None:
+        """Raise `RequestError` unless `plan`'s preempt and offload name running requests, its
+        restore offloaded ones whose blocks are free, each once, on a replay with the memory
+        they need (a KV pool; host memory to offload to)."""
+        rows = {r.request_id for r in self._rows}
+        named = [*plan.preempt, *plan.offload, *plan.restore]
+        if not named:
+            return
+        if self.kv is None:
+            raise RequestError("preempt, offload and restore need a KV pool: this replay has none (kv_tokens=)")
+        if (plan.offload or plan.restore) and self.offload is None:
+            raise RequestError("offload and restore need host memory: this replay has none (offload=)")
+        if len(set(named)) < len(named):
+            raise RequestError("plan.preempt, offload and restore name a request more than once")
+        for name in ("preempt", "offload"):
+            wrong = [rid for rid in getattr(plan, name) if rid not in rows]
+            if wrong:
+                raise RequestError(f"plan.{name} names requests that are not running: {wrong[:5]}")
+        wrong = [rid for rid in plan.restore if rid not in self._waiting or not self._waiting[rid].offloaded]
+        if wrong:
+            raise RequestError(f"plan.restore names requests that are not offloaded: {wrong[:5]}")
+        assert self.offload is not None or not plan.restore
+        freed, host = 0, self.offload.free if self.offload is not None else 0
+        for rid in plan.preempt:
+            freed += self.kv.held.get(rid, 0)
+        for rid in plan.offload:  # those the host has room for (the others are refused, not an error)
+            tokens = self._row(rid).context_len
+            if tokens <= host:
+                host -= tokens
+                freed += self.kv.held.get(rid, 0)
+        need = sum(self.kv.blocks_for(self._waiting[rid].context_len + 1) for rid in plan.restore)
+        if need > self.kv.free + freed:
+            raise RequestError(f"plan.restore needs {need} KV blocks and {self.kv.free + freed} are free")
+
+    def _row(self, request_id: str) -> _Replayed:
+        return next(r for r in self._rows if r.request_id == request_id)
+
+    def _move(self, plan: StepPlan) -> None:
+        """Apply a checked plan's preempt, offload and restore. An offload or restore is an
+        asynchronous copy (TokenFlow's, beside compute): each direction one queue at the host's
+        bandwidth, charged to no step; a restored request decodes from the first step after its
+        copy completes. (Blocks are freed when an offload is issued: optimistic by one copy,
+        milliseconds at PCIe bandwidth.)"""
+        assert self.kv is not None or not (plan.preempt or plan.offload or plan.restore)
+        for rid in plan.preempt:
+            self._preempt(self._row(rid), offload=False)
+        for rid in plan.offload:
+            req = self._row(rid)
+            assert self.kv is not None and self.offload is not None
+            copy_s = self.offload.offload(rid, req.context_len)
+            if copy_s is None:  # no host room: refused, counted; it keeps running
+                self.kv.offload_refused += 1
+                continue
+            self._link_free["d2h"] = max(self.now, self._link_free["d2h"]) + copy_s
+            self.kv.offloads += 1
+            self._park(req, offloaded=True)
+        for rid in plan.restore:
+            req = self._waiting[rid]
+            assert self.kv is not None and self.offload is not None
+            grown = self.kv.grow(rid, req.context_len + 1)
+            assert grown, "checked by _check_moves"
+            self._link_free["h2d"] = max(self.now, self._link_free["h2d"]) + self.offload.restore(rid)
+            self.kv.restores += 1
+            req.offloaded, req.ready_at = False, self._link_free["h2d"]
+
+    def _join_restored(self) -> None:
+        """Requests whose restore has completed by now decode again (after the running rows)."""
+        for req in [r for r in self._waiting.values() if r.ready_at is not None and r.ready_at <= self.now]:
+            del self._waiting[req.request_id]
+            req.ready_at = None
+            self._rows.append(req)
+
+    def _park(self, req: _Replayed, offloaded: bool) -> None:
+        """Take a running request off the device to the head of the line: with its KV in host
+        memory (`offloaded`: it resumes by a restore) or without (it prefills its whole context
+        again)."""
+        assert self.kv is not None
+        self.kv.release(req.request_id)
+        self._rows.remove(req)
+        req.offloaded = offloaded
+        req.prefill_goal = req.context_len
+        req.prefilled = req.context_len if offloaded else 0
+        req.preemptions += 1
+        self._waiting = {req.request_id: req, **self._waiting}
+
     def _make_room(self, run: list[_Replayed], lens: list[int]) -> tuple[list[_Replayed], list[int]]:
         """Blocks for every running row's context and this step's draft (in admission order);
         where they are missing, the last-admitted running request is preempted by recompute
@@ -439,24 +542,27 @@ class ReplayEngine:
         keep = [i for i, r in enumerate(run) if r in self._rows]
         return [run[i] for i in keep], [lens[i] for i in keep]
 
-    def _preempt(self, req: _Replayed) -> None:
-        """Take `req`'s KV: to host memory if offload has room for it (it resumes by a
-        restore), else dropped (it prefills its whole context again). Either way it waits at
-        the head of the line."""
+    def _preempt(self, req: _Replayed, offload: bool = True) -> None:
+        """Take `req`'s KV: to host memory if `offload` and host memory has room for it (a
+        synchronous copy, charged to this step, as vLLM v0's swap; it resumes by a restore),
+        else dropped (it prefills its whole context again). Either way it waits at the head of
+        the line."""
         assert self.kv is not None
-        self.kv.release(req.request_id)
-        self._rows.remove(req)
-        copy_s = self.offload.offload(req.request_id, req.context_len) if self.offload is not None else None
+        copy_s = self.offload.offload(req.request_id, req.context_len) if self.offload is not None and offload else None
         if copy_s is not None:
             self._copy_s += copy_s
             self.kv.offloads += 1
-            req.offloaded = True
-            req.prefill_goal = req.prefilled = req.context_len  # nothing to prefill
         else:
             self.kv.recomputes += 1
-            req.prefill_goal, req.prefilled = req.context_len, 0
-        req.preemptions += 1
-        self._waiting = {req.request_id: req, **self._waiting}
+        self._park(req, offloaded=copy_s is not None)
+
+    def kv_state(self) -> KVState | None:
+        """The KV pool before the next step, for memory-aware schedulers (None without a pool)."""
+        if self.kv is None:
+            return None
+        host = self.offload.free if self.offload is not None else None
+        per_token = self.offload.seconds(1) if self.offload is not None else 0.0
+        return KVState(self.kv.block_size, self.kv.total_blocks, self.kv.free, host, per_token)
 
     def kv_stats(self) -> dict[str, float]:
         """The KV pool's blocks and what it made wait, recompute, offload and restore, and the
@@ -550,6 +656,7 @@ class ReplayEngine:
             self._rows.append(req)
         self._restoring = []
         self._rows = [r for r in self._rows if r.request_id not in finished]
+        self._join_restored()
         self._pending = None
         self._trees = {}
         return StepOutcome(

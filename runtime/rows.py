@@ -65,7 +65,7 @@ class Request:
         progress = self.playback.progress(now) if self.playback is not None else None
         return RequestView(self.request_id, status, len(self.prompt), self.prefilled, len(self.output),
                            self.context_len, self.arrival_time, self.first_token_time, self.sampling, self.slo,
-                           stream, progress)  # fmt: skip
+                           stream, progress, "none" if status == "waiting" else "device")  # fmt: skip
 
     def append(self, tokens: list[int], eos_ids: set[int], max_context: int, tokenizer: Any) -> list[int]:
         """Append tokens up to a stop condition (sets `finish_reason`); returns those kept."""

@@ -72,7 +72,7 @@ class RequestView:
     """One unfinished request, as a controller sees it."""
 
     request_id: str
-    status: str  # "waiting" (no prompt token computed) | "prefilling" | "running"
+    status: str  # "waiting" (no prompt token computed) | "prefilling" | "running" | "offloaded" | "restoring"
     prompt_len: int
     prefilled: int  # prompt tokens computed so far
     num_generated: int  # tokens emitted so far
@@ -83,6 +83,24 @@ class RequestView:
     slo: SLO | None = None  # the request's service goals, if it has any
     stream: Stream | None = None  # how its output is consumed, if it streams
     stream_progress: StreamProgress | None = None  # the consumer's position now (with `stream`)
+    kv: str = "device"  # where its KV is: "device" | "host" (offloaded) | "none" (nothing computed, or preempted)
+    kv_ready_at: float | None = None  # a restore in flight: when its KV is back and it can decode (server clock)
+
+
+@dataclass(frozen=True)
+class KVState:
+    """The server's KV memory before a step, in blocks of `block_size` tokens (vLLM's paged
+    layout): what memory-aware schedulers plan with."""
+
+    block_size: int
+    total_blocks: int
+    free_blocks: int
+    host_free_tokens: int | None = None  # room left in host memory for offloaded KV (None: no offload)
+    copy_s_per_token: float = 0.0  # seconds one token's KV takes to copy between host and device
+
+    def blocks_for(self, tokens: int) -> int:
+        """Blocks that hold `tokens` tokens."""
+        return -(-max(tokens, 0) // self.block_size)
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,18 @@ class StepPlan:
     tree: TreeSpec | Mapping[str, TreeSpec] | None = None
     """Token trees instead of chains: one spec for every running request, or per request id
     (the others draft chains of `draft_len`, as one-child trees). None = chains only."""
+    preempt: Sequence[str] = ()
+    """Running requests whose KV is dropped before this step (recompute preemption, vLLM's
+    default): each keeps its output, waits at the head of the line (status "waiting", kv
+    "none") and prefills its prompt and output again when admitted."""
+    offload: Sequence[str] = ()
+    """Running requests whose KV is copied to host memory and freed on the device before this
+    step (status "offloaded", kv "host"): the copy runs beside compute, at the server's
+    host-device bandwidth, within its host budget. Where the host has no room the offload is
+    refused, counted, and the request keeps running: nothing is lost."""
+    restore: Sequence[str] = ()
+    """Offloaded requests whose KV is copied back (device blocks taken now): each decodes from
+    the first step after its copy completes (`RequestView.kv_ready_at`; status "restoring")."""
 
 
 @dataclass(frozen=True)

@@ -90,3 +90,158 @@ def test_offload_resumes_preempted_requests_without_a_prefill():
         ReplayEngine(tiny_step_time(), offload=HostOffload(10, 131072))
     with pytest.raises(ValueError, match="host offload needs"):
         HostOffload(-1, 131072)
+
+
+def _views(engine):
+    return {v.request_id: v for v in engine.requests()}
+
+
+def test_preempt_offload_and_restore_are_plan_actions_and_nothing_is_lost():
+    """StepPlan.preempt drops a request's KV (it prefills prompt + output again), offload
+    copies it to host memory beside compute and restore brings it back, decoding once the
+    copy is done; every request still ends with its whole output (issue 33)."""
+    mb_per_token = 1e6  # a 1 MB/s link, 1 MB a token: one second a token each way, easy to see
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=640,
+                          offload=HostOffload(host_tokens=100, kv_bytes_per_token=mb_per_token,
+                                              bytes_per_s=1e6))  # fmt: skip
+    for rid in "abc":
+        engine.add_request(64, SamplingParams(40), request_id=rid)
+    engine.step(StepPlan(prefill_budget=512))
+    for _ in range(3):
+        engine.step(StepPlan(prefill_budget=0))
+    state = engine.kv_state()
+    assert state.total_blocks == 40 and state.free_blocks == 40 - 3 * 5 and state.host_free_tokens == 100
+    assert state.copy_s_per_token == 1.0
+    engine.step(StepPlan(prefill_budget=0, offload=["a"], preempt=["b"]))
+    views = _views(engine)
+    assert (views["a"].status, views["a"].kv) == ("offloaded", "host")
+    assert (views["b"].status, views["b"].kv, views["b"].num_generated) == ("waiting", "none", 4)
+    assert engine.kv_state().free_blocks == 40 - 5 and engine.kv_state().host_free_tokens == 100 - 68
+    assert engine.kv_stats()["kv_offloads"] == 1 and engine.kv_stats()["kv_recomputes"] == 1
+    for _ in range(2):  # both stay off the device while the plans leave them there
+        engine.step(StepPlan(prefill_budget=0, admit=[]))
+    assert _views(engine)["a"].num_generated == _views(engine)["b"].num_generated == 4
+    now = engine.clock()
+    engine.step(StepPlan(prefill_budget=0, admit=[], restore=["a"]))
+    a = _views(engine)["a"]
+    assert a.status == "restoring" and a.kv == "device" and a.kv_ready_at == pytest.approx(now + 68.0)
+    assert engine.kv_state().host_free_tokens == 100
+    steps = 0
+    while _views(engine)["a"].status == "restoring":  # decodes only once its 68 s copy is done
+        engine.step(StepPlan(prefill_budget=0, admit=[]))
+        steps += 1
+    assert steps > 10 and engine.clock() >= now + 68.0 and _views(engine)["a"].num_generated == 4
+    while engine.has_unfinished():
+        engine.step(StepPlan(prefill_budget=512))
+    results = {r.request_id: r for r in engine.pop_finished()}
+    assert all(len(results[rid].output_ids) == 40 and results[rid].finish_reason == "length" for rid in "abc")
+    assert engine.kv_stats()["kv_used"] == 0 and engine.kv_stats()["kv_restores"] == 1
+
+
+def test_bad_moves_are_refused_before_anything_changes_and_a_full_host_refuses_an_offload():
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=160,
+                          offload=HostOffload(host_tokens=70, kv_bytes_per_token=131072))  # fmt: skip
+    for rid in "ab":
+        engine.add_request(64, SamplingParams(30), request_id=rid)
+    engine.step(StepPlan(prefill_budget=512))
+    before = (engine.kv_state(), [(v.request_id, v.status) for v in engine.requests()])
+    for plan, match in [(StepPlan(preempt=["zz"]), "not running"), (StepPlan(restore=["a"]), "not offloaded"),
+                        (StepPlan(offload=["a"], preempt=["a"]), "more than once")]:  # fmt: skip
+        with pytest.raises(RequestError, match=match):
+            engine.step(plan)
+        assert (engine.kv_state(), [(v.request_id, v.status) for v in engine.requests()]) == before
+    engine.step(StepPlan(prefill_budget=0, offload=["a", "b"]))  # the host holds one of them (70 tokens)
+    views = _views(engine)
+    assert views["a"].status == "offloaded" and views["b"].status == "running"
+    assert engine.kv_stats()["kv_offload_refused"] == 1
+    engine.add_request(40, SamplingParams(20), request_id="c")  # takes 3 of the 5 blocks "a" left
+    engine.step(StepPlan(prefill_budget=512, admit=["c"]))
+    with pytest.raises(RequestError, match="needs 5 KV blocks and 2 are free"):
+        engine.step(StepPlan(restore=["a"]))  # 5 blocks, 2 free
+    without_host = ReplayEngine(tiny_step_time(), kv_tokens=160)
+    without_host.add_request(10, SamplingParams(5), request_id="x")
+    without_host.step(StepPlan())
+    with pytest.raises(RequestError, match="need host memory"):
+        without_host.step(StepPlan(offload=["x"]))
+    while engine.has_unfinished():
+        engine.step(StepPlan(prefill_budget=512))
+    assert sorted(len(r.output_ids) for r in engine.pop_finished()) == [20, 30, 30]
+
+
+def test_the_engine_refuses_moves_clearly_and_the_loop_falls_back(target, draft):
+    """Our engine does not move KV yet: a plan that asks is refused with a clear error before
+    anything changes, and the control loop runs the step with the safe plan and counts it."""
+    from adactl.interface import Controller
+    from adactl.loop import ControlLoop
+    from tests.helpers import make_engine
+
+    class PreemptAll(Controller):
+        def act(self, state, utilities):
+            return StepPlan(preempt=[v.request_id for v in state.running])
+
+    engine = make_engine(target, draft)
+    engine.add_request([1, 2, 3, 4], SamplingParams(6))
+    loop = ControlLoop(engine, PreemptAll())
+    results = loop.run()
+    assert [len(r.output_ids) for r in results.values()] == [6]
+    assert loop.fallbacks["schedule:engine"] >= 1
+    rid = engine.add_request([1, 2, 3], SamplingParams(4))
+    engine.step(StepPlan())
+    with pytest.raises(RequestError, match="does not preempt, offload or restore"):
+        engine.step(StepPlan(offload=[rid]))
+    engine.step(StepPlan())  # still serving
+
+
+def _loop(engine, controller):
+    from adactl.loop import ControlLoop
+
+    return ControlLoop(engine, controller, max_draft_len=0, clock=engine.clock)
+
+
+def test_vllm_v1_admits_whole_sequences_in_order_and_blocks_the_line():
+    """A 10-block pool: A (7 blocks) is admitted, B (4) does not fit, and C (1), which would,
+    waits behind it: vLLM v1's head-of-line `break`."""
+    from adactl.controllers import VLLMv1
+
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=160)
+    for rid, n in (("A", 100), ("B", 60), ("C", 10)):
+        engine.add_request(n, SamplingParams(8), request_id=rid)
+    loop = _loop(engine, VLLMv1())
+    record = loop.step()
+    assert list(record.plan.admit) == ["A"] and record.schedule.kv.free_blocks == 10
+    assert [v.status for v in engine.requests()] == ["waiting", "waiting", "running"]  # B, C wait; A runs
+    results = loop.run()
+    assert sorted((rid, len(r.output_ids)) for rid, r in results.items()) == [("A", 8), ("B", 8), ("C", 8)]
+    assert engine.kv_stats()["kv_recomputes"] == 0
+
+
+def test_vllm_v1_preempts_the_last_admitted_by_recompute_and_admits_nothing_that_step():
+    """An 8-block pool holding A (4 blocks) and B (3) grows out of blocks: B, admitted last, is
+    preempted by recompute (to the head of the queue, output kept) in a step that admits
+    nothing, comes back once A finishes, and both end whole. The plan preempts before the
+    replay has to (its own last-admitted rule never fires)."""
+    from adactl.controllers import VLLMv1
+
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=128)
+    engine.add_request(60, SamplingParams(30), request_id="A")
+    engine.add_request(40, SamplingParams(30), request_id="B")
+    controller = VLLMv1()
+    loop = _loop(engine, controller)
+    preempted_at = []
+    while engine.has_unfinished():
+        record = loop.step()
+        if record.plan.preempt:
+            preempted_at.append(record)
+    assert preempted_at and all(list(r.plan.preempt) == ["B"] and not r.plan.admit for r in preempted_at)
+    first = preempted_at[0].schedule
+    assert {v.request_id: v.status for v in first.requests} == {"A": "running", "B": "running"}
+    assert engine.kv_stats()["kv_recomputes"] == controller.preemptions == len(preempted_at)
+    assert {rid: len(r.output_ids) for rid, r in loop.results.items()} == {"A": 30, "B": 30}
+    swap = VLLMv1(offload=True)
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=128, offload=HostOffload(1000, 131072))
+    engine.add_request(60, SamplingParams(30), request_id="A")
+    engine.add_request(40, SamplingParams(30), request_id="B")
+    results = _loop(engine, swap).run()
+    stats = engine.kv_stats()
+    assert stats["kv_offloads"] == stats["kv_restores"] == swap.preemptions > 0 and stats["kv_recomputes"] == 0
+    assert {rid: len(r.output_ids) for rid, r in results.items()} == {"A": 30, "B": 30}

@@ -242,3 +242,37 @@ def test_replay_engine_runs_the_loop_deterministically():
     with pytest.raises(RequestError, match="prompt length"):
         engine.add_request(0)
     assert not engine.has_unfinished()
+
+
+def test_progressserve_moves_the_largest_buffer_off_the_device_to_admit_a_newcomer_and_brings_it_back():
+    """Memory as a lever (issue 33): with the KV pool full, the stream furthest ahead of its
+    reader goes to host memory (or is preempted where there is none) so a newcomer gets its
+    blocks; an offloaded stream comes back once its slack is down to the copy time."""
+    from dataclasses import replace
+
+    from adactl.runtime.types import KVState
+
+    ps = ProgressServe(LinearCost())
+    ahead, behind = view("ahead", buffer=200, rate=5.0), view("behind", buffer=2, rate=5.0)  # 40 s and 0.9 s of slack
+    newcomer = view("new", "waiting", rate=5.0, arrival=9.9, prompt=60)
+    host = KVState(16, total_blocks=20, free_blocks=4, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    plan = ps.act(ScheduleState(10.0, (newcomer, ahead, behind), 0, kv=host))
+    assert plan.offload == ["ahead"] and plan.preempt == [] and "new" in plan.admit
+    assert "ahead" not in plan.run and "behind" in plan.run
+    no_host = KVState(16, total_blocks=20, free_blocks=4)
+    plan = ps.act(ScheduleState(10.0, (newcomer, ahead, behind), 0, kv=no_host))
+    assert plan.preempt == ["ahead"] and plan.offload == [] and "new" in plan.admit
+    # nobody has the slack to be moved: the newcomer waits, and says why
+    plan = ps.act(ScheduleState(10.0, (newcomer, behind), 0, kv=host))
+    assert plan.offload == [] and "new" not in plan.admit and "KV blocks" in ps.reasons["new"]
+    # an offloaded stream whose buffer is nearly read comes back; one far ahead stays off while the queue needs room
+    away = [replace(view(rid, buffer=b), status="offloaded", kv="host") for rid, b in (("soon", 2), ("later", 150))]
+    roomy = KVState(16, total_blocks=40, free_blocks=20, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    plan = ps.act(ScheduleState(10.0, (newcomer, *away, behind), 0, kv=roomy))
+    assert plan.restore == ["soon"] and "new" in plan.admit
+    # with memory to spare, both come back (buffers grow while memory is free)
+    plan = ps.act(ScheduleState(10.0, (*away, behind), 0, kv=replace(roomy, free_blocks=36)))
+    assert sorted(plan.restore) == ["later", "soon"]
+    # without the lever (or a pool), nothing moves
+    plan = ProgressServe(LinearCost(), memory=False).act(ScheduleState(10.0, (newcomer, ahead, behind), 0, kv=host))
+    assert plan.offload == plan.preempt == plan.restore == ()

@@ -20,7 +20,9 @@ Streaming (schedule decision: admit, run or defer, prefill budget):
 - baselines: `FCFS` (vLLM: max_num_seqs, decode first, static chunked-prefill budget),
   `DeadlineFirst` (EDF / least slack), `AndesPriority` (largest delivery lag first);
 - `ProgressServe`: run what is at risk, defer safe buffers, admit only what stays safe;
-- `TTFTPrefillBudget`: the smallest prefill budget that keeps every TTFT feasible.
+- `TTFTPrefillBudget`: the smallest prefill budget that keeps every TTFT feasible;
+- `VLLMv1`: vLLM v1's scheduler on the server's KV blocks (shared token budget, whole-sequence
+  admission, head-of-line blocking, last-admitted recompute preemption), the memory baseline.
 
 Learned: `LearnedController` serves a PPO policy trained by train/ppo.py in `adactl.envs`
 (weights-only file; the same observation features as the environment).
@@ -41,6 +43,7 @@ from .progressserve import ProgressServe
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 from .trees import GlobalTreeAllocation, GoodputTree, TreeDraft
+from .vllm_v1 import VLLMv1
 
 __all__ = [
     "FCFS",
@@ -64,5 +67,6 @@ __all__ = [
     "SpeculativeVerification",
     "TTFTPrefillBudget",
     "TreeDraft",
+    "VLLMv1",
     "oracle",
 ]

@@ -56,19 +56,25 @@ def lag(view: RequestView, now: float) -> float:
     return expected - ready
 
 
+STARTED = ("prefilling", "offloaded")  # admitted before, not running now: admitted again first
+
+
 def in_flight(state: ScheduleState) -> int:
-    """Admitted requests: running plus prefilling."""
-    return len(state.running) + sum(v.status == "prefilling" for v in state.waiting)
+    """Admitted requests on the device: running, prefilling, or restoring."""
+    return len(state.running) + sum(v.status in ("prefilling", "restoring") for v in state.waiting)
 
 
 def admit_in_order(waiting: Sequence[RequestView], in_flight: int, max_num_seqs: int | None) -> list[str]:
     """Waiting requests in arrival order while in-flight requests stay within `max_num_seqs`
-    (requests already prefilling stay admitted)."""
-    order = sorted(waiting, key=lambda v: (v.status != "prefilling", v.arrival_time))
+    (requests already prefilling stay admitted; offloaded ones come back first, as vLLM's
+    preempted requests go back to the head of its queue; a restore in flight joins by itself)."""
+    order = sorted((v for v in waiting if v.status != "restoring"), key=lambda v: (v.status not in STARTED,
+                                                                                  v.arrival_time))  # fmt: skip
     room = len(order) if max_num_seqs is None else max(0, max_num_seqs - in_flight)
     started = [v.request_id for v in order if v.status == "prefilling"]
-    fresh = [v.request_id for v in order if v.status != "prefilling"]
-    return started + fresh[: max(0, room - len(started))]
+    back = [v.request_id for v in order if v.status == "offloaded"]
+    fresh = [v.request_id for v in order if v.status not in STARTED]
+    return started + (back + fresh)[: max(0, room - len(started))]
 
 
 def decode_seconds(step_time: StepTimePredictor, rows: Sequence[int], context: Sequence[int],
