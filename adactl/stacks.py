@@ -25,6 +25,7 @@ from adactl.controllers import (
     AdaServe,
     AndesPriority,
     BucketEMA,
+    BufferOffload,
     ConfidenceStop,
     DeadlineFirst,
     FixedDraftLength,
@@ -129,6 +130,9 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("progressserve", r"progressserve", "schedule", "admission, run or defer",
           "ProgressServe: run what is at risk, defer safe buffers, admit only what stays safe",
           lambda c, n: ProgressServe(c.cost(), prefill_budget=c.prefill_budget), costs_steps=True),
+    Entry("tokenflow", r"tokenflow", "schedule", "admission, offload and restore",
+          "TokenFlow-like: FCFS admission made room for by moving the largest buffers off the device",
+          lambda c, n: BufferOffload(c.cost(), prefill_budget=c.prefill_budget), costs_steps=True),
     Entry("vllm-v1", r"vllm-v1", "schedule", "admission, preemption, token budget",
           "vLLM v1's scheduler: one token budget for decode and prefill, whole-sequence admission with "
           "head-of-line blocking, last-admitted recompute preemption (H100 defaults: 1024 seqs, 8192 tokens)",
@@ -203,7 +207,7 @@ REGISTRY: tuple[Entry, ...] = (
 
 NAMES = ", ".join(e.shown for e in REGISTRY)
 KINDS = {  # controllers that make the same decision; a stack has at most one of each kind
-    "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1",
+    "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1", "tokenflow",
                   "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload"},
     "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
                      "goodput-tree", "slo-tree", "learned-spec"},

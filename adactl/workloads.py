@@ -19,12 +19,14 @@ bench, the streaming environment and the in-process serving diagnostic run.
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from adactl.runtime.errors import RequestError
 from adactl.runtime.models import chat_ids
 
 HELD_OUT_EVERY = 20
@@ -178,17 +180,59 @@ def arrival_times(n: int, rate: float, seed: int = 0, burstiness: float = 1.0) -
     return out
 
 
-def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0, tokens_only: bool = False) -> list[Any]:
+def duty_cycle_arrivals(n: int, rate: float, seed: int = 0, cv: float = 2.5, period_s: float = 60.0,
+                        duty: float = 0.3, peak: float = 2.5) -> list[float]:  # fmt: skip
+    """`n` arrival times at a mean `rate` requests/s in bursts: for `duty` of every `period_s`
+    the rate is `peak` times the mean, in between low enough to keep the mean; within both,
+    Gamma gaps with coefficient of variation `cv` (the burstiness of production traces:
+    Azure's LLM inference traces, BurstGPT, CV 2-3)."""
+    if rate <= 0 or cv <= 0 or not 0 < duty < 1 or not 1 <= peak < 1 / duty or period_s <= 0:
+        raise ValueError(f"duty-cycle arrivals need rate, cv, period > 0, duty in (0, 1) and peak in [1, 1/duty), "
+                         f"got {rate}, {cv}, {period_s}, {duty}, {peak}")  # fmt: skip
+    low = (1 - duty * peak) / (1 - duty)  # the off-peak rate, as a multiple of the mean
+    ops = arrival_times(n, rate, seed, burstiness=1 / cv**2)  # arrivals in operational time (mean rate 1x)
+    out, t, u = [], 0.0, 0.0  # real time t has reached operational time u
+    for target in ops:
+        while True:  # walk the square wave: each phase turns real seconds into rate-multiple x seconds
+            phase = t % period_s
+            on = phase < duty * period_s
+            end = (duty * period_s if on else period_s) - phase  # real seconds to the phase's end
+            mult = peak if on else low
+            if u + end * mult >= target:
+                t += (target - u) / mult
+                u = target
+                break
+            t, u = t + end, u + end * mult
+        out.append(t)
+    return out
+
+
+def long_requests(n: int, seed: int = 0, prompt: tuple[int, int] = (4096, 16384),
+                  reply: tuple[int, int] = (300, 800)) -> list[tuple[int, int]]:  # fmt: skip
+    """`n` (prompt length, reply length) pairs of a long-context workload (summarisation of
+    long documents): prompts log-uniform in `prompt` tokens, replies uniform in `reply`. Lengths
+    only: what the replay serves (no text)."""
+    rng = random.Random(seed)
+    lo, hi = math.log(prompt[0]), math.log(prompt[1])
+    return [(int(math.exp(rng.uniform(lo, hi))), rng.randint(*reply)) for _ in range(n)]
+
+
+def consumer_mix(n: int, seed: int = 0, ttft_s: float = 1.0, tokens_only: bool = False,
+                 machines: float = 0.0) -> list[Any]:  # fmt: skip
     """`n` streaming consumers, mixed like people: 60% read tokens at 3-8 tokens/s, 20% listen
     to speech at 4-5 tokens/s, 10% read words (2.5-6 words/s, about 3-8 tokens/s) and 10%
     read sentence by sentence (0.15-0.4 sentences/s). `tokens_only`: the first two kinds only
     (75% / 25%), for loads where the word and sentence readers' bursts would dominate (a
-    technical reply has 3+ tokens a word)."""
+    technical reply has 3+ tokens a word). `machines`: this fraction are programs reading
+    tokens at 30-50 tokens/s instead (agents, pipelines; issue 33's mixed consumers)."""
     from adactl.runtime.stream import Stream
 
     rng = random.Random(seed)
     out = []
     for _ in range(n):
+        if machines and rng.random() < machines:
+            out.append(Stream(rng.uniform(30.0, 50.0), "token", ttft_s))
+            continue
         u = rng.random() * (0.8 if tokens_only else 1.0)
         if u < 0.6:
             out.append(Stream(rng.uniform(3.0, 8.0), "token", ttft_s))
@@ -222,7 +266,8 @@ class OpenLoop:
     a `ReplayEngine` does, else `time.sleep`); with
     `skip_idle`, an idle server does not wait: the remaining arrivals come forward by the gap,
     their spacing kept (an environment's episode spends no step waiting). `index` maps each
-    request id to its arrival's position.
+    request id to its arrival's position; a request the server refuses (`RequestError`) is in
+    `rejected` with the reason, and the others run.
     """
 
     def __init__(self, loop: Any, arrivals: Sequence[Arrival], clock: Callable[[], float] | None = None,
@@ -238,6 +283,7 @@ class OpenLoop:
         self.shift = 0.0  # seconds the remaining arrivals were brought forward (skip_idle)
         self.next = 0
         self.index: dict[str, int] = {}
+        self.rejected: dict[int, str] = {}  # arrival position -> why the server refused it
 
     def done(self) -> bool:
         return self.next >= len(self.arrivals) and not self.engine.has_unfinished()
@@ -255,9 +301,12 @@ class OpenLoop:
         while self.next < len(self.arrivals) and (now_idle or self.arrivals[self.next].at - self.shift <= now):
             now_idle = False  # the next one comes now (whatever the rounding of the shift)
             a = self.arrivals[self.next]
-            rid = self.engine.add_request(a.prompt, a.sampling, arrival_time=self.start + a.at - self.shift,
-                                          slo=a.slo, stream=a.stream)  # fmt: skip
-            self.index[rid] = self.next
+            try:
+                rid = self.engine.add_request(a.prompt, a.sampling, arrival_time=self.start + a.at - self.shift,
+                                              slo=a.slo, stream=a.stream)  # fmt: skip
+                self.index[rid] = self.next
+            except RequestError as e:  # this request alone (too long for the KV pool, ...): the rest run
+                self.rejected[self.next] = str(e)
             self.next += 1
 
     def step(self) -> Any:

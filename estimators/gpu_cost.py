@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from adactl.estimators.step_cost import Fingerprint, ProfileError, StepCostProfile
-from adactl.runtime.shapes import StepShape
+from adactl.runtime.shapes import StepShape, prefill_pairs
 
 
 class GpuCostError(ProfileError):
@@ -300,6 +300,13 @@ def profile_shapes() -> list[StepShape]:
         for p in (64, 256, 1024):
             shapes.append(StepShape(r, r, 1, 0, 0, p, r * 512))
     shapes += [StepShape(0, 0, 0, 0, 0, p, 0) for p in (16, 64, 256, 1024, 2048)]
+    # long prompts in chunks after what is already cached (a 16k prompt is two 8k chunks): a fit
+    # on short prompts alone priced the second 8k chunk of a 16k prompt at 5x its physics
+    for size in (2048, 4096, 8192):
+        for cached in (0, 4096, 8192, 16384):
+            pairs = prefill_pairs([(cached, size)])
+            shapes.append(StepShape(0, 0, 0, 0, 0, size, 0, prefill_attention=pairs))
+            shapes += [StepShape(r, r, 1, 0, 0, size, r * 2048, prefill_attention=pairs) for r in (4, 64)]
     return shapes
 
 

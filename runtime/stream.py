@@ -5,9 +5,11 @@ decoded text) at `Stream.rate` units per second. The stream opens `Stream.ttft_s
 request arrives (the TTFT target); the first unit is due then for token readers, and one unit
 period later (ttft_s + 1 / rate) for readers of words and sentences, who need a whole unit
 before they can start (`Stream.first_unit_s`); then one unit is due every 1 / rate seconds.
-The *buffer* is output that is ready but not yet read. A *miss* is a unit not ready at its
-deadline; the consumer then stalls, reads the late unit the moment it is ready and resumes its
-schedule from there, as a media player does (the next unit is due 1 / rate after the late one arrived).
+The *buffer* is output that is ready but not yet read. When a unit is not ready at its
+deadline the consumer stalls, reads the late unit the moment it is ready and resumes its
+schedule from there, as a media player does (the next unit is due 1 / rate after the late one
+arrived). A stall of d seconds counts as ceil(d * rate) *missed units*: the units the reader
+would have read in that time (issue 33: a 60 s wait and a 10 ms one are not the same miss).
 
 `Playback` keeps one consumer's account from the times units became ready; it needs nothing
 of the engine, so a custom server can keep one per request too. The engine keeps one for every
@@ -82,7 +84,7 @@ class StreamProgress:
     units_ready: int  # units generated so far
     units_read: int  # units the consumer has read (or is stalled on, when it missed)
     next_due: float  # deadline of the next unread unit (time.perf_counter() clock)
-    misses: int  # units that were not ready at their deadline so far
+    misses: int  # missed units so far: each stall of d seconds counts ceil(d * rate)
     tokens_per_unit: float  # tokens per unit in this output so far (1 for token units)
     rate: float  # units per second
 
@@ -105,10 +107,11 @@ class Playback:
     ready_times: list[float] = field(default_factory=list)  # when unit m became ready
     read: int = 0  # units read so far
     due: float = 0.0  # deadline of unit `read`
-    misses: int = 0
+    misses: int = 0  # missed units: each stall of d seconds counts ceil(d * rate)
+    stalls: int = 0  # stalls (late units), however long
     tokens: int = 0
     finished: bool = False
-    _missed_current: bool = False  # unit `read` has already been counted as missed
+    _counted: int = 0  # missed units already counted for the stall on unit `read`, still going on
 
     def __post_init__(self) -> None:
         self.due = self.arrival + self.stream.first_unit_s
@@ -129,15 +132,20 @@ class Playback:
                 if self.due > now:
                     return
                 self.due += period
-            else:  # late: a miss (counted once), read the moment it was ready
-                if not self._missed_current:
-                    self.misses += 1
+            else:  # late: the stall's missed units, read the moment it was ready
+                self.misses += self._stall_units(ready - self.due) - self._counted
+                self.stalls += 1
                 self.due = ready + period
             self.read += 1
-            self._missed_current = False
-        if not self.finished and self.due < now and not self._missed_current:
-            self.misses += 1  # the next unit is past due and still not generated
-            self._missed_current = True
+            self._counted = 0
+        if not self.finished and self.due < now:  # stalled now: the next unit is past due, not generated
+            so_far = self._stall_units(now - self.due)
+            self.misses += so_far - self._counted
+            self._counted = so_far
+
+    def _stall_units(self, seconds: float) -> int:
+        """Missed units of a stall of `seconds` (> 0): at least one."""
+        return max(1, math.ceil(seconds * self.stream.rate - 1e-9))
 
     def progress(self, now: float) -> StreamProgress:
         self.advance(now)
@@ -149,9 +157,9 @@ class Playback:
         """(units, misses) once the output is complete: the rest is read on time."""
         if self.ready_times:
             self.advance(max(self.ready_times[-1], self.due))
-        if self._missed_current and self.read >= len(self.ready_times):
-            self.misses -= 1  # the unit it was waiting for never came: the output ended
-            self._missed_current = False
+        if self._counted and self.read >= len(self.ready_times):
+            self.misses -= self._counted  # the unit it was waiting for never came: the output ended
+            self._counted = 0
         return len(self.ready_times), self.misses
 
 

@@ -376,3 +376,41 @@ def test_bench_inprocess_serves_a_stack_open_loop(capsys):
     assert "fcfs,fixed-k2 at 50.0/s" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "inprocess", "--stack", "fcfs,warp"])
+
+
+def test_capacity_search_finds_the_largest_load_at_slo():
+    from adactl.bench.stream import capacity_search
+
+    def at(limit):
+        return lambda load: {"load": load, "miss_rate": 0.0 if load <= limit else 0.02, "late_p99_s": 0.0,
+                             "rejected": 0}  # fmt: skip
+
+    found, bounded, tried = capacity_search(at(7.3), start=1.0, tolerance=0.05)
+    assert bounded and 7.3 * 0.95 <= found <= 7.3 and len(tried) <= 14
+    found, bounded, _ = capacity_search(at(0.3), start=4.0, tolerance=0.05)  # start above it: halving first
+    assert bounded and 0.3 * 0.95 <= found <= 0.3
+    found, bounded, tried = capacity_search(at(float("inf")), start=1.0, limit=5)
+    assert not bounded and found == 16.0 and len(tried) == 5  # a lower bound: nothing missed
+    assert capacity_search(at(0.0), start=1.0, limit=8)[:2] == (0.0, True)
+
+
+def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, capsys):
+    """--capacity: each stack's capacity at SLO by bisection in the replay, seeds pooled, the
+    first requests served and not measured; records say how late first tokens came (p99),
+    beside in-flight counts and Little's L."""
+    args = ["--tiny", "--replay", "--capacity", "--loads", "4", "--requests", "12", "--seeds", "2", "--warmup", "0.25",
+            "--workload", "mixed-consumers", "--controllers", "vllm-v1;progressserve"]  # fmt: skip
+    main(["bench", "stream", *args, "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "stream.json").read_text())
+    caps = {c["controller"]: c for c in data["meta"]["capacity"]}
+    assert set(caps) == {"vllm-v1", "progressserve"} and all(c["reference"] == "vllm-v1" for c in caps.values())
+    for r in data["records"]:
+        assert r["seeds"] == 2 and r["requests"] == 24
+        assert r["capacity_at_slo"] == caps[r["controller"]]["capacity_at_slo"]
+        assert r["late_p99_s"] >= 0 and r["little_l"] > 0 and r["rejected"] == 0 and "late" not in r
+    assert "capacity_at_slo" in capsys.readouterr().out and (tmp_path / "stream.png").is_file()
+    refused = [(["--capacity"], "give --replay"), (["--replay", "--seeds", "0"], "--seeds must be"),
+               (["--workload", "long"], "replay only"), (["--validate", "--seeds", "2"], "--seeds 1")]  # fmt: skip
+    for bad, say in refused:
+        with pytest.raises(SystemExit, match=say):
+            main(["bench", "stream", "--tiny", "--loads", "2", "--requests", "4", *bad, "--out", str(tmp_path)])

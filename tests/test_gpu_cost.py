@@ -178,3 +178,21 @@ def test_a_profile_with_impossible_steps_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ProfileError, match="negative or non-finite"):
         StepCostProfile.load(path)
+
+
+@pytest.mark.parametrize("name", ["h100-llama-3.1-8b", "h100x4-llama-3.1-70b"])
+def test_a_shipped_profile_prices_long_prompts_as_its_physics_does(name):
+    """Issue 33's long workload prefills 4-16k-token prompts in 8k chunks: the fitted profile
+    (what controllers plan with) must price them as the physics does, not extrapolate from
+    short prompts (it priced a 16k prompt's second chunk at 5x)."""
+    from adactl.profiler import gpu_profile_path
+    from adactl.runtime.shapes import prefill_pairs
+
+    profile = StepCostProfile.load(gpu_profile_path(name))
+    physics = g.shipped_gpu_profile(name)
+    fitted = profile.model(refine=False)
+    for cached, size, rows in [(0, 8192, 0), (8192, 7808, 0), (4096, 8192, 16), (12000, 4000, 4)]:
+        shape = StepShape(rows, rows, 1 if rows else 0, 0, 0, size, rows * 1500,
+                          prefill_attention=prefill_pairs([(cached, size)]))  # fmt: skip
+        truth, predicted = physics.predict([shape])[0], fitted.predict([shape])[0]
+        assert predicted == pytest.approx(truth, rel=0.1), (cached, size, rows)

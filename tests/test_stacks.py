@@ -20,9 +20,8 @@ from adactl.stacks import REGISTRY, StackContext, build_stack, costs_steps, draf
 
 def example(entry: stacks.Entry) -> str:
     """A concrete name for an entry: its numbers filled in."""
-    return {"fcfs-seqs{N}": "fcfs-seqs8", "fixed-k{K}": "fixed-k3", "tree-d{D}w{W}n{N}": "tree-d3w2n6"}.get(
-        entry.shown, entry.shown
-    )
+    return {"fcfs-seqs{N}": "fcfs-seqs8", "fixed-k{K}": "fixed-k3", "tree-d{D}w{W}n{N}": "tree-d3w2n6",
+            "vllm-v1-seqs{N}-tokens{T}": "vllm-v1-seqs64-tokens2048"}.get(entry.shown, entry.shown)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

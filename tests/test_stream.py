@@ -22,12 +22,24 @@ def test_playback_counts_misses_and_resumes_from_the_late_unit():
     pb.produce(3, 3, now=0.8)  # three units ready before the first deadline
     assert pb.progress(1.6).buffer == 1 and pb.misses == 0  # units 0 and 1 read at 1.0 and 1.5
     assert pb.progress(2.6).misses == 1  # unit 3 was due at 2.5 and is not there
-    assert pb.progress(2.9).misses == 1  # still the same miss, counted once
+    assert pb.progress(2.9).misses == 1  # still the same stall, under one unit period (0.5 s) long
     pb.produce(5, 5, now=3.0)  # unit 3 arrives late at 3.0; unit 4 with it
     p = pb.progress(3.0)
     assert p.units_read == 4 and p.next_due == pytest.approx(3.5)  # resumed from the late unit
     pb.produce(6, 6, now=3.2, finished=True)
     assert pb.settle() == (6, 1)
+
+
+def test_a_stall_counts_the_units_its_reader_could_have_read():
+    """A stall of d seconds misses ceil(d * rate) units (issue 33), counted as it goes on."""
+    pb = Playback(Stream(rate=2.0, ttft_s=1.0), arrival=0.0)  # units due every 0.5 s from 1.0
+    pb.produce(1, 1, now=0.9)
+    assert pb.progress(3.0).misses == 3  # unit 1 was due at 1.5: 1.5 s of stall so far
+    pb.produce(2, 2, now=4.0)  # it came at 4.0: 2.5 s, 5 units
+    assert pb.progress(4.0).misses == 5 and pb.stalls == 1
+    pb.produce(3, 3, now=4.51)  # due at 4.5, 10 ms late: one unit
+    pb.produce(4, 4, now=4.6, finished=True)
+    assert pb.settle() == (4, 6) and pb.stalls == 2
 
 
 def test_a_unit_that_never_comes_is_not_a_miss():
@@ -276,3 +288,35 @@ def test_progressserve_moves_the_largest_buffer_off_the_device_to_admit_a_newcom
     # without the lever (or a pool), nothing moves
     plan = ProgressServe(LinearCost(), memory=False).act(ScheduleState(10.0, (newcomer, ahead, behind), 0, kv=host))
     assert plan.offload == plan.preempt == plan.restore == ()
+
+
+def test_tokenflow_admits_in_arrival_order_making_room_from_the_largest_buffer():
+    """The TokenFlow-like stack: FCFS admission with ProgressServe's memory lever and nothing
+    else (no servability test, no deferral)."""
+    from adactl.controllers import BufferOffload
+    from adactl.runtime.types import KVState
+
+    ahead, behind = view("ahead", buffer=200), view("behind", buffer=2)
+    first = view("first", "waiting", arrival=9.0, prompt=60)
+    second = view("second", "waiting", arrival=9.5, prompt=600)  # 38 blocks: more than any move frees
+    kv = KVState(16, total_blocks=30, free_blocks=4, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    plan = BufferOffload(LinearCost()).act(ScheduleState(10.0, (second, first, ahead, behind), 0, kv=kv))
+    assert plan.offload == ["ahead"] and list(plan.admit) == ["first"] and plan.run is None
+    plan = BufferOffload(LinearCost()).act(ScheduleState(10.0, (first, ahead, behind), 0))  # no KV report
+    assert list(plan.admit) == ["first"] and plan.offload == ()
+
+
+def test_the_memory_lever_keeps_blocks_for_prompts_part_way_through_prefill():
+    """A stream is not restored into the blocks a prompt's next prefill chunk needs (found in
+    the long workload: the restored stream stalled the newcomer it had made room for)."""
+    from dataclasses import replace
+
+    from adactl.runtime.types import KVState
+
+    soon = replace(view("soon", buffer=2), status="offloaded", kv="host")  # 0.9 s of slack: due back
+    behind = view("behind", buffer=2)
+    half = replace(view("half", "waiting", prompt=320), status="prefilling", prefilled=160)  # 11 blocks to go
+    kv = KVState(16, total_blocks=40, free_blocks=12, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    ps = ProgressServe(LinearCost())
+    assert ps.act(ScheduleState(10.0, (soon, behind), 0, kv=kv)).restore == ["soon"]
+    assert ps.act(ScheduleState(10.0, (half, soon, behind), 0, kv=kv)).restore == []

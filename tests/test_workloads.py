@@ -72,3 +72,38 @@ def test_arrivals_out_of_order_are_refused():
     with pytest.raises(ValueError, match="time order"):
         OpenLoop(loop, arrivals([1.0, 0.5]))
     assert arrival_times(3, 2.0, seed=1) == arrival_times(3, 2.0, seed=1)
+
+
+def test_a_request_the_server_refuses_is_counted_and_the_others_run():
+    engine = ReplayEngine(STEP_TIME, max_batch_size=8, seed=0, kv_tokens=160)
+    loop = ControlLoop(engine, schedule=[FCFS()], max_draft_len=0, clock=engine.clock)
+    work = arrivals([0.0, 0.1, 0.2])
+    work[1] = Arrival(0.1, 300, work[1].sampling, work[1].stream)  # more KV than the whole pool
+    driver = OpenLoop(loop, work, engine.clock, engine.sleep)
+    driver.run()
+    assert list(driver.rejected) == [1] and "more KV than the pool" in driver.rejected[1]
+    assert sorted(driver.index.values()) == [0, 2] and all(len(r.output_ids) == 6 for r in loop.results.values())
+
+
+def test_issue_33_workloads_bursts_long_prompts_and_machine_readers():
+    from statistics import mean
+
+    from adactl.workloads import consumer_mix, duty_cycle_arrivals, long_requests
+
+    times = duty_cycle_arrivals(4000, 5.0, seed=1)
+    assert times == sorted(times) and len(times) / times[-1] == pytest.approx(5.0, rel=0.1)
+    phase = [t % 60.0 for t in times]
+    peak = sum(p < 18.0 for p in phase) / 18.0  # arrivals per second of the on-phase (30% of each minute)
+    assert peak > 3 * sum(p >= 18.0 for p in phase) / 42.0  # 2.5x the mean against 0.36x
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    cv = (sum((g - mean(gaps)) ** 2 for g in gaps) / len(gaps)) ** 0.5 / mean(gaps)
+    assert cv > 2.0
+    with pytest.raises(ValueError, match="duty-cycle"):
+        duty_cycle_arrivals(10, 1.0, peak=4.0)  # 4x the mean for 30% of the time is more than the mean
+    lengths = long_requests(500, seed=2)
+    assert all(4096 <= p <= 16384 and 300 <= r <= 800 for p, r in lengths)
+    assert mean(p for p, _ in lengths) == pytest.approx((16384 - 4096) / 1.386, rel=0.1)  # log-uniform
+    readers = consumer_mix(1000, seed=3, tokens_only=True, machines=0.15)
+    machines = [s for s in readers if s.rate >= 30]
+    assert 0.1 < len(machines) / 1000 < 0.2 and all(s.unit == "token" and s.rate <= 50 for s in readers)
+    assert consumer_mix(50, seed=3) == consumer_mix(50, seed=3, machines=0.0)  # the old mix, unchanged

@@ -15,10 +15,21 @@ and consumers at every load:
 - `progressserve,ttft-budget`: ProgressServe (run at-risk, defer safe, admit only what stays
   safe) with the TTFT-bounded prefill budget.
 
-Reported per controller and load: unit-deadline miss rate, p50/p99 TTFT, mean TPOT, admitted
-in-flight requests (time-weighted mean over the run), effective throughput (tokens read on
-time per second), and per controller `capacity_at_slo` (the largest load with misses <= 0.5%)
-with the in-flight requests at that load. `--replay` runs the sweep on `ReplayEngine` (the
+Workloads (`--workload`): `sharegpt` (the above, replies clipped to `--max-new-tokens`);
+`chat` (the same first turns with their whole replies, up to 4,096 tokens); `long` (replay only:
+4-16k-token prompts, 300-800-token replies, arrivals in duty-cycle bursts of 2.5x the mean with
+Gamma gaps of CV 2.5, token and speech readers); `mixed-consumers` (ShareGPT, token and speech
+readers and 15% machine consumers at 30-50 tokens/s).
+
+Reported per controller and load: missed units (a stall of d seconds misses ceil(d * rate)
+units) per unit, p50/p99 TTFT and first-token lateness (past the `--ttft` target), mean TPOT,
+admitted in-flight requests (time-weighted mean over the run, beside lambda * W), effective
+throughput (tokens read on time per second), requests refused, and per controller
+`capacity_at_slo`: the largest load at SLO (missed units <= 0.5%, first-token lateness p99
+<= 1 s, nothing refused), with the in-flight requests at that load. The first `--warmup` of the
+requests (by arrival) are served and not measured. `--capacity` (replay) finds each stack's
+capacity at SLO by bisection over the arrival rate instead of the `--loads` grid, every point
+served with `--seeds` seeds pooled. `--replay` runs the sweep on `ReplayEngine` (the
 step-time model fitted on the real engine's profile; seconds instead of an hour);
 `--validate` runs both on the same loads and reports the replay's error, with the engine's own
 steps (their shapes and measured seconds by part) in `stream_validate_steps.json`; and runs the
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,11 +62,14 @@ from adactl.runtime.kv_pool import HostOffload
 from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, WorkloadSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
-from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
+from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix, duty_cycle_arrivals, long_requests
 
 OWN = "replay-own"  # --validate: the replay priced by a model fitted on the engine run's own steps
-COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "tpot_s", "admitted_inflight",
-           "effective_tps", "capacity_at_slo"]  # fmt: skip
+WORKLOADS = ("sharegpt", "chat", "long", "mixed-consumers")
+LATENESS_P99_S = 1.0  # capacity at SLO: the first token at most this late (p99) past its TTFT target
+CHAT_MAX_REPLY = 4096  # --workload chat: ShareGPT replies as long as they were, up to this
+COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s", "tpot_s",
+           "admitted_inflight", "little_l", "effective_tps", "rejected", "capacity_at_slo"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,13 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
                                 "0: preemption recomputes")  # fmt: skip
     pcie_gb_s: float = setting(25.0, "--kv-offload: host <-> device GB/s per GPU (PCIe 4.0 x16 pinned)")
     quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
+    workload: str = setting("sharegpt", "sharegpt | chat | long (replay) | mixed-consumers: see above",
+                            choices=list(WORKLOADS))  # fmt: skip
+    warmup: float = setting(0.0, "this fraction of the requests (the first to arrive) is served, not measured")
+    seeds: int = setting(1, "seeds (arrivals, readers, request order) pooled at every point")
+    capacity: bool = setting(False, "--replay: each stack's capacity at SLO by bisection over the arrival rate "
+                             "(the first --loads value is where the search starts)")  # fmt: skip
+    capacity_tolerance: float = setting(0.05, "--capacity: stop when the bracket is this narrow (relative)")
 
     def resolved(self) -> StreamSettings:
         """--quick applied."""
@@ -123,21 +145,35 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
 
     wall = driver.run(on_step)
     ids = driver.index
+    warm = int(args.warmup * len(arrivals))  # served, not measured
+    measured = [r for rid, r in loop.results.items() if ids[rid] >= warm]
     on_time_tokens = 0.0
     by_unit: dict[str, list[int]] = {}  # unit kind -> [units, misses]
-    for rid, result in loop.results.items():
+    late = []
+    for result in measured:
         u, m = result.stream_units or 0, result.stream_misses or 0
-        kind = by_unit.setdefault(streams[ids[rid]].unit, [0, 0])
+        stream = streams[ids[result.request_id]]
+        kind = by_unit.setdefault(stream.unit, [0, 0])
         kind[0], kind[1] = kind[0] + u, kind[1] + m
-        on_time_tokens += len(result.output_ids) * (1 - m / u) if u else 0.0
-    units, misses = metrics.unit_misses(loop.results.values())
+        on_time_tokens += len(result.output_ids) * max(0.0, 1 - m / u) if u else 0.0
+        first = result.first_token_time if result.first_token_time is not None else result.finish_time
+        late.append(max(0.0, first - result.arrival_time - stream.ttft_s))
+    units, misses = metrics.unit_misses(measured)
+    rejected = sum(i >= warm for i in driver.rejected)
+    # Little's L = lambda * W over the measured requests: what "in flight" means for an open loop
+    little = len(measured) / max(wall, 1e-9) * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
     return {
         metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
         "misses": misses,
         "misses_by_unit": {k: {"units": u, "misses": m} for k, (u, m) in sorted(by_unit.items())},
-        **metrics.latency_summary(*metrics.latencies(loop.results.values())),
+        **metrics.latency_summary(*metrics.latencies(measured)),
+        "late_p99_s": float(np.percentile(late, 99)) if late else 0.0,
+        "late": late,
+        "rejected": rejected,
+        "rejections": sorted(set(driver.rejected.values()))[:3],
         "admitted_inflight": inflight_area / max(wall, 1e-9),
+        "little_l": little,
         "effective_tps": on_time_tokens / max(wall, 1e-9),
         "wall_s": wall,
         "requests": len(loop.results),
@@ -148,12 +184,19 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     }
 
 
+def at_slo(record: dict[str, Any]) -> bool:
+    """Whether a served point meets the streaming SLO: missed units <= 0.5% of units, the first
+    token at most 1 s late past its TTFT target at p99, and no request refused."""
+    return (record[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE and record["late_p99_s"] <= LATENESS_P99_S
+            and record["rejected"] == 0)  # fmt: skip
+
+
 def add_capacity(records: list[dict[str, Any]]) -> None:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["backend"], r["controller"]), []).append(r)
     for rows in groups.values():
-        ok = [r for r in rows if r[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE]
+        ok = [r for r in rows if at_slo(r)]
         best = max(ok, key=lambda r: r["load"]) if ok else None
         for r in rows:
             r["capacity_at_slo"] = best["load"] if best else 0.0
@@ -175,16 +218,30 @@ def plot(records: list[dict[str, Any]], path: Path, title: str = "") -> None:
         for name in names:
             rs = sorted((r for r in mine if r["controller"] == name), key=lambda r: r["load"])
             row[0].plot([r["load"] for r in rs], [100 * r["miss_rate"] for r in rs], marker="o", label=name)
-            last = next(r for r in rs if r["load"] == top)
-            tl = last["inflight_timeline"]
+            tl = rs[-1]["inflight_timeline"]  # at its highest load (--capacity: each stack has its own)
             row[1].plot([t for t, _ in tl], [n for _, n in tl], label=name)
         row[0].axhline(100 * metrics.SLO_MISS_RATE, color="gray", ls="--", lw=1)
-        row[0].set(xlabel="load (requests/s)", ylabel="unit-deadline misses (%)", title=f"{backend}: misses vs load")
+        row[0].set(xlabel="load (requests/s)", ylabel="missed units (%)", title=f"{backend}: misses vs load")
         row[0].set_yscale("symlog", linthresh=0.5)
-        row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at {top}/s")
+        row[1].set(xlabel="seconds", ylabel="admitted in-flight requests", title=f"{backend}: in flight at the "
+                   f"highest load run ({top}/s for the sweep)")  # fmt: skip
         row[0].legend(fontsize=7)
         row[1].legend(fontsize=7)
     save_figure(fig, path, title)
+
+
+def _streams(args: StreamSettings, n: int, seed: int) -> list[Stream]:
+    """The readers of `n` requests for the workload (see the module docstring)."""
+    machines = 0.15 if args.workload == "mixed-consumers" else 0.0
+    tokens_only = args.consumers == "tokens" or args.workload in ("long", "mixed-consumers")
+    return consumer_mix(n, seed, args.ttft, tokens_only=tokens_only, machines=machines)
+
+
+def _arrivals(args: StreamSettings, n: int, load: float, seed: int) -> list[float]:
+    """Arrival times at `load` requests/s: duty-cycle bursts for `long`, else Gamma gaps."""
+    if args.workload == "long":
+        return duty_cycle_arrivals(n, load, seed, cv=2.5 if args.burstiness == 1.0 else args.burstiness**-0.5)
+    return arrival_times(n, load, seed, args.burstiness)
 
 
 def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[Stream]]:
@@ -193,7 +250,9 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     from adactl.runtime.models import LoadedModel, ModelPair, load_pair
 
     device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
-    streams = consumer_mix(args.requests, args.seed, args.ttft, tokens_only=args.consumers == "tokens")
+    streams = _streams(args, args.requests, args.seed)
+    if args.workload == "long" and not args.replay:
+        raise SystemExit("adactl bench stream --workload long: replay only (--replay); its prompts are 4-16k tokens")
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
@@ -207,9 +266,12 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     from adactl.workloads import chat_requests, read_sharegpt
 
     pair = load_pair(args.target, None, None, device, dtype)
+    if args.workload == "long":
+        return pair, [([0] * n, m) for n, m in long_requests(args.requests, args.seed)], streams
     data = read_sharegpt()
+    replies = CHAT_MAX_REPLY if args.workload == "chat" else args.max_new_tokens
     try:  # the replay learns nothing from them: every record, for sweeps of 1,000 requests and more
-        reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, args.max_new_tokens, data,
+        reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, replies, data,
                              held_out=not args.replay)  # fmt: skip
     except ValueError as e:
         fix = "ask for fewer --requests or a longer --max-prompt-tokens"
@@ -217,14 +279,20 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     return pair, list(reqs), streams
 
 
-def _gpu(args: StreamSettings, option: str) -> Any:
-    """The physics of the computed GPU profile named by --profile (`option` needs one)."""
+def _physics(args: StreamSettings) -> Any:
+    """The physics of the computed GPU profile named by --profile (`GpuStepCost`), else None."""
     from adactl.bench.spec_replay import truth
     from adactl.estimators.gpu_cost import GpuStepCost
     from adactl.profiler import named_profile
 
     cost = truth(StepCostProfile.load(named_profile(args.profile))) if args.profile else None
-    if not isinstance(cost, GpuStepCost):
+    return cost if isinstance(cost, GpuStepCost) else None
+
+
+def _gpu(args: StreamSettings, option: str) -> Any:
+    """The physics of the computed GPU profile named by --profile (`option` needs one)."""
+    cost = _physics(args)
+    if cost is None:
         raise SystemExit(f"adactl bench stream {option} needs --profile naming a computed GPU profile "
                          "(e.g. h100-llama-3.1-8b)")  # fmt: skip
     return cost
@@ -256,15 +324,85 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
     return run(settings.from_args(StreamSettings, namespace))
 
 
+def _check(args: StreamSettings) -> None:
+    """Settings that cannot run together, each refused with what to do instead."""
+    if args.seeds < 1 or not 0 <= args.warmup < 1 or not 0 < args.capacity_tolerance < 1:
+        raise SystemExit(f"adactl bench stream: --seeds must be >= 1, --warmup in [0, 1) and --capacity-tolerance in "
+                         f"(0, 1); got {args.seeds}, {args.warmup}, {args.capacity_tolerance}")  # fmt: skip
+    if args.capacity and not args.replay:
+        raise SystemExit("adactl bench stream --capacity: the bisection serves dozens of points; give --replay")
+    if args.validate and args.seeds > 1:
+        raise SystemExit("adactl bench stream --validate compares one engine run per point: --seeds 1")
+    if any(load <= 0 for load in args.loads):
+        raise SystemExit(f"adactl bench stream: --loads must be > 0 requests/s, got {args.loads}")
+
+
+def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point served with several seeds: units, misses and refusals summed, first-token
+    lateness pooled before its p99, the other figures averaged over the seeds."""
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    for key in ("units", "misses", "rejected", "requests"):
+        out[key] = sum(r[key] for r in results)
+    out[metrics.MISS_RATE] = out["misses"] / max(out["units"], 1)
+    out["late"] = [x for r in results for x in r["late"]]
+    out["late_p99_s"] = float(np.percentile(out["late"], 99)) if out["late"] else 0.0
+    for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "effective_tps",
+                "wall_s"):  # fmt: skip
+        values = [r[key] for r in results if r.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    for key in [k for k in out if k.startswith("kv_") and k != "kv_blocks"]:
+        out[key] = sum(r.get(key, 0) for r in results)
+    out["seeds"] = len(results)
+    return out
+
+
+def capacity_search(at: Any, start: float, tolerance: float = 0.05, limit: int = 14,
+                    halvings: int = 4) -> tuple[float, bool, list[dict]]:  # fmt: skip
+    """The largest arrival rate whose point meets the SLO (`at_slo`; `at(load)` serves one):
+    doubling from `start` until a point misses (or halving, at most `halvings` times, until one
+    meets it), then bisection until the bracket is within `tolerance` of its lower end, at most
+    `limit` points. 0 where even the lowest tried misses (below start / 2**halvings a replayed
+    run is mostly single-request steps, the slowest to replay, and a capacity that low is a
+    finding of its own). Assumes a load that misses is not followed by a higher one
+    that meets the SLO (it is not looked for). Returns the capacity, whether a load above it
+    was seen to miss (False: the capacity is a lower bound, every load tried met the SLO) and
+    the points served."""
+    tried: list[dict[str, Any]] = []
+
+    def ok(load: float) -> bool:
+        tried.append(at(load))
+        return at_slo(tried[-1])
+
+    lo, hi, x = 0.0, float("inf"), start
+    if ok(x):
+        lo = x
+        while hi == float("inf") and len(tried) < limit:
+            x *= 2
+            lo, hi = (x, hi) if ok(x) else (lo, x)
+    else:
+        hi = x
+        while lo == 0.0 and len(tried) <= halvings:
+            x /= 2
+            lo, hi = (x, hi) if ok(x) else (lo, x)
+    while lo > 0 and hi < float("inf") and hi - lo > tolerance * lo and len(tried) < limit:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo, hi < float("inf"), tried
+
+
 def run(args: StreamSettings) -> list[dict[str, Any]]:
     args = args.resolved()
+    _check(args)
     torch.manual_seed(args.seed)
     pair, requests, streams = _workload(args)
     target, tokenizer = pair.target.model, pair.tokenizer
     # the controllers' step costs: this machine's profile of the target alone, refined online;
-    # the replay engine's: the same profile, frozen (it is the replay's ground truth)
+    # the replay engine's: the same profile, frozen (it is the replay's ground truth); a computed
+    # GPU profile's physics itself, as `bench spec --replay` and `bench serve --replay` have it
     step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
-    replay_time = step_time.frozen()
+    replay_time = _physics(args) or step_time.frozen()
     ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay", OWN] if args.validate else ["engine"]
@@ -274,39 +412,74 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
     own: dict[tuple[float, str], Any] = {}  # --validate: each engine run's steps, fitted (the replay-own backend)
     records: list[dict[str, Any]] = []
-    total = sum(n for _, n in requests) * len(chosen) * len(args.loads) * len(backends)
+    per_point = sum(n for _, n in requests) * args.seeds
+    total = None if args.capacity else per_point * len(chosen) * len(args.loads) * len(backends)
     bar = tqdm(total=total, desc="bench stream", unit="tok")
-    for backend in backends:
-        for load in args.loads:
-            times = arrival_times(len(requests), load, args.seed, args.burstiness)
-            for name in chosen:
-                if backend == "engine":
-                    engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
-                else:
-                    cost = own[(load, name)] if backend == OWN else replay_time
-                    engine = ReplayEngine(cost, max_batch_size=args.max_batch, noise=args.replay_noise,
-                                          seed=args.seed, kv_tokens=kv_tokens,
-                                          offload=copy.deepcopy(offload))  # fmt: skip
-                work = requests if backend == "engine" else [(len(p), n) for p, n in requests]
-                result = serve(engine, build_stack(name, ctx).schedule, work, streams, times, args, bar, priced_by)
-                if "step_log" in result:
-                    own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
-                records.append({"backend": backend, "load": load, "controller": name, **result})
+    max_context = max(8192, max(len(p) + n for p, n in requests) + 1)
+
+    def point(backend: str, load: float, name: str) -> dict[str, Any]:
+        """`name` serving the workload at `load` on `backend`, every seed, pooled."""
+        results = []
+        for k in range(args.seeds):
+            seed = args.seed + k
+            order = requests if k == 0 else random.Random(seed).sample(requests, len(requests))
+            readers = streams if k == 0 else _streams(args, len(requests), seed)
+            times = _arrivals(args, len(requests), load, seed)
+            if backend == "engine":
+                engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
+            else:
+                cost = own[(load, name)] if backend == OWN else replay_time
+                engine = ReplayEngine(cost, max_batch_size=args.max_batch, noise=args.replay_noise, seed=seed,
+                                      kv_tokens=kv_tokens, offload=copy.deepcopy(offload),
+                                      max_context=max_context)  # fmt: skip
+            work = order if backend == "engine" else [(len(p), n) for p, n in order]
+            result = serve(engine, build_stack(name, ctx).schedule, work, readers, times, args, bar, priced_by)
+            if "step_log" in result:
+                own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
+            results.append(result)
+        return {"backend": backend, "load": load, "controller": name, **pooled(results)}
+
+    capacities: list[dict[str, Any]] = []
+    if args.capacity:
+        for name in chosen:
+            found, bounded, tried = capacity_search(lambda load, name=name: point("replay", load, name),
+                                                    args.loads[0], args.capacity_tolerance)  # fmt: skip
+            for r in tried:
+                r["capacity_at_slo"] = found
+            records += sorted(tried, key=lambda r: r["load"])
+            capacities.append({"controller": name, "capacity_at_slo": found, "bounded": bounded, "points": len(tried)})
+        reference = next((c for c in sorted(capacities, key=lambda c: -c["capacity_at_slo"])
+                          if c["controller"].startswith("vllm-v1")), capacities[0])  # fmt: skip
+        base = reference["capacity_at_slo"]
+        for c in capacities:
+            c["vs_reference"], c["reference"] = (c["capacity_at_slo"] / base if base else None), reference["controller"]
+    else:
+        for backend in backends:
+            for load in args.loads:
+                for name in chosen:
+                    records.append(point(backend, load, name))
+        add_capacity(records)
     bar.close()
-    add_capacity(records)
     summary = validation(records) if args.validate else None
     print(format_table(records, COLUMNS))
+    if capacities:
+        print(format_table(capacities, ["controller", "capacity_at_slo", "bounded", "vs_reference", "reference",
+                                        "points"]))  # fmt: skip
+        if not all(c["bounded"] for c in capacities):
+            print("(bounded False: every load tried met the SLO; the capacity is at least this)")
     if summary:
         print("replay vs engine:", summary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"target": "tiny" if args.tiny else args.target, "validation": summary,
+    meta = {"target": "tiny" if args.tiny else args.target, "validation": summary, "capacity": capacities or None,
             "machine": describe(pair.device, pair.dtype).to_dict(),
             "args": asdict(args)}  # fmt: skip
     logged = [{"load": r["load"], "controller": r["controller"], "steps": logged_steps(r.pop("step_log"))}
               for r in records if "step_log" in r]  # fmt: skip
     if logged:  # --validate: the engine's steps, shapes and measured seconds
         write_json(out / "stream_validate_steps.json", logged, {"profile": args.profile or "this machine's (cached)"})
+    for r in records:
+        r.pop("late", None)
     write_json(out / "stream.json", records, meta)
     plot(records, out / "stream.png", f"adactl bench stream: {meta['target']}, {meta['machine']['label']}")
     return records

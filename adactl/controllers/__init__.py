@@ -21,6 +21,7 @@ Streaming (schedule decision: admit, run or defer, prefill budget):
   `DeadlineFirst` (EDF / least slack), `AndesPriority` (largest delivery lag first);
 - `ProgressServe`: run what is at risk, defer safe buffers, admit only what stays safe;
 - `TTFTPrefillBudget`: the smallest prefill budget that keeps every TTFT feasible;
+- `BufferOffload`: TokenFlow-like buffer priority plus offload (ProgressServe's memory lever alone);
 - `VLLMv1`: vLLM v1's scheduler on the server's KV blocks (shared token budget, whole-sequence
   admission, head-of-line blocking, last-admitted recompute preemption), the memory baseline.
 
@@ -42,6 +43,7 @@ from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
+from .tokenflow import BufferOffload
 from .trees import GlobalTreeAllocation, GoodputTree, TreeDraft
 from .vllm_v1 import VLLMv1
 
@@ -50,6 +52,7 @@ __all__ = [
     "AdaServe",
     "AndesPriority",
     "BucketEMA",
+    "BufferOffload",
     "ConfidenceStop",
     "DeadlineFirst",
     "FixedDraftLength",

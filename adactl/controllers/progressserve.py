@@ -45,11 +45,11 @@ from typing import Any
 import torch
 
 from adactl.estimators.deadline_risk import AnalyticRisk
-from adactl.estimators.step_time import StepShape, StepTimePredictor
+from adactl.estimators.step_time import StepTimePredictor
 from adactl.interface import Controller, ScheduleState
-from adactl.runtime.types import KVState, RequestView, StepPlan
+from adactl.runtime.types import RequestView, StepPlan
 
-from .stream_common import decode_seconds, first_unit_deadline, slack, stream_state
+from .stream_common import MemoryLever, decode_seconds, first_unit_deadline, moved_off, slack, stream_state
 
 
 class ProgressServe(Controller):
@@ -115,20 +115,13 @@ class ProgressServe(Controller):
             return False, f"admitting it puts an in-flight stream at {worst:.1%} miss risk"
         return True, ""
 
-    def back_cost(self, view: RequestView, kv: KVState) -> float:
-        """Seconds to bring `view` back on the device: its KV copied from host memory, or (no
-        host memory) its whole context prefilled again."""
-        if kv.host_free_tokens is not None:
-            return view.context_len * kv.copy_s_per_token
-        return float(self.step_time.predict([StepShape(0, 0, 0, 0, 0, view.context_len, 0)])[0])
-
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
         now = state.now
         running = state.running
         streamed = sorted((v for v in running if v.stream is not None), key=lambda v: slack(v, now))
         plain = [v for v in running if v.stream is None]
-        away = [v for v in state.waiting if _away(v)]
-        waiting = sorted((v for v in state.waiting if not _away(v)), key=first_unit_deadline)
+        away = [v for v in state.waiting if moved_off(v)]
+        waiting = sorted((v for v in state.waiting if not moved_off(v)), key=first_unit_deadline)
         prefilling = [v.request_id for v in waiting if v.status == "prefilling"]
         pending = sum(v.prompt_len - v.prefilled for v in waiting if v.status == "prefilling")
         prefill = min(self.prefill_budget, pending)
@@ -138,7 +131,7 @@ class ProgressServe(Controller):
         candidates = [v for v in waiting if v.status != "prefilling"]
         joining: list[RequestView] = [v for v in waiting if v.status == "prefilling" and v.stream is not None]
         joining += away  # in flight, off the device: their readers' demand counts
-        memory = _Memory(self, state) if self.memory and state.kv is not None else None
+        memory = MemoryLever(self.step_time, state, self.lead) if self.memory and state.kv is not None else None
         for i, v in enumerate(candidates):
             if len(admit) - len(prefilling) >= self.admit_per_step:
                 self.reasons.update({w.request_id: "admission limit this step" for w in candidates[i:]})
@@ -177,69 +170,3 @@ class ProgressServe(Controller):
         m = self.choose(streamed, len(plain), [x.context_len for x in [*plain, *streamed]], now, prefill)
         run = [v.request_id for v in plain] + [v.request_id for v in streamed[:m]]
         return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget, **moves)
-
-
-def _away(view: RequestView) -> bool:
-    """A stream moved off the device: offloaded, restoring, or preempted after it had started
-    (waiting with output, to be prefilled again)."""
-    return view.stream is not None and (view.status in ("offloaded", "restoring")
-                                        or (view.status == "waiting" and view.num_generated > 0))  # fmt: skip
-
-
-class _Memory:
-    """One step's KV bookkeeping for ProgressServe's memory lever (see the module docstring)."""
-
-    def __init__(self, owner: ProgressServe, state: ScheduleState) -> None:
-        assert state.kv is not None
-        self.owner, self.kv, self.now = owner, state.kv, state.now
-        self.free = state.kv.free_blocks - len(state.running)  # one block per running row kept for growth
-        self.offloading = state.kv.host_free_tokens is not None
-        self.host = state.kv.host_free_tokens or 0
-        running = [v for v in state.running if v.stream is not None]
-        self.away = sorted((v for v in state.waiting if _away(v) and v.status != "restoring"),
-                           key=lambda v: slack(v, self.now))  # fmt: skip
-        lead = owner.lead
-        # victims: largest slack first, among those whose slack covers the way back with room to spare
-        self.victims = sorted((v for v in running if slack(v, self.now) > owner.back_cost(v, state.kv) + 2 * lead),
-                              key=lambda v: slack(v, self.now), reverse=True)  # fmt: skip
-        self.taken: list[str] = []
-
-    def need(self, view: RequestView) -> int:
-        """Blocks a waiting request takes once admitted: its whole prompt (vLLM v1 admits a
-        request only when its current sequence fits)."""
-        return self.kv.blocks_for(view.prompt_len + 1) - self.kv.blocks_for(view.prefilled)
-
-    def make_room(self, view: RequestView) -> bool:
-        """Blocks for `view`, moving victims off the device if needed; False (nothing moved) if
-        even every victim would not free enough."""
-        need = self.need(view)
-        plan, free, host = [], self.free, self.host
-        for v in self.victims:
-            if free >= need:
-                break
-            if self.offloading and v.context_len > host:
-                continue
-            plan.append(v)
-            free += self.kv.blocks_for(v.context_len + 1)
-            host -= v.context_len if self.offloading else 0
-        if free < need:
-            return False
-        self.victims = [v for v in self.victims if v not in plan]
-        self.taken += [v.request_id for v in plan]
-        self.free, self.host = free - need, host
-        return True
-
-    def moves(self, waiting_blocks: int) -> dict[str, list[str]]:
-        """The step's preempt / offload / restore lists and `readmit` (preempted streams to
-        prefill again): the victims taken for admissions, and the streams brought back
-        (slack-critical first, then any while memory stays free beyond `waiting_blocks`, what
-        the queue still needs)."""
-        back: dict[str, list[str]] = {"restore": [], "readmit": []}
-        for v in self.away:
-            blocks = self.kv.blocks_for(v.context_len + 1)
-            critical = slack(v, self.now) <= self.owner.back_cost(v, self.kv) + self.owner.lead
-            if blocks <= self.free and (critical or blocks <= self.free - waiting_blocks):
-                back["restore" if v.status == "offloaded" else "readmit"].append(v.request_id)
-                self.free -= blocks
-        key = "offload" if self.offloading else "preempt"
-        return {"preempt": [], "offload": [], **back, key: list(self.taken)}

@@ -143,3 +143,81 @@ class PriorityScheduler(Controller):
         running = sorted(state.running, key=lambda v: self.run_key(v, state.now))
         run = [v.request_id for v in running[: self.max_running]] if self.max_running is not None else None
         return replace(state.plan, admit=admit, run=run, prefill_budget=self.prefill_budget)
+
+
+def moved_off(view: RequestView) -> bool:
+    """A stream moved off the device: offloaded, restoring, or preempted after it had started
+    (waiting with output, to be prefilled again)."""
+    return view.stream is not None and (view.status in ("offloaded", "restoring")
+                                        or (view.status == "waiting" and view.num_generated > 0))  # fmt: skip
+
+
+class MemoryLever:
+    """One step's KV bookkeeping for the memory lever of ProgressServe and TokenFlow-like
+    schedulers (ProgressServe's docstring has the rule): which streams go off the device to
+    admit a request, which come back. `step_time` prices a recompute where the server has no
+    host memory; `lead`: seconds of slack kept beyond the way back."""
+
+    def __init__(self, step_time: StepTimePredictor, state: ScheduleState, lead: float = 1.0) -> None:
+        assert state.kv is not None
+        self.step_time, self.lead, self.kv, self.now = step_time, lead, state.kv, state.now
+        self.free = state.kv.free_blocks - len(state.running)  # one block per running row kept for growth
+        # prompts part-way through prefill take their remaining blocks in the coming steps: kept for
+        # them (a stream restored into them would stall their next chunk; found in the long workload)
+        self.free -= sum(self.need(v) for v in state.waiting if v.status == "prefilling")
+        self.offloading = state.kv.host_free_tokens is not None
+        self.host = state.kv.host_free_tokens or 0
+        running = [v for v in state.running if v.stream is not None]
+        self.away = sorted((v for v in state.waiting if moved_off(v) and v.status != "restoring"),
+                           key=lambda v: slack(v, self.now))  # fmt: skip
+        # victims: largest slack first, among those whose slack covers the way back with room to spare
+        self.victims = sorted((v for v in running if slack(v, self.now) > self.back_cost(v) + 2 * lead),
+                              key=lambda v: slack(v, self.now), reverse=True)  # fmt: skip
+        self.taken: list[str] = []
+
+    def back_cost(self, view: RequestView) -> float:
+        """Seconds to bring `view` back on the device: its KV copied from host memory, or (no
+        host memory) its whole context prefilled again."""
+        if self.offloading:
+            return view.context_len * self.kv.copy_s_per_token
+        return float(self.step_time.predict([StepShape(0, 0, 0, 0, 0, view.context_len, 0)])[0])
+
+    def need(self, view: RequestView) -> int:
+        """Blocks a waiting request takes once admitted: its whole prompt (vLLM v1 admits a
+        request only when its current sequence fits)."""
+        return self.kv.blocks_for(view.prompt_len + 1) - self.kv.blocks_for(view.prefilled)
+
+    def make_room(self, view: RequestView) -> bool:
+        """Blocks for `view`, moving victims off the device if needed; False (nothing moved) if
+        even every victim would not free enough."""
+        need = self.need(view)
+        plan, free, host = [], self.free, self.host
+        for v in self.victims:
+            if free >= need:
+                break
+            if self.offloading and v.context_len > host:
+                continue
+            plan.append(v)
+            free += self.kv.blocks_for(v.context_len + 1)
+            host -= v.context_len if self.offloading else 0
+        if free < need:
+            return False
+        self.victims = [v for v in self.victims if v not in plan]
+        self.taken += [v.request_id for v in plan]
+        self.free, self.host = free - need, host
+        return True
+
+    def moves(self, waiting_blocks: int) -> dict[str, list[str]]:
+        """The step's preempt / offload / restore lists and `readmit` (preempted streams to
+        prefill again): the victims taken for admissions, and the streams brought back
+        (slack-critical first, then any while memory stays free beyond `waiting_blocks`, what
+        the queue still needs)."""
+        back: dict[str, list[str]] = {"restore": [], "readmit": []}
+        for v in self.away:
+            blocks = self.kv.blocks_for(v.context_len + 1)
+            critical = slack(v, self.now) <= self.back_cost(v) + self.lead
+            if blocks <= self.free and (critical or blocks <= self.free - waiting_blocks):
+                back["restore" if v.status == "offloaded" else "readmit"].append(v.request_id)
+                self.free -= blocks
+        key = "offload" if self.offloading else "preempt"
+        return {"preempt": [], "offload": [], **back, key: list(self.taken)}
