@@ -276,6 +276,7 @@ class ReplayEngine:
                     pb.progress(self.now) if pb is not None else None,
                     kv,
                     r.ready_at,
+                    self.kv.held.get(r.request_id, 0) if self.kv is not None else None,
                 )  # fmt: skip
             )
         return views

@@ -85,6 +85,7 @@ class RequestView:
     stream_progress: StreamProgress | None = None  # the consumer's position now (with `stream`)
     kv: str = "device"  # where its KV is: "device" | "host" (offloaded) | "none" (nothing computed, or preempted)
     kv_ready_at: float | None = None  # a restore in flight: when its KV is back and it can decode (server clock)
+    kv_blocks: int | None = None  # KV blocks it holds on the device (None: the server does not say)
 
 
 @dataclass(frozen=True)

@@ -245,3 +245,20 @@ def test_vllm_v1_preempts_the_last_admitted_by_recompute_and_admits_nothing_that
     stats = engine.kv_stats()
     assert stats["kv_offloads"] == stats["kv_restores"] == swap.preemptions > 0 and stats["kv_recomputes"] == 0
     assert {rid: len(r.output_ids) for rid, r in results.items()} == {"A": 30, "B": 30}
+
+
+def test_vllm_v1_counts_the_blocks_each_request_holds_so_the_replay_never_preempts_for_it():
+    """With the blocks each request holds (`RequestView.kv_blocks`), vllm-v1 preempts exactly
+    where the pool runs out: the replay's own last-admitted rule (which would swap, as host
+    memory is there) never fires. Prompts of whole blocks are where a count from the context
+    alone was one block short."""
+    from adactl.controllers import VLLMv1
+
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=256, offload=HostOffload(10_000, 131072))
+    for i, n in enumerate((64, 48, 32, 64)):
+        engine.add_request(n, SamplingParams(40), request_id=f"r{i}")
+    controller = VLLMv1()
+    results = _loop(engine, controller).run()
+    stats = engine.kv_stats()
+    assert stats["kv_offloads"] == 0 and stats["kv_recomputes"] == controller.preemptions > 0
+    assert sorted(len(r.output_ids) for r in results.values()) == [40] * 4

@@ -32,7 +32,7 @@ from dataclasses import replace
 from typing import Any
 
 from adactl.interface import Controller, ScheduleState
-from adactl.runtime.types import RequestView, StepPlan
+from adactl.runtime.types import KVState, RequestView, StepPlan
 
 H100_DEFAULTS = (1024, 8192)  # (max_num_seqs, max_num_batched_tokens), vLLM's OpenAI server on >= 70 GiB
 SMALL_GPU_DEFAULTS = (256, 2048)  # the same elsewhere (A100, smaller cards)
@@ -60,6 +60,17 @@ class VLLMv1(Controller):
             self._admitted += 1
         return self.order[view.request_id]
 
+    @staticmethod
+    def _held(view: RequestView, kv: KVState | None) -> int:
+        """Blocks `view` holds: as the server says, else what its context fills."""
+        if kv is None:
+            return 0
+        return view.kv_blocks if view.kv_blocks is not None else kv.blocks_for(view.context_len)
+
+    def _growth(self, view: RequestView, kv: KVState | None) -> int:
+        """Blocks a running request needs more to decode its next token."""
+        return max(0, kv.blocks_for(view.context_len + 1) - self._held(view, kv)) if kv is not None else 0
+
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
         kv = state.kv
         live = {v.request_id for v in state.requests}
@@ -74,11 +85,11 @@ class VLLMv1(Controller):
         queue = list(running)
         while queue and budget > 0:
             v = queue.pop(0)
-            need = kv.blocks_for(v.context_len + 1) - kv.blocks_for(v.context_len) if kv is not None else 0
+            need = self._growth(v, kv)
             while free is not None and need > free:
                 victim = queue.pop() if queue else v  # the last-admitted running request
                 victims.append(victim)
-                free += kv.blocks_for(victim.context_len) if kv is not None else 0
+                free += self._held(victim, kv)
                 if victim is v:
                     break
             if victims and victims[-1] is v:
@@ -88,7 +99,11 @@ class VLLMv1(Controller):
             scheduled.append(v.request_id)
             budget -= 1
         admit = [v.request_id for v in prefilling]  # started: they continue (vLLM keeps them running)
-        budget -= sum(min(v.prompt_len - v.prefilled, max(budget, 0)) for v in prefilling)
+        for v in prefilling:  # their next chunks take tokens and blocks before any new admission
+            chunk = min(v.prompt_len - v.prefilled, max(budget, 0))
+            budget -= chunk
+            if free is not None and kv is not None:
+                free -= kv.blocks_for(v.prefilled + chunk) - kv.blocks_for(v.prefilled)
         restore: list[str] = []
         if not victims:
             in_flight = len(running) + len(prefilling) + sum(v.status == "restoring" for v in state.waiting)
