@@ -392,6 +392,8 @@ def test_capacity_search_finds_the_largest_load_at_slo():
     found, bounded, tried = capacity_search(at(float("inf")), start=1.0, limit=5)
     assert not bounded and found == 16.0 and len(tried) == 5  # a lower bound: nothing missed
     assert capacity_search(at(0.0), start=1.0, limit=8)[:2] == (0.0, True)
+    found, bounded, tried = capacity_search(at(float("inf")), start=1.0, highest=5.0)  # a finite workload's ceiling
+    assert (found, bounded) == (5.0, False) and [r["load"] for r in tried] == [1.0, 2.0, 4.0, 5.0]
 
 
 def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, capsys):
