@@ -92,7 +92,8 @@ def latencies(results: Iterable[Any]) -> tuple[list[float], list[float]]:
 
 
 def unit_misses(results: Iterable[Any]) -> tuple[int, int]:
-    """(units, units late) over the streaming requests of `RequestResult`s."""
+    """(units, missed units: a stall of d s counts ceil(d * rate)) over the streaming requests of
+    `RequestResult`s."""
     units = misses = 0
     for r in results:
         units += r.stream_units or 0

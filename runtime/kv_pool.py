@@ -94,9 +94,9 @@ PCIE_BYTES_PER_S = 25e9
 class HostOffload:
     """Host memory for preempted requests' KV: `host_tokens` tokens of room, copies at
     `bytes_per_s` each way of `kv_bytes_per_token` per token. `offload` / `restore` hold and
-    give back the room and return the copy's seconds (charged to the step that makes it: a
-    synchronous copy, as vLLM v0's swap; TokenFlow overlaps it with compute, which would cost
-    less)."""
+    give back the room and return the copy's seconds. The replay charges a copy of its own
+    preemption to the step that makes it (synchronous, as vLLM v0's swap); a copy a plan asks
+    for (`StepPlan.offload` / `restore`) runs beside compute, as TokenFlow's, and costs no step."""
 
     host_tokens: int
     kv_bytes_per_token: float

@@ -156,9 +156,11 @@ class ReplayEngine:
         and a running request that cannot grow preempts the last-admitted one by recompute
         (its KV dropped, its whole context prefilled again); `kv_stats()` counts both.
         offload: host memory for preempted requests' KV (adactl.runtime.kv_pool.HostOffload,
-        with kv_tokens): a preempted request's KV is copied there while it has room (else
-        recomputed) and back when it resumes, without a prefill; each copy's seconds are added
-        to the prefill part of the step that makes it, outside the step-time noise."""
+        with kv_tokens): a request the replay preempts has its KV copied there while it has room
+        (else recomputed) and back when it resumes, without a prefill; each such copy's seconds
+        are added to the prefill part of the step that makes it, outside the step-time noise.
+        Copies a plan asks for (`StepPlan.offload` / `restore`) are asynchronous instead
+        (`_move`)."""
         self.step_time, self.alpha = step_time, [float(a) for a in alpha]
         self.max_batch_size, self.noise, self.max_context = max_batch_size, noise, max_context
         if traces is not None and traces.tree is not None:
@@ -315,9 +317,9 @@ class ReplayEngine:
         plan = plan if plan is not None else StepPlan()
         if plan.prefill_budget < 0:
             raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
+        self._join_restored()  # (time alone decides it: not a change the plan could refuse)
         if plan.tree is not None:
             self._check_trees(plan.tree)
-        self._join_restored()
         self._check_moves(plan)  # everything that may refuse the plan comes before anything changes
         running = {r.request_id for r in self._rows}
         if plan.run is not None and not set(plan.run) <= running:
@@ -331,7 +333,7 @@ class ReplayEngine:
         run = [r for r in run if r in self._rows]  # preempted or offloaded: not this step
         # prefill: admitted waiting requests in order, within the budget and the batch size
         order = list(self._waiting) if plan.admit is None else list(plan.admit)
-        room = self.max_batch_size - len(self._rows)
+        room = self.max_batch_size - len(self._rows) - sum(r.ready_at is not None for r in self._waiting.values())
         budget = plan.prefill_budget
         emitted: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
@@ -471,6 +473,11 @@ class ReplayEngine:
             if tokens <= host:
                 host -= tokens
                 freed += self.kv.held.get(rid, 0)
+        restoring = sum(r.ready_at is not None for r in self._waiting.values())
+        if len(self._rows) + restoring + len(plan.restore) > self.max_batch_size:
+            raise RequestError(f"plan.restore would bring the batch past max_batch_size ({self.max_batch_size}): "
+                               f"{len(self._rows)} running, {restoring} restoring, "
+                               f"{len(plan.restore)} asked")  # fmt: skip
         need = sum(self.kv.blocks_for(self._waiting[rid].context_len + 1) for rid in plan.restore)
         if need > self.kv.free + freed:
             raise RequestError(f"plan.restore needs {need} KV blocks and {self.kv.free + freed} are free")
@@ -657,6 +664,9 @@ class ReplayEngine:
             self._rows.append(req)
         self._restoring = []
         self._rows = [r for r in self._rows if r.request_id not in finished]
+        pending = [r.ready_at for r in self._waiting.values() if r.ready_at is not None]
+        if pending and not self._rows and not drafts.request_ids and not prefill_tokens:
+            self.now = max(self.now, min(pending))  # nothing else to do: an idle server waits for the copy
         self._join_restored()
         self._pending = None
         self._trees = {}

@@ -280,7 +280,7 @@ class RequestResult:
     first_token_time: float | None
     finish_time: float
     stream_units: int | None = None  # units of a streamed output (None: not streamed)
-    stream_misses: int | None = None  # of those, units not ready at their deadline
+    stream_misses: int | None = None  # missed units: each stall of d seconds counts ceil(d * rate)
 
 
 def node_depth(parents: torch.Tensor) -> torch.Tensor:

@@ -262,3 +262,35 @@ def test_vllm_v1_counts_the_blocks_each_request_holds_so_the_replay_never_preemp
     stats = engine.kv_stats()
     assert stats["kv_offloads"] == 0 and stats["kv_recomputes"] == controller.preemptions > 0
     assert sorted(len(r.output_ids) for r in results.values()) == [40] * 4
+
+
+def test_an_idle_server_waits_for_its_restores_and_restores_respect_the_batch_size():
+    """With nothing running and a restore in flight, a step that costs nothing (the GPU
+    physics prices an empty step at 0) must still move the clock to the copy's end, or the
+    server would step forever (found by review); and restores count against max_batch_size."""
+    from adactl.estimators import gpu_cost
+
+    physics = gpu_cost.shipped_gpu_profile("h100-llama-3.1-8b")
+    slow = HostOffload(1000, 131072, bytes_per_s=1e6)  # a slow link: seconds a copy
+    engine = ReplayEngine(physics, seed=0, kv_tokens=640, max_batch_size=2, offload=slow)
+    for rid in "AB":
+        engine.add_request(64, SamplingParams(8), request_id=rid)
+    engine.step(StepPlan(prefill_budget=512))
+    engine.step(StepPlan(prefill_budget=0, offload=["B"]))
+    while "A" in {v.request_id for v in engine.requests()}:
+        engine.step(StepPlan(prefill_budget=0, admit=[]))
+    engine.add_request(16, SamplingParams(4), request_id="C")
+    engine.step(StepPlan(prefill_budget=512, admit=["C"]))
+    engine.add_request(16, SamplingParams(4), request_id="D")
+    engine.step(StepPlan(prefill_budget=512, admit=["D"]))  # two running: the batch is full
+    with pytest.raises(RequestError, match="past max_batch_size"):
+        engine.step(StepPlan(restore=["B"]))
+    while {v.request_id for v in engine.requests()} != {"B"}:
+        engine.step(StepPlan(prefill_budget=0, admit=[]))
+    engine.step(StepPlan(prefill_budget=0, admit=[], restore=["B"]))
+    for _ in range(200):
+        if not engine.has_unfinished():
+            break
+        engine.step(StepPlan(prefill_budget=0, admit=[]))
+    assert not engine.has_unfinished() and engine.clock() > 8.0  # it waited out the copy (66 tokens at 0.13 s)
+    assert sorted(len(r.output_ids) for r in engine.pop_finished()) == [4, 4, 8, 8]

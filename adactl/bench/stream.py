@@ -163,7 +163,8 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     units, misses = metrics.unit_misses(measured)
     rejected = sum(i >= warm for i in driver.rejected)
     # Little's L = lambda * W over the measured requests: what "in flight" means for an open loop
-    little = len(measured) / max(wall, 1e-9) * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
+    span = max((r.finish_time for r in measured), default=0.0) - min((r.arrival_time for r in measured), default=0.0)
+    little = len(measured) / max(span, 1e-9) * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
     return {
         metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
@@ -355,8 +356,11 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
                 "wall_s"):  # fmt: skip
         values = [r[key] for r in results if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
-    for key in [k for k in out if k.startswith("kv_") and k != "kv_blocks"]:
+    for key in [k for k in out if k.startswith("kv_") and k not in ("kv_blocks", "kv_used")]:  # counts, not states
         out[key] = sum(r.get(key, 0) for r in results)
+    out["misses_by_unit"] = {unit: {n: sum(r["misses_by_unit"].get(unit, {}).get(n, 0) for r in results)
+                                    for n in ("units", "misses")}
+                             for unit in sorted({u for r in results for u in r["misses_by_unit"]})}  # fmt: skip
     out["seeds"] = len(results)
     return out
 
@@ -471,9 +475,9 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
         print(format_table(capacities, ["controller", "capacity_at_slo", "bounded", "vs_reference", "reference",
                                         "points"]))  # fmt: skip
         if not all(c["bounded"] for c in capacities):
-            print(f"(bounded False: every load tried met the SLO, up to {len(requests) / args.capacity_span:g} "
-                  f"requests/s, where {len(requests)} requests arrive in {args.capacity_span:g} s: the capacity "
-                  "is at least this; more --requests measure higher)")  # fmt: skip
+            print(f"(bounded False: every load tried met the SLO (at most {len(requests) / args.capacity_span:g} "
+                  f"requests/s, where {len(requests)} requests arrive in {args.capacity_span:g} s, are tried): the "
+                  "capacity is at least this; more --requests measure higher)")  # fmt: skip
     if summary:
         print("replay vs engine:", summary)
     out = Path(args.out)

@@ -120,8 +120,11 @@ class ProgressServe(Controller):
         running = state.running
         streamed = sorted((v for v in running if v.stream is not None), key=lambda v: slack(v, now))
         plain = [v for v in running if v.stream is None]
-        away = [v for v in state.waiting if moved_off(v)]
-        waiting = sorted((v for v in state.waiting if not moved_off(v)), key=first_unit_deadline)
+        lever = self.memory and state.kv is not None
+        # moved off the device: the lever brings them back; without it they queue as any other (a
+        # server's own preemption moves them too)
+        away = [v for v in state.waiting if moved_off(v) and (lever or v.status == "restoring")]
+        waiting = sorted((v for v in state.waiting if v not in away), key=first_unit_deadline)
         prefilling = [v.request_id for v in waiting if v.status == "prefilling"]
         pending = sum(v.prompt_len - v.prefilled for v in waiting if v.status == "prefilling")
         prefill = min(self.prefill_budget, pending)
@@ -131,7 +134,7 @@ class ProgressServe(Controller):
         candidates = [v for v in waiting if v.status != "prefilling"]
         joining: list[RequestView] = [v for v in waiting if v.status == "prefilling" and v.stream is not None]
         joining += away  # in flight, off the device: their readers' demand counts
-        memory = MemoryLever(self.step_time, state, self.lead) if self.memory and state.kv is not None else None
+        memory = MemoryLever(self.step_time, state, self.lead) if lever else None
         for i, v in enumerate(candidates):
             if len(admit) - len(prefilling) >= self.admit_per_step:
                 self.reasons.update({w.request_id: "admission limit this step" for w in candidates[i:]})

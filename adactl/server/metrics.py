@@ -55,7 +55,7 @@ class ServerMetrics:
         )
         self.stream_units = Counter(PROMETHEUS[UNITS], "Units read by streaming consumers", registry=r)
         self.stream_misses = Counter(
-            PROMETHEUS[MISSES], "Units not ready at their deadline (unit-deadline misses)", registry=r
+            PROMETHEUS[MISSES], "Missed units: a reader's stall of d seconds counts ceil(d * rate)", registry=r
         )
         self.fallbacks = Counter(
             "adactl_controller_fallbacks", "Decisions that fell back to the safe action", ["decision"], registry=r
