@@ -320,3 +320,19 @@ def test_the_memory_lever_keeps_blocks_for_prompts_part_way_through_prefill():
     ps = ProgressServe(LinearCost())
     assert ps.act(ScheduleState(10.0, (soon, behind), 0, kv=kv)).restore == ["soon"]
     assert ps.act(ScheduleState(10.0, (half, soon, behind), 0, kv=kv)).restore == []
+
+
+def test_a_stream_due_back_is_restored_before_a_newcomer_takes_its_blocks():
+    """The memory lever brings back a stream whose buffer is nearly read before it admits
+    anyone (found by review: admissions spent the free blocks first, so under steady arrivals
+    an offloaded stream could wait for ever)."""
+    from dataclasses import replace
+
+    from adactl.runtime.types import KVState
+
+    soon = replace(view("soon", buffer=2), status="offloaded", kv="host")  # 0.9 s of slack, 3 blocks
+    newcomer = view("new", "waiting", rate=5.0, arrival=9.9, prompt=60)  # 4 blocks
+    behind = view("behind", buffer=2)
+    kv = KVState(16, total_blocks=40, free_blocks=5, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    plan = ProgressServe(LinearCost()).act(ScheduleState(10.0, (newcomer, soon, behind), 0, kv=kv))
+    assert plan.restore == ["soon"] and "new" not in plan.admit

@@ -174,6 +174,15 @@ class MemoryLever:
         self.victims = sorted((v for v in running if slack(v, self.now) > self.back_cost(v) + 2 * lead),
                               key=lambda v: slack(v, self.now), reverse=True)  # fmt: skip
         self.taken: list[str] = []
+        # streams whose buffers are nearly read come back before anything is admitted (else a
+        # stream off the device could wait as long as newcomers keep coming)
+        self.back: dict[str, list[str]] = {"restore": [], "readmit": []}
+        for v in list(self.away):
+            blocks = self.kv.blocks_for(v.context_len + 1)
+            if slack(v, self.now) <= self.back_cost(v) + lead and blocks <= self.free:
+                self.back["restore" if v.status == "offloaded" else "readmit"].append(v.request_id)
+                self.free -= blocks
+                self.away.remove(v)
 
     def back_cost(self, view: RequestView) -> float:
         """Seconds to bring `view` back on the device: its KV copied from host memory, or (no
@@ -212,11 +221,10 @@ class MemoryLever:
         prefill again): the victims taken for admissions, and the streams brought back
         (slack-critical first, then any while memory stays free beyond `waiting_blocks`, what
         the queue still needs)."""
-        back: dict[str, list[str]] = {"restore": [], "readmit": []}
+        back = {key: list(ids) for key, ids in self.back.items()}  # the slack-critical, taken first
         for v in self.away:
             blocks = self.kv.blocks_for(v.context_len + 1)
-            critical = slack(v, self.now) <= self.back_cost(v) + self.lead
-            if blocks <= self.free and (critical or blocks <= self.free - waiting_blocks):
+            if blocks <= self.free - waiting_blocks:
                 back["restore" if v.status == "offloaded" else "readmit"].append(v.request_id)
                 self.free -= blocks
         key = "offload" if self.offloading else "preempt"
