@@ -294,3 +294,20 @@ def test_an_idle_server_waits_for_its_restores_and_restores_respect_the_batch_si
         engine.step(StepPlan(prefill_budget=0, admit=[]))
     assert not engine.has_unfinished() and engine.clock() > 8.0  # it waited out the copy (66 tokens at 0.13 s)
     assert sorted(len(r.output_ids) for r in engine.pop_finished()) == [4, 4, 8, 8]
+
+
+def test_vllm_v1_makes_room_for_chunked_prefills_itself():
+    """With a small token budget prompts prefill in chunks while others decode; each chunk's
+    blocks are found by the controller (preempting requests admitted after the prompt), so the
+    replay never has to preempt on its own (found by review)."""
+    from adactl.controllers import VLLMv1
+
+    engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=320, offload=HostOffload(10_000, 131072))
+    work = [(90, 60), (90, 30), (150, 60), (24, 10), (150, 30), (200, 60)]  # (prompt, output)
+    for i, (n, out) in enumerate(work):
+        engine.add_request(n, SamplingParams(out), request_id=f"r{i}")
+    controller = VLLMv1(max_num_batched_tokens=32)
+    results = _loop(engine, controller).run()
+    stats = engine.kv_stats()
+    assert stats["kv_offloads"] == 0 and stats["kv_recomputes"] == controller.preemptions > 0
+    assert sorted(len(results[f"r{i}"].output_ids) for i in range(6)) == sorted(out for _, out in work)

@@ -98,12 +98,28 @@ class VLLMv1(Controller):
                 free -= need
             scheduled.append(v.request_id)
             budget -= 1
-        admit = [v.request_id for v in prefilling]  # started: they continue (vLLM keeps them running)
-        for v in prefilling:  # their next chunks take tokens and blocks before any new admission
+        # prompts part-way through prefill (in vLLM's running list too): their next chunks take
+        # tokens and blocks before any new admission; where the blocks are missing, requests
+        # admitted after them are preempted (last first), or the chunk waits a step
+        admit: list[str] = []
+        decoding = {v.request_id: v for v in running if v.request_id in scheduled}
+        for v in prefilling:
             chunk = min(v.prompt_len - v.prefilled, max(budget, 0))
+            need = max(0, kv.blocks_for(v.prefilled + chunk) - self._held(v, kv)) if kv is not None else 0
+            later = [x for x in decoding.values() if self._rank(x) > self._rank(v)]
+            while free is not None and need > free and later:
+                victim = later.pop()  # the last-admitted of those admitted after it
+                victims.append(victim)
+                scheduled.remove(victim.request_id)
+                del decoding[victim.request_id]
+                free += self._held(victim, kv) + self._growth(victim, kv)
+                budget += 1
+            if chunk == 0 or (free is not None and need > free):
+                continue  # it keeps what it holds and continues when the blocks are there
+            admit.append(v.request_id)
             budget -= chunk
-            if free is not None and kv is not None:
-                free -= kv.blocks_for(v.prefilled + chunk) - kv.blocks_for(v.prefilled)
+            if free is not None:
+                free -= need
         restore: list[str] = []
         if not victims:
             in_flight = len(running) + len(prefilling) + sum(v.status == "restoring" for v in state.waiting)
