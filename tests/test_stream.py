@@ -336,3 +336,18 @@ def test_a_stream_due_back_is_restored_before_a_newcomer_takes_its_blocks():
     kv = KVState(16, total_blocks=40, free_blocks=5, host_free_tokens=10_000, copy_s_per_token=1e-3)
     plan = ProgressServe(LinearCost()).act(ScheduleState(10.0, (newcomer, soon, behind), 0, kv=kv))
     assert plan.restore == ["soon"] and "new" not in plan.admit
+
+
+def test_without_its_memory_lever_progressserve_readmits_streams_the_server_moved_off():
+    """A server may preempt or offload by itself (the replay's vLLM rule): without the lever,
+    ProgressServe must admit those streams again like any other, or they never finish (from
+    review)."""
+    from dataclasses import replace
+
+    from adactl.runtime.types import KVState
+
+    gone = replace(view("gone", buffer=3), status="offloaded", kv="host")
+    redo = replace(view("redo", buffer=3), status="waiting", kv="none", prefilled=0)  # preempted, output kept
+    kv = KVState(16, total_blocks=40, free_blocks=30, host_free_tokens=10_000, copy_s_per_token=1e-3)
+    plan = ProgressServe(LinearCost(), memory=False).act(ScheduleState(10.0, (gone, redo, view("r")), 0, kv=kv))
+    assert {"gone", "redo"} <= set(plan.admit) and plan.restore == ()
