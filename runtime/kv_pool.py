@@ -20,8 +20,9 @@ prefill it becomes).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from .types import blocks_for
 
 BLOCK_SIZE = 16
 
@@ -58,7 +59,7 @@ class KVPool:
         return self.total_blocks - self.used
 
     def blocks_for(self, tokens: int) -> int:
-        return math.ceil(max(tokens, 0) / self.block_size)
+        return blocks_for(tokens, self.block_size)
 
     def fits(self, request_id: str, tokens: int) -> bool:
         """Whether `request_id` can hold `tokens` tokens with the blocks free now."""

@@ -101,7 +101,12 @@ class KVState:
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks that hold `tokens` tokens."""
-        return -(-max(tokens, 0) // self.block_size)
+        return blocks_for(tokens, self.block_size)
+
+
+def blocks_for(tokens: int, block_size: int) -> int:
+    """Blocks of `block_size` tokens that hold `tokens` tokens (the KV pool's and its report's rule)."""
+    return -(-max(tokens, 0) // block_size)
 
 
 @dataclass(frozen=True)
