@@ -35,8 +35,9 @@ from .device import graphs_wanted
 from .draft import Proposer
 from .feature_draft import is_feature_draft
 from .graphs import CudaGraphs, StaticShapes
-from .kv import KVConfig
-from .models import eos_ids, output_vocab_size, prompt_ids
+from .kv import HostRow, KVConfig
+from .kv_pool import BLOCK_SIZE, HostOffload, KVPool, check_kv_moves
+from .models import eos_ids, kv_bytes_per_token, output_vocab_size, prompt_ids
 from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
 from .rows import Request, Rows, RowSampling, check_service
@@ -47,6 +48,7 @@ from .target import TargetVerifier
 from .types import (
     SLO,
     DraftBatch,
+    KVState,
     RequestError,
     RequestResult,
     RequestView,
@@ -79,6 +81,17 @@ class EngineConfig:
     come."""
     shapes: StaticShapes = field(default_factory=StaticShapes)
     """The buckets of static forwards (batch sizes, tokens per row, column blocks)."""
+    kv_tokens: int | None = None
+    """KV memory, in tokens, counted in 16-token blocks as vLLM's paged pool (None: no limit
+    but `max_batch_size`). The same rules as the replay's pool (`adactl.runtime.kv_pool`): a
+    request holds the blocks its context needs (and its step's draft); a prompt waits at the
+    head of the line until its blocks are free; a running request that cannot grow preempts
+    the last-admitted one (offloaded where host memory has room, else recomputed); a request
+    whose prompt and `max_new_tokens` cannot fit is refused. The caches themselves stay
+    rectangles (`kv.py`): the pool is the budget every scheduler shares, not the layout."""
+    host_kv_tokens: int = 0
+    """Host memory for offloaded KV, in tokens (with `kv_tokens`; 0: none, so
+    `StepPlan.offload` and `restore` are refused)."""
 
 
 @dataclass
@@ -153,6 +166,23 @@ class Engine:
         self._inflight: _Inflight | None = None
         self._next_id = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)  # seeds of unseeded requests
+        self._admissions = 0  # requests that joined the batch so far (their admission order)
+        self.kv, self.host = self._memory()
+
+    def _memory(self) -> tuple[KVPool | None, HostOffload | None]:
+        """The KV pool and host memory `config` asks for (None, None: no limit)."""
+        cfg = self.config
+        if cfg.kv_tokens is None:
+            if cfg.host_kv_tokens:
+                raise ValueError("host_kv_tokens needs a KV pool to offload from: give kv_tokens too")
+            return None, None
+        if not isinstance(cfg.kv_tokens, int) or cfg.kv_tokens < BLOCK_SIZE:
+            raise ValueError(f"kv_tokens must be an integer >= {BLOCK_SIZE} (one block), got {cfg.kv_tokens!r}")
+        if not isinstance(cfg.host_kv_tokens, int) or cfg.host_kv_tokens < 0:
+            raise ValueError(f"host_kv_tokens must be an integer >= 0, got {cfg.host_kv_tokens!r}")
+        per_token = kv_bytes_per_token(self.target) + (kv_bytes_per_token(self.draft) if self.draft is not None else 0)
+        host = HostOffload(cfg.host_kv_tokens, per_token) if cfg.host_kv_tokens else None
+        return KVPool.of_tokens(cfg.kv_tokens), host
 
     # ---------------------------------------------------------------- requests
     def add_request(
@@ -178,6 +208,10 @@ class Engine:
         sampling.validate()
         check_service(slo, stream, self.tokenizer is not None)
         ids = prompt_ids(prompt, self.tokenizer, self.vocab_size, self.max_context)
+        if self.kv is not None and self.kv.blocks_for(len(ids) + sampling.max_new_tokens) > self.kv.total_blocks:
+            pool = self.kv.total_blocks * self.kv.block_size
+            raise RequestError(f"{len(ids)} prompt + {sampling.max_new_tokens} new tokens need more KV than the "
+                               f"pool's {pool} tokens (EngineConfig.kv_tokens)")  # fmt: skip
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
@@ -223,6 +257,8 @@ class Engine:
         joining = self._inflight.joining if self._inflight is not None else []
         reqs = [*self._waiting.values(), *self.rows.running, *joining]
         dropped = list(dict.fromkeys(r.request_id for r in reqs if r.request_id not in self._finished))
+        for rid in dropped:
+            self._release(rid)
         self.rows.reset()
         self._waiting, self._inflight = {}, None
         return dropped
@@ -230,7 +266,9 @@ class Engine:
     def requests(self) -> list[RequestView]:
         """Unfinished requests: waiting or prefilling (arrival order), then running (row order)."""
         now = time.perf_counter()
-        return [r.view(now) for r in [*self._waiting.values(), *self.rows.running]]
+        held = self.kv.held if self.kv is not None else None
+        views = [(r, False) for r in self._waiting.values()] + [(r, True) for r in self.rows.running]
+        return [r.view(now, running, held.get(r.request_id, 0) if held is not None else None) for r, running in views]
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self.rows.running)
@@ -262,6 +300,21 @@ class Engine:
         """Real tokens held in the target's batch cache."""
         return self.rows.target.cached_tokens()
 
+    def kv_state(self) -> KVState | None:
+        """The KV pool before the next step, for memory-aware schedulers (None without a pool)."""
+        if self.kv is None:
+            return None
+        host, per_token = (self.host.free, self.host.seconds(1)) if self.host is not None else (None, 0.0)
+        return KVState(self.kv.block_size, self.kv.total_blocks, self.kv.free, host, per_token)
+
+    def kv_stats(self) -> dict[str, float]:
+        """The KV pool's blocks and what it made wait, recompute, offload and restore, and the
+        bytes copied to and from host memory (empty without a pool): as the replay's."""
+        if self.kv is None:
+            return {}
+        copied = self.host.copied_bytes if self.host is not None else 0.0
+        return {**self.kv.counts(), "kv_copied_gb": copied / 1e9}
+
     # -------------------------------------------------------------------- step
     def step(
         self, plan: StepPlan | None = None, choose_verify: Callable[[DraftBatch], Sequence[int]] | None = None
@@ -277,12 +330,22 @@ class Engine:
             raise RuntimeError("the previous step's drafts are not verified yet: call verify() first")
         plan = plan if plan is not None else StepPlan()
         run_ids, admit = check_plan(plan, self.rows.running, self._waiting)
+        offloaded = {rid: r.context_len for rid, r in self._waiting.items() if r.host is not None}
+        check_kv_moves(plan, {r.request_id: r.context_len for r in self.rows.running}, offloaded, self.kv, self.host,
+                       self.config.max_batch_size - len(self.rows.running) - len(self.rows.prefilling))  # fmt: skip
         t0 = self._now()
+        self._move(plan)
+        if plan.run is None:  # (restored requests run too; moved ones do not)
+            run_ids = {r.request_id for r in self.rows.running}
         emitted: dict[str, list[int]] = {}
         finished: dict[str, str] = {}
+        admit = self._restore_admitted(admit)
         joining, prefill_tokens, prefill_attention = self._prefill(plan.prefill_budget, admit, emitted, finished)
         t1 = self._now()
-        groups, lens, specs = segments(self.rows.running, run_ids, plan, self.max_context, self.draft is not None)
+        can_draft = self.draft is not None
+        groups, lens, specs = segments(self.rows.running, run_ids, plan, self.max_context, can_draft)
+        if self.kv is not None and self._make_room(lens):  # preempted some: the segments again without them
+            groups, lens, specs = segments(self.rows.running, run_ids, plan, self.max_context, can_draft)
         self.rows.arrange(groups)
         n_draft = sum(len(g) for g in groups[:-2])
         n_rows = n_draft + len(groups[-2])
@@ -397,6 +460,108 @@ class Engine:
         """Wait for the work queued on the engine's device (for timing)."""
         self._now()
 
+    # ---------------------------------------------------------------- memory
+    def _move(self, plan: StepPlan) -> None:
+        """Apply a checked plan's preempt, offload and restore (copies here are synchronous:
+        a restored request decodes in this very step)."""
+        by_id = {r.request_id: r for r in self.rows.running}
+        for rid in plan.preempt:
+            self._preempt(by_id[rid], offload=False)
+        for rid in plan.offload:
+            assert self.kv is not None and self.host is not None
+            if self.host.offload(rid, by_id[rid].context_len) is None:  # no host room: refused, it keeps running
+                self.kv.offload_refused += 1
+                continue
+            self._park(by_id[rid], self.rows.to_host(by_id[rid]))
+            self.kv.offloads += 1
+        for rid in plan.restore:
+            grown = self._restore(self._waiting[rid])
+            assert grown, "checked by check_kv_moves"
+
+    def _restore(self, req: Request) -> bool:
+        """Bring an offloaded request's KV back as a running row; False (nothing done) if its
+        blocks are not free."""
+        assert self.kv is not None and self.host is not None and req.host is not None
+        if not self.kv.grow(req.request_id, req.context_len + 1):
+            return False
+        self.host.restore(req.request_id)
+        self.rows.from_host(req, req.host)
+        del self._waiting[req.request_id]
+        req.host, req.admitted = None, self._admit()
+        self.kv.restores += 1
+        return True
+
+    def _restore_admitted(self, admit: list[Request]) -> list[Request]:
+        """Restore the offloaded requests `admit` names, in order, while their blocks are free
+        and the batch has room; the requests left to prefill (none after a restore that waits:
+        the head of the line blocks)."""
+        room = self.config.max_batch_size - len(self.rows.running) - len(self.rows.prefilling)
+        for req in [r for r in admit if r.host is not None]:
+            if room <= 0 or not self._restore(req):
+                assert self.kv is not None
+                self.kv.waits += room > 0
+                return []
+            room -= 1
+        return [r for r in admit if r.host is None and r.request_id in self._waiting]
+
+    def _make_room(self, lens: dict[str, int]) -> bool:
+        """Blocks for every running request's context and this step's draft (in admission
+        order); where they are missing, the last-admitted running request is preempted (as the
+        replay's pool, and vLLM, do) until they are not. Whether any was preempted."""
+        assert self.kv is not None
+        preempted = False
+        for req in sorted(self.rows.running, key=lambda r: r.admitted):
+            if req not in self.rows.running or req.request_id not in lens:  # preempted meanwhile; deferred
+                continue
+            while not self.kv.grow(req.request_id, req.context_len + lens[req.request_id] + 1):
+                victim = max(self.rows.running, key=lambda r: r.admitted)
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+        return preempted
+
+    def _preempt(self, req: Request, offload: bool = True) -> None:
+        """Take a running request's KV: to host memory if `offload` and the host has room
+        (it resumes by a restore), else dropped (it prefills its whole context again)."""
+        assert self.kv is not None
+        if offload and self.host is not None and self.host.offload(req.request_id, req.context_len) is not None:
+            self._park(req, self.rows.to_host(req))
+            self.kv.offloads += 1
+            return
+        self.rows.remove(req)
+        req.recompute()
+        self._park(req, None)
+        self.kv.recomputes += 1
+
+    def _park(self, req: Request, host: tuple[HostRow, HostRow | None] | None) -> None:
+        """A request off the batch (its row already gone) waits at the head of the line."""
+        assert self.kv is not None
+        self.kv.release(req.request_id)
+        req.host = host
+        req.preemptions += 1
+        self._waiting = {req.request_id: req, **self._waiting}
+
+    def _grow(self, req: Request, tokens: int) -> bool:
+        """Take the blocks for `req` to hold `tokens` tokens (a prefill chunk); counts a wait."""
+        if self.kv is None:
+            return True
+        if self.kv.grow(req.request_id, tokens):
+            return True
+        self.kv.waits += 1
+        return False
+
+    def _admit(self) -> int:
+        self._admissions += 1
+        return self._admissions
+
+    def _release(self, request_id: str) -> None:
+        """Free what a request holds of the KV pool and of host memory."""
+        if self.kv is not None:
+            self.kv.release(request_id)
+        if self.host is not None:
+            self.host.drop(request_id)
+
     # ----------------------------------------------------------------- phases
     def _prefill(
         self, budget: int, admit: list[Request], emitted: dict[str, list[int]], finished: dict[str, str]
@@ -404,7 +569,7 @@ class Engine:
         """Prefill within the budget; requests whose prompt completes emit their first token
         (sampled together) and join the batch at the end of the step. Returns them, the prompt
         tokens computed and their attention's query-key pairs."""
-        done, logits, used, pairs = self.prefill.run(budget, admit)
+        done, logits, used, pairs = self.prefill.run(budget, admit, self._grow if self.kv is not None else None)
         if not done or logits is None:
             return [], used, pairs
         s = RowSampling(done, self.device)
@@ -413,7 +578,9 @@ class Engine:
         joining: list[Request] = []
         for req, token in zip(done, first.tolist()):
             del self._waiting[req.request_id]
-            req.first_token_time = now
+            if req.first_token_time is None:  # (a recomputed request's is its first token's)
+                req.first_token_time = now
+            req.admitted = self._admit()
             emitted[req.request_id] = self._append_output(req, [token])
             if req.finish_reason is not None:
                 finished[req.request_id] = self._finish(req, req.finish_reason)
@@ -442,6 +609,7 @@ class Engine:
         return req.append(tokens, self.eos_ids, self.max_context, self.tokenizer)
 
     def _finish(self, req: Request, reason: str) -> str:
+        self._release(req.request_id)
         self._finished[req.request_id] = req.result(reason, self._now(), self.tokenizer)
         return reason
 

@@ -531,19 +531,49 @@ class BatchKV:
         packed left (its holes are not copied)."""
         if len(src.layers) != len(self.layers):
             raise ValueError("caches of different models cannot be merged")
-        length = int(src.lengths[row])
-        src_cols = self._to_device(src.valid[row, : int(src.used[row])].nonzero().squeeze(1))  # [length]
+        return self._append(src._packed(row), int(src.lengths[row]))
+
+    def row_to_host(self, row: int) -> HostRow:
+        """A copy of row `row`'s keys and values in host memory, packed left (on CUDA, pinned
+        and queued on the stream without waiting for it; the row itself is not touched)."""
+        layers = self._packed(row)
+        if self.device.type == "cuda":
+            layers = [kv if kv is None else tuple(_pinned_copy(x) for x in kv) for kv in layers]  # type: ignore[misc]
+        else:
+            layers = [kv if kv is None else (kv[0].clone(), kv[1].clone()) for kv in layers]
+        return HostRow(layers, int(self.lengths[row]))
+
+    def add_host_row(self, host: HostRow) -> int:
+        """Append a row copied out by `row_to_host` (of a cache of the same model) as the last row."""
+        if len(host.layers) != len(self.layers):
+            raise ValueError("caches of different models cannot be merged")
+        layers = [kv if kv is None else (self._to_device(kv[0]), self._to_device(kv[1])) for kv in host.layers]
+        return self._append(layers, host.length)
+
+    def _packed(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Row `row`'s keys and values per layer, [H_kv, length, D] each, its holes left out
+        (None for a layer never written)."""
+        cols = self._to_device(self.valid[row, : int(self.used[row])].nonzero().squeeze(1))
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for layer in self.layers:
+            if not layer.is_initialized or layer.k_buf is None or layer.v_buf is None:
+                out.append(None)
+                continue
+            out.append((layer.k_buf[row, :, cols], layer.v_buf[row, :, cols]))
+        return out
+
+    def _append(self, layers: list[tuple[torch.Tensor, torch.Tensor] | None], length: int) -> int:
+        """Append a row holding `length` tokens of keys and values ([H_kv, length, D] per layer)."""
         dst = self.n_rows
         self._fits(dst + 1, max(self.n_cols, length))
-        for mine, theirs in zip(self.layers, src.layers):
-            if not theirs.is_initialized:
+        for mine, kv in zip(self.layers, layers):
+            if kv is None:
                 continue
-            assert theirs.k_buf is not None and theirs.v_buf is not None
             if not mine.is_initialized:
-                mine.lazy_initialization(theirs.k_buf, theirs.v_buf)
+                mine.lazy_initialization(kv[0][None], kv[1][None])
             assert mine.k_buf is not None and mine.v_buf is not None
-            mine.k_buf[dst, :, :length] = theirs.k_buf[row, :, src_cols]
-            mine.v_buf[dst, :, :length] = theirs.v_buf[row, :, src_cols]
+            mine.k_buf[dst, :, :length] = kv[0]
+            mine.v_buf[dst, :, :length] = kv[1]
         self.valid[dst] = False
         self.valid[dst, :length] = True
         self.lengths[dst] = self.used[dst] = length
@@ -622,6 +652,25 @@ class BatchKV:
         self.used[:n] = self.lengths[:n]
         self.n_cols = width
         self._last_end = None
+
+
+@dataclass
+class HostRow:
+    """One row's keys and values moved off the device (`BatchKV.row_to_host`): per layer
+    [H_kv, length, D] each, packed left, in host memory."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor] | None]
+    length: int
+
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for kv in self.layers if kv is not None for k in kv[:1])
+
+
+def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
+    """`x` copied into pinned host memory, asynchronously (the copy is queued on the stream)."""
+    out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    out.copy_(x, non_blocking=True)
+    return out
 
 
 class _Rows:

@@ -20,9 +20,10 @@ prefill it becomes).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .types import blocks_for
+from .types import RequestError, StepPlan, blocks_for
 
 BLOCK_SIZE = 16
 
@@ -135,6 +136,45 @@ class HostOffload:
     def drop(self, request_id: str) -> None:
         """Free `request_id`'s host room without copying (it finished or was cancelled)."""
         self.held.pop(request_id, None)
+
+
+def check_kv_moves(plan: StepPlan, running: Mapping[str, int], offloaded: Mapping[str, int], pool: KVPool | None,
+                   host: HostOffload | None, batch_room: int) -> None:  # fmt: skip
+    """Raise `RequestError` unless `plan`'s preempt and offload name running requests, its
+    restore offloaded ones whose blocks are free (each with room for its next token), each
+    request once, on a server with the memory they need (a KV pool; host memory to offload to)
+    and room in the batch (`batch_room`: requests that may still join it). `running` and
+    `offloaded` map request ids to context lengths. The replay's and the engine's rule."""
+    named = [*plan.preempt, *plan.offload, *plan.restore]
+    if not named:
+        return
+    if pool is None:
+        raise RequestError("preempt, offload and restore need a KV pool: this server has none "
+                           "(EngineConfig.kv_tokens, ReplayEngine(kv_tokens=))")  # fmt: skip
+    if (plan.offload or plan.restore) and host is None:
+        raise RequestError("offload and restore need host memory: this server has none "
+                           "(EngineConfig.host_kv_tokens, ReplayEngine(offload=))")  # fmt: skip
+    if len(set(named)) < len(named):
+        raise RequestError("plan.preempt, offload and restore name a request more than once")
+    for name in ("preempt", "offload"):
+        wrong = [rid for rid in getattr(plan, name) if rid not in running]
+        if wrong:
+            raise RequestError(f"plan.{name} names requests that are not running: {wrong[:5]}")
+    wrong = [rid for rid in plan.restore if rid not in offloaded]
+    if wrong:
+        raise RequestError(f"plan.restore names requests that are not offloaded: {wrong[:5]}")
+    freed = sum(pool.held.get(rid, 0) for rid in plan.preempt)
+    room = host.free if host is not None else 0
+    for rid in plan.offload:  # those the host has room for (the others are refused, not an error)
+        if running[rid] <= room:
+            room -= running[rid]
+            freed += pool.held.get(rid, 0)
+    if len(plan.restore) > batch_room:
+        raise RequestError(f"plan.restore would bring the batch past max_batch_size: room for {batch_room}, "
+                           f"{len(plan.restore)} asked")  # fmt: skip
+    need = sum(pool.blocks_for(offloaded[rid] + 1) for rid in plan.restore)
+    if need > pool.free + freed:
+        raise RequestError(f"plan.restore needs {need} KV blocks and {pool.free + freed} are free")
 
 
 def kv_tokens_for(memory_bytes: float, weight_bytes: float, kv_bytes_per_token: float, utilization: float = 0.9) -> int:

@@ -337,6 +337,19 @@ def output_vocab_size(model: torch.nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])  # type: ignore[operator,union-attr]
 
 
+def kv_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of keys and values one token takes in `model`'s cache (every layer, in the
+    model's dtype)."""
+    own: Any = model.config
+    # (a feature draft's own config is not a transformers one: it says its layers' shape itself)
+    config: Any = own.get_text_config() if hasattr(own, "get_text_config") else model.get_text_config()  # type: ignore[operator]
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    element = next(model.parameters()).element_size()
+    return 2 * int(config.num_hidden_layers) * kv_heads * head_dim * element
+
+
 def tiny_llama(
     vocab_size: int = 128,
     hidden_size: int = 64,

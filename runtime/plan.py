@@ -21,11 +21,6 @@ def check_plan(plan: StepPlan, running: list[Request], waiting: dict[str, Reques
     `RequestError` saying what is wrong (nothing has changed then)."""
     if not isinstance(plan.prefill_budget, int) or plan.prefill_budget < 0:
         raise RequestError(f"prefill_budget must be an integer >= 0, got {plan.prefill_budget!r}")
-    if plan.preempt or plan.offload or plan.restore:
-        raise RequestError(
-            "this engine does not preempt, offload or restore requests yet (the replay, "
-            "adactl.runtime.replay, does): plan.preempt, plan.offload and plan.restore must be empty"
-        )
     lens = plan.draft_len.values() if isinstance(plan.draft_len, Mapping) else [plan.draft_len]
     if any(not isinstance(k, int) or isinstance(k, bool) or k < 0 for k in lens):
         raise RequestError(f"draft lengths must be integers >= 0, got {plan.draft_len!r}")

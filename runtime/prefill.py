@@ -9,6 +9,7 @@ target's logits at their last token; the engine samples their first tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -24,11 +25,16 @@ class Prefill:
         self.target, self.draft, self.feature_draft = target, draft, feature_draft
         self.rows, self.max_batch_size = rows, max_batch_size
 
-    def run(self, budget: int, admit: list[Request]) -> tuple[list[Request], torch.Tensor | None, int, int]:
+    def run(
+        self, budget: int, admit: list[Request], grow: Callable[[Request, int], bool] | None = None
+    ) -> tuple[list[Request], torch.Tensor | None, int, int]:
         """Compute up to `budget` prompt tokens of `admit` (in order). Returns the requests
         whose prompt is now complete, the target's logits at their last token [n, V] (on the
         device; None if none completed), the tokens computed and their attention's query-key
-        pairs (`prefill_pairs`: what the step-cost model reads)."""
+        pairs (`prefill_pairs`: what the step-cost model reads).
+
+        grow: takes the KV memory for a request to hold n tokens, or says it cannot (False):
+        that request and every one behind it wait (head of the line)."""
         chunks: list[tuple[Request, int]] = []
         used = 0
         active = len(self.rows.running) + len(self.rows.prefilling)
@@ -39,7 +45,9 @@ class Prefill:
                 if active >= self.max_batch_size:
                     continue
                 active += 1
-            size = min(len(req.prompt) - req.prefilled, budget - used)
+            size = min(len(req.to_prefill) - req.prefilled, budget - used)
+            if grow is not None and not grow(req, req.prefilled + size):
+                break
             chunks.append((req, size))
             used += size
         if not chunks:
@@ -58,7 +66,7 @@ class Prefill:
             members = chunks[row : row + len(group)]
             logits = self._forward(members, row)
             row += len(group)
-            finished = [i for i, (req, _) in enumerate(members) if req.prefilled == len(req.prompt)]
+            finished = [i for i, (req, _) in enumerate(members) if req.prefilled == len(req.to_prefill)]
             if finished:
                 done += [members[i][0] for i in finished]
                 last.append(logits[finished])
@@ -71,7 +79,7 @@ class Prefill:
         ids = torch.zeros(len(members), width, dtype=torch.long)
         valid = torch.zeros(len(members), width, dtype=torch.bool)
         for i, (req, size) in enumerate(members):
-            ids[i, width - size :] = torch.tensor(req.prompt[req.prefilled : req.prefilled + size])
+            ids[i, width - size :] = torch.tensor(req.to_prefill[req.prefilled : req.prefilled + size])
             valid[i, width - size :] = True
             req.prefilled += size
         device = self.rows.device

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .kv_pool import HostOffload, KVPool
+from .kv_pool import HostOffload, KVPool, check_kv_moves
 from .shapes import StepShape, draft_work, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
@@ -444,43 +444,13 @@ class ReplayEngine:
         return _Tree(depth, tree, ids, parents)
 
     def _check_moves(self, plan: StepPlan) -> None:
-        """Raise `RequestError` unless `plan`'s preempt and offload name running requests, its
-        restore offloaded ones whose blocks are free, each once, on a replay with the memory
-        they need (a KV pool; host memory to offload to)."""
-        rows = {r.request_id for r in self._rows}
-        named = [*plan.preempt, *plan.offload, *plan.restore]
-        if not named:
-            return
-        if self.kv is None:
-            raise RequestError("preempt, offload and restore need a KV pool: this replay has none (kv_tokens=)")
-        if (plan.offload or plan.restore) and self.offload is None:
-            raise RequestError("offload and restore need host memory: this replay has none (offload=)")
-        if len(set(named)) < len(named):
-            raise RequestError("plan.preempt, offload and restore name a request more than once")
-        for name in ("preempt", "offload"):
-            wrong = [rid for rid in getattr(plan, name) if rid not in rows]
-            if wrong:
-                raise RequestError(f"plan.{name} names requests that are not running: {wrong[:5]}")
-        wrong = [rid for rid in plan.restore if rid not in self._waiting or not self._waiting[rid].offloaded]
-        if wrong:
-            raise RequestError(f"plan.restore names requests that are not offloaded: {wrong[:5]}")
-        assert self.offload is not None or not plan.restore
-        freed, host = 0, self.offload.free if self.offload is not None else 0
-        for rid in plan.preempt:
-            freed += self.kv.held.get(rid, 0)
-        for rid in plan.offload:  # those the host has room for (the others are refused, not an error)
-            tokens = self._row(rid).context_len
-            if tokens <= host:
-                host -= tokens
-                freed += self.kv.held.get(rid, 0)
+        """Raise `RequestError` if `plan`'s preempt, offload or restore cannot be done
+        (`kv_pool.check_kv_moves`)."""
+        running = {r.request_id: r.context_len for r in self._rows}
+        offloaded = {rid: r.context_len for rid, r in self._waiting.items() if r.offloaded}
         restoring = sum(r.ready_at is not None for r in self._waiting.values())
-        if len(self._rows) + restoring + len(plan.restore) > self.max_batch_size:
-            raise RequestError(f"plan.restore would bring the batch past max_batch_size ({self.max_batch_size}): "
-                               f"{len(self._rows)} running, {restoring} restoring, "
-                               f"{len(plan.restore)} asked")  # fmt: skip
-        need = sum(self.kv.blocks_for(self._waiting[rid].context_len + 1) for rid in plan.restore)
-        if need > self.kv.free + freed:
-            raise RequestError(f"plan.restore needs {need} KV blocks and {self.kv.free + freed} are free")
+        check_kv_moves(plan, running, offloaded, self.kv, self.offload,
+                       self.max_batch_size - len(self._rows) - restoring)  # fmt: skip
 
     def _row(self, request_id: str) -> _Replayed:
         return next(r for r in self._rows if r.request_id == request_id)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .graphs import CudaGraphs, StaticShapes
-from .kv import BatchKV, KVConfig
+from .kv import BatchKV, HostRow, KVConfig
 from .stream import Playback, Stream, count_units
 from .types import SLO, RequestError, RequestResult, RequestView, SamplingParams
 from .verify import counter_uniforms
@@ -53,19 +53,40 @@ class Request:
     cancelled: bool = False
     slo: SLO | None = None
     playback: Playback | None = None  # the consumer's account, for streamed requests
+    # what a prefill computes: the prompt, or after a recompute preemption, the prompt and the
+    # output so far (the last logits then give its next token)
+    to_prefill: list[int] = field(default_factory=list)
+    admitted: int = -1  # when it last joined the batch (admission order, for preemption victims)
+    host: tuple[HostRow, HostRow | None] | None = None  # its target (and draft) KV, offloaded
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.to_prefill = self.to_prefill or self.prompt
 
     @property
     def context_len(self) -> int:
         return len(self.prompt) + len(self.output)
 
-    def view(self, now: float) -> RequestView:
-        """What controllers see of this request."""
-        status = "running" if self.first_token_time is not None else ("prefilling" if self.prefilled else "waiting")
+    def view(self, now: float, running: bool, kv_blocks: int | None = None) -> RequestView:
+        """What controllers see of this request (`running`: it is in the batch)."""
+        if running:
+            status, kv = "running", "device"
+        elif self.host is not None:
+            status, kv = "offloaded", "host"
+        else:
+            status, kv = ("prefilling", "device") if self.prefilled else ("waiting", "none")
         stream = self.playback.stream if self.playback is not None else None
         progress = self.playback.progress(now) if self.playback is not None else None
-        return RequestView(self.request_id, status, len(self.prompt), self.prefilled, len(self.output),
-                           self.context_len, self.arrival_time, self.first_token_time, self.sampling, self.slo,
-                           stream, progress, "none" if status == "waiting" else "device")  # fmt: skip
+        prompt_len = len(self.prompt) if running else len(self.to_prefill)  # preempted: the whole context again
+        return RequestView(self.request_id, status, prompt_len, self.prefilled, len(self.output), self.context_len,
+                           self.arrival_time, self.first_token_time, self.sampling, self.slo, stream, progress, kv,
+                           None, kv_blocks)  # fmt: skip
+
+    def recompute(self) -> None:
+        """Its KV is dropped: a prefill of its whole context brings it back."""
+        self.to_prefill = self.prompt + self.output
+        self.prefilled = 0
+        self.target_pending, self.draft_pending, self.draft_features, self.last_feature = [], [], [], None
 
     def append(self, tokens: list[int], eos_ids: set[int], max_context: int, tokenizer: Any) -> list[int]:
         """Append tokens up to a stop condition (sets `finish_reason`); returns those kept."""
@@ -242,6 +263,24 @@ class Rows:
         if self.draft is not None:
             self.draft.permute(perm)
         self.running = [self.running[i] for i in perm]
+
+    def remove(self, req: Request) -> None:
+        """Drop a running request's row (its KV is gone)."""
+        self.drop({self.running.index(req)})
+
+    def to_host(self, req: Request) -> tuple[HostRow, HostRow | None]:
+        """Copy a running request's KV (target and draft) to host memory and drop its row."""
+        i = self.running.index(req)
+        host = (self.target.row_to_host(i), self.draft.row_to_host(i) if self.draft is not None else None)
+        self.drop({i})
+        return host
+
+    def from_host(self, req: Request, host: tuple[HostRow, HostRow | None]) -> None:
+        """Bring a request's KV back from host memory as the last running row."""
+        self.target.add_host_row(host[0])
+        if self.draft is not None and host[1] is not None:
+            self.draft.add_host_row(host[1])
+        self.running.append(req)
 
     # ----------------------------------------------------------- prefill rows
     def start_prefill(self, new: list[Request]) -> None:

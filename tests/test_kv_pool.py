@@ -3,6 +3,8 @@ capped by memory, prompts wait for blocks, growth preempts by recompute, nothing
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from adactl.estimators import gpu_cost
@@ -11,6 +13,7 @@ from adactl.runtime import SamplingParams, StepPlan
 from adactl.runtime.kv_pool import HostOffload, KVPool, kv_tokens_for
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.types import RequestError
+from tests.helpers import greedy_reference
 
 
 def test_pool_blocks():
@@ -168,28 +171,127 @@ def test_bad_moves_are_refused_before_anything_changes_and_a_full_host_refuses_a
     assert sorted(len(r.output_ids) for r in engine.pop_finished()) == [20, 30, 30]
 
 
-def test_the_engine_refuses_moves_clearly_and_the_loop_falls_back(target, draft):
-    """Our engine does not move KV yet: a plan that asks is refused with a clear error before
-    anything changes, and the control loop runs the step with the safe plan and counts it."""
+def _random_moves(engine, seed: int, max_k: int = 3, budget: int = 16, steps: int = 2000) -> None:
+    """Step `engine` to completion with random draft lengths, a small prefill budget and, on
+    random steps, random preempt, offload and restore moves (restores only where their blocks
+    are free, offloads only with host memory)."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(steps):
+        if not engine.has_unfinished():
+            return
+        views = engine.requests()
+        running = [v.request_id for v in views if v.status == "running"]
+        offloaded = [v for v in views if v.status == "offloaded"]
+        plan = StepPlan(draft_len={r: rng.randint(0, max_k) for r in running}, prefill_budget=budget)
+        moves = rng.sample(running, min(len(running), rng.randint(0, 2))) if rng.random() < 0.15 else []
+        if moves:
+            cut = rng.randint(0, len(moves))
+            host = engine.host is not None
+            plan = dataclasses.replace(
+                plan, preempt=moves[:cut] if host else moves, offload=moves[cut:] if host else []
+            )
+        state = engine.kv_state()
+        free = state.free_blocks + sum(engine.kv.held.get(r, 0) for r in [*plan.preempt, *plan.offload])
+        back = []
+        for v in offloaded:
+            need = state.blocks_for(v.context_len + 1)
+            if rng.random() < 0.5 and need <= free:
+                back.append(v.request_id)
+                free -= need
+        plan = dataclasses.replace(plan, restore=back, admit=[v.request_id for v in views if v.status in
+                                                             ("waiting", "prefilling")])  # fmt: skip
+        engine.step(plan)
+    raise AssertionError("did not finish")
+
+
+@pytest.mark.parametrize("kv_tokens,host,graphs", [(4096, 4096, False), (160, 64, False), (160, 0, True)],
+                         ids=["moves", "tight-offload", "tight-recompute-static"])  # fmt: skip
+def test_engine_greedy_output_after_preempt_offload_and_restore_equals_generate(target, draft, kv_tokens, host, graphs):
+    """Lossless across KV moves: requests preempted (prompt and output prefilled again),
+    offloaded and restored by the plan, and by the pool itself where it is too small for the
+    batch to grow, each yield what `generate` yields for it alone."""
+    from tests.helpers import make_engine, prompts
+
+    ps = [p + [5] * 20 for p in prompts(6, seed=4)]
+    refs = [greedy_reference(target, p, 30) for p in ps]
+    engine = make_engine(target, draft, kv_tokens=kv_tokens, host_kv_tokens=host, graphs=graphs)
+    ids = [engine.add_request(p, SamplingParams(30)) for p in ps]
+    _random_moves(engine, seed=kv_tokens + host)
+    done = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [done[i] for i in ids] == refs
+    stats = engine.kv_stats()
+    assert stats["kv_used"] == 0  # everything given back
+    assert stats["kv_recomputes"] > 0
+    if host:
+        assert stats["kv_offloads"] > 0 and stats["kv_restores"] > 0
+    if kv_tokens == 160:  # 10 blocks for 6 requests of up to 62 tokens: the pool preempted and made prompts wait
+        assert stats["kv_waits"] > 0
+
+
+def test_engine_moves_with_a_feature_draft_stay_lossless(target):
+    from adactl.runtime.feature_draft import FeatureDraft
+    from tests.helpers import make_engine, prompts
+    from tests.test_feature_draft import reduced_vocab
+
+    fd = FeatureDraft.from_target(
+        target, reduced_vocab(), intermediate_size=64, seed=3, feature_layers=[0, 1, 2]
+    ).eval()
+    ps = [p + [7] * 10 for p in prompts(4, seed=2)]
+    refs = [greedy_reference(target, p, 24) for p in ps]
+    engine = make_engine(target, fd, kv_tokens=2048, host_kv_tokens=2048)
+    ids = [engine.add_request(p, SamplingParams(24)) for p in ps]
+    _random_moves(engine, seed=9)
+    done = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [done[i] for i in ids] == refs
+    assert engine.kv_stats()["kv_offloads"] > 0 and engine.kv_stats()["kv_recomputes"] > 0
+
+
+def test_engine_refuses_bad_moves_and_oversized_requests_alone(target, draft):
+    """Bad input against the engine's pool: a request that cannot fit is refused alone; moves
+    naming unknown, finished or already-moved requests are refused before anything changes
+    (and by the control loop, which falls back and counts it); a full host refuses an offload,
+    counted, and the request keeps running."""
     from adactl.interface import Controller
     from adactl.loop import ControlLoop
     from tests.helpers import make_engine
 
-    class PreemptAll(Controller):
-        def act(self, state, utilities):
-            return StepPlan(preempt=[v.request_id for v in state.running])
+    engine = make_engine(target, draft, kv_tokens=160, host_kv_tokens=30)
+    with pytest.raises(RequestError, match="need more KV than the pool"):
+        engine.add_request([3] * 100, SamplingParams(80))
+    a = engine.add_request([1, 2, 3, 4] * 5, SamplingParams(12), request_id="a")
+    b = engine.add_request([5, 6, 7] * 5, SamplingParams(12), request_id="b")
+    engine.step(StepPlan(prefill_budget=64))
+    before = (engine.kv_state(), [(v.request_id, v.status) for v in engine.requests()])
+    for plan, match in [(StepPlan(preempt=["zz"]), "not running"), (StepPlan(restore=[a]), "not offloaded"),
+                        (StepPlan(offload=[a], preempt=[a]), "more than once")]:  # fmt: skip
+        with pytest.raises(RequestError, match=match):
+            engine.step(plan)
+        assert (engine.kv_state(), [(v.request_id, v.status) for v in engine.requests()]) == before
+    engine.step(StepPlan(offload=[a, b]))  # the host holds one of them (30 tokens; 21 and 16 asked)
+    status = {v.request_id: v.status for v in engine.requests()}
+    assert status == {a: "offloaded", b: "running"} and engine.kv_stats()["kv_offload_refused"] == 1
+    assert engine.kv_state().host_free_tokens == 9
 
-    engine = make_engine(target, draft)
-    engine.add_request([1, 2, 3, 4], SamplingParams(6))
-    loop = ControlLoop(engine, PreemptAll())
+    class PreemptTwice(Controller):
+        def act(self, state, utilities):
+            return StepPlan(preempt=[v.request_id for v in state.running] * 2, prefill_budget=64)
+
+    loop = ControlLoop(engine, PreemptTwice())
     results = loop.run()
-    assert [len(r.output_ids) for r in results.values()] == [6]
-    assert loop.fallbacks["schedule:engine"] >= 1
-    rid = engine.add_request([1, 2, 3], SamplingParams(4))
-    engine.step(StepPlan())
-    with pytest.raises(RequestError, match="does not preempt, offload or restore"):
-        engine.step(StepPlan(offload=[rid]))
-    engine.step(StepPlan())  # still serving
+    assert sorted(len(r.output_ids) for r in results.values()) == [12, 12]  # nothing lost
+    assert loop.fallbacks["schedule:PreemptTwice"] >= 1  # refused, counted, the safe plan ran
+    assert engine.kv_stats()["kv_used"] == 0 and engine.kv_state().host_free_tokens == 30
+    no_pool = make_engine(target, draft)
+    rid = no_pool.add_request([1, 2, 3], SamplingParams(4))
+    no_pool.step(StepPlan())
+    with pytest.raises(RequestError, match="need a KV pool"):
+        no_pool.step(StepPlan(preempt=[rid]))
+    with pytest.raises(ValueError, match="kv_tokens must be"):
+        make_engine(target, draft, kv_tokens=8)
+    with pytest.raises(ValueError, match="needs a KV pool"):
+        make_engine(target, draft, host_kv_tokens=100)
 
 
 def _loop(engine, controller):

@@ -16,10 +16,12 @@ and consumers at every load:
   safe) with the TTFT-bounded prefill budget.
 
 Workloads (`--workload`): `sharegpt` (the above, replies clipped to `--max-new-tokens`);
-`chat` (the same first turns with their whole replies, up to 4,096 tokens); `long` (replay only:
-4-16k-token prompts, 300-800-token replies, arrivals in duty-cycle bursts of 2.5x the mean with
-Gamma gaps of CV 2.5, token and speech readers); `mixed-consumers` (ShareGPT, token and speech
-readers and 15% machine consumers at 30-50 tokens/s).
+`chat` (the same first turns with their whole replies, up to 4,096 tokens); `long` (4-16k-token
+prompts, 300-800-token replies, arrivals in duty-cycle bursts of 2.5x the mean with Gamma gaps
+of CV 2.5, token and speech readers; on the real engine scaled down by `--long-scale`);
+`mixed-consumers` (ShareGPT, token and speech readers and 15% machine consumers at 30-50
+tokens/s). `--kv-tokens` bounds KV memory on both backends (`EngineConfig.kv_tokens`: every
+stack gets the same pool), `--kv-offload` adds host memory to offload to.
 
 Reported per controller and load: missed units (a stall of d seconds misses ceil(d * rate)
 units) per unit, p50/p99 TTFT and first-token lateness (past the `--ttft` target), mean TPOT,
@@ -59,6 +61,7 @@ from adactl.profiler import fingerprint, step_cost_for
 from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import describe
 from adactl.runtime.kv_pool import HostOffload
+from adactl.runtime.models import kv_bytes_per_token, output_vocab_size
 from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, WorkloadSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
@@ -88,17 +91,20 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
     replay: bool = setting(False, "profile replay instead of the real engine")
     validate: bool = setting(False, "run engine and replay, report the replay's error")
     replay_noise: float = setting(0.1, "log-sd of replayed step times")
-    kv_tokens: int | None = setting(None, "--replay: KV memory as 16-token blocks, this many tokens (a prompt waits "
+    kv_tokens: int | None = setting(None, "KV memory as 16-token blocks, this many tokens (a prompt waits "
                                     "for its blocks; growth preempts by recompute); 'gpu': what the computed GPU "
                                     "profile's memory holds after its weights; default: no limit but --max-batch",
                                     parse=lambda t: -1 if t == "gpu" else int(t))  # fmt: skip
-    kv_offload: float = setting(0.0, "--replay with --kv-tokens and a computed GPU --profile: host memory (GiB) "
-                                "for preempted requests' KV, copied out and back over PCIe (vLLM's swap space); "
-                                "0: preemption recomputes")  # fmt: skip
+    kv_offload: float = setting(0.0, "with --kv-tokens: host memory (GiB) for preempted requests' KV, copied out "
+                                "and back (over PCIe, for a computed GPU --profile; vLLM's swap space); 0: "
+                                "preemption recomputes")  # fmt: skip
     pcie_gb_s: float = setting(25.0, "--kv-offload: host <-> device GB/s per GPU (PCIe 4.0 x16 pinned)")
     quick: bool = setting(False, "2 loads, 16 requests, fcfs; edf; progressserve,ttft-budget")
-    workload: str = setting("sharegpt", "sharegpt | chat | long (replay) | mixed-consumers: see above",
+    workload: str = setting("sharegpt", "sharegpt | chat | long | mixed-consumers: see above",
                             choices=list(WORKLOADS))  # fmt: skip
+    long_scale: float = setting(1.0, "--workload long: prompt and reply lengths times this (the real engine "
+                                "on a CPU: 0.25 at most; 0.125: 512-2048-token prompts, 37-100-token "
+                                "replies)")  # fmt: skip
     warmup: float = setting(0.0, "this fraction of the requests (the first to arrive) is served, not measured")
     seeds: int = setting(1, "seeds (arrivals, readers, request order) pooled at every point")
     capacity: bool = setting(False, "--replay: each stack's capacity at SLO by bisection over the arrival rate "
@@ -182,7 +188,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "requests": len(loop.results),
         "fallbacks": dict(loop.fallbacks),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
-        **(engine.kv_stats() if replay else {}),
+        **engine.kv_stats(),
         **({"step_error": step_error(priced_by, log.steps), "step_log": log.steps} if log is not None else {}),
     }
 
@@ -254,8 +260,9 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
 
     device, dtype = device_and_dtype(args.device, args.dtype)  # before anything loads
     streams = _streams(args, args.requests, args.seed)
-    if args.workload == "long" and not args.replay:
-        raise SystemExit("adactl bench stream --workload long: replay only (--replay); its prompts are 4-16k tokens")
+    if args.workload == "long" and not args.replay and args.long_scale > 0.25:
+        raise SystemExit("adactl bench stream --workload long on the real engine: its prompts are 4-16k tokens; "
+                         "scale them down (--long-scale 0.125) or give --replay")  # fmt: skip
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
@@ -270,7 +277,7 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
 
     pair = load_pair(args.target, None, None, device, dtype)
     if args.workload == "long":
-        return pair, [([0] * n, m) for n, m in long_requests(args.requests, args.seed)], streams
+        return pair, _long(args, pair.target.model), streams
     data = read_sharegpt()
     replies = CHAT_MAX_REPLY if args.workload == "chat" else args.max_new_tokens
     try:  # the replay learns nothing from them: every record, for sweeps of 1,000 requests and more
@@ -280,6 +287,19 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
         fix = "ask for fewer --requests or a longer --max-prompt-tokens"
         raise SystemExit(f"adactl bench stream: {e}; {fix}") from None
     return pair, list(reqs), streams
+
+
+def _long(args: StreamSettings, target: Any) -> list[tuple[list[int], int]]:
+    """--workload long's requests, scaled by --long-scale: random token ids (summaries of
+    documents nobody reads here; the replay sees lengths only)."""
+    if not 0 < args.long_scale <= 1:
+        raise SystemExit(f"adactl bench stream: --long-scale must be in (0, 1], got {args.long_scale}")
+    s = args.long_scale
+    lengths = long_requests(args.requests, args.seed, prompt=(max(16, int(4096 * s)), max(32, int(16384 * s))),
+                            reply=(max(4, int(300 * s)), max(8, int(800 * s))))  # fmt: skip
+    g = torch.Generator().manual_seed(args.seed)
+    vocab = output_vocab_size(target)
+    return [(torch.randint(1, vocab, (n,), generator=g).tolist(), m) for n, m in lengths]
 
 
 def _physics(args: StreamSettings) -> Any:
@@ -308,17 +328,21 @@ def _kv_tokens(args: StreamSettings) -> int | None:
     return int(_gpu(args, "--kv-tokens gpu (or a number of tokens)").kv_tokens())
 
 
-def _offload(args: StreamSettings) -> HostOffload | None:
-    """--kv-offload GiB of host memory for the replay's preempted KV, at --pcie-gb-s per GPU
-    (each of a tensor-parallel group's GPUs copies its shard over its own link)."""
+def _offload(args: StreamSettings, target: Any) -> HostOffload | None:
+    """--kv-offload GiB of host memory for preempted KV, at --pcie-gb-s per GPU (each of a
+    tensor-parallel group's GPUs copies its shard over its own link): a computed GPU profile's
+    model's KV, else `target`'s (the real engine's own copies are timed, not priced)."""
     if args.kv_offload == 0:
         return None
     if args.kv_offload < 0 or not args.pcie_gb_s > 0:
         raise SystemExit(f"adactl bench stream: --kv-offload must be >= 0 GiB and --pcie-gb-s > 0, got "
                          f"{args.kv_offload}, {args.pcie_gb_s}")  # fmt: skip
-    if not args.replay or args.kv_tokens is None:
-        raise SystemExit("adactl bench stream --kv-offload: the replay's KV pool offloads (--replay --kv-tokens)")
-    cost = _gpu(args, "--kv-offload")
+    if args.kv_tokens is None:
+        raise SystemExit("adactl bench stream --kv-offload: offload is from a KV pool; give --kv-tokens")
+    cost = _physics(args)
+    if cost is None:
+        per_token = float(kv_bytes_per_token(target))
+        return HostOffload(int(args.kv_offload * 2**30 / per_token), per_token, args.pcie_gb_s * 1e9)
     per_token = cost.model.kv_bytes_per_token(cost.bytes_per_param)
     return HostOffload(int(args.kv_offload * 2**30 / per_token), per_token / cost.tp, args.pcie_gb_s * 1e9)
 
@@ -415,7 +439,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay", OWN] if args.validate else ["engine"]
     kv_tokens = _kv_tokens(args)
-    offload = _offload(args)
+    offload = _offload(args, target)
+    host_tokens = offload.host_tokens if offload is not None else 0
     priced_by = replay_time if args.validate else None  # the engine's own steps, priced by the replay's model
     fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
     own: dict[tuple[float, str], Any] = {}  # --validate: each engine run's steps, fitted (the replay-own backend)
@@ -434,7 +459,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
             readers = streams if k == 0 else _streams(args, len(requests), seed)
             times = _arrivals(args, len(requests), load, seed)
             if backend == "engine":
-                engine: Any = Engine(target, None, tokenizer, config=EngineConfig(max_batch_size=args.max_batch))
+                config = EngineConfig(max_batch_size=args.max_batch, kv_tokens=kv_tokens, host_kv_tokens=host_tokens)
+                engine: Any = Engine(target, None, tokenizer, config=config)
             else:
                 cost = own[(load, name)] if backend == OWN else replay_time
                 engine = ReplayEngine(cost, max_batch_size=args.max_batch, noise=args.replay_noise, seed=seed,
