@@ -102,6 +102,7 @@ class _Replayed:
     preemptions: int = 0
     offloaded: bool = False  # preempted with its KV in host memory: it resumes by a restore, not a prefill
     ready_at: float | None = None  # a restore (plan.restore) in flight: when its KV is back on the device
+    on_host_at: float = 0.0  # when its last asynchronous offload copy completes (a restore starts no sooner)
 
     @property
     def to_prefill(self) -> int:
@@ -472,6 +473,7 @@ class ReplayEngine:
                 self.kv.offload_refused += 1
                 continue
             self._link_free["d2h"] = max(self.now, self._link_free["d2h"]) + copy_s
+            req.on_host_at = self._link_free["d2h"]
             self.kv.offloads += 1
             self._park(req, offloaded=True)
         for rid in plan.restore:
@@ -479,7 +481,8 @@ class ReplayEngine:
             assert self.kv is not None and self.offload is not None
             grown = self.kv.grow(rid, req.context_len + 1)
             assert grown, "checked by _check_moves"
-            self._link_free["h2d"] = max(self.now, self._link_free["h2d"]) + self.offload.restore(rid)
+            start = max(self.now, self._link_free["h2d"], req.on_host_at)  # (its own offload copy done first)
+            self._link_free["h2d"] = start + self.offload.restore(rid)
             self.kv.restores += 1
             req.offloaded, req.ready_at = False, self._link_free["h2d"]
 

@@ -115,6 +115,7 @@ def test_preempt_offload_and_restore_are_plan_actions_and_nothing_is_lost():
     state = engine.kv_state()
     assert state.total_blocks == 40 and state.free_blocks == 40 - 3 * 5 and state.host_free_tokens == 100
     assert state.copy_s_per_token == 1.0
+    issued = engine.clock()
     engine.step(StepPlan(prefill_budget=0, offload=["a"], preempt=["b"]))
     views = _views(engine)
     assert (views["a"].status, views["a"].kv) == ("offloaded", "host")
@@ -126,14 +127,15 @@ def test_preempt_offload_and_restore_are_plan_actions_and_nothing_is_lost():
     assert _views(engine)["a"].num_generated == _views(engine)["b"].num_generated == 4
     now = engine.clock()
     engine.step(StepPlan(prefill_budget=0, admit=[], restore=["a"]))
-    a = _views(engine)["a"]
-    assert a.status == "restoring" and a.kv == "device" and a.kv_ready_at == pytest.approx(now + 68.0)
+    a = _views(engine)["a"]  # the copy back starts once its copy out (68 s from `issued`) is done
+    assert a.status == "restoring" and a.kv == "device" and a.kv_ready_at == pytest.approx(issued + 68.0 + 68.0)
+    assert now < issued + 68.0
     assert engine.kv_state().host_free_tokens == 100
     steps = 0
     while _views(engine)["a"].status == "restoring":  # decodes only once its 68 s copy is done
         engine.step(StepPlan(prefill_budget=0, admit=[]))
         steps += 1
-    assert steps > 10 and engine.clock() >= now + 68.0 and _views(engine)["a"].num_generated == 4
+    assert steps > 10 and engine.clock() >= issued + 136.0 and _views(engine)["a"].num_generated == 4
     while engine.has_unfinished():
         engine.step(StepPlan(prefill_budget=512))
     results = {r.request_id: r for r in engine.pop_finished()}

@@ -105,6 +105,9 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
     long_scale: float = setting(1.0, "--workload long: prompt and reply lengths times this (the real engine "
                                 "on a CPU: 0.25 at most; 0.125: 512-2048-token prompts, 37-100-token "
                                 "replies)")  # fmt: skip
+    slowdown: float = setting(1.0, "readers read this many times slower, and their first unit and the lateness "
+                              "SLO are this many times later: the workload's regime in slow motion, for a "
+                              "machine this many times slower than the GPU it is meant for")  # fmt: skip
     warmup: float = setting(0.0, "this fraction of the requests (the first to arrive) is served, not measured")
     seeds: int = setting(1, "seeds (arrivals, readers, request order) pooled at every point")
     capacity: bool = setting(False, "--replay: each stack's capacity at SLO by bisection over the arrival rate "
@@ -196,7 +199,8 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
 def at_slo(record: dict[str, Any]) -> bool:
     """Whether a served point meets the streaming SLO: missed units <= 0.5% of units, the first
     token at most 1 s late past its TTFT target at p99, and no request refused."""
-    return (record[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE and record["late_p99_s"] <= LATENESS_P99_S
+    lateness = record.get("slo_lateness_s", LATENESS_P99_S)  # (--slowdown scales it)
+    return (record[metrics.MISS_RATE] <= metrics.SLO_MISS_RATE and record["late_p99_s"] <= lateness
             and record["rejected"] == 0)  # fmt: skip
 
 
@@ -243,7 +247,10 @@ def _streams(args: StreamSettings, n: int, seed: int) -> list[Stream]:
     """The readers of `n` requests for the workload (see the module docstring)."""
     machines = 0.15 if args.workload == "mixed-consumers" else 0.0
     tokens_only = args.consumers == "tokens" or args.workload in ("long", "mixed-consumers")
-    return consumer_mix(n, seed, args.ttft, tokens_only=tokens_only, machines=machines)
+    mix = consumer_mix(n, seed, args.ttft, tokens_only=tokens_only, machines=machines)
+    if args.slowdown == 1.0:
+        return mix
+    return [Stream(r.rate / args.slowdown, r.unit, r.ttft_s * args.slowdown) for r in mix]
 
 
 def _arrivals(args: StreamSettings, n: int, load: float, seed: int) -> list[float]:
@@ -353,6 +360,8 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _check(args: StreamSettings) -> None:
     """Settings that cannot run together, each refused with what to do instead."""
+    if not args.slowdown > 0:
+        raise SystemExit(f"adactl bench stream: --slowdown must be > 0, got {args.slowdown}")
     if args.seeds < 1 or not 0 <= args.warmup < 1 or not 0 < args.capacity_tolerance < 1 or args.capacity_span <= 0:
         raise SystemExit(f"adactl bench stream: --seeds must be >= 1, --warmup in [0, 1), --capacity-tolerance in "
                          f"(0, 1) and --capacity-span > 0; got {args.seeds}, {args.warmup}, {args.capacity_tolerance}, "
@@ -471,7 +480,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
             if "step_log" in result:
                 own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
             results.append(result)
-        return {"backend": backend, "load": load, "controller": name, **pooled(results)}
+        return {"backend": backend, "load": load, "controller": name, **pooled(results),
+                "slo_lateness_s": LATENESS_P99_S * args.slowdown}  # fmt: skip
 
     capacities: list[dict[str, Any]] = []
     if args.capacity:
