@@ -269,10 +269,29 @@ def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
     (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
     assert r["requests"] == 12 and r["kv_offloads"] > 0 and r["kv_restores"] == r["kv_offloads"]
     assert r["kv_recomputes"] == 0 and r["kv_copied_gb"] > 0 and r["kv_used"] == 0
-    with pytest.raises(SystemExit, match="--kv-offload needs --profile naming a computed GPU profile"):
-        main(["bench", "stream", *args, "--kv-offload", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--kv-offload must be >= 0"):
         main(["bench", "stream", *args, *gpu, "--kv-offload", "-1", "--out", str(tmp_path)])
+
+
+def test_bench_stream_real_engine_shares_a_kv_pool_and_validates_the_replay(tmp_path):
+    """--kv-tokens and --kv-offload on the real engine (issue 33): a scaled-down `long`
+    workload on a pool that binds; vllm-v1 waits and preempts by itself, ProgressServe moves
+    streams to host memory and back; nothing is lost, and --validate prices the same runs in the
+    replay with the same pool."""
+    args = ["--tiny", "--validate", "--workload", "long", "--long-scale", "0.02", "--slowdown", "5",
+            "--loads", "20", "--requests", "6", "--kv-tokens", "400", "--kv-offload", "0.001",
+            "--controllers", "vllm-v1;progressserve"]  # fmt: skip
+    main(["bench", "stream", *args, "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "stream.json").read_text())["records"]
+    engine = {r["controller"]: r for r in records if r["backend"] == "engine"}
+    replay = {r["controller"]: r for r in records if r["backend"] == "replay"}
+    assert set(engine) == set(replay) == {"vllm-v1", "progressserve"}
+    for r in [*engine.values(), *replay.values()]:
+        assert r["requests"] == 6 and r["kv_blocks"] == 25 and r["kv_used"] == 0 and r["slo_lateness_s"] == 5.0
+    # vllm-v1 admits only what fits (about one request here) and never moves KV; ProgressServe
+    # moves streams far ahead of their readers to host memory to admit newcomers, and back
+    assert engine["vllm-v1"]["kv_offloads"] == 0 and engine["vllm-v1"]["admitted_inflight"] < 1.5
+    assert engine["progressserve"]["kv_offloads"] == engine["progressserve"]["kv_restores"] > 0
 
 
 def test_bench_spec_trees_runs_tree_controllers_beside_chains(tmp_path, capsys):
@@ -412,7 +431,7 @@ def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, cap
         assert r["late_p99_s"] >= 0 and r["little_l"] > 0 and r["rejected"] == 0 and "late" not in r
     assert "capacity_at_slo" in capsys.readouterr().out and (tmp_path / "stream.png").is_file()
     refused = [(["--capacity"], "give --replay"), (["--replay", "--seeds", "0"], "--seeds must be"),
-               (["--workload", "long"], "replay only"), (["--validate", "--seeds", "2"], "--seeds 1")]  # fmt: skip
+               (["--workload", "long"], "scale them down"), (["--validate", "--seeds", "2"], "--seeds 1")]  # fmt: skip
     for bad, say in refused:
         with pytest.raises(SystemExit, match=say):
             main(["bench", "stream", "--tiny", "--loads", "2", "--requests", "4", *bad, "--out", str(tmp_path)])

@@ -273,10 +273,12 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
     if args.tiny:
         from adactl.runtime.models import tiny_llama
 
-        target = tiny_llama().to(device, dtype)
+        long = args.workload == "long"
+        target = tiny_llama(max_positions=4096 if long else 512).to(device, dtype)
         g = torch.Generator().manual_seed(args.seed)
         lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
         reqs = [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]
+        reqs = _long(args, target) if long else reqs
         pair = ModelPair(LoadedModel(target, None, "tiny-stream"), None, None, device, dtype,
                          {"target": "tiny-stream", "draft": "none", "companion": "none"})  # fmt: skip
         return pair, reqs, [Stream(s.rate, "token", s.ttft_s) for s in streams]

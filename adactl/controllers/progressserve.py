@@ -21,15 +21,17 @@ running streamed requests in slack order (seconds until each reader runs dry):
               later, and a reader the machine cannot keep up with even alone would otherwise
               wait forever (found in the replay: an idle server held one for 42,000 s).
 
-Where the server reports its KV memory (`ScheduleState.kv`, a pool of blocks: the replay's,
-DESIGN.md section 10), memory is a lever too (`memory=True`), as in TokenFlow and Andes:
+Where the server reports its KV memory (`ScheduleState.kv`, a pool of blocks: the replay's
+and the engine's, DESIGN.md section 10), memory is a lever too (`memory=True`), as in
+TokenFlow and Andes, with margin = `lead` + two of the longest steps to expect (the batch
+beside a full prefill chunk: the step in flight when a stream is back, and its own):
 
     victims  = running streams whose slack exceeds the cost of bringing them back (the KV
                copy from host memory, or the recompute prefill where the server has no host
-               memory) plus 2 * lead seconds, largest slack first
+               memory) plus margin + lead seconds, largest slack first
     offload  = victims (or preempt them), while a request admission would take cannot get its
                blocks (its prompt, plus one block per running row kept free for growth)
-    restore  = offloaded streams whose slack is down to their copy time plus `lead`, in slack
+    restore  = offloaded streams whose slack is down to their copy time plus margin, in slack
                order, while their blocks are free; and any offloaded request while the blocks
                stay free beyond what waiting requests need (buffers grow while memory is free)
 
@@ -134,7 +136,7 @@ class ProgressServe(Controller):
         candidates = [v for v in waiting if v.status != "prefilling"]
         joining: list[RequestView] = [v for v in waiting if v.status == "prefilling" and v.stream is not None]
         joining += away  # in flight, off the device: their readers' demand counts
-        memory = MemoryLever(self.step_time, state, self.lead) if lever else None
+        memory = MemoryLever(self.step_time, state, self.lead, self.prefill_budget) if lever else None
         for i, v in enumerate(candidates):
             if len(admit) - len(prefilling) >= self.admit_per_step:
                 self.reasons.update({w.request_id: "admission limit this step" for w in candidates[i:]})

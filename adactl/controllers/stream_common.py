@@ -156,11 +156,18 @@ class MemoryLever:
     """One step's KV bookkeeping for the memory lever of ProgressServe and TokenFlow-like
     schedulers (ProgressServe's docstring has the rule): which streams go off the device to
     admit a request, which come back. `step_time` prices a recompute where the server has no
-    host memory; `lead`: seconds of slack kept beyond the way back."""
+    host memory, and the longest step to expect (the batch beside a `prefill_budget` chunk);
+    `lead`: seconds of slack kept beyond the way back and two such steps (the one in flight when
+    a stream is back, and its own), so that a server whose steps are long (a CPU, or a GPU's
+    long prefill chunks) does not bring streams back too late."""
 
-    def __init__(self, step_time: StepTimePredictor, state: ScheduleState, lead: float = 1.0) -> None:
+    def __init__(self, step_time: StepTimePredictor, state: ScheduleState, lead: float = 1.0,
+                 prefill_budget: int = 0) -> None:  # fmt: skip
         assert state.kv is not None
-        self.step_time, self.lead, self.kv, self.now = step_time, lead, state.kv, state.now
+        self.step_time, self.kv, self.now = step_time, state.kv, state.now
+        context = [v.context_len for v in state.running]
+        step_s = decode_seconds(step_time, [len(context)], context, prefill_budget)[0] if prefill_budget else 0.0
+        self.lead = lead + 2 * step_s
         self.free = state.kv.free_blocks - len(state.running)  # one block per running row kept for growth
         # prompts part-way through prefill take their remaining blocks in the coming steps: kept for
         # them (a stream restored into them would stall their next chunk; found in the long workload)
@@ -171,7 +178,7 @@ class MemoryLever:
         self.away = sorted((v for v in state.waiting if moved_off(v) and v.status != "restoring"),
                            key=lambda v: slack(v, self.now))  # fmt: skip
         # victims: largest slack first, among those whose slack covers the way back with room to spare
-        self.victims = sorted((v for v in running if slack(v, self.now) > self.back_cost(v) + 2 * lead),
+        self.victims = sorted((v for v in running if slack(v, self.now) > self.back_cost(v) + self.lead + lead),
                               key=lambda v: slack(v, self.now), reverse=True)  # fmt: skip
         self.taken: list[str] = []
         # streams whose buffers are nearly read come back before anything is admitted (else a
@@ -179,7 +186,7 @@ class MemoryLever:
         self.back: dict[str, list[str]] = {"restore": [], "readmit": []}
         for v in list(self.away):
             blocks = self.kv.blocks_for(v.context_len + 1)
-            if slack(v, self.now) <= self.back_cost(v) + lead and blocks <= self.free:
+            if slack(v, self.now) <= self.back_cost(v) + self.lead and blocks <= self.free:
                 self.back["restore" if v.status == "offloaded" else "readmit"].append(v.request_id)
                 self.free -= blocks
                 self.away.remove(v)

@@ -34,7 +34,7 @@ class BufferOffload(Controller):
         self.prefill_budget, self.lead = prefill_budget, lead
 
     def act(self, state: ScheduleState, utilities: Any = None) -> StepPlan:
-        lever = MemoryLever(self.step_time, state, self.lead) if state.kv is not None else None
+        lever = MemoryLever(self.step_time, state, self.lead, self.prefill_budget) if state.kv is not None else None
         waiting = sorted((v for v in state.waiting if not moved_off(v) and v.status != "restoring"),
                          key=lambda v: (v.status != "prefilling", v.arrival_time))  # fmt: skip
         admit = [v.request_id for v in waiting if v.status == "prefilling"]
