@@ -85,7 +85,7 @@ class EngineConfig:
     """KV memory, in tokens, counted in 16-token blocks as vLLM's paged pool (None: no limit
     but `max_batch_size`). The same rules as the replay's pool (`adactl.runtime.kv_pool`): a
     request holds the blocks its context needs (and its step's draft); a prompt waits at the
-    head of the line until its blocks are free; a running request that cannot grow preempts
+    head of the line until the blocks for all of it are free; a running request that cannot grow preempts
     the last-admitted one (offloaded where host memory has room, else recomputed); a request
     whose prompt and `max_new_tokens` cannot fit is refused. The caches themselves stay
     rectangles (`kv.py`): the pool is the budget every scheduler shares, not the layout."""
@@ -167,6 +167,7 @@ class Engine:
         self._next_id = 0
         self._generator = torch.Generator().manual_seed(self.config.seed)  # seeds of unseeded requests
         self._admissions = 0  # requests that joined the batch so far (their admission order)
+        self._restored: set[str] = set()  # restored this step: not the victims of this step's growth
         self.kv, self.host = self._memory()
 
     def _memory(self) -> tuple[KVPool | None, HostOffload | None]:
@@ -257,8 +258,10 @@ class Engine:
         joining = self._inflight.joining if self._inflight is not None else []
         reqs = [*self._waiting.values(), *self.rows.running, *joining]
         dropped = list(dict.fromkeys(r.request_id for r in reqs if r.request_id not in self._finished))
-        for rid in dropped:
-            self._release(rid)
+        if self.kv is not None:  # (everything: a step that raised may have left a joining prompt's blocks held)
+            self.kv.held.clear()
+        if self.host is not None:
+            self.host.held.clear()
         self.rows.reset()
         self._waiting, self._inflight = {}, None
         return dropped
@@ -334,6 +337,7 @@ class Engine:
         check_kv_moves(plan, {r.request_id: r.context_len for r in self.rows.running}, offloaded, self.kv, self.host,
                        self.config.max_batch_size - len(self.rows.running) - len(self.rows.prefilling))  # fmt: skip
         t0 = self._now()
+        self._restored = set()
         self._move(plan)
         if plan.run is None:  # (restored requests run too; moved ones do not)
             run_ids = {r.request_id for r in self.rows.running}
@@ -489,20 +493,25 @@ class Engine:
         del self._waiting[req.request_id]
         req.host, req.admitted = None, self._admit()
         self.kv.restores += 1
+        self._restored.add(req.request_id)
         return True
 
     def _restore_admitted(self, admit: list[Request]) -> list[Request]:
-        """Restore the offloaded requests `admit` names, in order, while their blocks are free
-        and the batch has room; the requests left to prefill (none after a restore that waits:
-        the head of the line blocks)."""
+        """Walk `admit` in order, restoring the offloaded requests while their blocks are free
+        and the batch has room; the requests to prefill: those before the first restore that
+        must wait (the head of the line blocks there, as in the replay)."""
         room = self.config.max_batch_size - len(self.rows.running) - len(self.rows.prefilling)
-        for req in [r for r in admit if r.host is not None]:
+        to_prefill = []
+        for req in admit:
+            if req.host is None:
+                to_prefill.append(req)
+                continue
             if room <= 0 or not self._restore(req):
                 assert self.kv is not None
                 self.kv.waits += room > 0
-                return []
+                break
             room -= 1
-        return [r for r in admit if r.host is None and r.request_id in self._waiting]
+        return to_prefill
 
     def _make_room(self, lens: dict[str, int]) -> bool:
         """Blocks for every running request's context and this step's draft (in admission
@@ -514,7 +523,9 @@ class Engine:
             if req not in self.rows.running or req.request_id not in lens:  # preempted meanwhile; deferred
                 continue
             while not self.kv.grow(req.request_id, req.context_len + lens[req.request_id] + 1):
-                victim = max(self.rows.running, key=lambda r: r.admitted)
+                # (not a request restored this step: that would copy it back out at once)
+                others = [r for r in self.rows.running if r.request_id not in self._restored]
+                victim = max(others or [req], key=lambda r: r.admitted)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -535,12 +546,14 @@ class Engine:
         self.kv.recomputes += 1
 
     def _park(self, req: Request, host: tuple[HostRow, HostRow | None] | None) -> None:
-        """A request off the batch (its row already gone) waits at the head of the line."""
+        """A request off the batch (its row already gone) waits at the head of the line, behind
+        the prompts part-way through prefill (they hold blocks: vLLM's running queue)."""
         assert self.kv is not None
         self.kv.release(req.request_id)
         req.host = host
         req.preemptions += 1
-        self._waiting = {req.request_id: req, **self._waiting}
+        started = {rid: r for rid, r in self._waiting.items() if r.prefilled and r.host is None}
+        self._waiting = {**started, req.request_id: req, **self._waiting}
 
     def _grow(self, req: Request, tokens: int) -> bool:
         """Take the blocks for `req` to hold `tokens` tokens (a prefill chunk); counts a wait."""

@@ -539,8 +539,8 @@ class BatchKV:
         layers = self._packed(row)
         if self.device.type == "cuda":
             layers = [kv if kv is None else tuple(_pinned_copy(x) for x in kv) for kv in layers]  # type: ignore[misc]
-        else:
-            layers = [kv if kv is None else (kv[0].clone(), kv[1].clone()) for kv in layers]
+        else:  # (a copy either way: the CPU's own memory, or from another device's)
+            layers = [kv if kv is None else (kv[0].to("cpu", copy=True), kv[1].to("cpu", copy=True)) for kv in layers]
         return HostRow(layers, int(self.lengths[row]))
 
     def add_host_row(self, host: HostRow) -> int:

@@ -34,10 +34,16 @@ class Prefill:
         pairs (`prefill_pairs`: what the step-cost model reads).
 
         grow: takes the KV memory for a request to hold n tokens, or says it cannot (False):
-        that request and every one behind it wait (head of the line)."""
+        that request and every one behind it wait (head of the line). A prompt takes the blocks
+        for all of it at its first chunk (vLLM v1 admits a prompt only when its whole sequence
+        fits): prompts taking blocks chunk by chunk could together hold the whole pool, each
+        waiting for blocks another holds."""
         chunks: list[tuple[Request, int]] = []
         used = 0
         active = len(self.rows.running) + len(self.rows.prefilling)
+        # prompts part-way through first: they hold rows and KV blocks, and a prompt that waits
+        # for blocks in front of them would wait for ever (vLLM schedules them with the running)
+        admit = [r for r in admit if r.prefilled] + [r for r in admit if not r.prefilled]
         for req in admit:
             if used >= budget:
                 break
@@ -46,7 +52,7 @@ class Prefill:
                     continue
                 active += 1
             size = min(len(req.to_prefill) - req.prefilled, budget - used)
-            if grow is not None and not grow(req, req.prefilled + size):
+            if grow is not None and not grow(req, len(req.to_prefill)):  # (its whole prompt: see `run`)
                 break
             chunks.append((req, size))
             used += size

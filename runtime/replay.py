@@ -153,8 +153,8 @@ class ReplayEngine:
         recorded signals; alpha then only serves requests without one.
         kv_tokens: KV memory as a pool of 16-token blocks (adactl.runtime.kv_pool; None: no
         limit but `max_batch_size`): a request holds the blocks its context needs (and its
-        step's draft), a prompt waits (head of the line, as vLLM v1) until its blocks are free,
-        and a running request that cannot grow preempts the last-admitted one by recompute
+        step's draft), a prompt waits (head of the line, as vLLM v1) until the blocks for all
+        of it are free, and a running request that cannot grow preempts the last-admitted one by recompute
         (its KV dropped, its whole context prefilled again); `kv_stats()` counts both.
         offload: host memory for preempted requests' KV (adactl.runtime.kv_pool.HostOffload,
         with kv_tokens): a request the replay preempts has its KV copied there while it has room
@@ -334,6 +334,10 @@ class ReplayEngine:
         run = [r for r in run if r in self._rows]  # preempted or offloaded: not this step
         # prefill: admitted waiting requests in order, within the budget and the batch size
         order = list(self._waiting) if plan.admit is None else list(plan.admit)
+        # prompts part-way through first (they hold blocks; the engine's and vLLM's order)
+        started = [rid for rid in order if self._waiting[rid].prefilled and not self._waiting[rid].offloaded]
+        first = set(started)
+        order = started + [rid for rid in order if rid not in first]
         room = self.max_batch_size - len(self._rows) - sum(r.ready_at is not None for r in self._waiting.values())
         budget = plan.prefill_budget
         emitted: dict[str, list[int]] = {}
@@ -360,7 +364,7 @@ class ReplayEngine:
             if budget <= 0:
                 break
             take = min(budget, req.to_prefill - req.prefilled)
-            if self.kv is not None and not self.kv.grow(rid, req.prefilled + take):
+            if self.kv is not None and not self.kv.grow(rid, req.to_prefill):  # its whole prompt (as the engine)
                 self.kv.waits += 1  # its blocks are not free: it and everything behind it wait
                 break
             attention += prefill_pairs([(req.prefilled, take)])
@@ -504,7 +508,8 @@ class ReplayEngine:
         req.prefill_goal = req.context_len
         req.prefilled = req.context_len if offloaded else 0
         req.preemptions += 1
-        self._waiting = {req.request_id: req, **self._waiting}
+        started = {rid: r for rid, r in self._waiting.items() if r.prefilled and not r.offloaded}
+        self._waiting = {**started, req.request_id: req, **self._waiting}  # behind prompts part-way through
 
     def _make_room(self, run: list[_Replayed], lens: list[int]) -> tuple[list[_Replayed], list[int]]:
         """Blocks for every running row's context and this step's draft (in admission order);

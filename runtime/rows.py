@@ -78,12 +78,18 @@ class Request:
         stream = self.playback.stream if self.playback is not None else None
         progress = self.playback.progress(now) if self.playback is not None else None
         prompt_len = len(self.prompt) if running else len(self.to_prefill)  # preempted: the whole context again
-        return RequestView(self.request_id, status, prompt_len, self.prefilled, len(self.output), self.context_len,
+        prefilled = self.prefilled
+        if self.host is not None:  # offloaded: its whole context is computed (as the replay says)
+            prompt_len = prefilled = self.context_len
+        return RequestView(self.request_id, status, prompt_len, prefilled, len(self.output), self.context_len,
                            self.arrival_time, self.first_token_time, self.sampling, self.slo, stream, progress, kv,
                            None, kv_blocks)  # fmt: skip
 
     def recompute(self) -> None:
-        """Its KV is dropped: a prefill of its whole context brings it back."""
+        """Its KV is dropped: a prefill of its whole context brings it back. (The token that
+        prefill samples draws from the request's own counter, as a decode step would; a sampled
+        request's later draws follow its own history, preemptions included, so its tokens
+        depend on when it was preempted, not on what else is in the batch.)"""
         self.to_prefill = self.prompt + self.output
         self.prefilled = 0
         self.target_pending, self.draft_pending, self.draft_features, self.last_feature = [], [], [], None

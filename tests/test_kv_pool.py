@@ -275,6 +275,8 @@ def test_engine_refuses_bad_moves_and_oversized_requests_alone(target, draft):
     status = {v.request_id: v.status for v in engine.requests()}
     assert status == {a: "offloaded", b: "running"} and engine.kv_stats()["kv_offload_refused"] == 1
     assert engine.kv_state().host_free_tokens == 9
+    va = next(v for v in engine.requests() if v.request_id == a)  # as the replay says: all of it computed
+    assert va.kv == "host" and va.prompt_len == va.prefilled == va.context_len == 21
 
     class PreemptTwice(Controller):
         def act(self, state, utilities):
@@ -415,3 +417,29 @@ def test_vllm_v1_makes_room_for_chunked_prefills_itself():
     stats = engine.kv_stats()
     assert stats["kv_offloads"] == 0 and stats["kv_recomputes"] == controller.preemptions > 0
     assert sorted(len(results[f"r{i}"].output_ids) for i in range(6)) == sorted(out for _, out in work)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_engine_pool_serves_everything_when_preempted_requests_queue_beside_part_prefilled_prompts(target, seed):
+    """A request the pool preempts waits behind prompts already part-way through prefill (they
+    hold blocks): in front of them it could wait for blocks they never give back. Arrivals
+    keep coming while a 10-block pool preempts; every request finishes with its greedy output."""
+    import random
+
+    from tests.helpers import make_engine
+
+    rng = random.Random(seed)
+    ps = [[rng.randrange(1, 128) for _ in range(rng.randint(30, 70))] for _ in range(8)]
+    lens = [rng.randint(20, 150 - len(p)) for p in ps]
+    engine = make_engine(target, None, kv_tokens=160)
+    ids, pending, steps = [], list(zip(ps, lens)), 0
+    while pending or engine.has_unfinished():
+        if pending and rng.random() < 0.3:
+            p, n = pending.pop(0)
+            ids.append(engine.add_request(p, SamplingParams(n)))
+        engine.step(StepPlan(prefill_budget=16))
+        steps += 1
+        assert steps < 3000, f"stuck: {[(v.request_id, v.status, v.prefilled, v.kv_blocks) for v in engine.requests()]}"
+    done = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [done[i] for i in ids] == [greedy_reference(target, p, n) for p, n in zip(ps, lens)]
+    assert engine.kv_stats()["kv_recomputes"] > 0 and engine.kv_stats()["kv_used"] == 0

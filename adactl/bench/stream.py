@@ -274,7 +274,8 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
         from adactl.runtime.models import tiny_llama
 
         long = args.workload == "long"
-        target = tiny_llama(max_positions=4096 if long else 512).to(device, dtype)
+        longest = int(17_184 * args.long_scale) + 64  # (--workload long: its longest prompt and reply)
+        target = tiny_llama(max_positions=max(512, longest) if long else 512).to(device, dtype)
         g = torch.Generator().manual_seed(args.seed)
         lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
         reqs = [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]
