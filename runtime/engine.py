@@ -36,7 +36,7 @@ from .draft import Proposer
 from .feature_draft import is_feature_draft
 from .graphs import CudaGraphs, StaticShapes
 from .kv import HostRow, KVConfig
-from .kv_pool import BLOCK_SIZE, HostOffload, KVPool, check_kv_moves
+from .kv_pool import BLOCK_SIZE, HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
 from .models import eos_ids, kv_bytes_per_token, output_vocab_size, prompt_ids
 from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
@@ -305,18 +305,12 @@ class Engine:
 
     def kv_state(self) -> KVState | None:
         """The KV pool before the next step, for memory-aware schedulers (None without a pool)."""
-        if self.kv is None:
-            return None
-        host, per_token = (self.host.free, self.host.seconds(1)) if self.host is not None else (None, 0.0)
-        return KVState(self.kv.block_size, self.kv.total_blocks, self.kv.free, host, per_token)
+        return pool_state(self.kv, self.host) if self.kv is not None else None
 
     def kv_stats(self) -> dict[str, float]:
         """The KV pool's blocks and what it made wait, recompute, offload and restore, and the
-        bytes copied to and from host memory (empty without a pool): as the replay's."""
-        if self.kv is None:
-            return {}
-        copied = self.host.copied_bytes if self.host is not None else 0.0
-        return {**self.kv.counts(), "kv_copied_gb": copied / 1e9}
+        bytes copied to and from host memory (empty without a pool)."""
+        return pool_stats(self.kv, self.host) if self.kv is not None else {}
 
     # -------------------------------------------------------------------- step
     def step(

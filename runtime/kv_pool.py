@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .types import RequestError, StepPlan, blocks_for
+from .types import KVState, RequestError, StepPlan, blocks_for
 
 BLOCK_SIZE = 16
 
@@ -136,6 +136,17 @@ class HostOffload:
     def drop(self, request_id: str) -> None:
         """Free `request_id`'s host room without copying (it finished or was cancelled)."""
         self.held.pop(request_id, None)
+
+
+def pool_state(pool: KVPool, host: HostOffload | None) -> KVState:
+    """What a server reports of its pool before a step (the engine's and the replay's `kv_state`)."""
+    free, per_token = (host.free, host.seconds(1)) if host is not None else (None, 0.0)
+    return KVState(pool.block_size, pool.total_blocks, pool.free, free, per_token)
+
+
+def pool_stats(pool: KVPool, host: HostOffload | None) -> dict[str, float]:
+    """The pool's counts and the GB copied to and from host memory (`kv_stats`)."""
+    return {**pool.counts(), "kv_copied_gb": (host.copied_bytes if host is not None else 0.0) / 1e9}
 
 
 def check_kv_moves(plan: StepPlan, running: Mapping[str, int], offloaded: Mapping[str, int], pool: KVPool | None,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .kv_pool import HostOffload, KVPool, check_kv_moves
+from .kv_pool import HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
 from .shapes import StepShape, draft_work, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
@@ -544,19 +544,12 @@ class ReplayEngine:
 
     def kv_state(self) -> KVState | None:
         """The KV pool before the next step, for memory-aware schedulers (None without a pool)."""
-        if self.kv is None:
-            return None
-        host = self.offload.free if self.offload is not None else None
-        per_token = self.offload.seconds(1) if self.offload is not None else 0.0
-        return KVState(self.kv.block_size, self.kv.total_blocks, self.kv.free, host, per_token)
+        return pool_state(self.kv, self.offload) if self.kv is not None else None
 
     def kv_stats(self) -> dict[str, float]:
         """The KV pool's blocks and what it made wait, recompute, offload and restore, and the
         bytes copied to and from host memory (empty without a pool)."""
-        if self.kv is None:
-            return {}
-        copied = self.offload.copied_bytes if self.offload is not None else 0.0
-        return {**self.kv.counts(), "kv_copied_gb": copied / 1e9}
+        return pool_stats(self.kv, self.offload) if self.kv is not None else {}
 
     @staticmethod
     def _summary(run: list[_Replayed], lens: list[int], k: int, trees: dict[str, _Tree]) -> DraftSummary:
