@@ -13,17 +13,19 @@ Arrivals (`arrival_times`): Poisson, or Gamma-distributed gaps for bursty traffi
 benchmark draws them. Streaming consumers (`consumer_mix`): reading and speech rates in
 tokens, words and sentences (DESIGN.md section 4). `OpenLoop` serves `Arrival`s open-loop
 (each added at its time however fast the server goes) through a control loop: what every
-bench, the streaming environment and the in-process serving diagnostic run.
+bench, the streaming environment and the in-process serving diagnostic run. `ClosedLoop`
+serves sessions that ask, read the reply and think before asking again.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from adactl.runtime.errors import RequestError
@@ -266,8 +268,8 @@ class OpenLoop:
     a `ReplayEngine` does, else `time.sleep`); with
     `skip_idle`, an idle server does not wait: the remaining arrivals come forward by the gap,
     their spacing kept (an environment's episode spends no step waiting). `index` maps each
-    request id to its arrival's position; a request the server refuses (`RequestError`) is in
-    `rejected` with the reason, and the others run.
+    request id to its arrival's position in `arrivals`; a request the server refuses
+    (`RequestError`) is in `rejected` with the reason, and the others run.
     """
 
     def __init__(self, loop: Any, arrivals: Sequence[Arrival], clock: Callable[[], float] | None = None,
@@ -285,8 +287,29 @@ class OpenLoop:
         self.index: dict[str, int] = {}
         self.rejected: dict[int, str] = {}  # arrival position -> why the server refused it
 
+    def _next_at(self) -> float | None:
+        """When the next arrival not yet added comes (seconds after the start, before any
+        shift); None: there is none."""
+        return self.arrivals[self.next].at if self.next < len(self.arrivals) else None
+
+    def _take(self) -> tuple[int, Arrival]:
+        """The next arrival and its position in `arrivals`."""
+        self.next += 1
+        return self.next - 1, self.arrivals[self.next - 1]
+
+    def _add(self, position: int, a: Arrival) -> str | None:
+        """Add arrival `a` now: its request id, or None where the server refused it."""
+        try:
+            rid = self.engine.add_request(a.prompt, a.sampling, arrival_time=self.start + a.at - self.shift,
+                                          slo=a.slo, stream=a.stream)  # fmt: skip
+        except RequestError as e:  # this request alone (too long for the KV pool, ...): the rest run
+            self.rejected[position] = str(e)
+            return None
+        self.index[rid] = position
+        return rid
+
     def done(self) -> bool:
-        return self.next >= len(self.arrivals) and not self.engine.has_unfinished()
+        return self._next_at() is None and not self.engine.has_unfinished()
 
     def elapsed(self) -> float:
         return self.clock() - self.start
@@ -295,27 +318,23 @@ class OpenLoop:
         """Add every request that has arrived by now (with `skip_idle`, the next one at once if
         nothing runs)."""
         now = self.elapsed()
-        now_idle = self.skip_idle and self.next < len(self.arrivals) and not self.engine.has_unfinished()
-        if now_idle:
-            self.shift += max(0.0, self.arrivals[self.next].at - self.shift - now)
-        while self.next < len(self.arrivals) and (now_idle or self.arrivals[self.next].at - self.shift <= now):
+        at = self._next_at()
+        now_idle = self.skip_idle and at is not None and not self.engine.has_unfinished()
+        if now_idle and at is not None:
+            self.shift += max(0.0, at - self.shift - now)
+        while at is not None and (now_idle or at - self.shift <= now):
             now_idle = False  # the next one comes now (whatever the rounding of the shift)
-            a = self.arrivals[self.next]
-            try:
-                rid = self.engine.add_request(a.prompt, a.sampling, arrival_time=self.start + a.at - self.shift,
-                                              slo=a.slo, stream=a.stream)  # fmt: skip
-                self.index[rid] = self.next
-            except RequestError as e:  # this request alone (too long for the KV pool, ...): the rest run
-                self.rejected[self.next] = str(e)
-            self.next += 1
+            self._add(*self._take())
+            at = self._next_at()
 
     def step(self) -> Any:
         """Admit what is due; wait if nothing runs (None then), else one loop step (its record)."""
         self.admit_due()
         if self.done():
             return None
-        if not self.engine.has_unfinished():
-            self.sleep(max(0.0, self.arrivals[self.next].at - self.shift - self.elapsed()))
+        at = self._next_at()
+        if not self.engine.has_unfinished() and at is not None:
+            self.sleep(max(0.0, at - self.shift - self.elapsed()))
             return None
         return self.loop.step()
 
@@ -326,3 +345,68 @@ class OpenLoop:
             if record is not None and on_step is not None:
                 on_step(record)
         return self.elapsed()
+
+
+class ClosedLoop(OpenLoop):
+    """`sessions` users, each asking, reading the whole streamed reply at its reader's pace,
+    thinking, and asking again, until `asks` have all been asked: a closed loop (as a chat
+    service's users are), where the next request waits for its user. The most sessions a server
+    holds at its SLO is the honest meaning of "admitted in-flight requests" (issue 33): an open
+    loop's in-flight count is Little's L = lambda * W, which a slower server raises.
+
+    asks: the requests in the order they are asked (their `at` is ignored); session s reads
+    every reply with `readers[s]`. A session starts after a first think time, and asks again a
+    think time after its reader read the last unit of the reply (`RequestResult.stream_read_end`;
+    the finish time for a reply with nothing to read, or one the server refused); think times
+    are exponential with mean `think_s`, drawn from `seed`. Each session asks independent
+    prompts, so its context does not grow from turn to turn. `arrivals` holds the asked
+    requests with their times, in the order asked (`index` maps request ids to them). Finished
+    requests are found in the loop's `results` (a caller must not pop them while this runs).
+    """
+
+    def __init__(self, loop: Any, asks: Sequence[Arrival], readers: Sequence[Any], think_s: float,
+                 clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None,
+                 seed: int = 0) -> None:  # fmt: skip
+        if not readers:
+            raise ValueError("a closed loop needs at least one session (reader)")
+        if not think_s >= 0 or not math.isfinite(think_s):
+            raise ValueError(f"think_s must be a finite number >= 0, got {think_s}")
+        super().__init__(loop, [], clock, sleep)
+        self.asks, self.readers, self.think_s = list(asks), list(readers), think_s
+        self.rng = random.Random(seed)
+        self.pending: list[tuple[float, int]] = []  # heap of (when, session): the sessions' next asks
+        for s in range(len(self.readers)):
+            heapq.heappush(self.pending, (self._think(), s))
+        self.asker: list[int] = []  # the session of each asked request (as `arrivals`)
+        self.session: dict[str, int] = {}  # request id in flight -> its session
+
+    def _think(self) -> float:
+        return self.rng.expovariate(1.0 / self.think_s) if self.think_s > 0 else 0.0
+
+    def _next_at(self) -> float | None:
+        return self.pending[0][0] if self.pending and self.next < len(self.asks) else None
+
+    def _take(self) -> tuple[int, Arrival]:
+        at, s = heapq.heappop(self.pending)
+        a = replace(self.asks[self.next], at=at, stream=self.readers[s])
+        self.arrivals.append(a)
+        self.asker.append(s)
+        self.next += 1
+        return self.next - 1, a
+
+    def _add(self, position: int, a: Arrival) -> str | None:
+        rid = super()._add(position, a)
+        if rid is None:  # refused: its user thinks again and asks the next
+            heapq.heappush(self.pending, (self.elapsed() + self._think(), self.asker[position]))
+        else:
+            self.session[rid] = self.asker[position]
+        return rid
+
+    def step(self) -> Any:
+        record = super().step()
+        if record is not None:
+            for rid in [r for r in self.session if r in self.loop.results]:
+                result = self.loop.results[rid]
+                read = result.stream_read_end if result.stream_read_end is not None else result.finish_time
+                heapq.heappush(self.pending, (read - self.start + self._think(), self.session.pop(rid)))
+        return record

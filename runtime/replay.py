@@ -675,10 +675,11 @@ class ReplayEngine:
 
     def _finish(self, req: _Replayed, reason: str) -> None:
         self._release(req)
-        units = misses = None
+        units = misses = read_end = None
         if req.playback is not None:
             units, misses = req.playback.settle()
+            read_end = req.playback.read_end
         self._finished[req.request_id] = RequestResult(
             req.request_id, [0] * req.prompt_len, [1] * req.generated, reason, req.arrival_time,
-            req.first_token_time, self.now, units, misses,
+            req.first_token_time, self.now, units, misses, read_end,
         )  # fmt: skip

@@ -115,12 +115,13 @@ class Request:
     def result(self, reason: str, now: float, tokenizer: Any) -> RequestResult:
         """Finish with `reason`: the request's result (a streamed one's account settled)."""
         self.finish_reason = reason
-        units = misses = None
+        units = misses = read_end = None
         if self.playback is not None:
             self._produce(now, tokenizer, finished=True)
             units, misses = self.playback.settle()
+            read_end = self.playback.read_end
         return RequestResult(self.request_id, self.prompt, self.output, reason, self.arrival_time,
-                             self.first_token_time, now, units, misses)  # fmt: skip
+                             self.first_token_time, now, units, misses, read_end)  # fmt: skip
 
     def _produce(self, now: float, tokenizer: Any, finished: bool = False) -> None:
         """Tell a streamed request's consumer how many complete units the output holds."""

@@ -143,6 +143,17 @@ class Playback:
             self.misses += so_far - self._counted
             self._counted = so_far
 
+    @property
+    def read_end(self) -> float | None:
+        """When the consumer reads its last unit, once `settle` has run (None: nothing was
+        ready). A read moves the next deadline one period on, so the last read so far was one
+        period before `due`; units still unread after `settle` are all ready before their
+        deadlines and are read one a period from `due`."""
+        if not self.ready_times:
+            return None
+        period = 1.0 / self.stream.rate
+        return self.due + (len(self.ready_times) - self.read - 1) * period
+
     def _stall_units(self, seconds: float) -> int:
         """Missed units of a stall of `seconds` (> 0): at least one."""
         return max(1, math.ceil(seconds * self.stream.rate - 1e-9))

@@ -286,6 +286,7 @@ class RequestResult:
     finish_time: float
     stream_units: int | None = None  # units of a streamed output (None: not streamed)
     stream_misses: int | None = None  # missed units: each stall of d seconds counts ceil(d * rate)
+    stream_read_end: float | None = None  # when its consumer read the last unit (a closed loop's user asks next)
 
 
 def node_depth(parents: torch.Tensor) -> torch.Tensor:

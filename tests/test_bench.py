@@ -413,6 +413,11 @@ def test_capacity_search_finds_the_largest_load_at_slo():
     assert capacity_search(at(0.0), start=1.0, limit=8)[:2] == (0.0, True)
     found, bounded, tried = capacity_search(at(float("inf")), start=1.0, highest=5.0)  # a finite workload's ceiling
     assert (found, bounded) == (5.0, False) and [r["load"] for r in tried] == [1.0, 2.0, 4.0, 5.0]
+    found, bounded, tried = capacity_search(at(7.3), start=3.0, integer=True)  # whole sessions
+    assert (found, bounded) == (7.0, True) and all(r["load"] == int(r["load"]) for r in tried)
+    assert capacity_search(at(0.5), start=3.0, integer=True)[:2] == (0.0, True)  # not even one session
+    with pytest.raises(ValueError, match="whole loads"):
+        capacity_search(at(1.0), start=0.5, integer=True)
 
 
 def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, capsys):
@@ -431,7 +436,33 @@ def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, cap
         assert r["late_p99_s"] >= 0 and r["little_l"] > 0 and r["rejected"] == 0 and "late" not in r
     assert "capacity_at_slo" in capsys.readouterr().out and (tmp_path / "stream.png").is_file()
     refused = [(["--capacity"], "give --replay"), (["--replay", "--seeds", "0"], "--seeds must be"),
+               (["--closed-loop", "--loads", "2.5"], "whole"), (["--closed-loop", "--loads", "5"], "at most --requests"),
+               (["--closed-loop", "--think", "-1"], "--think"),
+               (["--closed-loop", "--replay", "--capacity", "--loads", "2"], "at most --requests / 4"),
                (["--workload", "long"], "scale them down"), (["--validate", "--seeds", "2"], "--seeds 1")]  # fmt: skip
     for bad, say in refused:
         with pytest.raises(SystemExit, match=say):
             main(["bench", "stream", "--tiny", "--loads", "2", "--requests", "4", *bad, "--out", str(tmp_path)])
+
+
+def test_bench_stream_closed_loop_sessions_and_their_capacity(tmp_path, capsys):
+    """--closed-loop: each load is a number of sessions that ask, read the reply and think; the
+    requests asked per second follow from the sessions (more sessions, more asked), never more
+    in flight than sessions; --capacity bisects over whole sessions."""
+    args = ["--tiny", "--replay", "--closed-loop", "--think", "2", "--loads", "1,4", "--requests", "16",
+            "--controllers", "vllm-v1;progressserve"]  # fmt: skip
+    main(["bench", "stream", *args, "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "stream.json").read_text())["records"]
+    by = {(r["controller"], r["load"]): r for r in records}
+    for name in ("vllm-v1", "progressserve"):
+        one, four = by[(name, 1.0)], by[(name, 4.0)]
+        assert one["requests"] == four["requests"] == 16
+        assert four["arrival_rate"] > 2 * one["arrival_rate"] > 0  # sessions set the rate
+        assert max(n for _, n in one["inflight_timeline"]) <= 1 and max(n for _, n in four["inflight_timeline"]) <= 4
+    capsys.readouterr()
+    main(["bench", "stream", *args[:5], "--capacity", "--loads", "2", "--requests", "16", "--controllers", "fcfs",
+          "--out", str(tmp_path)])  # fmt: skip
+    data = json.loads((tmp_path / "stream.json").read_text())
+    (cap,) = data["meta"]["capacity"]
+    assert cap["capacity_at_slo"] in (0.0, 1.0, 2.0, 3.0, 4.0)  # whole sessions, at most 16 / 4
+    assert all(r["load"] == int(r["load"]) and r["load"] <= 4 for r in data["records"])

@@ -107,3 +107,76 @@ def test_issue_33_workloads_bursts_long_prompts_and_machine_readers():
     machines = [s for s in readers if s.rate >= 30]
     assert 0.1 < len(machines) / 1000 < 0.2 and all(s.unit == "token" and s.rate <= 50 for s in readers)
     assert consumer_mix(50, seed=3) == consumer_mix(50, seed=3, machines=0.0)  # the old mix, unchanged
+
+
+def test_closed_loop_sessions_ask_again_after_reading_and_thinking():
+    from adactl.workloads import ClosedLoop
+
+    engine, loop = replay_loop()
+    readers = [Stream(r, "token", 1.0) for r in (4.0, 6.0, 8.0)]
+    driver = ClosedLoop(loop, arrivals([0.0] * 12, tokens=10), readers, think_s=2.0, seed=3)
+    peak = 0
+
+    def on_step(record):
+        nonlocal peak
+        peak = max(peak, len(record.schedule.requests))
+
+    driver.run(on_step)
+    assert len(loop.results) == 12 and len(driver.arrivals) == 12 and not driver.rejected
+    assert peak <= 3  # never more requests than sessions
+    by_session: dict[int, list] = {}
+    for rid, r in loop.results.items():
+        pos = driver.index[rid]
+        by_session.setdefault(driver.asker[pos], []).append((r, driver.arrivals[pos]))
+    assert sorted(by_session) == [0, 1, 2]
+    for s, turns in by_session.items():
+        turns.sort(key=lambda t: t[0].arrival_time)
+        for (r, a), (nxt, _) in zip(turns, turns[1:]):
+            assert a.stream == readers[s]  # one reader per session
+            # the reader read 10 tokens at its rate from its first deadline (none missed here)
+            read = r.arrival_time + 1.0 + 9 / readers[s].rate
+            assert r.stream_misses == 0 and r.stream_read_end == pytest.approx(read)
+            assert r.stream_read_end >= r.finish_time
+            assert nxt.arrival_time > r.stream_read_end  # asks again only after reading and thinking
+    gaps = [n[0].arrival_time - t[0].stream_read_end for ts in by_session.values() for t, n in zip(ts, ts[1:])]
+    assert 0.5 < sum(gaps) / len(gaps) < 5.0  # think times of mean 2 s
+    # the same seed asks at the same times; another seed does not
+    again, loop2 = replay_loop()
+    ClosedLoop(loop2, arrivals([0.0] * 12, tokens=10), readers, think_s=2.0, seed=3).run()
+    times = sorted(r.arrival_time for r in loop.results.values())
+    assert sorted(r.arrival_time for r in loop2.results.values()) == pytest.approx(times)
+
+
+def test_closed_loop_session_whose_request_is_refused_asks_again_and_bad_settings_are_refused():
+    from adactl.workloads import ClosedLoop
+
+    engine = ReplayEngine(STEP_TIME, max_batch_size=8, seed=0, kv_tokens=160)
+    loop = ControlLoop(engine, schedule=[FCFS()], max_draft_len=0, clock=engine.clock)
+    work = arrivals([0.0] * 5)
+    work[0] = Arrival(0.0, 300, work[0].sampling, work[0].stream)  # more KV than the whole pool
+    driver = ClosedLoop(loop, work, [Stream(5.0)], think_s=0.5, seed=0)
+    driver.run()
+    assert list(driver.rejected) == [0] and len(loop.results) == 4  # the one session went on asking
+    with pytest.raises(ValueError, match="session"):
+        ClosedLoop(loop, work, [], think_s=1.0)
+    with pytest.raises(ValueError, match="think_s"):
+        ClosedLoop(loop, work, [Stream(5.0)], think_s=float("nan"))
+
+
+def test_closed_loop_on_the_real_engine_reads_its_consumers_accounts():
+    from adactl.workloads import ClosedLoop
+
+    engine = Engine(tiny_llama(), None)
+    loop = ControlLoop(engine, schedule=[FCFS()], max_draft_len=0)
+    asks = [Arrival(0.0, [1, 2, 3 + i], SamplingParams(5, stop_on_eos=False), None) for i in range(4)]
+    driver = ClosedLoop(loop, asks, [Stream(100.0, "token", 0.05)] * 2, think_s=0.01, seed=1)
+    peak = 0
+
+    def on_step(record):
+        nonlocal peak
+        peak = max(peak, len(record.schedule.requests))
+
+    driver.run(on_step)
+    assert len(loop.results) == 4 and peak <= 2
+    for r in loop.results.values():
+        assert r.stream_units == 5 and r.stream_read_end >= max(r.finish_time, r.arrival_time + 0.05 + 4 / 100.0) - 1e-9

@@ -31,7 +31,11 @@ throughput (tokens read on time per second), requests refused, and per controlle
 <= 1 s, nothing refused), with the in-flight requests at that load. The first `--warmup` of the
 requests (by arrival) are served and not measured. `--capacity` (replay) finds each stack's
 capacity at SLO by bisection over the arrival rate instead of the `--loads` grid, every point
-served with `--seeds` seeds pooled. `--replay` runs the sweep on `ReplayEngine` (the
+served with `--seeds` seeds pooled. `--closed-loop` serves sessions instead of open-loop
+arrivals (`workloads.ClosedLoop`): each load is a number of users who ask, read the reply,
+think `--think` s and ask again, and `--capacity` finds the most sessions at SLO, the honest
+meaning of "admitted in-flight" (an open loop's in-flight count is Little's L = lambda * W,
+which slowing streams raises). `--replay` runs the sweep on `ReplayEngine` (the
 step-time model fitted on the real engine's profile; seconds instead of an hour);
 `--validate` runs both on the same loads and reports the replay's error, with the engine's own
 steps (their shapes and measured seconds by part) in `stream_validate_steps.json`; and runs the
@@ -65,14 +69,23 @@ from adactl.runtime.models import kv_bytes_per_token, output_vocab_size
 from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, RunSettings, WorkloadSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, stack_list
-from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix, duty_cycle_arrivals, long_requests
+from adactl.workloads import (
+    Arrival,
+    ClosedLoop,
+    OpenLoop,
+    arrival_times,
+    consumer_mix,
+    duty_cycle_arrivals,
+    long_requests,  # fmt: skip
+)
 
 OWN = "replay-own"  # --validate: the replay priced by a model fitted on the engine run's own steps
 WORKLOADS = ("sharegpt", "chat", "long", "mixed-consumers")
 LATENESS_P99_S = 1.0  # capacity at SLO: the first token at most this late (p99) past its TTFT target
 CHAT_MAX_REPLY = 4096  # --workload chat: ShareGPT replies as long as they were, up to this
-COLUMNS = ["backend", "load", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s", "tpot_s",
-           "admitted_inflight", "little_l", "effective_tps", "rejected", "capacity_at_slo"]  # fmt: skip
+MIN_TURNS = 4  # --closed-loop --capacity: with the most sessions tried, each asks this often on average
+COLUMNS = ["backend", "load", "arrival_rate", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s",
+           "tpot_s", "admitted_inflight", "little_l", "effective_tps", "rejected", "capacity_at_slo"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,6 +128,11 @@ class StreamSettings(WorkloadSettings, RunSettings, DeviceSettings, ProfileSetti
     capacity_tolerance: float = setting(0.05, "--capacity: stop when the bracket is this narrow (relative)")
     capacity_span: float = setting(30.0, "--capacity: the highest rate tried is --requests / this many seconds of "
                                    "arrivals (above it a run is one burst, not a load)")  # fmt: skip
+    closed_loop: bool = setting(False, "sessions instead of open-loop arrivals: each --loads value is a number of "
+                                "users who ask, read the whole reply, think --think s and ask again "
+                                "(`workloads.ClosedLoop`); --capacity finds the most sessions at SLO")  # fmt: skip
+    think: float = setting(10.0, "--closed-loop: a session's mean think time (seconds, exponential) between "
+                           "reading a reply and asking again")  # fmt: skip
 
     def resolved(self) -> StreamSettings:
         """--quick applied."""
@@ -131,16 +149,22 @@ def stacks(fcfs_seqs: list[int]) -> list[str]:
 
 
 def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], streams: list[Stream],
-          times: list[float], args: StreamSettings, bar: tqdm, priced_by: Any = None) -> dict[str, Any]:  # fmt: skip
-    """Serve the requests open-loop on `engine` (real or replay) and measure the consumers;
-    `priced_by`: the replay's step-cost model, to price the real engine's own steps with
-    (`step_error`: the step-time part of the replay's error, apart from its dynamics)."""
+          times: list[float] | int, args: StreamSettings, bar: tqdm, priced_by: Any = None,
+          seed: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Serve the requests on `engine` (real or replay) and measure the consumers: open loop at
+    `times`, or (an int) that many closed-loop sessions, session s read by `streams[s]`
+    (think times drawn from `seed`); `priced_by`: the replay's step-cost model, to price the
+    real engine's own steps with (`step_error`: the step-time part of the replay's error, apart
+    from its dynamics)."""
     replay = isinstance(engine, ReplayEngine)
     loop = ControlLoop(engine, schedule=stack, max_draft_len=0, prefill_budget=args.prefill_budget,
                        clock=engine.clock if replay else time.perf_counter)  # fmt: skip
-    arrivals = [Arrival(times[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i])
+    sleep = engine.sleep if replay else time.sleep
+    at = [0.0] * len(requests) if isinstance(times, int) else times  # (a closed loop's asks wait for sessions)
+    arrivals = [Arrival(at[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i])
                 for i, (prompt, length) in enumerate(requests)]  # fmt: skip
-    driver = OpenLoop(loop, arrivals, loop.clock, engine.sleep if replay else time.sleep)
+    driver = (ClosedLoop(loop, arrivals, streams[:times], args.think, loop.clock, sleep, seed)
+              if isinstance(times, int) else OpenLoop(loop, arrivals, loop.clock, sleep))  # fmt: skip
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
     log = StepLog() if priced_by is not None and not replay else None  # (no per-step shapes unless priced)
@@ -163,7 +187,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     late = []
     for result in measured:
         u, m = result.stream_units or 0, result.stream_misses or 0
-        stream = streams[ids[result.request_id]]
+        stream = driver.arrivals[ids[result.request_id]].stream
         kind = by_unit.setdefault(stream.unit, [0, 0])
         kind[0], kind[1] = kind[0] + u, kind[1] + m
         on_time_tokens += len(result.output_ids) * max(0.0, 1 - m / u) if u else 0.0
@@ -173,7 +197,8 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     rejected = sum(i >= warm for i in driver.rejected)
     # Little's L = lambda * W over the measured requests: what "in flight" means for an open loop
     span = max((r.finish_time for r in measured), default=0.0) - min((r.arrival_time for r in measured), default=0.0)
-    little = len(measured) / max(span, 1e-9) * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
+    rate = len(measured) / max(span, 1e-9)  # requests/s that arrived (a closed loop's sessions set it)
+    little = rate * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
     return {
         metrics.MISS_RATE: misses / max(units, 1),
         "units": units,
@@ -186,6 +211,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "rejections": sorted(set(driver.rejected.values()))[:3],
         "admitted_inflight": inflight_area / max(wall, 1e-9),
         "little_l": little,
+        "arrival_rate": rate,
         "effective_tps": on_time_tokens / max(wall, 1e-9),
         "wall_s": wall,
         "requests": len(loop.results),
@@ -375,6 +401,16 @@ def _check(args: StreamSettings) -> None:
         raise SystemExit("adactl bench stream --validate compares one engine run per point: --seeds 1")
     if any(load <= 0 for load in args.loads):
         raise SystemExit(f"adactl bench stream: --loads must be > 0 requests/s, got {args.loads}")
+    if args.closed_loop:
+        if any(load != int(load) or load > args.requests for load in args.loads):
+            raise SystemExit(f"adactl bench stream --closed-loop: --loads are numbers of sessions, whole and at most "
+                             f"--requests ({args.requests}); got {args.loads}")  # fmt: skip
+        if not args.think >= 0:
+            raise SystemExit(f"adactl bench stream --closed-loop: --think must be >= 0 s, got {args.think}")
+        if args.capacity and args.loads[0] > args.requests // MIN_TURNS:
+            raise SystemExit(f"adactl bench stream --closed-loop --capacity: start at most --requests / {MIN_TURNS} "
+                             f"= {args.requests // MIN_TURNS} sessions (each asks {MIN_TURNS} times), got "
+                             f"{args.loads[0]:g}; give more --requests")  # fmt: skip
 
 
 def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -388,8 +424,8 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     out[metrics.MISS_RATE] = out["misses"] / max(out["units"], 1)
     out["late"] = [x for r in results for x in r["late"]]
     out["late_p99_s"] = float(np.percentile(out["late"], 99)) if out["late"] else 0.0
-    for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "effective_tps",
-                "wall_s"):  # fmt: skip
+    for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "arrival_rate",
+                "effective_tps", "wall_s"):  # fmt: skip
         values = [r[key] for r in results if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
     for key in [k for k in out if k.startswith("kv_") and k not in ("kv_blocks", "kv_used")]:  # counts, not states
@@ -402,7 +438,8 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def capacity_search(at: Any, start: float, tolerance: float = 0.05, limit: int = 14, halvings: int = 4,
-                    highest: float = float("inf")) -> tuple[float, bool, list[dict]]:  # fmt: skip
+                    highest: float = float("inf"),
+                    integer: bool = False) -> tuple[float, bool, list[dict]]:  # fmt: skip
     """The largest arrival rate whose point meets the SLO (`at_slo`; `at(load)` serves one):
     doubling from `start` until a point misses (or halving, at most `halvings` times, until one
     meets it), then bisection until the bracket is within `tolerance` of its lower end, at most
@@ -412,26 +449,33 @@ def capacity_search(at: Any, start: float, tolerance: float = 0.05, limit: int =
     finding of its own). Assumes a load that misses is not followed by a higher one
     that meets the SLO (it is not looked for). Returns the capacity, whether a load above it
     was seen to miss (False: the capacity is a lower bound, every load tried met the SLO) and
-    the points served."""
+    the points served. `integer`: loads are whole numbers (closed-loop sessions), the bracket
+    closes at adjacent ones."""
     tried: list[dict[str, Any]] = []
 
     def ok(load: float) -> bool:
         tried.append(at(load))
         return at_slo(tried[-1])
 
-    lo, hi, x = 0.0, float("inf"), min(start, highest)
+    def fine(x: float) -> float:
+        return float(int(x)) if integer else x
+
+    lo, hi, x = 0.0, float("inf"), fine(min(start, highest))
+    if integer and x < 1:
+        raise ValueError(f"a search over whole loads starts at 1 or more, got {start} (at most {highest})")
     if ok(x):
         lo = x
         while hi == float("inf") and len(tried) < limit and x < highest:
-            x = min(2 * x, highest)
+            x = fine(min(2 * x, highest))
             lo, hi = (x, hi) if ok(x) else (lo, x)
     else:
         hi = x
-        while lo == 0.0 and len(tried) <= halvings:
-            x /= 2
+        while lo == 0.0 and len(tried) <= halvings and fine(x / 2) > 0:
+            x = fine(x / 2)
             lo, hi = (x, hi) if ok(x) else (lo, x)
-    while lo > 0 and hi < float("inf") and hi - lo > tolerance * lo and len(tried) < limit:
-        mid = (lo + hi) / 2
+    closest = 1.0 if integer else 0.0  # adjacent whole loads end the search
+    while lo > 0 and hi < float("inf") and hi - lo > max(tolerance * lo, closest) and len(tried) < limit:
+        mid = fine((lo + hi) / 2)
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo, hi < float("inf"), tried
 
@@ -469,7 +513,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
             seed = args.seed + k
             order = requests if k == 0 else random.Random(seed).sample(requests, len(requests))
             readers = streams if k == 0 else _streams(args, len(requests), seed)
-            times = _arrivals(args, len(requests), load, seed)
+            times = int(load) if args.closed_loop else _arrivals(args, len(requests), load, seed)
             if backend == "engine":
                 config = EngineConfig(max_batch_size=args.max_batch, kv_tokens=kv_tokens, host_kv_tokens=host_tokens)
                 engine: Any = Engine(target, None, tokenizer, config=config)
@@ -479,7 +523,7 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                                       kv_tokens=kv_tokens, offload=copy.deepcopy(offload),
                                       max_context=max_context)  # fmt: skip
             work = order if backend == "engine" else [(len(p), n) for p, n in order]
-            result = serve(engine, build_stack(name, ctx).schedule, work, readers, times, args, bar, priced_by)
+            result = serve(engine, build_stack(name, ctx).schedule, work, readers, times, args, bar, priced_by, seed)
             if "step_log" in result:
                 own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
             results.append(result)
@@ -487,11 +531,14 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                 "slo_lateness_s": LATENESS_P99_S * args.slowdown}  # fmt: skip
 
     capacities: list[dict[str, Any]] = []
+    # the most a capacity search tries: a rate at which the requests arrive over --capacity-span
+    # seconds, or as many sessions as ask MIN_TURNS times each (more, and a run is one burst)
+    highest = len(requests) // MIN_TURNS if args.closed_loop else len(requests) / args.capacity_span
     if args.capacity:
         for name in chosen:
             found, bounded, tried = capacity_search(lambda load, name=name: point("replay", load, name),
-                                                    args.loads[0], args.capacity_tolerance,
-                                                    highest=len(requests) / args.capacity_span)  # fmt: skip
+                                                    args.loads[0], args.capacity_tolerance, highest=highest,
+                                                    integer=args.closed_loop)  # fmt: skip
             for r in tried:
                 r["capacity_at_slo"] = found
             records += sorted(tried, key=lambda r: r["load"])
@@ -514,9 +561,11 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
         print(format_table(capacities, ["controller", "capacity_at_slo", "bounded", "vs_reference", "reference",
                                         "points"]))  # fmt: skip
         if not all(c["bounded"] for c in capacities):
-            print(f"(bounded False: every load tried met the SLO (at most {len(requests) / args.capacity_span:g} "
-                  f"requests/s, where {len(requests)} requests arrive in {args.capacity_span:g} s, are tried): the "
-                  "capacity is at least this; more --requests measure higher)")  # fmt: skip
+            span = f"{len(requests)} requests arrive in {args.capacity_span:g} s"
+            cap = (f"{highest} sessions, each asking {MIN_TURNS} of the {len(requests)} requests" if args.closed_loop
+                   else f"{highest:g} requests/s, where {span}")  # fmt: skip
+            print(f"(bounded False: every load tried met the SLO (at most {cap}, are tried): the capacity is at "
+                  "least this; more --requests measure higher)")  # fmt: skip
     if summary:
         print("replay vs engine:", summary)
     out = Path(args.out)
