@@ -143,6 +143,9 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("vllm-v1-offload", r"vllm-v1-offload", "schedule", "admission, preemption, token budget",
           "vllm-v1 preempting by swap to host memory (v0's swap space) instead of recompute",
           lambda c, n: VLLMv1(offload=True)),
+    Entry("vllm-v1-priority", r"vllm-v1-priority", "schedule", "admission, preemption, token budget",
+          "vllm-v1 with its priority policy: queue and victims by (SLO.priority, arrival), lower first",
+          lambda c, n: VLLMv1(priority=True)),
     Entry("ttft-budget", r"ttft-budget", "schedule", "prefill budget",
           "the smallest chunked-prefill budget that keeps every waiting request's TTFT feasible",
           lambda c, n: TTFTPrefillBudget(c.cost(), c.prefill_budget), costs_steps=True),
@@ -208,7 +211,7 @@ REGISTRY: tuple[Entry, ...] = (
 NAMES = ", ".join(e.shown for e in REGISTRY)
 KINDS = {  # controllers that make the same decision; a stack has at most one of each kind
     "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1", "tokenflow",
-                  "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload"},
+                  "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload", "vllm-v1-priority"},
     "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
                      "goodput-tree", "slo-tree", "learned-spec"},
 }  # fmt: skip

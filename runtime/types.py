@@ -55,12 +55,17 @@ class SLO:
     """Time to first token, seconds from arrival (None: no goal)."""
     tpot_s: float | None = None
     """Time per output token after the first, seconds (None: no goal)."""
+    priority: int = 0
+    """Scheduling priority, lower first (vLLM's request `priority`): what a priority policy
+    (`vllm-v1-priority`) orders its queue and chooses victims by; other schedulers ignore it."""
 
     def validate(self) -> None:
         for name in ("ttft_s", "tpot_s"):
             v = getattr(self, name)
             if v is not None and (not _is_real(v) or v <= 0):
                 raise RequestError(f"{name} must be a number > 0 or None, got {v!r}")
+        if not isinstance(self.priority, int) or isinstance(self.priority, bool):
+            raise RequestError(f"priority must be an integer, got {self.priority!r}")
 
 
 def _is_real(x: object) -> bool:

@@ -353,6 +353,45 @@ def test_vllm_v1_preempts_the_last_admitted_by_recompute_and_admits_nothing_that
     assert {rid: len(r.output_ids) for rid, r in results.items()} == {"A": 30, "B": 30}
 
 
+def test_vllm_v1_priority_policy_preempts_and_admits_by_priority_then_arrival():
+    """vLLM's priority policy (`SLO.priority`, lower first): where the pool runs out, the
+    victim is the running request of the largest (priority, arrival), though admitted first and
+    already scheduled this step; and the waiting queue goes in that order, so a small
+    high-priority request is admitted where FCFS's head of the line blocks it."""
+    from adactl.controllers import VLLMv1
+    from adactl.runtime import SLO
+
+    def grow(controller):
+        engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=128)
+        engine.add_request(60, SamplingParams(30), request_id="A", arrival_time=0.0, slo=SLO(priority=1))
+        engine.add_request(40, SamplingParams(30), request_id="B", arrival_time=0.001, slo=SLO(priority=0))
+        loop = _loop(engine, controller)
+        while engine.has_unfinished():
+            record = loop.step()
+            if record.plan.preempt:
+                assert {rid: len(r.output_ids) for rid, r in loop.run().items()} == {"A": 30, "B": 30}
+                return list(record.plan.preempt)
+        raise AssertionError("the pool never ran out")
+
+    assert grow(VLLMv1()) == ["B"]  # FCFS: the last admitted
+    assert grow(VLLMv1(priority=True)) == ["A"]  # the largest priority value, though admitted first
+
+    def first_admitted(controller):
+        engine = ReplayEngine(tiny_step_time(), seed=0, kv_tokens=160)
+        engine.add_request(100, SamplingParams(8), request_id="X", arrival_time=0.0)
+        loop = _loop(engine, controller)
+        loop.step()  # X takes 7 of the 10 blocks
+        engine.add_request(60, SamplingParams(8), request_id="C", arrival_time=0.01, slo=SLO(priority=1))
+        engine.add_request(10, SamplingParams(8), request_id="D", arrival_time=0.02, slo=SLO(priority=0))
+        return list(loop.step().plan.admit)
+
+    assert first_admitted(VLLMv1()) == []  # C heads the line and does not fit: D waits behind it
+    assert first_admitted(VLLMv1(priority=True)) == ["D"]
+    assert "priority" in VLLMv1(priority=True).name
+    with pytest.raises(RequestError, match="priority must be an integer"):
+        ReplayEngine(tiny_step_time(), seed=0).add_request(10, SamplingParams(4), slo=SLO(priority=0.5))
+
+
 def test_vllm_v1_counts_the_blocks_each_request_holds_so_the_replay_never_preempts_for_it():
     """With the blocks each request holds (`RequestView.kv_blocks`), vllm-v1 preempts exactly
     where the pool runs out: the replay's own last-admitted rule (which would swap, as host

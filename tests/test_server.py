@@ -101,7 +101,8 @@ def test_openai_client_streams_the_engines_greedy_text(served: Any, target: Any,
     parts = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0, stream=True))
     expected = alone(target, tokenizer, tokenizer(prompt)["input_ids"], 30)
     assert "".join(p.choices[0].text for p in parts) == expected
-    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0)
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=0,
+                                      extra_body={"priority": -2})  # vLLM's request priority, accepted  # fmt: skip
     assert whole.choices[0].text == expected and whole.usage is not None
     assert whole.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0)  # type: ignore[arg-type]
@@ -135,6 +136,7 @@ BAD_INPUT = [
     ({"model": "tiny", "prompt": "hi", "unit": "word"}, "unit needs consumption_rate"),
     ({"model": "tiny", "prompt": "hi", "tpot_slo_ms": 0}, "tpot_slo_ms"),
     ({"model": "tiny", "prompt": "hi", "ttft_slo_ms": "soon"}, "ttft_slo_ms"),
+    ({"model": "tiny", "prompt": "hi", "priority": 0.5}, "priority"),
 ]
 BAD_CHAT = [
     ({"model": "tiny", "messages": []}, "messages: List should have at least 1 item"),

@@ -62,7 +62,7 @@ from adactl.bench.common import StepLog, fitted_cost, format_table, logged_steps
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import fingerprint, step_cost_for
-from adactl.runtime import Engine, EngineConfig, SamplingParams, Stream
+from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams, Stream
 from adactl.runtime.device import describe
 from adactl.runtime.kv_pool import HostOffload
 from adactl.runtime.models import kv_bytes_per_token, output_vocab_size
@@ -83,6 +83,7 @@ OWN = "replay-own"  # --validate: the replay priced by a model fitted on the eng
 WORKLOADS = ("sharegpt", "chat", "long", "mixed-consumers")
 LATENESS_P99_S = 1.0  # capacity at SLO: the first token at most this late (p99) past its TTFT target
 CHAT_MAX_REPLY = 4096  # --workload chat: ShareGPT replies as long as they were, up to this
+MACHINE_RATE = 20.0  # units/s (before --slowdown): a reader this fast is a program; priority 0, people 1
 MIN_TURNS = 4  # --closed-loop --capacity: with the most sessions tried, each asks this often on average
 COLUMNS = ["backend", "load", "arrival_rate", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s",
            "tpot_s", "admitted_inflight", "little_l", "effective_tps", "rejected", "capacity_at_slo"]  # fmt: skip
@@ -161,7 +162,8 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
                        clock=engine.clock if replay else time.perf_counter)  # fmt: skip
     sleep = engine.sleep if replay else time.sleep
     at = [0.0] * len(requests) if isinstance(times, int) else times  # (a closed loop's asks wait for sessions)
-    arrivals = [Arrival(at[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i])
+    arrivals = [Arrival(at[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i],
+                        SLO(priority=_priority(streams[i], args)))
                 for i, (prompt, length) in enumerate(requests)]  # fmt: skip
     driver = (ClosedLoop(loop, arrivals, streams[:times], args.think, loop.clock, sleep, seed)
               if isinstance(times, int) else OpenLoop(loop, arrivals, loop.clock, sleep))  # fmt: skip
@@ -220,6 +222,12 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         **engine.kv_stats(),
         **({"step_error": step_error(priced_by, log.steps), "step_log": log.steps} if log is not None else {}),
     }
+
+
+def _priority(stream: Stream, args: StreamSettings) -> int:
+    """A request's `SLO.priority` (what `vllm-v1-priority` orders by): programs reading faster
+    than any person (the mixed workload's machine consumers) 0, people 1."""
+    return 0 if stream.rate * args.slowdown >= MACHINE_RATE else 1
 
 
 def at_slo(record: dict[str, Any]) -> bool:

@@ -9,7 +9,8 @@
 adactl's extras are optional request fields: `ttft_slo_ms` and `tpot_slo_ms` (service goals,
 `SLO`), `consumption_rate` and `unit` (how the client reads the stream, `Stream`: units per
 second, "token" | "word" | "sentence"; the first unit is due `ttft_slo_ms` after arrival, 1 s
-if not given), and vLLM's `ignore_eos`. Responses carry an `adactl` object with the
+if not given), and vLLM's `ignore_eos` and `priority` (lower first, for a priority policy such
+as `vllm-v1-priority`; carried in `SLO.priority`). Responses carry an `adactl` object with the
 request's stream units and misses as the server accounted them.
 
 Errors are OpenAI-shaped JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for bad
@@ -84,6 +85,7 @@ class _Generation(BaseModel):
     presence_penalty: Annotated[Number, Field(ge=0, le=0)] = 0
     frequency_penalty: Annotated[Number, Field(ge=0, le=0)] = 0
     ignore_eos: StrictBool = False
+    priority: StrictInt = 0
     ttft_slo_ms: Annotated[Number, Field(gt=0)] | None = None
     tpot_slo_ms: Annotated[Number, Field(gt=0)] | None = None
     consumption_rate: Annotated[Number, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -211,7 +213,8 @@ class OpenAIServer:
         )
         ttft_s = body.ttft_slo_ms / 1000 if body.ttft_slo_ms is not None else None
         tpot_s = body.tpot_slo_ms / 1000 if body.tpot_slo_ms is not None else None
-        slo = SLO(ttft_s, tpot_s) if ttft_s is not None or tpot_s is not None else None
+        goals = ttft_s is not None or tpot_s is not None or body.priority != 0
+        slo = SLO(ttft_s, tpot_s, body.priority) if goals else None
         stream = None
         if body.consumption_rate is not None:
             stream = Stream(float(body.consumption_rate), body.unit or "token", ttft_s if ttft_s is not None else 1.0)
