@@ -355,24 +355,27 @@ class ClosedLoop(OpenLoop):
     loop's in-flight count is Little's L = lambda * W, which a slower server raises.
 
     asks: the requests in the order they are asked (their `at` is ignored); session s reads
-    every reply with `readers[s]`. A session starts after a first think time, and asks again a
-    think time after its reader read the last unit of the reply (`RequestResult.stream_read_end`;
-    the finish time for a reply with nothing to read, or one the server refused); think times
-    are exponential with mean `think_s`, drawn from `seed`. Each session asks independent
+    every reply with `readers[s]`, and its requests carry `slos[s]` (default: each ask's own).
+    A session starts after a first think time, and asks again a think time after its reader
+    read the last unit of the reply (`RequestResult.stream_read_end`; the finish time for a
+    reply with nothing to read, or one the server refused); think times are exponential with
+    mean `think_s`, drawn from `seed`. Each session asks independent
     prompts, so its context does not grow from turn to turn. `arrivals` holds the asked
-    requests with their times, in the order asked (`index` maps request ids to them). Finished
-    requests are found in the loop's `results` (a caller must not pop them while this runs).
+    requests with their times, in the order asked (`index` maps request ids to them). A finished
+    request is found in the loop's `results` right after the step it finished in.
     """
 
     def __init__(self, loop: Any, asks: Sequence[Arrival], readers: Sequence[Any], think_s: float,
                  clock: Callable[[], float] | None = None, sleep: Callable[[float], None] | None = None,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, slos: Sequence[Any] | None = None) -> None:  # fmt: skip
         if not readers:
             raise ValueError("a closed loop needs at least one session (reader)")
+        if slos is not None and len(slos) != len(readers):
+            raise ValueError(f"slos: one per session ({len(readers)}), got {len(slos)}")
         if not think_s >= 0 or not math.isfinite(think_s):
             raise ValueError(f"think_s must be a finite number >= 0, got {think_s}")
         super().__init__(loop, [], clock, sleep)
-        self.asks, self.readers, self.think_s = list(asks), list(readers), think_s
+        self.asks, self.readers, self.think_s, self.slos = list(asks), list(readers), think_s, slos
         self.rng = random.Random(seed)
         self.pending: list[tuple[float, int]] = []  # heap of (when, session): the sessions' next asks
         for s in range(len(self.readers)):
@@ -389,6 +392,8 @@ class ClosedLoop(OpenLoop):
     def _take(self) -> tuple[int, Arrival]:
         at, s = heapq.heappop(self.pending)
         a = replace(self.asks[self.next], at=at, stream=self.readers[s])
+        if self.slos is not None:
+            a = replace(a, slo=self.slos[s])
         self.arrivals.append(a)
         self.asker.append(s)
         self.next += 1
@@ -410,3 +415,9 @@ class ClosedLoop(OpenLoop):
                 read = result.stream_read_end if result.stream_read_end is not None else result.finish_time
                 heapq.heappush(self.pending, (read - self.start + self._think(), self.session.pop(rid)))
         return record
+
+    def run(self, on_step: Callable[[Any], None] | None = None) -> float:
+        wall = super().run(on_step)
+        if self.next < len(self.asks):  # (a session whose request ended unseen: a bug, never a short run)
+            raise RuntimeError(f"closed loop ended with {len(self.asks) - self.next} requests never asked")
+        return wall

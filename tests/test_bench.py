@@ -436,7 +436,8 @@ def test_bench_stream_capacity_by_bisection_with_seeds_and_warm_up(tmp_path, cap
         assert r["late_p99_s"] >= 0 and r["little_l"] > 0 and r["rejected"] == 0 and "late" not in r
     assert "capacity_at_slo" in capsys.readouterr().out and (tmp_path / "stream.png").is_file()
     refused = [(["--capacity"], "give --replay"), (["--replay", "--seeds", "0"], "--seeds must be"),
-               (["--closed-loop", "--loads", "2.5"], "whole"), (["--closed-loop", "--loads", "5"], "at most --requests"),
+               (["--closed-loop", "--loads", "2.5"], "whole"),
+               (["--closed-loop", "--loads", "5"], "at most --requests"),
                (["--closed-loop", "--think", "-1"], "--think"),
                (["--closed-loop", "--replay", "--capacity", "--loads", "2"], "at most --requests / 4"),
                (["--workload", "long"], "scale them down"), (["--validate", "--seeds", "2"], "--seeds 1")]  # fmt: skip

@@ -369,6 +369,8 @@ def test_vllm_v1_priority_policy_preempts_and_admits_by_priority_then_arrival():
         while engine.has_unfinished():
             record = loop.step()
             if record.plan.preempt:
+                # the victim's token and blocks came back: the other one runs, the whole budget less one
+                assert len(record.plan.run) == 1 and record.plan.prefill_budget == controller.max_num_batched_tokens - 1
                 assert {rid: len(r.output_ids) for rid, r in loop.run().items()} == {"A": 30, "B": 30}
                 return list(record.plan.preempt)
         raise AssertionError("the pool never ran out")

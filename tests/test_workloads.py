@@ -145,6 +145,9 @@ def test_closed_loop_sessions_ask_again_after_reading_and_thinking():
     ClosedLoop(loop2, arrivals([0.0] * 12, tokens=10), readers, think_s=2.0, seed=3).run()
     times = sorted(r.arrival_time for r in loop.results.values())
     assert sorted(r.arrival_time for r in loop2.results.values()) == pytest.approx(times)
+    other, loop3 = replay_loop()
+    ClosedLoop(loop3, arrivals([0.0] * 12, tokens=10), readers, think_s=2.0, seed=4).run()
+    assert sorted(r.arrival_time for r in loop3.results.values()) != pytest.approx(times)
 
 
 def test_closed_loop_session_whose_request_is_refused_asks_again_and_bad_settings_are_refused():
@@ -161,6 +164,20 @@ def test_closed_loop_session_whose_request_is_refused_asks_again_and_bad_setting
         ClosedLoop(loop, work, [], think_s=1.0)
     with pytest.raises(ValueError, match="think_s"):
         ClosedLoop(loop, work, [Stream(5.0)], think_s=float("nan"))
+    with pytest.raises(ValueError, match="one per session"):
+        ClosedLoop(loop, work, [Stream(5.0)], think_s=1.0, slos=[])
+
+
+def test_closed_loop_requests_carry_their_sessions_slo():
+    from adactl.runtime import SLO
+    from adactl.workloads import ClosedLoop
+
+    engine, loop = replay_loop()
+    slos = [SLO(priority=0), SLO(priority=1)]
+    driver = ClosedLoop(loop, arrivals([0.0] * 6), [Stream(20.0), Stream(30.0)], think_s=0.5, seed=0, slos=slos)
+    driver.run()
+    assert len(loop.results) == 6
+    assert all(a.slo is slos[s] and a.stream.rate == (20.0, 30.0)[s] for a, s in zip(driver.arrivals, driver.asker))
 
 
 def test_closed_loop_on_the_real_engine_reads_its_consumers_accounts():

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, replace
@@ -165,8 +166,11 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     arrivals = [Arrival(at[i], prompt, SamplingParams(length, stop_on_eos=False, seed=args.seed + i), streams[i],
                         SLO(priority=_priority(streams[i], args)))
                 for i, (prompt, length) in enumerate(requests)]  # fmt: skip
-    driver = (ClosedLoop(loop, arrivals, streams[:times], args.think, loop.clock, sleep, seed)
-              if isinstance(times, int) else OpenLoop(loop, arrivals, loop.clock, sleep))  # fmt: skip
+    if isinstance(times, int):  # session s: reader streams[s], and the priority that reader gives
+        slos = [a.slo for a in arrivals[:times]]
+        driver: OpenLoop = ClosedLoop(loop, arrivals, streams[:times], args.think, loop.clock, sleep, seed, slos)
+    else:
+        driver = OpenLoop(loop, arrivals, loop.clock, sleep)
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
     log = StepLog() if priced_by is not None and not replay else None  # (no per-step shapes unless priced)
@@ -457,8 +461,8 @@ def capacity_search(at: Any, start: float, tolerance: float = 0.05, limit: int =
     finding of its own). Assumes a load that misses is not followed by a higher one
     that meets the SLO (it is not looked for). Returns the capacity, whether a load above it
     was seen to miss (False: the capacity is a lower bound, every load tried met the SLO) and
-    the points served. `integer`: loads are whole numbers (closed-loop sessions), the bracket
-    closes at adjacent ones."""
+    the points served. `integer`: loads are whole numbers (closed-loop sessions), and a
+    bracket of adjacent ones ends the search too."""
     tried: list[dict[str, Any]] = []
 
     def ok(load: float) -> bool:
@@ -468,6 +472,7 @@ def capacity_search(at: Any, start: float, tolerance: float = 0.05, limit: int =
     def fine(x: float) -> float:
         return float(int(x)) if integer else x
 
+    highest = math.floor(highest) if integer and highest < float("inf") else highest
     lo, hi, x = 0.0, float("inf"), fine(min(start, highest))
     if integer and x < 1:
         raise ValueError(f"a search over whole loads starts at 1 or more, got {start} (at most {highest})")

@@ -20,7 +20,9 @@ the server reports (`ScheduleState.kv`):
 order of (priority, arrival time), preempted requests back in it by the same key, and the victim
 the running request with the largest (priority, arrival time), even one scheduled earlier in the
 step (its token and blocks come back). A request's priority is `SLO.priority` (lower first, 0
-without an SLO), as vLLM's request `priority`.
+without an SLO), as vLLM's request `priority`. One difference from vLLM under either policy: a
+prompt part-way through its prefill is never the victim (the server's moves act on running
+requests); where its own next chunk's blocks are missing, the chunk waits a step instead.
 
 `offload=True` swaps instead of recomputing (vLLM v0's swap space, `StepPlan.offload`): a victim's
 KV goes to host memory while it has room, and comes back (`restore`) first in line when its
@@ -83,7 +85,7 @@ class VLLMv1(Controller):
         policy the running request of the largest key, scheduled this step or not."""
         if not self.priority:
             return queue[-1] if queue else current
-        return max([current, *queue, *scheduled], key=self._key)
+        return max([*scheduled, current, *queue], key=self._key)  # (vLLM's running list order, for ties)
 
     @staticmethod
     def _held(view: RequestView, kv: KVState | None) -> int:
