@@ -458,7 +458,7 @@ def test_bench_stream_closed_loop_sessions_and_their_capacity(tmp_path, capsys):
     for name in ("vllm-v1", "progressserve"):
         one, four = by[(name, 1.0)], by[(name, 4.0)]
         assert one["requests"] == four["requests"] == 16
-        assert four["arrival_rate"] > 2 * one["arrival_rate"] > 0  # sessions set the rate
+        assert four["served_rate"] > 2 * one["served_rate"] > 0  # sessions set the rate
         assert max(n for _, n in one["inflight_timeline"]) <= 1 and max(n for _, n in four["inflight_timeline"]) <= 4
     capsys.readouterr()
     main(["bench", "stream", *args[:5], "--capacity", "--loads", "2", "--requests", "16", "--controllers", "fcfs",

@@ -86,7 +86,7 @@ LATENESS_P99_S = 1.0  # capacity at SLO: the first token at most this late (p99)
 CHAT_MAX_REPLY = 4096  # --workload chat: ShareGPT replies as long as they were, up to this
 MACHINE_RATE = 20.0  # units/s (before --slowdown): a reader this fast is a program; priority 0, people 1
 MIN_TURNS = 4  # --closed-loop --capacity: with the most sessions tried, each asks this often on average
-COLUMNS = ["backend", "load", "arrival_rate", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s",
+COLUMNS = ["backend", "load", "served_rate", "controller", "miss_rate", "ttft_p50_s", "ttft_p99_s", "late_p99_s",
            "tpot_s", "admitted_inflight", "little_l", "effective_tps", "rejected", "capacity_at_slo"]  # fmt: skip
 
 
@@ -203,7 +203,8 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     rejected = sum(i >= warm for i in driver.rejected)
     # Little's L = lambda * W over the measured requests: what "in flight" means for an open loop
     span = max((r.finish_time for r in measured), default=0.0) - min((r.arrival_time for r in measured), default=0.0)
-    rate = len(measured) / max(span, 1e-9)  # requests/s that arrived (a closed loop's sessions set it)
+    rate = len(measured) / max(span, 1e-9)  # requests/s served, first arrival to last finish (a closed loop's
+    # sessions set it): the lambda of Little's L
     little = rate * float(np.mean([r.finish_time - r.arrival_time for r in measured] or [0]))
     return {
         metrics.MISS_RATE: misses / max(units, 1),
@@ -217,7 +218,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "rejections": sorted(set(driver.rejected.values()))[:3],
         "admitted_inflight": inflight_area / max(wall, 1e-9),
         "little_l": little,
-        "arrival_rate": rate,
+        "served_rate": rate,
         "effective_tps": on_time_tokens / max(wall, 1e-9),
         "wall_s": wall,
         "requests": len(loop.results),
@@ -436,7 +437,7 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     out[metrics.MISS_RATE] = out["misses"] / max(out["units"], 1)
     out["late"] = [x for r in results for x in r["late"]]
     out["late_p99_s"] = float(np.percentile(out["late"], 99)) if out["late"] else 0.0
-    for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "arrival_rate",
+    for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "served_rate",
                 "effective_tps", "wall_s"):  # fmt: skip
         values = [r[key] for r in results if r.get(key) is not None]
         out[key] = float(np.mean(values)) if values else None
