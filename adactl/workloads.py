@@ -359,10 +359,10 @@ class ClosedLoop(OpenLoop):
     A session starts after a first think time, and asks again a think time after its reader
     read the last unit of the reply (`RequestResult.stream_read_end`; the finish time for a
     reply with nothing to read, or one the server refused); think times are exponential with
-    mean `think_s`, drawn from `seed`. Each session asks independent
-    prompts, so its context does not grow from turn to turn. `arrivals` holds the asked
-    requests with their times, in the order asked (`index` maps request ids to them). A finished
-    request is found in the loop's `results` right after the step it finished in.
+    mean `think_s`, drawn from `seed`. Each session asks independent prompts, so its context
+    does not grow from turn to turn. `arrivals` holds the asked requests with their times, in
+    the order asked (`index` maps request ids to them). A finished request is found in the
+    loop's `results` right after the step it finished in.
     """
 
     def __init__(self, loop: Any, asks: Sequence[Arrival], readers: Sequence[Any], think_s: float,

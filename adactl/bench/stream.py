@@ -77,7 +77,7 @@ from adactl.workloads import (
     arrival_times,
     consumer_mix,
     duty_cycle_arrivals,
-    long_requests,  # fmt: skip
+    long_requests,
 )
 
 OWN = "replay-own"  # --validate: the replay priced by a model fitted on the engine run's own steps

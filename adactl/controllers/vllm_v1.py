@@ -83,9 +83,8 @@ class VLLMv1(Controller):
         """Whom to preempt for `current`'s blocks: the last-admitted running request not yet
         scheduled this step (FCFS: vLLM pops its running list's tail), or under the priority
         policy the running request of the largest key, scheduled this step or not."""
-        if not self.priority:
-            return queue[-1] if queue else current
-        return max([*scheduled, current, *queue], key=self._key)  # (vLLM's running list order, for ties)
+        candidates = [*scheduled, current, *queue] if self.priority else [current, *queue]
+        return max(candidates, key=self._order)  # (in vLLM's running list order, for ties)
 
     @staticmethod
     def _held(view: RequestView, kv: KVState | None) -> int:
