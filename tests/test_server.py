@@ -296,6 +296,47 @@ def test_full_queue_answers_429_with_retry_after(target: Any, tokenizer: Any) ->
         thread.stop()
 
 
+class Inbox:
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+
+    def push(self, event: tuple[Any, ...]) -> None:
+        self.events.append(event)
+
+
+class WatchQueue(AdmitNothing):
+    """Admits nothing and notes, at each step, whether the service calls its queue full."""
+
+    def __init__(self) -> None:
+        self.service: EngineService | None = None
+        self.seen: list[bool] = []
+
+    def act(self, state: ScheduleState, utilities: Any) -> StepPlan:
+        assert self.service is not None
+        self.seen.append(self.service.overloaded())
+        return super().act(state, utilities)
+
+
+def test_a_request_counts_as_queued_from_submit_to_first_token(target: Any, tokenizer: Any) -> None:
+    # the window the CI once hit: added to the engine (no longer pending) but not yet counted
+    # as waiting until the step's end; a request arriving then found room in a full queue
+    watch = WatchQueue()
+    service = EngineService(ControlLoop(Engine(target, None, tokenizer), [watch]), config=ServiceConfig(max_queue=2))
+    watch.service = service
+    inboxes = [Inbox(), Inbox()]
+    for inbox in inboxes:
+        service.submit(inbox, [5, 6, 7], SamplingParams(max_new_tokens=3))
+    assert service.overloaded()
+    for _ in range(3):
+        service.tick()
+    assert watch.seen == [True, True, True] and service.overloaded()
+    assert all(inbox.events == [("added",)] for inbox in inboxes)
+    bad = Inbox()
+    service.submit(bad, [5, 6, 7], SamplingParams(max_new_tokens=0))  # refused by the engine: leaves the queue
+    service.tick()
+    assert bad.events[0][0] == "error" and service.open_requests() == 2 and service.overloaded()
+
+
 def test_text_stream_holds_back_stop_strings(tokenizer: Any) -> None:
     ids = tokenizer("Hello world. END here")["input_ids"]
     stream = TextStream(tokenizer, stop=["END", "zzz"])

@@ -232,13 +232,15 @@ class EngineService:
         arrival: float,
         client: Mailbox,
     ) -> None:
-        with self._lock:
+        with self._lock:  # from pending to waiting at once: `overloaded()` never sees it in neither
             self._pending -= 1
+            self._waiting += 1
         try:
             self.engine.add_request(prompt, sampling, request_id=rid, arrival_time=arrival, slo=slo, stream=stream)
         except RequestError as e:
             with self._lock:
                 self._open -= 1
+                self._waiting -= 1
             self.metrics.rejected("invalid")
             client.push(("error", str(e)))
             return
