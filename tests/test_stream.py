@@ -195,6 +195,22 @@ def test_progressserve_admits_only_what_stays_safe():
     assert list(plan.admit) == ["greedy"] and "nothing in flight" in ps.reasons["greedy"]
 
 
+def test_progressserve_admits_what_this_steps_prefill_budget_can_start():
+    # a burst of short prompts on a light load: all of them start now (a fixed two a step held
+    # newcomers back on a GPU's large batch, where chat ran at most 2 admissions per 18 ms step)
+    few = tuple(view(f"r{i}", buffer=20, rate=5.0) for i in range(4))
+    burst = tuple(view(f"w{i}", "waiting", arrival=9.0 + i / 100, prompt=40) for i in range(6))
+    ps = ProgressServe(LinearCost(), prefill_budget=512)
+    assert list(ps.act(ScheduleState(10.0, (*burst, *few), 0)).admit) == [f"w{i}" for i in range(6)]
+    # long prompts: admitted until the budget is spent (the last one chunked), the rest wait
+    long = tuple(view(f"l{i}", "waiting", arrival=9.0 + i / 100, prompt=300) for i in range(4))
+    plan = ps.act(ScheduleState(10.0, (*long, *few), 0))
+    assert list(plan.admit) == ["l0", "l1"] and "prefill budget" in ps.reasons["l2"]
+    # a fixed limit a step is still there for who wants one
+    capped = ProgressServe(LinearCost(), prefill_budget=512, admit_per_step=2)
+    assert list(capped.act(ScheduleState(10.0, (*burst, *few), 0)).admit) == ["w0", "w1"]
+
+
 def test_ttft_budget_is_the_smallest_that_keeps_every_deadline():
     ctl = TTFTPrefillBudget(LinearCost(), max_budget=512, min_budget=16)
     running = tuple(view(f"r{i}") for i in range(8))

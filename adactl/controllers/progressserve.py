@@ -11,7 +11,9 @@ running streamed requests in slack order (seconds until each reader runs dry):
               conserving: buffers grow while it is cheap). The rest are deferred and keep
               their KV cache (deferral is not recomputation). defer_steps=None: never
               defer (admission control only).
-    admit   = the next waiting request (deadline order) only if the load stays servable:
+    admit   = waiting requests in deadline order while this step's prefill budget has room (as
+              vLLM's token budget: the last one admitted may start chunked), each only if the
+              load stays servable:
               with D = the readers' total demand (tokens/s), the rows per step it takes,
               F = D * T(F) (a fixed point), exist and fit (F <= in-flight), and every reader,
               served at the mean step time T(F), has R_i < target (a stalled reader counted
@@ -59,7 +61,7 @@ class ProgressServe(Controller):
 
     def __init__(self, step_time: StepTimePredictor, risk: Any = None, target: float = 0.005,
                  defer_steps: int | None = 2,
-                 max_num_seqs: int | None = None, prefill_budget: int = 512, admit_per_step: int = 2,
+                 max_num_seqs: int | None = None, prefill_budget: int = 512, admit_per_step: int | None = None,
                  horizon: float = 2.0, memory: bool = True, lead: float = 1.0) -> None:  # fmt: skip
         if not 0 < target < 1:
             raise ValueError(f"target must be in (0, 1), got {target}")
@@ -138,7 +140,10 @@ class ProgressServe(Controller):
         joining += away  # in flight, off the device: their readers' demand counts
         memory = MemoryLever(self.step_time, state, self.lead, self.prefill_budget) if lever else None
         for i, v in enumerate(candidates):
-            if len(admit) - len(prefilling) >= self.admit_per_step:
+            if prefill >= self.prefill_budget:  # as vLLM's token budget: no prefill could start this step
+                self.reasons.update({w.request_id: "this step's prefill budget is spent" for w in candidates[i:]})
+                break
+            if self.admit_per_step is not None and len(admit) - len(prefilling) >= self.admit_per_step:
                 self.reasons.update({w.request_id: "admission limit this step" for w in candidates[i:]})
                 break
             if self.max_num_seqs is not None and in_flight >= self.max_num_seqs:
