@@ -260,7 +260,12 @@ def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
     main(["bench", "stream", *args, "--out", str(tmp_path)])
     (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
     assert r["requests"] == 12 and r["kv_blocks"] == 6 and r["kv_used"] == 0
-    assert r["kv_waits"] > 0 and r["admitted_inflight"] <= 6
+    assert r["kv_waits"] > 0 and r["admitted_inflight"] <= 6 and r["reasons"] == {}  # fcfs gives none
+    # a controller that says why it holds a request: the record counts request-steps per reason
+    main(["bench", "stream", *args[:-3], "progressserve", "--kv-tokens", "96", "--out", str(tmp_path)])
+    (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
+    assert r["requests"] == 12 and sum(r["reasons"].values()) > 0
+    assert not any(c.isdigit() for why in r["reasons"] for c in why)  # numbers grouped as '#'
     with pytest.raises(SystemExit, match="needs --profile naming a computed GPU profile"):
         main(["bench", "stream", *args[:-1], "gpu", "--out", str(tmp_path)])
     # --kv-offload: preempted requests' KV goes to host memory and comes back, nothing recomputed

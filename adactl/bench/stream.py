@@ -49,7 +49,9 @@ import argparse
 import copy
 import math
 import random
+import re
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -174,11 +176,14 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
     inflight_area = 0.0
     timeline: list[tuple[float, int]] = []
     log = StepLog() if priced_by is not None and not replay else None  # (no per-step shapes unless priced)
+    reasons: Counter[str] = Counter()  # request-steps per reason a controller gave for a waiting request
 
     def on_step(record: Any) -> None:
         nonlocal inflight_area
         if log is not None:
             log.update(record)
+        for controller in stack:  # the numbers in a reason vary: '#' for each, so reasons group
+            reasons.update(re.sub(r"\d[\d.,]*", "#", why) for why in getattr(controller, "reasons", {}).values())
         admitted = sum(v.status != "waiting" for v in record.schedule.requests)
         inflight_area += admitted * record.outcome.total_s
         timeline.append((driver.elapsed(), admitted))
@@ -223,6 +228,7 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "wall_s": wall,
         "requests": len(loop.results),
         "fallbacks": dict(loop.fallbacks),
+        "reasons": dict(reasons.most_common()),
         "inflight_timeline": timeline[:: max(1, len(timeline) // 200)],
         **engine.kv_stats(),
         **({"step_error": step_error(priced_by, log.steps), "step_log": log.steps} if log is not None else {}),
@@ -446,6 +452,7 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     out["misses_by_unit"] = {unit: {n: sum(r["misses_by_unit"].get(unit, {}).get(n, 0) for r in results)
                                     for n in ("units", "misses")}
                              for unit in sorted({u for r in results for u in r["misses_by_unit"]})}  # fmt: skip
+    out["reasons"] = dict(sum((Counter(r["reasons"]) for r in results), Counter()).most_common())
     out["seeds"] = len(results)
     return out
 
