@@ -6,7 +6,9 @@ import json
 import re
 
 import pytest
+import torch
 
+from adactl.bench.common import one_thread
 from adactl.cli import main
 
 REQUIRED = {"config", "batch_size", "tokens_per_s", "mean_accepted_len", "step_ms", "peak_mem_mb", "kv_bytes_per_token"}
@@ -257,10 +259,12 @@ def test_bench_stream_replay_bounds_the_batch_by_kv_memory(tmp_path):
     growth preempts by recompute (or, with --kv-offload, by a copy to host memory), counted in
     each record; nothing is lost."""
     args = ["--tiny", "--replay", "--loads", "200", "--requests", "12", "--controllers", "fcfs", "--kv-tokens", "96"]
+    threads = torch.get_num_threads()
     main(["bench", "stream", *args, "--out", str(tmp_path)])
     (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
     assert r["requests"] == 12 and r["kv_blocks"] == 6 and r["kv_used"] == 0
     assert r["kv_waits"] > 0 and r["admitted_inflight"] <= 6 and r["reasons"] == {}  # fcfs gives none
+    assert torch.get_num_threads() == threads  # the replay ran on one thread and gave the rest back
     # a controller that says why it holds a request: the record counts request-steps per reason
     main(["bench", "stream", *args[:-3], "progressserve", "--kv-tokens", "96", "--out", str(tmp_path)])
     (r,) = json.loads((tmp_path / "stream.json").read_text())["records"]
@@ -472,3 +476,18 @@ def test_bench_stream_closed_loop_sessions_and_their_capacity(tmp_path, capsys):
     (cap,) = data["meta"]["capacity"]
     assert cap["capacity_at_slo"] in (0.0, 1.0, 2.0, 3.0, 4.0)  # whole sessions, at most 16 / 4
     assert all(r["load"] == int(r["load"]) and r["load"] <= 4 for r in data["records"])
+
+
+def test_one_thread_sets_and_gives_back_torchs_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_thread():
+            assert torch.get_num_threads() == 1
+        with one_thread(False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_thread():
+            raise RuntimeError("a failed run")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

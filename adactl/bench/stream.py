@@ -61,7 +61,16 @@ import torch
 from tqdm import tqdm
 
 from adactl import metrics, settings
-from adactl.bench.common import StepLog, fitted_cost, format_table, logged_steps, save_figure, step_error, write_json
+from adactl.bench.common import (
+    StepLog,
+    fitted_cost,
+    format_table,
+    logged_steps,
+    one_thread,
+    save_figure,
+    step_error,
+    write_json,
+)
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import fingerprint, step_cost_for
@@ -403,7 +412,9 @@ def _offload(args: StreamSettings, target: Any) -> HostOffload | None:
 
 
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
-    return run(settings.from_args(StreamSettings, namespace))
+    args = settings.from_args(StreamSettings, namespace)
+    with one_thread(args.replay):  # a replay runs no model: its tensors are the controllers'
+        return run(args)
 
 
 def _check(args: StreamSettings) -> None:
