@@ -198,10 +198,17 @@ def test_step_time_model_fits_profiles_and_loads_safely(target, draft, tmp_path)
         serve(target, draft, 6, seed=20 + k, k=k, estimators=[recorder])
     shapes, y = recorder.shapes, recorder.step_seconds()
     assert all(isinstance(s, StepShape) for s in shapes) and y.shape == (len(shapes), 3)
-    model = StepTimeModel(n_estimators=20).fit(shapes, y)
+    # what the model learns, on the recorded shapes: a cost with a known structure in them (the
+    # wall times of a tiny model are mostly the Python around it, so on a busy machine its own
+    # times are noise: an in-sample correlation of 0.48 failed a test run beside a replay)
+    known = np.stack([[1e-4 * s.prefill_tokens, 2e-4 * s.max_draft, 1e-3 + 1e-4 * s.verify_computed]
+                      for s in shapes])  # fmt: skip
+    learned = StepTimeModel(n_estimators=20).fit(shapes, known).predict(shapes)
+    assert np.corrcoef(learned, known.sum(1))[0, 1] > 0.95
+    model = StepTimeModel(n_estimators=20).fit(shapes, y)  # the measured times
     pred = model.predict(shapes)
     assert pred.shape == (len(shapes),) and bool((pred > 0).all())
-    assert np.corrcoef(pred, y.sum(1))[0, 1] > 0.5  # in-sample: the shapes explain the times
+    assert y.sum(1).min() * 0.5 <= pred.min() and pred.max() <= y.sum(1).max()  # averages of what it saw
     model.save(tmp_path / "st.skops")
     np.testing.assert_allclose(StepTimeModel.load(tmp_path / "st.skops").predict(shapes), pred)
     import os
