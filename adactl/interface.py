@@ -36,6 +36,7 @@ class ScheduleState:
     plan: StepPlan = field(default_factory=StepPlan)  # the plan so far: the safe default, then earlier controllers'
     step: int = 0  # steps run before this one
     kv: KVState | None = None  # the server's KV memory (None: it reports none; memory never binds)
+    max_batch: int | None = None  # the most requests the server runs or prefills at once (None: it reports none)
 
     @property
     def running(self) -> list[RequestView]:

@@ -112,6 +112,7 @@ class ControlLoop:
             plan=self.safe_plan,
             step=self.steps,
             kv=self.engine.kv_state() if hasattr(self.engine, "kv_state") else None,
+            max_batch=getattr(self.engine, "max_batch_size", None),
         )
         t0 = self.clock()
         plan = self._schedule(state, fell_back)

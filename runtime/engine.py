@@ -303,6 +303,11 @@ class Engine:
         """Real tokens held in the target's batch cache."""
         return self.rows.target.cached_tokens()
 
+    @property
+    def max_batch_size(self) -> int:
+        """The most requests running or prefilling at once (`EngineConfig.max_batch_size`)."""
+        return self.config.max_batch_size
+
     def kv_state(self) -> KVState | None:
         """The KV pool before the next step, for memory-aware schedulers (None without a pool)."""
         return pool_state(self.kv, self.host) if self.kv is not None else None

@@ -206,6 +206,10 @@ def test_progressserve_admits_what_this_steps_prefill_budget_can_start():
     long = tuple(view(f"l{i}", "waiting", arrival=9.0 + i / 100, prompt=300) for i in range(4))
     plan = ps.act(ScheduleState(10.0, (*long, *few), 0))
     assert list(plan.admit) == ["l0", "l1"] and "prefill budget" in ps.reasons["l2"]
+    # the server's batch is full but for two rows: two start, and the step is priced without
+    # the others' prompts (admitted without a row, they would not start)
+    plan = ps.act(ScheduleState(10.0, (*burst, *few), 0, max_batch=6))
+    assert list(plan.admit) == ["w0", "w1"] and ps.reasons["w2"] == "no free row in the server's batch"
     # a fixed limit a step is still there for who wants one
     capped = ProgressServe(LinearCost(), prefill_budget=512, admit_per_step=2)
     assert list(capped.act(ScheduleState(10.0, (*burst, *few), 0)).admit) == ["w0", "w1"]

@@ -119,9 +119,14 @@ class ProgressServe(Controller):
             return False, f"admitting it puts an in-flight stream at {worst:.1%} miss risk"
         return True, ""
 
-    def _within_budgets(self, candidates: list[RequestView], prefill: int, in_flight: int) -> list[RequestView]:
+    def _within_budgets(self, candidates: list[RequestView], prefill: int, in_flight: int,
+                        max_batch: int | None) -> list[RequestView]:  # fmt: skip
         """The longest prefix of `candidates` this step's budgets admit (prefill tokens, the
-        optional admissions per step, `max_num_seqs`); `reasons` says why the rest wait."""
+        optional admissions per step, `max_num_seqs`, the server's free rows); `reasons` says
+        why the rest wait. A request admitted without a free row would not start, yet its
+        prompt would count in the step's predicted prefill: found in the chat replay at 256
+        rows, where that phantom prefill made the steps look too slow for the readers and
+        ProgressServe deferred most of a full batch (45 of 256 rows run, the capacity halved)."""
         admitted = 0
         for i, v in enumerate(candidates):
             why = ""
@@ -131,6 +136,8 @@ class ProgressServe(Controller):
                 why = "admission limit this step"
             elif self.max_num_seqs is not None and in_flight + admitted >= self.max_num_seqs:
                 why = "max_num_seqs in flight"
+            elif max_batch is not None and in_flight + admitted >= max_batch:
+                why = "no free row in the server's batch"
             if why:
                 self.reasons.update({w.request_id: why for w in candidates[i:]})
                 return candidates[:i]
@@ -163,7 +170,7 @@ class ProgressServe(Controller):
         # (the test adds demand with each stream, so it holds for a prefix if for a longer one):
         # a test per candidate costs O(admitted x in flight) a step, seconds with a GPU's 1,000
         # rows (found in the chat replay at 150 requests/s)
-        eligible = self._within_budgets(candidates, prefill, in_flight)
+        eligible = self._within_budgets(candidates, prefill, in_flight, state.max_batch)
         streams = [v for v in eligible if v.stream is not None]
 
         def test(k: int) -> tuple[bool, str]:
