@@ -229,10 +229,9 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         "misses": misses,
         "misses_by_unit": {k: {"units": u, "misses": m} for k, (u, m) in sorted(by_unit.items())},
         **metrics.latency_summary(*metrics.latencies(measured)),
-        "late_p99_s": float(np.percentile(late, 99)) if late else 0.0,
         "late": late,
-        "first_token_late_p99_s": float(np.percentile(token_late, 99)) if token_late else 0.0,
         "token_late": token_late,
+        **{p99: _p99(values) for p99, values in (("late_p99_s", late), ("first_token_late_p99_s", token_late))},
         "rejected": rejected,
         "rejections": sorted(set(driver.rejected.values()))[:3],
         "admitted_inflight": inflight_area / max(wall, 1e-9),
@@ -247,6 +246,10 @@ def serve(engine: Any, stack: list[Any], requests: list[tuple[Any, int]], stream
         **engine.kv_stats(),
         **({"step_error": step_error(priced_by, log.steps), "step_log": log.steps} if log is not None else {}),
     }
+
+
+def _p99(values: list[float]) -> float:
+    return float(np.percentile(values, 99)) if values else 0.0
 
 
 def _priority(stream: Stream, args: StreamSettings) -> int:
@@ -458,10 +461,9 @@ def pooled(results: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("units", "misses", "rejected", "requests"):
         out[key] = sum(r[key] for r in results)
     out[metrics.MISS_RATE] = out["misses"] / max(out["units"], 1)
-    out["late"] = [x for r in results for x in r["late"]]
-    out["late_p99_s"] = float(np.percentile(out["late"], 99)) if out["late"] else 0.0
-    out["token_late"] = [x for r in results for x in r["token_late"]]
-    out["first_token_late_p99_s"] = float(np.percentile(out["token_late"], 99)) if out["token_late"] else 0.0
+    for key, p99 in (("late", "late_p99_s"), ("token_late", "first_token_late_p99_s")):  # pooled, then the p99
+        out[key] = [x for r in results for x in r[key]]
+        out[p99] = _p99(out[key])
     for key in (metrics.TTFT_P50, metrics.TTFT_P99, metrics.TPOT, "admitted_inflight", "little_l", "served_rate",
                 "effective_tps", "wall_s"):  # fmt: skip
         values = [r[key] for r in results if r.get(key) is not None]
