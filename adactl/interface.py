@@ -18,7 +18,7 @@ hand). `adactl.loop.ControlLoop` drives our engine with them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -192,6 +192,24 @@ def check_plan(plan: Any, state: ScheduleState) -> StepPlan:
         raise InvalidAction(f"admit names requests that are not waiting: {sorted(set(plan.admit) - waiting)[:5]}")
     check_moves(plan, state.requests)
     return plan
+
+
+def drop_bad_rows(plan: Any, state: ScheduleState) -> tuple[Any, int]:
+    """A per-request draft length outside [0, max_draft_len] is an invalid action for that row
+    alone: the row drafts 0 (the safe action) and the rest of the plan stands. Returns the plan
+    and the rows that fell back (0: the plan as it was; a plan that is not a `StepPlan`, or one
+    length for the batch, is left to `check_plan`)."""
+    if not isinstance(plan, StepPlan) or not isinstance(plan.draft_len, Mapping):
+        return plan, 0
+    top = max(state.max_draft_len, 0)
+
+    def valid(k: Any) -> bool:
+        return isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= top
+
+    bad = sum(not valid(k) for k in plan.draft_len.values())
+    if not bad:
+        return plan, 0
+    return replace(plan, draft_len={r: k if valid(k) else 0 for r, k in plan.draft_len.items()}), bad
 
 
 def check_moves(plan: StepPlan, requests: Sequence[RequestView]) -> None:

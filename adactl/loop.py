@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from adactl.interface import (
     Estimator,
+    InvalidAction,
     ScheduleController,
     ScheduleState,
     StepRecord,
@@ -32,6 +33,7 @@ from adactl.interface import (
     VerifyState,
     check_plan,
     check_verify_len,
+    drop_bad_rows,
 )
 from adactl.runtime.types import DraftBatch, RequestError, RequestResult, RequestView, StepOutcome, StepPlan
 
@@ -151,7 +153,15 @@ class ControlLoop:
                 here = replace(state, plan=plan)
                 estimator = _estimator(controller)
                 utilities = estimator.estimate(here) if estimator is not None else None
-                plan = check_plan(controller.act(here, utilities), state)
+                plan, rows = drop_bad_rows(controller.act(here, utilities), state)
+                if rows:  # an invalid action for those rows alone: they draft 0, the rest stands
+                    self._fall_back(
+                        fell_back,
+                        f"schedule:{_name(controller)}:rows",
+                        InvalidAction(f"{rows} per-request draft lengths outside [0, {state.max_draft_len}]"),
+                        count=rows,
+                    )
+                plan = check_plan(plan, state)
             except Exception as e:  # noqa: BLE001 - any failure means: run this step safely
                 self._fall_back(fell_back, f"schedule:{_name(controller)}", e)
                 return self.safe_plan
@@ -170,8 +180,8 @@ class ControlLoop:
             self._fall_back(fell_back, f"verify:{_name(controller)}", e)
             return torch.zeros_like(drafts.draft_len)
 
-    def _fall_back(self, fell_back: list[str] | None, what: str, error: BaseException) -> None:
-        self.fallbacks[what] += 1
+    def _fall_back(self, fell_back: list[str] | None, what: str, error: BaseException, count: int = 1) -> None:
+        self.fallbacks[what] += count
         if fell_back is not None:
             fell_back.append(what)
         if self.fallbacks[what] == 1:  # say it once per kind, not every step

@@ -36,12 +36,14 @@ from adactl.controllers import (
     LearnedController,
     NoSpeculation,
     ProgressServe,
+    RequestGoodput,
     SLODraftLength,
     SpeculativeVerification,
     TreeDraft,
     TTFTPrefillBudget,
     VLLMv1,
 )
+from adactl.estimators.request_acceptance import RequestAcceptance
 from adactl.estimators.step_time import StepTimePredictor
 from adactl.interface import Estimator
 from adactl.runtime.types import TreeSpec
@@ -165,6 +167,10 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("goodput", r"goodput", "schedule", "draft length",
           "the draft length maximising predicted tokens per predicted second",
           lambda c, n: GoodputLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),
+    Entry("goodput-req", r"goodput-req", "schedule", "draft length per request",
+          "per-request goodput: each request's own acceptance, the batch's draft tokens where they pay most",
+          lambda c, n: RequestGoodput(c.cost(), RequestAcceptance(c.acceptance("moving_average"))),
+          speculates=True, costs_steps=True),
     Entry("slo", r"slo", "schedule", "draft length per request",
           "AdaServe's draft lengths: each request on its TPOT SLO first, then throughput",
           lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),

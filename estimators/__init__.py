@@ -1,7 +1,8 @@
 """adactl.estimators: utilities the controllers act on.
 
 - acceptance predictors (conditional acceptance alpha per row and draft position):
-  `DraftConfidence`, `OnlineLogistic`, `CompanionSignal`, `MovingAverage`;
+  `DraftConfidence`, `OnlineLogistic`, `CompanionSignal`, `MovingAverage`, and per request
+  before drafting `RequestAcceptance`;
 - `StepTimeModel` (ExtraTrees over the step's shape) and `TokensPerStep`;
 - deadline risk of streaming requests: `AnalyticRisk`, `LearnedRisk`;
 - `calibration`: isotonic maps and the scores (AUC, Brier, ECE, reliability diagrams).
@@ -23,9 +24,10 @@ from .deadline_risk import AnalyticRisk, LearnedRisk, StreamState
 from .features import acceptance_labels, companion_features, draft_features
 from .logistic import ByMode, LogisticModel, OnlineLogistic
 from .moving_average import MovingAverage
+from .request_acceptance import RequestAcceptance
 from .step_time import CachedStepTime, StepShape, StepTimeModel, TokensPerStep
 
-ACCEPTANCE = {c.name: c for c in (DraftConfidence, OnlineLogistic, CompanionSignal, MovingAverage)}
+ACCEPTANCE = {c.name: c for c in (DraftConfidence, OnlineLogistic, CompanionSignal, MovingAverage, RequestAcceptance)}
 
 
 def load_acceptance(path: str | Path) -> AcceptancePredictor:
@@ -59,6 +61,7 @@ __all__ = [
     "LogisticModel",
     "MovingAverage",
     "OnlineLogistic",
+    "RequestAcceptance",
     "StepShape",
     "StepTimeModel",
     "StreamState",

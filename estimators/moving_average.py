@@ -43,7 +43,10 @@ class MovingAverage(AcceptancePredictor):
         return self.alpha(state.max_draft_len)[None, :].expand(len(state.running), state.max_draft_len)
 
     def update(self, record: StepRecord) -> None:
-        observed, label = level_labels(record)  # (per position; per level of a tree)
+        self.learn(*level_labels(record))  # (per position; per level of a tree)
+
+    def learn(self, observed: torch.Tensor, label: torch.Tensor) -> None:
+        """One step's labels: observed [B, K] bool, accepted [B, K] float (`acceptance_labels`)."""
         k = min(observed.shape[1], len(self.mean))
         for j in range(k):
             seen = observed[:, j]

@@ -580,6 +580,26 @@ class ReplayEngine:
         return torch.tensor([len(self._accepted(rows[rid], int(n))) for rid, n in
                              zip(drafts.request_ids, drafts.draft_len.tolist())], dtype=torch.long)  # fmt: skip
 
+    def lookahead(self, request_ids: Sequence[str], k: int) -> torch.Tensor:
+        """[R] draft tokens the target would accept if each running request drafted k now (its
+        length limit applied), before anything is drafted: the per-request oracle's hindsight
+        (off the clock; the same draws the step will use)."""
+        rows = {r.request_id: r for r in self._rows}
+        return torch.tensor([rows[rid].accepted(self.alpha, self._draft_len(k, rows[rid])) if rid in rows else 0
+                             for rid in request_ids], dtype=torch.long)  # fmt: skip
+
+    def hindsight(self, request_ids: Sequence[str], k: int) -> torch.Tensor:
+        """[R, k] each running request's conditional acceptance by draft position, averaged over
+        its whole trace (the flat alpha without one): what the per-request bound knows."""
+        rows = {r.request_id: r for r in self._rows}
+        out = torch.zeros(len(request_ids), k)
+        for i, rid in enumerate(request_ids):
+            req = rows.get(rid)
+            mean = req.trace.ratio.mean(0) if req is not None and req.trace is not None else np.asarray(self.alpha)
+            n = min(k, len(mean))
+            out[i, :n] = torch.from_numpy(np.asarray(mean[:n], dtype=np.float32))
+        return out
+
     def verdict_path(self) -> torch.Tensor:
         """[B, K] bool: the nodes of each pending row's draft the target would accept if all
         were verified (the oracle's peek at a tree; off the clock)."""

@@ -111,8 +111,8 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     ]
     main(["bench", "spec", *args, "--out", str(tmp_path)])
     data = json.loads((tmp_path / "spec.json").read_text())
-    names = {"no-spec", "fixed-k2", "heuristic,confidence-stop", "bucket-ema", "goodput", "fixed-k6,sv", "goodput,sv",
-             "oracle"}  # fmt: skip
+    names = {"no-spec", "fixed-k2", "heuristic,confidence-stop", "bucket-ema", "goodput", "goodput-req", "fixed-k6,sv",
+             "goodput,sv", "oracle"}  # fmt: skip
     runs = {(r["controller"], r["batch_size"], r["temperature"]) for r in data["records"]}
     assert runs == {(n, b, t) for n in names for b in (1, 3) for t in (0.0, 0.7)}
     for r in data["records"]:

@@ -258,7 +258,8 @@ def test_replay_ends_requests_where_their_trace_ended_by_eos():
 
 def test_the_mixed_workload_takes_a_chat_and_a_code_request_in_turn(tmp_path):
     """`--workload mixed`: the shipped chat and code traces interleaved, so any batch holds both,
-    and the speculation bench replays it."""
+    and the speculation bench replays it, greedy and sampled requests in one batch (here with a
+    loaded server's refills: `--saturated`)."""
     from adactl.cli import main
     from adactl.runtime.traces import shipped_traces, shipped_traces_path
 
@@ -270,26 +271,14 @@ def test_the_mixed_workload_takes_a_chat_and_a_code_request_in_turn(tmp_path):
     assert greedy[0].prompt_len == chat.requests[0].prompt_len and greedy[1].prompt_len == code.requests[0].prompt_len
     assert np.array_equal(greedy[3].ratio, code.requests[1].ratio)
     assert "sharegpt" in mixed.meta["workload"] and "humaneval" in mixed.meta["workload"]
-    args = [
-        "--replay",
-        "--profile",
-        "h100-llama-3.1-8b",
-        "--workload",
-        "mixed",
-        "--batches",
-        "2",
-        "--temperatures",
-        "0",
-        "--controllers",
-        "no-spec;fixed-k2",
-        "--max-new-tokens",
-        "8",
-        "--rounds",
-        "1",
-        "--out",
-        str(tmp_path),
-    ]
+    args = ["--replay", "--profile", "h100-llama-3.1-8b", "--workload", "mixed", "--batches", "4", "--temperatures",
+            "0,0.7", "--controllers", "no-spec;fixed-k2;goodput-req", "--max-new-tokens", "8", "--saturated", "2",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(["bench", "spec", *args]) == 0
     data = json.loads((tmp_path / "spec_mixed_replay.json").read_text())
     assert "sharegpt" in data["meta"]["replay"]["acceptance"] and "humaneval" in data["meta"]["replay"]["acceptance"]
-    assert {r["controller"] for r in data["records"]} == {"no-spec", "fixed-k2", "oracle"}
+    records = data["records"]
+    assert {r["controller"] for r in records} == {"no-spec", "fixed-k2", "goodput-req", "oracle", "request-oracle",
+                                                 "lookahead-oracle"}  # fmt: skip
+    assert {r["temperature"] for r in records} == {"mixed"}  # greedy and sampled requests in one batch
+    assert all(r["tokens"] == 8 * 8 and not r["fallbacks"] for r in records)  # 8 requests, 4 at a time

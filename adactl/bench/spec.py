@@ -8,10 +8,23 @@ Each run is a controller stack, labelled by its name in `adactl.stacks` (`adactl
 - `heuristic,confidence-stop`: transformers' +2/-1 schedule with its 0.4 confidence stop;
 - `bucket-ema`: SGLang-style accepted-length average per batch-size bucket;
 - `goodput`: the draft length maximising predicted tokens / predicted step time;
+- `goodput-req`: a draft length per request from its own acceptance estimate, the batch's
+  draft tokens where they add the most expected tokens per predicted second;
 - `fixed-k{sv_k},sv`: Speculative Verification (companion-signal acceptance, batch-aware
   verify lengths) after drafting `--sv-k`; `goodput,sv`: the goodput draft length, then SV;
 - `oracle`: the best fixed k of that batch size with verification that knows the target's
-  verdict (its peek at the target is off the clock): the upper bound.
+  verdict (its peek at the target is off the clock): the upper bound;
+- on the replay, two per-request bounds: `request-oracle` (per-request draft lengths from each
+  request's acceptance known in hindsight, then the verify oracle: what perfect per-request
+  estimates could gain) and `lookahead-oracle` (each step's verdict known before drafting:
+  every row drafts exactly what the target accepts, where that pays).
+`--workload mixed` serves chat and code requests in turn and, in one pass labelled `mixed`,
+the temperatures in turn by pairs: greedy and sampled requests in one batch.
+`--saturated N` serves N x B requests, B at a time, a finished request replaced by the next
+at once, and counts tokens/s while the batch is kept full: a loaded server's throughput.
+Without it, B requests run once to completion and the slowest requests' tail (a batch that
+empties) weighs in the rate: a policy that finishes some requests sooner is not credited
+for it there, which hides what per-request draft lengths gain (docs/per_request.md).
 With `--trees`, token-tree stacks run next to them on the same prompts and seeds:
 - `tree-d{D}w{W}n{N}`: a fixed tree (depth D, W alternatives per level, N nodes kept), all
   verified: the tree counterpart of fixed k;
@@ -57,6 +70,7 @@ from adactl.controllers import (
     FixedDraftLength,
     TreeDraft,
     oracle,
+    request_oracle,
 )
 from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
@@ -68,12 +82,15 @@ from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
            "ratio_best_fixed", "ratio_paired", "ratio_oracle"]  # fmt: skip
 TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
+ORACLES = ("oracle", "tree-oracle", "request-oracle", "lookahead-oracle")  # upper bounds, not controllers
+MIXED = "mixed"  # the temperature of a pass whose requests take the temperatures in turn (--workload mixed)
+Temperature = float | str  # a temperature, or MIXED
 
 
 def stacks(ks: list[int], sv_k: int) -> list[str]:
     """The chain stacks of a run (names from `adactl.stacks`)."""
     return ["no-spec", *(f"fixed-k{k}" for k in ks), "heuristic,confidence-stop", "bucket-ema", "goodput",
-            f"fixed-k{sv_k},sv", "goodput,sv"]  # fmt: skip
+            "goodput-req", f"fixed-k{sv_k},sv", "goodput,sv"]  # fmt: skip
 
 
 def tree_stacks(trees: list[TreeSpec], alloc_tree: TreeSpec) -> list[str]:
@@ -89,34 +106,71 @@ def tree_spec(text: str) -> TreeSpec:
     return TreeSpec(*(int(p) for p in parts))
 
 
-def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: float, args: SpecSettings,
+def request_temperature(temperature: Temperature, i: int, temperatures: list[float]) -> float:
+    """Request i's temperature: the pass's, or in a `mixed` pass the temperatures in turn by
+    pairs (the mixed workload's prompts alternate chat and code, so each pair of a chat and a
+    code request shares a temperature, and every kind meets every temperature)."""
+    return temperatures[(i // 2) % len(temperatures)] if temperature == MIXED else float(temperature)
+
+
+def in_flight(group: list[list[int]], args: SpecSettings) -> int:
+    """Requests served at once in a run over `group`: all of them, or with `--saturated N` one N-th."""
+    return len(group) // max(args.saturated, 1)
+
+
+def prefill_for(group: list[list[int]], args: SpecSettings) -> int:
+    """A run's prefill budget: every prompt served at once in one step."""
+    return sum(len(p) for p in group[: in_flight(group, args)])
+
+
+def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: Temperature, args: SpecSettings,
           bar: tqdm) -> dict[str, Any]:  # fmt: skip
-    """All prompts at once to completion; the run's counts and its wall time on the clock."""
-    for i, p in enumerate(prompts):
-        engine.add_request(p, SamplingParams(args.max_new_tokens, temperature=temperature, seed=args.seed + i))
-    steps = row_steps = decode_tokens = drafted = 0
+    """All prompts at once to completion (with `--saturated N`, B = len(prompts) / N at once, a
+    finished request replaced by the next at once, tokens/s counted while requests were still
+    waiting to join: a loaded server's, without the tail where the batch empties); the run's
+    counts and its wall time on the clock."""
+    batch = in_flight(prompts, args)
+    added = 0
+
+    def add(count: int) -> None:
+        nonlocal added
+        for i in range(added, min(added + count, len(prompts))):
+            t = request_temperature(temperature, i, args.temperatures)
+            engine.add_request(prompts[i], SamplingParams(args.max_new_tokens, temperature=t, seed=args.seed + i))
+        added = min(added + count, len(prompts))
+
+    add(batch)
+    steps = row_steps = decode_tokens = drafted = emitted = 0
     peek = getattr(loop.verify_controller, "estimator", None)
+    start = loop.clock()  # the replay's simulated clock, or wall time
+    full = (start, 0, 0)  # (clock, tokens emitted, steps) when the batch was last kept full
 
     def on_step(record: Any) -> None:
-        nonlocal steps, row_steps, decode_tokens, drafted
+        nonlocal steps, row_steps, decode_tokens, drafted, emitted, full
         steps += 1
         row_steps += len(record.outcome.request_ids)
         drafted += int(record.outcome.drafted.sum())
         decode_tokens += sum(len(record.outcome.emitted[r]) for r in record.outcome.request_ids)
+        emitted += record.outcome.tokens_emitted
         bar.update(record.outcome.tokens_emitted)
+        if added < len(prompts):
+            full = (loop.clock() - getattr(peek, "seconds", 0.0), emitted, steps)
+        add(len(record.outcome.finished))
 
-    start = loop.clock()  # the replay's simulated clock, or wall time
     results = loop.run(on_step=on_step)
     wall = loop.clock() - start
     wall -= getattr(peek, "seconds", 0.0)  # the oracle's look at the target is not a cost
     tokens = sum(len(r.output_ids) for r in results.values())
+    counted_s, counted, counted_steps = (
+        (full[0] - start, full[1], full[2]) if batch < len(prompts) else (wall, tokens, steps)
+    )
     return {
         "tokens": tokens,
         "wall_s": wall,
-        "tokens_per_s": tokens / wall,
+        "tokens_per_s": counted / counted_s,
         "mean_accepted_len": decode_tokens / max(row_steps, 1),
         "mean_draft_len": drafted / max(row_steps, 1),
-        "step_ms": 1000 * wall / max(steps, 1),
+        "step_ms": 1000 * counted_s / max(counted_steps, 1),
         "steps": steps,
         "fallbacks": dict(loop.fallbacks),
     }
@@ -144,7 +198,7 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
         fixed = [r["tokens_per_s"] for r in group if is_fixed(r["controller"])]
         best_fixed = max(fixed) if fixed else float("nan")
         oracle_tps = next((r["tokens_per_s"] for r in group if r["controller"] == "oracle"), float("nan"))
-        chains = [r["tokens_per_s"] for r in group if not is_tree(r["controller"]) and r["controller"] != "oracle"]
+        chains = [r["tokens_per_s"] for r in group if not is_tree(r["controller"]) and r["controller"] not in ORACLES]
         best_chain = max(chains) if chains else float("nan")
         for r in group:
             r["ratio_best_fixed"] = r["tokens_per_s"] / best_fixed
@@ -158,12 +212,12 @@ def best_adaptive_summary(records: list[dict[str, Any]]) -> str:
     """Per temperature, the best adaptive run's ratio to the best fixed k by batch size, fastest round
     and paired (the oracles are not adaptive controllers)."""
     lines = []
-    for t in sorted({r["temperature"] for r in records}):
+    for t in sorted({r["temperature"] for r in records}, key=str):
         fastest, paired, batches = [], [], []
         for b in sorted({r["batch_size"] for r in records}):
             ada = [r for r in records if r["temperature"] == t and r["batch_size"] == b
                    and not is_fixed(r["controller"]) and not is_fixed_tree(r["controller"])
-                   and r["controller"] not in ("oracle", "tree-oracle")]  # fmt: skip
+                   and r["controller"] not in ORACLES]  # fmt: skip
             if ada:
                 batches.append(str(b))
                 fastest.append(f"{max(r['ratio_best_fixed'] for r in ada):.2f}")
@@ -180,7 +234,7 @@ def plot(records: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    temps = sorted({r["temperature"] for r in records})
+    temps = sorted({r["temperature"] for r in records}, key=str)
     fig, axes = plt.subplots(1, len(temps), figsize=(6.5 * len(temps), 4.8), squeeze=False)
     for ax, t in zip(axes[0], temps):
         names = list(dict.fromkeys(r["controller"] for r in records))
@@ -218,7 +272,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         both = ModelPair(alone.target, alone.draft, companion, device, dtype,
                          {**alone.specs, "companion": "tiny-companion"})  # fmt: skip
         g = torch.Generator().manual_seed(args.seed)
-        n = max(args.batches)
+        n = max(args.batches) * max(args.saturated, 1)
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
         acceptance: Callable[[str], Any] = untrained_acceptance
         meta: dict[str, Any] = {"target": "tiny random Llama"}
@@ -227,7 +281,9 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
 
         both = load_pair(args.target, args.draft, args.companion, device, dtype)
         alone = ModelPair(both.target, both.draft, None, device, dtype, {**both.specs, "companion": "none"})
-        prompts = spec_prompts(both.tokenizer, args.workload, max(args.batches), args.max_prompt_tokens)
+        prompts = spec_prompts(
+            both.tokenizer, args.workload, max(args.batches) * max(args.saturated, 1), args.max_prompt_tokens
+        )
         est = SHIPPED_MODELS / "estimators"
 
         def acceptance(name: str) -> Any:
@@ -278,10 +334,10 @@ class RunContext:
     acceptance: Callable[[str], Any]
     costs: Callable[[bool], Any]  # CostModels, or the replay's
     tree_width: int = 2
-    shared: dict[tuple[str, float], Any] = field(default_factory=dict)
+    shared: dict[tuple[str, Temperature], Any] = field(default_factory=dict)
     step_log: StepLog | None = None  # every run's steps, in its record's "step_log" (`--validate`)
 
-    def stack_context(self, companion: bool, temperature: float | None = None) -> StackContext:
+    def stack_context(self, companion: bool, temperature: Temperature | None = None) -> StackContext:
         """The stacks' context on an engine with (or without) the companion: its step-cost model."""
         acceptance = self.acceptance
         if temperature is not None:
@@ -293,7 +349,7 @@ class RunContext:
 
         return StackContext(self.costs(companion), acceptance, tree_width=self.tree_width)
 
-    def learners(self, temperature: float) -> list[Any]:
+    def learners(self, temperature: Temperature) -> list[Any]:
         """The estimators every run at `temperature` updates, whatever its stack: the moving
         average of acceptance by position (it reads any engine's verdicts), and the step log."""
         log = [self.step_log] if self.step_log is not None else []
@@ -317,13 +373,13 @@ def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
     return ControlLoop(engine, max_draft_len=8, clock=getattr(engine, "clock", time.perf_counter), **kwargs)
 
 
-def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: float,
+def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
             ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     companion = needs_companion(stack)
-    engine = engines(companion, len(group))
+    engine = engines(companion, in_flight(group, args))
     here = ctx.stack_context(companion, temperature)
     built = build_stack(stack, here)
-    loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=sum(len(p) for p in group),
+    loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=prefill_for(group, args),
                  estimators=[here.cost(), *ctx.learners(temperature)])  # fmt: skip
     first = len(ctx.step_log.steps) if ctx.step_log is not None else 0
     result = {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
@@ -333,29 +389,42 @@ def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[in
 
 
 def run_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-               temperature: float, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+               temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
     k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
-    engine = engines(False, len(group))
+    engine = engines(False, in_flight(group, args))
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
-                 prefill_budget=sum(len(p) for p in group))  # fmt: skip
+                 prefill_budget=prefill_for(group, args))  # fmt: skip
     return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
 
 
 def run_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-                    temperature: float, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+                    temperature: Temperature, ctx: RunContext, args: SpecSettings,
+                    bar: tqdm) -> dict[str, Any]:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
     spec = tree_spec(best.removeprefix("tree-"))
-    engine = engines(False, len(group))
+    engine = engines(False, in_flight(group, args))
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
-                 prefill_budget=sum(len(p) for p in group))  # fmt: skip
+                 prefill_budget=prefill_for(group, args))  # fmt: skip
     return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
+
+
+def run_request_oracle(engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
+                       ctx: RunContext, args: SpecSettings, bar: tqdm,
+                       lookahead: bool = False) -> dict[str, Any]:  # fmt: skip
+    """A per-request bound (the replay only): each request's acceptance known in hindsight
+    (`lookahead`: each step's verdict), per-request goodput on it, then the verify oracle."""
+    engine = engines(False, in_flight(group, args))
+    cost = ctx.costs(False)
+    schedule, verify = request_oracle(engine, cost, lookahead)
+    loop = _loop(engine, schedule=[schedule], verify=verify, estimators=[cost], prefill_budget=prefill_for(group, args))
+    return {"controller": schedule.name, **serve(engine, loop, group, temperature, args, bar)}
 
 
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
@@ -367,15 +436,16 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
     """Every stack and oracle at every temperature and batch size, `args.rounds` rounds each:
     one record per configuration (its fastest round, with every round's tokens/s)."""
     records: list[dict[str, Any]] = []
+    passes: list[Temperature] = [MIXED] if args.workload == MIXED else list(args.temperatures)
     total = (
-        sum(b * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
-        * len(args.temperatures)
+        sum(b * max(args.saturated, 1) * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
+        * len(passes)
         * (args.rounds or 1)
     )
     bar = tqdm(total=total, desc=label, unit="tok")
-    for temperature in args.temperatures:
+    for temperature in passes:
         for batch in args.batches:
-            group = prompts[:batch]
+            group = prompts[: batch * max(args.saturated, 1)]
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
@@ -384,6 +454,10 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
                     here.append(run_oracle(here, engines, group, temperature, ctx, args, bar))
                 if "tree-oracle" in oracles:
                     here.append(run_tree_oracle(here, engines, group, temperature, ctx, args, bar))
+                for name in ("request-oracle", "lookahead-oracle"):
+                    if name in oracles:
+                        here.append(run_request_oracle(engines, group, temperature, ctx, args, bar,
+                                                       name == "lookahead-oracle"))  # fmt: skip
                 rounds.append(here)
             for name in [*chosen, *oracles]:
                 mine = [(x, here) for here in rounds for x in here if x["controller"] == name]  # in round order
@@ -504,6 +578,9 @@ class SpecSettings(DeviceSettings, ProfileSettings):
         parse=stack_list,
     )
     max_batch: int = setting(64, "--slo: requests served at once, at most")
+    saturated: int = setting(0, "serve N x B requests, B at a time (a finished one replaced at once), tokens/s "
+                             "counted while the batch is kept full: a loaded server's throughput (0: B requests "
+                             "at once, to completion)")  # fmt: skip
     workload: str = setting("sharegpt", "prompts: held-out ShareGPT, HumanEval, or mixed (a chat and a code request "
                             "in turn)", choices=["sharegpt", "humaneval", "mixed"])  # fmt: skip
     trees: bool = setting(False, "token-tree controllers next to the chain controllers")

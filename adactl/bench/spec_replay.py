@@ -105,7 +105,7 @@ class ReplayCosts:
 def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int]]:
     """The prompts (token ids: only their lengths matter here): the traces' recorded requests
     in turn (request i follows trace i of its kind), else the real bench's prompts."""
-    n = max(args.batches)
+    n = max(args.batches) * max(args.saturated, 1)
     if traces is not None:
         greedy = [t for t in traces.requests if t.greedy] or traces.requests
         return [[1] * greedy[i % len(greedy)].prompt_len for i in range(n)]
@@ -192,6 +192,8 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
                        "truth": type(engines.step_time).__name__},
             "machine": {"label": f"replay of {where}", "replayed": where}, "refine": args.refine}  # fmt: skip
     oracles = (["oracle", "tree-oracle"] if args.trees else ["oracle"]) if traces is not None else []
+    if traces is not None:  # the replay knows each request's acceptance, and each step's verdict, before drafting
+        oracles += ["request-oracle", "lookahead-oracle"]
     return engines, _prompt_lengths(args, traces), ctx, meta, chosen, oracles
 
 

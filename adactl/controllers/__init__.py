@@ -8,13 +8,16 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
   `BucketEMA` (SGLang's accepted-length average per batch-size bucket);
 - `SpeculativeVerification`: batch-aware verify lengths from acceptance + step time;
 - `GoodputLength`: the draft length that maximises predicted tokens per second;
+- `RequestGoodput`: a draft length per request, the batch's draft tokens allocated by each
+  request's own acceptance (`RequestAcceptance`) against the step's marginal cost;
 - `SLODraftLength` + `AdaServe`: draft and verify lengths that keep each request on its TPOT
   SLO first, then throughput;
 - token trees: `TreeDraft` (a fixed tree), `GoodputTree` (tree depth from the goodput
   length), `GlobalTreeAllocation` (the verify budget spent on the nodes of highest survival
   across the batch); `SLODraftLength(tree_width=...)` + `AdaServe` over trees;
 - `oracle` (benchmarks only): verification with the target's verdict known in advance
-  (chains and trees).
+  (chains and trees); `request_oracle` (the replay only): per-request draft lengths knowing
+  each request's acceptance in hindsight, or (`lookahead=True`) each step's verdict.
 
 Streaming (schedule decision: admit, run or defer, prefill budget):
 - baselines: `FCFS` (vLLM: max_num_seqs, decode first, static chunked-prefill budget),
@@ -38,9 +41,10 @@ from .fixed import FixedDraftLength, NoSpeculation
 from .goodput import GoodputLength
 from .heuristic import HeuristicSchedule
 from .learned import LearnedController, Policy, PolicyError
-from .oracle import PerfectAcceptance, oracle
+from .oracle import Hindsight, Lookahead, PerfectAcceptance, oracle, request_oracle
 from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
+from .request_goodput import RequestGoodput
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 from .tokenflow import BufferOffload
@@ -60,16 +64,20 @@ __all__ = [
     "GoodputLength",
     "GoodputTree",
     "HeuristicSchedule",
+    "Hindsight",
     "LearnedController",
+    "Lookahead",
     "NoSpeculation",
     "PerfectAcceptance",
     "Policy",
     "PolicyError",
     "ProgressServe",
+    "RequestGoodput",
     "SLODraftLength",
     "SpeculativeVerification",
     "TTFTPrefillBudget",
     "TreeDraft",
     "VLLMv1",
     "oracle",
+    "request_oracle",
 ]

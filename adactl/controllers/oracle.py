@@ -9,6 +9,14 @@ subtract) and gives the exact conditional acceptance:
 
 On the replay (`ReplayEngine.verdict`, `.verdict_path` for trees) the outcome is known
 outright: alpha 1 on the tokens each row's whole draft would keep, 0 elsewhere.
+Two bounds for per-request draft lengths (the replay only; per-request goodput, then the
+verify oracle), beside the batch's:
+- `request_oracle`: each request's acceptance known in hindsight (`Hindsight`: its trace's
+  conditional acceptance by position, averaged over the request): what a perfect per-request
+  estimate could gain;
+- `lookahead_oracle`: each step's verdict known before drafting (`Lookahead`: alpha 1 on the
+  tokens a k-token draft would keep, 0 after), so each row drafts exactly what the target will
+  accept where that pays: what any draft-length policy could gain.
 `oracle(engine, step_time)` is Speculative Verification with it: for greedy rows it verifies
 exactly the tokens the target accepts (when that pays), for sampled rows the best length in
 expectation. Every controller is compared with it as the upper bound. On a token tree, node j's alpha
@@ -26,8 +34,9 @@ import torch
 
 from adactl.estimators.features import drafted_mask
 from adactl.estimators.step_time import StepTimePredictor
-from adactl.interface import AcceptanceEstimate, StepRecord, VerifyState
+from adactl.interface import AcceptanceEstimate, ScheduleState, StepRecord, VerifyState
 
+from .request_goodput import RequestGoodput
 from .sv import SpeculativeVerification
 
 
@@ -74,3 +83,41 @@ def oracle(engine: Any, step_time: StepTimePredictor) -> SpeculativeVerification
     controller = SpeculativeVerification(PerfectAcceptance(engine), step_time)
     controller.name = "oracle"
     return controller
+
+
+class Lookahead:
+    """Before drafting, each running request's verdict on a whole draft (the replay's hindsight)."""
+
+    name = "lookahead"
+
+    def __init__(self, engine: Any) -> None:
+        if not hasattr(engine, "lookahead"):
+            raise ValueError("the lookahead oracle needs an engine that knows verdicts before drafting (the replay)")
+        self.engine = engine
+
+    def estimate(self, state: ScheduleState) -> AcceptanceEstimate:
+        k = state.max_draft_len
+        kept = self.engine.lookahead([r.request_id for r in state.running], k)  # [R]
+        return AcceptanceEstimate((torch.arange(k)[None, :] < kept[:, None]).float())
+
+    def update(self, record: StepRecord) -> None:
+        return None
+
+
+class Hindsight(Lookahead):
+    """Before drafting, each running request's acceptance by position over its whole output."""
+
+    name = "hindsight"
+
+    def estimate(self, state: ScheduleState) -> AcceptanceEstimate:
+        return AcceptanceEstimate(self.engine.hindsight([r.request_id for r in state.running], state.max_draft_len))
+
+
+def request_oracle(engine: Any, step_time: StepTimePredictor,
+                   lookahead: bool = False) -> tuple[RequestGoodput, SpeculativeVerification]:  # fmt: skip
+    """A per-request bound: per-request goodput knowing each request's acceptance in hindsight
+    (`lookahead`: each step's verdict), then the verify oracle."""
+    known = Lookahead(engine) if lookahead else Hindsight(engine)
+    schedule = RequestGoodput(step_time, known, explore=0.0)
+    schedule.name = "lookahead-oracle" if lookahead else "request-oracle"
+    return schedule, oracle(engine, step_time)

@@ -35,16 +35,7 @@ class SpeculativeVerification(Controller):
 
     def candidates(self, survival: torch.Tensor, draft_len: torch.Tensor) -> torch.Tensor:
         """[C, B] verify lengths to score: every (threshold, cap) pair, duplicates removed."""
-        k = survival.shape[1]
-        # the shortest prefix holding every position whose survival clears tau (on a chain
-        # survival is non-increasing, so these are the positions themselves; on a tree, nodes
-        # come by draft path value, which mostly but not always agrees with the estimate)
-        position = torch.arange(1, k + 1)[None, None, :]
-        above = ((survival[None, :, :] >= self.taus[:, None, None]) * position).amax(2)  # [T, B]
-        above = torch.minimum(above, draft_len[None, :])
-        caps = torch.arange(k + 1)[:, None, None]  # [K + 1, 1, 1]
-        cands = torch.minimum(above[None, :, :], caps).reshape(-1, survival.shape[0])  # [(K+1) * T, B]
-        return torch.unique(cands, dim=0)
+        return prefix_candidates(survival, draft_len, self.taus)
 
     def act(self, state: VerifyState, utilities: AcceptanceEstimate) -> torch.Tensor:
         d = state.drafts
@@ -62,6 +53,23 @@ class SpeculativeVerification(Controller):
         fed, forwards = draft_work(d.draft_len, d.parents)
         shapes = [StepShape.of_lengths(c, fed, 0, context, forwards=forwards) for c in cands]
         return np.maximum(self.step_time.predict(shapes), 1e-6)
+
+
+def prefix_candidates(survival: torch.Tensor, limit: torch.Tensor, taus: torch.Tensor) -> torch.Tensor:
+    """[C, B] prefix lengths: for every survival threshold tau in `taus` and cap c = 0..K, row
+    i takes min(c, limit_i, the shortest prefix holding every position whose survival [B, K]
+    clears tau); duplicates removed. Taking the positions of largest survival first is what
+    maximises expected tokens for a given number of tokens, and a cap bounds the longest row
+    (a rectangular forward costs by its longest row)."""
+    k = survival.shape[1]
+    # on a chain survival is non-increasing, so these are the positions themselves; on a tree,
+    # nodes come by draft path value, which mostly but not always agrees with the estimate
+    position = torch.arange(1, k + 1)[None, None, :]
+    above = ((survival[None, :, :] >= taus[:, None, None]) * position).amax(2)  # [T, B]
+    above = torch.minimum(above, limit[None, :])
+    caps = torch.arange(k + 1)[:, None, None]  # [K + 1, 1, 1]
+    cands = torch.minimum(above[None, :, :], caps).reshape(-1, survival.shape[0])  # [(K+1) * T, B]
+    return torch.unique(cands, dim=0)
 
 
 def expected_gain(survival: torch.Tensor) -> torch.Tensor:
