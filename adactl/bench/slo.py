@@ -7,18 +7,22 @@ A request attains its SLO when its time per output token after the first,
 SLO attainment (overall and per class), SLO goodput (tokens of requests on their SLO per
 second), tokens/s, and `ratio_attainment_fixed` (to the best fixed draft length). With
 `--trees`, AdaServe over token trees (`slo-tree,adaserve-conf`) runs too, next to the same
-chain version on the same acceptance estimator (`slo,adaserve-conf`).
+chain version on the same acceptance estimator (`slo,adaserve-conf`). With `--replay`, the
+same on the profile replay, in its regime's units (defaults: TPOT classes of 6 / 9 / 15 ms,
+30 requests a second, 400 requests, 128 tokens each).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from adactl import metrics
 from adactl.loop import ControlLoop
-from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams
+from adactl.runtime import SLO, SamplingParams
 from adactl.stacks import build_stack, is_fixed, needs_companion
 from adactl.workloads import Arrival, OpenLoop, arrival_times
 
@@ -55,9 +59,10 @@ def serve_open_loop(loop: ControlLoop, prompts: list[list[int]], times: list[flo
     }
 
 
-def run(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: Any
+def run(args: SpecSettings, engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Any
         ) -> list[dict[str, Any]]:  # fmt: skip
-    """`ctx`: the spec bench's `RunContext`. The stacks: `--slo-controllers`, then AdaServe
+    """`engines(companion, max_batch)`: a fresh engine per run (the real one, or the replay's);
+    `ctx`: the spec bench's `RunContext`. The stacks: `--slo-controllers`, then AdaServe
     (`slo,adaserve`: per-request draft lengths SLO first, then SLO-first verify lengths)."""
     n = args.slo_requests
     times = arrival_times(n, args.rate, args.seed)
@@ -72,11 +77,11 @@ def run(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[li
     bar = tqdm(total=n * args.max_new_tokens * len(chosen), desc="bench spec --slo", unit="tok")
     for stack in chosen:
         companion = needs_companion(stack)
-        engine = Engine(target, pair if companion else draft, config=EngineConfig(max_batch_size=args.max_batch))
+        engine = engines(companion, args.max_batch)
         here = ctx.stack_context(companion)
         built = build_stack(stack, here)
         loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
-                           estimators=[here.cost()])  # fmt: skip
+                           estimators=[here.cost()], clock=getattr(engine, "clock", time.perf_counter))  # fmt: skip
         records.append({"controller": stack, "rate": args.rate,
                         **serve_open_loop(loop, prompts[:n], times, tpots, args, bar)})  # fmt: skip
     bar.close()

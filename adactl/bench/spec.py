@@ -82,6 +82,9 @@ from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, 
 COLUMNS = ["temperature", "batch_size", "controller", "tokens_per_s", "mean_accepted_len", "step_ms",
            "ratio_best_fixed", "ratio_paired", "ratio_oracle"]  # fmt: skip
 TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
+# `--slo --replay` defaults, on the replay's regime (a computed H100 x 8B: plain steps 6.5-9 ms up to 64 rows):
+# a tight class only speculation meets, a medium one plain decoding meets while the batch is small, a loose one
+REPLAY_SLO_TPOT, REPLAY_SLO_RATE, REPLAY_SLO_REQUESTS = (0.006, 0.009, 0.015), 30.0, 400
 ORACLES = ("oracle", "tree-oracle", "request-oracle", "lookahead-oracle")  # upper bounds, not controllers
 MIXED = "mixed"  # the temperature of a pass whose requests take the temperatures in turn (--workload mixed)
 Temperature = float | str  # a temperature, or MIXED
@@ -478,10 +481,12 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
         from adactl.bench.spec_replay import load_replay
 
         engines, prompts, ctx, meta, chosen, oracles = load_replay(args)
+        if args.slo:
+            return _slo(args, engines, prompts, ctx, meta)
     else:
         target, draft, pair, prompts, ctx, meta = _load(args)
         if args.slo:
-            return _slo(args, target, draft, pair, prompts, ctx, meta)
+            return _slo(args, Engines(target, draft, pair), prompts, ctx, meta)
         if args.validate and args.tiny:
             raise SystemExit("adactl bench spec --validate: the default pair only (its traces are shipped)")
         if args.validate and args.trees:
@@ -519,18 +524,18 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
     return records
 
 
-def _slo(args: SpecSettings, target: Any, draft: Any, pair: Any, prompts: list[list[int]], ctx: RunContext,
+def _slo(args: SpecSettings, engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: RunContext,
          meta: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
     from adactl.bench import slo
 
-    records = slo.run(args, target, draft, pair, prompts, ctx)
+    records = slo.run(args, engines, prompts, ctx)
     cols = ["controller", "rate", "attainment", "attainment_tight", "attainment_medium", "attainment_loose",
             "slo_goodput", "tokens_per_s", "ratio_attainment_fixed"]  # fmt: skip
     print(format_table(records, cols))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(
-        out / ("spec_slo_trees.json" if args.trees else "spec_slo.json"),
+        out / (("spec_slo_trees" if args.trees else "spec_slo") + ("_replay" if args.replay else "") + ".json"),
         records,
         {**meta, "args": _settings(args)},
     )
@@ -567,14 +572,14 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     quick: bool = setting(False, "batch 1, 8, 32; greedy; k = 2, 4; 24 tokens")
     tiny: bool = setting(False, "tiny random models (a smoke run)")
     slo: bool = setting(False, "the mixed-SLO workload under Poisson arrivals instead")
-    rate: float = setting(2.0, "--slo: requests per second")
-    slo_requests: int = setting(48, "--slo: requests in the run")
+    rate: float = setting(2.0, "--slo: requests per second (--replay: 30)")
+    slo_requests: int = setting(48, "--slo: requests in the run (--replay: 400)")
     slo_tpot: list[float] = setting([0.1, 0.2, 0.5], "--slo: TPOT bounds of the tight, medium and loose classes "
-                                    "(seconds)", parse=floats)  # fmt: skip
+                                    "(seconds; --replay: 0.006, 0.009, 0.015)", parse=floats)  # fmt: skip
     slo_controllers: list[str] | None = setting(
         None,
         "--slo: stacks besides slo,adaserve (';'-separated; default "
-        "no-spec;fixed-k2;fixed-k4;goodput;fixed-k{sv_k},sv)",
+        "no-spec;fixed-k2;fixed-k4;goodput;goodput-req;fixed-k{sv_k},sv)",
         parse=stack_list,
     )
     max_batch: int = setting(64, "--slo: requests served at once, at most")
@@ -617,8 +622,15 @@ class SpecSettings(DeviceSettings, ProfileSettings):
             s = replace(s, max_new_tokens=128)
         if s.rounds is None:
             s = replace(s, rounds=1 if s.quick or s.replay else 2)
+        if s.replay and s.slo:  # the GPU regime's scale: milliseconds per token, tens of requests a second
+            if s.slo_tpot == base.slo_tpot:
+                s = replace(s, slo_tpot=list(REPLAY_SLO_TPOT))
+            if s.rate == base.rate:
+                s = replace(s, rate=REPLAY_SLO_RATE)
+            if s.slo_requests == base.slo_requests:
+                s = replace(s, slo_requests=REPLAY_SLO_REQUESTS)
         if s.slo:
-            default = ["no-spec", "fixed-k2", "fixed-k4", "goodput", f"fixed-k{s.sv_k},sv"]
+            default = ["no-spec", "fixed-k2", "fixed-k4", "goodput", "goodput-req", f"fixed-k{s.sv_k},sv"]
             s = replace(s, batches=[s.slo_requests], slo_controllers=s.slo_controllers or default)  # prompts needed
         return s
 

@@ -16,7 +16,8 @@ output position and the draft and companion signals there), so every chain contr
 Speculative Verification and the oracle included: greedy replay is exact for any draft length
 and verified prefix. With `--trees`, the token-tree stacks and the tree oracle run too, on the
 shipped tree traces (width 2, depth 6: every tree of width 2 up to depth 6 is replayed exactly
-for greedy rows, any node budget and verified prefix). `--slo` is refused. With
+for greedy rows, any node budget and verified prefix). `--slo` replays the mixed-SLO
+workload (adactl.bench.slo) on the traces. With
 `--replay-alpha` (or `--replay-traces none`), one conditional probability per draft position
 for every request instead (none: vLLM's published EAGLE acceptance with a computed GPU
 profile, the shipped moving average with a measured one), and only the stacks that read no
@@ -143,8 +144,9 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
     from adactl.bench.spec import RunContext, stacks, tree_stacks
     from adactl.profiler import named_profile
 
-    if args.slo:
-        raise SystemExit("adactl bench spec --replay: --slo is not replayed yet (the replay has no SLO classes)")
+    if args.slo and (args.replay_alpha is not None or args.replay_traces in (None, "none")):
+        raise SystemExit("adactl bench spec --replay --slo needs per-request traces (AdaServe reads the companion "
+                         "signal they carry): --replay-traces shipped or files")  # fmt: skip
     if args.profile is None:
         raise SystemExit("adactl bench spec --replay needs --profile: a computed GPU profile by name "
                          "(h100-llama-3.1-8b, a100-llama-3.1-8b, h200-llama-3.1-8b, h100x4-llama-3.1-70b) or a file "
@@ -161,6 +163,8 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
     flat = ["no-spec", *(f"fixed-k{k}" for k in args.ks), "heuristic", "bucket-ema", "goodput"]
     trees = tree_stacks(args.fixed_trees, args.tree) if args.trees else []
     chosen = args.controllers or ([*stacks(args.ks, args.sv_k), *trees] if traces is not None else flat)
+    if args.slo:
+        chosen = [*(args.slo_controllers or []), "slo,adaserve"]
     refused = [s for s in chosen if not replayable(s, traces)]
     if refused:
         why = ("the traces hold chains, not trees (record tree traces: python train/record_traces.py --tree-width 2)"

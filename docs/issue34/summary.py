@@ -1,8 +1,8 @@
 """Issue 34's ratios from `adactl bench spec --replay` records (docs/issue34/spec_*_replay.json):
 per temperature and batch size, the best fixed k, goodput and per-request goodput (goodput-req)
 over the best fixed k, the best adaptive stack, SV over standard speculative decoding at the
-same k (fixed-k{sv_k},sv / fixed-k{sv_k}), and both oracles (batch, per-request) over the best
-fixed k.
+same k (fixed-k{sv_k},sv / fixed-k{sv_k}), and the three oracles (batch; per request, in hindsight;
+per step, looking ahead) over the best fixed k.
 
     python docs/issue34/summary.py docs/issue34/spec_mixed_replay.json [...]
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-ORACLES = ("oracle", "tree-oracle", "request-oracle")
+ORACLES = ("oracle", "tree-oracle", "request-oracle", "lookahead-oracle")
 
 
 def fixed(name: str) -> bool:
@@ -26,9 +26,9 @@ def summarize(path: str) -> None:
     print(f"## {path}")
     print(
         f"| temperature | batch | best fixed | goodput | goodput-req | best adaptive | SV / fixed-k{sv_k} | oracle | "
-        "request-oracle |"
+        "request-oracle | lookahead-oracle |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     keys = sorted({(str(r["temperature"]), r["batch_size"]) for r in records})
     for t, b in keys:
         here = {
@@ -43,7 +43,8 @@ def summarize(path: str) -> None:
             f"| {t} | {b} | {best_name} | {here['goodput'] / best:.3f} "
             f"| {here.get('goodput-req', float('nan')) / best:.3f} "
             f"| {ada[top] / best:.3f} ({top}) | {sv:.2f} | {here.get('oracle', float('nan')) / best:.3f} "
-            f"| {here.get('request-oracle', float('nan')) / best:.3f} |"
+            f"| {here.get('request-oracle', float('nan')) / best:.3f} "
+            f"| {here.get('lookahead-oracle', float('nan')) / best:.3f} |"
         )
 
 
