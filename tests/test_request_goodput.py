@@ -80,7 +80,7 @@ def test_requests_that_accept_more_draft_more_and_the_server_gains(h100):
     def run(schedule):
         return serve(ReplayEngine(h100, traces=traces, max_batch_size=64), [schedule], n=64, total=384)
 
-    per_request = RequestGoodput(h100, RequestAcceptance(MovingAverage()))
+    per_request = RequestGoodput(h100, RequestAcceptance(MovingAverage(), prior_sd=1.5))  # the population's spread
     rate, records, loop = run(per_request)
     lengths: dict[bool, list[int]] = {True: [], False: []}
     for record in records[16:]:  # after a few steps of evidence
@@ -90,7 +90,7 @@ def test_requests_that_accept_more_draft_more_and_the_server_gains(h100):
     good, bad = np.mean(lengths[True]), np.mean(lengths[False])
     assert good > bad + 0.5, (good, bad)
     batch_rate = run(GoodputLength(h100, MovingAverage()))[0]
-    assert rate > 1.04 * batch_rate, (rate, batch_rate)
+    assert rate > 1.05 * batch_rate, (rate, batch_rate)  # 1.09 measured (known acceptance: 1.12)
     assert not loop.fallbacks and per_request.fallback_rows == 0
 
 
