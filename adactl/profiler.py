@@ -126,11 +126,24 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
+    def fill(n: int) -> None:
+        """n requests running: new prompts for any that ended (a small model's context fills up
+        on a fast machine, where more rounds fit in the budget), prefilled in chunks."""
+        while len(engine.requests()) < n:
+            size = rng.randint(16, 256)  # prompts as long as the benches' (their prefill attention)
+            engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(size)], sampling))
+        while any(v.status != "running" for v in engine.requests()):
+            step(StepPlan(draft_len=0, prefill_budget=rng.choice([256, 512, 1024])))
+        engine.pop_finished()
+
     def one_round(b: int) -> float:
-        running = [v.request_id for v in engine.requests()]  # row order: the first b rows run
-        run = running[:b] if b < len(running) else None
+        fill(grown)
         order = rng.sample(lengths[b], len(lengths[b]))
-        return sum(step(StepPlan(draft_len=k, prefill_budget=0, run=run)) for k in order)
+        total = 0.0
+        for k in order:  # the first b rows run, the others wait (a row may end mid-round: each step asks)
+            running = [v.request_id for v in engine.requests() if v.status == "running"]
+            total += step(StepPlan(draft_len=k, prefill_budget=0, run=running[:b] if b < len(running) else None))
+        return total
 
     def over() -> bool:
         return time.perf_counter() - start > budget_s
@@ -141,12 +154,10 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     bar = tqdm(total=len(batches) * min_rounds, desc="adactl profile", unit="round", disable=not progress)
     engine_ids: list[str] = []
     last_round = 0.0
+    grown = 0  # rows the engine holds: the largest size grown to
     for i, b in enumerate(batches):  # grow the batch, one round at each size
-        while len(engine_ids) < b:  # new rows prefill in chunks next to the running rows
-            n = rng.randint(16, 256)  # prompts as long as the benches' (their prefill attention)
-            engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(n)], sampling))
-        while any(v.status != "running" for v in engine.requests()):
-            step(StepPlan(draft_len=0, prefill_budget=rng.choice([256, 512, 1024])))
+        grown = b
+        fill(b)  # new rows prefill in chunks next to the running rows
         for j in range(8 if i == 0 else 2):  # warm-up (the first batch size: the process's first steps too)
             engine.draft_step(StepPlan(draft_len=j % 2 if ks != [0] else 0, prefill_budget=0))
             engine.verify()
@@ -154,6 +165,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         cost[b] = one_round(b)
         last_round = cost[b] * len(ks) / len(lengths[b])
         for k in rng.sample(partial, len(partial)) if b > 1 and not over() else []:
+            fill(b)
             step(StepPlan(draft_len=k, prefill_budget=0), cut_mode=1)  # a random prefix of each row
             running = [v.request_id for v in engine.requests()]
             few = rng.randint(1, max(1, b // 4))  # a few rows draft k, the rest 0 or 1

@@ -211,6 +211,24 @@ def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
     assert not engine.has_unfinished()
 
 
+def test_the_profiler_replaces_requests_whose_context_fills_up() -> None:
+    """A small model's context fills up when many rounds fit in the budget (a fast machine):
+    the rows that end are replaced and each round runs the rows still running, where before a
+    round named an ended request and the whole profile failed (a fresh clone on an AVX-512 CPU)."""
+    from adactl.profiler import measure
+    from adactl.runtime import Engine, EngineConfig, FeatureDraft
+    from adactl.runtime.models import tiny_llama
+
+    target = tiny_llama(vocab_size=256, max_positions=300)
+    draft = FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval()
+    engine = Engine(target, draft, config=EngineConfig(max_batch_size=4, seed=0))
+    shapes, seconds = measure(engine, torch.device("cpu"), 256, max_batch=4, budget_s=120, reps=6, min_rounds=6,
+                              batch_seconds=1e-3, progress=False)  # fmt: skip
+    assert seconds.shape == (len(shapes), 3) and len(shapes) > 100 and not engine.has_unfinished()
+    full = [s.context_tokens / s.rows for s in shapes if s.rows and s.prefill_tokens == 0]
+    assert max(full) > 250  # rows ran up to their context's end (and were replaced)
+
+
 def run_goodput(truth: StepCostModel, prior: np.ndarray | None, refine: bool, k: int | None = None,
                 alpha: float = 0.6) -> float:  # fmt: skip
     """Tokens per replayed second at batch 8 of GoodputLength (from `prior`) or fixed k, on a
