@@ -153,6 +153,7 @@ class ControlLoop:
                 here = replace(state, plan=plan)
                 estimator = _estimator(controller)
                 utilities = estimator.estimate(here) if estimator is not None else None
+                before = getattr(controller, "fallback_rows", 0)  # rows it gave the safe action itself
                 plan, rows = drop_bad_rows(controller.act(here, utilities), state)
                 if rows:  # an invalid action for those rows alone: they draft 0, the rest stands
                     self._fall_back(
@@ -161,6 +162,10 @@ class ControlLoop:
                         InvalidAction(f"{rows} per-request draft lengths outside [0, {state.max_draft_len}]"),
                         count=rows,
                     )
+                own = getattr(controller, "fallback_rows", 0) - before
+                if own > 0:  # e.g. a row whose estimate was missing or NaN: counted with the rest
+                    self._fall_back(fell_back, f"schedule:{_name(controller)}:rows",
+                                    ValueError(f"{own} rows without a usable estimate"), count=own)  # fmt: skip
                 plan = check_plan(plan, state)
             except Exception as e:  # noqa: BLE001 - any failure means: run this step safely
                 self._fall_back(fell_back, f"schedule:{_name(controller)}", e)

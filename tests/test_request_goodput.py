@@ -152,6 +152,37 @@ def test_a_row_without_a_usable_estimate_drafts_nothing_and_the_others_go_on(h10
     assert controller.fallback_rows == 4
 
 
+class NaNFor:
+    """An estimator whose estimate for one request is not a number."""
+
+    def __init__(self, bad: str) -> None:
+        self.bad = bad
+
+    def estimate(self, state: ScheduleState) -> AcceptanceEstimate:
+        alpha = torch.full((len(state.running), state.max_draft_len), 0.8)
+        alpha[[r.request_id == self.bad for r in state.running]] = float("nan")
+        return AcceptanceEstimate(alpha)
+
+    def update(self, record) -> None:
+        return None
+
+
+def test_the_loop_counts_rows_without_an_estimate_and_serves_the_rest(h100):
+    engine = ReplayEngine(h100, alpha=[0.8] * 6, max_batch_size=4)
+    ids = [engine.add_request(8, SamplingParams(16, seed=i)) for i in range(3)]
+    loop = ControlLoop(engine, schedule=[RequestGoodput(h100, NaNFor(ids[1]), explore=0.0)], max_draft_len=6,
+                       clock=engine.clock)  # fmt: skip
+    records = []
+    results = loop.run(on_step=records.append)
+    drafted = {rid: 0 for rid in ids}
+    for r in records:
+        for rid, n in zip(r.drafts.request_ids, r.drafts.draft_len.tolist()):
+            drafted[rid] += n
+    assert drafted[ids[1]] == 0 and drafted[ids[0]] > 0 and drafted[ids[2]] > 0
+    assert loop.fallbacks["schedule:goodput-req:rows"] > 0 and "schedule:goodput-req" not in loop.fallbacks
+    assert all(len(results[rid].output_ids) == 16 for rid in ids)  # nothing lost
+
+
 class TooLong:
     """A schedule controller asking one request for a draft longer than the server allows."""
 

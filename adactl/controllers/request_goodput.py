@@ -28,7 +28,8 @@ drafts one: without it a batch that stops drafting early (at 128 rows, after two
 evidence) never learns which of its requests would pay. (5% cost 2% at 256 rows in the
 replay of the computed H100, where nothing pays, and learned no faster where drafting does.)
 A row whose estimate is missing or not a number drafts 0 (the safe action for that row
-alone) and is counted in `.fallback_rows`.
+alone) and is counted in `.fallback_rows`, which `ControlLoop` adds to its fallbacks
+(`schedule:goodput-req:rows`).
 """
 
 from __future__ import annotations
