@@ -71,17 +71,20 @@ class RequestAcceptance(AcceptancePredictor):
         self.offset: dict[str, float] = {}  # b_i
         self.evidence: dict[str, float] = {}  # H_i
 
-    def kind_alpha(self, greedy: bool, k: int) -> torch.Tensor:
-        """[k] sigmoid(mu_gj): a request of this kind before it is observed (the last position repeats)."""
+    def kind_logits(self, greedy: bool, k: int) -> torch.Tensor:
+        """[k] mu_gj for positions 0 .. k-1 (the last position repeats)."""
         mu = self.mu[greedy]
-        mu = mu[:k] if k <= len(mu) else torch.cat([mu, mu[-1:].expand(k - len(mu))])
-        return torch.sigmoid(mu)
+        return mu[:k] if k <= len(mu) else torch.cat([mu, mu[-1:].expand(k - len(mu))])
+
+    def kind_alpha(self, greedy: bool, k: int) -> torch.Tensor:
+        """[k] sigmoid(mu_gj): a request of this kind before it is observed."""
+        return torch.sigmoid(self.kind_logits(greedy, k))
 
     def alpha_of(self, request_ids: tuple[str, ...] | list[str], greedy: list[bool], k: int) -> torch.Tensor:
         """[R, k] alpha_ij of the requests (the docstring's formula)."""
         if not request_ids:
             return torch.zeros(0, k)
-        mu = torch.stack([_logit(self.kind_alpha(g, k)) for g in greedy])  # [R, k]
+        mu = torch.stack([self.kind_logits(g, k) for g in greedy])  # [R, k]
         b = torch.tensor([self.offset.get(r, 0.0) for r in request_ids])[:, None]  # [R, 1]
         return torch.sigmoid(mu + b).clamp(0.0, self.cap)
 
