@@ -8,7 +8,8 @@ fitted moving average, shipped or saved, or `--alpha 0.8` for a flat one):
     c*(B) = argmax_{c <= K} B * (1 + sum_{j < c} prod_{i <= j} alpha_i) / T(B, c)
 
 With `--policy`, a learned SpecDecode-v0 policy's choice at each batch size replaces the
-rule. Consecutive batch sizes with the same choice form one range. Written as
+rule (a per-row policy: the length its requests draft when all are alike). Consecutive batch
+sizes with the same choice form one range. Written as
 - vLLM: `num_speculative_tokens_per_batch_size`, a list of `[lo, hi, K]` in the
   `speculative_config` a user passes to `vllm serve --speculative-config`;
 - SGLang: the `--speculative-adaptive-config` file, keyed by each range's lower bound, each
@@ -80,7 +81,9 @@ def policy_schedule(policy: str | Path, step_time: Any, max_batch: int, context:
         views = tuple(RequestView(f"r{i}", "running", context, context, 1, context + 1, 0.0, 0.0, SamplingParams())
                       for i in range(rows))  # fmt: skip
         plan = controller.act(ScheduleState(0.0, views, k))
-        out.append([int(plan.draft_len) if isinstance(plan.draft_len, int) else 0])
+        lengths = plan.draft_len
+        # a per-row policy's requests are alike here: they all draft the same (an empty batch: 0)
+        out.append([int(lengths) if isinstance(lengths, int) else max(lengths.values(), default=0)])
     return out
 
 
@@ -201,13 +204,15 @@ class ExportSettings:
     """`adactl export vllm|sglang`."""
 
     engine: str = setting("vllm", "the engine to write for", choices=["vllm", "sglang"])
-    profile: str = setting("shipped", "a step-cost profile file (adactl profile --out), or 'shipped' (the CPU "
-                           "profile shipped with adactl)")  # fmt: skip
+    profile: str = setting("shipped", "a step-cost profile file (adactl profile --out), a computed GPU profile "
+                           "by name (h100-llama-3.1-8b, ...), or 'shipped' (the CPU profile shipped with "
+                           "adactl)")  # fmt: skip
     acceptance: str = setting("moving_average", "an acceptance estimate with per-position alpha: 'moving_average' "
                               "(shipped) or a saved MovingAverage JSON")  # fmt: skip
     alpha: float | None = setting(None, "a flat acceptance per position instead of --acceptance", parse=float)
-    policy: str | None = setting(None, "a learned SpecDecode-v0 policy (train/ppo.py; 'shipped' for ours) to "
-                                 "evaluate over batch sizes instead of the goodput rule")  # fmt: skip
+    policy: str | None = setting(None, "a learned SpecDecode-v0 policy to evaluate over batch sizes instead of the "
+                                 "goodput rule: a file (train/ppo.py), 'shipped' (ours, this CPU's), or a shipped "
+                                 "policy by name (SpecDecode-v0-h100: the computed H100's, per row)")  # fmt: skip
     num_speculative_tokens: int = setting(4, "K, the most draft tokens per step (the engine's own setting)")
     max_batch: int = setting(256, "the largest batch size scheduled")
     context: int = setting(256, "tokens of context per request the costs assume")
@@ -236,13 +241,18 @@ def run(args: ExportSettings) -> dict[str, Any]:
 
     if args.num_speculative_tokens < 1:
         raise ExportError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
-    path = SHIPPED_MODELS / "estimators" / "step_cost_cpu.json" if args.profile == "shipped" else Path(args.profile)
+    from adactl.profiler import named_profile
+
+    path = SHIPPED_MODELS / "estimators" / "step_cost_cpu.json" if args.profile == "shipped" else Path(
+        named_profile(args.profile))  # fmt: skip
     try:
         step_time = StepCostProfile.load(path).model(refine=False)
     except ProfileError as e:
         raise ExportError(str(e)) from None
     if args.policy:
-        policy = SHIPPED_MODELS / "policies" / "SpecDecode-v0.safetensors" if args.policy == "shipped" else args.policy
+        name = "SpecDecode-v0" if args.policy == "shipped" else args.policy
+        shipped = SHIPPED_MODELS / "policies" / f"{name}.safetensors"
+        policy = shipped if shipped.is_file() else args.policy  # a shipped policy by name, or a file
         per_batch = policy_schedule(policy, step_time, args.max_batch, args.context)
     else:
         per_batch = schedule(step_time, _alpha(args), args.max_batch, args.context, candidates=args.candidates)

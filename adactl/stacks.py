@@ -193,6 +193,10 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("learned-spec", r"learned-spec", "schedule", "draft length",
           "the shipped SpecDecode-v0 PPO policy choosing the batch's draft length each step",
           lambda c, n: _learned("SpecDecode-v0", c), speculates=True, costs_steps=True),
+    Entry("learned-spec-h100", r"learned-spec-h100", "schedule", "draft length per request",
+          "the shipped per-row SpecDecode-v0 PPO policy trained in the replay of the computed H100 x Llama-3.1-8B "
+          "on the recorded traces: a cap and a threshold on each request's own acceptance estimate",
+          lambda c, n: _learned("SpecDecode-v0-h100", c), speculates=True, costs_steps=True),
     # verification
     Entry("confidence-stop", r"confidence-stop", "verify", "verify length",
           "transformers' stop: verify up to the first draft token of confidence < 0.4",
@@ -219,7 +223,7 @@ KINDS = {  # controllers that make the same decision; a stack has at most one of
     "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1", "tokenflow",
                   "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload", "vllm-v1-priority"},
     "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
-                     "goodput-tree", "slo-tree", "learned-spec"},
+                     "goodput-tree", "slo-tree", "learned-spec", "goodput-req", "learned-spec-h100"},
 }  # fmt: skip
 
 

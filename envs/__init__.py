@@ -5,9 +5,13 @@
 
     env = gym.make("adactl/SpecDecode-v0", backend="replay")   # or backend="real"
     env = gym.make("adactl/Streaming-v0", backend="replay")
+    env = gym.make("adactl/SpecDecode-v0", profile="h100-llama-3.1-8b", traces="mixed", per_row=True)
 
-- `adactl/SpecDecode-v0` (`SpecDecodeEnv`): the draft length of each engine step; reward =
-  tokens emitted per second of the step.
+- `adactl/SpecDecode-v0` (`SpecDecodeEnv`): the draft length of each engine step (or, with
+  `per_row=True`, a cap and a threshold on each request's own acceptance estimate); reward =
+  tokens emitted per second of the step (or its speedup over plain decoding). With
+  `profile=` a computed GPU profile and `traces=` the recorded per-request acceptance, the
+  GPU regime, on any machine.
 - `adactl/Streaming-v0` (`StreamingEnv`): the streaming scheduler's admission threshold and
   deferral margin each step; reward = units read on time minus a penalty per miss.
 

@@ -3,10 +3,14 @@ estimators and workload each needs.
 
 - `"replay"`: `ReplayEngine` with the step-time model fitted on the real engine's profile
   (`models/estimators/step_time*.skops`, this CPU's), or the costs of a step-cost profile
-  file from any machine (`profile=`, made by `adactl profile`: train on this CPU against a
-  GPU's measured costs), and the shipped per-position acceptance; prompt and reply lengths
-  are those of ShareGPT requests (measured once with the tokenizer and cached in memory),
-  so no model runs. Deterministic for a seed.
+  from any machine (`profile=`: a file made by `adactl profile`, or a computed GPU profile by
+  name, `h100-llama-3.1-8b`, whose physics prices the replayed steps while the features read
+  its fitted model, as in `bench spec --replay`: train on this CPU for a GPU), and the
+  shipped per-position acceptance; prompt and reply lengths are those of ShareGPT requests
+  (measured once with the tokenizer and cached in memory), so no model runs. Deterministic
+  for a seed. With `traces=` (a shipped workload's recorded per-request acceptance,
+  `adactl.runtime.traces`), each request follows one recorded request: its prompt length,
+  its length and its acceptance at every position.
 - `"real"`: `Engine` on the default models (SmolLM2-135M-Instruct + the shipped feature
   draft), or tiny random Llamas with `model="tiny"` (tests), on `device` in `dtype`. Step
   times are measured; the features' step costs are this machine's profile (or `profile=`).
@@ -27,6 +31,8 @@ import torch
 BACKENDS = ("replay", "real")
 PROMPT_SETS = ("sharegpt", "sharegpt-heldout", "humaneval")
 MODELS = ("default", "tiny")
+TRACE_SETS = ("sharegpt", "humaneval", "mixed")
+TRACE_SPLITS = ("train", "heldout", "all")
 
 
 def _check(backend: str, prompts: str, model: str) -> None:
@@ -69,6 +75,26 @@ def _requests(prompts: str, count: int = 256) -> tuple[tuple[tuple[int, ...], in
     return tuple((tuple(p), n) for p, n in pairs)
 
 
+@functools.cache
+def _traces(workload: str, split: str) -> Any:
+    """The shipped chain traces of `workload`, greedy and at 0.7; `split`: every other request
+    from the first ("train"), the others ("heldout"), or all, per recording, so each split
+    keeps the workload's mix."""
+    from adactl.runtime.traces import AcceptanceTraces, shipped_traces
+
+    every = shipped_traces(workload, trees=False)
+    if split == "all":
+        return every
+    seen: dict[tuple[str, bool], int] = {}
+    kept = []
+    for t in every.requests:
+        n = seen.get((t.group, t.greedy), 0)
+        seen[(t.group, t.greedy)] = n + 1
+        if n % 2 == (split == "heldout"):
+            kept.append(t)
+    return AcceptanceTraces(kept, dict(every.meta))
+
+
 def shipped_alpha(k: int) -> list[float]:
     from adactl.runtime.models import SHIPPED_MODELS
 
@@ -82,11 +108,20 @@ class Backend:
     def __init__(self, backend: str = "replay", prompts: str = "sharegpt", model: str = "default",
                  noise: float = 0.05, max_batch_size: int = 64, draft: bool = True, max_draft_len: int = 8,
                  step_time: Any = None, device: str = "auto", dtype: str = "float32",
-                 profile: str | None = None) -> None:  # fmt: skip
+                 profile: str | None = None, traces: str | None = None,
+                 trace_split: str = "all") -> None:  # fmt: skip
         _check(backend, prompts, model)
+        if traces is not None and (backend != "replay" or model != "default"):
+            raise ValueError("traces are the default pair's, replayed: backend='replay', model='default'")
+        if traces is not None and traces not in TRACE_SETS:
+            raise ValueError(f"traces must be one of {TRACE_SETS}, got {traces!r}")
+        if trace_split not in TRACE_SPLITS:
+            raise ValueError(f"trace_split must be one of {TRACE_SPLITS}, got {trace_split!r}")
+        self.traces = _traces(traces, trace_split) if traces is not None else None
         self.kind, self.prompts, self.model, self.noise = backend, prompts, model, noise
         self.max_batch_size, self.draft, self.max_draft_len = max_batch_size, draft, max_draft_len
         self.pair = None
+        self.replay_time: Any = None  # what a replayed step costs (None: `step_time`, the features' model)
         if backend == "real":  # device, dtype and profile are checked before any model loads
             from adactl.runtime.device import device_and_dtype
 
@@ -101,9 +136,13 @@ class Backend:
 
             step_time = step_cost_for(self.pair, profile, refine=False, max_batch=max_batch_size)
         elif step_time is None and profile is not None:
+            from adactl.bench.spec_replay import truth
             from adactl.estimators.step_cost import StepCostProfile
+            from adactl.profiler import named_profile
 
-            step_time = StepCostProfile.load(profile).model(refine=False)
+            loaded = StepCostProfile.load(named_profile(profile))
+            step_time = loaded.model(refine=False)
+            self.replay_time = truth(loaded)  # a computed GPU profile's physics, as bench spec --replay
         if step_time is None:
             from adactl.estimators.step_time import shipped_step_time, tiny_step_time
 
@@ -124,7 +163,9 @@ class Backend:
             alpha = shipped_alpha(self.max_draft_len) if self.draft and self.model == "default" else (
                 [0.6] * self.max_draft_len if self.draft else [])  # fmt: skip
             alpha = [min(max(a * alpha_scale, 0.01), 0.99) for a in alpha]
-            return ReplayEngine(self.step_time, alpha, self.max_batch_size, noise=self.noise, seed=seed)
+            truth = self.replay_time if self.replay_time is not None else self.step_time
+            return ReplayEngine(truth, alpha, self.max_batch_size, noise=self.noise, seed=seed,
+                                traces=self.traces)  # fmt: skip
         from adactl.runtime import Engine, EngineConfig
 
         assert self.pair is not None
@@ -144,6 +185,12 @@ class Backend:
         pairs = _requests(self.prompts)
         ids, reply = pairs[int(rng.integers(len(pairs)))]
         return (len(ids) if self.kind == "replay" else list(ids)), reply
+
+    def trace(self, rng: np.random.Generator) -> Any:
+        """A random recorded request to replay (`RequestTrace`), or None without traces."""
+        if self.traces is None:
+            return None
+        return self.traces.requests[int(rng.integers(len(self.traces)))]
 
     def new_estimator(self) -> Any:
         from adactl.estimators import MovingAverage, load_acceptance

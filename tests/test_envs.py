@@ -70,7 +70,7 @@ def test_spec_env_reward_is_tokens_per_second_and_actions_matter():
     _, reward, _, _, info = env.step(2)
     assert info["draft_len"] == 2 and reward == pytest.approx(info["tokens_per_s"] / 100)
     assert 0 <= info["accepted_len"] <= 2
-    with pytest.raises(ValueError, match="draft length"):
+    with pytest.raises(ValueError, match=r"action must be in 0\.\.4"):
         env.step(99)
     assert env.baseline_action("fixed-k3") == 3 and env.baseline_action("no-spec") == 0
     assert 0 <= env.baseline_action("goodput") <= 4
@@ -240,13 +240,14 @@ def test_streaming_policy_trains_and_serves_as_a_schedule_controller(tmp_path):
     assert ctl.last_action is not None and ctl.last_action.shape == (3,)
 
 
-@pytest.mark.parametrize("name", ["SpecDecode-v0", "Streaming-v0"])
+@pytest.mark.parametrize("name", ["SpecDecode-v0", "Streaming-v0", "SpecDecode-v0-h100"])
 def test_shipped_policies_load_and_act_on_their_env(name):
     from adactl.runtime.models import SHIPPED_MODELS
 
     ctl = LearnedController(SHIPPED_MODELS / "policies" / f"{name}.safetensors")
-    assert ctl.policy.env_id == f"adactl/{name}"
-    env = gym.make(ctl.policy.env_id, backend="replay")
+    assert ctl.policy.env_id == f"adactl/{name.removesuffix('-h100')}"
+    kwargs = {k: v for k, v in ctl.policy.env_kwargs.items() if k not in ("device", "dtype")}
+    env = gym.make(ctl.policy.env_id, **{**kwargs, "backend": "replay"})
     obs, _ = env.reset(seed=0)
     action = ctl.policy.act(obs)
     assert env.action_space.contains(np.asarray(action, dtype=np.int64).reshape(env.action_space.shape))
@@ -343,3 +344,155 @@ def test_rllib_without_ray_is_a_clear_message(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         ppo.parse_args(["--trainer", "rllib"])
     assert 'pip install -e ".[ray]"' in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ per-row, traces
+H100_ROWS = {"profile": "h100-llama-3.1-8b", "traces": "mixed", "per_row": True, "episode_steps": 8}
+
+
+def test_per_row_env_replays_traces_and_drafts_by_each_requests_estimate():
+    """SpecDecode-v0 in the GPU regime: recorded requests (both temperatures, their own prompt
+    lengths), a cap and a threshold per step, each row drafting by its own estimate; the
+    batch's actions are among them (tau = 0), and goodput-req picks the grid's best."""
+    from adactl.controllers.observations import ROW_TAUS, row_actions
+    from adactl.controllers.request_goodput import ragged_shape
+    from adactl.estimators.gpu_cost import GpuStepCost
+    from adactl.runtime.traces import RequestTrace
+
+    env = gym.make("adactl/SpecDecode-v0", batch_sizes=(8,), reward="speedup", **H100_ROWS)
+    u = env.unwrapped
+    _no_warnings(env_checker.check_env, u)
+    assert env.action_space.n == row_actions(4) == 1 + 4 * len(ROW_TAUS)
+    assert isinstance(u.engine.step_time, GpuStepCost)  # the physics prices the replay, the fit the features
+    env.reset(seed=0)
+    state = u._state()
+    assert len(state.running) == 8
+    assert {v.sampling.temperature for v in state.running} == {0.0, 0.7}
+    assert all(isinstance(r.trace, RequestTrace) for r in u.engine._rows)
+    # tau = 0 is the batch action: every row with room drafts the batch's length
+    assert u.baseline_action("no-spec") == 0
+    assert set(u.features.lengths(state, u.baseline_action("fixed-k2")).tolist()) == {2}
+    # a threshold tells rows apart by their own estimates
+    ids = [v.request_id for v in state.running]
+    u.features.rows.offset[ids[0]], u.features.rows.offset[ids[1]] = 4.0, -4.0
+    a = 1 + 3 * len(ROW_TAUS) + ROW_TAUS.index(0.5)  # cap 4, tau 0.5
+    lengths = u.features.lengths(state, a)
+    assert lengths[0] == 4 and lengths[1] == 0
+    obs, reward, _, _, info = env.step(a)
+    assert env.observation_space.contains(obs) and reward > 0
+    assert info["draft_len"] == pytest.approx(float(lengths.float().mean()))
+    # goodput-req: no action of the grid has more expected tokens per predicted second
+    state = u._state()
+    survival, context = u.features.survival(state), sum(v.context_len for v in state.running)
+    rates = []
+    for a in range(env.action_space.n):
+        c = u.features.lengths(state, a)
+        tokens = sum(1 + float(survival[i, : int(n)].sum()) for i, n in enumerate(c))
+        rates.append(tokens / float(u.backend.step_time.predict([ragged_shape(c, 0, context)])[0]))
+    assert rates[u.baseline_action("goodput-req")] >= max(rates) * (1 - 1e-9)
+    # the speedup reward: about 1 for plain decoding
+    env.reset(seed=1)
+    assert 0.8 < env.step(0)[1] < 1.2
+    # bad input: a clear error for that call alone
+    with pytest.raises(ValueError, match="action must be in 0..32"):
+        env.step(33)
+    with pytest.raises(ValueError, match="traces must be one of"):
+        gym.make("adactl/SpecDecode-v0", traces="nope")
+    with pytest.raises(ValueError, match="replayed"):
+        gym.make("adactl/SpecDecode-v0", backend="real", model="tiny", traces="mixed")
+    with pytest.raises(ValueError, match="reward"):
+        gym.make("adactl/SpecDecode-v0", reward="nope")
+    with pytest.raises(ValueError, match="per-row action"):
+        u.features.lengths(u._state(), 99)
+
+
+def test_trace_splits_are_disjoint_and_keep_the_mix():
+    from adactl.envs.backends import _traces
+
+    train, held, every = (_traces("mixed", s) for s in ("train", "heldout", "all"))
+    assert not {id(t) for t in train.requests} & {id(t) for t in held.requests}
+    assert len(train) + len(held) == len(every)
+    kinds = [{(t.group, t.greedy) for t in ts.requests} for ts in (train, held)]
+    assert kinds[0] == kinds[1] and len(kinds[0]) == 4
+
+
+def _fixed_policy(path, action: int, obs_dim: int, n: int, env_kwargs: dict) -> None:
+    """A policy file whose actor always picks `action` (a zero hidden layer, a biased head)."""
+    from safetensors.torch import save_file
+
+    bias = torch.zeros(n)
+    bias[action] = 5.0
+    tensors = {"policy.0.weight": torch.zeros(4, obs_dim), "policy.0.bias": torch.zeros(4),
+               "action.weight": torch.zeros(n, 4), "action.bias": bias,
+               "obs_mean": torch.zeros(obs_dim, dtype=torch.float64),
+               "obs_var": torch.ones(obs_dim, dtype=torch.float64)}  # fmt: skip
+    meta = {"format": "adactl-policy-v1", "env_id": "adactl/SpecDecode-v0",
+            "action_space": json.dumps({"type": "Discrete", "n": n}), "obs_dim": str(obs_dim), "clip_obs": "10.0",
+            "epsilon": "1e-8", "env_kwargs": json.dumps(env_kwargs)}  # fmt: skip
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_per_row_policy_serves_a_draft_length_per_request(tmp_path):
+    """LearnedController with a per-row policy drafts each request by its own estimate, in the
+    loop and on the replay, and `adactl export` turns it into a per-batch-size schedule."""
+    from adactl.controllers.observations import ROW_TAUS, RowFeatures, row_actions
+    from adactl.export import policy_schedule
+
+    action = 1 + 3 * len(ROW_TAUS) + ROW_TAUS.index(0.5)  # cap 4, tau 0.5
+    path = tmp_path / "rows.safetensors"
+    _fixed_policy(path, action, RowFeatures(4, None).size, row_actions(4), {"per_row": True, "max_draft_len": 4})
+    ctl = LearnedController(path, step_time=_tiny_step_time())
+    assert ctl.per_row and isinstance(ctl.features, RowFeatures)
+    engine = ReplayEngine(_tiny_step_time(), alpha=[0.6] * 4, seed=0)
+    for i in range(4):
+        engine.add_request(10 + i, SamplingParams(12, stop_on_eos=False))
+    state = ScheduleState(0.0, tuple(engine.requests()), 4, StepPlan(draft_len=0, run=("req-0", "req-1", "req-2")))
+    ids = ["req-0", "req-1", "req-2", "req-3"]
+    ctl.features.rows.offset["req-0"], ctl.features.rows.offset["req-1"] = 4.0, -4.0
+    plan = ctl.act(state)  # (requests not yet prefilled are not running, so the state has none)
+    assert plan.draft_len == {}
+    loop = ControlLoop(engine, schedule=[ctl], max_draft_len=4, clock=engine.clock)
+    results = loop.run()
+    assert sorted(results) == ids and all(len(r.output_ids) == 12 for r in results.values())
+    assert not loop.fallbacks and ctl.nonfinite == 0
+    # with rows running: each drafts by its own estimate, rows outside the plan's run get nothing
+    engine = ReplayEngine(_tiny_step_time(), alpha=[0.6] * 4, seed=0)
+    for i in range(4):
+        engine.add_request(10 + i, SamplingParams(12, stop_on_eos=False))
+    engine.step(StepPlan(draft_len=0, prefill_budget=4096))
+    ctl = LearnedController(path, step_time=_tiny_step_time())
+    ctl.features.rows.offset["req-0"], ctl.features.rows.offset["req-1"] = 4.0, -4.0
+    running = tuple(engine.requests())
+    plan = ctl.act(ScheduleState(0.0, running, 4, StepPlan(draft_len=0, run=("req-0", "req-1", "req-2"))))
+    assert plan.draft_len["req-0"] == 4 and plan.draft_len["req-1"] == 0 and "req-3" not in plan.draft_len
+    plan = ctl.act(ScheduleState(0.0, running, 2, StepPlan(draft_len=0)))  # a server allowing 2
+    assert max(plan.draft_len.values()) <= 2
+    schedule = policy_schedule(path, _tiny_step_time(), 8)
+    assert len(schedule) == 8 and all(0 <= k <= 4 for (k,) in schedule)
+
+
+def test_ppo_trains_per_row_on_traces_and_evaluates_held_out_requests(tmp_path):
+    """`train/ppo.py --traces mixed --per-row`: training on every other recorded request, the
+    evaluation on the others (and each domain's), at every batch size, beside goodput-req."""
+    ppo = _script("ppo")
+    args = ppo.parse_args([
+        "--profile", "h100-llama-3.1-8b", "--traces", "mixed", "--per-row", "--reward", "speedup",
+        "--total-timesteps", "128", "--n-steps", "64", "--batch-size", "64", "--n-envs", "1", "--n-epochs", "1",
+        "--episode-steps", "4", "--eval-every", "100", "--eval-episodes", "1",
+        "--out", str(tmp_path / "rows.safetensors"), "--runs-dir", str(tmp_path / "runs"), "--no-progress",
+    ])  # fmt: skip
+    path, _ = ppo.train(args)
+    report = ppo.compare(args, path)
+    assert list(report) == [
+        "training (mixed, replay)",
+        *(f"held-out {t} requests (replay)" for t in ("mixed", "sharegpt", "humaneval")),
+    ]
+    for row in report.values():
+        assert row["best_analytic"] in ppo.baselines(args) and "goodput-req" in row
+        assert set(row["ratio_by_batch"]) == {"1", "2", "4", "8", "16", "32", "64"}
+        assert all(r > 0 for r in row["ratio_by_batch"].values())
+    assert LearnedController(path).per_row
+    for bad in (["--traces", "mixed", "--backend", "real"], ["--traces", "nope"],
+                ["--env-id", "adactl/Streaming-v0", "--per-row"], ["--reward", "nope"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            ppo.parse_args(bad)

@@ -3,6 +3,7 @@
     python train/ppo.py                                     # SpecDecode-v0 on the replay backend
     python train/ppo.py --env-id adactl/Streaming-v0 --total-timesteps 100000
     python train/ppo.py --finetune-timesteps 2048           # then a short fine-tune on the real engine
+    python train/ppo.py --profile h100-llama-3.1-8b --traces mixed --per-row   # the GPU regime, per row
     tensorboard --logdir runs
 
 cleanrl-style: every option is a field of `Args` (`--help` lists them). Rollouts run in
@@ -19,8 +20,12 @@ explicit `--out models/policies/SpecDecode-v0.safetensors`), then evaluated agai
 analytic controllers on the training workload (replay) and on held-out prompts (ShareGPT
 held-out records and HumanEval) on the real engine: one episode per prompt set and controller
 per 100,000 training steps, at most 2 (none for a short run; `--heldout-episodes N` asks),
-announced with its episode count and estimated time before it starts. A run writes nothing
-outside its run directory unless `--out` says so.
+announced with its episode count and estimated time before it starts. With `--traces`
+(SpecDecode-v0 on the replay of the default pair's recorded per-request acceptance, the GPU
+regime with `--profile h100-llama-3.1-8b`), training sees every other recorded request and
+the held-out evaluation replays the others (and, for `mixed`, each domain's), every
+episode at every batch size. A run writes nothing outside its run directory unless `--out`
+says so.
 """
 
 # (no `from __future__ import annotations`: dataclass fields keep real types, and the script
@@ -61,10 +66,22 @@ class Args:
     ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus"})
     net_arch: str = field(default="64,64", metadata={"help": "hidden layer widths of the actor and critic"})
     episode_steps: int = field(default=64, metadata={"help": "SpecDecode-v0: engine steps per episode"})
+    batch_sizes: str = field(default="", metadata={
+        "help": "SpecDecode-v0: concurrencies an episode draws from, comma-separated (default: the env's, "
+                "1-64)"})  # fmt: skip
     max_draft_len: int = field(default=4, metadata={"help": "SpecDecode-v0: largest draft length"})
     acceptance_jitter: float = field(
         default=0.5, metadata={"help": "SpecDecode-v0, replay: per-episode acceptance factor 1 +- this"}
     )
+    traces: str = field(default="", metadata={
+        "help": "SpecDecode-v0, replay: requests follow the shipped per-request acceptance traces of sharegpt, "
+                "humaneval or mixed (training: every other request; held out: the rest)"})  # fmt: skip
+    reward: str = field(default="tokens", metadata={
+        "help": "SpecDecode-v0: tokens (tokens/s / 100) or speedup (over plain decoding's predicted rate, about 1 "
+                "at every batch size)"})  # fmt: skip
+    per_row: bool = field(default=False, metadata={
+        "help": "SpecDecode-v0: a cap and an acceptance threshold per step, each request drafting by its own "
+                "estimate (compared with goodput-req too)"})  # fmt: skip
     eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
     eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
     heldout_episodes: int = field(default=-1, metadata={
@@ -104,6 +121,20 @@ def parse_args(argv: list[str] | None = None) -> Args:
         p.error(f"--env-id must be one of {sorted(ENV_SETTINGS)}")
     if args.backend not in ("replay", "real"):
         p.error("--backend must be replay or real")
+    if args.traces and (args.env_id != "adactl/SpecDecode-v0" or args.backend != "replay" or args.model != "default"
+                        or args.finetune_timesteps > 0):
+        p.error("--traces: SpecDecode-v0 on the replay of the default models (no real-engine fine-tune)")
+    if args.traces and args.traces not in ("sharegpt", "humaneval", "mixed"):
+        p.error("--traces must be sharegpt, humaneval or mixed")
+    if (args.per_row or args.reward != "tokens") and args.env_id != "adactl/SpecDecode-v0":
+        p.error("--per-row and --reward: SpecDecode-v0 only")
+    if args.reward not in ("tokens", "speedup"):
+        p.error("--reward must be tokens or speedup")
+    try:
+        if any(int(b) < 1 for b in args.batch_sizes.split(",") if args.batch_sizes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--batch-sizes: positive integers, comma-separated, got {args.batch_sizes!r}")
     if args.heldout_episodes < -1:
         p.error("--heldout-episodes must be >= 0, or -1 to scale it with the training")
     if args.trainer not in ("sb3", "rllib"):
@@ -116,13 +147,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if args.finetune_timesteps > 0:
             p.error("--finetune-timesteps: sb3 only (train rllib on --backend real instead)")
     from adactl.estimators.step_cost import ProfileError, StepCostProfile
+    from adactl.profiler import named_profile
     from adactl.runtime.device import DeviceError, device_and_dtype
 
     try:  # before any env or model is made
         if args.backend == "real" or args.finetune_timesteps > 0:
             device_and_dtype(args.device, args.dtype)
         if args.profile:
-            StepCostProfile.load(args.profile)
+            StepCostProfile.load(named_profile(args.profile))
     except (DeviceError, ProfileError) as e:
         p.error(str(e))
     return args
@@ -141,7 +173,16 @@ ENV_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt") -> dict[str, Any]:
+def baselines(args: Args) -> list[str]:
+    """The analytic controllers the policy is compared with."""
+    names = list(ENV_SETTINGS[args.env_id]["baselines"])
+    return [names[0], "goodput-req", *names[1:]] if args.per_row else names
+
+
+def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt", split: str = "train",
+               traces: str = "") -> dict[str, Any]:  # fmt: skip
+    """The environment's arguments; with --traces, `traces` (default: --traces) and `split` say
+    which recorded requests it replays."""
     kwargs: dict[str, Any] = {
         "backend": backend or args.backend,
         "model": args.model,
@@ -152,7 +193,15 @@ def env_kwargs(args: Args, backend: str | None = None, prompts: str = "sharegpt"
     }
     if args.env_id == "adactl/SpecDecode-v0":
         kwargs |= {"episode_steps": args.episode_steps, "max_draft_len": args.max_draft_len}
-        if kwargs["backend"] == "replay":
+        if args.batch_sizes:
+            kwargs["batch_sizes"] = [int(b) for b in args.batch_sizes.split(",")]
+        if args.per_row:
+            kwargs["per_row"] = True
+        if args.reward != "tokens":
+            kwargs["reward"] = args.reward
+        if args.traces:
+            kwargs |= {"traces": traces or args.traces, "trace_split": split}
+        elif kwargs["backend"] == "replay":
             kwargs["acceptance_jitter"] = args.acceptance_jitter
     elif args.model == "tiny":
         kwargs |= {"episode_requests": 8}
@@ -258,7 +307,7 @@ def adactl_callback(args: Args, eval_env: Any) -> Any:
                 r, p = policy_episode(eval_env, act, s)
                 policy.append(r)
                 pairs += p
-            base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in settings["baselines"]}
+            base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in baselines(args)}
             best = max(base, key=lambda b: base[b])
             self.last_eval = {"policy": float(np.mean(policy)), "best_baseline": float(base[best])}
             self.logger.record("adactl/policy_reward", float(np.mean(policy)))
@@ -346,7 +395,7 @@ def episodes_seconds(args: Args, prompts: str, seeds: list[int], step_time: Any)
     for s in seeds:
         policy_episode(env, lambda obs: env.action_space.sample(), s)
         total += u.backend.clock(u.engine)
-        for b in ENV_SETTINGS[args.env_id]["baselines"]:
+        for b in baselines(args):
             baseline_episode(env, b, s)
             total += u.backend.clock(u.engine)
     env.close()
@@ -357,7 +406,9 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
     """The saved policy (through `LearnedController`'s own `Policy`) against the analytic
     controllers: on the training workload (replay, held-back seeds) and on held-out prompts
     (real engine: ShareGPT held-out records and HumanEval), announced with its episode count
-    and estimated length before it starts."""
+    and estimated length before it starts. With --traces, all in the replay: the training
+    split's requests and the held-out split's (each domain's too for `mixed`), every seed at
+    every batch size, with the ratio per batch size as well."""
     import gymnasium as gym
     from tqdm import tqdm
 
@@ -365,48 +416,64 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
     from adactl.controllers.learned import Policy
 
     policy = Policy.load(path)
-    settings = ENV_SETTINGS[args.env_id]
-    controllers = 1 + len(settings["baselines"])
-    sets = [("training (replay)", "replay", "sharegpt", args.eval_episodes)]
-    heldout = heldout_episodes(args) if args.model != "tiny" else 0
-    sets += [(f"held-out {p} (real)", "real", p, heldout) for p in HELDOUT_SETS if heldout > 0]
-    if heldout == 0 and args.model != "tiny":
-        print(f"held-out evaluation on the real engine: none for {args.total_timesteps + args.finetune_timesteps:,} "
-              f"training steps (one episode per prompt set and controller per {STEPS_PER_HELDOUT_EPISODE:,}, at "
-              "most 2); --heldout-episodes N asks for N", flush=True)  # fmt: skip
+    names = baselines(args)
+    controllers = 1 + len(names)
+    if args.traces:
+        held = [args.traces, *(("sharegpt", "humaneval") if args.traces == "mixed" else ())]
+        sets = [(f"training ({args.traces}, replay)", env_kwargs(args, "replay"), args.eval_episodes)]
+        sets += [(f"held-out {t} requests (replay)", env_kwargs(args, "replay", split="heldout", traces=t),
+                  args.eval_episodes) for t in held]  # fmt: skip
+    else:
+        sets = [("training (replay)", env_kwargs(args, "replay", "sharegpt"), args.eval_episodes)]
+        heldout = heldout_episodes(args) if args.model != "tiny" else 0
+        sets += [(f"held-out {p} (real)", env_kwargs(args, "real", p), heldout) for p in HELDOUT_SETS if heldout > 0]
+        if heldout == 0 and args.model != "tiny":
+            steps = args.total_timesteps + args.finetune_timesteps
+            print(f"held-out evaluation on the real engine: none for {steps:,} "
+                  f"training steps (one episode per prompt set and controller per {STEPS_PER_HELDOUT_EPISODE:,}, at "
+                  "most 2); --heldout-episodes N asks for N", flush=True)  # fmt: skip
     report: dict[str, Any] = {}
-    for label, backend, prompts, episodes in sets:
-        env = gym.make(args.env_id, **env_kwargs(args, backend, prompts))
-        seeds = [20_000 + i for i in range(episodes)]
-        if backend == "real" and prompts == HELDOUT_SETS[0]:  # models loaded: announce the whole real part
+    for label, kwargs, episodes in sets:
+        env = gym.make(args.env_id, **kwargs)
+        batches = list(env.unwrapped.batch_sizes) if args.traces else [None]
+        runs = [(20_000 + i, b) for i in range(episodes) for b in batches]
+        if kwargs["backend"] == "real" and kwargs["prompts"] == HELDOUT_SETS[0]:  # models loaded: announce it all
             step_time = env.unwrapped.backend.step_time
-            seconds = sum(episodes_seconds(args, p, seeds, step_time) for p in HELDOUT_SETS)
+            seconds = sum(episodes_seconds(args, p, [s for s, _ in runs], step_time) for p in HELDOUT_SETS)
             print(f"held-out evaluation on the real engine: {len(HELDOUT_SETS)} prompt sets x {episodes} episodes x "
                   f"{controllers} controllers = {len(HELDOUT_SETS) * episodes * controllers} episodes, about "
                   f"{seconds / 60:.1f} min (the same episodes replayed on its step costs)", flush=True)  # fmt: skip
-        bar = tqdm(total=episodes * controllers, desc=label, unit="episode", disable=not args.progress)
-        row = {"learned": 0.0}
-        for s in seeds:
-            row["learned"] += policy_episode(env, policy.act, s)[0] / episodes
-            bar.update(1)
-        for b in settings["baselines"]:
-            row[b] = 0.0
-            for s in seeds:
-                row[b] += baseline_episode(env, b, s)[0] / episodes
+        bar = tqdm(total=len(runs) * controllers, desc=label, unit="episode", disable=not args.progress)
+        by_batch: dict[str, dict[str, float]] = {}
+        for name in ["learned", *names]:
+            for s, b in runs:
+                options = {"batch_size": b} if b is not None else {}
+                if name == "learned":
+                    reward = policy_episode(env, policy.act, s, **options)[0]
+                else:
+                    reward = baseline_episode(env, name, s, **options)[0]
+                cell = by_batch.setdefault(str(b), {})
+                cell[name] = cell.get(name, 0.0) + reward / episodes
                 bar.update(1)
         bar.close()
         env.close()
-        best = max((b for b in row if b != "learned"), key=lambda b: row[b])
+        row: dict[str, Any] = {n: sum(c[n] for c in by_batch.values()) for n in ["learned", *names]}
+        best = max(names, key=lambda b: row[b])
         row["best_analytic"] = best
         # a ratio needs a positive reference; with misses the streaming reward can go negative,
         # and then the margin says it (higher is better either way)
         row["ratio_to_best"] = row["learned"] / row[best] if row[best] > 0 else float("nan")
         row["margin_to_best"] = row["learned"] - row[best]
+        if args.traces:
+            row["ratio_by_batch"] = {b: c["learned"] / max(c[n] for n in names) for b, c in by_batch.items()}
+            row["by_batch"] = by_batch
         report[label] = row
-        others = "  ".join(f"{b} {row[b]:.2f}" for b in settings["baselines"])
+        others = "  ".join(f"{b} {row[b]:.2f}" for b in names)
         print(f"{label:32} learned {row['learned']:9.2f}  best analytic ({best}) {row[best]:9.2f}  "
               f"ratio {row['ratio_to_best']:.3f}  margin {row['margin_to_best']:+.2f}   [{others}]",
               flush=True)  # fmt: skip
+        if args.traces:
+            print("    by batch size: " + "  ".join(f"{b}: {r:.3f}" for b, r in row["ratio_by_batch"].items()))
     return report
 
 
@@ -518,9 +585,8 @@ def train_rllib(args: Args, run_dir: Path | None = None) -> tuple[Path, Any]:
     writer = SummaryWriter(str(run_dir))
     writer.add_text("hparams", json.dumps(dataclasses.asdict(args), indent=1))
     eval_env = make_env(args.env_id, env_kwargs(args, args.backend), args.seed + 999)()
-    settings = ENV_SETTINGS[args.env_id]
     seeds = [10_000 + i for i in range(args.eval_episodes)]
-    base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in settings["baselines"]}
+    base = {b: np.mean([baseline_episode(eval_env, b, s)[0] for s in seeds]) for b in baselines(args)}
     best = max(base, key=lambda b: base[b])
     t0, steps, rollouts, last_eval = time.perf_counter(), 0, 0, {}
     bar = tqdm(total=args.total_timesteps, desc="rllib ppo", unit="step", disable=not args.progress)
@@ -644,8 +710,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results.with_suffix(".eval.json").write_text(json.dumps(report, indent=1) + "\n")
     from adactl.runtime.device import describe, device_and_dtype
 
-    machine = describe(*device_and_dtype(args.device, args.dtype)).label  # where the real-engine episodes ran
-    plot_comparison(report, results.with_suffix(".eval.png"), f"{args.env_id}, real backend on {machine}")
+    if args.traces:
+        where = f"replay of {args.profile or 'the shipped CPU model'}, {args.traces} traces"
+    else:
+        where = f"real backend on {describe(*device_and_dtype(args.device, args.dtype)).label}"  # held-out episodes
+    plot_comparison(report, results.with_suffix(".eval.png"), f"{args.env_id}, {where}")
     print(f"evaluation -> {results.with_suffix('.eval.json')}")
     return report
 

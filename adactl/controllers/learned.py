@@ -28,7 +28,7 @@ from adactl.estimators.step_time import shipped_step_time
 from adactl.interface import Controller, ScheduleState, StepRecord
 from adactl.runtime.types import StepPlan
 
-from .observations import DEFAULT_ACTION, SpecFeatures, StreamFeatures, apply_action
+from .observations import DEFAULT_ACTION, RowFeatures, SpecFeatures, StreamFeatures, apply_action
 from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
 
@@ -127,9 +127,10 @@ def _shipped_or_fresh_estimator() -> Any:
 
 
 class LearnedController(Controller):
-    """Loads a policy trained on `adactl/SpecDecode-v0` (acts: the batch's draft length) or
-    `adactl/Streaming-v0` (acts: ProgressServe's admission threshold, deferral margin and
-    in-flight cap)."""
+    """Loads a policy trained on `adactl/SpecDecode-v0` (acts: the batch's draft length, or with
+    `per_row` a cap and a threshold on each request's own acceptance estimate, so a draft
+    length per request) or `adactl/Streaming-v0` (acts: ProgressServe's admission threshold,
+    deferral margin and in-flight cap)."""
 
     name = "learned"
 
@@ -144,9 +145,11 @@ class LearnedController(Controller):
         self.last_action: Any = None
         if self.policy.env_id == "adactl/SpecDecode-v0":
             self.max_draft_len = int(kwargs.get("max_draft_len", 4))
-            # the features own their acceptance estimator and update it in `update` (it is not
-            # exposed as `self.estimator`, which the loop would update a second time)
-            self.features: Any = SpecFeatures(self.max_draft_len, step_time, _shipped_or_fresh_estimator())
+            self.per_row = bool(kwargs.get("per_row", False))
+            # the features own their acceptance estimators and update them in `update` (they are
+            # not exposed as `self.estimator`, which the loop would update a second time)
+            features = RowFeatures if self.per_row else SpecFeatures
+            self.features: Any = features(self.max_draft_len, step_time, _shipped_or_fresh_estimator())
             expected = self.features.size
         elif self.policy.env_id == "adactl/Streaming-v0":
             self.features = StreamFeatures(step_time)
@@ -165,9 +168,18 @@ class LearnedController(Controller):
             self.nonfinite += 1
         self.last_action = action
         if self.policy.env_id == "adactl/SpecDecode-v0":
-            k = 0 if action is None else min(int(action), state.max_draft_len)
             from dataclasses import replace
 
+            if self.per_row:
+                lengths = self.features.lengths(state, 0 if action is None else int(action))
+                run = state.plan.run
+                per_request = {
+                    v.request_id: min(int(c), state.max_draft_len)
+                    for v, c in zip(state.running, lengths.tolist())
+                    if run is None or v.request_id in run
+                }
+                return replace(state.plan, draft_len=per_request)
+            k = 0 if action is None else min(int(action), state.max_draft_len)
             return replace(state.plan, draft_len=k)
         a: Any = DEFAULT_ACTION if action is None else action
         apply_action(self.ps, a)

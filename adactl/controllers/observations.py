@@ -5,6 +5,8 @@ share these, so a policy sees the same features and its actions mean the same th
 training and in deployment:
 - `SpecFeatures`, `StreamFeatures`: each is called with a `ScheduleState` and returns a
   float32 vector in [0, 1]; `update(record)` feeds it the step's outcome;
+- the per-row `SpecDecode-v0` action (`row_lengths`, `ROW_TAUS`) and `RowFeatures`, which add
+  each running request's own acceptance estimate to `SpecFeatures`;
 - the `Streaming-v0` action space (`RISK_TARGETS`, `DEFER_STEPS`, `MAX_IN_FLIGHT`) and
   `apply_action`, which sets ProgressServe's knobs from an action.
 """
@@ -15,6 +17,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 from adactl.estimators.step_time import StepShape
 from adactl.interface import ScheduleState, StepRecord
@@ -85,6 +88,80 @@ class SpecFeatures:
         accepted = record.outcome.accepted
         if len(accepted):
             self.accepted_ema = 0.8 * self.accepted_ema + 0.2 * float(accepted.float().mean())
+
+
+# per-row SpecDecode-v0 actions: 0 is plain decoding; a >= 1 is a cap c and a threshold tau,
+# and row i drafts min(c, its room, the positions j whose estimated survival s_ij = prod_{l <= j}
+# alpha_il clears tau): the threshold-and-cap candidates of `sv.prefix_candidates`, on a grid.
+# tau = 0 is every row at c (the batch-wide action), so the batch policy's choices are among them.
+ROW_TAUS = (0.0, 0.15, 0.3, 0.4, 0.5, 0.6, 0.7, 0.85)
+
+
+def row_actions(max_draft_len: int) -> int:
+    """How many per-row actions there are for drafts of at most `max_draft_len`."""
+    return 1 + max_draft_len * len(ROW_TAUS)
+
+
+def row_lengths(survival: Any, room: Any, action: int) -> Any:
+    """[R] draft lengths of per-row action `action` (see `ROW_TAUS`) for rows of estimated
+    survival [R, K] and room [R] (tokens each row may still generate after this step's)."""
+    k = survival.shape[1]
+    if not 0 <= action < row_actions(k):
+        raise ValueError(f"a per-row action is in 0..{row_actions(k) - 1}, got {action}")
+    if action == 0 or survival.shape[0] == 0:
+        return torch.zeros(survival.shape[0], dtype=torch.long)
+    cap, tau = 1 + (action - 1) // len(ROW_TAUS), ROW_TAUS[(action - 1) % len(ROW_TAUS)]
+    above = ((survival >= tau) * torch.arange(1, k + 1)).amax(1)  # survival falls along a chain
+    return torch.minimum(torch.minimum(above, room), torch.tensor(cap)).long()
+
+
+class RowFeatures(SpecFeatures):
+    """`SpecFeatures` for per-row actions: each running request's own acceptance estimate
+    (`RequestAcceptance`, learned alongside the batch's moving average) summarised per
+    threshold of `ROW_TAUS`: the mean length rows would draft at it (uncapped) and the mean
+    tokens they would be expected to add, and the share of greedy rows."""
+
+    def __init__(self, max_draft_len: int, step_time: Any, estimator: Any = None) -> None:
+        from adactl.estimators.request_acceptance import RequestAcceptance
+
+        super().__init__(max_draft_len, step_time, estimator)
+        self.rows = RequestAcceptance(self.estimator if hasattr(self.estimator, "mean") else None)
+
+    @property
+    def size(self) -> int:
+        return super().size + 2 * len(ROW_TAUS) + 1
+
+    def survival(self, state: ScheduleState) -> Any:
+        """[R, K] each running request's estimated survival by draft position."""
+        running = state.running
+        greedy = [v.sampling.temperature <= 0 for v in running]
+        alpha = self.rows.alpha_of([v.request_id for v in running], greedy, self.max_draft_len)
+        return torch.cumprod(alpha.float(), 1)
+
+    def room(self, state: ScheduleState) -> Any:
+        k = self.max_draft_len
+        return torch.tensor([min(k, max(0, v.sampling.max_new_tokens - v.num_generated - 1)) for v in state.running],
+                            dtype=torch.long)  # fmt: skip
+
+    def lengths(self, state: ScheduleState, action: int) -> Any:
+        """[R] the draft length of each running request under per-row `action`."""
+        return row_lengths(self.survival(state), self.room(state), action)
+
+    def __call__(self, state: ScheduleState) -> np.ndarray:
+        base = super().__call__(state)
+        s, k = self.survival(state), self.max_draft_len
+        extra = []
+        for tau in ROW_TAUS:
+            chosen = s >= tau if len(s) else torch.zeros(0, k, dtype=torch.bool)
+            extra += [float(chosen.sum(1).float().mean()) / k if len(s) else 0.0,
+                      float((s * chosen).sum(1).mean()) / k if len(s) else 0.0]  # fmt: skip
+        greedy = [v.sampling.temperature <= 0 for v in state.running]
+        extra.append(float(np.mean(greedy)) if greedy else 0.0)
+        return np.concatenate([base, _clip(extra)])
+
+    def update(self, record: StepRecord) -> None:
+        super().update(record)
+        self.rows.update(record)
 
 
 class StreamFeatures:

@@ -96,12 +96,21 @@ class RequestGoodput(Controller):
         """[R] draft lengths maximising expected tokens per predicted second (the docstring's c*)."""
         survival = torch.cumprod(alpha, 1)  # [R, K]
         cands = prefix_candidates(survival, limit, self.taus)  # [C, R]
-        cands = cands[torch.argsort(cands.sum(1), stable=True)]  # fewest draft tokens first: ties go to less
-        tokens = (1 + expected_gain(survival).gather(1, cands.T)).sum(0).numpy()  # [C]
-        shapes = []
-        for c in cands:
-            ordered = sorted(c.tolist(), reverse=True)  # the engine's row order: longest draft first
-            fed, forwards = draft_work(ordered)
-            shapes.append(StepShape.of_lengths(ordered, fed, prefill, context, forwards=forwards))
-        rate = tokens / np.maximum(self.step_time.predict(shapes), 1e-6)
-        return cands[shortest_within(rate, self.margin)].long()
+        return cands[self.best(cands, survival, context, prefill)].long()
+
+    def best(self, cands: torch.Tensor, survival: torch.Tensor, context: int, prefill: int) -> int:
+        """The index of the candidate lengths [C, R] (rows of survival [R, K]) with the most
+        expected tokens per predicted second; of those within `margin` of it, the one drafting
+        fewest tokens (ties: the first)."""
+        order = torch.argsort(cands.sum(1), stable=True)  # fewest draft tokens first: ties go to less
+        ordered = cands[order]
+        tokens = (1 + expected_gain(survival).gather(1, ordered.T.long())).sum(0).numpy()  # [C]
+        rate = tokens / np.maximum(self.step_time.predict([ragged_shape(c, prefill, context) for c in ordered]), 1e-6)
+        return int(order[shortest_within(rate, self.margin)])
+
+
+def ragged_shape(lengths: torch.Tensor | list[int], prefill: int, context: int) -> StepShape:
+    """The shape of a chain step whose rows draft and verify `lengths` tokens each."""
+    ordered = sorted((int(c) for c in lengths), reverse=True)  # the engine's row order: longest draft first
+    fed, forwards = draft_work(ordered)
+    return StepShape.of_lengths(ordered, fed, prefill, context, forwards=forwards)
