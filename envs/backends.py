@@ -136,13 +136,13 @@ class Backend:
 
             step_time = step_cost_for(self.pair, profile, refine=False, max_batch=max_batch_size)
         elif step_time is None and profile is not None:
-            from adactl.bench.spec_replay import truth
+            from adactl.estimators.gpu_cost import replay_truth
             from adactl.estimators.step_cost import StepCostProfile
             from adactl.profiler import named_profile
 
             loaded = StepCostProfile.load(named_profile(profile))
             step_time = loaded.model(refine=False)
-            self.replay_time = truth(loaded)  # a computed GPU profile's physics, as bench spec --replay
+            self.replay_time = replay_truth(loaded)  # a computed GPU profile's physics, as bench spec --replay
         if step_time is None:
             from adactl.estimators.step_time import shipped_step_time, tiny_step_time
 

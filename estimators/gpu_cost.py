@@ -321,6 +321,16 @@ def computed_profile(cost: GpuStepCost) -> StepCostProfile:
     return StepCostProfile.from_steps(cost.fingerprint(), shapes, cost.predict_parts(shapes), meta, nonnegative=False)
 
 
+def replay_truth(profile: StepCostProfile) -> Any:
+    """What a replayed step costs: the physics of a computed profile (`computed_profile`'s
+    meta), else the profile's fitted model."""
+    m = profile.meta
+    if m.get("computed"):
+        return GpuStepCost(GPU(**m["gpu"]), ModelShape(**m["model"]), EngineCosts(**m["engine"]), int(m["tp"]),
+                           float(m["bytes_per_param"]))  # fmt: skip
+    return profile.model(refine=False)
+
+
 # -------------------------------------------------------------- calibration
 @dataclass(frozen=True)
 class Point:

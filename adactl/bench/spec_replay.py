@@ -34,8 +34,7 @@ from typing import Any
 import numpy as np
 
 from adactl.estimators import load_acceptance
-from adactl.estimators.gpu_cost import GPU as GpuFigures
-from adactl.estimators.gpu_cost import VLLM_ACCEPTANCE, EngineCosts, GpuStepCost, ModelShape
+from adactl.estimators.gpu_cost import VLLM_ACCEPTANCE, replay_truth
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
@@ -63,13 +62,7 @@ def conditional(acceptance: tuple[float, ...], positions: int = 8) -> list[float
     return out + out[-1:] * (positions - len(out))
 
 
-def truth(profile: StepCostProfile) -> Any:
-    """What a replayed step costs: the physics of a computed profile, else the profile's fitted model."""
-    m = profile.meta
-    if m.get("computed"):
-        return GpuStepCost(GpuFigures(**m["gpu"]), ModelShape(**m["model"]), EngineCosts(**m["engine"]), int(m["tp"]),
-                           float(m["bytes_per_param"]))  # fmt: skip
-    return profile.model(refine=False)
+truth = replay_truth  # what a replayed step costs (adactl.estimators.gpu_cost)
 
 
 @dataclass
