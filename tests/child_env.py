@@ -118,14 +118,16 @@ def build_wheel(out: Path) -> Path:
     return wheel
 
 
-def overlay(requirement: str, root: Path) -> Path:
-    """A folder with `requirement` and whatever it needs that this environment lacks or has in
-    a version it does not accept, pinned as pip resolves them against this environment (a
-    dry run), installed without dependencies; reused while the same pins are asked for."""
+def overlay(requirement: str | list[str], root: Path) -> Path:
+    """A folder with `requirement` (one, or several resolved together) and whatever it needs
+    that this environment lacks or has in a version it does not accept, pinned as pip resolves
+    them against this environment (a dry run), installed without dependencies; reused while
+    the same pins are asked for."""
+    wanted = [requirement] if isinstance(requirement, str) else list(requirement)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        pip(["install", "--dry-run", "--quiet", "--report", str(report), requirement],
-            f"resolve {requirement} against {sys.prefix}", REGISTRY_HINT)  # fmt: skip
+        pip(["install", "--dry-run", "--quiet", "--report", str(report), *wanted],
+            f"resolve {' '.join(wanted)} against {sys.prefix}", REGISTRY_HINT)  # fmt: skip
         pins = sorted(f"{i['metadata']['name']}=={i['metadata']['version']}" for i in json.loads(report.read_text())
                       ["install"])  # fmt: skip
     import hashlib

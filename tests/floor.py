@@ -5,8 +5,8 @@ allows (5.0.0; the cache API changed within 5.x: `cache=`, mask sizes).
 
 Runs on the running interpreter (a system Python, a venv, a conda environment), with
 transformers 5.0.0 and whatever it needs that this environment lacks (huggingface-hub < 2,
-tokenizers <= 0.23.0, ...) installed with `pip --target` into `.floor/<pins>/` and put first
-on `PYTHONPATH`; checked to be the transformers that loads before any test runs.
+tokenizers <= 0.23.0, a kernels its hub integration loads with, ...) installed with `pip
+--target` into `.floor/<pins>/` and put first on `PYTHONPATH`; checked to be the transformers that loads before any test runs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import sys
 from tests.child_env import REPO, EnvSetupError, overlay
 
 FLOOR = "transformers==5.0.0"
+# transformers 5.0.0 builds `kernels.LayerRepository`s at import when `kernels` is installed
+# (transformers 5.25 requires it); kernels >= 0.17 refuses them without a revision, so the
+# floor brings the last kernels its hub integration loads with (0.14-0.16 need kernels_data)
+WITH = ["kernels==0.12.3"]
 TESTS = [
     "tests/test_kv.py", "tests/test_verify.py", "tests/test_feature_draft.py", "tests/test_engine_greedy.py",
     "tests/test_engine_graphs.py", "tests/test_engine_trees.py", "tests/test_engine_batching.py",
@@ -27,7 +31,7 @@ TESTS = [
 
 def main(argv: list[str]) -> int:
     try:
-        folder = overlay(FLOOR, REPO / ".floor")
+        folder = overlay([FLOOR, *WITH], REPO / ".floor")
     except EnvSetupError as e:
         print(f"make test-floor: {e}", file=sys.stderr)
         return 1
