@@ -252,7 +252,8 @@ def run(args: ExportSettings) -> dict[str, Any]:
     if args.policy:
         name = "SpecDecode-v0" if args.policy == "shipped" else args.policy
         shipped = SHIPPED_MODELS / "policies" / f"{name}.safetensors"
-        policy = shipped if shipped.is_file() else args.policy  # a shipped policy by name, or a file
+        # a shipped policy by name (its path in the error if it is missing), or a file
+        policy = shipped if shipped.is_file() or args.policy == "shipped" else args.policy
         per_batch = policy_schedule(policy, step_time, args.max_batch, args.context)
     else:
         per_batch = schedule(step_time, _alpha(args), args.max_batch, args.context, candidates=args.candidates)

@@ -88,6 +88,9 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         self.backend = Backend(backend, prompts, model, noise, max(self.batch_sizes), True, max_draft_len,
                                device=device, dtype=dtype, profile=profile, traces=traces,
                                trace_split=trace_split)  # fmt: skip
+        recorded = self.backend.traces.max_draft if self.backend.traces is not None else max_draft_len
+        if max_draft_len > recorded:
+            raise ValueError(f"max_draft_len {max_draft_len} is more than the traces record ({recorded} positions)")
         self.per_row = per_row
         self._features = RowFeatures if per_row else SpecFeatures
         actions = row_actions(max_draft_len) if per_row else max_draft_len + 1
@@ -199,9 +202,10 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
             if trace is None:
                 prompt, reply = self.backend.request(self._rng)
                 temperature = self.temperature
-            else:  # a recorded request: its prompt, its length, its temperature
+                reply = max(reply, lo)
+            else:  # a recorded request: its prompt, its length (up to the longest), its temperature
                 prompt, reply, temperature = trace.prompt_len, trace.positions + 1, 0.0 if trace.greedy else 0.7
-            sampling = SamplingParams(min(max(reply, lo), hi), temperature=temperature, stop_on_eos=False,
+            sampling = SamplingParams(min(reply, hi), temperature=temperature, stop_on_eos=False,
                                       seed=int(self._rng.integers(2**31)))  # fmt: skip
             self.engine.add_request(prompt, sampling, **({"trace": trace} if trace is not None else {}))
 

@@ -6,7 +6,8 @@ allows (5.0.0; the cache API changed within 5.x: `cache=`, mask sizes).
 Runs on the running interpreter (a system Python, a venv, a conda environment), with
 transformers 5.0.0 and whatever it needs that this environment lacks (huggingface-hub < 2,
 tokenizers <= 0.23.0, a kernels its hub integration loads with, ...) installed with `pip
---target` into `.floor/<pins>/` and put first on `PYTHONPATH`; checked to be the transformers that loads before any test runs.
+--target` into `.floor/<pins>/` and put first on `PYTHONPATH`; checked to be the
+transformers that loads before any test runs.
 """
 
 from __future__ import annotations

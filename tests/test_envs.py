@@ -369,6 +369,8 @@ def test_per_row_env_replays_traces_and_drafts_by_each_requests_estimate():
     assert len(state.running) == 8
     assert {v.sampling.temperature for v in state.running} == {0.0, 0.7}
     assert all(isinstance(r.trace, RequestTrace) for r in u.engine._rows)
+    # each request runs its recorded length (up to the env's longest), not a stretched one
+    assert all(r.sampling.max_new_tokens == min(r.trace.positions + 1, 256) for r in u.engine._rows)
     # tau = 0 is the batch action: every row with room drafts the batch's length
     assert u.baseline_action("no-spec") == 0
     assert set(u.features.lengths(state, u.baseline_action("fixed-k2")).tolist()) == {2}
@@ -402,6 +404,8 @@ def test_per_row_env_replays_traces_and_drafts_by_each_requests_estimate():
         gym.make("adactl/SpecDecode-v0", backend="real", model="tiny", traces="mixed")
     with pytest.raises(ValueError, match="reward"):
         gym.make("adactl/SpecDecode-v0", reward="nope")
+    with pytest.raises(ValueError, match="traces record"):
+        gym.make("adactl/SpecDecode-v0", traces="mixed", max_draft_len=8)
     with pytest.raises(ValueError, match="per-row action"):
         u.features.lengths(u._state(), 99)
 
@@ -469,6 +473,10 @@ def test_per_row_policy_serves_a_draft_length_per_request(tmp_path):
     assert max(plan.draft_len.values()) <= 2
     schedule = policy_schedule(path, _tiny_step_time(), 8)
     assert len(schedule) == 8 and all(0 <= k <= 4 for (k,) in schedule)
+    # a per-row file whose actions do not match its space: refused at load, not at the first step
+    _fixed_policy(tmp_path / "short.safetensors", 0, RowFeatures(4, None).size, 5, {"per_row": True, "max_draft_len": 4})
+    with pytest.raises(PolicyError, match="33"):
+        LearnedController(tmp_path / "short.safetensors", step_time=_tiny_step_time())
 
 
 def test_ppo_trains_per_row_on_traces_and_evaluates_held_out_requests(tmp_path):

@@ -465,7 +465,10 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
         row["ratio_to_best"] = row["learned"] / row[best] if row[best] > 0 else float("nan")
         row["margin_to_best"] = row["learned"] - row[best]
         if args.traces:
-            row["ratio_by_batch"] = {b: c["learned"] / max(c[n] for n in names) for b, c in by_batch.items()}
+            row["ratio_by_batch"] = {  # each over the best analytic controller of its batch size
+                b: c["learned"] / top if (top := max(c[n] for n in names)) > 0 else float("nan")
+                for b, c in by_batch.items()
+            }
             row["by_batch"] = by_batch
         report[label] = row
         others = "  ".join(f"{b} {row[b]:.2f}" for b in names)
@@ -473,7 +476,8 @@ def compare(args: Args, path: Path) -> dict[str, Any]:
               f"ratio {row['ratio_to_best']:.3f}  margin {row['margin_to_best']:+.2f}   [{others}]",
               flush=True)  # fmt: skip
         if args.traces:
-            print("    by batch size: " + "  ".join(f"{b}: {r:.3f}" for b, r in row["ratio_by_batch"].items()))
+            ratios = "  ".join(f"{b}: {r:.3f}" for b, r in row["ratio_by_batch"].items())
+            print(f"    by batch size, over the best analytic of each: {ratios}")
     return report
 
 

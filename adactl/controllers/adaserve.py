@@ -107,19 +107,21 @@ class SLODraftLength(Controller):
                         new[i] = max(c_star, int(reach[0]))
                         break
             lengths = new
-        lengths = self._capped(lengths, gain, progress, prefill, context)
+        room = np.array([max(0, r.sampling.max_new_tokens - r.num_generated - 1) for r in running])
+        lengths = self._capped(np.minimum(lengths, room), room, gain, progress, prefill, context)
         if self.tree_width > 1:
             trees = {r.request_id: tree_of_depth(int(c), self.tree_width) for r, c in zip(running, lengths)}
             return replace(base, draft_len=0, tree=trees)
         return replace(base, draft_len={r.request_id: int(c) for r, c in zip(running, lengths)})
 
 
-    def _capped(self, lengths: np.ndarray, gain: np.ndarray, progress: list[tuple[float, float, float]],
-                prefill: int, context: int) -> np.ndarray:  # fmt: skip
-        """`lengths` capped at the m of the class docstring's last paragraph."""
+    def _capped(self, lengths: np.ndarray, room: np.ndarray, gain: np.ndarray,
+                progress: list[tuple[float, float, float]], prefill: int, context: int) -> np.ndarray:  # fmt: skip
+        """`lengths` capped at the m of the class docstring's last paragraph (rows at most their
+        `room`; over trees, each plan is priced as chains of the same lengths)."""
         s, n, e = (np.asarray(x, dtype=float) for x in zip(*progress))
         caps = sorted({int(c) for c in lengths} | {0})
-        cands = [np.minimum(lengths, m) for m in caps] + [np.full_like(lengths, m) for m in range(1, len(gain))]
+        cands = [np.minimum(lengths, m) for m in caps] + [np.minimum(room, m) for m in range(1, len(gain))]
         seconds = self.step_time.predict([StepShape.of_lengths(sorted(c.tolist(), reverse=True),
                                                                sorted(c.tolist(), reverse=True), prefill, context)
                                           for c in cands])  # fmt: skip

@@ -28,7 +28,7 @@ from adactl.estimators.step_time import shipped_step_time
 from adactl.interface import Controller, ScheduleState, StepRecord
 from adactl.runtime.types import StepPlan
 
-from .observations import DEFAULT_ACTION, RowFeatures, SpecFeatures, StreamFeatures, apply_action
+from .observations import DEFAULT_ACTION, RowFeatures, SpecFeatures, StreamFeatures, apply_action, row_actions
 from .prefill_budget import TTFTPrefillBudget
 from .progressserve import ProgressServe
 
@@ -150,6 +150,11 @@ class LearnedController(Controller):
             # not exposed as `self.estimator`, which the loop would update a second time)
             features = RowFeatures if self.per_row else SpecFeatures
             self.features: Any = features(self.max_draft_len, step_time, _shipped_or_fresh_estimator())
+            actions = row_actions(self.max_draft_len) if self.per_row else self.max_draft_len + 1
+            if self.policy.sizes != [actions]:
+                kind = " per row" if self.per_row else ""
+                raise PolicyError(f"the policy has {self.policy.sizes} actions; SpecDecode-v0 with max_draft_len "
+                                  f"{self.max_draft_len}{kind} has {actions}")  # fmt: skip
             expected = self.features.size
         elif self.policy.env_id == "adactl/Streaming-v0":
             self.features = StreamFeatures(step_time)
