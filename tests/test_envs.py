@@ -474,7 +474,8 @@ def test_per_row_policy_serves_a_draft_length_per_request(tmp_path):
     schedule = policy_schedule(path, _tiny_step_time(), 8)
     assert len(schedule) == 8 and all(0 <= k <= 4 for (k,) in schedule)
     # a per-row file whose actions do not match its space: refused at load, not at the first step
-    _fixed_policy(tmp_path / "short.safetensors", 0, RowFeatures(4, None).size, 5, {"per_row": True, "max_draft_len": 4})
+    kwargs = {"per_row": True, "max_draft_len": 4}
+    _fixed_policy(tmp_path / "short.safetensors", 0, RowFeatures(4, None).size, 5, kwargs)
     with pytest.raises(PolicyError, match="33"):
         LearnedController(tmp_path / "short.safetensors", step_time=_tiny_step_time())
 

@@ -18,7 +18,7 @@ the batch:
      its pace, 1 + E_i(v) >= T / s_i (the speculate step's steady-state need), and none if
      no v does. (With no minimum at all for a request behind, as AdaServe's description
      reads, the tight class of the mixed-SLO replay at 60 requests/s fell behind for good:
-     0.96x the best fixed k's attainment, 0.994x with the pace.)
+     0.96x the best fixed k's attainment, 1.00x with the pace.)
   2. the rest goes where it adds the most expected tokens per second: every candidate of
      Speculative Verification (survival threshold x cap) is raised to those minimums, and
      the one with the most requests expected on their SLO wins, then the one with the most
@@ -113,7 +113,6 @@ class SLODraftLength(Controller):
             trees = {r.request_id: tree_of_depth(int(c), self.tree_width) for r, c in zip(running, lengths)}
             return replace(base, draft_len=0, tree=trees)
         return replace(base, draft_len={r.request_id: int(c) for r, c in zip(running, lengths)})
-
 
     def _capped(self, lengths: np.ndarray, room: np.ndarray, gain: np.ndarray,
                 progress: list[tuple[float, float, float]], prefill: int, context: int) -> np.ndarray:  # fmt: skip
