@@ -185,11 +185,12 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
     def _goodput_req(self) -> int:
         import torch
 
+        from adactl.controllers.observations import row_lengths
         from adactl.controllers.request_goodput import RequestGoodput
 
         state = self._state()
-        survival = self.features.survival(state)
-        cands = torch.stack([self.features.lengths(state, a) for a in range(self.action_space.n)])
+        survival, room = self.features.survival(state), self.features.room(state)
+        cands = torch.stack([row_lengths(survival, room, a) for a in range(self.action_space.n)])
         chooser = RequestGoodput(self.backend.step_time, self.features.rows, explore=0.0)
         context = sum(v.context_len for v in state.running)
         return chooser.best(cands, survival, context, self.features.shape(state, 0).prefill_tokens)

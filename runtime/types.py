@@ -92,6 +92,11 @@ class RequestView:
     kv_ready_at: float | None = None  # a restore in flight: when its KV is back and it can decode (server clock)
     kv_blocks: int | None = None  # KV blocks it holds on the device (None: the server does not say)
 
+    @property
+    def draft_room(self) -> int:
+        """Draft tokens this request can still use: what it may generate after this step's one."""
+        return max(0, self.sampling.max_new_tokens - self.num_generated - 1)
+
 
 @dataclass(frozen=True)
 class KVState:

@@ -107,7 +107,7 @@ class SLODraftLength(Controller):
                         new[i] = max(c_star, int(reach[0]))
                         break
             lengths = new
-        room = np.array([max(0, r.sampling.max_new_tokens - r.num_generated - 1) for r in running])
+        room = np.array([r.draft_room for r in running])
         lengths = self._capped(np.minimum(lengths, room), room, gain, progress, prefill, context)
         if self.tree_width > 1:
             trees = {r.request_id: tree_of_depth(int(c), self.tree_width) for r, c in zip(running, lengths)}

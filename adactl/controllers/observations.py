@@ -139,9 +139,7 @@ class RowFeatures(SpecFeatures):
         return torch.cumprod(alpha.float(), 1)
 
     def room(self, state: ScheduleState) -> Any:
-        k = self.max_draft_len
-        return torch.tensor([min(k, max(0, v.sampling.max_new_tokens - v.num_generated - 1)) for v in state.running],
-                            dtype=torch.long)  # fmt: skip
+        return torch.tensor([min(self.max_draft_len, v.draft_room) for v in state.running], dtype=torch.long)
 
     def lengths(self, state: ScheduleState, action: int) -> Any:
         """[R] the draft length of each running request under per-row `action`."""
@@ -150,13 +148,13 @@ class RowFeatures(SpecFeatures):
     def __call__(self, state: ScheduleState) -> np.ndarray:
         base = super().__call__(state)
         s, k = self.survival(state), self.max_draft_len
-        extra = []
-        for tau in ROW_TAUS:
-            chosen = s >= tau if len(s) else torch.zeros(0, k, dtype=torch.bool)
-            extra += [float(chosen.sum(1).float().mean()) / k if len(s) else 0.0,
-                      float((s * chosen).sum(1).mean()) / k if len(s) else 0.0]  # fmt: skip
-        greedy = [v.sampling.temperature <= 0 for v in state.running]
-        extra.append(float(np.mean(greedy)) if greedy else 0.0)
+        extra = [0.0] * (2 * len(ROW_TAUS) + 1)
+        if len(s):
+            extra = []
+            for tau in ROW_TAUS:
+                chosen = s >= tau
+                extra += [float(chosen.sum(1).float().mean()) / k, float((s * chosen).sum(1).mean()) / k]
+            extra.append(float(np.mean([v.sampling.temperature <= 0 for v in state.running])))
         return np.concatenate([base, _clip(extra)])
 
     def update(self, record: StepRecord) -> None:

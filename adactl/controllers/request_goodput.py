@@ -76,7 +76,7 @@ class RequestGoodput(Controller):
         self.fallback_rows += int(bad.sum())
         alpha = torch.where(bad[:, None], torch.zeros_like(alpha), alpha.clamp(0.0, 1.0))
         views = [every[i] for i in running]
-        room = torch.tensor([max(0, r.sampling.max_new_tokens - r.num_generated - 1) for r in views])
+        room = torch.tensor([r.draft_room for r in views])
         lengths = self.allocate(
             alpha,
             torch.clamp(room, max=k),
