@@ -37,6 +37,7 @@ from adactl.controllers import (
     NoSpeculation,
     ProgressServe,
     RequestGoodput,
+    RequestGoodputTree,
     SLODraftLength,
     SpeculativeVerification,
     TreeDraft,
@@ -75,7 +76,7 @@ class StackContext:
     step_time: the machine's step-cost model (None only for stacks that never predict a cost:
     see `costs_steps`); acceptance: estimator name (one of `ACCEPTANCE`) -> a fresh estimator;
     prefill_budget: prompt tokens per step of the static budgets; max_running: the in-flight
-    cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `slo-tree`."""
+    cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `goodput-req-tree`, `slo-tree`."""
 
     step_time: StepTimePredictor | None
     acceptance: Callable[[str], Estimator] = no_acceptance
@@ -182,6 +183,11 @@ REGISTRY: tuple[Entry, ...] = (
           "tree depth from the goodput length (no draft when it is 0), tree_width alternatives per level",
           lambda c, n: GoodputTree(c.cost(), c.acceptance("moving_average"), c.tree_width),
           speculates=True, costs_steps=True),
+    Entry("goodput-req-tree", r"goodput-req-tree", "schedule", "token tree per request",
+          "per-request goodput over token trees: each request's own tree depth (or chain length) from its own "
+          "acceptance, tree_width alternatives per level, the batch's budget where it pays most",
+          lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average")), c.tree_width),
+          speculates=True, costs_steps=True),
     Entry("slo-tree", r"slo-tree", "schedule", "token tree per request",
           "slo over token trees of tree_width alternatives per level",
           lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average"), tree_width=c.tree_width),
@@ -223,7 +229,8 @@ KINDS = {  # controllers that make the same decision; a stack has at most one of
     "admission": {"fcfs", "fcfs-seqs{N}", "edf", "andes", "progressserve", "learned-stream", "vllm-v1", "tokenflow",
                   "vllm-v1-seqs{N}-tokens{T}", "vllm-v1-offload", "vllm-v1-priority"},
     "draft-length": {"no-spec", "fixed-k{K}", "heuristic", "bucket-ema", "goodput", "slo", "tree-d{D}w{W}n{N}",
-                     "goodput-tree", "slo-tree", "learned-spec", "goodput-req", "learned-spec-h100"},
+                     "goodput-tree", "slo-tree", "learned-spec", "goodput-req", "learned-spec-h100",
+                     "goodput-req-tree"},
 }  # fmt: skip
 
 

@@ -36,8 +36,21 @@ the replay of the computed H100 it predicted 0.91 at position 3 for a population
 accept 0.5 on average, and lost 5% to the batch-mean goodput length at batch 64.)
 
 At the verify decision it gives the same numbers for the drafted rows (it does not read the
-drafts). A request's term is dropped when it finishes. Token trees: a node reads its level's
-alpha; only chain steps are learned from.
+drafts). A request's term is dropped when it finishes.
+
+Token trees have their own per-kind terms: on a tree step the observation at level j is
+whether the accepted path went one level deeper, given it reached j (`level_labels`: with
+`width` alternatives per level it is accepted more often than a chain's position j), and
+
+    alpha^tree_ij = sigmoid(nu_gj + b_i)
+
+with the same request offset b_i (a request whose draft the target agrees with does so in
+both shapes) and nu_gj started at 1 - (1 - alpha_gj)(1 - `sibling_prior`): the chance that
+one of the level's later alternatives is accepted when the first is not (0.3, the
+`GoodputTree` prior; the shipped ShareGPT tree traces give 0.12 greedy and 0.16 at
+temperature 0.7 for the second of two, which the tree steps teach it). `tree_alpha_of`
+reads them (`RequestGoodputTree`); a tree node's alpha at the verify decision is still its
+level's chain alpha (`predict`).
 """
 
 from __future__ import annotations
@@ -50,7 +63,7 @@ from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import DraftBatch
 
 from .base import AcceptancePredictor
-from .features import acceptance_labels
+from .features import level_labels
 from .moving_average import MovingAverage
 
 
@@ -63,30 +76,40 @@ class RequestAcceptance(AcceptancePredictor):
     name = "request"
 
     def __init__(self, prior: MovingAverage | None = None, prior_sd: float = 0.5, decay: float = 0.97,
-                 kind_decay: float = 0.995, h0: float = 20.0, cap: float = 0.98) -> None:  # fmt: skip
-        base = _logit((prior if prior is not None else MovingAverage()).mean.float())
+                 kind_decay: float = 0.995, h0: float = 20.0, cap: float = 0.98,
+                 sibling_prior: float = 0.3) -> None:  # fmt: skip
+        chain = (prior if prior is not None else MovingAverage()).mean.float()
+        base, tree = _logit(chain), _logit(1 - (1 - chain) * (1 - sibling_prior))
         self.mu = {True: base.clone(), False: base.clone()}  # [P] per kind: greedy rows, sampled rows
         self.info = {True: torch.zeros_like(base), False: torch.zeros_like(base)}  # H_gj
+        self.tree_mu = {True: tree.clone(), False: tree.clone()}  # nu_gj: tree levels
+        self.tree_info = {True: torch.zeros_like(base), False: torch.zeros_like(base)}
         self.prior_sd, self.decay, self.kind_decay, self.h0, self.cap = prior_sd, decay, kind_decay, h0, cap
+        self.sibling_prior = sibling_prior
         self.offset: dict[str, float] = {}  # b_i
         self.evidence: dict[str, float] = {}  # H_i
 
-    def kind_logits(self, greedy: bool, k: int) -> torch.Tensor:
-        """[k] mu_gj for positions 0 .. k-1 (the last position repeats)."""
-        mu = self.mu[greedy]
+    def kind_logits(self, greedy: bool, k: int, tree: bool = False) -> torch.Tensor:
+        """[k] mu_gj (tree: nu_gj) for positions 0 .. k-1 (the last position repeats)."""
+        mu = (self.tree_mu if tree else self.mu)[greedy]
         return mu[:k] if k <= len(mu) else torch.cat([mu, mu[-1:].expand(k - len(mu))])
 
     def kind_alpha(self, greedy: bool, k: int) -> torch.Tensor:
         """[k] sigmoid(mu_gj): a request of this kind before it is observed."""
         return torch.sigmoid(self.kind_logits(greedy, k))
 
-    def alpha_of(self, request_ids: tuple[str, ...] | list[str], greedy: list[bool], k: int) -> torch.Tensor:
-        """[R, k] alpha_ij of the requests (the docstring's formula)."""
+    def alpha_of(self, request_ids: tuple[str, ...] | list[str], greedy: list[bool], k: int,
+                 tree: bool = False) -> torch.Tensor:  # fmt: skip
+        """[R, k] alpha_ij of the requests (the docstring's formula; tree: alpha^tree_ij, per level)."""
         if not request_ids:
             return torch.zeros(0, k)
-        mu = torch.stack([self.kind_logits(g, k) for g in greedy])  # [R, k]
+        mu = torch.stack([self.kind_logits(g, k, tree) for g in greedy])  # [R, k]
         b = torch.tensor([self.offset.get(r, 0.0) for r in request_ids])[:, None]  # [R, 1]
         return torch.sigmoid(mu + b).clamp(0.0, self.cap)
+
+    def tree_alpha_of(self, request_ids: tuple[str, ...] | list[str], greedy: list[bool], k: int) -> torch.Tensor:
+        """[R, k] the chance each request's tree path goes one level deeper at levels 0 .. k-1."""
+        return self.alpha_of(request_ids, greedy, k, tree=True)
 
     def before_drafting(self, state: ScheduleState) -> torch.Tensor:
         running = state.running
@@ -103,17 +126,20 @@ class RequestAcceptance(AcceptancePredictor):
 
     def update(self, record: StepRecord) -> None:
         d = record.drafts
-        if d.parents is None and d.tokens.shape[1] and d.request_ids:
-            self._learn(d.request_ids, d.greedy.tolist(), *acceptance_labels(record))
+        if d.tokens.shape[1] and d.request_ids:
+            tree = d.parents is not None
+            self._learn(d.request_ids, d.greedy.tolist(), *level_labels(record), tree=tree)
         for rid in record.outcome.finished:
             self.offset.pop(rid, None)
             self.evidence.pop(rid, None)
 
-    def _learn(self, ids: tuple[str, ...], greedy: list[bool], observed: torch.Tensor, label: torch.Tensor) -> None:
-        """One Newton step for each observed request's b_i and each kind's mu_gj (the docstring)."""
-        k = min(observed.shape[1], len(self.mu[True]))
+    def _learn(self, ids: tuple[str, ...], greedy: list[bool], observed: torch.Tensor, label: torch.Tensor,
+               tree: bool = False) -> None:  # fmt: skip
+        """One Newton step for each observed request's b_i and each kind's mu_gj (tree: nu_gj)."""
+        mu, infos = (self.tree_mu, self.tree_info) if tree else (self.mu, self.info)
+        k = min(observed.shape[1], len(mu[True]))
         observed, label = observed[:, :k], label[:, :k]
-        p = self.alpha_of(ids, greedy, k).clamp(1e-4, 1 - 1e-4)  # [B, k] before this step
+        p = self.alpha_of(ids, greedy, k, tree).clamp(1e-4, 1 - 1e-4)  # [B, k] before this step
         residual = torch.where(observed, label - p, 0.0)
         weight = torch.where(observed, p * (1 - p), 0.0)
         lam = 1.0 / self.prior_sd**2
@@ -126,18 +152,27 @@ class RequestAcceptance(AcceptancePredictor):
         for g in (True, False):
             rows = torch.tensor(greedy) == g
             if bool(rows.any()):
-                info = self.kind_decay * self.info[g][:k] + weight[rows].sum(0)
-                self.mu[g][:k] += residual[rows].sum(0) / (info + self.h0)
-                self.info[g][:k] = info
+                info = self.kind_decay * infos[g][:k] + weight[rows].sum(0)
+                mu[g][:k] += residual[rows].sum(0) / (info + self.h0)
+                infos[g][:k] = info
 
     def to_dict(self) -> dict[str, Any]:
         return {"prior_sd": self.prior_sd, "decay": self.decay, "kind_decay": self.kind_decay, "h0": self.h0,
                 "cap": self.cap, "greedy": torch.sigmoid(self.mu[True]).tolist(),
-                "sampled": torch.sigmoid(self.mu[False]).tolist()}  # fmt: skip
+                "sampled": torch.sigmoid(self.mu[False]).tolist(), "sibling_prior": self.sibling_prior,
+                "tree_greedy": torch.sigmoid(self.tree_mu[True]).tolist(),
+                "tree_sampled": torch.sigmoid(self.tree_mu[False]).tolist()}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RequestAcceptance:
-        out = cls(prior_sd=d["prior_sd"], decay=d["decay"], kind_decay=d["kind_decay"], h0=d["h0"], cap=d["cap"])
-        out.mu = {True: _logit(torch.tensor(d["greedy"])), False: _logit(torch.tensor(d["sampled"]))}
-        out.info = {g: torch.zeros_like(out.mu[g]) for g in (True, False)}
+        sibling = d.get("sibling_prior", 0.3)  # (saved before tree terms: they start from their prior)
+        out = cls(prior_sd=d["prior_sd"], decay=d["decay"], kind_decay=d["kind_decay"], h0=d["h0"], cap=d["cap"],
+                  sibling_prior=sibling)  # fmt: skip
+        for g, key in ((True, "greedy"), (False, "sampled")):
+            chain = torch.tensor(d[key])
+            out.mu[g] = _logit(chain)
+            out.tree_mu[g] = _logit(
+                torch.tensor(d[f"tree_{key}"]) if f"tree_{key}" in d else 1 - (1 - chain) * (1 - sibling)
+            )
+            out.info[g], out.tree_info[g] = torch.zeros_like(chain), torch.zeros_like(chain)
         return out

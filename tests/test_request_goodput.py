@@ -1,5 +1,6 @@
 """Per-request speculation (issue 34): per-request acceptance before drafting, the batch's
-draft tokens allocated across requests, the per-request oracle, and bad per-row actions."""
+draft tokens (chains) or tree depths allocated across requests, the per-request oracle, and
+bad per-row actions."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ import pytest
 import torch
 
 from adactl.bench.spec_replay import truth
-from adactl.controllers import GoodputLength, RequestGoodput, request_oracle
+from adactl.controllers import GoodputLength, GoodputTree, RequestGoodput, RequestGoodputTree, TreeDraft, request_oracle
 from adactl.estimators import MovingAverage, RequestAcceptance
+from adactl.estimators.features import level_labels
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.estimators.step_time import StepShape
 from adactl.interface import AcceptanceEstimate, ScheduleState
 from adactl.loop import ControlLoop
 from adactl.profiler import named_profile
-from adactl.runtime import SamplingParams, StepPlan
+from adactl.runtime import SamplingParams, StepPlan, TreeSpec
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.shapes import draft_work
 from adactl.runtime.traces import SIGNALS, AcceptanceTraces, RequestTrace
@@ -236,3 +238,121 @@ def test_a_mixed_pass_gives_requests_the_temperatures_in_turn_by_pairs():
 
     assert [request_temperature(MIXED, i, [0.0, 0.7]) for i in range(6)] == [0.0, 0.0, 0.7, 0.7, 0.0, 0.0]
     assert request_temperature(0.7, 3, [0.0, 0.7]) == 0.7
+
+
+def tree_trace(first: float, second: float, greedy: bool = True, positions: int = 128, depth: int = 6) -> RequestTrace:
+    """A request whose draft's first alternative at every level is accepted with probability
+    `first` and, when it is not, the second with `second` (sibling-conditional), with its
+    width-2 tree growth of `depth` levels recorded as the engine grows it (EAGLE-2: the two
+    best nodes of a level expanded, every proposed node kept best first)."""
+    value = {0: first, 1: (1 - first) * second}  # a node's path-value factor by sibling rank
+    nodes: list[tuple[float, int, int, int]] = []  # (value, depth, parent, rank), in creation order
+    frontier = [-1]
+    for level in range(depth):
+        made = []
+        for parent in frontier:
+            base = nodes[parent][0] if parent >= 0 else 1.0
+            for rank in (0, 1):
+                nodes.append((base * value[rank], level, parent, rank))
+                made.append(len(nodes) - 1)
+        frontier = sorted(made, key=lambda i: (-nodes[i][0], i))[:2]
+    order = sorted(range(len(nodes)), key=lambda i: (-nodes[i][0], nodes[i][1], i))
+    where = {old: new for new, old in enumerate(order)}
+    parents = np.array([where.get(nodes[i][2], -1) for i in order], np.int64)
+    ratio = np.array([first if nodes[i][3] == 0 else second for i in order], np.float32)
+    signals = np.full((positions, len(order), len(SIGNALS)), 0.5, np.float32)
+    tree = RequestTrace(8, greedy, np.tile(ratio, (positions, 1)), signals, parents=np.tile(parents, (positions, 1)),
+                        tree_width=2, tree_depth=depth)  # fmt: skip
+    chain = trace(first, greedy, positions)
+    return RequestTrace(chain.prompt_len, greedy, chain.ratio, chain.signals, tree=tree)
+
+
+def test_the_synthetic_tree_trace_is_a_tree_the_replay_reads():
+    t = tree_trace(0.8, 0.5).tree
+    assert t is not None and t.ratio.shape[1] == 2 + 4 * 5
+    parents = t.parents[0]
+    assert all(p < j for j, p in enumerate(parents))  # parents before children, best first
+    ids, kept = t.tree_draft(3, 2, 4)
+    assert kept.tolist() == [-1, 0, -1, 0]  # by path value: 0.8, 0.8 x 0.8, 0.2 x 0.5, 0.8 x 0.2 x 0.5
+
+
+@pytest.mark.parametrize("rows", [4, 64])
+def test_per_request_trees_take_the_better_of_trees_and_per_request_lengths(h100, rows):
+    """Half the requests' drafts agree with the target (a level's first alternative accepted
+    80% of the time, the second 50% when it is not), half not (15%, 5%), on the computed H100.
+    At 4 rows verifying is nearly free and a second alternative per level pays: per-request
+    trees beat per-request chains. At 64, past the knee, trees cost more than they add and
+    what pays is drafting for the requests that accept: per-request trees beat one tree depth
+    for the whole batch (and draft mostly chains, longer for the first half)."""
+    traces = AcceptanceTraces([tree_trace(0.8, 0.5), tree_trace(0.15, 0.05)])  # requests take them in turn
+
+    def run(schedule):
+        return serve(ReplayEngine(h100, traces=traces, max_batch_size=rows), [schedule], n=rows, total=6 * rows)
+
+    controller = RequestGoodputTree(h100, RequestAcceptance(MovingAverage(), prior_sd=1.5))  # the population's spread
+    rate, records, loop = run(controller)
+    batch = run(GoodputTree(h100, MovingAverage()))[0]
+    chains = run(RequestGoodput(h100, RequestAcceptance(MovingAverage(), prior_sd=1.5)))[0]
+    assert rate >= 0.99 * max(batch, chains), (rate, batch, chains)
+    trees = sum(isinstance(r.plan.tree, dict) for r in records[16:]) / len(records[16:])
+    if rows == 4:  # measured 820 / 810 / 780 tokens/s
+        assert rate > 1.03 * chains and trees > 0.9, (rate, chains, trees)
+    else:  # measured 9,534 / 8,934 / 9,521
+        assert rate > 1.04 * batch and trees < 0.5, (rate, batch, trees)
+        drafted: dict[bool, list[int]] = {True: [], False: []}
+        for record in records[16:]:
+            for rid, n in zip(record.drafts.request_ids, record.outcome.drafted.tolist()):
+                drafted[int(rid.split("-")[1]) % 2 == 0].append(n)
+        assert np.mean(drafted[True]) > np.mean(drafted[False]) + 0.5
+    assert not loop.fallbacks and controller.fallback_rows == 0
+
+
+def test_the_estimator_learns_tree_levels_apart_from_chain_positions(h100):
+    """Tree steps teach the tree terms the rate at which a (4, 2, 8) tree's path goes one
+    level deeper (about 0.89 / 0.86 / 0.74 at levels 0 / 1 / 2 here: the first alternative 0.8,
+    the second 0.5 when it is not, fewer alternatives kept deeper down), from their prior
+    1 - 0.5 x 0.7 = 0.65, and leave the chain's per-position terms where they were."""
+    traces = AcceptanceTraces([tree_trace(0.8, 0.5)])
+    engine = ReplayEngine(h100, traces=traces, max_batch_size=8)
+    for i in range(8):
+        engine.add_request(8, SamplingParams(96, seed=i))
+    estimator = RequestAcceptance(MovingAverage())
+    chain_before = estimator.kind_alpha(True, 4).clone()
+    loop = ControlLoop(engine, schedule=[TreeDraft(TreeSpec(4, 2, 8))], max_draft_len=6, clock=engine.clock)
+    observed, deeper = torch.zeros(3), torch.zeros(3)
+
+    def learn(record) -> None:
+        estimator.update(record)
+        seen, label = level_labels(record)
+        if seen.shape[1] >= 3:  # a tree step (not the prefill)
+            observed.add_(seen[:, :3].float().sum(0))
+            deeper.add_((label * seen)[:, :3].sum(0))
+
+    loop.run(on_step=learn)
+    tree = torch.sigmoid(estimator.kind_logits(True, 3, tree=True))
+    rate = deeper / observed
+    assert bool((rate - tree).abs().max() < 0.1) and bool((tree > 0.65).all()), (tree, rate)
+    assert torch.equal(estimator.kind_alpha(True, 4), chain_before)
+    back = RequestAcceptance.from_dict(estimator.to_dict())  # saved and loaded with its tree terms
+    assert torch.allclose(torch.sigmoid(back.kind_logits(True, 3, tree=True)), tree, atol=1e-4)
+    old = {k: v for k, v in estimator.to_dict().items() if not k.startswith("tree_") and k != "sibling_prior"}
+    prior = RequestAcceptance.from_dict(old)  # a dict saved before tree terms: they start from their prior
+    a = prior.kind_alpha(True, 3)
+    assert torch.allclose(torch.sigmoid(prior.kind_logits(True, 3, tree=True)), 1 - (1 - a) * 0.7, atol=1e-4)
+
+
+def test_a_row_without_a_usable_estimate_drafts_no_tree_and_the_others_go_on(h100):
+    traces = AcceptanceTraces([tree_trace(0.8, 0.5)])
+    engine = ReplayEngine(h100, traces=traces, max_batch_size=4)
+    ids = [engine.add_request(8, SamplingParams(64, seed=i)) for i in range(3)]
+    engine.step(StepPlan(prefill_budget=100))
+    state = ScheduleState(engine.clock(), tuple(engine.requests()), 6)
+    alpha = torch.full((3, 6), 0.8)
+    alpha[1, 2] = float("nan")
+    controller = RequestGoodputTree(h100, MovingAverage(), explore=0.0)  # tree levels: 1 - 0.2 x 0.7
+    plan = controller.act(state, AcceptanceEstimate(alpha))
+    assert isinstance(plan.tree, dict) and ids[1] not in plan.tree and {ids[0], ids[2]} <= set(plan.tree)
+    assert controller.fallback_rows == 1
+    engine.step(plan)  # the replay serves the plan: each named row its tree, the other plain decoding
+    with pytest.raises(ValueError, match="width >= 2"):
+        RequestGoodputTree(h100, width=1)

@@ -32,6 +32,8 @@ With `--trees`, token-tree stacks run next to them on the same prompts and seeds
   allocation of the verify budget over all rows' nodes (calibrated draft confidence);
 - `goodput-tree,tree-alloc`: tree depth from the goodput length (no draft when c* = 0), then
   the global allocation;
+- `goodput-req-tree,tree-alloc`: a tree depth (or chain length) per request from its own
+  acceptance, the batch's budget where it pays most, then the global allocation;
 - `tree-oracle`: the best fixed tree of that batch size, verified with the target's verdict.
 `--controllers` runs any other stacks instead (';'-separated).
 `ratio_best_chain` compares each run with the best chain controller of its batch size (the
@@ -98,7 +100,8 @@ def stacks(ks: list[int], sv_k: int) -> list[str]:
 
 def tree_stacks(trees: list[TreeSpec], alloc_tree: TreeSpec) -> list[str]:
     """The token-tree stacks of `--trees`."""
-    return [*(TreeDraft(t).name for t in trees), f"{TreeDraft(alloc_tree).name},tree-alloc", "goodput-tree,tree-alloc"]
+    return [*(TreeDraft(t).name for t in trees), f"{TreeDraft(alloc_tree).name},tree-alloc", "goodput-tree,tree-alloc",
+            "goodput-req-tree,tree-alloc"]  # fmt: skip
 
 
 def tree_spec(text: str) -> TreeSpec:

@@ -13,8 +13,9 @@ Both satisfy the protocols in `adactl.interface` and run in `adactl.loop.Control
 - `SLODraftLength` + `AdaServe`: draft and verify lengths that keep each request on its TPOT
   SLO first, then throughput;
 - token trees: `TreeDraft` (a fixed tree), `GoodputTree` (tree depth from the goodput
-  length), `GlobalTreeAllocation` (the verify budget spent on the nodes of highest survival
-  across the batch); `SLODraftLength(tree_width=...)` + `AdaServe` over trees;
+  length), `RequestGoodputTree` (a tree depth per request), `GlobalTreeAllocation` (the
+  verify budget spent on the nodes of highest survival across the batch);
+  `SLODraftLength(tree_width=...)` + `AdaServe` over trees;
 - `oracle` (benchmarks only): verification with the target's verdict known in advance
   (chains and trees); `request_oracle` (the replay only): per-request draft lengths knowing
   each request's acceptance in hindsight, or (`lookahead=True`) each step's verdict.
@@ -48,7 +49,7 @@ from .request_goodput import RequestGoodput
 from .sv import SpeculativeVerification
 from .threshold import ConfidenceStop
 from .tokenflow import BufferOffload
-from .trees import GlobalTreeAllocation, GoodputTree, TreeDraft
+from .trees import GlobalTreeAllocation, GoodputTree, RequestGoodputTree, TreeDraft
 from .vllm_v1 import VLLMv1
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "PolicyError",
     "ProgressServe",
     "RequestGoodput",
+    "RequestGoodputTree",
     "SLODraftLength",
     "SpeculativeVerification",
     "TTFTPrefillBudget",

@@ -41,7 +41,7 @@ import torch
 
 from adactl.estimators.request_acceptance import RequestAcceptance
 from adactl.estimators.step_time import StepShape, StepTimePredictor
-from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState
+from adactl.interface import AcceptanceEstimate, Controller, Estimator, RequestView, ScheduleState
 from adactl.runtime.shapes import draft_work
 from adactl.runtime.types import StepPlan
 
@@ -77,9 +77,10 @@ class RequestGoodput(Controller):
         alpha = torch.where(bad[:, None], torch.zeros_like(alpha), alpha.clamp(0.0, 1.0))
         views = [every[i] for i in running]
         room = torch.tensor([r.draft_room for r in views])
-        lengths = self.allocate(
+        lengths, tree = self.choose(
+            views,
             alpha,
-            torch.clamp(room, max=k),
+            torch.where(bad, 0, torch.clamp(room, max=k)),  # (a threshold of 0 would give a bad row the cap)
             sum(r.context_len for r in views),
             min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting)),
         )
@@ -90,7 +91,15 @@ class RequestGoodput(Controller):
             elif self.rng.random() >= self.explore:  # or, now and then, a step of its own: every row
                 can &= False
             lengths = torch.where(can, torch.ones_like(lengths), lengths)
-        return replace(state.plan, draft_len={r.request_id: int(c) for r, c in zip(views, lengths.tolist())})
+        return self.plan_of(state.plan, views, lengths.tolist(), tree)
+
+    def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
+               prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        """[R] draft lengths of the running rows, and whether they are tree depths (here: chains)."""
+        return self.allocate(alpha, limit, context, prefill), False
+
+    def plan_of(self, plan: StepPlan, views: list[RequestView], lengths: list[int], tree: bool) -> StepPlan:
+        return replace(plan, draft_len={r.request_id: int(c) for r, c in zip(views, lengths)})
 
     def allocate(self, alpha: torch.Tensor, limit: torch.Tensor, context: int, prefill: int) -> torch.Tensor:
         """[R] draft lengths maximising expected tokens per predicted second (the docstring's c*)."""
@@ -102,11 +111,15 @@ class RequestGoodput(Controller):
         """The index of the candidate lengths [C, R] (rows of survival [R, K]) with the most
         expected tokens per predicted second; of those within `margin` of it, the one drafting
         fewest tokens (ties: the first)."""
+        return self.rated(cands, survival, [ragged_shape(c, prefill, context) for c in cands])[0]
+
+    def rated(self, cands: torch.Tensor, survival: torch.Tensor, shapes: list[StepShape]) -> tuple[int, float]:
+        """`best` on candidates priced as `shapes` (one per candidate): its index and rate."""
         order = torch.argsort(cands.sum(1), stable=True)  # fewest draft tokens first: ties go to less
-        ordered = cands[order]
-        tokens = (1 + expected_gain(survival).gather(1, ordered.T.long())).sum(0).numpy()  # [C]
-        rate = tokens / np.maximum(self.step_time.predict([ragged_shape(c, prefill, context) for c in ordered]), 1e-6)
-        return int(order[shortest_within(rate, self.margin)])
+        tokens = (1 + expected_gain(survival).gather(1, cands[order].T.long())).sum(0).numpy()  # [C]
+        rate = tokens / np.maximum(self.step_time.predict([shapes[int(i)] for i in order]), 1e-6)
+        pick = shortest_within(rate, self.margin)
+        return int(order[pick]), float(rate[pick])
 
 
 def ragged_shape(lengths: torch.Tensor | list[int], prefill: int, context: int) -> StepShape:

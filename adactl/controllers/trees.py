@@ -5,7 +5,9 @@ Drafting (schedule decision):
   nodes kept), the tree counterpart of a fixed draft length;
 - `GoodputTree`: the shape follows the load: a chain or a tree, and how deep, whichever the
   step-time model and the measured per-level acceptance of each say yields the most tokens
-  per second (nothing at all on a busy batch, where verification is no longer nearly free).
+  per second (nothing at all on a busy batch, where verification is no longer nearly free);
+- `RequestGoodputTree`: the same per request: each request its own tree depth (or chain
+  length) from its own acceptance, the batch's budget where it pays most.
 
 Verification (the poster's batch-aware allocation), `GlobalTreeAllocation`: every drafted
 node j of every row i has a survival s_ij = prod of alpha over j and its ancestors (the
@@ -27,16 +29,18 @@ children, so every v_i verifies a tree.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import StepShape, StepTimePredictor
-from adactl.interface import Controller, ScheduleState, StepRecord
+from adactl.interface import Controller, Estimator, RequestView, ScheduleState, StepRecord
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .sv import SpeculativeVerification
+from .request_goodput import RequestGoodput, ragged_shape
+from .sv import SpeculativeVerification, prefix_candidates
 
 
 class TreeDraft(Controller):
@@ -113,6 +117,73 @@ class GoodputTree(Controller):
             self.tree_seen = True
         elif int(record.drafts.draft_len.sum()) > 0:
             self.chain.update(record)
+
+
+class RequestGoodputTree(RequestGoodput):
+    """Per-request token trees: each running request drafts its own tree depth (or chain
+    length), the batch's draft and verify budget allocated where it pays (the poster's global
+    tree allocation, before drafting; `RequestGoodput` on chains).
+
+    Each request i has, before drafting, its chain acceptance alpha_ij and its tree-level
+    acceptance alpha^tree_ij (the chance the accepted path of a `width`-wide tree goes one
+    level deeper at level j: `RequestAcceptance.tree_alpha_of`, learned from the tree steps
+    it serves; another estimator: 1 - (1 - alpha_ij)(1 - `sibling_prior`)). A tree of depth
+    d_i (`tree_of_depth`: `width` nodes a level) yields 1 + sum_{j < d_i} prod_{l <= j}
+    alpha^tree_il tokens in expectation, and costs `width` verify tokens a level and
+    1 + `width` (d_i - 1) draft tokens in max_i d_i draft forwards. The depths are searched
+    like the chain lengths (every survival threshold and cap, `prefix_candidates`), and the
+    plan with the most expected tokens per predicted second wins, chains or trees: a tree
+    only where it beats the best chain plan by `margin`. So a batch of requests the draft
+    serves well drafts deep trees for them and nothing for the others, a loaded batch drafts
+    nothing, and a batch where a second alternative adds less than its nodes cost drafts
+    chains. `GlobalTreeAllocation` (tree-alloc) then verifies the drafted nodes that pay.
+    Exploration and the bad-row rule are `RequestGoodput`'s."""
+
+    name = "goodput-req-tree"
+
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, width: int = 2,
+                 sibling_prior: float = 0.3, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(step_time, estimator, **kwargs)
+        if width < 2:
+            raise ValueError(f"RequestGoodputTree needs width >= 2 (width 1 is a chain: goodput-req), got {width}")
+        self.width, self.sibling_prior = width, sibling_prior
+
+    def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
+               prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
+        survival = torch.cumprod(alpha, 1)
+        chains = prefix_candidates(survival, limit, self.taus)
+        c, chain_rate = self.rated(chains, survival, [ragged_shape(x, prefill, context) for x in chains])
+        tree_survival = torch.cumprod(self.tree_alpha(views, alpha), 1)
+        trees = prefix_candidates(tree_survival, limit, self.taus)
+        shapes = [tree_shape(x, self.width, prefill, context) for x in trees]
+        t, tree_rate = self.rated(trees, tree_survival, shapes)
+        if tree_rate > chain_rate * (1 + self.margin):
+            return trees[t].long(), True
+        return chains[c].long(), False
+
+    def tree_alpha(self, views: list[RequestView], alpha: torch.Tensor) -> torch.Tensor:
+        """[R, K] each row's tree-level acceptance."""
+        of = getattr(self.estimator, "tree_alpha_of", None)
+        if of is None:
+            tree = 1 - (1 - alpha) * (1 - self.sibling_prior)
+        else:
+            greedy = [r.sampling.temperature <= 0 for r in views]
+            tree = of([r.request_id for r in views], greedy, alpha.shape[1]).float()
+        return tree
+
+    def plan_of(self, plan: StepPlan, views: list[RequestView], lengths: list[int], tree: bool) -> StepPlan:
+        if not tree or not any(lengths):
+            return super().plan_of(plan, views, lengths, False)
+        specs = {r.request_id: tree_of_depth(d, self.width) for r, d in zip(views, lengths) if d > 0}
+        return replace(plan, draft_len=0, tree=specs)
+
+
+def tree_shape(depths: torch.Tensor | list[int], width: int, prefill: int, context: int) -> StepShape:
+    """The shape of a step whose rows draft `tree_of_depth(d, width)` trees of depths `depths`
+    and verify every node (rows deepest first, as the engine orders them)."""
+    ordered = sorted((int(d) for d in depths), reverse=True)
+    fed = [1 + width * (d - 1) if d else 0 for d in ordered]
+    return StepShape.of_lengths([width * d for d in ordered], fed, prefill, context, forwards=max(ordered, default=0))
 
 
 def tree_of_depth(depth: int, width: int) -> TreeSpec:

@@ -1,0 +1,33 @@
+"""Token trees over the best chain per cell, from `adactl bench spec --replay --trees` JSON:
+python docs/issue34/trees/table.py docs/issue34/trees/sharegpt/spec_trees_replay.json"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+TREES = ["tree-d2w2n4", "tree-d4w2n8", "tree-d2w2n4,tree-alloc", "goodput-tree,tree-alloc",
+         "goodput-req-tree,tree-alloc", "tree-oracle"]  # fmt: skip
+ORACLES = {"oracle", "request-oracle", "lookahead-oracle", "tree-oracle"}
+
+
+def main(path: str) -> None:
+    records = json.load(open(path))["records"]
+    cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in records:
+        cells[(str(r["temperature"]), r["batch_size"])][r["controller"]] = r
+    print("| temp | batch | best chain (tok/s) | " + " | ".join(TREES) + " | per-request ÷ batch tree |")
+    print("|---" * (len(TREES) + 4) + "|")
+    for (temp, batch), c in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        chains = [n for n in c if n not in ORACLES and n not in TREES]
+        best = max(chains, key=lambda n: c[n]["tokens_per_s"])
+        base = c[best]["tokens_per_s"]
+        ratios = [f"{c[n]['tokens_per_s'] / base:.3f}" if n in c else "-" for n in TREES]
+        req, batch_tree = c["goodput-req-tree,tree-alloc"], c["goodput-tree,tree-alloc"]
+        own = req["tokens_per_s"] / batch_tree["tokens_per_s"]
+        print(f"| {temp} | {batch} | {best}, {base:.0f} | " + " | ".join(ratios) + f" | {own:.3f} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
