@@ -97,6 +97,55 @@ def level_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
     return (d <= reach) & has_node, (d < reach).float()
 
 
+def tree_level_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """`level_labels`, but level d counts only where every drafted child of the accepted path's
+    node at level d - 1 (the root for d = 0) was verified: a step whose verification cut a
+    level's alternatives (`GlobalTreeAllocation`) says how often its cut passes, not how often
+    the level as drafted does; and only on rows that drafted a tree (a node with a sibling),
+    not a chain beside the trees of others. Chains: `acceptance_labels`."""
+    observed, label = level_labels(record)
+    d, path = record.drafts, record.outcome.path
+    if d.parents is None or path is None:
+        return observed, label
+    parents = d.parents.cpu()
+    b, k = parents.shape
+    index = torch.arange(k)[None, :]
+    drafted = index < d.draft_len.long().cpu()[:, None]
+    verified = index < record.verify_len.long().cpu()[:, None]
+    depth, path = d.depth(), path.cpu()
+    sibling = torch.stack([(parents[:, :j] == parents[:, j : j + 1]).any(1) for j in range(k)], 1) if k else drafted
+    observed &= (sibling & drafted).any(1, keepdim=True)  # a row drafting a chain in a tree step: no tree level
+    node = torch.full((b,), -1)  # the path's node at the level above (-1: the root)
+    for j in range(observed.shape[1]):
+        children = drafted & (parents == node[:, None])
+        observed[:, j] &= ~(children & ~verified).any(1)
+        on = path & (depth == j)
+        node = torch.where(on.any(1), on.long().argmax(1), torch.full((b,), -2))  # -2: the path ended
+    return observed, label
+
+
+def first_child_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """(observed [B, D], accepted [B, D]) of a tree step's *chain* positions: at each level, the
+    first drafted child of the accepted path's node (the draft's own first choice, as a chain
+    drafts it: greedy, its argmax; sampled, its first draw) is observed when verified, and
+    accepted when on the path. Chains: `acceptance_labels`."""
+    d, path = record.drafts, record.outcome.path
+    if d.parents is None or path is None:
+        return acceptance_labels(record)
+    observed, accepted = acceptance_labels(record)  # per node
+    parents = d.parents.cpu()
+    k = parents.shape[1]
+    first = torch.stack([~(parents[:, :j] == parents[:, j : j + 1]).any(1) for j in range(k)], 1) if k else observed
+    depth = d.depth()
+    levels = int(depth.max()) + 1 if k else 0
+    seen = observed & first
+    took = seen & (accepted > 0)
+    if not levels:
+        return seen[:, :0], accepted[:, :0]
+    at = [depth == j for j in range(levels)]
+    return torch.stack([(seen & a).any(1) for a in at], 1), torch.stack([(took & a).any(1) for a in at], 1).float()
+
+
 class RecentAcceptance:
     """Each request's recent acceptance rate: an exponential moving average of its labels."""
 

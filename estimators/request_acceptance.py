@@ -39,8 +39,9 @@ At the verify decision it gives the same numbers for the drafted rows (it does n
 drafts). A request's term is dropped when it finishes.
 
 Token trees have their own per-kind terms: on a tree step the observation at level j is
-whether the accepted path went one level deeper, given it reached j (`level_labels`: with
-`width` alternatives per level it is accepted more often than a chain's position j), and
+whether the accepted path went one level deeper, given it reached j and every alternative
+drafted there was verified (`tree_level_labels`: with `width` alternatives per level it is
+accepted more often than a chain's position j), and
 
     alpha^tree_ij = sigmoid(nu_gj + b_i)
 
@@ -48,9 +49,12 @@ with the same request offset b_i (a request whose draft the target agrees with d
 both shapes) and nu_gj started at 1 - (1 - alpha_gj)(1 - `sibling_prior`): the chance that
 one of the level's later alternatives is accepted when the first is not (0.3, the
 `GoodputTree` prior; the shipped ShareGPT tree traces give 0.12 greedy and 0.16 at
-temperature 0.7 for the second of two, which the tree steps teach it). `tree_alpha_of`
-reads them (`RequestGoodputTree`); a tree node's alpha at the verify decision is still its
-level's chain alpha (`predict`).
+temperature 0.7 for the second of two, which the tree steps teach it). A tree step also
+teaches the chain terms: the first child of each node on the accepted path is the draft's
+own first choice, as a chain drafts it (`first_child_labels`), so a server that drafts trees
+keeps learning what a chain would gain. `tree_alpha_of` reads the tree terms
+(`RequestGoodputTree`); a tree node's alpha at the verify decision is still its level's chain
+alpha (`predict`).
 """
 
 from __future__ import annotations
@@ -63,8 +67,14 @@ from adactl.interface import ScheduleState, StepRecord
 from adactl.runtime.types import DraftBatch
 
 from .base import AcceptancePredictor
-from .features import level_labels
+from .features import first_child_labels, tree_level_labels
 from .moving_average import MovingAverage
+
+
+def tree_level_prior(alpha: torch.Tensor, sibling: float) -> torch.Tensor:
+    """A tree level's acceptance from a chain position's `alpha` when a later alternative is
+    accepted with probability `sibling` where the first is not: 1 - (1 - alpha)(1 - sibling)."""
+    return 1 - (1 - alpha) * (1 - sibling)
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -79,7 +89,7 @@ class RequestAcceptance(AcceptancePredictor):
                  kind_decay: float = 0.995, h0: float = 20.0, cap: float = 0.98,
                  sibling_prior: float = 0.3) -> None:  # fmt: skip
         chain = (prior if prior is not None else MovingAverage()).mean.float()
-        base, tree = _logit(chain), _logit(1 - (1 - chain) * (1 - sibling_prior))
+        base, tree = _logit(chain), _logit(tree_level_prior(chain, sibling_prior))
         self.mu = {True: base.clone(), False: base.clone()}  # [P] per kind: greedy rows, sampled rows
         self.info = {True: torch.zeros_like(base), False: torch.zeros_like(base)}  # H_gj
         self.tree_mu = {True: tree.clone(), False: tree.clone()}  # nu_gj: tree levels
@@ -127,8 +137,9 @@ class RequestAcceptance(AcceptancePredictor):
     def update(self, record: StepRecord) -> None:
         d = record.drafts
         if d.tokens.shape[1] and d.request_ids:
-            tree = d.parents is not None
-            self._learn(d.request_ids, d.greedy.tolist(), *level_labels(record), tree=tree)
+            if d.parents is not None:  # a tree step teaches its levels, and its first choices the chain terms
+                self._learn(d.request_ids, d.greedy.tolist(), *tree_level_labels(record), tree=True)
+            self._learn(d.request_ids, d.greedy.tolist(), *first_child_labels(record))
         for rid in record.outcome.finished:
             self.offset.pop(rid, None)
             self.evidence.pop(rid, None)
@@ -170,9 +181,7 @@ class RequestAcceptance(AcceptancePredictor):
                   sibling_prior=sibling)  # fmt: skip
         for g, key in ((True, "greedy"), (False, "sampled")):
             chain = torch.tensor(d[key])
-            out.mu[g] = _logit(chain)
-            out.tree_mu[g] = _logit(
-                torch.tensor(d[f"tree_{key}"]) if f"tree_{key}" in d else 1 - (1 - chain) * (1 - sibling)
-            )
-            out.info[g], out.tree_info[g] = torch.zeros_like(chain), torch.zeros_like(chain)
+            tree = torch.tensor(d[f"tree_{key}"]) if f"tree_{key}" in d else tree_level_prior(chain, sibling)
+            out.mu[g], out.tree_mu[g] = _logit(chain), _logit(tree)
+            out.info[g], out.tree_info[g] = torch.zeros_like(chain), torch.zeros_like(tree)
         return out

@@ -13,7 +13,7 @@ import torch
 from adactl.bench.spec_replay import truth
 from adactl.controllers import GoodputLength, GoodputTree, RequestGoodput, RequestGoodputTree, TreeDraft, request_oracle
 from adactl.estimators import MovingAverage, RequestAcceptance
-from adactl.estimators.features import level_labels
+from adactl.estimators.features import level_labels, tree_level_labels
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.estimators.step_time import StepShape
 from adactl.interface import AcceptanceEstimate, ScheduleState
@@ -307,38 +307,76 @@ def test_per_request_trees_take_the_better_of_trees_and_per_request_lengths(h100
     assert not loop.fallbacks and controller.fallback_rows == 0
 
 
-def test_the_estimator_learns_tree_levels_apart_from_chain_positions(h100):
-    """Tree steps teach the tree terms the rate at which a (4, 2, 8) tree's path goes one
-    level deeper (about 0.89 / 0.86 / 0.74 at levels 0 / 1 / 2 here: the first alternative 0.8,
-    the second 0.5 when it is not, fewer alternatives kept deeper down), from their prior
-    1 - 0.5 x 0.7 = 0.65, and leave the chain's per-position terms where they were."""
-    traces = AcceptanceTraces([tree_trace(0.8, 0.5)])
-    engine = ReplayEngine(h100, traces=traces, max_batch_size=8)
+class VerifyFirst:
+    """A verify controller that verifies each row's first `n` drafted nodes (a cut tree)."""
+
+    estimator = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def act(self, state, utilities) -> torch.Tensor:
+        return torch.clamp(state.drafts.draft_len, max=self.n)
+
+    def update(self, record) -> None:
+        return None
+
+
+def _tree_steps(h100, verify=None) -> tuple[RequestAcceptance, list]:
+    """Serve 8 requests of the 0.8 / 0.5 tree trace with (4, 2, 8) trees, the estimator
+    learning from every step; the estimator and the records."""
+    engine = ReplayEngine(h100, traces=AcceptanceTraces([tree_trace(0.8, 0.5)]), max_batch_size=8)
     for i in range(8):
         engine.add_request(8, SamplingParams(96, seed=i))
     estimator = RequestAcceptance(MovingAverage())
-    chain_before = estimator.kind_alpha(True, 4).clone()
-    loop = ControlLoop(engine, schedule=[TreeDraft(TreeSpec(4, 2, 8))], max_draft_len=6, clock=engine.clock)
-    observed, deeper = torch.zeros(3), torch.zeros(3)
+    loop = ControlLoop(engine, schedule=[TreeDraft(TreeSpec(4, 2, 8))], verify=verify, max_draft_len=6,
+                       clock=engine.clock)  # fmt: skip
+    records: list = []
 
     def learn(record) -> None:
         estimator.update(record)
-        seen, label = level_labels(record)
-        if seen.shape[1] >= 3:  # a tree step (not the prefill)
-            observed.add_(seen[:, :3].float().sum(0))
-            deeper.add_((label * seen)[:, :3].sum(0))
+        records.append(record)
 
     loop.run(on_step=learn)
-    tree = torch.sigmoid(estimator.kind_logits(True, 3, tree=True))
+    return estimator, records
+
+
+def test_the_estimator_learns_tree_levels_and_chain_positions_from_tree_steps(h100):
+    """Tree steps teach the tree terms the rate at which a (4, 2, 8) tree's path goes one
+    level deeper (0.89 / 0.86 / 0.74 at levels 0 / 1 / 2 here: the first alternative 0.8, the
+    second 0.5 when it is not, fewer alternatives kept deeper down), from their prior 1 - 0.5
+    x 0.7 = 0.65; and the first choice of each node on the path teaches the chain terms the
+    draft's own acceptance (0.8, from a prior of 0.5)."""
+    estimator, records = _tree_steps(h100)
+    observed, deeper = torch.zeros(3), torch.zeros(3)
+    for record in records:
+        seen, label = tree_level_labels(record)
+        if seen.shape[1] >= 3:  # a tree step (not the prefill)
+            observed += seen[:, :3].float().sum(0)
+            deeper += (label * seen)[:, :3].sum(0)
     rate = deeper / observed
+    assert torch.allclose(rate, torch.tensor([0.89, 0.86, 0.74]), atol=0.03), rate
+    tree = torch.sigmoid(estimator.kind_logits(True, 3, tree=True))
     assert bool((rate - tree).abs().max() < 0.1) and bool((tree > 0.65).all()), (tree, rate)
-    assert torch.equal(estimator.kind_alpha(True, 4), chain_before)
+    chain = estimator.kind_alpha(True, 2)
+    assert bool((chain > 0.65).all()), chain  # (0.70 / 0.67: one Newton step a step from a prior of 0.5)
     back = RequestAcceptance.from_dict(estimator.to_dict())  # saved and loaded with its tree terms
     assert torch.allclose(torch.sigmoid(back.kind_logits(True, 3, tree=True)), tree, atol=1e-4)
     old = {k: v for k, v in estimator.to_dict().items() if not k.startswith("tree_") and k != "sibling_prior"}
     prior = RequestAcceptance.from_dict(old)  # a dict saved before tree terms: they start from their prior
     a = prior.kind_alpha(True, 3)
     assert torch.allclose(torch.sigmoid(prior.kind_logits(True, 3, tree=True)), 1 - (1 - a) * 0.7, atol=1e-4)
+
+
+def test_a_cut_tree_teaches_no_tree_level_it_did_not_verify_whole(h100):
+    """Verifying only a tree's first node (its best path's first choice, a chain's token) says
+    nothing of how often a level with both alternatives passes: the tree terms stay at their
+    prior while the chain terms learn."""
+    estimator, records = _tree_steps(h100, verify=VerifyFirst(1))
+    assert sum(int(tree_level_labels(r)[0].sum()) for r in records) == 0
+    assert sum(int(level_labels(r)[0].sum()) for r in records) > 0  # (the cut levels, counted as whole)
+    assert torch.allclose(torch.sigmoid(estimator.kind_logits(True, 3, tree=True)), torch.full((3,), 0.65), atol=1e-4)
+    assert float(estimator.kind_alpha(True, 1)) > 0.7
 
 
 def test_a_row_without_a_usable_estimate_drafts_no_tree_and_the_others_go_on(h100):
