@@ -295,9 +295,9 @@ def test_per_request_trees_take_the_better_of_trees_and_per_request_lengths(h100
     chains = run(RequestGoodput(h100, RequestAcceptance(MovingAverage(), prior_sd=1.5)))[0]
     assert rate >= 0.99 * max(batch, chains), (rate, batch, chains)
     trees = sum(isinstance(r.plan.tree, dict) for r in records[16:]) / len(records[16:])
-    if rows == 4:  # measured 820 / 810 / 780 tokens/s
+    if rows == 4:  # measured 823 / 810 / 780 tokens/s
         assert rate > 1.03 * chains and trees > 0.9, (rate, chains, trees)
-    else:  # measured 9,534 / 8,934 / 9,521
+    else:  # measured 9,532 / 8,934 / 9,521
         assert rate > 1.04 * batch and trees < 0.5, (rate, batch, trees)
         drafted: dict[bool, list[int]] = {True: [], False: []}
         for record in records[16:]:
