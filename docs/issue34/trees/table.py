@@ -27,6 +27,19 @@ def main(path: str) -> None:
         req, batch_tree = c["goodput-req-tree,tree-alloc"], c["goodput-tree,tree-alloc"]
         own = req["tokens_per_s"] / batch_tree["tokens_per_s"]
         print(f"| {temp} | {batch} | {best}, {base:.0f} | " + " | ".join(ratios) + f" | {own:.3f} |")
+    print()
+    for temp in sorted({t for t, _ in cells}):
+        lines = []
+        for batch in (1, 2, 4):
+            c = cells.get((temp, batch))
+            if c is None:
+                continue
+            base = max(c[n]["tokens_per_s"] for n in c if n not in ORACLES and n not in TREES)
+            stacks = [n for n in TREES if n in c and n not in ORACLES]
+            top = max(stacks, key=lambda n: c[n]["tokens_per_s"])
+            req = c["goodput-req-tree,tree-alloc"]["tokens_per_s"] / base
+            lines.append(f"batch {batch}: goodput-req-tree {req:.3f}, best tree stack {top} {c[top]['tokens_per_s'] / base:.3f}")
+        print(f"temperature {temp}: " + "; ".join(lines))
 
 
 if __name__ == "__main__":
