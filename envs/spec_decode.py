@@ -50,6 +50,9 @@ from .backends import Backend, reseed
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
 
+REWARDS = ("tokens", "speedup")  # tokens/s / 100, or that rate over plain decoding's predicted one
+
+
 class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
     metadata = {"render_modes": []}
 
@@ -82,7 +85,7 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         if not 0.0 <= acceptance_jitter < 1.0:
             raise ValueError(f"acceptance_jitter must be in [0, 1), got {acceptance_jitter}")
         self.acceptance_jitter = acceptance_jitter
-        if reward not in ("tokens", "speedup"):
+        if reward not in REWARDS:
             raise ValueError(f"reward must be 'tokens' or 'speedup', got {reward!r}")
         self.reward = reward
         self.backend = Backend(backend, prompts, model, noise, max(self.batch_sizes), True, max_draft_len,
@@ -123,19 +126,19 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         if not 0 <= a < self.action_space.n:
             raise ValueError(f"action must be in 0..{self.action_space.n - 1}, got {action!r}")
         state = self._state()
+        plain_shape = self.features.shape(state, 0)
         if self.per_row:
             lengths = self.features.lengths(state, a)
             plan = StepPlan(draft_len={v.request_id: int(c) for v, c in zip(state.running, lengths.tolist())},
                             prefill_budget=512)  # fmt: skip
-            shape = ragged_shape(lengths, self.features.shape(state, 0).prefill_tokens,
-                                 sum(v.context_len for v in state.running))  # fmt: skip
+            shape = ragged_shape(lengths, plain_shape.prefill_tokens, plain_shape.context_tokens)
             k = float(lengths.float().mean()) if len(lengths) else 0.0
         else:
             plan, shape, k = StepPlan(draft_len=a, prefill_budget=512), self.features.shape(state, a), a
         drafts = self.engine.draft_step(plan)
         outcome = self.engine.verify()
         record = StepRecord(state, plan, drafts, drafts.draft_len, outcome)
-        predicted, plain = (float(x) for x in self.backend.step_time.predict([shape, self.features.shape(state, 0)]))
+        predicted, plain = (float(x) for x in self.backend.step_time.predict([shape, plain_shape]))
         self.features.update(record)
         tokens = sum(len(outcome.emitted.get(rid, ())) for rid in outcome.request_ids)  # decode rows
         seconds = max(float(outcome.total_s), 1e-6)

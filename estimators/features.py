@@ -113,8 +113,7 @@ def tree_level_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
     drafted = index < d.draft_len.long().cpu()[:, None]
     verified = index < record.verify_len.long().cpu()[:, None]
     depth, path = d.depth(), path.cpu()
-    sibling = torch.stack([(parents[:, :j] == parents[:, j : j + 1]).any(1) for j in range(k)], 1) if k else drafted
-    observed &= (sibling & drafted).any(1, keepdim=True)  # a row drafting a chain in a tree step: no tree level
+    observed &= (_later_sibling(parents) & drafted).any(1, keepdim=True)  # a row drafting a chain: no tree level
     node = torch.full((b,), -1)  # the path's node at the level above (-1: the root)
     for j in range(observed.shape[1]):
         children = drafted & (parents == node[:, None])
@@ -122,6 +121,14 @@ def tree_level_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
         on = path & (depth == j)
         node = torch.where(on.any(1), on.long().argmax(1), torch.full((b,), -2))  # -2: the path ended
     return observed, label
+
+
+def _later_sibling(parents: torch.Tensor) -> torch.Tensor:
+    """[B, K] bool: the node has a sibling before it (it is not its parent's first child)."""
+    k = parents.shape[1]
+    if k == 0:
+        return torch.zeros_like(parents, dtype=torch.bool)
+    return torch.stack([(parents[:, :j] == parents[:, j : j + 1]).any(1) for j in range(k)], 1)
 
 
 def first_child_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +142,7 @@ def first_child_labels(record: StepRecord) -> tuple[torch.Tensor, torch.Tensor]:
     observed, accepted = acceptance_labels(record)  # per node
     parents = d.parents.cpu()
     k = parents.shape[1]
-    first = torch.stack([~(parents[:, :j] == parents[:, j : j + 1]).any(1) for j in range(k)], 1) if k else observed
+    first = ~_later_sibling(parents)
     depth = d.depth()
     levels = int(depth.max()) + 1 if k else 0
     seen = observed & first

@@ -124,12 +124,15 @@ def parse_args(argv: list[str] | None = None) -> Args:
     if args.traces and (args.env_id != "adactl/SpecDecode-v0" or args.backend != "replay" or args.model != "default"
                         or args.finetune_timesteps > 0):
         p.error("--traces: SpecDecode-v0 on the replay of the default models (no real-engine fine-tune)")
-    if args.traces and args.traces not in ("sharegpt", "humaneval", "mixed"):
-        p.error("--traces must be sharegpt, humaneval or mixed")
+    from adactl.envs.backends import TRACE_SETS
+    from adactl.envs.spec_decode import REWARDS
+
+    if args.traces and args.traces not in TRACE_SETS:
+        p.error(f"--traces must be one of {', '.join(TRACE_SETS)}")
     if (args.per_row or args.reward != "tokens") and args.env_id != "adactl/SpecDecode-v0":
         p.error("--per-row and --reward: SpecDecode-v0 only")
-    if args.reward not in ("tokens", "speedup"):
-        p.error("--reward must be tokens or speedup")
+    if args.reward not in REWARDS:
+        p.error(f"--reward must be one of {', '.join(REWARDS)}")
     try:
         if any(int(b) < 1 for b in args.batch_sizes.split(",") if args.batch_sizes):
             raise ValueError

@@ -34,6 +34,7 @@ alone) and is counted in `.fallback_rows`, which `ControlLoop` adds to its fallb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -103,9 +104,15 @@ class RequestGoodput(Controller):
 
     def allocate(self, alpha: torch.Tensor, limit: torch.Tensor, context: int, prefill: int) -> torch.Tensor:
         """[R] draft lengths maximising expected tokens per predicted second (the docstring's c*)."""
-        survival = torch.cumprod(alpha, 1)  # [R, K]
+        return self.search(torch.cumprod(alpha, 1), limit, lambda c: ragged_shape(c, prefill, context))[0]
+
+    def search(self, survival: torch.Tensor, limit: torch.Tensor,
+               shape: Callable[[torch.Tensor], StepShape]) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """Of the threshold-and-cap candidates on `survival` [R, K] (`prefix_candidates`), each
+        priced as `shape` says, the best lengths [R] and their expected tokens per second."""
         cands = prefix_candidates(survival, limit, self.taus)  # [C, R]
-        return cands[self.best(cands, survival, context, prefill)].long()
+        index, rate = self.rated(cands, survival, [shape(c) for c in cands])
+        return cands[index].long(), rate
 
     def best(self, cands: torch.Tensor, survival: torch.Tensor, context: int, prefill: int) -> int:
         """The index of the candidate lengths [C, R] (rows of survival [R, K]) with the most

@@ -41,7 +41,7 @@ from adactl.interface import Controller, Estimator, RequestView, ScheduleState, 
 from adactl.runtime.types import StepPlan, TreeSpec
 
 from .request_goodput import RequestGoodput, ragged_shape
-from .sv import SpeculativeVerification, prefix_candidates
+from .sv import SpeculativeVerification
 
 
 class TreeDraft(Controller):
@@ -154,16 +154,12 @@ class RequestGoodputTree(RequestGoodput):
 
     def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
                prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
-        survival = torch.cumprod(alpha, 1)
-        chains = prefix_candidates(survival, limit, self.taus)
-        c, chain_rate = self.rated(chains, survival, [ragged_shape(x, prefill, context) for x in chains])
+        chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, lambda c: ragged_shape(c, prefill, context))
         tree_survival = torch.cumprod(self.tree_alpha(views, alpha), 1)
-        trees = prefix_candidates(tree_survival, limit, self.taus)
-        shapes = [tree_shape(x, self.width, prefill, context) for x in trees]
-        t, tree_rate = self.rated(trees, tree_survival, shapes)
+        trees, tree_rate = self.search(tree_survival, limit, lambda c: tree_shape(c, self.width, prefill, context))
         if tree_rate > chain_rate * (1 + self.margin):
-            return trees[t].long(), True
-        return chains[c].long(), False
+            return trees, True
+        return chains, False
 
     def tree_alpha(self, views: list[RequestView], alpha: torch.Tensor) -> torch.Tensor:
         """[R, K] each row's tree-level acceptance."""
