@@ -136,6 +136,45 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     assert machine["device_type"] in ("cpu", "cuda") and machine["dtype"] == "float32" and "float32" in machine["label"]
 
 
+def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, monkeypatch):
+    """A round's runs take their steps in turn, shuffled each turn, each run timed only inside
+    its own steps; the rate counts after the first step (the prefill). Interleaving changes
+    no run's tokens: with `--no-interleave` the fixed configurations emit exactly the same."""
+    from adactl.bench import spec
+
+    steps: list[str] = []
+    clocks: list[tuple[str, float]] = []
+    step = spec.Serving.step
+
+    def logged(self):
+        steps.append(self.label["controller"])
+        before = self.loop.clock()
+        step(self)
+        clocks.append((self.label["controller"], self.loop.clock() - before))
+
+    monkeypatch.setattr(spec.Serving, "step", logged)
+    argv = ["bench", "spec", "--tiny", "--batches", "2", "--temperatures", "0", "--max-new-tokens", "6",
+            "--rounds", "1", "--controllers", "no-spec;fixed-k1;fixed-k2", "--out"]  # fmt: skip
+    main([*argv, str(tmp_path / "on")])
+    turns = [steps[i : i + 3] for i in range(0, 9, 3)]  # each run takes a step before any takes a second
+    assert all(sorted(t) == ["fixed-k1", "fixed-k2", "no-spec"] for t in turns[:2])
+    assert len({tuple(t) for t in turns}) > 1 or steps[:3] != steps[3:6]  # the order is shuffled
+    records = {r["controller"]: r for r in json.loads((tmp_path / "on" / "spec.json").read_text())["records"]}
+    for name in ("no-spec", "fixed-k1", "fixed-k2"):
+        own = sum(s for n, s in clocks if n == name)  # its clock moved only while it stepped
+        r = records[name]
+        assert r["wall_s"] == pytest.approx(own, rel=1e-6)
+        assert 0 < r["first_step_s"] < r["wall_s"]
+        assert r["tokens_per_s"] == pytest.approx((r["tokens"] - 2) / (r["wall_s"] - r["first_step_s"]))
+    steps.clear()
+    main([*argv[:-1], "--no-interleave", "--out", str(tmp_path / "off")])
+    assert steps == sorted(steps, key=["no-spec", "fixed-k1", "fixed-k2", "oracle"].index)  # one run after another
+    again = {r["controller"]: r for r in json.loads((tmp_path / "off" / "spec.json").read_text())["records"]}
+    for name in ("no-spec", "fixed-k1", "fixed-k2"):
+        assert (again[name]["tokens"], again[name]["steps"], again[name]["mean_accepted_len"]) == (
+            records[name]["tokens"], records[name]["steps"], records[name]["mean_accepted_len"])
+
+
 def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
     main(["bench", "spec", "--tiny", "--quick", "--rounds", "2", "--controllers", "no-spec;goodput",
           "--max-new-tokens", "4", "--out", str(tmp_path)])  # fmt: skip

@@ -2,7 +2,8 @@
 
 For each temperature and batch size B, the same B held-out ShareGPT prompts (seeded per
 request) are served at once by every controller, through `ControlLoop` on one engine per
-run; configurations alternate within a batch size so that machine drift hits all alike.
+run; a round's runs take steps in turn, one step each (`interleaved`), each timed on its own
+clock (`RunClock`), so that machine drift hits all alike.
 Each run is a controller stack, labelled by its name in `adactl.stacks` (`adactl stacks`):
 - `no-spec` and `fixed-k{k}`: plain decoding and standard speculative decoding;
 - `heuristic,confidence-stop`: transformers' +2/-1 schedule with its 0.4 confidence stop;
@@ -39,27 +40,31 @@ With `--trees`, token-tree stacks run next to them on the same prompts and seeds
 `ratio_best_chain` compares each run with the best chain controller of its batch size (the
 chain oracle excluded).
 SV's runs load the companion next to the draft (its cost counts); the others run the draft
-alone. Each batch size runs `--rounds` rounds, the order of the controllers rotated each
-round; a record is a configuration's fastest round, as `timeit` reports (other work on the
-machine only ever slows a run down); `rounds` lists every round's tokens/s.
-`ratio_paired` is the median over rounds of a run's tokens/s over the best fixed
-configuration's *in the same round* (`round_ratios`, in round order): drift between rounds,
-which on a shared 2-core machine moves every configuration of a round by up to 40%, cancels
-in it, where the fastest-round ratio compares rounds taken minutes apart.
-Reported per run: tokens/s (generated tokens per wall second of serving, prefill and
-controller time included), mean accepted length (tokens per decode row per step), step ms,
-`ratio_best_fixed` (to the best constant k, 0 included) and `ratio_oracle`.
+alone. Each batch size runs `--rounds` rounds; the oracles, which follow the round's best
+fixed configuration, take their steps in turn after it. A record is a configuration's fastest
+round, as `timeit` reports (other work on the machine only ever slows a run down); `rounds`
+lists every round's tokens/s. `ratio_paired` is the median over rounds of a run's tokens/s
+over the best fixed configuration's *in the same round* (`round_ratios`, in round order):
+drift between rounds, which on a shared 2-core machine moves every configuration of a round
+by up to 40%, cancels in it.
+Reported per run: tokens/s (tokens generated after the first step, the batch's prefill, per
+second of the run's own steps, controller time included; `first_step_s` is the prefill's
+step), mean accepted length (tokens per decode row per step), step ms, `ratio_best_fixed`
+(to the best constant k, 0 included) and `ratio_oracle`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import random
 import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,57 +134,128 @@ def prefill_for(group: list[list[int]], args: SpecSettings) -> int:
     return sum(len(p) for p in group[: in_flight(group, args)])
 
 
-def serve(engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: Temperature, args: SpecSettings,
-          bar: tqdm) -> dict[str, Any]:  # fmt: skip
-    """All prompts at once to completion (with `--saturated N`, B = len(prompts) / N at once, a
-    finished request replaced by the next at once, tokens/s counted while requests were still
-    waiting to join: a loaded server's, without the tail where the batch empties); the run's
-    counts and its wall time on the clock."""
-    batch = in_flight(prompts, args)
-    added = 0
+class RunClock:
+    """A run's own clock: the wall seconds spent inside its own steps. `sweep` steps a round's
+    runs in turn, one step each, so that every configuration is timed over the same seconds of
+    the machine: on this shared 2-core machine its speed moves by up to 35% over tens of
+    seconds (identical plain-decoding runs one after another: 58-78 tokens/s at batch 16;
+    interleaved step by step: within 3-5% of each other)."""
 
-    def add(count: int) -> None:
-        nonlocal added
-        for i in range(added, min(added + count, len(prompts))):
-            t = request_temperature(temperature, i, args.temperatures)
-            engine.add_request(prompts[i], SamplingParams(args.max_new_tokens, temperature=t, seed=args.seed + i))
-        added = min(added + count, len(prompts))
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.since: float | None = None
 
-    add(batch)
-    steps = row_steps = decode_tokens = drafted = emitted = 0
-    peek = getattr(loop.verify_controller, "estimator", None)
-    start = loop.clock()  # the replay's simulated clock, or wall time
-    full = (start, 0, 0)  # (clock, tokens emitted, steps) when the batch was last kept full
+    def __call__(self) -> float:
+        return self.spent + (time.perf_counter() - self.since if self.since is not None else 0.0)
 
-    def on_step(record: Any) -> None:
-        nonlocal steps, row_steps, decode_tokens, drafted, emitted, full
-        steps += 1
-        row_steps += len(record.outcome.request_ids)
-        drafted += int(record.outcome.drafted.sum())
-        decode_tokens += sum(len(record.outcome.emitted[r]) for r in record.outcome.request_ids)
-        emitted += record.outcome.tokens_emitted
-        bar.update(record.outcome.tokens_emitted)
-        if added < len(prompts):
-            full = (loop.clock() - getattr(peek, "seconds", 0.0), emitted, steps)
-        add(len(record.outcome.finished))
+    def __enter__(self) -> RunClock:
+        self.since = time.perf_counter()
+        return self
 
-    results = loop.run(on_step=on_step)
-    wall = loop.clock() - start
-    wall -= getattr(peek, "seconds", 0.0)  # the oracle's look at the target is not a cost
-    tokens = sum(len(r.output_ids) for r in results.values())
-    counted_s, counted, counted_steps = (
-        (full[0] - start, full[1], full[2]) if batch < len(prompts) else (wall, tokens, steps)
-    )
-    return {
-        "tokens": tokens,
-        "wall_s": wall,
-        "tokens_per_s": counted / counted_s,
-        "mean_accepted_len": decode_tokens / max(row_steps, 1),
-        "mean_draft_len": drafted / max(row_steps, 1),
-        "step_ms": 1000 * counted_s / max(counted_steps, 1),
-        "steps": steps,
-        "fallbacks": dict(loop.fallbacks),
-    }
+    def __exit__(self, *exc: object) -> None:
+        self.spent = self()
+        self.since = None
+
+
+class Serving:
+    """One run, a step at a time: all prompts at once to completion (with `--saturated N`, B =
+    len(prompts) / N at once, a finished request replaced by the next at once); `result()` is
+    its counts and rate.
+
+    The rate counts from the end of the first step, the batch's prefill: the same prompts, the
+    same work for every configuration, which no speculation controller acts on; one step of
+    seconds, it moved by 15% between identical runs even interleaved. With `--saturated N`
+    it counts until the last step that started with requests still waiting to join: a loaded
+    server's throughput, without the tail where the batch empties."""
+
+    def __init__(self, engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: Temperature,
+                 args: SpecSettings, bar: tqdm, **label: Any) -> None:  # fmt: skip
+        self.engine, self.loop, self.prompts, self.bar, self.label = engine, loop, prompts, bar, label
+        self.temperature, self.args = temperature, args
+        self.batch = in_flight(prompts, args)
+        self.added = self.steps = self.row_steps = self.decode_tokens = self.drafted = self.emitted = 0
+        self.control_s = 0.0
+        self.peek = getattr(loop.verify_controller, "estimator", None)  # the oracle's look at the target
+        self.timer = loop.clock if isinstance(loop.clock, RunClock) else contextlib.nullcontext()
+        self._add(self.batch)
+        self.start = self._mark()
+        self.first = self.full = self.start  # (clock, tokens emitted, steps) after step 1; while kept full
+
+    def _mark(self) -> tuple[float, int, int]:
+        return self.loop.clock() - getattr(self.peek, "seconds", 0.0), self.emitted, self.steps
+
+    def _add(self, count: int) -> None:
+        for i in range(self.added, min(self.added + count, len(self.prompts))):
+            t = request_temperature(self.temperature, i, self.args.temperatures)
+            self.engine.add_request(self.prompts[i], SamplingParams(self.args.max_new_tokens, temperature=t,
+                                                                    seed=self.args.seed + i))  # fmt: skip
+        self.added = min(self.added + count, len(self.prompts))
+
+    @property
+    def done(self) -> bool:
+        return not self.engine.has_unfinished()
+
+    def step(self) -> None:
+        with self.timer:
+            record = self.loop.step()
+        o = record.outcome
+        self.steps += 1
+        self.row_steps += len(o.request_ids)
+        self.drafted += int(o.drafted.sum())
+        self.decode_tokens += sum(len(o.emitted[r]) for r in o.request_ids)
+        self.emitted += o.tokens_emitted
+        self.control_s += record.control_s
+        self.bar.update(o.tokens_emitted)
+        if self.steps == 1:
+            self.first = self._mark()
+        if self.added < len(self.prompts):
+            self.full = self._mark()
+        self._add(len(o.finished))
+
+    def result(self) -> dict[str, Any]:
+        end = self.full if self.batch < len(self.prompts) else self._mark()
+        if end[2] <= self.first[2]:  # nothing after the first step (a 1-token run): the whole run
+            begin = self.start
+        else:
+            begin = self.first
+        counted_s, counted, counted_steps = end[0] - begin[0], end[1] - begin[1], end[2] - begin[2]
+        return {
+            **self.label,
+            "tokens": sum(len(r.output_ids) for r in self.loop.results.values()),
+            "wall_s": self._mark()[0] - self.start[0],
+            "first_step_s": self.first[0] - self.start[0],
+            "tokens_per_s": counted / counted_s if counted_s > 0 else float("nan"),
+            "mean_accepted_len": self.decode_tokens / max(self.row_steps, 1),
+            "mean_draft_len": self.drafted / max(self.row_steps, 1),
+            "step_ms": 1000 * counted_s / max(counted_steps, 1),
+            "control_ms": 1000 * self.control_s / max(self.steps, 1),  # the controllers' decisions, per step
+            "steps": self.steps,
+            "fallbacks": dict(self.loop.fallbacks),
+        }
+
+
+def interleaved(runs: Sequence[Callable[[], Serving]], seed: int, interleave: bool = True) -> list[dict[str, Any]]:
+    """Start the runs and step each in turn, one step each, in an order shuffled every turn
+    (seeded: the position after another run's step is nobody's for long), until all have
+    finished; their results in the order given. Without `interleave`, each run is started and
+    served to completion before the next starts (one engine's memory at a time)."""
+    if not interleave:
+        return [_served(start()) for start in runs]
+    rng = random.Random(seed)
+    started = [start() for start in runs]
+    live = list(started)
+    while live:
+        rng.shuffle(live)
+        for run in live:
+            run.step()
+        live = [run for run in live if not run.done]
+    return [run.result() for run in started]
+
+
+def _served(run: Serving) -> dict[str, Any]:
+    while not run.done:
+        run.step()
+    return run.result()
 
 
 def is_fixed_tree(stack: str) -> bool:
@@ -298,7 +374,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
                 "workload": args.workload}  # fmt: skip
     costs = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
-    ctx = RunContext(acceptance, costs, args.tree_width, step_log=StepLog() if args.validate else None)
+    ctx = RunContext(acceptance, costs, args.tree_width, log_steps=args.validate)
     meta["machine"] = describe(device, dtype).to_dict()
     meta["profile"] = args.profile or "this machine's (cached)"
     meta["refine"] = args.refine
@@ -341,7 +417,7 @@ class RunContext:
     costs: Callable[[bool], Any]  # CostModels, or the replay's
     tree_width: int = 2
     shared: dict[tuple[str, Temperature], Any] = field(default_factory=dict)
-    step_log: StepLog | None = None  # every run's steps, in its record's "step_log" (`--validate`)
+    log_steps: bool = False  # each run's steps in its record's "step_log" (`--validate`)
 
     def stack_context(self, companion: bool, temperature: Temperature | None = None) -> StackContext:
         """The stacks' context on an engine with (or without) the companion: its step-cost model."""
@@ -357,9 +433,8 @@ class RunContext:
 
     def learners(self, temperature: Temperature) -> list[Any]:
         """The estimators every run at `temperature` updates, whatever its stack: the moving
-        average of acceptance by position (it reads any engine's verdicts), and the step log."""
-        log = [self.step_log] if self.step_log is not None else []
-        return [self.stack_context(False, temperature).acceptance("moving_average"), *log]
+        average of acceptance by position (it reads any engine's verdicts)."""
+        return [self.stack_context(False, temperature).acceptance("moving_average")]
 
 
 @dataclass(frozen=True)
@@ -375,27 +450,28 @@ class Engines:
 
 
 def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
-    """The control loop of one run, on the engine's clock (the replay's is simulated)."""
-    return ControlLoop(engine, max_draft_len=8, clock=getattr(engine, "clock", time.perf_counter), **kwargs)
+    """The control loop of one run, on the engine's clock (the replay's is simulated) or on the
+    run's own (`RunClock`: the wall seconds of its own steps)."""
+    return ControlLoop(engine, max_draft_len=8, clock=getattr(engine, "clock", None) or RunClock(), **kwargs)
 
 
-def run_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
-            ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def start_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
+              ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
     companion = needs_companion(stack)
     engine = engines(companion, in_flight(group, args))
     here = ctx.stack_context(companion, temperature)
     built = build_stack(stack, here)
+    log = [StepLog()] if ctx.log_steps else []
     loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=prefill_for(group, args),
-                 estimators=[here.cost(), *ctx.learners(temperature)])  # fmt: skip
-    first = len(ctx.step_log.steps) if ctx.step_log is not None else 0
-    result = {"controller": stack, **serve(engine, loop, group, temperature, args, bar)}
-    if ctx.step_log is not None:
-        result["step_log"] = ctx.step_log.steps[first:]
-    return result
+                 estimators=[here.cost(), *ctx.learners(temperature), *log])  # fmt: skip
+    run = Serving(engine, loop, group, temperature, args, bar, controller=stack)
+    if log:
+        run.label["step_log"] = log[0].steps  # filled as it runs
+    return run
 
 
-def run_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-               temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def start_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
+                 temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
@@ -404,12 +480,11 @@ def run_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], 
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
                  prefill_budget=prefill_for(group, args))  # fmt: skip
-    return {"controller": "oracle", "oracle_k": k, **serve(engine, loop, group, temperature, args, bar)}
+    return Serving(engine, loop, group, temperature, args, bar, controller="oracle", oracle_k=k)
 
 
-def run_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-                    temperature: Temperature, ctx: RunContext, args: SpecSettings,
-                    bar: tqdm) -> dict[str, Any]:  # fmt: skip
+def start_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
+                      temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
@@ -418,19 +493,19 @@ def run_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], A
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
                  prefill_budget=prefill_for(group, args))  # fmt: skip
-    return {"controller": "tree-oracle", "oracle_tree": best, **serve(engine, loop, group, temperature, args, bar)}
+    return Serving(engine, loop, group, temperature, args, bar, controller="tree-oracle", oracle_tree=best)
 
 
-def run_request_oracle(engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
-                       ctx: RunContext, args: SpecSettings, bar: tqdm,
-                       lookahead: bool = False) -> dict[str, Any]:  # fmt: skip
+def start_request_oracle(engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
+                         ctx: RunContext, args: SpecSettings, bar: tqdm,
+                         lookahead: bool = False) -> Serving:  # fmt: skip
     """A per-request bound (the replay only): each request's acceptance known in hindsight
     (`lookahead`: each step's verdict), per-request goodput on it, then the verify oracle."""
     engine = engines(False, in_flight(group, args))
     cost = ctx.costs(False)
     schedule, verify = request_oracle(engine, cost, lookahead)
     loop = _loop(engine, schedule=[schedule], verify=verify, estimators=[cost], prefill_budget=prefill_for(group, args))
-    return {"controller": schedule.name, **serve(engine, loop, group, temperature, args, bar)}
+    return Serving(engine, loop, group, temperature, args, bar, controller=schedule.name)
 
 
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
@@ -454,16 +529,20 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
             group = prompts[: batch * max(args.saturated, 1)]
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
-                order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: drift hits all alike
-                here = [run_one(name, engines, group, temperature, ctx, args, bar) for name in order]
+                order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: first steps go round
+                seed = args.seed + 1000 * r + batch
+                here = interleaved([partial(start_one, name, engines, group, temperature, ctx, args, bar)
+                                    for name in order], seed, args.interleave)  # fmt: skip
+                bounds = []  # the oracles follow the round's best fixed configuration: a second turn
                 if "oracle" in oracles:
-                    here.append(run_oracle(here, engines, group, temperature, ctx, args, bar))
+                    bounds.append(partial(start_oracle, here, engines, group, temperature, ctx, args, bar))
                 if "tree-oracle" in oracles:
-                    here.append(run_tree_oracle(here, engines, group, temperature, ctx, args, bar))
+                    bounds.append(partial(start_tree_oracle, here, engines, group, temperature, ctx, args, bar))
                 for name in ("request-oracle", "lookahead-oracle"):
                     if name in oracles:
-                        here.append(run_request_oracle(engines, group, temperature, ctx, args, bar,
-                                                       name == "lookahead-oracle"))  # fmt: skip
+                        bounds.append(partial(start_request_oracle, engines, group, temperature, ctx, args, bar,
+                                              name == "lookahead-oracle"))  # fmt: skip
+                here += interleaved(bounds, seed + 1, args.interleave)
                 rounds.append(here)
             for name in [*chosen, *oracles]:
                 mine = [(x, here) for here in rounds for x in here if x["controller"] == name]  # in round order
@@ -609,6 +688,8 @@ class SpecSettings(DeviceSettings, ProfileSettings):
                                  "recordings of --workload), none, or .npz files ';'-separated")  # fmt: skip
     replay_alpha: list[float] | None = setting(None, "--replay: one conditional acceptance by draft position for "
                                                "every request instead of traces", parse=floats)  # fmt: skip
+    interleave: bool = setting(True, "run a round's configurations one after another instead of a step each in "
+                               "turn (one engine's memory at a time; machine drift then separates them)")  # fmt: skip
     out: str = setting("bench_results", "directory for JSON and PNG")
 
     def resolved(self) -> SpecSettings:
