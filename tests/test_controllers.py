@@ -265,6 +265,33 @@ def test_adaserve_spends_verification_on_requests_behind_their_slo():
     assert ada.act(VerifyState(10.0, drafts, relaxed), est).tolist() == [0, 0]
 
 
+def test_adaserve_keeps_a_request_it_cannot_catch_up_at_its_pace():
+    """A request too far behind for any prefix to bring it back this step still gets the
+    shortest prefix that keeps its pace (1 + E(v) >= T / s, T the candidate's own step), where
+    throughput alone verifies nothing; not when plain decoding keeps the pace, nor when no
+    prefix does."""
+    from adactl.controllers import AdaServe
+
+    class Dear:  # a fixed step cost and a dear verify column: 0.1 s per row and position
+        def predict(self, shapes: list[StepShape]) -> np.ndarray:
+            return np.array([0.8 + 0.1 * sh.verify_computed for sh in shapes])
+
+    drafts, est = drafts_for([[0.3, 0.06, 0.01, 0.001], [0.0, 0.0, 0.0, 0.0]])
+    sv = SpeculativeVerification(estimator=None, step_time=Dear())  # type: ignore[arg-type]
+    assert sv.act(VerifyState(10.0, drafts), est).tolist() == [0, 0]  # 2.3 tokens in 1.2 s < 2 in 1.0 s
+    plain, one = sv.seconds(drafts, torch.tensor([[0, 0], [1, 0]]))
+    assert 1.15 * plain < one < 1.3 * plain  # dearer than r0's token pays for, within reach of its pace
+    ada = AdaServe(estimator=None, step_time=Dear())  # type: ignore[arg-type]
+
+    def verified(tpot: float) -> list[int]:  # r0: 20 tokens in 40 s, far behind any such TPOT
+        requests = (slo_view("r0", tpot, 20, 40.0), slo_view("r1", None, 20, 1.0))
+        return ada.act(VerifyState(10.0, drafts, requests), est).tolist()
+
+    assert verified(0.5 * (plain + one / 1.3))[0] == 1  # plain decoding falls behind pace; one token keeps it
+    assert verified(1.05 * plain) == [0, 0]  # plain decoding keeps the pace
+    assert verified(0.5 * plain) == [0, 0]  # no prefix keeps it: nothing is spent
+
+
 def test_slo_draft_length_drafts_for_requests_that_need_it():
     from adactl.controllers import SLODraftLength
 
