@@ -314,6 +314,39 @@ def test_slo_draft_length_drafts_for_requests_that_need_it():
     assert ctl.act(state, ma.estimate(state)).draft_len["r0"] == 0  # type: ignore[index]
 
 
+def test_slo_draft_length_over_trees_counts_and_prices_tree_levels():
+    """With `tree_width` 2, a level is accepted where either alternative is (0.5 chain, 0.3
+    sibling: 0.65 a level), so a tight request needs a shallower tree than chain, and one no
+    chain keeps on its SLO gets a tree; every plan is priced as the trees it drafts (two
+    verified nodes a level), not as chains of the same lengths."""
+    from adactl.controllers import SLODraftLength
+
+    class Priced(ExactCost):
+        def __init__(self) -> None:
+            self.shapes: list[StepShape] = []
+
+        def predict(self, shapes: list[StepShape]) -> np.ndarray:
+            self.shapes += shapes
+            return super().predict(shapes)
+
+    ma = MovingAverage(prior=0.5)
+    loose = tuple(slo_view(f"r{i}", 1.0, 20, 1.0) for i in range(64))
+    t0 = cost(StepShape.of_lengths([0] * 64, [0] * 64, 0, 64 * 60))
+
+    def depth(width: int, tighter: float, priced: Priced | None = None) -> int:
+        ctl = SLODraftLength(priced or ExactCost(), ma, tree_width=width)
+        state = ScheduleState(10.0, (slo_view("r0", t0 / tighter, 0, 0.0), *loose[1:]), max_draft_len=8)
+        plan = ctl.act(state, ma.estimate(state))
+        return plan.tree["r0"].depth if plan.tree else plan.draft_len["r0"]  # type: ignore[index]
+
+    assert (depth(1, 1.7), depth(2, 1.7)) == (3, 2)  # 1.875 chain against 2.07 tree tokens
+    assert (depth(1, 2.0), depth(2, 2.0)) == (0, 3)  # no chain reaches 2.1; a depth-3 tree (2.34) does
+    priced = Priced()
+    depth(2, 2.0, priced)
+    drafted = [sh.verify_tokens - sh.rows for sh in priced.shapes]
+    assert max(drafted) > 0 and all(n % 2 == 0 for n in drafted)  # whole levels of two nodes
+
+
 def test_slo_travels_with_the_request(target, draft):
     from adactl.runtime import SLO, RequestError
 

@@ -25,9 +25,11 @@ the batch:
      expected tokens per predicted second.
 T depends on the selection, so the minimums are computed with each candidate's own T.
 Requests without a TPOT SLO only take part in step 2. Over token trees
-(`SLODraftLength(tree_width=w)` drafts a tree of depth c_i with w alternatives per level),
-the same selection runs on node survival (the product of alpha over a node and its
-ancestors): E_i(v) sums it over the first v nodes, and the chain version is the w = 1 case.
+(`SLODraftLength(tree_width=w)` drafts a tree of depth c_i with w alternatives per level,
+counting a level accepted where any alternative is, 1 - (1 - alpha)(1 - `sibling_prior`), and
+pricing each plan as the trees it drafts, `tree_shape`), the same selection runs on node
+survival (the product of alpha over a node and its ancestors): E_i(v) sums it over the first
+v nodes, and the chain version is the w = 1 case.
 """
 
 from __future__ import annotations
@@ -38,13 +40,14 @@ import numpy as np
 import torch
 
 from adactl.estimators.moving_average import MovingAverage
+from adactl.estimators.request_acceptance import tree_level_prior
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState, VerifyState
 from adactl.runtime.types import RequestView, StepPlan
 
 from .goodput import GoodputLength
 from .sv import SpeculativeVerification, expected_gain
-from .trees import tree_of_depth
+from .trees import tree_of_depth, tree_shape
 
 
 def slo_progress(view: RequestView | None, now: float) -> tuple[float, float, float]:
@@ -75,11 +78,17 @@ class SLODraftLength(Controller):
 
     name = "slo-draft"
 
-    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, tree_width: int = 1) -> None:
+    def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, tree_width: int = 1,
+                 sibling_prior: float = 0.3) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         self.goodput = GoodputLength(step_time, self.estimator)
         self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
+        self.sibling_prior = sibling_prior  # trees: a later alternative's acceptance where the first's fails
+
+    def _shape(self, lengths: list[int], prefill: int, context: int) -> StepShape:
+        """The step whose rows draft `lengths` (chains, or trees of those depths) and verify all."""
+        return tree_shape(lengths, self.tree_width, prefill, context)
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
         base = self.goodput.act(state, utilities)
@@ -88,6 +97,8 @@ class SLODraftLength(Controller):
         if not running or k == 0:
             return base
         alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
+        if self.tree_width > 1:  # a tree level is accepted where any of its alternatives is
+            alpha = tree_level_prior(alpha, self.sibling_prior)
         gain = 1 + torch.cat([torch.zeros(1), torch.cumprod(alpha[:k], 0).cumsum(0)]).numpy()  # [K + 1]
         c_star = int(base.draft_len) if isinstance(base.draft_len, int) else 0
         progress = [slo_progress(r, state.now) for r in running]
@@ -95,8 +106,7 @@ class SLODraftLength(Controller):
         context = sum(r.context_len for r in running)
         prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
         for _ in range(2):
-            ordered = sorted(lengths.tolist(), reverse=True)  # the engine's row order
-            t = float(self.step_time.predict([StepShape.of_lengths(ordered, ordered, prefill, context)])[0])
+            t = float(self.step_time.predict([self._shape(lengths.tolist(), prefill, context)])[0])
             new = np.full(len(running), c_star)
             for i, (s, n, e) in enumerate(progress):
                 if not np.isfinite(s):
@@ -117,13 +127,11 @@ class SLODraftLength(Controller):
     def _capped(self, lengths: np.ndarray, room: np.ndarray, gain: np.ndarray,
                 progress: list[tuple[float, float, float]], prefill: int, context: int) -> np.ndarray:  # fmt: skip
         """`lengths` capped at the m of the class docstring's last paragraph (rows at most their
-        `room`; over trees, each plan is priced as chains of the same lengths)."""
+        `room`; over trees, each plan priced as its trees, `tree_shape`)."""
         s, n, e = (np.asarray(x, dtype=float) for x in zip(*progress))
         caps = sorted({int(c) for c in lengths} | {0})
         cands = [np.minimum(lengths, m) for m in caps] + [np.minimum(room, m) for m in range(1, len(gain))]
-        seconds = self.step_time.predict([StepShape.of_lengths(sorted(c.tolist(), reverse=True),
-                                                               sorted(c.tolist(), reverse=True), prefill, context)
-                                          for c in cands])  # fmt: skip
+        seconds = self.step_time.predict([self._shape(c.tolist(), prefill, context) for c in cands])
         seconds = np.maximum(np.asarray(seconds, dtype=float), 1e-9)
         tokens = np.stack([gain[c] for c in cands])  # [M, R]
         need = (e[None, :] + seconds[:, None]) / s[None, :] - n[None, :]  # inf SLO: -n, always met
