@@ -198,10 +198,12 @@ class ReplayEngine:
     # ------------------------------------------------------------ requests
     def add_request(self, prompt: Sequence[int] | int, sampling: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None, slo: SLO | None = None,
-                    stream: Stream | None = None, trace: RequestTrace | None = None) -> str:  # fmt: skip
+                    stream: Stream | None = None, trace: RequestTrace | None = None,
+                    draws: str | None = None) -> str:  # fmt: skip
         """prompt: token ids or just a prompt length; trace: the acceptance it follows (default:
-        the engine's next recorded trace of its kind, greedy or sampled). Raises `RequestError`
-        on bad input."""
+        the engine's next recorded trace of its kind, greedy or sampled); draws: the name its
+        random draws are keyed by (default: its request id; a bench that serves one request
+        under another id in each run keeps its draws alike). Raises `RequestError` on bad input."""
         sampling = sampling if sampling is not None else SamplingParams()
         sampling.validate()
         if slo is not None:
@@ -227,11 +229,11 @@ class ReplayEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         arrival = self.now if arrival_time is None else arrival_time
         playback = Playback(stream, arrival) if stream is not None else None
-        draws = random.Random(f"{self.seed}:{request_id}")  # a str seed hashes the same in every process
+        draws_of = random.Random(f"{self.seed}:{draws or request_id}")  # a str seed hashes the same everywhere
         if trace is None and self.traces is not None:
             trace = self._trace_for(sampling.temperature <= 0)
-        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback, draws=draws, uniforms={},
-                                              trace=trace)  # fmt: skip
+        self._waiting[request_id] = _Replayed(request_id, n, sampling, arrival, slo, playback, draws=draws_of,
+                                              uniforms={}, trace=trace)  # fmt: skip
         return request_id
 
     def _trace_for(self, greedy: bool) -> RequestTrace:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import pytest
@@ -144,21 +145,32 @@ def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, mo
 
     steps: list[str] = []
     clocks: list[tuple[str, float]] = []
+    ids: set[str] = set()
+    shuffles: list[int] = []
     step = spec.Serving.step
 
     def logged(self):
         steps.append(self.label["controller"])
+        ids.update(r.request_id for r in self.engine.requests())
         before = self.loop.clock()
         step(self)
         clocks.append((self.label["controller"], self.loop.clock() - before))
 
+    class Counted(random.Random):
+        def shuffle(self, x):
+            shuffles.append(len(x))
+            super().shuffle(x)
+
     monkeypatch.setattr(spec.Serving, "step", logged)
+    monkeypatch.setattr(spec.random, "Random", Counted)
     argv = ["bench", "spec", "--tiny", "--batches", "2", "--temperatures", "0", "--max-new-tokens", "6",
             "--rounds", "1", "--controllers", "no-spec;fixed-k1;fixed-k2", "--out"]  # fmt: skip
     main([*argv, str(tmp_path / "on")])
     turns = [steps[i : i + 3] for i in range(0, 9, 3)]  # each run takes a step before any takes a second
     assert all(sorted(t) == ["fixed-k1", "fixed-k2", "no-spec"] for t in turns[:2])
-    assert len({tuple(t) for t in turns}) > 1 or steps[:3] != steps[3:6]  # the order is shuffled
+    assert shuffles[:2] == [3, 3]  # the order is drawn anew every turn
+    # each run's requests under ids of its own (estimators a round shares keep state by id)
+    assert {i.split("/")[0] for i in ids} == {"no-spec", "fixed-k1", "fixed-k2", "oracle"} and len(ids) == 8
     records = {r["controller"]: r for r in json.loads((tmp_path / "on" / "spec.json").read_text())["records"]}
     for name in ("no-spec", "fixed-k1", "fixed-k2"):
         own = sum(s for n, s in clocks if n == name)  # its clock moved only while it stepped
@@ -173,6 +185,40 @@ def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, mo
     for name in ("no-spec", "fixed-k1", "fixed-k2"):
         assert (again[name]["tokens"], again[name]["steps"], again[name]["mean_accepted_len"]) == (
             records[name]["tokens"], records[name]["steps"], records[name]["mean_accepted_len"])
+
+
+def test_bench_spec_replay_interleaved_serves_each_run_as_alone(tmp_path):
+    """On the replay (simulated time, draws keyed by request), a fixed configuration's run is
+    the same step for step whether the round's runs interleave or not: the same tokens, steps
+    and simulated seconds, though each run's requests have ids of their own."""
+    argv = ["bench", "spec", "--replay", "--tiny", "--profile", "h100-llama-3.1-8b", "--replay-traces", "none",
+            "--batches", "4", "--temperatures", "0.7", "--ks", "1,3", "--max-new-tokens", "24",
+            "--controllers", "no-spec;fixed-k1;fixed-k3;goodput", "--out"]  # fmt: skip
+    got = []
+    for extra in ([], ["--no-interleave"]):
+        main([*argv[:-1], *extra, "--out", str(tmp_path / str(len(extra)))])
+        records = json.loads((tmp_path / str(len(extra)) / "spec_replay.json").read_text())["records"]
+        got.append({r["controller"]: r for r in records})
+    for name in ("no-spec", "fixed-k1", "fixed-k3"):
+        keys = ("tokens", "steps", "mean_accepted_len", "wall_s", "tokens_per_s")
+        assert [got[0][name][k] for k in keys] == [got[1][name][k] for k in keys], name
+    assert got[0]["fixed-k3"]["mean_accepted_len"] > 1.5  # sampled draws that accept
+    # a request served under another id keeps its draws where the bench names them (`draws`)
+    from adactl.estimators.step_time import tiny_step_time
+    from adactl.runtime import SamplingParams, StepPlan
+    from adactl.runtime.replay import ReplayEngine
+
+    def accepted(**ids) -> list[int]:
+        engine = ReplayEngine(tiny_step_time(), alpha=[0.6, 0.5, 0.4], seed=3)
+        engine.add_request(8, SamplingParams(40, temperature=0.7), **ids)
+        out: list[int] = []
+        while engine.has_unfinished():
+            engine.draft_step(StepPlan(draft_len=3, prefill_budget=64))
+            out += engine.verify().accepted.tolist()
+        return out
+
+    assert accepted(request_id="fixed-k3/req-0", draws="req-0") == accepted()  # the default id is req-0
+    assert accepted(request_id="fixed-k3/req-0") != accepted()
 
 
 def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):

@@ -374,3 +374,37 @@ def test_adaserve_is_lossless_in_the_loop(target, draft, step_time):
     results = loop.run()
     assert not loop.fallbacks
     assert [results[i].output_ids for i in ids] == [greedy_reference(target, p, 12) for p in ps]
+
+
+def test_slo_trees_learn_their_level_acceptance_from_tree_steps(target, draft, step_time):
+    """`SLODraftLength(tree_width=2)` learns its level acceptance from steps that drafted trees
+    (not the chain average raised again); chain steps and empty trees teach it nothing, and
+    once learned its tree levels, not the chain estimate, decide the depth."""
+    from adactl.controllers import SLODraftLength, TreeDraft
+    from adactl.runtime import TreeSpec
+
+    def records(schedule) -> list[StepRecord]:
+        engine = make_engine(target, draft)
+        for p in prompts(4, seed=42):
+            engine.add_request(p, SamplingParams(12))
+        out: list[StepRecord] = []
+        ControlLoop(engine, schedule=schedule).run(on_step=out.append)
+        return out
+
+    ctl = SLODraftLength(step_time, MovingAverage(prior=0.5), tree_width=2)
+    tree = ctl.tree
+    assert tree is not None
+    for r in records(FixedDraftLength(3)) + records(TreeDraft(TreeSpec(0, 0, 0))):
+        ctl.update(r)
+    assert not ctl.tree_seen and torch.equal(tree.mean, torch.full((16,), 0.5))
+    for r in records(TreeDraft(TreeSpec(3, 2, 6))):
+        ctl.update(r)
+    assert ctl.tree_seen and not torch.equal(tree.mean[:3], torch.full((3,), 0.5))
+    # a request behind its SLO, a chain estimate of 0.9: the learned tree levels decide
+    t0 = cost(StepShape.of_lengths([0], [0], 0, 60))
+    state = ScheduleState(10.0, (slo_view("r0", t0 / 1.5, 0, 0.0),), max_draft_len=8)
+    chain = MovingAverage(prior=0.9).estimate(state)
+    tree.mean[:] = 0.0  # trees never accepted: no depth helps
+    assert ctl.act(state, chain).tree["r0"].depth == 0  # type: ignore[index]
+    tree.mean[:] = 0.6  # a level accepted 60% of the time: 1.6 tokens from one level
+    assert ctl.act(state, chain).tree["r0"].depth >= 1  # type: ignore[index]

@@ -334,7 +334,8 @@ def wrong_choices(model: object, truth: object, alpha: torch.Tensor, batches: tu
 
 def serve_phase(cost: object, truth: object, batch: int, alpha: list[float], seed: int, drift: float) -> int:
     """One phase of a server's load: runs of plain decoding, fixed k = 1, 2, 4 and goodput at
-    one batch size, interleaved as `adactl bench spec` runs them, on a replay whose steps cost
+    one batch size, one run after another with goodput between fixed runs (as `adactl bench spec
+    --no-interleave` runs them: long stretches of one shape), on a replay whose steps cost
     `drift` times what `truth` says; every step refines `cost`. Returns the steps served."""
     from adactl.stacks import StackContext, build_stack
 

@@ -83,6 +83,7 @@ from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
 from adactl.runtime.models import SHIPPED_MODELS
+from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
 from adactl.stacks import StackContext, build_stack, is_fixed, needs_companion, stack_list, untrained_acceptance
 
@@ -135,11 +136,13 @@ def prefill_for(group: list[list[int]], args: SpecSettings) -> int:
 
 
 class RunClock:
-    """A run's own clock: the wall seconds spent inside its own steps. `sweep` steps a round's
-    runs in turn, one step each, so that every configuration is timed over the same seconds of
-    the machine: on this shared 2-core machine its speed moves by up to 35% over tens of
-    seconds (identical plain-decoding runs one after another: 58-78 tokens/s at batch 16;
-    interleaved step by step: within 3-5% of each other)."""
+    """A run's own clock: the wall seconds spent inside its own steps. `interleaved` steps a
+    round's runs in turn, one step each, so that every configuration is timed over the same
+    seconds of the machine: on this shared 2-core machine its speed moves by up to 35% over
+    tens of seconds (identical plain-decoding runs one after another: 58-78 tokens/s at batch
+    16; interleaved step by step: within 3-5% of each other). `ScheduleState.now` is then the
+    run's own time, not the engine's request stamps (wall time): stacks that read deadlines
+    belong in `--slo`, which serves on the wall clock."""
 
     def __init__(self) -> None:
         self.spent = 0.0
@@ -185,10 +188,15 @@ class Serving:
         return self.loop.clock() - getattr(self.peek, "seconds", 0.0), self.emitted, self.steps
 
     def _add(self, count: int) -> None:
+        """Request i of every run has the same prompt, sampling seed and (replay) draws, under
+        an id of its own run: estimators shared by a round's runs (`RunContext`) keep
+        per-request state by id, and the runs interleave."""
+        replay = isinstance(self.engine, ReplayEngine)
         for i in range(self.added, min(self.added + count, len(self.prompts))):
             t = request_temperature(self.temperature, i, self.args.temperatures)
-            self.engine.add_request(self.prompts[i], SamplingParams(self.args.max_new_tokens, temperature=t,
-                                                                    seed=self.args.seed + i))  # fmt: skip
+            sampling = SamplingParams(self.args.max_new_tokens, temperature=t, seed=self.args.seed + i)
+            self.engine.add_request(self.prompts[i], sampling, request_id=f"{self.label['controller']}/req-{i}",
+                                    **({"draws": f"req-{i}"} if replay else {}))  # fmt: skip
         self.added = min(self.added + count, len(self.prompts))
 
     @property
@@ -228,7 +236,8 @@ class Serving:
             "mean_accepted_len": self.decode_tokens / max(self.row_steps, 1),
             "mean_draft_len": self.drafted / max(self.row_steps, 1),
             "step_ms": 1000 * counted_s / max(counted_steps, 1),
-            "control_ms": 1000 * self.control_s / max(self.steps, 1),  # the controllers' decisions, per step
+            # the controllers' decisions per step, on the run's clock (the replay's does not move for them: 0)
+            "control_ms": 1000 * self.control_s / max(self.steps, 1),
             "steps": self.steps,
             "fallbacks": dict(self.loop.fallbacks),
         }
@@ -243,7 +252,7 @@ def interleaved(runs: Sequence[Callable[[], Serving]], seed: int, interleave: bo
         return [_served(start()) for start in runs]
     rng = random.Random(seed)
     started = [start() for start in runs]
-    live = list(started)
+    live = [run for run in started if not run.done]
     while live:
         rng.shuffle(live)
         for run in live:
@@ -267,7 +276,8 @@ def is_tree(stack: str) -> bool:
 
 
 def round_ratio(run: dict[str, Any], here: list[dict[str, Any]]) -> float:
-    """A run's tokens/s over the best fixed configuration's in the same round (runs minutes apart at most)."""
+    """A run's tokens/s over the best fixed configuration's in the same round (interleaved with it,
+    or with `--no-interleave` minutes apart at most; the oracles: the phase after it)."""
     fixed = [x["tokens_per_s"] for x in here if is_fixed(x["controller"])]
     return run["tokens_per_s"] / max(fixed) if fixed else float("nan")
 
@@ -529,7 +539,7 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
             group = prompts[: batch * max(args.saturated, 1)]
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
-                order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated: first steps go round
+                order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated (for --no-interleave)
                 seed = args.seed + 1000 * r + batch
                 here = interleaved([partial(start_one, name, engines, group, temperature, ctx, args, bar)
                                     for name in order], seed, args.interleave)  # fmt: skip

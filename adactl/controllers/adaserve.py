@@ -26,8 +26,9 @@ the batch:
 T depends on the selection, so the minimums are computed with each candidate's own T.
 Requests without a TPOT SLO only take part in step 2. Over token trees
 (`SLODraftLength(tree_width=w)` drafts a tree of depth c_i with w alternatives per level,
-counting a level accepted where any alternative is, 1 - (1 - alpha)(1 - `sibling_prior`), and
-pricing each plan as the trees it drafts, `tree_shape`), the same selection runs on node
+counting a level accepted where any alternative is: learned from the trees it drafts, and
+until then 1 - (1 - alpha)(1 - `sibling_prior`); each plan priced as the trees it drafts,
+`tree_shape`), the same selection runs on node
 survival (the product of alpha over a node and its ancestors): E_i(v) sums it over the first
 v nodes, and the chain version is the w = 1 case.
 """
@@ -42,7 +43,7 @@ import torch
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.request_acceptance import tree_level_prior
 from adactl.estimators.step_time import StepShape, StepTimePredictor
-from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState, VerifyState
+from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState, StepRecord, VerifyState
 from adactl.runtime.types import RequestView, StepPlan
 
 from .goodput import GoodputLength
@@ -84,7 +85,16 @@ class SLODraftLength(Controller):
         self.estimator = estimator if estimator is not None else MovingAverage()
         self.goodput = GoodputLength(step_time, self.estimator)
         self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
-        self.sibling_prior = sibling_prior  # trees: a later alternative's acceptance where the first's fails
+        # trees: the level acceptance learned from the trees it drafts (as GoodputTree's);
+        # until then the chain's, raised by a later alternative's chance where the first fails
+        self.sibling_prior = sibling_prior
+        self.tree = MovingAverage(decay=0.98) if tree_width > 1 else None
+        self.tree_seen = False
+
+    def update(self, record: StepRecord) -> None:
+        if self.tree is not None and record.drafts.parents is not None and int(record.drafts.draft_len.sum()):
+            self.tree.update(record)
+            self.tree_seen = True
 
     def _shape(self, lengths: list[int], prefill: int, context: int) -> StepShape:
         """The step whose rows draft `lengths` (chains, or trees of those depths) and verify all."""
@@ -97,8 +107,8 @@ class SLODraftLength(Controller):
         if not running or k == 0:
             return base
         alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
-        if self.tree_width > 1:  # a tree level is accepted where any of its alternatives is
-            alpha = tree_level_prior(alpha, self.sibling_prior)
+        if self.tree is not None:  # a tree level is accepted where any of its alternatives is
+            alpha = self.tree.alpha(k) if self.tree_seen else tree_level_prior(alpha, self.sibling_prior)
         gain = 1 + torch.cat([torch.zeros(1), torch.cumprod(alpha[:k], 0).cumsum(0)]).numpy()  # [K + 1]
         c_star = int(base.draft_len) if isinstance(base.draft_len, int) else 0
         progress = [slo_progress(r, state.now) for r in running]
