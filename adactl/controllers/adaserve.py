@@ -48,7 +48,7 @@ from adactl.runtime.types import RequestView, StepPlan
 
 from .goodput import GoodputLength
 from .sv import SpeculativeVerification, expected_gain
-from .trees import tree_of_depth, tree_shape
+from .trees import learn_tree_levels, tree_of_depth, tree_shape
 
 
 def slo_progress(view: RequestView | None, now: float) -> tuple[float, float, float]:
@@ -92,8 +92,7 @@ class SLODraftLength(Controller):
         self.tree_seen = False
 
     def update(self, record: StepRecord) -> None:
-        if self.tree is not None and record.drafts.parents is not None and int(record.drafts.draft_len.sum()):
-            self.tree.update(record)
+        if self.tree is not None and learn_tree_levels(self.tree, record):
             self.tree_seen = True
 
     def _shape(self, lengths: list[int], prefill: int, context: int) -> StepShape:

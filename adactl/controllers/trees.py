@@ -111,11 +111,18 @@ class GoodputTree(Controller):
         return replace(state.plan, draft_len=0, tree=tree_of_depth(c, w))
 
     def update(self, record: StepRecord) -> None:
-        if record.drafts.parents is not None:
-            self.tree.update(record)
+        if learn_tree_levels(self.tree, record):
             self.tree_seen = True
-        elif int(record.drafts.draft_len.sum()) > 0:
+        elif record.drafts.parents is None and int(record.drafts.draft_len.sum()) > 0:
             self.chain.update(record)
+
+
+def learn_tree_levels(average: MovingAverage, record: StepRecord) -> bool:
+    """Teach `average` the tree levels of a step that drafted tree nodes; whether it did."""
+    if record.drafts.parents is None or int(record.drafts.draft_len.sum()) == 0:
+        return False
+    average.update(record)
+    return True
 
 
 class RequestGoodputTree(RequestGoodput):
