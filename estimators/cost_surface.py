@@ -171,6 +171,13 @@ class CostSurface:
         """Recent whole-batch steps at this shape's cells: a decayed count (interpolated)."""
         return float(basis(shape)[_C:] @ self._counts)
 
+    def contrast_sd(self, a: StepShape, b: StepShape) -> float:
+        """The posterior standard deviation of r(a) - r(b): how unsure the surface is of the
+        ratio of two shapes' costs (at one batch size, that of two draft lengths). Where no
+        recent step measured it, the prior's (about 0.22 between draft lengths 0 and 1)."""
+        d = basis(a) - basis(b)
+        return float(math.sqrt(max(d @ self._p @ d, 0.0)))
+
     def __call__(self, shapes: list[StepShape]) -> np.ndarray:
         """[N] r at each shape (log factor)."""
         if not self.observations:

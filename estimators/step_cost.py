@@ -193,6 +193,11 @@ class StepCostModel:
         online surface holds (decayed): what an explorer asks before probing it."""
         return self.online.evidence(shape)
 
+    def ratio_sd(self, a: StepShape, b: StepShape) -> float:
+        """How unsure the model is of log(T(a) / T(b)): the online surface's posterior (the
+        profile's own error is what its prior is as wide as); 0 when it does not refine."""
+        return self.online.contrast_sd(a, b) if self.refine else 0.0
+
     # ----------------------------------------------------------------- learn
     def update(self, record: StepRecord) -> None:
         """Learn from what this step cost."""

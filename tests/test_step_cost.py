@@ -472,3 +472,32 @@ def test_absurd_step_times_are_counted_not_learned() -> None:
     assert float(cost.predict([shape])[0]) == before
     cost.observe(shape, (0.0, 0.0, 2 * before))  # slow, but a real step: learned
     assert cost.updates == 1 and float(cost.predict([shape])[0]) > before
+
+
+def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
+    """A probe is a step spent off c*: worth it where the neighbour is within the model's
+    uncertainty of the cost ratio, not where it is predicted far slower (make bench run 5:
+    at batch 32, where k = 1 ran at 0.79 of plain decoding, probes cost a 32-step run 3-6%).
+    With every neighbour unmeasured (novelty 1) the old rule probed at the `explore` rate
+    everywhere: 50% of these steps."""
+    from adactl.controllers.goodput import goodput_rates, shortest_within
+    from adactl.interface import ScheduleState
+    from adactl.runtime import RequestView
+
+    def probe_rate(rows: int, alpha: float) -> tuple[float, float]:
+        cost, ma = shipped_cpu_profile().model(), MovingAverage(prior=alpha)
+        controller = GoodputLength(cost, ma, explore=0.5, seed=0)
+        views = tuple(RequestView(f"r{i}", "running", 40, 40, 10, 50, 0.0, 0.1, SamplingParams()) for i in range(rows))
+        state = ScheduleState(0.0, views, max_draft_len=8)
+        estimate = ma.estimate(state)
+        rates = goodput_rates(cost, estimate.alpha.mean(0), rows, 50 * rows)
+        best = shortest_within(rates, controller.margin)
+        nearest = max(rates[c] for c in (best - 1, best + 1) if 0 <= c <= 8) / rates[best]
+        picks = [controller.act(state, estimate).draft_len for _ in range(2000)]
+        return sum(p != best for p in picks) / len(picks), nearest
+
+    far, far_ratio = probe_rate(64, 0.02)
+    near, near_ratio = probe_rate(8, 0.6)
+    assert far_ratio < 0.7 and near_ratio > 0.95  # the shapes are what the test means
+    assert far < 0.1  # measured 0.045 (k = 1 predicted at 0.67 of plain decoding)
+    assert near > 0.3  # measured 0.48 (the neighbour at 0.98)

@@ -16,18 +16,29 @@ by 5-10% between repetitions of one shape), and a draft costs what the model doe
 (rows that finish at different steps, a companion's work), so a tie goes to drafting less.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
-probes a neighbour of c* (every row drafts c* + 1, or c* - 1): each neighbour's novelty is
-n0 / (n0 + n), n the recent whole-batch steps the model holds at its batch size and length
-(n0 = `novelty`, 2); a probe happens with probability `explore` (3%) times the larger
-novelty, and goes to a neighbour in proportion to its novelty. A model that starts out
-thinking verification too dear would otherwise never draft, and so never see that it is
-cheap (the served steps are all it learns from); once both neighbours have been measured,
-probing them again is rarely worth a step. Probes are whole-batch steps because only those teach the model the ratio of
-one draft length to another (a step where part of the batch drafts teaches its levels only).
+probes a neighbour of c* (every row drafts c* + 1, or c* - 1) with probability `explore` (3%)
+times the larger of the neighbours' weights, and goes to a neighbour in proportion to its
+weight. A neighbour's weight is its novelty times its plausibility:
+- novelty n0 / (n0 + n), n the recent whole-batch steps the model holds at its batch size and
+  length (n0 = `novelty`, 2): once both neighbours have been measured, probing them again is
+  rarely worth a step;
+- plausibility erfc(gap / (sqrt 2 sd)), at most 1: twice the chance that the neighbour is in
+  truth faster, gap = log(rate(c*) / rate(c)) and sd the model's uncertainty of the two
+  lengths' cost ratio (`ratio_sd`: the online surface's posterior, as wide as its prior where
+  nothing was measured; 1 for a model without one). A neighbour the model predicts 40% slower
+  is not worth a step; one within the model's error is. (Measured, make bench run 5, issue
+  30: at batch 32, where k = 1 ran at 0.79 of plain decoding, the probes of a 32-step run
+  cost goodput 3-6%; a row that finishes early makes a batch size the model holds no steps
+  at, and so a novel one.)
+A model that starts out thinking verification too dear would otherwise never draft, and so
+never see that it is cheap (the served steps are all it learns from). Probes are whole-batch
+steps because only those teach the model the ratio of one draft length to another (a step
+where part of the batch drafts teaches its levels only).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -51,14 +62,17 @@ class GoodputLength(Controller):
         self.margin, self.novelty = margin, novelty
         self.rng = np.random.default_rng(seed)
 
-    def _novelty(self, rows: int, length: int, context: int) -> float:
-        """n0 / (n0 + recent whole-batch steps of this length at this batch size), 1 for a
-        model that does not count them."""
+    def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
+        """Neighbour c's probe weight: novelty x plausibility (the module docstring)."""
+        shape, at = (StepShape(rows, rows * (n + 1), n + 1, rows * n, n, 0, context) for n in (c, best))
         evidence = getattr(self.step_time, "evidence", None)
-        if evidence is None:
-            return 1.0
-        shape = StepShape(rows, rows * (length + 1), length + 1, rows * length, length, 0, context)
-        return self.novelty / (self.novelty + float(evidence(shape)))
+        novelty = 1.0 if evidence is None else self.novelty / (self.novelty + float(evidence(shape)))
+        gap = math.log(max(rates[best], 1e-12) / max(rates[c], 1e-12))
+        ratio_sd = getattr(self.step_time, "ratio_sd", None)
+        if gap <= 0 or ratio_sd is None:
+            return novelty
+        sd = float(ratio_sd(shape, at))
+        return novelty * (math.erfc(gap / (math.sqrt(2.0) * sd)) if sd > 0 else 0.0)
 
     def act(self, state: ScheduleState, utilities: AcceptanceEstimate) -> StepPlan:
         running = [r for r in state.running if state.plan.run is None or r.request_id in state.plan.run]
@@ -70,12 +84,13 @@ class GoodputLength(Controller):
         context = sum(r.context_len for r in running)
         waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
         prefill = min(state.plan.prefill_budget, waiting)
-        best = goodput_length(self.step_time, alpha, rows, context, prefill, self.margin)
-        if self.explore > 0:  # the less measured neighbour the likelier: chosen in proportion to novelty
+        rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
+        best = shortest_within(rates, self.margin)
+        if self.explore > 0:  # a neighbour the likelier the more novel and plausible
             near = [c for c in (best - 1, best + 1) if 0 <= c <= k]
-            novelty = np.array([self._novelty(rows, c, context) for c in near])
-            if self.rng.random() < self.explore * float(novelty.max()):
-                best = int(self.rng.choice(near, p=novelty / novelty.sum()))
+            weight = np.array([self._weight(rates, best, c, rows, context) for c in near])
+            if self.rng.random() < self.explore * float(weight.max()):
+                best = int(self.rng.choice(near, p=weight / weight.sum()))
         return replace(state.plan, draft_len=best)
 
 
