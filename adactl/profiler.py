@@ -262,7 +262,7 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
                 f"adactl: step-cost profile {profile} was made for another setup ({'; '.join(diff)}); "
                 f"using it as the prior{how}"
             )
-        return loaded.model(refine=refine)
+        return loaded.model(refine=refine, foreign=bool(diff))
     path = cached_path(here)
     if path.is_file():
         try:

@@ -178,7 +178,7 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
 
             state = self._state()
             estimator = self.features.estimator
-            plan = GoodputLength(self.backend.step_time, estimator).act(state, estimator.estimate(state))
+            plan = GoodputLength(self.backend.step_time, estimator, explore=0.0).act(state, estimator.estimate(state))
             k = int(plan.draft_len) if isinstance(plan.draft_len, int) else 0
         else:
             raise ValueError(f"unknown baseline {name!r}: 'goodput', 'no-spec' or 'fixed-k<n>'"

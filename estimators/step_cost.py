@@ -62,6 +62,10 @@ BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft
 # its attention when the step prefills one prompt from scratch (the profiler's steps lack the field, and
 # `StepShape` gives them exactly that); the same coefficient, read for several prompts as their pairs' sum
 OLD_BASIS = (*BASIS[:-1], "prefill_squared")
+# how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
+# 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
+# and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
+FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
 _SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0])
 
@@ -153,12 +157,13 @@ class StepCostModel:
     name = "step_cost"
 
     def __init__(self, theta: np.ndarray, profile: CostSurface | None = None, refine: bool = True,
-                 memory: float = 400.0, rejection: float = 100.0) -> None:  # fmt: skip
+                 memory: float = 400.0, rejection: float = 100.0, foreign: bool = False) -> None:  # fmt: skip
         if memory < 1 or rejection <= 1:
             raise ValueError(f"memory must be >= 1 step and rejection > 1, got {memory}, {rejection}")
         self.theta = np.array(theta, dtype=np.float64).reshape(len(BASIS), len(PARTS))
         self.profile = profile
         self.refine, self.memory, self.rejection = refine, memory, rejection
+        self.foreign = foreign  # the profile was made for another machine or models (`ratio_sd`)
         self.online = CostSurface(ONLINE, level_memory=memory / 4, ratio_memory=memory)
         self.updates = 0
         self.rejected = 0  # steps not learned from: absurd times
@@ -166,7 +171,8 @@ class StepCostModel:
 
     def frozen(self) -> StepCostModel:
         """The prior: the same theta and profile surface, no refinement (what the profile said)."""
-        return StepCostModel(self.theta, self.profile, refine=False, memory=self.memory, rejection=self.rejection)
+        return StepCostModel(self.theta, self.profile, refine=False, memory=self.memory, rejection=self.rejection,
+                             foreign=self.foreign)  # fmt: skip
 
     # ---------------------------------------------------------------- predict
     def _prior_parts(self, shapes: Sequence[StepShape]) -> np.ndarray:
@@ -194,9 +200,14 @@ class StepCostModel:
         return self.online.evidence(shape)
 
     def ratio_sd(self, a: StepShape, b: StepShape) -> float:
-        """How unsure the model is of log(T(a) / T(b)): the online surface's posterior (the
-        profile's own error is what its prior is as wide as); 0 when it does not refine."""
-        return self.online.contrast_sd(a, b) if self.refine else 0.0
+        """How unsure the model is of log(T(a) / T(b)), as the goodput controller asks before
+        probing: the online surface's posterior after the last step (its priors are as wide as
+        a profile's error on its own machine), at least `FOREIGN_RATIO_SD` with a profile made
+        for another machine; 0 when the model does not refine (nothing to learn by probing)."""
+        if not self.refine:
+            return 0.0
+        sd = self.online.contrast_sd(a, b)
+        return max(sd, FOREIGN_RATIO_SD) if self.foreign else sd
 
     # ----------------------------------------------------------------- learn
     def update(self, record: StepRecord) -> None:
@@ -258,8 +269,9 @@ class StepCostProfile:
         base = np.maximum(np.maximum(features(shapes) @ self.theta, 0.0).sum(1), 1e-5)
         return CostSurface.fit(shapes, np.log(np.maximum(seconds.sum(1), 1e-9) / base), PROFILE)
 
-    def model(self, refine: bool = True, memory: float = 400.0) -> StepCostModel:
-        return StepCostModel(self.theta, self.surface(), refine=refine, memory=memory)
+    def model(self, refine: bool = True, memory: float = 400.0, foreign: bool = False) -> StepCostModel:
+        """The model this profile gives; `foreign`: it is used on another machine or models."""
+        return StepCostModel(self.theta, self.surface(), refine=refine, memory=memory, foreign=foreign)
 
     # ------------------------------------------------------------------- file
     def to_dict(self) -> dict[str, Any]:

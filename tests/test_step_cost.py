@@ -484,8 +484,8 @@ def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
     from adactl.interface import ScheduleState
     from adactl.runtime import RequestView
 
-    def probe_rate(rows: int, alpha: float) -> tuple[float, float]:
-        cost, ma = shipped_cpu_profile().model(), MovingAverage(prior=alpha)
+    def probe_rate(rows: int, alpha: float, foreign: bool = False) -> tuple[float, float]:
+        cost, ma = shipped_cpu_profile().model(foreign=foreign), MovingAverage(prior=alpha)
         controller = GoodputLength(cost, ma, explore=0.5, seed=0)
         views = tuple(RequestView(f"r{i}", "running", 40, 40, 10, 50, 0.0, 0.1, SamplingParams()) for i in range(rows))
         state = ScheduleState(0.0, views, max_draft_len=8)
@@ -493,7 +493,7 @@ def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
         rates = goodput_rates(cost, estimate.alpha.mean(0), rows, 50 * rows)
         best = shortest_within(rates, controller.margin)
         nearest = max(rates[c] for c in (best - 1, best + 1) if 0 <= c <= 8) / rates[best]
-        picks = [controller.act(state, estimate).draft_len for _ in range(2000)]
+        picks = [controller.act(state, estimate).draft_len for _ in range(1000)]
         return sum(p != best for p in picks) / len(picks), nearest
 
     far, far_ratio = probe_rate(64, 0.02)
@@ -501,3 +501,24 @@ def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
     assert far_ratio < 0.7 and near_ratio > 0.95  # the shapes are what the test means
     assert far < 0.1  # measured 0.045 (k = 1 predicted at 0.67 of plain decoding)
     assert near > 0.3  # measured 0.48 (the neighbour at 0.98)
+    # another machine's profile may be off by far more than the gap: it still probes
+    assert probe_rate(64, 0.02, foreign=True)[0] > 0.25
+
+
+def test_the_cost_ratio_is_surer_where_both_lengths_were_served() -> None:
+    """`ratio_sd`, which the goodput controller's probes ask: the online surface's prior where
+    nothing was served, smaller once whole-batch steps of both lengths were, unchanged at
+    another batch size; never under log 2 for another machine's profile."""
+    cost = shipped_cpu_profile().model()
+    plain, k1 = whole_batch(32, 0, 8000), whole_batch(32, 1, 8000)
+    far_plain, far_k1 = whole_batch(2, 0, 500), whole_batch(2, 1, 500)
+    before, far_before = cost.ratio_sd(k1, plain), cost.ratio_sd(far_k1, far_plain)
+    assert 0.15 < before < 0.3
+    predicted = cost.frozen().predict([plain, k1])
+    for _ in range(20):
+        cost.observe(plain, (0.0, 0.0, float(predicted[0])))
+        cost.observe(k1, (0.0, 0.0, float(predicted[1])))
+    assert cost.ratio_sd(k1, plain) < 0.5 * before
+    assert cost.ratio_sd(far_k1, far_plain) > 0.9 * far_before
+    assert cost.frozen().ratio_sd(k1, plain) == 0.0  # it learns nothing, so nothing is worth probing
+    assert shipped_cpu_profile().model(foreign=True).ratio_sd(k1, plain) == pytest.approx(math.log(2.0))

@@ -15,25 +15,26 @@ to be chosen: near a tie the step-cost model cannot tell the two apart (a CPU st
 by 5-10% between repetitions of one shape), and a draft costs what the model does not see
 (rows that finish at different steps, a companion's work), so a tie goes to drafting less.
 
-When the step-cost model learns online (`update`, adactl.estimators.step_cost), a step
-probes a neighbour of c* (every row drafts c* + 1, or c* - 1) with probability `explore` (3%)
-times the larger of the neighbours' weights, and goes to a neighbour in proportion to its
-weight. A neighbour's weight is its novelty times its plausibility:
-- novelty n0 / (n0 + n), n the recent whole-batch steps the model holds at its batch size and
-  length (n0 = `novelty`, 2): once both neighbours have been measured, probing them again is
-  rarely worth a step;
-- plausibility erfc(gap / (sqrt 2 sd)), at most 1: twice the chance that the neighbour is in
-  truth faster, gap = log(rate(c*) / rate(c)) and sd the model's uncertainty of the two
-  lengths' cost ratio (`ratio_sd`: the online surface's posterior, as wide as its prior where
-  nothing was measured; 1 for a model without one). A neighbour the model predicts 40% slower
-  is not worth a step; one within the model's error is. (Measured, make bench run 5, issue
-  30: at batch 32, where k = 1 ran at 0.79 of plain decoding, the probes of a 32-step run
-  cost goodput 3-6%; a row that finishes early makes a batch size the model holds no steps
-  at, and so a novel one.)
-A model that starts out thinking verification too dear would otherwise never draft, and so
-never see that it is cheap (the served steps are all it learns from). Probes are whole-batch
-steps because only those teach the model the ratio of one draft length to another (a step
-where part of the batch drafts teaches its levels only).
+When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
+steps are all it learns from: a model that starts out thinking verification too dear would
+never draft, and so never see that it is cheap. So a step may probe a neighbour of c* (every
+row drafts c* + 1, or c* - 1): with probability `explore` (3%) times the larger of the
+neighbours' weights, going to a neighbour in proportion to its weight, novelty x plausibility:
+- novelty n0 / (n0 + n), n the recent whole-batch steps the model holds at this batch size and
+  length (n0 = `novelty`, 2): once a neighbour has been measured, probing it again is rarely
+  worth a step;
+- plausibility erfc(gap / (sqrt 2 sd)), twice the chance that the neighbour is in truth the
+  faster, where gap = log(rate(c*) / rate(c)) and sd is the model's uncertainty of the two
+  lengths' cost ratio (`ratio_sd`: the online surface's posterior, wide where nothing was
+  measured, at least log 2 with another machine's profile); 1 where the neighbour is predicted
+  at least as fast, or the model has no `ratio_sd`. A neighbour predicted at 60% of c*'s
+  goodput is not worth a step (on this machine's own profile: weight 0.03); one within the
+  model's error is. (Measured, make bench run 5, issue 30: at batch 32, where k = 1 ran at
+  0.79 of plain decoding, goodput drafted on a few of a run's 32 steps and ran at 0.94-0.95
+  of plain decoding.)
+Probes are whole-batch steps, and none is taken on a step that prefills: only a step where
+every row drafts the same length, and nothing else, teaches the model the ratio of one draft
+length to another (the others teach its levels only).
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class GoodputLength(Controller):
         prefill = min(state.plan.prefill_budget, waiting)
         rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
         best = shortest_within(rates, self.margin)
-        if self.explore > 0:  # a neighbour the likelier the more novel and plausible
-            near = [c for c in (best - 1, best + 1) if 0 <= c <= k]
+        if self.explore > 0 and prefill == 0:  # a neighbour the likelier the more novel and plausible
+            near = [c for c in (best - 1, best + 1) if 0 <= c < len(rates)]
             weight = np.array([self._weight(rates, best, c, rows, context) for c in near])
             if self.rng.random() < self.explore * float(weight.max()):
                 best = int(self.rng.choice(near, p=weight / weight.sum()))
