@@ -476,8 +476,9 @@ def test_absurd_step_times_are_counted_not_learned() -> None:
 
 def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
     """A probe is a step spent off c*: worth it where the neighbour is within the model's
-    uncertainty of the cost ratio, not where it is predicted far slower (make bench run 5:
-    at batch 32, where k = 1 ran at 0.79 of plain decoding, probes cost a 32-step run 3-6%).
+    uncertainty of the cost ratio, not where its goodput is predicted far lower (make bench run
+    5: at batch 32, where k = 1 ran at 0.79 of plain decoding, goodput drafted on a few of a
+    run's 32 steps and ran at 0.94-0.95 of plain decoding).
     With every neighbour unmeasured (novelty 1) the old rule probed at the `explore` rate
     everywhere: 50% of these steps."""
     from adactl.controllers.goodput import goodput_rates, shortest_within
@@ -499,10 +500,10 @@ def test_goodput_probes_what_the_model_could_be_wrong_about() -> None:
     far, far_ratio = probe_rate(64, 0.02)
     near, near_ratio = probe_rate(8, 0.6)
     assert far_ratio < 0.7 and near_ratio > 0.95  # the shapes are what the test means
-    assert far < 0.1  # measured 0.045 (k = 1 predicted at 0.67 of plain decoding)
-    assert near > 0.3  # measured 0.48 (the neighbour at 0.98)
+    assert far < 0.1  # measured 0.038 (k = 1 predicted at 0.67 of plain decoding)
+    assert near > 0.3  # measured 0.46 (the neighbour at 0.98)
     # another machine's profile may be off by far more than the gap: it still probes
-    assert probe_rate(64, 0.02, foreign=True)[0] > 0.25
+    assert probe_rate(64, 0.02, foreign=True)[0] > 0.2  # measured 0.27
 
 
 def test_the_cost_ratio_is_surer_where_both_lengths_were_served() -> None:
