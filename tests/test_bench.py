@@ -229,6 +229,26 @@ def test_bench_spec_quick_keeps_an_explicit_rounds(tmp_path):
     assert all(len(r["rounds"]) == 2 for r in records)
 
 
+def test_bench_spec_an_explicit_value_stands_whatever_the_mode():
+    """The replay has defaults of its own (the GPU regime's: batch 1-256, k 1-6, 128 tokens),
+    and a value given on the command line stands even where it equals the engine's default
+    (it was replaced: `--replay --max-new-tokens 32` ran 128 tokens)."""
+    from adactl.bench.spec import SpecSettings
+    from adactl.settings import parse
+
+    def resolved(*argv: str) -> SpecSettings:
+        return parse(SpecSettings, list(argv)).resolved()
+
+    engine, replay = resolved(), resolved("--replay")
+    assert (engine.batches, engine.ks, engine.max_new_tokens) == ([1, 2, 4, 8, 16, 32, 64], [1, 2, 4], 32)
+    assert (replay.batches[-1], replay.ks, replay.max_new_tokens) == (256, [1, 2, 3, 4, 5, 6], 128)
+    given = resolved("--replay", "--batches", "1,2,4,8,16,32,64", "--ks", "1,2,4", "--max-new-tokens", "32")
+    assert (given.batches, given.ks, given.max_new_tokens) == ([1, 2, 4, 8, 16, 32, 64], [1, 2, 4], 32)
+    quick = resolved("--quick")
+    assert (quick.batches, quick.ks, quick.max_new_tokens) == ([1, 8, 32], [2, 4], 24)
+    assert resolved("--quick", "--max-new-tokens", "4").max_new_tokens == 4
+
+
 def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):
     """On the computed H100 profile (no model runs), speculation pays at batch 1 and plain
     decoding wins at batch 256, and goodput follows: it drafts at 1 and not at 256."""

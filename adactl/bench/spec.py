@@ -650,13 +650,17 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     target: str = setting("smollm2", "target model spec")
     draft: str = setting("draft", "draft model spec")
     companion: str = setting("companion", "the companion (runs with sv)")
-    batches: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "batch sizes, comma-separated", parse=ints)
+    # batches, ks and max_new_tokens: None (the mode's default) until `resolved`
+    batches: list[int] = setting(None, "batch sizes, comma-separated (default 1,2,4,8,16,32,64; --replay "
+                                 "1-256 in powers of 2; --quick 1,8,32)", parse=ints)  # fmt: skip
     temperatures: list[float] = setting([0.0, 0.7], "sampling temperatures, comma-separated", parse=floats)
-    ks: list[int] = setting([1, 2, 4], "fixed draft lengths to run (any of 1..8)", parse=ints)
+    ks: list[int] = setting(None, "fixed draft lengths to run, any of 1..8 (default 1,2,4; --replay 1-6; "
+                            "--quick 2,4)", parse=ints)  # fmt: skip
     sv_k: int = setting(6, "tokens drafted before SV chooses what to verify")
     controllers: list[str] | None = setting(None, "the stacks to run, ';'-separated (default: the docstring's; "
                                             "adactl stacks)", parse=stack_list)  # fmt: skip
-    max_new_tokens: int = setting(32, "tokens generated per request")
+    max_new_tokens: int = setting(None, "tokens generated per request (default 32; --replay 128; --quick 24 "
+                                  "at most)", parse=int)  # fmt: skip
     max_prompt_tokens: int = setting(256, "prompts are clipped to this")
     rounds: int | None = setting(None, "runs per configuration, the fastest reported (default 2; 1 with --quick)",
                                  parse=int)  # fmt: skip
@@ -703,17 +707,20 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     out: str = setting("bench_results", "directory for JSON and PNG")
 
     def resolved(self) -> SpecSettings:
-        """--quick, the default rounds and --slo's prompt count applied."""
+        """--quick, the mode's defaults of what was not given (the replay's are the GPU regime's:
+        an explicit value stands even where it equals the engine's default), the default rounds
+        and --slo's prompt count applied."""
         s = self
         if s.quick:  # an explicit --rounds stands (single rounds here differ by up to 10%)
-            s = replace(s, batches=[1, 8, 32], temperatures=[0.0], ks=[2, 4], max_new_tokens=min(s.max_new_tokens, 24))
+            quick = min(s.max_new_tokens or 24, 24)
+            s = replace(s, batches=[1, 8, 32], temperatures=[0.0], ks=[2, 4], max_new_tokens=quick)
         base = SpecSettings()
-        if s.replay and s.batches == base.batches:
-            s = replace(s, batches=[1, 2, 4, 8, 16, 32, 64, 128, 256])
-        if s.replay and s.ks == base.ks:
-            s = replace(s, ks=[1, 2, 3, 4, 5, 6])
-        if s.replay and s.max_new_tokens == base.max_new_tokens:
-            s = replace(s, max_new_tokens=128)
+        if s.batches is None:
+            s = replace(s, batches=[1, 2, 4, 8, 16, 32, 64, 128, 256] if s.replay else [1, 2, 4, 8, 16, 32, 64])
+        if s.ks is None:
+            s = replace(s, ks=[1, 2, 3, 4, 5, 6] if s.replay else [1, 2, 4])
+        if s.max_new_tokens is None:
+            s = replace(s, max_new_tokens=128 if s.replay else 32)
         if s.rounds is None:
             s = replace(s, rounds=1 if s.quick or s.replay else 2)
         if s.replay and s.slo:  # the GPU regime's scale: milliseconds per token, tens of requests a second
