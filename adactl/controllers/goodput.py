@@ -65,7 +65,7 @@ class GoodputLength(Controller):
 
     def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
         """Neighbour c's probe weight: novelty x plausibility (the module docstring)."""
-        shape, at = (StepShape(rows, rows * (n + 1), n + 1, rows * n, n, 0, context) for n in (c, best))
+        shape, at = chain_step(rows, c, context), chain_step(rows, best, context)
         evidence = getattr(self.step_time, "evidence", None)
         novelty = 1.0 if evidence is None else self.novelty / (self.novelty + float(evidence(shape)))
         gap = math.log(max(rates[best], 1e-12) / max(rates[c], 1e-12))
@@ -87,12 +87,18 @@ class GoodputLength(Controller):
         prefill = min(state.plan.prefill_budget, waiting)
         rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
         best = shortest_within(rates, self.margin)
-        if self.explore > 0 and prefill == 0:  # a neighbour the likelier the more novel and plausible
-            near = [c for c in (best - 1, best + 1) if 0 <= c < len(rates)]
+        draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
+        if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
+            near = [c for c in (best - 1, best + 1) if 0 <= c < len(rates)]  # so no other step needs them)
             weight = np.array([self._weight(rates, best, c, rows, context) for c in near])
-            if self.rng.random() < self.explore * float(weight.max()):
+            if draw < self.explore * float(weight.max()):
                 best = int(self.rng.choice(near, p=weight / weight.sum()))
         return replace(state.plan, draft_len=best)
+
+
+def chain_step(rows: int, c: int, context: int, prefill: int = 0) -> StepShape:
+    """The shape of a step where each of `rows` drafts c tokens and verifies all of them."""
+    return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context)
 
 
 def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
@@ -100,7 +106,7 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     """[len(alpha) + 1] predicted tokens per second of drafting c = 0 .. len(alpha) tokens per row."""
     k = len(alpha)
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)])  # [K + 1]
-    shapes = [StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context) for c in range(k + 1)]
+    shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
     return rows * (1 + gain.numpy()) / np.maximum(step_time.predict(shapes), 1e-6)
 
 
