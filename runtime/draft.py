@@ -24,7 +24,6 @@ from .rows import Request, RowSampling
 from .steps import Drafts, Verdict
 from .tree import RowTree
 from .types import TreeSpec
-from .verify import process_logits, sample
 
 
 class Proposer:
@@ -49,6 +48,14 @@ class Proposer:
             return dist
         return dist.new_zeros(*dist.shape[:-1], self.vocab_size).index_copy_(-1, vocab, dist)
 
+    @staticmethod
+    def _scatter_into(out: torch.Tensor, dist: torch.Tensor, vocab: torch.Tensor | None) -> None:
+        """`_scatter`, written into `out` [..., V] (zeros where the vocabulary has no token)."""
+        if vocab is None:
+            out.copy_(dist)
+        else:
+            out.index_copy_(-1, vocab, dist)
+
     def catch_up(self, kv: BatchKV, rows: list[Request]) -> Any:
         """The first draft forward of a step, on the first len(rows) rows: it feeds every token
         the draft cache has not seen (one, or two after a fully accepted chain, more after
@@ -64,7 +71,10 @@ class Proposer:
             dtype = rows[0].draft_features[0].dtype if rows[0].draft_features else None
             feats = torch.zeros(len(rows), width, self.model.hidden_size, device=self.device, dtype=dtype)
             for i, r in enumerate(rows):
-                feats[i, width - len(r.draft_features) :] = torch.stack(r.draft_features)
+                chunks = r.draft_features
+                if chunks:
+                    chunk = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+                    feats[i, width - chunk.shape[0] :] = chunk
                 r.draft_features = []
             extra["features"] = feats
         out = kv.forward(self.model, ids.to(self.device), valid, logits_to_keep=1, **extra)
@@ -86,20 +96,20 @@ class Proposer:
         # row i's draws for its lens[i] positions in one pass (the same numbers, one at a time)
         uniforms = sampling.uniforms(lens.tolist(), k)
         out = self.catch_up(kv, rows)
+        host_lens = lens.tolist()
         for j in range(k):
-            m = int((lens > j).sum())  # rows still drafting: a prefix, since rows are sorted
+            m = sum(1 for x in host_lens if x > j)  # rows still drafting: a prefix, since rows are sorted
             if j > 0:
                 extra = {"features": out.hidden_states[:m, -1:]} if self.feature else {}
                 ids = tokens[:m, j - 1 : j]
                 out = kv.forward(self.model, ids, torch.ones(m, 1, dtype=torch.bool), **extra)
             s = sampling.head(m)
-            q = process_logits(out.logits[:m, -1], s.temperature, s.top_p)  # [m, N]
+            q = s.process(out.logits[:m, -1])  # [m, N]
             if comp_probs is not None:
-                comp = process_logits(out.companion_logits[:m, -1], s.temperature, s.top_p)
-                comp_probs[:m, j] = self._scatter(comp, self._companion_vocab)
-            picked = sample(q, s.greedy, uniforms[:m, j])
+                self._scatter_into(comp_probs[:m, j], s.process(out.companion_logits[:m, -1]), self._companion_vocab)
+            picked = s.sample(q, uniforms[:m, j])
             tokens[:m, j] = self._vocab[picked] if self._vocab is not None else picked
-            probs[:m, j] = self._scatter(q, self._vocab)
+            self._scatter_into(probs[:m, j], q, self._vocab)
         return Drafts(tokens, probs, comp_probs)
 
     def settle(
@@ -112,6 +122,15 @@ class Proposer:
         tokens each row emitted (accepted drafts, then the target's)."""
         k = drafts.shape[1]
         trees = verdict.path is not None
+        nodes = verdict.nodes
+        if self.feature:
+            assert verdict.features is not None
+            if not trees:
+                # a chain's are positions 0..a: one copy of the step's first positions for all
+                # rows and a view of it per row (copied: a view of `verdict.features` would keep
+                # the whole step's [rows, T, H] states alive)
+                last = max((len(x) for x in nodes), default=0) + 1
+                kept = verdict.features[:, :last].clone().unbind(0)
         if not trees and drafting and k > 1:
             # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
             # ones (a feature draft keeps none: they are fed again with the target's features;
@@ -125,9 +144,11 @@ class Proposer:
                 # pair with the target features computed at y_0, d_1, .., d_a
                 assert verdict.features is not None
                 req.draft_pending = ([] if drafted else req.draft_pending) + new[i]
-                # (copied: a view would keep the whole step's [rows, T, H] states alive)
-                states = verdict.features[i, [0] + [j + 1 for j in verdict.nodes[i]]].clone().unbind(0)
-                req.draft_features = ([] if drafted else req.draft_features) + list(states)
+                if trees:
+                    states = verdict.features[i, [0] + [j + 1 for j in nodes[i]]].clone()
+                else:
+                    states = kept[i][: len(nodes[i]) + 1]
+                req.draft_features = ([] if drafted else req.draft_features) + [states]
             elif trees and drafted:
                 req.draft_pending = new[i]  # a tree's levels left the draft cache: feed the path again
             elif drafted:
@@ -149,7 +170,7 @@ class Proposer:
         if n:
             sampling = RowSampling(rows, self.device)
             out = self.catch_up(kv, rows)
-            q = process_logits(out.logits[:, -1], sampling.temperature, sampling.top_p)  # [n, N]
+            q = sampling.process(out.logits[:, -1])  # [n, N]
             q_host = q.cpu()
             root = out.hidden_states[:, -1] if self.feature else None  # [n, H]
             width = max(s.width for s in specs)
@@ -189,7 +210,7 @@ class Proposer:
                     **extra,
                 )  # fmt: skip
                 head = sampling.head(m)
-                q = process_logits(out.logits, head.temperature, head.top_p)  # [m, w, N]
+                q = head.process(out.logits)  # [m, w, N]
                 q_host = q.cpu()
                 u = head.uniforms([len(f) * specs[i].width for i, f in enumerate(fronts)], w * width).cpu()
                 for i, front in enumerate(fronts):

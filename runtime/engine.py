@@ -600,16 +600,17 @@ class Engine:
             req.target_pending, req.draft_pending = [token], [token]
             if self.feature_draft:
                 assert req.last_feature is not None
-                req.draft_features, req.last_feature = [req.last_feature], None
+                req.draft_features, req.last_feature = [req.last_feature[None]], None
             joining.append(req)
         self.rows.drop_prefill({i for i, r in enumerate(self.rows.prefilling) if r.finish_reason is not None})
         return joining, used, pairs
 
     def _emit(self, rows: list[Request], fl: _Inflight, verdict: Verdict) -> None:
         new = []
+        drafted, following = fl.tokens.tolist(), verdict.next_token.tolist()
         for i, req in enumerate(rows):
             # the accepted draft nodes (a chain's first a; a tree's path), then the target's token
-            tokens = [int(fl.tokens[i, j]) for j in verdict.nodes[i]] + [int(verdict.next_token[i])]
+            tokens = [drafted[i][j] for j in verdict.nodes[i]] + [following[i]]
             fl.emitted[req.request_id] = self._append_output(req, tokens)
             req.target_pending = tokens[-1:]
             new.append(tokens)

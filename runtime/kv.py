@@ -25,7 +25,9 @@ buffers, and each reallocation would capture them again.
 The bookkeeping (`valid`, `lengths`, `used`) lives on the host, whatever the cache's device:
 every decision about where a forward writes, what a rollback keeps and when to compact is
 taken without waiting for the device, and each forward sends the device only the mask rows
-it needs. (A CUDA step then synchronises once, when the verdicts come back.)
+it needs. (A CUDA step then synchronises once, when the verdicts come back.) It is kept in
+numpy arrays, as vLLM's input batch keeps its host state: an operation on a few dozen
+numbers costs well under a microsecond there and several in torch, and a step makes dozens.
 
 Static forwards (`adactl.runtime.graphs`): with `static=` buckets, forwards that fit a
 bucket write at per-row column indices held in a tensor and attend over the whole column
@@ -42,6 +44,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -149,7 +152,7 @@ class _BufferLayer(DynamicLayer):
 class BatchKV:
     """A batch of per-request KV caches for one model, in one rectangle with holes.
 
-    Invariants (`n = n_rows`; the three bookkeeping tensors are on the CPU):
+    Invariants (`n = n_rows`; the three bookkeeping arrays are numpy, on the host):
     - `valid[r]` marks row r's real tokens, only in columns `< used[r]`;
     - `lengths[r] == valid[r].sum()` (the position id of row r's next token);
     - `n_cols == max(used[:n])`; rows `>= n` hold nothing anyone reads.
@@ -176,9 +179,9 @@ class BatchKV:
         self.n_rows = 0
         self.n_cols = 0
         self.capacity = (0, 0)  # (rows, cols) allocated
-        self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows_cap, cols_cap], on the host
-        self.lengths = torch.zeros(0, dtype=torch.long)  # [rows_cap], on the host
-        self.used = torch.zeros(0, dtype=torch.long)  # [rows_cap], on the host
+        self.valid = np.zeros((0, 0), dtype=bool)  # [rows_cap, cols_cap], on the host
+        self.lengths = np.zeros(0, dtype=np.int64)  # [rows_cap], on the host
+        self.used = np.zeros(0, dtype=np.int64)  # [rows_cap], on the host
         self.first_row = 0  # row range start of the forward in progress
         self.write_col = 0  # first column written by the forward in progress
         self._last_end: int | None = None  # end column of the last forward (None after compaction)
@@ -194,7 +197,7 @@ class BatchKV:
 
     def row_lengths(self) -> torch.Tensor:
         """`[n_rows]` real tokens cached per row (= position id of the row's next token)."""
-        return self.lengths[: self.n_rows]
+        return torch.from_numpy(self.lengths[: self.n_rows])
 
     def _ensure(self, rows: int, cols: int) -> None:
         cap_rows, cap_cols = self.capacity
@@ -232,11 +235,11 @@ class BatchKV:
         n, s = self.n_rows, self.n_cols
         for layer in self.layers:
             layer.resize(rows, cols, n, s)
-        valid = torch.zeros(rows, cols, dtype=torch.bool)
+        valid = np.zeros((rows, cols), dtype=bool)
         valid[:n, :s] = self.valid[:n, :s]
-        lengths = torch.zeros(rows, dtype=torch.long)
+        lengths = np.zeros(rows, dtype=np.int64)
         lengths[:n] = self.lengths[:n]
-        used = torch.zeros(rows, dtype=torch.long)
+        used = np.zeros(rows, dtype=np.int64)
         used[:n] = self.used[:n]
         self.valid, self.lengths, self.used, self.capacity = valid, lengths, used, (rows, cols)
 
@@ -250,15 +253,15 @@ class BatchKV:
         self.n_rows = self.n_cols = 0
         self._last_end = None
         self.capacity = (0, 0)
-        self.valid = torch.zeros(0, 0, dtype=torch.bool)
-        self.lengths = torch.zeros(0, dtype=torch.long)
-        self.used = torch.zeros(0, dtype=torch.long)
+        self.valid = np.zeros((0, 0), dtype=bool)
+        self.lengths = np.zeros(0, dtype=np.int64)
+        self.used = np.zeros(0, dtype=np.int64)
 
     def _empty(self) -> None:
         """No rows, the buffers kept (their graphs stay valid)."""
-        self.valid.zero_()
-        self.lengths.zero_()
-        self.used.zero_()
+        self.valid.fill(False)
+        self.lengths.fill(0)
+        self.used.fill(0)
         self.n_rows = self.n_cols = 0
         self._last_end = None
 
@@ -318,11 +321,12 @@ class BatchKV:
         if r0 < 0 or r1 > self.n_rows or n == 0:
             raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
         new_valid = new_valid.cpu()
+        nv = new_valid.numpy()
         parents = parents.cpu() if parents is not None else None
         input_ids = self._to_device(input_ids)
         bucket = self.static.bucket(n, t) if self.static is not None else None
         if bucket is not None and r0 == 0 and context is None:
-            return self._static_forward(model, input_ids, new_valid, parents, logits_to_keep, bucket, model_kwargs)
+            return self._static_forward(model, input_ids, new_valid, nv, parents, logits_to_keep, bucket, model_kwargs)
         c = int(self.used[r0:r1].max())
         self._fits(self.n_rows, c + t)
         mask: torch.Tensor | None
@@ -334,15 +338,15 @@ class BatchKV:
             seen[:, :, : context.shape[2]] = context[:, :, :c].cpu()
             mask = self._to_device(torch.cat([seen, ancestors], dim=2)[:, None])
             positions = self._to_device(positions)
-        elif parents is None and bool(new_valid.all()) and bool((self.lengths[r0:r1] == c).all()):
+        elif parents is None and nv.all() and (self.lengths[r0:r1] == c).all():
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
-            positions = c + torch.arange(t, device=self.device)[None, :].expand(n, t)
+            positions = torch.arange(c, c + t, device=self.device).expand(n, t)
         else:
             ancestors, depth = _tree_structure(new_valid, parents)
-            positions = self._to_device(self.lengths[r0:r1, None] + depth)  # [n, T]
-            context = self._to_device(self.valid[r0:r1, :c])[:, None].expand(n, t, c)  # [n, T, c]
+            positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]
+            context = self._to_device(torch.from_numpy(self.valid[r0:r1, :c]))[:, None].expand(n, t, c)  # [n, T, c]
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
         self.first_row, self.write_col = r0, c
         try:
@@ -358,10 +362,10 @@ class BatchKV:
                 )
         finally:
             self.first_row = self.write_col = 0
-        self._wrote(r0, new_valid, c)
+        self._wrote(r0, nv, c)
         return out
 
-    def _wrote(self, r0: int, new_valid: torch.Tensor, c: int) -> None:
+    def _wrote(self, r0: int, new_valid: np.ndarray, c: int) -> None:
         """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host)."""
         n, t = new_valid.shape
         self.valid[r0 : r0 + n, c : c + t] = new_valid
@@ -375,6 +379,7 @@ class BatchKV:
         model: torch.nn.Module,
         input_ids: torch.Tensor,
         new_valid: torch.Tensor,
+        nv: np.ndarray,
         parents: torch.Tensor | None,
         logits_to_keep: int,
         bucket: tuple[int, int],
@@ -398,10 +403,10 @@ class BatchKV:
         ids = torch.zeros(bn, bt, dtype=torch.long, device=dev)
         ids[:n, :t] = input_ids
         positions = torch.zeros(bn, bt, dtype=torch.long)
-        positions[:n, :t] = self.lengths[:n, None] + depth
+        positions[:n, :t] = torch.from_numpy(self.lengths[:n, None]) + depth
         positions = self._to_device(positions)
         mask = torch.zeros(bn, 1, bt, cap, dtype=torch.bool, device=dev)
-        mask[:n, 0, :t, :c] = self._to_device(self.valid[:n, None, :c])
+        mask[:n, 0, :t, :c] = self._to_device(torch.from_numpy(self.valid[:n, None, :c]))
         mask[:n, 0, :t, c : c + t] = self._to_device(ancestors)
         mask.scatter_(3, write[:, None, :, None], True)  # every slot sees itself: padding stays finite
         inputs = {"ids": ids, "positions": positions, "mask": mask, "write": write,
@@ -433,7 +438,7 @@ class BatchKV:
             out = self.graphs.run((self.owner, cap, self.capacity[0], *shape), run, inputs, shape)
         else:
             out = run(inputs)
-        self._wrote(0, new_valid, c)
+        self._wrote(0, nv, c)
         self.static_forwards += 1
         # a graph's outputs are overwritten by its next replay (and in a shared pool by an
         # earlier-captured graph's): the logits callers hold are copies; hidden states are read
@@ -443,14 +448,14 @@ class BatchKV:
     def used_cols(self, first_row: int, n: int) -> torch.Tensor:
         """[n] (host) the used width of rows `[first_row, first_row + n)`: where their next token goes
         at the earliest."""
-        return self.used[first_row : first_row + n].clone()
+        return torch.from_numpy(self.used[first_row : first_row + n].copy())
 
     def visible_before(self, start: torch.Tensor, width: int, first_row: int = 0) -> torch.Tensor:
         """[n, width] bool (host): row i's real tokens in columns below `start[i]` (its context without
         anything cached from column `start[i]` on)."""
         n = len(start)
-        cols = torch.arange(width)[None, :]
-        return self.valid[first_row : first_row + n, :width] & (cols < start.cpu()[:, None])
+        cols = np.arange(width)[None, :]
+        return torch.from_numpy(self.valid[first_row : first_row + n, :width] & (cols < start.cpu().numpy()[:, None]))
 
     def drop_from(self, start: torch.Tensor, first_row: int = 0) -> None:
         """Forget every token of rows `[first_row, first_row + n)` cached at column >= `start[i]`
@@ -460,8 +465,8 @@ class BatchKV:
         width = int(self.used[rows].max()) if n else 0
         if width == 0:
             return
-        cols = torch.arange(width)[None, :]
-        drop = self.valid[rows, :width] & (cols >= start.cpu()[:, None])
+        cols = np.arange(width)[None, :]
+        drop = self.valid[rows, :width] & (cols >= start.cpu().numpy()[:, None])
         self.lengths[rows] -= drop.sum(1)
         self.valid[rows, :width] &= ~drop
         self._trim_trailing_holes(rows)
@@ -489,23 +494,23 @@ class BatchKV:
         compacted in between.
         """
         n, w = keep.shape
-        keep = keep.cpu()
+        keep_np = keep.cpu().numpy()
         end = end if end is not None else self._last_end
         if end is None or w > end:
             raise ValueError(f"keep_last over {w} columns, but the last forward ended at column {end}")
         rows = slice(first_row, first_row + n)
         block = self.valid[rows, end - w : end]
-        self.lengths[rows] -= (block & ~keep).sum(1)
-        block &= keep
+        self.lengths[rows] -= (block & ~keep_np).sum(1)
+        block &= keep_np
         self._trim_trailing_holes(rows)
 
     def _trim_trailing_holes(self, rows: slice) -> None:
         """Shrink each row's `used` to its last real column, so the next forward writes over
         the holes at its end."""
-        width = int(self.used[rows].max())
-        last_real = (self.valid[rows, :width] * torch.arange(1, width + 1)).amax(1)
-        self.used[rows] = torch.minimum(self.used[rows], last_real)
-        self.n_cols = int(self.used[: self.n_rows].max())
+        width = int(self.used[rows].max(initial=0))
+        last_real = (self.valid[rows, :width] * np.arange(1, width + 1)).max(1, initial=0)
+        self.used[rows] = np.minimum(self.used[rows], last_real)
+        self.n_cols = int(self.used[: self.n_rows].max(initial=0))
 
     def reserve_rows(self, rows: int) -> None:
         """Make room for `rows` rows exactly (no headroom), e.g. before a known batch joins;
@@ -553,7 +558,7 @@ class BatchKV:
     def _packed(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Row `row`'s keys and values per layer, [H_kv, length, D] each, its holes left out
         (None for a layer never written)."""
-        cols = self._to_device(self.valid[row, : int(self.used[row])].nonzero().squeeze(1))
+        cols = self._to_device(torch.from_numpy(np.flatnonzero(self.valid[row, : int(self.used[row])])))
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for layer in self.layers:
             if not layer.is_initialized or layer.k_buf is None or layer.v_buf is None:
@@ -599,9 +604,10 @@ class BatchKV:
                     continue
                 layer.k_buf[dst_dev, :, :s] = layer.k_buf[src_dev, :, :s]
                 layer.v_buf[dst_dev, :, :s] = layer.v_buf[src_dev, :, :s]
-            self.valid[dst_idx] = self.valid[src_idx]
-            self.lengths[dst_idx] = self.lengths[src_idx]
-            self.used[dst_idx] = self.used[src_idx]
+            src_np, dst_np = src_idx.numpy(), dst_idx.numpy()
+            self.valid[dst_np] = self.valid[src_np]
+            self.lengths[dst_np] = self.lengths[src_np]
+            self.used[dst_np] = self.used[src_np]
         self.n_rows = len(order)
         if self.n_rows == 0:
             self._drained()
@@ -639,7 +645,8 @@ class BatchKV:
         n, s = self.n_rows, self.n_cols
         valid = self.valid[:n, :s]
         # stable sort puts each row's real columns first, in their order: [n, S]
-        order = self._to_device(torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width])
+        order_np = np.ascontiguousarray(np.argsort(~valid, axis=1, kind="stable")[:, :width])
+        order = self._to_device(torch.from_numpy(order_np))
         for layer in self.layers:
             if layer.k_buf is None or layer.v_buf is None:
                 continue
@@ -647,7 +654,7 @@ class BatchKV:
             index = order[:, None, :, None].expand(n, h, width, d)
             layer.k_buf[:n, :, :width] = torch.gather(layer.k_buf[:n, :, :s], 2, index)
             layer.v_buf[:n, :, :width] = torch.gather(layer.v_buf[:n, :, :s], 2, index)
-        cols = torch.arange(self.capacity[1])
+        cols = np.arange(self.capacity[1])
         self.valid[:n] = cols[None, :] < self.lengths[:n, None]
         self.used[:n] = self.lengths[:n]
         self.n_cols = width

@@ -27,7 +27,7 @@ from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, HostRow, KVConfig
 from .stream import Playback, Stream, count_units
 from .types import SLO, RequestError, RequestResult, RequestView, SamplingParams
-from .verify import counter_uniforms
+from .verify import counter_uniforms, process_logits, sample
 
 
 @dataclass
@@ -45,8 +45,9 @@ class Request:
     first_token_time: float | None = None
     target_pending: list[int] = field(default_factory=list)  # emitted, not yet in the target cache
     draft_pending: list[int] = field(default_factory=list)  # emitted, not yet in the draft cache
-    # feature drafts only: the target feature of the position before each draft_pending token,
-    # and the target feature of the last prompt token prefilled so far
+    # feature drafts only: the target features of the positions before the draft_pending
+    # tokens, in chunks [L, H] (a step's chunk is a view of that step's features: no copy per
+    # token), and the target feature of the last prompt token prefilled so far
     draft_features: list[torch.Tensor] = field(default_factory=list)
     last_feature: torch.Tensor | None = None
     finish_reason: str | None = None
@@ -153,9 +154,17 @@ class RowSampling:
         self.temperature = torch.tensor([r.sampling.temperature for r in rows], dtype=torch.float32)
         self.top_p = torch.tensor([r.sampling.top_p for r in rows], dtype=torch.float32)
         self.greedy = self.temperature <= 0
+        self._flags()
+
+    def _flags(self) -> None:
+        # read from the requests, not the tensors: a step's many small decisions cost no ops
+        self.all_greedy = all(r.sampling.temperature <= 0 for r in self.rows)
+        self.plain = all(r.sampling.temperature in (0, 1) and r.sampling.top_p >= 1 for r in self.rows)
 
     def head(self, m: int) -> RowSampling:
         """The first m rows."""
+        if m == len(self.rows):
+            return self
         part = RowSampling.__new__(RowSampling)  # (no tensors built only to be replaced)
         part.device = self.device
         part.rows, part.temperature, part.top_p, part.greedy = (
@@ -164,13 +173,31 @@ class RowSampling:
             self.top_p[:m],
             self.greedy[:m],
         )
+        part._flags()
         return part
+
+    def process(self, logits: torch.Tensor) -> torch.Tensor:
+        """`process_logits` for these rows (logits [rows, ..., V]); a plain softmax where no
+        row has a temperature but 0 or 1 or a top-p (no per-row tensors then)."""
+        if self.plain:
+            return torch.softmax(logits.float(), dim=-1)
+        return process_logits(logits, self.temperature, self.top_p)
+
+    def sample(self, probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+        """`sample` for these rows (probs [rows, V]); the argmax where every row is greedy."""
+        if self.all_greedy:
+            return probs.argmax(-1)
+        return sample(probs, self.greedy, uniforms)
 
     def uniforms(self, counts: Sequence[int], width: int) -> torch.Tensor:
         """[rows, width] uniforms on the device; row i uses (and is charged) its first
         counts[i], so its next call continues its own stream. Greedy rows get zeros (they
         read none), computed for the sampled rows only."""
         where = [i for i, r in enumerate(self.rows) if r.sampling.temperature > 0]  # greedy rows read none
+        if not where:
+            for r, n in zip(self.rows, counts):
+                r.draws += int(n)
+            return torch.zeros(len(self.rows), width, device=self.device)
         seeds = torch.tensor([self.rows[i].seed for i in where], dtype=torch.long)
         offsets = torch.tensor([self.rows[i].draws for i in where], dtype=torch.long)
         for r, n in zip(self.rows, counts):

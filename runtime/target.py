@@ -134,6 +134,8 @@ class TargetVerifier:
         accepted, path = host[:, 0], host[:, 2:].bool() if d.parents is not None else None
         for (r0, r1), end in zip(parts, ends):  # roll back: keep each row's accepted tokens
             w = int(cut[r0:r1].max()) + 1
+            if w == 1:  # only each row's last token, always kept: nothing to roll back
+                continue
             if path is not None:
                 keep = torch.cat([torch.ones(r1 - r0, 1, dtype=torch.bool), path[r0:r1, : w - 1]], 1)
             else:

@@ -70,7 +70,7 @@ def test_draft_reads_the_right_target_features(target, random_feature_draft, bat
 
     def recording(self, model, input_ids, new_valid, *a, **kw):
         first = kw.get("first_row", 0)
-        before = self.lengths[first : first + input_ids.shape[0]].clone()
+        before = self.row_lengths()[first : first + input_ids.shape[0]].clone()
         out = original(self, model, input_ids, new_valid, *a, **kw)
         if "features" in kw:
             positions = before[:, None] + new_valid.long().cumsum(1) - 1
