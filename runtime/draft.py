@@ -68,15 +68,15 @@ class Proposer:
         valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
         extra: dict[str, Any] = {}
         if self.feature:
-            dtype = rows[0].draft_features[0].dtype if rows[0].draft_features else None
-            feats = torch.zeros(len(rows), width, self.model.hidden_size, device=self.device, dtype=dtype)
-            for i, r in enumerate(rows):
-                chunks = r.draft_features
-                if chunks:
-                    chunk = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-                    feats[i, width - chunk.shape[0] :] = chunk
+            dtype = next((c.dtype for r in rows for c in r.draft_features), None)
+            size = self.model.hidden_size
+            zeros = torch.zeros(width, size, device=self.device, dtype=dtype)
+            parts = []  # row by row, left-padded: the padding, then the row's chunks (one copy in all)
+            for r in rows:
+                parts.append(zeros[: width - sum(c.shape[0] for c in r.draft_features)])
+                parts.extend(r.draft_features)
                 r.draft_features = []
-            extra["features"] = feats
+            extra["features"] = torch.cat(parts).view(len(rows), width, size)
         out = kv.forward(self.model, ids.to(self.device), valid, logits_to_keep=1, **extra)
         for r in rows:
             r.draft_pending = []

@@ -710,6 +710,12 @@ def _cache_argument(model_class: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@functools.lru_cache(maxsize=64)
+def _causal(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, T] lower-triangular and identity masks on the host (read only: shared by every call)."""
+    return torch.ones(t, t, dtype=torch.bool).tril(), torch.eye(t, dtype=torch.bool)
+
+
 def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ancestor mask `[n, T, T]` (query i may attend to new slot j) and depth `[n, T]`.
 
@@ -717,12 +723,14 @@ def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tu
     real ancestors only.
     """
     n, t = new_valid.shape
-    eye = torch.eye(t, dtype=torch.bool, device=new_valid.device)
     if parents is None:
-        tril = torch.ones(t, t, dtype=torch.bool, device=new_valid.device).tril()
+        if t == 1:  # one token a row (a decode or draft step): it sees itself, at depth 0
+            return torch.ones(n, 1, 1, dtype=torch.bool), torch.zeros(n, 1, dtype=torch.long)
+        tril, eye = _causal(t)
         ancestors = (tril[None] & new_valid[:, None, :]) | eye[None]
         depth = (new_valid.cumsum(1) - 1).clamp(min=0)
         return ancestors, depth
+    eye = torch.eye(t, dtype=torch.bool, device=new_valid.device)
     ancestors = eye[None].repeat(n, 1, 1)
     depth = torch.zeros(n, t, dtype=torch.long, device=new_valid.device)
     rows = torch.arange(n, device=new_valid.device)
