@@ -128,7 +128,9 @@ class Proposer:
             if not trees:
                 # a chain's are positions 0..a: one copy of the step's first positions for all
                 # rows and a view of it per row (copied: a view of `verdict.features` would keep
-                # the whole step's [rows, T, H] states alive)
+                # the whole step's [rows, T, H] states alive; the copy lives while a row that
+                # has not caught up holds a view, so rows that did not draft while others did
+                # take their own)
                 last = max((len(x) for x in nodes), default=0) + 1
                 kept = verdict.features[:, :last].clone().unbind(0)
         if not trees and drafting and k > 1:
@@ -146,8 +148,10 @@ class Proposer:
                 req.draft_pending = ([] if drafted else req.draft_pending) + new[i]
                 if trees:
                     states = verdict.features[i, [0] + [j + 1 for j in nodes[i]]].clone()
-                else:
+                elif drafted or not drafting:  # (the next catch-up frees it; or every row shares it)
                     states = kept[i][: len(nodes[i]) + 1]
+                else:  # a row that waits while others draft would keep their positions alive: its own copy
+                    states = kept[i][: len(nodes[i]) + 1].clone()
                 req.draft_features = ([] if drafted else req.draft_features) + [states]
             elif trees and drafted:
                 req.draft_pending = new[i]  # a tree's levels left the draft cache: feed the path again

@@ -342,7 +342,7 @@ class BatchKV:
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
-            positions = torch.arange(c, c + t, device=self.device).expand(n, t)
+            positions = torch.arange(c, c + t, device=self.device).expand(n, t).contiguous()
         else:
             ancestors, depth = _tree_structure(new_valid, parents)
             positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]
@@ -710,7 +710,10 @@ def _cache_argument(model_class: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-@functools.lru_cache(maxsize=64)
+_CAUSAL_CACHED = 64  # widths whose masks are kept (a decode or draft step's; a prefill chunk's are not)
+
+
+@functools.lru_cache(maxsize=_CAUSAL_CACHED)
 def _causal(t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, T] lower-triangular and identity masks on the host (read only: shared by every call)."""
     return torch.ones(t, t, dtype=torch.bool).tril(), torch.eye(t, dtype=torch.bool)
@@ -726,7 +729,7 @@ def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tu
     if parents is None:
         if t == 1:  # one token a row (a decode or draft step): it sees itself, at depth 0
             return torch.ones(n, 1, 1, dtype=torch.bool), torch.zeros(n, 1, dtype=torch.long)
-        tril, eye = _causal(t)
+        tril, eye = _causal(t) if t <= _CAUSAL_CACHED else _causal.__wrapped__(t)
         ancestors = (tril[None] & new_valid[:, None, :]) | eye[None]
         depth = (new_valid.cumsum(1) - 1).clamp(min=0)
         return ancestors, depth
