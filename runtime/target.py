@@ -88,18 +88,17 @@ class TargetVerifier:
 
     def _ids(self, rows: list[Request], drafts: Drafts, t: int) -> torch.Tensor:
         """[rows, t] on the device: each row's last token, then its first t - 1 draft tokens."""
-        ids = torch.zeros(len(rows), t, dtype=torch.long, device=self.device)
-        ids[:, 0] = torch.tensor([r.target_pending[-1] for r in rows]).to(self.device)
-        if t > 1:
-            ids[:, 1:] = drafts.tokens[:, : t - 1].clamp(min=0)
-        return ids
+        last = torch.tensor([[r.target_pending[-1]] for r in rows]).to(self.device)  # [rows, 1]
+        if t == 1:
+            return last
+        return torch.cat([last, drafts.tokens[:, : t - 1].clamp(min=0)], dim=1)
 
     def verify(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor, cut: torch.Tensor) -> Verdict:
         """Verify the first `cut[i]` draft tokens of each row (cut, draft_len: [rows], CPU)."""
         kv, d, n = self._kv(), drafts, len(rows)
         t, k = int(cut.max()) + 1, d.tokens.shape[1]
         ids = self._ids(rows, d, t)
-        valid = torch.arange(t)[None, :] <= cut[:, None]
+        valid = torch.ones(n, 1, dtype=torch.bool) if t == 1 else torch.arange(t)[None, :] <= cut[:, None]
         tree_parents = slot_parents(d.parents, t) if d.parents is not None else None
         extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
         s = RowSampling(rows, self.device)

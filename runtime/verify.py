@@ -167,6 +167,10 @@ def verify_chains(
     """
     b, t, _ = target_logits.shape
     dev = target_logits.device
+    sampled_host = (temperature > 0).nonzero().squeeze(1)  # on temperature's device (the CPU)
+    if t == 1 and len(sampled_host) == 0:  # greedy rows, nothing verified: the target's argmax
+        none = torch.zeros(b, dtype=torch.long, device=dev)
+        return VerifyResult(accepted=none, next_token=target_logits[:, 0].argmax(-1))
     rows = torch.arange(b, device=dev)
     n_check = t - 1
     verify_len = verify_len.to(dev)
@@ -177,7 +181,6 @@ def verify_chains(
     target_argmax = target_logits.argmax(-1)  # [B, T]
     ok = (target_argmax[:, :n_check] == tokens) & in_range
 
-    sampled_host = (temperature > 0).nonzero().squeeze(1)  # on temperature's device (the CPU)
     sampled_rows = sampled_host.to(dev)
     p = None
     if len(sampled_host) > 0:
