@@ -46,7 +46,9 @@ class Proposer:
         """[..., N] over a draft vocabulary -> [..., V] over the target's (0 elsewhere)."""
         if vocab is None:
             return dist
-        return dist.new_zeros(*dist.shape[:-1], self.vocab_size).index_copy_(-1, vocab, dist)
+        out = dist.new_zeros(*dist.shape[:-1], self.vocab_size)
+        self._scatter_into(out, dist, vocab)
+        return out
 
     @staticmethod
     def _scatter_into(out: torch.Tensor, dist: torch.Tensor, vocab: torch.Tensor | None) -> None:
@@ -94,9 +96,9 @@ class Proposer:
             return Drafts(tokens, probs, comp_probs)
         sampling = RowSampling(rows, self.device)
         # row i's draws for its lens[i] positions in one pass (the same numbers, one at a time)
-        uniforms = sampling.uniforms(lens.tolist(), k)
-        out = self.catch_up(kv, rows)
         host_lens = lens.tolist()
+        uniforms = sampling.uniforms(host_lens, k)
+        out = self.catch_up(kv, rows)
         for j in range(k):
             m = sum(1 for x in host_lens if x > j)  # rows still drafting: a prefix, since rows are sorted
             if j > 0:

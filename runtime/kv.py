@@ -604,10 +604,8 @@ class BatchKV:
                     continue
                 layer.k_buf[dst_dev, :, :s] = layer.k_buf[src_dev, :, :s]
                 layer.v_buf[dst_dev, :, :s] = layer.v_buf[src_dev, :, :s]
-            src_np, dst_np = src_idx.numpy(), dst_idx.numpy()
-            self.valid[dst_np] = self.valid[src_np]
-            self.lengths[dst_np] = self.lengths[src_np]
-            self.used[dst_np] = self.used[src_np]
+            for book in (self.valid, self.lengths, self.used):
+                book[dst_idx.numpy()] = book[src_idx.numpy()]
         self.n_rows = len(order)
         if self.n_rows == 0:
             self._drained()

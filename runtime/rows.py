@@ -194,15 +194,13 @@ class RowSampling:
         counts[i], so its next call continues its own stream. Greedy rows get zeros (they
         read none), computed for the sampled rows only."""
         where = [i for i, r in enumerate(self.rows) if r.sampling.temperature > 0]  # greedy rows read none
-        if not where:
-            for r, n in zip(self.rows, counts):
-                r.draws += int(n)
-            return torch.zeros(len(self.rows), width, device=self.device)
-        seeds = torch.tensor([self.rows[i].seed for i in where], dtype=torch.long)
-        offsets = torch.tensor([self.rows[i].draws for i in where], dtype=torch.long)
+        drawn = None
+        if where:
+            seeds = torch.tensor([self.rows[i].seed for i in where], dtype=torch.long)
+            offsets = torch.tensor([self.rows[i].draws for i in where], dtype=torch.long)
+            drawn = counter_uniforms(seeds.to(self.device), offsets.to(self.device), width)
         for r, n in zip(self.rows, counts):
             r.draws += int(n)
-        drawn = counter_uniforms(seeds.to(self.device), offsets.to(self.device), width) if where else None
         if len(where) == len(self.rows) and drawn is not None:
             return drawn
         out = torch.zeros(len(self.rows), width, device=self.device)
