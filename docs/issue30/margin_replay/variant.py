@@ -1,4 +1,8 @@
-"""Replay experiment: goodput's margin and a hysteresis on its chosen length (issue 30, not landed)."""
+"""Replay experiment (issue 30): `GoodputLength` with another default margin (`margin0.05`; 0.06 is
+now the default), or with a hysteresis on its chosen length (`hyst0.05`, not landed), then the CLI:
+
+    python docs/issue30/margin_replay/variant.py margin0.03 bench spec --replay ...
+"""
 import sys
 from dataclasses import replace
 
@@ -8,8 +12,10 @@ variant = sys.argv[1]
 orig_act = g.GoodputLength.act
 if variant.startswith("margin"):
     m = float(variant[6:])
-    d = list(g.GoodputLength.__init__.__defaults__); d[2] = m
-    g.GoodputLength.__init__.__defaults__ = tuple(d)
+    names = g.GoodputLength.__init__.__code__.co_varnames[1 : g.GoodputLength.__init__.__code__.co_argcount]
+    defaults = dict(zip(names[-len(g.GoodputLength.__init__.__defaults__) :], g.GoodputLength.__init__.__defaults__))
+    defaults["margin"] = m
+    g.GoodputLength.__init__.__defaults__ = tuple(defaults.values())
 elif variant.startswith("hyst"):
     h = float(variant[4:])
     def act(self, state, utilities):
