@@ -67,7 +67,9 @@ class Proposer:
         width = max(len(p) for p in pending)
         # left-padded, so that every row's last token sits in the last column
         ids = torch.tensor([[0] * (width - len(p)) + p for p in pending])
-        valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
+        valid = None  # (every slot real: no padding)
+        if any(len(p) < width for p in pending):
+            valid = torch.arange(width)[None, :] >= torch.tensor([width - len(p) for p in pending])[:, None]
         extra: dict[str, Any] = {}
         if self.feature:
             dtype = next((c.dtype for r in rows for c in r.draft_features), None)
@@ -99,19 +101,25 @@ class Proposer:
         host_lens = lens.tolist()
         uniforms = sampling.uniforms(host_lens, k)
         out = self.catch_up(kv, rows)
+        drawn: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (rows m, their tokens [m], q [m, N]) per position
         for j in range(k):
             m = sum(1 for x in host_lens if x > j)  # rows still drafting: a prefix, since rows are sorted
             if j > 0:
                 extra = {"features": out.hidden_states[:m, -1:]} if self.feature else {}
-                ids = tokens[:m, j - 1 : j]
-                out = kv.forward(self.model, ids, torch.ones(m, 1, dtype=torch.bool), **extra)
+                out = kv.forward(self.model, drawn[-1][1][:m, None], None, **extra)  # (every slot real)
             s = sampling.head(m)
-            q = s.process(out.logits[:m, -1])  # [m, N]
+            q = s.process(out.logits[:, -1])  # [m, N] (the forward ran on these m rows)
             if comp_probs is not None:
-                self._scatter_into(comp_probs[:m, j], s.process(out.companion_logits[:m, -1]), self._companion_vocab)
+                self._scatter_into(comp_probs[:m, j], s.process(out.companion_logits[:, -1]), self._companion_vocab)
             picked = s.sample(q, uniforms[:m, j])
-            tokens[:m, j] = self._vocab[picked] if self._vocab is not None else picked
-            self._scatter_into(probs[:m, j], q, self._vocab)
+            drawn.append((m, self._vocab[picked] if self._vocab is not None else picked, q))
+        if all(m == n for m, _, _ in drawn):  # every row drafted k: the step's tokens and q in one write each
+            tokens[:n] = torch.stack([x for _, x, _ in drawn], 1)
+            self._scatter_into(probs[:n], torch.stack([q for _, _, q in drawn], 1), self._vocab)
+        else:
+            for j, (m, x, q) in enumerate(drawn):
+                tokens[:m, j] = x
+                self._scatter_into(probs[:m, j], q, self._vocab)
         return Drafts(tokens, probs, comp_probs)
 
     def settle(

@@ -290,7 +290,7 @@ class BatchKV:
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,
-        new_valid: torch.Tensor,
+        new_valid: torch.Tensor | None,
         parents: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         first_row: int = 0,
@@ -302,7 +302,8 @@ class BatchKV:
         and cache their keys and values. Other rows are untouched.
 
         input_ids: [n, T] token ids; padding slots may hold any id.
-        new_valid: [n, T] bool, True for a real token; False slots become holes. This and
+        new_valid: [n, T] bool, True for a real token; False slots become holes (None: every
+                   slot is a real token, with no host array to read). This and
                    `parents`, `context`, `positions` are best given on the CPU: the cache's
                    bookkeeping is there (on the device, they cost a wait for it).
         parents:   [n, T] long or None. None = each row's real tokens form a chain after its
@@ -320,31 +321,42 @@ class BatchKV:
         r0, r1 = first_row, first_row + n
         if r0 < 0 or r1 > self.n_rows or n == 0:
             raise ValueError(f"forward on rows [{r0}, {r1}) but the cache holds {self.n_rows} rows")
-        new_valid = new_valid.cpu()
-        nv = new_valid.numpy()
+        nv = new_valid.cpu().numpy() if new_valid is not None else None  # (None: all real)
         parents = parents.cpu() if parents is not None else None
         input_ids = self._to_device(input_ids)
         bucket = self.static.bucket(n, t) if self.static is not None else None
         if bucket is not None and r0 == 0 and context is None:
-            return self._static_forward(model, input_ids, new_valid, nv, parents, logits_to_keep, bucket, model_kwargs)
-        c = int(self.used[r0:r1].max())
+            if nv is None:
+                nv = np.ones((n, t), dtype=bool)
+            return self._static_forward(model, input_ids, torch.from_numpy(nv), nv, parents, logits_to_keep, bucket,
+                                        model_kwargs)  # fmt: skip
+        # (n_cols is the max of every row's used: no array to read for a forward on all rows)
+        c = self.n_cols if r0 == 0 and r1 == self.n_rows else int(self.used[r0:r1].max())
         self._fits(self.n_rows, c + t)
         mask: torch.Tensor | None
         if context is not None:
             if positions is None:
                 raise ValueError("forward with an explicit context needs explicit positions")
-            ancestors, _ = _tree_structure(new_valid, parents)
+            ancestors, _ = _tree_structure(_real(nv, n, t), parents)
             seen = torch.zeros(n, t, c, dtype=torch.bool)
             seen[:, :, : context.shape[2]] = context[:, :, :c].cpu()
             mask = self._to_device(torch.cat([seen, ancestors], dim=2)[:, None])
             positions = self._to_device(positions)
-        elif parents is None and nv.all() and (self.lengths[r0:r1] == c).all():
+        elif parents is None and (nv is None or nv.all()) and self.lengths[r0:r1].min() == c:  # (lengths <= c)
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
             positions = torch.arange(c, c + t, device=self.device).expand(n, t).contiguous()
+        elif t == 1 and parents is None and (nv is None or nv.all()):
+            # one real token a row (a decode or draft step over rows with holes): it sees its
+            # row's real tokens and itself, at the position after them; built in one host array
+            sees = np.empty((n, c + 1), dtype=bool)
+            sees[:, :c] = self.valid[r0:r1, :c]
+            sees[:, c] = True
+            mask = self._to_device(torch.from_numpy(sees))[:, None, None]  # [n, 1, 1, c + 1]
+            positions = self._to_device(torch.tensor(self.lengths[r0:r1, None]))
         else:
-            ancestors, depth = _tree_structure(new_valid, parents)
+            ancestors, depth = _tree_structure(_real(nv, n, t), parents)
             positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]
             context = self._to_device(torch.from_numpy(self.valid[r0:r1, :c]))[:, None].expand(n, t, c)  # [n, T, c]
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
@@ -362,14 +374,18 @@ class BatchKV:
                 )
         finally:
             self.first_row = self.write_col = 0
-        self._wrote(r0, nv, c)
+        self._wrote(r0, nv, c, n, t)
         return out
 
-    def _wrote(self, r0: int, new_valid: np.ndarray, c: int) -> None:
-        """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host)."""
-        n, t = new_valid.shape
-        self.valid[r0 : r0 + n, c : c + t] = new_valid
-        self.lengths[r0 : r0 + n] += new_valid.sum(1)
+    def _wrote(self, r0: int, new_valid: np.ndarray | None, c: int, n: int, t: int) -> None:
+        """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host;
+        new_valid None: every slot real, so no array is read)."""
+        if new_valid is None:
+            self.valid[r0 : r0 + n, c : c + t] = True
+            self.lengths[r0 : r0 + n] += t
+        else:
+            self.valid[r0 : r0 + n, c : c + t] = new_valid
+            self.lengths[r0 : r0 + n] += new_valid.sum(1)
         self.used[r0 : r0 + n] = c + t
         self.n_cols = max(self.n_cols, c + t)
         self._last_end = c + t
@@ -438,7 +454,7 @@ class BatchKV:
             out = self.graphs.run((self.owner, cap, self.capacity[0], *shape), run, inputs, shape)
         else:
             out = run(inputs)
-        self._wrote(0, nv, c)
+        self._wrote(0, nv, c, n, t)
         self.static_forwards += 1
         # a graph's outputs are overwritten by its next replay (and in a shared pool by an
         # earlier-captured graph's): the logits callers hold are copies; hidden states are read
@@ -715,6 +731,11 @@ _CAUSAL_CACHED = 64  # widths whose masks are kept (a decode or draft step's; a 
 def _causal(t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, T] lower-triangular and identity masks on the host (read only: shared by every call)."""
     return torch.ones(t, t, dtype=torch.bool).tril(), torch.eye(t, dtype=torch.bool)
+
+
+def _real(nv: np.ndarray | None, n: int, t: int) -> torch.Tensor:
+    """`forward`'s new_valid as a host tensor (None: every slot real)."""
+    return torch.from_numpy(nv) if nv is not None else torch.ones(n, t, dtype=torch.bool)
 
 
 def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ is emitted (the engine's).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from .kv import BatchKV
 from .rows import Request, RowSampling, slot_parents
 from .shapes import verify_split
 from .steps import Drafts, Verdict
-from .verify import Verifier, process_logits
+from .verify import Verifier, process_logits, verify_chains
 
 ROW_BLOCK = 4
 
@@ -74,6 +75,14 @@ def whole_row_blocks(model: Any, rows: int | None = None) -> Iterator[None]:
             h.remove()
 
 
+def _rows_of(x: torch.Tensor, slots: bool = False, *, part: slice | None, width: int) -> torch.Tensor:
+    """Rows `part` of a per-row tensor (and with `slots`, its first `width` slots); all of it
+    where the forward covers every row (part None)."""
+    if part is None:
+        return x
+    return x[part, :width] if slots else x[part]
+
+
 class TargetVerifier:
     """Runs the target over the pending drafts of the first rows of its batch cache."""
 
@@ -96,43 +105,56 @@ class TargetVerifier:
     def verify(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor, cut: torch.Tensor) -> Verdict:
         """Verify the first `cut[i]` draft tokens of each row (cut, draft_len: [rows], CPU)."""
         kv, d, n = self._kv(), drafts, len(rows)
-        t, k = int(cut.max()) + 1, d.tokens.shape[1]
+        cuts = cut.tolist()
+        t, k, trees = max(cuts) + 1, d.tokens.shape[1], d.parents is not None
+        extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
+        if t == 1 and not trees and self.verifier is verify_chains:
+            if all(r.sampling.temperature <= 0 for r in rows):
+                return self._greedy_next(kv, rows, extra)
         ids = self._ids(rows, d, t)
         valid = torch.ones(n, 1, dtype=torch.bool) if t == 1 else torch.arange(t)[None, :] <= cut[:, None]
         tree_parents = slot_parents(d.parents, t) if d.parents is not None else None
-        extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
         s = RowSampling(rows, self.device)
         if d.parents is not None:
             uniforms = s.uniforms([int(v) + 1 for v in draft_len], k + 1)
         else:
-            uniforms = s.uniforms([int(v) + 1 for v in cut], t)
-        verdict = torch.zeros(n, 2 + k, dtype=torch.long, device=self.device)  # accepted, next, path
+            uniforms = s.uniforms([c + 1 for c in cuts], t)
+        verdict = torch.zeros(n, 2 + k, dtype=torch.long, device=self.device) if trees else None  # accepted, next, path
+        decided: list[torch.Tensor] = []  # chains: [rows of a part, 2] accepted, next
         features: torch.Tensor | None = None
-        parts = verify_split(cut)
+        parts = verify_split(cuts)
+        whole = len(parts) == 1  # one forward over every row and slot: nothing to slice
         ends: list[int] = []
         for r0, r1 in parts:
-            w, part = int(cut[r0:r1].max()) + 1, slice(r0, r1)
-            parents = tree_parents[part, :w] if tree_parents is not None else None
+            w, part = max(cuts[r0:r1]) + 1, slice(r0, r1)
+            rows_of = functools.partial(_rows_of, part=None if whole else part, width=w)
+            parents = rows_of(tree_parents, True) if tree_parents is not None else None
             with whole_row_blocks(self.model, (r1 - r0) * w):
-                out = kv.forward(self.model, ids[part, :w], valid[part, :w], parents=parents, first_row=r0, **extra)
+                out = kv.forward(self.model, rows_of(ids, True), rows_of(valid, True), parents=parents, first_row=r0,
+                                 **extra)  # fmt: skip
             assert kv.last_end is not None
             ends.append(kv.last_end)
             if self.features is not None:
                 h = self.features(out.hidden_states)
-                features = h.new_zeros(n, t, h.shape[-1]) if features is None else features
-                features[part, :w] = h
-            args = (out.logits, d.probs[part], d.tokens[part])
-            rest = (cut[part], s.temperature[part], s.top_p[part], uniforms[part])
-            if d.parents is not None:
-                result = self.tree_verifier(*args, d.parents[part], *rest)
-                verdict[part, 2:] = result.path
+                if whole:  # (read by the proposer's settle before the next forward)
+                    features = h
+                else:
+                    features = h.new_zeros(n, t, h.shape[-1]) if features is None else features
+                    features[part, :w] = h
+            args = (out.logits, rows_of(d.probs), rows_of(d.tokens))
+            rest = (rows_of(cut), rows_of(s.temperature), rows_of(s.top_p))
+            if verdict is not None:
+                assert d.parents is not None
+                result = self.tree_verifier(*args, rows_of(d.parents), *rest, rows_of(uniforms))
+                verdict[part, 0], verdict[part, 1], verdict[part, 2:] = result.accepted, result.next_token, result.path
             else:
-                result = self.verifier(*args, cut[part], *rest[1:3], uniforms[part, :w])
-            verdict[part, 0], verdict[part, 1] = result.accepted, result.next_token
-        host = verdict.cpu()  # the step's one copy back
-        accepted, path = host[:, 0], host[:, 2:].bool() if d.parents is not None else None
+                result = self.verifier(*args, *rest, rows_of(uniforms, True))
+                decided.append(torch.stack([result.accepted, result.next_token], 1))
+        # the step's one copy back
+        host = verdict.cpu() if verdict is not None else (decided[0] if whole else torch.cat(decided)).cpu()
+        accepted, path = host[:, 0], host[:, 2:].bool() if trees else None
         for (r0, r1), end in zip(parts, ends):  # roll back: keep each row's accepted tokens
-            w = int(cut[r0:r1].max()) + 1
+            w = max(cuts[r0:r1]) + 1
             if w == 1:  # only each row's last token, always kept: nothing to roll back
                 continue
             if path is not None:
@@ -141,6 +163,22 @@ class TargetVerifier:
                 keep = torch.arange(w)[None, :] <= accepted[r0:r1, None]
             kv.keep_last(keep, first_row=r0, end=end)
         return Verdict(accepted, host[:, 1], path, features)
+
+    def _greedy_next(self, kv: BatchKV, rows: list[Request], extra: dict[str, Any]) -> Verdict:
+        """`verify` where no row verifies a draft token and every row is greedy (a plain decode
+        step): the target's argmax at each row's last token, as `verify_chains` decides it,
+        without the rule's per-row tensors, the split or a rollback (plain decoding's host
+        time is most of its overhead on a small model). Each row is charged its one draw, as
+        the general path's uniforms are."""
+        n = len(rows)
+        for r in rows:
+            r.draws += 1
+        ids = torch.tensor([[r.target_pending[-1]] for r in rows]).to(self.device)
+        with whole_row_blocks(self.model, n):
+            out = kv.forward(self.model, ids, None, **extra)  # (every slot real)
+        # (features: read by the proposer's settle before the next forward, as the general path's)
+        features = self.features(out.hidden_states) if self.features is not None else None
+        return Verdict(torch.zeros(n, dtype=torch.long), out.logits[:, -1].argmax(-1).cpu(), None, features)
 
     def peek(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor) -> torch.Tensor:
         """The processed target distributions at every draft position, [rows, K + 1, V] on the

@@ -72,6 +72,8 @@ def test_draft_reads_the_right_target_features(target, random_feature_draft, bat
         first = kw.get("first_row", 0)
         before = self.row_lengths()[first : first + input_ids.shape[0]].clone()
         out = original(self, model, input_ids, new_valid, *a, **kw)
+        if new_valid is None:  # (every slot real)
+            new_valid = torch.ones(input_ids.shape, dtype=torch.bool)
         if "features" in kw:
             positions = before[:, None] + new_valid.long().cumsum(1) - 1
             calls.append(
