@@ -356,7 +356,11 @@ class BatchKV:
             mask = self._to_device(torch.from_numpy(sees))[:, None, None]  # [n, 1, 1, c + 1]
             positions = self._to_device(torch.tensor(self.lengths[r0:r1, None]))
         else:
-            ancestors, depth = _tree_structure(_real(nv, n, t), parents)
+            if nv is None and parents is None:  # every slot real, a chain: each sees the ones before it
+                tril, _ = _causal(t) if t <= _CAUSAL_CACHED else _causal.__wrapped__(t)
+                ancestors, depth = tril.expand(n, t, t), torch.arange(t).expand(n, t)
+            else:
+                ancestors, depth = _tree_structure(_real(nv, n, t), parents)
             positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]
             context = self._to_device(torch.from_numpy(self.valid[r0:r1, :c]))[:, None].expand(n, t, c)  # [n, T, c]
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]

@@ -16,6 +16,7 @@ Not here: what runs (the plan), models, sampling rules.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -151,30 +152,26 @@ class RowSampling:
     def __init__(self, rows: Sequence[Request], device: torch.device) -> None:
         self.rows = list(rows)
         self.device = device
-        self.temperature = torch.tensor([r.sampling.temperature for r in rows], dtype=torch.float32)
-        self.top_p = torch.tensor([r.sampling.top_p for r in rows], dtype=torch.float32)
-        self.greedy = self.temperature <= 0
-        self._flags()
-
-    def _flags(self) -> None:
         # read from the requests, not the tensors: a step's many small decisions cost no ops
         self.all_greedy = all(r.sampling.temperature <= 0 for r in self.rows)
         self.plain = all(r.sampling.temperature in (0, 1) and r.sampling.top_p >= 1 for r in self.rows)
 
+    # the per-row tensors, built on first use (a greedy chain's draft never reads them)
+    @functools.cached_property
+    def temperature(self) -> torch.Tensor:
+        return torch.tensor([r.sampling.temperature for r in self.rows], dtype=torch.float32)
+
+    @functools.cached_property
+    def top_p(self) -> torch.Tensor:
+        return torch.tensor([r.sampling.top_p for r in self.rows], dtype=torch.float32)
+
+    @functools.cached_property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature <= 0
+
     def head(self, m: int) -> RowSampling:
         """The first m rows."""
-        if m == len(self.rows):
-            return self
-        part = RowSampling.__new__(RowSampling)  # (no tensors built only to be replaced)
-        part.device = self.device
-        part.rows, part.temperature, part.top_p, part.greedy = (
-            self.rows[:m],
-            self.temperature[:m],
-            self.top_p[:m],
-            self.greedy[:m],
-        )
-        part._flags()
-        return part
+        return self if m == len(self.rows) else RowSampling(self.rows[:m], self.device)
 
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """`process_logits` for these rows (logits [rows, ..., V]); a plain softmax where no

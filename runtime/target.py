@@ -112,7 +112,8 @@ class TargetVerifier:
             if all(r.sampling.temperature <= 0 for r in rows):
                 return self._greedy_next(kv, rows, extra)
         ids = self._ids(rows, d, t)
-        valid = torch.ones(n, 1, dtype=torch.bool) if t == 1 else torch.arange(t)[None, :] <= cut[:, None]
+        # the verified slots (None: every row verifies t - 1 tokens, so every slot is real)
+        valid = None if min(cuts) == t - 1 else torch.arange(t)[None, :] <= cut[:, None]
         tree_parents = slot_parents(d.parents, t) if d.parents is not None else None
         s = RowSampling(rows, self.device)
         if d.parents is not None:
@@ -130,8 +131,8 @@ class TargetVerifier:
             rows_of = functools.partial(_rows_of, part=None if whole else part, width=w)
             parents = rows_of(tree_parents, True) if tree_parents is not None else None
             with whole_row_blocks(self.model, (r1 - r0) * w):
-                out = kv.forward(self.model, rows_of(ids, True), rows_of(valid, True), parents=parents, first_row=r0,
-                                 **extra)  # fmt: skip
+                out = kv.forward(self.model, rows_of(ids, True), rows_of(valid, True) if valid is not None else None,
+                                 parents=parents, first_row=r0, **extra)  # fmt: skip
             assert kv.last_end is not None
             ends.append(kv.last_end)
             if self.features is not None:
