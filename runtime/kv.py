@@ -326,10 +326,7 @@ class BatchKV:
         input_ids = self._to_device(input_ids)
         bucket = self.static.bucket(n, t) if self.static is not None else None
         if bucket is not None and r0 == 0 and context is None:
-            if nv is None:
-                nv = np.ones((n, t), dtype=bool)
-            return self._static_forward(model, input_ids, torch.from_numpy(nv), nv, parents, logits_to_keep, bucket,
-                                        model_kwargs)  # fmt: skip
+            return self._static_forward(model, input_ids, nv, parents, logits_to_keep, bucket, model_kwargs)
         # (n_cols is the max of every row's used: no array to read for a forward on all rows)
         c = self.n_cols if r0 == 0 and r1 == self.n_rows else int(self.used[r0:r1].max())
         self._fits(self.n_rows, c + t)
@@ -337,7 +334,7 @@ class BatchKV:
         if context is not None:
             if positions is None:
                 raise ValueError("forward with an explicit context needs explicit positions")
-            ancestors, _ = _tree_structure(_real(nv, n, t), parents)
+            ancestors, _ = _tree_structure(nv, parents, n, t)
             seen = torch.zeros(n, t, c, dtype=torch.bool)
             seen[:, :, : context.shape[2]] = context[:, :, :c].cpu()
             mask = self._to_device(torch.cat([seen, ancestors], dim=2)[:, None])
@@ -356,11 +353,7 @@ class BatchKV:
             mask = self._to_device(torch.from_numpy(sees))[:, None, None]  # [n, 1, 1, c + 1]
             positions = self._to_device(torch.tensor(self.lengths[r0:r1, None]))
         else:
-            if nv is None and parents is None:  # every slot real, a chain: each sees the ones before it
-                tril, _ = _causal(t) if t <= _CAUSAL_CACHED else _causal.__wrapped__(t)
-                ancestors, depth = tril.expand(n, t, t), torch.arange(t).expand(n, t)
-            else:
-                ancestors, depth = _tree_structure(_real(nv, n, t), parents)
+            ancestors, depth = _tree_structure(nv, parents, n, t)
             positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]
             context = self._to_device(torch.from_numpy(self.valid[r0:r1, :c]))[:, None].expand(n, t, c)  # [n, T, c]
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
@@ -398,8 +391,7 @@ class BatchKV:
         self,
         model: torch.nn.Module,
         input_ids: torch.Tensor,
-        new_valid: torch.Tensor,
-        nv: np.ndarray,
+        nv: np.ndarray | None,
         parents: torch.Tensor | None,
         logits_to_keep: int,
         bucket: tuple[int, int],
@@ -419,7 +411,7 @@ class BatchKV:
         write[:n] = c + slots  # real rows: where eager would write
         write[n:] = cap - self.static.scratch + slots  # padding rows: scratch, never valid
         write = self._to_device(write)
-        ancestors, depth = _tree_structure(new_valid, parents)
+        ancestors, depth = _tree_structure(nv, parents, n, t)
         ids = torch.zeros(bn, bt, dtype=torch.long, device=dev)
         ids[:n, :t] = input_ids
         positions = torch.zeros(bn, bt, dtype=torch.long)
@@ -737,25 +729,26 @@ def _causal(t: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(t, t, dtype=torch.bool).tril(), torch.eye(t, dtype=torch.bool)
 
 
-def _real(nv: np.ndarray | None, n: int, t: int) -> torch.Tensor:
-    """`forward`'s new_valid as a host tensor (None: every slot real)."""
-    return torch.from_numpy(nv) if nv is not None else torch.ones(n, t, dtype=torch.bool)
-
-
-def _tree_structure(new_valid: torch.Tensor, parents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ancestor mask `[n, T, T]` (query i may attend to new slot j) and depth `[n, T]`.
+def _tree_structure(
+    nv: np.ndarray | None, parents: torch.Tensor | None, n: int, t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ancestor mask `[n, T, T]` (query i may attend to new slot j) and depth `[n, T]` of a
+    forward's new slots, `nv` its new_valid on the host (None: every slot real).
 
     Every slot attends to itself, so padding slots stay finite; real slots attend to their
     real ancestors only.
     """
-    n, t = new_valid.shape
     if parents is None:
         if t == 1:  # one token a row (a decode or draft step): it sees itself, at depth 0
             return torch.ones(n, 1, 1, dtype=torch.bool), torch.zeros(n, 1, dtype=torch.long)
         tril, eye = _causal(t) if t <= _CAUSAL_CACHED else _causal.__wrapped__(t)
+        if nv is None:  # every slot real, a chain: each sees the ones before it
+            return tril.expand(n, t, t), torch.arange(t).expand(n, t)
+        new_valid = torch.from_numpy(nv)
         ancestors = (tril[None] & new_valid[:, None, :]) | eye[None]
         depth = (new_valid.cumsum(1) - 1).clamp(min=0)
         return ancestors, depth
+    new_valid = torch.from_numpy(nv) if nv is not None else torch.ones(n, t, dtype=torch.bool)
     eye = torch.eye(t, dtype=torch.bool, device=new_valid.device)
     ancestors = eye[None].repeat(n, 1, 1)
     depth = torch.zeros(n, t, dtype=torch.long, device=new_valid.device)

@@ -110,7 +110,7 @@ class TargetVerifier:
         extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
         if t == 1 and not trees and self.verifier is verify_chains:
             if all(r.sampling.temperature <= 0 for r in rows):
-                return self._greedy_next(kv, rows, extra)
+                return self._greedy_next(kv, rows, d, extra)
         ids = self._ids(rows, d, t)
         # the verified slots (None: every row verifies t - 1 tokens, so every slot is real)
         valid = None if min(cuts) == t - 1 else torch.arange(t)[None, :] <= cut[:, None]
@@ -165,7 +165,7 @@ class TargetVerifier:
             kv.keep_last(keep, first_row=r0, end=end)
         return Verdict(accepted, host[:, 1], path, features)
 
-    def _greedy_next(self, kv: BatchKV, rows: list[Request], extra: dict[str, Any]) -> Verdict:
+    def _greedy_next(self, kv: BatchKV, rows: list[Request], drafts: Drafts, extra: dict[str, Any]) -> Verdict:
         """`verify` where no row verifies a draft token and every row is greedy (a plain decode
         step): the target's argmax at each row's last token, as `verify_chains` decides it,
         without the rule's per-row tensors, the split or a rollback (plain decoding's host
@@ -174,9 +174,8 @@ class TargetVerifier:
         n = len(rows)
         for r in rows:
             r.draws += 1
-        ids = torch.tensor([[r.target_pending[-1]] for r in rows]).to(self.device)
         with whole_row_blocks(self.model, n):
-            out = kv.forward(self.model, ids, None, **extra)  # (every slot real)
+            out = kv.forward(self.model, self._ids(rows, drafts, 1), None, **extra)  # (every slot real)
         # (features: read by the proposer's settle before the next forward, as the general path's)
         features = self.features(out.hidden_states) if self.features is not None else None
         return Verdict(torch.zeros(n, dtype=torch.long), out.logits[:, -1].argmax(-1).cpu(), None, features)
