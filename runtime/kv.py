@@ -339,7 +339,7 @@ class BatchKV:
             seen[:, :, : context.shape[2]] = context[:, :, :c].cpu()
             mask = self._to_device(torch.cat([seen, ancestors], dim=2)[:, None])
             positions = self._to_device(positions)
-        elif parents is None and (nv is None or nv.all()) and self.lengths[r0:r1].min() == c:  # (lengths <= c)
+        elif parents is None and (nv is None or nv.all()) and min(self.lengths[r0:r1].tolist()) == c:  # (lengths <= c)
             # no holes and no padding: the model's own causal mask (and SDPA's fast causal
             # path, which an explicit mask would rule out) is exactly right
             mask = None
@@ -351,7 +351,7 @@ class BatchKV:
             sees[:, :c] = self.valid[r0:r1, :c]
             sees[:, c] = True
             mask = self._to_device(torch.from_numpy(sees))[:, None, None]  # [n, 1, 1, c + 1]
-            positions = self._to_device(torch.tensor(self.lengths[r0:r1, None]))
+            positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None].copy()))
         else:
             ancestors, depth = _tree_structure(nv, parents, n, t)
             positions = self._to_device(torch.from_numpy(self.lengths[r0:r1, None]) + depth)  # [n, T]

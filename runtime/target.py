@@ -108,9 +108,9 @@ class TargetVerifier:
         cuts = cut.tolist()
         t, k, trees = max(cuts) + 1, d.tokens.shape[1], d.parents is not None
         extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
-        if t == 1 and not trees and self.verifier is verify_chains:
+        if not trees and self.verifier is verify_chains and min(cuts) == t - 1:
             if all(r.sampling.temperature <= 0 for r in rows):
-                return self._greedy_next(kv, rows, d, extra)
+                return self._greedy(kv, rows, d, t, extra)
         ids = self._ids(rows, d, t)
         # the verified slots (None: every row verifies t - 1 tokens, so every slot is real)
         valid = None if min(cuts) == t - 1 else torch.arange(t)[None, :] <= cut[:, None]
@@ -165,20 +165,28 @@ class TargetVerifier:
             kv.keep_last(keep, first_row=r0, end=end)
         return Verdict(accepted, host[:, 1], path, features)
 
-    def _greedy_next(self, kv: BatchKV, rows: list[Request], drafts: Drafts, extra: dict[str, Any]) -> Verdict:
-        """`verify` where no row verifies a draft token and every row is greedy (a plain decode
-        step): the target's argmax at each row's last token, as `verify_chains` decides it,
-        without the rule's per-row tensors, the split or a rollback (plain decoding's host
-        time is most of its overhead on a small model). Each row is charged its one draw, as
-        the general path's uniforms are."""
+    def _greedy(self, kv: BatchKV, rows: list[Request], drafts: Drafts, t: int, extra: dict[str, Any]) -> Verdict:
+        """`verify` where every row is greedy and verifies the same t - 1 draft tokens (plain
+        decoding is t = 1; a batch drafting k is t = k + 1): the verdict `verify_chains`
+        reaches, from the target's argmax alone, without the rule's per-row tensors, the split
+        or, for plain decoding, a rollback (on a small model host time is most of a step's
+        overhead). Each row is charged its t draws, as the general path's uniforms are."""
         n = len(rows)
         for r in rows:
-            r.draws += 1
-        with whole_row_blocks(self.model, n):
-            out = kv.forward(self.model, self._ids(rows, drafts, 1), None, **extra)  # (every slot real)
+            r.draws += t
+        with whole_row_blocks(self.model, n * t):
+            out = kv.forward(self.model, self._ids(rows, drafts, t), None, **extra)  # (every slot real)
+        end = kv.last_end
         # (features: read by the proposer's settle before the next forward, as the general path's)
         features = self.features(out.hidden_states) if self.features is not None else None
-        return Verdict(torch.zeros(n, dtype=torch.long), out.logits[:, -1].argmax(-1).cpu(), None, features)
+        best = out.logits.argmax(-1)  # [n, t]
+        if t == 1:
+            return Verdict(torch.zeros(n, dtype=torch.long), best[:, 0].cpu(), None, features)
+        # the leading run of draft tokens equal to the target's argmax (verified ones are real: >= 0)
+        accepted = (best[:, :-1] == drafts.tokens[:, : t - 1]).cumprod(1).sum(1)
+        host = torch.stack([accepted, best.gather(1, accepted[:, None]).squeeze(1)], 1).cpu()
+        kv.keep_last(torch.arange(t)[None, :] <= host[:, :1], end=end)
+        return Verdict(host[:, 0], host[:, 1], None, features)
 
     def peek(self, rows: list[Request], drafts: Drafts, draft_len: torch.Tensor) -> torch.Tensor:
         """The processed target distributions at every draft position, [rows, K + 1, V] on the
