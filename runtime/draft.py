@@ -147,8 +147,11 @@ class Proposer:
             # the draft cache holds d_1 .. d_{K-1} in its last K-1 columns; keep the accepted
             # ones (a feature draft keeps none: they are fed again with the target's features;
             # a tree's levels already left the draft cache)
-            keep = torch.arange(1, k)[None, :] <= verdict.accepted[:drafting, None]
-            kv.keep_last(torch.zeros_like(keep) if self.feature else keep)
+            if self.feature:
+                keep = torch.zeros(drafting, k - 1, dtype=torch.bool)
+            else:
+                keep = torch.arange(1, k)[None, :] <= verdict.accepted[:drafting, None]
+            kv.keep_last(keep)
         for i, req in enumerate(rows):
             drafted, y = i < drafting, new[i][-1]
             if self.feature:

@@ -520,7 +520,13 @@ class BatchKV:
         """Shrink each row's `used` to its last real column, so the next forward writes over
         the holes at its end."""
         width = int(self.used[rows].max(initial=0))
-        last_real = (self.valid[rows, :width] * np.arange(1, width + 1)).max(1, initial=0)
+        if width == 0:  # (no row uses a column: nothing to trim)
+            self.n_cols = int(self.used[: self.n_rows].max(initial=0))
+            return
+        block = self.valid[rows, :width]
+        from_end = block[:, ::-1].argmax(1)  # each row's last real column, counted from the end
+        last_real = width - from_end  # (one past it; a row with no real column gets 0 below)
+        last_real[~block[np.arange(len(block)), width - 1 - from_end]] = 0
         self.used[rows] = np.minimum(self.used[rows], last_real)
         self.n_cols = int(self.used[: self.n_rows].max(initial=0))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -31,8 +31,7 @@ from .verify import Verifier, process_logits, verify_chains
 ROW_BLOCK = 4
 
 
-@contextmanager
-def whole_row_blocks(model: Any, rows: int | None = None) -> Iterator[None]:
+def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextManager[None]:
     """On the CPU, pad the output layer's input rows up to a multiple of 4 where 2 or 3 would be
     left over, for the forwards inside. torch's CPU `linear` computes blocks of 4 rows fast and a
     remainder of 2 or 3 slowly: for SmolLM2's 576 x 49,152 output layer (2 threads, torch 2.13)
@@ -41,14 +40,21 @@ def whole_row_blocks(model: Any, rows: int | None = None) -> Iterator[None]:
     exactly such row counts. The padding rows are zeros and are dropped from the output; each
     real row's logits are the same up to float rounding (the kernel's blocking differs). float32
     only: in bfloat16 the same layer takes 3.4–4.4 ms for 1 to 8 rows alike. `rows`: the rows
-    the forwards inside compute logits for, if known (none to pad: no hooks, no host time)."""
+    the forwards inside compute logits for, if known (none to pad: no hooks, and a shared no-op
+    context, not a generator's few microseconds)."""
     if rows is not None and -rows % ROW_BLOCK not in (1, 2):
-        yield
-        return
+        return _UNPADDED
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        yield
-        return
+        return _UNPADDED
+    return _padded(head)
+
+
+_UNPADDED = nullcontext()
+
+
+@contextmanager
+def _padded(head: torch.nn.Linear) -> Iterator[None]:
     shapes: list[torch.Size] = []
 
     def pad(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:

@@ -28,6 +28,30 @@ def test_fixed_draft_len_matches_generate(target, draft, references, batch, draf
         assert results[rid].output_ids == references[p], f"batch {batch}, k={draft_len}, prompt {p}"
 
 
+@pytest.mark.parametrize("draft_len", [0, 3])
+def test_greedy_shortcut_reaches_the_rules_verdict(target, draft, draft_len):
+    """An all-greedy batch verifying the same k on every row skips the verify rule
+    (`TargetVerifier._greedy`); the same engine made to run the rule (a wrapper is not
+    `verify_chains`) accepts, emits, caches and charges draws exactly alike, step by step."""
+    from adactl.runtime import verify_chains
+
+    engines = [make_engine(target, draft, seed=5), make_engine(target, draft, seed=5)]
+    engines[1].target_verifier.verifier = lambda *args: verify_chains(*args)
+    for e in engines:
+        for p in prompts(3, seed=4):
+            e.add_request(p, SamplingParams(max_new_tokens=MAX_NEW))
+    accepted = 0
+    for _ in range(12):
+        fast, rule = (e.step(StepPlan(draft_len=draft_len)) for e in engines)
+        assert torch.equal(fast.accepted, rule.accepted) and fast.emitted == rule.emitted
+        accepted += int(fast.accepted.sum())
+        for a, b in zip(engines[0].rows.running, engines[1].rows.running):
+            assert a.draws == b.draws
+        kv = [e.rows.target for e in engines]
+        assert kv[0].n_cols == kv[1].n_cols and (kv[0].lengths == kv[1].lengths).all()
+    assert draft_len == 0 or accepted > 0  # (drafts were accepted: the rollback ran on both)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_random_lengths_and_cuts_match_generate(target, draft, references, batch, seed):
