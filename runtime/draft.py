@@ -52,11 +52,14 @@ class Proposer:
 
     @staticmethod
     def _scatter_into(out: torch.Tensor, dist: torch.Tensor, vocab: torch.Tensor | None) -> None:
-        """`_scatter`, written into `out` [..., V] (zeros where the vocabulary has no token)."""
+        """`_scatter`, written into `out` [..., V] (zeros where the vocabulary has no token).
+        `scatter_` along the last dimension, not `index_copy_`: on the CPU the latter takes
+        twice as long (1.2 against 0.6 ms for [16, 4] rows of an 8,192-token draft vocabulary
+        into 49,152, one thread), once or more every step."""
         if vocab is None:
             out.copy_(dist)
         else:
-            out.index_copy_(-1, vocab, dist)
+            out.scatter_(-1, vocab.expand(dist.shape), dist)
 
     def catch_up(self, kv: BatchKV, rows: list[Request]) -> Any:
         """The first draft forward of a step, on the first len(rows) rows: it feeds every token

@@ -518,16 +518,17 @@ class BatchKV:
 
     def _trim_trailing_holes(self, rows: slice) -> None:
         """Shrink each row's `used` to its last real column, so the next forward writes over
-        the holes at its end."""
+        the holes at its end. The last `TRIM_WINDOW` columns are searched first (a rollback's
+        holes sit there), the whole width only for rows with no real column in them."""
         width = int(self.used[rows].max(initial=0))
-        if width == 0:  # (no row uses a column: nothing to trim)
-            self.n_cols = int(self.used[: self.n_rows].max(initial=0))
-            return
-        block = self.valid[rows, :width]
-        from_end = block[:, ::-1].argmax(1)  # each row's last real column, counted from the end
-        last_real = width - from_end  # (one past it; a row with no real column gets 0 below)
-        last_real[~block[np.arange(len(block)), width - 1 - from_end]] = 0
-        self.used[rows] = np.minimum(self.used[rows], last_real)
+        if width > 0:
+            lo = max(0, width - TRIM_WINDOW)
+            last_real = _last_true(self.valid[rows, lo:width]) + lo
+            last_real[last_real == lo] = 0  # (none in the window: searched below)
+            far = np.flatnonzero(last_real == 0)
+            if len(far) and lo > 0:
+                last_real[far] = _last_true(self.valid[rows][far, :lo])
+            self.used[rows] = np.minimum(self.used[rows], last_real)
         self.n_cols = int(self.used[: self.n_rows].max(initial=0))
 
     def reserve_rows(self, rows: int) -> None:
@@ -687,6 +688,19 @@ class HostRow:
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for kv in self.layers if kv is not None for k in kv[:1])
+
+
+TRIM_WINDOW = 64  # columns `_trim_trailing_holes` searches before the whole row
+
+
+def _last_true(block: np.ndarray) -> np.ndarray:
+    """[n] one past each row's last True column of `block` [n, w] (0 where it has none)."""
+    if block.shape[1] == 0:
+        return np.zeros(len(block), dtype=np.int64)
+    from_end = block[:, ::-1].argmax(1)
+    last = block.shape[1] - from_end
+    last[~block[np.arange(len(block)), block.shape[1] - 1 - from_end]] = 0
+    return last
 
 
 def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
