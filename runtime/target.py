@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -32,48 +33,77 @@ ROW_BLOCK = 4
 
 
 def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextManager[None]:
-    """On the CPU, pad the output layer's input rows up to a multiple of 4 where 2 or 3 would be
-    left over, for the forwards inside. torch's CPU `linear` computes blocks of 4 rows fast and a
-    remainder of 2 or 3 slowly: for SmolLM2's 576 x 49,152 output layer (2 threads, torch 2.13)
-    1 row takes 10.5 ms, 2 rows 23.7, 3 rows 39.3, 4 rows 18.6, 7 rows 38.7, 8 rows 18.0. A
-    verify forward at batch 1 with 1 or 2 draft tokens, or plain decoding at batch 2 or 3, has
-    exactly such row counts. The padding rows are zeros and are dropped from the output; each
-    real row's logits are the same up to float rounding (the kernel's blocking differs). float32
-    only: in bfloat16 the same layer takes 3.4–4.4 ms for 1 to 8 rows alike. `rows`: the rows
-    the forwards inside compute logits for, if known (none to pad: no hooks, and a shared no-op
-    context, not a generator's few microseconds)."""
-    if rows is not None and -rows % ROW_BLOCK not in (1, 2):
+    """On the CPU in float32, pad the input rows of the forwards' linear layers where torch's
+    CPU `linear` is slow for their count, and drop the padding from the outputs (zeros; each
+    real row's result is the same up to float rounding, the kernel's blocking differs).
+
+    - Every linear layer, 2 to 4 rows (a verify forward at batch 1 with 1 to 3 draft tokens,
+      plain decoding at batch 2 to 4): with two threads or more, padded to 5 rows; with one,
+      2 or 3 rows to 4. SmolLM2 at batch 1 over 160 cached tokens (2 threads, torch 2.13, the
+      model alone): a forward of 1 token took 61 ms, of 2, 3, 4, 5 tokens 99, 124, 95, 80 ms;
+      with its linear layers padded to 5 rows 81, 81, 81, 78 ms. One thread: 101, 121, 87, 99.
+    - The output layer, from 5 rows: a multiple of 4 where 2 or 3 would be left over. Its
+      blocks of 4 rows are fast and a remainder of 2 or 3 slow: SmolLM2's 576 x 49,152 output
+      layer took 10.5 ms for 1 row, 23.7 for 2, 39.3 for 3, 18.6 for 4, 38.7 for 7, 18.0 for 8.
+
+    bfloat16 has no such steps (the output layer took 3.4–4.4 ms for 1 to 8 rows alike).
+    `rows`: the rows the forwards inside compute logits for, if known (none to pad: no hooks,
+    and a shared no-op context, not a generator's few microseconds)."""
+    if rows is not None and _padded_rows(rows, True) == rows:
+        return _UNPADDED
+    linears = _cpu_fp32_linears(model)
+    if not linears:
         return _UNPADDED
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return _UNPADDED
-    return _padded(head)
+    return _padded(linears, head)
+
+
+def _padded_rows(rows: int, head: bool) -> int:
+    """The row count a linear layer (the output layer: `head`) computes `rows` rows as."""
+    if 2 <= rows <= 4:
+        small = 5 if torch.get_num_threads() > 1 else 4
+        if rows < small:
+            return small
+    if head and rows > 4 and -rows % ROW_BLOCK in (1, 2):
+        return rows + -rows % ROW_BLOCK
+    return rows
 
 
 _UNPADDED = nullcontext()
+_LINEARS: weakref.WeakKeyDictionary[Any, list[torch.nn.Linear]] = weakref.WeakKeyDictionary()
+
+
+def _cpu_fp32_linears(model: Any) -> list[torch.nn.Linear]:
+    """Every `nn.Linear` of `model` with float32 weights on the CPU (found once per model)."""
+    if model not in _LINEARS:
+        found = model.modules() if isinstance(model, torch.nn.Module) else []
+        _LINEARS[model] = [m for m in found if isinstance(m, torch.nn.Linear)
+                           and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]  # fmt: skip
+    return _LINEARS[model]
 
 
 @contextmanager
-def _padded(head: torch.nn.Linear) -> Iterator[None]:
-    shapes: list[torch.Size] = []
+def _padded(linears: list[torch.nn.Linear], head: Any) -> Iterator[None]:
+    shapes: list[torch.Size | None] = []  # per layer call in progress: its input's shape (None: not padded)
 
     def pad(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0]
         rows = x.numel() // x.shape[-1]
-        extra = -rows % ROW_BLOCK
-        if extra not in (1, 2):  # rows % 4 is 3 or 2
+        target = _padded_rows(rows, module is head)
+        if target == rows:
+            shapes.append(None)
             return None
         shapes.append(x.shape)
         flat = x.reshape(rows, x.shape[-1])
-        return (torch.cat([flat, flat.new_zeros(extra, flat.shape[1])]), *args[1:])
+        return (torch.cat([flat, flat.new_zeros(target - rows, flat.shape[1])]), *args[1:])
 
     def cut(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-        if not shapes:
+        shape = shapes.pop() if shapes else None
+        if shape is None:
             return None
-        shape = shapes.pop()
         return out[: math.prod(shape[:-1])].reshape(*shape[:-1], out.shape[-1])
 
-    handles = [head.register_forward_pre_hook(pad), head.register_forward_hook(cut)]
+    handles = [h for m in linears for h in (m.register_forward_pre_hook(pad), m.register_forward_hook(cut))]
     try:
         yield
     finally:
