@@ -37,11 +37,13 @@ def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextMana
     CPU `linear` is slow for their count, and drop the padding from the outputs (zeros; each
     real row's result is the same up to float rounding, the kernel's blocking differs).
 
-    - Every linear layer, 2 to 4 rows (a verify forward at batch 1 with 1 to 3 draft tokens,
-      plain decoding at batch 2 to 4): with two threads or more, padded to 5 rows; with one,
-      2 or 3 rows to 4. SmolLM2 at batch 1 over 160 cached tokens (2 threads, torch 2.13, the
-      model alone): a forward of 1 token took 61 ms, of 2, 3, 4, 5 tokens 99, 124, 95, 80 ms;
-      with its linear layers padded to 5 rows 81, 81, 81, 78 ms. One thread: 101, 121, 87, 99.
+    - Every linear layer, 2 or 3 rows (a verify forward at batch 1 with 1 or 2 draft tokens,
+      plain decoding at batch 2 or 3): padded to 5 rows with two threads or more, to 4 with
+      one. SmolLM2 at batch 1 over 160 cached tokens (2 threads, torch 2.13, the model alone):
+      a forward of 1 token took 61 ms, of 2, 3, 4, 5 tokens 99, 124, 95, 80 ms; with its
+      linear layers padded to 5 rows 81, 81, 81, 78 ms (one thread: 101, 121, 87, 99
+      unpadded). In the engine (`docs/issue31/small_rows.py`, padding on and off step by step)
+      3 rows gain 18–25%, 2 rows 0–17%, and 4 rows padded to 5 lost up to 7%: they stay.
     - The output layer, from 5 rows: a multiple of 4 where 2 or 3 would be left over. Its
       blocks of 4 rows are fast and a remainder of 2 or 3 slow: SmolLM2's 576 x 49,152 output
       layer took 10.5 ms for 1 row, 23.7 for 2, 39.3 for 3, 18.6 for 4, 38.7 for 7, 18.0 for 8.
@@ -60,10 +62,8 @@ def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextMana
 
 def _padded_rows(rows: int, head: bool) -> int:
     """The row count a linear layer (the output layer: `head`) computes `rows` rows as."""
-    if 2 <= rows <= 4:
-        small = 5 if torch.get_num_threads() > 1 else 4
-        if rows < small:
-            return small
+    if rows in (2, 3):
+        return 5 if torch.get_num_threads() > 1 else 4
     if head and rows > 4 and -rows % ROW_BLOCK in (1, 2):
         return rows + -rows % ROW_BLOCK
     return rows
