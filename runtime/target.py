@@ -53,9 +53,9 @@ def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextMana
     and a shared no-op context, not a generator's few microseconds)."""
     if rows is not None and _padded_rows(rows, True) == rows:
         return _UNPADDED
-    linears = _cpu_fp32_linears(model)
-    if not linears:
-        return _UNPADDED
+    linears = _linears(model)
+    if not linears or linears[-1].weight.device.type != "cpu" or linears[-1].weight.dtype != torch.float32:
+        return _UNPADDED  # (read at each call: the model may have moved since)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return _padded(linears, head)
 
@@ -73,12 +73,12 @@ _UNPADDED = nullcontext()
 _LINEARS: weakref.WeakKeyDictionary[Any, list[torch.nn.Linear]] = weakref.WeakKeyDictionary()
 
 
-def _cpu_fp32_linears(model: Any) -> list[torch.nn.Linear]:
-    """Every `nn.Linear` of `model` with float32 weights on the CPU (found once per model)."""
+def _linears(model: Any) -> list[torch.nn.Linear]:
+    """Every `nn.Linear` of `model`, the output layer last where it is one (found once per model)."""
+    if not isinstance(model, torch.nn.Module):
+        return []
     if model not in _LINEARS:
-        found = model.modules() if isinstance(model, torch.nn.Module) else []
-        _LINEARS[model] = [m for m in found if isinstance(m, torch.nn.Linear)
-                           and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]  # fmt: skip
+        _LINEARS[model] = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return _LINEARS[model]
 
 
