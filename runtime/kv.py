@@ -523,9 +523,9 @@ class BatchKV:
         width = int(self.used[rows].max(initial=0))
         if width > 0:
             lo = max(0, width - TRIM_WINDOW)
-            last_real = _last_true(self.valid[rows, lo:width]) + lo
-            last_real[last_real == lo] = 0  # (none in the window: searched below)
-            far = np.flatnonzero(last_real == 0)
+            in_window = _last_true(self.valid[rows, lo:width])
+            last_real = np.where(in_window > 0, in_window + lo, 0)
+            far = np.flatnonzero(in_window == 0)  # (none in the window: the columns before it)
             if len(far) and lo > 0:
                 last_real[far] = _last_true(self.valid[rows][far, :lo])
             self.used[rows] = np.minimum(self.used[rows], last_real)
