@@ -85,8 +85,10 @@ def _sync(device: torch.device) -> None:
 
 def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 300.0,
             reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
-            min_rounds: int = 4) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
+            min_rounds: int = 4, stats: dict[str, int] | None = None
+            ) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
+    A step that captured a CUDA graph is left out (`stats["captures"]` counts them).
 
     A round at batch size b: whole-batch steps on b rows, every draft length once in a shuffled
     order (a round's steps run within seconds of each other, so drift hits every length alike;
@@ -110,16 +112,25 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b <= max_batch] or [1]
     shapes: list[StepShape] = []
     seconds: list[tuple[float, float, float]] = []
+    skipped = stats if stats is not None else {}
+    skipped["captures"] = 0
     start = time.perf_counter()
     sampling = SamplingParams(max_new_tokens=4096, stop_on_eos=False)
 
+    def captures() -> int:
+        return int(engine.graph_stats()["captures"]) if hasattr(engine, "graph_stats") else 0
+
     def step(plan: Any, cut_mode: int = 0) -> float:
+        before = captures()
         drafts = engine.draft_step(plan)
         cut = drafts.draft_len.clone()
         if cut_mode == 1:
             cut = torch.tensor([rng.randint(0, int(n)) for n in drafts.draft_len], dtype=torch.long)
         outcome = engine.verify(cut)
         _sync(device)
+        if captures() != before:  # it captured a CUDA graph: its time is the capture's, not a step's
+            skipped["captures"] += 1  # (80-700 ms against 9-40 ms steps on an H200 at the 8B shape)
+            return float(outcome.total_s)
         context = int(drafts.context_len.sum())
         shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context,
                                            outcome.prefill_attention))  # fmt: skip
@@ -208,10 +219,12 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: 
     engine = Engine(pair.target.model, draft, config=EngineConfig(max_batch_size=max_batch, seed=seed))
     t0 = time.perf_counter()
     torch.manual_seed(seed)
+    stats: dict[str, int] = {}
     shapes, seconds = measure(engine, pair.device, output_vocab_size(pair.target.model), max_batch, budget_s, reps,
-                              seed, progress=progress)  # fmt: skip
+                              seed, progress=progress, stats=stats)  # fmt: skip
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "profile_s": round(time.perf_counter() - t0, 1),
-            "max_batch": max_batch, "reps": reps, "seed": seed, "steps": len(shapes)}  # fmt: skip
+            "max_batch": max_batch, "reps": reps, "seed": seed, "steps": len(shapes),
+            "steps_left_out_capturing": stats["captures"]}  # fmt: skip
     return StepCostProfile.from_steps(fp, shapes, seconds, meta)
 
 
@@ -290,6 +303,9 @@ class ProfilerSettings(DeviceSettings):
     seed: int = setting(0, "seed of the measured requests")
     out: str | None = setting(None, "also write the profile here (it is always cached)")
     tiny: bool = setting(False, "tiny random models (a smoke run)")
+    shape: str | None = setting(None, "random weights of a named model shape (adactl bench step's: smollm2-135m, "
+                                "llama-3.1-8b, tiny) with a random feature draft, instead of --target and --draft: "
+                                "a GPU's step costs at a real shape without its weights")  # fmt: skip
     check: bool = setting(False, "measure nothing new: check the profile this machine uses (or --profile) against "
                           "held-out whole-batch steps, the ratio of each k-token step to a plain one")  # fmt: skip
     check_batches: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "--check: batch sizes", parse=ints)
@@ -325,14 +341,21 @@ def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]] | list
     if args.computed is not None:
         return run_computed(args.computed, args.out, args.draft_fraction)
     device, dtype = device_and_dtype(args.device, args.dtype)  # before any model loads
-    pair = tiny_pair(device, dtype) if args.tiny else load_pair(args.target, args.draft, args.companion, device, dtype)
+    if args.tiny:
+        pair = tiny_pair(device, dtype)
+    elif args.shape:
+        pair = shape_pair(args.shape, device, dtype)
+    else:
+        pair = load_pair(args.target, args.draft, args.companion, device, dtype)
     if args.check:
         return run_check(pair, args)
     made = make_profile(pair, args.max_batch, args.budget_s, args.reps, args.seed)
     path = made.save(cached_path(made.fingerprint))
     if args.out:
         made.save(args.out)
-    print(f"{made.meta['steps']} steps in {made.meta['profile_s']} s on {made.fingerprint.machine_label}; "
+    left_out = made.meta.get("steps_left_out_capturing", 0)
+    print(f"{made.meta['steps']} steps in {made.meta['profile_s']} s on {made.fingerprint.machine_label}"
+          + (f" ({left_out} left out: they captured CUDA graphs)" if left_out else "") + "; "
           f"fit error {100 * made.meta['fit_mape']:.1f}% (mean absolute, relative; the basis alone "
           f"{100 * made.meta['basis_mape']:.1f}%) -> {path}" + (f" and {args.out}" if args.out else ""))  # fmt: skip
     return made
@@ -405,8 +428,8 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
             engine.add_request([rng.randrange(1, vocab) for _ in range(rng.randint(16, 96))], sampling)
         while any(v.status != "running" for v in engine.requests()):
             engine.step(StepPlan(draft_len=0, prefill_budget=512))
-        for _ in range(2):
-            engine.step(StepPlan(draft_len=1, prefill_budget=0))
+        for k in (1, 1, 0, *ks):  # warm-up: each length once (with CUDA graphs: their captures)
+            engine.step(StepPlan(draft_len=k, prefill_budget=0))
         seen: dict[int, list[tuple[StepShape, float]]] = {k: [] for k in (0, *ks)}
         for _ in range(rounds):
             for k in rng.sample(list(seen), len(seen)):
@@ -466,6 +489,22 @@ def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
     write_json(out, records, {"machine": describe(pair.device, pair.dtype).to_dict(), "profile": args.profile or
                               "this machine's (cached)", "args": dataclasses.asdict(args)})  # fmt: skip
     return records
+
+
+def shape_pair(shape: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A Llama of a named shape (`adactl.bench.step.SHAPES`) with random weights and a random
+    feature draft over the first `DRAFT_VOCAB` token ids, as `adactl bench step` times them."""
+    from adactl.bench.step import DRAFT_VOCAB, SHAPES, random_model
+    from adactl.runtime import FeatureDraft
+    from adactl.runtime.models import LoadedModel, ModelPair
+
+    if shape not in SHAPES:
+        raise SystemExit(f"adactl profile: unknown --shape {shape!r}: choose from {', '.join(SHAPES)}")
+    target = random_model(shape, torch.device(device), dtype)
+    vocab = target.config.vocab_size
+    draft = FeatureDraft.from_target(target, list(range(min(DRAFT_VOCAB, vocab))), seed=1).to(device, dtype).eval()
+    specs = {"target": f"shape:{shape}", "draft": "random-feature", "companion": "none"}
+    return ModelPair(LoadedModel(target, None, f"shape:{shape}"), draft, None, torch.device(device), dtype, specs)
 
 
 def tiny_pair(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:

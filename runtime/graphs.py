@@ -18,7 +18,8 @@ same on top of `BatchKV` (kv.py), which already preallocates each model's cache:
   what it returns, so no output depends on which graph replays next in the shared pool).
 - **Lifetime.** A cache is keyed by a number never reused (`owner_key`), not by `id()`, whose
   addresses CPython recycles: a graph of a freed cache can never match a new one. A cache
-  that reallocates or closes drops its graphs (`drop`), and the engine's caches live as long
+  that reallocates or closes drops its graphs (`drop`; when none are left, the next capture
+  takes a new memory pool), and the engine's caches live as long
   as the engine (kv.py keeps their buffers over a drain when graphs are on), so a burst after
   an idle moment replays what the last one captured.
 - **Failures.** A forward that cannot be captured (one that waits for the device: transformers'
@@ -201,6 +202,13 @@ class CudaGraphs:
         """Forget the graphs of one cache (its buffers were reallocated or released)."""
         for key in [k for k in self.graphs if k[0] == owner]:
             del self.graphs[key]
+        if not self.graphs:
+            # The pool's last graph is gone: torch counts the graphs sharing a pool and releases
+            # it at zero, but keeps it while any tensor allocated in it lives (an output still
+            # held); a capture into it then fails an internal assert (use_count > 0). Seen on an
+            # H200 with torch 2.11 in `adactl profile`, which grows its caches: the next capture
+            # takes a new pool.
+            self._pool = None
 
     def owners(self) -> set[int]:
         """The caches that have graphs."""

@@ -282,7 +282,8 @@ class BatchKV:
         if x.device == self.device:
             return x
         if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
+            # contiguous first: pinning a view with repeated elements (an `expand`) fails
+            return x.contiguous().pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device)
 
     # ---------------------------------------------------------------- forward

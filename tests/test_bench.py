@@ -24,9 +24,11 @@ def test_bench_step_writes_records_targets_and_plot(tmp_path, capsys):
         assert 0 < r["bare_eager_ms"] and 0 < r["verify_ms"] <= r["engine_ms_median"] * 1.5
         assert r["bare_graph_ms"] is None  # no CUDA graphs on a CPU
         assert r["engine_over_bare"] == r["engine_ms"] / r["bare_eager_ms"]
+        assert r["bare_eager_ms"] <= r["bare_median_ms"] and r["engine_ms"] <= r["engine_ms_median"]
+        assert r["median_over_bare"] == r["engine_ms_median"] / r["bare_median_ms"]
     assert {t["target"] for t in data["meta"]["targets"]} == {
-        "plain step / bare forward, batch 1",
-        "verify 5 tokens / 1 token, batch 1",
+        "plain step / bare forward, batch 1 (medians)",
+        "verify 5 tokens / 1 token, batch 1 (medians)",
     }
     assert (tmp_path / "step.png").stat().st_size > 10_000
     assert "engine_over_bare" in capsys.readouterr().out

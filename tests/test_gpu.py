@@ -8,6 +8,8 @@ dtype; KV bytes back to 0; `adactl serve` answering on CUDA.
 
 from __future__ import annotations
 
+import warnings
+
 import httpx
 import pytest
 import torch
@@ -78,7 +80,6 @@ def test_sampled_outputs_on_cuda_follow_the_target() -> None:
     assert chi_square_p(c3, p3) > 1e-3
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def assert_memory_freed(engine: Engine) -> None:
     """Drained, an engine keeps only the memory of caches whose graphs replay into it; closed, none."""
     assert not engine.has_unfinished()
@@ -88,6 +89,7 @@ def assert_memory_freed(engine: Engine) -> None:
     assert engine.kv_bytes() == 0 and engine.graph_stats()["graphs"] == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_greedy_matches_generate_in_that_dtype(dtype: torch.dtype) -> None:
     target = tiny_llama(seed=0).to("cuda", dtype)
     for draft in (perturbed_copy(target, noise=0.03, seed=1),
@@ -134,7 +136,12 @@ def test_profile_on_cuda_is_keyed_by_the_gpu(tmp_path, monkeypatch) -> None:
     from adactl.profiler import make_profile, tiny_pair
 
     monkeypatch.setenv("ADACTL_CACHE", str(tmp_path))
-    made = make_profile(tiny_pair("cuda", torch.float32), max_batch=8, budget_s=10, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = make_profile(tiny_pair("cuda", torch.float32), max_batch=8, budget_s=10, progress=False)
+    # the batch grows, so caches reallocate and drop every graph: each later capture must work
+    # (reusing the emptied memory pool failed an assert in torch 2.11; every step then ran eagerly)
+    assert not [w for w in caught if "could not be captured" in str(w.message)]
     assert made.fingerprint.device_type == "cuda"
     assert made.fingerprint.device_name == torch.cuda.get_device_name()
     assert len(made.steps) > 20 and made.meta["fit_mape"] < 1.0

@@ -523,3 +523,40 @@ def test_the_cost_ratio_is_surer_where_both_lengths_were_served() -> None:
     assert cost.ratio_sd(far_k1, far_plain) > 0.9 * far_before
     assert cost.frozen().ratio_sd(k1, plain) == 0.0  # it learns nothing, so nothing is worth probing
     assert shipped_cpu_profile().model(foreign=True).ratio_sd(k1, plain) == pytest.approx(math.log(2.0))
+
+
+def test_profile_leaves_out_steps_that_capture_graphs() -> None:
+    """A step that captured a CUDA graph is timed at the capture's cost (80-700 ms against
+    9-40 ms steps on an H200 at the 8B shape): the profile leaves it out. On the CPU the
+    graphs' stand-in captures too, so the same measurement with graphs on keeps exactly the
+    steps that captured nothing, and with graphs off keeps them all."""
+    from adactl.profiler import measure, tiny_pair
+    from adactl.runtime import Engine, EngineConfig
+
+    pair = tiny_pair()
+    kept, left_out = {}, {}
+    for graphs in (False, True):
+        engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=4, seed=0, graphs=graphs))
+        stats: dict[str, int] = {}
+        shapes, seconds = measure(engine, pair.device, 256, max_batch=4, budget_s=120, reps=2, seed=3, progress=False,
+                                  stats=stats)  # fmt: skip
+        assert len(shapes) == len(seconds)
+        kept[graphs], left_out[graphs] = len(shapes), stats["captures"]
+        assert left_out[graphs] <= engine.graph_stats()["captures"]
+    assert left_out[False] == 0 and left_out[True] > 0
+    assert kept[True] + left_out[True] == kept[False]  # the same steps, less those that captured
+
+
+def test_profile_of_a_named_shape_with_random_weights(tmp_path, monkeypatch, capsys) -> None:
+    """`adactl profile --shape NAME`: a GPU's costs at a real model's shape without its weights
+    (the 8B shape on a lent GPU); the profile names the shape, and an unknown one is refused."""
+    from adactl.cli import main
+
+    monkeypatch.setenv("ADACTL_CACHE", str(tmp_path))
+    assert main(["profile", "--shape", "tiny", "--device", "cpu", "--max-batch", "2", "--budget-s", "10",
+                 "--out", str(tmp_path / "tiny.json")]) == 0  # fmt: skip
+    made = StepCostProfile.load(tmp_path / "tiny.json")
+    assert made.fingerprint.target == "shape:tiny" and made.fingerprint.draft == "random-feature"
+    assert len(made.steps) > 10
+    with pytest.raises(SystemExit, match="unknown --shape 'llama-9b'"):
+        main(["profile", "--shape", "llama-9b", "--device", "cpu"])

@@ -311,7 +311,9 @@ def _load(args: RuntimeSettings) -> tuple[PreTrainedModel, PreTrainedModel, Work
         return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
     from adactl.workloads import chat_prompts, read_sharegpt
 
-    pair = load_pair(args.target, args.draft, None, device, dtype)
+    # the default stand-in draft is the first 4 layers of whatever target is asked for
+    draft = f"{args.target}@layers=4" if args.draft == DEFAULT_DRAFT and args.target != "smollm2" else args.draft
+    pair = load_pair(args.target, draft, None, device, dtype)
     target_m = pair.target
     data = read_sharegpt()
     print(
@@ -322,7 +324,7 @@ def _load(args: RuntimeSettings) -> tuple[PreTrainedModel, PreTrainedModel, Work
     eos = int(target_m.tokenizer.eos_token_id)
     meta = {
         "target": args.target,
-        "draft": args.draft,
+        "draft": draft,
         "draft_note": DRAFT_NOTE if args.draft == DEFAULT_DRAFT else "",
         "workload": f"ShareGPT V3 first user turns (<= {args.max_prompt_tokens} tokens), chat template",
         "sharegpt_records_read": len(data.records),
@@ -388,7 +390,7 @@ class RuntimeSettings(PairSettings, RunSettings, DeviceSettings):
     """`adactl bench runtime`."""
 
     draft: str = setting(DEFAULT_DRAFT, "a plain causal LM sharing the target's tokenizer (transformers' assisted "
-                         "generation needs one)")  # fmt: skip
+                         "generation needs one); default: the target's first 4 layers")  # fmt: skip
     batch_sizes: list[int] = setting([1, 16, 64], "batch sizes, comma-separated", parse=ints)
     max_new_tokens: int = setting(96, "tokens generated per request")
     max_prompt_tokens: int = setting(256, "prompts are clipped to this")

@@ -177,14 +177,18 @@ def measure(
         for tokens in sorted({1, *(k + 1 for k in ks)}):
             eager = bare_forward(model, batch, prompt_len, tokens, steps, graph=False)
             replay = bare_forward(model, batch, prompt_len, tokens, steps, graph=True) if graph else None
-            bare[tokens] = {"eager": 1000 * min(eager), "graph": 1000 * min(replay) if replay else None}
+            floor = replay or eager
+            bare[tokens] = {"eager": 1000 * min(eager), "graph": 1000 * min(replay) if replay else None,
+                            "median": 1000 * statistics.median(floor)}  # fmt: skip
         engine = engine_steps(model, batch, prompt_len, ks, steps, graphs)
         for k in ks:
-            floor = bare[k + 1]["graph"] or bare[k + 1]["eager"]
-            assert floor is not None
+            fastest = bare[k + 1]["graph"] or bare[k + 1]["eager"]
+            median = bare[k + 1]["median"]
+            assert fastest is not None and median is not None
             records.append({"shape": shape, "batch": batch, "k": k, **engine[k],
                             "bare_eager_ms": bare[k + 1]["eager"], "bare_graph_ms": bare[k + 1]["graph"],
-                            "engine_over_bare": engine[k]["engine_ms"] / floor})  # fmt: skip
+                            "bare_median_ms": median, "engine_over_bare": engine[k]["engine_ms"] / fastest,
+                            "median_over_bare": engine[k]["engine_ms_median"] / median})  # fmt: skip
             bar.update(1)
         release_freed_memory()
     del model
@@ -198,12 +202,13 @@ def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["shape"], r["batch"], r["k"]): r for r in records}
     for (shape, batch, k), r in sorted(by.items()):
         if k == 0 and batch in (1, 16):
-            rows.append({"shape": shape, "target": f"plain step / bare forward, batch {batch}",
-                         "value": r["engine_over_bare"], "bar": 1.3, "met": r["engine_over_bare"] <= 1.3})  # fmt: skip
+            rows.append({"shape": shape, "target": f"plain step / bare forward, batch {batch} (medians)",
+                         "value": r["median_over_bare"], "fastest": r["engine_over_bare"], "bar": 1.3,
+                         "met": r["median_over_bare"] <= 1.3})  # fmt: skip
         if k == 4 and batch == 1 and (shape, 1, 0) in by:
             ratio = r["verify_ms"] / by[(shape, 1, 0)]["verify_ms"]
-            rows.append({"shape": shape, "target": "verify 5 tokens / 1 token, batch 1",
-                         "value": ratio, "bar": 1.2, "met": ratio <= 1.2})  # fmt: skip
+            rows.append({"shape": shape, "target": "verify 5 tokens / 1 token, batch 1 (medians)",
+                         "value": ratio, "fastest": None, "bar": 1.2, "met": ratio <= 1.2})  # fmt: skip
     return rows
 
 
@@ -286,11 +291,11 @@ def run(args: StepSettings) -> list[dict[str, Any]]:
             "steps": args.steps, "targets": summary}  # fmt: skip
     write_json(out / "step.json", records, meta)
     plot(records, out / "step.png", f"engine step vs bare forward: {machine.label}, graphs {'on' if graphs else 'off'}")
-    columns = ["shape", "batch", "k", "engine_ms", "draft_ms", "verify_ms", "bare_eager_ms", "bare_graph_ms",
-               "engine_over_bare"]  # fmt: skip
+    columns = ["shape", "batch", "k", "engine_ms", "engine_ms_median", "draft_ms", "verify_ms", "bare_eager_ms",
+               "bare_graph_ms", "bare_median_ms", "engine_over_bare", "median_over_bare"]  # fmt: skip
     print(f"\n{machine.label}; CUDA graphs {'on' if graphs else 'off'}; context {args.prompt_len}")
     print(format_table(records, columns))
     print()
-    print(format_table(summary, ["shape", "target", "value", "bar", "met"]))
+    print(format_table(summary, ["shape", "target", "value", "fastest", "bar", "met"]))
     print(f"\nwrote {out / 'step.json'} and {out / 'step.png'}")
     return records
