@@ -124,8 +124,11 @@ def prefill_pairs(chunks: Iterable[tuple[int, int]]) -> int:
     return sum(size * cached + size * (size + 1) // 2 for cached, size in chunks)
 
 
-def verify_split(cut: torch.Tensor | Sequence[int], min_saving: float = 0.4,
-                 min_tokens: int = 48) -> list[tuple[int, int]]:  # fmt: skip
+SPLIT_SAVING, SPLIT_TOKENS = 0.4, 48  # `verify_split`'s defaults
+
+
+def verify_split(cut: torch.Tensor | Sequence[int], min_saving: float = SPLIT_SAVING,
+                 min_tokens: int = SPLIT_TOKENS) -> list[tuple[int, int]]:  # fmt: skip
     """Row ranges for the verify forwards: the whole batch, or two ranges split where the
     computed tokens sum_range rows * (longest cut + 1) are smallest, when that saves at least
     `min_saving` of the [rows, longest + 1] rectangle of at least `min_tokens` tokens (a
@@ -134,7 +137,8 @@ def verify_split(cut: torch.Tensor | Sequence[int], min_saving: float = 0.4,
     return _split(widths, min_saving, min_tokens)
 
 
-def _split(widths: list[int], min_saving: float = 0.4, min_tokens: int = 48) -> list[tuple[int, int]]:
+def _split(widths: list[int], min_saving: float = SPLIT_SAVING,
+           min_tokens: int = SPLIT_TOKENS) -> list[tuple[int, int]]:  # fmt: skip
     n = len(widths)
     if n < 2:
         return [(0, n)]
@@ -145,6 +149,28 @@ def _split(widths: list[int], min_saving: float = 0.4, min_tokens: int = 48) -> 
     tail = list(itertools.accumulate(reversed(widths), max))[::-1]  # longest of rows [m, n)
     cost, m = min((m * head[m - 1] + (n - m) * tail[m], m) for m in range(1, n))
     return [(0, m), (m, n)] if cost <= (1 - min_saving) * whole else [(0, n)]
+
+
+def chain_shapes(lengths: torch.Tensor | np.ndarray, prefill: int = 0, context: int = 0) -> list[StepShape]:
+    """The shapes of chain steps, one per row of `lengths` [C, R] (a candidate: every request's
+    draft length, verified whole): what `StepShape.of_lengths` gives for the lengths in the
+    engine's order (longest first) with a chain's draft work, computed for all candidates at
+    once. A controller prices hundreds of candidates a step, and the per-candidate Python took
+    16 µs at 8 rows and 53 µs at 32 (2026-12-04)."""
+    c = -np.sort(-np.asarray(lengths, dtype=np.int64).reshape(len(lengths), -1), axis=1)  # [C, R] longest first
+    n, rows = c.shape
+    if rows == 0:
+        return [StepShape(0, 0, 0, 0, 0, prefill, context) for _ in range(n)]
+    widths = c + 1
+    whole = rows * widths[:, 0]
+    computed = whole
+    if rows >= 2:  # `_split` on rows longest first: the longest of rows [0, m) is the first, of [m, R) row m
+        m = np.arange(1, rows)
+        best = (m[None, :] * widths[:, :1] + (rows - m)[None, :] * widths[:, 1:]).min(1)
+        computed = np.where((whole >= SPLIT_TOKENS) & (best <= (1 - SPLIT_SAVING) * whole), best, whole)
+    drafted = c.sum(1)
+    return [StepShape(rows, d + rows, longest + 1, d, longest, prefill, context, v)
+            for d, longest, v in zip(drafted.tolist(), c[:, 0].tolist(), computed.tolist())]  # fmt: skip
 
 
 def verify_computed(cut: torch.Tensor | Sequence[int]) -> int:

@@ -29,6 +29,7 @@ children, so every v_i verifies a tree.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -38,9 +39,10 @@ from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.request_acceptance import tree_level_prior
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import Controller, Estimator, RequestView, ScheduleState, StepRecord
+from adactl.runtime.shapes import chain_shapes
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .request_goodput import RequestGoodput, ragged_shape
+from .request_goodput import RequestGoodput
 from .sv import SpeculativeVerification
 
 
@@ -161,9 +163,11 @@ class RequestGoodputTree(RequestGoodput):
 
     def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
                prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
-        chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, lambda c: ragged_shape(c, prefill, context))
+        chain = partial(chain_shapes, prefill=prefill, context=context)
+        chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, chain, bound=True)
         tree_survival = torch.cumprod(self.tree_alpha(views, alpha), 1)
-        trees, tree_rate = self.search(tree_survival, limit, lambda c: tree_shape(c, self.width, prefill, context))
+        tree = partial(tree_shapes, width=self.width, prefill=prefill, context=context)
+        trees, tree_rate = self.search(tree_survival, limit, tree)
         if tree_rate > chain_rate * (1 + self.margin):
             return trees, True
         return chains, False
@@ -183,6 +187,11 @@ class RequestGoodputTree(RequestGoodput):
             return replace(super().plan_of(plan, views, lengths, False), tree=None)
         specs = {r.request_id: tree_of_depth(d, self.width) for r, d in zip(views, lengths) if d > 0}
         return replace(plan, draft_len=0, tree=specs)
+
+
+def tree_shapes(candidates: torch.Tensor, width: int, prefill: int, context: int) -> list[StepShape]:
+    """`tree_shape` of each candidate [C, R] (tree depths per row)."""
+    return [tree_shape(c, width, prefill, context) for c in candidates]
 
 
 def tree_shape(depths: torch.Tensor | list[int], width: int, prefill: int, context: int) -> StepShape:
