@@ -138,10 +138,9 @@ class RequestGoodput(Controller):
         rows = survival.shape[0]
         lim = limit.numpy().astype(np.int64)
         top = int(lim.max()) if rows else 0
+        zero = torch.zeros(rows, dtype=torch.long)
         if top == 0:
-            return torch.zeros(rows, dtype=torch.long), rows / max(
-                float(self.step_time.predict(shapes(lim[None] * 0))[0]), 1e-6
-            )
+            return zero, rows / max(float(self.step_time.predict(shapes(zero[None]))[0]), 1e-6)
         m = np.arange(1, top + 1)[:, None]  # [top, 1]
         within = np.minimum(lim[None, :], m)  # [top, R]: every row as far as it may, up to m
         alone = np.where(np.arange(rows)[None, :] == int(lim.argmax()), m, 0)  # one row drafts m
@@ -156,7 +155,7 @@ class RequestGoodput(Controller):
         reach = np.concatenate([np.zeros((rows, 1)), np.cumsum(survival.numpy(), 1)], 1)  # [R, K + 1]
         gain = np.take_along_axis(reach, within.T, 1).sum(0)  # [top]: at most this gained
         if np.all((rows + gain) / cheapest <= plain * (1 + self.margin)):
-            return torch.zeros(rows, dtype=torch.long), plain
+            return zero, plain
         return None
 
     def best(self, cands: torch.Tensor, survival: torch.Tensor, context: int, prefill: int) -> int:
