@@ -31,8 +31,9 @@ observation of the request: a row that drafts rarely keeps what it learned; d_mu
 20, a draft that never agrees with the target (found on an H200 with random target weights,
 2026-12-04) was still priced at 0.13 after 300 rejections at batch 1, so the batch kept
 drafting: 0.88x plain decoding in the replay of the computed H100 (96-token requests,
-acceptance 0), 0.98x with h0 = 2; on the shipped traces (mixed and ShareGPT, both
-temperatures, batch 1-64) the two agree within 1%. Fitting the two together is what keeps them apart: position j > 0 is
+acceptance 0), 0.98x with h0 = 2; on the shipped traces (mixed, ShareGPT and HumanEval,
+both temperatures, batch 1-64) the two agree within 1% but in one cell of one sweep
+(docs/per_request.md). Fitting the two together is what keeps them apart: position j > 0 is
 observed only on rows whose draft got that far, which are the rows that accept more, so a
 per-position average (or a per-request factor on it) overstates a typical row's acceptance
 there; with b_i in the model, a good row reaching position 2 moves its own b_i, not mu_g2.
