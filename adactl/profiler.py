@@ -494,15 +494,13 @@ def run_check(pair: Any, args: ProfilerSettings) -> list[dict[str, Any]]:
 def shape_pair(shape: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
     """A Llama of a named shape (`adactl.bench.step.SHAPES`) with random weights and a random
     feature draft over the first `DRAFT_VOCAB` token ids, as `adactl bench step` times them."""
-    from adactl.bench.step import DRAFT_VOCAB, SHAPES, random_model
-    from adactl.runtime import FeatureDraft
+    from adactl.bench.step import SHAPES, random_draft, random_model
     from adactl.runtime.models import LoadedModel, ModelPair
 
     if shape not in SHAPES:
         raise SystemExit(f"adactl profile: unknown --shape {shape!r}: choose from {', '.join(SHAPES)}")
     target = random_model(shape, torch.device(device), dtype)
-    vocab = target.config.vocab_size
-    draft = FeatureDraft.from_target(target, list(range(min(DRAFT_VOCAB, vocab))), seed=1).to(device, dtype).eval()
+    draft = random_draft(target, seed=1).to(device, dtype).eval()
     specs = {"target": f"shape:{shape}", "draft": "random-feature", "companion": "none"}
     return ModelPair(LoadedModel(target, None, f"shape:{shape}"), draft, None, torch.device(device), dtype, specs)
 

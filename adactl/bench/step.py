@@ -64,6 +64,12 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int
     return model.eval()
 
 
+def random_draft(target: LlamaForCausalLM, seed: int = 0) -> FeatureDraft:
+    """A freshly initialised feature draft for `target`, proposing from its first `DRAFT_VOCAB` token ids."""
+    vocab = target.config.vocab_size
+    return FeatureDraft.from_target(target, list(range(min(DRAFT_VOCAB, vocab))), seed=seed)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,7 +142,7 @@ def engine_steps(
     parts (median ms), on `batch` prefilled requests."""
     device = next(target.parameters()).device
     vocab = target.config.vocab_size
-    draft = FeatureDraft.from_target(target, list(range(min(DRAFT_VOCAB, vocab))), seed=seed)
+    draft = random_draft(target, seed)
     engine = Engine(target, draft, config=EngineConfig(max_batch_size=batch, seed=seed, graphs=graphs))
     gen = torch.Generator().manual_seed(seed)
     need = (steps + 2) * (max(ks) + 1) * len(ks) + 8

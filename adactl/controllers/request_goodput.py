@@ -132,9 +132,9 @@ class RequestGoodput(Controller):
         and costs at least the cheapest of: one row drafting m, every row m, every row
         min(m, its limit) (step costs grow with the work, and a uniform step may cost less
         than a ragged one). Where for every m that falls within `margin` of plain decoding,
-        the search would choose plain decoding. A draft that does not fit the workload ends here, where the
-        search was the whole of this controller's cost: 0.8-1.4 ms a step on this CPU and
-        1.2-1.9 ms on an H200's host, against 1.3-9 ms steps (2026-12-04)."""
+        the search would choose plain decoding. A draft that does not fit the workload ends
+        here, where the search was the whole of this controller's cost: 0.8-1.4 ms a step on
+        this CPU and 1.2-1.9 ms on an H200's host, against 1.3-9 ms steps (2026-12-04)."""
         rows = survival.shape[0]
         lim = limit.numpy().astype(np.int64)
         top = int(lim.max()) if rows else 0
