@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import Any
 
@@ -52,10 +51,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
-    if getattr(args, "no_cuda_graphs", False):
-        from adactl.runtime.device import GRAPHS_ENV
+    from adactl.settings import device_environment
 
-        os.environ[GRAPHS_ENV] = "0"
+    device_environment(args)
     from adactl.estimators.step_cost import ProfileError
     from adactl.export import ExportError
     from adactl.runtime.device import DeviceError

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-DTYPES = ["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+DTYPES = ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
+GRAPHS_ENV, TF32_ENV = "ADACTL_CUDA_GRAPHS", "ADACTL_TF32"  # read by adactl.runtime.device (its names too)
 
 
 def setting(default: Any, help: str, parse: Callable[[str], Any] | None = None,
@@ -83,10 +85,23 @@ class DeviceSettings:
     """Where models run: the same flags on every command."""
 
     device: str = setting("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    dtype: str = setting("float32", "model weights and activations", choices=DTYPES)
+    dtype: str = setting("auto", "model weights and activations: auto is bfloat16 on CUDA, float32 elsewhere",
+                         choices=DTYPES)  # fmt: skip
     no_cuda_graphs: bool = setting(
         False, "all forwards eager on CUDA (sets ADACTL_CUDA_GRAPHS=0; graphs are on by default)"
     )
+    allow_tf32: bool = setting(
+        False, "float32 matrix products in TF32 on CUDA (faster, not bit-equal to float32; sets ADACTL_TF32=1)"
+    )
+
+
+def device_environment(args: argparse.Namespace) -> None:
+    """What `--no-cuda-graphs` and `--allow-tf32` ask, for every engine and model the process
+    makes (`adactl.runtime.device` reads the variables)."""
+    if getattr(args, "no_cuda_graphs", False):
+        os.environ[GRAPHS_ENV] = "0"
+    if getattr(args, "allow_tf32", False):
+        os.environ[TF32_ENV] = "1"
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class Backend:
 
     def __init__(self, backend: str = "replay", prompts: str = "sharegpt", model: str = "default",
                  noise: float = 0.05, max_batch_size: int = 64, draft: bool = True, max_draft_len: int = 8,
-                 step_time: Any = None, device: str = "auto", dtype: str = "float32",
+                 step_time: Any = None, device: str = "auto", dtype: str = "auto",
                  profile: str | None = None, traces: str | None = None,
                  trace_split: str = "all") -> None:  # fmt: skip
         _check(backend, prompts, model)

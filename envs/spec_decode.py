@@ -59,7 +59,7 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
     def __init__(self, backend: str = "replay", batch_sizes: Sequence[int] = BATCH_SIZES, episode_steps: int = 64,
                  max_draft_len: int = 4, temperature: float = 0.0, prompts: str = "sharegpt", model: str = "default",
                  noise: float = 0.05, max_new_tokens: tuple[int, int] = (32, 256),
-                 acceptance_jitter: float = 0.0, device: str = "auto", dtype: str = "float32",
+                 acceptance_jitter: float = 0.0, device: str = "auto", dtype: str = "auto",
                  profile: str | None = None, traces: str | None = None, trace_split: str = "train",
                  per_row: bool = False, reward: str = "tokens") -> None:  # fmt: skip
         """backend: "replay" or "real". prompts: "sharegpt" (training split), "sharegpt-heldout"

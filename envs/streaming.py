@@ -60,7 +60,7 @@ class StreamingEnv(gym.Env[np.ndarray, np.ndarray]):
     def __init__(self, backend: str = "replay", loads: Sequence[float] = (1.0, 2.0, 3.0, 4.0),
                  episode_requests: int = 48, max_steps: int = 4000, miss_penalty: float = 20.0,
                  prompts: str = "sharegpt", model: str = "default", noise: float = 0.05,
-                 max_new_tokens: int = 64, consumers: str = "mixed", device: str = "auto", dtype: str = "float32",
+                 max_new_tokens: int = 64, consumers: str = "mixed", device: str = "auto", dtype: str = "auto",
                  profile: str | None = None) -> None:  # fmt: skip
         """consumers: "mixed" (`workloads.consumer_mix`) or "tokens" (token and speech readers
         only; always so with the tiny models, which have no tokenizer to find words).

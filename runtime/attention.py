@@ -1,18 +1,33 @@
-"""Grouped-query attention with its key/value heads shared inside the kernel on the CPU.
+"""Grouped-query attention with a mask, without a copy of every key/value head.
 
 transformers' SDPA attention (5.x) copies every key/value head `num_key_value_groups` times
-(`repeat_kv`) whenever it is given a mask and more than one query token, because CUDA's
-fast kernels take no mask with `enable_gqa`. The engine's verify forwards are exactly that
-(a mask for holes and padding, k + 1 tokens a row), and on the CPU the copy is most of the
-step: SmolLM2 (9 query heads on 3 key/value heads) at batch 32 over a 502-column cache, a
-k = 1 verify took 2.0 s, 1.1 s of it in the copy, against 0.65 s with the heads shared
-inside torch's CPU flash kernel (`enable_gqa=True`), whose results are the same.
+(`repeat_kv`) whenever it is given a mask and more than one query token, because CUDA's fast
+kernels take no mask with `enable_gqa` (masked `enable_gqa` falls back to the math kernel
+there). The engine's verify forwards are exactly that (a mask for holes and padding, k + 1
+tokens a row; every static forward masks over the cache's whole capacity). On the CPU the
+copy was most of the step: SmolLM2 (9 query heads on 3 key/value heads) at batch 32 over a
+502-column cache, a k = 1 verify took 2.0 s, 1.1 s of it in the copy. On a GPU it is bytes:
+at the Llama-3-8B shape (32 on 8 heads), 16 rows and 2,048 columns, about 17 GB written and
+read per verify step.
 
-`gqa_attention(model)` switches the models' attention to that for the forwards inside it,
-on the CPU and only where transformers would pick SDPA; every other case (CUDA, one query
-token, no mask, no grouped heads, a soft cap or a position bias) is transformers' own
-function unchanged. The model's config is restored after, so the same model used elsewhere
-(`generate`) is untouched.
+`folded_sdpa` folds instead: the G query heads that share a key/value head become G·T query
+rows of that one head (the mask repeated G times along the query rows, a few kilobytes), so
+one SDPA call over the key/value heads as they are computes the same outputs, with any mask,
+on any backend that takes a mask (CUDA's memory-efficient and cuDNN kernels, the CPU's flash
+kernel). transformers folds the same way for one query token (`pack_gqa`, in recent 5.x
+releases), not for more. On this CPU the fold also beats torch's own masked `enable_gqa`
+kernel, the path before it, for T > 1 (attention alone, SmolLM2's heads, 502 columns: batch
+16 × 2 tokens 0.62–1.04 against 1.06–1.19 ms, batch 32 × 5 tokens 3.3–3.6 against 4.4–4.7
+ms; the copy 5–32 ms), though a whole engine step does not show it (fold ÷ `enable_gqa`
+0.96–1.03 at batch 1–32, k = 1–4: `docs/issue31/gqa_fold.py`). What it is for is CUDA.
+
+`gqa_attention(model, device, masked, tokens)` switches the models' attention to that for the
+forwards inside it where transformers would pick SDPA and it would copy: a mask, grouped
+heads, and more than one query token (on CUDA also one: transformers before `pack_gqa`
+copied there too, and a replayed graph pays no host time for the switch). Every other case
+(no mask, no grouped heads, a per-head mask, a soft cap or a position bias) is transformers'
+own function unchanged. The model's config is restored after, so the same model used
+elsewhere (`generate`) is untouched.
 """
 
 from __future__ import annotations
@@ -37,13 +52,32 @@ def sdpa_gqa_forward(module: Any, query: torch.Tensor, key: torch.Tensor, value:
 
     grouped = key.shape[1] != query.shape[1]
     theirs = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None  # not ours to do
-    if attention_mask is None or query.shape[2] == 1 or not grouped or query.device.type != "cpu" or theirs:
+    if attention_mask is None or not grouped or attention_mask.shape[1] != 1 or theirs:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
-    )
+    out = folded_sdpa(query, key, value, attention_mask, dropout, scaling)
     return out.transpose(1, 2).contiguous(), None
+
+
+def folded_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Masked grouped-query attention as one SDPA call over the key/value heads (module docstring).
+    query: [B, H, T, D]; key, value: [B, H_kv, S, D] with H a multiple of H_kv (query head h
+    reads key/value head h // (H / H_kv), transformers' `repeat_kv` order); mask: [B or 1, 1,
+    T or 1, S], boolean (True: seen) or additive. Returns [B, H, T, D_v]."""
+    b, h, t, d = query.shape
+    heads = key.shape[1]
+    if h % heads:
+        raise ValueError(f"{h} query heads cannot share {heads} key/value heads")
+    groups = h // heads
+    q = query.reshape(b, heads, groups * t, d)  # query row (j, t) of head kv: query head kv * groups + j
+    if mask.shape[2] != 1:  # per-token rows: the same mask row for each of the head's G query heads
+        mb, s = mask.shape[0], mask.shape[3]
+        mask = mask[:, :, None].expand(mb, 1, groups, t, s).reshape(mb, 1, groups * t, s)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, key, value, attn_mask=mask, dropout_p=dropout, scale=scale
+    )
+    return out.reshape(b, h, t, out.shape[-1])
 
 
 def _register() -> bool:
@@ -74,13 +108,14 @@ def _sdpa_configs(model: torch.nn.Module) -> list[Any]:
 def gqa_attention(
     model: torch.nn.Module, device: torch.device, masked: bool = True, tokens: int = 2
 ) -> AbstractContextManager[None]:
-    """The forwards inside use `sdpa_gqa_forward` where they would use SDPA (CPU only), if
-    they pass a mask (`masked`) and more than one query token a row (`tokens`): otherwise the
-    two are the same function, and switching costs host time (and, without a mask,
-    transformers builds one for an attention it does not know, where SDPA's causal path
-    needs none). Where nothing switches, a shared no-op context (a generator-based one costs
-    a few microseconds of host time around every draft and decode forward)."""
-    if device.type != "cpu" or not _registered or not masked or tokens <= 1:
+    """The forwards inside use `sdpa_gqa_forward` where they would use SDPA, if they pass a
+    mask (`masked`) and more than one query token a row (`tokens`; on CUDA also one): otherwise
+    the two are the same function, and switching costs host time (and, without a mask,
+    transformers builds one for an attention it does not know, where SDPA's causal path needs
+    none). MPS is left to transformers (its masked `enable_gqa`). Where nothing switches, a
+    shared no-op context (a generator-based one costs a few microseconds of host time around
+    every draft and decode forward)."""
+    if not _registered or not masked or (tokens <= 1 and device.type != "cuda") or device.type == "mps":
         return _UNCHANGED
     return _switched(model)
 

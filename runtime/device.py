@@ -2,8 +2,13 @@
 
 - `resolve_device("auto" | "cpu" | "cuda" | "cuda:N" | "mps")`: `auto` (the default
   everywhere) is `cuda` when CUDA is available, else `cpu`;
-- `resolve_dtype("float32" | "bfloat16" | "float16", device)`: also `fp32`/`bf16`/`fp16`;
-  refused where the device cannot run it (a short probe: a matmul and a softmax);
+- `resolve_dtype("auto" | "float32" | "bfloat16" | "float16", device)`: also `fp32`/`bf16`/
+  `fp16`; `auto` (the default everywhere) is bfloat16 on CUDA (float16 on a GPU without it),
+  as vLLM and SGLang serve, and float32 elsewhere (torch's bfloat16 CPU kernels are slower than
+  its float32 ones for these shapes); refused where the device cannot run it (a short probe: a
+  matmul and a softmax);
+- TF32 for float32 matrix products on CUDA: off unless asked (`--allow-tf32`, which sets
+  `ADACTL_TF32=1`), since it changes float32 results; applied by `device_and_dtype`;
 - `describe(device, dtype)`: the machine as benches print and record it (GPU name, or CPU
   model and thread count; dtype; torch version), and as step-cost profiles are keyed.
 
@@ -13,7 +18,6 @@ Not here: loading models (models.py) or timing them (adactl.profiler).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import platform
@@ -67,13 +71,17 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 
 def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
     """The torch dtype for a name, checked to run on `device`; raises `DeviceError` otherwise."""
+    if name == "auto":
+        name = auto_dtype(torch.device(device))
     if isinstance(name, torch.dtype):
         dtype = name
         if dtype not in DTYPES.values():
             raise DeviceError(f"dtype {name} is not supported: use one of {', '.join(DTYPE_CHOICES)}")
     else:
         if name not in DTYPES:
-            raise DeviceError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_CHOICES)} (or fp32, bf16, fp16)")
+            raise DeviceError(
+                f"unknown dtype {name!r}: use auto or one of {', '.join(DTYPE_CHOICES)} (or fp32, bf16, fp16)"
+            )
         dtype = DTYPES[name]
     device = torch.device(device)
     if not _runs(device.type, device.index, dtype):
@@ -82,6 +90,13 @@ def resolve_dtype(name: str | torch.dtype, device: torch.device | str = "cpu") -
             f"use --dtype float32{' or bfloat16' if device.type == 'cpu' else ''}"
         )
     return dtype
+
+
+def auto_dtype(device: torch.device) -> str:
+    """What `--dtype auto` means on `device` (module docstring)."""
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if _runs(device.type, device.index, torch.bfloat16) else "float16"
 
 
 @functools.cache
@@ -152,17 +167,11 @@ def cpu_model() -> str:
     return f"{name} ({capability})" if capability else name
 
 
-def add_device_arguments(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
-    """`--device` and `--dtype`, the same on every command."""
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default=dtype, choices=[*DTYPE_CHOICES, "fp32", "bf16", "fp16"],
-                        help=f"model weights and activations (default {dtype})")  # fmt: skip
-    parser.add_argument("--no-cuda-graphs", action="store_true",
-                        help=f"all forwards eager on CUDA (sets {GRAPHS_ENV}=0; graphs are on by default)")  # fmt: skip
-
-
 GRAPHS_ENV = "ADACTL_CUDA_GRAPHS"
-"""Set to 0 to turn CUDA graphs off for every engine whose config leaves `graphs` unset."""
+"""Set to 0 to turn CUDA graphs off for every engine whose config leaves `graphs` unset
+(what `--no-cuda-graphs` sets: `adactl.settings.device_environment`)."""
+TF32_ENV = "ADACTL_TF32"
+"""Set to 1 to let CUDA run float32 matrix products in TF32 (what `--allow-tf32` sets)."""
 
 
 def graphs_wanted(device: torch.device) -> bool:
@@ -172,6 +181,10 @@ def graphs_wanted(device: torch.device) -> bool:
 
 
 def device_and_dtype(device: str | torch.device | None, dtype: str | torch.dtype) -> tuple[torch.device, torch.dtype]:
-    """Both checked, in the order a user fixes them."""
+    """Both checked, in the order a user fixes them; on CUDA, TF32 as `ADACTL_TF32` says."""
     resolved = resolve_device(device)
-    return resolved, resolve_dtype(dtype, resolved)
+    dt = resolve_dtype(dtype, resolved)
+    if resolved.type == "cuda" and os.environ.get(TF32_ENV, "0") == "1":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return resolved, dt

@@ -360,7 +360,7 @@ class BatchKV:
             mask = torch.cat([context, self._to_device(ancestors)], dim=2)[:, None]  # [n, 1, T, c + T]
         self.first_row, self.write_col = r0, c
         try:
-            with gqa_attention(model, self.device, mask is not None, t):  # the CPU's masked GQA without repeats
+            with gqa_attention(model, self.device, mask is not None, t):  # masked GQA without copying key/value heads
                 out = model(
                     input_ids=input_ids,
                     attention_mask=mask,

@@ -466,12 +466,12 @@ def load_pair(
     draft: str | None = DEFAULT_DRAFT,
     companion: str | None = None,
     device: str | torch.device | None = "auto",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
 ) -> ModelPair:
     """Target, draft and companion (specs as in the module docstring; None, '' or 'none' for
-    no model) on `device` in `dtype`, the one loader of every command. The device and dtype are
-    checked before anything loads (`adactl.runtime.device`); feature drafts follow the target's
-    device and dtype."""
+    no model) on `device` in `dtype` (`auto`: bfloat16 on CUDA, float32 elsewhere), the one
+    loader of every command. The device and dtype are checked before anything loads
+    (`adactl.runtime.device`); feature drafts follow the target's device and dtype."""
     from .device import device_and_dtype
 
     dev, dt = device_and_dtype(device, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -40,6 +41,26 @@ def test_dtype_names_and_refusals() -> None:
         resolve_dtype("int8")
     with pytest.raises(DeviceError, match="not supported"):
         resolve_dtype(torch.float64)
+
+
+def test_auto_dtype_is_float32_off_cuda_and_tf32_is_asked_for(monkeypatch) -> None:
+    """`--dtype auto` (every command's default): float32 on the CPU, bfloat16 on CUDA where it
+    runs (a GPU test checks that one); `--allow-tf32` sets the variable `device_and_dtype` reads."""
+    import argparse
+
+    from adactl.runtime.device import TF32_ENV, auto_dtype
+    from adactl.settings import DeviceSettings, add_arguments, device_environment
+
+    assert resolve_dtype("auto", "cpu") is torch.float32 and auto_dtype(torch.device("mps")) == "float32"
+    assert device_and_dtype("cpu", "auto") == (torch.device("cpu"), torch.float32)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, DeviceSettings)
+    assert parser.parse_args([]).dtype == "auto"
+    monkeypatch.delenv(TF32_ENV, raising=False)
+    device_environment(parser.parse_args([]))
+    assert TF32_ENV not in os.environ
+    device_environment(parser.parse_args(["--allow-tf32"]))
+    assert os.environ[TF32_ENV] == "1"
 
 
 def test_load_pair_checks_the_device_before_loading_anything() -> None:

@@ -203,3 +203,25 @@ def test_cuda_graph_decode_step_is_faster_than_eager() -> None:
     print({f"{'graphs' if g else 'eager'} batch {b}": f"{1000 * t:.2f} ms" for (g, b), t in times.items()})
     for batch in (1, 16):
         assert times[True, batch] < 0.8 * times[False, batch]
+
+
+def test_auto_dtype_is_bfloat16_and_masked_attention_folds_on_cuda() -> None:
+    """`--dtype auto` serves bfloat16 on CUDA; the folded masked attention (every masked
+    forward on CUDA) equals SDPA over copied key/value heads there, in bfloat16, one and five
+    query tokens a row."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from adactl.runtime.attention import folded_sdpa
+    from adactl.runtime.device import resolve_dtype
+
+    assert resolve_dtype("auto", "cuda") is (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for tokens in (1, 5):
+        query = torch.randn(4, tokens, 32, 128, device="cuda", generator=gen, dtype=torch.bfloat16).transpose(1, 2)
+        key, value = torch.randn(2, 4, 8, 256, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+        mask = torch.rand(4, 1, tokens, 256, device="cuda", generator=gen) > 0.3
+        mask[..., -1] = True
+        want = torch.nn.functional.scaled_dot_product_attention(query, repeat_kv(key, 4), repeat_kv(value, 4),
+                                                                attn_mask=mask)  # fmt: skip
+        got = folded_sdpa(query, key, value, mask)
+        assert torch.allclose(got.float(), want.float(), atol=2e-2), (got - want).abs().max()

@@ -171,20 +171,20 @@ def test_trailing_rejections_leave_no_holes(target, monkeypatch):
     assert torch.allclose(logits[0], plain_logits(target, seq + [20, 21])[len(seq) :], atol=ATOL)
 
 
-def test_cpu_attention_shares_kv_heads_inside_the_kernel_and_leaves_the_model_as_it_was(target):
-    """A masked forward of several tokens a row (a verify over holes and padding) on the CPU
-    runs torch's SDPA with grouped heads (`enable_gqa`), not transformers' copy of every
-    key/value head, and gives the same logits; the model's own attention setting is back
-    after (so `generate` on the same model is untouched)."""
+def test_masked_attention_folds_query_heads_instead_of_copying_kv_heads_and_leaves_the_model_as_it_was(target):
+    """A masked forward of several tokens a row (a verify over holes and padding) runs SDPA
+    over the key/value heads as they are, the query heads that share one folded into its query
+    rows, not transformers' copy of every key/value head, and gives the same logits; the
+    model's own attention setting is back after (so `generate` on the same model is untouched)."""
     import adactl.runtime.attention as attention
 
     assert target.config.num_key_value_heads < target.config.num_attention_heads  # grouped heads
     calls = []
     original = attention.torch.nn.functional.scaled_dot_product_attention
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("enable_gqa", False))
-        return original(*args, **kwargs)
+    def spy(query, key, *args, **kwargs):
+        calls.append((query.shape[1], key.shape[1]))  # the heads SDPA was given
+        return original(query, key, *args, **kwargs)
 
     rows = [[5, 6, 7, 8, 9], [10, 11]]
     logits = {}
@@ -203,5 +203,47 @@ def test_cpu_attention_shares_kv_heads_inside_the_kernel_and_leaves_the_model_as
                 attention._registered = registered
         assert target.config._attn_implementation == "sdpa"
     assert torch.allclose(logits["ours"], logits["transformers"], atol=ATOL)
-    n = target.config.num_hidden_layers
-    assert calls[:n] == [True] * n and calls[n:] == [False] * n
+    n, heads, kv_heads = (target.config.num_hidden_layers, target.config.num_attention_heads,
+                          target.config.num_key_value_heads)  # fmt: skip
+    assert calls[:n] == [(kv_heads, kv_heads)] * n and calls[n:] == [(heads, heads)] * n
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 5])
+@pytest.mark.parametrize("kind", ["bool", "additive", "one-row-for-all"])
+def test_folded_attention_equals_attention_over_copied_kv_heads(tokens, kind):
+    """`folded_sdpa` against SDPA over `repeat_kv`'s copies (transformers' path), for masks with
+    holes per row and per token, additive masks, and one mask broadcast over the batch."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from adactl.runtime.attention import folded_sdpa
+
+    gen = torch.Generator().manual_seed(tokens)
+    b, heads, kv_heads, s, d = 3, 12, 4, 17, 8
+    query = torch.randn(b, tokens, heads, d, generator=gen).transpose(1, 2)  # strided, as the models pass it
+    key, value = torch.randn(2, b, kv_heads, s, d, generator=gen)
+    mask = torch.rand(1 if kind == "one-row-for-all" else b, 1, tokens, s, generator=gen) > 0.3
+    mask[..., -1] = True  # every query sees something
+    if kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 3), repeat_kv(value, 3), attn_mask=mask, scale=0.3
+    )
+    assert torch.allclose(folded_sdpa(query, key, value, mask, scale=0.3), want, atol=1e-5)
+    with pytest.raises(ValueError, match="cannot share"):
+        five = key[:, :1].expand(b, 5, s, d)  # 12 query heads do not share 5
+        folded_sdpa(query, five, five, mask)
+
+
+def test_attention_switches_where_transformers_would_copy():
+    """CPU: masked forwards of more than one token a row (one token: transformers folds or the
+    kernel takes it); CUDA: every masked forward; never without a mask or on MPS."""
+    from adactl.runtime.attention import _UNCHANGED, gqa_attention
+
+    model = torch.nn.Linear(1, 1)
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert gqa_attention(model, cpu, True, 2) is not _UNCHANGED
+    assert gqa_attention(model, cpu, True, 1) is _UNCHANGED
+    assert gqa_attention(model, cpu, False, 5) is _UNCHANGED
+    assert gqa_attention(model, cuda, True, 1) is not _UNCHANGED
+    assert gqa_attention(model, cuda, False, 1) is _UNCHANGED
+    assert gqa_attention(model, mps, True, 5) is _UNCHANGED

@@ -52,8 +52,9 @@ from adactl.estimators.step_time import mape
 from adactl.estimators.traces import AcceptanceRows, TraceRecorder
 from adactl.loop import ControlLoop
 from adactl.runtime import Engine, SamplingParams
-from adactl.runtime.device import add_device_arguments, device_and_dtype
+from adactl.runtime.device import device_and_dtype
 from adactl.runtime.models import SHIPPED_MODELS, load_pair, tiny_llama
+from adactl.settings import DeviceSettings, add_arguments, device_environment
 
 DEFAULT_OUT = SHIPPED_MODELS / "estimators"
 
@@ -63,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="smollm2")
     p.add_argument("--draft", default="draft")
     p.add_argument("--companion", default="companion")
-    add_device_arguments(p)
+    add_arguments(p, DeviceSettings)
     p.add_argument("--train-prompts", type=int, default=64)
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--batch", type=int, default=8, help="requests served at once")
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="step_time",
         help="file stem of the fitted step-time model (step_time_plain: the target alone)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    device_environment(args)
+    return args
 
 
 # ------------------------------------------------------------------ traces

@@ -98,7 +98,7 @@ class Args:
     gpus_per_runner: float = field(default=0.0, metadata={"help": "rllib: GPUs per env runner (real backend: one "
                                                           "engine per GPU)"})
     device: str = field(default="auto", metadata={"help": "real backend: auto (cuda when available), cpu, cuda"})
-    dtype: str = field(default="float32", metadata={"help": "real backend: float32, bfloat16 or float16"})
+    dtype: str = field(default="auto", metadata={"help": "real backend: auto (bfloat16 on CUDA, else float32), ..."})
     profile: str = field(
         default="",
         metadata={

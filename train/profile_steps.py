@@ -39,8 +39,9 @@ from adactl.estimators import CompanionSignal, DraftConfidence, MovingAverage, O
 from adactl.estimators.traces import TraceRecorder
 from adactl.interface import ScheduleState, StepRecord, VerifyState
 from adactl.runtime import Engine, SamplingParams, StepPlan
-from adactl.runtime.device import add_device_arguments, describe, device_and_dtype
+from adactl.runtime.device import describe, device_and_dtype, dtype_name
 from adactl.runtime.models import SHIPPED_MODELS, load_pair, tiny_llama
+from adactl.settings import DeviceSettings, add_arguments, device_environment
 
 DEFAULT_OUT = SHIPPED_MODELS / "estimators" / "profile.json"
 
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", default="smollm2")
     p.add_argument("--draft", default="draft", help="'' for none: the target alone, plain decoding")
     p.add_argument("--companion", default="companion", help="'' for none")
-    add_device_arguments(p)
+    add_arguments(p, DeviceSettings)
     p.add_argument("--batches", default="1,2,4,8,16,32,64")
     p.add_argument("--max-k", type=int, default=8)
     p.add_argument("--reps", type=int, default=4)
@@ -60,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--tiny", action="store_true", help="tiny random models and prompts (a smoke run)")
     args = p.parse_args(argv)
+    device_environment(args)
     args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
@@ -85,7 +87,7 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
                      args.dtype)  # fmt: skip
     loaded = pair.target
     prompts = chat_prompts(loaded.tokenizer, max(args.batches) + args.mixed, args.max_prompt_tokens, read_sharegpt())
-    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": args.dtype,
+    meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": dtype_name(pair.dtype),
             "machine": describe(pair.device, pair.dtype).to_dict()}  # fmt: skip
     return Engine(loaded.model, pair.speculator(pair.companion is not None), loaded.tokenizer), prompts, meta
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from adactl import settings
 from adactl.bench.common import format_table, save_figure, write_json
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime.device import describe, device_and_dtype
+from adactl.runtime.device import describe, device_and_dtype, dtype_name
 from adactl.runtime.models import load_pair, tiny_llama
 from adactl.settings import DeviceSettings, PairSettings, RunSettings, ints, setting
 
@@ -156,7 +156,7 @@ def _load(args: DraftSettings) -> tuple[Any, Any, dict[str, list[list[int]]], di
     meta = {
         "target": args.target,
         "draft": args.draft,
-        "dtype": args.dtype,
+        "dtype": dtype_name(dtype),
         "machine": describe(device, dtype).to_dict(),
         "workloads": "held-out ShareGPT first user turns (record index % 20 == 0); HumanEval problems as chat requests",
     }

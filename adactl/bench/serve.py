@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from adactl import metrics, settings
 from adactl.bench.common import format_table, save_figure, write_json
-from adactl.runtime.device import describe, device_and_dtype, resolve_device
+from adactl.runtime.device import describe, device_and_dtype, dtype_name, resolve_device, resolve_dtype
 from adactl.runtime.stream import Playback, Stream, count_units
 from adactl.settings import (
     DeviceSettings,
@@ -315,8 +315,10 @@ def start_peer(args: ServeBenchSettings, log: Path) -> Server:
 
     model = str(default_target_dir()) if args.target in DEFAULT_ALIASES else args.target
     port = free_port()
-    device = "cuda" if resolve_device(args.device).type == "cuda" else "cpu"
-    cmd = ["transformers", "serve", model, "--continuous-batching", "--device", device, "--dtype", args.dtype,
+    resolved = resolve_device(args.device)
+    device = "cuda" if resolved.type == "cuda" else "cpu"
+    dtype = dtype_name(resolve_dtype(args.dtype, resolved))  # ours: the peer's `auto` is the checkpoint's dtype
+    cmd = ["transformers", "serve", model, "--continuous-batching", "--device", device, "--dtype", dtype,
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # a local directory: never reach for a hub
     return _spawn(PEER, cmd, f"http://127.0.0.1:{port}", model, False, log, env)
