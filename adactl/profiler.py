@@ -217,6 +217,8 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: 
     fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
     draft = pair.speculator(with_companion=pair.companion is not None)
     engine = Engine(pair.target.model, draft, config=EngineConfig(max_batch_size=max_batch, seed=seed))
+    if engine.graphs is not None:  # every row up front: each growth of the batch would drop every graph
+        engine.reserve(max_batch, 1)  # (columns still grow with the contexts, doubling)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     stats: dict[str, int] = {}

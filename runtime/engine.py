@@ -284,9 +284,25 @@ class Engine:
 
     def close(self) -> None:
         """Drop every request and free the KV caches and graphs (`abort_all` with nothing kept
-        allocated); the engine can serve again afterwards, allocating anew."""
+        allocated, a reservation given up); the engine can serve again afterwards, allocating anew."""
+        self.rows.reserved = (0, 0)
         self.abort_all()
         self.rows.close()
+
+    def reserve(self, rows: int, columns: int) -> None:
+        """Allocate the batch's KV now for `rows` running requests of `columns` cache columns
+        each (a request's prompt, output and draft tokens, and the holes rejected drafts leave
+        until compaction), target and draft alike, and keep it: below that the caches never
+        grow or shrink, so with CUDA graphs none is dropped and captured again for a growth (at
+        the 8B shape on an H200 a capture took 80-700 ms against 9-40 ms steps, and a growing
+        batch recaptured 176 times in 304 steps). For a server that knows its largest batch and
+        context, as vLLM sizes its KV at start-up. Kept over `abort_all`; `close` gives it up.
+        Every static forward attends over the whole capacity, so reserve what will be used."""
+        if not isinstance(rows, int) or not 1 <= rows <= self.config.max_batch_size:
+            raise ValueError(f"reserve: rows must be an integer in 1..{self.config.max_batch_size}, got {rows!r}")
+        if not isinstance(columns, int) or columns < 1:
+            raise ValueError(f"reserve: columns must be an integer >= 1, got {columns!r}")
+        self.rows.reserve(rows, columns)
 
     def graph_stats(self) -> dict[str, int]:
         """Graphs captured and held, and forwards that could not be captured (eager for good)."""

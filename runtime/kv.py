@@ -20,7 +20,9 @@ Compaction packs each row's real tokens to the left when holes waste too much; f
 rows are dropped by moving the last rows into their place; capacity shrinks back to zero
 when the batch empties, so KV memory returns to its starting level. With graphs a cache
 keeps its capacity instead (over a drain too) and grows geometrically: graphs hold its
-buffers, and each reallocation would capture them again.
+buffers, and each reallocation would capture them again. `reserve(rows, cols)` allocates a
+capacity up front and never gives it back (`Engine.reserve`: a server's largest batch, so a
+growing batch drops no graph).
 
 The bookkeeping (`valid`, `lengths`, `used`) lives on the host, whatever the cache's device:
 every decision about where a forward writes, what a rollback keeps and when to compact is
@@ -179,6 +181,7 @@ class BatchKV:
         self.n_rows = 0
         self.n_cols = 0
         self.capacity = (0, 0)  # (rows, cols) allocated
+        self.reserved = (0, 0)  # (rows, cols) capacity never given back (`reserve`)
         self.valid = np.zeros((0, 0), dtype=bool)  # [rows_cap, cols_cap], on the host
         self.lengths = np.zeros(0, dtype=np.int64)  # [rows_cap], on the host
         self.used = np.zeros(0, dtype=np.int64)  # [rows_cap], on the host
@@ -216,6 +219,19 @@ class BatchKV:
             cap_cols = max(grown, 2 * cap_cols if double else 0)
         self._reallocate(cap_rows, cap_cols)
 
+    def reserve(self, rows: int, cols: int) -> None:
+        """Capacity for `rows` rows of `cols` used columns now (static: plus scratch, in whole
+        column blocks), and never less from now on: no growth below it, no shrinking on
+        compaction or a drain (the buffers are kept, as with graphs). A server that knows its
+        largest batch and context reserves them once, and its graphs are never dropped for a
+        growth. `close` gives it up."""
+        if rows < 0 or cols < 0:
+            raise ValueError(f"a reservation is rows >= 0 and cols >= 0, got ({rows}, {cols})")
+        self.reserved = (max(rows, self.reserved[0]), max(self._round_cols(cols + self._scratch()), self.reserved[1]))
+        want = (max(self.reserved[0], self.capacity[0]), max(self.reserved[1], self.capacity[1]))
+        if want != self.capacity:
+            self._reallocate(*want)
+
     def _round_cols(self, cols: int) -> int:
         """A column capacity: as asked, or with static forwards, in whole blocks."""
         if self.static is None:
@@ -252,7 +268,7 @@ class BatchKV:
             layer.release()
         self.n_rows = self.n_cols = 0
         self._last_end = None
-        self.capacity = (0, 0)
+        self.capacity = self.reserved = (0, 0)
         self.valid = np.zeros((0, 0), dtype=bool)
         self.lengths = np.zeros(0, dtype=np.int64)
         self.used = np.zeros(0, dtype=np.int64)
@@ -268,7 +284,7 @@ class BatchKV:
     def _drained(self) -> None:
         """The last row left: memory back to zero, or if this cache holds graphs, kept for the
         next burst (its graphs replay then instead of being captured again)."""
-        if self._holds_graphs():
+        if self._holds_graphs() or self.reserved != (0, 0):
             self._empty()
         else:
             self.close()
@@ -655,6 +671,7 @@ class BatchKV:
         if (too_many_rows or too_many_cols) and not self._holds_graphs():  # with graphs: kept (no re-capture)
             rows = need + need // 8 if too_many_rows else rows_cap
             cols = self._round_cols(self.n_cols + cfg.min_col_growth + self._scratch()) if too_many_cols else cols_cap
+            rows, cols = max(rows, self.reserved[0]), max(cols, self.reserved[1])  # never below a reservation
             if (rows, cols) != self.capacity:
                 self._reallocate(rows, cols)
         return compacted

@@ -224,6 +224,7 @@ class Rows:
     ):
         self.device, self.config, self.static, self.graphs = device, config, static, graphs
         self.target_layers, self.draft_layers = target_layers, draft_layers
+        self.reserved = (0, 0)  # (rows, cols) of the batch caches (`reserve`)
         self._start()
 
     def caches(self) -> list[BatchKV]:
@@ -231,9 +232,18 @@ class Rows:
         return [kv for kv in (self.target, self.prefill_target, self.draft, self.prefill_draft) if kv is not None]
 
     def close(self) -> None:
-        """Free every cache's buffers and graphs (the rows are gone; `reset` starts again)."""
+        """Free every cache's buffers and graphs (the rows are gone; `reset` starts again,
+        with the reservation)."""
         for kv in self.caches():
             kv.close()
+
+    def reserve(self, rows: int, cols: int) -> None:
+        """The batch caches' capacity (target and draft) for `rows` rows of `cols` columns,
+        now and after every `reset` (`BatchKV.reserve`)."""
+        self.reserved = (max(rows, self.reserved[0]), max(cols, self.reserved[1]))
+        for kv in (self.target, self.draft):
+            if kv is not None:
+                kv.reserve(*self.reserved)
 
     def reset(self) -> None:
         """Empty caches and no rows: the old caches, their buffers and their graphs freed."""
@@ -247,6 +257,8 @@ class Rows:
         self.prefill_draft = self._new(self.draft_layers) if self.draft_layers is not None else None
         self.running: list[Request] = []
         self.prefilling: list[Request] = []
+        if self.reserved != (0, 0):
+            self.reserve(*self.reserved)
 
     def _new(self, layers: int) -> BatchKV:
         return BatchKV(layers, self.device, self.config, self.static, self.graphs)

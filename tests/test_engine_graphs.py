@@ -105,6 +105,51 @@ def test_graphs_outlive_a_drain_no_capture_after_warm_up(target, draft):
     assert engine.graph_stats()["capture_failures"] == 0
 
 
+def growing_batch(engine: Engine, target) -> None:
+    """Requests joining one, then two, then four at a time while the others run (the batch
+    and the contexts grow), decoded as `generate` does."""
+    ps, ids = prompts(7, seed=60), []
+    for wave in (ps[:1], ps[1:3], ps[3:7]):
+        ids += [engine.add_request(p, SamplingParams(max_new_tokens=12)) for p in wave]
+        for _ in range(3):
+            engine.step(StepPlan(draft_len=2, prefill_budget=64))
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2, prefill_budget=64))
+    out = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [out[i] for i in ids] == [greedy_reference(target, p, 12) for p in ps]
+
+
+def test_a_reservation_keeps_graphs_over_a_growing_batch_and_aborts(target, draft):
+    """`Engine.reserve(rows, columns)`: the batch caches are allocated once at that size, so a
+    growing batch drops no graph for a growth (without it, each growth drops the cache's
+    graphs and the next step of each shape captures again); the reservation outlives a drain
+    and `abort_all`, `close` gives it up; bad sizes are refused before anything changes."""
+    counts = {}
+    for reserved in (False, True):
+        engine = static_engine(target, draft)
+        if reserved:
+            engine.reserve(8, 96)
+            assert engine.rows.target.capacity == (8, 128)  # 96 columns and 6 of scratch, in blocks of 32
+            assert engine.rows.draft is not None and engine.rows.draft.capacity == (8, 128)
+        growing_batch(engine, target)
+        first = engine.graph_stats()["captures"]
+        growing_batch(engine, target)  # the same again: every shape captured already
+        counts[reserved] = (first, engine.graph_stats()["captures"])
+        if reserved:
+            assert engine.rows.target.capacity == (8, 128)  # never grew, never shrank
+            engine.abort_all()
+            assert engine.rows.target.capacity == (8, 128)
+            engine.close()
+            assert engine.kv_bytes() == 0 and engine.rows.target.capacity == (0, 0)
+    assert counts[True][0] < counts[False][0], counts
+    assert counts[True][1] == counts[True][0], counts  # a second pass replays only
+    engine = static_engine(target, draft, max_batch_size=8)
+    for bad in ((0, 10), (9, 10), (2, 0), (2.5, 10)):
+        with pytest.raises(ValueError, match="reserve"):
+            engine.reserve(*bad)  # type: ignore[arg-type]
+    assert engine.rows.target.capacity == (0, 0)
+
+
 def test_abort_frees_every_cache_and_graph(target, draft):
     engine = static_engine(target, draft)
     baseline = (engine.kv_bytes(), engine.graph_stats()["graphs"])

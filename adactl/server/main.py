@@ -96,6 +96,8 @@ def assemble(model: Any, draft: Any, tokenizer: Any, stack: Any, name: str, max_
     from .service import EngineService, ServiceConfig
 
     engine = Engine(model, draft, tokenizer, EngineConfig(max_batch_size=max_batch))
+    if engine.graphs is not None:  # every row at start-up: a growing batch would drop the graphs on each growth
+        engine.reserve(max_batch, 1)
     loop = ControlLoop(engine, stack.schedule, stack.verify, max_draft_len=max_draft_len if draft is not None else 0,
                        prefill_budget=prefill_budget)  # fmt: skip
     return OpenAIServer(EngineService(loop, config=service or ServiceConfig()), tokenizer, name, engine.max_context)
