@@ -282,12 +282,21 @@ class BatchKV:
         self._last_end = None
 
     def _drained(self) -> None:
-        """The last row left: memory back to zero, or if this cache holds graphs, kept for the
-        next burst (its graphs replay then instead of being captured again)."""
+        """The last row left: memory back to zero, or if this cache holds graphs or a
+        reservation, kept for the next burst (its graphs replay then instead of being captured
+        again)."""
         if self._holds_graphs() or self.reserved != (0, 0):
             self._empty()
         else:
             self.close()
+
+    def clear(self) -> None:
+        """Drop every row, whatever state a forward that raised left them in: as a drain does
+        (buffers and graphs kept where they are held, so a server's next step replays), else
+        closed."""
+        self.write_rows = self.write_index = None
+        self.first_row = self.write_col = 0
+        self._drained()
 
     def _holds_graphs(self) -> bool:
         return self.graphs is not None and self.owner in self.graphs.owners()

@@ -246,9 +246,12 @@ class Rows:
                 kv.reserve(*self.reserved)
 
     def reset(self) -> None:
-        """Empty caches and no rows: the old caches, their buffers and their graphs freed."""
-        self.close()
-        self._start()
+        """No rows, the caches emptied (`BatchKV.clear`): those that hold graphs or a
+        reservation keep their buffers and graphs, so the steps after an abort replay instead
+        of capturing again and memory stays where it was; the others are freed."""
+        for kv in self.caches():
+            kv.clear()
+        self.running, self.prefilling = [], []
 
     def _start(self) -> None:
         self.target = self._new(self.target_layers)
