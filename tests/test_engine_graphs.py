@@ -7,7 +7,6 @@ capture that fails."""
 
 from __future__ import annotations
 
-import gc
 import weakref
 
 import pytest
