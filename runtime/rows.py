@@ -251,7 +251,8 @@ class Rows:
         of capturing again and memory stays where it was; the others are freed."""
         for kv in self.caches():
             kv.clear()
-        self.running, self.prefilling = [], []
+        self.running.clear()
+        self.prefilling.clear()
 
     def _start(self) -> None:
         self.target = self._new(self.target_layers)
