@@ -304,6 +304,46 @@ class Engine:
             raise ValueError(f"reserve: columns must be an integer >= 1, got {columns!r}")
         self.rows.reserve(rows, columns)
 
+    @torch.inference_mode()
+    def warm_up(self, rows: Sequence[int] | None = None, draft_lens: Sequence[int] = (0,)) -> int:
+        """Capture before serving the graphs the first steps would otherwise capture while
+        requests wait (80-700 ms each at the 8B shape on an H200): for each batch size of
+        `rows`, largest first as vLLM and SGLang capture (default: every static row bucket up to
+        the reservation's rows), a step of each draft length in `draft_lens` (0: plain
+        decoding), on dummy one-token requests that `abort_all` then drops, keeping the graphs.
+        Needs an idle engine and a reservation (`reserve`: a growth would drop what it
+        captures). Returns the graphs captured; 0 where there are no graphs (the CPU, unless
+        `EngineConfig(graphs=True)`)."""
+        if self.graphs is None:
+            return 0
+        if self.has_unfinished():
+            raise RuntimeError("warm_up needs an idle engine: it runs dummy requests, then drops every request")
+        reserved = self.rows.reserved[0]
+        if reserved == 0:
+            raise ValueError("warm_up needs a reservation first (Engine.reserve(rows, columns)): a growth of the "
+                             "caches would drop the graphs it captures")  # fmt: skip
+        sizes = sorted(set(rows if rows is not None else [b for b in self.config.shapes.rows if b <= reserved]),
+                       reverse=True)  # fmt: skip
+        if not sizes or sizes[-1] < 1 or sizes[0] > reserved:
+            raise ValueError(f"warm_up: batch sizes must lie in 1..{reserved} (the reservation), got {list(sizes)}")
+        longest = self.config.shapes.tokens[-1] - 1 if self.draft is not None else 0  # longer chains run eagerly
+        if any(not isinstance(k, int) or not 0 <= k <= longest for k in draft_lens):
+            raise ValueError(f"warm_up: draft lengths must be integers in 0..{longest}, got {list(draft_lens)}")
+        before = self.graphs.captures
+        need = 2 + len(sizes) * sum(k + 1 for k in draft_lens)
+        sampling = SamplingParams(max_new_tokens=need, temperature=0.0, stop_on_eos=False)
+        ids = [self.add_request([1], sampling, request_id=f"warm-up-{i}") for i in range(sizes[0])]
+        try:
+            while any(v.status != "running" for v in self.requests()):
+                self.step(StepPlan(draft_len=0, prefill_budget=sizes[0]))
+            for b in sizes:
+                for k in draft_lens:
+                    self.step(StepPlan(draft_len=k, run=ids[:b], prefill_budget=0))
+        finally:
+            self.abort_all()
+            self.pop_finished()
+        return self.graphs.captures - before
+
     def graph_stats(self) -> dict[str, int]:
         """Graphs captured and held, and forwards that could not be captured (eager for good)."""
         g = self.graphs

@@ -213,6 +213,43 @@ def test_a_thousand_steps_of_joins_drains_and_aborts_capture_each_shape_once(tar
     assert stats["capture_failures"] == 0
 
 
+def test_warm_up_captures_the_decode_and_verify_graphs_before_the_first_request(target, draft):
+    """`Engine.warm_up` after `reserve`: every row bucket up to the reservation, largest first,
+    plain decoding and k = 2, captured on dummy requests that leave nothing behind; a batch
+    served afterwards at those shapes captures nothing in the batch caches and decodes as
+    `generate` does. Bad calls are refused before anything runs."""
+    engine = static_engine(target, draft)
+    with pytest.raises(ValueError, match="reservation"):
+        engine.warm_up()
+    engine.reserve(8, 64)
+    for bad in ({"rows": [16]}, {"rows": [0]}, {"draft_lens": [7]}, {"draft_lens": [-1]}):
+        with pytest.raises(ValueError, match="warm_up"):
+            engine.warm_up(**bad)
+    captured = engine.warm_up(draft_lens=(0, 2))
+    assert captured > 0 and captured == engine.graph_stats()["captures"]
+    assert not engine.has_unfinished() and engine.pop_finished() == []
+    batch = (engine.rows.target.owner, engine.rows.draft.owner)
+
+    def batch_graphs() -> int:
+        return sum(1 for key in engine.graphs.graphs if key[0] in batch)
+
+    held = batch_graphs()
+    assert held > 0
+    ps = prompts(5, seed=80)
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=10)) for p in ps]
+    while any(v.status != "running" for v in engine.requests()):
+        engine.step(StepPlan(draft_len=0, prefill_budget=64))
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2, prefill_budget=0))
+        assert batch_graphs() == held  # decode and verify of 1-5 rows: buckets 1, 2, 4, 8, all warm
+    out = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [out[i] for i in ids] == [greedy_reference(target, p, 10) for p in ps]
+    with pytest.raises(RuntimeError, match="idle"):
+        engine.add_request(ps[0], SamplingParams(max_new_tokens=4))
+        engine.warm_up()
+    assert Engine(target, draft).warm_up() == 0  # no graphs: nothing to capture
+
+
 def test_a_forward_that_cannot_be_captured_runs_eagerly(target, draft):
     engine = static_engine(target, draft)
     assert engine.graphs is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,13 @@ def assemble(model: Any, draft: Any, tokenizer: Any, stack: Any, name: str, max_
     engine = Engine(model, draft, tokenizer, EngineConfig(max_batch_size=max_batch))
     if engine.graphs is not None:  # every row at start-up: a growing batch would drop the graphs on each growth
         engine.reserve(max_batch, 1)
+        t0 = time.perf_counter()
+        lengths = range(min(max_draft_len, engine.config.shapes.tokens[-1] - 1) + 1) if draft is not None else [0]
+        try:  # the decode and verify graphs now, not while the first requests wait
+            captured = engine.warm_up(draft_lens=list(lengths))
+            logging.getLogger(__name__).info("captured %d CUDA graphs in %.1f s", captured, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - the server still serves, capturing on first use
+            logging.getLogger(__name__).warning("CUDA graph warm-up failed (%s): graphs are captured on first use", e)
     loop = ControlLoop(engine, stack.schedule, stack.verify, max_draft_len=max_draft_len if draft is not None else 0,
                        prefill_budget=prefill_budget)  # fmt: skip
     return OpenAIServer(EngineService(loop, config=service or ServiceConfig()), tokenizer, name, engine.max_context)
