@@ -334,8 +334,12 @@ class Engine:
         sampling = SamplingParams(max_new_tokens=need, temperature=0.0, stop_on_eos=False)
         ids = [self.add_request([1], sampling, request_id=f"warm-up-{i}") for i in range(sizes[0])]
         try:
-            while any(v.status != "running" for v in self.requests()):
+            for _ in range(8):  # one step admits them all, unless a KV pool (kv_tokens) holds some back
+                if not self._waiting:
+                    break
                 self.step(StepPlan(draft_len=0, prefill_budget=sizes[0]))
+            if len(self.rows.running) < sizes[0]:
+                raise RuntimeError(f"warm_up could not run {sizes[0]} dummy requests at once (a KV pool too small?)")
             for b in sizes:
                 for k in draft_lens:
                     self.step(StepPlan(draft_len=k, run=ids[:b], prefill_budget=0))

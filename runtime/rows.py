@@ -232,14 +232,13 @@ class Rows:
         return [kv for kv in (self.target, self.prefill_target, self.draft, self.prefill_draft) if kv is not None]
 
     def close(self) -> None:
-        """Free every cache's buffers and graphs (the rows are gone; `reset` starts again,
-        with the reservation)."""
+        """Free every cache's buffers, graphs and reservation (the rows are gone)."""
         for kv in self.caches():
             kv.close()
 
     def reserve(self, rows: int, cols: int) -> None:
         """The batch caches' capacity (target and draft) for `rows` rows of `cols` columns,
-        now and after every `reset` (`BatchKV.reserve`)."""
+        now and over every `reset` (`BatchKV.reserve`)."""
         self.reserved = (max(rows, self.reserved[0]), max(cols, self.reserved[1]))
         for kv in (self.target, self.draft):
             if kv is not None:
@@ -261,8 +260,6 @@ class Rows:
         self.prefill_draft = self._new(self.draft_layers) if self.draft_layers is not None else None
         self.running: list[Request] = []
         self.prefilling: list[Request] = []
-        if self.reserved != (0, 0):
-            self.reserve(*self.reserved)
 
     def _new(self, layers: int) -> BatchKV:
         return BatchKV(layers, self.device, self.config, self.static, self.graphs)

@@ -248,6 +248,11 @@ def test_warm_up_captures_the_decode_and_verify_graphs_before_the_first_request(
         engine.add_request(ps[0], SamplingParams(max_new_tokens=4))
         engine.warm_up()
     assert Engine(target, draft).warm_up() == 0  # no graphs: nothing to capture
+    small = static_engine(target, draft, kv_tokens=64)  # room for 2 of the 8 dummy requests
+    small.reserve(8, 64)
+    with pytest.raises(RuntimeError, match="KV pool"):
+        small.warm_up()
+    assert not small.has_unfinished()  # the dummies are gone either way
 
 
 def test_a_forward_that_cannot_be_captured_runs_eagerly(target, draft):
