@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -322,6 +323,7 @@ class BatchKV:
         first_row: int = 0,
         context: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        feature_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
         **model_kwargs: Any,
     ) -> Any:
         """Run `model` on new tokens for rows `[first_row, first_row + n)` (default: the first n)
@@ -341,7 +343,13 @@ class BatchKV:
                    be seen only by their descendants (`next_col` says where a forward writes).
         positions: [n, T] long position ids, required with `context` (default: the row's
                    real tokens + depth in the tree).
-        Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`).
+        feature_fn: what a feature draft reads of the target's hidden states (its
+                   `target_features`): applied inside the forward, so the output holds
+                   `.features` [n, T, H] and no hidden state of any layer (a CUDA graph would
+                   keep every layer's alive as its outputs: 33 x [rows, tokens, 4096] per
+                   bucket at the 8B shape).
+        Returns the model output (`.logits` is [n, T, V], or the last `logits_to_keep`;
+        with `feature_fn`, a `Features` of logits and features).
         """
         n, t = input_ids.shape
         r0, r1 = first_row, first_row + n
@@ -352,7 +360,9 @@ class BatchKV:
         input_ids = self._to_device(input_ids)
         bucket = self.static.bucket(n, t) if self.static is not None else None
         if bucket is not None and r0 == 0 and context is None:
-            return self._static_forward(model, input_ids, nv, parents, logits_to_keep, bucket, model_kwargs)
+            return self._static_forward(model, input_ids, nv, parents, logits_to_keep, bucket, model_kwargs, feature_fn)
+        if feature_fn is not None:
+            model_kwargs["output_hidden_states"] = True
         # (n_cols is the max of every row's used: no array to read for a forward on all rows)
         c = self.n_cols if r0 == 0 and r1 == self.n_rows else int(self.used[r0:r1].max())
         self._fits(self.n_rows, c + t)
@@ -398,7 +408,7 @@ class BatchKV:
         finally:
             self.first_row = self.write_col = 0
         self._wrote(r0, nv, c, n, t)
-        return out
+        return Features(out.logits, feature_fn(out.hidden_states)) if feature_fn is not None else out
 
     def _wrote(self, r0: int, new_valid: np.ndarray | None, c: int, n: int, t: int) -> None:
         """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host;
@@ -422,6 +432,7 @@ class BatchKV:
         logits_to_keep: int,
         bucket: tuple[int, int],
         model_kwargs: dict[str, Any],
+        feature_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None = None,
     ) -> Any:
         """`forward` on rows [0, n) as a (rows, tokens) bucket: the same tokens, mask and
         positions, padded; writes at column indices from a tensor; replayed as a CUDA graph
@@ -450,6 +461,8 @@ class BatchKV:
         inputs = {"ids": ids, "positions": positions, "mask": mask, "write": write,
                   "rows": torch.arange(bn, device=dev)[:, None].expand(bn, bt).contiguous()}  # fmt: skip
         flags = {k: v for k, v in model_kwargs.items() if not isinstance(v, torch.Tensor)}
+        if feature_fn is not None:
+            flags["output_hidden_states"] = True
         for name, value in model_kwargs.items():
             if isinstance(value, torch.Tensor):  # per-token inputs (a feature draft's features)
                 inputs[name] = value.new_zeros(bn, bt, *value.shape[2:])
@@ -463,16 +476,20 @@ class BatchKV:
             try:
                 tensors = {k: v for k, v in x.items() if k not in ("ids", "positions", "mask", "write", "rows")}
                 with gqa_attention(model, dev, True, bt):
-                    return model(
+                    out = model(
                         input_ids=x["ids"], attention_mask=x["mask"], position_ids=x["positions"],
                         **cache_kwargs(model, self.cache), use_cache=True, **flags, **tensors,
                     )  # fmt: skip
+                # with a feature draft, only its features leave the graph (every layer's hidden
+                # states would stay alive as the graph's outputs)
+                return Features(out.logits, feature_fn(out.hidden_states)) if feature_fn is not None else out
             finally:
                 self.write_rows = self.write_index = None
                 self.write_col = 0
 
         if self.graphs is not None:
-            shape = (id(model), bn, bt, tuple(sorted(flags.items())), tuple(inputs))
+            reads = getattr(feature_fn, "__self__", feature_fn)  # (a bound method is a new object each time)
+            shape = (id(model), bn, bt, tuple(sorted(flags.items())), tuple(inputs), id(reads) if reads else None)
             out = self.graphs.run((self.owner, cap, self.capacity[0], *shape), run, inputs, shape)
         else:
             out = run(inputs)
@@ -737,6 +754,15 @@ def _pinned_copy(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@dataclass
+class Features:
+    """A target forward's output with a feature draft's features in place of the hidden states
+    of every layer (`BatchKV.forward(feature_fn=...)`)."""
+
+    logits: torch.Tensor  # [n, T or logits_to_keep, V]
+    features: torch.Tensor  # [n, T, H]
+
+
 class _Rows:
     """A static forward's output cut back to its real rows and slots [:n, lo:hi] (logits,
     hidden states, a companion's logits; views of the captured outputs under CUDA graphs)."""
@@ -752,6 +778,7 @@ class _Rows:
 
         self.logits = cut(out.logits, keep=True, copy=copy)
         self.hidden_states = cut(getattr(out, "hidden_states", None))
+        self.features = cut(getattr(out, "features", None))
         self.companion_logits = cut(getattr(out, "companion_logits", None), keep=True, copy=copy)
 
 

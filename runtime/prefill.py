@@ -90,11 +90,11 @@ class Prefill:
             req.prefilled += size
         device = self.rows.device
         ids = ids.to(device)  # (valid stays on the host, with the cache's bookkeeping)
-        extra: dict[str, Any] = {"output_hidden_states": True} if self.feature_draft else {}
+        extra: dict[str, Any] = {"feature_fn": self.draft.target_features} if self.feature_draft else {}
         out = self.rows.prefill_target.forward(self.target, ids, valid, logits_to_keep=1, first_row=first_row, **extra)
         if self.rows.prefill_draft is not None:
             if self.feature_draft:
-                extra = {"features": self._features(members, self.draft.target_features(out.hidden_states))}
+                extra = {"features": self._features(members, out.features)}
             else:
                 extra = {}
             self.rows.prefill_draft.forward(self.draft, ids, valid, logits_to_keep=1, first_row=first_row, **extra)

@@ -143,7 +143,7 @@ class TargetVerifier:
         kv, d, n = self._kv(), drafts, len(rows)
         cuts = cut.tolist()
         t, k, trees = max(cuts) + 1, d.tokens.shape[1], d.parents is not None
-        extra: dict[str, Any] = {"output_hidden_states": True} if self.features is not None else {}
+        extra: dict[str, Any] = {"feature_fn": self.features} if self.features is not None else {}
         if not trees and self.verifier is verify_chains and min(cuts) == t - 1:
             if all(r.sampling.temperature <= 0 for r in rows):
                 return self._greedy(kv, rows, d, t, extra)
@@ -172,7 +172,7 @@ class TargetVerifier:
             assert kv.last_end is not None
             ends.append(kv.last_end)
             if self.features is not None:
-                h = self.features(out.hidden_states)
+                h = out.features
                 if whole:  # (read by the proposer's settle before the next forward)
                     features = h
                 else:
@@ -214,7 +214,7 @@ class TargetVerifier:
             out = kv.forward(self.model, self._ids(rows, drafts, t), None, **extra)  # (every slot real)
         end = kv.last_end
         # (features: read by the proposer's settle before the next forward, as the general path's)
-        features = self.features(out.hidden_states) if self.features is not None else None
+        features = out.features if self.features is not None else None
         best = out.logits.argmax(-1)  # [n, t]
         if t == 1:
             return Verdict(torch.zeros(n, dtype=torch.long), best[:, 0].cpu(), None, features)

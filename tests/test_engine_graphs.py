@@ -14,7 +14,7 @@ import torch
 
 from adactl.runtime import Engine, EngineConfig, FeatureDraft, SamplingParams, StepPlan, TreeSpec
 from adactl.runtime.graphs import CudaGraphs, StaticShapes, record
-from adactl.runtime.kv import BatchKV
+from adactl.runtime.kv import BatchKV, Features
 
 from .helpers import greedy_reference, prompts, random_plan_runner
 
@@ -63,10 +63,23 @@ def test_static_forwards_decode_like_generate(target, draft, plans):
     assert engine.rows.draft is not None
 
 
-def test_static_forwards_with_a_feature_draft(target):
+@pytest.mark.parametrize("layers", [None, [1, 2]], ids=["last", "fused"])
+def test_static_forwards_with_a_feature_draft(target, layers):
+    """Decoding as `generate` does with a feature draft (the last hidden state, or two fused);
+    the target's graphs keep only the draft's features as outputs, never a hidden state per
+    layer."""
     vocab = sorted(torch.randperm(128, generator=torch.Generator().manual_seed(0))[:64].tolist())
-    draft = FeatureDraft.from_target(target, vocab, intermediate_size=64, seed=3).eval()
+    draft = FeatureDraft.from_target(target, vocab, intermediate_size=64, seed=3, feature_layers=layers).eval()
     engine = static_engine(target, draft)
+    for p in prompts(3, seed=23):
+        engine.add_request(p, SamplingParams(max_new_tokens=6))
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=2, prefill_budget=64))
+    engine.pop_finished()
+    owners = {engine.rows.target.owner, engine.rows.prefill_target.owner}
+    outputs = [g.output for key, g in engine.graphs.graphs.items() if key[0] in owners]
+    assert outputs and all(isinstance(o, Features) for o in outputs)
+    assert all(o.features.shape[-1] == target.config.hidden_size for o in outputs)
     run_and_check(engine, target, prompts(6, seed=22), "random")
 
 

@@ -81,10 +81,12 @@ def test_sampled_outputs_on_cuda_follow_the_target() -> None:
 
 
 def assert_memory_freed(engine: Engine) -> None:
-    """Drained, an engine keeps only the memory of caches whose graphs replay into it; closed, none."""
+    """Drained, an engine keeps only the memory of caches whose graphs replay into it or that
+    hold a reservation (`adactl serve` reserves its rows on CUDA); closed, none."""
     assert not engine.has_unfinished()
     kept = [kv for kv in engine.rows.caches() if kv.nbytes()]
-    assert all(engine.graphs is not None and kv.owner in engine.graphs.owners() for kv in kept)
+    assert all((engine.graphs is not None and kv.owner in engine.graphs.owners()) or kv.reserved != (0, 0)
+               for kv in kept)  # fmt: skip
     engine.close()
     assert engine.kv_bytes() == 0 and engine.graph_stats()["graphs"] == 0
 
@@ -123,7 +125,10 @@ def test_adactl_serve_answers_on_cuda(tmp_path) -> None:
     args = settings.parse(ServeSettings, ["--model", str(model_dir), "--draft", "none", "--controllers", "fcfs",
                                           "--device", "cuda"])  # fmt: skip
     server = build_server(args)
-    assert next(server.service.engine.target.parameters()).is_cuda
+    engine = server.service.engine
+    assert next(engine.target.parameters()).is_cuda
+    # its rows reserved and the decode graphs captured before the first request
+    assert engine.rows.target.reserved[0] == args.max_batch and engine.graph_stats()["captures"] > 0
     with ServerThread(server.app) as thread:
         reply = httpx.post(thread.url + "/v1/completions", json={"model": server.model_name, "prompt": "Hello",
                            "max_tokens": 8, "temperature": 0}, timeout=60)  # fmt: skip
