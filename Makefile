@@ -3,7 +3,8 @@
 # torch would pull several GB of CUDA packages), then adactl with its test tools.
 PYTHON ?= python3
 DEVICE ?= auto
-DTYPE ?= float32
+# auto: bfloat16 on CUDA, float32 elsewhere
+DTYPE ?= auto
 
 .PHONY: setup bench test test-floor lint gpu-check
 setup:
