@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import hashlib
 import math
 import random
 import sys
@@ -75,7 +77,24 @@ def profile_dir() -> Path:
 
 
 def cached_path(fp: Fingerprint) -> Path:
-    return profile_dir() / f"{fp.key()}.json"
+    """Where the profile of `fp` made by this engine is cached: a profile of another version of
+    the engine's code is never picked up (`engine_version`)."""
+    return profile_dir() / f"{fp.key()}-{engine_version()}.json"
+
+
+@functools.cache
+def engine_version() -> str:
+    """A digest of the engine's source (`adactl.runtime`'s modules). A profile prices the
+    engine's steps, and those move with its code (padding 2-3 rows of the CPU's float32
+    `linear` cut batch-1 steps by 18-25%; issue 31's host path halved its overhead), so a
+    profile cached by an earlier version would price steps that no longer run: after an
+    upgrade the first run measures again."""
+    import adactl.runtime as runtime
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(runtime.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
 
 
 def _sync(device: torch.device) -> None:
@@ -226,7 +245,7 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: 
                               seed, progress=progress, stats=stats)  # fmt: skip
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "profile_s": round(time.perf_counter() - t0, 1),
             "max_batch": max_batch, "reps": reps, "seed": seed, "steps": len(shapes),
-            "steps_left_out_capturing": stats["captures"]}  # fmt: skip
+            "steps_left_out_capturing": stats["captures"], "engine": engine_version()}  # fmt: skip
     return StepCostProfile.from_steps(fp, shapes, seconds, meta)
 
 

@@ -134,16 +134,35 @@ def test_features_are_finite_for_empty_and_prefill_only_steps() -> None:
     assert np.isfinite(phi).all() and phi.shape == (2, len(BASIS))
 
 
+def test_a_profile_cached_by_another_engine_version_is_measured_again(tmp_path, monkeypatch) -> None:
+    """The cache is keyed by the engine's source as well as the machine: after an upgrade, the
+    first run measures the engine it runs, not the old one's steps."""
+    import adactl.profiler as profiler
+
+    monkeypatch.setenv("ADACTL_CACHE", str(tmp_path))
+    pair = profiler.tiny_pair()
+    said: list[str] = []
+    profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
+    assert len(said) == 1 and "measuring" in said[0]
+    profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
+    assert len(said) == 1  # cached
+    monkeypatch.setattr(profiler, "engine_version", lambda: "upgraded")
+    profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
+    assert len(said) == 2 and "measuring" in said[1]
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+
+
 def test_profile_command_caches_and_a_foreign_profile_is_never_silent(tmp_path, monkeypatch, capsys) -> None:
     from adactl.cli import main
-    from adactl.profiler import cached_path, fingerprint, step_cost_for, tiny_pair
+    from adactl.profiler import cached_path, engine_version, fingerprint, step_cost_for, tiny_pair
 
     monkeypatch.setenv("ADACTL_CACHE", str(tmp_path))
     assert main(["profile", "--tiny", "--device", "cpu", "--max-batch", "8", "--budget-s", "20",
                  "--out", str(tmp_path / "mine.json")]) == 0  # fmt: skip
     pair = tiny_pair()
     here = fingerprint(pair.model_ids, pair.device, pair.dtype)
-    assert cached_path(here).is_file()
+    assert cached_path(here).is_file() and engine_version() in cached_path(here).name
+    assert StepCostProfile.load(cached_path(here)).meta["engine"] == engine_version()
     said: list[str] = []
     model = step_cost_for(pair, log=said.append)  # the cached one: nothing measured, nothing said
     assert said == [] and isinstance(model, StepCostModel)
