@@ -26,7 +26,6 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 DTYPES = ["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"]
-GRAPHS_ENV, TF32_ENV = "ADACTL_CUDA_GRAPHS", "ADACTL_TF32"  # read by adactl.runtime.device (its names too)
 
 
 def setting(default: Any, help: str, parse: Callable[[str], Any] | None = None,
@@ -97,7 +96,10 @@ class DeviceSettings:
 
 def device_environment(args: argparse.Namespace) -> None:
     """What `--no-cuda-graphs` and `--allow-tf32` ask, for every engine and model the process
-    makes (`adactl.runtime.device` reads the variables)."""
+    makes (`adactl.runtime.device` reads the variables; imported here, after the command line
+    parsed, so that this module stays free of torch)."""
+    from adactl.runtime.device import GRAPHS_ENV, TF32_ENV
+
     if getattr(args, "no_cuda_graphs", False):
         os.environ[GRAPHS_ENV] = "0"
     if getattr(args, "allow_tf32", False):

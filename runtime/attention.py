@@ -16,10 +16,11 @@ one SDPA call over the key/value heads as they are computes the same outputs, wi
 on any backend that takes a mask (CUDA's memory-efficient and cuDNN kernels, the CPU's flash
 kernel). transformers folds the same way for one query token (`pack_gqa`, in recent 5.x
 releases), not for more. On this CPU the fold also beats torch's own masked `enable_gqa`
-kernel, the path before it, for T > 1 (attention alone, SmolLM2's heads, 502 columns: batch
-16 × 2 tokens 0.62–1.04 against 1.06–1.19 ms, batch 32 × 5 tokens 3.3–3.6 against 4.4–4.7
-ms; the copy 5–32 ms), though a whole engine step does not show it (fold ÷ `enable_gqa`
-0.96–1.03 at batch 1–32, k = 1–4: `docs/issue31/gqa_fold.py`). What it is for is CUDA.
+kernel, the path before it, in attention alone (`docs/gpu/attention_ab.py --device cpu
+--dtype float32 --small`, the 8B heads, 5 tokens, 256 columns, two runs: batch 1 180–237
+against 273–351 us, batch 4 660–1,253 against 1,233–1,691 us; the copy 416–582 and
+3,816–5,733 us), though a whole engine step does not show it (fold ÷ `enable_gqa` 0.96–1.03
+at batch 1–32, k = 1–4: `docs/issue31/gqa_fold.py`). What it is for is CUDA.
 
 `gqa_attention(model, device, masked, tokens)` switches the models' attention to that for the
 forwards inside it where transformers would pick SDPA and it would copy: a mask, grouped

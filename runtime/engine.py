@@ -285,7 +285,6 @@ class Engine:
     def close(self) -> None:
         """Drop every request and free the KV caches and graphs (`abort_all` with nothing kept
         allocated, a reservation given up); the engine can serve again afterwards, allocating anew."""
-        self.rows.reserved = (0, 0)
         self.abort_all()
         self.rows.close()
 
@@ -318,7 +317,7 @@ class Engine:
             return 0
         if self.has_unfinished():
             raise RuntimeError("warm_up needs an idle engine: it runs dummy requests, then drops every request")
-        reserved = self.rows.reserved[0]
+        reserved = self.rows.target.reserved[0]
         if reserved == 0:
             raise ValueError("warm_up needs a reservation first (Engine.reserve(rows, columns)): a growth of the "
                              "caches would drop the graphs it captures")  # fmt: skip

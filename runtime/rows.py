@@ -224,7 +224,6 @@ class Rows:
     ):
         self.device, self.config, self.static, self.graphs = device, config, static, graphs
         self.target_layers, self.draft_layers = target_layers, draft_layers
-        self.reserved = (0, 0)  # (rows, cols) of the batch caches (`reserve`)
         self._start()
 
     def caches(self) -> list[BatchKV]:
@@ -238,11 +237,10 @@ class Rows:
 
     def reserve(self, rows: int, cols: int) -> None:
         """The batch caches' capacity (target and draft) for `rows` rows of `cols` columns,
-        now and over every `reset` (`BatchKV.reserve`)."""
-        self.reserved = (max(rows, self.reserved[0]), max(cols, self.reserved[1]))
+        now and over every `reset` (`BatchKV.reserve`; `close` gives it up)."""
         for kv in (self.target, self.draft):
             if kv is not None:
-                kv.reserve(*self.reserved)
+                kv.reserve(rows, cols)
 
     def reset(self) -> None:
         """No rows, the caches emptied (`BatchKV.clear`): those that hold graphs or a
