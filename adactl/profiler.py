@@ -230,9 +230,10 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
 def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: int = 6, seed: int = 0,
                  progress: bool = True) -> StepCostProfile:  # fmt: skip
     """Measure `pair` (a `ModelPair`) on its device and fit its step-cost profile."""
-    from adactl.runtime import Engine, EngineConfig
+    from adactl.runtime import Engine, EngineConfig, freeze_heap
     from adactl.runtime.models import output_vocab_size
 
+    freeze_heap()  # a full collection of the loaded models' objects is a 200 ms step the fit would learn
     fp = fingerprint(pair.model_ids, pair.device, pair.dtype)
     draft = pair.speculator(with_companion=pair.companion is not None)
     engine = Engine(pair.target.model, draft, config=EngineConfig(max_batch_size=max_batch, seed=seed))
@@ -432,7 +433,7 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
     one step-cost model, or {name: model} to compare profiles on the same steps (a record per
     name, its `profile`). An error within twice the standard error is one the check cannot
     tell from its own noise."""
-    from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+    from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
     from adactl.runtime.models import output_vocab_size
 
     if rounds < 2:
@@ -443,6 +444,7 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
     vocab, sampling = output_vocab_size(pair.target.model), SamplingParams(max_new_tokens=4096, stop_on_eos=False)
     records: list[dict[str, Any]] = []
+    freeze_heap()  # as make_profile
     bar = tqdm(total=len(batches) * rounds, desc="adactl profile --check", unit="round", disable=not progress)
     for b in sorted(batches):
         while len(engine.requests()) < b:

@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .engine import Engine, EngineConfig, run_to_completion
+    from .engine import Engine, EngineConfig, freeze_heap, run_to_completion
     from .feature_draft import FeatureDraft
     from .kv import BatchKV, KVConfig
     from .models import LoadedModel, ModelPair, check_same_vocabulary, load_draft, load_model, load_pair, tiny_llama
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 # Loaded on first use (PEP 562): importing the plain data (`adactl.runtime.types`, and so
 # `adactl.interface`) must not load the engine, the models or transformers.
 _HOME = {
-    **dict.fromkeys(["Engine", "EngineConfig", "run_to_completion"], "engine"),
+    **dict.fromkeys(["Engine", "EngineConfig", "freeze_heap", "run_to_completion"], "engine"),
     "FeatureDraft": "feature_draft",
     **dict.fromkeys(["BatchKV", "KVConfig"], "kv"),
     **dict.fromkeys(
@@ -93,6 +93,7 @@ __all__ = [
     "StreamProgress",
     "VerifyResult",
     "check_same_vocabulary",
+    "freeze_heap",
     "load_draft",
     "load_model",
     "load_pair",

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
 from adactl.runtime.models import perturbed_copy, tiny_llama
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_heap():
+    """`freeze_heap` (benches, the server) pins every object alive at the time for the process's
+    life, as a server wants; a test suite drops its models test after test, so each test gives
+    the frozen objects back to the collector."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="session")

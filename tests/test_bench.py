@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import re
@@ -135,8 +136,23 @@ def test_bench_spec_compares_every_controller(tmp_path, capsys):
     assert (tmp_path / "spec.png").stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "goodput,sv" in out and "temperature 0.7: best adaptive / best fixed k at batch 1 / 3: fastest round" in out
+    assert gc.get_freeze_count() > 0  # the loaded models out of the collector's walks before any step was timed
     machine = data["meta"]["machine"]  # where it ran, in the JSON and the plot's title
     assert machine["device_type"] in ("cpu", "cuda") and machine["dtype"] == "float32" and "float32" in machine["label"]
+
+
+def test_freeze_heap_leaves_what_is_loaded_out_of_every_collection(target):
+    from adactl.runtime import freeze_heap
+
+    assert gc.get_freeze_count() == 0
+    frozen = freeze_heap()
+    assert frozen == gc.get_freeze_count() > 1000
+    walked = {id(o) for o in gc.get_objects()}  # every generation the collector walks
+    assert id(target) not in walked and not any(id(p) in walked for p in target.parameters())
+    fresh = [[]]
+    assert id(fresh) in {id(o) for o in gc.get_objects()}  # what comes later is collected as before
+    gc.unfreeze()
+    assert id(target) in {id(o) for o in gc.get_objects()}
 
 
 def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, monkeypatch):

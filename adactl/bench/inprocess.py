@@ -23,7 +23,7 @@ from tqdm import tqdm
 from adactl import metrics, settings
 from adactl.loop import ControlLoop
 from adactl.profiler import step_cost_for
-from adactl.runtime import Engine, EngineConfig, SamplingParams
+from adactl.runtime import Engine, EngineConfig, SamplingParams, freeze_heap
 from adactl.settings import DeviceSettings, ProfileSettings, setting
 from adactl.stacks import StackContext, build_stack, costs_steps, one_stack, untrained_acceptance
 from adactl.workloads import Arrival, OpenLoop, arrival_times, consumer_mix
@@ -43,6 +43,7 @@ def run(args: InprocessSettings) -> dict[str, Any]:
     step_time = step_cost_for(pair, args.profile, args.refine) if costs_steps(args.stack) else None
     stack = build_stack(args.stack, StackContext(step_time, _acceptance(args.tiny), 512))
     loop = ControlLoop(engine, stack.schedule, stack.verify, max_draft_len=8 if pair.draft is not None else 0)
+    freeze_heap()  # as a server does once loaded
     arrivals = [Arrival(times[i], prompt, SamplingParams(n, stop_on_eos=not args.ignore_eos, seed=args.seed + i),
                         streams[i]) for i, (prompt, n) in enumerate(requests)]  # fmt: skip
 

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel
 
 from adactl import settings
 from adactl.bench.common import PeakMemory, format_table, release_freed_memory, save_figure, write_json
-from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime.models import perturbed_copy, tiny_llama
 from adactl.settings import DeviceSettings, PairSettings, RunSettings, ints, setting
 
@@ -340,6 +340,7 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
 def run(args: RuntimeSettings) -> list[dict[str, Any]]:
     torch.manual_seed(args.seed)
     target, draft, work, meta = _load(args)
+    freeze_heap()  # no full collection over the loaded models' objects inside a timed run
     meta.update({"max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(), "seed": args.seed})
     # the machine is noisy (+-10-20% from run to run): each batch size runs its configurations
     # in interleaved rounds, the order rotated each round; tables show each configuration's

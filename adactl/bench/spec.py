@@ -81,7 +81,7 @@ from adactl.controllers import (
 )
 from adactl.estimators import load_acceptance
 from adactl.loop import ControlLoop
-from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec
+from adactl.runtime import Engine, EngineConfig, SamplingParams, TreeSpec, freeze_heap
 from adactl.runtime.models import SHIPPED_MODELS
 from adactl.runtime.replay import ReplayEngine
 from adactl.settings import DeviceSettings, ProfileSettings, floats, ints, setting
@@ -527,6 +527,7 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
     """Every stack and oracle at every temperature and batch size, `args.rounds` rounds each:
     one record per configuration (its fastest round, with every round's tokens/s)."""
     records: list[dict[str, Any]] = []
+    freeze_heap()  # no full collection over the loaded models' objects inside a timed step
     passes: list[Temperature] = [MIXED] if args.workload == MIXED else list(args.temperatures)
     total = (
         sum(b * max(args.saturated, 1) * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)

@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 from adactl import settings
 from adactl.bench.common import format_table, release_freed_memory, save_figure, write_json
-from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime.device import describe, device_and_dtype, graphs_wanted
 from adactl.runtime.feature_draft import FeatureDraft
 from adactl.runtime.kv import cache_kwargs
@@ -288,6 +288,7 @@ def run(args: StepSettings) -> list[dict[str, Any]]:
     graphs = graphs_wanted(device)
     machine = describe(device, dtype)
     records: list[dict[str, Any]] = []
+    freeze_heap()  # no full collection of the objects alive now inside a timed step
     with tqdm(total=len(shapes) * len(args.batches) * len(args.ks), desc="bench step", unit="point") as bar:
         for shape in shapes:
             records += measure(shape, args.batches, args.ks, args.prompt_len, args.steps, device, dtype, graphs, bar)

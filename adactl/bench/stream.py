@@ -74,7 +74,7 @@ from adactl.bench.common import (
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.loop import ControlLoop
 from adactl.profiler import fingerprint, step_cost_for
-from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams, Stream
+from adactl.runtime import SLO, Engine, EngineConfig, SamplingParams, Stream, freeze_heap
 from adactl.runtime.device import describe
 from adactl.runtime.kv_pool import HostOffload
 from adactl.runtime.models import kv_bytes_per_token, output_vocab_size
@@ -533,6 +533,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
     # GPU profile's physics itself, as `bench spec --replay` and `bench serve --replay` have it
     step_time = step_cost_for(pair, args.profile, args.refine, max_batch=args.max_batch)
     replay_time = _physics(args) or step_time.frozen()
+    if not args.replay:
+        freeze_heap()  # no full collection over the loaded model's objects inside a timed step
     ctx = StackContext(step_time, prefill_budget=args.prefill_budget, max_running=args.max_running)
     chosen = args.controllers or stacks(args.fcfs_seqs)
     backends = ["replay"] if args.replay else ["engine", "replay", OWN] if args.validate else ["engine"]

@@ -117,5 +117,8 @@ def main(namespace: argparse.Namespace) -> None:
     args = settings.from_args(ServeSettings, namespace)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = build_server(args)
+    from adactl.runtime import freeze_heap
+
+    freeze_heap()  # loaded and warmed up: no full collection walks the models' objects while it serves
     print(f"adactl serve: {server.model_name} with [{args.controllers}] on http://{args.host}:{args.port}/v1")
     uvicorn.run(server.app, host=args.host, port=args.port, log_level=args.log_level)
