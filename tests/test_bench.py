@@ -155,6 +155,27 @@ def test_freeze_heap_leaves_what_is_loaded_out_of_every_collection(target):
     assert id(target) in {id(o) for o in gc.get_objects()}
 
 
+def test_bench_spec_samples_each_round_anew_with_draws_shared_by_its_runs(tmp_path, monkeypatch):
+    """Round r seeds request i with seed + ROUND_SEEDS * r + i in every run of that round (the
+    oracle's included): a sampled configuration meets new luck each round, never another's."""
+    from adactl.bench.spec import ROUND_SEEDS
+    from adactl.runtime.engine import Engine
+
+    seeds: dict[str, list[int]] = {}
+    add = Engine.add_request
+
+    def seen(self, prompt, sampling=None, request_id=None, **kwargs):
+        run, i = request_id.split("/req-")
+        seeds.setdefault(run, []).append(sampling.seed - int(i))
+        return add(self, prompt, sampling, request_id, **kwargs)
+
+    monkeypatch.setattr(Engine, "add_request", seen)
+    main(["bench", "spec", "--tiny", "--batches", "2", "--temperatures", "0.7", "--controllers", "no-spec;fixed-k2",
+          "--max-new-tokens", "3", "--rounds", "3", "--seed", "5", "--out", str(tmp_path)])  # fmt: skip
+    rounds = [5 + ROUND_SEEDS * r for r in range(3) for _ in range(2)]  # two requests a round
+    assert seeds == {"no-spec": rounds, "fixed-k2": rounds, "oracle": rounds}
+
+
 def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, monkeypatch):
     """A round's runs take their steps in turn, shuffled each turn, each run timed only inside
     its own steps; the rate counts after the first step (the prefill). Interleaving changes

@@ -47,6 +47,15 @@ lists every round's tokens/s. `ratio_paired` is the median over rounds of a run'
 over the best fixed configuration's *in the same round* (`round_ratios`, in round order):
 drift between rounds, which on a shared 2-core machine moves every configuration of a round
 by up to 40%, cancels in it.
+Each round samples anew: request i of round r is seeded `--seed` + 100000 r + i in every run of
+that round (common random numbers within a round, new draws between rounds). A sampled run's
+rate is luck as much as timing: at batch 4, temperature 0.7, 32 new tokens, fixed k = 1's
+mean accepted length over ten seeds was 1.33-1.49 (sd 3.4%) and its steps 23-28, and
+`goodput` ÷ fixed k = 1 per seed 0.92-1.15, 1.02 on average (`docs/issue30/sampling_luck.py`).
+With one seed for every round, as before 2026-12-05, a configuration's lucky draw was its
+draw in every round and every run: seed 0 gave fixed k = 1 1.51 there, and that cell missed
+0.97 in `make bench` runs 6, 8, 13 and 14. Greedy runs draw nothing: their rounds are
+unchanged.
 Reported per run: tokens/s (tokens generated after the first step, the batch's prefill, per
 second of the run's own steps, controller time included; `first_step_s` is the prefill's
 step), mean accepted length (tokens per decode row per step), step ms, `ratio_best_fixed`
@@ -95,6 +104,7 @@ TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
 REPLAY_SLO_TPOT, REPLAY_SLO_RATE, REPLAY_SLO_REQUESTS = (0.006, 0.009, 0.015), 30.0, 400
 ORACLES = ("oracle", "tree-oracle", "request-oracle", "lookahead-oracle")  # upper bounds, not controllers
 MIXED = "mixed"  # the temperature of a pass whose requests take the temperatures in turn (--workload mixed)
+ROUND_SEEDS = 100_000  # round r samples request i with seed + ROUND_SEEDS * r + i (the module docstring)
 Temperature = float | str  # a temperature, or MIXED
 
 
@@ -542,16 +552,17 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
             for r in range(args.rounds or 1):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated (for --no-interleave)
                 seed = args.seed + 1000 * r + batch
-                here = interleaved([partial(start_one, name, engines, group, temperature, ctx, args, bar)
+                drawn = replace(args, seed=args.seed + ROUND_SEEDS * r)  # this round's sampling seeds, all its runs
+                here = interleaved([partial(start_one, name, engines, group, temperature, ctx, drawn, bar)
                                     for name in order], seed, args.interleave)  # fmt: skip
                 bounds = []  # the oracles follow the round's best fixed configuration: a second turn
                 if "oracle" in oracles:
-                    bounds.append(partial(start_oracle, here, engines, group, temperature, ctx, args, bar))
+                    bounds.append(partial(start_oracle, here, engines, group, temperature, ctx, drawn, bar))
                 if "tree-oracle" in oracles:
-                    bounds.append(partial(start_tree_oracle, here, engines, group, temperature, ctx, args, bar))
+                    bounds.append(partial(start_tree_oracle, here, engines, group, temperature, ctx, drawn, bar))
                 for name in ("request-oracle", "lookahead-oracle"):
                     if name in oracles:
-                        bounds.append(partial(start_request_oracle, engines, group, temperature, ctx, args, bar,
+                        bounds.append(partial(start_request_oracle, engines, group, temperature, ctx, drawn, bar,
                                               name == "lookahead-oracle"))  # fmt: skip
                 here += interleaved(bounds, seed + 1, args.interleave)
                 rounds.append(here)
