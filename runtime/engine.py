@@ -59,10 +59,9 @@ from .types import (
 )
 from .verify import Verifier, process_logits, sample, verify_chains, verify_trees
 
-__all__ = ["Engine", "EngineConfig", "Prompt", "run_to_completion", "verify_computed", "verify_split"]
+__all__ = ["Engine", "EngineConfig", "Prompt", "freeze_heap", "run_to_completion", "verify_computed", "verify_split"]
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]] | torch.Tensor
-
 
 
 def freeze_heap() -> int:
@@ -71,14 +70,16 @@ def freeze_heap() -> int:
     (models, graphs, tokenizer, data), before it serves. vLLM does the same after its warm-up
     (`freeze_gc_heap`), SGLang offers it as `freeze_gc`.
 
-    Measured on this project's CPU with the default pair loaded (`bench spec`, batch 16, three
-    runs interleaved): 393k objects tracked; the one full collection in four rounds took 200 ms,
-    one step at 2.25x its neighbours, which moved that round's tokens/s by 5%; after freezing,
-    no collection over 1 ms. Objects frozen and dropped later are still freed by reference
-    counting; only cycles among them stay until `gc.unfreeze()`. Returns the objects frozen."""
+    Measured on this project's CPU with the default pair loaded (`docs/issue30/gc_pauses.py`:
+    `bench spec`'s runs at batch 16, three interleaved): 393k objects tracked; a full collection
+    of them took 169-200 ms, about once in a few hundred steps, one step at 2.25x its neighbours
+    that moved its run's tokens/s by 5%; after freezing, none, and no collection over 1 ms.
+    Objects frozen and dropped later are still freed by reference counting; only cycles among
+    them stay until `gc.unfreeze()`. Returns the objects frozen."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -51,7 +51,7 @@ Each round samples anew: request i of round r is seeded `--seed` + 100000 r + i 
 that round (common random numbers within a round, new draws between rounds). A sampled run's
 rate is luck as much as timing: at batch 4, temperature 0.7, 32 new tokens, fixed k = 1's
 mean accepted length over ten seeds was 1.33-1.49 (sd 3.4%) and its steps 23-28, and
-`goodput` ÷ fixed k = 1 per seed 0.92-1.15, 1.02 on average (`docs/issue30/sampling_luck.py`).
+`goodput` ÷ fixed k = 1 per seed 0.91-1.16, 1.016 on average (`docs/issue30/sampling_luck.py`).
 With one seed for every round, as before 2026-12-05, a configuration's lucky draw was its
 draw in every round and every run: seed 0 gave fixed k = 1 1.51 there, and that cell missed
 0.97 in `make bench` runs 6, 8, 13 and 14. Greedy runs draw nothing: their rounds are
