@@ -408,7 +408,7 @@ class BatchKV:
         finally:
             self.first_row = self.write_col = 0
         self._wrote(r0, nv, c, n, t)
-        return Features(out.logits, feature_fn(out.hidden_states)) if feature_fn is not None else out
+        return _with_features(out, feature_fn)
 
     def _wrote(self, r0: int, new_valid: np.ndarray | None, c: int, n: int, t: int) -> None:
         """Bookkeeping after a forward wrote rows [r0, r0 + n) at columns [c, c + T) (host;
@@ -482,7 +482,7 @@ class BatchKV:
                     )  # fmt: skip
                 # with a feature draft, only its features leave the graph (every layer's hidden
                 # states would stay alive as the graph's outputs)
-                return Features(out.logits, feature_fn(out.hidden_states)) if feature_fn is not None else out
+                return _with_features(out, feature_fn)
             finally:
                 self.write_rows = self.write_index = None
                 self.write_col = 0
@@ -761,6 +761,12 @@ class Features:
 
     logits: torch.Tensor  # [n, T or logits_to_keep, V]
     features: torch.Tensor  # [n, T, H]
+
+
+def _with_features(out: Any, feature_fn: Callable[[tuple[torch.Tensor, ...]], torch.Tensor] | None) -> Any:
+    """A target forward's output as it leaves `forward`: as the model gave it, or with a feature
+    draft's `feature_fn` a `Features` of its logits and the features the draft reads."""
+    return out if feature_fn is None else Features(out.logits, feature_fn(out.hidden_states))
 
 
 class _Rows:
