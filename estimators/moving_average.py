@@ -15,8 +15,8 @@ at batch 8 the memory is about 50 steps. Why this long (measured, issue 30): wit
 default pair at temperature 0.7, and `goodput` drafted nothing on the steps where it dipped:
 it accepted 1.34 tokens a row-step against fixed k = 1's 1.43 over ten seeds; with decay
 0.995 and the running-mean start, 1.42 (`PYTHONPATH=.:docs/issue30/alone_replay python
-docs/issue30/alone_replay/luck.py VARIANT --batch 8`, VARIANT "" or "decay0.98,inf"), with no change at batch 1 and 4 and none
-beyond noise in the replay at batch 1-64, both temperatures
+docs/issue30/alone_replay/luck.py VARIANT --batch 8`, VARIANT "" or "decay0.98,inf"), with no
+change at batch 1 and 4 and none beyond noise in the replay at batch 1-64, both temperatures
 (`docs/issue30/alone_replay/README.md`). The running-mean start keeps the first outcomes'
 pull as strong as the short memory's was, so a server whose workload differs from the
 shipped prior learns it within tens of outcomes.
