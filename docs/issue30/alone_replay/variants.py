@@ -45,12 +45,8 @@ def hysteresis() -> None:
 
 
 def revert(r: float) -> None:
-    import adactl.estimators.moving_average as a
+    from adactl.estimators.moving_average import MovingAverage
 
-    _revert(a.MovingAverage, r)
-
-
-def _revert(MovingAverage, r: float) -> None:  # noqa: N803
     learn = MovingAverage.learn
 
     def patched(self, observed: torch.Tensor, label: torch.Tensor) -> None:
