@@ -394,6 +394,8 @@ def test_slo_trees_learn_their_level_acceptance_from_tree_steps(target, draft, s
     ctl = SLODraftLength(step_time, MovingAverage(prior=0.5), tree_width=2)
     tree = ctl.tree
     assert tree is not None
+    assert tree.decay == MovingAverage().decay  # the chain's pace, and a chain with its own keeps it
+    assert SLODraftLength(step_time, MovingAverage(decay=0.9), tree_width=2).tree.decay == 0.9  # type: ignore[union-attr]
     for r in records(FixedDraftLength(3)) + records(TreeDraft(TreeSpec(0, 0, 0))):
         ctl.update(r)
     assert not ctl.tree_seen and torch.equal(tree.mean, torch.full((16,), 0.5))

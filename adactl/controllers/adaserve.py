@@ -88,7 +88,10 @@ class SLODraftLength(Controller):
         # trees: the level acceptance learned from the trees it drafts (as GoodputTree's);
         # until then the chain's, raised by a later alternative's chance where the first fails
         self.sibling_prior = sibling_prior
-        self.tree = MovingAverage(decay=0.98) if tree_width > 1 else None
+        # at the chain estimate's pace, as GoodputTree's (a hard-coded 0.98 outlived the chain's
+        # move to 0.995 in issue 30)
+        pace = getattr(self.estimator, "decay", None)
+        self.tree = (MovingAverage() if pace is None else MovingAverage(decay=pace)) if tree_width > 1 else None
         self.tree_seen = False
 
     def update(self, record: StepRecord) -> None:
