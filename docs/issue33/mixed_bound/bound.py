@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--block", type=int, default=16)
     args = ap.parse_args()
-    settings = StreamSettings(workload="mixed-consumers", requests=args.requests, max_new_tokens=args.max_new_tokens,
-                              replay=True)
+    settings = StreamSettings(
+        workload="mixed-consumers", requests=args.requests, max_new_tokens=args.max_new_tokens, replay=True
+    )
     _, reqs, _ = _workload(settings)
     b = args.block
     # the KV tokens (whole blocks) a request holds over its steps, summed
@@ -54,13 +55,16 @@ def main() -> None:
     rows = max(1, int(args.kv_tokens / mean_ctx))
     cheapest = step_s(1, args.kv_tokens)  # one row reading a whole pool: less than any full-pool step
     typical = step_s(rows, args.kv_tokens)  # the full pool as rows of the mean context
-    print(f"{len(reqs)} requests: prompt mean {prompts.mean():.0f} tokens, reply mean {replies.mean():.0f}; "
-          f"a token's context {mean_ctx:.0f} tokens on average, so a {args.kv_tokens}-token pool holds "
-          f"about {rows} rows")
+    print(
+        f"{len(reqs)} requests: prompt mean {prompts.mean():.0f} tokens, reply mean {replies.mean():.0f}; "
+        f"a token's context {mean_ctx:.0f} tokens on average, so a {args.kv_tokens}-token pool holds "
+        f"about {rows} rows"
+    )
     for name, t in (("cheapest full-pool step (1 row)", cheapest), (f"full pool as {rows} rows", typical)):
         rate = args.kv_tokens / (float(np.mean(held)) * t)
-        print(f"{name}: {1000 * t:.2f} ms a step -> at most {rate:.1f} requests/s "
-              f"({rate * replies.mean():.0f} tokens/s)")
+        print(
+            f"{name}: {1000 * t:.2f} ms a step -> at most {rate:.1f} requests/s ({rate * replies.mean():.0f} tokens/s)"
+        )
 
 
 if __name__ == "__main__":
