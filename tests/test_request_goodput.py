@@ -101,7 +101,9 @@ def test_requests_that_accept_more_draft_more_and_the_server_gains(h100):
     good, bad = np.mean(lengths[True]), np.mean(lengths[False])
     assert good > bad + 0.5, (good, bad)
     batch_rate = run(GoodputLength(h100, MovingAverage()))[0]
-    assert rate > 1.05 * batch_rate, (rate, batch_rate)  # 1.09 measured (known acceptance: 1.12)
+    # 1.04 measured against goodput's 3% margin (1.09 against the 6% of 2026-12-04, under which the
+    # batch controller itself drafted less: 8,968 against 9,409 tokens/s)
+    assert rate > 1.03 * batch_rate, (rate, batch_rate)
     assert not loop.fallbacks and per_request.fallback_rows == 0
 
 
