@@ -226,6 +226,56 @@ def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, mo
             records[name]["tokens"], records[name]["steps"], records[name]["mean_accepted_len"])
 
 
+def test_bench_spec_serves_small_batches_in_waves_each_counted_after_its_prefill(tmp_path, monkeypatch):
+    """`--min-requests 5` at batch 2: every run serves 6 requests, 2 at a time, the next 2 joining
+    only once the last of the wave before has finished, each with its own prompt and seed; the
+    rate counts each wave after its first step (the wave's prefill), and the waves' prefill
+    seconds are all that is left out of the run's own clock. Batch 8 is one wave, as before."""
+    from adactl.bench import spec
+    from adactl.runtime.engine import Engine
+
+    joined: list[tuple[str, int, int]] = []  # (run, request, requests unfinished when it joined)
+    add = Engine.add_request
+
+    def seen(self, prompt, sampling=None, request_id=None, **kwargs):
+        run, i = request_id.split("/req-")
+        joined.append((run, int(i), sampling.seed, len(self.requests())))
+        return add(self, prompt, sampling, request_id, **kwargs)
+
+    prefill_s: dict[tuple[str, int], float] = {}
+    step = spec.Serving.step
+
+    def timed(self):
+        first = self.steps == self.start[2]  # the wave's first step
+        before = self.loop.clock()
+        step(self)
+        if first:
+            key = (self.label["controller"], self.batch)
+            prefill_s[key] = prefill_s.get(key, 0.0) + self.loop.clock() - before
+
+    monkeypatch.setattr(Engine, "add_request", seen)
+    monkeypatch.setattr(spec.Serving, "step", timed)
+    main(["bench", "spec", "--tiny", "--batches", "2,8", "--temperatures", "0", "--controllers", "no-spec;fixed-k2",
+          "--max-new-tokens", "4", "--rounds", "1", "--min-requests", "5", "--seed", "3",
+          "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "spec.json").read_text())["records"]
+    records = {(r["controller"], r["batch_size"]): r for r in saved}
+    for name in ("no-spec", "fixed-k2", "oracle"):
+        mine = [(i, seed, busy) for run, i, seed, busy in joined if run == name]
+        assert [i for i, _, _ in mine[:6]] == list(range(6))
+        assert [s for _, s, _ in mine[:6]] == [3 + i for i in range(6)]
+        assert [busy for _, _, busy in mine[:6]] == [0, 1, 0, 1, 0, 1]  # a wave joins an idle engine
+        r = records[name, 2]
+        assert (r["requests"], r["waves"], r["tokens"]) == (6, 3, 24)
+        assert records[name, 8]["waves"] == 1 and records[name, 8]["requests"] == 8
+    plain = records["no-spec", 2]  # 4 steps a wave (the prefill's token, then one each), 3 counted
+    assert plain["steps"] == 12
+    assert plain["tokens_per_s"] * plain["step_ms"] / 1000 == pytest.approx(18 / 9)
+    counted_s = 18 / plain["tokens_per_s"]  # the run's own clock less its three prefill steps
+    assert plain["wall_s"] - counted_s == pytest.approx(prefill_s["no-spec", 2], rel=1e-6)
+    assert 0 < plain["first_step_s"] < prefill_s["no-spec", 2]  # the first wave's
+
+
 def test_bench_spec_replay_interleaved_serves_each_run_as_alone(tmp_path):
     """On the replay (simulated time, draws keyed by request), a fixed configuration's run is
     the same step for step whether the round's runs interleave or not: the same tokens, steps
@@ -286,6 +336,12 @@ def test_bench_spec_an_explicit_value_stands_whatever_the_mode():
     quick = resolved("--quick")
     assert (quick.batches, quick.ks, quick.max_new_tokens) == ([1, 8, 32], [2, 4], 24)
     assert resolved("--quick", "--max-new-tokens", "4").max_new_tokens == 4
+    # small batches serve 8 requests in waves on the engine; the quick look, the smoke run and the replay one wave
+    assert engine.min_requests == 8
+    assert quick.min_requests == replay.min_requests == resolved("--tiny").min_requests == 1
+    assert resolved("--replay", "--min-requests", "8").min_requests == 8
+    with pytest.raises(SystemExit, match="at least 1"):
+        resolved("--min-requests", "0")
 
 
 def test_bench_spec_replay_shows_the_gpu_regime(tmp_path, capsys):

@@ -21,6 +21,14 @@ Each run is a controller stack, labelled by its name in `adactl.stacks` (`adactl
   every row drafts exactly what the target accepts, where that pays).
 `--workload mixed` serves chat and code requests in turn and, in one pass labelled `mixed`,
 the temperatures in turn by pairs: greedy and sampled requests in one batch.
+At batch sizes under `--min-requests` (8), a run serves that many requests in waves of B, the
+next B joining when the last of the wave before has finished, and counts every wave after its
+prefill step: one request of 32 tokens is too little to compare controllers by. At temperature
+0.7 and batch 1, fixed k = 1's mean accepted length over ten seeds was 1.40 +- 9% (one
+request each: `make bench` runs 15 and 17 missed their 0.97 there by that luck, and at batch 2
+by fixed k = 2's rounds 25 and 31 tokens/s apart); eight requests divide that spread by about
+2.8, for a cell about 8x longer at batch 1 (a cell at batch 1 was 2 s a run, at batch 64 about
+20 s). `--quick`, `--tiny` and the replay keep one wave.
 `--saturated N` serves N x B requests, B at a time, a finished request replaced by the next
 at once, and counts tokens/s while the batch is kept full: a loaded server's throughput.
 Without it, B requests run once to completion and the slowest requests' tail (a batch that
@@ -104,6 +112,7 @@ TREE_COLUMNS = [*COLUMNS, "ratio_best_chain"]
 REPLAY_SLO_TPOT, REPLAY_SLO_RATE, REPLAY_SLO_REQUESTS = (0.006, 0.009, 0.015), 30.0, 400
 ORACLES = ("oracle", "tree-oracle", "request-oracle", "lookahead-oracle")  # upper bounds, not controllers
 MIXED = "mixed"  # the temperature of a pass whose requests take the temperatures in turn (--workload mixed)
+DEFAULT_MIN_REQUESTS = 8  # batch 1, 2, 4 on the engine serve 8 requests in waves (the module docstring)
 ROUND_SEEDS = 100_000  # round r samples request i with seed + ROUND_SEEDS * r + i (the module docstring)
 Temperature = float | str  # a temperature, or MIXED
 
@@ -135,14 +144,27 @@ def request_temperature(temperature: Temperature, i: int, temperatures: list[flo
     return temperatures[(i // 2) % len(temperatures)] if temperature == MIXED else float(temperature)
 
 
-def in_flight(group: list[list[int]], args: SpecSettings) -> int:
-    """Requests served at once in a run over `group`: all of them, or with `--saturated N` one N-th."""
-    return len(group) // max(args.saturated, 1)
+def cell_requests(batch: int, args: SpecSettings) -> int:
+    """Requests a run at batch size `batch` serves: N x B with `--saturated N`, else B, in as many
+    waves of B as `--min-requests` asks for."""
+    if args.saturated:
+        return batch * args.saturated
+    return batch * math.ceil(max(args.min_requests or 1, batch) / batch)
 
 
-def prefill_for(group: list[list[int]], args: SpecSettings) -> int:
-    """A run's prefill budget: every prompt served at once in one step."""
-    return sum(len(p) for p in group[: in_flight(group, args)])
+def in_flight(group: list[list[int]], args: SpecSettings, batch: int | None = None) -> int:
+    """Requests served at once in a run over `group`: `batch` (the cell's batch size), else all
+    of them, or with `--saturated N` one N-th."""
+    return batch if batch is not None else len(group) // max(args.saturated, 1)
+
+
+def prefill_for(group: list[list[int]], args: SpecSettings, batch: int | None = None) -> int:
+    """A run's prefill budget: every prompt served at once in one step (in waves: the largest
+    wave's)."""
+    b = in_flight(group, args, batch)
+    if args.saturated:
+        return sum(len(p) for p in group[:b])
+    return max(sum(len(p) for p in group[i : i + b]) for i in range(0, len(group), b))
 
 
 class RunClock:
@@ -171,28 +193,33 @@ class RunClock:
 
 
 class Serving:
-    """One run, a step at a time: all prompts at once to completion (with `--saturated N`, B =
-    len(prompts) / N at once, a finished request replaced by the next at once); `result()` is
-    its counts and rate.
+    """One run, a step at a time: B requests at once to completion, in waves of B when the run
+    has more (`--min-requests`: the next wave joins when the last request of the one before has
+    finished), or with `--saturated N` B = len(prompts) / N at once, a finished request replaced
+    by the next at once; `result()` is its counts and rate.
 
-    The rate counts from the end of the first step, the batch's prefill: the same prompts, the
-    same work for every configuration, which no speculation controller acts on; one step of
+    The rate counts from the end of each wave's first step, the wave's prefill: the same prompts,
+    the same work for every configuration, which no speculation controller acts on; one step of
     seconds, it moved by 15% between identical runs even interleaved. With `--saturated N`
     it counts until the last step that started with requests still waiting to join: a loaded
     server's throughput, without the tail where the batch empties."""
 
     def __init__(self, engine: Any, loop: ControlLoop, prompts: list[list[int]], temperature: Temperature,
-                 args: SpecSettings, bar: tqdm, **label: Any) -> None:  # fmt: skip
+                 args: SpecSettings, bar: tqdm, batch: int | None = None, **label: Any) -> None:  # fmt: skip
         self.engine, self.loop, self.prompts, self.bar, self.label = engine, loop, prompts, bar, label
         self.temperature, self.args = temperature, args
-        self.batch = in_flight(prompts, args)
+        self.batch = in_flight(prompts, args, batch)
+        self.saturated = bool(args.saturated) and self.batch < len(prompts)
         self.added = self.steps = self.row_steps = self.decode_tokens = self.drafted = self.emitted = 0
         self.control_s = 0.0
+        self.waves = 1
+        self.counted = (0.0, 0, 0)  # the finished waves' counted seconds, tokens and steps
         self.peek = getattr(loop.verify_controller, "estimator", None)  # the oracle's look at the target
         self.timer = loop.clock if isinstance(loop.clock, RunClock) else contextlib.nullcontext()
         self._add(self.batch)
-        self.start = self._mark()
-        self.first = self.full = self.start  # (clock, tokens emitted, steps) after step 1; while kept full
+        self.origin = self.start = self._mark()
+        self.first = self.full = self.start  # (clock, tokens emitted, steps) after the wave's step 1; while kept full
+        self.first_step_s = math.nan
 
     def _mark(self) -> tuple[float, int, int]:
         return self.loop.clock() - getattr(self.peek, "seconds", 0.0), self.emitted, self.steps
@@ -224,24 +251,40 @@ class Serving:
         self.emitted += o.tokens_emitted
         self.control_s += record.control_s
         self.bar.update(o.tokens_emitted)
-        if self.steps == 1:
+        if self.steps == self.start[2] + 1:  # the wave's first step: its prefill
             self.first = self._mark()
-        if self.added < len(self.prompts):
-            self.full = self._mark()
-        self._add(len(o.finished))
+            if self.waves == 1:
+                self.first_step_s = self.first[0] - self.start[0]
+        if self.saturated:
+            if self.added < len(self.prompts):
+                self.full = self._mark()
+            self._add(len(o.finished))
+        elif self.done and self.added < len(self.prompts):  # the next wave
+            self.counted = self._wave_total()
+            self.start = self.first = self._mark()
+            self.waves += 1
+            self._add(self.batch)
+
+    def _wave_total(self) -> tuple[float, int, int]:
+        """The counted seconds, tokens and steps with the wave now served included: after its
+        first step, or all of it if it had one step only."""
+        end = self._mark()
+        begin = self.first if end[2] > self.first[2] else self.start
+        return tuple(c + e - b for c, e, b in zip(self.counted, end, begin))  # type: ignore[return-value]
 
     def result(self) -> dict[str, Any]:
-        end = self.full if self.batch < len(self.prompts) else self._mark()
-        if end[2] <= self.first[2]:  # nothing after the first step (a 1-token run): the whole run
-            begin = self.start
+        if self.saturated:
+            begin = self.first if self.full[2] > self.first[2] else self.start
+            counted_s, counted, counted_steps = (e - b for e, b in zip(self.full, begin))
         else:
-            begin = self.first
-        counted_s, counted, counted_steps = end[0] - begin[0], end[1] - begin[1], end[2] - begin[2]
+            counted_s, counted, counted_steps = self._wave_total()
         return {
             **self.label,
             "tokens": sum(len(r.output_ids) for r in self.loop.results.values()),
-            "wall_s": self._mark()[0] - self.start[0],
-            "first_step_s": self.first[0] - self.start[0],
+            "requests": self.added,
+            "waves": self.waves,
+            "wall_s": self._mark()[0] - self.origin[0],
+            "first_step_s": self.first_step_s,
             "tokens_per_s": counted / counted_s if counted_s > 0 else float("nan"),
             "mean_accepted_len": self.decode_tokens / max(self.row_steps, 1),
             "mean_draft_len": self.drafted / max(self.row_steps, 1),
@@ -374,7 +417,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         both = ModelPair(alone.target, alone.draft, companion, device, dtype,
                          {**alone.specs, "companion": "tiny-companion"})  # fmt: skip
         g = torch.Generator().manual_seed(args.seed)
-        n = max(args.batches) * max(args.saturated, 1)
+        n = max(cell_requests(b, args) for b in args.batches)
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
         acceptance: Callable[[str], Any] = untrained_acceptance
         meta: dict[str, Any] = {"target": "tiny random Llama"}
@@ -383,9 +426,8 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
 
         both = load_pair(args.target, args.draft, args.companion, device, dtype)
         alone = ModelPair(both.target, both.draft, None, device, dtype, {**both.specs, "companion": "none"})
-        prompts = spec_prompts(
-            both.tokenizer, args.workload, max(args.batches) * max(args.saturated, 1), args.max_prompt_tokens
-        )
+        n = max(cell_requests(b, args) for b in args.batches)
+        prompts = spec_prompts(both.tokenizer, args.workload, n, args.max_prompt_tokens)
         est = SHIPPED_MODELS / "estimators"
 
         def acceptance(name: str) -> Any:
@@ -476,56 +518,59 @@ def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
 
 
 def start_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
-              ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
+              ctx: RunContext, args: SpecSettings, bar: tqdm, batch: int | None = None) -> Serving:  # fmt: skip
     companion = needs_companion(stack)
-    engine = engines(companion, in_flight(group, args))
+    engine = engines(companion, in_flight(group, args, batch))
     here = ctx.stack_context(companion, temperature)
     built = build_stack(stack, here)
     log = [StepLog()] if ctx.log_steps else []
-    loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=prefill_for(group, args),
+    loop = _loop(engine, schedule=built.schedule, verify=built.verify, prefill_budget=prefill_for(group, args, batch),
                  estimators=[here.cost(), *ctx.learners(temperature), *log])  # fmt: skip
-    run = Serving(engine, loop, group, temperature, args, bar, controller=stack)
+    run = Serving(engine, loop, group, temperature, args, bar, batch, controller=stack)
     if log:
         run.label["step_log"] = log[0].steps  # filled as it runs
     return run
 
 
 def start_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-                 temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
+                 temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm,
+                 batch: int | None = None) -> Serving:  # fmt: skip
     """The oracle drafts the best constant k of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else f"fixed-k{args.sv_k}"
     k = 0 if best == "no-spec" else int(best.removeprefix("fixed-k"))
-    engine = engines(False, in_flight(group, args))
+    engine = engines(False, in_flight(group, args, batch))
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[FixedDraftLength(k)], verify=oracle(engine, cost), estimators=[cost],
-                 prefill_budget=prefill_for(group, args))  # fmt: skip
-    return Serving(engine, loop, group, temperature, args, bar, controller="oracle", oracle_k=k)
+                 prefill_budget=prefill_for(group, args, batch))  # fmt: skip
+    return Serving(engine, loop, group, temperature, args, bar, batch, controller="oracle", oracle_k=k)
 
 
 def start_tree_oracle(here: list[dict[str, Any]], engines: Callable[[bool, int], Any], group: list[list[int]],
-                      temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm) -> Serving:  # fmt: skip
+                      temperature: Temperature, ctx: RunContext, args: SpecSettings, bar: tqdm,
+                      batch: int | None = None) -> Serving:  # fmt: skip
     """The tree oracle drafts the best fixed tree of this round and verifies with the target's verdict."""
     fixed = [r for r in here if is_fixed_tree(r["controller"])]
     best = max(fixed, key=lambda r: r["tokens_per_s"])["controller"] if fixed else TreeDraft(args.tree).name
     spec = tree_spec(best.removeprefix("tree-"))
-    engine = engines(False, in_flight(group, args))
+    engine = engines(False, in_flight(group, args, batch))
     cost = ctx.costs(False)
     loop = _loop(engine, schedule=[TreeDraft(spec)], verify=oracle(engine, cost), estimators=[cost],
-                 prefill_budget=prefill_for(group, args))  # fmt: skip
-    return Serving(engine, loop, group, temperature, args, bar, controller="tree-oracle", oracle_tree=best)
+                 prefill_budget=prefill_for(group, args, batch))  # fmt: skip
+    return Serving(engine, loop, group, temperature, args, bar, batch, controller="tree-oracle", oracle_tree=best)
 
 
 def start_request_oracle(engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
                          ctx: RunContext, args: SpecSettings, bar: tqdm,
-                         lookahead: bool = False) -> Serving:  # fmt: skip
+                         lookahead: bool = False, batch: int | None = None) -> Serving:  # fmt: skip
     """A per-request bound (the replay only): each request's acceptance known in hindsight
     (`lookahead`: each step's verdict), per-request goodput on it, then the verify oracle."""
-    engine = engines(False, in_flight(group, args))
+    engine = engines(False, in_flight(group, args, batch))
     cost = ctx.costs(False)
     schedule, verify = request_oracle(engine, cost, lookahead)
-    loop = _loop(engine, schedule=[schedule], verify=verify, estimators=[cost], prefill_budget=prefill_for(group, args))
-    return Serving(engine, loop, group, temperature, args, bar, controller=schedule.name)
+    loop = _loop(engine, schedule=[schedule], verify=verify, estimators=[cost],
+                 prefill_budget=prefill_for(group, args, batch))  # fmt: skip
+    return Serving(engine, loop, group, temperature, args, bar, batch, controller=schedule.name)
 
 
 def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
@@ -540,30 +585,31 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
     freeze_heap()  # no full collection over the loaded models' objects inside a timed step
     passes: list[Temperature] = [MIXED] if args.workload == MIXED else list(args.temperatures)
     total = (
-        sum(b * max(args.saturated, 1) * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
+        sum(cell_requests(b, args) * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
         * len(passes)
         * (args.rounds or 1)
     )
     bar = tqdm(total=total, desc=label, unit="tok")
     for temperature in passes:
         for batch in args.batches:
-            group = prompts[: batch * max(args.saturated, 1)]
+            group = prompts[: cell_requests(batch, args)]
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
                 order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]  # rotated (for --no-interleave)
                 seed = args.seed + 1000 * r + batch
                 drawn = replace(args, seed=args.seed + ROUND_SEEDS * r)  # this round's sampling seeds, all its runs
-                here = interleaved([partial(start_one, name, engines, group, temperature, ctx, drawn, bar)
+                here = interleaved([partial(start_one, name, engines, group, temperature, ctx, drawn, bar, batch)
                                     for name in order], seed, args.interleave)  # fmt: skip
                 bounds = []  # the oracles follow the round's best fixed configuration: a second turn
                 if "oracle" in oracles:
-                    bounds.append(partial(start_oracle, here, engines, group, temperature, ctx, drawn, bar))
+                    bounds.append(partial(start_oracle, here, engines, group, temperature, ctx, drawn, bar, batch))
                 if "tree-oracle" in oracles:
-                    bounds.append(partial(start_tree_oracle, here, engines, group, temperature, ctx, drawn, bar))
+                    bounds.append(partial(start_tree_oracle, here, engines, group, temperature, ctx, drawn, bar,
+                                          batch))  # fmt: skip
                 for name in ("request-oracle", "lookahead-oracle"):
                     if name in oracles:
                         bounds.append(partial(start_request_oracle, engines, group, temperature, ctx, drawn, bar,
-                                              name == "lookahead-oracle"))  # fmt: skip
+                                              name == "lookahead-oracle", batch))  # fmt: skip
                 here += interleaved(bounds, seed + 1, args.interleave)
                 rounds.append(here)
             for name in [*chosen, *oracles]:
@@ -691,6 +737,12 @@ class SpecSettings(DeviceSettings, ProfileSettings):
         parse=stack_list,
     )
     max_batch: int = setting(64, "--slo: requests served at once, at most")
+    min_requests: int | None = setting(None, "requests each run serves at least, B at a time in waves (the next "
+                                       "wave joins when the last request of the one before has finished; each "
+                                       "wave's prefill step off the count; default 8: batch 1 serves 8 waves of 1, "
+                                       "batch 4 two of 4, batch 8 and up one; --quick, --tiny, --replay and --slo "
+                                       "1)",
+                                       parse=int)  # fmt: skip
     saturated: int = setting(0, "serve N x B requests, B at a time (a finished one replaced at once), tokens/s "
                              "counted while the batch is kept full: a loaded server's throughput (0: B requests "
                              "at once, to completion)")  # fmt: skip
@@ -735,6 +787,10 @@ class SpecSettings(DeviceSettings, ProfileSettings):
             s = replace(s, max_new_tokens=128 if s.replay else 32)
         if s.rounds is None:
             s = replace(s, rounds=1 if s.quick or s.replay else 2)
+        if s.min_requests is None:
+            s = replace(s, min_requests=1 if s.quick or s.tiny or s.replay or s.slo else DEFAULT_MIN_REQUESTS)
+        if s.min_requests is not None and s.min_requests < 1:
+            raise SystemExit(f"adactl bench spec --min-requests: at least 1, got {s.min_requests}")
         if s.replay and s.slo:  # the GPU regime's scale: milliseconds per token, tens of requests a second
             if s.slo_tpot == base.slo_tpot:
                 s = replace(s, slo_tpot=list(REPLAY_SLO_TPOT))

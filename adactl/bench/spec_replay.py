@@ -99,7 +99,9 @@ class ReplayCosts:
 def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int]]:
     """The prompts (token ids: only their lengths matter here): the traces' recorded requests
     in turn (request i follows trace i of its kind), else the real bench's prompts."""
-    n = max(args.batches) * max(args.saturated, 1)
+    from adactl.bench.spec import cell_requests
+
+    n = max(cell_requests(b, args) for b in args.batches)
     if traces is not None:
         greedy = [t for t in traces.requests if t.greedy] or traces.requests
         return [[1] * greedy[i % len(greedy)].prompt_len for i in range(n)]
