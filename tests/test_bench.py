@@ -274,6 +274,12 @@ def test_bench_spec_serves_small_batches_in_waves_each_counted_after_its_prefill
     counted_s = 18 / plain["tokens_per_s"]  # the run's own clock less its three prefill steps
     assert plain["wall_s"] - counted_s == pytest.approx(prefill_s["no-spec", 2], rel=1e-6)
     assert 0 < plain["first_step_s"] < prefill_s["no-spec", 2]  # the first wave's
+    # waves of one step each (the prefill's token is all there is): the whole run is counted
+    main(["bench", "spec", "--tiny", "--batches", "2", "--temperatures", "0", "--controllers", "no-spec",
+          "--max-new-tokens", "1", "--rounds", "1", "--min-requests", "4", "--out", str(tmp_path / "one")])  # fmt: skip
+    one = json.loads((tmp_path / "one" / "spec.json").read_text())["records"][0]
+    assert (one["waves"], one["steps"], one["tokens"]) == (2, 2, 4)
+    assert one["tokens_per_s"] == pytest.approx(4 / one["wall_s"])
 
 
 def test_bench_spec_replay_interleaved_serves_each_run_as_alone(tmp_path):

@@ -64,10 +64,11 @@ With one seed for every round, as before 2026-12-05, a configuration's lucky dra
 draw in every round and every run: seed 0 gave fixed k = 1 1.51 there, and that cell missed
 0.97 in `make bench` runs 6, 8, 13 and 14. Greedy runs draw nothing: their rounds are
 unchanged.
-Reported per run: tokens/s (tokens generated after the first step, the batch's prefill, per
-second of the run's own steps, controller time included; `first_step_s` is the prefill's
-step), mean accepted length (tokens per decode row per step), step ms, `ratio_best_fixed`
-(to the best constant k, 0 included) and `ratio_oracle`.
+Reported per run: tokens/s (tokens generated after each wave's first step, its prefill, per
+second of the run's own steps, controller time included; `first_step_s` is the first wave's
+prefill step; `requests` and `waves` what it served), mean accepted length (tokens per decode
+row per step), step ms, `ratio_best_fixed` (to the best constant k, 0 included) and
+`ratio_oracle`.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class Serving:
         self._add(self.batch)
         self.origin = self.start = self._mark()
         self.first = self.full = self.start  # (clock, tokens emitted, steps) after the wave's step 1; while kept full
-        self.first_step_s = math.nan
+        self.first_step_s = 0.0  # the first wave's prefill step
 
     def _mark(self) -> tuple[float, int, int]:
         return self.loop.clock() - getattr(self.peek, "seconds", 0.0), self.emitted, self.steps
@@ -267,10 +268,11 @@ class Serving:
 
     def _wave_total(self) -> tuple[float, int, int]:
         """The counted seconds, tokens and steps with the wave now served included: after its
-        first step, or all of it if it had one step only."""
+        first step (a wave of one step, its prefill, adds nothing)."""
         end = self._mark()
-        begin = self.first if end[2] > self.first[2] else self.start
-        return tuple(c + e - b for c, e, b in zip(self.counted, end, begin))  # type: ignore[return-value]
+        if end[2] <= self.first[2]:
+            return self.counted
+        return tuple(c + e - b for c, e, b in zip(self.counted, end, self.first))  # type: ignore[return-value]
 
     def result(self) -> dict[str, Any]:
         if self.saturated:
@@ -278,6 +280,8 @@ class Serving:
             counted_s, counted, counted_steps = (e - b for e, b in zip(self.full, begin))
         else:
             counted_s, counted, counted_steps = self._wave_total()
+            if counted_steps == 0:  # nothing after any prefill (1-token requests): the whole run
+                counted_s, counted, counted_steps = (e - b for e, b in zip(self._mark(), self.origin))
         return {
             **self.label,
             "tokens": sum(len(r.output_ids) for r in self.loop.results.values()),
@@ -741,7 +745,7 @@ class SpecSettings(DeviceSettings, ProfileSettings):
                                        "wave joins when the last request of the one before has finished; each "
                                        "wave's prefill step off the count; default 8: batch 1 serves 8 waves of 1, "
                                        "batch 4 two of 4, batch 8 and up one; --quick, --tiny, --replay and --slo "
-                                       "1)",
+                                       "1; --saturated N serves N x B instead)",
                                        parse=int)  # fmt: skip
     saturated: int = setting(0, "serve N x B requests, B at a time (a finished one replaced at once), tokens/s "
                              "counted while the batch is kept full: a loaded server's throughput (0: B requests "
