@@ -28,7 +28,7 @@ prefill step: one request of 32 tokens is too little to compare controllers by. 
 request each: `make bench` runs 15 and 17 missed their 0.97 there by that luck, and at batch 2
 by fixed k = 2's rounds 25 and 31 tokens/s apart); eight requests divide that spread by about
 2.8, for a cell about 8x longer at batch 1 (a cell at batch 1 was 2 s a run, at batch 64 about
-20 s). `--quick`, `--tiny` and the replay keep one wave.
+20 s). `--quick`, `--tiny`, `--slo` and the replay keep one wave.
 `--saturated N` serves N x B requests, B at a time, a finished request replaced by the next
 at once, and counts tokens/s while the batch is kept full: a loaded server's throughput.
 Without it, B requests run once to completion and the slowest requests' tail (a batch that
@@ -151,6 +151,11 @@ def cell_requests(batch: int, args: SpecSettings) -> int:
     if args.saturated:
         return batch * args.saturated
     return batch * math.ceil(max(args.min_requests or 1, batch) / batch)
+
+
+def prompt_count(args: SpecSettings) -> int:
+    """Prompts a sweep needs: its largest cell's requests."""
+    return max(cell_requests(b, args) for b in args.batches)
 
 
 def in_flight(group: list[list[int]], args: SpecSettings, batch: int | None = None) -> int:
@@ -421,8 +426,8 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         both = ModelPair(alone.target, alone.draft, companion, device, dtype,
                          {**alone.specs, "companion": "tiny-companion"})  # fmt: skip
         g = torch.Generator().manual_seed(args.seed)
-        n = max(cell_requests(b, args) for b in args.batches)
-        prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 24, (n,))]
+        prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist()
+                   for k in torch.randint(4, 24, (prompt_count(args),))]  # fmt: skip
         acceptance: Callable[[str], Any] = untrained_acceptance
         meta: dict[str, Any] = {"target": "tiny random Llama"}
     else:
@@ -430,8 +435,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
 
         both = load_pair(args.target, args.draft, args.companion, device, dtype)
         alone = ModelPair(both.target, both.draft, None, device, dtype, {**both.specs, "companion": "none"})
-        n = max(cell_requests(b, args) for b in args.batches)
-        prompts = spec_prompts(both.tokenizer, args.workload, n, args.max_prompt_tokens)
+        prompts = spec_prompts(both.tokenizer, args.workload, prompt_count(args), args.max_prompt_tokens)
         est = SHIPPED_MODELS / "estimators"
 
         def acceptance(name: str) -> Any:

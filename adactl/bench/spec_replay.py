@@ -99,9 +99,9 @@ class ReplayCosts:
 def _prompt_lengths(args: Any, traces: AcceptanceTraces | None) -> list[list[int]]:
     """The prompts (token ids: only their lengths matter here): the traces' recorded requests
     in turn (request i follows trace i of its kind), else the real bench's prompts."""
-    from adactl.bench.spec import cell_requests
+    from adactl.bench.spec import prompt_count
 
-    n = max(cell_requests(b, args) for b in args.batches)
+    n = prompt_count(args)
     if traces is not None:
         greedy = [t for t in traces.requests if t.greedy] or traces.requests
         return [[1] * greedy[i % len(greedy)].prompt_len for i in range(n)]
