@@ -84,15 +84,16 @@ def cached_path(fp: Fingerprint) -> Path:
 
 @functools.cache
 def engine_version() -> str:
-    """A digest of the engine's source (`adactl.runtime`'s modules). A profile prices the
-    engine's steps, and those move with its code (padding 2-3 rows of the CPU's float32
-    `linear` cut batch-1 steps by 18-25%; issue 31's host path halved its overhead), so a
-    profile cached by an earlier version would price steps that no longer run: after an
-    upgrade the first run measures again."""
+    """A digest of the engine's source (`adactl.runtime`'s modules) and of this module's (what
+    it measures). A profile prices the engine's steps, and those move with its code (padding
+    2-3 rows of the CPU's float32 `linear` cut batch-1 steps by 18-25%; issue 31's host path
+    halved its overhead), so a profile cached by an earlier version would price steps that no
+    longer run: after an upgrade the first run measures again. The same for the profiler's
+    own changes (the rows it renews past `max_context`, 2026-12-05)."""
     import adactl.runtime as runtime
 
     digest = hashlib.sha256()
-    for path in sorted(Path(runtime.__file__).parent.glob("*.py")):
+    for path in [*sorted(Path(runtime.__file__).parent.glob("*.py")), Path(__file__)]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:8]
 
@@ -104,7 +105,7 @@ def _sync(device: torch.device) -> None:
 
 def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 300.0,
             reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
-            min_rounds: int = 4, stats: dict[str, int] | None = None
+            min_rounds: int = 4, stats: dict[str, int] | None = None, max_context: int = 384
             ) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
     A step that captured a CUDA graph is left out (`stats["captures"]` counts them).
@@ -122,7 +123,17 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     so every size is priced at the machine's mean speed over it, not at whatever it ran at
     during a few seconds of its own (the 2-core CPU's memory bandwidth moves 12-20 GB/s from
     second to second, and one profile priced its one-row steps at 70 ms where the same code
-    took 100-145 ms an hour later, issue 32)."""
+    took 100-145 ms an hour later, issue 32).
+
+    A row whose context passes `max_context` (1.5x the benches' longest prompt) is replaced
+    by a new prompt before the next round. Without that the first rows, which every batch
+    size runs, aged to 450-900 tokens, and a step's attention spans the cache's widest row
+    (the engine's padded rectangle, adactl.runtime.kv): at batch 32 one 800-token row among
+    rows of 16-256 tokens made a plain step 59% slower for 9% more context, and put k = 4 at
+    2.17x a plain step against 2.57x (`docs/issue30/width/width.py`). So a profile priced
+    k-token steps against plain ones at contexts no server batch of short requests holds: the
+    profile that measured 12 rounds a size (rows up to 900 tokens) put them 10-22% too cheap
+    against held-out steps, the 6-round one 5.2% (docs/bench_spec.md, 2026-12-05)."""
     from adactl.runtime import SamplingParams, StepPlan
 
     rng = random.Random(seed)
@@ -157,14 +168,21 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         return float(outcome.total_s)
 
     def fill(n: int) -> None:
-        """n requests running: new prompts for any that ended (a small model's context fills up
-        on a fast machine, where more rounds fit in the budget), prefilled in chunks."""
+        """n requests running: new prompts for any that ended or outgrew `max_context` (a
+        profile's rows otherwise age to many times the contexts a server's rows hold, the
+        first rows most, since every batch size runs them), prefilled in chunks."""
+        old = [v.request_id for v in engine.requests() if v.context_len > max_context]
+        for rid in old:
+            engine.cancel(rid)
         while len(engine.requests()) < n:
-            size = rng.randint(16, 256)  # prompts as long as the benches' (their prefill attention)
+            size = rng.randint(16, min(256, 2 * max_context // 3))  # as long as the benches' (their prefill)
             engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(size)], sampling))
         while any(v.status != "running" for v in engine.requests()):
             step(StepPlan(draft_len=0, prefill_budget=rng.choice([256, 512, 1024])))
         engine.pop_finished()
+        if old:  # the rows moved: an untimed step pays for compacting the cache, not the round's first
+            engine.draft_step(StepPlan(draft_len=0, prefill_budget=0))
+            engine.verify()
 
     def one_round(b: int) -> float:
         fill(grown)

@@ -7,11 +7,23 @@ row) (`adactl.estimators.cost_surface`):
     seconds[part] = theta[:, part] . phi(shape) * exp(profile(shape) + online(shape))
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
-           prefill tokens, prefill attention (query-key pairs, summed over the step's prompts)]
+           prefill tokens, prefill attention (query-key pairs, summed over the step's prompts),
+           KV read (the running rows' contexts, summed)]
 
 (The drafting indicator carries what a step pays once it drafts anything, whatever the
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
 CPU it is most of a batch-1 step's cost of drafting.)
+
+(The KV read is what a step pays for its rows' contexts however many tokens each row
+verifies: the verify attention term grows with k, and without this one it had to carry
+both. A profile whose rows held 500-900 tokens put a k-token step's cost over a plain one's
+10.2% off on average (up to 22%) against held-out steps with shorter rows on the 2-core CPU;
+its own steps refitted with this term, 7.9%; a profile of younger rows, 5.2% either way
+(`adactl profile --check --check-rounds 12`, the mean of three checks, 2026-12-05). Not in
+the basis: the engine's attention spans the widest row of the cache (padding), so one long
+row prices every row of a step as long; the profiler keeps its rows' contexts near a
+server's instead (adactl.profiler.measure). Profiles written before this term load with its
+coefficient 0, pricing what they always did.)
 
 - **Prior**: theta fitted by non-negative least squares, weighted by 1 / seconds (relative error), on the
   steps that `adactl profile` measured on this machine (`StepCostProfile`); then the
@@ -57,17 +69,18 @@ from adactl.interface import StepRecord
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
 BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
-         "draft_attention", "prefill_tokens", "prefill_attention")  # fmt: skip
-# what profiles written before 2026-12-02 call the last term: the square of a step's prefill tokens, which is
-# its attention when the step prefills one prompt from scratch (the profiler's steps lack the field, and
-# `StepShape` gives them exactly that); the same coefficient, read for several prompts as their pairs' sum
-OLD_BASIS = (*BASIS[:-1], "prefill_squared")
+         "draft_attention", "prefill_tokens", "prefill_attention", "kv_read")  # fmt: skip
+# the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): before
+# 2026-12-05 no KV read; before 2026-12-02 the prefill attention was called the square of a step's prefill
+# tokens, which is its attention when the step prefills one prompt from scratch (the profiler's steps lack the
+# field, and `StepShape` gives them exactly that); the same coefficient, read for several prompts as their sum
+OLD_BASES = (BASIS[:-1], (*BASIS[:-2], "prefill_squared"))
 # how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
 # 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
 # and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
 FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0])
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0])
 
 
 class ProfileError(ValueError):
@@ -78,7 +91,8 @@ def _phi(s: StepShape) -> tuple[float, ...]:
     """The unscaled cost basis of one shape, in the order of BASIS."""
     mean_context = s.context_tokens / max(s.rows, 1) / 1024  # thousands of tokens per row
     return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
-            s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128)  # fmt: skip
+            s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128,
+            s.context_tokens / 1024)  # fmt: skip
 
 
 def features(shapes: Sequence[StepShape]) -> np.ndarray:
@@ -305,9 +319,11 @@ class StepCostProfile:
             raise ProfileError(f"{path} is a version {version} profile; this adactl reads {VERSION}; {remake}")
         try:
             fingerprint = Fingerprint(**data["fingerprint"])
-            if data["basis"] not in (list(BASIS), list(OLD_BASIS)):
+            if data["basis"] not in (list(BASIS), *map(list, OLD_BASES)):
                 raise ProfileError(f"{path} uses the cost basis {data['basis']}, not {list(BASIS)}; {remake}")
             theta = np.array(data["theta"], dtype=np.float64)
+            if theta.ndim == 2 and len(theta) == len(data["basis"]) < len(BASIS):  # an older basis: its missing
+                theta = np.vstack([theta, np.zeros((len(BASIS) - len(theta), theta.shape[1]))])  # terms cost 0
             if theta.shape != (len(BASIS), len(PARTS)) or not np.isfinite(theta).all():
                 raise ProfileError(f"{path}: theta must be {len(BASIS)} x {len(PARTS)} finite numbers; {remake}")
             steps = [dict(s) for s in data["steps"]]

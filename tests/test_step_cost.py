@@ -127,6 +127,15 @@ def test_profile_file_round_trip_and_bad_files(tmp_path) -> None:
             StepCostProfile.load(tmp_path / name)
     with pytest.raises(ProfileError, match="does not exist"):
         StepCostProfile.load(tmp_path / "missing.json")
+    # a profile of the basis before the KV read term: that term costs nothing, the rest as written
+    theta = np.array(data["theta"])
+    theta[-1] = 0.0
+    old = {**data, "basis": list(BASIS[:-1]), "theta": theta[:-1].tolist()}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = StepCostProfile.load(tmp_path / "old.json")
+    assert np.array_equal(loaded.theta, theta) and BASIS[-1] == "kv_read"
+    same = StepCostProfile(FP, profile.steps, theta, {})
+    assert np.allclose(loaded.model(refine=False).predict(shapes), same.model(refine=False).predict(shapes))
 
 
 def test_features_are_finite_for_empty_and_prefill_only_steps() -> None:
@@ -246,6 +255,27 @@ def test_the_profiler_replaces_requests_whose_context_fills_up() -> None:
     assert seconds.shape == (len(shapes), 3) and len(shapes) > 100 and not engine.has_unfinished()
     full = [s.context_tokens / s.rows for s in shapes if s.rows and s.prefill_tokens == 0]
     assert max(full) > 250  # rows ran up to their context's end (and were replaced)
+
+
+def test_the_profiler_renews_rows_past_max_context() -> None:
+    """A row whose context passes `max_context` is replaced before the next round: a step's
+    attention spans the cache's widest row, so rows left to age would price every step at
+    contexts no server batch of short requests holds (issue 30, docs/issue30/width)."""
+    from adactl.profiler import measure
+    from adactl.runtime import Engine, EngineConfig, FeatureDraft
+    from adactl.runtime.models import tiny_llama
+
+    target = tiny_llama(vocab_size=256, max_positions=300)
+    draft = FeatureDraft.from_target(target, list(range(192)), 64, seed=1).eval()
+    engine = Engine(target, draft, config=EngineConfig(max_batch_size=4, seed=0))
+    shapes, _ = measure(engine, torch.device("cpu"), 256, max_batch=4, budget_s=120, reps=6, min_rounds=6,
+                        batch_seconds=1e-3, progress=False, max_context=48)  # fmt: skip
+    decode = [s for s in shapes if s.rows and s.prefill_tokens == 0]
+    prefills = [s for s in shapes if s.prefill_tokens]
+    # a round adds at most 1 + 2 + 3 + 4 + 5 + 7 + 9 tokens to a row: past that, a row was kept too long
+    assert max(s.context_tokens / s.rows for s in decode) <= 48 + 31
+    assert sum(s.prefill_tokens for s in prefills) > 4 * 32  # rows were renewed (4 prompts of <= 32 at the start)
+    assert not engine.has_unfinished()
 
 
 def run_goodput(truth: StepCostModel, prior: np.ndarray | None, refine: bool, k: int | None = None,
