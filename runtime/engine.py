@@ -365,6 +365,19 @@ class Engine:
             self.pop_finished()
         return self.graphs.captures - before
 
+    @torch.inference_mode()
+    def pack(self) -> bool:
+        """Pack the batch caches' rows left now, between steps: the holes rejected drafts left
+        are dropped and the next forward attends over the columns the longest row needs. A
+        forward attends over its rows' widest column, holes included, and compaction waits
+        until holes waste a quarter of the columns, so a step costs what the cache's history
+        made it: at batch 32 a plain step took 131 ms on a packed cache and 155 ms on one a
+        profile's drafts had left holes in (the 2-core CPU; `adactl profile` packs before each
+        round). True if anything moved."""
+        if self._inflight is not None:
+            raise RuntimeError("pack() between steps: the drafts in flight are not verified yet")
+        return any([kv.pack() for kv in (self.rows.target, self.rows.draft) if kv is not None])
+
     def graph_stats(self) -> dict[str, int]:
         """Graphs captured and held, and forwards that could not be captured (eager for good)."""
         g = self.graphs

@@ -702,6 +702,16 @@ class BatchKV:
                 self._reallocate(rows, cols)
         return compacted
 
+    def pack(self) -> bool:
+        """Pack every row's real tokens left now, however few holes there are (`maybe_compact`
+        waits until they waste `compact_waste` of the columns); True if anything moved."""
+        n = self.n_rows
+        width = int(self.lengths[:n].max()) if n else 0
+        if n == 0 or self.n_cols <= width:
+            return False
+        self._compact(width)
+        return True
+
     def _compact(self, width: int) -> None:
         n, s = self.n_rows, self.n_cols
         valid = self.valid[:n, :s]

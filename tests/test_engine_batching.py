@@ -6,6 +6,7 @@ import gc
 import random
 
 import psutil
+import pytest
 import torch
 
 from adactl.runtime import SamplingParams, StepPlan, run_to_completion
@@ -45,6 +46,24 @@ def test_deferred_requests_keep_their_cache(target, draft):
         step += 1
     results = {r.request_id: r for r in engine.pop_finished()}
     assert [results[r].output_ids for r in ids] == alone
+
+
+def test_pack_between_steps_changes_no_token(target, draft):
+    """`Engine.pack` drops the holes rejected drafts left (the profiler packs before each
+    round); every request's output is what it generates alone, and it refuses mid-step."""
+    engine, ids, alone = engine_with_references(target, draft, 4, seed=9, max_new_tokens=16)
+    packed = 0
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=3))
+        packed += engine.pack()
+    assert packed  # the drafts left holes to drop
+    results = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [results[rid] for rid in ids] == alone
+    engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=4))
+    engine.draft_step(StepPlan(draft_len=2))
+    with pytest.raises(RuntimeError, match="between steps"):
+        engine.pack()
+    engine.verify()
 
 
 def test_cancel_frees_the_request_and_spares_the_rest(target, draft):

@@ -61,6 +61,21 @@ def test_compaction_and_row_moves_keep_logits(target):
         assert torch.allclose(logits[i, 0], plain_logits(target, s + [[7], [8], [9]][i])[-1], atol=ATOL)
 
 
+def test_pack_drops_holes_below_the_compaction_threshold_and_keeps_logits(target):
+    """`pack` compacts however few holes there are (the profiler packs before each round, so
+    a round's steps attend over the width its rows need, not what earlier drafts left)."""
+    kv = BatchKV(2, config=KVConfig(min_compact_cols=10_000))  # maybe_compact never would
+    kv.new_rows(2)
+    seqs = [[3, 4, 5], [6, 7, 8, 9]]
+    append(kv, target, seqs)
+    append(kv, target, [[1, 2, 3]] * 2, keep=[1, 0])  # row 0 wrote after column 3, a hole (row 1 was longer)
+    seqs = [seqs[0] + [1], seqs[1]]
+    assert kv.n_cols == 5 and kv.pack() and kv.n_cols == 4 and not kv.pack()  # nothing left to move
+    logits = append(kv, target, [[7], [8]])
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], plain_logits(target, s + [[7], [8]][i])[-1], atol=ATOL)
+
+
 def test_add_row_from_another_cache(target):
     main = BatchKV(2)
     main.new_rows(1)
