@@ -1,4 +1,7 @@
-"""k-step / plain ratio at batch b: b rows alone in an engine, against the first b of 64 rows (the rest waiting)."""
+"""k-step / plain ratio at batch b: b rows alone in an engine, against the first b of 64 rows (the rest waiting).
+
+    python docs/issue30/width/subset.py 32
+"""
 import random, sys, time, numpy as np, torch
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime.models import load_pair, output_vocab_size
