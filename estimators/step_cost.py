@@ -18,7 +18,7 @@ CPU it is most of a batch-1 step's cost of drafting.)
 verifies: the verify attention term grows with k, and without this one it had to carry
 both. A profile whose rows held 500-900 tokens put a k-token step's cost over a plain one's
 10.2% off on average (up to 22%) against held-out steps with shorter rows on the 2-core CPU;
-its own steps refitted with this term, 7.9%; a profile of younger rows, 5.2% either way
+its own steps refitted with this term, 7.9%; a profile of younger rows, 5.2% and 5.0%
 (`adactl profile --check --check-rounds 12`, the mean of three checks, 2026-12-05). Not in
 the basis: the engine's attention spans the widest row of the cache (padding), so one long
 row prices every row of a step as long; the profiler keeps its rows' contexts near a
