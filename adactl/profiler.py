@@ -136,8 +136,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     against held-out steps. For the same reason each round starts from a packed cache
     (`Engine.pack`): the holes earlier rounds' drafts left (compaction waits until they waste
     a quarter of the columns) made the profile's plain steps at batch 32 cost 155 ms against
-    131 ms packed, and priced k = 4 at 1.98x a plain step where a bench's fresh batch pays
-    2.8-3.0x. Against held-out steps on new rows (`--check`, two checks), the profile's mean
+    131 ms packed, and priced k = 4 at 1.98x a plain step where new rows pay 2.6-3.0x. Against held-out steps on new rows (`--check`, two checks), the profile's mean
     error went from 6.1-6.2% (rows renewed only; the profiler before both, 6.2-6.9%) to
     3.6-3.7%, ratios within 5% from 12-15 of 21 to 17 (docs/bench_spec.md, 2026-12-05)."""
     from adactl.runtime import SamplingParams, StepPlan
