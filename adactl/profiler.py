@@ -136,9 +136,11 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     against held-out steps. For the same reason each round starts from a packed cache
     (`Engine.pack`): the holes earlier rounds' drafts left (compaction waits until they waste
     a quarter of the columns) made the profile's plain steps at batch 32 cost 155 ms against
-    131 ms packed, and priced k = 4 at 1.98x a plain step where new rows pay 2.6-3.0x. Against held-out steps on new rows (`--check`, two checks), the profile's mean
-    error went from 6.1-6.2% (rows renewed only; the profiler before both, 6.2-6.9%) to
-    3.6-3.7%, ratios within 5% from 12-15 of 21 to 17 (docs/bench_spec.md, 2026-12-05)."""
+    131 ms packed, and priced k = 4 at 1.98x a plain step where new rows pay 2.6-3.0x.
+    Against held-out steps on new rows (`--check`, two checks each), four profiles of this
+    profiler have 3.1-6.4% mean error and 11-17 of 21 ratios within 5%; the profiler before,
+    6.2-6.9% and 9-10 (docs/bench_spec.md, 2026-12-05). What is left is each profile's own
+    cell noise (6 steps a cell at batch 1-16)."""
     from adactl.runtime import SamplingParams, StepPlan
 
     rng = random.Random(seed)
@@ -191,8 +193,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
 
     def one_round(b: int) -> float:
         fill(grown)
-        if hasattr(engine, "pack"):  # each round from a packed cache (module docstring)
-            engine.pack()
+        engine.pack()  # each round from a packed cache (module docstring)
         order = rng.sample(lengths[b], len(lengths[b]))
         total = 0.0
         for k in order:  # the first b rows run, the others wait (a row may end mid-round: each step asks)
