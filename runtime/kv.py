@@ -130,14 +130,20 @@ class _BufferLayer(DynamicLayer):
         raise NotImplementedError("BatchKV layers are edited through BatchKV, not crop()")
 
     def resize(self, rows: int, cols: int, n_rows: int, n_cols: int) -> None:
-        """Reallocate to `[rows, H, cols, D]`, keeping the used block `[:n_rows, :, :n_cols]`."""
+        """Reallocate to `[rows, H, cols, D]`, keeping the used block `[:n_rows, :, :n_cols]`.
+        The rest is zeroed (a hole's value is multiplied by a zero weight, and garbage could be
+        NaN), but not the block that is copied over: at batch 64 of the default pair (0.9 GB)
+        writing zeros under the copy made a growth 140 ms instead of 90."""
         if not self.is_initialized:
             return
         assert self.k_buf is not None and self.v_buf is not None
         for name in ("k_buf", "v_buf"):
             old: torch.Tensor = getattr(self, name)
-            new = old.new_zeros(rows, old.shape[1], cols, old.shape[3])
-            new[:n_rows, :, :n_cols] = old[:n_rows, :, :n_cols]
+            new = old.new_empty(rows, old.shape[1], cols, old.shape[3])
+            n, s = min(n_rows, rows), min(n_cols, cols)
+            new[:n, :, :s] = old[:n, :, :s]
+            new[n:].zero_()
+            new[:n, :, s:].zero_()
             setattr(self, name, new)
         self.keys = self.values = None
 

@@ -127,6 +127,33 @@ def test_token_tree_matches_chains_at_batch_2_with_holes(target):
         assert torch.allclose(logits[row, node], expected, atol=ATOL), (row, node)
 
 
+def test_growth_copies_the_used_block_and_zeroes_the_rest(target):
+    """A growth copies only the used block into uninitialised memory and zeroes the rest: freed
+    buffers full of NaN, handed back by the allocator, must not reach a masked column (0 x NaN
+    is NaN in attention's P @ V)."""
+    kv = BatchKV(2, config=KVConfig(min_col_growth=1, col_headroom=0.0))
+    kv.new_rows(2)
+    seqs = [[3, 4, 5], [6, 7]]
+    append(kv, target, seqs)
+    for grow in range(1, 6):
+        for layer in kv.layers:  # poison every slot outside the used block, then grow
+            for buf in (layer.k_buf, layer.v_buf):
+                used = buf[: kv.n_rows, :, : kv.n_cols].clone()
+                buf.fill_(float("nan"))
+                buf[: kv.n_rows, :, : kv.n_cols] = used
+        before = [layer.k_buf[: kv.n_rows, :, : kv.n_cols].clone() for layer in kv.layers]
+        kv.reserve(2 + grow, kv.capacity[1] + grow)
+        for layer, old in zip(kv.layers, before):
+            for buf in (layer.k_buf, layer.v_buf):
+                rest = buf.clone()
+                rest[: kv.n_rows, :, : kv.n_cols] = 0
+                assert not rest.isnan().any() and not rest.any()
+            assert torch.equal(layer.k_buf[: kv.n_rows, :, : kv.n_cols], old)
+    logits = append(kv, target, [[8], [9]])
+    for i, s in enumerate(seqs):
+        assert torch.allclose(logits[i, 0], plain_logits(target, s + [[8], [9]][i])[-1], atol=ATOL)
+
+
 def test_memory_returns_to_zero(target):
     kv = BatchKV(2)
     assert kv.nbytes() == 0
