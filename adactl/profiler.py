@@ -98,6 +98,10 @@ def engine_version() -> str:
     return digest.hexdigest()[:8]
 
 
+MAX_CONTEXT = 384
+"""A profile's rows are renewed past this context (`measure`); 1.5x the benches' longest prompt."""
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,7 +109,7 @@ def _sync(device: torch.device) -> None:
 
 def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 300.0,
             reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
-            min_rounds: int = 4, stats: dict[str, int] | None = None, max_context: int = 384
+            min_rounds: int = 4, stats: dict[str, int] | None = None, max_context: int = MAX_CONTEXT
             ) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
     A step that captured a CUDA graph is left out (`stats["captures"]` counts them).
@@ -140,7 +144,13 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     Against held-out steps on new rows (`--check`, two checks each), four profiles of this
     profiler have 3.1-6.4% mean error and 11-17 of 21 ratios within 5%; the profiler before,
     6.2-6.9% and 9-10 (docs/bench_spec.md, 2026-12-05). What is left is each profile's own
-    cell noise (6 steps a cell at batch 1-16)."""
+    cell noise (6 steps a cell at batch 1-16).
+
+    On the CPU `make_profile` reserves the engine's KV first (`Engine.reserve`), as the bench
+    reserves its runs' (`adactl.bench.spec.Engines`): a cache that grows copies itself, 90-900 ms
+    at batch 64 of the default pair, and a k-token step widens it by k + 1 columns, so one k = 4
+    step in three or four paid for a copy, at random (k = 4 at batch 64: 501-735 ms, and 925,
+    964, 1,584 ms in the steps that copied; reserved, 534-683 ms: `docs/issue30/kv_growth`)."""
     from adactl.runtime import SamplingParams, StepPlan
 
     rng = random.Random(seed)
@@ -265,6 +275,8 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: 
     engine = Engine(pair.target.model, draft, config=EngineConfig(max_batch_size=max_batch, seed=seed))
     if engine.graphs is not None:  # every row up front: each growth of the batch would drop every graph
         engine.reserve(max_batch, 1)  # (columns still grow with the contexts, doubling)
+    else:  # the KV reserved, as `adactl bench spec` reserves its runs': no step pays for a growth
+        engine.reserve(max_batch, MAX_CONTEXT + 128)  # (a row's context, then a round's drafts before a pack)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     stats: dict[str, int] = {}
@@ -469,6 +481,9 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
     rng = random.Random(seed)
     engine = Engine(pair.target.model, pair.speculator(with_companion=pair.companion is not None),
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
+    if engine.graphs is None:  # the KV reserved, as the profiler's and a bench's: no step pays for a growth
+        per_round = sum(k + 1 for k in (0, *ks))  # the columns a round's steps add at most, holes included
+        engine.reserve(max(batches), 256 + per_round + 2 + rounds * per_round)  # (the warm-up: 1, 1, 0, *ks)
     vocab, sampling = output_vocab_size(pair.target.model), SamplingParams(max_new_tokens=4096, stop_on_eos=False)
     records: list[dict[str, Any]] = []
     freeze_heap()  # as make_profile

@@ -338,10 +338,12 @@ class Rows:
         if not joining:
             return
         rows = [self.prefilling.index(r) for r in joining]
-        if not self.running and len(joining) == len(self.prefilling) and self.graphs is None:
+        if not self.running and len(joining) == len(self.prefilling) and self.graphs is None \
+                and self.target.reserved == (0, 0):
             # nothing is running and every prefill row is done: adopt the prefill caches, and
-            # the empty batch caches prefill next. (Not with graphs: the batch caches keep
-            # their identity, so their decode graphs are captured once; the rows are copied.)
+            # the empty batch caches prefill next. (Not with graphs or a reservation: the batch
+            # caches keep their identity, so their decode graphs are captured once and their
+            # reserved capacity stays theirs; the rows are copied.)
             self.permute_prefill(rows)
             self.target, self.prefill_target = self.prefill_target, self.target
             if self.draft is not None and self.prefill_draft is not None:

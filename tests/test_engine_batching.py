@@ -110,6 +110,26 @@ def test_kv_memory_returns_to_starting_level(target, draft):
     assert rss[2] - rss[1] < 20 * 2**20  # no growth from round to round (no leak)
 
 
+def test_a_reservation_outlives_the_first_prompts_and_never_reallocates(target, draft):
+    """`Engine.reserve` on the CPU: the batch caches keep their capacity when the first prompts
+    join an idle engine (the prefill caches used to be adopted in their place, reservation and
+    all lost), so a run inside it never reallocates; tokens as the requests alone."""
+    engine, ids, alone = engine_with_references(target, draft, 6, seed=3, max_new_tokens=20)
+    engine.reserve(8, 160)
+    grown = []
+    for kv in (engine.rows.target, engine.rows.draft):
+        assert kv is not None
+        resize = kv._reallocate
+        kv._reallocate = lambda rows, cols, _r=resize: (grown.append((rows, cols)), _r(rows, cols))  # type: ignore[method-assign]
+    while engine.has_unfinished():
+        engine.step(StepPlan(draft_len=3))
+        assert engine.rows.target.reserved == (8, 160) and engine.rows.target.capacity == (8, 160)
+    results = {r.request_id: r.output_ids for r in engine.pop_finished()}
+    assert [results[r] for r in ids] == alone
+    assert engine.rows.target.capacity == (8, 160)  # kept over the drain
+    assert grown == []  # the batch caches never reallocated
+
+
 def test_prefill_only_steps_and_budget(target):
     engine = make_engine(target, None)
     rid = engine.add_request(list(range(1, 41)), SamplingParams(max_new_tokens=5))

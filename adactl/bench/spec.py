@@ -509,14 +509,35 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Engines:
-    """A fresh engine for each run: the draft alone, or the draft with its companion."""
+    """A fresh engine for each run: the draft alone, or the draft with its companion, its KV
+    reserved for `batch` rows of `columns` columns (0: none), as a server sizes its KV at
+    start-up (vLLM's preallocated blocks).
+
+    Without a reservation a cache grows as its widest row does, 16 columns at a time, and
+    copies itself each time; a k-token step widens it by k + 1 columns, holes included, so
+    speculation paid for more copies than plain decoding did. At batch 64 of the default pair
+    (0.9 GB of KV) a copy took 90-140 ms, up to 900 ms on fresh pages, against 180-600 ms steps:
+    in a bench-like run (32 tokens, prompts of 16-256) 4-12% of fixed k = 1's and k = 4's time,
+    1% of plain decoding's. Reserved, interleaved with the same runs unreserved (two rounds,
+    `docs/issue30/kv_growth/growth.py`): k = 1 +2.6/+3.0%, k = 4 +3.5/+3.8%, plain +0.6/+0.6%;
+    batch 8, k = 2: +5.1/+1.6%; the KV 1.18 GB against a peak of 0.88-1.01 GB."""
 
     target: Any
     draft: Any
     pair: Any  # the speculator with the companion
+    columns: int = 0
 
     def __call__(self, companion: bool, batch: int) -> Any:
-        return Engine(self.target, self.pair if companion else self.draft, config=EngineConfig(max_batch_size=batch))
+        engine = Engine(self.target, self.pair if companion else self.draft, config=EngineConfig(max_batch_size=batch))
+        if self.columns and engine.graphs is None:  # (with graphs every forward attends over the capacity)
+            engine.reserve(batch, self.columns)
+        return engine
+
+
+def kv_columns(prompts: list[list[int]], args: SpecSettings) -> int:
+    """The KV columns a bench's row can reach: its longest prompt, the tokens it generates and a
+    step's drafts, with the holes compaction allows (a quarter of the width) on top."""
+    return math.ceil((max(map(len, prompts), default=0) + args.max_new_tokens + 9) * 4 / 3)
 
 
 def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
@@ -644,7 +665,7 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
     else:
         target, draft, pair, prompts, ctx, meta = _load(args)
         if args.slo:
-            return _slo(args, Engines(target, draft, pair), prompts, ctx, meta)
+            return _slo(args, Engines(target, draft, pair, kv_columns(prompts, args)), prompts, ctx, meta)
         if args.validate and args.tiny:
             raise SystemExit("adactl bench spec --validate: the default pair only (its traces are shipped)")
         if args.validate and args.trees:
@@ -654,7 +675,7 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
                 raise SystemExit(f"adactl bench spec --validate --trees: no shipped width-{args.tree_width} "
                                  f"tree traces of {args.workload} (python train/record_traces.py --tree-width "
                                  f"{args.tree_width})")  # fmt: skip
-        engines = Engines(target, draft, pair)
+        engines = Engines(target, draft, pair, kv_columns(prompts, args))
         chosen = args.controllers or [
             *stacks(args.ks, args.sv_k),
             *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
