@@ -1,4 +1,9 @@
-"""k=4 and plain step times at batch 64, fresh rows each round; optional mallopt."""
+"""Plain, k = 1 and k = 4 step times at batch B (4 fresh engines of B rows, prompts of 16-256 random tokens, 6
+shuffled rounds each), with each step's draft / verify split and its seconds in reallocation and compaction.
+MODE: none; mallopt (glibc's mmap and trim thresholds raised); reserve (`Engine.reserve(B, 512)`).
+
+    python docs/issue30/kv_growth/bimodal.py none|mallopt|reserve 64 [COL_HEADROOM MIN_COL_GROWTH]
+"""
 import random, sys, time, ctypes, numpy as np, torch
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime.models import load_pair, output_vocab_size

@@ -1,5 +1,9 @@
-"""Bench-like static runs (B requests of prompts 16-256, 32 new tokens, fixed k), one engine per KV config,
-interleaved step by step: tokens/s after the prefill step, and time in KV reallocations."""
+"""Bench-like static runs (B requests of random prompts of 16-256 tokens, 32 new tokens, fixed k), one engine per
+KV policy, interleaved step by step, two rounds: tokens/s after the prefill step, reallocations in the decode steps,
+peak KV bytes. Policies: "grow" (no reservation) and "reserveC" (`Engine.reserve(B, C)`) for each C given.
+
+    python docs/issue30/kv_growth/growth.py 64x1,64x4,64x0,8x2 416     # cells BxK, reservation columns
+"""
 import random, sys, time, collections, numpy as np, torch
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime.kv import KVConfig

@@ -1,5 +1,8 @@
 """Bench-like static runs (B requests of the bench's prompts, 32 new tokens, fixed k, greedy): share of step time
-in compaction and KV reallocation, and the target cache's width over its longest row (holes), mean over steps."""
+in compaction and KV reallocation (and their causes), and the target cache's width over its longest row (holes).
+
+    python docs/issue30/kv_growth/holes.py 64x1,64x4 [COL_HEADROOM MIN_COL_GROWTH]
+"""
 import sys, time, collections, numpy as np, torch
 from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, freeze_heap
 from adactl.runtime import kv as kvmod

@@ -1,3 +1,8 @@
+"""One growth of batch 64's KV (30 layers x [80, 3, 304 -> 324, 64] float32, K and V), timed: zeros then copy
+(before 2026-12-05) against uninitialised buffers, the used block copied and the rest zeroed (now).
+
+    python docs/issue30/kv_growth/resize.py
+"""
 import time, torch, sys
 torch.manual_seed(0)
 L, B, H, D = 30, 64, 3, 64
