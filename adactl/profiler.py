@@ -483,7 +483,7 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
     if engine.graphs is None:  # the KV reserved, as the profiler's and a bench's: no step pays for a growth
         per_round = sum(k + 1 for k in (0, *ks))  # the columns a round's steps add at most, holes included
-        engine.reserve(max(batches), 256 + per_round + 2 + rounds * per_round)  # (the warm-up: 1, 1, 0, *ks)
+        engine.reserve(max(batches), 256 + per_round + 4 + rounds * per_round)  # (the warm-up: 1, 1, 0, *ks)
     vocab, sampling = output_vocab_size(pair.target.model), SamplingParams(max_new_tokens=4096, stop_on_eos=False)
     records: list[dict[str, Any]] = []
     freeze_heap()  # as make_profile
