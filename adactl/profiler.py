@@ -481,9 +481,10 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
     rng = random.Random(seed)
     engine = Engine(pair.target.model, pair.speculator(with_companion=pair.companion is not None),
                     config=EngineConfig(max_batch_size=max(batches), seed=seed))  # fmt: skip
+    longest = 256  # the prompts' longest, as a bench clips them
     if engine.graphs is None:  # the KV reserved, as the profiler's and a bench's: no step pays for a growth
         per_round = sum(k + 1 for k in (0, *ks))  # the columns a round's steps add at most, holes included
-        engine.reserve(max(batches), 256 + per_round + 4 + rounds * per_round)  # (the warm-up: 1, 1, 0, *ks)
+        engine.reserve(max(batches), longest + per_round + 4 + rounds * per_round)  # (the warm-up: 1, 1, 0, *ks)
     vocab, sampling = output_vocab_size(pair.target.model), SamplingParams(max_new_tokens=4096, stop_on_eos=False)
     records: list[dict[str, Any]] = []
     freeze_heap()  # as make_profile
@@ -493,7 +494,7 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
             engine.cancel(v.request_id)  # attention spans the widest row: docs/issue30/width)
         engine.pop_finished()
         while len(engine.requests()) < b:
-            engine.add_request([rng.randrange(1, vocab) for _ in range(rng.randint(16, 256))], sampling)
+            engine.add_request([rng.randrange(1, vocab) for _ in range(rng.randint(16, longest))], sampling)
         while any(v.status != "running" for v in engine.requests()):
             engine.step(StepPlan(draft_len=0, prefill_budget=512))
         for k in (1, 1, 0, *ks):  # warm-up: each length once (with CUDA graphs: their captures)

@@ -509,6 +509,10 @@ class RunContext:
         return [self.stack_context(False, temperature).acceptance("moving_average")]
 
 
+MAX_DRAFT_LEN = 8
+"""The longest draft a bench's run may ask for (its control loop's bound)."""
+
+
 @dataclass(frozen=True)
 class Engines:
     """A fresh engine for each run: the draft alone, or the draft with its companion, its KV
@@ -539,13 +543,14 @@ class Engines:
 def kv_columns(prompts: list[list[int]], args: SpecSettings) -> int:
     """The KV columns a bench's row can reach: its longest prompt, the tokens it generates and a
     step's drafts, with the holes compaction allows (a quarter of the width) on top."""
-    return math.ceil((max(map(len, prompts), default=0) + args.max_new_tokens + 9) * 4 / 3)
+    return math.ceil((max(map(len, prompts), default=0) + args.max_new_tokens + MAX_DRAFT_LEN + 1) * 4 / 3)
 
 
 def _loop(engine: Any, **kwargs: Any) -> ControlLoop:
     """The control loop of one run, on the engine's clock (the replay's is simulated) or on the
     run's own (`RunClock`: the wall seconds of its own steps)."""
-    return ControlLoop(engine, max_draft_len=8, clock=getattr(engine, "clock", None) or RunClock(), **kwargs)
+    clock = getattr(engine, "clock", None) or RunClock()
+    return ControlLoop(engine, max_draft_len=MAX_DRAFT_LEN, clock=clock, **kwargs)
 
 
 def start_one(stack: str, engines: Callable[[bool, int], Any], group: list[list[int]], temperature: Temperature,
