@@ -15,100 +15,17 @@ is emitted (the engine's).
 from __future__ import annotations
 
 import functools
-import math
-import weakref
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .kv import BatchKV
+from .row_padding import padded_linears, row_padding
 from .rows import Request, RowSampling, slot_parents
 from .shapes import verify_split
 from .steps import Drafts, Verdict
 from .verify import Verifier, process_logits, verify_chains
-
-ROW_BLOCK = 4
-
-
-def whole_row_blocks(model: Any, rows: int | None = None) -> AbstractContextManager[None]:
-    """On the CPU in float32, pad the input rows of the forwards' linear layers where torch's
-    CPU `linear` is slow for their count, and drop the padding from the outputs (zeros; each
-    real row's result is the same up to float rounding, the kernel's blocking differs).
-
-    - Every linear layer, 2 or 3 rows (a verify forward at batch 1 with 1 or 2 draft tokens,
-      plain decoding at batch 2 or 3): padded to 5 rows with two threads or more, to 4 with
-      one. SmolLM2 at batch 1 over 160 cached tokens (2 threads, torch 2.13, the model alone):
-      a forward of 1 token took 61 ms, of 2, 3, 4, 5 tokens 99, 124, 95, 80 ms; with its
-      linear layers padded to 5 rows 81, 81, 81, 78 ms (one thread: 101, 121, 87, 99
-      unpadded). In the engine (`docs/issue31/small_rows.py`, padding on and off step by step)
-      3 rows gain 18–25%, 2 rows 0–17%, and 4 rows padded to 5 lost up to 7%: they stay.
-    - The output layer, from 5 rows: a multiple of 4 where 2 or 3 would be left over. Its
-      blocks of 4 rows are fast and a remainder of 2 or 3 slow: SmolLM2's 576 x 49,152 output
-      layer took 10.5 ms for 1 row, 23.7 for 2, 39.3 for 3, 18.6 for 4, 38.7 for 7, 18.0 for 8.
-
-    bfloat16 has no such steps (the output layer took 3.4–4.4 ms for 1 to 8 rows alike).
-    `rows`: the rows the forwards inside compute logits for, if known (none to pad: no hooks,
-    and a shared no-op context, not a generator's few microseconds)."""
-    if rows is not None and _padded_rows(rows, True) == rows:
-        return _UNPADDED
-    linears = _linears(model)
-    if not linears or linears[-1].weight.device.type != "cpu" or linears[-1].weight.dtype != torch.float32:
-        return _UNPADDED  # (read at each call: the model may have moved since)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return _padded(linears, head)
-
-
-def _padded_rows(rows: int, head: bool) -> int:
-    """The row count a linear layer (the output layer: `head`) computes `rows` rows as."""
-    if rows in (2, 3):
-        return 5 if torch.get_num_threads() > 1 else 4
-    if head and rows > 4 and -rows % ROW_BLOCK in (1, 2):
-        return rows + -rows % ROW_BLOCK
-    return rows
-
-
-_UNPADDED = nullcontext()
-_LINEARS: weakref.WeakKeyDictionary[Any, list[torch.nn.Linear]] = weakref.WeakKeyDictionary()
-
-
-def _linears(model: Any) -> list[torch.nn.Linear]:
-    """Every `nn.Linear` of `model`, the output layer last where it is one (found once per model)."""
-    if not isinstance(model, torch.nn.Module):
-        return []
-    if model not in _LINEARS:
-        _LINEARS[model] = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return _LINEARS[model]
-
-
-@contextmanager
-def _padded(linears: list[torch.nn.Linear], head: Any) -> Iterator[None]:
-    shapes: list[torch.Size | None] = []  # per layer call in progress: its input's shape (None: not padded)
-
-    def pad(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        x = args[0]
-        rows = x.numel() // x.shape[-1]
-        target = _padded_rows(rows, module is head)
-        if target == rows:
-            shapes.append(None)
-            return None
-        shapes.append(x.shape)
-        flat = x.reshape(rows, x.shape[-1])
-        return (torch.cat([flat, flat.new_zeros(target - rows, flat.shape[1])]), *args[1:])
-
-    def cut(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
-        shape = shapes.pop() if shapes else None
-        if shape is None:
-            return None
-        return out[: math.prod(shape[:-1])].reshape(*shape[:-1], out.shape[-1])
-
-    handles = [h for m in linears for h in (m.register_forward_pre_hook(pad), m.register_forward_hook(cut))]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _rows_of(x: torch.Tensor, slots: bool = False, *, part: slice | None, width: int) -> torch.Tensor:
@@ -129,6 +46,7 @@ class TargetVerifier:
     ) -> None:  # fmt: skip
         """features: a feature draft's `target_features` (None: no feature draft)."""
         self.model, self._kv, self.device, self.features = model, kv, device, features
+        row_padding(model)  # measured now if this machine has no table for it: not inside a timed step
         self.verifier, self.tree_verifier = verifier, tree_verifier
 
     def _ids(self, rows: list[Request], drafts: Drafts, t: int) -> torch.Tensor:
@@ -166,7 +84,7 @@ class TargetVerifier:
             w, part = max(cuts[r0:r1]) + 1, slice(r0, r1)
             rows_of = functools.partial(_rows_of, part=None if whole else part, width=w)
             parents = rows_of(tree_parents, True) if tree_parents is not None else None
-            with whole_row_blocks(self.model, (r1 - r0) * w):
+            with padded_linears(self.model, (r1 - r0) * w):
                 out = kv.forward(self.model, rows_of(ids, True), rows_of(valid, True) if valid is not None else None,
                                  parents=parents, first_row=r0, **extra)  # fmt: skip
             assert kv.last_end is not None
@@ -210,7 +128,7 @@ class TargetVerifier:
         n = len(rows)
         for r in rows:
             r.draws += t
-        with whole_row_blocks(self.model, n * t):
+        with padded_linears(self.model, n * t):
             out = kv.forward(self.model, self._ids(rows, drafts, t), None, **extra)  # (every slot real)
         end = kv.last_end
         # (features: read by the proposer's settle before the next forward, as the general path's)
@@ -231,7 +149,7 @@ class TargetVerifier:
         ids = self._ids(rows, drafts, t)
         valid = torch.arange(t)[None, :] <= draft_len[:, None]
         parents = slot_parents(drafts.parents, t) if drafts.parents is not None else None
-        with whole_row_blocks(self.model, len(rows) * t):
+        with padded_linears(self.model, len(rows) * t):
             out = kv.forward(self.model, ids, valid, parents=parents)
         kv.keep_last(torch.zeros(len(rows), t, dtype=torch.bool))
         s = RowSampling(rows, self.device)

@@ -118,29 +118,3 @@ def test_eos_stops_request(target):
     result = run_to_completion(engine)[rid]
     assert result.finish_reason == "eos"
     assert result.output_ids == ref[: ref.index(eos) + 1]
-
-
-@pytest.mark.parametrize("rows", range(1, 10))
-def test_output_layer_rows_padded_to_whole_blocks_on_cpu(target, rows):
-    """The verify forwards' linear layers see 5 rows (4 with one thread) where they would see
-    2 or 3, and the output layer a multiple of 4 rows where 2 or 3 would be left over from 5
-    rows up (torch's CPU kernels are slow on those counts); the results are the unpadded ones,
-    and the hooks are gone afterwards."""
-    from adactl.runtime.target import whole_row_blocks
-
-    head = target.get_output_embeddings()
-    body = target.model.layers[0].mlp.gate_proj
-    small = 5 if torch.get_num_threads() > 1 else 4
-    for layer, expected in (
-        (head, small if rows in (2, 3) else rows + 4 - rows % 4 if rows > 4 and rows % 4 in (2, 3) else rows),
-        (body, small if rows in (2, 3) else rows),
-    ):
-        x = torch.randn(1, rows, layer.in_features)
-        seen: list[int] = []
-        with whole_row_blocks(target):
-            probe = layer.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].numel() // a[0].shape[-1]))
-            y = layer(x)
-            probe.remove()
-        assert seen == [expected]
-        torch.testing.assert_close(y, layer(x), rtol=1e-5, atol=1e-5)
-        assert not layer._forward_hooks and not layer._forward_pre_hooks

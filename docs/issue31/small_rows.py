@@ -1,12 +1,13 @@
-"""What padding the linear layers' small row counts saves (`runtime.target.whole_row_blocks`):
+"""What padding the linear layers' small row counts saves (`runtime.row_padding`, this machine's
+measured table since 2026-12-05; `runtime.target.whole_row_blocks`'s fixed rule before):
 engine steps on the default pair (SmolLM2-135M and its feature draft, float32, 2 threads) at
 the shapes whose forwards have 2 to 4 rows, with the padding on and off in turn step by step
 on one engine (in pairs, the order alternating), so that drift hits both alike.
 
     PYTHONPATH=. python docs/issue31/small_rows.py --steps 24
 
-Off means `_padded_rows` returns the rows unchanged, for every linear layer, the output layer's
-blocks of 4 included. Prints the median step (ms) per shape and mode, and the median over pairs
+Off means no layer is padded (`set_row_padding(target, NONE)`), the output layer included.
+Prints the median step (ms) per shape and mode, and the median over pairs
 of the ratio on ÷ off.
 """
 
@@ -15,19 +16,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
 
 import torch
 
-from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan
-from adactl.runtime import target as target_module
+from adactl.runtime import Engine, EngineConfig, SamplingParams, StepPlan, row_padding
 from adactl.runtime.models import load_pair
 
-SHAPES = [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0), (3, 0), (4, 0), (2, 1)]  # (batch, k)
+SHAPES = [(1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (2, 0), (3, 0), (4, 0), (2, 1), (4, 1), (8, 0), (4, 2), (8, 1)]
 
 
 def steps_on_off(target: torch.nn.Module, draft: torch.nn.Module, batch: int, k: int, pairs: int,
-                 padded: Callable[[int, bool], int]) -> tuple[list[float], list[float]]:  # fmt: skip
+                 padded: row_padding.RowPadding) -> tuple[list[float], list[float]]:  # fmt: skip
     """Step times (ms) with the padding on and off, `pairs` of each, taken in turn."""
     times: dict[bool, list[float]] = {True: [], False: []}
     with torch.inference_mode():
@@ -40,11 +39,11 @@ def steps_on_off(target: torch.nn.Module, draft: torch.nn.Module, batch: int, k:
             engine.step(StepPlan(draft_len=k))
         for p in range(pairs):
             for on in (True, False) if p % 2 == 0 else (False, True):
-                target_module._padded_rows = padded if on else (lambda rows, head: rows)  # type: ignore[assignment]
+                row_padding.set_row_padding(target, padded if on else row_padding.NONE)
                 t0 = time.perf_counter()
                 engine.step(StepPlan(draft_len=k))
                 times[on].append(1000 * (time.perf_counter() - t0))
-    target_module._padded_rows = padded  # type: ignore[assignment]
+    row_padding.set_row_padding(target, padded)
     return times[True], times[False]
 
 
@@ -55,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(2)
     pair = load_pair("default")
     target, draft = pair.target.model, pair.draft
-    padded = target_module._padded_rows
+    padded = row_padding.row_padding(target)
     print("| batch | k | rows of the verify forward | padded (ms) | unpadded (ms) | ratio (median of pairs) |")
     print("|---|---|---|---|---|---|")
     for b, k in SHAPES:
