@@ -2,13 +2,13 @@
 computes a forward's rows as, measured on this machine once and cached.
 
 Torch's CPU float32 `linear` picks its kernel and blocking by the input's row count and the
-CPU's vector instructions, and some counts are far slower than a larger one: on the 2-core AMD
-EPYC (AVX2) a forward of SmolLM2 over 2, 3, 4, 5 tokens took 99, 124, 95, 80 ms (issue 31); on
-the 2-core Intel Xeon (AVX-512) its body's linear layers take 17.5, 19.6, 26.7, 27.3 ms for 2,
-3, 4, 5 rows, and the output layer 8.5-21 ms for 4-15 rows against 9.9 for 16
-(`docs/issue30/row_padding/`). A fixed rule, tuned on one of them, is wrong on the other: the
-engine's rule from the AVX2 machine (2 and 3 rows padded to 5) made plain decoding at batch 2
-and a k = 1 step at batch 1 36-38% slower on the AVX-512 one (56 against 35 ms, 60 against 39).
+CPU's vector instructions, and some counts are far slower than a larger one: on the 2-core
+machine of 2026-12-04 a forward of SmolLM2 over 2, 3, 4, 5 tokens took 99, 124, 95, 80 ms (issue
+31); on the 2-core Intel Xeon (AVX-512) of 12-05 its body's linear layers take 17.5, 19.6, 26.7,
+27.3 ms for 2, 3, 4, 5 rows, and the output layer 8.5-21 ms for 4-15 rows against 9.9 for 16
+(`docs/issue30/row_padding/`). A fixed rule, tuned on one machine, is wrong on another: the
+engine's rule from the first (2 and 3 rows padded to 5) made plain decoding at batch 2 and a
+k = 1 step at batch 1 take 1.62x and 1.55x as long on the second (56 against 35 ms, 60 against 39).
 
 So the padding is measured: for each weight shape (out, in) of the model, one timed pass over
 its layers (a sample of them, `SAMPLE_BYTES` of weights, more than a CPU's caches hold, as the
