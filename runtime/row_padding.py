@@ -29,6 +29,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import sys
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -167,18 +169,19 @@ def row_padding(model: Any) -> RowPadding:
         path = cache_dir() / "row_padding" / f"{_key(model)}.json"
         try:
             table = RowPadding.from_dict(json.loads(path.read_text())["targets"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or not a table
             start = time.perf_counter()
+            print("adactl: measuring this CPU's float32 linear layers at 1-32 rows, once for this machine and "
+                  "model shape (a few seconds)", file=sys.stderr, flush=True)  # fmt: skip
             table, seconds = measure(model)
-            log.info("adactl: measured the CPU's float32 linear row padding in %.1f s (%s)",
-                     time.perf_counter() - start, path)  # fmt: skip
+            log.info("measured the row padding in %.1f s (%s)", time.perf_counter() - start, path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 from .device import cpu_model
 
                 record = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "targets": table.to_dict(), "seconds": seconds}  # fmt: skip
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")  # (two processes may measure at once)
                 tmp.write_text(json.dumps(record))
                 tmp.replace(path)
             except OSError as e:  # a read-only cache: measured again by the next process
