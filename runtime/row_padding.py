@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 TUNED_ROWS = 32
 REPS = 3
@@ -171,8 +172,8 @@ def row_padding(model: Any) -> RowPadding:
             table = RowPadding.from_dict(json.loads(path.read_text())["targets"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError):  # none yet, or not a table
             start = time.perf_counter()
-            print("adactl: measuring this CPU's float32 linear layers at 1-32 rows, once for this machine and "
-                  "model shape (a few seconds)", file=sys.stderr, flush=True)  # fmt: skip
+            tqdm.write("adactl: measuring this CPU's float32 linear layers at 1-32 rows, once for this machine "
+                       "and model shape (a few seconds)", file=sys.stderr)  # fmt: skip (above any progress bar)
             table, seconds = measure(model)
             log.info("measured the row padding in %.1f s (%s)", time.perf_counter() - start, path)
             try:
@@ -203,6 +204,11 @@ def padded_linears(model: Any, rows: int | None = None) -> AbstractContextManage
     table = _TABLES.get(model, NONE) if isinstance(model, torch.nn.Module) else NONE
     if not table.targets or (rows is not None and not table.pads(rows)):
         return _UNPADDED
+    if model not in _LINEARS:
+        _LINEARS[model] = [m for layers in _groups(model).values() for m in layers]
+    w = _LINEARS[model][0].weight
+    if w.device.type != "cpu" or w.dtype != torch.float32:  # (read at each call: the model may have moved since)
+        return _UNPADDED
     return _padded(model, table)
 
 
@@ -230,8 +236,6 @@ def _padded(model: torch.nn.Module, table: RowPadding) -> Iterator[None]:
             return None
         return out[: math.prod(shape[:-1])].reshape(*shape[:-1], out.shape[-1])
 
-    if model not in _LINEARS:
-        _LINEARS[model] = [m for layers in _groups(model).values() for m in layers]
     handles = [h for m in _LINEARS[model] for h in (m.register_forward_pre_hook(pad), m.register_forward_hook(cut))]
     try:
         yield

@@ -106,3 +106,15 @@ def test_a_large_model_is_measured_once_and_cached(tmp_path, monkeypatch):
     rp._TABLES.pop(model)
     monkeypatch.setattr(rp, "measure", lambda *a, **k: pytest.fail("measured again"))
     assert rp.row_padding(model).rows(3, (2048, 2048)) == 8
+
+
+def test_a_model_moved_off_float32_is_not_padded(target):
+    """The table is the float32 CPU kernels'; a model converted since runs unpadded."""
+    import copy
+
+    model = copy.deepcopy(target).to(torch.bfloat16)
+    rp.set_row_padding(model, _forced(model))
+    assert rp.padded_linears(model, 2) is rp._UNPADDED
+    rp.set_row_padding(model, _forced(model))
+    model.float()
+    assert rp.padded_linears(model, 2) is not rp._UNPADDED
