@@ -93,7 +93,11 @@ class RowPadding:
 
     @classmethod
     def from_dict(cls, d: dict[str, list[int]]) -> RowPadding:
-        return cls({_shape(k): tuple(int(x) for x in v) for k, v in d.items()})
+        """The table `to_dict` wrote; ValueError where a count would shrink (not a table of ours)."""
+        table = cls({_shape(k): tuple(int(x) for x in v) for k, v in d.items()})
+        if any(t < m for row in table.targets.values() for m, t in enumerate(row, 1)):
+            raise ValueError("a row padding table pads a count to fewer rows")
+        return table
 
 
 NONE = RowPadding({})

@@ -33,6 +33,8 @@ def test_rows_past_the_table_pad_by_residue():
     assert table.rows(3, (2, 2)) == 3  # a shape without a table: unpadded
     assert table.pads(3) and not table.pads(5)
     assert rp.RowPadding.from_dict(json.loads(json.dumps(table.to_dict()))) == table
+    with pytest.raises(ValueError):
+        rp.RowPadding.from_dict({"8x4": [1, 1, 3]})  # 2 rows computed as 1: not a table of ours
 
 
 def _forced(model: torch.nn.Module) -> rp.RowPadding:
