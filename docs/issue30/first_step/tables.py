@@ -1,3 +1,7 @@
+"""The row-padding table measured N times afresh (`adactl.runtime.row_padding.measure`): which choices move.
+
+    PYTHONPATH=. python docs/issue30/first_step/tables.py 5
+"""
 import os, sys, json, glob
 import torch
 torch.set_num_threads(2)
