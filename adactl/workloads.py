@@ -98,9 +98,63 @@ def chat_prompts(
     return prompts
 
 
+def built_apart(build: Callable[..., Any], *args: Any) -> Any:
+    """`build(*args)` run in a forked child process, its result (pickled back) or its error.
+
+    Reading ShareGPT and tokenizing thousands of its turns in the process that then serves
+    leaves that process's steps slower for its whole life: in a process that had built
+    `bench spec`'s 200 prompts, the default pair's k-token steps at batch 4 took 12-16% longer
+    (k = 1: 82-87 against 72-74 ms) and plain steps 3-4% (`docs/issue30/process_state`), where
+    building them in a child kept it at 74 ms. Neither the allocator's thresholds
+    (`MALLOC_MMAP_THRESHOLD_`), `malloc_trim` nor the tokenizer's threads were it. So a
+    bench's profile, made in its process, priced k-token steps 10-18% dearer than a clean
+    process's held-out steps (`adactl profile --check`), and the bench's own steps were the
+    slowed ones. A child shares the parent's loaded tokenizer by fork (nothing is pickled but
+    the result); where fork is not available, `build` runs here."""
+    import multiprocessing as mp
+    import warnings
+
+    if "fork" not in mp.get_all_start_methods():
+        return build(*args)
+    ctx = mp.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            send.send((True, build(*args)))
+        except BaseException as e:  # noqa: BLE001 (the parent raises it)
+            try:
+                send.send((False, e))
+            except Exception:  # an error that does not pickle
+                send.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+    with warnings.catch_warnings():  # (Python 3.12+ warns of forking a process with threads: the child
+        warnings.simplefilter("ignore", DeprecationWarning)  # runs Python only, no torch op)
+        process = ctx.Process(target=child, daemon=True)
+        process.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"building {getattr(build, '__name__', build)} in a child process: it exited "
+                           f"with code {process.exitcode} and no result") from None  # fmt: skip
+    finally:
+        receive.close()
+    process.join()
+    if not ok:
+        raise value
+    return value
+
+
 def spec_prompts(tokenizer: Any, workload: str, count: int, max_prompt_tokens: int) -> list[list[int]]:
     """The speculation bench's prompts: held-out ShareGPT (`sharegpt`), HumanEval (`humaneval`),
-    or both in turn (`mixed`: a chat request, a code request, ...)."""
+    or both in turn (`mixed`: a chat request, a code request, ...), built in a child process
+    (`built_apart`: building them here slows this process's steps)."""
+    return list(built_apart(_spec_prompts, tokenizer, workload, count, max_prompt_tokens))
+
+
+def _spec_prompts(tokenizer: Any, workload: str, count: int, max_prompt_tokens: int) -> list[list[int]]:
     if workload == "humaneval":
         return humaneval_prompts(tokenizer, count, max_prompt_tokens)
     chat = chat_prompts(tokenizer, count, max_prompt_tokens, read_sharegpt(), held_out=True)

@@ -197,3 +197,31 @@ def test_closed_loop_on_the_real_engine_reads_its_consumers_accounts():
     assert len(loop.results) == 4 and peak <= 2
     for r in loop.results.values():
         assert r.stream_units == 5 and r.stream_read_end >= max(r.finish_time, r.arrival_time + 0.05 + 4 / 100.0) - 1e-9
+
+
+def _squares(n: int, fail: str = "") -> list[int]:
+    import os
+
+    if fail == "raise":
+        raise ValueError(f"no squares of {n}")
+    if fail == "exit":
+        os._exit(3)
+    return [i * i for i in range(n)]
+
+
+def test_prompts_are_built_apart_from_the_serving_process():
+    """`built_apart` runs a build in a forked child (ShareGPT read and tokenized in the serving
+    process left its k-token steps 12-16% slower, docs/issue30/process_state): its result comes
+    back, its error is raised here with its type, and a child that dies is an error, not a hang."""
+    import os
+
+    from adactl.workloads import built_apart
+
+    parent = os.getpid()
+    assert built_apart(_squares, 5) == [0, 1, 4, 9, 16]
+    assert built_apart(os.getpid) != parent  # it did run elsewhere
+    with pytest.raises(ValueError, match="no squares of 2"):
+        built_apart(_squares, 2, "raise")
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        built_apart(_squares, 2, "exit")
+    assert built_apart(_squares, 3) == [0, 1, 4]  # and the next build still works
