@@ -145,6 +145,11 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     in the profiles of make bench runs 24-25, in the rounds where it was the plain one), so an
     untimed step runs first: without it, a profile priced k-token steps at batch 2 2-7% too
     cheap against held-out steps in the same process, with it within 2% (`docs/issue30/first_step`).
+    A profile prices the process it runs in: `make bench`'s, made after the bench had read and
+    tokenized its prompts in-process, priced k-token steps at batch 4 16-18% dearer than a clean
+    process's held-out steps, and so did that process's steps (its prompts are built in a child
+    since, `adactl.workloads.built_apart`; this paragraph's edit also retires the profiles cached
+    before, `engine_version`).
     Against held-out steps on new rows (`--check`, two checks each), four profiles of this
     profiler have 3.1-6.4% mean error and 11-17 of 21 ratios within 5%; the profiler before,
     6.2-6.9% and 9-10 (docs/bench_spec.md, 2026-12-05). What is left is each profile's own
