@@ -110,11 +110,12 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
     bench's profile, made in its process, priced k-token steps 10-18% dearer than a clean
     process's held-out steps (`adactl profile --check`), and the bench's own steps were the
     slowed ones. A child shares the parent's loaded tokenizer by fork (nothing is pickled but
-    the result); where fork is not available, `build` runs here."""
+    the result); where fork is not available, or in a daemonic process (a vectorised
+    environment's worker), which may not have children, `build` runs here."""
     import multiprocessing as mp
     import warnings
 
-    if "fork" not in mp.get_all_start_methods():
+    if "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
         return build(*args)
     ctx = mp.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)

@@ -66,12 +66,13 @@ def _requests(prompts: str, count: int = 256) -> tuple[tuple[tuple[int, ...], in
     from transformers import AutoTokenizer
 
     from adactl.runtime.models import default_target_dir
-    from adactl.workloads import chat_requests, humaneval_prompts, read_sharegpt
+    from adactl.workloads import built_apart, chat_requests, humaneval_prompts, read_sharegpt
 
     tokenizer = AutoTokenizer.from_pretrained(default_target_dir())
     if prompts == "humaneval":
         return tuple((tuple(p), 128) for p in humaneval_prompts(tokenizer, 140, 256))  # 141 of 164 fit
-    pairs = chat_requests(tokenizer, count, 256, 256, read_sharegpt(), held_out=prompts == "sharegpt-heldout")
+    pairs = built_apart(lambda: chat_requests(tokenizer, count, 256, 256, read_sharegpt(),
+                                              held_out=prompts == "sharegpt-heldout"))  # fmt: skip (a child's)
     return tuple((tuple(p), n) for p, n in pairs)
 
 

@@ -225,3 +225,22 @@ def test_prompts_are_built_apart_from_the_serving_process():
     with pytest.raises(RuntimeError, match="exited with code 3"):
         built_apart(_squares, 2, "exit")
     assert built_apart(_squares, 3) == [0, 1, 4]  # and the next build still works
+
+
+def _built_in_a_daemon(queue) -> None:
+    from adactl.workloads import built_apart
+
+    queue.put(built_apart(_squares, 4))
+
+
+def test_a_daemonic_process_builds_in_place():
+    """A daemonic process (a vectorised environment's worker) may not have children: it builds in place."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_built_in_a_daemon, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=60) == [0, 1, 4, 9]
+    worker.join(timeout=60)
+    assert worker.exitcode == 0

@@ -140,15 +140,15 @@ def _load(args: DraftSettings) -> tuple[Any, Any, dict[str, list[list[int]]], di
         meta = {"target": "tiny random Llama", "draft": "untrained feature draft",
                 "machine": describe(device, dtype).to_dict()}  # fmt: skip
         return target, draft, {"random": prompts}, meta
-    from adactl.workloads import chat_prompts, humaneval_prompts, read_sharegpt
+    from adactl.workloads import built_apart, chat_prompts, humaneval_prompts, read_sharegpt
 
     pair = load_pair(args.target, args.draft, None, device, dtype)
     target, draft = pair.target, pair.draft
     datasets: dict[str, list[list[int]]] = {}
     for name in args.datasets:
         if name == "sharegpt":
-            data = read_sharegpt()
-            datasets[name] = chat_prompts(target.tokenizer, args.prompts, args.max_prompt_tokens, data, held_out=True)
+            datasets[name] = built_apart(lambda: chat_prompts(target.tokenizer, args.prompts, args.max_prompt_tokens,
+                                                              read_sharegpt(), held_out=True))  # fmt: skip
         elif name == "humaneval":
             datasets[name] = humaneval_prompts(target.tokenizer, args.prompts, args.max_prompt_tokens)
         else:

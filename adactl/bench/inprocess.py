@@ -92,10 +92,11 @@ def _workload(args: InprocessSettings) -> tuple[Any, list[tuple[Any, int]]]:
         g = torch.Generator().manual_seed(args.seed)
         lengths = zip(torch.randint(4, 24, (args.requests,)), torch.randint(8, 24, (args.requests,)))
         return pair, [(torch.randint(1, 128, (int(k),), generator=g).tolist(), int(n)) for k, n in lengths]
-    from adactl.workloads import chat_requests, read_sharegpt
+    from adactl.workloads import built_apart, chat_requests, read_sharegpt
 
     pair = load_pair("smollm2", args.draft, None, args.device, args.dtype)
-    requests = chat_requests(pair.tokenizer, args.requests, 128, 64, read_sharegpt(), held_out=True)
+    requests = built_apart(lambda: chat_requests(pair.tokenizer, args.requests, 128, 64, read_sharegpt(),
+                                                 held_out=True))  # fmt: skip
     return pair, list(requests)
 
 

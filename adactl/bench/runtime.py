@@ -309,25 +309,27 @@ def _load(args: RuntimeSettings) -> tuple[PreTrainedModel, PreTrainedModel, Work
             "machine": machine,
         }
         return target, draft, Workload(prompts, args.max_new_tokens, 0), meta
-    from adactl.workloads import chat_prompts, read_sharegpt
+    from adactl.workloads import built_apart, chat_prompts, read_sharegpt
 
     # the default stand-in draft is the first 4 layers of whatever target is asked for
     draft = f"{args.target}@layers=4" if args.draft == DEFAULT_DRAFT and args.target != "smollm2" else args.draft
     pair = load_pair(args.target, draft, None, device, dtype)
     target_m = pair.target
-    data = read_sharegpt()
-    print(
-        f"ShareGPT: read {len(data.records)} complete records; "
-        f"skipped the cut-off tail ({data.skipped_tail_bytes} bytes)"
-    )
-    prompts = chat_prompts(target_m.tokenizer, max(args.batch_sizes), args.max_prompt_tokens, data)
+
+    def build() -> tuple[int, int, list[list[int]]]:  # in a child: built here they slow this process's steps
+        data = read_sharegpt()
+        prompts = chat_prompts(target_m.tokenizer, max(args.batch_sizes), args.max_prompt_tokens, data)
+        return len(data.records), data.skipped_tail_bytes, prompts
+
+    records, skipped, prompts = built_apart(build)
+    print(f"ShareGPT: read {records} complete records; skipped the cut-off tail ({skipped} bytes)")
     eos = int(target_m.tokenizer.eos_token_id)
     meta = {
         "target": args.target,
         "draft": draft,
         "draft_note": DRAFT_NOTE if args.draft == DEFAULT_DRAFT else "",
         "workload": f"ShareGPT V3 first user turns (<= {args.max_prompt_tokens} tokens), chat template",
-        "sharegpt_records_read": len(data.records),
+        "sharegpt_records_read": records,
         "machine": machine,
     }
     return target_m.model, pair.draft, Workload(prompts, args.max_new_tokens, eos), meta  # type: ignore[return-value]

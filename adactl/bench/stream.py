@@ -346,16 +346,15 @@ def _workload(args: StreamSettings) -> tuple[Any, list[tuple[Any, int]], list[St
         pair = ModelPair(LoadedModel(target, None, "tiny-stream"), None, None, device, dtype,
                          {"target": "tiny-stream", "draft": "none", "companion": "none"})  # fmt: skip
         return pair, reqs, [Stream(s.rate, "token", s.ttft_s) for s in streams]
-    from adactl.workloads import chat_requests, read_sharegpt
+    from adactl.workloads import built_apart, chat_requests, read_sharegpt
 
     pair = load_pair(args.target, None, None, device, dtype)
     if args.workload == "long":
         return pair, _long(args, pair.target.model), streams
-    data = read_sharegpt()
     replies = CHAT_MAX_REPLY if args.workload == "chat" else args.max_new_tokens
     try:  # the replay learns nothing from them: every record, for sweeps of 1,000 requests and more
-        reqs = chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, replies, data,
-                             held_out=not args.replay)  # fmt: skip
+        reqs = built_apart(lambda: chat_requests(pair.tokenizer, args.requests, args.max_prompt_tokens, replies,
+                                                 read_sharegpt(), held_out=not args.replay))  # fmt: skip
     except ValueError as e:
         fix = "ask for fewer --requests or a longer --max-prompt-tokens"
         raise SystemExit(f"adactl bench stream: {e}; {fix}") from None
