@@ -81,12 +81,13 @@ def load(args: argparse.Namespace) -> tuple[Engine, list[list[int]], dict]:
         n = max(args.batches) + args.mixed
         prompts = [torch.randint(1, 256, (int(k),), generator=g).tolist() for k in torch.randint(4, 40, (n,))]
         return Engine(target, draft), prompts, {"target": "tiny", "draft": "tiny+companion"}
-    from adactl.workloads import chat_prompts, read_sharegpt
+    from adactl.workloads import built_apart, chat_prompts, read_sharegpt
 
     pair = load_pair(args.target, args.draft or None, (args.companion or None) if args.draft else None, args.device,
                      args.dtype)  # fmt: skip
     loaded = pair.target
-    prompts = chat_prompts(loaded.tokenizer, max(args.batches) + args.mixed, args.max_prompt_tokens, read_sharegpt())
+    prompts = built_apart(lambda: chat_prompts(loaded.tokenizer, max(args.batches) + args.mixed, args.max_prompt_tokens,
+                                               read_sharegpt()))  # fmt: skip (in a child: they would slow the steps)
     meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "dtype": dtype_name(pair.dtype),
             "machine": describe(pair.device, pair.dtype).to_dict()}  # fmt: skip
     return Engine(loaded.model, pair.speculator(pair.companion is not None), loaded.tokenizer), prompts, meta
