@@ -113,6 +113,7 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
     the result); where fork is not available, or in a daemonic process (a vectorised
     environment's worker), which may not have children, `build` runs here."""
     import multiprocessing as mp
+    import pickle
     import warnings
 
     if "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
@@ -122,12 +123,14 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
 
     def child() -> None:
         try:
-            send.send((True, build(*args)))
-        except BaseException as e:  # noqa: BLE001 (the parent raises it)
+            outcome: tuple[bool, Any] = (True, build(*args))
+        except BaseException as e:  # (the parent raises it)
             try:
-                send.send((False, e))
-            except Exception:  # an error that does not pickle
-                send.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+                pickle.loads(pickle.dumps(e))  # it must come back whole, or as its text
+                outcome = (False, e)
+            except Exception:
+                outcome = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+        send.send(outcome)
 
     with warnings.catch_warnings():  # (Python 3.12+ warns of forking a process with threads: the child
         warnings.simplefilter("ignore", DeprecationWarning)  # runs Python only, no torch op)
@@ -140,9 +143,13 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
         process.join()
         raise RuntimeError(f"building {getattr(build, '__name__', build)} in a child process: it exited "
                            f"with code {process.exitcode} and no result") from None  # fmt: skip
-    finally:
+    finally:  # (an interrupt while waiting: the child goes too)
         receive.close()
-    process.join()
+        if process.is_alive() and process.exitcode is None:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+        process.join()
     if not ok:
         raise value
     return value

@@ -199,9 +199,16 @@ def test_closed_loop_on_the_real_engine_reads_its_consumers_accounts():
         assert r.stream_units == 5 and r.stream_read_end >= max(r.finish_time, r.arrival_time + 0.05 + 4 / 100.0) - 1e-9
 
 
+class _Odd(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}+{b}")  # (unpickling calls _Odd(message): it does not come back whole)
+
+
 def _squares(n: int, fail: str = "") -> list[int]:
     import os
 
+    if fail == "odd":
+        raise _Odd(1, 2)
     if fail == "raise":
         raise ValueError(f"no squares of {n}")
     if fail == "exit":
@@ -224,6 +231,8 @@ def test_prompts_are_built_apart_from_the_serving_process():
         built_apart(_squares, 2, "raise")
     with pytest.raises(RuntimeError, match="exited with code 3"):
         built_apart(_squares, 2, "exit")
+    with pytest.raises(RuntimeError, match=r"_Odd: 1\+2"):  # an error that does not pickle back: its text
+        built_apart(_squares, 2, "odd")
     assert built_apart(_squares, 3) == [0, 1, 4]  # and the next build still works
 
 
