@@ -114,6 +114,7 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
     environment's worker), which may not have children, `build` runs here."""
     import multiprocessing as mp
     import pickle
+    import traceback
     import warnings
 
     if "fork" not in mp.get_all_start_methods() or mp.current_process().daemon:
@@ -123,13 +124,14 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
 
     def child() -> None:
         try:
-            outcome: tuple[bool, Any] = (True, build(*args))
-        except BaseException as e:  # (the parent raises it)
+            outcome: tuple[bool, Any, str] = (True, build(*args), "")
+        except BaseException as e:  # (the parent raises it, the child's traceback as a note)
+            where = traceback.format_exc()
             try:
                 pickle.loads(pickle.dumps(e))  # it must come back whole, or as its text
-                outcome = (False, e)
+                outcome = (False, e, where)
             except Exception:
-                outcome = (False, RuntimeError(f"{type(e).__name__}: {e}"))
+                outcome = (False, RuntimeError(f"{type(e).__name__}: {e}"), where)
         send.send(outcome)
 
     with warnings.catch_warnings():  # (Python 3.12+ warns of forking a process with threads: the child
@@ -138,7 +140,7 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
         process.start()
     send.close()
     try:
-        ok, value = receive.recv()
+        ok, value, where = receive.recv()
     except EOFError:
         process.join()
         raise RuntimeError(f"building {getattr(build, '__name__', build)} in a child process: it exited "
@@ -151,6 +153,8 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
                 process.terminate()
         process.join()
     if not ok:
+        if hasattr(value, "add_note"):  # (Python 3.11+)
+            value.add_note(f"in the child process that built it:\n{where.rstrip()}")
         raise value
     return value
 

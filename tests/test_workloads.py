@@ -3,6 +3,8 @@ environment serve through, and the run metrics computed from its results."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from adactl import metrics
@@ -227,8 +229,10 @@ def test_prompts_are_built_apart_from_the_serving_process():
     parent = os.getpid()
     assert built_apart(_squares, 5) == [0, 1, 4, 9, 16]
     assert built_apart(os.getpid) != parent  # it did run elsewhere
-    with pytest.raises(ValueError, match="no squares of 2"):
+    with pytest.raises(ValueError, match="no squares of 2") as raised:
         built_apart(_squares, 2, "raise")
+    if sys.version_info >= (3, 11):  # where in the child it was raised, as a note
+        assert "in _squares" in "".join(raised.value.__notes__)
     with pytest.raises(RuntimeError, match="exited with code 3"):
         built_apart(_squares, 2, "exit")
     with pytest.raises(RuntimeError, match=r"_Odd: 1\+2"):  # an error that does not pickle back: its text
