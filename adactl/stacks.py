@@ -76,13 +76,20 @@ class StackContext:
     step_time: the machine's step-cost model (None only for stacks that never predict a cost:
     see `costs_steps`); acceptance: estimator name (one of `ACCEPTANCE`) -> a fresh estimator;
     prefill_budget: prompt tokens per step of the static budgets; max_running: the in-flight
-    cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `goodput-req-tree`, `slo-tree`."""
+    cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `goodput-req-tree`, `slo-tree`;
+    seed: of the controllers' own draws (the probes of `goodput`, `goodput-req`, `slo`). A server
+    builds its stack once and its draws go on from step to step; a bench that builds a stack
+    per run gives each run a seed of its own, or every run draws the same probes at the same
+    steps (`adactl bench spec`: with seed 0 in every run, `goodput`'s twelfth decode step drew
+    0.0027 and probed a whole-batch k = 1 step in nearly every 32-step run at batch 32 and 64,
+    about 1.7% of each run's time where plain decoding was the best; issue 30)."""
 
     step_time: StepTimePredictor | None
     acceptance: Callable[[str], Estimator] = no_acceptance
     prefill_budget: int = 512
     max_running: int | None = 32
     tree_width: int = 2
+    seed: int = 0
 
     def cost(self) -> StepTimePredictor:
         if self.step_time is None:
@@ -167,14 +174,16 @@ REGISTRY: tuple[Entry, ...] = (
           lambda c, n: BucketEMA(), speculates=True),
     Entry("goodput", r"goodput", "schedule", "draft length",
           "the draft length maximising predicted tokens per predicted second",
-          lambda c, n: GoodputLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),
+          lambda c, n: GoodputLength(c.cost(), c.acceptance("moving_average"), seed=c.seed), speculates=True,
+          costs_steps=True),
     Entry("goodput-req", r"goodput-req", "schedule", "draft length per request",
           "per-request goodput: each request's own acceptance, the batch's draft tokens where they pay most",
-          lambda c, n: RequestGoodput(c.cost(), RequestAcceptance(c.acceptance("moving_average"))),
+          lambda c, n: RequestGoodput(c.cost(), RequestAcceptance(c.acceptance("moving_average")), seed=c.seed),
           speculates=True, costs_steps=True),
     Entry("slo", r"slo", "schedule", "draft length per request",
           "AdaServe's draft lengths: each request on its TPOT SLO first, then throughput",
-          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average")), speculates=True, costs_steps=True),
+          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average"), seed=c.seed), speculates=True,
+          costs_steps=True),
     # token trees
     Entry("tree-d{D}w{W}n{N}", r"tree-d(\d+)w(\d+)n(\d+)", "schedule", "token tree",
           "a fixed token tree: depth D, W alternatives per level, N nodes kept",
@@ -186,11 +195,12 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("goodput-req-tree", r"goodput-req-tree", "schedule", "token tree per request",
           "per-request goodput over token trees: each request's own tree depth (or chain length) from its own "
           "acceptance, tree_width alternatives per level, the batch's budget where it pays most",
-          lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average")), c.tree_width),
+          lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average")), c.tree_width,
+                                          seed=c.seed),
           speculates=True, costs_steps=True),
     Entry("slo-tree", r"slo-tree", "schedule", "token tree per request",
           "slo over token trees of tree_width alternatives per level",
-          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average"), tree_width=c.tree_width),
+          lambda c, n: SLODraftLength(c.cost(), c.acceptance("moving_average"), tree_width=c.tree_width, seed=c.seed),
           speculates=True, costs_steps=True),
     # learned (train/ppo.py; the shipped policies in models/policies/)
     Entry("learned-stream", r"learned-stream", "schedule", "admission, run or defer, prefill budget",

@@ -176,6 +176,28 @@ def test_bench_spec_samples_each_round_anew_with_draws_shared_by_its_runs(tmp_pa
     assert seeds == {"no-spec": rounds, "fixed-k2": rounds, "oracle": rounds}
 
 
+def test_bench_spec_gives_each_runs_controllers_draws_of_their_own(tmp_path, monkeypatch):
+    """The controllers' own draws (`goodput`'s and `goodput-req`'s probes) are seeded by round and
+    batch size: with seed 0 in every run, `goodput` probed at the same step of every run (issue 30)."""
+    from adactl.bench.spec import ROUND_SEEDS
+    from adactl.controllers import goodput, request_goodput
+
+    seeds: dict[str, list[int]] = {}
+    for module, cls in ((goodput, "GoodputLength"), (request_goodput, "RequestGoodput")):
+        original = getattr(module, cls).__init__
+
+        def init(self, *args, _original=original, _cls=cls, seed=0, **kwargs):
+            seeds.setdefault(_cls, []).append(seed)
+            _original(self, *args, seed=seed, **kwargs)
+
+        monkeypatch.setattr(getattr(module, cls), "__init__", init)
+    main(["bench", "spec", "--tiny", "--batches", "1,2", "--temperatures", "0", "--controllers",
+          "no-spec;goodput;goodput-req", "--max-new-tokens", "3", "--rounds", "2", "--seed", "5", "--out",
+          str(tmp_path)])  # fmt: skip
+    expected = [5 + ROUND_SEEDS * r + batch for batch in (1, 2) for r in range(2)]
+    assert seeds == {"GoodputLength": expected, "RequestGoodput": expected}
+
+
 def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, monkeypatch):
     """A round's runs take their steps in turn, shuffled each turn, each run timed only inside
     its own steps; the rate counts after the first step (the prefill). Interleaving changes

@@ -80,10 +80,10 @@ class SLODraftLength(Controller):
     name = "slo-draft"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, tree_width: int = 1,
-                 sibling_prior: float = 0.3) -> None:  # fmt: skip
+                 sibling_prior: float = 0.3, seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
-        self.goodput = GoodputLength(step_time, self.estimator)
+        self.goodput = GoodputLength(step_time, self.estimator, seed=seed)  # (its probes' draws)
         self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
         # trees: the level acceptance learned from the trees it drafts (as GoodputTree's);
         # until then the chain's, raised by a later alternative's chance where the first fails
