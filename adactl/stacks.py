@@ -80,9 +80,10 @@ class StackContext:
     seed: of the controllers' own draws (the probes of `goodput`, `goodput-req`, `slo`). A server
     builds its stack once and its draws go on from step to step; a bench that builds a stack
     per run gives each run a seed of its own, or every run draws the same probes at the same
-    steps (`adactl bench spec`: with seed 0 in every run, `goodput`'s twelfth decode step drew
-    0.0027 and probed a whole-batch k = 1 step in nearly every 32-step run at batch 32 and 64,
-    about 1.7% of each run's time where plain decoding was the best; issue 30)."""
+    steps (`adactl bench spec` with seed 0 in every run: `goodput`'s twelfth decode step drew
+    0.0027 in every run, and probed a whole-batch k = 1 step wherever the probe's weight was
+    above 0.09, 1.7% of a 32-step run at batch 32-64 where plain decoding was the best; one
+    such step in 12 of the 44 fastest rounds `goodput` ran there in `make bench` runs 18-29)."""
 
     step_time: StepTimePredictor | None
     acceptance: Callable[[str], Estimator] = no_acceptance

@@ -58,8 +58,8 @@ by up to 40%, cancels in it.
 Each round samples anew: request i of round r is seeded `--seed` + 100000 r + i in every run of
 that round (common random numbers within a round, new draws between rounds), and the
 controllers' own draws (`goodput`'s probes) are seeded `--seed` + 100000 r + B: with one seed
-for every run, `goodput` probed a whole-batch k = 1 step at the same step of nearly every
-32-step run at batch 32 and 64, 1.7% of a run where plain decoding was best. A sampled run's
+for every run, `goodput` drew the same probes at the same steps of every run (a whole-batch
+k = 1 step at batch 32-64, 1.7% of a 32-step run where plain decoding was best: `StackContext`). A sampled run's
 rate is luck as much as timing: at batch 4, temperature 0.7, 32 new tokens, fixed k = 1's
 mean accepted length over ten seeds was 1.33-1.49 (sd 3.4%) and its steps 23-28, and
 `goodput` ÷ fixed k = 1 per seed 0.91-1.16, 1.016 on average (`docs/issue30/sampling_luck.py`).
