@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
@@ -78,7 +79,7 @@ def run(args: SpecSettings, engines: Callable[[bool, int], Any], prompts: list[l
     for stack in chosen:
         companion = needs_companion(stack)
         engine = engines(companion, args.max_batch)
-        here = ctx.stack_context(companion)
+        here = replace(ctx.stack_context(companion), seed=args.seed)  # (the controllers' own draws)
         built = build_stack(stack, here)
         loop = ControlLoop(engine, schedule=built.schedule, verify=built.verify, max_draft_len=8,
                            estimators=[here.cost()], clock=getattr(engine, "clock", time.perf_counter))  # fmt: skip

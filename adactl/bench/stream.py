@@ -566,7 +566,8 @@ def run(args: StreamSettings) -> list[dict[str, Any]]:
                                       kv_tokens=kv_tokens, offload=copy.deepcopy(offload),
                                       max_context=max_context)  # fmt: skip
             work = order if backend == "engine" else [(len(p), n) for p, n in order]
-            result = serve(engine, build_stack(name, ctx).schedule, work, readers, times, args, bar, priced_by, seed)
+            stack = build_stack(name, replace(ctx, seed=seed)).schedule  # (its own draws, seed by seed)
+            result = serve(engine, stack, work, readers, times, args, bar, priced_by, seed)
             if "step_log" in result:
                 own[(load, name)] = fitted_cost(fp, result["step_log"], f"{name} at load {load}")
             results.append(result)
