@@ -147,10 +147,9 @@ def built_apart(build: Callable[..., Any], *args: Any) -> Any:
                            f"with code {process.exitcode} and no result") from None  # fmt: skip
     finally:  # (an interrupt while waiting: the child goes too)
         receive.close()
-        if process.is_alive() and process.exitcode is None:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
+        process.join(timeout=5)
+        if process.is_alive():
+            process.terminate()
         process.join()
     if not ok:
         if hasattr(value, "add_note"):  # (Python 3.11+)
