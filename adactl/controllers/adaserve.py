@@ -83,7 +83,8 @@ class SLODraftLength(Controller):
                  sibling_prior: float = 0.3, seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
-        self.goodput = GoodputLength(step_time, self.estimator, seed=seed)  # (its probes' draws)
+        # (its probes' draws; the throughput rule: the SLOs, not the run's end, price the drain here)
+        self.goodput = GoodputLength(step_time, self.estimator, seed=seed, drain=False)
         self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
         # trees: the level acceptance learned from the trees it drafts (as GoodputTree's);
         # until then the chain's, raised by a later alternative's chance where the first fails

@@ -25,6 +25,23 @@ where adjacent lengths are a few percent apart at small batch, 3% gains 0.9-3.2%
 its four workloads and 4-7% at batch 1-16 on held-out ShareGPT requests.) `adactl export`
 uses the same 3% (`goodput_length`).
 
+When nothing waits (no request would take a finished row's place: the end of a wave, a batch
+job, a quiet server) and more than one row runs, tokens a second is the wrong objective: the
+run ends when its last row does. A row's tokens a step are random, so the last row is an
+unlucky one, and a longer draft shortens the run less than it raises the mean. Then c*
+minimises the expected time until every running row is done, `makespan_rates`: for each c,
+the chance that a row with m tokens to go is done within n steps (`done_within`: exact, by
+recursion on m, up to 64 tokens; the renewal process's normal approximation beyond), hence
+the expected steps until the last row is done and the row-steps on the way, priced with a
+step's cost linear in its rows between 1 and R (finished rows leave the batch). (Measured,
+issue 30: at greedy batch 8, a one-wave cell of `make bench`, fixed k = 1 and k = 2 tie
+and the throughput rule drafted 1.28-1.48 tokens a row-step, ending in k = 1's 24 steps at
+the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The replay reproduces it with
+5% step noise: run 38-41's profiles x 6 seeds, 0.984 on average, 0.963 the lowest; with this
+rule 1.007 and 0.999. The same replay, batch 1-64 at both temperatures, moves the other
+cells by -1.3 to +0.8%: it drafts less at batch 2-4, where its model of a wave's end is
+within the profile's error of the truth.) `drain=False` keeps the throughput rule always.
+
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
 steps are all it learns from: a model that starts out thinking verification too dear would
 never draft, and so never see that it is cheap. So a step may probe a neighbour of c* (every
@@ -54,6 +71,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from scipy.special import ndtr
 
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import StepShape, StepTimePredictor
@@ -65,12 +83,12 @@ class GoodputLength(Controller):
     name = "goodput"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.03,
-                 margin: float = 0.03, seed: int = 0, novelty: float = 2.0) -> None:  # fmt: skip
+                 margin: float = 0.03, seed: int = 0, novelty: float = 2.0, drain: bool = True) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         learns = hasattr(step_time, "update") and getattr(step_time, "refine", True)
         self.explore = explore if learns else 0.0
-        self.margin, self.novelty = margin, novelty
+        self.margin, self.novelty, self.drain = margin, novelty, drain
         self.rng = np.random.default_rng(seed)
 
     def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
@@ -95,7 +113,11 @@ class GoodputLength(Controller):
         context = sum(r.context_len for r in running)
         waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
         prefill = min(state.plan.prefill_budget, waiting)
-        rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
+        if state.waiting or rows == 1 or not self.drain:
+            rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
+        else:
+            left = torch.tensor([r.draft_room + 1 for r in running], dtype=torch.float32)
+            rates = makespan_rates(self.step_time, alpha, left, context)
         best = shortest_within(rates, self.margin)
         draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
         if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
@@ -118,6 +140,49 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)])  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
     return rows * (1 + gain.numpy()) / np.maximum(step_time.predict(shapes), 1e-6)
+
+
+def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int) -> np.ndarray:
+    """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
+    the run ends with its last row (nothing waits): `left` [R] tokens each row has to go."""
+    k, rows = len(alpha), len(left)
+    lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
+    done, every = done_within(alpha.double().numpy(), lefts)  # [K + 1, U, N], n every `every` steps
+    alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
+    steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
+    one = step_time.predict([chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)])
+    full = step_time.predict([chain_step(rows, c, context) for c in range(k + 1)])
+    per_row = (full - one) / (rows - 1)  # a step's cost, linear in its rows between 1 and R
+    return float(left.sum()) / np.maximum((one - per_row) * steps + per_row * alive, 1e-6)
+
+
+def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64) -> tuple[np.ndarray, int]:
+    """([K + 1, R, N], e): the chance that row i, with left[i] tokens to go, is done within n
+    steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1) up to `exact` tokens,
+    else the renewal process's normal approximation on at most 129 points."""
+    k = len(alpha)
+    surv = np.concatenate([[1.0], np.cumprod(alpha)])  # [K + 1] P(A >= j), A = drafts accepted
+    pmf = np.zeros((k + 1, k + 2))  # [c, x] P(a step gives x tokens), drafting c
+    for c in range(k + 1):
+        pmf[c, 1 : c + 1] = surv[:c] - surv[1 : c + 1]
+        pmf[c, c + 1] = surv[c]
+    m = int(left.max())
+    if m <= exact:  # q[c, j]: a row with j tokens to go is done within n steps
+        q = np.zeros((k + 1, m + 1))
+        q[:, 0] = 1.0
+        gather = np.maximum(np.arange(1, m + 1)[None, :] - np.arange(1, k + 2)[:, None], 0)  # [x, j]
+        out = np.empty((k + 1, len(left), m + 1))
+        for step in range(m + 1):
+            out[:, :, step] = q[:, left]
+            q[:, 1:] = np.einsum("cx,cxj->cj", pmf[:, 1:], q[:, gather])
+        return out, 1
+    mean = pmf @ np.arange(k + 2.0)  # [K + 1]
+    sd = np.sqrt(np.maximum(pmf @ np.arange(k + 2.0) ** 2 - mean**2, 1e-12))
+    every = max(1, m // 128)
+    at = np.arange(0, m + 1, every)
+    mu = left[None, :, None] / mean[:, None, None]  # [K + 1, R, 1]
+    sigma = np.sqrt(left[None, :, None]) * sd[:, None, None] / mean[:, None, None] ** 1.5
+    return ndtr((at[None, None, :] + 0.5 - mu) / sigma), every
 
 
 def goodput_length(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int, prefill: int = 0,
