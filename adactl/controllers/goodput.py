@@ -37,10 +37,12 @@ step's cost linear in its rows between 1 and R (finished rows leave the batch). 
 issue 30: at greedy batch 8, a one-wave cell of `make bench`, fixed k = 1 and k = 2 tie
 and the throughput rule drafted 1.28-1.48 tokens a row-step, ending in k = 1's 24 steps at
 the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The replay reproduces it with
-5% step noise: run 38-41's profiles x 6 seeds, 0.984 on average, 0.963 the lowest; with this
-rule 1.007 and 0.999. The same replay, batch 1-64 at both temperatures, moves the other
-cells by -1.3 to +0.8%: it drafts less at batch 2-4, where its model of a wave's end is
-within the profile's error of the truth.) `drain=False` keeps the throughput rule always.
+5% step noise: runs 38-41's profiles x 6 seeds, 0.986 on average, 0.963 the lowest; with this
+rule 1.008 and 1.003 (docs/issue30/drain/sweep.py). The same replay, batch 1-64 at both
+temperatures, moves the other cells by -1.3 to +0.9%: it drafts less at batch 2-4, where its
+model of a wave's end is within the profile's error of the truth. `make bench` runs 42 and 43
+on it met every cell, greedy batch 8 0.998 and 0.982. Its decision takes 0.55-0.67 ms a step
+here, the throughput rule's 0.25.) `drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
 steps are all it learns from: a model that starts out thinking verification too dear would
