@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from adactl.controllers import FixedDraftLength, GoodputLength
-from adactl.controllers.goodput import done_within
+from adactl.controllers.goodput import done_within, makespan_rates
 from adactl.estimators import MovingAverage, StepShape
 from adactl.interface import ScheduleState
 from adactl.loop import ControlLoop
@@ -98,3 +99,16 @@ def test_goodput_keeps_the_throughput_rule_while_requests_wait():
     assert ctl.act(queued, ma.estimate(queued)).draft_len == 2
     assert ctl.act(alone, ma.estimate(alone)).draft_len == 1
     assert GoodputLength(DraftCost(), ma, drain=False).act(alone, ma.estimate(alone)).draft_len == 2
+
+
+def test_long_outputs_are_priced_as_the_exact_recursion_prices_them():
+    """Beyond 64 tokens to go `makespan_rates` asks only the rows that can be last, binned,
+    and takes the others' row-steps as the process's mean: within 1% of the exact recursion."""
+    class Rows:
+        def predict(self, shapes: list[StepShape]) -> np.ndarray:
+            return np.array([0.04 + 0.001 * s.rows + 0.01 * s.draft_tokens / max(s.rows, 1) for s in shapes])
+
+    alpha = torch.tensor([0.47, 0.55, 0.55, 0.55, 0.55, 0.55])
+    left = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(0)).float()
+    fast, exact = makespan_rates(Rows(), alpha, left, 6400), makespan_rates(Rows(), alpha, left, 6400, exact=10_000)
+    assert np.allclose(fast, exact, rtol=0.01) and int(np.argmax(fast)) == int(np.argmax(exact))

@@ -144,13 +144,26 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     return rows * (1 + gain.numpy()) / np.maximum(step_time.predict(shapes), 1e-6)
 
 
-def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int) -> np.ndarray:
+def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int,
+                   exact: int = 64) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
-    the run ends with its last row (nothing waits): `left` [R] tokens each row has to go."""
+    the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
+    Beyond `exact` tokens, the rows' row-steps are the renewal process's mean, and only rows
+    with at least half the most tokens to go, binned by 1%, are asked when the last is done
+    (the others are many standard deviations short of it), so a decision at 256 rows of
+    long outputs takes about a millisecond."""
     k, rows = len(alpha), len(left)
+    a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
-    done, every = done_within(alpha.double().numpy(), lefts)  # [K + 1, U, N], n every `every` steps
-    alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
+    if lefts.max() > exact:
+        alive = float(left.sum()) / (step_pmf(a) @ np.arange(k + 2.0))  # [K + 1]
+        near = lefts >= lefts.max() // 2
+        binned = np.round(np.exp(np.round(np.log(lefts[near]) * 100) / 100)).astype(int)
+        lefts, where = np.unique(binned, return_inverse=True)
+        rows_at = np.bincount(where, weights=rows_at[near])
+    done, every = done_within(a, lefts, exact)  # [K + 1, U, N], n every `every` steps
+    if lefts.max() <= exact:
+        alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
     steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
     one = step_time.predict([chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)])
     full = step_time.predict([chain_step(rows, c, context) for c in range(k + 1)])
@@ -158,16 +171,22 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
     return float(left.sum()) / np.maximum((one - per_row) * steps + per_row * alive, 1e-6)
 
 
+def step_pmf(alpha: np.ndarray) -> np.ndarray:
+    """[K + 1, K + 2]: the chance that a step drafting c gives x tokens (x = 1 .. c + 1)."""
+    k = len(alpha)
+    surv = np.concatenate([[1.0], np.cumprod(alpha)])  # [K + 1] P(A >= j), A = drafts accepted
+    pmf = np.zeros((k + 1, k + 2))
+    for c in range(k + 1):
+        pmf[c, 1 : c + 1] = surv[:c] - surv[1 : c + 1]
+        pmf[c, c + 1] = surv[c]
+    return pmf
+
+
 def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64) -> tuple[np.ndarray, int]:
     """([K + 1, R, N], e): the chance that row i, with left[i] tokens to go, is done within n
     steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1) up to `exact` tokens,
     else the renewal process's normal approximation on at most 129 points."""
-    k = len(alpha)
-    surv = np.concatenate([[1.0], np.cumprod(alpha)])  # [K + 1] P(A >= j), A = drafts accepted
-    pmf = np.zeros((k + 1, k + 2))  # [c, x] P(a step gives x tokens), drafting c
-    for c in range(k + 1):
-        pmf[c, 1 : c + 1] = surv[:c] - surv[1 : c + 1]
-        pmf[c, c + 1] = surv[c]
+    k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
     m = int(left.max())
     if m <= exact:  # q[c, j]: a row with j tokens to go is done within n steps
         q = np.zeros((k + 1, m + 1))
