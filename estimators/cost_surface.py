@@ -236,17 +236,51 @@ class CostSurface:
     @classmethod
     def fit(cls, shapes: list[StepShape], residuals: np.ndarray, sigmas: Sigmas = PROFILE) -> CostSurface:
         """The surface of a set of measured steps, none forgotten (a profile's): its whole-batch
-        steps, those of one (rows, draft length) as their median residual weighted by their
-        count (a CPU step now and then takes far longer than its neighbours, and a median is
-        not pulled by it). The other steps (prefill chunks, cut verifies, part of the batch
+        steps, those of one (rows, draft length) as one value weighted by their count
+        (`cell_values`). The other steps (prefill chunks, cut verifies, part of the batch
         drafting) are what the basis was fitted for; their residuals would only pull the
         levels the whole-batch cells are measured against (measured: 17% at batch 16)."""
         surface = cls(sigmas)
-        cells: dict[tuple[int, int], list[tuple[StepShape, float]]] = {}
-        for s, r in zip(shapes, np.asarray(residuals, dtype=np.float64)):
-            if is_whole_batch(s):
-                cells.setdefault((s.rows, s.max_draft), []).append((s, float(r)))
-        for steps in cells.values():
-            median = float(np.median([r for _, r in steps]))
-            surface.observe(steps[len(steps) // 2][0], median, weight=len(steps))
+        for shape, value, count in cell_values(shapes, residuals):
+            surface.observe(shape, value, weight=count)
         return surface
+
+
+def cell_values(shapes: list[StepShape], residuals: np.ndarray) -> list[tuple[StepShape, float, int]]:
+    """(a shape, its cell's log residual, its steps) for each (rows, draft length) that
+    whole-batch steps measured, the steps in the order they ran. A round (consecutive
+    whole-batch steps at one batch size, each draft length once: the profiler's) pairs each
+    length with the plain step next to it: a cell is the median of the rounds' plain steps
+    plus the median over rounds of its step's residual less its round's plain one, as
+    `adactl profile --check` measures a ratio. The median because a CPU step now and then
+    takes far longer than its neighbours; paired because the profiler spreads a size's rounds
+    over its whole run (`adactl.profiler.measure`), and the machine's speed moves between
+    them more than within one: on `make bench` runs 38-43's six profiles, 12 held-out checks
+    of 21 ratios, the cells' plain medians put 17 of 252 ratios beyond 5% (rms error 2.6%),
+    paired ones 7 (2.3%) (`docs/issue30/paired_cells`). A cell no round pairs (a profile
+    without plain steps at its size): the median of its steps."""
+    cells: dict[tuple[int, int], list[tuple[StepShape, float]]] = {}
+    rounds: list[tuple[int, dict[int, float]]] = []
+    current: tuple[int, dict[int, float]] | None = None
+    for s, r in zip(shapes, np.asarray(residuals, dtype=np.float64)):
+        if not is_whole_batch(s):
+            current = None
+            continue
+        cells.setdefault((s.rows, s.max_draft), []).append((s, float(r)))
+        if current is None or current[0] != s.rows or s.max_draft in current[1]:
+            current = (s.rows, {})
+            rounds.append(current)
+        current[1][s.max_draft] = float(r)
+    paired: dict[int, list[dict[int, float]]] = {}
+    for rows, lengths in rounds:
+        if 0 in lengths and len(lengths) > 1:
+            paired.setdefault(rows, []).append(lengths)
+    out = []
+    for (rows, k), steps in cells.items():
+        diffs = [x[k] - x[0] for x in paired.get(rows, []) if k in x]
+        if diffs:
+            value = float(np.median([x[0] for x in paired[rows]])) + float(np.median(diffs))
+        else:
+            value = float(np.median([r for _, r in steps]))
+        out.append((steps[len(steps) // 2][0], value, len(steps)))
+    return out
