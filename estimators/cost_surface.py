@@ -255,10 +255,10 @@ def cell_values(shapes: list[StepShape], residuals: np.ndarray) -> list[tuple[St
     `adactl profile --check` measures a ratio. The median because a CPU step now and then
     takes far longer than its neighbours; paired because the profiler spreads a size's rounds
     over its whole run (`adactl.profiler.measure`), and the machine's speed moves between
-    them more than within one: on `make bench` runs 38-43's six profiles, 12 held-out checks
-    of 21 ratios, the cells' plain medians put 17 of 252 ratios beyond 5% (rms error 2.6%),
-    paired ones 7 (2.3%) (`docs/issue30/paired_cells`). A cell no round pairs (a profile
-    without plain steps at its size): the median of its steps."""
+    them more than within one: in 32 held-out checks of 21 ratios (`make bench` runs 38-43, 45
+    and 46's own profiles and four more), the cells' plain medians put 61 of 672 ratios beyond
+    5% and met all 21 in 4 checks, paired ones 29 and 13 (`docs/issue30/paired_cells`). A cell
+    no round pairs (a profile without plain steps at its size): the median of its steps."""
     cells: dict[tuple[int, int], list[tuple[StepShape, float]]] = {}
     rounds: list[tuple[int, dict[int, float]]] = []
     current: tuple[int, dict[int, float]] | None = None

@@ -78,7 +78,7 @@ def test_a_profiles_cells_pair_each_length_with_its_rounds_plain_step() -> None:
     (the CPU does that now and then): medians per cell, as the fit took them before, put
     k = 1 at the same cost as plain decoding; each round's k-step against its own plain
     step gives the 22% the machine pays (make bench runs 38-43's profiles against 12
-    held-out checks: 17 of 252 ratios beyond 5% -> 7, docs/issue30/paired_cells)."""
+    held-out checks: 15 of 252 ratios beyond 5% -> 6, docs/issue30/paired_cells)."""
     from adactl.estimators.cost_surface import cell_values
 
     plain = StepShape.of_lengths([0] * 8, [0] * 8, 0, 8 * 200)
