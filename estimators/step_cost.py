@@ -183,6 +183,18 @@ class StepCostModel:
         self.rejected = 0  # steps not learned from: absurd times
         self.floor = 1e-5  # no step is predicted faster than 10 us
 
+    @property
+    def grows_with_work(self) -> bool:
+        """Whether a step's predicted cost never falls as it verifies or drafts more tokens:
+        every coefficient of the verify and draft terms is non-negative in every part, as in
+        every profile fitted since theta is non-negative (`fit_theta`). Not in the shipped CPU
+        profiles, fitted before: with a negative coefficient and a part clipped at 0, a step
+        where 4 of 5 rows draft is priced below both one row and all five drafting, and a
+        bound that takes the cheapest of those (`RequestGoodput.none_pays`) is no bound."""
+        work = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards",
+                                         "draft_tokens", "draft_attention")]  # fmt: skip
+        return bool((self.theta[work] >= 0).all())
+
     def frozen(self) -> StepCostModel:
         """The prior: the same theta and profile surface, no refinement (what the profile said)."""
         return StepCostModel(self.theta, self.profile, refine=False, memory=self.memory, rejection=self.rejection,

@@ -414,14 +414,16 @@ def test_a_row_without_a_usable_estimate_drafts_no_tree_and_the_others_go_on(h10
 def test_the_bound_that_skips_the_search_never_changes_the_choice(h100, profile):
     """`none_pays` answers plain decoding without the search only where the search answers it
     too: random batches (1-64 rows, acceptance from useless to good, random limits), on the
-    computed H100 and on the shipped CPU profile; and it does answer most useless-draft steps."""
+    computed H100 and on the shipped CPU profile's steps fitted as every profile is now
+    (non-negative theta); and it does answer most useless-draft steps."""
     from adactl.controllers.request_goodput import ragged_shape
     from adactl.controllers.sv import prefix_candidates
     from adactl.runtime.models import SHIPPED_MODELS
     from adactl.runtime.shapes import chain_shapes
 
-    shipped = SHIPPED_MODELS / "estimators" / "step_cost_cpu.json"
-    cost = h100 if profile == "h100" else StepCostProfile.load(shipped).model()
+    shipped = StepCostProfile.load(SHIPPED_MODELS / "estimators" / "step_cost_cpu.json")
+    cost = h100 if profile == "h100" else StepCostProfile.from_steps(shipped.fingerprint, *shipped.shapes()).model()
+    assert getattr(cost, "grows_with_work", True)
     controller = RequestGoodput(cost)
     rng = np.random.default_rng(0)
     skipped = useless = 0
@@ -440,6 +442,24 @@ def test_the_bound_that_skips_the_search_never_changes_the_choice(h100, profile)
         skipped += controller.none_pays(survival, limit, shapes) is not None
         useless += scale == 0.02
     assert skipped >= useless  # (at least as many as the useless drafts' trials)
+
+
+def test_no_bound_where_a_step_can_cost_less_for_more_work():
+    """The shipped CPU profile was fitted before theta was non-negative: a step where 4 of 5
+    rows draft one token costs less than one row or all five drafting (a part clipped at 0),
+    so the cheapest of those bounds nothing, and `none_pays` leaves every step to the search
+    (with the bound, 1 of 500 random batches chose plain decoding where the search drafts)."""
+    from adactl.runtime.models import SHIPPED_MODELS
+    from adactl.runtime.shapes import chain_shapes
+
+    cost = StepCostProfile.load(SHIPPED_MODELS / "estimators" / "step_cost_cpu.json").model()
+    one, most, every = cost.predict(chain_shapes(torch.tensor([[1, 0, 0, 0, 0], [1, 0, 1, 1, 1], [1] * 5]), 0, 1500))
+    assert most < min(one, every) and not cost.grows_with_work
+    controller = RequestGoodput(cost)
+    survival = torch.full((5, 6), 0.01).cumprod(1)  # useless drafts
+    shapes = partial(chain_shapes, prefill=0, context=1500)
+    assert controller.none_pays(survival, torch.full((5,), 6), shapes) is None
+    assert controller.search(survival, torch.full((5,), 6), shapes, bound=True)[0].tolist() == [0] * 5
 
 
 def test_chain_shapes_of_many_candidates_are_each_ones_own():

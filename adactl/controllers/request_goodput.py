@@ -134,7 +134,11 @@ class RequestGoodput(Controller):
         than a ragged one). Where for every m that falls within `margin` of plain decoding,
         the search would choose plain decoding. A draft that does not fit the workload ends
         here, where the search was the whole of this controller's cost: 0.8-1.4 ms a step on
-        this CPU and 1.2-1.9 ms on an H200's host, against 1.3-9 ms steps (2026-12-04)."""
+        this CPU and 1.2-1.9 ms on an H200's host, against 1.3-9 ms steps (2026-12-04). A cost
+        model whose steps can cost less for more work (`StepCostModel.grows_with_work`) gets no
+        bound: the search."""
+        if not getattr(self.step_time, "grows_with_work", True):
+            return None
         rows = survival.shape[0]
         lim = limit.numpy().astype(np.int64)
         top = int(lim.max()) if rows else 0

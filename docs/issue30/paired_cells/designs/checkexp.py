@@ -1,4 +1,9 @@
-"""Check several profiles on the same held-out steps, with the check's rows drawn as the bench's (new) or uniformly 16-256 (old)."""
+"""Check several profiles on the same held-out steps (`adactl.profiler.check_ratios`, 12 rounds), the check's
+rows as long as the bench's (`bench`: needs bench_rows.patch applied) or 16-256 tokens, uniform (`uniform`: as
+`adactl profile --check` draws them):
+
+    PYTHONPATH=. python docs/issue30/paired_cells/designs/checkexp.py bench 0 x_bench_s0.json A_0.json B_0.json ...
+"""
 import json, math, sys, random
 import numpy as np, torch
 import adactl.profiler as prof

@@ -1,5 +1,11 @@
-"""Scratch: make a profile with a profiler design. design: A (uniform rows 16-256, renew past 384: as shipped before),
-B (bench rows, renew at prompt + 64), C (bench rows, renew past 384), D (A with reps 10, min_rounds 6)."""
+"""Make a profile with one profiler design: A (rows of 16-256 tokens, uniform, renewed past 384: as shipped),
+B (rows as long as the bench's, renewed 64 tokens past their prompt), C (the bench's lengths, renewed past 384),
+D (A with up to 10 rounds a size, at least 6). Needs bench_rows.patch applied (it adds `row_prompt_length` and
+`measure(max_growth=)`; A and D undo it here):
+
+    git apply docs/issue30/paired_cells/designs/bench_rows.patch
+    PYTHONPATH=. python docs/issue30/paired_cells/designs/mkprof.py A 0 A_0.json
+"""
 import sys, functools, random
 import torch
 import adactl.profiler as prof
