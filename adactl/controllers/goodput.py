@@ -155,14 +155,15 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
-    if lefts.max() > exact:
+    long = bool(lefts.max() > exact)
+    if long:
         alive = float(left.sum()) / (step_pmf(a) @ np.arange(k + 2.0))  # [K + 1]
         near = lefts >= lefts.max() // 2
         binned = np.round(np.exp(np.round(np.log(lefts[near]) * 100) / 100)).astype(int)
         lefts, where = np.unique(binned, return_inverse=True)
         rows_at = np.bincount(where, weights=rows_at[near])
     done, every = done_within(a, lefts, exact)  # [K + 1, U, N], n every `every` steps
-    if lefts.max() <= exact:
+    if not long:
         alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
     steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
     one = step_time.predict([chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)])
