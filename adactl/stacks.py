@@ -44,7 +44,7 @@ from adactl.controllers import (
     TTFTPrefillBudget,
     VLLMv1,
 )
-from adactl.estimators.request_acceptance import RequestAcceptance
+from adactl.estimators.request_acceptance import RequestAcceptance, width_sibling_prior
 from adactl.estimators.step_time import StepTimePredictor
 from adactl.interface import Estimator
 from adactl.runtime.types import TreeSpec
@@ -196,8 +196,9 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("goodput-req-tree", r"goodput-req-tree", "schedule", "token tree per request",
           "per-request goodput over token trees: each request's own tree depth (or chain length) from its own "
           "acceptance, tree_width alternatives per level, the batch's budget where it pays most",
-          lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average")), c.tree_width,
-                                          seed=c.seed),
+          lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average"),
+                                                                      sibling_prior=width_sibling_prior(c.tree_width)),
+                                          c.tree_width, seed=c.seed),
           speculates=True, costs_steps=True),
     Entry("slo-tree", r"slo-tree", "schedule", "token tree per request",
           "slo over token trees of tree_width alternatives per level",

@@ -9,6 +9,13 @@ speculation: the batch (rows) and the draft tokens verified per row.
 - s, t[b]: the slope in j, global and per bucket;
 - c[b, j]: one cell per bucket and j = 0 .. 8 (a fractional j interpolates two cells).
 
+A token tree's j is its depth (its draft forwards), not its nodes a row less one: chains, which
+teach the slopes and cells, move one draft forward and one verified token together, and a
+width-4 tree verifying 8-12 nodes a row read them extrapolated to j = 8; in the H100 replay
+the online surface then priced trees 5-12% above the profile and the tree controllers drafted
+chains where a fixed tree was 1.14-1.19x faster (issue 34, `docs/issue34/trees_w4`). A chain's
+j is unchanged (a row verifies at most its draft and one more).
+
 Every term has a zero-mean Gaussian prior (`Sigmas`), steps are observations with noise
 `sigma_noise`, and the surface is the posterior mean (ridge regression on the sufficient
 statistics, solved when a prediction follows an update). Observations are forgotten with
@@ -105,7 +112,7 @@ def basis(shape: StepShape, ratios: bool = True) -> np.ndarray:
     phi[_L + b1] += wb
     if not ratios:
         return phi
-    j = min(max(shape.verify_computed / shape.rows - 1.0, 0.0), JS - 1.0)
+    j = min(max(min(shape.verify_computed / shape.rows - 1.0, shape.max_draft), 0.0), JS - 1.0)
     j0 = int(j)
     j1, wj = min(j0 + 1, JS - 1), j - j0
     phi[_S] = j
@@ -120,14 +127,14 @@ def basis(shape: StepShape, ratios: bool = True) -> np.ndarray:
 VECTOR_FROM = 24  # shapes: below, plain Python a shape at a time (numpy's 30 small calls cost 40 us however few)
 
 
-def _at(w: list[float], rows: int, computed: int) -> float:
+def _at(w: list[float], rows: int, computed: int, depth: int) -> float:
     """`basis(shape) @ w` of one shape, in plain Python (`at_shapes`)."""
     if rows <= 0:
         return w[_G]
     x = min(max(math.log2(rows), 0.0), BUCKETS - 1.0)
     b0 = int(x)
     b1, wb = min(b0 + 1, BUCKETS - 1), x - b0
-    j = min(max(computed / rows - 1.0, 0.0), JS - 1.0)
+    j = min(max(min(computed / rows - 1.0, depth), 0.0), JS - 1.0)
     j0 = int(j)
     j1, wj = min(j0 + 1, JS - 1), j - j0
     c0, c1 = _C + b0 * JS, _C + b1 * JS
@@ -147,7 +154,7 @@ def at_shapes(w: np.ndarray, shapes: list[StepShape]) -> np.ndarray:
     n = len(shapes)
     if n < VECTOR_FROM:
         terms = w.tolist()
-        return np.array([_at(terms, s.rows, s.verify_computed) for s in shapes], dtype=np.float64)
+        return np.array([_at(terms, s.rows, s.verify_computed, s.max_draft) for s in shapes], dtype=np.float64)
     rows = np.fromiter((s.rows for s in shapes), np.float64, n)
     computed = np.fromiter((s.verify_computed for s in shapes), np.float64, n)
     live = rows > 0  # (a prefill-only step: the global level alone)
@@ -155,7 +162,8 @@ def at_shapes(w: np.ndarray, shapes: list[StepShape]) -> np.ndarray:
     x = np.clip(np.log2(rows), 0.0, BUCKETS - 1.0)
     b0 = x.astype(np.int64)
     b1, wb = np.minimum(b0 + 1, BUCKETS - 1), x - b0
-    j = np.clip(computed / rows - 1.0, 0.0, JS - 1.0)
+    depth = np.fromiter((s.max_draft for s in shapes), np.float64, n)
+    j = np.clip(np.minimum(computed / rows - 1.0, depth), 0.0, JS - 1.0)
     j0 = j.astype(np.int64)
     j1, wj = np.minimum(j0 + 1, JS - 1), j - j0
     level = (1.0 - wb) * w[_L + b0] + wb * w[_L + b1]

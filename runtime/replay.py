@@ -421,7 +421,7 @@ class ReplayEngine:
             spec.validate()
             if spec.width > 1 and spec.depth > 0 and width is None:
                 raise RequestError("the replay drafts trees from tree traces, and this engine has none (record them: "
-                                   "python train/record_traces.py --tree-width 2)")  # fmt: skip
+                                   f"python train/record_traces.py --tree-width {spec.width})")  # fmt: skip
             if spec.width > 1 and spec.depth > 0 and spec.width != width:
                 raise RequestError(f"the replay's tree traces hold width-{width} trees; plan.tree asks for width "
                                    f"{spec.width}")  # fmt: skip

@@ -24,7 +24,9 @@ in one order, so the tree any spec of the same width drafts, (d, W, n) with d <=
 the first n recorded nodes of depth < d (`tree_nodes`), and the walk over its verified nodes
 (`tree_accepted`) replays verification exactly for greedy rows and in distribution for
 sampled ones. A request's chain trace carries its tree trace as `tree` (recorded in a second
-pass over the same requests, `<workload>_<temperature>_trees.npz`).
+pass over the same requests, `<workload>_<temperature>_trees.npz` for width 2 and
+`..._trees_w4.npz` for width 4: a narrower tree is not a part of a wider growth, whose
+frontier at a level is the best W of more candidates, so each width is its own recording).
 
 `adactl.traces.record_traces` records them (each step drafts K tokens, reads the target's
 verdict off the clock, and verifies none, so every output position is recorded once);
@@ -320,26 +322,28 @@ class AcceptanceTraces:
 MIXED = ("sharegpt", "humaneval")  # the mixed workload: chat and code requests in turn
 
 
-def shipped_traces(workload: str, draft: Any = None, trees: bool = True) -> AcceptanceTraces:
+def shipped_traces(workload: str, draft: Any = None, trees: bool = True, tree_width: int = 2) -> AcceptanceTraces:
     """The shipped traces of `workload` (sharegpt, humaneval, or mixed: both, a chat and a code
-    request in turn), greedy and at 0.7, interleaved, with their tree traces attached where
-    they are shipped (`trees`); `draft`: checked as `load` does."""
+    request in turn), greedy and at 0.7, interleaved, with their tree traces of `tree_width`
+    attached where they are shipped (`trees`; widths 2 and 4 are); `draft`: checked as `load`
+    does."""
     kinds = MIXED if workload == "mixed" else (workload,)
     parts = []
     for t in (0.0, 0.7):
         for w in kinds:
             chains = AcceptanceTraces.load(shipped_traces_path(w, t), draft=draft)
-            tree_file = shipped_traces_path(w, t, trees=True)
+            tree_file = shipped_traces_path(w, t, trees=True, tree_width=tree_width)
             if trees and tree_file.is_file():
                 chains = chains.with_trees(AcceptanceTraces.load(tree_file, draft=draft))
             parts.append(chains)
     return AcceptanceTraces.mix(parts)
 
 
-def shipped_traces_path(workload: str, temperature: float, trees: bool = False) -> Path:
+def shipped_traces_path(workload: str, temperature: float, trees: bool = False, tree_width: int = 2) -> Path:
     """Where the traces of the default pair on `workload` at `temperature` are shipped (`trees`:
-    its tree traces)."""
+    its tree traces of `tree_width`, `_trees` for width 2, `_trees_wW` for another)."""
     from .models import SHIPPED_MODELS
 
     t = "greedy" if temperature <= 0 else f"t{temperature:g}".replace(".", "")
-    return SHIPPED_MODELS / "traces" / f"{workload}_{t}{'_trees' if trees else ''}.npz"
+    kind = ("_trees" if tree_width == 2 else f"_trees_w{tree_width}") if trees else ""
+    return SHIPPED_MODELS / "traces" / f"{workload}_{t}{kind}.npz"

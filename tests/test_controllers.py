@@ -398,15 +398,15 @@ def test_slo_trees_learn_their_level_acceptance_from_tree_steps(target, draft, s
     assert SLODraftLength(step_time, MovingAverage(decay=0.9), tree_width=2).tree.decay == 0.9  # type: ignore[union-attr]
     for r in records(FixedDraftLength(3)) + records(TreeDraft(TreeSpec(0, 0, 0))):
         ctl.update(r)
-    assert not ctl.tree_seen and torch.equal(tree.mean, torch.full((16,), 0.5))
+    assert not tree.seen and torch.equal(tree.average.mean, torch.full((16,), 0.5))
     for r in records(TreeDraft(TreeSpec(3, 2, 6))):
         ctl.update(r)
-    assert ctl.tree_seen and not torch.equal(tree.mean[:3], torch.full((3,), 0.5))
+    assert tree.seen and not torch.equal(tree.average.mean[:3], torch.full((3,), 0.5))
     # a request behind its SLO, a chain estimate of 0.9: the learned tree levels decide
     t0 = cost(StepShape.of_lengths([0], [0], 0, 60))
     state = ScheduleState(10.0, (slo_view("r0", t0 / 1.5, 0, 0.0),), max_draft_len=8)
     chain = MovingAverage(prior=0.9).estimate(state)
-    tree.mean[:] = 0.0  # trees never accepted: no depth helps
+    tree.average.mean[:] = 0.0  # trees never accepted: no depth helps
     assert ctl.act(state, chain).tree["r0"].depth == 0  # type: ignore[index]
-    tree.mean[:] = 0.6  # a level accepted 60% of the time: 1.6 tokens from one level
+    tree.average.mean[:] = 0.6  # a level accepted 60% of the time: 1.6 tokens from one level
     assert ctl.act(state, chain).tree["r0"].depth >= 1  # type: ignore[index]

@@ -106,6 +106,7 @@ for workload in ("sharegpt", "humaneval"):                   # the acceptance tr
     for temperature in (0.0, 0.7):
         assert len(AcceptanceTraces.load(shipped_traces_path(workload, temperature))) > 0
     assert shipped_traces(workload).tree_width == 2              # with their token-tree traces
+    assert shipped_traces(workload, tree_width=4).tree_width == 4  # and the width-4 ones
 draft = load_draft("draft", load_model("smollm2"))
 print("draft", type(draft).__name__, sum(p.numel() for p in draft.parameters() if p.requires_grad))
 """

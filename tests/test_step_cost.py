@@ -569,6 +569,7 @@ def test_the_surface_prices_many_shapes_as_its_basis_does() -> None:
         StepShape(300, 300 * 3, 3, 300 * 2, 2, 0, 300 * 50),  # past the last bucket
         StepShape(3, 3 * 12, 12, 3 * 11, 11, 0, 600),  # past the last cell
         whole_batch(48, 1, 48 * 200),  # between two buckets
+        StepShape.of_lengths([12] * 5, [9] * 5, 0, 800, forwards=3),  # a width-4 tree of depth 3
     ]
     exact = np.array([basis(s) @ w for s in shapes])
     for n in (1, VECTOR_FROM - 1, VECTOR_FROM, len(shapes)):
@@ -581,6 +582,18 @@ def test_the_surface_prices_many_shapes_as_its_basis_does() -> None:
     for s in many:
         at_shapes(w, [s])
     assert together < (time.perf_counter() - start) / 2  # measured 0.2 against 3 ms
+
+
+def test_a_tree_step_reads_the_surface_at_its_depth() -> None:
+    """A token tree of depth d (d draft forwards, W d nodes verified a row) takes the surface's
+    correction of a chain of d tokens at its batch size, not of a chain as long as its node
+    count: chains teach the slopes and cells one draft forward and one verified token per j,
+    and a width-4 tree at j = 8-11 read them extrapolated (the H100 replay's online surface
+    then priced trees 5-12% above the profile, and the tree controllers drafted chains where a
+    fixed tree was 1.14-1.19x faster)."""
+    tree = StepShape.of_lengths([8] * 4, [5] * 4, 0, 1000, forwards=2)  # depth 2, width 4, 8 nodes a row
+    assert np.array_equal(basis(tree), basis(whole_batch(4, 2, 1000)))
+    assert not np.array_equal(basis(tree), basis(whole_batch(4, 7, 1000)))  # (as it was read before)
 
 
 def test_one_slow_step_moves_the_prediction_a_little() -> None:

@@ -51,6 +51,13 @@ def greedy_trees(pair, prompts, greedy) -> AcceptanceTraces:
     return greedy.with_trees(trees)
 
 
+@pytest.fixture(scope="module")
+def wide_trees(pair, prompts, greedy) -> AcceptanceTraces:
+    trees = record_traces(pair, prompts, 0.0, k=4, max_new_tokens=TOKENS, batch=3, workload="tiny", progress=False,
+                          tree_width=4)  # fmt: skip
+    return greedy.with_trees(trees)
+
+
 def _tree_steps(engine, prompts, spec, traces=None, temperature=0.0, cut=False):
     """Accepted draft tokens per step of each request, drafting `spec` (cut: verify only the
     first half of each row's nodes)."""
@@ -76,6 +83,21 @@ def test_greedy_tree_replay_is_exact_for_any_tree_of_its_width(pair, prompts, gr
     replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=greedy_trees)
     assert _tree_steps(replay, prompts, spec, greedy_trees.requests, cut=cut) == real
     assert 0 < sum(map(sum, real)) < sum(map(len, real)) * spec.depth  # both outcomes occur
+
+
+@pytest.mark.parametrize("spec,cut", [(TreeSpec(3, 4, 12), False), (TreeSpec(4, 4, 30), True),
+                                      (TreeSpec(4, 4, 52), False)])  # fmt: skip
+def test_greedy_replay_of_wider_trees_is_exact_from_their_own_recording(pair, prompts, wide_trees, spec, cut):
+    """Width 4 (the shipped `_trees_w4` files): the recording of width 4 stands for every tree of
+    width 4, as width 2's does for width 2, up to every node of the growth (4 + 3 x 16)."""
+    engine = Engine(pair.target.model, pair.draft, config=EngineConfig(max_batch_size=len(prompts)))
+    real = _tree_steps(engine, prompts, spec, cut=cut)
+    replay = ReplayEngine(tiny_step_time(), max_batch_size=len(prompts), traces=wide_trees)
+    assert _tree_steps(replay, prompts, spec, wide_trees.requests, cut=cut) == real
+    assert 0 < sum(map(sum, real)) < sum(map(len, real)) * spec.depth
+    narrow = StepPlan(tree=TreeSpec(2, 2, 4))  # a width-2 tree is not a part of a width-4 growth
+    with pytest.raises(RequestError, match="width-4 trees; plan.tree asks for width 2"):
+        ReplayEngine(tiny_step_time(), max_batch_size=1, traces=wide_trees).draft_step(narrow)
 
 
 def test_sampled_tree_replay_accepts_about_as_the_engine_does(pair, prompts, sampled):

@@ -158,6 +158,31 @@ def test_goodput_tree_picks_trees_when_verification_is_cheap_and_nothing_when_bu
     assert plan.tree is None and plan.draft_len == 0
 
 
+def test_tree_levels_learn_on_from_the_prior_that_priced_trees(target, draft):
+    """`TreeLevels` (goodput-tree's and slo-tree's tree acceptance): its first tree step moves
+    the estimate from the prior trees were chosen on by one step's weight. Started from a flat
+    0.5 instead, one width-4 tree step priced trees below the chain (0.57) for good, and
+    `goodput-tree` never drafted another in the H100 replay."""
+    from adactl.controllers import TreeDraft
+    from adactl.controllers.trees import TreeLevels
+
+    engine = make_engine(target, draft)
+    for p in prompts(4, seed=42):
+        engine.add_request(p, SamplingParams(12))
+    steps: list[StepRecord] = []
+    ControlLoop(engine, schedule=TreeDraft(TreeSpec(3, 4, 12))).run(on_step=steps.append)
+    first = next(r for r in steps if r.drafts.parents is not None and int(r.drafts.draft_len.sum()) > 0)
+    levels = TreeLevels(width=4, decay=MovingAverage().decay)
+    chain = torch.full((3,), 0.57)
+    prior = levels.alpha(chain)
+    assert torch.allclose(prior, torch.full((3,), 1 - 0.43 * 0.49), atol=1e-3)  # width 4: sibling prior 0.51
+    assert not any(levels.update(r) for r in steps[: steps.index(first)])  # steps with no tree node teach nothing
+    assert levels.update(first) and levels.seen
+    moved = (levels.alpha(chain) - prior).abs()
+    rows = len(first.drafts.request_ids)
+    assert float(moved.max()) <= rows / (25 + rows) + 1e-6  # one step's weight, from the prior (strength 25)
+
+
 def test_bad_tree_plans_are_invalid_actions():
     state = ScheduleState(now=0.0, requests=(), max_draft_len=4)
     for bad in (TreeSpec(depth=5), TreeSpec(depth=-1), {"x": TreeSpec()}, "tree"):

@@ -3,6 +3,7 @@
     python train/record_traces.py                     # ShareGPT held out and HumanEval, greedy and 0.7
     python train/record_traces.py --workloads sharegpt --temperatures 0 --requests 8 --out /tmp/traces
     python train/record_traces.py --tree-width 2      # the tree traces: <workload>_<greedy|t07>_trees.npz
+    python train/record_traces.py --tree-width 4      # width 4: <workload>_<greedy|t07>_trees_w4.npz
 
 For each workload and temperature, `--requests` prompts (held-out ShareGPT, or HumanEval) are
 served by SmolLM2-135M with the shipped draft and companion (adactl.traces.record_traces:
@@ -12,7 +13,8 @@ are written to `models/traces/<workload>_<greedy|t07>.npz`, which `adactl bench 
 interleaved (`AcceptanceTraces.mix`). About 6 minutes per file on the 2-core CPU.
 
 With `--tree-width W`, each position records every node of a depth-`--k`, width-W token tree
-instead (adactl.traces), written next to the chain file as `<workload>_<t>_trees.npz`; the
+instead (adactl.traces), written next to the chain file as `<workload>_<t>_trees.npz` (width 2;
+`..._trees_wW.npz` for another width); the
 replay attaches it to the chain traces of the same requests and drafts trees from it.
 """
 
@@ -57,7 +59,7 @@ def main() -> None:
             traces = record_traces(pair, prompts, temperature, args.k, args.max_new_tokens, args.batch, args.seed,
                                    workload, tree_width=args.tree_width)  # fmt: skip
             traces.meta["record_s"] = round(time.perf_counter() - t0, 1)
-            path = shipped_traces_path(workload, temperature, trees=args.tree_width > 0)
+            path = shipped_traces_path(workload, temperature, trees=args.tree_width > 0, tree_width=args.tree_width)
             path = Path(args.out) / path.name if args.out else path
             traces.save(path)
             if traces.tree is not None:

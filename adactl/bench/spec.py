@@ -681,7 +681,7 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
         if args.validate and args.trees:
             from adactl.runtime.traces import shipped_traces
 
-            if shipped_traces(args.workload).tree_width != args.tree_width:
+            if shipped_traces(args.workload, tree_width=args.tree_width).tree_width != args.tree_width:
                 raise SystemExit(f"adactl bench spec --validate --trees: no shipped width-{args.tree_width} "
                                  f"tree traces of {args.workload} (python train/record_traces.py --tree-width "
                                  f"{args.tree_width})")  # fmt: skip
@@ -788,11 +788,13 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     workload: str = setting("sharegpt", "prompts: held-out ShareGPT, HumanEval, or mixed (a chat and a code request "
                             "in turn)", choices=["sharegpt", "humaneval", "mixed"])  # fmt: skip
     trees: bool = setting(False, "token-tree controllers next to the chain controllers")
-    fixed_trees: list[TreeSpec] = setting([TreeSpec(2, 2, 4), TreeSpec(4, 2, 8)], "--trees: fixed trees to run, "
-                                          "depth,width,nodes separated by ';'", parse=_trees)  # fmt: skip
-    tree: TreeSpec = setting(TreeSpec(2, 2, 4), "--trees: the tree tree-alloc drafts (depth,width,nodes)",
+    # fixed_trees and tree: None (depth 2 and 4 of --tree-width, W nodes a level) until `resolved`
+    fixed_trees: list[TreeSpec] = setting(None, "--trees: fixed trees to run, depth,width,nodes separated by ';' "
+                                          "(default 2,W,2W;4,W,4W, W = --tree-width)", parse=_trees)  # fmt: skip
+    tree: TreeSpec = setting(None, "--trees: the tree tree-alloc drafts (depth,width,nodes; default 2,W,2W)",
                              parse=tree_spec)  # fmt: skip
-    tree_width: int = setting(2, "--trees: alternatives per level of goodput-tree")
+    tree_width: int = setting(2, "--trees: alternatives per level of goodput-tree and the tree controllers (the "
+                              "replay's shipped tree traces: 2 or 4)")  # fmt: skip
     profile_sv: str | None = setting(None, "the profile of runs with the companion (default: --profile, else "
                                      "this machine's)")  # fmt: skip
     replay: bool = setting(False, "no model runs: the profile replay (adactl.bench.spec_replay), step costs from "
@@ -828,6 +830,13 @@ class SpecSettings(DeviceSettings, ProfileSettings):
             s = replace(s, rounds=1 if s.quick or s.replay else 2)
         if s.min_requests is None:
             s = replace(s, min_requests=1 if s.quick or s.tiny or s.replay or s.slo else DEFAULT_MIN_REQUESTS)
+        if s.tree_width < 2:
+            raise SystemExit(f"adactl bench spec --tree-width: at least 2 alternatives a level, got {s.tree_width}")
+        w = s.tree_width
+        if s.fixed_trees is None:
+            s = replace(s, fixed_trees=[TreeSpec(2, w, 2 * w), TreeSpec(4, w, 4 * w)])
+        if s.tree is None:
+            s = replace(s, tree=TreeSpec(2, w, 2 * w))
         if s.min_requests is not None and s.min_requests < 1:
             raise SystemExit(f"adactl bench spec --min-requests: at least 1, got {s.min_requests}")
         if s.replay and s.slo:  # the GPU regime's scale: milliseconds per token, tens of requests a second

@@ -15,8 +15,8 @@ replayed request following one recorded request, its prompt length, its acceptan
 output position and the draft and companion signals there), so every chain controller runs,
 Speculative Verification and the oracle included: greedy replay is exact for any draft length
 and verified prefix. With `--trees`, the token-tree stacks and the tree oracle run too, on the
-shipped tree traces (width 2, depth 6: every tree of width 2 up to depth 6 is replayed exactly
-for greedy rows, any node budget and verified prefix). `--slo` replays the mixed-SLO
+shipped tree traces of `--tree-width` (2 or 4, depth 6: every tree of that width up to depth 6
+is replayed exactly for greedy rows, any node budget and verified prefix). `--slo` replays the mixed-SLO
 workload (adactl.bench.slo) on the traces. With
 `--replay-alpha` (or `--replay-traces none`), one conditional probability per draft position
 for every request instead (none: vLLM's published EAGLE acceptance with a computed GPU
@@ -120,7 +120,7 @@ def load_traces(args: Any) -> AcceptanceTraces | None:
     if args.replay_alpha is not None or args.replay_traces in (None, "none"):
         return None
     if args.replay_traces == "shipped":
-        return shipped_traces(args.workload)
+        return shipped_traces(args.workload, tree_width=args.tree_width)
     parts: list[AcceptanceTraces] = []
     for path in (Path(p) for p in args.replay_traces.split(";") if p):
         loaded = AcceptanceTraces.load(path)
@@ -150,8 +150,9 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
         raise SystemExit(f"adactl bench spec --replay-alpha: probabilities in [0, 1], got {args.replay_alpha}")
     traces = load_traces(args)
     if args.trees and (traces is None or traces.tree_width is None):
-        raise SystemExit("adactl bench spec --replay --trees needs tree traces: the shipped ones (--replay-traces "
-                         "shipped), or files recorded with python train/record_traces.py --tree-width 2")  # fmt: skip
+        raise SystemExit(f"adactl bench spec --replay --trees needs tree traces of width {args.tree_width}: the "
+                         "shipped ones (--replay-traces shipped; widths 2 and 4), or files recorded with python "
+                         f"train/record_traces.py --tree-width {args.tree_width}")  # fmt: skip
     if args.trees and traces is not None and traces.tree_width not in (args.tree_width, None):
         raise SystemExit(f"adactl bench spec --replay --trees: the tree traces are width {traces.tree_width}, "
                          f"--tree-width is {args.tree_width}")  # fmt: skip
@@ -230,7 +231,7 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
 
     alone, both = ctx.costs.pairs[False], ctx.costs.pairs[True]
     draft = alone.model_ids["draft"]
-    traces = shipped_traces(args.workload, draft=draft)
+    traces = shipped_traces(args.workload, draft=draft, tree_width=args.tree_width)
     profiles = {c: _machine_profile(p, ctx.costs.files[c]) for c, p in ((False, alone), (True, both))}
     engines = ReplayEngines(truth(profiles[False]), traces.mean_acceptance(), args.replay_noise, args.seed, traces,
                             companion_step_time=truth(profiles[True]))  # fmt: skip

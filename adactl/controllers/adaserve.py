@@ -41,14 +41,13 @@ import numpy as np
 import torch
 
 from adactl.estimators.moving_average import MovingAverage
-from adactl.estimators.request_acceptance import tree_level_prior
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState, StepRecord, VerifyState
 from adactl.runtime.types import RequestView, StepPlan
 
 from .goodput import GoodputLength
 from .sv import SpeculativeVerification, expected_gain
-from .trees import learn_tree_levels, tree_of_depth, tree_shape
+from .trees import TreeLevels, tree_of_depth, tree_shape
 
 
 def slo_progress(view: RequestView | None, now: float) -> tuple[float, float, float]:
@@ -80,24 +79,22 @@ class SLODraftLength(Controller):
     name = "slo-draft"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, tree_width: int = 1,
-                 sibling_prior: float = 0.3, seed: int = 0) -> None:  # fmt: skip
+                 sibling_prior: float | None = None, seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         # (its probes' draws; the throughput rule: the SLOs, not the run's end, price the drain here)
         self.goodput = GoodputLength(step_time, self.estimator, seed=seed, drain=False)
         self.tree_width = tree_width  # 1: chains; w > 1: trees of depth c_i, w alternatives per level
-        # trees: the level acceptance learned from the trees it drafts (as GoodputTree's);
-        # until then the chain's, raised by a later alternative's chance where the first fails
-        self.sibling_prior = sibling_prior
-        # at the chain estimate's pace, as GoodputTree's (a hard-coded 0.98 outlived the chain's
-        # move to 0.995 in issue 30)
-        pace = getattr(self.estimator, "decay", None)
-        self.tree = (MovingAverage() if pace is None else MovingAverage(decay=pace)) if tree_width > 1 else None
-        self.tree_seen = False
+        # trees: the level acceptance learned from the trees it drafts (`TreeLevels`, as
+        # GoodputTree's); until then the chain's, raised by a later alternative's chance where
+        # the first fails; at the chain estimate's pace, as GoodputTree's (a hard-coded 0.98
+        # outlived the chain's move to 0.995 in issue 30)
+        pace = getattr(self.estimator, "decay", MovingAverage().decay)
+        self.tree = TreeLevels(tree_width, pace, sibling=sibling_prior) if tree_width > 1 else None
 
     def update(self, record: StepRecord) -> None:
-        if self.tree is not None and learn_tree_levels(self.tree, record):
-            self.tree_seen = True
+        if self.tree is not None:
+            self.tree.update(record)
 
     def _shape(self, lengths: list[int], prefill: int, context: int) -> StepShape:
         """The step whose rows draft `lengths` (chains, or trees of those depths) and verify all."""
@@ -111,7 +108,7 @@ class SLODraftLength(Controller):
             return base
         alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
         if self.tree is not None:  # a tree level is accepted where any of its alternatives is
-            alpha = self.tree.alpha(k) if self.tree_seen else tree_level_prior(alpha, self.sibling_prior)
+            alpha = self.tree.alpha(alpha[:k])
         gain = 1 + torch.cat([torch.zeros(1), torch.cumprod(alpha[:k], 0).cumsum(0)]).numpy()  # [K + 1]
         c_star = int(base.draft_len) if isinstance(base.draft_len, int) else 0
         progress = [slo_progress(r, state.now) for r in running]

@@ -7,13 +7,13 @@ import json
 import sys
 from collections import defaultdict
 
-TREES = ["tree-d2w2n4", "tree-d4w2n8", "tree-d2w2n4,tree-alloc", "goodput-tree,tree-alloc",
-         "goodput-req-tree,tree-alloc", "tree-oracle"]  # fmt: skip
 ORACLES = {"oracle", "request-oracle", "lookahead-oracle", "tree-oracle"}
 
 
 def main(path: str) -> None:
     records = json.load(open(path))["records"]
+    fixed = sorted({r["controller"] for r in records if r["controller"].startswith("tree-d")})  # either width
+    TREES = [*fixed, "goodput-tree,tree-alloc", "goodput-req-tree,tree-alloc", "tree-oracle"]
     cells: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
         cells[(str(r["temperature"]), r["batch_size"])][r["controller"]] = r
