@@ -77,6 +77,7 @@ class StackContext:
     see `costs_steps`); acceptance: estimator name (one of `ACCEPTANCE`) -> a fresh estimator;
     prefill_budget: prompt tokens per step of the static budgets; max_running: the in-flight
     cap of `edf` and `andes`; tree_width: alternatives per level of `goodput-tree`, `goodput-req-tree`, `slo-tree`;
+    tree_extra_nodes: nodes `goodput-tree` and `goodput-req-tree` keep beyond tree_width a level (`tree_nodes_kept`);
     seed: of the controllers' own draws (the probes of `goodput`, `goodput-req`, `slo`). A server
     builds its stack once and its draws go on from step to step; a bench that builds a stack
     per run gives each run a seed of its own, or every run draws the same probes at the same
@@ -90,6 +91,7 @@ class StackContext:
     prefill_budget: int = 512
     max_running: int | None = 32
     tree_width: int = 2
+    tree_extra_nodes: int = 0
     seed: int = 0
 
     def cost(self) -> StepTimePredictor:
@@ -191,14 +193,15 @@ REGISTRY: tuple[Entry, ...] = (
           lambda c, n: _tree(n), speculates=True),
     Entry("goodput-tree", r"goodput-tree", "schedule", "token tree",
           "tree depth from the goodput length (no draft when it is 0), tree_width alternatives per level",
-          lambda c, n: GoodputTree(c.cost(), c.acceptance("moving_average"), c.tree_width),
+          lambda c, n: GoodputTree(c.cost(), c.acceptance("moving_average"), c.tree_width,
+                                   extra_nodes=c.tree_extra_nodes),
           speculates=True, costs_steps=True),
     Entry("goodput-req-tree", r"goodput-req-tree", "schedule", "token tree per request",
           "per-request goodput over token trees: each request's own tree depth (or chain length) from its own "
           "acceptance, tree_width alternatives per level, the batch's budget where it pays most",
           lambda c, n: RequestGoodputTree(c.cost(), RequestAcceptance(c.acceptance("moving_average"),
                                                                       sibling_prior=width_sibling_prior(c.tree_width)),
-                                          c.tree_width, seed=c.seed),
+                                          c.tree_width, extra_nodes=c.tree_extra_nodes, seed=c.seed),
           speculates=True, costs_steps=True),
     Entry("slo-tree", r"slo-tree", "schedule", "token tree per request",
           "slo over token trees of tree_width alternatives per level",

@@ -446,6 +446,7 @@ def test_bench_spec_slo_replays_in_the_gpu_regime(tmp_path):
         (["--replay-traces", "none", "--trees"], "needs tree traces"),
         (["--trees", "--tree-width", "3"], "needs tree traces of width 3"),  # widths 2 and 4 are shipped
         (["--trees", "--tree-width", "1"], "at least 2 alternatives a level"),
+        (["--trees", "--tree-extra-nodes", "-1"], "--tree-extra-nodes: 0 or more"),
         (["--slo", "--replay-traces", "none"], "--slo needs per-request traces"),
         ([], "needs --profile"),
         (["--replay-alpha", "0.5,1.5"], "probabilities in [0, 1]"),

@@ -183,6 +183,28 @@ def test_tree_levels_learn_on_from_the_prior_that_priced_trees(target, draft):
     assert float(moved.max()) <= rows / (25 + rows) + 1e-6  # one step's weight, from the prior (strength 25)
 
 
+def test_extra_nodes_keep_more_of_the_growth_and_are_priced():
+    """`extra_nodes` (`--tree-extra-nodes`): the goodput trees keep `width` nodes a level and
+    that many more, at most the whole growth (a depth-1 tree has `width` nodes), and the step's
+    verify width is priced as kept."""
+    from adactl.controllers.trees import RequestGoodputTree, tree_nodes_kept, tree_of_depth, tree_shape
+
+    assert [tree_nodes_kept(d, 4, 4) for d in (0, 1, 2, 3)] == [0, 4, 12, 16]
+    assert [tree_nodes_kept(d, 2, 8) for d in (1, 2, 3)] == [2, 6, 10]  # the whole width-2 growth
+    assert tree_of_depth(2, 4, 4) == TreeSpec(2, 4, 12) and tree_of_depth(2, 4) == TreeSpec(2, 4, 8)
+    assert tree_shape([2, 2], 4, 0, 100, extra=4).verify_tokens == 2 * 13
+    assert tree_shape([3], 1, 0, 100, extra=4).verify_tokens == 4  # a chain keeps its length
+    with pytest.raises(ValueError, match="extra_nodes"):
+        GoodputTree(Cheap(), MovingAverage(), width=4, extra_nodes=-1)
+    with pytest.raises(ValueError, match="extra_nodes"):
+        RequestGoodputTree(Cheap(), MovingAverage(), width=4, extra_nodes=-1)
+
+
+class Cheap:
+    def predict(self, shapes: list) -> np.ndarray:
+        return np.array([0.05 + 1e-5 * s.verify_computed for s in shapes])
+
+
 def test_bad_tree_plans_are_invalid_actions():
     state = ScheduleState(now=0.0, requests=(), max_draft_len=4)
     for bad in (TreeSpec(depth=5), TreeSpec(depth=-1), {"x": TreeSpec()}, "tree"):

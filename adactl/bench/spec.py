@@ -449,7 +449,7 @@ def _load(args: SpecSettings) -> tuple[Any, Any, Any, list[list[int]], RunContex
         meta = {"target": args.target, "draft": args.draft, "companion": args.companion, "estimators": str(est),
                 "workload": args.workload}  # fmt: skip
     costs = CostModels(alone, both, args.profile, args.profile_sv, args.refine, max(args.batches))
-    ctx = RunContext(acceptance, costs, args.tree_width, log_steps=args.validate)
+    ctx = RunContext(acceptance, costs, args.tree_width, args.tree_extra_nodes, log_steps=args.validate)
     meta["machine"] = describe(device, dtype).to_dict()
     meta["profile"] = args.profile or "this machine's (cached)"
     meta["refine"] = args.refine
@@ -491,6 +491,7 @@ class RunContext:
     acceptance: Callable[[str], Any]
     costs: Callable[[bool], Any]  # CostModels, or the replay's
     tree_width: int = 2
+    tree_extra_nodes: int = 0
     shared: dict[tuple[str, Temperature], Any] = field(default_factory=dict)
     log_steps: bool = False  # each run's steps in its record's "step_log" (`--validate`)
 
@@ -504,7 +505,8 @@ class RunContext:
                     self.shared[(name, temperature)] = self.acceptance(name)
                 return self.shared[(name, temperature)]
 
-        return StackContext(self.costs(companion), acceptance, tree_width=self.tree_width)
+        return StackContext(self.costs(companion), acceptance, tree_width=self.tree_width,
+                            tree_extra_nodes=self.tree_extra_nodes)
 
     def learners(self, temperature: Temperature) -> list[Any]:
         """The estimators every run at `temperature` updates, whatever its stack: the moving
@@ -795,6 +797,9 @@ class SpecSettings(DeviceSettings, ProfileSettings):
                              parse=tree_spec)  # fmt: skip
     tree_width: int = setting(2, "--trees: alternatives per level of goodput-tree and the tree controllers (the "
                               "replay's shipped tree traces: 2 or 4)")  # fmt: skip
+    tree_extra_nodes: int = setting(0, "--trees: nodes goodput-tree and goodput-req-tree keep beyond --tree-width "
+                                    "a level (the best by path value; at most every node the growth "
+                                    "proposes)")  # fmt: skip
     profile_sv: str | None = setting(None, "the profile of runs with the companion (default: --profile, else "
                                      "this machine's)")  # fmt: skip
     replay: bool = setting(False, "no model runs: the profile replay (adactl.bench.spec_replay), step costs from "
@@ -832,6 +837,8 @@ class SpecSettings(DeviceSettings, ProfileSettings):
             s = replace(s, min_requests=1 if s.quick or s.tiny or s.replay or s.slo else DEFAULT_MIN_REQUESTS)
         if s.tree_width < 2:
             raise SystemExit(f"adactl bench spec --tree-width: at least 2 alternatives a level, got {s.tree_width}")
+        if s.tree_extra_nodes < 0:
+            raise SystemExit(f"adactl bench spec --tree-extra-nodes: 0 or more, got {s.tree_extra_nodes}")
         w = s.tree_width
         if s.fixed_trees is None:
             s = replace(s, fixed_trees=[TreeSpec(2, w, 2 * w), TreeSpec(4, w, 4 * w)])

@@ -181,7 +181,7 @@ def load_replay(args: Any) -> tuple[ReplayEngines, list[list[int]], Any, dict[st
     def acceptance(name: str) -> Any:
         return load_acceptance(SHIPPED_MODELS / "estimators" / f"{name}.json")
 
-    ctx = RunContext(acceptance, ReplayCosts(profile, args.refine), args.tree_width)
+    ctx = RunContext(acceptance, ReplayCosts(profile, args.refine), args.tree_width, args.tree_extra_nodes)
     where = profile.fingerprint.machine_label
     acceptance_from = f"alpha {alpha}"
     if traces is not None:
@@ -235,7 +235,8 @@ def validate(args: Any, real: list[dict[str, Any]], ctx: Any, prompts: list[list
     profiles = {c: _machine_profile(p, ctx.costs.files[c]) for c, p in ((False, alone), (True, both))}
     engines = ReplayEngines(truth(profiles[False]), traces.mean_acceptance(), args.replay_noise, args.seed, traces,
                             companion_step_time=truth(profiles[True]))  # fmt: skip
-    here = RunContext(ctx.acceptance, ReplayCosts(profiles[False], args.refine, profiles[True]), args.tree_width)
+    here = RunContext(ctx.acceptance, ReplayCosts(profiles[False], args.refine, profiles[True]), args.tree_width,
+                      args.tree_extra_nodes)
     steps = {(r["temperature"], r["batch_size"], r["controller"]): r.pop("step_log") for r in real if "step_log" in r}
     oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
     replayed = sweep(engines, prompts, here, chosen, oracles, args, label="bench spec (replay)")

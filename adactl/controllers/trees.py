@@ -124,11 +124,14 @@ class GoodputTree(Controller):
         estimator: MovingAverage | None = None,
         width: int = 2,
         sibling_prior: float | None = None,
+        extra_nodes: int = 0,
     ) -> None:
+        if extra_nodes < 0:
+            raise ValueError(f"extra_nodes must be >= 0, got {extra_nodes}")
         self.step_time = step_time
         self.chain = estimator if estimator is not None else MovingAverage()
         self.tree = TreeLevels(width, self.chain.decay, len(self.chain.mean), sibling_prior)
-        self.width = width
+        self.width, self.extra = width, extra_nodes
         self.estimator = None  # learns in `update`: chain and tree steps teach different averages
 
     def act(self, state: ScheduleState, utilities: object = None) -> StepPlan:
@@ -146,12 +149,12 @@ class GoodputTree(Controller):
         for c, w in options:
             a = a_chain if w == 1 else a_tree
             tokens.append(rows * (1 + float(torch.cumprod(a[:c], 0).sum())))
-            shapes.append(tree_shape([c] * rows, w, prefill, context))  # (w = 1: a chain)
+            shapes.append(tree_shape([c] * rows, w, prefill, context, self.extra))  # (w = 1: a chain)
         rate = np.array(tokens) / np.maximum(self.step_time.predict(shapes), 1e-6)
         c, w = options[int(np.argmax(rate))]
         if w == 1:
             return replace(state.plan, draft_len=c, tree=None)
-        return replace(state.plan, draft_len=0, tree=tree_of_depth(c, w))
+        return replace(state.plan, draft_len=0, tree=tree_of_depth(c, w, self.extra))
 
     def update(self, record: StepRecord) -> None:
         if not self.tree.update(record) and record.drafts.parents is None and int(record.drafts.draft_len.sum()) > 0:
@@ -186,11 +189,12 @@ class RequestGoodputTree(RequestGoodput):
     name = "goodput-req-tree"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, width: int = 2,
-                 sibling_prior: float | None = None, **kwargs: Any) -> None:  # fmt: skip
+                 sibling_prior: float | None = None, extra_nodes: int = 0, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(step_time, estimator, **kwargs)
-        if width < 2:
-            raise ValueError(f"RequestGoodputTree needs width >= 2 (width 1 is a chain: goodput-req), got {width}")
-        self.width = width
+        if width < 2 or extra_nodes < 0:
+            raise ValueError(f"RequestGoodputTree needs width >= 2 (width 1 is a chain: goodput-req) and extra_nodes "
+                             f">= 0, got {width} and {extra_nodes}")  # fmt: skip
+        self.width, self.extra = width, extra_nodes
         self.sibling_prior = width_sibling_prior(width) if sibling_prior is None else sibling_prior
 
     def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
@@ -198,7 +202,7 @@ class RequestGoodputTree(RequestGoodput):
         chain = partial(chain_shapes, prefill=prefill, context=context)
         chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, chain, bound=True)
         tree_survival = torch.cumprod(self.tree_alpha(views, alpha), 1)
-        tree = partial(tree_shapes, width=self.width, prefill=prefill, context=context)
+        tree = partial(tree_shapes, width=self.width, prefill=prefill, context=context, extra=self.extra)
         trees, tree_rate = self.search(tree_survival, limit, tree)
         if tree_rate > chain_rate * (1 + self.margin):
             return trees, True
@@ -217,27 +221,36 @@ class RequestGoodputTree(RequestGoodput):
     def plan_of(self, plan: StepPlan, views: list[RequestView], lengths: list[int], tree: bool) -> StepPlan:
         if not tree or not any(lengths):
             return replace(super().plan_of(plan, views, lengths, False), tree=None)
-        specs = {r.request_id: tree_of_depth(d, self.width) for r, d in zip(views, lengths) if d > 0}
+        specs = {r.request_id: tree_of_depth(d, self.width, self.extra) for r, d in zip(views, lengths) if d > 0}
         return replace(plan, draft_len=0, tree=specs)
 
 
-def tree_shapes(candidates: torch.Tensor, width: int, prefill: int, context: int) -> list[StepShape]:
+def tree_shapes(candidates: torch.Tensor, width: int, prefill: int, context: int, extra: int = 0) -> list[StepShape]:
     """`tree_shape` of each candidate [C, R] (tree depths per row)."""
-    return [tree_shape(c, width, prefill, context) for c in candidates]
+    return [tree_shape(c, width, prefill, context, extra) for c in candidates]
 
 
-def tree_shape(depths: torch.Tensor | list[int], width: int, prefill: int, context: int) -> StepShape:
-    """The shape of a step whose rows draft `tree_of_depth(d, width)` trees of depths `depths`
-    and verify every node (rows deepest first, as the engine orders them)."""
+def tree_shape(depths: torch.Tensor | list[int], width: int, prefill: int, context: int, extra: int = 0) -> StepShape:
+    """The shape of a step whose rows draft `tree_of_depth(d, width, extra)` trees of depths
+    `depths` and verify every node (rows deepest first, as the engine orders them)."""
     ordered = sorted((int(d) for d in depths), reverse=True)
     fed = [1 + width * (d - 1) if d else 0 for d in ordered]
-    return StepShape.of_lengths([width * d for d in ordered], fed, prefill, context, forwards=max(ordered, default=0))
+    kept = [tree_nodes_kept(d, width, extra) for d in ordered]
+    return StepShape.of_lengths(kept, fed, prefill, context, forwards=max(ordered, default=0))
 
 
-def tree_of_depth(depth: int, width: int) -> TreeSpec:
+def tree_of_depth(depth: int, width: int, extra: int = 0) -> TreeSpec:
     """The tree the goodput and SLO controllers draft for a chain length: `width`
-    alternatives per level, `width * depth` nodes kept."""
-    return TreeSpec(depth=depth, width=width, nodes=width * depth) if depth else TreeSpec(0, 0, 0)
+    alternatives per level, `tree_nodes_kept` nodes."""
+    if not depth:
+        return TreeSpec(0, 0, 0)
+    return TreeSpec(depth=depth, width=width, nodes=tree_nodes_kept(depth, width, extra))
+
+
+def tree_nodes_kept(depth: int, width: int, extra: int = 0) -> int:
+    """`width` nodes a level and `extra` more (the best by path value: mostly the second
+    level's), at most every node the growth proposes (`width` + `width`^2 (depth - 1))."""
+    return min(width * depth + extra, width + width * width * (depth - 1)) if depth else 0
 
 
 class GlobalTreeAllocation(SpeculativeVerification):
