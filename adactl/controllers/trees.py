@@ -108,7 +108,7 @@ class GoodputTree(Controller):
     """Chain or tree, and how deep, by predicted goodput (tokens per predicted second).
 
     Candidates: chains of c = 0..K tokens and trees of depth c with `width` alternatives per
-    level and `width * c` nodes. A shape's expected tokens per request are
+    level and `width * c` nodes (and `extra_nodes` more: `tree_nodes_kept`). A shape's expected tokens per request are
     1 + sum_{j < c} prod_{i <= j} a_i, with a_i its *per-level* acceptance (the chance the
     accepted path goes one level deeper), learned online for chains and for trees separately
     (`MovingAverage` on `level_labels`; trees: `TreeLevels`, which until trees have been tried
@@ -170,7 +170,7 @@ class RequestGoodputTree(RequestGoodput):
     acceptance alpha^tree_ij (the chance the accepted path of a `width`-wide tree goes one
     level deeper at level j: `RequestAcceptance.tree_alpha_of`, learned from the tree steps
     it serves; another estimator: 1 - (1 - alpha_ij)(1 - `sibling_prior`)). A tree of depth
-    d_i (`tree_of_depth`: the best `width` d_i nodes) yields 1 + sum_{j < d_i} prod_{l <= j}
+    d_i (`tree_of_depth`: the best `width` d_i nodes, and `extra_nodes` more) yields 1 + sum_{j < d_i} prod_{l <= j}
     alpha^tree_il tokens in expectation, and is priced (`tree_shape`) as `width` verify
     tokens a level and 1 + `width` (d_i - 1) draft tokens in max_i d_i draft forwards: an
     upper bound, since the best `width` d nodes by path value are sometimes shallower than d
