@@ -99,6 +99,12 @@ def is_whole_batch(shape: StepShape) -> bool:
     return rows > 0 and shape.prefill_tokens == 0 and same_draft and shape.verify_computed == rows * (k + 1)
 
 
+def _j(rows: int, computed: int, depth: int) -> float:
+    """A shape's draft-length coordinate: verified tokens a row less one, a tree at its depth
+    (the module docstring), clipped to the cells."""
+    return min(max(min(computed / rows - 1.0, depth), 0.0), JS - 1.0)
+
+
 def basis(shape: StepShape, ratios: bool = True) -> np.ndarray:
     """[SIZE] the terms' weights at a shape; `ratios=False`: the levels only."""
     phi = np.zeros(SIZE)
@@ -112,7 +118,7 @@ def basis(shape: StepShape, ratios: bool = True) -> np.ndarray:
     phi[_L + b1] += wb
     if not ratios:
         return phi
-    j = min(max(min(shape.verify_computed / shape.rows - 1.0, shape.max_draft), 0.0), JS - 1.0)
+    j = _j(shape.rows, shape.verify_computed, shape.max_draft)
     j0 = int(j)
     j1, wj = min(j0 + 1, JS - 1), j - j0
     phi[_S] = j
@@ -134,7 +140,7 @@ def _at(w: list[float], rows: int, computed: int, depth: int) -> float:
     x = min(max(math.log2(rows), 0.0), BUCKETS - 1.0)
     b0 = int(x)
     b1, wb = min(b0 + 1, BUCKETS - 1), x - b0
-    j = min(max(min(computed / rows - 1.0, depth), 0.0), JS - 1.0)
+    j = _j(rows, computed, depth)
     j0 = int(j)
     j1, wj = min(j0 + 1, JS - 1), j - j0
     c0, c1 = _C + b0 * JS, _C + b1 * JS

@@ -80,10 +80,10 @@ OLD_BASES = (BASIS[:-1], (*BASIS[:-2], "prefill_squared"))
 # and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
 FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0])
 # the terms that grow with the tokens a step verifies or drafts (`StepCostModel.grows_with_work`)
 _WORK = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
                                   "draft_attention")]  # fmt: skip
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0])
 
 
 class ProfileError(ValueError):
