@@ -8,7 +8,7 @@ row) (`adactl.estimators.cost_surface`):
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
            prefill tokens, prefill attention (query-key pairs, summed over the step's prompts),
-           KV read (the running rows' contexts, summed)]
+           KV read (the running rows' contexts, summed), prefilling at all (0 or 1)]
 
 (The drafting indicator carries what a step pays once it drafts anything, whatever the
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
@@ -24,6 +24,15 @@ the basis: the engine's attention spans the widest row of the cache (padding), s
 row prices every row of a step as long; the profiler keeps its rows' contexts near a
 server's instead (adactl.profiler.measure). Profiles written before this term load with its
 coefficient 0, pricing what they always did.)
+
+(The prefilling indicator carries what a prefill forward pays whatever its size: the
+engine runs a step's prompt chunks as a forward of their own, which streams the weights once.
+Without it the fixed cost could only go to the per-token terms, so a fit priced small chunks
+low and large ones high: the own steps of a streaming run on the 2-core CPU, prefill chunks of
+16-440 tokens, took 0.06-0.20 s plus 2.6-3.8 ms a token, and the fit without the term priced a
+40-token chunk at 0.6x its time and a 330-token one at 1.3x; a replay that merged arrivals into
+fewer, larger chunks then paid more for them than the engine did (issue 32). Profiles written
+before it load with its coefficient 0.)
 
 - **Prior**: theta fitted by non-negative least squares, weighted by 1 / seconds (relative error), on the
   steps that `adactl profile` measured on this machine (`StepCostProfile`); then the
@@ -69,18 +78,18 @@ from adactl.interface import StepRecord
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
 BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
-         "draft_attention", "prefill_tokens", "prefill_attention", "kv_read")  # fmt: skip
+         "draft_attention", "prefill_tokens", "prefill_attention", "kv_read", "prefilling")  # fmt: skip
 # the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): before
-# 2026-12-05 no KV read; before 2026-12-02 the prefill attention was called the square of a step's prefill
-# tokens, which is its attention when the step prefills one prompt from scratch (the profiler's steps lack the
+# 2026-12-06 no prefilling indicator; before 2026-12-05 no KV read; before 2026-12-02 the prefill attention was
+# called the square of a step's prefill tokens, which is its attention when the step prefills one prompt from scratch (the profiler's steps lack the
 # field, and `StepShape` gives them exactly that); the same coefficient, read for several prompts as their sum
-OLD_BASES = (BASIS[:-1], (*BASIS[:-2], "prefill_squared"))
+OLD_BASES = (BASIS[:-1], BASIS[:-2], (*BASIS[:-3], "prefill_squared"))
 # how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
 # 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
 # and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
 FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0])
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0, 1.0])
 # the terms that grow with the tokens a step verifies or drafts (`StepCostModel.grows_with_work`)
 _WORK = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
                                   "draft_attention")]  # fmt: skip
@@ -95,7 +104,7 @@ def _phi(s: StepShape) -> tuple[float, ...]:
     mean_context = s.context_tokens / max(s.rows, 1) / 1024  # thousands of tokens per row
     return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
             s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128,
-            s.context_tokens / 1024)  # fmt: skip
+            s.context_tokens / 1024, float(s.prefill_tokens > 0))  # fmt: skip
 
 
 def features(shapes: Sequence[StepShape]) -> np.ndarray:
@@ -203,11 +212,15 @@ class StepCostModel:
 
     # ---------------------------------------------------------------- predict
     def _prior_parts(self, shapes: Sequence[StepShape]) -> np.ndarray:
-        """[N, 3] the basis (no part below 0: a negative part is the fit's, not the machine's)
-        times the profile's surface."""
+        """[N, 3] the basis (no part below 0: a negative part is the fit's, not the machine's),
+        its draft and verify parts times the profile's surface. Not its prefill part: the
+        surface is fitted on whole-batch decode steps (`CostSurface.fit`), a correction over
+        rows and draft length, while a prefill chunk's cost follows its tokens; applied to it,
+        the cell of a streaming run's first few rows (+50%, its decode steps' residual) priced
+        the chunks prefilled beside them 1.5x (issue 32)."""
         parts = np.maximum(features(shapes) @ self.theta, 0.0)
         if self.profile is not None:
-            parts *= np.exp(self.profile(list(shapes)))[:, None]
+            parts[:, 1:] *= np.exp(self.profile(list(shapes)))[:, None]
         return parts
 
     def _factor(self, shapes: Sequence[StepShape]) -> np.ndarray:

@@ -159,13 +159,13 @@ def test_profile_file_round_trip_and_bad_files(tmp_path) -> None:
             StepCostProfile.load(tmp_path / name)
     with pytest.raises(ProfileError, match="does not exist"):
         StepCostProfile.load(tmp_path / "missing.json")
-    # a profile of the basis before the KV read term: that term costs nothing, the rest as written
+    # a profile of the basis before the KV read and prefilling terms: they cost nothing, the rest as written
     theta = np.array(data["theta"])
-    theta[-1] = 0.0
-    old = {**data, "basis": list(BASIS[:-1]), "theta": theta[:-1].tolist()}
+    theta[-2:] = 0.0
+    old = {**data, "basis": list(BASIS[:-2]), "theta": theta[:-2].tolist()}
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = StepCostProfile.load(tmp_path / "old.json")
-    assert np.array_equal(loaded.theta, theta) and BASIS[-1] == "kv_read"
+    assert np.array_equal(loaded.theta, theta) and BASIS[-2:] == ("kv_read", "prefilling")
     same = StepCostProfile(FP, profile.steps, theta, {})
     assert np.allclose(loaded.model(refine=False).predict(shapes), same.model(refine=False).predict(shapes))
 
@@ -249,6 +249,33 @@ def test_a_measured_profile_is_fitted_with_costs_that_are_not_negative() -> None
     assert (fit_theta(shapes, seconds, nonnegative=False) < -1e-3).any()  # least squares cancels terms here
     theta = fit_theta(shapes, seconds)
     assert (theta >= 0).all() and StepCostProfile.from_steps(FP, shapes, seconds).theta.min() >= 0
+
+
+def test_a_prefill_chunk_is_priced_by_its_size_not_by_the_rows_beside_it() -> None:
+    """A streaming run's own steps (issue 32): the engine prefills a step's prompt chunks as a
+    forward of their own, 0.15 s whatever its size plus 3 ms a token, beside decode rows whose
+    steps at 1-4 rows run 1.5x what the linear basis says (a cell of the profile's surface).
+    The fit must price a 40-token and a 330-token chunk each within 10%: without a term for a
+    prefill forward's fixed cost it priced them at 0.6x and 1.3x, and with the surface applied
+    to the prefill part, a chunk beside 2 rows at 1.5x; a replay that merged arrivals into
+    fewer, larger chunks then paid more for them than the engine (TTFT p50 1.3-3x at loads 3-5)."""
+    rng = np.random.default_rng(0)
+    shapes, seconds = [], []
+    for b in range(1, 33):
+        for prefill in (0, 0, 0, int(rng.integers(16, 440))):
+            shape = StepShape.of_lengths(torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long),
+                                         prefill, b * 200)  # fmt: skip
+            verify = (0.05 + 0.01 * b) * (1.5 if b <= 4 else 1.0)
+            chunk = 0.15 + 0.003 * prefill if prefill else 0.0
+            shapes.append(shape)
+            seconds.append(np.array([chunk, 0.0, verify]) * math.exp(rng.normal(0, 0.05)))
+    model = StepCostProfile.from_steps(FP, shapes, np.array(seconds)).model(refine=False)
+    for rows in (2, 16):
+        for prefill in (40, 330):
+            shape = StepShape.of_lengths(torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long),
+                                         prefill, rows * 200)  # fmt: skip
+            priced = float(model.predict_parts([shape])[0, 0])
+            assert priced == pytest.approx(0.15 + 0.003 * prefill, rel=0.1), (rows, prefill)
 
 
 def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
