@@ -81,8 +81,9 @@ BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft
          "draft_attention", "prefill_tokens", "prefill_attention", "kv_read", "prefilling")  # fmt: skip
 # the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): before
 # 2026-12-06 no prefilling indicator; before 2026-12-05 no KV read; before 2026-12-02 the prefill attention was
-# called the square of a step's prefill tokens, which is its attention when the step prefills one prompt from scratch (the profiler's steps lack the
-# field, and `StepShape` gives them exactly that); the same coefficient, read for several prompts as their sum
+# called the square of a step's prefill tokens, which is its attention when the step prefills one prompt from
+# scratch (the profiler's steps lack the field, and `StepShape` gives them exactly that); the same coefficient,
+# read for several prompts as their sum
 OLD_BASES = (BASIS[:-1], BASIS[:-2], (*BASIS[:-3], "prefill_squared"))
 # how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
 # 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
