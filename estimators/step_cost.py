@@ -5,6 +5,7 @@ A step's wall time, per part (prefill, draft, verify), is a linear cost basis of
 row) (`adactl.estimators.cost_surface`):
 
     seconds[part] = theta[:, part] . phi(shape) * exp(profile(shape) + online(shape))
+    (the profile's surface on the draft and verify parts only: it corrects decode shapes)
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
            prefill tokens, prefill attention (query-key pairs, summed over the step's prompts),
