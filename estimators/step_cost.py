@@ -95,6 +95,8 @@ _SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.
 # the terms that grow with the tokens a step verifies or drafts (`StepCostModel.grows_with_work`)
 _WORK = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
                                   "draft_attention")]  # fmt: skip
+# the parts a step's decode pays (draft, then verify: PARTS' order), which the profile's surface corrects
+_DECODE = slice(PARTS.index("draft_s"), None)
 
 
 class ProfileError(ValueError):
@@ -222,7 +224,7 @@ class StepCostModel:
         the chunks prefilled beside them 1.5x (issue 32)."""
         parts = np.maximum(features(shapes) @ self.theta, 0.0)
         if self.profile is not None:
-            parts[:, 1:] *= np.exp(self.profile(list(shapes)))[:, None]
+            parts[:, _DECODE] *= np.exp(self.profile(list(shapes)))[:, None]
         return parts
 
     def _factor(self, shapes: Sequence[StepShape]) -> np.ndarray:
