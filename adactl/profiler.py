@@ -55,6 +55,7 @@ from tqdm import tqdm
 from adactl import settings
 from adactl.estimators.step_cost import Fingerprint, ProfileError, StepCostModel, StepCostProfile
 from adactl.estimators.step_time import StepShape
+from adactl.runtime.shapes import context_of
 from adactl.settings import DeviceSettings, ints, setting
 
 DRAFT_LENGTHS = (0, 1, 2, 3, 4, 6, 8)
@@ -145,6 +146,12 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     in the profiles of make bench runs 24-25, in the rounds where it was the plain one), so an
     untimed step runs first: without it, a profile priced k-token steps at batch 2 2-7% too
     cheap against held-out steps in the same process, with it within 2% (`docs/issue30/first_step`).
+    Each round at a size below half the rows also runs plain steps on the youngest and the
+    oldest rows (`spans`): the engine's attention spans a step's widest row (`StepShape.span_tokens`,
+    the cost basis's KV span), and the rounds' first b rows always hold one of the oldest, so
+    without them the fit could not tell a token of span from a row (a profile of the 2-core CPU
+    priced a token of context at 12 us against the engine's 3, and streaming steps, whose rows
+    are shorter, 15% low, issue 32).
     A profile prices the process it runs in: `make bench`'s, made after the bench had read and
     tokenized its prompts in-process, priced k-token steps at batch 4 16-18% dearer than a clean
     process's held-out steps, and so did that process's steps (its prompts are built in a child
@@ -187,9 +194,9 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         if captures() != before:  # it captured a CUDA graph: its time is the capture's, not a step's
             skipped["captures"] += 1  # (80-700 ms against 9-40 ms steps on an H200 at the 8B shape)
             return float(outcome.total_s)
-        context = int(drafts.context_len.sum())
+        context, span = context_of(drafts.context_len)
         shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context,
-                                           outcome.prefill_attention))  # fmt: skip
+                                           outcome.prefill_attention, span=span))  # fmt: skip
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
@@ -223,6 +230,24 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         total = 0.0
         for k in rng.sample(lengths[b], len(lengths[b])):  # the first b rows run, the others wait
             total += step(StepPlan(draft_len=k, prefill_budget=0, run=first_rows(b)))
+        return total + spans(b)
+
+    def spans(b: int) -> float:
+        """Plain steps on the b youngest and the b oldest rows, in a random order, each from a
+        packed cache after an untimed step that moves its rows (module docstring): the same
+        batch size at two attention spans, a few seconds apart, so the fit can tell what a
+        token of span costs from what a row does (the rounds' first b rows always hold one of
+        the oldest)."""
+        if 2 * b > grown:
+            return 0.0
+        running = sorted((v for v in engine.requests() if v.status == "running"), key=lambda v: v.context_len)
+        total = 0.0
+        for rows in rng.sample([running[:b], running[-b:]], 2):
+            run = [v.request_id for v in rows]
+            engine.pack()  # (a row that ran beside a longer one spans its columns until packed)
+            engine.draft_step(StepPlan(draft_len=0, prefill_budget=0, run=run))
+            engine.verify()
+            total += step(StepPlan(draft_len=0, prefill_budget=0, run=run))
         return total
 
     def over() -> bool:
@@ -519,7 +544,8 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
                 drafts = engine.draft_step(StepPlan(draft_len=k, prefill_budget=0))
                 outcome = engine.verify()
                 _sync(pair.device)
-                shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, int(drafts.context_len.sum()))
+                context, span = context_of(drafts.context_len)
+                shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, context, span=span)
                 seen[k].append((shape, float(outcome.total_s)))
             bar.update(1)
         plain = np.array([t for _, t in seen[0]])

@@ -318,7 +318,8 @@ def computed_profile(cost: GpuStepCost) -> StepCostProfile:
             "weight_ms": round(1000 * cost.weight_s, 3), "calibration_context": CALIBRATION_CONTEXT,
             "note": "computed from the GPU's figures and the model's shape (adactl.estimators.gpu_cost), "
                     "calibrated to published vLLM measurements; not measured"}  # fmt: skip
-    return StepCostProfile.from_steps(cost.fingerprint(), shapes, cost.predict_parts(shapes), meta, nonnegative=False)
+    return StepCostProfile.from_steps(cost.fingerprint(), shapes, cost.predict_parts(shapes), meta, nonnegative=False,
+                                      held=("kv_span",))  # length-aware attention: each row reads its own context
 
 
 def replay_truth(profile: StepCostProfile) -> Any:

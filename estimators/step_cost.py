@@ -9,7 +9,8 @@ row) (`adactl.estimators.cost_surface`):
     phi = [1, rows, verify tokens computed, verify attention (computed x mean context),
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
            prefill tokens, prefill attention (query-key pairs, summed over the step's prompts),
-           KV read (the running rows' contexts, summed), prefilling at all (0 or 1)]
+           KV read (the running rows' contexts, summed), prefilling at all (0 or 1),
+           KV span (the rows times the longest row's context)]
 
 (The drafting indicator carries what a step pays once it drafts anything, whatever the
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
@@ -20,11 +21,18 @@ verifies: the verify attention term grows with k, and without this one it had to
 both. A profile whose rows held 500-900 tokens put a k-token step's cost over a plain one's
 10.2% off on average (up to 22%) against held-out steps with shorter rows on the 2-core CPU;
 its own steps refitted with this term, 7.9%; a profile of younger rows, 5.2% and 5.0%
-(`adactl profile --check --check-rounds 12`, the mean of three checks, 2026-12-05). Not in
-the basis: the engine's attention spans the widest row of the cache (padding), so one long
-row prices every row of a step as long; the profiler keeps its rows' contexts near a
-server's instead (adactl.profiler.measure). Profiles written before this term load with its
-coefficient 0, pricing what they always did.)
+(`adactl profile --check --check-rounds 12`, the mean of three checks, 2026-12-05). Profiles
+written before this term load with its coefficient 0, pricing what they always did.)
+
+(The KV span is what the engine's attention reads: a forward over a batch spans the widest
+row's columns (`adactl.runtime.kv`: one buffer, per-row masks), so one long row prices every
+row of a step as long (`runtime.shapes.context_of`). Without it a profile could only price
+context through the summed KV read, and its rounds, whose batch grows by adding younger rows
+(`adactl.profiler.measure`), confound the two: a profile of the 2-core CPU priced a token of
+context at 12 us where the engine's plain steps paid 3 us (8 and 16 rows at 60 against 300
+tokens of context), and streaming runs' decode steps, whose rows are shorter, 15% low
+(issue 32). A computed GPU profile holds it at 0 (`fit_theta`'s `held`): length-aware
+attention reads each row's own context. Profiles written before it load with its coefficient 0.)
 
 (The prefilling indicator carries what a prefill forward pays whatever its size: the
 engine runs a step's prompt chunks as a forward of their own, which streams the weights once.
@@ -79,19 +87,19 @@ from adactl.interface import StepRecord
 FORMAT = "adactl-step-cost-profile"
 VERSION = 1
 BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
-         "draft_attention", "prefill_tokens", "prefill_attention", "kv_read", "prefilling")  # fmt: skip
-# the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): before
-# 2026-12-06 no prefilling indicator; before 2026-12-05 no KV read; before 2026-12-02 the prefill attention was
-# called the square of a step's prefill tokens, which is its attention when the step prefills one prompt from
-# scratch (the profiler's steps lack the field, and `StepShape` gives them exactly that); the same coefficient,
-# read for several prompts as their sum
-OLD_BASES = (BASIS[:-1], BASIS[:-2], (*BASIS[:-3], "prefill_squared"))
+         "draft_attention", "prefill_tokens", "prefill_attention", "kv_read", "prefilling", "kv_span")  # fmt: skip
+# the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): until the
+# evening of 2026-12-06 no KV span; before that day no prefilling indicator; before 2026-12-05 no KV read;
+# before 2026-12-02 the prefill attention was called the square of a step's prefill tokens, which is its
+# attention when the step prefills one prompt from scratch (the profiler's steps lack the field, and
+# `StepShape` gives them exactly that); the same coefficient, read for several prompts as their sum
+OLD_BASES = (BASIS[:-1], BASIS[:-2], BASIS[:-3], (*BASIS[:-4], "prefill_squared"))
 # how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
 # 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
 # and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
 FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0, 1.0])
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0, 1.0, 4.0])
 # the terms that grow with the tokens a step verifies or drafts (`StepCostModel.grows_with_work`)
 _WORK = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
                                   "draft_attention")]  # fmt: skip
@@ -108,7 +116,7 @@ def _phi(s: StepShape) -> tuple[float, ...]:
     mean_context = s.context_tokens / max(s.rows, 1) / 1024  # thousands of tokens per row
     return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
             s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128,
-            s.context_tokens / 1024, float(s.prefill_tokens > 0))  # fmt: skip
+            s.context_tokens / 1024, float(s.prefill_tokens > 0), s.span_tokens / 1024)  # fmt: skip
 
 
 def features(shapes: Sequence[StepShape]) -> np.ndarray:
@@ -147,7 +155,7 @@ class Fingerprint:
 
 
 def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1e-3,
-              nonnegative: bool = True) -> np.ndarray:  # fmt: skip
+              nonnegative: bool = True, held: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
     """[len(BASIS), 3] non-negative least squares of (prefill, draft, verify) seconds on the
     basis, each step weighted by 1 / its total seconds (so a 2 ms step counts as much as a 2 s
     one), with a small ridge.
@@ -160,20 +168,26 @@ def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1
     whose rows hold shorter contexts, 25% low; its non-negative fit, 6% (issue 32).
     `nonnegative=False` (plain least squares) is for steps computed from a model on a designed
     grid (adactl.estimators.gpu_cost), exact and not collinear, whose curvature (the linear
-    layers' knee) the basis follows better with signed terms."""
+    layers' knee) the basis follows better with signed terms. `held`: terms of BASIS kept at 0
+    (a computed profile's KV span: its physics prices none)."""
     from scipy.optimize import nnls
 
-    phi = features(shapes)
+    unknown = set(held) - set(BASIS)
+    if unknown:
+        raise ValueError(f"held terms {sorted(unknown)} are not in the cost basis {list(BASIS)}")
+    free = [i for i, name in enumerate(BASIS) if name not in held]
+    phi = features(shapes)[:, free]
     y = np.asarray(seconds, dtype=np.float64).reshape(len(phi), len(PARTS))
     w = 1.0 / np.maximum(y.sum(1), 1e-4)
     k = phi.shape[1]
+    theta = np.zeros((len(BASIS), len(PARTS)))
     if not nonnegative:
         a = phi * w[:, None]
-        return np.linalg.solve(a.T @ a + ridge * np.eye(k), a.T @ (y * w[:, None]))
+        theta[free] = np.linalg.solve(a.T @ a + ridge * np.eye(k), a.T @ (y * w[:, None]))
+        return theta
     a = np.vstack([phi * w[:, None], math.sqrt(ridge) * np.eye(k)])
-    theta = np.zeros((k, len(PARTS)))
     for j in range(len(PARTS)):
-        theta[:, j] = nnls(a, np.concatenate([y[:, j] * w, np.zeros(k)]))[0]
+        theta[free, j] = nnls(a, np.concatenate([y[:, j] * w, np.zeros(k)]))[0]
     return theta
 
 
@@ -291,10 +305,11 @@ class StepCostProfile:
 
     @classmethod
     def from_steps(cls, fingerprint: Fingerprint, shapes: list[StepShape], seconds: np.ndarray,
-                   meta: dict[str, Any] | None = None, nonnegative: bool = True) -> StepCostProfile:  # fmt: skip
+                   meta: dict[str, Any] | None = None, nonnegative: bool = True,
+                   held: Sequence[str] = ()) -> StepCostProfile:  # fmt: skip
         seconds = np.asarray(seconds, dtype=np.float64).reshape(len(shapes), len(PARTS))
         steps = [asdict(s) | dict(zip(PARTS, map(float, y))) for s, y in zip(shapes, seconds)]
-        theta = fit_theta(shapes, seconds, nonnegative=nonnegative)
+        theta = fit_theta(shapes, seconds, nonnegative=nonnegative, held=held)
         made = cls(fingerprint, steps, theta, dict(meta or {}))
         total = np.maximum(seconds.sum(1), 1e-9)
         basis_only = np.maximum(np.maximum(features(shapes) @ theta, 0.0).sum(1), 1e-5)
@@ -357,7 +372,8 @@ class StepCostProfile:
             if theta.shape != (len(BASIS), len(PARTS)) or not np.isfinite(theta).all():
                 raise ProfileError(f"{path}: theta must be {len(BASIS)} x {len(PARTS)} finite numbers; {remake}")
             steps = [dict(s) for s in data["steps"]]
-            needed = {*StepShape.names(), *PARTS} - {"prefill_attention"}  # (older profiles: one prompt per step)
+            # (older profiles: one prompt per step, rows of equal context)
+            needed = {*StepShape.names(), *PARTS} - {"prefill_attention", "span_tokens"}
             if any(not needed <= s.keys() for s in steps):
                 raise ProfileError(f"{path}: a step lacks one of {sorted(needed)}; {remake}")
             bad = next(

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kv_pool import HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
-from .shapes import StepShape, draft_work, prefill_pairs
+from .shapes import StepShape, context_of, draft_work, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
 from .tree import chain_spec
@@ -629,7 +629,8 @@ class ReplayEngine:
             raise RequestError(f"verify_len must give each of the {len(drafts.request_ids)} rows 0..its draft length")
 
         fed, forwards = draft_work(drafts.draft_len, drafts.parents)
-        shape = StepShape.of_lengths(cut, fed, prefill_tokens, int(drafts.context_len.sum()), attention, forwards)
+        context, span = context_of(drafts.context_len)
+        shape = StepShape.of_lengths(cut, fed, prefill_tokens, context, attention, forwards, span)
         parts = (
             self.step_time.predict_parts([shape])[0]
             if hasattr(self.step_time, "predict_parts")

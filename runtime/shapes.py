@@ -34,17 +34,21 @@ class StepShape:
     context_tokens: int  # sum of the decode rows' context lengths
     verify_computed: int = 0  # tokens the verify forwards compute, padding included (0: rows * max_verify)
     prefill_attention: int = 0  # query-key pairs the prefill's attention computes (`prefill_pairs`; 0: one prompt)
+    span_tokens: int = 0  # rows x the longest row's context: what padded attention reads (0: context_tokens)
 
     def __post_init__(self) -> None:
         if self.verify_computed == 0:  # one [rows, max_verify] forward
             object.__setattr__(self, "verify_computed", self.rows * self.max_verify)
+        if self.span_tokens == 0:  # every row as long as the mean (a shape made without the rows' contexts)
+            object.__setattr__(self, "span_tokens", self.context_tokens)
         if self.prefill_attention == 0 and self.prefill_tokens:  # one chunk from an empty cache
             p = self.prefill_tokens  # (prefill_pairs([(0, p)]), inline: controllers make shapes every step)
             object.__setattr__(self, "prefill_attention", p * (p + 1) // 2)
 
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
-                   context: int = 0, prefill_attention: int = 0, forwards: int | None = None) -> StepShape:  # fmt: skip
+                   context: int = 0, prefill_attention: int = 0, forwards: int | None = None,
+                   span: int = 0) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
         `verify[i]` of their drafted tokens and feed the draft `draft[i]` tokens in `forwards`
         forwards (None: a chain step, max(draft); a tree's come from `draft_work`); the engine
@@ -63,6 +67,7 @@ class StepShape:
             context_tokens=context,
             verify_computed=verify_computed(cut),
             prefill_attention=prefill_attention,
+            span_tokens=span,
         )
 
     @classmethod
@@ -70,13 +75,22 @@ class StepShape:
         """The shape of a step that ran (an `adactl.interface.StepRecord`)."""
         d = record.drafts
         o = record.outcome
-        prefill, context = int(o.prefill_tokens), int(d.context_len.sum())
+        prefill, (context, span) = int(o.prefill_tokens), context_of(d.context_len)
         fed, forwards = draft_work(d.draft_len, d.parents)
-        return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards)
+        return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards, span)
 
     @staticmethod
     def names() -> list[str]:
         return [f.name for f in fields(StepShape)]
+
+
+def context_of(context_len: Sequence[int] | torch.Tensor | np.ndarray) -> tuple[int, int]:
+    """(context_tokens, span_tokens) of a step's decode rows from their context lengths: the
+    sum, and the rows times the longest. The engine's attention over a batch spans the widest
+    row's columns (`runtime.kv`: one buffer, per-row masks), so a step of short rows beside one
+    long one reads as much KV as a step of long rows."""
+    c = context_len.tolist() if isinstance(context_len, (torch.Tensor, np.ndarray)) else list(context_len)
+    return int(sum(c)), len(c) * int(max(c, default=0))
 
 
 def draft_work(draft_len: Sequence[int] | torch.Tensor, parents: torch.Tensor | None = None) -> tuple[list[int], int]:

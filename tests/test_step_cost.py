@@ -159,13 +159,13 @@ def test_profile_file_round_trip_and_bad_files(tmp_path) -> None:
             StepCostProfile.load(tmp_path / name)
     with pytest.raises(ProfileError, match="does not exist"):
         StepCostProfile.load(tmp_path / "missing.json")
-    # a profile of the basis before the KV read and prefilling terms: they cost nothing, the rest as written
+    # a profile of the basis before the KV read, prefilling and KV span terms: they cost nothing, the rest as written
     theta = np.array(data["theta"])
-    theta[-2:] = 0.0
-    old = {**data, "basis": list(BASIS[:-2]), "theta": theta[:-2].tolist()}
+    theta[-3:] = 0.0
+    old = {**data, "basis": list(BASIS[:-3]), "theta": theta[:-3].tolist()}
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = StepCostProfile.load(tmp_path / "old.json")
-    assert np.array_equal(loaded.theta, theta) and BASIS[-2:] == ("kv_read", "prefilling")
+    assert np.array_equal(loaded.theta, theta) and BASIS[-3:] == ("kv_read", "prefilling", "kv_span")
     same = StepCostProfile(FP, profile.steps, theta, {})
     assert np.allclose(loaded.model(refine=False).predict(shapes), same.model(refine=False).predict(shapes))
 
@@ -276,6 +276,47 @@ def test_a_prefill_chunk_is_priced_by_its_size_not_by_the_rows_beside_it() -> No
                                          prefill, rows * 200)  # fmt: skip
             priced = float(model.predict_parts([shape])[0, 0])
             assert priced == pytest.approx(0.15 + 0.003 * prefill, rel=0.1), (rows, prefill)
+
+
+def test_a_step_is_priced_by_its_longest_row_not_by_its_mean_context() -> None:
+    """The engine's attention spans the widest row of the batch (issue 32). A profile's rounds
+    run the first b rows, which always hold one of the oldest, and its span steps run the b
+    youngest and the b oldest (`adactl.profiler.measure`). Fitted on such steps, the basis with
+    the KV span prices a server's rows (short ones, with and without one long one beside them)
+    within 5%; the summed context alone (the basis before, fitted on the same steps) over 10%
+    off: it priced a streaming run's decode steps 15% low on the 2-core CPU."""
+    from adactl.estimators.step_cost import fit_theta
+    from adactl.runtime.shapes import context_of
+
+    assert context_of(torch.tensor([10, 100, 40])) == (150, 300) and context_of([]) == (0, 0)
+
+    def truth(shape: StepShape) -> float:  # a plain step: fixed, per row, per token of span
+        return 0.02 + 0.003 * shape.rows + 3e-6 * shape.span_tokens
+
+    def plain(contexts: np.ndarray) -> StepShape:
+        context, span = context_of(contexts)
+        return StepShape.of_lengths([0] * len(contexts), [0] * len(contexts), 0, context, span=span)
+
+    rng = np.random.default_rng(1)
+    shapes = []
+    for _ in range(6):  # rounds over 64 rows of 16-384 tokens, oldest first
+        ages = np.sort(rng.integers(16, 384, size=64))[::-1]
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            shapes.append(plain(ages[:b]))
+            shapes += [plain(ages[-b:]), plain(ages[:b])] if 2 * b <= 64 else []  # the span steps
+    seconds = np.array([[0.0, 0.0, truth(s) * math.exp(rng.normal(0, 0.02))] for s in shapes])
+    held_out = [
+        plain(np.array([*rng.integers(60, 180, size=b - 1), long])) for b in (4, 8, 16, 32) for long in (150, 400)
+    ]
+    want = np.array([truth(s) for s in held_out])
+
+    def error(held: tuple[str, ...]) -> float:
+        theta = fit_theta(shapes, seconds, held=held)
+        return float(np.max(np.abs((features(held_out) @ theta).sum(1) / want - 1)))
+
+    assert error(()) < 0.05 and error(("kv_span",)) > 0.10
+    with pytest.raises(ValueError, match="not in the cost basis"):
+        fit_theta(shapes, seconds, held=("kv_spam",))
 
 
 def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:

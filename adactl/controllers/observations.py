@@ -21,6 +21,7 @@ import torch
 
 from adactl.estimators.step_time import StepShape
 from adactl.interface import ScheduleState, StepRecord
+from adactl.runtime.shapes import context_of
 
 from .progressserve import ProgressServe
 
@@ -62,8 +63,9 @@ class SpecFeatures:
         running = state.running
         rows = len(running)
         prefill = min(state.plan.prefill_budget, sum(v.prompt_len - v.prefilled for v in state.waiting))
-        context = sum(v.context_len for v in running)
-        return StepShape(rows, rows * (k + 1), k + 1 if rows else 0, rows * k, k if rows else 0, prefill, context)
+        context, span = context_of([v.context_len for v in running])
+        return StepShape(rows, rows * (k + 1), k + 1 if rows else 0, rows * k, k if rows else 0, prefill, context,
+                         span_tokens=span)  # fmt: skip
 
     def __call__(self, state: ScheduleState) -> np.ndarray:
         running = state.running

@@ -30,6 +30,7 @@ from typing import Any
 
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import Controller, ScheduleState
+from adactl.runtime.shapes import context_of
 from adactl.runtime.types import RequestView, StepPlan
 
 from .stream_common import first_token_deadline, first_unit_deadline
@@ -64,8 +65,9 @@ class TTFTPrefillBudget(Controller):
         if not waiting:
             return self.min_budget
         running = [v for v in state.running if state.plan.run is None or v.request_id in state.plan.run]
-        rows, context = len(running), sum(v.context_len for v in running)
-        shapes = [StepShape(rows, rows, 1 if rows else 0, 0, 0, n, context) for n in [0, *self.ladder]]
+        rows, (context, span) = len(running), context_of([v.context_len for v in running])
+        shapes = [StepShape(rows, rows, 1 if rows else 0, 0, 0, n, context, span_tokens=span)
+                  for n in [0, *self.ladder]]  # fmt: skip
         decode, *seconds = (float(t) for t in self.step_time.predict(shapes))
         timed = [v for v in waiting if not math.isinf(first_unit_deadline(v))]
         feasible = []

@@ -80,9 +80,11 @@ def admit_in_order(waiting: Sequence[RequestView], in_flight: int, max_num_seqs:
 def decode_seconds(step_time: StepTimePredictor, rows: Sequence[int], context: Sequence[int],
                    prefill: int = 0) -> list[float]:  # fmt: skip
     """Predicted seconds of a plain-decoding step with each number of rows in `rows`; the
-    rows' context is the sum of the first n of `context`."""
-    total = [0, *torch.tensor(list(context), dtype=torch.long).cumsum(0).tolist()]
-    shapes = [StepShape(n, n, 1 if n else 0, 0, 0, prefill, int(total[min(n, len(context))])) for n in rows]
+    rows are the first n of `context` (their contexts: summed, and the longest spans them all)."""
+    c = torch.tensor(list(context), dtype=torch.long)
+    total, longest = [0, *c.cumsum(0).tolist()], [0, *c.cummax(0).values.tolist()]
+    shapes = [StepShape(n, n, 1 if n else 0, 0, 0, prefill, int(total[m]), span_tokens=n * int(longest[m]))
+              for n in rows for m in [min(n, len(context))]]  # fmt: skip
     return [float(x) for x in step_time.predict(shapes)]
 
 

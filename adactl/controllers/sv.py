@@ -21,7 +21,7 @@ import torch
 
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, VerifyState
-from adactl.runtime.shapes import draft_work
+from adactl.runtime.shapes import context_of, draft_work
 from adactl.runtime.types import DraftBatch
 
 
@@ -49,9 +49,9 @@ class SpeculativeVerification(Controller):
 
     def seconds(self, d: DraftBatch, cands: torch.Tensor) -> np.ndarray:
         """[C] predicted step seconds of each candidate [C, B] of verify lengths."""
-        context = int(d.context_len.sum())
+        context, span = context_of(d.context_len)
         fed, forwards = draft_work(d.draft_len, d.parents)
-        shapes = [StepShape.of_lengths(c, fed, 0, context, forwards=forwards) for c in cands]
+        shapes = [StepShape.of_lengths(c, fed, 0, context, forwards=forwards, span=span) for c in cands]
         return np.maximum(self.step_time.predict(shapes), 1e-6)
 
 
