@@ -196,7 +196,8 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
             return float(outcome.total_s)
         context, span = context_of(drafts.context_len)
         shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context,
-                                           outcome.prefill_attention, span=span))  # fmt: skip
+                                           outcome.prefill_attention, span=span,
+                                           moved=outcome.moved_tokens))  # fmt: skip
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
@@ -230,24 +231,48 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         total = 0.0
         for k in rng.sample(lengths[b], len(lengths[b])):  # the first b rows run, the others wait
             total += step(StepPlan(draft_len=k, prefill_budget=0, run=first_rows(b)))
-        return total + spans(b)
+        return total + spans(b) + renew()
+
+    def renew() -> float:
+        """One row replaced by a new prompt, prefilled in one chunk beside the running rows: a
+        prefill sample in every round, so the prefill part is priced at the machine's mean speed
+        over the measurement like every batch size (module docstring). Prefill samples came from
+        the batch's growth alone before, 18 steps in its first seconds: two profiles made 17
+        minutes apart priced the same chunks 15-30% apart, and a streaming replay's first
+        tokens with them (issue 32)."""
+        running = [v.request_id for v in engine.requests() if v.status == "running"]
+        if not running:
+            return 0.0
+        engine.cancel(rng.choice(running))
+        size = rng.randint(16, min(256, 2 * max_context // 3))  # as fill's
+        engine_ids.append(engine.add_request([rng.randrange(1, vocab) for _ in range(size)], sampling))
+        seconds = step(StepPlan(draft_len=0, prefill_budget=size))
+        engine.pop_finished()
+        return seconds
 
     def spans(b: int) -> float:
         """Plain steps on the b youngest and the b oldest rows, in a random order, each from a
         packed cache after an untimed step that moves its rows (module docstring): the same
         batch size at two attention spans, a few seconds apart, so the fit can tell what a
         token of span costs from what a row does (the rounds' first b rows always hold one of
-        the oldest)."""
+        the oldest). Then each set with a quarter of its rows swapped for the next in age: a
+        step that moves rows (a deferral's KV copies, `kv_moved`) at the same span."""
         if 2 * b > grown:
             return 0.0
         running = sorted((v for v in engine.requests() if v.status == "running"), key=lambda v: v.context_len)
+        ids = [v.request_id for v in running]
+        m = max(1, b // 4)
         total = 0.0
-        for rows in rng.sample([running[:b], running[-b:]], 2):
-            run = [v.request_id for v in rows]
+        def alive(rows: list[str]) -> list[str] | None:  # (a row may end mid-round: each step asks; none: all)
+            running = {v.request_id for v in engine.requests() if v.status == "running"}
+            return [r for r in rows if r in running] or None
+
+        for run, swapped in rng.sample([(ids[:b], ids[m : b + m]), (ids[-b:], ids[-b - m : -m])], 2):
             engine.pack()  # (a row that ran beside a longer one spans its columns until packed)
-            engine.draft_step(StepPlan(draft_len=0, prefill_budget=0, run=run))
+            engine.draft_step(StepPlan(draft_len=0, prefill_budget=0, run=alive(run)))
             engine.verify()
-            total += step(StepPlan(draft_len=0, prefill_budget=0, run=run))
+            total += step(StepPlan(draft_len=0, prefill_budget=0, run=alive(run)))
+            total += step(StepPlan(draft_len=0, prefill_budget=0, run=alive(swapped)))
         return total
 
     def over() -> bool:

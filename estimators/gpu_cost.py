@@ -319,7 +319,7 @@ def computed_profile(cost: GpuStepCost) -> StepCostProfile:
             "note": "computed from the GPU's figures and the model's shape (adactl.estimators.gpu_cost), "
                     "calibrated to published vLLM measurements; not measured"}  # fmt: skip
     return StepCostProfile.from_steps(cost.fingerprint(), shapes, cost.predict_parts(shapes), meta, nonnegative=False,
-                                      held=("kv_span",))  # length-aware attention: each row reads its own context
+                                      held=("kv_span", "kv_moved"))  # length-aware attention, block tables
 
 
 def replay_truth(profile: StepCostProfile) -> Any:

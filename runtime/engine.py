@@ -128,6 +128,7 @@ class _Inflight:
     prefill_attention: int
     prefill_s: float
     draft_s: float
+    moved_before: int = 0  # `Rows.moved` when the step began
 
 
 class Engine:
@@ -426,6 +427,7 @@ class Engine:
         check_kv_moves(plan, {r.request_id: r.context_len for r in self.rows.running}, offloaded, self.kv, self.host,
                        self.config.max_batch_size - len(self.rows.running) - len(self.rows.prefilling))  # fmt: skip
         t0 = self._now()
+        moved_before = self.rows.moved
         self._restored = set()
         self._move(plan)
         if plan.run is None:  # (restored requests run too; moved ones do not)
@@ -469,6 +471,7 @@ class Engine:
             prefill_attention,
             t1 - t0,
             t2 - t1,
+            moved_before,
         )
         rows = self.rows.running[:n_rows]
         return DraftBatch(
@@ -523,6 +526,7 @@ class Engine:
             finished=fl.finished,
             prefill_tokens=fl.prefill_tokens,
             prefill_attention=fl.prefill_attention,
+            moved_tokens=self.rows.moved - fl.moved_before,
             prefill_s=fl.prefill_s,
             draft_s=fl.draft_s,
             verify_s=verify_s,

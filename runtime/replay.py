@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kv_pool import HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
-from .shapes import StepShape, context_of, draft_work, prefill_pairs
+from .shapes import StepShape, arrangement, context_of, draft_work, dropping, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
 from .tree import chain_spec
@@ -187,6 +187,8 @@ class ReplayEngine:
         self._pending: tuple[StepPlan, DraftBatch, dict[str, list[int]], tuple[int, int], dict[str, str]] | None = None
         self._trees: dict[str, _Tree] = {}  # the pending step's trees, by request (a tree step)
         self._joining: list[_Replayed] = []
+        self._layout: list[_Replayed] = []  # the rows in the engine's batch-cache order (`_arrange`)
+        self._moved = 0  # KV columns the engine's row moves copy, not yet charged to a step
 
     def clock(self) -> float:
         return self.now
@@ -298,6 +300,7 @@ class ReplayEngine:
         self._waiting, self._rows, self._joining, self._restoring = {}, [], [], []
         self._pending, self._trees, self._copy_s = None, {}, 0.0
         self._link_free = {"d2h": 0.0, "h2d": 0.0}
+        self._layout, self._moved = [], 0  # (the engine's caches are emptied: nothing moves)
         return [r.request_id for r in reqs]
 
     def kv_bytes(self, include_draft: bool = True) -> int:
@@ -383,6 +386,7 @@ class ReplayEngine:
         run_sorted = sorted(zip(run, lens), key=lambda x: rank[x[0].request_id], reverse=True)
         run = [r for r, _ in run_sorted]
         lens = [k for _, k in run_sorted]
+        self._arrange(run, lens, rank)
         k = max(lens, default=0)
         b = len(run)
         drafted = np.arange(k)[None, :] < np.asarray(lens, dtype=np.int64).reshape(b, 1)
@@ -407,6 +411,34 @@ class ReplayEngine:
         self._trees = trees
         self._pending = (plan, drafts, emitted, (prefill_tokens, attention), finished)
         return drafts
+
+    def _arrange(self, run: list[_Replayed], lens: list[int], rank: dict[str, Any]) -> None:
+        """Count the KV the engine copies moving its rows this step (`Rows.drop`, `Rows.arrange`:
+        `runtime.shapes.dropping`, `arrangement`), each moved row its cache's width (the longest
+        context held; holes aside): rows that left since the last step (finished, preempted,
+        offloaded) have the last rows moved into their places, joined ones come last, then the
+        rows take their segments [drafting rows by draft shape, longest first | decoding
+        without a draft | deferred]. A profile prices the copies (`kv_moved`); a computed GPU
+        profile holds them at 0."""
+        here = {id(r) for r in self._rows}
+        gone = {i for i, r in enumerate(self._layout) if id(r) not in here}
+        if gone:
+            perm = dropping(len(self._layout), gone)
+            self._moved += sum(s != d for d, s in enumerate(perm)) * max(r.context_len for r in self._layout)
+            self._layout = [self._layout[i] for i in perm]
+        laid = {id(r) for r in self._layout}
+        self._layout += [r for r in self._rows if id(r) not in laid]
+        drafting = [(r, rank[r.request_id]) for r, k in zip(run, lens) if k > 0]  # (longest first)
+        keys = [key for _, key in drafting]
+        groups = sorted(set(keys), key=keys.index)
+        segment = {id(r): groups.index(key) for r, key in drafting}
+        segment |= {id(r): len(groups) for r, k in zip(run, lens) if k == 0}
+        sizes = [keys.count(key) for key in groups] + [sum(k == 0 for k in lens), len(self._layout) - len(run)]
+        perm = arrangement([segment.get(id(r), len(groups) + 1) for r in self._layout], sizes)
+        moves = sum(s != d for d, s in enumerate(perm))
+        if moves:
+            self._moved += moves * max(r.context_len for r in self._layout)
+            self._layout = [self._layout[i] for i in perm]
 
     def _check_trees(self, tree: TreeSpec | Mapping[str, TreeSpec]) -> None:
         """A tree plan's specs, before anything runs: valid, and of the width the tree traces hold."""
@@ -630,7 +662,8 @@ class ReplayEngine:
 
         fed, forwards = draft_work(drafts.draft_len, drafts.parents)
         context, span = context_of(drafts.context_len)
-        shape = StepShape.of_lengths(cut, fed, prefill_tokens, context, attention, forwards, span)
+        moved, self._moved = self._moved, 0
+        shape = StepShape.of_lengths(cut, fed, prefill_tokens, context, attention, forwards, span, moved)
         parts = (
             self.step_time.predict_parts([shape])[0]
             if hasattr(self.step_time, "predict_parts")
@@ -668,7 +701,7 @@ class ReplayEngine:
             request_ids=drafts.request_ids, drafted=drafts.draft_len, verified=cut, accepted=accepted,
             emitted=emitted, finished=finished, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
             draft_s=draft_s, verify_s=verify_s, total_s=prefill_s + draft_s + verify_s, prefill_attention=attention,
-            path=path,
+            path=path, moved_tokens=moved,
         )  # fmt: skip
 
     def _emit(self, req: _Replayed, n: int, finished: dict[str, str], at: float | None = None) -> list[int]:

@@ -26,6 +26,7 @@ import torch
 
 from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, HostRow, KVConfig
+from .shapes import arrangement, dropping
 from .stream import Playback, Stream, count_units
 from .types import SLO, RequestError, RequestResult, RequestView, SamplingParams
 from .verify import counter_uniforms, process_logits, sample
@@ -224,6 +225,7 @@ class Rows:
     ):
         self.device, self.config, self.static, self.graphs = device, config, static, graphs
         self.target_layers, self.draft_layers = target_layers, draft_layers
+        self.moved = 0  # KV columns copied moving decode rows (`permute`), since the engine began
         self._start()
 
     def caches(self) -> list[BatchKV]:
@@ -275,30 +277,21 @@ class Rows:
         Each moved row copies its KV cache, so a deferral or a new draft length costs the rows
         that change segment, not the batch."""
         group = {id(r): g for g, members in enumerate(groups) for r in members}
-        slot = [g for g, members in enumerate(groups) for _ in members]  # the segment of each position
-        order: list[int | None] = [None] * len(self.running)
-        movers: list[list[int]] = [[] for _ in groups]
-        for i, r in enumerate(self.running):
-            if group[id(r)] == slot[i]:
-                order[i] = i
-            else:
-                movers[group[id(r)]].append(i)
-        perm = [i if i is not None else movers[slot[pos]].pop() for pos, i in enumerate(order)]
+        perm = arrangement([group[id(r)] for r in self.running], [len(members) for members in groups])
         if perm != list(range(len(perm))):
             self.permute(perm)
 
     def drop(self, drop: set[int]) -> None:
         """Remove rows `drop`; rows from the end move into their places (the others stay)."""
         if drop:
-            keep = len(self.running) - len(drop)
-            tail = [i for i in range(keep, len(self.running)) if i not in drop]
-            self.permute([i if i not in drop else tail.pop() for i in range(keep)])
+            self.permute(dropping(len(self.running), drop))
         else:
             self.target.maybe_compact()
             if self.draft is not None:
                 self.draft.maybe_compact()
 
     def permute(self, perm: list[int]) -> None:
+        self.moved += sum(src != dst for dst, src in enumerate(perm)) * self.target.n_cols  # (the copies it makes)
         self.target.permute(perm)
         if self.draft is not None:
             self.draft.permute(perm)

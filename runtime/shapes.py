@@ -4,7 +4,9 @@ verify forwards take.
 The lowest layer of the cost side: the engine splits its verify forwards with
 `verify_split`, the replay engine and the step-time model (`adactl.estimators.step_time`)
 describe steps with `StepShape` and count computed tokens with `verify_computed`, so all
-three agree on what a step computes. Nothing here imports the engine or transformers.
+three agree on what a step computes; the engine moves its rows by `arrangement` and
+`dropping`, and the replay counts the KV those moves copy with them. Nothing here imports
+the engine or transformers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class StepShape:
     verify_computed: int = 0  # tokens the verify forwards compute, padding included (0: rows * max_verify)
     prefill_attention: int = 0  # query-key pairs the prefill's attention computes (`prefill_pairs`; 0: one prompt)
     span_tokens: int = 0  # rows x the longest row's context: what padded attention reads (0: context_tokens)
+    moved_tokens: int = 0  # KV columns copied to move rows in the cache (the engine's `StepOutcome.moved_tokens`)
 
     def __post_init__(self) -> None:
         if self.verify_computed == 0:  # one [rows, max_verify] forward
@@ -48,7 +51,7 @@ class StepShape:
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
                    context: int = 0, prefill_attention: int = 0, forwards: int | None = None,
-                   span: int = 0) -> StepShape:  # fmt: skip
+                   span: int = 0, moved: int = 0) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
         `verify[i]` of their drafted tokens and feed the draft `draft[i]` tokens in `forwards`
         forwards (None: a chain step, max(draft); a tree's come from `draft_work`); the engine
@@ -68,6 +71,7 @@ class StepShape:
             verify_computed=verify_computed(cut),
             prefill_attention=prefill_attention,
             span_tokens=span,
+            moved_tokens=moved,
         )
 
     @classmethod
@@ -77,7 +81,8 @@ class StepShape:
         o = record.outcome
         prefill, (context, span) = int(o.prefill_tokens), context_of(d.context_len)
         fed, forwards = draft_work(d.draft_len, d.parents)
-        return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards, span)
+        return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards, span,
+                              int(o.moved_tokens))  # fmt: skip
 
     @staticmethod
     def names() -> list[str]:
@@ -91,6 +96,28 @@ def context_of(context_len: Sequence[int] | torch.Tensor | np.ndarray) -> tuple[
     long one reads as much KV as a step of long rows."""
     c = context_len.tolist() if isinstance(context_len, (torch.Tensor, np.ndarray)) else list(context_len)
     return int(sum(c)), len(c) * int(max(c, default=0))
+
+
+def arrangement(segment: Sequence[int], sizes: Sequence[int]) -> list[int]:
+    """The row order that lays rows out as consecutive segments of `sizes` (the segment of
+    row i is `segment[i]`) moving as few rows as possible: position p takes row perm[p], and a
+    row already inside its segment stays put. `Rows.arrange` moves the engine's rows by it (each
+    moved row copies its KV) and the replay counts the moves with it."""
+    slot = [g for g, n in enumerate(sizes) for _ in range(n)]  # the segment of each position
+    order: list[int | None] = [i if g == slot[i] else None for i, g in enumerate(segment)]
+    movers: list[list[int]] = [[] for _ in sizes]
+    for i, g in enumerate(segment):
+        if order[i] is None:
+            movers[g].append(i)
+    return [i if i is not None else movers[slot[pos]].pop() for pos, i in enumerate(order)]
+
+
+def dropping(rows: int, drop: set[int]) -> list[int]:
+    """The row order without rows `drop`: rows from the end move into their places (the others
+    stay), as `Rows.drop` does."""
+    keep = rows - len(drop)
+    tail = [i for i in range(keep, rows) if i not in drop]
+    return [i if i not in drop else tail.pop() for i in range(keep)]
 
 
 def draft_work(draft_len: Sequence[int] | torch.Tensor, parents: torch.Tensor | None = None) -> tuple[list[int], int]:

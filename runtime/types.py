@@ -277,6 +277,7 @@ class StepOutcome:
     total_s: float = field(default=0.0)  # wall seconds of the whole step
     path: torch.Tensor | None = None  # [B, K] bool, trees only: the accepted draft nodes
     prefill_attention: int = 0  # query-key pairs of the prefill chunks (runtime.shapes.prefill_pairs)
+    moved_tokens: int = 0  # KV columns copied to move rows in the batch cache (a deferral, a new draft length)
 
     @property
     def tokens_emitted(self) -> int:
