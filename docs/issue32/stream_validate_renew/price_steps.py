@@ -1,4 +1,13 @@
-import gzip, json, sys, numpy as np
+"""Each streaming run's steps priced by a profile: predicted / measured, decode and prefill steps apart.
+
+    PYTHONPATH=. python docs/issue32/stream_validate_renew/price_steps.py PROFILE STEPS.json[.gz] ...
+"""
+import gzip
+import json
+import sys
+
+import numpy as np
+
 from adactl.estimators.step_cost import StepCostProfile
 from adactl.runtime.shapes import StepShape
 prof = StepCostProfile.load(sys.argv[1]).model(refine=False)
