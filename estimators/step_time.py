@@ -46,7 +46,7 @@ def tiny_step_time() -> StepTimeModel:
 
 
 # the trees' features: StepShape's fields up to verify_computed (the shipped models were fitted on these)
-TREE_FEATURES = len(StepShape.names()) - 1
+TREE_FEATURES = StepShape.names().index("verify_computed") + 1
 
 
 def shape_matrix(shapes: list[StepShape]) -> np.ndarray:
