@@ -259,14 +259,15 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         step that moves rows (a deferral's KV copies, `kv_moved`) at the same span."""
         if 2 * b > grown:
             return 0.0
-        running = sorted((v for v in engine.requests() if v.status == "running"), key=lambda v: v.context_len)
-        ids = [v.request_id for v in running]
-        m = max(1, b // 4)
-        total = 0.0
+
         def alive(rows: list[str]) -> list[str] | None:  # (a row may end mid-round: each step asks; none: all)
             running = {v.request_id for v in engine.requests() if v.status == "running"}
             return [r for r in rows if r in running] or None
 
+        by_age = sorted((v for v in engine.requests() if v.status == "running"), key=lambda v: v.context_len)
+        ids = [v.request_id for v in by_age]
+        m = max(1, b // 4)
+        total = 0.0
         for run, swapped in rng.sample([(ids[:b], ids[m : b + m]), (ids[-b:], ids[-b - m : -m])], 2):
             engine.pack()  # (a row that ran beside a longer one spans its columns until packed)
             engine.draft_step(StepPlan(draft_len=0, prefill_budget=0, run=alive(run)))

@@ -40,7 +40,7 @@ columns, in every layer. A scheduler that runs a different subset every step (An
 lags) pays it every step: on the 2-core CPU its decode steps at 14 rows ran 35-40% over what a
 profile without it priced (issue 32). The profiler's span steps measure it
 (`adactl.profiler.measure`); the replay counts the moves the engine would make
-(`runtime.plan.arrangement`). A computed GPU profile holds it at 0 (block tables move no KV).)
+(`runtime.shapes.arrangement`). A computed GPU profile holds it at 0 (block tables move no KV).)
 
 (The prefilling indicator carries what a prefill forward pays whatever its size: the
 engine runs a step's prompt chunks as a forward of their own, which streams the weights once.
@@ -180,7 +180,7 @@ def fit_theta(shapes: Sequence[StepShape], seconds: np.ndarray, ridge: float = 1
     `nonnegative=False` (plain least squares) is for steps computed from a model on a designed
     grid (adactl.estimators.gpu_cost), exact and not collinear, whose curvature (the linear
     layers' knee) the basis follows better with signed terms. `held`: terms of BASIS kept at 0
-    (a computed profile's KV span: its physics prices none)."""
+    (a computed profile's KV span and KV moved: its physics prices neither)."""
     from scipy.optimize import nnls
 
     unknown = set(held) - set(BASIS)

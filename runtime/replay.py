@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kv_pool import HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
-from .shapes import StepShape, arrangement, context_of, draft_work, dropping, prefill_pairs
+from .shapes import StepShape, arrangement, context_of, draft_work, dropping, moved_rows, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
 from .tree import chain_spec
@@ -424,7 +424,7 @@ class ReplayEngine:
         gone = {i for i, r in enumerate(self._layout) if id(r) not in here}
         if gone:
             perm = dropping(len(self._layout), gone)
-            self._moved += sum(s != d for d, s in enumerate(perm)) * max(r.context_len for r in self._layout)
+            self._moved += moved_rows(perm) * max(r.context_len for r in self._layout)
             self._layout = [self._layout[i] for i in perm]
         laid = {id(r) for r in self._layout}
         self._layout += [r for r in self._rows if id(r) not in laid]
@@ -435,7 +435,7 @@ class ReplayEngine:
         segment |= {id(r): len(groups) for r, k in zip(run, lens) if k == 0}
         sizes = [keys.count(key) for key in groups] + [sum(k == 0 for k in lens), len(self._layout) - len(run)]
         perm = arrangement([segment.get(id(r), len(groups) + 1) for r in self._layout], sizes)
-        moves = sum(s != d for d, s in enumerate(perm))
+        moves = moved_rows(perm)
         if moves:
             self._moved += moves * max(r.context_len for r in self._layout)
             self._layout = [self._layout[i] for i in perm]

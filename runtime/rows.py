@@ -26,7 +26,7 @@ import torch
 
 from .graphs import CudaGraphs, StaticShapes
 from .kv import BatchKV, HostRow, KVConfig
-from .shapes import arrangement, dropping
+from .shapes import arrangement, dropping, moved_rows
 from .stream import Playback, Stream, count_units
 from .types import SLO, RequestError, RequestResult, RequestView, SamplingParams
 from .verify import counter_uniforms, process_logits, sample
@@ -291,7 +291,7 @@ class Rows:
                 self.draft.maybe_compact()
 
     def permute(self, perm: list[int]) -> None:
-        self.moved += sum(src != dst for dst, src in enumerate(perm)) * self.target.n_cols  # (the copies it makes)
+        self.moved += moved_rows(perm) * self.target.n_cols  # (the copies it makes)
         self.target.permute(perm)
         if self.draft is not None:
             self.draft.permute(perm)

@@ -112,6 +112,11 @@ def arrangement(segment: Sequence[int], sizes: Sequence[int]) -> list[int]:
     return [i if i is not None else movers[slot[pos]].pop() for pos, i in enumerate(order)]
 
 
+def moved_rows(perm: Sequence[int]) -> int:
+    """Rows a row order moves (each copies its KV): those not already in their place."""
+    return sum(src != dst for dst, src in enumerate(perm))
+
+
 def dropping(rows: int, drop: set[int]) -> list[int]:
     """The row order without rows `drop`: rows from the end move into their places (the others
     stay), as `Rows.drop` does."""
