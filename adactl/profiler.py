@@ -151,7 +151,9 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     the cost basis's KV span), and the rounds' first b rows always hold one of the oldest, so
     without them the fit could not tell a token of span from a row (a profile of the 2-core CPU
     priced a token of context at 12 us against the engine's 3, and streaming steps, whose rows
-    are shorter, 15% low, issue 32).
+    are shorter, 15% low, issue 32). Every round ends with a few plain steps and one drafting
+    a token (`catchup`): the draft's catch-up on a stretch without drafting (the cost basis's
+    draft catch-up).
     A profile prices the process it runs in: `make bench`'s, made after the bench had read and
     tokenized its prompts in-process, priced k-token steps at batch 4 16-18% dearer than a clean
     process's held-out steps, and so did that process's steps (its prompts are built in a child
@@ -197,7 +199,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         context, span = context_of(drafts.context_len)
         shapes.append(StepShape.of_lengths(cut, drafts.draft_len, int(outcome.prefill_tokens), context,
                                            outcome.prefill_attention, span=span,
-                                           moved=outcome.moved_tokens))  # fmt: skip
+                                           moved=outcome.moved_tokens, catchup=outcome.catchup_tokens))  # fmt: skip
         seconds.append((outcome.prefill_s, outcome.draft_s, outcome.verify_s))
         return float(outcome.total_s)
 
@@ -231,7 +233,20 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         total = 0.0
         for k in rng.sample(lengths[b], len(lengths[b])):  # the first b rows run, the others wait
             total += step(StepPlan(draft_len=k, prefill_budget=0, run=first_rows(b)))
-        return total + spans(b) + renew()
+        return total + spans(b) + renew() + catchup(b)
+
+    def catchup(b: int) -> float:
+        """A few plain steps on the round's rows, then one drafting a token: the draft's first
+        forward feeds every token the rows emitted since they last drafted
+        (`StepShape.catchup_tokens`, the cost basis's draft catch-up), which the round's own
+        steps (a plain step at most before each drafting one) barely vary. Small batches take
+        the longer stretches: a column costs alike at every batch size (0.03 ms on the 2-core
+        CPU, `docs/issue30/catchup`), and their steps are cheap."""
+        if max(ks) == 0:
+            return 0.0
+        plain = rng.choice((4, 16) if b <= 8 else (2, 4))
+        total = sum(step(StepPlan(draft_len=0, prefill_budget=0, run=first_rows(b))) for _ in range(plain))
+        return total + step(StepPlan(draft_len=1, prefill_budget=0, run=first_rows(b)))
 
     def renew() -> float:
         """One row replaced by a new prompt, prefilled in one chunk beside the running rows: a
@@ -571,7 +586,8 @@ def check_ratios(pair: Any, models: Any, batches: list[int], ks: list[int], roun
                 outcome = engine.verify()
                 _sync(pair.device)
                 context, span = context_of(drafts.context_len)
-                shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, context, span=span)
+                shape = StepShape.of_lengths(drafts.draft_len, drafts.draft_len, 0, context, span=span,
+                                             moved=outcome.moved_tokens, catchup=outcome.catchup_tokens)  # fmt: skip
                 seen[k].append((shape, float(outcome.total_s)))
             bar.update(1)
         plain = np.array([t for _, t in seen[0]])

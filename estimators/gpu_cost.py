@@ -318,8 +318,9 @@ def computed_profile(cost: GpuStepCost) -> StepCostProfile:
             "weight_ms": round(1000 * cost.weight_s, 3), "calibration_context": CALIBRATION_CONTEXT,
             "note": "computed from the GPU's figures and the model's shape (adactl.estimators.gpu_cost), "
                     "calibrated to published vLLM measurements; not measured"}  # fmt: skip
+    # length-aware attention, block tables; the catch-up: the physics prices a chain step's draft, not a lag
     return StepCostProfile.from_steps(cost.fingerprint(), shapes, cost.predict_parts(shapes), meta, nonnegative=False,
-                                      held=("kv_span", "kv_moved"))  # length-aware attention, block tables
+                                      held=("kv_span", "kv_moved", "draft_catchup"))  # fmt: skip
 
 
 def replay_truth(profile: StepCostProfile) -> Any:

@@ -10,7 +10,8 @@ row) (`adactl.estimators.cost_surface`):
            drafting at all (0 or 1), draft forwards, draft tokens, draft attention,
            prefill tokens, prefill attention (query-key pairs, summed over the step's prompts),
            KV read (the running rows' contexts, summed), prefilling at all (0 or 1),
-           KV span (the rows times the longest row's context), KV moved (columns copied moving rows)]
+           KV span (the rows times the longest row's context), KV moved (columns copied moving rows),
+           draft catch-up (columns the draft's first forward feeds past one a drafting row)]
 
 (The drafting indicator carries what a step pays once it drafts anything, whatever the
 length: the draft's first forward, catching up on the tokens it has not read. On the 2-core
@@ -41,6 +42,17 @@ lags) pays it every step: on the 2-core CPU its decode steps at 14 rows ran 35-4
 profile without it priced (issue 32). The profiler's span steps measure it
 (`adactl.profiler.measure`); the replay counts the moves the engine would make
 (`runtime.shapes.arrangement`). A computed GPU profile holds it at 0 (block tables move no KV).)
+
+(The draft catch-up is what the draft's first forward feeds past one token a drafting row
+(`runtime.shapes.catchup_of`): every token the row emitted since it last drafted, so a step
+that drafts after a stretch of plain decoding pays for the whole stretch. A speculation
+controller near the tie between plain decoding and k = 1 (batch 16 on the 2-core CPU) that
+drafts now and then paid it on every drafting step: k = 1 at batch 16 after 32 plain steps
+drafted for 25 ms against 9 ms, a quarter of a plain step, which the model put on k = 1
+itself, and the refined surface then read k = 1 as dearer than it is
+(`docs/issue30/catchup`). The profiler measures it (`adactl.profiler.measure`: a k = 1 step
+after a few plain ones in every round) and the replay counts it (each row's lag). A computed
+GPU profile holds it at 0. Profiles written before it load with its coefficient 0.)
 
 (The prefilling indicator carries what a prefill forward pays whatever its size: the
 engine runs a step's prompt chunks as a forward of their own, which streams the weights once.
@@ -96,20 +108,20 @@ FORMAT = "adactl-step-cost-profile"
 VERSION = 1
 BASIS = ("step", "rows", "verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
          "draft_attention", "prefill_tokens", "prefill_attention", "kv_read", "prefilling", "kv_span",
-         "kv_moved")  # fmt: skip
-# the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): until the
-# evening of 2026-12-06 no KV span or KV moved (for an hour, a span and no moved); before that day no
-# prefilling indicator; before 2026-12-05 no KV read; before 2026-12-02 the prefill attention was called the
-# square of a step's prefill tokens, which is its attention when the step prefills one prompt from scratch (the
-# profiler's steps lack the field, and `StepShape` gives them exactly that); the same coefficient, read for
-# several prompts as their sum
-OLD_BASES = (BASIS[:-1], BASIS[:-2], BASIS[:-3], BASIS[:-4], (*BASIS[:-5], "prefill_squared"))
+         "kv_moved", "draft_catchup")  # fmt: skip
+# the bases of older profiles, each a prefix of BASIS but for names (their missing terms load as 0): until the night
+# of 2026-12-06 no draft catch-up; until its evening no KV span or KV moved (for an hour, a span and no moved); before
+# that day no prefilling indicator; before 2026-12-05 no KV read; before 2026-12-02 the prefill attention was called
+# the square of a step's prefill tokens, which is its attention when the step prefills one prompt from scratch (the
+# profiler's steps lack the field, and `StepShape` gives them exactly that); the same coefficient, read for several
+# prompts as their sum
+OLD_BASES = (BASIS[:-1], BASIS[:-2], BASIS[:-3], BASIS[:-4], BASIS[:-5], (*BASIS[:-6], "prefill_squared"))
 # how far off another machine's (or dtype's) profile may be on a k-token step's cost over a plain one's, in log:
 # 2x (the shipped CPU profiles put k = 1 at batch 64, 250 tokens of context a row, at 1.47x plain decoding in fp32
 # and 6.9x in bf16; at batch 16 the CPU's fp32 at 1.30x, the H100's at 1.54x)
 FOREIGN_RATIO_SD = math.log(2.0)
 # features are divided by these typical sizes, so that P starts well conditioned
-_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0, 1.0, 4.0, 4.0])
+_SCALE = np.array([1.0, 16.0, 64.0, 16.0, 1.0, 4.0, 64.0, 16.0, 256.0, 256.0, 4.0, 1.0, 4.0, 4.0, 256.0])
 # the terms that grow with the tokens a step verifies or drafts (`StepCostModel.grows_with_work`)
 _WORK = [BASIS.index(n) for n in ("verify_tokens", "verify_attention", "drafting", "draft_forwards", "draft_tokens",
                                   "draft_attention")]  # fmt: skip
@@ -127,7 +139,7 @@ def _phi(s: StepShape) -> tuple[float, ...]:
     return (1.0, s.rows, s.verify_computed, s.verify_computed * mean_context, float(s.max_draft > 0), s.max_draft,
             s.draft_tokens, s.draft_tokens * mean_context, s.prefill_tokens, s.prefill_attention / 128,
             s.context_tokens / 1024, float(s.prefill_tokens > 0), s.span_tokens / 1024,
-            s.moved_tokens / 1024)  # fmt: skip
+            s.moved_tokens / 1024, s.catchup_tokens)  # fmt: skip
 
 
 def features(shapes: Sequence[StepShape]) -> np.ndarray:
@@ -384,7 +396,8 @@ class StepCostProfile:
                 raise ProfileError(f"{path}: theta must be {len(BASIS)} x {len(PARTS)} finite numbers; {remake}")
             steps = [dict(s) for s in data["steps"]]
             # (older profiles: one prompt per step, rows of equal context)
-            needed = {*StepShape.names(), *PARTS} - {"prefill_attention", "span_tokens", "moved_tokens"}
+            needed = {*StepShape.names(), *PARTS} - {"prefill_attention", "span_tokens", "moved_tokens",
+                                                      "catchup_tokens"}  # fmt: skip
             if any(not needed <= s.keys() for s in steps):
                 raise ProfileError(f"{path}: a step lacks one of {sorted(needed)}; {remake}")
             bad = next(

@@ -42,7 +42,7 @@ from .models import eos_ids, kv_bytes_per_token, output_vocab_size, prompt_ids
 from .plan import check_cut, check_plan, segments
 from .prefill import Prefill
 from .rows import Request, Rows, RowSampling, check_service
-from .shapes import verify_computed, verify_split
+from .shapes import catchup_of, verify_computed, verify_split
 from .steps import Drafts, Verdict
 from .stream import Playback, Stream
 from .target import TargetVerifier
@@ -129,6 +129,7 @@ class _Inflight:
     prefill_s: float
     draft_s: float
     moved_before: int = 0  # `Rows.moved` when the step began
+    catchup: int = 0  # the draft's catch-up columns past one a drafting row (`runtime.shapes.catchup_of`)
 
 
 class Engine:
@@ -445,6 +446,7 @@ class Engine:
         n_draft = sum(len(g) for g in groups[:-2])
         n_rows = n_draft + len(groups[-2])
         drafting = self.rows.running[:n_draft]  # (in row order: a segment's order is free)
+        catchup = catchup_of([len(r.draft_pending) for r in drafting]) if self.proposer is not None else 0
         draft_len = torch.tensor([lens[r.request_id] for r in self.rows.running[:n_rows]], dtype=torch.long)
         if self.proposer is None or self.rows.draft is None:
             drafts = Drafts(torch.full((n_rows, 0), -1, device=self.device),
@@ -472,6 +474,7 @@ class Engine:
             t1 - t0,
             t2 - t1,
             moved_before,
+            catchup,
         )
         rows = self.rows.running[:n_rows]
         return DraftBatch(
@@ -527,6 +530,7 @@ class Engine:
             prefill_tokens=fl.prefill_tokens,
             prefill_attention=fl.prefill_attention,
             moved_tokens=self.rows.moved - fl.moved_before,
+            catchup_tokens=fl.catchup,
             prefill_s=fl.prefill_s,
             draft_s=fl.draft_s,
             verify_s=verify_s,

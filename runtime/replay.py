@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kv_pool import HostOffload, KVPool, check_kv_moves, pool_state, pool_stats
-from .shapes import StepShape, arrangement, context_of, draft_work, dropping, moved_rows, prefill_pairs
+from .shapes import StepShape, arrangement, catchup_of, context_of, draft_work, dropping, moved_rows, prefill_pairs
 from .stream import Playback, Stream
 from .traces import AcceptanceTraces, RequestTrace, kept
 from .tree import chain_spec
@@ -103,6 +103,7 @@ class _Replayed:
     offloaded: bool = False  # preempted with its KV in host memory: it resumes by a restore, not a prefill
     ready_at: float | None = None  # a restore (plan.restore) in flight: when its KV is back on the device
     on_host_at: float = 0.0  # when its last asynchronous offload copy completes (a restore starts no sooner)
+    lag: int = 1  # tokens emitted that the draft model has not read (the engine's `draft_pending`)
 
     @property
     def to_prefill(self) -> int:
@@ -189,6 +190,7 @@ class ReplayEngine:
         self._joining: list[_Replayed] = []
         self._layout: list[_Replayed] = []  # the rows in the engine's batch-cache order (`_arrange`)
         self._moved = 0  # KV columns the engine's row moves copy, not yet charged to a step
+        self._catchup = 0  # the pending step's draft catch-up columns (`runtime.shapes.catchup_of`)
 
     def clock(self) -> float:
         return self.now
@@ -284,6 +286,7 @@ class ReplayEngine:
                     kv,
                     r.ready_at,
                     self.kv.held.get(r.request_id, 0) if self.kv is not None else None,
+                    r.lag,
                 )  # fmt: skip
             )
         return views
@@ -387,6 +390,7 @@ class ReplayEngine:
         run = [r for r, _ in run_sorted]
         lens = [k for _, k in run_sorted]
         self._arrange(run, lens, rank)
+        self._catchup = catchup_of([r.lag for r, n in zip(run, lens) if n > 0])
         k = max(lens, default=0)
         b = len(run)
         drafted = np.arange(k)[None, :] < np.asarray(lens, dtype=np.int64).reshape(b, 1)
@@ -663,7 +667,8 @@ class ReplayEngine:
         fed, forwards = draft_work(drafts.draft_len, drafts.parents)
         context, span = context_of(drafts.context_len)
         moved, self._moved = self._moved, 0
-        shape = StepShape.of_lengths(cut, fed, prefill_tokens, context, attention, forwards, span, moved)
+        catchup, self._catchup = self._catchup, 0
+        shape = StepShape.of_lengths(cut, fed, prefill_tokens, context, attention, forwards, span, moved, catchup)
         parts = (
             self.step_time.predict_parts([shape])[0]
             if hasattr(self.step_time, "predict_parts")
@@ -676,8 +681,13 @@ class ReplayEngine:
         self.now += prefill_s + draft_s + verify_s
         rows = {r.request_id: r for r in self._rows}
         paths = [self._accepted(rows[rid], c) for rid, c in zip(drafts.request_ids, cut.tolist())]
-        for rid, nodes in zip(drafts.request_ids, paths):
+        for rid, nodes, n in zip(drafts.request_ids, paths, drafts.draft_len.tolist()):
             emitted[rid] = self._emit(rows[rid], len(nodes) + 1, finished)
+            req = rows[rid]  # what the draft has not read: the engine's `Proposer.update`
+            if n == 0:  # (a plain row: every token it emits)
+                req.lag += len(emitted[rid])
+            else:  # a chain: its last token (and the last draft token, where all n were accepted); a tree: its path
+                req.lag = len(nodes) + 1 if drafts.parents is not None else 1 + (len(nodes) == n)
         accepted = torch.tensor([len(nodes) for nodes in paths], dtype=torch.long)
         path = _path_mask(paths, drafts.tokens.shape) if drafts.parents is not None else None
         for req in self._joining:  # prompts completed this step: their first token (a preempted one's next)
@@ -685,6 +695,7 @@ class ReplayEngine:
             if req.first_token_time is None:
                 req.first_token_time = prefilled
             self._rows.append(req)
+            req.lag = 1
             emitted[req.request_id] = self._emit(req, 1, finished, at=prefilled)
         for req in self._restoring:  # KV back from host memory: it decodes from the next step
             del self._waiting[req.request_id]
@@ -701,7 +712,7 @@ class ReplayEngine:
             request_ids=drafts.request_ids, drafted=drafts.draft_len, verified=cut, accepted=accepted,
             emitted=emitted, finished=finished, prefill_tokens=prefill_tokens, prefill_s=prefill_s,
             draft_s=draft_s, verify_s=verify_s, total_s=prefill_s + draft_s + verify_s, prefill_attention=attention,
-            path=path, moved_tokens=moved,
+            path=path, moved_tokens=moved, catchup_tokens=catchup,
         )  # fmt: skip
 
     def _emit(self, req: _Replayed, n: int, finished: dict[str, str], at: float | None = None) -> list[int]:

@@ -86,7 +86,7 @@ class Request:
             prompt_len = prefilled = self.context_len
         return RequestView(self.request_id, status, prompt_len, prefilled, len(self.output), self.context_len,
                            self.arrival_time, self.first_token_time, self.sampling, self.slo, stream, progress, kv,
-                           None, kv_blocks)  # fmt: skip
+                           None, kv_blocks, max(len(self.draft_pending), 1))  # fmt: skip
 
     def recompute(self) -> None:
         """Its KV is dropped: a prefill of its whole context brings it back. (The token that
@@ -331,8 +331,12 @@ class Rows:
         if not joining:
             return
         rows = [self.prefilling.index(r) for r in joining]
-        if not self.running and len(joining) == len(self.prefilling) and self.graphs is None \
-                and self.target.reserved == (0, 0):
+        if (
+            not self.running
+            and len(joining) == len(self.prefilling)
+            and self.graphs is None
+            and self.target.reserved == (0, 0)
+        ):
             # nothing is running and every prefill row is done: adopt the prefill caches, and
             # the empty batch caches prefill next. (Not with graphs or a reservation: the batch
             # caches keep their identity, so their decode graphs are captured once and their

@@ -38,6 +38,7 @@ class StepShape:
     prefill_attention: int = 0  # query-key pairs the prefill's attention computes (`prefill_pairs`; 0: one prompt)
     span_tokens: int = 0  # rows x the longest row's context: what padded attention reads (0: context_tokens)
     moved_tokens: int = 0  # KV columns copied to move rows in the cache (the engine's `StepOutcome.moved_tokens`)
+    catchup_tokens: int = 0  # the draft's catch-up columns past one a drafting row (`catchup_of`)
 
     def __post_init__(self) -> None:
         if self.verify_computed == 0:  # one [rows, max_verify] forward
@@ -51,7 +52,7 @@ class StepShape:
     @classmethod
     def of_lengths(cls, verify: Sequence[int] | torch.Tensor, draft: Sequence[int] | torch.Tensor, prefill: int = 0,
                    context: int = 0, prefill_attention: int = 0, forwards: int | None = None,
-                   span: int = 0, moved: int = 0) -> StepShape:  # fmt: skip
+                   span: int = 0, moved: int = 0, catchup: int = 0) -> StepShape:  # fmt: skip
         """The shape of a step whose rows (in the engine's order, longest draft first) verify
         `verify[i]` of their drafted tokens and feed the draft `draft[i]` tokens in `forwards`
         forwards (None: a chain step, max(draft); a tree's come from `draft_work`); the engine
@@ -72,6 +73,7 @@ class StepShape:
             prefill_attention=prefill_attention,
             span_tokens=span,
             moved_tokens=moved,
+            catchup_tokens=catchup,
         )
 
     @classmethod
@@ -82,7 +84,7 @@ class StepShape:
         prefill, (context, span) = int(o.prefill_tokens), context_of(d.context_len)
         fed, forwards = draft_work(d.draft_len, d.parents)
         return cls.of_lengths(record.verify_len.cpu(), fed, prefill, context, int(o.prefill_attention), forwards, span,
-                              int(o.moved_tokens))  # fmt: skip
+                              int(o.moved_tokens), int(o.catchup_tokens))  # fmt: skip
 
     @staticmethod
     def names() -> list[str]:
@@ -96,6 +98,17 @@ def context_of(context_len: Sequence[int] | torch.Tensor | np.ndarray) -> tuple[
     long one reads as much KV as a step of long rows."""
     c = context_len.tolist() if isinstance(context_len, (torch.Tensor, np.ndarray)) else list(context_len)
     return int(sum(c)), len(c) * int(max(c, default=0))
+
+
+def catchup_of(lags: Sequence[int]) -> int:
+    """A step's draft catch-up columns from its drafting rows' lags (tokens each emitted that
+    the draft model has not read): the draft's first forward feeds every row its lag,
+    left-padded to the longest, so it computes rows x the longest lag; past one a row (a
+    step after a drafting one feeds one or two) that is what a stretch without drafting
+    costs the step that drafts again. On the 2-core CPU a k = 1 step at batch 64 after 32
+    plain steps drafted for 86-93 ms against 25-30 ms after one (0.03 ms a column;
+    `docs/issue30/catchup`)."""
+    return len(lags) * max(max(lags) - 1, 0) if lags else 0
 
 
 def arrangement(segment: Sequence[int], sizes: Sequence[int]) -> list[int]:

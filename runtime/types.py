@@ -91,6 +91,7 @@ class RequestView:
     kv: str = "device"  # where its KV is: "device" | "host" (offloaded) | "none" (nothing computed, or preempted)
     kv_ready_at: float | None = None  # a restore in flight: when its KV is back and it can decode (server clock)
     kv_blocks: int | None = None  # KV blocks it holds on the device (None: the server does not say)
+    draft_lag: int = 1  # tokens it emitted that the draft model has not read (its next draft feeds them first)
 
     @property
     def draft_room(self) -> int:
@@ -278,6 +279,7 @@ class StepOutcome:
     path: torch.Tensor | None = None  # [B, K] bool, trees only: the accepted draft nodes
     prefill_attention: int = 0  # query-key pairs of the prefill chunks (runtime.shapes.prefill_pairs)
     moved_tokens: int = 0  # KV columns copied to move rows in the batch cache (a deferral, a new draft length)
+    catchup_tokens: int = 0  # draft catch-up columns past one a drafting row (`runtime.shapes.catchup_of`)
 
     @property
     def tokens_emitted(self) -> int:

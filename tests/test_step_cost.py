@@ -159,14 +159,15 @@ def test_profile_file_round_trip_and_bad_files(tmp_path) -> None:
             StepCostProfile.load(tmp_path / name)
     with pytest.raises(ProfileError, match="does not exist"):
         StepCostProfile.load(tmp_path / "missing.json")
-    # a profile of the basis before the KV read, prefilling, span and moved terms: they cost nothing, the rest
-    # as written
+    # a profile of the basis before the KV read, prefilling, span, moved and catch-up terms: they cost nothing,
+    # the rest as written
     theta = np.array(data["theta"])
-    theta[-4:] = 0.0
-    old = {**data, "basis": list(BASIS[:-4]), "theta": theta[:-4].tolist()}
+    theta[-5:] = 0.0
+    old = {**data, "basis": list(BASIS[:-5]), "theta": theta[:-5].tolist()}
     (tmp_path / "old.json").write_text(json.dumps(old))
     loaded = StepCostProfile.load(tmp_path / "old.json")
-    assert np.array_equal(loaded.theta, theta) and BASIS[-4:] == ("kv_read", "prefilling", "kv_span", "kv_moved")
+    assert np.array_equal(loaded.theta, theta)
+    assert BASIS[-5:] == ("kv_read", "prefilling", "kv_span", "kv_moved", "draft_catchup")
     same = StepCostProfile(FP, profile.steps, theta, {})
     assert np.allclose(loaded.model(refine=False).predict(shapes), same.model(refine=False).predict(shapes))
 
@@ -335,8 +336,11 @@ def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
     plain = [(i, s) for i, s in enumerate(shapes) if s.prefill_tokens == 0]  # decode steps (the rounds' and more)
     at = {b: [i for i, s in plain if s.rows == b] for b in (1, 2, 4)}
     # 3 rounds of every draft length 0, 1, 2, 3, 4, 6, 8 (none partial at one row), and in the two rounds after
-    # the batch grew, the span steps: the youngest and the oldest row, each then with its row swapped
-    assert len(at[1]) == 3 * 7 + 2 * 4
+    # the batch grew, the span steps: the youngest and the oldest row, each then with its row swapped; each round
+    # ends with 4 or 16 plain steps and one drafting, which catches up on them
+    lagging = [i for i in at[1] if shapes[i].catchup_tokens >= 4]
+    assert len(lagging) == 3 and all(shapes[i].max_draft == 1 for i in lagging)
+    assert len(at[1]) - (3 * 7 + 2 * 4 + 3) in {4 * a + 16 * (3 - a) for a in range(4)}
     assert sum(shapes[i].moved_tokens > 0 for i in at[1]) >= 2 * 2
     assert all(len(at[b]) >= 3 * 7 for b in (2, 4))
     assert max(at[1]) > min(at[4]) and max(at[2]) > min(at[4])  # the small batches ran again after the large one

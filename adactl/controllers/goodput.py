@@ -64,6 +64,18 @@ neighbours' weights, going to a neighbour in proportion to its weight, novelty x
 Probes are whole-batch steps, and none is taken on a step that prefills: only a step where
 every row drafts the same length, and nothing else, teaches the model the ratio of one draft
 length to another (the others teach its levels only).
+
+A draft that resumes after a stretch of plain decoding first catches up on every token its
+rows emitted meanwhile (`RequestView.draft_lag`, `runtime.shapes.catchup_of`; the step-cost
+basis's draft catch-up): on the 2-core CPU, after 32 plain steps, a quarter of a plain step at
+batch 16 and nearly half at batch 64 (`docs/issue30/catchup`). Unpriced, a controller near
+the tie between plain decoding and k = 1 drafts now and then and pays it on every drafting
+step (`make bench` runs 49-50: batch 16, greedy, 3-11 drafting steps of 32, 0.953-0.965 of
+plain decoding), and the probe's recorded cost put it on k = 1 itself. Charged to the one
+step that pays it, a long enough stretch would never end: the catch-up grows with it. So a
+length c > 0 pays it once, spread over the steps its rows (`left` tokens to go on average)
+would go on drafting c under the throughput rule, added to the run's time under the
+makespan rule.
 """
 
 from __future__ import annotations
@@ -78,6 +90,7 @@ from scipy.special import ndtr
 from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, ScheduleState
+from adactl.runtime.shapes import catchup_of
 from adactl.runtime.types import StepPlan
 
 
@@ -115,11 +128,12 @@ class GoodputLength(Controller):
         context = sum(r.context_len for r in running)
         waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
         prefill = min(state.plan.prefill_budget, waiting)
+        catchup = catchup_of([r.draft_lag for r in running])
+        left = torch.tensor([r.draft_room + 1 for r in running], dtype=torch.float32)
         if state.waiting or rows == 1 or not self.drain:
-            rates = goodput_rates(self.step_time, alpha, rows, context, prefill)
+            rates = goodput_rates(self.step_time, alpha, rows, context, prefill, catchup, float(left.mean()))
         else:
-            left = torch.tensor([r.draft_room + 1 for r in running], dtype=torch.float32)
-            rates = makespan_rates(self.step_time, alpha, left, context)
+            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup)
         best = shortest_within(rates, self.margin)
         draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
         if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
@@ -130,28 +144,45 @@ class GoodputLength(Controller):
         return replace(state.plan, draft_len=best)
 
 
-def chain_step(rows: int, c: int, context: int, prefill: int = 0) -> StepShape:
-    """The shape of a step where each of `rows` drafts c tokens and verifies all of them."""
-    return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context)
+def chain_step(rows: int, c: int, context: int, prefill: int = 0, catchup: int = 0) -> StepShape:
+    """The shape of a step where each of `rows` drafts c tokens and verifies all of them (a
+    draft first feeds `catchup` columns past one a row: `runtime.shapes.catchup_of`)."""
+    return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context, catchup_tokens=catchup if c else 0)
+
+
+def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], catchup: int) -> np.ndarray:
+    """[len(shapes)] seconds the draft's catch-up on `catchup` columns adds to each shape (0
+    where it does not draft)."""
+    if catchup <= 0:
+        return np.zeros(len(shapes))
+    lagging = [replace(s, catchup_tokens=catchup if s.max_draft else 0) for s in shapes]
+    return np.maximum(step_time.predict(lagging) - step_time.predict(shapes), 0.0)
 
 
 def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
-                  prefill: int = 0) -> np.ndarray:  # fmt: skip
-    """[len(alpha) + 1] predicted tokens per second of drafting c = 0 .. len(alpha) tokens per row."""
+                  prefill: int = 0, catchup: int = 0, left: float = 1.0) -> np.ndarray:  # fmt: skip
+    """[len(alpha) + 1] predicted tokens per second of drafting c = 0 .. len(alpha) tokens per
+    row. A draft that must first catch up on `catchup` columns (rows that have not drafted for
+    a while) pays for it once, spread over the steps its rows, `left` tokens to go on average,
+    would go on drafting c: a step's rate alone would never draft again after a long stretch
+    without (its catch-up grows with it), however much drafting would pay."""
     k = len(alpha)
-    gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)])  # [K + 1]
+    gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)]).numpy()  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
-    return rows * (1 + gain.numpy()) / np.maximum(step_time.predict(shapes), 1e-6)
+    steps = np.maximum(left / (1 + gain), 1.0)  # [K + 1] steps the switch is spread over
+    seconds = step_time.predict(shapes) + switch_cost(step_time, shapes, catchup) / steps
+    return rows * (1 + gain) / np.maximum(seconds, 1e-6)
 
 
 def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int,
-                   exact: int = 64) -> np.ndarray:  # fmt: skip
+                   exact: int = 64, catchup: int = 0) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
     the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
     Beyond `exact` tokens, the rows' row-steps are the renewal process's mean, and only rows
     with at least half the most tokens to go, binned by 1%, are asked when the last is done
     (the others are many standard deviations short of it), so a decision at 256 rows of
-    long outputs takes about a millisecond."""
+    long outputs takes about a millisecond. A draft's catch-up on `catchup` columns is paid
+    once (`goodput_rates`)."""
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
@@ -167,9 +198,11 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
         alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
     steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
     one = step_time.predict([chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)])
-    full = step_time.predict([chain_step(rows, c, context) for c in range(k + 1)])
+    shapes = [chain_step(rows, c, context) for c in range(k + 1)]
+    full = step_time.predict(shapes)
     per_row = (full - one) / (rows - 1)  # a step's cost, linear in its rows between 1 and R
-    return float(left.sum()) / np.maximum((one - per_row) * steps + per_row * alive, 1e-6)
+    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, catchup)
+    return float(left.sum()) / np.maximum(seconds, 1e-6)
 
 
 def step_pmf(alpha: np.ndarray) -> np.ndarray:
