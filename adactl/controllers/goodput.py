@@ -150,13 +150,13 @@ def chain_step(rows: int, c: int, context: int, prefill: int = 0, catchup: int =
     return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context, catchup_tokens=catchup if c else 0)
 
 
-def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], catchup: int) -> np.ndarray:
-    """[len(shapes)] seconds the draft's catch-up on `catchup` columns adds to each shape (0
-    where it does not draft)."""
+def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int) -> np.ndarray:
+    """[len(shapes)] seconds the draft's catch-up on `catchup` columns adds to each shape, whose
+    own cost is `seconds` (0 where it does not draft)."""
     if catchup <= 0:
         return np.zeros(len(shapes))
     lagging = [replace(s, catchup_tokens=catchup if s.max_draft else 0) for s in shapes]
-    return np.maximum(step_time.predict(lagging) - step_time.predict(shapes), 0.0)
+    return np.maximum(step_time.predict(lagging) - seconds, 0.0)
 
 
 def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
@@ -170,7 +170,8 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)]).numpy()  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
     steps = np.maximum(left / (1 + gain), 1.0)  # [K + 1] steps the switch is spread over
-    seconds = step_time.predict(shapes) + switch_cost(step_time, shapes, catchup) / steps
+    seconds = step_time.predict(shapes)
+    seconds = seconds + switch_cost(step_time, shapes, seconds, catchup) / steps
     return rows * (1 + gain) / np.maximum(seconds, 1e-6)
 
 
@@ -201,7 +202,7 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
     shapes = [chain_step(rows, c, context) for c in range(k + 1)]
     full = step_time.predict(shapes)
     per_row = (full - one) / (rows - 1)  # a step's cost, linear in its rows between 1 and R
-    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, catchup)
+    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, full, catchup)
     return float(left.sum()) / np.maximum(seconds, 1e-6)
 
 
