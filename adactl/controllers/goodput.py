@@ -144,10 +144,10 @@ class GoodputLength(Controller):
         return replace(state.plan, draft_len=best)
 
 
-def chain_step(rows: int, c: int, context: int, prefill: int = 0, catchup: int = 0) -> StepShape:
-    """The shape of a step where each of `rows` drafts c tokens and verifies all of them (a
-    draft first feeds `catchup` columns past one a row: `runtime.shapes.catchup_of`)."""
-    return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context, catchup_tokens=catchup if c else 0)
+def chain_step(rows: int, c: int, context: int, prefill: int = 0) -> StepShape:
+    """The shape of a step where each of `rows` drafts c tokens and verifies all of them (no
+    catch-up: `switch_cost` prices it)."""
+    return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context)
 
 
 def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int) -> np.ndarray:
