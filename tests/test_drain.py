@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adactl.controllers import FixedDraftLength, GoodputLength
-from adactl.controllers.goodput import done_within, makespan_rates
+from adactl.controllers.goodput import DoneTables, done_within, makespan_rates
 from adactl.estimators import MovingAverage, StepShape
 from adactl.interface import ScheduleState
 from adactl.loop import ControlLoop
@@ -112,3 +112,22 @@ def test_long_outputs_are_priced_as_the_exact_recursion_prices_them():
     left = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(0)).float()
     fast, exact = makespan_rates(Rows(), alpha, left, 6400), makespan_rates(Rows(), alpha, left, 6400, exact=10_000)
     assert np.allclose(fast, exact, rtol=0.01) and int(np.argmax(fast)) == int(np.argmax(exact))
+
+
+def test_the_kept_table_answers_as_a_new_one():
+    """`DoneTables` reuses its last table while the acceptance stays the same (a stretch
+    without drafting: one token fewer to go each step) and computes anew when it moves or the
+    rows need more tokens than it holds; its answers are exactly a new table's."""
+    tables = DoneTables()
+    rng = np.random.default_rng(0)
+    a, b = np.array([0.5, 0.4, 0.3]), np.array([0.5, 0.4, 0.31])
+    computed = []
+    for alpha, m in ((a, 40), (a, 39), (a, 12), (b, 12), (b, 30), (a, 30)):
+        left = np.append(rng.integers(1, m + 1, 6), m)
+        before = tables.table
+        assert np.array_equal(done_within(alpha, left, tables=tables)[0], done_within(alpha, left)[0])
+        computed.append(tables.table is not before)
+    assert computed == [True, False, False, True, True, True]
+    left = torch.tensor([30.0, 30.0, 12.0])
+    assert np.array_equal(makespan_rates(DraftCost(), torch.tensor(a), left, 600, tables=tables),
+                          makespan_rates(DraftCost(), torch.tensor(a), left, 600))  # fmt: skip

@@ -42,7 +42,10 @@ rule 1.008 and 1.003 (docs/issue30/drain/sweep.py). The same replay, batch 1-64 
 temperatures, moves the other cells by -1.3 to +0.9%: it drafts less at batch 2-4, where its
 model of a wave's end is within the profile's error of the truth. `make bench` runs 42 and 43
 on it met every cell, greedy batch 8 0.998 and 0.982. Its decision takes 0.55-0.67 ms a step
-here, the throughput rule's 0.25.) `drain=False` keeps the throughput rule always.
+here, the throughput rule's 0.25, nearly all of it the recursion, so the controller keeps the
+last one (`DoneTables`): through a stretch without drafting the acceptance estimate does not
+move and each step asks for the same table one token shorter, 0.1 ms a decision at batch 2.)
+`drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
 steps are all it learns from: a model that starts out thinking verification too dear would
@@ -105,6 +108,7 @@ class GoodputLength(Controller):
         self.explore = explore if learns else 0.0
         self.margin, self.novelty, self.drain = margin, novelty, drain
         self.rng = np.random.default_rng(seed)
+        self.tables = DoneTables()
 
     def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
         """Neighbour c's probe weight: novelty x plausibility (the module docstring)."""
@@ -133,7 +137,7 @@ class GoodputLength(Controller):
         if state.waiting or rows == 1 or not self.drain:
             rates = goodput_rates(self.step_time, alpha, rows, context, prefill, catchup, float(left.mean()))
         else:
-            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup)
+            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup, tables=self.tables)
         best = shortest_within(rates, self.margin)
         draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
         if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
@@ -176,14 +180,14 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
 
 
 def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int,
-                   exact: int = 64, catchup: int = 0) -> np.ndarray:  # fmt: skip
+                   exact: int = 64, catchup: int = 0, tables: DoneTables | None = None) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
     the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
     Beyond `exact` tokens, the rows' row-steps are the renewal process's mean, and only rows
     with at least half the most tokens to go, binned by 1%, are asked when the last is done
     (the others are many standard deviations short of it), so a decision at 256 rows of
     long outputs takes about a millisecond. A draft's catch-up on `catchup` columns is paid
-    once (`goodput_rates`)."""
+    once (`goodput_rates`). `tables`: reuse the last exact table where it serves."""
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
@@ -194,7 +198,7 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
         binned = np.round(np.exp(np.round(np.log(lefts[near]) * 100) / 100)).astype(int)
         lefts, where = np.unique(binned, return_inverse=True)
         rows_at = np.bincount(where, weights=rows_at[near])
-    done, every = done_within(a, lefts, exact)  # [K + 1, U, N], n every `every` steps
+    done, every = done_within(a, lefts, exact, tables)  # [K + 1, U, N], n every `every` steps
     if not long:
         alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
     steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
@@ -217,21 +221,17 @@ def step_pmf(alpha: np.ndarray) -> np.ndarray:
     return pmf
 
 
-def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64) -> tuple[np.ndarray, int]:
+def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64,
+                tables: DoneTables | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
     """([K + 1, R, N], e): the chance that row i, with left[i] tokens to go, is done within n
-    steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1) up to `exact` tokens,
-    else the renewal process's normal approximation on at most 129 points."""
-    k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
+    steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1) up to `exact` tokens
+    (`done_table`, or `tables`' last one where it serves), else the renewal process's normal
+    approximation on at most 129 points."""
     m = int(left.max())
-    if m <= exact:  # q[c, j]: a row with j tokens to go is done within n steps
-        q = np.zeros((k + 1, m + 1))
-        q[:, 0] = 1.0
-        gather = np.maximum(np.arange(1, m + 1)[None, :] - np.arange(1, k + 2)[:, None], 0)  # [x, j]
-        out = np.empty((k + 1, len(left), m + 1))
-        for step in range(m + 1):
-            out[:, :, step] = q[:, left]
-            q[:, 1:] = np.einsum("cx,cxj->cj", pmf[:, 1:], q[:, gather])
-        return out, 1
+    if m <= exact:
+        table = tables.get(alpha, m) if tables is not None else done_table(alpha, m)
+        return table[:, :, left].transpose(0, 2, 1), 1
+    k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
     mean = pmf @ np.arange(k + 2.0)  # [K + 1]
     sd = np.sqrt(np.maximum(pmf @ np.arange(k + 2.0) ** 2 - mean**2, 1e-12))
     every = max(1, m // 128)
@@ -239,6 +239,38 @@ def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64) -> tuple[n
     mu = left[None, :, None] / mean[:, None, None]  # [K + 1, R, 1]
     sigma = np.sqrt(left[None, :, None]) * sd[:, None, None] / mean[:, None, None] ** 1.5
     return ndtr((at[None, None, :] + 0.5 - mu) / sigma), every
+
+
+def done_table(alpha: np.ndarray, m: int) -> np.ndarray:
+    """[K + 1, m + 1, m + 1]: [c, n, j] the chance that a row with j tokens to go is done within
+    n steps drafting c a step (by recursion on j: a step gives x tokens with `step_pmf`)."""
+    k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
+    q = np.zeros((k + 1, m + 1))  # q[c, j] after n steps
+    q[:, 0] = 1.0
+    gather = np.maximum(np.arange(1, m + 1)[None, :] - np.arange(1, k + 2)[:, None], 0)  # [x, j]
+    table = np.empty((k + 1, m + 1, m + 1))
+    for step in range(m + 1):
+        table[:, step] = q
+        q[:, 1:] = np.einsum("cx,cxj->cj", pmf[:, 1:], q[:, gather])
+    return table
+
+
+class DoneTables:
+    """The last `done_table`, kept: for the same acceptance, the table for m tokens is the
+    corner of any table for more (the recursion on j looks only down), and a stretch without
+    drafting teaches the acceptance estimate nothing, so each of its steps asks for the same
+    table with a token fewer to go. Exact: a new acceptance computes a new table."""
+
+    def __init__(self) -> None:
+        self.key: bytes | None = None
+        self.table = np.zeros((0, 0, 0))
+
+    def get(self, alpha: np.ndarray, m: int) -> np.ndarray:
+        """[K + 1, m + 1, m + 1] `done_table(alpha, m)`."""
+        key = np.asarray(alpha, dtype=np.float64).tobytes()
+        if key != self.key or self.table.shape[1] <= m:
+            self.key, self.table = key, done_table(alpha, m)
+        return self.table[:, : m + 1, : m + 1]
 
 
 def goodput_length(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int, prefill: int = 0,
