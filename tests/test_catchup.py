@@ -1,16 +1,19 @@
 """The draft's catch-up: a step that drafts after a stretch without drafting first feeds the
 draft every token its rows emitted meanwhile (`runtime.shapes.catchup_of`). The engine and the
-replay count it alike, the step-cost basis prices it, and `goodput` pays it once, not on
-every step it would draft."""
+replay count it alike, the step-cost basis prices it, and `goodput`, `goodput-tree` and
+`goodput-req` pay it once, not on every step they would draft."""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import replace
 
-from adactl.controllers import GoodputLength
+import numpy as np
+import torch
+
+from adactl.controllers import GoodputLength, GoodputTree, RequestGoodput
 from adactl.estimators import MovingAverage, StepShape
 from adactl.estimators.step_cost import BASIS, features, fit_theta
-from adactl.interface import ScheduleState
+from adactl.interface import AcceptanceEstimate, ScheduleState
 from adactl.runtime import RequestView, SamplingParams, StepPlan
 from adactl.runtime.replay import ReplayEngine
 from adactl.runtime.shapes import catchup_of
@@ -96,3 +99,30 @@ def test_goodput_pays_a_catch_up_once_spread_over_the_steps_it_would_draft():
     for lag, left, drafts in ((1, 8, 1), (40, 8, 0), (40, 200, 1)):
         state = _state(lag, left)
         assert ctl.act(state, ma.estimate(state)).draft_len == drafts, (lag, left)
+
+
+def test_goodput_tree_pays_a_catch_up_once_too():
+    """`goodput-tree` prices the catch-up as `goodput` does: after 40 steps without drafting,
+    rows with 4 tokens to go stay plain, rows with 200 draft again (chains here: width 1)."""
+    ma = MovingAverage(prior=0.5)
+    ctl = GoodputTree(LagCost(), ma, width=1)
+    for lag, left, drafts in ((1, 4, 1), (40, 4, 0), (40, 200, 1)):
+        assert ctl.act(_state(lag, left)).draft_len == drafts, (lag, left)
+
+
+def test_goodput_req_prices_a_lagging_rows_catch_up_for_every_row_it_pads():
+    """`goodput-req` too: after 40 steps without drafting, rows with 4 tokens to go stay plain
+    and rows with 200 draft again. And one lagging row drafting beside caught-up ones pads
+    their catch-up to its lag: the allocation leaves it out (its half a token is not worth
+    padding 16 rows to 39 columns), while every caught-up row drafts."""
+    ctl = RequestGoodput(LagCost(), explore=0.0)
+    estimate = AcceptanceEstimate(torch.full((16, 1), 0.5))
+    for lag, left, drafts in ((1, 4, 16), (40, 4, 0), (40, 200, 16)):
+        plan = ctl.act(_state(lag, left), estimate)
+        assert sum(plan.draft_len.values()) == drafts, (lag, left)
+    state = _state(1, 20)
+    running = [r for r in state.requests if r.status == "running"]
+    lagging = replace(running[0], draft_lag=40)
+    state = replace(state, requests=tuple(lagging if r is running[0] else r for r in state.requests))
+    plan = ctl.act(state, estimate)
+    assert plan.draft_len[lagging.request_id] == 0 and sum(plan.draft_len.values()) == 15

@@ -30,12 +30,20 @@ replay of the computed H100, where nothing pays, and learned no faster where dra
 A row whose estimate is missing or not a number drafts 0 (the safe action for that row
 alone) and is counted in `.fallback_rows`, which `ControlLoop` adds to its fallbacks
 (`schedule:goodput-req:rows`).
+
+Rows left at 0 fall behind the draft (`RequestView.draft_lag`), and a step that drafts for
+one of them again first feeds the draft every row's lag, left-padded to the longest
+(`runtime.shapes.catchup_of`): the drafting rows times the longest lag among them. A
+candidate pays its catch-up once, spread over the steps its rows would go on drafting (the
+mean tokens to go over its expected tokens a row-step), as `goodput` pays its own
+(`goodput.goodput_rates`), at the price per column the step-time model gives the step where
+every row drafts one (`CatchUp`); each candidate also comes with its lagging rows left out.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -44,14 +52,48 @@ import torch
 from adactl.estimators.request_acceptance import RequestAcceptance
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import AcceptanceEstimate, Controller, Estimator, RequestView, ScheduleState
-from adactl.runtime.shapes import chain_shapes, draft_work
+from adactl.runtime.shapes import catchup_of, chain_shapes, draft_work
 from adactl.runtime.types import StepPlan
 
-from .goodput import shortest_within
+from .goodput import chain_step, shortest_within, switch_cost
 from .sv import expected_gain, prefix_candidates
 
 Shapes = Callable[[torch.Tensor], list[StepShape]]
 """Candidates [C, R] (lengths or depths per row) -> the shape of each one's step."""
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What the draft's catch-up adds to a candidate's step: its rows' lags, the mean tokens
+    they have to go, and the step-time model's price of a column."""
+
+    lags: np.ndarray  # [R] tokens each row emitted that the draft has not read
+    left: float  # mean tokens to go a row
+    per_column: float  # seconds a catch-up column costs
+
+    @classmethod
+    def of(cls, step_time: StepTimePredictor, views: list[RequestView], context: int) -> CatchUp | None:
+        """None where no row lags (every step after a drafting one)."""
+        lags = np.array([r.draft_lag for r in views], dtype=np.int64)
+        columns = catchup_of(lags.tolist())
+        if columns <= 0:
+            return None
+        shape = chain_step(len(views), 1, context)
+        price = switch_cost(step_time, [shape], step_time.predict([shape]), columns)[0] / columns
+        return cls(lags, float(np.mean([r.draft_room + 1 for r in views])), float(price))
+
+    def caught_up(self, cands: torch.Tensor) -> torch.Tensor:
+        """Candidates [C, R] with the rows that lag more than a drafting step leaves (2) at 0:
+        the threshold-and-cap candidates give rows of equal survival equal lengths, so without
+        these one lagging row could only draft with every row like it, padding their catch-up."""
+        return cands * torch.from_numpy(self.lags <= 2).to(cands.dtype)
+
+    def seconds(self, cands: torch.Tensor, tokens: np.ndarray) -> np.ndarray:
+        """[C] the catch-up of candidates [C, R] that yield `tokens` [C] a step, a step's share."""
+        drafting = cands.numpy() > 0
+        columns = drafting.sum(1) * np.maximum((drafting * self.lags[None, :]).max(1) - 1, 0)
+        steps = np.maximum(self.left * len(self.lags) / np.maximum(tokens, 1e-6), 1.0)
+        return self.per_column * columns / steps
 
 
 class RequestGoodput(Controller):
@@ -82,12 +124,14 @@ class RequestGoodput(Controller):
         alpha = torch.where(bad[:, None], torch.zeros_like(alpha), alpha.clamp(0.0, 1.0))
         views = [every[i] for i in running]
         room = torch.tensor([r.draft_room for r in views])
+        context = sum(r.context_len for r in views)
         lengths, tree = self.choose(
             views,
             alpha,
             torch.where(bad, 0, torch.clamp(room, max=k)),  # (a threshold of 0 would give a bad row the cap)
-            sum(r.context_len for r in views),
+            context,
             min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting)),
+            CatchUp.of(self.step_time, views, context),
         )
         if self.explore > 0:
             can = (lengths == 0) & (room > 0) & ~bad
@@ -99,28 +143,32 @@ class RequestGoodput(Controller):
         return self.plan_of(state.plan, views, lengths.tolist(), tree)
 
     def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
-               prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
+               prefill: int, catchup: CatchUp | None = None) -> tuple[torch.Tensor, bool]:  # fmt: skip
         """[R] draft lengths of the running rows, and whether they are tree depths (here: chains)."""
-        return self.allocate(alpha, limit, context, prefill), False
+        return self.allocate(alpha, limit, context, prefill, catchup), False
 
     def plan_of(self, plan: StepPlan, views: list[RequestView], lengths: list[int], tree: bool) -> StepPlan:
         return replace(plan, draft_len={r.request_id: int(c) for r, c in zip(views, lengths)})
 
-    def allocate(self, alpha: torch.Tensor, limit: torch.Tensor, context: int, prefill: int) -> torch.Tensor:
+    def allocate(self, alpha: torch.Tensor, limit: torch.Tensor, context: int, prefill: int,
+                 catchup: CatchUp | None = None) -> torch.Tensor:  # fmt: skip
         """[R] draft lengths maximising expected tokens per predicted second (the docstring's c*)."""
         return self.search(torch.cumprod(alpha, 1), limit, partial(chain_shapes, prefill=prefill, context=context),
-                           bound=True)[0]  # fmt: skip
+                           bound=True, catchup=catchup)[0]  # fmt: skip
 
-    def search(self, survival: torch.Tensor, limit: torch.Tensor, shapes: Shapes,
-               bound: bool = False) -> tuple[torch.Tensor, float]:  # fmt: skip
+    def search(self, survival: torch.Tensor, limit: torch.Tensor, shapes: Shapes, bound: bool = False,
+               catchup: CatchUp | None = None) -> tuple[torch.Tensor, float]:  # fmt: skip
         """Of the threshold-and-cap candidates on `survival` [R, K] (`prefix_candidates`), each
-        priced as `shapes` says (the shapes of candidates [C, R]), the best lengths [R] and their
-        expected tokens per second. `bound`: first `none_pays` (chain shapes)."""
+        priced as `shapes` says (the shapes of candidates [C, R]) and its `catchup`, the best
+        lengths [R] and their expected tokens per second. `bound`: first `none_pays` (chain
+        shapes; a catch-up only adds to a drafting step's cost, so the bound holds)."""
         none = self.none_pays(survival, limit, shapes) if bound else None
         if none is not None:
             return none
         cands = prefix_candidates(survival, limit, self.taus)  # [C, R]
-        index, rate = self.rated(cands, survival, shapes(cands))
+        if catchup is not None:
+            cands = torch.cat([cands, catchup.caught_up(cands)])
+        index, rate = self.rated(cands, survival, shapes(cands), catchup)
         return cands[index].long(), rate
 
     def none_pays(self, survival: torch.Tensor, limit: torch.Tensor,
@@ -168,11 +216,16 @@ class RequestGoodput(Controller):
         fewest tokens (ties: the first)."""
         return self.rated(cands, survival, chain_shapes(cands, prefill, context))[0]
 
-    def rated(self, cands: torch.Tensor, survival: torch.Tensor, shapes: list[StepShape]) -> tuple[int, float]:
-        """`best` on candidates priced as `shapes` (one per candidate): its index and rate."""
+    def rated(self, cands: torch.Tensor, survival: torch.Tensor, shapes: list[StepShape],
+              catchup: CatchUp | None = None) -> tuple[int, float]:  # fmt: skip
+        """`best` on candidates priced as `shapes` (one per candidate) and their `catchup`: its
+        index and rate."""
         order = torch.argsort(cands.sum(1), stable=True)  # fewest draft tokens first: ties go to less
         tokens = (1 + expected_gain(survival).gather(1, cands[order].T.long())).sum(0).numpy()  # [C]
-        rate = tokens / np.maximum(self.step_time.predict([shapes[int(i)] for i in order]), 1e-6)
+        seconds = self.step_time.predict([shapes[int(i)] for i in order])
+        if catchup is not None:
+            seconds = seconds + catchup.seconds(cands[order], tokens)
+        rate = tokens / np.maximum(seconds, 1e-6)
         pick = shortest_within(rate, self.margin)
         return int(order[pick]), float(rate[pick])
 

@@ -39,10 +39,11 @@ from adactl.estimators.moving_average import MovingAverage
 from adactl.estimators.request_acceptance import tree_level_prior, width_sibling_prior
 from adactl.estimators.step_time import StepShape, StepTimePredictor
 from adactl.interface import Controller, Estimator, RequestView, ScheduleState, StepRecord
-from adactl.runtime.shapes import chain_shapes
+from adactl.runtime.shapes import catchup_of, chain_shapes
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .request_goodput import RequestGoodput
+from .goodput import switch_cost
+from .request_goodput import CatchUp, RequestGoodput
 from .sv import SpeculativeVerification
 
 
@@ -113,8 +114,10 @@ class GoodputTree(Controller):
     accepted path goes one level deeper), learned online for chains and for trees separately
     (`MovingAverage` on `level_labels`; trees: `TreeLevels`, which until trees have been tried
     takes 1 - (1 - a_chain)(1 - `sibling_prior`), and starts its average there). The
-    step-time model prices each shape (rows, verify tokens, draft tokens); the best rate wins.
-    A busy batch picks c = 0 (no draft), an idle one whatever its measured acceptance pays for."""
+    step-time model prices each shape (rows, verify tokens, draft tokens) and, after a stretch
+    without drafting, the draft's catch-up once over the steps the rows would go on drafting
+    (`goodput.goodput_rates`); the best rate wins. A busy batch picks c = 0 (no draft), an
+    idle one whatever its measured acceptance pays for."""
 
     name = "goodput-tree"
 
@@ -145,12 +148,17 @@ class GoodputTree(Controller):
         prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
         options: list[tuple[int, int]] = [(c, 1) for c in range(k + 1)]
         options += [(c, self.width) for c in range(1, k + 1)] if self.width > 1 else []
-        shapes, tokens = [], []
+        shapes, gains = [], []
         for c, w in options:
             a = a_chain if w == 1 else a_tree
-            tokens.append(rows * (1 + float(torch.cumprod(a[:c], 0).sum())))
+            gains.append(rows * (1 + float(torch.cumprod(a[:c], 0).sum())))
             shapes.append(tree_shape([c] * rows, w, prefill, context, self.extra))  # (w = 1: a chain)
-        rate = np.array(tokens) / np.maximum(self.step_time.predict(shapes), 1e-6)
+        tokens = np.array(gains)
+        seconds = self.step_time.predict(shapes)
+        catchup = catchup_of([r.draft_lag for r in running])  # paid once, spread as `goodput_rates` spreads it
+        steps = np.maximum(float(np.mean([r.draft_room + 1 for r in running])) * rows / tokens, 1.0)
+        seconds = seconds + switch_cost(self.step_time, shapes, seconds, catchup) / steps
+        rate = tokens / np.maximum(seconds, 1e-6)
         c, w = options[int(np.argmax(rate))]
         if w == 1:
             return replace(state.plan, draft_len=c, tree=None)
@@ -198,12 +206,12 @@ class RequestGoodputTree(RequestGoodput):
         self.sibling_prior = width_sibling_prior(width) if sibling_prior is None else sibling_prior
 
     def choose(self, views: list[RequestView], alpha: torch.Tensor, limit: torch.Tensor, context: int,
-               prefill: int) -> tuple[torch.Tensor, bool]:  # fmt: skip
+               prefill: int, catchup: CatchUp | None = None) -> tuple[torch.Tensor, bool]:  # fmt: skip
         chain = partial(chain_shapes, prefill=prefill, context=context)
-        chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, chain, bound=True)
+        chains, chain_rate = self.search(torch.cumprod(alpha, 1), limit, chain, bound=True, catchup=catchup)
         tree_survival = torch.cumprod(self.tree_alpha(views, alpha), 1)
         tree = partial(tree_shapes, width=self.width, prefill=prefill, context=context, extra=self.extra)
-        trees, tree_rate = self.search(tree_survival, limit, tree)
+        trees, tree_rate = self.search(tree_survival, limit, tree, catchup=catchup)
         if tree_rate > chain_rate * (1 + self.margin):
             return trees, True
         return chains, False
