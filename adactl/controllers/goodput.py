@@ -44,7 +44,7 @@ model of a wave's end is within the profile's error of the truth. `make bench` r
 on it met every cell, greedy batch 8 0.998 and 0.982. Its decision takes 0.55-0.67 ms a step
 here, the throughput rule's 0.25, nearly all of it the recursion, so the controller keeps the
 last one (`DoneTables`): through a stretch without drafting the acceptance estimate does not
-move and each step asks for the same table one token shorter, 0.1 ms a decision at batch 2.)
+move and each step asks for the same table one token shorter, 0.14 ms a decision at batch 2.)
 `drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
