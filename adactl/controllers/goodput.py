@@ -163,6 +163,15 @@ def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], seconds: 
     return np.maximum(step_time.predict(lagging) - seconds, 0.0)
 
 
+def with_catchup(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int,
+                 left: float, gain: np.ndarray) -> np.ndarray:  # fmt: skip
+    """`seconds` [len(shapes)] plus each shape's `switch_cost`, paid once over the steps its rows
+    would go on drafting: `left` tokens to go a row at `gain` [len(shapes)] tokens a row-step
+    (at least one step). Charged to one step, a long enough stretch without drafting would
+    never end (its catch-up grows with it)."""
+    return seconds + switch_cost(step_time, shapes, seconds, catchup) / np.maximum(left / gain, 1.0)
+
+
 def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
                   prefill: int = 0, catchup: int = 0, left: float = 1.0) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] predicted tokens per second of drafting c = 0 .. len(alpha) tokens per
@@ -173,9 +182,7 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     k = len(alpha)
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)]).numpy()  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
-    steps = np.maximum(left / (1 + gain), 1.0)  # [K + 1] steps the switch is spread over
-    seconds = step_time.predict(shapes)
-    seconds = seconds + switch_cost(step_time, shapes, seconds, catchup) / steps
+    seconds = with_catchup(step_time, shapes, step_time.predict(shapes), catchup, left, 1 + gain)
     return rows * (1 + gain) / np.maximum(seconds, 1e-6)
 
 

@@ -36,7 +36,7 @@ one of them again first feeds the draft every row's lag, left-padded to the long
 (`runtime.shapes.catchup_of`): the drafting rows times the longest lag among them. A
 candidate pays its catch-up once, spread over the steps its rows would go on drafting (the
 mean tokens to go over its expected tokens a row-step), as `goodput` pays its own
-(`goodput.goodput_rates`), at the price per column the step-time model gives the step where
+(`goodput.with_catchup`), at the price per column the step-time model gives the step where
 every row drafts one (`CatchUp`); each candidate also comes with its lagging rows left out.
 """
 

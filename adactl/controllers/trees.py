@@ -42,7 +42,7 @@ from adactl.interface import Controller, Estimator, RequestView, ScheduleState, 
 from adactl.runtime.shapes import catchup_of, chain_shapes
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .goodput import switch_cost
+from .goodput import with_catchup
 from .request_goodput import CatchUp, RequestGoodput
 from .sv import SpeculativeVerification
 
@@ -116,7 +116,7 @@ class GoodputTree(Controller):
     takes 1 - (1 - a_chain)(1 - `sibling_prior`), and starts its average there). The
     step-time model prices each shape (rows, verify tokens, draft tokens) and, after a stretch
     without drafting, the draft's catch-up once over the steps the rows would go on drafting
-    (`goodput.goodput_rates`); the best rate wins. A busy batch picks c = 0 (no draft), an
+    (`goodput.with_catchup`); the best rate wins. A busy batch picks c = 0 (no draft), an
     idle one whatever its measured acceptance pays for."""
 
     name = "goodput-tree"
@@ -154,10 +154,9 @@ class GoodputTree(Controller):
             gains.append(rows * (1 + float(torch.cumprod(a[:c], 0).sum())))
             shapes.append(tree_shape([c] * rows, w, prefill, context, self.extra))  # (w = 1: a chain)
         tokens = np.array(gains)
-        seconds = self.step_time.predict(shapes)
-        catchup = catchup_of([r.draft_lag for r in running])  # paid once, spread as `goodput_rates` spreads it
-        steps = np.maximum(float(np.mean([r.draft_room + 1 for r in running])) * rows / tokens, 1.0)
-        seconds = seconds + switch_cost(self.step_time, shapes, seconds, catchup) / steps
+        catchup = catchup_of([r.draft_lag for r in running])
+        left = float(np.mean([r.draft_room + 1 for r in running]))
+        seconds = with_catchup(self.step_time, shapes, self.step_time.predict(shapes), catchup, left, tokens / rows)
         rate = tokens / np.maximum(seconds, 1e-6)
         c, w = options[int(np.argmax(rate))]
         if w == 1:
