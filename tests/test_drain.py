@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adactl.controllers import FixedDraftLength, GoodputLength
-from adactl.controllers.goodput import DoneTables, done_within, makespan_rates
+from adactl.controllers.goodput import done_exactly, done_within, makespan_rates, step_pmf
 from adactl.estimators import MovingAverage, StepShape
 from adactl.interface import ScheduleState
 from adactl.loop import ControlLoop
@@ -57,6 +57,33 @@ def test_done_within_is_the_renewal_process(left):
     assert every == max(1, max(left) * 10 // 128)
     got = every * (1 - normal.prod(1)).sum(1)
     assert np.allclose(got[1:], (1 - exact.prod(1)).sum(1)[1:], rtol=0.03)
+
+
+def recursive_table(alpha: np.ndarray, m: int) -> np.ndarray:
+    """[c, n, j] P(done within n steps | j to go), one step at a time: q_{n+1}[j] is a step's
+    tokens x averaged of q_n[j - x] (done once j - x <= 0)."""
+    k, pmf = len(alpha), step_pmf(alpha)
+    table = np.empty((k + 1, m + 1, m + 1))
+    q = np.zeros((k + 1, m + 1))
+    q[:, 0] = 1.0
+    for n in range(m + 1):
+        table[:, n] = q
+        q = np.stack([np.array([pmf[c, 1:] @ q[c, np.maximum(j - np.arange(1, k + 2), 0)] if j else 1.0
+                                for j in range(m + 1)]) for c in range(k + 1)])  # fmt: skip
+    return table
+
+
+@pytest.mark.parametrize("alpha", [[0.47, 0.55, 0.6, 0.6], [0.0, 0.0, 0.0], [1.0, 1.0], [0.999, 0.9, 0.05, 0.5], []])
+@pytest.mark.parametrize("m", [1, 2, 7, 33, 64])
+def test_done_exactly_is_the_step_by_step_recursion(alpha, m):
+    """The chances from the step's generating function (on a damped circle) are the one step at
+    a time recursion's within 1e-9 for every row, plain decoding's exactly."""
+    alpha = np.array(alpha)
+    left = np.unique(np.append(np.random.default_rng(m).integers(1, m + 1, 5), m))
+    got, want = done_exactly(alpha, left), recursive_table(alpha, m)[:, :, left].transpose(0, 2, 1)
+    assert got.shape == want.shape == (len(alpha) + 1, len(left), m + 1)
+    assert np.abs(got - want).max() < 1e-9
+    assert np.array_equal(got[0], want[0])  # no draft: a token a step, no rounding
 
 
 def _serve(schedule, requests: int, tokens: int, seed: int) -> float:
@@ -112,22 +139,3 @@ def test_long_outputs_are_priced_as_the_exact_recursion_prices_them():
     left = torch.randint(1, 300, (64,), generator=torch.Generator().manual_seed(0)).float()
     fast, exact = makespan_rates(Rows(), alpha, left, 6400), makespan_rates(Rows(), alpha, left, 6400, exact=10_000)
     assert np.allclose(fast, exact, rtol=0.01) and int(np.argmax(fast)) == int(np.argmax(exact))
-
-
-def test_the_kept_table_answers_as_a_new_one():
-    """`DoneTables` reuses its last table while the acceptance stays the same (a stretch
-    without drafting: one token fewer to go each step) and computes anew when it moves or the
-    rows need more tokens than it holds; its answers are exactly a new table's."""
-    tables = DoneTables()
-    rng = np.random.default_rng(0)
-    a, b = np.array([0.5, 0.4, 0.3]), np.array([0.5, 0.4, 0.31])
-    computed = []
-    for alpha, m in ((a, 40), (a, 39), (a, 12), (b, 12), (b, 30), (a, 30)):
-        left = np.append(rng.integers(1, m + 1, 6), m)
-        before = tables.table
-        assert np.array_equal(done_within(alpha, left, tables=tables)[0], done_within(alpha, left)[0])
-        computed.append(tables.table is not before)
-    assert computed == [True, False, False, True, True, True]
-    left = torch.tensor([30.0, 30.0, 12.0])
-    assert np.array_equal(makespan_rates(DraftCost(), torch.tensor(a), left, 600, tables=tables),
-                          makespan_rates(DraftCost(), torch.tensor(a), left, 600))  # fmt: skip

@@ -30,8 +30,8 @@ job, a quiet server) and more than one row runs, tokens a second is the wrong ob
 run ends when its last row does. A row's tokens a step are random, so the last row is an
 unlucky one, and a longer draft shortens the run less than it raises the mean. Then c*
 minimises the expected time until every running row is done, `makespan_rates`: for each c,
-the chance that a row with m tokens to go is done within n steps (`done_within`: exact, by
-recursion on m, up to 64 tokens; the renewal process's normal approximation beyond), hence
+the chance that a row with m tokens to go is done within n steps (`done_within`: exact up to
+64 tokens, `done_exactly`; the renewal process's normal approximation beyond), hence
 the expected steps until the last row is done and the row-steps on the way, priced with a
 step's cost linear in its rows between 1 and R (finished rows leave the batch). (Measured,
 issue 30: at greedy batch 8, a one-wave cell of `make bench`, fixed k = 1 and k = 2 tie
@@ -41,10 +41,9 @@ the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The replay reprod
 rule 1.008 and 1.003 (docs/issue30/drain/sweep.py). The same replay, batch 1-64 at both
 temperatures, moves the other cells by -1.3 to +0.9%: it drafts less at batch 2-4, where its
 model of a wave's end is within the profile's error of the truth. `make bench` runs 42 and 43
-on it met every cell, greedy batch 8 0.998 and 0.982. Its decision takes 0.55-0.67 ms a step
-here, the throughput rule's 0.25, nearly all of it the recursion, so the controller keeps the
-last one (`DoneTables`): through a stretch without drafting the acceptance estimate does not
-move and each step asks for the same table one token shorter, 0.14 ms a decision at batch 2.)
+on it met every cell, greedy batch 8 0.998 and 0.982. Its decision took 0.55-0.67 ms a step
+there, the throughput rule's 0.25, nearly all of it a recursion of one numpy call a step to go;
+the chances now come from the step's generating function in five calls, `done_exactly`.)
 `drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
@@ -83,6 +82,7 @@ makespan rule.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
@@ -108,7 +108,6 @@ class GoodputLength(Controller):
         self.explore = explore if learns else 0.0
         self.margin, self.novelty, self.drain = margin, novelty, drain
         self.rng = np.random.default_rng(seed)
-        self.tables = DoneTables()
 
     def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
         """Neighbour c's probe weight: novelty x plausibility (the module docstring)."""
@@ -137,7 +136,7 @@ class GoodputLength(Controller):
         if state.waiting or rows == 1 or not self.drain:
             rates = goodput_rates(self.step_time, alpha, rows, context, prefill, catchup, float(left.mean()))
         else:
-            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup, tables=self.tables)
+            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup)
         best = shortest_within(rates, self.margin)
         draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
         if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
@@ -154,22 +153,38 @@ def chain_step(rows: int, c: int, context: int, prefill: int = 0) -> StepShape:
     return StepShape(rows, rows * (c + 1), c + 1, rows * c, c, prefill, context)
 
 
-def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int) -> np.ndarray:
+def lagging(shapes: list[StepShape], catchup: int) -> list[StepShape]:
+    """`shapes` with the draft's catch-up on `catchup` columns added where they draft (none
+    when nothing lags)."""
+    if catchup <= 0:
+        return []
+    return [replace(s, catchup_tokens=catchup if s.max_draft else 0) for s in shapes]
+
+
+def switch_cost(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int,
+                behind: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """[len(shapes)] seconds the draft's catch-up on `catchup` columns adds to each shape, whose
-    own cost is `seconds` (0 where it does not draft)."""
+    own cost is `seconds` (0 where it does not draft); `behind`: the `lagging` shapes' predicted
+    seconds where the caller priced them in its own call (numpy's overhead is per call)."""
     if catchup <= 0:
         return np.zeros(len(shapes))
-    lagging = [replace(s, catchup_tokens=catchup if s.max_draft else 0) for s in shapes]
-    return np.maximum(step_time.predict(lagging) - seconds, 0.0)
+    if behind is None:
+        behind = step_time.predict(lagging(shapes, catchup))
+    return np.maximum(behind - seconds, 0.0)
+
+
+def spread(switch: np.ndarray, left: float, gain: np.ndarray) -> np.ndarray:
+    """A one-off cost `switch` [C] paid over the steps its rows would go on drafting: `left`
+    tokens to go a row at `gain` [C] tokens a row-step (at least one step). Charged to one
+    step, a long enough stretch without drafting would never end (its catch-up grows with it)."""
+    return switch / np.maximum(left / gain, 1.0)
 
 
 def with_catchup(step_time: StepTimePredictor, shapes: list[StepShape], seconds: np.ndarray, catchup: int,
                  left: float, gain: np.ndarray) -> np.ndarray:  # fmt: skip
-    """`seconds` [len(shapes)] plus each shape's `switch_cost`, paid once over the steps its rows
-    would go on drafting: `left` tokens to go a row at `gain` [len(shapes)] tokens a row-step
-    (at least one step). Charged to one step, a long enough stretch without drafting would
-    never end (its catch-up grows with it)."""
-    return seconds + switch_cost(step_time, shapes, seconds, catchup) / np.maximum(left / gain, 1.0)
+    """`seconds` [len(shapes)] plus each shape's `switch_cost`, `spread` over the steps its rows
+    would go on drafting."""
+    return seconds + spread(switch_cost(step_time, shapes, seconds, catchup), left, gain)
 
 
 def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int,
@@ -182,19 +197,21 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     k = len(alpha)
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)]).numpy()  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
-    seconds = with_catchup(step_time, shapes, step_time.predict(shapes), catchup, left, 1 + gain)
+    priced = step_time.predict([*shapes, *lagging(shapes, catchup)])  # one call: numpy's overhead is per call
+    seconds = priced[: k + 1]
+    seconds = seconds + spread(switch_cost(step_time, shapes, seconds, catchup, priced[k + 1 :]), left, 1 + gain)
     return rows * (1 + gain) / np.maximum(seconds, 1e-6)
 
 
 def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torch.Tensor, context: int,
-                   exact: int = 64, catchup: int = 0, tables: DoneTables | None = None) -> np.ndarray:  # fmt: skip
+                   exact: int = 64, catchup: int = 0) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
     the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
     Beyond `exact` tokens, the rows' row-steps are the renewal process's mean, and only rows
     with at least half the most tokens to go, binned by 1%, are asked when the last is done
     (the others are many standard deviations short of it), so a decision at 256 rows of
     long outputs takes about a millisecond. A draft's catch-up on `catchup` columns is paid
-    once (`goodput_rates`). `tables`: reuse the last exact table where it serves."""
+    once (`goodput_rates`)."""
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
@@ -205,15 +222,16 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
         binned = np.round(np.exp(np.round(np.log(lefts[near]) * 100) / 100)).astype(int)
         lefts, where = np.unique(binned, return_inverse=True)
         rows_at = np.bincount(where, weights=rows_at[near])
-    done, every = done_within(a, lefts, exact, tables)  # [K + 1, U, N], n every `every` steps
+    done, every = done_within(a, lefts, exact)  # [K + 1, U, N], n every `every` steps
     if not long:
         alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
     steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
-    one = step_time.predict([chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)])
     shapes = [chain_step(rows, c, context) for c in range(k + 1)]
-    full = step_time.predict(shapes)
+    ones = [chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)]
+    priced = step_time.predict([*ones, *shapes, *lagging(shapes, catchup)])  # one call (numpy's overhead)
+    one, full, behind = priced[: k + 1], priced[k + 1 : 2 * k + 2], priced[2 * k + 2 :]
     per_row = (full - one) / (rows - 1)  # a step's cost, linear in its rows between 1 and R
-    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, full, catchup)
+    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, full, catchup, behind)
     return float(left.sum()) / np.maximum(seconds, 1e-6)
 
 
@@ -228,16 +246,13 @@ def step_pmf(alpha: np.ndarray) -> np.ndarray:
     return pmf
 
 
-def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64,
-                tables: DoneTables | None = None) -> tuple[np.ndarray, int]:  # fmt: skip
+def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64) -> tuple[np.ndarray, int]:
     """([K + 1, R, N], e): the chance that row i, with left[i] tokens to go, is done within n
-    steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1) up to `exact` tokens
-    (`done_table`, or `tables`' last one where it serves), else the renewal process's normal
-    approximation on at most 129 points."""
+    steps drafting c a step, n = 0, e, 2e, .. max(left): exact (e = 1; `done_exactly`) up to
+    `exact` tokens, else the renewal process's normal approximation on at most 129 points."""
     m = int(left.max())
     if m <= exact:
-        table = tables.get(alpha, m) if tables is not None else done_table(alpha, m)
-        return table[:, :, left].transpose(0, 2, 1), 1
+        return done_exactly(alpha, left), 1
     k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
     mean = pmf @ np.arange(k + 2.0)  # [K + 1]
     sd = np.sqrt(np.maximum(pmf @ np.arange(k + 2.0) ** 2 - mean**2, 1e-12))
@@ -248,36 +263,50 @@ def done_within(alpha: np.ndarray, left: np.ndarray, exact: int = 64,
     return ndtr((at[None, None, :] + 0.5 - mu) / sigma), every
 
 
-def done_table(alpha: np.ndarray, m: int) -> np.ndarray:
-    """[K + 1, m + 1, m + 1]: [c, n, j] the chance that a row with j tokens to go is done within
-    n steps drafting c a step (by recursion on j: a step gives x tokens with `step_pmf`)."""
+def done_exactly(alpha: np.ndarray, left: np.ndarray) -> np.ndarray:
+    """[K + 1, R, m + 1], m = max(left): [c, i, n] the chance that a row with left[i] tokens to
+    go is done within n steps drafting c a step, P(S_n >= left[i]) where S_n is the tokens of n
+    steps, each as `step_pmf` (a step that could give more than the row has left ends it all
+    the same: the row is done by step n exactly when the unclipped sum has reached left[i]).
+
+    S_n's distribution is the n-th power of a step's generating function: on 2m + 2 points of a
+    circle of radius r < 1 (`_circle`), the step's transform, its powers for every n at once
+    (one cumulative product), and each row's P(S_n < left[i]) as a sum over the circle against
+    the transform of the indicator of s < left[i] (kept per m). The radius damps what wraps
+    around from S_n >= 2m + 2 to r^(2m+2) = 1e-10 of itself and amplifies rounding by at most
+    r^-m = 1e5: within 1e-9 of the recursion one step at a time (which took m numpy calls, 0.37
+    ms at 32 tokens on the 2-core Xeon, most of the run-end rule's 0.55-0.67 ms decision; this
+    takes five, 3.5-6x less on the same machine). No draft (c = 0): a token a step, exactly."""
     k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
-    q = np.zeros((k + 1, m + 1))  # q[c, j] after n steps
-    q[:, 0] = 1.0
-    gather = np.maximum(np.arange(1, m + 1)[None, :] - np.arange(1, k + 2)[:, None], 0)  # [x, j]
-    table = np.empty((k + 1, m + 1, m + 1))
-    for step in range(m + 1):
-        table[:, step] = q
-        q[:, 1:] = np.einsum("cx,cxj->cj", pmf[:, 1:], q[:, gather])
-    return table
+    m = int(left.max())
+    done = np.empty((k + 1, len(left), m + 1))
+    n = np.arange(m + 1)
+    done[0] = n[None, :] >= left[:, None]
+    if k == 0:
+        return done
+    powers_of, below = _circle(m, k)
+    step = pmf[1:] @ powers_of  # [c >= 1, W] the step's transform
+    powers = np.empty((k, m + 1, step.shape[1]), dtype=np.complex128)
+    powers[:, 0] = 1.0
+    np.cumprod(np.broadcast_to(step[:, None, :], (k, m, step.shape[1])), axis=1, out=powers[:, 1:])
+    short = (powers @ below[:, left]).real  # [c, n, R] P(S_n < left[i])
+    done[1:] = np.clip(1.0 - short, 0.0, 1.0).transpose(0, 2, 1)
+    return done
 
 
-class DoneTables:
-    """The last `done_table`, kept: for the same acceptance, the table for m tokens is the
-    corner of any table for more (the recursion on j looks only down), and a stretch without
-    drafting teaches the acceptance estimate nothing, so each of its steps asks for the same
-    table with a token fewer to go. Exact: a new acceptance computes a new table."""
-
-    def __init__(self) -> None:
-        self.key: bytes | None = None
-        self.table = np.zeros((0, 0, 0))
-
-    def get(self, alpha: np.ndarray, m: int) -> np.ndarray:
-        """[K + 1, m + 1, m + 1] `done_table(alpha, m)`."""
-        key = np.asarray(alpha, dtype=np.float64).tobytes()
-        if key != self.key or self.table.shape[1] <= m:
-            self.key, self.table = key, done_table(alpha, m)
-        return self.table[:, : m + 1, : m + 1]
+@functools.lru_cache(maxsize=256)
+def _circle(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`done_exactly`'s circle for m tokens and drafts up to k: ([K + 2, W] z_w^x, x = 0 .. K + 1;
+    [W, m + 1] the weight of point w in P(S < j), j = 0 .. m), z_w = r exp(2 pi i w / (2m + 2)),
+    w = 0 .. m + 1, r^(m+1) = 1e-5 (the other half of the circle is these points' conjugates:
+    the sequences are real, so each inner point counts twice)."""
+    size = 2 * m + 2
+    z = 1e-5 ** (1.0 / (m + 1)) * np.exp(2j * np.pi * np.arange(m + 2) / size)  # [W]
+    weight = np.full(m + 2, 2.0 / size)
+    weight[0] = weight[-1] = 1.0 / size
+    below = np.zeros((m + 2, m + 1), dtype=np.complex128)  # sum over s < j of z^-s
+    below[:, 1:] = np.cumsum((1.0 / z)[:, None] ** np.arange(m)[None, :], axis=1)
+    return z[None, :] ** np.arange(k + 2.0)[:, None], below * weight[:, None]
 
 
 def goodput_length(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, context: int, prefill: int = 0,
