@@ -274,9 +274,10 @@ def done_exactly(alpha: np.ndarray, left: np.ndarray) -> np.ndarray:
     (one cumulative product), and each row's P(S_n < left[i]) as a sum over the circle against
     the transform of the indicator of s < left[i] (kept per m). The radius damps what wraps
     around from S_n >= 2m + 2 to r^(2m+2) = 1e-10 of itself and amplifies rounding by at most
-    r^-m = 1e5: within 1e-9 of the recursion one step at a time (which took m numpy calls, 0.37
+    r^-m = 1e5: within 1e-9 of the recursion one step at a time, which took m numpy calls (0.37
     ms at 32 tokens on the 2-core Xeon, most of the run-end rule's 0.55-0.67 ms decision; this
-    takes five, 3.5-6x less on the same machine). No draft (c = 0): a token a step, exactly."""
+    takes five: the whole decision 2-2.5x faster on an AMD EPYC, docs/issue30/drain/act_time.txt).
+    No draft (c = 0): a token a step, exactly."""
     k, pmf = len(alpha), step_pmf(alpha)  # [c, x] P(a step gives x tokens), drafting c
     m = int(left.max())
     done = np.empty((k + 1, len(left), m + 1))
