@@ -295,7 +295,7 @@ def done_exactly(alpha: np.ndarray, left: np.ndarray) -> np.ndarray:
     return done
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)  # at most 70 KB each at the 64 tokens `done_within` asks
 def _circle(m: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     """`done_exactly`'s circle for m tokens and drafts up to k: ([K + 2, W] z_w^x, x = 0 .. K + 1;
     [W, m + 1] the weight of point w in P(S < j), j = 0 .. m), z_w = r exp(2 pi i w / (2m + 2)),
