@@ -32,8 +32,9 @@ unlucky one, and a longer draft shortens the run less than it raises the mean. T
 minimises the expected time until every running row is done, `makespan_rates`: for each c,
 the chance that a row with m tokens to go is done within n steps (`done_within`: exact up to
 64 tokens, `done_exactly`; the renewal process's normal approximation beyond), hence
-the expected steps until the last row is done and the row-steps on the way, priced with a
-step's cost linear in its rows between 1 and R (finished rows leave the batch). (Measured,
+the rows still running at each step on the way, each step priced at its expected rows
+(finished rows leave the batch; the step-cost model at each row count, not linear between 1
+and R: `makespan_rates`). (Measured,
 issue 30: at greedy batch 8, a one-wave cell of `make bench`, fixed k = 1 and k = 2 tie
 and the throughput rule drafted 1.28-1.48 tokens a row-step, ending in k = 1's 24 steps at
 the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The replay reproduces it with
@@ -207,32 +208,61 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
                    exact: int = 64, catchup: int = 0) -> np.ndarray:  # fmt: skip
     """[len(alpha) + 1] tokens per second of drafting c = 0 .. len(alpha) tokens per row when
     the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
-    Beyond `exact` tokens, the rows' row-steps are the renewal process's mean, and only rows
-    with at least half the most tokens to go, binned by 1%, are asked when the last is done
-    (the others are many standard deviations short of it), so a decision at 256 rows of
-    long outputs takes about a millisecond. A draft's catch-up on `catchup` columns is paid
-    once (`goodput_rates`)."""
+
+    Step n costs T_c(A_n), A_n the rows still running (finished rows leave the batch), so the
+    run's time is sum_n P(A_n > 0) E[T_c(A_n) | A_n > 0], taken as P(A_n > 0) T_c(E[A_n | A_n > 0])
+    with T_c the step-cost model's at each of `row_counts(R)`, linear between them. (Measured,
+    issue 30: on an AMD EPYC's own profile a plain step costs 102 ms at one row and 195-242 at
+    2-8, a k = 1 step 185 and 220-297; priced linear in rows between 1 and R, as this rule was
+    until 2026-12-07, a plain step at 2-7 rows looked up to 40% cheaper than the profile says,
+    and at 0.7 batch 8 `goodput` decoded plain from the first finished row on, 0.954 of fixed
+    k = 1 over four draws priced by that very profile. At each decision of those draws this
+    rule's ratio of k = 1's rate to plain decoding's is within 1.5% of a Monte Carlo of the
+    rest of the run on the profile's exact shapes, where the linear one was up to 13% under it;
+    docs/issue30/run_end/README.md.)
+
+    Beyond `exact` tokens, only rows with at least half the most tokens to go, binned by 1%,
+    are asked when they are done (the renewal process's normal approximation); the others run
+    for their mean steps (they are many standard deviations short of the last), so a decision
+    at 256 rows of long outputs takes 2-3 ms on a 2-core AMD EPYC. A draft's catch-up on `catchup`
+    columns is paid once (`goodput_rates`)."""
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
     lefts, rows_at = np.unique(left.long().numpy(), return_counts=True)  # rows with as many tokens to go share
-    long = bool(lefts.max() > exact)
-    if long:
-        alive = float(left.sum()) / (step_pmf(a) @ np.arange(k + 2.0))  # [K + 1]
+    far = lefts[:0]
+    if lefts.max() > exact:
         near = lefts >= lefts.max() // 2
+        far, far_at = lefts[~near], rows_at[~near]
         binned = np.round(np.exp(np.round(np.log(lefts[near]) * 100) / 100)).astype(int)
         lefts, where = np.unique(binned, return_inverse=True)
         rows_at = np.bincount(where, weights=rows_at[near])
     done, every = done_within(a, lefts, exact)  # [K + 1, U, N], n every `every` steps
-    if not long:
-        alive = every * ((1.0 - done) * rows_at[:, None]).sum((1, 2))  # [K + 1] row-steps still to run
-    steps = every * (1.0 - (done ** rows_at[:, None]).prod(1)).sum(1)  # [K + 1] steps until the last row is done
-    shapes = [chain_step(rows, c, context) for c in range(k + 1)]
-    ones = [chain_step(1, c, max(context // rows, 1)) for c in range(k + 1)]
-    priced = step_time.predict([*ones, *shapes, *lagging(shapes, catchup)])  # one call (numpy's overhead)
-    one, full, behind = priced[: k + 1], priced[k + 1 : 2 * k + 2], priced[2 * k + 2 :]
-    per_row = (full - one) / (rows - 1)  # a step's cost, linear in its rows between 1 and R
-    seconds = (one - per_row) * steps + per_row * alive + switch_cost(step_time, shapes, full, catchup, behind)
-    return float(left.sum()) / np.maximum(seconds, 1e-6)
+    alive = ((1.0 - done) * rows_at[:, None]).sum(1)  # [K + 1, N] E[A_n]
+    if len(far):  # rows with at most g n tokens to go are done by step n, g a step's mean tokens
+        reached = (step_pmf(a) @ np.arange(k + 2.0) * every)[:, None] * np.arange(done.shape[2])  # [K + 1, N]
+        below = np.concatenate([[0], np.cumsum(far_at)])  # rows with fewer tokens to go than far[i]
+        alive += below[-1] - below[np.searchsorted(far, reached, side="right")]
+    running = 1.0 - (done ** rows_at[:, None]).prod(1)  # [K + 1, N] P(A_n > 0)
+    counts = row_counts(rows)
+    grid = [chain_step(r, c, context if r == rows else max(context // rows, 1) * r) for c in range(k + 1)
+            for r in counts]  # fmt: skip
+    shapes = grid[len(counts) - 1 :: len(counts)]  # [K + 1] the whole batch's
+    priced = step_time.predict([*grid, *lagging(shapes, catchup)])  # one call (numpy's overhead)
+    cost = priced[: len(grid)].reshape(k + 1, len(counts))  # [K + 1, G]
+    given = alive / np.maximum(running, 1e-300)  # [K + 1, N] E[A_n | A_n > 0]
+    step = np.stack([np.interp(given[c], counts, cost[c]) for c in range(k + 1)])  # [K + 1, N]
+    switch = switch_cost(step_time, shapes, cost[:, -1], catchup, priced[len(grid) :])
+    return float(left.sum()) / np.maximum(every * (running * step).sum(1) + switch, 1e-6)
+
+
+def row_counts(rows: int) -> np.ndarray:
+    """The row counts at which `makespan_rates` prices a step: 1, 2, 3, then 50% apart up to
+    `rows` (7 counts at 16 rows, 11 at 64), so that one row's cost stands apart from two's
+    (an AMD EPYC's plain step: 102 ms at one row, 197 at two, 242 at eight)."""
+    counts = [1]
+    while counts[-1] < rows:
+        counts.append(min(rows, max(counts[-1] + 1, math.ceil(counts[-1] * 1.5))))
+    return np.array(counts)
 
 
 def step_pmf(alpha: np.ndarray) -> np.ndarray:
