@@ -11,8 +11,9 @@ the running requests' context). The controller drafts
 
 every step, so the choice follows the load: as the batch grows, verification stops being
 nearly free and c* falls to 0. A longer draft must beat every shorter one by `margin` (3%)
-to be chosen: near a tie the step-cost model cannot tell the two apart (a CPU step varies
-by 5-10% between repetitions of one shape), the acceptance estimate moves between steps, and
+to be chosen (1% at a run's end, below): near a tie the step-cost model cannot tell the two
+apart (a CPU step varies by 5-10% between repetitions of one shape), the acceptance estimate
+moves between steps, and
 a draft costs what the model does not see (rows that finish at different steps, a companion's
 work), so a tie goes to drafting less. (Measured, issue 30: with the moving average's short
 memory (decay 0.98), `make bench` run 9 missed greedy batch 4 at 0.955, and the replay of run
@@ -45,6 +46,14 @@ model of a wave's end is within the profile's error of the truth. `make bench` r
 on it met every cell, greedy batch 8 0.998 and 0.982. Its decision took 0.55-0.67 ms a step
 there, the throughput rule's 0.25, nearly all of it a recursion of one numpy call a step to go;
 the chances now come from the step's generating function in five calls, `done_exactly`.)
+Under this rule a longer draft must beat every shorter one by `end_margin` (1%), not 3%:
+it prices what the margin stands for in the throughput rule's rates, rows that finish
+at different steps, and at each decision of real draws it is within 1.5% of a Monte Carlo of
+the rest of the run on its own inputs. (Measured, issue 30, the replay of `make bench`'s
+batch 2-8 cells on runs 53-55's and an AMD EPYC's profiles, 8 seeds each, 5% step noise:
+`goodput` / best fixed k 0.9964 on average with 3%, 13 of 192 cells under 0.97; with 1%
+1.0007 and 5: +1.5-2.4% at batch 2, +0.4-1.6% at 0.7 batch 4, -0.1 to -1.3% at batch 8;
+docs/issue30/run_end/README.md.)
 `drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
@@ -102,12 +111,13 @@ class GoodputLength(Controller):
     name = "goodput"
 
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, explore: float = 0.03,
-                 margin: float = 0.03, seed: int = 0, novelty: float = 2.0, drain: bool = True) -> None:  # fmt: skip
+                 margin: float = 0.03, seed: int = 0, novelty: float = 2.0, drain: bool = True,
+                 end_margin: float = 0.01) -> None:  # fmt: skip
         self.step_time = step_time
         self.estimator = estimator if estimator is not None else MovingAverage()
         learns = hasattr(step_time, "update") and getattr(step_time, "refine", True)
         self.explore = explore if learns else 0.0
-        self.margin, self.novelty, self.drain = margin, novelty, drain
+        self.margin, self.novelty, self.drain, self.end_margin = margin, novelty, drain, end_margin
         self.rng = np.random.default_rng(seed)
 
     def _weight(self, rates: np.ndarray, best: int, c: int, rows: int, context: int) -> float:
@@ -134,11 +144,12 @@ class GoodputLength(Controller):
         prefill = min(state.plan.prefill_budget, waiting)
         catchup = catchup_of([r.draft_lag for r in running])
         left = torch.tensor([r.draft_room + 1 for r in running], dtype=torch.float32)
+        margin = self.margin
         if state.waiting or rows == 1 or not self.drain:
             rates = goodput_rates(self.step_time, alpha, rows, context, prefill, catchup, float(left.mean()))
         else:
-            rates = makespan_rates(self.step_time, alpha, left, context, catchup=catchup)
-        best = shortest_within(rates, self.margin)
+            rates, margin = makespan_rates(self.step_time, alpha, left, context, catchup=catchup), self.end_margin
+        best = shortest_within(rates, margin)
         draw = self.rng.random() if self.explore > 0 and prefill == 0 else 1.0
         if draw < self.explore:  # a probe: the more novel and plausible neighbour the likelier (weights <= 1,
             near = [c for c in (best - 1, best + 1) if 0 <= c < len(rates)]  # so no other step needs them)
