@@ -48,7 +48,7 @@ there, the throughput rule's 0.25, nearly all of it a recursion of one numpy cal
 the chances now come from the step's generating function in five calls, `done_exactly`.)
 Under this rule a longer draft must beat every shorter one by `end_margin` (1%), not 3%:
 it prices what the margin stands for in the throughput rule's rates, rows that finish
-at different steps, and at each decision of real draws it is within 1.5% of a Monte Carlo of
+at different steps, and at each decision of real draws it is within 2% of a Monte Carlo of
 the rest of the run on its own inputs. (Measured, issue 30, the replay of `make bench`'s
 batch 2-8 cells on runs 53-55's and an AMD EPYC's profiles, 8 seeds each, 5% step noise:
 `goodput` / best fixed k 0.9964 on average with 3%, 13 of 192 cells under 0.97; with 1%
@@ -228,9 +228,9 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
     until 2026-12-07, a plain step at 2-7 rows looked up to 40% cheaper than the profile says,
     and at 0.7 batch 8 `goodput` decoded plain from the first finished row on, 0.954 of fixed
     k = 1 over four draws priced by that very profile. At each decision of those draws this
-    rule's ratio of k = 1's rate to plain decoding's is within 1.5% of a Monte Carlo of the
-    rest of the run on the profile's exact shapes, where the linear one was up to 13% under it;
-    docs/issue30/run_end/README.md.)
+    rule's ratios of k = 1's and k = 2's rate to plain decoding's are within 2% of a Monte Carlo
+    of the rest of the run on the profile's exact shapes, where the linear one's were 5% under on
+    average and up to 22%; docs/issue30/run_end/README.md.)
 
     Beyond `exact` tokens, only rows with at least half the most tokens to go, binned by 1%,
     are asked when they are done (the renewal process's normal approximation); the others run
