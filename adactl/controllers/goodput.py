@@ -9,52 +9,49 @@ the running requests' context). The controller drafts
 
     c* = argmax_{c in 0..K}  R * tokens(c) / T(c)          (R running requests)
 
-every step, so the choice follows the load: as the batch grows, verification stops being
-nearly free and c* falls to 0. A longer draft must beat every shorter one by `margin` (3%)
-to be chosen (1% at a run's end, below): near a tie the step-cost model cannot tell the two
-apart (a CPU step varies by 5-10% between repetitions of one shape), the acceptance estimate
-moves between steps, and
-a draft costs what the model does not see (rows that finish at different steps, a companion's
-work), so a tie goes to drafting less. (Measured, issue 30: with the moving average's short
-memory (decay 0.98), `make bench` run 9 missed greedy batch 4 at 0.955, and the replay of run
-8's profile put 7 of 56 cells under 0.97 with 3%, 3 with 6%, which was the default from
-2026-12-04. With its longer memory (decay 0.995, 2026-12-05) the estimate moves half as much,
-and the replays favour 3% again: run 8's profile, batch 1-64, both temperatures, 4 seeds, 2
-cells of 56 under 0.97 with 3% against 3 with 6%, mean 0.9999 against 0.9988; the computed
-H100 with recorded per-request acceptance (the `SpecDecode-v0-h100` evaluation's `goodput`),
-where adjacent lengths are a few percent apart at small batch, 3% gains 0.9-3.2% over 6% on
-its four workloads and 4-7% at batch 1-16 on held-out ShareGPT requests.) `adactl export`
-uses the same 3% (`goodput_length`).
+every step, so the choice follows the load: as the batch grows, verification stops being nearly
+free and c* falls to 0. A longer draft must beat every shorter one by `margin` (3%) to be
+chosen (1% at a run's end, below): near a tie the step-cost model cannot tell the two apart (a
+CPU step varies by 5-10% between repetitions of one shape), the acceptance estimate moves
+between steps, and a draft costs what the model does not see (rows that finish at different
+steps, a companion's work), so a tie goes to drafting less. (Measured, issue 30: with the
+moving average's short memory (decay 0.98), `make bench` run 9 missed greedy batch 4 at 0.955,
+and the replay of run 8's profile put 7 of 56 cells under 0.97 with 3%, 3 with 6%, which was
+the default from 2026-12-04. With its longer memory (decay 0.995, 2026-12-05) the estimate
+moves half as much, and the replays favour 3% again: run 8's profile, batch 1-64, both
+temperatures, 4 seeds, 2 cells of 56 under 0.97 with 3% against 3 with 6%, mean 0.9999 against
+0.9988; the computed H100 with recorded per-request acceptance (the `SpecDecode-v0-h100`
+evaluation's `goodput`), where adjacent lengths are a few percent apart at small batch, 3%
+gains 0.9-3.2% over 6% on its four workloads and 4-7% at batch 1-16 on held-out ShareGPT
+requests.) `adactl export` uses the same 3% (`goodput_length`).
 
 When nothing waits (no request would take a finished row's place: the end of a wave, a batch
 job, a quiet server) and more than one row runs, tokens a second is the wrong objective: the
 run ends when its last row does. A row's tokens a step are random, so the last row is an
 unlucky one, and a longer draft shortens the run less than it raises the mean. Then c*
-minimises the expected time until every running row is done, `makespan_rates`: for each c,
-the chance that a row with m tokens to go is done within n steps (`done_within`: exact up to
-64 tokens, `done_exactly`; the renewal process's normal approximation beyond), hence
-the rows still running at each step on the way, each step priced at its expected rows
-(finished rows leave the batch; the step-cost model at each row count, not linear between 1
-and R: `makespan_rates`). (Measured,
-issue 30: at greedy batch 8, a one-wave cell of `make bench`, fixed k = 1 and k = 2 tie
-and the throughput rule drafted 1.28-1.48 tokens a row-step, ending in k = 1's 24 steps at
-the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The replay reproduces it with
-5% step noise: runs 38-41's profiles x 6 seeds, 0.986 on average, 0.963 the lowest; with this
-rule 1.008 and 1.003 (docs/issue30/drain/sweep.py). The same replay, batch 1-64 at both
-temperatures, moves the other cells by -1.3 to +0.9%: it drafts less at batch 2-4, where its
-model of a wave's end is within the profile's error of the truth. `make bench` runs 42 and 43
-on it met every cell, greedy batch 8 0.998 and 0.982. Its decision took 0.55-0.67 ms a step
-there, the throughput rule's 0.25, nearly all of it a recursion of one numpy call a step to go;
-the chances now come from the step's generating function in five calls, `done_exactly`.)
-Under this rule a longer draft must beat every shorter one by `end_margin` (1%), not 3%:
-it prices what the margin stands for in the throughput rule's rates, rows that finish
-at different steps, and at each decision of real draws it is within 2% of a Monte Carlo of
-the rest of the run on its own inputs. (Measured, issue 30, the replay of `make bench`'s
-batch 2-8 cells on runs 53-55's and an AMD EPYC's profiles, 8 seeds each, 5% step noise:
-`goodput` / best fixed k 0.9964 on average with 3%, 13 of 192 cells under 0.97; with 1%
+minimises the expected time until every running row is done, `makespan_rates`: for each c, the
+chance that a row with m tokens to go is done within n steps (`done_within`: exact up to 64
+tokens, `done_exactly`; the renewal process's normal approximation beyond), hence the rows
+still running at each step on the way, each step priced at its expected rows (finished rows
+leave the batch; the step-cost model at each row count, not linear between 1 and R:
+`makespan_rates`). (Measured, issue 30: at greedy batch 8, a one-wave cell of `make bench`,
+fixed k = 1 and k = 2 tie and the throughput rule drafted 1.28-1.48 tokens a row-step, ending
+in k = 1's 24 steps at the mix's cost: 0.955-0.974 of the best fixed k in runs 38-41. The
+replay reproduces it with 5% step noise: runs 38-41's profiles x 6 seeds, 0.986 on average,
+0.963 the lowest; with this rule 1.008 and 1.003 (docs/issue30/drain/sweep.py). The same
+replay, batch 1-64 at both temperatures, moves the other cells by -1.3 to +0.9%: it drafts less
+at batch 2-4, where its model of a wave's end is within the profile's error of the truth. `make
+bench` runs 42 and 43 on it met every cell, greedy batch 8 0.998 and 0.982. Its decision took
+0.55-0.67 ms a step there, the throughput rule's 0.25, nearly all of it a recursion of one
+numpy call a step to go; the chances now come from the step's generating function in five
+calls, `done_exactly`.) Under this rule a longer draft must beat every shorter one by
+`end_margin` (1%), not 3%: it prices what the margin stands for in the throughput rule's rates,
+rows that finish at different steps, and at each decision of real draws it is within 2% of a
+Monte Carlo of the rest of the run on its own inputs. (Measured, issue 30, the replay of `make
+bench`'s batch 2-8 cells on runs 53-55's and an AMD EPYC's profiles, 8 seeds each, 5% step
+noise: `goodput` / best fixed k 0.9964 on average with 3%, 13 of 192 cells under 0.97; with 1%
 1.0007 and 5: +1.5-2.4% at batch 2, +0.4-1.6% at 0.7 batch 4, -0.1 to -1.3% at batch 8;
-docs/issue30/run_end/README.md.)
-`drain=False` keeps the throughput rule always.
+docs/issue30/run_end/README.md.) `drain=False` keeps the throughput rule always.
 
 When the step-cost model learns online (`update`, adactl.estimators.step_cost), the served
 steps are all it learns from: a model that starts out thinking verification too dear would
@@ -221,21 +218,22 @@ def makespan_rates(step_time: StepTimePredictor, alpha: torch.Tensor, left: torc
     the run ends with its last row (nothing waits): `left` [R] tokens each row has to go.
 
     Step n costs T_c(A_n), A_n the rows still running (finished rows leave the batch), so the
-    run's time is sum_n P(A_n > 0) E[T_c(A_n) | A_n > 0], taken as P(A_n > 0) T_c(E[A_n | A_n > 0])
-    with T_c the step-cost model's at each of `row_counts(R)`, linear between them. (Measured,
-    issue 30: on an AMD EPYC's own profile a plain step costs 102 ms at one row and 195-242 at
-    2-8, a k = 1 step 185 and 220-297; priced linear in rows between 1 and R, as this rule was
-    until 2026-12-07, a plain step at 2-7 rows looked up to 40% cheaper than the profile says,
-    and at 0.7 batch 8 `goodput` decoded plain from the first finished row on, 0.954 of fixed
-    k = 1 over four draws priced by that very profile. At each decision of those draws this
-    rule's ratios of k = 1's and k = 2's rate to plain decoding's are within 2% of a Monte Carlo
-    of the rest of the run on the profile's exact shapes, where the linear one's were 5% under on
-    average and up to 22%; docs/issue30/run_end/README.md.)
+    run's time is sum_n P(A_n > 0) E[T_c(A_n) | A_n > 0], taken as
+    P(A_n > 0) T_c(E[A_n | A_n > 0]) with T_c the step-cost model's at each of `row_counts(R)`,
+    linear between them. (Measured, issue 30: on an AMD EPYC's own profile a plain step costs
+    102 ms at one row and 195-242 at 2-8, a k = 1 step 185 and 220-297; priced linear in rows
+    between 1 and R, as this rule was until 2026-12-07, a plain step at 2-7 rows looked up to
+    40% cheaper than the profile says, and at 0.7 batch 8 `goodput` decoded plain from the first
+    finished row on, 0.954 of fixed k = 1 over four draws priced by that very profile (with this
+    rule and `end_margin`, 0.999). At each decision of those draws this rule's ratios of k = 1's
+    and k = 2's rate to plain decoding's are within 2% of a Monte Carlo of the rest of the run
+    on the profile's exact shapes, where the linear one's were 5% under on average and up to
+    22%; docs/issue30/run_end/README.md.)
 
-    Beyond `exact` tokens, only rows with at least half the most tokens to go, binned by 1%,
-    are asked when they are done (the renewal process's normal approximation); the others run
-    for their mean steps (they are many standard deviations short of the last), so a decision
-    at 256 rows of long outputs takes 2-3 ms on a 2-core AMD EPYC. A draft's catch-up on `catchup`
+    Beyond `exact` tokens, only rows with at least half the most tokens to go, binned by 1%, are
+    asked when they are done (the renewal process's normal approximation); the others run for
+    their mean steps (they are many standard deviations short of the last), so a decision at 256
+    rows of long outputs takes 2-3 ms on a 2-core AMD EPYC. A draft's catch-up on `catchup`
     columns is paid once (`goodput_rates`)."""
     k, rows = len(alpha), len(left)
     a = alpha.double().numpy()
