@@ -24,19 +24,22 @@ class DraftCost:
                          for s in shapes])  # fmt: skip
 
 
-def simulated(alpha: np.ndarray, left: np.ndarray, c: int, runs: int, rng: np.random.Generator) -> tuple[float, float]:
-    """Monte Carlo of the renewal process: (steps until the last row is done, row-steps)."""
+def simulated(alpha: np.ndarray, left: np.ndarray, c: int, runs: int, rng: np.random.Generator,
+              price=None) -> tuple[float, float, float]:  # fmt: skip
+    """Monte Carlo of the renewal process: (steps until the last row is done, row-steps, seconds
+    with each step priced by `price`(rows running), 0 without)."""
     k = len(alpha)
-    steps, row_steps = 0.0, 0.0
+    steps, row_steps, seconds = 0.0, 0.0, 0.0
     for _ in range(runs):
         to_go, n = left.astype(float).copy(), 0
         while (to_go > 0).any():
             alive = to_go > 0
+            seconds += price(int(alive.sum())) if price is not None else 0.0
             accepted = np.cumprod(rng.random((len(left), k))[:, :c] < alpha[:c], 1).sum(1) if c else 0
             to_go = np.where(alive, to_go - 1 - accepted, to_go)
             n, row_steps = n + 1, row_steps + alive.sum()
         steps += n
-    return steps / runs, row_steps / runs
+    return steps / runs, row_steps / runs, seconds / runs
 
 
 @pytest.mark.parametrize("left", [[8] * 16, [32, 20, 5, 1], [30, 30]])
@@ -49,7 +52,7 @@ def test_done_within_is_the_renewal_process(left):
     last, alive = (1 - done.prod(1)).sum(1), (1 - done).sum((1, 2))
     rng = np.random.default_rng(0)
     for c in (0, 1, 2, 4):
-        want_last, want_alive = simulated(alpha, rows, c, 3000, rng)
+        want_last, want_alive, _ = simulated(alpha, rows, c, 3000, rng)
         assert last[c] == pytest.approx(want_last, rel=0.02) and alive[c] == pytest.approx(want_alive, rel=0.02)
     assert last[0] == max(left)  # no draft: one token a step
     normal, every = done_within(alpha, rows * 10, exact=0)  # the approximation, where it is used
@@ -68,20 +71,6 @@ class Jump:
         return np.array([(0.10 if s.rows == 1 else 0.19 + 0.007 * (s.rows - 2)) + 0.04 * s.max_draft for s in shapes])
 
 
-def simulated_seconds(alpha: np.ndarray, left: np.ndarray, c: int, runs: int, rng: np.random.Generator) -> float:
-    """Monte Carlo of a run's time until its last row is done, each step priced by `Jump` at
-    the rows it has."""
-    k, seconds = len(alpha), 0.0
-    for _ in range(runs):
-        to_go = left.astype(float).copy()
-        while (to_go > 0).any():
-            alive = to_go > 0
-            seconds += Jump().predict([StepShape(int(alive.sum()), 0, 0, 0, c, 0, 0)])[0]
-            accepted = np.cumprod(rng.random((len(left), k))[:, :c] < alpha[:c], 1).sum(1) if c else 0
-            to_go = np.where(alive, to_go - 1 - accepted, to_go)
-    return seconds / runs
-
-
 @pytest.mark.parametrize("left", [[1, 4, 4, 5, 6, 6, 7, 7], [2, 2, 3, 4, 4, 5, 5], [30] * 8, [1, 3, 3, 5, 5, 7, 7, 9]])
 def test_the_runs_end_is_priced_at_the_rows_each_step_has(left):
     """A step's cost at each row count, not linear between one row and all of them: the run's
@@ -91,7 +80,8 @@ def test_the_runs_end_is_priced_at_the_rows_each_step_has(left):
     alpha, rows = np.array([0.48, 0.57]), np.array(left)
     rates = makespan_rates(Jump(), torch.tensor(alpha), torch.tensor(rows, dtype=torch.float32), 150 * len(left))
     rng = np.random.default_rng(0)
-    want = np.array([rows.sum() / simulated_seconds(alpha, rows, c, 2000, rng) for c in range(3)])
+    price = [lambda running, c=c: float(Jump().predict([StepShape(running, 0, 0, 0, c, 0, 0)])[0]) for c in range(3)]
+    want = np.array([rows.sum() / simulated(alpha, rows, c, 2000, rng, price[c])[2] for c in range(3)])
     assert rates == pytest.approx(want, rel=0.02)
 
 
