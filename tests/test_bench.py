@@ -296,6 +296,15 @@ def test_bench_spec_serves_small_batches_in_waves_each_counted_after_its_prefill
     counted_s = 18 / plain["tokens_per_s"]  # the run's own clock less its three prefill steps
     assert plain["wall_s"] - counted_s == pytest.approx(prefill_s["no-spec", 2], rel=1e-6)
     assert 0 < plain["first_step_s"] < prefill_s["no-spec", 2]  # the first wave's
+    assert plain["actions"] == [["prefill", 1], ["2x0", 3]] * 3  # each wave's prefill, then its plain steps
+    assert {a: n for a, (n, _) in plain["action_ms"].items()} == {"2x0": 9, "prefill": 3}
+    spent = sum(n * ms for n, ms in plain["action_ms"].values()) / 1000  # every step, on the run's clock
+    assert spent == pytest.approx(plain["wall_s"], rel=1e-6)
+    assert plain["action_ms"]["prefill"][0] * plain["action_ms"]["prefill"][1] / 1000 == pytest.approx(
+        prefill_s["no-spec", 2], rel=1e-6)
+    drafting = records["fixed-k2", 8]
+    assert sum(n for _, n in drafting["actions"]) == drafting["steps"]
+    assert drafting["actions"][0] == ["prefill", 1] and drafting["actions"][1][0] == "8x2"  # then k = 2 a row
     # waves of one step each (the prefill's token is all there is): the whole run is counted
     main(["bench", "spec", "--tiny", "--batches", "2", "--temperatures", "0", "--controllers", "no-spec",
           "--max-new-tokens", "1", "--rounds", "1", "--min-requests", "4", "--out", str(tmp_path / "one")])  # fmt: skip

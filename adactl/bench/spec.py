@@ -71,7 +71,10 @@ Reported per run: tokens/s (tokens generated after each wave's first step, its p
 second of the run's own steps, controller time included; `first_step_s` is the first wave's
 prefill step; `requests` and `waves` what it served), mean accepted length (tokens per decode
 row per step), step ms, `ratio_best_fixed` (to the best constant k, 0 included) and
-`ratio_oracle`.
+`ratio_oracle`; in spec.json also what each step did (`actions`, in order, run-length coded,
+and `action_ms`, each kind's steps and mean ms: `action_of`), so that a cell's ratio can be
+taken apart afterwards (`make bench` run 56's 0.7 batch 16: a mostly plain run 6% slower a step
+than plain decoding, and the bench could not say which steps drafted).
 """
 
 from __future__ import annotations
@@ -222,6 +225,8 @@ class Serving:
         self.added = self.steps = self.row_steps = self.decode_tokens = self.drafted = self.emitted = 0
         self.control_s = 0.0
         self.waves = 1
+        self.actions: list[list[Any]] = []  # [action, steps in a row] in step order (`action_of`)
+        self.action_s: dict[str, list[float]] = {}  # action -> [steps, seconds on the run's clock]
         self.counted = (0.0, 0, 0)  # the finished waves' counted seconds, tokens and steps
         self.peek = getattr(loop.verify_controller, "estimator", None)  # the oracle's look at the target
         self.timer = loop.clock if isinstance(loop.clock, RunClock) else contextlib.nullcontext()
@@ -250,9 +255,18 @@ class Serving:
         return not self.engine.has_unfinished()
 
     def step(self) -> None:
+        before = self._mark()[0]
         with self.timer:
             record = self.loop.step()
         o = record.outcome
+        action = action_of(record)
+        if self.actions and self.actions[-1][0] == action:
+            self.actions[-1][1] += 1
+        else:
+            self.actions.append([action, 1])
+        spent = self.action_s.setdefault(action, [0, 0.0])
+        spent[0] += 1
+        spent[1] += self._mark()[0] - before
         self.steps += 1
         self.row_steps += len(o.request_ids)
         self.drafted += int(o.drafted.sum())
@@ -306,8 +320,26 @@ class Serving:
             # the controllers' decisions per step, on the run's clock (the replay's does not move for them: 0)
             "control_ms": 1000 * self.control_s / max(self.steps, 1),
             "steps": self.steps,
+            # what each step did, in order and by kind with its mean ms (`action_of`): what a ratio
+            # alone cannot say, e.g. which steps of a mostly plain run drafted and what they cost
+            "actions": [list(a) for a in self.actions],
+            "action_ms": {a: [n, 1000 * s / n] for a, (n, s) in sorted(self.action_s.items())},
             "fallbacks": dict(self.loop.fallbacks),
         }
+
+
+def action_of(record: Any) -> str:
+    """A step's kind: "RxK" for R rows decoding, each drafting K tokens ("RxJ-K" when rows
+    drafted J to K; a tree's K counts its nodes), "+p" where it also prefilled; "prefill" for a
+    step that only prefilled (a wave's first)."""
+    o = record.outcome
+    rows = len(o.request_ids)
+    if rows == 0:
+        return "prefill"
+    drafted = o.drafted.tolist()
+    low, high = min(drafted), max(drafted)
+    action = f"{rows}x{high}" if low == high else f"{rows}x{low}-{high}"
+    return action + ("+p" if int(o.prefill_tokens) else "")
 
 
 def interleaved(runs: Sequence[Callable[[], Serving]], seed: int, interleave: bool = True) -> list[dict[str, Any]]:
