@@ -226,7 +226,7 @@ class Serving:
         self.control_s = 0.0
         self.waves = 1
         self.actions: list[list[Any]] = []  # [action, steps in a row] in step order (`action_of`)
-        self.action_s: dict[str, list[float]] = {}  # action -> [steps, seconds on the run's clock]
+        self.action_s: dict[str, float] = {}  # action -> its steps' seconds on the run's clock
         self.counted = (0.0, 0, 0)  # the finished waves' counted seconds, tokens and steps
         self.peek = getattr(loop.verify_controller, "estimator", None)  # the oracle's look at the target
         self.timer = loop.clock if isinstance(loop.clock, RunClock) else contextlib.nullcontext()
@@ -264,9 +264,7 @@ class Serving:
             self.actions[-1][1] += 1
         else:
             self.actions.append([action, 1])
-        spent = self.action_s.setdefault(action, [0, 0.0])
-        spent[0] += 1
-        spent[1] += self._mark()[0] - before
+        self.action_s[action] = self.action_s.get(action, 0.0) + self._mark()[0] - before
         self.steps += 1
         self.row_steps += len(o.request_ids)
         self.drafted += int(o.drafted.sum())
@@ -289,6 +287,13 @@ class Serving:
             self._add(self.batch)
         if self.done and hasattr(self.engine, "close"):  # its KV back now: a reserved cache keeps it until
             self.engine.close()  # the engine is collected (`make bench` ran out of 24 GB at batch 64 without this)
+
+    def _action_steps(self) -> dict[str, int]:
+        """Each action's steps, from the run-length coded `actions`."""
+        steps: dict[str, int] = {}
+        for action, n in self.actions:
+            steps[action] = steps.get(action, 0) + n
+        return steps
 
     def _wave_total(self) -> tuple[float, int, int]:
         """The counted seconds, tokens and steps with the wave now served included: after its
@@ -323,7 +328,7 @@ class Serving:
             # what each step did, in order and by kind with its mean ms (`action_of`): what a ratio
             # alone cannot say, e.g. which steps of a mostly plain run drafted and what they cost
             "actions": [list(a) for a in self.actions],
-            "action_ms": {a: [n, 1000 * s / n] for a, (n, s) in sorted(self.action_s.items())},
+            "action_ms": {a: [n, 1000 * self.action_s[a] / n] for a, n in sorted(self._action_steps().items())},
             "fallbacks": dict(self.loop.fallbacks),
         }
 
