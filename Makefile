@@ -5,6 +5,8 @@ PYTHON ?= python3
 DEVICE ?= auto
 # auto: bfloat16 on CUDA, float32 elsewhere
 DTYPE ?= auto
+# more flags for `make bench`, e.g. BENCH_FLAGS=--resume to go on with a stopped run
+BENCH_FLAGS ?=
 
 .PHONY: setup bench test test-floor lint gpu-check
 setup:
@@ -12,7 +14,7 @@ setup:
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 
 bench: setup
-	$(PYTHON) -m adactl.cli bench spec --device $(DEVICE) --dtype $(DTYPE)
+	$(PYTHON) -m adactl.cli bench spec --device $(DEVICE) --dtype $(DTYPE) $(BENCH_FLAGS)
 
 test: setup
 	$(PYTHON) -m pytest

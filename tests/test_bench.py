@@ -248,6 +248,50 @@ def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, mo
             records[name]["tokens"], records[name]["steps"], records[name]["mean_accepted_len"])
 
 
+def test_bench_spec_keeps_a_stopped_runs_finished_cells_and_resumes_from_them(tmp_path, monkeypatch):
+    """A run stopped in its second cell leaves the first cell's records on disk (spec.partial.json,
+    written after every cell); `--resume` with the same settings runs only the cells left and
+    writes spec.json with both, the kept cell's records as they were; other settings, or nothing
+    to resume, are refused with a clear error."""
+    from adactl.bench import spec
+
+    argv = ["bench", "spec", "--tiny", "--batches", "1,2", "--temperatures", "0", "--controllers",
+            "no-spec;fixed-k2", "--max-new-tokens", "3", "--rounds", "1", "--out", str(tmp_path)]  # fmt: skip
+    start = spec.start_one
+    started: list[int] = []
+    stop = True
+
+    def stopping(*args, **kwargs):
+        batch = args[7] if len(args) > 7 else kwargs["batch"]
+        started.append(batch)
+        if stop and batch == 2:
+            raise KeyboardInterrupt  # as a person's Ctrl-C, in the second cell's first run
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(spec, "start_one", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    kept = json.loads((tmp_path / "spec.partial.json").read_text())
+    assert kept["meta"]["complete"] is False and not (tmp_path / "spec.json").exists()
+    assert {(r["controller"], r["batch_size"]) for r in kept["records"]} == {
+        ("no-spec", 1), ("fixed-k2", 1), ("oracle", 1)}  # fmt: skip
+    assert all(r["ratio_best_fixed"] > 0 for r in kept["records"])
+    with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
+        main([*argv[:-4], "--max-new-tokens", "4", "--rounds", "1", "--out", str(tmp_path), "--resume"])
+    stop, started[:] = False, []
+    main([*argv, "--resume"])
+    assert set(started) == {2}  # the kept cell did not run again
+    done = json.loads((tmp_path / "spec.json").read_text())
+    assert not (tmp_path / "spec.partial.json").exists()
+    assert done["meta"]["resumed_cells"] == ["(0.0, 1)"]
+    records = {(r["controller"], r["batch_size"]): r for r in done["records"]}
+    assert set(records) == {(c, b) for c in ("no-spec", "fixed-k2", "oracle") for b in (1, 2)}
+    for r in kept["records"]:
+        assert records[r["controller"], 1] == r
+    with pytest.raises(SystemExit, match="no stopped run"):
+        main([*argv, "--resume"])
+
+
 def test_bench_spec_serves_small_batches_in_waves_each_counted_after_its_prefill(tmp_path, monkeypatch):
     """`--min-requests 5` at batch 2: every run serves 6 requests, 2 at a time, the next 2 joining
     only once the last of the wave before has finished, each with its own prompt and seed; the

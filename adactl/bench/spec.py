@@ -75,6 +75,11 @@ row per step), step ms, `ratio_best_fixed` (to the best constant k, 0 included) 
 and `action_ms`, each kind's steps and mean ms: `action_of`), so that a cell's ratio can be
 taken apart afterwards (`make bench` run 56's 0.7 batch 16: a mostly plain run 6% slower a step
 than plain decoding, and the bench could not say which steps drafted).
+After each cell (a temperature and batch size) every record so far is written to
+`spec.partial.json` (removed when the run ends): a stopped run keeps its finished cells, and
+`--resume` runs only the others (a whole `make bench` takes 30-170 min on a 2-core CPU; run 57
+was stopped after 78 min and kept nothing). The cells it keeps were served beside estimators
+that had learned from the cells before them; the resumed ones start from the priors again.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ import math
 import random
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -656,20 +662,25 @@ def main(namespace: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: RunContext, chosen: list[str],
-          oracles: list[str], args: SpecSettings, label: str = "bench spec") -> list[dict[str, Any]]:  # fmt: skip
+          oracles: list[str], args: SpecSettings, label: str = "bench spec", done: Sequence[dict[str, Any]] = (),
+          on_cell: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Every stack and oracle at every temperature and batch size, `args.rounds` rounds each:
-    one record per configuration (its fastest round, with every round's tokens/s)."""
-    records: list[dict[str, Any]] = []
+    one record per configuration (its fastest round, with every round's tokens/s). `done`: the
+    records of cells (temperature, batch size) a stopped run finished, kept as they are and not
+    run again (`--resume`); `on_cell` is called with every record so far after each cell."""
+    records: list[dict[str, Any]] = [dict(r) for r in done]
+    finished = {cell_key(r) for r in records}
     freeze_heap()  # no full collection over the loaded models' objects inside a timed step
     passes: list[Temperature] = [MIXED] if args.workload == MIXED else list(args.temperatures)
-    total = (
-        sum(cell_requests(b, args) * args.max_new_tokens * (len(chosen) + len(oracles)) for b in args.batches)
-        * len(passes)
-        * (args.rounds or 1)
+    cells = [(t, b) for t in passes for b in args.batches if (t, b) not in finished]
+    total = sum(cell_requests(b, args) * args.max_new_tokens * (len(chosen) + len(oracles)) for _, b in cells) * (
+        args.rounds or 1
     )
     bar = tqdm(total=total, desc=label, unit="tok")
     for temperature in passes:
         for batch in args.batches:
+            if (temperature, batch) in finished:
+                continue
             group = prompts[: cell_requests(batch, args)]
             rounds: list[list[dict[str, Any]]] = []
             for r in range(args.rounds or 1):
@@ -697,7 +708,43 @@ def sweep(engines: Callable[[bool, int], Any], prompts: list[list[int]], ctx: Ru
                             rounds=sorted(x["tokens_per_s"] for x, _ in mine),
                             round_ratios=[round_ratio(x, here) for x, here in mine])  # fmt: skip
                 records.append(best)
+            if on_cell is not None:
+                on_cell(records)
     bar.close()
+    return records
+
+
+def cell_key(record: dict[str, Any]) -> tuple[Temperature, int]:
+    """A record's cell: (temperature, batch size)."""
+    return record["temperature"], int(record["batch_size"])
+
+
+RESUME_IGNORED = ("resume", "out")
+"""Settings a resumed run may change: everything else must be the stopped run's."""
+
+
+def partial_path(out: Path, stem: str) -> Path:
+    """Where a run keeps the cells it has finished until it ends (`--resume` reads it)."""
+    return out / f"{stem}.partial.json"
+
+
+def resumed_cells(path: Path, args: SpecSettings) -> list[dict[str, Any]]:
+    """The finished cells' records of the stopped run at `path`, if it ran with these settings."""
+    import json
+
+    if not path.is_file():
+        raise SystemExit(f"adactl bench spec --resume: no stopped run to resume ({path} does not exist; a run "
+                         "that finished removes it)")  # fmt: skip
+    try:
+        saved = json.loads(path.read_text())
+        records, then = list(saved["records"]), dict(saved["meta"]["args"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"adactl bench spec --resume: {path} is not a stopped run's record ({e})") from e
+    now = json.loads(json.dumps(_settings(args)))  # as the record holds them (tuples as lists)
+    differ = sorted(k for k in now.keys() | then.keys() if k not in RESUME_IGNORED and now.get(k) != then.get(k))
+    if differ:
+        raise SystemExit(f"adactl bench spec --resume: {path} was run with other settings ({', '.join(differ)}): "
+                         "resume with the stopped run's, or start anew without --resume")  # fmt: skip
     return records
 
 
@@ -730,25 +777,38 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
             *(tree_stacks(args.fixed_trees, args.tree) if args.trees else []),
         ]
         oracles = ["oracle", "tree-oracle"] if args.trees else ["oracle"]
-    records = sweep(engines, prompts, ctx, chosen, oracles, args)
     if args.validate:
         from adactl.bench.spec_replay import validate
 
-        return validate(args, records, ctx, prompts, chosen, meta)
-    add_ratios(records)
-    print(format_table(records, TREE_COLUMNS if args.trees else COLUMNS))
-    print(best_adaptive_summary(records))
+        return validate(args, sweep(engines, prompts, ctx, chosen, oracles, args), ctx, prompts, chosen, meta)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = ("spec_trees" if args.trees else "spec") + ("" if args.workload == "sharegpt" else f"_{args.workload}")
-    workload = {"humaneval": "HumanEval", "mixed": "held-out ShareGPT and HumanEval in turn"}.get(
-        args.workload, "held-out ShareGPT"
-    )
     what = "Speculation controllers" + (" and token trees" if args.trees else "")
     if args.replay:
         stem, what = stem + "_replay", f"{what} (replay: {meta['profile']})"
-    write_json(out / f"{stem}.json", records, {**meta, "args": _settings(args)})
+    partial_file = partial_path(out, stem)
+    done = resumed_cells(partial_file, args) if args.resume else []
+    if done:
+        cells = len({cell_key(r) for r in done})
+        print(f"adactl bench spec: resuming {partial_file}: {cells} cell(s) done, kept as they are; the step-cost "
+              "and acceptance estimators start again from their priors", file=sys.stderr)  # fmt: skip
+    resumed = sorted({str(cell_key(r)) for r in done})
+
+    def keep(records: list[dict[str, Any]]) -> None:  # every finished cell on disk: a stopped run keeps them
+        add_ratios(records)
+        write_json(partial_file, records, {**meta, "args": _settings(args), "complete": False,
+                                           "resumed_cells": resumed})  # fmt: skip
+
+    records = sweep(engines, prompts, ctx, chosen, oracles, args, done=done, on_cell=keep)
+    add_ratios(records)
+    print(format_table(records, TREE_COLUMNS if args.trees else COLUMNS))
+    print(best_adaptive_summary(records))
+    workload = {"humaneval": "HumanEval", "mixed": "held-out ShareGPT and HumanEval in turn"}.get(
+        args.workload, "held-out ShareGPT"
+    )
+    write_json(out / f"{stem}.json", records, {**meta, "args": _settings(args), "resumed_cells": resumed})
     plot(records, out / f"{stem}.png", f"{what}, {workload}\n{meta['machine']['label']}")
+    partial_file.unlink(missing_ok=True)
     return records
 
 
@@ -852,6 +912,10 @@ class SpecSettings(DeviceSettings, ProfileSettings):
     interleave: bool = setting(True, "run a round's configurations one after another instead of a step each in "
                                "turn (one engine's memory at a time; machine drift then separates them)")  # fmt: skip
     out: str = setting("bench_results", "directory for JSON and PNG")
+    resume: bool = setting(False, "go on with a stopped run: the cells it finished (kept in --out's "
+                           "spec*.partial.json after each cell) are kept, the others run; its settings must be "
+                           "the same. Estimators the cells share (the step-cost model refined online, acceptance) "
+                           "start again from their priors")  # fmt: skip
 
     def resolved(self) -> SpecSettings:
         """--quick, the mode's defaults of what was not given (the replay's are the GPU regime's:
