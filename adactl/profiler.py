@@ -7,19 +7,22 @@
 `measure` grows one batch (1, 2, 4, ... `--max-batch` requests of random prompts, prefilled
 in chunks: those are the prefill samples), and runs rounds of whole-batch steps at each
 batch size, every draft length (0, 1, 2, 3, 4, 6, 8; where a round grows long, 0, 1, 2, 4, 8)
-once per round in a shuffled order, as many rounds as fit in about 10 s (4 to 6): the ratios
-of a k-token step to a plain one that goodput decides on are fitted on them (the profile's
-surface, adactl.estimators.cost_surface). One round at each size as the batch grows, with a
-few steps verifying a random prefix per row and a few with only a few rows drafting
-(verify controllers' and SLO plans' shapes, for the basis); the other rounds in shuffled
-passes over every size, a smaller batch running the first rows of the grown one, so that
-every size is measured across the whole run, not in a window of its own. At least 4 rounds
-everywhere: one round's k-step ÷ plain ratio
-spreads 10-15% around its median on a CPU (measured on the 2-core AVX2 CPU), and the 2 rounds
-that 10 s held at batch 32-64 left the profile pricing drafting 10-17% low there (issue 30).
-It stops at its time budget (300 s by default: on the 2-core AVX2 CPU this reaches batch 64
-with 4 rounds there, about 4 minutes in all with loading; on a GPU it takes seconds), fits
-the cost basis and saves the profile under `$ADACTL_CACHE/profiles/<fingerprint key>.json`.
+once per round in a shuffled order, at least 4 rounds, more while a size's ratios of a k-token
+step to a plain one are less precise than 3% (`TARGET_SE`): those ratios, which goodput decides
+on, are fitted on them (the profile's surface, adactl.estimators.cost_surface). One round at
+each size as the batch grows, with a few steps verifying a random prefix per row and a few
+with only a few rows drafting (verify controllers' and SLO plans' shapes, for the basis); the
+other rounds in shuffled passes over every size, a smaller batch running the first rows of
+the grown one, so that every size is measured across the whole run, not in a window of its
+own. At least 4 rounds everywhere: one round's k-step ÷ plain ratio spreads 10-15% around its
+median on a CPU (measured on the 2-core AVX2 CPU), and the 2 rounds that 10 s held at batch
+32-64 left the profile pricing drafting 10-17% low there (issue 30). The rounds past the 4th
+stop at its time budget (300 s by default: on the 2-core AVX2 CPU this reaches batch 64 with
+4 rounds there, about 4 minutes in all with loading; on a GPU it takes seconds); the 4 are
+measured whatever the budget (a VM 1.5-1.9x slower left run 57's profile at 3 rounds at batch
+8-64, its ratios off by about 9%). Then it fits the cost basis and saves the profile under
+`$ADACTL_CACHE/profiles/<fingerprint key>.json`, with each size's rounds and the precision
+they reached (`meta["rounds"]`, `meta["ratio_se"]`).
 
 `adactl profile --check` measures nothing into the profile: held-out rounds on new rows at each batch
 size, the measured ratio of each k-token step to a plain one (the median over rounds of a
@@ -102,6 +105,36 @@ def engine_version() -> str:
 MAX_CONTEXT = 384
 """A profile's rows are renewed past this context (`measure`); 1.5x the benches' longest prompt."""
 
+TARGET_SE = 0.03
+"""`measure` adds rounds at a batch size until its k-step ÷ plain ratios are this precise (the
+standard error of their medians, `ratio_se`), within its budget and `reps`. On the 2-core AMD
+EPYC (AVX2) a step's time is white noise of about 10% (log sd; consecutive steps share none of
+it) and a round's k = 1 ÷ plain ratio spreads 10-14%, so a ratio from 3 rounds is off by about 9%
+(run 57's profile at batch 8-64: k = 1 at batch 64 1.49 where 24-round checks measured
+1.64-1.71, `docs/issue30/span_ratio`), from 12 by 4%; on the Intel Xeon of runs 53-55, whose
+profiles checked within 5% at 20-21 of 21 ratios, 4-6 rounds did."""
+
+REPS = 24
+"""`measure`'s most rounds at a batch size (`TARGET_SE` decides how many it takes)."""
+
+
+def ratio_se(rounds: list[dict[int, float]]) -> float:
+    """The standard error of a batch size's k-step ÷ plain ratios (as a median's, 1.25 σ / √n,
+    in log), σ pooled over the draft lengths from their rounds' spread: `rounds`, one
+    {k: ratio} a round. Infinite below two rounds; 0 where nothing drafts (no ratio to resolve)."""
+    ks = {k for r in rounds for k in r}
+    if not ks and rounds:
+        return 0.0
+    squares, dof = 0.0, 0
+    for k in ks:
+        logs = np.log([r[k] for r in rounds if k in r])
+        if len(logs) >= 2:
+            squares += float(np.sum((logs - logs.mean()) ** 2))
+            dof += len(logs) - 1
+    if dof == 0:
+        return math.inf
+    return 1.2533 * math.sqrt(squares / dof) / math.sqrt(len(rounds))
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -109,9 +142,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, budget_s: float = 300.0,
-            reps: int = 6, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
-            min_rounds: int = 4, stats: dict[str, int] | None = None, max_context: int = MAX_CONTEXT
-            ) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
+            reps: int = REPS, seed: int = 0, max_k: int = 8, progress: bool = True, batch_seconds: float = 10.0,
+            min_rounds: int = 4, stats: dict[str, Any] | None = None, max_context: int = MAX_CONTEXT,
+            target_se: float = TARGET_SE) -> tuple[list[StepShape], np.ndarray]:  # fmt: skip
     """Shapes and [N, 3] prefill/draft/verify seconds of steps on `engine` (see the module docstring).
     A step that captured a CUDA graph is left out (`stats["captures"]` counts them).
 
@@ -121,9 +154,11 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     a third of `batch_seconds`, the lengths 0, 1, 2, 4, 8 only. The batch grows (1, 2, 4, ...)
     with one round at each size, then one step per draft length 1, 2, 4, 8 verifying a random
     prefix per row, and one with only a few rows drafting (the shapes verify controllers and
-    SLO plans make, for the basis). Then the remaining rounds, as many as fit in
-    `batch_seconds` per size (at least `min_rounds`, at most `reps`), in passes over every
-    batch size in a shuffled order, a smaller batch running the first b rows (`StepPlan.run`;
+    SLO plans make, for the basis). Then the remaining rounds in passes over every batch size
+    in a shuffled order: `min_rounds` at every size whatever the budget, then more at a size
+    while the standard error of its k-step ÷ plain ratios, from its rounds' spread
+    (`ratio_se`), exceeds `target_se` (3%), up to `reps` rounds, until the budget is spent; a
+    smaller batch runs the first b rows (`StepPlan.run`;
     the others wait, costing nothing): each size's rounds spread over the whole measurement,
     so every size is priced at the machine's mean speed over it, not at whatever it ran at
     during a few seconds of its own (the 2-core CPU's memory bandwidth moves 12-20 GB/s from
@@ -230,10 +265,11 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         engine.pack()  # each round from a packed cache (module docstring), then an untimed step pays for the move
         engine.draft_step(StepPlan(draft_len=min(1, max(ks)), prefill_budget=0, run=first_rows(b)))
         engine.verify()
-        total = 0.0
-        for k in rng.sample(lengths[b], len(lengths[b])):  # the first b rows run, the others wait
-            total += step(StepPlan(draft_len=k, prefill_budget=0, run=first_rows(b)))
-        return total + spans(b) + renew() + catchup(b)
+        took = {k: step(StepPlan(draft_len=k, prefill_budget=0, run=first_rows(b)))  # the first b rows run,
+                for k in rng.sample(lengths[b], len(lengths[b]))}  # the others wait  # fmt: skip
+        if took.get(0, 0.0) > 0:
+            ratios.setdefault(b, []).append({k: t / took[0] for k, t in took.items() if k > 0 and t > 0})
+        return sum(took.values()) + spans(b) + renew() + catchup(b)
 
     def catchup(b: int) -> float:
         """A few plain steps on the round's rows, then one drafting a token: the draft's first
@@ -297,7 +333,9 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     partial = [k for k in short if k > 0]
     lengths: dict[int, list[int]] = {}
     cost: dict[int, float] = {}  # seconds of one round at each size
-    bar = tqdm(total=len(batches) * min_rounds, desc="adactl profile", unit="round", disable=not progress)
+    floor = min(min_rounds, reps)
+    ratios: dict[int, list[dict[int, float]]] = {}  # each size's rounds: k-step ÷ the round's plain step, by k
+    bar = tqdm(total=len(batches) * floor, desc="adactl profile", unit="round", disable=not progress)
     engine_ids: list[str] = []
     last_round = 0.0
     grown = 0  # rows the engine holds: the largest size grown to
@@ -323,18 +361,26 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
         if over() or time.perf_counter() - start + (min_rounds - 1) * sum(cost.values()) > budget_s:
             bar.write(f"adactl profile: time budget ({budget_s:.0f} s) reached at batch {b}")
             break
-    goal = {b: max(min(min_rounds, reps), min(reps, int(batch_seconds / max(c, 1e-9)))) for b, c in cost.items()}
-    bar.total = sum(goal.values())
-    bar.refresh()
     rounds = dict.fromkeys(cost, 1)
-    while not over() and any(rounds[b] < goal[b] for b in rounds):  # passes over every size, shuffled
+
+    def wants(b: int) -> bool:  # its minimum, then rounds while its ratios are not resolved and time is left
+        resolved = ratio_se(ratios.get(b, [])) <= target_se
+        return rounds[b] < floor or (rounds[b] < reps and not resolved and not over())
+
+    bar.total = len(rounds) * floor
+    bar.refresh()
+    while any(wants(b) for b in rounds):  # passes over every size, shuffled
         for b in rng.sample(list(rounds), len(rounds)):
-            if rounds[b] < goal[b] and not over():
+            if wants(b):
                 one_round(b)
                 rounds[b] += 1
+                bar.total = max(bar.total, sum(max(r, floor) for r in rounds.values()))
                 bar.update(1)
+    se = {b: ratio_se(ratios.get(b, [])) for b in rounds}
     bar.set_postfix_str(" ".join(f"{b}:{r}" for b, r in rounds.items()))
     bar.close()
+    skipped["rounds"] = dict(rounds)
+    skipped["ratio_se"] = {b: round(v, 4) if math.isfinite(v) else None for b, v in se.items()}
     for rid in engine_ids:
         engine.cancel(rid)
     engine.draft_step(StepPlan(draft_len=0, prefill_budget=0))
@@ -343,7 +389,7 @@ def measure(engine: Any, device: torch.device, vocab: int, max_batch: int = 64, 
     return shapes, np.array(seconds, dtype=np.float64)
 
 
-def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: int = 6, seed: int = 0,
+def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: int = REPS, seed: int = 0,
                  progress: bool = True) -> StepCostProfile:  # fmt: skip
     """Measure `pair` (a `ModelPair`) on its device and fit its step-cost profile."""
     from adactl.runtime import Engine, EngineConfig, freeze_heap
@@ -359,12 +405,14 @@ def make_profile(pair: Any, max_batch: int = 64, budget_s: float = 300.0, reps: 
         engine.reserve(max_batch, MAX_CONTEXT + 128)  # (a row's context, then a round's drafts before a pack)
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    stats: dict[str, int] = {}
+    stats: dict[str, Any] = {}
     shapes, seconds = measure(engine, pair.device, output_vocab_size(pair.target.model), max_batch, budget_s, reps,
                               seed, progress=progress, stats=stats)  # fmt: skip
     meta = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "profile_s": round(time.perf_counter() - t0, 1),
             "max_batch": max_batch, "reps": reps, "seed": seed, "steps": len(shapes),
-            "steps_left_out_capturing": stats["captures"], "engine": engine_version()}  # fmt: skip
+            "steps_left_out_capturing": stats["captures"], "engine": engine_version(),
+            "rounds": {str(b): n for b, n in stats["rounds"].items()},
+            "ratio_se": {str(b): v for b, v in stats["ratio_se"].items()}}  # fmt: skip
     return StepCostProfile.from_steps(fp, shapes, seconds, meta)
 
 
@@ -427,6 +475,7 @@ def step_cost_for(pair: Any, profile: str | Path | None = None, refine: bool = T
         f"-> {path}")  # fmt: skip
     made = make_profile(pair, max_batch=max_batch, budget_s=budget_s)
     made.save(path)
+    say(f"adactl: {precision_line(made.meta)}")
     return made.model(refine=refine)
 
 
@@ -439,7 +488,8 @@ class ProfilerSettings(DeviceSettings):
     companion: str = setting("none", "companion spec (SV's signal), or none")
     max_batch: int = setting(64, "the largest batch measured")
     budget_s: float = setting(300.0, "time budget of the measurement")
-    reps: int = setting(6, "rounds of whole-batch steps per batch size, at most (each: every draft length once)")
+    reps: int = setting(REPS, "rounds of whole-batch steps per batch size, at most (each: every draft length "
+                        "once; rounds are added while a size's ratios are less precise than 3%)")  # fmt: skip
     seed: int = setting(0, "seed of the measured requests")
     out: str | None = setting(None, "also write the profile here (it is always cached)")
     tiny: bool = setting(False, "tiny random models (a smoke run)")
@@ -498,7 +548,17 @@ def run(args: ProfilerSettings) -> StepCostProfile | list[dict[str, Any]] | list
           + (f" ({left_out} left out: they captured CUDA graphs)" if left_out else "") + "; "
           f"fit error {100 * made.meta['fit_mape']:.1f}% (mean absolute, relative; the basis alone "
           f"{100 * made.meta['basis_mape']:.1f}%) -> {path}" + (f" and {args.out}" if args.out else ""))  # fmt: skip
+    print(precision_line(made.meta))
     return made
+
+
+def precision_line(meta: dict[str, Any]) -> str:
+    """Rounds at each batch size and how precise its k-step ÷ plain ratios are (`ratio_se`)."""
+    se = meta.get("ratio_se", {})
+    sizes = ", ".join(f"{b}: {n} ({'?' if se.get(b) is None else f'{100 * se[b]:.1f}%'})"
+                      for b, n in meta.get("rounds", {}).items())  # fmt: skip
+    return (f"rounds at each batch size (the standard error of its k-step / plain ratios; {100 * TARGET_SE:.0f}% "
+            f"sought): {sizes}")  # fmt: skip
 
 
 def run_computed(what: str, out: str | None = None, draft_fraction: float | None = None) -> list[StepCostProfile]:

@@ -186,12 +186,12 @@ def test_a_profile_cached_by_another_engine_version_is_measured_again(tmp_path, 
     pair = profiler.tiny_pair()
     said: list[str] = []
     profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
-    assert len(said) == 1 and "measuring" in said[0]
+    assert len(said) == 2 and "measuring" in said[0] and "rounds at each batch size" in said[1]  # and how precise
     profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
-    assert len(said) == 1  # cached
+    assert len(said) == 2  # cached
     monkeypatch.setattr(profiler, "engine_version", lambda: "upgraded")
     profiler.step_cost_for(pair, max_batch=2, budget_s=2, log=said.append)
-    assert len(said) == 2 and "measuring" in said[1]
+    assert len(said) == 4 and "measuring" in said[2]
     assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
 
 
@@ -349,7 +349,7 @@ def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
     pair = tiny_pair()
     engine = Engine(pair.target.model, pair.speculator(), config=EngineConfig(max_batch_size=4, seed=0))
     shapes, seconds = measure(engine, torch.device("cpu"), output_vocab_size(pair.target.model), max_batch=4,
-                              budget_s=120, reps=4, min_rounds=3, batch_seconds=1e-3, progress=False)  # fmt: skip
+                              budget_s=120, reps=3, min_rounds=3, batch_seconds=1e-3, progress=False)  # fmt: skip
     assert seconds.shape == (len(shapes), 3) and np.all(seconds >= 0)
     plain = [(i, s) for i, s in enumerate(shapes) if s.prefill_tokens == 0]  # decode steps (the rounds' and more)
     at = {b: [i for i, s in plain if s.rows == b] for b in (1, 2, 4)}
@@ -363,6 +363,44 @@ def test_the_profiler_measures_every_batch_size_across_the_whole_run() -> None:
     assert all(len(at[b]) >= 3 * 7 for b in (2, 4))
     assert max(at[1]) > min(at[4]) and max(at[2]) > min(at[4])  # the small batches ran again after the large one
     assert not engine.has_unfinished()
+
+
+def test_a_ratios_standard_error_comes_from_its_rounds_spread() -> None:
+    """`ratio_se`: 1.25 σ / √n of the rounds' log ratios, σ pooled over the draft lengths (each
+    around its own mean); infinite below two rounds, 0 where no round drafted."""
+    from adactl.profiler import ratio_se
+
+    rng = np.random.default_rng(0)
+    rounds = [{1: 1.6 * math.exp(rng.normal(0, 0.1)), 4: 2.9 * math.exp(rng.normal(0, 0.1))} for _ in range(400)]
+    assert ratio_se(rounds) == pytest.approx(1.2533 * 0.1 / 20, rel=0.1)
+    assert ratio_se(rounds[:100]) == pytest.approx(2 * ratio_se(rounds), rel=0.25)
+    assert ratio_se(rounds[:1]) == math.inf and ratio_se([]) == math.inf
+    assert ratio_se([{}, {}]) == 0.0
+
+
+def test_the_profiler_adds_rounds_until_its_ratios_are_resolved_and_keeps_its_minimum_past_the_budget() -> None:
+    """Past `min_rounds`, a batch size gets rounds while its ratios' standard error exceeds
+    `target_se`, up to `reps`; the minimum is measured even when the budget is spent (a slow VM
+    left run 57's profile 3 rounds at batch 8-64, short of the 4 it promised); the rounds and
+    the precision each size reached come back in `stats`."""
+    from adactl.profiler import measure, tiny_pair
+    from adactl.runtime import Engine, EngineConfig
+
+    pair = tiny_pair()
+
+    def rounds(**kwargs):
+        engine = Engine(pair.target.model, pair.speculator(), config=EngineConfig(max_batch_size=2, seed=0))
+        stats: dict = {}
+        measure(engine, torch.device("cpu"), 256, max_batch=2, progress=False, stats=stats, **kwargs)
+        assert set(stats["ratio_se"]) == set(stats["rounds"])
+        return stats
+
+    never = rounds(budget_s=120, reps=5, min_rounds=2, target_se=0.0)  # never precise enough: every size to reps
+    assert never["rounds"] == {1: 5, 2: 5} and all(0 < se < math.inf for se in never["ratio_se"].values())
+    loose = rounds(budget_s=120, reps=5, min_rounds=2, target_se=math.inf)  # resolved at once: the minimum
+    assert loose["rounds"] == {1: 2, 2: 2}
+    spent = rounds(budget_s=1e-6, reps=5, min_rounds=3, target_se=0.0)  # no time at all: batch 1, its minimum
+    assert spent["rounds"] == {1: 3}
 
 
 def test_the_step_after_a_pack_is_not_in_the_profile() -> None:
