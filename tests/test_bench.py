@@ -248,11 +248,11 @@ def test_bench_spec_interleaves_a_rounds_runs_each_on_its_own_clock(tmp_path, mo
             records[name]["tokens"], records[name]["steps"], records[name]["mean_accepted_len"])
 
 
-def test_bench_spec_keeps_a_stopped_runs_finished_cells_and_resumes_from_them(tmp_path, monkeypatch):
+def test_bench_spec_keeps_a_stopped_runs_finished_cells_and_resumes_from_them(tmp_path, monkeypatch, capsys):
     """A run stopped in its second cell leaves the first cell's records on disk (spec.partial.json,
     written after every cell); `--resume` with the same settings runs only the cells left and
     writes spec.json with both, the kept cell's records as they were; other settings, or nothing
-    to resume, are refused with a clear error."""
+    to resume, are refused with a clear error; a run started anew says it replaces them."""
     from adactl.bench import spec
 
     argv = ["bench", "spec", "--tiny", "--batches", "1,2", "--temperatures", "0", "--controllers",
@@ -278,6 +278,12 @@ def test_bench_spec_keeps_a_stopped_runs_finished_cells_and_resumes_from_them(tm
     assert all(r["ratio_best_fixed"] > 0 for r in kept["records"])
     with pytest.raises(SystemExit, match="other settings.*max_new_tokens"):
         main([*argv[:-4], "--max-new-tokens", "4", "--rounds", "1", "--out", str(tmp_path), "--resume"])
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):  # a run started anew says it will replace the stopped run's cells
+        main(argv)
+    assert "starting anew" in capsys.readouterr().err
+    assert json.loads((tmp_path / "spec.partial.json").read_text())["records"] != kept["records"]  # replaced
+    kept = json.loads((tmp_path / "spec.partial.json").read_text())
     stop, started[:] = False, []
     main([*argv, "--resume"])
     assert set(started) == {2}  # the kept cell did not run again

@@ -788,6 +788,9 @@ def run(args: SpecSettings) -> list[dict[str, Any]]:
         stem, what = stem + "_replay", f"{what} (replay: {meta['profile']})"
     partial_file = partial_path(out, stem)
     done = resumed_cells(partial_file, args) if args.resume else []
+    if not args.resume and partial_file.is_file():
+        print(f"adactl bench spec: starting anew; the stopped run's cells in {partial_file} are replaced after this "
+              "run's first cell (--resume keeps them)", file=sys.stderr)  # fmt: skip
     if done:
         cells = len({cell_key(r) for r in done})
         print(f"adactl bench spec: resuming {partial_file}: {cells} cell(s) done, kept as they are; the step-cost "
