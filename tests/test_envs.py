@@ -505,3 +505,70 @@ def test_ppo_trains_per_row_on_traces_and_evaluates_held_out_requests(tmp_path):
                 ["--env-id", "adactl/Streaming-v0", "--per-row"], ["--reward", "nope"]):  # fmt: skip
         with pytest.raises(SystemExit):
             ppo.parse_args(bad)
+
+
+def test_ppo_warm_start_clones_the_analytic_controller_and_keeps_it_while_the_critic_learns(tmp_path, monkeypatch):
+    """`--warm-start goodput-req`: the actor fitted to the controller's own actions takes them on
+    new episodes far more often than PPO from a random policy does; the `--critic-steps` of PPO
+    that follow leave the clone's weights as they are, and the PPO steps after them move it."""
+    from safetensors.torch import load_file
+
+    ppo = _script("ppo")
+    clones: list[list[torch.Tensor]] = []
+    cloning = ppo.warm_start
+
+    def keep_clone(model, venv, args):  # the real cloning; its weights kept to compare with the export
+        result = cloning(model, venv, args)
+        clones.append([p.detach().clone() for p in ppo.actor_parameters(model)])
+        return result
+
+    monkeypatch.setattr(ppo, "warm_start", keep_clone)
+    common = ["--profile", "h100-llama-3.1-8b", "--traces", "mixed", "--per-row", "--reward", "speedup",
+              "--batch-sizes", "1,2,4", "--n-steps", "64", "--batch-size", "64", "--n-envs", "1", "--n-epochs", "2",
+              "--episode-steps", "16", "--eval-every", "100", "--eval-episodes", "1", "--runs-dir",
+              str(tmp_path / "runs"), "--no-progress"]  # fmt: skip
+    warm = ["--warm-start", "goodput-req", "--warm-start-steps", "2048"]
+    runs = {  # name: (arguments, whether the actor is the clone at the end)
+        "frozen": ([*warm, "--total-timesteps", "128", "--critic-steps", "128"], True),
+        "moved": ([*warm, "--total-timesteps", "256", "--critic-steps", "128"], False),
+        "cold": (["--total-timesteps", "256"], None),
+    }
+    policies = {}
+    for name, (extra, is_clone) in runs.items():
+        args = ppo.parse_args([*common, *extra, "--out", str(tmp_path / f"{name}.safetensors")])
+        path, _ = ppo.train(args)
+        policies[name] = Policy.load(path)
+        if is_clone is not None:
+            saved = load_file(str(path))
+            exported = [saved[f"policy.{i}.{w}"] for i in range(2) for w in ("weight", "bias")]
+            exported += [saved["action.weight"], saved["action.bias"]]
+            same = all(torch.equal(a, b) for a, b in zip(exported, clones[-1]))
+            assert same == is_clone, name
+    assert len(clones) == 2
+    (frozen_run,) = [d for d in (tmp_path / "runs").iterdir() if json.loads((d / "train.json").read_text())
+                     ["args"]["out"].endswith("frozen.safetensors")]  # fmt: skip
+    cloned = json.loads((frozen_run / "train.json").read_text())["warm_start"]
+
+    env = gym.make("adactl/SpecDecode-v0", **ppo.env_kwargs(args))
+    agreement = {}
+    for name, policy in policies.items():  # every policy on the same states: the controller's own episodes
+        same = total = 0
+        for seed in (70, 71):
+            for batch in (1, 2, 4):
+                obs, _ = env.reset(seed=seed, options={"batch_size": batch})
+                done = False
+                while not done:
+                    want = env.unwrapped.baseline_action("goodput-req")
+                    same, total = same + int(policy.act(obs) == want), total + 1
+                    obs, _, term, trunc, _ = env.step(want)
+                    done = term or trunc
+        agreement[name] = same / total
+    # (at batch 1-4 one action is most of goodput-req's: the clone must do better than always taking it)
+    assert cloned["agreement"] > cloned["most_common_action"] and cloned["agreement"] >= 0.9, cloned
+    assert agreement["frozen"] >= 0.9 and agreement["frozen"] >= agreement["cold"] + 0.3, agreement
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--warm-start", "goodput-req"])  # goodput-req: per row only
+    with pytest.raises(SystemExit):
+        ppo.parse_args(["--env-id", "adactl/Streaming-v0", "--warm-start", "fcfs"])
+    with pytest.raises(SystemExit):
+        ppo.parse_args([*common, *warm, "--total-timesteps", "64", "--critic-steps", "128"])

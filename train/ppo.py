@@ -4,6 +4,7 @@
     python train/ppo.py --env-id adactl/Streaming-v0 --total-timesteps 100000
     python train/ppo.py --finetune-timesteps 2048           # then a short fine-tune on the real engine
     python train/ppo.py --profile h100-llama-3.1-8b --traces mixed --per-row   # the GPU regime, per row
+    python train/ppo.py ... --per-row --warm-start goodput-req   # PPO from a clone of the controller
     tensorboard --logdir runs
 
 cleanrl-style: every option is a field of `Args` (`--help` lists them). Rollouts run in
@@ -82,6 +83,15 @@ class Args:
     per_row: bool = field(default=False, metadata={
         "help": "SpecDecode-v0: a cap and an acceptance threshold per step, each request drafting by its own "
                 "estimate (compared with goodput-req too)"})  # fmt: skip
+    warm_start: str = field(default="", metadata={
+        "help": "SpecDecode-v0, sb3: before PPO, clone this analytic controller (e.g. goodput-req) into the policy "
+                "from --warm-start-steps of its own actions, then train the critic alone on the clone for "
+                "--critic-steps (default: none, PPO from a random policy)"})  # fmt: skip
+    warm_start_steps: int = field(default=20_480, metadata={
+        "help": "--warm-start: env steps of the analytic controller's actions the clone learns from"})  # fmt: skip
+    critic_steps: int = field(default=10_240, metadata={
+        "help": "--warm-start: PPO steps (part of --total-timesteps) with the cloned actor frozen, so that the "
+                "critic learns its values before the actor's updates read them"})  # fmt: skip
     eval_every: int = field(default=5, metadata={"help": "rollouts between policy-vs-baseline evaluations"})
     eval_episodes: int = field(default=8, metadata={"help": "episodes per evaluation"})
     heldout_episodes: int = field(default=-1, metadata={
@@ -138,6 +148,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
             raise ValueError
     except ValueError:
         p.error(f"--batch-sizes: positive integers, comma-separated, got {args.batch_sizes!r}")
+    if args.warm_start:
+        if args.env_id != "adactl/SpecDecode-v0" or args.trainer != "sb3":
+            p.error("--warm-start: SpecDecode-v0 with --trainer sb3 (Streaming's analytic stacks choose no action)")
+        if args.warm_start not in baselines(args):
+            p.error(f"--warm-start must be one of {', '.join(baselines(args))}, got {args.warm_start!r}")
+        if args.warm_start_steps < 1 or not 0 <= args.critic_steps <= args.total_timesteps:
+            p.error("--warm-start-steps must be >= 1 and --critic-steps between 0 and --total-timesteps")
     if args.heldout_episodes < -1:
         p.error("--heldout-episodes must be >= 0, or -1 to scale it with the training")
     if args.trainer not in ("sb3", "rllib"):
@@ -351,6 +368,73 @@ def deterministic_act(model: Any, vec_env: Any) -> Any:
     return act
 
 
+# ------------------------------------------------------------- warm start
+BC_EPOCHS = 30
+"""Passes of the clone over its steps (about 2,000 minibatches of 256 at the default 20,480 steps:
+a few seconds for the default 64-64 actor)."""
+
+
+def actor_parameters(model: Any) -> list[Any]:
+    """The PPO actor's own parameters (its MLP and action head; SB3's default `MlpPolicy` keeps
+    the critic's apart, and its features extractor is a flatten)."""
+    policy = model.policy
+    return [*policy.mlp_extractor.policy_net.parameters(), *policy.action_net.parameters()]
+
+
+def warm_start(model: Any, venv: Any, args: Args) -> dict[str, float]:
+    """Clone `--warm-start`'s analytic controller into the PPO actor (behaviour cloning); returns
+    the clone's agreement with it on held-back steps.
+
+    The controller acts for `--warm-start-steps` env steps through the training envs themselves,
+    so the observation and return normalisation (`VecNormalize`) learn from those steps as from
+    PPO's; the actor then fits its actions by cross-entropy on the observations as normalised at
+    the end, 9 steps in 10 (the others held back). Why: PPO from a random policy reached 0.992 of
+    `goodput-req` on the GPU regime's training workload (issue 34, 2026-12-07), all of the gap at
+    batch 1-4, where the actions differ by a few percent of reward and a policy must find what the
+    per-request allocation computes; started from the controller, PPO is left only the
+    improvement to find. The critic is not fitted here: `_train` freezes the cloned actor for
+    `--critic-steps` of PPO while the critic learns its values, since an untrained critic's
+    advantages would push the clone by noise in its first updates."""
+    import torch
+    from tqdm import tqdm
+
+    n, total = venv.num_envs, args.warm_start_steps
+    seen, chosen = [], []
+    venv.reset()
+    bar = tqdm(total=total, desc=f"warm start: {args.warm_start}'s actions", unit="step", disable=not args.progress)
+    while len(chosen) * n < total:
+        actions = np.asarray(venv.env_method("baseline_action", args.warm_start), dtype=np.int64)
+        seen.append(np.array(venv.get_original_obs(), dtype=np.float32))
+        chosen.append(actions)
+        venv.step(actions)
+        bar.update(n)
+    bar.close()
+    x = torch.as_tensor(venv.normalize_obs(np.concatenate(seen)), dtype=torch.float32)
+    y = torch.as_tensor(np.concatenate(chosen))
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(y), generator=g)
+    held, fit = order[: max(1, len(y) // 10)], order[max(1, len(y) // 10):]
+    policy, params = model.policy, actor_parameters(model)
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    policy.set_training_mode(True)
+    for _ in tqdm(range(BC_EPOCHS), desc="warm start: cloning", unit="epoch", disable=not args.progress):
+        for batch in fit[torch.randperm(len(fit), generator=g)].split(args.batch_size):
+            loss = -policy.get_distribution(x[batch]).log_prob(y[batch]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        agree = [float((policy.get_distribution(x[i]).distribution.logits.argmax(-1) == y[i]).float().mean())
+                 for i in (held, fit)]  # fmt: skip
+    result = {"agreement": agree[0], "fit_agreement": agree[1],
+              "most_common_action": float(torch.bincount(y[held]).max()) / len(held)}  # fmt: skip
+    print(f"warm start: the clone takes {args.warm_start}'s action on {100 * agree[0]:.1f}% of {len(held)} "
+          f"held-back steps ({100 * agree[1]:.1f}% of the {len(fit)} it fitted; its most common action alone: "
+          f"{100 * result['most_common_action']:.1f}%)", flush=True)  # fmt: skip
+    return result
+
+
 # ----------------------------------------------------------------- export
 def export_policy(model: Any, vec_env: Any, path: Path, args: Args) -> None:
     """Weights-only policy file (see `adactl.controllers.learned`)."""
@@ -535,7 +619,21 @@ def _train(args: Args, run_dir: Path, out: Path) -> tuple[Path, Any]:
     model.set_logger(configure(str(run_dir), ["stdout", "tensorboard"] if args.progress else ["tensorboard"]))
     callback = adactl_callback(args, eval_env)
     t0 = time.perf_counter()
-    model.learn(args.total_timesteps, callback=callback, progress_bar=args.progress)
+    steps, cloned = args.total_timesteps, {}
+    if args.warm_start:
+        cloned = warm_start(model, venv, args)
+        for key, value in cloned.items():
+            model.logger.record(f"adactl/warm_start_{key}", value)
+    if args.warm_start and args.critic_steps > 0:  # the critic learns the clone's values, the clone frozen
+        frozen = actor_parameters(model)
+        for p in frozen:
+            p.requires_grad_(False)
+        model.learn(args.critic_steps, callback=callback, progress_bar=args.progress)
+        for p in frozen:
+            p.requires_grad_(True)
+        steps -= model.num_timesteps
+    if steps > 0:
+        model.learn(steps, callback=callback, progress_bar=args.progress, reset_num_timesteps=not args.warm_start)
     if args.finetune_timesteps > 0:  # a short fine-tune on the real engine, normalisation carried over
         export_policy(model, venv, out.with_suffix(".replay.safetensors"), args)  # the replay-trained policy
         real = VecNormalize(vec("real", args.n_envs), gamma=args.gamma)
@@ -550,6 +648,7 @@ def _train(args: Args, run_dir: Path, out: Path) -> tuple[Path, Any]:
     eval_env.close()
     print(f"trained in {minutes:.1f} min; policy -> {out}; TensorBoard: tensorboard --logdir {args.runs_dir}")
     (run_dir / "train.json").write_text(json.dumps({"minutes": minutes, "last_eval": callback.last_eval,
+                                                    **({"warm_start": cloned} if cloned else {}),
                                                     "args": dataclasses.asdict(args)}, indent=1) + "\n")  # fmt: skip
     return out, deterministic_act(model, venv)
 
