@@ -8,8 +8,12 @@ before they can start (`Stream.first_unit_s`); then one unit is due every 1 / ra
 The *buffer* is output that is ready but not yet read. When a unit is not ready at its
 deadline the consumer stalls, reads the late unit the moment it is ready and resumes its
 schedule from there, as a media player does (the next unit is due 1 / rate after the late one
-arrived). A stall of d seconds counts as ceil(d * rate) *missed units*: the units the reader
-would have read in that time (issue 33: a 60 s wait and a 10 ms one are not the same miss).
+arrived). A stall of d seconds on unit i counts as ceil(d * rate) *missed units*: the units
+i, i + 1, ... the reader would have read in that time (issue 33: a 60 s wait and a 10 ms one
+are not the same miss). Only units the stream has count, each once: a 10 s wait for the first
+of 8 units misses 8, not 50, and back-to-back stalls whose windows overlap count the shared
+units once. So the misses of a stream never exceed its units, and misses / units is the
+fraction of units whose reading a stall disrupted (the 0.5% of the SLO), whatever the load.
 
 `Playback` keeps one consumer's account from the times units became ready; it needs nothing
 of the engine, so a custom server can keep one per request too. The engine keeps one for every
@@ -84,7 +88,7 @@ class StreamProgress:
     units_ready: int  # units generated so far
     units_read: int  # units the consumer has read (or is stalled on, when it missed)
     next_due: float  # deadline of the next unread unit (time.perf_counter() clock)
-    misses: int  # missed units so far: each stall of d seconds counts ceil(d * rate)
+    misses: int  # missed units so far: each stall of d seconds counts ceil(d * rate) (module docstring)
     tokens_per_unit: float  # tokens per unit in this output so far (1 for token units)
     rate: float  # units per second
 
@@ -107,11 +111,11 @@ class Playback:
     ready_times: list[float] = field(default_factory=list)  # when unit m became ready
     read: int = 0  # units read so far
     due: float = 0.0  # deadline of unit `read`
-    misses: int = 0  # missed units: each stall of d seconds counts ceil(d * rate)
+    misses: int = 0  # missed units: a stall of d seconds on unit i, units i .. i + ceil(d * rate) - 1
     stalls: int = 0  # stalls (late units), however long
     tokens: int = 0
     finished: bool = False
-    _counted: int = 0  # missed units already counted for the stall on unit `read`, still going on
+    _missed_to: int = 0  # units before this index are counted missed already (or were read on time)
 
     def __post_init__(self) -> None:
         self.due = self.arrival + self.stream.first_unit_s
@@ -133,15 +137,19 @@ class Playback:
                     return
                 self.due += period
             else:  # late: the stall's missed units, read the moment it was ready
-                self.misses += self._stall_units(ready - self.due) - self._counted
+                self._miss(self._stall_units(ready - self.due))
                 self.stalls += 1
                 self.due = ready + period
             self.read += 1
-            self._counted = 0
         if not self.finished and self.due < now:  # stalled now: the next unit is past due, not generated
-            so_far = self._stall_units(now - self.due)
-            self.misses += so_far - self._counted
-            self._counted = so_far
+            self._miss(self._stall_units(now - self.due))  # so far; the rest when it comes
+
+    def _miss(self, units: int) -> None:
+        """A stall on unit `read` long enough for `units` reads: units read .. read + units - 1
+        are missed, those not counted by an earlier stall (or this one, as it went on)."""
+        end = self.read + units
+        self.misses += max(0, end - max(self.read, self._missed_to))
+        self._missed_to = max(self._missed_to, end)
 
     @property
     def read_end(self) -> float | None:
@@ -165,13 +173,16 @@ class Playback:
         return StreamProgress(n, self.read, self.due, self.misses, per_unit, self.stream.rate)
 
     def settle(self) -> tuple[int, int]:
-        """(units, misses) once the output is complete: the rest is read on time."""
+        """(units, misses) once the output is complete: the rest is read on time. Misses counted
+        past the last unit are taken back: a stall outlasted the stream, or its reader waited for
+        a unit that never came (the output ended)."""
         if self.ready_times:
             self.advance(max(self.ready_times[-1], self.due))
-        if self._counted and self.read >= len(self.ready_times):
-            self.misses -= self._counted  # the unit it was waiting for never came: the output ended
-            self._counted = 0
-        return len(self.ready_times), self.misses
+        units = len(self.ready_times)
+        if self._missed_to > units:
+            self.misses -= self._missed_to - units
+            self._missed_to = units
+        return units, self.misses
 
 
 _PRIOR_TOKENS = {"token": 1.0, "word": 1.3, "sentence": 20.0}

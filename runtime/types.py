@@ -298,7 +298,7 @@ class RequestResult:
     first_token_time: float | None
     finish_time: float
     stream_units: int | None = None  # units of a streamed output (None: not streamed)
-    stream_misses: int | None = None  # missed units: each stall of d seconds counts ceil(d * rate)
+    stream_misses: int | None = None  # missed units (<= stream_units): a stall of d s misses ceil(d * rate)
     stream_read_end: float | None = None  # when its consumer read the last unit (a closed loop's user asks next)
 
 

@@ -46,9 +46,26 @@ def test_a_stall_counts_the_units_its_reader_could_have_read():
     assert pb.progress(3.0).misses == 3  # unit 1 was due at 1.5: 1.5 s of stall so far
     pb.produce(2, 2, now=4.0)  # it came at 4.0: 2.5 s, 5 units
     assert pb.progress(4.0).misses == 5 and pb.stalls == 1
-    pb.produce(3, 3, now=4.51)  # due at 4.5, 10 ms late: one unit
+    pb.produce(3, 3, now=4.51)  # due at 4.5, 10 ms late: one unit, unit 2, already in the first stall's
     pb.produce(4, 4, now=4.6, finished=True)
-    assert pb.settle() == (4, 6) and pb.stalls == 2
+    assert pb.progress(4.6).misses == 5 and pb.stalls == 2
+    assert pb.settle() == (4, 3)  # the first stall's units 4 and 5 do not exist: units 1-3 were missed
+
+
+def test_misses_never_exceed_the_units_of_the_stream():
+    """A first token 10 s late at 5 units/s is 50 reads' worth of stall, but a reply of 8 units
+    can miss only its 8 (the bench's miss rate is misses / units, a fraction; issue 33's
+    ceil(d * rate) counts within the stream). A server at a third of the reading rate stalls
+    its reader two periods a unit: every unit is missed, once."""
+    pb = Playback(Stream(rate=5.0, ttft_s=1.0), arrival=0.0)
+    for i in range(1, 9):
+        pb.produce(i, i, now=11.0 + 0.01 * i, finished=i == 8)
+    assert pb.settle() == (8, 8) and pb.stalls == 1
+    slow = Playback(Stream(rate=5.0, ttft_s=1.0), arrival=0.0)
+    for i in range(1, 31):
+        slow.produce(i, i, now=1.0 + 0.6 * (i - 1), finished=i == 30)  # the reader's period is 0.2 s
+    units, misses = slow.settle()
+    assert units == 30 and misses == 29 and slow.stalls == 29  # unit 0 was on time
 
 
 def test_a_unit_that_never_comes_is_not_a_miss():

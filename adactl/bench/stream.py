@@ -23,8 +23,9 @@ of CV 2.5, token and speech readers; on the real engine scaled down by `--long-s
 tokens/s). `--kv-tokens` bounds KV memory on both backends (`EngineConfig.kv_tokens`: every
 stack gets the same pool), `--kv-offload` adds host memory to offload to.
 
-Reported per controller and load: missed units (a stall of d seconds misses ceil(d * rate)
-units) per unit, p50/p99 TTFT and first-token lateness (past the `--ttft` target), mean TPOT,
+Reported per controller and load: missed units per unit (a stall of d seconds misses
+ceil(d * rate) units of the stream, each once: a fraction), p50/p99 TTFT and first-token
+lateness (past the `--ttft` target), mean TPOT,
 admitted in-flight requests (time-weighted mean over the run, beside lambda * W), effective
 throughput (tokens read on time per second), requests refused, and per controller
 `capacity_at_slo`: the largest load at SLO (missed units <= 0.5%, first-token lateness p99
