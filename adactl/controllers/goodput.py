@@ -85,6 +85,24 @@ step that pays it, a long enough stretch would never end: the catch-up grows wit
 length c > 0 pays it once, spread over the steps its rows (`left` tokens to go on average)
 would go on drafting c under the throughput rule, added to the run's time under the
 makespan rule.
+
+A step that also prefills (a request admitted while others decode) pays for the prefill
+whatever it drafts. Its own tokens per second, R tokens(c) / (T(c) + prefill), counts that
+time against plain decoding as much as against drafting, so beside a long enough prompt any
+draft looks worth it: on the computed H100 x Llama-3.1-8B at 128 rows and a 300-token prompt,
+k = 1 comes out 11% ahead, while what it adds (0.48 tokens a row) for what it costs on top
+(6 ms) is 1% short of plain decoding's own rate. What maximises tokens over time in the long
+run (the ratio of sums) is drafting where the draft's marginal rate beats the rate the server
+keeps otherwise. So the rates of a prefilling step are priced without the prefill's cost on a
+plain decoding step of the same rows, T(plain + prefill) - T(plain) (`SunkPrefill`): the
+choice is that of the same rows decoding alone, less where a draft costs more beside a prefill
+than alone (past the linear layers' knee). `goodput-req` and the tree controllers price their
+candidates the same way. (Measured, issue 34, `bench spec --replay --profile
+h100-llama-3.1-8b --saturated 4`, where a finished request is replaced at once, so most steps
+at 64-256 rows prefill one: `goodput` / best fixed k at 128 rows went from 0.952-0.974 to
+0.995-1.010 on the three workloads, at 256 from 0.958-0.990 to 0.987-1.003, and `goodput-req`
+from 0.948-0.969 to 1.002-1.009 and 0.935-0.988 to 0.996-1.001; batch 1-32 within 1%, since a
+step prefills there only now and then. docs/per_request.md, the learned policy in the bench.)
 """
 
 from __future__ import annotations
@@ -92,6 +110,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,6 +175,48 @@ class GoodputLength(Controller):
         return replace(state.plan, draft_len=best)
 
 
+class SunkPrefill:
+    """A step-time model for choosing what to draft on a step that also prefills: each shape's
+    seconds less its prefill's cost on a plain decoding step of the same rows, T(plain +
+    prefill) - T(plain) (the module docstring: the prefill is paid whatever is drafted, and a
+    step's own tokens per second would count it against plain decoding). Shapes without a
+    prefill, and every other attribute, are the wrapped model's."""
+
+    def __init__(self, inner: StepTimePredictor) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def predict(self, shapes: list[StepShape]) -> np.ndarray:
+        shapes = list(shapes)
+        refs: dict[tuple[int, ...], int] = {}  # one pair of plain steps per distinct rows, context and prefill
+        plain: list[StepShape] = []
+        for s in shapes:
+            key = _prefill_key(s)
+            if s.prefill_tokens and key not in refs:
+                refs[key] = len(plain)
+                ref = StepShape(s.rows, s.rows, 1 if s.rows else 0, 0, 0, s.prefill_tokens, s.context_tokens,
+                                prefill_attention=s.prefill_attention, span_tokens=s.span_tokens)  # fmt: skip
+                plain += [ref, replace(ref, prefill_tokens=0, prefill_attention=0)]
+        if not plain:
+            return self.inner.predict(shapes)
+        out = np.asarray(self.inner.predict([*shapes, *plain]), dtype=np.float64)
+        n = len(shapes)
+        sunk = np.array([max(out[n + 2 * refs[_prefill_key(s)]] - out[n + 2 * refs[_prefill_key(s)] + 1], 0.0)
+                         if s.prefill_tokens else 0.0 for s in shapes])  # fmt: skip
+        return out[:n] - sunk
+
+
+def _prefill_key(s: StepShape) -> tuple[int, ...]:
+    return (s.rows, s.context_tokens, s.span_tokens, s.prefill_tokens, s.prefill_attention)
+
+
+def sunk_prefill(step_time: StepTimePredictor, prefill: int) -> StepTimePredictor:
+    """`step_time` for a step that prefills `prefill` tokens: `SunkPrefill` of it where it does."""
+    return SunkPrefill(step_time) if prefill > 0 else step_time
+
+
 def chain_step(rows: int, c: int, context: int, prefill: int = 0) -> StepShape:
     """The shape of a step where each of `rows` drafts c tokens and verifies all of them (no
     catch-up: `switch_cost` prices it)."""
@@ -206,6 +267,7 @@ def goodput_rates(step_time: StepTimePredictor, alpha: torch.Tensor, rows: int, 
     k = len(alpha)
     gain = torch.cat([torch.zeros(1), torch.cumprod(alpha.float(), 0).cumsum(0)]).numpy()  # [K + 1]
     shapes = [chain_step(rows, c, context, prefill) for c in range(k + 1)]
+    step_time = sunk_prefill(step_time, prefill)  # the prefill is paid whatever is drafted
     priced = step_time.predict([*shapes, *lagging(shapes, catchup)])  # one call: numpy's overhead is per call
     seconds = priced[: k + 1]
     seconds = seconds + spread(switch_cost(step_time, shapes, seconds, catchup, priced[k + 1 :]), left, 1 + gain)

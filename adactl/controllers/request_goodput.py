@@ -55,7 +55,7 @@ from adactl.interface import AcceptanceEstimate, Controller, Estimator, RequestV
 from adactl.runtime.shapes import catchup_of, chain_shapes, draft_work
 from adactl.runtime.types import StepPlan
 
-from .goodput import chain_step, shortest_within, switch_cost
+from .goodput import chain_step, shortest_within, sunk_prefill, switch_cost
 from .sv import expected_gain, prefix_candidates
 
 Shapes = Callable[[torch.Tensor], list[StepShape]]
@@ -102,6 +102,7 @@ class RequestGoodput(Controller):
     def __init__(self, step_time: StepTimePredictor, estimator: Estimator | None = None, margin: float = 0.0,
                  explore: float = 0.01, thresholds: int = 24, seed: int = 0) -> None:  # fmt: skip
         self.step_time = step_time
+        self.pricing = step_time  # what a candidate costs this step: less a prefill it pays anyway (`act`)
         self.estimator = estimator if estimator is not None else RequestAcceptance()
         self.margin, self.explore = margin, explore
         self.taus = torch.linspace(0.0, 0.98, thresholds)
@@ -125,12 +126,14 @@ class RequestGoodput(Controller):
         views = [every[i] for i in running]
         room = torch.tensor([r.draft_room for r in views])
         context = sum(r.context_len for r in views)
+        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        self.pricing = sunk_prefill(self.step_time, prefill)  # (goodput.SunkPrefill)
         lengths, tree = self.choose(
             views,
             alpha,
             torch.where(bad, 0, torch.clamp(room, max=k)),  # (a threshold of 0 would give a bad row the cap)
             context,
-            min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting)),
+            prefill,
             CatchUp.of(self.step_time, views, context),
         )
         if self.explore > 0:
@@ -192,7 +195,7 @@ class RequestGoodput(Controller):
         top = int(lim.max()) if rows else 0
         zero = torch.zeros(rows, dtype=torch.long)
         if top == 0:
-            return zero, rows / max(float(self.step_time.predict(shapes(zero[None]))[0]), 1e-6)
+            return zero, rows / max(float(self.pricing.predict(shapes(zero[None]))[0]), 1e-6)
         m = np.arange(1, top + 1)[:, None]  # [top, 1]
         within = np.minimum(lim[None, :], m)  # [top, R]: every row as far as it may, up to m
         alone = np.where(np.arange(rows)[None, :] == int(lim.argmax()), m, 0)  # one row drafts m
@@ -200,7 +203,7 @@ class RequestGoodput(Controller):
         # cheapest of the three stands for every candidate of that longest row
         tried = shapes(torch.from_numpy(np.concatenate([np.zeros((1, rows), np.int64), alone,
                                                         np.broadcast_to(m, (top, rows)), within])))  # fmt: skip
-        seconds = np.maximum(np.asarray(self.step_time.predict(tried), dtype=np.float64), 1e-6)
+        seconds = np.maximum(np.asarray(self.pricing.predict(tried), dtype=np.float64), 1e-6)
         plain, cheapest = rows / seconds[0], seconds[1:].reshape(3, top).min(0)  # [top]
         if cheapest.min() < seconds[0]:  # a model that prices drafting below plain decoding: no bound
             return None
@@ -213,7 +216,8 @@ class RequestGoodput(Controller):
     def best(self, cands: torch.Tensor, survival: torch.Tensor, context: int, prefill: int) -> int:
         """The index of the candidate lengths [C, R] (rows of survival [R, K]) with the most
         expected tokens per predicted second; of those within `margin` of it, the one drafting
-        fewest tokens (ties: the first)."""
+        fewest tokens (ties: the first); a prefill priced as `act` prices it (`goodput.SunkPrefill`)."""
+        self.pricing = sunk_prefill(self.step_time, prefill)
         return self.rated(cands, survival, chain_shapes(cands, prefill, context))[0]
 
     def rated(self, cands: torch.Tensor, survival: torch.Tensor, shapes: list[StepShape],
@@ -222,7 +226,7 @@ class RequestGoodput(Controller):
         index and rate."""
         order = torch.argsort(cands.sum(1), stable=True)  # fewest draft tokens first: ties go to less
         tokens = (1 + expected_gain(survival).gather(1, cands[order].T.long())).sum(0).numpy()  # [C]
-        seconds = self.step_time.predict([shapes[int(i)] for i in order])
+        seconds = self.pricing.predict([shapes[int(i)] for i in order])
         if catchup is not None:
             seconds = seconds + catchup.seconds(cands[order], tokens)
         rate = tokens / np.maximum(seconds, 1e-6)

@@ -42,7 +42,7 @@ from adactl.interface import Controller, Estimator, RequestView, ScheduleState, 
 from adactl.runtime.shapes import catchup_of, chain_shapes
 from adactl.runtime.types import StepPlan, TreeSpec
 
-from .goodput import with_catchup
+from .goodput import sunk_prefill, with_catchup
 from .request_goodput import CatchUp, RequestGoodput
 from .sv import SpeculativeVerification
 
@@ -156,7 +156,8 @@ class GoodputTree(Controller):
         tokens = np.array(gains)
         catchup = catchup_of([r.draft_lag for r in running])
         left = float(np.mean([r.draft_room + 1 for r in running]))
-        seconds = with_catchup(self.step_time, shapes, self.step_time.predict(shapes), catchup, left, tokens / rows)
+        priced = sunk_prefill(self.step_time, prefill)  # the prefill is paid whatever is drafted (goodput.SunkPrefill)
+        seconds = with_catchup(priced, shapes, priced.predict(shapes), catchup, left, tokens / rows)
         rate = tokens / np.maximum(seconds, 1e-6)
         c, w = options[int(np.argmax(rate))]
         if w == 1:
