@@ -180,32 +180,29 @@ class SunkPrefill:
     seconds less its prefill's cost on a plain decoding step of the same rows, T(plain +
     prefill) - T(plain) (the module docstring: the prefill is paid whatever is drafted, and a
     step's own tokens per second would count it against plain decoding). Shapes without a
-    prefill, and every other attribute, are the wrapped model's."""
+    prefill, and every other attribute, are the wrapped model's. Made for one decision: it keeps
+    each prefill's cost once priced (`goodput-req` prices its bound and its search apart)."""
 
     def __init__(self, inner: StepTimePredictor) -> None:
         self.inner = inner
+        self.sunk: dict[tuple[int, ...], float] = {}  # prefill cost on plain decoding, by rows, context and prefill
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
     def predict(self, shapes: list[StepShape]) -> np.ndarray:
-        shapes = list(shapes)
-        refs: dict[tuple[int, ...], int] = {}  # one pair of plain steps per distinct rows, context and prefill
-        plain: list[StepShape] = []
-        for s in shapes:
-            key = _prefill_key(s)
-            if s.prefill_tokens and key not in refs:
-                refs[key] = len(plain)
-                ref = StepShape(s.rows, s.rows, 1 if s.rows else 0, 0, 0, s.prefill_tokens, s.context_tokens,
-                                prefill_attention=s.prefill_attention, span_tokens=s.span_tokens)  # fmt: skip
-                plain += [ref, replace(ref, prefill_tokens=0, prefill_attention=0)]
-        if not plain:
-            return self.inner.predict(shapes)
-        out = np.asarray(self.inner.predict([*shapes, *plain]), dtype=np.float64)
+        keys = [_prefill_key(s) if s.prefill_tokens else None for s in shapes]
+        new = {k: s for k, s in zip(keys, shapes) if k is not None and k not in self.sunk}
+        plain: list[StepShape] = []  # a pair of plain steps, with and without the prefill, per new key
+        for s in new.values():
+            ref = StepShape(s.rows, s.rows, 1 if s.rows else 0, 0, 0, s.prefill_tokens, s.context_tokens,
+                            prefill_attention=s.prefill_attention, span_tokens=s.span_tokens)  # fmt: skip
+            plain += [ref, replace(ref, prefill_tokens=0, prefill_attention=0)]
+        out = np.asarray(self.inner.predict([*shapes, *plain]), dtype=np.float64)  # one call: its overhead is per call
         n = len(shapes)
-        sunk = np.array([max(out[n + 2 * refs[_prefill_key(s)]] - out[n + 2 * refs[_prefill_key(s)] + 1], 0.0)
-                         if s.prefill_tokens else 0.0 for s in shapes])  # fmt: skip
-        return out[:n] - sunk
+        for i, k in enumerate(new):
+            self.sunk[k] = max(out[n + 2 * i] - out[n + 2 * i + 1], 0.0)
+        return out[:n] - np.array([0.0 if k is None else self.sunk[k] for k in keys])
 
 
 def _prefill_key(s: StepShape) -> tuple[int, ...]:
