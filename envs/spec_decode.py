@@ -18,7 +18,12 @@ one, whose prompt is prefilled in the next steps, as in a server under steady lo
 - reward: tokens emitted this step per second of the step's measured time, / 100; with
   `reward="speedup"`, that rate over plain decoding's predicted one in the same state (rows /
   the predicted plain step), about 1 at every batch size, so that a batch of 64 on a GPU
-  (thousands of tokens a second) does not drown the batch of 1 in the returns.
+  (thousands of tokens a second) does not drown the batch of 1 in the returns. On a step that
+  also prefills, the speedup prices the decision as `SunkPrefill` does: the step's seconds less
+  the prefill's predicted cost on plain decoding (T(plain + prefill) - T(plain)), over plain
+  decoding's rate without the prefill. The prefill is paid whatever is drafted, and the step's
+  own rate counts it against plain decoding, so it rewards drafting beside a long prompt where
+  plain decoding is faster (the fault `SunkPrefill` fixed in the controllers).
 
 Backends: `"replay"` (`ReplayEngine`: the shipped step-time model and acceptance by position,
 log-normal step noise; deterministic for a seed and about a thousand steps per second; with
@@ -34,6 +39,7 @@ their rewards on the very same episodes can be compared with the policy's (per r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import gymnasium as gym
@@ -138,7 +144,8 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
         drafts = self.engine.draft_step(plan)
         outcome = self.engine.verify()
         record = StepRecord(state, plan, drafts, drafts.draft_len, outcome)
-        predicted, plain = (float(x) for x in self.backend.step_time.predict([shape, plain_shape]))
+        alone = replace(plain_shape, prefill_tokens=0, prefill_attention=0)  # the same rows, decoding alone
+        predicted, plain, bare = (float(x) for x in self.backend.step_time.predict([shape, plain_shape, alone]))
         self.features.update(record)
         tokens = sum(len(outcome.emitted.get(rid, ())) for rid in outcome.request_ids)  # decode rows
         seconds = max(float(outcome.total_s), 1e-6)
@@ -155,8 +162,9 @@ class SpecDecodeEnv(gym.Env[np.ndarray, np.int64]):
             "batch_size": self.concurrency,
         }
         reward = tokens / seconds / 100.0
-        if self.reward == "speedup":
-            reward = tokens / seconds / max(len(state.running) / max(plain, 1e-9), 1e-9)
+        if self.reward == "speedup":  # the prefill is paid whatever is drafted: price the decision without it
+            decision = max(seconds - max(plain - bare, 0.0), 0.1 * seconds)
+            reward = tokens / decision / max(len(state.running) / max(bare, 1e-9), 1e-9)
         return self._observe(), reward, False, self._t >= self.episode_steps, info
 
     # ------------------------------------------------------------- analytic

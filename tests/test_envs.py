@@ -410,6 +410,31 @@ def test_per_row_env_replays_traces_and_drafts_by_each_requests_estimate():
         u.features.lengths(u._state(), 99)
 
 
+def test_speedup_reward_prices_a_prefilling_step_without_its_prefill():
+    """The prefill is paid whatever is drafted: on a step that prefills, the speedup reward is
+    the tokens per second of the step less the prefill's predicted cost on plain decoding, over
+    plain decoding's rate alone (`SunkPrefill` in the controllers). On the computed H100, 61 rows
+    decoding beside a 449-token prompt: the step's own rate says k = 1, the decision's plain decoding."""
+    from dataclasses import replace
+
+    rewards, own = {}, {}
+    for name in ("no-spec", "fixed-k1"):
+        env = gym.make("adactl/SpecDecode-v0", batch_sizes=(64,), reward="speedup", noise=0.0,
+                       **{**H100_ROWS, "episode_steps": 400})  # fmt: skip
+        u = env.unwrapped
+        env.reset(seed=3)
+        while not (shape := u.features.shape(u._state(), 0)).prefill_tokens:
+            env.step(0)
+        _, rewards[name], _, _, info = env.step(u.baseline_action(name))
+        alone = replace(shape, prefill_tokens=0, prefill_attention=0)
+        plain, bare = (float(x) for x in u.backend.step_time.predict([shape, alone]))
+        tokens, seconds = info["tokens_per_s"] * info["step_s"], info["step_s"]
+        assert rewards[name] == pytest.approx(tokens / (seconds - (plain - bare)) / (shape.rows / bare))
+        own[name] = info["tokens_per_s"] / (shape.rows / plain)  # the step's own rate over plain decoding's
+    assert shape.prefill_tokens == 449 and plain > bare
+    assert own["fixed-k1"] > own["no-spec"] and rewards["no-spec"] > rewards["fixed-k1"]
+
+
 def test_trace_splits_are_disjoint_and_keep_the_mix():
     from adactl.envs.backends import _traces
 
