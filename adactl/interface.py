@@ -46,6 +46,12 @@ class ScheduleState:
     def waiting(self) -> list[RequestView]:
         return [r for r in self.requests if r.status != "running"]
 
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the plan so far prefills this step: what the waiting prompts have left,
+        up to its budget (what a length controller prices beside the decode rows)."""
+        return min(self.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in self.waiting))
+
 
 @dataclass(frozen=True)
 class VerifyState:

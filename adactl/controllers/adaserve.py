@@ -114,7 +114,7 @@ class SLODraftLength(Controller):
         progress = [slo_progress(r, state.now) for r in running]
         lengths = np.full(len(running), c_star)
         context = sum(r.context_len for r in running)
-        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        prefill = state.prefill_tokens
         for _ in range(2):
             t = float(self.step_time.predict([self._shape(lengths.tolist(), prefill, context)])[0])
             new = np.full(len(running), c_star)

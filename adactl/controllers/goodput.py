@@ -156,8 +156,7 @@ class GoodputLength(Controller):
         # one alpha per position for the batch: the mean over running requests
         alpha = utilities.alpha.mean(0) if utilities.alpha.numel() else torch.zeros(k)
         context = sum(r.context_len for r in running)
-        waiting = sum(r.prompt_len - r.prefilled for r in state.waiting)
-        prefill = min(state.plan.prefill_budget, waiting)
+        prefill = state.prefill_tokens
         catchup = catchup_of([r.draft_lag for r in running])
         left = torch.tensor([r.draft_room + 1 for r in running], dtype=torch.float32)
         margin = self.margin

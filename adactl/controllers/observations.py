@@ -62,7 +62,7 @@ class SpecFeatures:
     def shape(self, state: ScheduleState, k: int) -> StepShape:
         running = state.running
         rows = len(running)
-        prefill = min(state.plan.prefill_budget, sum(v.prompt_len - v.prefilled for v in state.waiting))
+        prefill = state.prefill_tokens
         context, span = context_of([v.context_len for v in running])
         return StepShape(rows, rows * (k + 1), k + 1 if rows else 0, rows * k, k if rows else 0, prefill, context,
                          span_tokens=span)  # fmt: skip

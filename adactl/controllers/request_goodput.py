@@ -126,7 +126,7 @@ class RequestGoodput(Controller):
         views = [every[i] for i in running]
         room = torch.tensor([r.draft_room for r in views])
         context = sum(r.context_len for r in views)
-        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        prefill = state.prefill_tokens
         self.pricing = sunk_prefill(self.step_time, prefill)  # (goodput.SunkPrefill)
         lengths, tree = self.choose(
             views,

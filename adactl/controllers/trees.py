@@ -145,7 +145,7 @@ class GoodputTree(Controller):
         a_chain = self.chain.alpha(k)
         a_tree = self.tree.alpha(a_chain)
         context = sum(r.context_len for r in running)
-        prefill = min(state.plan.prefill_budget, sum(r.prompt_len - r.prefilled for r in state.waiting))
+        prefill = state.prefill_tokens
         options: list[tuple[int, int]] = [(c, 1) for c in range(k + 1)]
         options += [(c, self.width) for c in range(1, k + 1)] if self.width > 1 else []
         shapes, gains = [], []
