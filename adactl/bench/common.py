@@ -97,8 +97,9 @@ def format_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> s
 
 
 def write_json(path: Path, records: Sequence[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """{"meta": ..., "records": [...]}, a record a line: indented whole, a record's per-step action
-    log put each item on a line of its own (2.5 MB for one `bench spec --replay` workload)."""
+    """{"meta": ..., "records": [...]}, a record a line. Indenting the records put each item of a
+    record's per-step action log on a line of its own: one `bench spec --replay --workload mixed`
+    file 1.9 MB that way, 0.7 MB this way."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = ",\n".join(json.dumps(r, separators=(", ", ": ")) for r in records)
     path.write_text(f'{{"meta": {json.dumps(meta, indent=2)},\n"records": [\n{lines}\n]}}\n')
